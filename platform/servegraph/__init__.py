@@ -1,0 +1,66 @@
+"""servegraph: declarative multi-model pipelines on Ray Serve.
+
+Describe a pipeline as a graph (`Pipeline`), check it (`validate`), run it in-process
+(`LocalRuntime`) and compile it onto Ray Serve (`servegraph.serving`). Importing this
+package never imports Ray or loads a model.
+"""
+
+from servegraph.catalog import Catalog as Catalog
+from servegraph.catalog import MethodContract as MethodContract
+from servegraph.catalog import ServerSpec as ServerSpec
+from servegraph.errors import CatalogError as CatalogError
+from servegraph.errors import GraphValidationError as GraphValidationError
+from servegraph.errors import InvalidInputError as InvalidInputError
+from servegraph.errors import NodeFailedError as NodeFailedError
+from servegraph.errors import NodeInputError as NodeInputError
+from servegraph.errors import NodeTimeoutError as NodeTimeoutError
+from servegraph.errors import OverloadedError as OverloadedError
+from servegraph.errors import PipelineRuntimeError as PipelineRuntimeError
+from servegraph.errors import Problem as Problem
+from servegraph.errors import ServegraphError as ServegraphError
+from servegraph.graph import DeploymentOverrides as DeploymentOverrides
+from servegraph.graph import Graph as Graph
+from servegraph.graph import Pipeline as Pipeline
+from servegraph.graph import Ref as Ref
+from servegraph.render import to_mermaid as to_mermaid
+from servegraph.render import to_text as to_text
+from servegraph.runtime import LocalRuntime as LocalRuntime
+from servegraph.runtime import NodeRecord as NodeRecord
+from servegraph.runtime import RunResult as RunResult
+from servegraph.runtime import Runtime as Runtime
+from servegraph.serialize import from_yaml as from_yaml
+from servegraph.serialize import load_yaml as load_yaml
+from servegraph.serialize import to_yaml as to_yaml
+from servegraph.validation import check as check
+from servegraph.validation import validate as validate
+
+__all__ = [
+    "Catalog",
+    "CatalogError",
+    "DeploymentOverrides",
+    "Graph",
+    "GraphValidationError",
+    "InvalidInputError",
+    "LocalRuntime",
+    "MethodContract",
+    "NodeFailedError",
+    "NodeInputError",
+    "NodeRecord",
+    "NodeTimeoutError",
+    "OverloadedError",
+    "Pipeline",
+    "PipelineRuntimeError",
+    "Problem",
+    "Ref",
+    "RunResult",
+    "Runtime",
+    "ServegraphError",
+    "ServerSpec",
+    "check",
+    "from_yaml",
+    "load_yaml",
+    "to_mermaid",
+    "to_text",
+    "to_yaml",
+    "validate",
+]

@@ -1,0 +1,82 @@
+"""The model-server catalog: what each server is called and the typed contract it serves.
+
+A graph refers to model servers by name only; the catalog says which methods a server
+has and the pydantic request/response model of each, so a graph can be validated
+without loading (or even importing) a model. The catalog also says how to build the
+server's Serve application, by import path, for the compiler.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator, Mapping
+from dataclasses import dataclass, field
+
+from pydantic import BaseModel
+
+from servegraph.errors import CatalogError
+
+
+@dataclass(frozen=True)
+class MethodContract:
+    """A server method: one pydantic request model in, one response model out."""
+
+    request: type[BaseModel]
+    response: type[BaseModel]
+
+
+@dataclass(frozen=True)
+class ServerSpec:
+    """A model server as the platform sees it.
+
+    Args:
+        name: the name graphs use, and the Serve application's name.
+        methods: method name -> contract.
+        app_builder: import path of ``build(**options) -> serve.Application``.
+        deployment: the Serve deployment name inside that application that
+            handles method calls.
+        route_prefix: where the server's own REST surface is mounted.
+        client: import path of a class wrapping the deployment handle when the
+            deployment does not take the contract's request model directly (the LLM).
+    """
+
+    name: str
+    methods: Mapping[str, MethodContract]
+    app_builder: str
+    deployment: str
+    route_prefix: str
+    client: str | None = None
+    description: str = ""
+
+
+@dataclass
+class Catalog(Mapping[str, ServerSpec]):
+    """Server name -> `ServerSpec`."""
+
+    servers: dict[str, ServerSpec] = field(default_factory=dict)
+
+    def __init__(self, servers: list[ServerSpec] | None = None) -> None:
+        self.servers = {s.name: s for s in servers or []}
+
+    def __getitem__(self, name: str) -> ServerSpec:
+        try:
+            return self.servers[name]
+        except KeyError:
+            raise CatalogError(
+                f"unknown model server {name!r}; known: {sorted(self.servers)}"
+            ) from None
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self.servers)
+
+    def __len__(self) -> int:
+        return len(self.servers)
+
+    def contract(self, server: str, method: str) -> MethodContract:
+        spec = self[server]
+        try:
+            return spec.methods[method]
+        except KeyError:
+            raise CatalogError(
+                f"model server {server!r} has no method {method!r}; "
+                f"it has: {sorted(spec.methods)}"
+            ) from None

@@ -1,0 +1,114 @@
+"""The exceptions servegraph raises.
+
+Every error derives from `ServegraphError`, builds its own message from keyword fields,
+and pickles across Ray actors (so a replica's error reaches the ingress intact)::
+
+    ServegraphError
+    ├── GraphValidationError      the graph is wrong; every problem at once (422 at deploy)
+    ├── CatalogError              a model server name or contract that is not known
+    ├── InvalidInputError         a model server rejects a request field (422)
+    └── PipelineRuntimeError      a request failed while running; carries the node's name
+        ├── NodeFailedError        a node raised and no fallback was declared (502)
+        ├── NodeInputError         a node got input its contract rejects (422)
+        ├── NodeTimeoutError       a node ran past its timeout or the request deadline (504)
+        └── OverloadedError        a model server refused more work (503)
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+
+class ServegraphError(Exception):
+    """Root of every servegraph exception."""
+
+
+@dataclass(frozen=True)
+class Problem:
+    """One thing wrong with a graph: where it is, what is wrong, and how to fix it."""
+
+    node: str
+    message: str
+    fix: str
+    port: str | None = None
+
+    def __str__(self) -> str:
+        where = f"{self.node}.{self.port}" if self.port else self.node
+        return f"[{where}] {self.message} -> fix: {self.fix}"
+
+
+class GraphValidationError(ServegraphError):
+    """A graph failed validation; `problems` lists every problem found, not just the first."""
+
+    def __init__(self, pipeline: str, problems: list[Problem]) -> None:
+        self.pipeline = pipeline
+        self.problems = list(problems)
+        lines = "\n".join(f"  - {p}" for p in self.problems)
+        super().__init__(f"pipeline {pipeline!r} has {len(self.problems)} problem(s):\n{lines}")
+
+    def __reduce__(self):  # keyword-built exceptions need this to pickle across actors
+        return (type(self), (self.pipeline, self.problems))
+
+
+class CatalogError(ServegraphError):
+    """A model server or method that the catalog does not know."""
+
+
+class InvalidInputError(ServegraphError, ValueError):
+    """A request field a model server cannot take; names the field and the fix (422)."""
+
+    status_code = 422
+
+    def __init__(self, field: str, problem: str, fix: str) -> None:
+        self.field = field
+        self.problem = problem
+        self.fix = fix
+        super().__init__(f"field {field!r}: {problem}; fix: {fix}")
+
+    def __reduce__(self):
+        return (type(self), (self.field, self.problem, self.fix))
+
+    def to_detail(self) -> dict[str, str]:
+        return {"field": self.field, "error": self.problem, "fix": self.fix}
+
+
+class PipelineRuntimeError(ServegraphError):
+    """A request failed inside a pipeline; `node` names where.
+
+    Attributes:
+        status_code: the HTTP status the ingress answers with.
+    """
+
+    status_code = 500
+
+    def __init__(self, node: str, detail: str) -> None:
+        self.node = node
+        self.detail = detail
+        super().__init__(f"node {node!r}: {detail}")
+
+    def __reduce__(self):
+        return (type(self), (self.node, self.detail))
+
+
+class NodeFailedError(PipelineRuntimeError):
+    """A node raised, its retries (if any) were spent, and it declared no fallback."""
+
+    status_code = 502
+
+
+class NodeInputError(PipelineRuntimeError):
+    """A node's input was rejected by its contract (a bad request, not a broken server)."""
+
+    status_code = 422
+
+
+class NodeTimeoutError(PipelineRuntimeError):
+    """A node ran past its own timeout or past what was left of the request's deadline."""
+
+    status_code = 504
+
+
+class OverloadedError(PipelineRuntimeError):
+    """A model server's queue is full; the caller should back off and retry."""
+
+    status_code = 503

@@ -1,0 +1,355 @@
+"""Run a graph: the same executor in-process (plain Python) and inside the Serve ingress.
+
+Only how a model server is reached differs: `LocalRuntime` calls Python objects,
+the Serve ingress calls deployment handles (`servegraph.serving`). Semantics are
+shared: independent nodes run concurrently, a request deadline travels down and each
+node gets what remains, idempotent nodes retry, fallbacks replace failed nodes, and a
+failure names the node it happened in.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import inspect
+import time
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass, field
+from typing import Any, Protocol
+
+from pydantic import BaseModel, ValidationError
+
+from servegraph.catalog import Catalog
+from servegraph.errors import (
+    InvalidInputError,
+    NodeFailedError,
+    NodeInputError,
+    NodeTimeoutError,
+    PipelineRuntimeError,
+)
+from servegraph.graph import (
+    INPUT,
+    CallNode,
+    FunctionNode,
+    Graph,
+    LoopNode,
+    Node,
+    ParallelNode,
+    SwitchNode,
+    resolve,
+)
+from servegraph.validation import validate
+
+DEFAULT_DEADLINE_S = 60.0
+_RETRY_BACKOFF_S = 0.05
+
+
+class Invoker(Protocol):
+    """How a runtime reaches a model server: call `server.method(request)`."""
+
+    async def __call__(self, server: str, method: str, request: BaseModel) -> Any: ...
+
+
+@dataclass
+class NodeRecord:
+    """What one node did in one request: for responses' usage, traces and tests."""
+
+    node: str
+    kind: str
+    attempt: int
+    status: str  # "ok" | "error" | "timeout" | "fallback"
+    wall_ms: float
+    error: str | None = None
+
+
+@dataclass
+class RunResult:
+    output: Any
+    nodes: list[NodeRecord] = field(default_factory=list)
+
+
+NodeHook = Callable[[Node, str, int], Any]
+"""Called as hook(node, qualified_name, attempt); may return a context manager."""
+
+
+class Runtime:
+    """Executes validated graphs against model servers reached through `invoke`.
+
+    Args:
+        catalog: the server contracts calls are checked against.
+        invoke: reaches a model server (objects in-process, handles on Serve).
+        node_hook: optional; wraps each node attempt (tracing, metrics).
+    """
+
+    def __init__(self, catalog: Catalog, invoke: Invoker, node_hook: NodeHook | None = None):
+        self.catalog = catalog
+        self._invoke = invoke
+        self._node_hook = node_hook
+        self._validated: set[int] = set()
+
+    async def run(self, graph: Graph, request: BaseModel | dict[str, Any], **kw: Any) -> Any:
+        """Run `graph` on `request` and return its output."""
+        return (await self.execute(graph, request, **kw)).output
+
+    async def execute(
+        self,
+        graph: Graph,
+        request: BaseModel | dict[str, Any],
+        *,
+        deadline_s: float = DEFAULT_DEADLINE_S,
+    ) -> RunResult:
+        """Run `graph`, returning its output and a record of every node attempt.
+
+        Raises:
+            NodeTimeoutError: a node ran past its timeout or the deadline (504).
+            NodeFailedError: a node failed without a fallback (502).
+            NodeInputError: a node's input broke its contract (422).
+        """
+        if id(graph) not in self._validated:
+            validate(graph, self.catalog)
+            self._validated.add(id(graph))
+        run = _Run(self, time.monotonic() + deadline_s)
+        output = await run.graph(graph, _coerce(resolve(graph.input), request, INPUT), "")
+        return RunResult(output, run.records)
+
+
+class LocalRuntime(Runtime):
+    """The in-process runtime: model servers are plain Python objects, no Ray.
+
+    Example:
+        >>> runtime = LocalRuntime(catalog, {"embedder": FakeEmbedder()})
+        >>> await runtime.run(rag_graph, {"question": "..."})
+    """
+
+    def __init__(self, catalog: Catalog, servers: dict[str, Any], **kw: Any) -> None:
+        self.servers = servers
+
+        async def invoke(server: str, method: str, request: BaseModel) -> Any:
+            return await _maybe_await(getattr(self.servers[server], method)(request))
+
+        super().__init__(catalog, invoke, **kw)
+
+
+class _Run:
+    """One request's execution state."""
+
+    def __init__(self, runtime: Runtime, deadline: float) -> None:
+        self.rt = runtime
+        self.deadline = deadline
+        self.records: list[NodeRecord] = []
+
+    async def graph(self, graph: Graph, request: BaseModel, prefix: str) -> Any:
+        results: dict[str, asyncio.Future[Any]] = {}
+        loop = asyncio.get_running_loop()
+        values: dict[str, Any] = {INPUT: request}
+        for node in graph.nodes:
+            results[node.name] = loop.create_future()
+
+        async def run_node(node: Node) -> None:
+            try:
+                deps = {ref.split(".", 1)[0] for ref in _refs(node)} - {INPUT}
+                for dep in deps:
+                    values[dep] = await results[dep]
+                output = await self.node(node, values, prefix)
+                values[node.name] = output
+                results[node.name].set_result(output)
+            except BaseException as exc:
+                results[node.name].set_exception(exc)
+                raise
+
+        # Every node starts at once and waits only on its own inputs, so independent
+        # branches overlap; the first failure cancels the rest.
+        tasks = [asyncio.ensure_future(run_node(node)) for node in graph.nodes]
+        try:
+            await asyncio.gather(*tasks)
+        finally:
+            for task in tasks:
+                task.cancel()
+            for future in results.values():  # silence "exception never retrieved"
+                if future.done() and not future.cancelled():
+                    future.exception()
+        return _build_output(graph, values)
+
+    async def node(self, node: Node, values: dict[str, Any], prefix: str) -> Any:
+        qualified = f"{prefix}{node.name}"
+        args = {**node.params, **{port: _lookup(values, ref) for port, ref in node.inputs.items()}}
+        attempts = 1 + (node.retries if node.idempotent else 0)
+        error: PipelineRuntimeError | None = None
+        for attempt in range(1, attempts + 1):
+            started = time.perf_counter()
+            try:
+                output = await self._attempt(node, qualified, args, values, attempt)
+            except PipelineRuntimeError as exc:
+                error = exc
+                if isinstance(exc, NodeInputError):
+                    attempts = attempt  # bad input is bad on every attempt
+            else:
+                self._record(node, qualified, attempt, "ok", started)
+                return output
+            status = "timeout" if isinstance(error, NodeTimeoutError) else "error"
+            self._record(node, qualified, attempt, status, started, str(error))
+            if attempt < attempts and self._remaining() > _RETRY_BACKOFF_S * 2**attempt:
+                await asyncio.sleep(_RETRY_BACKOFF_S * 2 ** (attempt - 1))
+            elif attempt < attempts:
+                break
+        assert error is not None
+        if node.fallback is None:
+            raise error
+        started = time.perf_counter()
+        output = await self._guard(node, qualified, self._fallback(node, qualified, args))
+        self._record(node, qualified, attempts, "fallback", started)
+        return output
+
+    async def _attempt(
+        self, node: Node, qualified: str, args: dict[str, Any], values: dict[str, Any],
+        attempt: int,
+    ) -> Any:
+        hook = self.rt._node_hook(node, qualified, attempt) if self.rt._node_hook else None
+        if hook is None:
+            return await self._guard(node, qualified, self._execute(node, qualified, args, values))
+        with hook:
+            return await self._guard(node, qualified, self._execute(node, qualified, args, values))
+
+    async def _guard(self, node: Node, qualified: str, work: Awaitable[Any]) -> Any:
+        """Apply the node's timeout (capped by the deadline) and name the node in errors."""
+        remaining = self._remaining()
+        limit = min(node.timeout_s or remaining, remaining)
+        if limit <= 0:
+            _close(work)
+            raise NodeTimeoutError(qualified, "the request deadline passed before it started")
+        try:
+            return await asyncio.wait_for(work, limit)
+        except TimeoutError:
+            which = "its timeout" if node.timeout_s and node.timeout_s <= remaining else (
+                "the request deadline")
+            raise NodeTimeoutError(qualified, f"ran past {which} ({limit:.3g}s)") from None
+        except PipelineRuntimeError:
+            raise
+        except (InvalidInputError, ValidationError) as exc:
+            raise NodeInputError(qualified, _describe_input_error(exc)) from exc
+        except Exception as exc:
+            raise NodeFailedError(qualified, f"{type(exc).__name__}: {exc}") from exc
+
+    async def _execute(
+        self, node: Node, qualified: str, args: dict[str, Any], values: dict[str, Any]
+    ) -> Any:
+        if isinstance(node, CallNode):
+            return await self._call(node.server, node.method, args)
+        if isinstance(node, FunctionNode):
+            return await _maybe_await(resolve(node.function)(**args))
+        if isinstance(node, SwitchNode):
+            key = _case_key(_lookup(values, node.on))
+            branch = node.cases.get(key, node.default)
+            if branch is None:
+                raise InvalidInputError(
+                    "on", f"switch value {key!r} matches no case {sorted(node.cases)}",
+                    "add a case or a default branch",
+                )
+            label = f"case[{key}]" if key in node.cases else "default"
+            return await self._subgraph(branch, args, f"{qualified}/{label}/")
+        if isinstance(node, ParallelNode):
+            names = list(node.branches)
+            outputs = await asyncio.gather(*(
+                self._subgraph(node.branches[n], args, f"{qualified}/branch[{n}]/") for n in names
+            ))
+            by_branch = dict(zip(names, outputs, strict=True))
+            if node.join is None:
+                return by_branch
+            return await _maybe_await(resolve(node.join)(**by_branch))
+        return await self._loop(node, qualified, args)
+
+    async def _loop(self, node: LoopNode, qualified: str, args: dict[str, Any]) -> Any:
+        until = resolve(node.until)
+        state = _coerce(resolve(node.body.input), args, qualified)
+        for iteration in range(node.max_iterations):
+            state = await self.graph(node.body, state, f"{qualified}/iter[{iteration}]/")
+            if await _maybe_await(until(state)):
+                break
+        return state
+
+    async def _subgraph(self, graph: Graph, args: dict[str, Any], prefix: str) -> Any:
+        return await self.graph(graph, _coerce(resolve(graph.input), args, prefix), prefix)
+
+    async def _call(self, server: str, method: str, args: dict[str, Any]) -> Any:
+        contract = self.rt.catalog.contract(server, method)
+        request = contract.request.model_validate(args)
+        response = await self.rt._invoke(server, method, request)
+        if isinstance(response, dict):
+            response = contract.response.model_validate(response)
+        return response
+
+    async def _fallback(self, node: Node, qualified: str, args: dict[str, Any]) -> Any:
+        fallback = node.fallback
+        assert fallback is not None
+        if fallback.function:
+            return await _maybe_await(resolve(fallback.function)(**args))
+        assert fallback.server and fallback.method
+        return await self._call(fallback.server, fallback.method, args)
+
+    def _remaining(self) -> float:
+        return self.deadline - time.monotonic()
+
+    def _record(
+        self, node: Node, qualified: str, attempt: int, status: str, started: float,
+        error: str | None = None,
+    ) -> None:
+        wall_ms = (time.perf_counter() - started) * 1000
+        self.records.append(NodeRecord(qualified, node.kind, attempt, status, wall_ms, error))
+
+
+# --------------------------------------------------------------------------- helpers
+
+
+def _refs(node: Node) -> list[str]:
+    refs = list(node.inputs.values())
+    if isinstance(node, SwitchNode):
+        refs.append(node.on)
+    return refs
+
+
+def _lookup(values: dict[str, Any], ref: str) -> Any:
+    head, *fields = ref.split(".")
+    value = values[head]
+    for name in fields:
+        value = value[name] if isinstance(value, dict) else getattr(value, name)
+    return value
+
+
+def _build_output(graph: Graph, values: dict[str, Any]) -> Any:
+    if isinstance(graph.returns, str):
+        return _lookup(values, graph.returns)
+    output_type = resolve(graph.output)
+    return output_type(**{name: _lookup(values, ref) for name, ref in graph.returns.items()})
+
+
+def _coerce(model: type[BaseModel], value: Any, where: str) -> BaseModel:
+    if isinstance(value, model):
+        return value
+    if isinstance(value, BaseModel):
+        value = value.model_dump()
+    try:
+        return model.model_validate(value)
+    except ValidationError as exc:
+        raise NodeInputError(where.rstrip("/") or INPUT, _describe_input_error(exc)) from exc
+
+
+def _case_key(value: Any) -> str:
+    return str(getattr(value, "value", value))
+
+
+def _describe_input_error(exc: Exception) -> str:
+    if isinstance(exc, ValidationError):
+        first = exc.errors()[0]
+        field = ".".join(str(p) for p in first["loc"]) or "(request)"
+        return f"invalid field {field!r}: {first['msg']}"
+    return str(exc)
+
+
+async def _maybe_await(value: Any) -> Any:
+    if inspect.isawaitable(value):
+        return await value
+    return value
+
+
+def _close(work: Awaitable[Any]) -> None:
+    if inspect.iscoroutine(work):
+        work.close()

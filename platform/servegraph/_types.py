@@ -75,7 +75,9 @@ def function_ports(fn: Any) -> tuple[dict[str, tuple[Any, bool]], Any]:
 
 
 def model_ports(model: type[BaseModel]) -> dict[str, tuple[Any, bool]]:
-    return {name: (info.annotation, info.is_required()) for name, info in model.model_fields.items()}
+    return {
+        name: (info.annotation, info.is_required()) for name, info in model.model_fields.items()
+    }
 
 
 def _hints(fn: Any) -> dict[str, Any]:

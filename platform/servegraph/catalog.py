@@ -77,6 +77,5 @@ class Catalog(Mapping[str, ServerSpec]):
             return spec.methods[method]
         except KeyError:
             raise CatalogError(
-                f"model server {server!r} has no method {method!r}; "
-                f"it has: {sorted(spec.methods)}"
+                f"model server {server!r} has no method {method!r}; it has: {sorted(spec.methods)}"
             ) from None

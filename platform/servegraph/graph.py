@@ -64,7 +64,7 @@ class _NodeBase(BaseModel):
     @model_serializer(mode="wrap")
     def _kind_first(self, handler: SerializerFunctionWrapHandler) -> dict[str, Any]:
         # `kind` is the union's discriminator: keep it even when dumping without defaults.
-        return {"kind": getattr(self, "kind"), **handler(self)}
+        return {"kind": self.kind, **handler(self)}
 
 
 class FallbackSpec(BaseModel):
@@ -108,8 +108,9 @@ class ParallelNode(_NodeBase):
     kind: Literal["parallel"] = "parallel"
     branches: dict[str, Graph]
     join: str | None = Field(
-        None, description="Function taking each branch's output by branch name; "
-        "without it the output is a dict of branch name -> output."
+        None,
+        description="Function taking each branch's output by branch name; "
+        "without it the output is a dict of branch name -> output.",
     )
 
 
@@ -232,15 +233,21 @@ class Pipeline:
         overrides = DeploymentOverrides.model_validate(deployment) if deployment else None
         return self._add(
             CallNode(
-                name=name, server=server, method=method, deployment=overrides,
-                **_wire(ports), **options,
+                name=name,
+                server=server,
+                method=method,
+                deployment=overrides,
+                **_wire(ports),
+                **options,
             )
         )
 
     def function(self, name: str, fn: Any, **ports: Any) -> Ref:
         """Run `fn(**ports)`; `fn` must be importable (module level)."""
         options, ports = _split_options(ports)
-        return self._add(FunctionNode(name=name, function=import_path(fn), **_wire(ports), **options))
+        return self._add(
+            FunctionNode(name=name, function=import_path(fn), **_wire(ports), **options)
+        )
 
     def switch(
         self,
@@ -255,10 +262,12 @@ class Pipeline:
         options, ports = _split_options(ports)
         return self._add(
             SwitchNode(
-                name=name, on=on.path,
+                name=name,
+                on=on.path,
                 cases={key: case.build() for key, case in cases.items()},
                 default=default.build() if default else None,
-                **_wire(ports), **options,
+                **_wire(ports),
+                **options,
             )
         )
 
@@ -269,8 +278,11 @@ class Pipeline:
         options, ports = _split_options(ports)
         return self._add(
             ParallelNode(
-                name=name, branches={k: b.build() for k, b in branches.items()},
-                join=import_path(join) if join else None, **_wire(ports), **options,
+                name=name,
+                branches={k: b.build() for k, b in branches.items()},
+                join=import_path(join) if join else None,
+                **_wire(ports),
+                **options,
             )
         )
 
@@ -281,8 +293,12 @@ class Pipeline:
         options, ports = _split_options(ports)
         return self._add(
             LoopNode(
-                name=name, body=body.build(), until=import_path(until),
-                max_iterations=max_iterations, **_wire(ports), **options,
+                name=name,
+                body=body.build(),
+                until=import_path(until),
+                max_iterations=max_iterations,
+                **_wire(ports),
+                **options,
             )
         )
 

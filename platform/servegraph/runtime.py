@@ -200,7 +200,11 @@ class _Run:
         return output
 
     async def _attempt(
-        self, node: Node, qualified: str, args: dict[str, Any], values: dict[str, Any],
+        self,
+        node: Node,
+        qualified: str,
+        args: dict[str, Any],
+        values: dict[str, Any],
         attempt: int,
     ) -> Any:
         hook = self.rt._node_hook(node, qualified, attempt) if self.rt._node_hook else None
@@ -219,8 +223,11 @@ class _Run:
         try:
             return await asyncio.wait_for(work, limit)
         except TimeoutError:
-            which = "its timeout" if node.timeout_s and node.timeout_s <= remaining else (
-                "the request deadline")
+            which = (
+                "its timeout"
+                if node.timeout_s and node.timeout_s <= remaining
+                else ("the request deadline")
+            )
             raise NodeTimeoutError(qualified, f"ran past {which} ({limit:.3g}s)") from None
         except PipelineRuntimeError:
             raise
@@ -241,16 +248,20 @@ class _Run:
             branch = node.cases.get(key, node.default)
             if branch is None:
                 raise InvalidInputError(
-                    "on", f"switch value {key!r} matches no case {sorted(node.cases)}",
+                    "on",
+                    f"switch value {key!r} matches no case {sorted(node.cases)}",
                     "add a case or a default branch",
                 )
             label = f"case[{key}]" if key in node.cases else "default"
             return await self._subgraph(branch, args, f"{qualified}/{label}/")
         if isinstance(node, ParallelNode):
             names = list(node.branches)
-            outputs = await asyncio.gather(*(
-                self._subgraph(node.branches[n], args, f"{qualified}/branch[{n}]/") for n in names
-            ))
+            outputs = await asyncio.gather(
+                *(
+                    self._subgraph(node.branches[n], args, f"{qualified}/branch[{n}]/")
+                    for n in names
+                )
+            )
             by_branch = dict(zip(names, outputs, strict=True))
             if node.join is None:
                 return by_branch
@@ -289,7 +300,12 @@ class _Run:
         return self.deadline - time.monotonic()
 
     def _record(
-        self, node: Node, qualified: str, attempt: int, status: str, started: float,
+        self,
+        node: Node,
+        qualified: str,
+        attempt: int,
+        status: str,
+        started: float,
         error: str | None = None,
     ) -> None:
         wall_ms = (time.perf_counter() - started) * 1000

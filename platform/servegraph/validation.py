@@ -92,12 +92,18 @@ class _Checker:
         try:
             obj = resolve(path)
         except (ImportError, AttributeError, ValueError) as exc:
-            self._problem(node, f"cannot import {what} {path!r} ({exc})",
-                          "use 'package.module:name' of a module-level object")
+            self._problem(
+                node,
+                f"cannot import {what} {path!r} ({exc})",
+                "use 'package.module:name' of a module-level object",
+            )
             return None
         if model and not (isinstance(obj, type) and issubclass(obj, BaseModel)):
-            self._problem(node, f"{what} {path!r} is not a pydantic model",
-                          "declare the input as a pydantic BaseModel subclass")
+            self._problem(
+                node,
+                f"{what} {path!r} is not a pydantic model",
+                "declare the input as a pydantic BaseModel subclass",
+            )
             return None
         return obj
 
@@ -139,8 +145,11 @@ class _Checker:
             input_model, output = resolve(graph.input), resolve(graph.output)
         except (ImportError, AttributeError, ValueError):
             return Any, {}
-        ports = model_ports(input_model) if isinstance(input_model, type) and issubclass(
-            input_model, BaseModel) else {}
+        ports = (
+            model_ports(input_model)
+            if isinstance(input_model, type) and issubclass(input_model, BaseModel)
+            else {}
+        )
         return output, ports
 
     def _switch_contract(self, node: SwitchNode) -> tuple[Any, Ports]:
@@ -166,19 +175,31 @@ class _Checker:
             return Any, ports
         join_ports, returns = function_ports(join)
         for key in set(join_ports) - set(outputs):
-            self._problem(node.name, f"join parameter {key!r} is not a branch",
-                          f"name join parameters after branches {sorted(outputs)}", "join")
+            self._problem(
+                node.name,
+                f"join parameter {key!r} is not a branch",
+                f"name join parameters after branches {sorted(outputs)}",
+                "join",
+            )
         for key in set(outputs) - set(join_ports):
-            self._problem(node.name, f"branch {key!r} has no join parameter",
-                          f"add a parameter {key!r} to the join function", "join")
+            self._problem(
+                node.name,
+                f"branch {key!r} has no join parameter",
+                f"add a parameter {key!r} to the join function",
+                "join",
+            )
         return returns, ports
 
     def _loop_contract(self, node: LoopNode) -> tuple[Any, Ports]:
         output, ports = self._subgraph(node, "body", node.body)
         until = self._import(node.until, node.name, "until function")
         if until is not None and len(inspect.signature(until).parameters) != 1:
-            self._problem(node.name, "until must take exactly one argument (the state)",
-                          "define until(state) -> bool", "until")
+            self._problem(
+                node.name,
+                "until must take exactly one argument (the state)",
+                "define until(state) -> bool",
+                "until",
+            )
         try:
             body_input = resolve(node.body.input)
         except (ImportError, AttributeError, ValueError):
@@ -201,8 +222,11 @@ class _Checker:
             ports.update(branch_ports)
         if outputs and any(out != outputs[0][1] for _, out in outputs):
             kinds = ", ".join(f"{label}: {describe(out)}" for label, out in outputs)
-            self._problem(node.name, f"branches return different types ({kinds})",
-                          "make every branch return the same output type")
+            self._problem(
+                node.name,
+                f"branches return different types ({kinds})",
+                "make every branch return the same output type",
+            )
             return Any, ports
         return (outputs[0][1] if outputs else Any), ports
 
@@ -210,8 +234,9 @@ class _Checker:
         self, node: Node, ports: Ports, types: dict[str, Any], known: set[str]
     ) -> None:
         for port in set(node.inputs) & set(node.params):
-            self._problem(node.name, "port is both wired and given a constant",
-                          "keep one of them", port)
+            self._problem(
+                node.name, "port is both wired and given a constant", "keep one of them", port
+            )
         for port, ref in node.inputs.items():
             source = self._ref_type(node.name, port, ref, types, known)
             if ports and port not in ports:
@@ -231,42 +256,60 @@ class _Checker:
                 try:
                     TypeAdapter(ports[port][0]).validate_python(value)
                 except ValidationError as exc:
-                    self._problem(node.name, f"constant {value!r} is not a valid "
-                                  f"{describe(ports[port][0])}: {exc.errors()[0]['msg']}",
-                                  "pass a constant of the port's type", port)
+                    self._problem(
+                        node.name,
+                        f"constant {value!r} is not a valid "
+                        f"{describe(ports[port][0])}: {exc.errors()[0]['msg']}",
+                        "pass a constant of the port's type",
+                        port,
+                    )
         for port, (tp, required) in ports.items():
             if required and port not in node.inputs and port not in node.params:
-                self._problem(node.name, f"required input of type {describe(tp)} is not connected",
-                              f"wire it ({port}=<ref>) or give it a constant", port)
+                self._problem(
+                    node.name,
+                    f"required input of type {describe(tp)} is not connected",
+                    f"wire it ({port}=<ref>) or give it a constant",
+                    port,
+                )
         if isinstance(node, SwitchNode):
             self._ref_type(node.name, "on", node.on, types, known)
 
     def _unknown_port(self, node: Node, port: str, ports: Ports) -> None:
-        self._problem(node.name, "no such input port",
-                      f"use one of {sorted(ports)}", port)
+        self._problem(node.name, "no such input port", f"use one of {sorted(ports)}", port)
 
     def _ref_type(
         self, node: str, port: str, ref: str, types: dict[str, Any], known: set[str]
     ) -> Any:
         head, *fields = ref.split(".")
         if head not in known:
-            self._problem(node, f"ref {ref!r} names unknown node {head!r}",
-                          f"refer to 'input' or one of {sorted(known - {INPUT})}", port)
+            self._problem(
+                node,
+                f"ref {ref!r} names unknown node {head!r}",
+                f"refer to 'input' or one of {sorted(known - {INPUT})}",
+                port,
+            )
             return None
         tp = types.get(head, Any)
         for i, field in enumerate(fields):
             ok, tp = field_type(tp, field)
             if not ok:
                 where = ".".join([head, *fields[:i]])
-                self._problem(node, f"ref {ref!r}: {where} has no field {field!r}",
-                              "refer to a field that exists", port)
+                self._problem(
+                    node,
+                    f"ref {ref!r}: {where} has no field {field!r}",
+                    "refer to a field that exists",
+                    port,
+                )
                 return None
         return tp
 
     def _check_options(self, node: Node) -> None:
         if node.retries and not node.idempotent:
-            self._problem(node.name, f"retries={node.retries} on a node not declared idempotent",
-                          "set idempotent=True if a repeat is safe, or drop retries")
+            self._problem(
+                node.name,
+                f"retries={node.retries} on a node not declared idempotent",
+                "set idempotent=True if a repeat is safe, or drop retries",
+            )
         fallback = node.fallback
         if fallback is None:
             return
@@ -278,41 +321,65 @@ class _Checker:
             except CatalogError as exc:
                 self._problem(node.name, f"fallback: {exc}", "name a known server and method")
         else:
-            self._problem(node.name, "fallback names neither a function nor a server method",
-                          "give fallback=function or fallback=(server, method)")
+            self._problem(
+                node.name,
+                "fallback names neither a function nor a server method",
+                "give fallback=function or fallback=(server, method)",
+            )
 
     # -- whole graph -----------------------------------------------------------
 
     def _check_returns(self, types: dict[str, Any], known: set[str], output: Any) -> None:
         returns = self.graph.returns
         if not returns:
-            self._problem("returns", "the graph declares no output",
-                          "call returns(ref) or returns(field=ref, ...)")
+            self._problem(
+                "returns",
+                "the graph declares no output",
+                "call returns(ref) or returns(field=ref, ...)",
+            )
             return
         if isinstance(returns, str):
             source = self._ref_type("returns", "returns", returns, types, known)
             if output is not None and source is not None and not compatible(source, output):
-                self._problem("returns", f"returns {describe(source)} but the pipeline "
-                              f"declares {describe(output)}", "return a value of the output type")
+                self._problem(
+                    "returns",
+                    f"returns {describe(source)} but the pipeline declares {describe(output)}",
+                    "return a value of the output type",
+                )
             return
         if not (isinstance(output, type) and issubclass(output, BaseModel)):
-            self._problem("returns", "field mapping needs a pydantic output model",
-                          "declare output=<BaseModel subclass> or return one ref")
+            self._problem(
+                "returns",
+                "field mapping needs a pydantic output model",
+                "declare output=<BaseModel subclass> or return one ref",
+            )
             return
         fields = model_ports(output)
         for name, ref in returns.items():
             source = self._ref_type("returns", name, ref, types, known)
             if name not in fields:
-                self._problem("returns", f"output {output.__name__} has no field {name!r}",
-                              f"use one of {sorted(fields)}", name)
+                self._problem(
+                    "returns",
+                    f"output {output.__name__} has no field {name!r}",
+                    f"use one of {sorted(fields)}",
+                    name,
+                )
             elif source is not None and not compatible(source, fields[name][0]):
-                self._problem("returns", f"type mismatch: {ref!r} is {describe(source)}, "
-                              f"field expects {describe(fields[name][0])}",
-                              "return a value of the field's type", name)
+                self._problem(
+                    "returns",
+                    f"type mismatch: {ref!r} is {describe(source)}, "
+                    f"field expects {describe(fields[name][0])}",
+                    "return a value of the field's type",
+                    name,
+                )
         for name, (_, required) in fields.items():
             if required and name not in returns:
-                self._problem("returns", "required output field is not set",
-                              f"add {name}=<ref> to returns()", name)
+                self._problem(
+                    "returns",
+                    "required output field is not set",
+                    f"add {name}=<ref> to returns()",
+                    name,
+                )
 
     def _check_cycles(self) -> None:
         graph = {n.name: dependencies(n) & set(self.names) for n in self.graph.nodes}
@@ -322,9 +389,12 @@ class _Checker:
             state[name] = 1
             for dep in sorted(graph.get(name, ())):
                 if state.get(dep) == 1:
-                    cycle = [*path[path.index(dep):], dep] if dep in path else [name, dep]
-                    self._problem(dep, f"cycle: {' -> '.join(cycle)}",
-                                  "break the cycle, or declare the repetition as a loop node")
+                    cycle = [*path[path.index(dep) :], dep] if dep in path else [name, dep]
+                    self._problem(
+                        dep,
+                        f"cycle: {' -> '.join(cycle)}",
+                        "break the cycle, or declare the repetition as a loop node",
+                    )
                 elif dep not in state:
                     visit(dep, [*path, dep])
             state[name] = 2
@@ -345,5 +415,8 @@ class _Checker:
             frontier.extend(dependencies(by_name[name]))
         for name in self.names:
             if name not in needed:
-                self._problem(name, "node does not contribute to the output (unreachable)",
-                              "wire its output into a node on the path to returns, or remove it")
+                self._problem(
+                    name,
+                    "node does not contribute to the output (unreachable)",
+                    "wire its output into a node on the path to returns, or remove it",
+                )

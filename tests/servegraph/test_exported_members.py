@@ -8,7 +8,14 @@ import servegraph
 def test_all_is_sorted_and_complete() -> None:
     assert servegraph.__all__ == sorted(servegraph.__all__)
     public = {n for n in vars(servegraph) if not n.startswith("_")} - {
-        "catalog", "errors", "graph", "render", "runtime", "serialize", "validation"}
+        "catalog",
+        "errors",
+        "graph",
+        "render",
+        "runtime",
+        "serialize",
+        "validation",
+    }
     assert public == set(servegraph.__all__)
 
 
@@ -16,6 +23,8 @@ def test_importing_the_facade_loads_neither_ray_nor_a_model() -> None:
     import subprocess
     import sys
 
-    code = ("import sys, servegraph; "
-            "assert not {'ray', 'torch', 'vllm', 'faiss'} & set(sys.modules), sys.modules.keys()")
+    code = (
+        "import sys, servegraph; "
+        "assert not {'ray', 'torch', 'vllm', 'faiss'} & set(sys.modules), sys.modules.keys()"
+    )
     subprocess.run([sys.executable, "-c", code], check=True, env=None)

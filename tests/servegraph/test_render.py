@@ -1,6 +1,7 @@
 from __future__ import annotations
 
 from servegraph import to_mermaid, to_text
+
 from tests.servegraph import toy
 
 
@@ -8,7 +9,7 @@ def test_mermaid_shows_kinds_servers_edges_and_subgraphs() -> None:
     chart = to_mermaid(toy.routed().build())
     assert chart.startswith("flowchart TD")
     assert "call classifier.classify" in chart
-    assert "subgraph route[\"route: switch on classify.label\"]" in chart
+    assert 'subgraph route["route: switch on classify.label"]' in chart
     assert "input --> classify" in chart and "route --> output" in chart
 
 

@@ -1,7 +1,6 @@
 from __future__ import annotations
 
 import pytest
-
 from servegraph import (
     LocalRuntime,
     NodeFailedError,
@@ -9,6 +8,7 @@ from servegraph import (
     NodeTimeoutError,
     Pipeline,
 )
+
 from tests.servegraph import toy
 
 
@@ -25,7 +25,10 @@ async def test_switch_routes_on_classifier_label() -> None:
     result = await runtime.execute(graph, {"text": "Crash Report"})
     assert result.output == "crash report"
     assert [r.node for r in result.nodes] == [
-        "classify", "route/case[technical]/transform", "route"]
+        "classify",
+        "route/case[technical]/transform",
+        "route",
+    ]
 
 
 async def test_independent_branches_run_concurrently() -> None:
@@ -45,8 +48,7 @@ async def test_parallel_node_fans_out_and_joins() -> None:
     low = Pipeline("low", input=toy.Text, output=str)
     low.returns(low.function("t", toy.whisper, text=low.input.text))
     p = Pipeline("fan", input=toy.Text, output=str)
-    p.returns(p.parallel("both", {"upper": up, "lower": low}, join=toy.join_two,
-                         text=p.input.text))
+    p.returns(p.parallel("both", {"upper": up, "lower": low}, join=toy.join_two, text=p.input.text))
     runtime = LocalRuntime(toy.CATALOG, toy.servers())
     assert await runtime.run(p.build(), {"text": "Ab"}) == "AB|ab"
 
@@ -57,14 +59,29 @@ async def test_parallel_node_fans_out_and_joins() -> None:
 
 async def test_bounded_loop_stops_on_condition_and_on_max() -> None:
     p = Pipeline("count", input=toy.Counter, output=toy.Counter)
-    p.returns(p.loop("loop", toy.counter_body(), until=toy.reached_three, max_iterations=10,
-                     value=p.input.value, history=p.input.history))
+    p.returns(
+        p.loop(
+            "loop",
+            toy.counter_body(),
+            until=toy.reached_three,
+            max_iterations=10,
+            value=p.input.value,
+            history=p.input.history,
+        )
+    )
     runtime = LocalRuntime(toy.CATALOG, toy.servers())
     assert await runtime.run(p.build(), {"value": 0}) == toy.Counter(value=3, history=[0, 1, 2])
 
     capped = Pipeline("capped", input=toy.Counter, output=toy.Counter)
-    capped.returns(capped.loop("loop", toy.counter_body(), until=toy.reached_three,
-                               max_iterations=2, value=capped.input.value))
+    capped.returns(
+        capped.loop(
+            "loop",
+            toy.counter_body(),
+            until=toy.reached_three,
+            max_iterations=2,
+            value=capped.input.value,
+        )
+    )
     assert (await runtime.run(capped.build(), {"value": -5})).value == -3
 
 

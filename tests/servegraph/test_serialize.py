@@ -1,13 +1,20 @@
 from __future__ import annotations
 
 from servegraph import LocalRuntime, Pipeline, from_yaml, to_yaml, validate
+
 from tests.servegraph import toy
 
 
 def test_yaml_round_trip_is_equal_for_every_node_kind() -> None:
     p = Pipeline("all_kinds", input=toy.Counter, output=toy.Counter)
-    looped = p.loop("loop", toy.counter_body(), until=toy.reached_three, max_iterations=4,
-                    value=p.input.value, timeout_s=2.0)
+    looped = p.loop(
+        "loop",
+        toy.counter_body(),
+        until=toy.reached_three,
+        max_iterations=4,
+        value=p.input.value,
+        timeout_s=2.0,
+    )
     p.returns(looped)
     for graph in (toy.rag().build(), toy.routed().build(), p.build()):
         text = to_yaml(graph)

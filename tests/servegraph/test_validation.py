@@ -1,9 +1,9 @@
 from __future__ import annotations
 
 import pytest
-
 from servegraph import GraphValidationError, Pipeline, Ref, validate
 from servegraph.graph import CallNode, FunctionNode
+
 from tests.servegraph import toy
 
 
@@ -33,8 +33,9 @@ def test_unknown_server_method_node_and_function_are_reported_together() -> None
 
 def test_ref_to_unknown_node_names_known_ones() -> None:
     p = Pipeline("bad", input=toy.Question, output=toy.Answer)
-    p.returns(p.function("answer", toy.make_answer, question=p.input.question,
-                         hits=Ref("ghost").hits))
+    p.returns(
+        p.function("answer", toy.make_answer, question=p.input.question, hits=Ref("ghost").hits)
+    )
     found = problems_of(p)
     assert any("[answer.hits] ref 'ghost.hits' names unknown node 'ghost'" in s for s in found)
 
@@ -69,10 +70,14 @@ def test_cycle_outside_a_loop_is_rejected() -> None:
 
 def test_unreachable_node_and_duplicate_names() -> None:
     graph = toy.rag().build()
-    graph.nodes.append(CallNode(name="stray", server="embedder", method="embed",
-                                inputs={"text": "input.question"}))
-    graph.nodes.append(FunctionNode(name="embed", function="tests.servegraph.toy:shout",
-                                    inputs={"text": "input.question"}))
+    graph.nodes.append(
+        CallNode(name="stray", server="embedder", method="embed", inputs={"text": "input.question"})
+    )
+    graph.nodes.append(
+        FunctionNode(
+            name="embed", function="tests.servegraph.toy:shout", inputs={"text": "input.question"}
+        )
+    )
     with pytest.raises(GraphValidationError) as info:
         validate(graph, toy.CATALOG)
     text = str(info.value)
@@ -95,9 +100,14 @@ def test_retries_need_idempotent_and_switch_branches_must_agree() -> None:
     label = p.call("classify", "classifier", "classify", text=p.input.text, retries=2)
     length_case = Pipeline("len", input=toy.Text, output=int)
     length_case.returns(length_case.function("n", toy.length, text=length_case.input.text))
-    p.returns(p.switch("route", on=label.label,
-                       cases={"billing": toy.case(toy.shout), "technical": length_case},
-                       text=p.input.text))
+    p.returns(
+        p.switch(
+            "route",
+            on=label.label,
+            cases={"billing": toy.case(toy.shout), "technical": length_case},
+            text=p.input.text,
+        )
+    )
     found = problems_of(p)
     assert any("[classify] retries=2 on a node not declared idempotent" in s for s in found)
     assert any("[route] branches return different types" in s for s in found)
@@ -105,11 +115,11 @@ def test_retries_need_idempotent_and_switch_branches_must_agree() -> None:
 
 def test_subgraph_problems_are_prefixed_with_their_path() -> None:
     body = Pipeline("body", input=toy.Counter, output=toy.Counter)
-    body.returns(body.function("inc", toy.increment, value=body.input.nope,
-                               history=body.input.history))
+    body.returns(
+        body.function("inc", toy.increment, value=body.input.nope, history=body.input.history)
+    )
     p = Pipeline("outer", input=toy.Counter, output=toy.Counter)
-    p.returns(p.loop("count", body, until=toy.reached_three, max_iterations=5,
-                     value=p.input.value))
+    p.returns(p.loop("count", body, until=toy.reached_three, max_iterations=5, value=p.input.value))
     found = problems_of(p)
     assert any(s.startswith("[count/body/inc.value]") for s in found)
 

@@ -5,7 +5,6 @@ from __future__ import annotations
 import asyncio
 
 from pydantic import BaseModel
-
 from servegraph import Catalog, InvalidInputError, MethodContract, Pipeline, ServerSpec
 
 
@@ -99,15 +98,22 @@ CATALOG = Catalog(
         ServerSpec(
             "flaky",
             {"echo": MethodContract(Text, Echo), "sleep": MethodContract(Sleep, Echo)},
-            "x:y", "F", "/f",
+            "x:y",
+            "F",
+            "/f",
         ),
     ]
 )
 
 
 def servers(**extra: object) -> dict[str, object]:
-    return {"embedder": ToyEmbedder(), "index": ToyIndex(), "classifier": ToyClassifier(),
-            "flaky": Flaky(), **extra}
+    return {
+        "embedder": ToyEmbedder(),
+        "index": ToyIndex(),
+        "classifier": ToyClassifier(),
+        "flaky": Flaky(),
+        **extra,
+    }
 
 
 # -- functions used as nodes ------------------------------------------------------
@@ -193,9 +199,14 @@ def case(fn) -> Pipeline:
 def routed() -> Pipeline:
     p = Pipeline("routed", input=Text, output=str)
     label = p.call("classify", "classifier", "classify", text=p.input.text)
-    p.returns(p.switch("route", on=label.label,
-                       cases={"billing": case(shout), "technical": case(whisper)},
-                       text=p.input.text))
+    p.returns(
+        p.switch(
+            "route",
+            on=label.label,
+            cases={"billing": case(shout), "technical": case(whisper)},
+            text=p.input.text,
+        )
+    )
     return p
 
 

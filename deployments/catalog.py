@@ -1,0 +1,58 @@
+"""The platform's model servers, as pipelines see them: names, typed methods, builders.
+
+Importing this module imports only pydantic models: no Ray, no model.
+"""
+
+from __future__ import annotations
+
+from servegraph import Catalog, MethodContract, ServerSpec
+
+from deployments import schemas as s
+
+CATALOG = Catalog(
+    [
+        ServerSpec(
+            name="llm",
+            methods={"chat": MethodContract(s.ChatRequest, s.ChatResponse)},
+            app_builder="deployments.apps:llm_app",
+            deployment="LLMServer",  # completed with the model id by deployments.apps
+            route_prefix="/",
+            client="deployments.llm:LLMClient",
+            description="vLLM via ray.serve.llm; OpenAI routes at /v1",
+        ),
+        ServerSpec(
+            name="embedder",
+            methods={
+                "embed": MethodContract(s.EmbedRequest, s.EmbedResponse),
+                "embed_one": MethodContract(s.EmbedOneRequest, s.Embedding),
+            },
+            app_builder="deployments.apps:embedder_app",
+            deployment="Embedder",
+            route_prefix="/embedder",
+            description="all-MiniLM-L6-v2 sentence embeddings, dynamically batched",
+        ),
+        ServerSpec(
+            name="classifier",
+            methods={
+                "classify": MethodContract(s.ClassifyRequest, s.Classification),
+                "classify_batch": MethodContract(s.ClassifyBatchRequest, s.ClassifyBatchResponse),
+            },
+            app_builder="deployments.apps:classifier_app",
+            deployment="Classifier",
+            route_prefix="/classifier",
+            description="support-ticket category classifier, dynamically batched",
+        ),
+        ServerSpec(
+            name="vector_index",
+            methods={
+                "add": MethodContract(s.AddRequest, s.AddResponse),
+                "search": MethodContract(s.SearchRequest, s.SearchResponse),
+                "delete": MethodContract(s.DeleteRequest, s.DeleteResponse),
+            },
+            app_builder="deployments.apps:vector_index_app",
+            deployment="VectorIndex",
+            route_prefix="/index",
+            description="durable FAISS index (SQLite-backed), one replica by design",
+        ),
+    ]
+)

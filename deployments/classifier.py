@@ -1,0 +1,96 @@
+"""The ticket classifier model server: MiniLM sentence encoder + logistic-regression head,
+trained at set-up (`deployments.prepare`), with dynamic batching."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import pickle
+from pathlib import Path
+
+import numpy as np
+from fastapi import FastAPI
+from ray import serve
+from servegraph.http import install_error_handlers
+
+from deployments._batching import BatchRecorder
+from deployments.classifier_training import HEAD_FILE, encode, load_encoder
+from deployments.schemas import (
+    BatchStats,
+    Classification,
+    ClassifierInfo,
+    ClassifyBatchRequest,
+    ClassifyBatchResponse,
+    ClassifyRequest,
+)
+
+app = FastAPI(title="classifier", description="Support-ticket category classifier.")
+install_error_handlers(app)
+
+
+@serve.deployment(name="Classifier", health_check_period_s=10, health_check_timeout_s=30)
+@serve.ingress(app)
+class Classifier:
+    """Labels a support ticket with its category and every category's probability.
+
+    Args:
+        model_dir: the folder `deployments.prepare` trained into.
+        encoder_dir: the sentence encoder the head was trained on.
+    """
+
+    def __init__(
+        self,
+        model_dir: str,
+        encoder_dir: str,
+        max_batch_size: int = 64,
+        batch_wait_timeout_s: float = 0.005,
+    ) -> None:
+        folder = Path(model_dir)
+        self._head = pickle.loads((folder / HEAD_FILE).read_bytes())
+        self._metrics = json.loads((folder / "metrics.json").read_text())
+        self._encoder = load_encoder(Path(encoder_dir))
+        self.labels = [str(label) for label in self._head.classes_]
+        self._batches = BatchRecorder()
+        self._classify_batch.set_max_batch_size(max_batch_size)
+        self._classify_batch.set_batch_wait_timeout_s(batch_wait_timeout_s)
+
+    @serve.batch(max_batch_size=64, batch_wait_timeout_s=0.005)
+    async def _classify_batch(self, texts: list[str]) -> list[Classification]:
+        self._batches.record(len(texts))
+        probabilities = await asyncio.to_thread(self._predict, texts)
+        results = []
+        for row in probabilities:
+            best = int(np.argmax(row))
+            scores = {label: float(p) for label, p in zip(self.labels, row, strict=True)}
+            results.append(
+                Classification(label=self.labels[best], score=float(row[best]), scores=scores)
+            )
+        return results
+
+    def _predict(self, texts: list[str]) -> np.ndarray:
+        return self._head.predict_proba(encode(self._encoder, texts))
+
+    @app.post("/classify")
+    async def classify(self, request: ClassifyRequest) -> Classification:
+        return await self._classify_batch(request.text)
+
+    @app.post("/classify_batch")
+    async def classify_batch(self, request: ClassifyBatchRequest) -> ClassifyBatchResponse:
+        results = await asyncio.gather(*(self._classify_batch(t) for t in request.texts))
+        return ClassifyBatchResponse(results=list(results))
+
+    @app.get("/info")
+    async def info(self) -> ClassifierInfo:
+        return ClassifierInfo(
+            labels=self.labels,
+            accuracy=self._metrics["accuracy"],
+            macro_f1=self._metrics["macro_f1"],
+        )
+
+    @app.get("/stats")
+    async def batch_stats(self) -> BatchStats:
+        return self._batches.stats()
+
+    async def check_health(self) -> None:
+        if self._head is None:
+            raise RuntimeError("classifier head is not loaded")

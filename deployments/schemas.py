@@ -1,0 +1,174 @@
+"""Request and response models of the four model servers: their typed contracts.
+
+Pure pydantic, so graphs validate against them without Ray or a model. Limits live on
+the fields, so bad input is refused with a 422 that names the field before any model
+work is done.
+"""
+
+from __future__ import annotations
+
+from typing import Annotated, Literal
+
+from pydantic import BaseModel, Field, StringConstraints
+
+MAX_BATCH = 256
+MAX_TEXT_CHARS = 8_000
+
+NonEmptyText = Annotated[
+    str, StringConstraints(strip_whitespace=True, min_length=1, max_length=MAX_TEXT_CHARS)
+]
+MetadataValue = str | int | float | bool
+
+
+# --- embedder ----------------------------------------------------------------------
+
+
+class EmbedRequest(BaseModel):
+    texts: list[NonEmptyText] = Field(
+        min_length=1, max_length=MAX_BATCH, description="1 to 256 non-empty texts."
+    )
+
+
+class EmbedResponse(BaseModel):
+    vectors: list[list[float]] = Field(description="L2-normalised float32 vectors.")
+    dim: int
+    model: str
+
+
+class EmbedOneRequest(BaseModel):
+    text: NonEmptyText
+
+
+class Embedding(BaseModel):
+    vector: list[float]
+    dim: int
+
+
+class EmbedderInfo(BaseModel):
+    model: str
+    dim: int
+
+
+class BatchStats(BaseModel):
+    """What dynamic batching did so far in this replica."""
+
+    batches: int
+    items: int
+    max_batch_size: int
+    histogram: dict[int, int] = Field(description="batch size -> number of batches")
+
+
+# --- classifier --------------------------------------------------------------------
+
+
+class ClassifyRequest(BaseModel):
+    text: NonEmptyText
+
+
+class Classification(BaseModel):
+    label: str
+    score: float = Field(description="Probability of `label`.")
+    scores: dict[str, float] = Field(description="Every label's probability; sums to 1.")
+
+
+class ClassifyBatchRequest(BaseModel):
+    texts: list[NonEmptyText] = Field(min_length=1, max_length=MAX_BATCH)
+
+
+class ClassifyBatchResponse(BaseModel):
+    results: list[Classification]
+
+
+class ClassifierInfo(BaseModel):
+    labels: list[str]
+    accuracy: float = Field(description="Held-out accuracy measured at training.")
+    macro_f1: float
+
+
+# --- vector index ------------------------------------------------------------------
+
+
+class IndexItem(BaseModel):
+    id: Annotated[str, StringConstraints(min_length=1, max_length=512)]
+    text: str = Field(max_length=MAX_TEXT_CHARS * 4)
+    vector: list[float] = Field(min_length=1)
+    metadata: dict[str, MetadataValue] = Field(default_factory=dict)
+
+
+class AddRequest(BaseModel):
+    items: list[IndexItem] = Field(min_length=1, max_length=4096)
+
+
+class AddResponse(BaseModel):
+    ids: list[str]
+    count: int = Field(description="Items in the index after the add.")
+
+
+class SearchRequest(BaseModel):
+    vector: list[float] = Field(min_length=1)
+    k: int = Field(5, ge=1, le=100)
+    filter: dict[str, MetadataValue] | None = Field(
+        None, description="Only items whose metadata has every one of these key/values."
+    )
+
+
+class Hit(BaseModel):
+    id: str
+    text: str
+    score: float = Field(description="Inner product (cosine for normalised vectors).")
+    metadata: dict[str, MetadataValue]
+
+
+class SearchResponse(BaseModel):
+    hits: list[Hit]
+
+
+class DeleteRequest(BaseModel):
+    ids: list[str] = Field(default_factory=list, max_length=100_000)
+    filter: dict[str, MetadataValue] | None = Field(
+        None, description="Also delete every item whose metadata matches."
+    )
+
+
+class DeleteResponse(BaseModel):
+    deleted: int
+    count: int
+
+
+class IndexStats(BaseModel):
+    count: int
+    dim: int | None
+    index_type: Literal["flat", "ivf", "hnsw"]
+    path: str
+
+
+# --- llm ---------------------------------------------------------------------------
+
+
+class Message(BaseModel):
+    role: Literal["system", "user", "assistant", "tool"]
+    content: str
+
+
+class ChatRequest(BaseModel):
+    """A chat call from a pipeline node (the OpenAI route serves API consumers)."""
+
+    messages: list[Message] = Field(min_length=1)
+    max_tokens: int = Field(256, ge=1, le=2048)
+    temperature: float = Field(0.0, ge=0.0, le=2.0)
+    json_schema: dict | None = Field(
+        None, description="Constrain the output to this JSON schema (guided decoding)."
+    )
+    stop: list[str] | None = None
+
+
+class Usage(BaseModel):
+    input_tokens: int
+    output_tokens: int
+
+
+class ChatResponse(BaseModel):
+    text: str
+    finish_reason: str | None
+    usage: Usage
+    model: str

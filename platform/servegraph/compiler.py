@@ -1,0 +1,172 @@
+"""Compile graphs onto Ray Serve: one application per model server (shared by every
+pipeline that calls it) and one ingress application with a route per pipeline.
+
+`compile_platform` returns a plan; `deploy` runs it on the connected Serve instance, and
+`serve_config` writes the same plan as a config file that `serve deploy` accepts.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+from servegraph.catalog import Catalog
+from servegraph.errors import GraphValidationError, Problem
+from servegraph.graph import CallNode, Graph, LoopNode, ParallelNode, SwitchNode, resolve
+from servegraph.serialize import to_yaml
+from servegraph.validation import validate
+
+
+@dataclass(frozen=True)
+class AppPlan:
+    """One Serve application: what `serve deploy` needs to build it."""
+
+    name: str
+    route_prefix: str
+    import_path: str
+    args: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass
+class PlatformPlan:
+    apps: list[AppPlan]
+
+    def deploy(self, *, blocking: bool = False) -> None:
+        """Build and run every application on the Serve instance Ray is connected to."""
+        from ray import serve
+
+        for app in self.apps:
+            serve.run(
+                resolve(app.import_path)(app.args),
+                name=app.name,
+                route_prefix=app.route_prefix,
+                blocking=False,
+            )
+        if blocking:  # pragma: no cover - interactive
+            serve.run(
+                resolve(self.apps[-1].import_path)(self.apps[-1].args),
+                name=self.apps[-1].name,
+                route_prefix=self.apps[-1].route_prefix,
+                blocking=True,
+            )
+
+    def serve_config(self, *, host: str = "127.0.0.1", port: int = 8000) -> dict[str, Any]:
+        """A Serve config (ServeDeploySchema) for `serve deploy`."""
+        return {
+            "proxy_location": "HeadOnly",
+            "http_options": {"host": host, "port": port},
+            "applications": [
+                {
+                    "name": a.name,
+                    "route_prefix": a.route_prefix,
+                    "import_path": a.import_path,
+                    "args": a.args,
+                }
+                for a in self.apps
+            ],
+        }
+
+
+def compile_platform(
+    graphs: dict[str, Graph] | list[Graph],
+    catalog: Catalog,
+    *,
+    catalog_path: str = "deployments.catalog:CATALOG",
+    packages: list[str] | None = None,
+    all_servers: bool = False,
+    ingress_deployment: dict[str, Any] | None = None,
+) -> PlatformPlan:
+    """Validate `graphs` and plan their Serve applications.
+
+    Args:
+        graphs: the pipelines to serve.
+        catalog: the model servers they may call.
+        catalog_path: import path of `catalog`, for the ingress replica.
+        packages: when the graphs came from these packages, the ingress rediscovers
+            them there; otherwise each graph travels as YAML in the app's args.
+        all_servers: deploy every server in the catalog, not only those called.
+        ingress_deployment: Serve options for the ingress deployment.
+
+    Raises:
+        GraphValidationError: a graph is invalid, or two pipelines ask one server
+            for different deployment options.
+    """
+    graph_list = list(graphs.values()) if isinstance(graphs, dict) else list(graphs)
+    for graph in graph_list:
+        validate(graph, catalog)
+    overrides = _server_overrides(graph_list)
+    used = (
+        set(catalog)
+        if all_servers
+        else {node.server for g in graph_list for node in _call_nodes(g)}
+    )
+    apps = [
+        AppPlan(
+            spec.name,
+            spec.route_prefix,
+            spec.app_builder,
+            {"overrides": overrides[spec.name]} if spec.name in overrides else {},
+        )
+        for spec in catalog.values()
+        if spec.name in used
+    ]
+    ingress_args: dict[str, Any] = {"catalog": catalog_path, "deployment": ingress_deployment or {}}
+    if packages is not None:
+        ingress_args |= {"packages": packages, "names": [g.name for g in graph_list]}
+    else:
+        ingress_args |= {"packages": [], "graphs_yaml": [to_yaml(g) for g in graph_list]}
+    from servegraph.serving import INGRESS_APP, INGRESS_PREFIX
+
+    apps.append(
+        AppPlan(INGRESS_APP, INGRESS_PREFIX, "servegraph.serving:ingress_app", ingress_args)
+    )
+    return PlatformPlan(apps)
+
+
+def _call_nodes(graph: Graph) -> list[CallNode]:
+    found: list[CallNode] = []
+    for node in graph.nodes:
+        if isinstance(node, CallNode):
+            found.append(node)
+        if node.fallback and node.fallback.server:
+            found.append(
+                CallNode(
+                    name=f"{node.name}.fallback",
+                    server=node.fallback.server,
+                    method=node.fallback.method or "",
+                )
+            )
+        subgraphs: list[Graph] = []
+        if isinstance(node, SwitchNode):
+            subgraphs = [*node.cases.values(), *([node.default] if node.default else [])]
+        elif isinstance(node, ParallelNode):
+            subgraphs = list(node.branches.values())
+        elif isinstance(node, LoopNode):
+            subgraphs = [node.body]
+        for sub in subgraphs:
+            found += _call_nodes(sub)
+    return found
+
+
+def _server_overrides(graphs: list[Graph]) -> dict[str, dict[str, Any]]:
+    chosen: dict[str, tuple[str, dict[str, Any]]] = {}
+    problems = []
+    for graph in graphs:
+        for node in _call_nodes(graph):
+            if node.deployment is None:
+                continue
+            options = node.deployment.model_dump(exclude_none=True)
+            where = f"{graph.name}.{node.name}"
+            if node.server in chosen and chosen[node.server][1] != options:
+                problems.append(
+                    Problem(
+                        where,
+                        f"asks {node.server!r} for {options}, but {chosen[node.server][0]} "
+                        f"asks for {chosen[node.server][1]}",
+                        "give the shared model server one set of deployment options",
+                    )
+                )
+            chosen.setdefault(node.server, (where, options))
+    if problems:
+        raise GraphValidationError("(deployment options)", problems)
+    return {server: options for server, (_, options) in chosen.items()}

@@ -1,0 +1,74 @@
+"""A local Ray cluster with Serve, started and stopped by us (never attached to).
+
+`ray.init()` with no address silently joins any cluster already running on the
+machine; this always starts a fresh one (`address="local"`) on free ports.
+"""
+
+from __future__ import annotations
+
+import os
+import socket
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+@dataclass(frozen=True)
+class LocalCluster:
+    base_url: str
+    dashboard_url: str | None
+    http_port: int
+
+
+@contextmanager
+def local_cluster(
+    *,
+    http_port: int | None = None,
+    dashboard: bool = True,
+    dashboard_port: int | None = None,
+    num_cpus: int | None = None,
+) -> Iterator[LocalCluster]:
+    """Start Ray and Serve on this machine; shut both down on exit.
+
+    Args:
+        http_port: Serve's HTTP proxy port (a free one by default).
+        dashboard: start the Ray dashboard (deployments, replicas, metrics).
+        num_cpus: logical CPUs for scheduling. Replicas ask for CPU shares; on a small
+            machine we advertise more logical CPUs than cores so every deployment (and an
+            autoscaled extra replica) can be placed: they share the cores anyway.
+    """
+    import ray
+    from ray import serve
+
+    http_port = http_port or free_port()
+    dashboard_port = dashboard_port or (free_port() if dashboard else None)
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+    context = ray.init(
+        address="local",
+        num_cpus=num_cpus or max(8, os.cpu_count() or 1),
+        include_dashboard=dashboard,
+        dashboard_host="127.0.0.1",
+        dashboard_port=dashboard_port,
+        namespace="servegraph",
+        log_to_driver=False,
+    )
+    try:
+        serve.start(http_options={"host": "127.0.0.1", "port": http_port})
+        dashboard_url = context.dashboard_url
+        yield LocalCluster(
+            base_url=f"http://127.0.0.1:{http_port}",
+            dashboard_url=f"http://{dashboard_url}" if dashboard_url else None,
+            http_port=http_port,
+        )
+    finally:
+        try:
+            serve.shutdown()
+        finally:
+            ray.shutdown()

@@ -1,0 +1,199 @@
+"""Run graphs on Ray Serve: model servers through deployment handles, one ingress with a
+REST route per pipeline.
+
+The ingress's FastAPI app is built on the replica (`serve.ingress` with a builder),
+from the pipelines it discovers there, so its routes and OpenAPI schemas come from the
+graphs and nothing unpicklable travels from the driver.
+"""
+
+from __future__ import annotations
+
+import time
+import uuid
+from typing import Any
+
+from fastapi import FastAPI, Header, Response
+from fastapi.responses import PlainTextResponse
+from pydantic import BaseModel
+from ray import serve
+from ray.serve.exceptions import BackPressureError
+from ray.serve.handle import DeploymentHandle
+
+from servegraph.catalog import Catalog, ServerSpec
+from servegraph.discovery import discover
+from servegraph.errors import OverloadedError
+from servegraph.graph import Graph, resolve
+from servegraph.http import install_error_handlers
+from servegraph.render import to_mermaid, to_text
+from servegraph.runtime import DEFAULT_DEADLINE_S, Runtime
+from servegraph.serialize import to_yaml
+from servegraph.validation import validate
+
+INGRESS_APP = "pipelines"
+INGRESS_PREFIX = "/pipelines"
+
+
+def deployment_name(spec: ServerSpec) -> str:
+    """A spec's deployment name; "module:function" names are computed at run time."""
+    return resolve(spec.deployment)() if ":" in spec.deployment else spec.deployment
+
+
+class ServeInvoker:
+    """Reaches model servers through Serve deployment handles (created once, reused)."""
+
+    def __init__(self, catalog: Catalog) -> None:
+        self._catalog = catalog
+        self._targets: dict[str, Any] = {}
+
+    def _target(self, server: str) -> Any:
+        if server not in self._targets:
+            spec = self._catalog[server]
+            handle = serve.get_deployment_handle(deployment_name(spec), app_name=spec.name)
+            self._targets[server] = resolve(spec.client)(handle) if spec.client else handle
+        return self._targets[server]
+
+    async def __call__(self, server: str, method: str, request: BaseModel) -> Any:
+        target = self._target(server)
+        try:
+            if isinstance(target, DeploymentHandle):
+                return await getattr(target, method).remote(request)
+            return await getattr(target, method)(request)
+        except BackPressureError as exc:
+            raise OverloadedError(f"{server}.{method}", f"model server overloaded: {exc}") from exc
+
+
+def build_fastapi(graphs: dict[str, Graph], runtime: Runtime) -> FastAPI:
+    """The ingress app: POST /<pipeline>, GET /<pipeline>/graph, GET / (the list)."""
+    app = FastAPI(title="servegraph pipelines", description="One REST endpoint per pipeline graph.")
+    install_error_handlers(app)
+
+    @app.get("/", summary="List the pipelines")
+    async def list_pipelines() -> dict[str, Any]:
+        return {
+            "pipelines": [
+                {
+                    "name": name,
+                    "description": g.description,
+                    "route": f"{INGRESS_PREFIX}/{name}",
+                    "graph": f"{INGRESS_PREFIX}/{name}/graph",
+                }
+                for name, g in graphs.items()
+            ]
+        }
+
+    for graph in graphs.values():
+        _add_pipeline_routes(app, graph, runtime)
+    return app
+
+
+def _add_pipeline_routes(app: FastAPI, graph: Graph, runtime: Runtime) -> None:
+    input_model = resolve(graph.input)
+    output_type = resolve(graph.output)
+
+    async def run_pipeline(
+        request: input_model,  # type: ignore[valid-type]
+        response: Response,
+        x_request_timeout: float | None = Header(
+            None, gt=0, le=600, description="Deadline for the whole request, in seconds."
+        ),
+    ) -> Any:
+        request_id = uuid.uuid4().hex
+        started = time.perf_counter()
+        result = await runtime.execute(
+            graph, request, deadline_s=x_request_timeout or DEFAULT_DEADLINE_S
+        )
+        response.headers["x-request-id"] = request_id
+        # Server-Timing: browsers and curl -v show where the time went, per node.
+        timings = [f"{_token(r.node)};dur={r.wall_ms:.1f}" for r in result.nodes[-20:]]
+        total = (time.perf_counter() - started) * 1000
+        response.headers["server-timing"] = ", ".join([*timings, f"total;dur={total:.1f}"])
+        return result.output
+
+    app.add_api_route(
+        f"/{graph.name}",
+        run_pipeline,
+        methods=["POST"],
+        response_model=output_type,
+        summary=graph.description or f"Run the {graph.name} pipeline",
+        name=f"run_{graph.name}",
+        operation_id=f"run_{graph.name}",
+        responses={
+            422: {"description": "Invalid field (names the field and the fix)"},
+            502: {"description": "A node failed (names the node)"},
+            503: {"description": "A model server is overloaded; retry"},
+            504: {"description": "A node ran past the deadline (names the node)"},
+        },
+    )
+
+    async def show_graph() -> dict[str, str]:
+        return {
+            "name": graph.name,
+            "mermaid": to_mermaid(graph),
+            "text": to_text(graph),
+            "yaml": to_yaml(graph),
+        }
+
+    async def show_mermaid() -> PlainTextResponse:
+        return PlainTextResponse(to_mermaid(graph))
+
+    app.add_api_route(
+        f"/{graph.name}/graph",
+        show_graph,
+        methods=["GET"],
+        summary=f"The {graph.name} graph",
+        operation_id=f"graph_{graph.name}",
+    )
+    app.add_api_route(
+        f"/{graph.name}/graph.mmd",
+        show_mermaid,
+        methods=["GET"],
+        summary=f"The {graph.name} graph as Mermaid",
+        operation_id=f"mermaid_{graph.name}",
+    )
+
+
+def _token(name: str) -> str:
+    return "".join(c if c.isalnum() or c in "-_." else "_" for c in name)
+
+
+class IngressArgs(BaseModel):
+    """What the ingress needs to rebuild everything on its replica."""
+
+    catalog: str = "deployments.catalog:CATALOG"
+    packages: list[str] = ["pipelines"]
+    names: list[str] | None = None
+    graphs_yaml: list[str] = []
+    deployment: dict[str, Any] = {}
+
+
+def load_graphs(args: IngressArgs) -> dict[str, Graph]:
+    from servegraph.serialize import from_yaml
+
+    graphs: dict[str, Graph] = {}
+    for package in args.packages:
+        graphs.update(discover(package))
+    for text in args.graphs_yaml:
+        graph = from_yaml(text)
+        graphs[graph.name] = graph
+    if args.names is not None:
+        graphs = {n: g for n, g in graphs.items() if n in args.names}
+    return graphs
+
+
+def ingress_app(args: IngressArgs | dict[str, Any]) -> Any:
+    """Serve application builder for the pipelines ingress (also a `serve deploy` target)."""
+    args = IngressArgs.model_validate(args)
+
+    def make_app() -> FastAPI:
+        catalog: Catalog = resolve(args.catalog)
+        graphs = load_graphs(args)
+        for graph in graphs.values():
+            validate(graph, catalog)
+        return build_fastapi(graphs, Runtime(catalog, ServeInvoker(catalog)))
+
+    @serve.deployment(name="PipelineIngress")
+    @serve.ingress(make_app)
+    class PipelineIngress:
+        """Runs every pipeline; model work happens in the model servers' replicas."""
+
+    return PipelineIngress.options(**args.deployment).bind()

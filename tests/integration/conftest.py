@@ -1,0 +1,60 @@
+"""One real local Ray Serve cluster per test session, with the real model servers."""
+
+from __future__ import annotations
+
+import os
+import tempfile
+import time
+from collections.abc import Iterator
+
+import httpx
+import pytest
+from servegraph.local import LocalCluster, local_cluster
+
+
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    for item in items:
+        if "tests/integration" in str(item.fspath):
+            item.add_marker(pytest.mark.integration)
+
+
+@pytest.fixture(scope="session")
+def cluster() -> Iterator[LocalCluster]:
+    index_dir = tempfile.mkdtemp(prefix="servegraph-test-index-")
+    os.environ["SERVEGRAPH_INDEX_PATH"] = index_dir
+    with local_cluster() as running:
+        yield running
+
+
+@pytest.fixture(scope="session")
+def model_servers(cluster: LocalCluster) -> LocalCluster:
+    """All four model servers deployed, healthy, and the ingress (no pipelines yet)."""
+    from servegraph.compiler import compile_platform
+
+    from deployments.catalog import CATALOG
+
+    compile_platform([], CATALOG, all_servers=True).deploy()
+    wait_until_running(["llm", "embedder", "classifier", "vector_index"])
+    return cluster
+
+
+def wait_until_running(apps: list[str], timeout_s: float = 600) -> None:
+    from ray import serve
+
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        status = serve.status().applications
+        states = {name: status[name].status if name in status else None for name in apps}
+        if all(s == "RUNNING" for s in states.values()):
+            return
+        failed = {n: status[n].message for n, s in states.items() if s == "DEPLOY_FAILED"}
+        if failed:
+            raise RuntimeError(f"deploy failed: {failed}")
+        time.sleep(1)
+    raise TimeoutError(f"applications not running after {timeout_s}s: {states}")
+
+
+@pytest.fixture(scope="session")
+def http(model_servers: LocalCluster) -> Iterator[httpx.Client]:
+    with httpx.Client(base_url=model_servers.base_url, timeout=120) as client:
+        yield client

@@ -1,0 +1,237 @@
+"""The four model servers on a real local Ray Serve cluster, with the real models."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+
+import httpx
+import numpy as np
+import openai
+import pytest
+from ray import serve
+from servegraph.local import LocalCluster
+
+from deployments.schemas import ChatRequest, ClassifyRequest, EmbedRequest, Message
+
+pytestmark = pytest.mark.integration
+
+
+# -- LLM --------------------------------------------------------------------------------
+
+
+def test_llm_answers_paris_through_the_openai_client(model_servers: LocalCluster) -> None:
+    client = openai.OpenAI(base_url=f"{model_servers.base_url}/v1", api_key="unused")
+    assert [m.id for m in client.models.list().data] == ["smollm2-135m-instruct"]
+    reply = client.chat.completions.create(
+        model="smollm2-135m-instruct",
+        temperature=0,
+        max_tokens=20,
+        messages=[{"role": "user", "content": "What is the capital of France?"}],
+    )
+    assert "Paris" in reply.choices[0].message.content
+    completion = client.completions.create(
+        model="smollm2-135m-instruct",
+        prompt="The capital of France is",
+        max_tokens=5,
+        temperature=0,
+    )
+    assert completion.choices[0].text.strip()
+
+
+def test_llm_streams_tokens(model_servers: LocalCluster) -> None:
+    client = openai.OpenAI(base_url=f"{model_servers.base_url}/v1", api_key="unused")
+    stream = client.chat.completions.create(
+        model="smollm2-135m-instruct",
+        temperature=0,
+        max_tokens=20,
+        stream=True,
+        messages=[{"role": "user", "content": "What is the capital of France?"}],
+    )
+    pieces = [
+        c.choices[0].delta.content for c in stream if c.choices and c.choices[0].delta.content
+    ]
+    assert len(pieces) > 3 and "Paris" in "".join(pieces)
+
+
+def test_llm_rejects_a_prompt_longer_than_the_context(http: httpx.Client) -> None:
+    response = http.post(
+        "/v1/chat/completions",
+        json={
+            "model": "smollm2-135m-instruct",
+            "max_tokens": 10,
+            "messages": [{"role": "user", "content": "word " * 5000}],
+        },
+    )
+    assert response.status_code == 400
+    assert "context" in response.text.lower() or "maximum" in response.text.lower()
+
+
+def test_llm_client_guided_json_and_usage(model_servers: LocalCluster) -> None:
+    from deployments.llm import LLMClient, deployment_name
+
+    handle = serve.get_deployment_handle(deployment_name("smollm2-135m-instruct"), "llm")
+    schema = {
+        "type": "object",
+        "properties": {
+            "tool": {"enum": ["search", "lookup_order"]},
+            "argument": {"type": "string"},
+        },
+        "required": ["tool", "argument"],
+    }
+    reply = asyncio.run(
+        LLMClient(handle).chat(
+            ChatRequest(
+                messages=[Message(role="user", content="Where is my order 12345? Pick a tool.")],
+                json_schema=schema,
+                max_tokens=60,
+            )
+        )
+    )
+    call = json.loads(reply.text)
+    assert call["tool"] in {"search", "lookup_order"} and isinstance(call["argument"], str)
+    assert reply.usage.input_tokens > 5 and reply.usage.output_tokens > 0
+
+
+# -- embedder ---------------------------------------------------------------------------
+
+
+def test_embedder_ranks_a_paraphrase_above_an_unrelated_sentence(http: httpx.Client) -> None:
+    texts = [
+        "How do I reset my password?",
+        "I forgot my password, how can I change it?",
+        "The parcel was delivered to the wrong house.",
+    ]
+    body = http.post("/embedder/embed", json={"texts": texts}).json()
+    vectors = np.asarray(body["vectors"], dtype=np.float32)
+    assert body["dim"] == 384 == vectors.shape[1]
+    assert np.allclose(np.linalg.norm(vectors, axis=1), 1.0, atol=1e-4)
+    assert vectors[0] @ vectors[1] > vectors[0] @ vectors[2] + 0.2
+    assert http.get("/embedder/info").json()["dim"] == 384
+
+
+def test_embedder_batches_under_concurrent_load(model_servers: LocalCluster) -> None:
+    handle = serve.get_deployment_handle("Embedder", "embedder")
+    before = handle.batch_stats.remote().result()
+
+    async def burst() -> None:
+        await asyncio.gather(
+            *(handle.embed.remote(EmbedRequest(texts=[f"ticket number {i}"])) for i in range(64))
+        )
+
+    asyncio.run(burst())
+    after = handle.batch_stats.remote().result()
+    assert after.items - before.items == 64
+    assert after.batches - before.batches < 64  # fewer forward passes than requests
+    assert after.max_batch_size > 1
+
+
+# -- classifier -------------------------------------------------------------------------
+
+
+def test_classifier_meets_held_out_accuracy_and_scores_sum_to_one(http: httpx.Client) -> None:
+    from deployments.classifier_training import load_tickets
+
+    held_out = [t for t in load_tickets() if t["split"] == "test"]
+    response = http.post(
+        "/classifier/classify_batch", json={"texts": [t["text"] for t in held_out]}
+    )
+    results = response.json()["results"]
+    accuracy = np.mean([r["label"] == t["label"] for r, t in zip(results, held_out, strict=True)])
+    assert accuracy >= 0.85, accuracy
+    for result in results:
+        assert abs(sum(result["scores"].values()) - 1.0) < 1e-6
+        assert result["score"] == max(result["scores"].values())
+    info = http.get("/classifier/info").json()
+    assert set(info["labels"]) >= {"billing", "shipping", "technical", "account", "returns"}
+
+
+def test_classifier_batches_under_concurrent_load(model_servers: LocalCluster) -> None:
+    handle = serve.get_deployment_handle("Classifier", "classifier")
+
+    async def burst() -> list:
+        return await asyncio.gather(
+            *(
+                handle.classify.remote(ClassifyRequest(text=f"I was charged twice, invoice {i}"))
+                for i in range(48)
+            )
+        )
+
+    results = asyncio.run(burst())
+    assert all(r.label == "billing" for r in results)
+    assert handle.batch_stats.remote().result().max_batch_size > 1
+
+
+# -- vector index -----------------------------------------------------------------------
+
+
+def _vec(seed: int) -> list[float]:
+    v = np.random.default_rng(seed).normal(size=384).astype(np.float32)
+    return (v / np.linalg.norm(v)).tolist()
+
+
+def test_index_add_search_filter_delete_round_trip(http: httpx.Client) -> None:
+    items = [
+        {
+            "id": f"rt-{i}",
+            "text": f"text {i}",
+            "vector": _vec(i),
+            "metadata": {"team": "billing" if i % 2 else "shipping", "n": i},
+        }
+        for i in range(10)
+    ]
+    added = http.post("/index/add", json={"items": items})
+    assert added.status_code == 200 and added.json()["ids"][0] == "rt-0"
+    hits = http.post("/index/search", json={"vector": _vec(3), "k": 3}).json()["hits"]
+    assert hits[0]["id"] == "rt-3" and hits[0]["score"] == pytest.approx(1.0, abs=1e-4)
+    filtered = http.post(
+        "/index/search", json={"vector": _vec(3), "k": 3, "filter": {"team": "shipping"}}
+    ).json()["hits"]
+    assert filtered and all(h["metadata"]["team"] == "shipping" for h in filtered)
+    deleted = http.post("/index/delete", json={"ids": ["rt-3"]}).json()
+    assert deleted["deleted"] == 1
+    hits = http.post("/index/search", json={"vector": _vec(3), "k": 1}).json()["hits"]
+    assert hits[0]["id"] != "rt-3"
+
+
+def test_index_keeps_acknowledged_writes_across_a_restart(http: httpx.Client) -> None:
+    from deployments.apps import vector_index_app
+
+    item = {
+        "id": "durable-1",
+        "text": "survives restarts",
+        "vector": _vec(99),
+        "metadata": {"kind": "durable"},
+    }
+    assert http.post("/index/add", json={"items": [item]}).status_code == 200
+    # Redeploy with a different constructor argument: Serve replaces the replica.
+    serve.run(vector_index_app({"init": {"nlist": 63}}), name="vector_index", route_prefix="/index")
+    hits = http.post(
+        "/index/search", json={"vector": _vec(99), "k": 1, "filter": {"kind": "durable"}}
+    ).json()["hits"]
+    assert hits and hits[0]["id"] == "durable-1" and hits[0]["text"] == "survives restarts"
+
+
+# -- bad input gets a 4xx naming the field ---------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("path", "body", "field"),
+    [
+        ("/embedder/embed", {"texts": [""]}, "texts.0"),
+        ("/embedder/embed", {"texts": "not a list"}, "texts"),
+        ("/embedder/embed", {"texts": ["x"] * 257}, "texts"),
+        ("/classifier/classify", {"text": "   "}, "text"),
+        ("/classifier/classify", {"txt": "hello"}, "text"),
+        ("/index/search", {"vector": [0.1, 0.2], "k": 3}, "vector"),
+        ("/index/search", {"vector": [0.1] * 384, "k": 0}, "k"),
+        ("/index/add", {"items": []}, "items"),
+    ],
+)
+def test_bad_input_gets_422_naming_the_field(
+    http: httpx.Client, path: str, body: dict, field: str
+) -> None:
+    response = http.post(path, json=body)
+    assert response.status_code == 422, response.text
+    detail = response.json()["detail"]
+    assert any(d["field"] == field and d["fix"] for d in detail), detail

@@ -128,6 +128,11 @@ class DeleteRequest(BaseModel):
     filter: dict[str, MetadataValue] | None = Field(
         None, description="Also delete every item whose metadata matches."
     )
+    any_of: list[dict[str, MetadataValue]] = Field(
+        default_factory=list,
+        max_length=1000,
+        description="Also delete items matching any of these filters (e.g. one per doc_id).",
+    )
 
 
 class DeleteResponse(BaseModel):

@@ -53,7 +53,7 @@ class VectorIndex:
 
     @app.post("/delete")
     def delete(self, request: DeleteRequest) -> DeleteResponse:
-        deleted = self._store.delete(request.ids, request.filter)
+        deleted = self._store.delete(request.ids, request.filter, request.any_of)
         return DeleteResponse(deleted=deleted, count=self._store.count())
 
     @app.get("/stats")

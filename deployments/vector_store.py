@@ -103,11 +103,17 @@ class VectorStore:
         self._add_to_index(np.asarray(rows, dtype=np.int64), vectors)
         return ids
 
-    def delete(self, ids: Iterable[str] = (), where: dict[str, Any] | None = None) -> int:
-        """Delete by id and/or metadata match; returns how many items went."""
+    def delete(
+        self,
+        ids: Iterable[str] = (),
+        where: dict[str, Any] | None = None,
+        any_of: Sequence[dict[str, Any]] = (),
+    ) -> int:
+        """Delete by id, by metadata match, or by any of several matches; returns how many."""
         rows = set(self._rows_for_ids(list(ids)))
-        if where:
-            rows |= set(self._rows_matching(where))
+        for match in [where, *any_of]:
+            if match:
+                rows |= set(self._rows_matching(match))
         if not rows:
             return 0
         with self._transaction():

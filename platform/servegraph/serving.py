@@ -6,8 +6,8 @@ from the pipelines it discovers there, so its routes and OpenAPI schemas come fr
 graphs and nothing unpicklable travels from the driver.
 """
 
-from __future__ import annotations
-
+# No `from __future__ import annotations` here: FastAPI must see the real pipeline input
+# model on each route function, and a closure variable cannot be resolved from a string.
 import time
 import uuid
 from typing import Any

@@ -58,3 +58,21 @@ def wait_until_running(apps: list[str], timeout_s: float = 600) -> None:
 def http(model_servers: LocalCluster) -> Iterator[httpx.Client]:
     with httpx.Client(base_url=model_servers.base_url, timeout=120) as client:
         yield client
+
+
+@pytest.fixture(scope="session")
+def pipelines(model_servers: LocalCluster) -> LocalCluster:
+    """Every pipeline in `pipelines/` behind the ingress, knowledge base ingested."""
+    from servegraph.compiler import compile_platform
+    from servegraph.discovery import discover
+    from servegraph.serving import INGRESS_APP
+
+    from deployments.catalog import CATALOG
+    from pipelines.rag.ingest import on_deploy
+
+    plan = compile_platform(discover("pipelines"), CATALOG, packages=["pipelines"])
+    plan.apps = [app for app in plan.apps if app.name == INGRESS_APP]  # servers are up
+    plan.deploy()
+    wait_until_running([INGRESS_APP])
+    on_deploy(model_servers.base_url)
+    return model_servers

@@ -1,0 +1,76 @@
+"""Runtime overhead per hop: a chain of N trivial nodes against one trivial node,
+in-process and on Ray Serve over HTTP, in one run. ``python -m benchmarks.graph_overhead``."""
+
+from __future__ import annotations
+
+import asyncio
+import statistics
+import time
+
+import httpx
+from servegraph import LocalRuntime
+from servegraph.compiler import compile_platform
+from servegraph.local import local_cluster
+
+from benchmarks.trivial import CATALOG, Echo, chain
+
+N = 10
+REPEATS = 200
+
+
+class LocalEcho:
+    async def bump(self, request):
+        return await Echo.func_or_class.bump(None, request)
+
+
+def per_call(fn, repeats: int) -> float:
+    fn()
+    samples = []
+    for _ in range(repeats):
+        started = time.perf_counter()
+        fn()
+        samples.append(time.perf_counter() - started)
+    return statistics.median(samples)
+
+
+def in_process() -> dict[str, float]:
+    runtime = LocalRuntime(CATALOG, {"echo": LocalEcho()})
+    loop = asyncio.new_event_loop()
+    out = {}
+    for kind in ("function", "call"):
+        one, many = chain(1, kind).build(), chain(N, kind).build()
+        t1 = per_call(lambda g=one: loop.run_until_complete(runtime.run(g, {"value": 0})), REPEATS)
+        tn = per_call(lambda g=many: loop.run_until_complete(runtime.run(g, {"value": 0})), REPEATS)
+        out[kind] = (tn - t1) / (N - 1)
+        print(
+            f"in-process {kind:8s}: 1 node {t1 * 1e3:.3f} ms, {N} nodes {tn * 1e3:.3f} ms, "
+            f"per hop {out[kind] * 1e6:.0f} µs"
+        )
+    return out
+
+
+def on_serve() -> dict[str, float]:
+    graphs = [chain(n, kind).build() for kind in ("function", "call") for n in (1, N)]
+    out = {}
+    with local_cluster(dashboard=False) as cluster:
+        compile_platform(graphs, CATALOG, catalog_path="benchmarks.trivial:CATALOG").deploy()
+        with httpx.Client(base_url=cluster.base_url, timeout=30) as client:
+            for kind in ("function", "call"):
+
+                def call(n: int, kind: str = kind) -> None:
+                    r = client.post(f"/pipelines/{kind}_chain_{n}", json={"value": 0})
+                    r.raise_for_status()
+
+                t1 = per_call(lambda: call(1), REPEATS // 2)
+                tn = per_call(lambda: call(N), REPEATS // 2)
+                out[kind] = (tn - t1) / (N - 1)
+                print(
+                    f"on Serve   {kind:8s}: 1 node {t1 * 1e3:.2f} ms, {N} nodes "
+                    f"{tn * 1e3:.2f} ms, per hop {out[kind] * 1e3:.2f} ms"
+                )
+    return out
+
+
+if __name__ == "__main__":
+    in_process()
+    on_serve()

@@ -1,0 +1,1 @@
+"""Retrieval-augmented question answering over the support knowledge base."""

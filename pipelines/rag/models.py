@@ -1,0 +1,76 @@
+"""Request and response models of the RAG pipelines."""
+
+from __future__ import annotations
+
+from typing import Annotated
+
+from pydantic import BaseModel, Field, StringConstraints
+
+from deployments.schemas import MetadataValue, Usage
+
+Text = Annotated[str, StringConstraints(strip_whitespace=True, min_length=1)]
+
+
+class Document(BaseModel):
+    id: Annotated[str, StringConstraints(min_length=1, max_length=200, pattern=r"^[\w.\-/]+$")]
+    text: Text = Field(description="Plain text or Markdown.")
+    metadata: dict[str, MetadataValue] = Field(default_factory=dict)
+
+
+class IngestRequest(BaseModel):
+    documents: list[Document] = Field(min_length=1, max_length=64)
+    chunk_chars: int = Field(600, ge=100, le=4000, description="Target chunk size.")
+
+
+class IngestedDocument(BaseModel):
+    id: str
+    chunks: int
+
+
+class IngestResponse(BaseModel):
+    documents: list[IngestedDocument]
+    chunks: int
+    replaced: int = Field(description="Old chunks removed because a document was re-ingested.")
+    index_count: int
+
+
+class RagQuery(BaseModel):
+    question: Annotated[
+        str, StringConstraints(strip_whitespace=True, min_length=3, max_length=2000)
+    ]
+    k: int = Field(4, ge=1, le=10, description="Passages to retrieve.")
+    filter: dict[str, MetadataValue] | None = Field(
+        None, description="Only passages whose metadata matches, e.g. {'category': 'billing'}."
+    )
+    max_tokens: int = Field(160, ge=16, le=512)
+
+
+class Passage(BaseModel):
+    n: int = Field(description="The source number the answer cites as [n].")
+    id: str
+    doc_id: str
+    title: str
+    text: str
+    score: float
+
+
+class RagAnswer(BaseModel):
+    answer: str
+    citations: list[int] = Field(description="Source numbers the answer relies on.")
+    cited: list[Passage] = Field(description="The passages it cites.")
+    passages: list[Passage] = Field(description="Everything retrieved, with scores.")
+    usage: Usage
+
+
+EXAMPLES = {
+    "rag": {"question": "How long do refunds take after a return?", "k": 4},
+    "rag_ingest": {
+        "documents": [
+            {
+                "id": "faq-hours",
+                "text": "Support is open 9-17 CET.",
+                "metadata": {"category": "account"},
+            }
+        ]
+    },
+}

@@ -1,0 +1,90 @@
+"""The RAG pipelines over HTTP on the real models."""
+
+from __future__ import annotations
+
+import httpx
+import pytest
+from servegraph.local import LocalCluster
+
+pytestmark = pytest.mark.integration
+
+
+@pytest.fixture(scope="module")
+def client(pipelines: LocalCluster) -> httpx.Client:
+    return httpx.Client(base_url=pipelines.base_url, timeout=180)
+
+
+@pytest.mark.parametrize("route", ["rag", "rag_yaml"])  # Python graph and its YAML twin
+def test_answer_cites_a_retrieved_source_containing_the_fact(
+    client: httpx.Client, route: str
+) -> None:
+    response = client.post(
+        f"/pipelines/{route}",
+        json={"question": "How many business days does standard delivery take within the EU?"},
+    )
+    assert response.status_code == 200, response.text
+    body = response.json()
+    assert body["passages"] and body["passages"][0]["score"] >= body["passages"][-1]["score"]
+    assert body["citations"], body
+    assert any("3 to 5 business days" in p["text"] for p in body["cited"]), body
+    assert body["usage"]["output_tokens"] > 0
+    assert "server-timing" in response.headers
+
+
+def test_metadata_filter_restricts_retrieval(client: httpx.Client) -> None:
+    body = client.post(
+        "/pipelines/rag",
+        json={"question": "How do I get my money back?", "filter": {"category": "returns"}},
+    ).json()
+    assert body["passages"] and all(p["doc_id"].startswith("kb/returns") for p in body["passages"])
+
+
+def test_ingestion_is_idempotent_and_replaces_chunks(client: httpx.Client) -> None:
+    doc = {
+        "id": "test/idem",
+        "text": "# Idem\n\n"
+        + "\n\n".join(f"Paragraph {i} about the loyalty programme. " * 6 for i in range(6)),
+        "metadata": {"category": "test"},
+    }
+    first = client.post("/pipelines/rag_ingest", json={"documents": [doc], "chunk_chars": 300})
+    assert first.status_code == 200, first.text
+    first = first.json()
+    assert first["chunks"] > 1 and first["documents"] == [
+        {"id": "test/idem", "chunks": first["chunks"]}
+    ]
+    again = client.post(
+        "/pipelines/rag_ingest", json={"documents": [doc], "chunk_chars": 300}
+    ).json()
+    assert again["replaced"] == first["chunks"]
+    assert again["index_count"] == first["index_count"]
+    shorter = {**doc, "text": "# Idem\n\nOnly one paragraph now."}
+    last = client.post("/pipelines/rag_ingest", json={"documents": [shorter]}).json()
+    assert last["replaced"] == first["chunks"] and last["chunks"] == 1
+    assert last["index_count"] == first["index_count"] - first["chunks"] + 1
+
+
+@pytest.mark.parametrize(
+    ("route", "body", "field"),
+    [
+        ("rag", {"question": ""}, "question"),
+        ("rag", {"question": "refunds?", "k": 0}, "k"),
+        ("rag", {}, "question"),
+        ("rag_ingest", {"documents": []}, "documents"),
+        ("rag_ingest", {"documents": [{"id": "bad id!", "text": "x"}]}, "documents.0.id"),
+    ],
+)
+def test_malformed_requests_get_422_naming_the_field(
+    client: httpx.Client, route: str, body: dict, field: str
+) -> None:
+    response = client.post(f"/pipelines/{route}", json=body)
+    assert response.status_code == 422, response.text
+    assert any(d["field"] == field for d in response.json()["detail"]), response.text
+
+
+def test_graph_picture_and_openapi_are_served(client: httpx.Client) -> None:
+    graph = client.get("/pipelines/rag/graph").json()
+    assert "call vector_index.search" in graph["mermaid"]
+    spec = client.get("/pipelines/openapi.json").json()
+    assert "/rag" in spec["paths"] or "/pipelines/rag" in spec["paths"]
+    listed = client.get("/pipelines/").json()["pipelines"]
+    assert {"rag", "rag_ingest", "rag_yaml"} <= {p["name"] for p in listed}

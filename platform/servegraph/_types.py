@@ -5,7 +5,7 @@ from __future__ import annotations
 import inspect
 import types
 import typing
-from typing import Any, Union, get_args, get_origin
+from typing import Annotated, Any, Union, get_args, get_origin
 
 from pydantic import BaseModel
 
@@ -26,6 +26,7 @@ def compatible(source: Any, target: Any) -> bool:
     Conservative where it matters (class mismatches, container element types),
     permissive where Python is (Any, int into float, T into Optional[T]).
     """
+    source, target = _strip_annotated(source), _strip_annotated(target)
     if source is Any or target is Any or source == target:
         return True
     if _is_union(source):
@@ -85,6 +86,16 @@ def _hints(fn: Any) -> dict[str, Any]:
         return typing.get_type_hints(fn)
     except Exception:  # unresolvable forward refs: fall back to no declared types
         return {}
+
+
+def _strip_annotated(tp: Any) -> Any:
+    """`Annotated[T, constraints]` is a T for wiring purposes (constraints run at runtime)."""
+    if get_origin(tp) is Annotated:
+        return _strip_annotated(get_args(tp)[0])
+    if _is_union(tp):
+        members = tuple(_strip_annotated(a) for a in get_args(tp))
+        return Union[members]  # noqa: UP007 - rebuilding from a runtime tuple
+    return tp
 
 
 def _is_union(tp: Any) -> bool:

@@ -43,6 +43,13 @@ def main(argv: list[str] | None = None) -> int:
     build = commands.add_parser("build", help="write a `serve deploy` config")
     build.add_argument("-o", "--output", default="-")
     build.add_argument("--port", type=int, default=8000)
+    build.add_argument("--host", default="127.0.0.1")
+    build.add_argument(
+        "--profile",
+        choices=["cpu", "gpu"],
+        default=None,
+        help="resource profile baked into the config (SERVEGRAPH_PROFILE)",
+    )
     commands.add_parser("validate", help="check every pipeline graph")
     render = commands.add_parser("render", help="draw a pipeline graph")
     render.add_argument("name")
@@ -68,7 +75,9 @@ def _plan(package: str) -> Any:
 
 
 def _build(args: argparse.Namespace) -> int:
-    text = yaml.safe_dump(_plan(args.package).serve_config(port=args.port), sort_keys=False)
+    env = {"SERVEGRAPH_PROFILE": args.profile} if args.profile else None
+    config = _plan(args.package).serve_config(host=args.host, port=args.port, env=env)
+    text = yaml.safe_dump(config, sort_keys=False)
     if args.output == "-":
         sys.stdout.write(text)
     else:

@@ -50,8 +50,15 @@ class PlatformPlan:
                 blocking=True,
             )
 
-    def serve_config(self, *, host: str = "127.0.0.1", port: int = 8000) -> dict[str, Any]:
-        """A Serve config (ServeDeploySchema) for `serve deploy`."""
+    def serve_config(
+        self, *, host: str = "127.0.0.1", port: int = 8000, env: dict[str, str] | None = None
+    ) -> dict[str, Any]:
+        """A Serve config (ServeDeploySchema) for `serve deploy`.
+
+        Args:
+            env: environment for every application's build and replicas, e.g.
+                ``{"SERVEGRAPH_PROFILE": "gpu"}``.
+        """
         return {
             "proxy_location": "HeadOnly",
             "http_options": {"host": host, "port": port},
@@ -61,6 +68,7 @@ class PlatformPlan:
                     "route_prefix": a.route_prefix,
                     "import_path": a.import_path,
                     "args": a.args,
+                    **({"runtime_env": {"env_vars": dict(env)}} if env else {}),
                 }
                 for a in self.apps
             ],

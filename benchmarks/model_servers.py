@@ -1,0 +1,159 @@
+"""Each model server against the same model called directly in one process, one run.
+
+    .venv/bin/python -m benchmarks.model_servers
+
+Raw first (no Ray: the models in this process, batched the way a careful caller would),
+then the same work through Ray Serve over HTTP at the issue's concurrency: LLM output
+tokens/s at 32 concurrent requests, embedder and classifier items/s at 64.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import gc
+import json
+import os
+import time
+
+import httpx
+
+from deployments.classifier_training import HEAD_FILE, encode, load_encoder
+from deployments.settings import ModelSettings
+
+ITEMS = 640
+LLM_REQUESTS, LLM_TOKENS = 32, 64
+TEXTS = [
+    f"My order {10000 + i} has not arrived and tracking shows nothing, please help."
+    for i in range(ITEMS)
+]
+PROMPTS = [
+    f"Write a short note to customer number {i} about their delivery." for i in range(LLM_REQUESTS)
+]
+
+
+def raw_embedder(settings: ModelSettings) -> float:
+    encoder = load_encoder(settings.embedder_dir)
+    encode(encoder, TEXTS[:64])
+    started = time.perf_counter()
+    for i in range(0, ITEMS, 64):
+        encode(encoder, TEXTS[i : i + 64])
+    return ITEMS / (time.perf_counter() - started)
+
+
+def raw_classifier(settings: ModelSettings) -> float:
+    import pickle
+
+    encoder = load_encoder(settings.embedder_dir)
+    head = pickle.loads((settings.classifier_dir / HEAD_FILE).read_bytes())
+    head.predict_proba(encode(encoder, TEXTS[:64]))
+    started = time.perf_counter()
+    for i in range(0, ITEMS, 64):
+        head.predict_proba(encode(encoder, TEXTS[i : i + 64]))
+    return ITEMS / (time.perf_counter() - started)
+
+
+def raw_llm(settings: ModelSettings) -> tuple[float, float]:
+    """Output tokens/s for 32 prompts x 64 tokens, and the engine's cold start."""
+    from vllm import LLM, SamplingParams
+
+    os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", str(settings.llm_kv_cache_gib))
+    started = time.perf_counter()
+    llm = LLM(
+        model=settings.llm_path,
+        dtype=settings.llm_dtype,
+        enforce_eager=True,
+        max_model_len=settings.llm_max_model_len,
+        max_num_seqs=64,
+    )
+    cold_start = time.perf_counter() - started
+    params = SamplingParams(max_tokens=LLM_TOKENS, temperature=0.0, ignore_eos=True)
+    llm.generate(PROMPTS[:2], params, use_tqdm=False)
+    started = time.perf_counter()
+    outputs = llm.generate(PROMPTS, params, use_tqdm=False)
+    tokens = sum(len(o.outputs[0].token_ids) for o in outputs)
+    rate = tokens / (time.perf_counter() - started)
+    del llm
+    gc.collect()
+    return rate, cold_start
+
+
+async def _http_items(base_url: str, path: str, key: str, concurrency: int) -> float:
+    async with httpx.AsyncClient(
+        base_url=base_url, timeout=300, limits=httpx.Limits(max_connections=concurrency)
+    ) as client:
+        queue = list(TEXTS)
+
+        async def worker() -> None:
+            while queue:
+                (await client.post(path, json={key: queue.pop()})).raise_for_status()
+
+        await asyncio.gather(*(client.post(path, json={key: t}) for t in TEXTS[:concurrency]))
+        started = time.perf_counter()
+        await asyncio.gather(*(worker() for _ in range(concurrency)))
+        return ITEMS / (time.perf_counter() - started)
+
+
+async def _http_llm(base_url: str) -> float:
+    async with httpx.AsyncClient(base_url=base_url, timeout=600) as client:
+
+        async def one(prompt: str) -> int:
+            response = await client.post(
+                "/v1/completions",
+                json={
+                    "model": ModelSettings().llm_model_id,
+                    "prompt": prompt,
+                    "max_tokens": LLM_TOKENS,
+                    "temperature": 0.0,
+                    "ignore_eos": True,
+                },
+            )
+            response.raise_for_status()
+            return response.json()["usage"]["completion_tokens"]
+
+        await asyncio.gather(*(one(p) for p in PROMPTS[:2]))
+        started = time.perf_counter()
+        tokens = sum(await asyncio.gather(*(one(p) for p in PROMPTS)))
+        return tokens / (time.perf_counter() - started)
+
+
+def on_serve() -> dict[str, float]:
+    from ray import serve
+    from servegraph.compiler import compile_platform
+    from servegraph.local import local_cluster
+
+    from deployments.catalog import CATALOG
+
+    with local_cluster(dashboard=False) as cluster:
+        started = time.perf_counter()
+        compile_platform([], CATALOG, all_servers=True).deploy()
+        while serve.status().applications["llm"].status != "RUNNING":
+            time.sleep(1)
+        deploy_s = time.perf_counter() - started
+        return {
+            "deploy_all_s": deploy_s,
+            "embedder": asyncio.run(
+                _http_items(cluster.base_url, "/embedder/embed_one", "text", 64)
+            ),
+            "classifier": asyncio.run(
+                _http_items(cluster.base_url, "/classifier/classify", "text", 64)
+            ),
+            "llm": asyncio.run(_http_llm(cluster.base_url)),
+        }
+
+
+def main() -> None:
+    settings = ModelSettings()
+    raw = {"embedder": raw_embedder(settings), "classifier": raw_classifier(settings)}
+    raw["llm"], raw["llm_cold_start_s"] = raw_llm(settings)
+    served = on_serve()
+    print(json.dumps({"raw": raw, "serve": served}, indent=2))
+    print(f"{'server':12s} {'raw':>10s} {'serve':>10s} {'serve/raw':>10s}")
+    for name, unit in (("llm", "tok/s"), ("embedder", "items/s"), ("classifier", "items/s")):
+        print(
+            f"{name:12s} {raw[name]:10.1f} {served[name]:10.1f} "
+            f"{served[name] / raw[name]:10.2f}  ({unit})"
+        )
+
+
+if __name__ == "__main__":
+    main()

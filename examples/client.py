@@ -1,0 +1,49 @@
+"""Calling the platform from Python: both pipelines and the OpenAI-compatible route.
+
+.venv/bin/python examples/client.py [http://127.0.0.1:8000]
+"""
+
+from __future__ import annotations
+
+import sys
+
+import httpx
+import openai
+
+
+def main(base_url: str = "http://127.0.0.1:8000") -> None:
+    with httpx.Client(base_url=base_url, timeout=300) as client:
+        rag = client.post(
+            "/pipelines/rag", json={"question": "How long do refunds take after a return?"}
+        )
+        rag.raise_for_status()
+        answer = rag.json()
+        print("RAG answer:", answer["answer"])
+        for passage in answer["cited"]:
+            print(f"  [{passage['n']}] {passage['title']} (score {passage['score']:.2f})")
+
+        triage = client.post(
+            "/pipelines/triage",
+            json={
+                "text": "Where is my order 12345? It has not arrived.",
+                "email": "ana@example.com",
+            },
+        )
+        triage.raise_for_status()
+        result = triage.json()
+        print(f"Triage: team={result['team']} reply={result['reply']!r}")
+        for step in result["steps"]:
+            print(f"  {step['tool']}({step['input']!r}) -> {step['output'][:80]!r}")
+
+    llm = openai.OpenAI(base_url=f"{base_url}/v1", api_key="unused")
+    chat = llm.chat.completions.create(
+        model="smollm2-135m-instruct",
+        temperature=0,
+        max_tokens=20,
+        messages=[{"role": "user", "content": "What is the capital of France?"}],
+    )
+    print("LLM:", chat.choices[0].message.content)
+
+
+if __name__ == "__main__":
+    main(*sys.argv[1:])

@@ -1,0 +1,76 @@
+"""Request, state and response models of the triage agent."""
+
+from __future__ import annotations
+
+from typing import Annotated
+
+from pydantic import BaseModel, Field, StringConstraints
+
+Email = Annotated[
+    str,
+    StringConstraints(strip_whitespace=True, to_lower=True, pattern=r"^[\w.+-]+@[\w-]+\.[\w.]+$"),
+]
+
+
+class Ticket(BaseModel):
+    text: Annotated[str, StringConstraints(strip_whitespace=True, min_length=3, max_length=4000)]
+    email: Email | None = Field(None, description="The customer's email, if known.")
+
+
+class Route(BaseModel):
+    team: str
+    label: str
+    confidence: float
+    tools: list[str] = Field(description="Tools this team's agent may use.")
+
+
+class RouteInput(BaseModel):
+    label: str
+    confidence: float
+
+
+class Step(BaseModel):
+    tool: str
+    input: str
+    output: str
+    valid: bool = Field(description="False when the call was invalid and fed back.")
+
+
+class AgentState(BaseModel):
+    ticket: str
+    email: str | None = None
+    team: str
+    tools: list[str]
+    steps: list[Step] = Field(default_factory=list)
+    done: bool = False
+    reply: str = ""
+
+
+class ToolCall(BaseModel):
+    tool: str
+    argument: str
+    error: str = ""
+
+
+class ToolInput(BaseModel):
+    argument: str
+    error: str = ""
+
+
+class Observation(BaseModel):
+    output: str
+    final: bool = False
+
+
+class TriageResult(BaseModel):
+    team: str
+    label: str
+    confidence: float
+    reply: str = Field(description="The drafted reply to the customer.")
+    completed: bool = Field(description="The agent gave a final answer within its step budget.")
+    steps: list[Step]
+
+
+EXAMPLES = {
+    "triage": {"text": "Where is my order 12345? It has not arrived.", "email": "ana@example.com"},
+}

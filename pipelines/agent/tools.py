@@ -1,0 +1,61 @@
+"""The agent's local tools: order and account look-ups in the shipped SQLite database.
+
+The database is built from `seed.sql` on first use, into the platform's data folder.
+"""
+
+from __future__ import annotations
+
+import re
+import sqlite3
+from functools import lru_cache
+from pathlib import Path
+
+from deployments.settings import ModelSettings
+
+SEED = Path(__file__).with_name("seed.sql")
+
+
+@lru_cache(maxsize=1)
+def database() -> Path:
+    path = ModelSettings().home / "agent" / "support.sqlite3"
+    if not path.exists():
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_suffix(".tmp")
+        tmp.unlink(missing_ok=True)
+        with sqlite3.connect(tmp) as db:
+            db.executescript(SEED.read_text())
+        tmp.replace(path)  # atomic: never a half-built database
+    return path
+
+
+def _query(sql: str, args: tuple) -> dict | None:
+    with sqlite3.connect(f"file:{database()}?mode=ro", uri=True) as db:
+        db.row_factory = sqlite3.Row
+        row = db.execute(sql, args).fetchone()
+    return dict(row) if row else None
+
+
+def lookup_order(argument: str) -> str:
+    digits = re.findall(r"\d{4,}", argument)
+    if not digits:
+        return "error: lookup_order needs an order number (digits), e.g. 12345"
+    order = _query("SELECT * FROM orders WHERE id = ?", (digits[0],))
+    if order is None:
+        return f"no order {digits[0]} found"
+    return (
+        f"order {order['id']}: {order['product']}, status {order['status']}, "
+        f"carrier {order['carrier']}, estimated delivery {order['eta']}, total {order['total']}"
+    )
+
+
+def lookup_account(argument: str) -> str:
+    email = re.search(r"[\w.+-]+@[\w-]+\.[\w.]+", argument)
+    if not email:
+        return "error: lookup_account needs the customer's email address"
+    account = _query("SELECT * FROM accounts WHERE email = ?", (email.group(0).lower(),))
+    if account is None:
+        return f"no account for {email.group(0)}"
+    return (
+        f"account {account['email']}: {account['name']}, {account['plan']}, "
+        f"status {account['status']}, customer since {account['since']}"
+    )

@@ -1,0 +1,54 @@
+"""The support-triage agent over HTTP on the real models."""
+
+from __future__ import annotations
+
+import httpx
+import pytest
+from servegraph.local import LocalCluster
+
+pytestmark = pytest.mark.integration
+
+
+@pytest.fixture(scope="module")
+def client(pipelines: LocalCluster) -> httpx.Client:
+    return httpx.Client(base_url=pipelines.base_url, timeout=300)
+
+
+def test_billing_ticket_goes_to_billing(client: httpx.Client) -> None:
+    response = client.post(
+        "/pipelines/triage",
+        json={
+            "text": "I was charged twice for my Pro plan this month, please refund one payment.",
+            "email": "ana@example.com",
+        },
+    )
+    assert response.status_code == 200, response.text
+    body = response.json()
+    assert body["team"] == "billing" and body["label"] == "billing"
+    assert body["steps"] and body["reply"]
+
+
+def test_order_status_question_calls_the_order_tool(client: httpx.Client) -> None:
+    body = client.post(
+        "/pipelines/triage", json={"text": "Where is my order 12345? It has not arrived yet."}
+    ).json()
+    assert body["team"] == "shipping", body
+    orders = [s for s in body["steps"] if s["tool"] == "lookup_order"]
+    assert orders, body
+    assert "order 12345" in orders[0]["output"] and "in transit" in orders[0]["output"], body
+
+
+@pytest.mark.parametrize(
+    ("body", "field"),
+    [
+        ({"text": ""}, "text"),
+        ({"text": "Where is my order?", "email": "not-an-email"}, "email"),
+        ({"email": "ana@example.com"}, "text"),
+    ],
+)
+def test_malformed_tickets_get_422_naming_the_field(
+    client: httpx.Client, body: dict, field: str
+) -> None:
+    response = client.post("/pipelines/triage", json=body)
+    assert response.status_code == 422, response.text
+    assert any(d["field"] == field for d in response.json()["detail"]), response.text

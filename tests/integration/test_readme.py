@@ -1,0 +1,56 @@
+"""The README's curl examples and the Python client example, run against the cluster."""
+
+from __future__ import annotations
+
+import json
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from servegraph.local import LocalCluster
+
+pytestmark = pytest.mark.integration
+ROOT = Path(__file__).resolve().parents[2]
+
+
+def readme_curl_lines() -> list[str]:
+    return [
+        line.strip()
+        for line in (ROOT / "README.md").read_text().splitlines()
+        if line.strip().startswith("curl ")
+    ]
+
+
+def test_readme_curl_examples_return_real_answers(pipelines: LocalCluster) -> None:
+    lines = readme_curl_lines()
+    assert len(lines) >= 3
+    outputs = {}
+    for line in lines:
+        line = line.replace("localhost:8000", pipelines.base_url.removeprefix("http://"))
+        done = subprocess.run(
+            ["bash", "-c", line], capture_output=True, text=True, timeout=300, check=True
+        )
+        outputs[re.search(r"/(pipelines/\w+|v1/[\w/]+)", line).group(1)] = json.loads(done.stdout)
+    assert outputs["pipelines/rag"]["answer"] and outputs["pipelines/rag"]["passages"]
+    assert outputs["pipelines/triage"]["team"] == "shipping"
+    assert "Paris" in outputs["v1/chat/completions"]["choices"][0]["message"]["content"]
+
+
+def test_python_client_example_runs(pipelines: LocalCluster) -> None:
+    done = subprocess.run(
+        [sys.executable, str(ROOT / "examples" / "client.py"), pipelines.base_url],
+        capture_output=True,
+        text=True,
+        timeout=600,
+        check=True,
+    )
+    assert "RAG answer:" in done.stdout and "Triage: team=shipping" in done.stdout
+    assert "LLM:" in done.stdout and "Paris" in done.stdout
+
+
+def test_ci_runs_the_readme_test_command() -> None:
+    readme = (ROOT / "README.md").read_text()
+    assert "make test" in readme
+    assert "make test" in (ROOT / ".ci" / "run").read_text()

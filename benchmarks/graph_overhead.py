@@ -8,11 +8,11 @@ import statistics
 import time
 
 import httpx
+
+from benchmarks.trivial import CATALOG, Echo, chain
 from servegraph import LocalRuntime
 from servegraph.compiler import compile_platform
 from servegraph.local import local_cluster
-
-from benchmarks.trivial import CATALOG, Echo, chain
 
 N = 10
 REPEATS = 200

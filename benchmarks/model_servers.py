@@ -118,10 +118,10 @@ async def _http_llm(base_url: str) -> float:
 
 def on_serve() -> dict[str, float]:
     from ray import serve
-    from servegraph.compiler import compile_platform
-    from servegraph.local import local_cluster
 
     from deployments.catalog import CATALOG
+    from servegraph.compiler import compile_platform
+    from servegraph.local import local_cluster
 
     with local_cluster(dashboard=False) as cluster:
         started = time.perf_counter()

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from pydantic import BaseModel
 from ray import serve
+
 from servegraph import Catalog, MethodContract, Pipeline, ServerSpec
 
 

@@ -5,9 +5,8 @@ Importing this module imports only pydantic models: no Ray, no model.
 
 from __future__ import annotations
 
-from servegraph import Catalog, MethodContract, ServerSpec
-
 from deployments import schemas as s
+from servegraph import Catalog, MethodContract, ServerSpec
 
 CATALOG = Catalog(
     [

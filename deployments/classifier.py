@@ -6,14 +6,14 @@ from __future__ import annotations
 import asyncio
 import json
 import pickle
+import time
 from pathlib import Path
 
 import numpy as np
 from fastapi import FastAPI
 from ray import serve
-from servegraph.http import install_error_handlers
 
-from deployments._batching import BatchRecorder
+from deployments._batching import BatchRecorder, queued, waited_ms
 from deployments.classifier_training import HEAD_FILE, encode, load_encoder
 from deployments.schemas import (
     BatchStats,
@@ -23,6 +23,8 @@ from deployments.schemas import (
     ClassifyBatchResponse,
     ClassifyRequest,
 )
+from servegraph.http import install_error_handlers
+from servegraph.tracing import annotate
 
 app = FastAPI(title="classifier", description="Support-ticket category classifier.")
 install_error_handlers(app)
@@ -50,12 +52,14 @@ class Classifier:
         self._metrics = json.loads((folder / "metrics.json").read_text())
         self._encoder = load_encoder(Path(encoder_dir))
         self.labels = [str(label) for label in self._head.classes_]
-        self._batches = BatchRecorder()
+        self._batches = BatchRecorder("classifier")
         self._classify_batch.set_max_batch_size(max_batch_size)
         self._classify_batch.set_batch_wait_timeout_s(batch_wait_timeout_s)
 
     @serve.batch(max_batch_size=64, batch_wait_timeout_s=0.005)
-    async def _classify_batch(self, texts: list[str]) -> list[Classification]:
+    async def _classify_batch(self, items: list[tuple[str, float]]) -> list[tuple]:
+        started = time.monotonic()
+        texts = [text for text, _ in items]
         self._batches.record(len(texts))
         probabilities = await asyncio.to_thread(self._predict, texts)
         results = []
@@ -65,19 +69,39 @@ class Classifier:
             results.append(
                 Classification(label=self.labels[best], score=float(row[best]), scores=scores)
             )
-        return results
+        return [
+            (result, len(items), waited_ms(queued_at, started))
+            for result, (_, queued_at) in zip(results, items, strict=True)
+        ]
+
+    async def _classify(self, texts: list[str]) -> list[Classification]:
+        results = await asyncio.gather(*(self._classify_batch(queued(t)) for t in texts))
+        annotate(
+            **{
+                "servegraph.batch.size": max(r[1] for r in results),
+                "servegraph.batch.queue_wait_ms": max(r[2] for r in results),
+            }
+        )
+        if len(results) == 1:
+            annotate(
+                **{
+                    "servegraph.classifier.label": results[0][0].label,
+                    "servegraph.classifier.score": results[0][0].score,
+                }
+            )
+        return [r[0] for r in results]
 
     def _predict(self, texts: list[str]) -> np.ndarray:
         return self._head.predict_proba(encode(self._encoder, texts))
 
     @app.post("/classify")
     async def classify(self, request: ClassifyRequest) -> Classification:
-        return await self._classify_batch(request.text)
+        (result,) = await self._classify([request.text])
+        return result
 
     @app.post("/classify_batch")
     async def classify_batch(self, request: ClassifyBatchRequest) -> ClassifyBatchResponse:
-        results = await asyncio.gather(*(self._classify_batch(t) for t in request.texts))
-        return ClassifyBatchResponse(results=list(results))
+        return ClassifyBatchResponse(results=await self._classify(request.texts))
 
     @app.get("/info")
     async def info(self) -> ClassifierInfo:

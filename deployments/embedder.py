@@ -7,14 +7,14 @@ CPU that is the difference between ~13 and ~370 sentences per second.
 from __future__ import annotations
 
 import asyncio
+import time
 from typing import Any
 
 import numpy as np
 from fastapi import FastAPI
 from ray import serve
-from servegraph.http import install_error_handlers
 
-from deployments._batching import BatchRecorder
+from deployments._batching import BatchRecorder, queued, waited_ms
 from deployments.schemas import (
     BatchStats,
     EmbedderInfo,
@@ -23,6 +23,8 @@ from deployments.schemas import (
     EmbedRequest,
     EmbedResponse,
 )
+from servegraph.http import install_error_handlers
+from servegraph.tracing import annotate
 
 app = FastAPI(title="embedder", description="Sentence embeddings (all-MiniLM-L6-v2).")
 install_error_handlers(app)
@@ -59,12 +61,14 @@ class Embedder:
         self.model_path = str(model_path)
         self._model = load_sentence_transformer(self.model_path)
         self.dim = int(self._model.get_sentence_embedding_dimension())
-        self._batches = BatchRecorder()
+        self._batches = BatchRecorder("embedder")
         self._embed_batch.set_max_batch_size(max_batch_size)
         self._embed_batch.set_batch_wait_timeout_s(batch_wait_timeout_s)
 
     @serve.batch(max_batch_size=64, batch_wait_timeout_s=0.005)
-    async def _embed_batch(self, texts: list[str]) -> list[np.ndarray]:
+    async def _embed_batch(self, items: list[tuple[str, float]]) -> list[tuple]:
+        started = time.monotonic()
+        texts = [text for text, _ in items]
         self._batches.record(len(texts))
         # In a thread, so requests keep queueing (and form the next batch) meanwhile.
         vectors = await asyncio.to_thread(
@@ -75,18 +79,32 @@ class Embedder:
             convert_to_numpy=True,
             show_progress_bar=False,
         )
-        return list(vectors.astype(np.float32))
+        return [
+            (vector, len(items), waited_ms(queued_at, started))
+            for vector, (_, queued_at) in zip(vectors.astype(np.float32), items, strict=True)
+        ]
+
+    async def _embed(self, texts: list[str]) -> list[np.ndarray]:
+        results = await asyncio.gather(*(self._embed_batch(queued(t)) for t in texts))
+        annotate(
+            **{
+                "servegraph.batch.size": max(r[1] for r in results),
+                "servegraph.batch.queue_wait_ms": max(r[2] for r in results),
+                "gen_ai.request.model": self.model_path,
+            }
+        )
+        return [r[0] for r in results]
 
     @app.post("/embed")
     async def embed(self, request: EmbedRequest) -> EmbedResponse:
-        vectors = await asyncio.gather(*(self._embed_batch(t) for t in request.texts))
+        vectors = await self._embed(request.texts)
         return EmbedResponse(
             vectors=[v.tolist() for v in vectors], dim=self.dim, model=self.model_path
         )
 
     @app.post("/embed_one")
     async def embed_one(self, request: EmbedOneRequest) -> Embedding:
-        vector = await self._embed_batch(request.text)
+        (vector,) = await self._embed([request.text])
         return Embedding(vector=vector.tolist(), dim=self.dim)
 
     @app.get("/info")

@@ -12,11 +12,11 @@ from __future__ import annotations
 
 from typing import Any
 
-from servegraph.errors import InvalidInputError
-
 from deployments.profiles import LLM_GPU_FRACTION, options_for
 from deployments.schemas import ChatRequest, ChatResponse, Usage
 from deployments.settings import ModelSettings
+from servegraph.errors import InvalidInputError
+from servegraph.tracing import annotate
 
 
 def deployment_name(model_id: str) -> str:
@@ -91,10 +91,28 @@ class LLMClient:
                 "type": "json_schema",
                 "json_schema": {"name": "output", "schema": request.json_schema, "strict": True},
             }
+        annotate(
+            **{
+                "gen_ai.operation.name": "chat",
+                "gen_ai.system": "vllm",
+                "gen_ai.request.model": self.model_id,
+                "gen_ai.request.max_tokens": request.max_tokens,
+                "gen_ai.request.temperature": request.temperature,
+                "servegraph.llm.guided_json": request.json_schema is not None,
+            }
+        )
         response = None
         async for item in self._handle.chat.remote(ChatCompletionRequest(**body), None):
             response = item
-        return _to_chat_response(response, self.model_id)
+        reply = _to_chat_response(response, self.model_id)
+        annotate(
+            **{
+                "gen_ai.usage.input_tokens": reply.usage.input_tokens,
+                "gen_ai.usage.output_tokens": reply.usage.output_tokens,
+                "gen_ai.response.finish_reasons": [reply.finish_reason or "unknown"],
+            }
+        )
+        return reply
 
 
 def _to_chat_response(response: Any, model_id: str) -> ChatResponse:

@@ -11,7 +11,6 @@ from __future__ import annotations
 
 from fastapi import FastAPI
 from ray import serve
-from servegraph.http import install_error_handlers
 
 from deployments.schemas import (
     AddRequest,
@@ -24,6 +23,8 @@ from deployments.schemas import (
     SearchResponse,
 )
 from deployments.vector_store import IndexType, VectorStore
+from servegraph.http import install_error_handlers
+from servegraph.tracing import annotate
 
 app = FastAPI(title="vector_index", description="FAISS vector index with metadata filters.")
 install_error_handlers(app)
@@ -49,6 +50,14 @@ class VectorIndex:
     @app.post("/search")
     def search(self, request: SearchRequest) -> SearchResponse:
         hits = self._store.search(request.vector, request.k, request.filter)
+        annotate(
+            **{
+                "servegraph.retrieval.k": request.k,
+                "servegraph.retrieval.hits": len(hits),
+                "servegraph.retrieval.filtered": bool(request.filter),
+                "servegraph.retrieval.top_scores": [round(h["score"], 4) for h in hits[:3]],
+            }
+        )
         return SearchResponse(hits=[Hit(**hit) for hit in hits])
 
     @app.post("/delete")

@@ -15,6 +15,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 import numpy as np
+
 from servegraph.errors import InvalidInputError
 
 IndexType = Literal["flat", "ivf", "hnsw"]

@@ -16,8 +16,6 @@ from __future__ import annotations
 import json
 import re
 
-from servegraph import Pipeline
-
 from deployments.schemas import ChatResponse, SearchResponse
 from pipelines.agent import tools
 from pipelines.agent.models import (
@@ -31,6 +29,7 @@ from pipelines.agent.models import (
     ToolInput,
     TriageResult,
 )
+from servegraph import Pipeline
 
 MAX_STEPS = 4
 TEAM_TOOLS = {

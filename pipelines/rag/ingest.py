@@ -11,11 +11,11 @@ import re
 from pathlib import Path
 
 import httpx
-from servegraph import Pipeline
 from tqdm import tqdm
 
 from deployments.schemas import AddResponse, DeleteResponse, EmbedResponse, IndexItem
 from pipelines.rag.models import Document, IngestedDocument, IngestRequest, IngestResponse
+from servegraph import Pipeline
 
 KB_DIR = Path(__file__).parent / "kb"
 

@@ -9,10 +9,9 @@ from __future__ import annotations
 
 import json
 
-from servegraph import Pipeline
-
 from deployments.schemas import ChatResponse, Hit
 from pipelines.rag.models import Passage, RagAnswer, RagQuery
+from servegraph import Pipeline
 
 SYSTEM = (
     "You are a support assistant. Answer the question using only the numbered "

@@ -12,6 +12,8 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 
+from servegraph.tracing import serve_tracing_config, serve_tracing_env
+
 
 def free_port() -> int:
     with socket.socket() as sock:
@@ -24,6 +26,7 @@ class LocalCluster:
     base_url: str
     dashboard_url: str | None
     http_port: int
+    metrics_url: str
 
 
 @contextmanager
@@ -33,6 +36,7 @@ def local_cluster(
     dashboard: bool = True,
     dashboard_port: int | None = None,
     num_cpus: int | None = None,
+    metrics_port: int | None = None,
 ) -> Iterator[LocalCluster]:
     """Start Ray and Serve on this machine; shut both down on exit.
 
@@ -42,12 +46,17 @@ def local_cluster(
         num_cpus: logical CPUs for scheduling. Replicas ask for CPU shares; on a small
             machine we advertise more logical CPUs than cores so every deployment (and an
             autoscaled extra replica) can be placed: they share the cores anyway.
+        metrics_port: where Ray serves Prometheus metrics (a free one by default).
+
+    Tracing follows `SERVEGRAPH_TRACING_*` (see `servegraph.tracing`).
     """
     import ray
     from ray import serve
 
     http_port = http_port or free_port()
     dashboard_port = dashboard_port or (free_port() if dashboard else None)
+    metrics_port = metrics_port or free_port()
+    os.environ.update(serve_tracing_env())
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
     context = ray.init(
@@ -58,14 +67,19 @@ def local_cluster(
         dashboard_port=dashboard_port,
         namespace="servegraph",
         log_to_driver=False,
+        _metrics_export_port=metrics_port,
     )
     try:
-        serve.start(http_options={"host": "127.0.0.1", "port": http_port})
+        serve.start(
+            http_options={"host": "127.0.0.1", "port": http_port},
+            tracing_config=serve_tracing_config(),
+        )
         dashboard_url = context.dashboard_url
         yield LocalCluster(
             base_url=f"http://127.0.0.1:{http_port}",
             dashboard_url=f"http://{dashboard_url}" if dashboard_url else None,
             http_port=http_port,
+            metrics_url=f"http://127.0.0.1:{metrics_port}/metrics",
         )
     finally:
         try:

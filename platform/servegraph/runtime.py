@@ -59,6 +59,7 @@ class NodeRecord:
     status: str  # "ok" | "error" | "timeout" | "fallback"
     wall_ms: float
     error: str | None = None
+    usage: dict[str, int] | None = None  # LLM tokens: {"input": n, "output": m}
 
 
 @dataclass
@@ -96,6 +97,7 @@ class Runtime:
         request: BaseModel | dict[str, Any],
         *,
         deadline_s: float = DEFAULT_DEADLINE_S,
+        records: list[NodeRecord] | None = None,
     ) -> RunResult:
         """Run `graph`, returning its output and a record of every node attempt.
 
@@ -103,11 +105,14 @@ class Runtime:
             NodeTimeoutError: a node ran past its timeout or the deadline (504).
             NodeFailedError: a node failed without a fallback (502).
             NodeInputError: a node's input broke its contract (422).
+
+        `records`, when given, receives the node records as they happen, so a caller
+        sees them even when the run raises.
         """
         if id(graph) not in self._validated:
             validate(graph, self.catalog)
             self._validated.add(id(graph))
-        run = _Run(self, time.monotonic() + deadline_s)
+        run = _Run(self, time.monotonic() + deadline_s, records)
         output = await run.graph(graph, _coerce(resolve(graph.input), request, INPUT), "")
         return RunResult(output, run.records)
 
@@ -132,10 +137,12 @@ class LocalRuntime(Runtime):
 class _Run:
     """One request's execution state."""
 
-    def __init__(self, runtime: Runtime, deadline: float) -> None:
+    def __init__(
+        self, runtime: Runtime, deadline: float, records: list[NodeRecord] | None = None
+    ) -> None:
         self.rt = runtime
         self.deadline = deadline
-        self.records: list[NodeRecord] = []
+        self.records: list[NodeRecord] = records if records is not None else []
 
     async def graph(self, graph: Graph, request: BaseModel, prefix: str) -> Any:
         results: dict[str, asyncio.Future[Any]] = {}
@@ -183,7 +190,14 @@ class _Run:
                 if isinstance(exc, NodeInputError):
                     attempts = attempt  # bad input is bad on every attempt
             else:
-                self._record(node, qualified, attempt, "ok", started)
+                self._record(
+                    node,
+                    qualified,
+                    attempt,
+                    "ok",
+                    started,
+                    usage=_usage(output) if isinstance(node, CallNode) else None,
+                )
                 return output
             status = "timeout" if isinstance(error, NodeTimeoutError) else "error"
             self._record(node, qualified, attempt, status, started, str(error))
@@ -307,12 +321,23 @@ class _Run:
         status: str,
         started: float,
         error: str | None = None,
+        usage: dict[str, int] | None = None,
     ) -> None:
         wall_ms = (time.perf_counter() - started) * 1000
-        self.records.append(NodeRecord(qualified, node.kind, attempt, status, wall_ms, error))
+        self.records.append(
+            NodeRecord(qualified, node.kind, attempt, status, wall_ms, error, usage)
+        )
 
 
 # --------------------------------------------------------------------------- helpers
+
+
+def _usage(output: Any) -> dict[str, int] | None:
+    """LLM token usage of a call node's output, when it reports one."""
+    usage = getattr(output, "usage", None)
+    if isinstance(output, BaseModel) and usage is not None and hasattr(usage, "output_tokens"):
+        return {"input": int(usage.input_tokens), "output": int(usage.output_tokens)}
+    return None
 
 
 def _refs(node: Node) -> list[str]:

@@ -8,8 +8,8 @@ graphs and nothing unpicklable travels from the driver.
 
 # No `from __future__ import annotations` here: FastAPI must see the real pipeline input
 # model on each route function, and a closure variable cannot be resolved from a string.
+import json
 import time
-import uuid
 from typing import Any
 
 from fastapi import FastAPI, Header, Response
@@ -19,13 +19,14 @@ from ray import serve
 from ray.serve.exceptions import BackPressureError
 from ray.serve.handle import DeploymentHandle
 
+from servegraph import tracing
 from servegraph.catalog import Catalog, ServerSpec
 from servegraph.discovery import discover
-from servegraph.errors import OverloadedError
+from servegraph.errors import OverloadedError, PipelineRuntimeError
 from servegraph.graph import Graph, resolve
 from servegraph.http import install_error_handlers
 from servegraph.render import to_mermaid, to_text
-from servegraph.runtime import DEFAULT_DEADLINE_S, Runtime
+from servegraph.runtime import DEFAULT_DEADLINE_S, NodeRecord, Runtime
 from servegraph.serialize import to_yaml
 from servegraph.validation import validate
 
@@ -62,7 +63,9 @@ class ServeInvoker:
             raise OverloadedError(f"{server}.{method}", f"model server overloaded: {exc}") from exc
 
 
-def build_fastapi(graphs: dict[str, Graph], runtime: Runtime) -> FastAPI:
+def build_fastapi(
+    graphs: dict[str, Graph], catalog: Catalog, invoke: Any, metrics: Any = None
+) -> FastAPI:
     """The ingress app: POST /<pipeline>, GET /<pipeline>/graph, GET / (the list)."""
     app = FastAPI(title="servegraph pipelines", description="One REST endpoint per pipeline graph.")
     install_error_handlers(app)
@@ -82,11 +85,12 @@ def build_fastapi(graphs: dict[str, Graph], runtime: Runtime) -> FastAPI:
         }
 
     for graph in graphs.values():
-        _add_pipeline_routes(app, graph, runtime)
+        runtime = Runtime(catalog, invoke, node_hook=tracing.node_hook(graph.name))
+        _add_pipeline_routes(app, graph, runtime, metrics)
     return app
 
 
-def _add_pipeline_routes(app: FastAPI, graph: Graph, runtime: Runtime) -> None:
+def _add_pipeline_routes(app: FastAPI, graph: Graph, runtime: Runtime, metrics: Any) -> None:
     input_model = resolve(graph.input)
     output_type = resolve(graph.output)
 
@@ -97,16 +101,24 @@ def _add_pipeline_routes(app: FastAPI, graph: Graph, runtime: Runtime) -> None:
             None, gt=0, le=600, description="Deadline for the whole request, in seconds."
         ),
     ) -> Any:
-        request_id = uuid.uuid4().hex
         started = time.perf_counter()
-        result = await runtime.execute(
-            graph, request, deadline_s=x_request_timeout or DEFAULT_DEADLINE_S
-        )
-        response.headers["x-request-id"] = request_id
-        # Server-Timing: browsers and curl -v show where the time went, per node.
-        timings = [f"{_token(r.node)};dur={r.wall_ms:.1f}" for r in result.nodes[-20:]]
-        total = (time.perf_counter() - started) * 1000
-        response.headers["server-timing"] = ", ".join([*timings, f"total;dur={total:.1f}"])
+        records: list[NodeRecord] = []
+        status = 200
+        try:
+            result = await runtime.execute(
+                graph, request, records=records, deadline_s=x_request_timeout or DEFAULT_DEADLINE_S
+            )
+        except PipelineRuntimeError as exc:
+            status = exc.status_code
+            raise
+        except Exception:
+            status = 500
+            raise
+        finally:
+            total_ms = (time.perf_counter() - started) * 1000
+            if metrics is not None:
+                metrics.record(graph.name, status, total_ms, records)
+        response.headers.update(_usage_headers(records, total_ms))
         return result.output
 
     app.add_api_route(
@@ -152,6 +164,32 @@ def _add_pipeline_routes(app: FastAPI, graph: Graph, runtime: Runtime) -> None:
     )
 
 
+def _usage_headers(records: list[NodeRecord], total_ms: float) -> dict[str, str]:
+    """What the request cost: LLM tokens and wall time per node (x-servegraph-usage),
+    the same timings as Server-Timing (shown by browsers and `curl -v`), and the trace id."""
+    tokens = {"input": 0, "output": 0}
+    nodes_ms: dict[str, float] = {}
+    for record in records:
+        for direction, n in (record.usage or {}).items():
+            tokens[direction] += n
+        nodes_ms[record.node] = round(nodes_ms.get(record.node, 0.0) + record.wall_ms, 2)
+    usage = {
+        "llm_input_tokens": tokens["input"],
+        "llm_output_tokens": tokens["output"],
+        "total_ms": round(total_ms, 2),
+        "nodes_ms": nodes_ms,
+    }
+    timing = [f"{_token(node)};dur={ms:.1f}" for node, ms in list(nodes_ms.items())[-20:]]
+    headers = {
+        "x-servegraph-usage": json.dumps(usage, separators=(",", ":")),
+        "server-timing": ", ".join([*timing, f"total;dur={total_ms:.1f}"]),
+    }
+    trace_id = tracing.current_trace_id()
+    if trace_id:
+        headers["x-trace-id"] = trace_id
+    return headers
+
+
 def _token(name: str) -> str:
     return "".join(c if c.isalnum() or c in "-_." else "_" for c in name)
 
@@ -189,7 +227,9 @@ def ingress_app(args: IngressArgs | dict[str, Any]) -> Any:
         graphs = load_graphs(args)
         for graph in graphs.values():
             validate(graph, catalog)
-        return build_fastapi(graphs, Runtime(catalog, ServeInvoker(catalog)))
+        from servegraph.metrics import PipelineMetrics
+
+        return build_fastapi(graphs, catalog, ServeInvoker(catalog), PipelineMetrics())
 
     @serve.deployment(name="PipelineIngress")
     @serve.ingress(make_app)

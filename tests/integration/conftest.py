@@ -9,6 +9,7 @@ from collections.abc import Iterator
 
 import httpx
 import pytest
+
 from servegraph.local import LocalCluster, local_cluster
 
 
@@ -18,10 +19,16 @@ def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
             item.add_marker(pytest.mark.integration)
 
 
+SPANS_DIR = tempfile.mkdtemp(prefix="servegraph-test-spans-")
+
+
 @pytest.fixture(scope="session")
 def cluster() -> Iterator[LocalCluster]:
     index_dir = tempfile.mkdtemp(prefix="servegraph-test-index-")
     os.environ["SERVEGRAPH_INDEX_PATH"] = index_dir
+    # Every process of the cluster inherits these: spans go to files the tests read.
+    os.environ["SERVEGRAPH_TRACING_EXPORTER"] = "file"
+    os.environ["SERVEGRAPH_TRACING_FILE_DIR"] = SPANS_DIR
     with local_cluster() as running:
         yield running
 
@@ -29,9 +36,8 @@ def cluster() -> Iterator[LocalCluster]:
 @pytest.fixture(scope="session")
 def model_servers(cluster: LocalCluster) -> LocalCluster:
     """All four model servers deployed, healthy, and the ingress (no pipelines yet)."""
-    from servegraph.compiler import compile_platform
-
     from deployments.catalog import CATALOG
+    from servegraph.compiler import compile_platform
 
     compile_platform([], CATALOG, all_servers=True).deploy()
     wait_until_running(["llm", "embedder", "classifier", "vector_index"])
@@ -63,12 +69,11 @@ def http(model_servers: LocalCluster) -> Iterator[httpx.Client]:
 @pytest.fixture(scope="session")
 def pipelines(model_servers: LocalCluster) -> LocalCluster:
     """Every pipeline in `pipelines/` behind the ingress, knowledge base ingested."""
+    from deployments.catalog import CATALOG
+    from pipelines.rag.ingest import on_deploy
     from servegraph.compiler import compile_platform
     from servegraph.discovery import discover
     from servegraph.serving import INGRESS_APP
-
-    from deployments.catalog import CATALOG
-    from pipelines.rag.ingest import on_deploy
 
     plan = compile_platform(discover("pipelines"), CATALOG, packages=["pipelines"])
     plan.apps = [app for app in plan.apps if app.name == INGRESS_APP]  # servers are up

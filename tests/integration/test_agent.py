@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import httpx
 import pytest
+
 from servegraph.local import LocalCluster
 
 pytestmark = pytest.mark.integration

@@ -9,8 +9,8 @@ import time
 import httpx
 import pytest
 from ray import serve
-from servegraph.local import LocalCluster
 
+from servegraph.local import LocalCluster
 from tests.integration.conftest import wait_until_running
 
 pytestmark = pytest.mark.integration

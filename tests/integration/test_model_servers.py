@@ -10,9 +10,9 @@ import numpy as np
 import openai
 import pytest
 from ray import serve
-from servegraph.local import LocalCluster
 
 from deployments.schemas import ChatRequest, ClassifyRequest, EmbedRequest, Message
+from servegraph.local import LocalCluster
 
 pytestmark = pytest.mark.integration
 

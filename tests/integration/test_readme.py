@@ -9,6 +9,7 @@ import sys
 from pathlib import Path
 
 import pytest
+
 from servegraph.local import LocalCluster
 
 pytestmark = pytest.mark.integration

@@ -11,18 +11,17 @@ from pathlib import Path
 import httpx
 import pytest
 import yaml
-from servegraph.local import LocalCluster
 
+from servegraph.local import LocalCluster
 from tests.integration.conftest import wait_until_running
 
 pytestmark = pytest.mark.integration
 
 
 def test_generated_config_deploys_with_serve_deploy(pipelines: LocalCluster, tmp_path: Path):
+    from deployments.catalog import CATALOG
     from servegraph.compiler import compile_platform
     from servegraph.discovery import discover
-
-    from deployments.catalog import CATALOG
 
     plan = compile_platform(
         discover("pipelines"), CATALOG, packages=["pipelines"], all_servers=True

@@ -5,11 +5,11 @@ from __future__ import annotations
 import json
 
 import pytest
-from servegraph import LocalRuntime, validate
 
 from deployments.catalog import CATALOG
 from deployments.schemas import ChatResponse, Classification, Usage
 from pipelines.agent.triage import build_pipeline
+from servegraph import LocalRuntime, validate
 
 
 class ScriptedLLM:

@@ -1,7 +1,6 @@
 from __future__ import annotations
 
 from servegraph import to_mermaid, to_text
-
 from tests.servegraph import toy
 
 

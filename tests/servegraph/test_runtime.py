@@ -1,6 +1,7 @@
 from __future__ import annotations
 
 import pytest
+
 from servegraph import (
     LocalRuntime,
     NodeFailedError,
@@ -8,7 +9,6 @@ from servegraph import (
     NodeTimeoutError,
     Pipeline,
 )
-
 from tests.servegraph import toy
 
 

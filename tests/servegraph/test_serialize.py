@@ -1,7 +1,6 @@
 from __future__ import annotations
 
 from servegraph import LocalRuntime, Pipeline, from_yaml, to_yaml, validate
-
 from tests.servegraph import toy
 
 

@@ -3,8 +3,8 @@ from __future__ import annotations
 from typing import Annotated, Any
 
 from pydantic import StringConstraints
-from servegraph._types import compatible
 
+from servegraph._types import compatible
 from tests.servegraph import toy
 
 Email = Annotated[str, StringConstraints(pattern=r".+@.+")]

@@ -1,9 +1,9 @@
 from __future__ import annotations
 
 import pytest
+
 from servegraph import GraphValidationError, Pipeline, Ref, validate
 from servegraph.graph import CallNode, FunctionNode
-
 from tests.servegraph import toy
 
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 
 from pydantic import BaseModel
+
 from servegraph import Catalog, InvalidInputError, MethodContract, Pipeline, ServerSpec
 
 

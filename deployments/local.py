@@ -1,0 +1,130 @@
+"""The model servers' contracts on the raw models, in this process, without Ray.
+
+For `servegraph.LocalRuntime`: run a pipeline on the real models in one process (an ML
+engineer's notebook, the benchmarks' raw baseline). Same contracts as the deployments;
+no batching across callers, no replicas.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import pickle
+from pathlib import Path
+from typing import Any
+
+from deployments import schemas as s
+from deployments.classifier_training import HEAD_FILE, encode, load_encoder
+from deployments.settings import ModelSettings
+from deployments.vector_store import VectorStore
+
+
+class LocalEmbedder:
+    def __init__(self, settings: ModelSettings) -> None:
+        self._encoder = load_encoder(settings.embedder_dir)
+        self.dim = int(self._encoder.get_sentence_embedding_dimension())
+
+    async def embed(self, request: s.EmbedRequest) -> s.EmbedResponse:
+        vectors = encode(self._encoder, request.texts)
+        return s.EmbedResponse(vectors=vectors.tolist(), dim=self.dim, model="local")
+
+    async def embed_one(self, request: s.EmbedOneRequest) -> s.Embedding:
+        return s.Embedding(vector=encode(self._encoder, [request.text])[0].tolist(), dim=self.dim)
+
+
+class LocalClassifier:
+    def __init__(self, settings: ModelSettings) -> None:
+        self._encoder = load_encoder(settings.embedder_dir)
+        self._head = pickle.loads((settings.classifier_dir / HEAD_FILE).read_bytes())
+
+    async def classify(self, request: s.ClassifyRequest) -> s.Classification:
+        row = self._head.predict_proba(encode(self._encoder, [request.text]))[0]
+        labels = [str(label) for label in self._head.classes_]
+        best = int(row.argmax())
+        return s.Classification(
+            label=labels[best],
+            score=float(row[best]),
+            scores=dict(zip(labels, map(float, row), strict=True)),
+        )
+
+
+class LocalIndex:
+    def __init__(self, path: Path) -> None:
+        self.store = VectorStore(path)
+
+    async def add(self, request: s.AddRequest) -> s.AddResponse:
+        ids = self.store.add([item.model_dump() for item in request.items])
+        return s.AddResponse(ids=ids, count=self.store.count())
+
+    async def search(self, request: s.SearchRequest) -> s.SearchResponse:
+        hits = self.store.search(request.vector, request.k, request.filter)
+        return s.SearchResponse(hits=[s.Hit(**hit) for hit in hits])
+
+    async def delete(self, request: s.DeleteRequest) -> s.DeleteResponse:
+        deleted = self.store.delete(request.ids, request.filter, request.any_of)
+        return s.DeleteResponse(deleted=deleted, count=self.store.count())
+
+
+class LocalLLM:
+    """vLLM's offline engine (`vllm.LLM`) behind the `chat` contract.
+
+    Create it under `if __name__ == "__main__":`: vLLM starts workers with spawn.
+    """
+
+    def __init__(self, settings: ModelSettings) -> None:
+        from vllm import LLM
+
+        self.model_id = settings.llm_model_id
+        self._llm = LLM(
+            model=settings.llm_path,
+            dtype=settings.llm_dtype,
+            enforce_eager=settings.llm_enforce_eager,
+            max_model_len=settings.llm_max_model_len,
+            max_num_seqs=64,
+        )
+        self._lock = asyncio.Lock()  # the offline engine serves one call at a time
+
+    async def chat(self, request: s.ChatRequest) -> s.ChatResponse:
+        from vllm import SamplingParams
+        from vllm.sampling_params import StructuredOutputsParams
+
+        params: dict[str, Any] = {
+            "max_tokens": request.max_tokens,
+            "temperature": request.temperature,
+            "stop": request.stop,
+        }
+        if request.json_schema is not None:
+            params["structured_outputs"] = StructuredOutputsParams(
+                json=json.dumps(request.json_schema)
+            )
+        async with self._lock:
+            output = (
+                await asyncio.to_thread(
+                    self._llm.chat,
+                    [m.model_dump() for m in request.messages],
+                    SamplingParams(**params),
+                    use_tqdm=False,
+                )
+            )[0]
+        completion = output.outputs[0]
+        return s.ChatResponse(
+            text=completion.text,
+            finish_reason=completion.finish_reason,
+            model=self.model_id,
+            usage=s.Usage(
+                input_tokens=len(output.prompt_token_ids), output_tokens=len(completion.token_ids)
+            ),
+        )
+
+
+def local_servers(index_path: Path, *, llm: bool = True) -> dict[str, Any]:
+    """Every model server of the catalog, in this process."""
+    settings = ModelSettings()
+    servers: dict[str, Any] = {
+        "embedder": LocalEmbedder(settings),
+        "classifier": LocalClassifier(settings),
+        "vector_index": LocalIndex(index_path),
+    }
+    if llm:
+        servers["llm"] = LocalLLM(settings)
+    return servers

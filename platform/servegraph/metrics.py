@@ -1,0 +1,80 @@
+"""Per-pipeline and per-node metrics through Ray Serve's metrics API, so they appear in
+the Ray dashboard and on Ray's Prometheus endpoint (names gain a ``ray_`` prefix there).
+"""
+
+from __future__ import annotations
+
+import re
+from typing import Any
+
+from servegraph.runtime import NodeRecord
+
+_LATENCY_MS = [1, 2, 5, 10, 25, 50, 100, 250, 500, 1000, 2500, 5000, 10000, 30000, 60000]
+_ITERATION = re.compile(r"\[\d+\]")
+
+
+class PipelineMetrics:
+    """Requests, errors, latency per pipeline and node; LLM tokens. Create in a replica."""
+
+    def __init__(self) -> None:
+        from ray.serve import metrics
+
+        self.requests = metrics.Counter(
+            "servegraph_pipeline_requests",
+            description="Pipeline requests by outcome.",
+            tag_keys=("pipeline", "status"),
+        )
+        self.latency = metrics.Histogram(
+            "servegraph_pipeline_latency_ms",
+            description="Pipeline request latency.",
+            boundaries=_LATENCY_MS,
+            tag_keys=("pipeline",),
+        )
+        self.node_latency = metrics.Histogram(
+            "servegraph_node_latency_ms",
+            description="Node attempt latency.",
+            boundaries=_LATENCY_MS,
+            tag_keys=("pipeline", "node", "kind"),
+        )
+        self.node_errors = metrics.Counter(
+            "servegraph_node_errors",
+            description="Failed node attempts.",
+            tag_keys=("pipeline", "node"),
+        )
+        self.llm_tokens = metrics.Counter(
+            "servegraph_llm_tokens",
+            description="LLM tokens; rate() gives tokens/s.",
+            tag_keys=("pipeline", "direction"),
+        )
+
+    def record(
+        self, pipeline: str, status: int, total_ms: float, records: list[NodeRecord]
+    ) -> None:
+        self.requests.inc(tags={"pipeline": pipeline, "status": str(status)})
+        self.latency.observe(total_ms, tags={"pipeline": pipeline})
+        for record in records:
+            node = _ITERATION.sub("", record.node)  # loop iterations share one series
+            self.node_latency.observe(
+                record.wall_ms, tags={"pipeline": pipeline, "node": node, "kind": record.kind}
+            )
+            if record.status in ("error", "timeout"):
+                self.node_errors.inc(tags={"pipeline": pipeline, "node": node})
+            for direction, tokens in (record.usage or {}).items():
+                self.llm_tokens.inc(tokens, tags={"pipeline": pipeline, "direction": direction})
+
+
+def batch_size_histogram(server: str) -> Any:
+    """A histogram of dynamic-batch sizes for a model server replica (None outside Ray)."""
+    try:
+        from ray.serve import metrics
+
+        histogram = metrics.Histogram(
+            "servegraph_batch_size",
+            description="Items per dynamic batch.",
+            boundaries=[1, 2, 4, 8, 16, 32, 64, 128, 256],
+            tag_keys=("server",),
+        )
+        histogram.set_default_tags({"server": server})
+        return histogram
+    except Exception:  # not inside a Ray worker (in-process use): no metrics
+        return None

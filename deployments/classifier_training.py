@@ -25,9 +25,11 @@ def load_tickets(path: Path = DATA_FILE) -> list[dict[str, str]]:
 
 
 def load_encoder(path: Path) -> Any:
+    """The sentence encoder, on the GPU where this process was given one."""
+    import torch
     from sentence_transformers import SentenceTransformer
 
-    return SentenceTransformer(str(path), device="cpu")
+    return SentenceTransformer(str(path), device="cuda" if torch.cuda.is_available() else "cpu")
 
 
 def encode(encoder: Any, texts: list[str]) -> Any:

@@ -6,11 +6,15 @@ size and that wait back to its request, whose span records them.
 
 from __future__ import annotations
 
+import asyncio
 import time
 from collections import Counter
+from collections.abc import Awaitable, Callable
+from typing import Any
 
 from deployments.schemas import BatchStats
 from servegraph.metrics import batch_size_histogram
+from servegraph.tracing import annotate
 
 
 class BatchRecorder:
@@ -19,6 +23,19 @@ class BatchRecorder:
     def __init__(self, server: str) -> None:
         self._sizes: Counter[int] = Counter()
         self._histogram = batch_size_histogram(server)
+
+    def begin(self, items: list[tuple[Any, float]]) -> tuple[list[Any], float]:
+        """Inside a batch: count it; return the payloads and when the batch started."""
+        self.record(len(items))
+        return [payload for payload, _ in items], time.monotonic()
+
+    @staticmethod
+    def finish(results: list[Any], items: list[tuple[Any, float]], started: float) -> list[tuple]:
+        """Each result with the batch size and how long its item queued."""
+        return [
+            (result, len(items), round((started - queued_at) * 1000, 3))
+            for result, (_, queued_at) in zip(results, items, strict=True)
+        ]
 
     def record(self, size: int) -> None:
         self._sizes[size] += 1
@@ -38,5 +55,15 @@ def queued(item: object) -> tuple[object, float]:
     return item, time.monotonic()
 
 
-def waited_ms(queued_at: float, started: float) -> float:
-    return round((started - queued_at) * 1000, 3)
+async def submit(batched: Callable[[Any], Awaitable[tuple]], payloads: list[Any]) -> list[Any]:
+    """Send each payload through a @serve.batch method (built with `BatchRecorder.begin`
+    and `finish`); record on the request's span the largest batch it rode in and its
+    longest queue wait; return the results in order."""
+    results = await asyncio.gather(*(batched(queued(p)) for p in payloads))
+    annotate(
+        **{
+            "servegraph.batch.size": max(r[1] for r in results),
+            "servegraph.batch.queue_wait_ms": max(r[2] for r in results),
+        }
+    )
+    return [r[0] for r in results]

@@ -6,14 +6,13 @@ from __future__ import annotations
 import asyncio
 import json
 import pickle
-import time
 from pathlib import Path
 
 import numpy as np
 from fastapi import FastAPI
 from ray import serve
 
-from deployments._batching import BatchRecorder, queued, waited_ms
+from deployments._batching import BatchRecorder, submit
 from deployments.classifier_training import HEAD_FILE, encode, load_encoder
 from deployments.schemas import (
     BatchStats,
@@ -58,9 +57,7 @@ class Classifier:
 
     @serve.batch(max_batch_size=64, batch_wait_timeout_s=0.005)
     async def _classify_batch(self, items: list[tuple[str, float]]) -> list[tuple]:
-        started = time.monotonic()
-        texts = [text for text, _ in items]
-        self._batches.record(len(texts))
+        texts, started = self._batches.begin(items)
         probabilities = await asyncio.to_thread(self._predict, texts)
         results = []
         for row in probabilities:
@@ -69,27 +66,18 @@ class Classifier:
             results.append(
                 Classification(label=self.labels[best], score=float(row[best]), scores=scores)
             )
-        return [
-            (result, len(items), waited_ms(queued_at, started))
-            for result, (_, queued_at) in zip(results, items, strict=True)
-        ]
+        return self._batches.finish(results, items, started)
 
     async def _classify(self, texts: list[str]) -> list[Classification]:
-        results = await asyncio.gather(*(self._classify_batch(queued(t)) for t in texts))
-        annotate(
-            **{
-                "servegraph.batch.size": max(r[1] for r in results),
-                "servegraph.batch.queue_wait_ms": max(r[2] for r in results),
-            }
-        )
+        results = await submit(self._classify_batch, texts)
         if len(results) == 1:
             annotate(
                 **{
-                    "servegraph.classifier.label": results[0][0].label,
-                    "servegraph.classifier.score": results[0][0].score,
+                    "servegraph.classifier.label": results[0].label,
+                    "servegraph.classifier.score": results[0].score,
                 }
             )
-        return [r[0] for r in results]
+        return results
 
     def _predict(self, texts: list[str]) -> np.ndarray:
         return self._head.predict_proba(encode(self._encoder, texts))

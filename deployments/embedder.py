@@ -7,14 +7,13 @@ CPU that is the difference between ~13 and ~370 sentences per second.
 from __future__ import annotations
 
 import asyncio
-import time
 from typing import Any
 
 import numpy as np
 from fastapi import FastAPI
 from ray import serve
 
-from deployments._batching import BatchRecorder, queued, waited_ms
+from deployments._batching import BatchRecorder, submit
 from deployments.schemas import (
     BatchStats,
     EmbedderInfo,
@@ -67,9 +66,7 @@ class Embedder:
 
     @serve.batch(max_batch_size=64, batch_wait_timeout_s=0.005)
     async def _embed_batch(self, items: list[tuple[str, float]]) -> list[tuple]:
-        started = time.monotonic()
-        texts = [text for text, _ in items]
-        self._batches.record(len(texts))
+        texts, started = self._batches.begin(items)
         # In a thread, so requests keep queueing (and form the next batch) meanwhile.
         vectors = await asyncio.to_thread(
             self._model.encode,
@@ -79,21 +76,12 @@ class Embedder:
             convert_to_numpy=True,
             show_progress_bar=False,
         )
-        return [
-            (vector, len(items), waited_ms(queued_at, started))
-            for vector, (_, queued_at) in zip(vectors.astype(np.float32), items, strict=True)
-        ]
+        return self._batches.finish(list(vectors.astype(np.float32)), items, started)
 
     async def _embed(self, texts: list[str]) -> list[np.ndarray]:
-        results = await asyncio.gather(*(self._embed_batch(queued(t)) for t in texts))
-        annotate(
-            **{
-                "servegraph.batch.size": max(r[1] for r in results),
-                "servegraph.batch.queue_wait_ms": max(r[2] for r in results),
-                "gen_ai.request.model": self.model_path,
-            }
-        )
-        return [r[0] for r in results]
+        vectors = await submit(self._embed_batch, texts)
+        annotate(**{"gen_ai.request.model": self.model_path})
+        return vectors
 
     @app.post("/embed")
     async def embed(self, request: EmbedRequest) -> EmbedResponse:

@@ -1,11 +1,12 @@
-"""Tracing's cost at p50: the same pipelines with tracing off and on, in one run.
+"""Tracing's cost at p50: the same pipeline with tracing off and on, in one run.
 
     .venv/bin/python -m benchmarks.tracing_overhead
 
-On Serve, a chain of 10 model-server calls (the most spans per request of any shape
-here: 11 node spans, 11 replica spans, proxy and ingress) over HTTP, with one cluster
-started with tracing off and then one with tracing on (file exporter). In-process, the
-same chain with the node hook off and on (SDK provider, in-memory exporter).
+On Serve: a chain of 11 model-server calls (11 node spans, 11 route and 11 replica
+spans, proxy and ingress per request) over HTTP, first on a cluster with tracing off,
+then on one exporting over OTLP/HTTP to a receiver in this process, which also checks
+that the last request arrived as one complete, connected tree. In-process: the same
+chain with the node hook off and on (SDK provider, in-memory exporter).
 """
 
 from __future__ import annotations
@@ -13,8 +14,9 @@ from __future__ import annotations
 import asyncio
 import os
 import statistics
-import tempfile
+import threading
 import time
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 import httpx
 
@@ -35,22 +37,86 @@ def p50(fn, n: int) -> float:
     return statistics.median(samples) * 1000
 
 
-def on_serve(tracing: bool) -> float:
+class OtlpReceiver:
+    """A minimal OTLP/HTTP trace receiver on loopback: decodes what exporters send."""
+
+    def __init__(self) -> None:
+        from opentelemetry.proto.collector.trace.v1.trace_service_pb2 import (
+            ExportTraceServiceRequest,
+        )
+
+        self.spans: list[dict] = []
+        receiver = self
+
+        class Handler(BaseHTTPRequestHandler):
+            def do_POST(self) -> None:  # http.server's API
+                body = self.rfile.read(int(self.headers["content-length"]))
+                request = ExportTraceServiceRequest.FromString(body)
+                for resource in request.resource_spans:
+                    for scope in resource.scope_spans:
+                        for span in scope.spans:
+                            receiver.spans.append(
+                                {
+                                    "name": span.name,
+                                    "trace_id": span.trace_id.hex(),
+                                    "span_id": span.span_id.hex(),
+                                    "parent": span.parent_span_id.hex() or None,
+                                }
+                            )
+                self.send_response(200)
+                self.end_headers()
+
+            def log_message(self, *args: object) -> None:
+                pass
+
+        self.server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.url = f"http://127.0.0.1:{self.server.server_address[1]}"
+        threading.Thread(target=self.server.serve_forever, daemon=True).start()
+
+
+def on_serve(receiver: OtlpReceiver | None) -> float:
     from servegraph.compiler import compile_platform
     from servegraph.local import local_cluster
 
-    os.environ["SERVEGRAPH_TRACING_EXPORTER"] = "file" if tracing else "none"
-    os.environ["SERVEGRAPH_TRACING_FILE_DIR"] = tempfile.mkdtemp(prefix="spans-")
+    os.environ["SERVEGRAPH_TRACING_EXPORTER"] = "otlp-http" if receiver else "none"
+    if receiver:
+        os.environ["SERVEGRAPH_TRACING_ENDPOINT"] = receiver.url
     with local_cluster(dashboard=False) as cluster:
         compile_platform(
             [chain(N, "call").build()], CATALOG, catalog_path="benchmarks.trivial:CATALOG"
         ).deploy()
         with httpx.Client(base_url=cluster.base_url, timeout=30) as client:
 
-            def call() -> None:
-                client.post(f"/pipelines/call_chain_{N}", json={"value": 0}).raise_for_status()
+            def call() -> httpx.Response:
+                response = client.post(f"/pipelines/call_chain_{N}", json={"value": 0})
+                response.raise_for_status()
+                return response
 
-            return p50(call, REQUESTS)
+            median = p50(call, REQUESTS)
+            if receiver:
+                check_tree(receiver, call().headers["x-trace-id"])
+            return median
+
+
+def check_tree(receiver: OtlpReceiver, trace_id: str) -> None:
+    """The last request's trace, as the OTLP receiver got it: complete and connected."""
+    spans: list[dict] = []
+    deadline = time.monotonic() + 30  # batch exporters flush every few seconds
+    while time.monotonic() < deadline:
+        spans = [s for s in receiver.spans if s["trace_id"] == trace_id]
+        if sum(s["name"].startswith("replica_handle_request Echo") for s in spans) > N:
+            break
+        time.sleep(0.5)
+    ids = {s["span_id"] for s in spans}
+    roots = [s for s in spans if s["parent"] not in ids]
+    nodes = sum(s["name"].startswith("node ") for s in spans)
+    replicas = sum(s["name"].startswith("replica_handle_request Echo") for s in spans)
+    root = roots[0]["name"] if roots else "-"
+    print(
+        f"OTLP receiver, trace {trace_id}: {len(spans)} spans, {nodes} node spans, "
+        f"{replicas} Echo replica spans, {len(roots)} root ({root})"
+    )
+    assert nodes == N + 1 and replicas == N + 1 and len(roots) == 1, spans
 
 
 def in_process(tracing: bool) -> float:
@@ -75,7 +141,7 @@ def in_process(tracing: bool) -> float:
 
 def main() -> None:
     local_off, local_on = in_process(False), in_process(True)
-    serve_off, serve_on = on_serve(False), on_serve(True)
+    serve_off, serve_on = on_serve(None), on_serve(OtlpReceiver())
     print(
         f"in-process {N + 1} call nodes: off {local_off:.3f} ms, on {local_on:.3f} ms, "
         f"overhead {local_on - local_off:+.3f} ms ({local_on / local_off:.2f}x)"

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import os
 import pickle
 from pathlib import Path
 from typing import Any
@@ -74,6 +75,9 @@ class LocalLLM:
     def __init__(self, settings: ModelSettings) -> None:
         from vllm import LLM
 
+        # On CPU vLLM otherwise reserves most of RAM for its KV cache; size it as the
+        # Serve deployment does (deployments.llm).
+        os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", str(settings.llm_kv_cache_gib))
         self.model_id = settings.llm_model_id
         self._llm = LLM(
             model=settings.llm_path,

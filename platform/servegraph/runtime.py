@@ -155,12 +155,15 @@ class _Run:
             try:
                 deps = {ref.split(".", 1)[0] for ref in _refs(node)} - {INPUT}
                 for dep in deps:
-                    values[dep] = await results[dep]
+                    # Shielded: cancelling this waiter must not cancel the shared result.
+                    values[dep] = await asyncio.shield(results[dep])
                 output = await self.node(node, values, prefix)
                 values[node.name] = output
-                results[node.name].set_result(output)
+                if not results[node.name].done():
+                    results[node.name].set_result(output)
             except BaseException as exc:
-                results[node.name].set_exception(exc)
+                if not results[node.name].done():
+                    results[node.name].set_exception(exc)
                 raise
 
         # Every node starts at once and waits only on its own inputs, so independent

@@ -139,3 +139,23 @@ async def test_bad_input_is_an_input_error_naming_node_and_field() -> None:
     with pytest.raises(NodeInputError) as info:
         await runtime.run(toy.rag().build(), {"k": 2})
     assert info.value.node == "input" and "question" in info.value.detail
+
+
+async def test_a_failure_cancels_waiting_branches_cleanly() -> None:
+    """A fast failure fails the request with its node's name and cancels the branches
+    still waiting on a slow node, leaving no stray task errors behind."""
+    import asyncio
+
+    problems: list[dict] = []
+    asyncio.get_running_loop().set_exception_handler(lambda _loop, ctx: problems.append(ctx))
+    p = Pipeline("cancel", input=toy.Text, output=str)
+    slow = p.function("slow", toy.slow_upper, text=p.input.text, seconds=0.2)
+    waits = p.function("waits", toy.join_two, upper=slow, lower=slow)
+    fails = p.call("fails", "flaky", "echo", text=p.input.text)
+    p.returns(p.function("join", toy.join_two, upper=waits, lower=fails.text))
+    runtime = LocalRuntime(toy.CATALOG, toy.servers(flaky=toy.Flaky(failures=5)))
+    with pytest.raises(NodeFailedError) as info:
+        await runtime.run(p.build(), {"text": "x"})
+    assert info.value.node == "fails"
+    await asyncio.sleep(0.3)
+    assert not problems, problems

@@ -188,6 +188,7 @@ def _print_endpoints(cluster: Any, package: str) -> None:
             f"  curl -s {base}/pipelines/{name} -H 'content-type: application/json' -d '{body}'",
             markup=False,
             highlight=False,
+            soft_wrap=True,  # one line, so it copies and pastes as a command
         )
 
 

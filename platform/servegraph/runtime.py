@@ -37,7 +37,7 @@ from servegraph.graph import (
     SwitchNode,
     resolve,
 )
-from servegraph.validation import validate
+from servegraph.validation import dependencies, validate
 
 DEFAULT_DEADLINE_S = 60.0
 _RETRY_BACKOFF_S = 0.05
@@ -153,7 +153,7 @@ class _Run:
 
         async def run_node(node: Node) -> None:
             try:
-                deps = {ref.split(".", 1)[0] for ref in _refs(node)} - {INPUT}
+                deps = dependencies(node) - {INPUT}
                 for dep in deps:
                     # Shielded: cancelling this waiter must not cancel the shared result.
                     values[dep] = await asyncio.shield(results[dep])
@@ -341,13 +341,6 @@ def _usage(output: Any) -> dict[str, int] | None:
     if isinstance(output, BaseModel) and usage is not None and hasattr(usage, "output_tokens"):
         return {"input": int(usage.input_tokens), "output": int(usage.output_tokens)}
     return None
-
-
-def _refs(node: Node) -> list[str]:
-    refs = list(node.inputs.values())
-    if isinstance(node, SwitchNode):
-        refs.append(node.on)
-    return refs
 
 
 def _lookup(values: dict[str, Any], ref: str) -> Any:

@@ -19,7 +19,8 @@ from deployments.catalog import CATALOG
 from deployments.classifier_training import load_tickets
 from pipelines.rag.ingest import build_pipeline as build_ingest
 from pipelines.rag.ingest import knowledge_base
-from pipelines.rag.qa import build_pipeline as build_rag
+from pipelines.rag.models import RagAnswer, RagQuery
+from pipelines.rag.qa import build_prompt, make_answer
 
 QUESTIONS = [
     "How long do refunds take after a return?",
@@ -55,7 +56,7 @@ async def latencies(call, n: int, concurrency: int) -> list[float]:
     return samples
 
 
-def held_out_tickets(per_label: int = 4) -> list[dict]:
+def held_out_tickets(per_label: int = 5) -> list[dict]:
     picked: dict[str, list[dict]] = {}
     for ticket in load_tickets():
         if ticket["split"] == "test" and len(picked.setdefault(ticket["label"], [])) < per_label:
@@ -64,26 +65,69 @@ def held_out_tickets(per_label: int = 4) -> list[dict]:
 
 
 def raw(index: Path) -> dict:
+    """The RAG steps on the raw models, called directly in this process: no graph, no Ray.
+
+    One at a time for c1. For c16 a single process cannot serve 16 callers in parallel
+    (vLLM's offline engine takes one call at a time), so the fair raw figure is the
+    batched one: each group of 16 questions is embedded, searched and answered in one
+    engine call, and every question in it waits for the whole group.
+    """
+    from deployments import schemas as s
     from deployments.local import local_servers
     from servegraph import LocalRuntime
 
-    runtime = LocalRuntime(CATALOG, local_servers(index))
-    rag = build_rag().build()
-    asyncio.run(
-        runtime.run(
+    servers = local_servers(index)
+    embedder, vector_index, llm = servers["embedder"], servers["vector_index"], servers["llm"]
+    asyncio.run(  # the same knowledge base, ingested by the same graph
+        LocalRuntime(CATALOG, servers).run(
             build_ingest().build(), {"documents": [d.model_dump() for d in knowledge_base()]}
         )
     )
+    defaults = RagQuery(question="unused")
+
+    async def answer_all(questions: list[str]) -> list[RagAnswer]:
+        vectors = (await embedder.embed(s.EmbedRequest(texts=questions))).vectors
+        found = [
+            (await vector_index.search(s.SearchRequest(vector=v, k=defaults.k))).hits
+            for v in vectors
+        ]
+        prompts = [build_prompt(q, hits) for q, hits in zip(questions, found, strict=True)]
+        replies = await llm.chat_many(
+            [
+                s.ChatRequest(
+                    messages=p["messages"], json_schema=p["schema"], max_tokens=defaults.max_tokens
+                )
+                for p in prompts
+            ]
+        )
+        return [make_answer(r, hits) for r, hits in zip(replies, found, strict=True)]
 
     async def ask(question: str) -> None:
-        await runtime.run(rag, {"question": question})
+        await answer_all([question])
+
+    async def batched(n: int) -> list[float]:
+        samples = []
+        for start in range(0, n, CONCURRENCY):
+            group = [QUESTIONS[i % len(QUESTIONS)] for i in range(start, start + CONCURRENCY)]
+            started = time.perf_counter()
+            await answer_all(group)
+            samples += [time.perf_counter() - started] * len(group)
+        return samples
+
+    async def routing_hits(tickets: list[dict]) -> list[bool]:
+        classifier = servers["classifier"]
+        labels = [
+            (await classifier.classify(s.ClassifyRequest(text=t["text"]))).label for t in tickets
+        ]
+        return [label == t["label"] for label, t in zip(labels, tickets, strict=True)]
 
     asyncio.run(ask("warm up"))
-    result = {
+    hits = asyncio.run(routing_hits(held_out_tickets()))
+    return {
         "rag_c1": percentiles(asyncio.run(latencies(ask, SEQUENTIAL, 1))),
-        "rag_c16": percentiles(asyncio.run(latencies(ask, CONCURRENT, CONCURRENCY))),
+        "rag_c16": percentiles(asyncio.run(batched(CONCURRENT))),
+        "classifier_accuracy_same_tickets": sum(hits) / len(hits),
     }
-    return result
 
 
 def served() -> dict:
@@ -110,11 +154,29 @@ def served() -> dict:
                         await client.post("/pipelines/rag", json={"question": question})
                     ).raise_for_status()
 
+                first_chunk: list[float] = []
+
+                async def ask_streamed(question: str) -> None:
+                    started, first = time.perf_counter(), None
+                    async with client.stream(
+                        "POST", "/pipelines/rag/stream", json={"question": question}
+                    ) as response:
+                        response.raise_for_status()
+                        async for line in response.aiter_lines():
+                            if first is None and line == "event: chunk":
+                                first = time.perf_counter() - started
+                    assert first is not None, "the stream sent no answer text"
+                    first_chunk.append(first)
+
                 await ask("warm up")
                 out = {
                     "rag_c1": percentiles(await latencies(ask, SEQUENTIAL, 1)),
                     "rag_c16": percentiles(await latencies(ask, CONCURRENT, CONCURRENCY)),
                 }
+                out["rag_stream_c1_whole"] = percentiles(
+                    await latencies(ask_streamed, SEQUENTIAL, 1)
+                )
+                out["rag_stream_c1_first_chunk"] = percentiles(first_chunk)
                 tickets = held_out_tickets()
                 semaphore = asyncio.Semaphore(8)
 
@@ -147,9 +209,16 @@ def main() -> None:
             f"{baseline[key]['p50_ms']:.0f} ms p99 {baseline[key]['p99_ms']:.0f} ms | "
             f"serve/in-process p50 {ratio:.2f}"
         )
+    whole, first = on_serve["rag_stream_c1_whole"], on_serve["rag_stream_c1_first_chunk"]
+    print(
+        f"rag streamed c1: first answer text after p50 {first['p50_ms']:.0f} ms "
+        f"(whole answer p50 {whole['p50_ms']:.0f} ms)"
+    )
     print(
         f"agent routing accuracy: {on_serve['agent_routing_accuracy']:.3f} "
-        f"on {on_serve['agent_tickets']} held-out tickets"
+        f"on {on_serve['agent_tickets']} held-out tickets "
+        f"(the classifier alone, in-process, on the same tickets: "
+        f"{baseline['classifier_accuracy_same_tickets']:.3f})"
     )
 
 

@@ -12,7 +12,11 @@ CATALOG = Catalog(
     [
         ServerSpec(
             name="llm",
-            methods={"chat": MethodContract(s.ChatRequest, s.ChatResponse)},
+            methods={
+                "chat": MethodContract(
+                    s.ChatRequest, s.ChatResponse, chunk=s.ChatChunk, stream_method="chat_stream"
+                )
+            },
             app_builder="deployments.apps:llm_app",
             deployment="deployments.apps:llm_deployment_name",  # depends on the model id
             route_prefix="/",

@@ -10,10 +10,14 @@ plain JSON schema, token usage, and 4xx errors that name the field.
 
 from __future__ import annotations
 
+import json
+from collections.abc import AsyncIterator
 from typing import Any
 
+from pydantic_core import from_json
+
 from deployments.profiles import LLM_GPU_FRACTION, options_for
-from deployments.schemas import ChatRequest, ChatResponse, Usage
+from deployments.schemas import ChatChunk, ChatRequest, ChatResponse, Usage
 from deployments.settings import ModelSettings
 from servegraph.errors import InvalidInputError
 from servegraph.tracing import annotate
@@ -75,6 +79,49 @@ class LLMClient:
         self._handle = handle.options(stream=True)
 
     async def chat(self, request: ChatRequest) -> ChatResponse:
+        response = None
+        async for item in self._handle.chat.remote(self._openai_request(request), None):
+            response = item
+        reply = _to_chat_response(response, self.model_id)
+        _annotate_reply(reply)
+        return reply
+
+    async def chat_stream(self, request: ChatRequest) -> AsyncIterator[ChatChunk | ChatResponse]:
+        """`chat`, streamed: `ChatChunk`s as tokens arrive, then the whole `ChatResponse`."""
+        field = FieldStream(request.stream_field if request.json_schema is not None else None)
+        text: list[str] = []
+        finish_reason: str | None = None
+        usage = Usage(input_tokens=0, output_tokens=0)
+        stream = self._handle.chat.remote(self._openai_request(request, stream=True), None)
+        async for batch in stream:
+            # LLMServer yields lists of SSE lines ("data: {chunk json}") or an ErrorResponse.
+            for line in batch if isinstance(batch, list) else [batch]:
+                if not isinstance(line, str):
+                    _to_chat_response(line, self.model_id)  # raises the engine's error
+                payload = line.removeprefix("data:").strip()
+                if not payload or payload == "[DONE]":
+                    continue
+                data = json.loads(payload)
+                if "error" in data:
+                    _raise_engine_error(data["error"].get("message", ""), data["error"].get("code"))
+                for choice in data.get("choices") or []:
+                    if delta := (choice.get("delta") or {}).get("content"):
+                        text.append(delta)
+                        if new := field.feed(delta):
+                            yield ChatChunk(text=new)
+                    finish_reason = choice.get("finish_reason") or finish_reason
+                if counts := data.get("usage"):
+                    usage = Usage(
+                        input_tokens=counts["prompt_tokens"],
+                        output_tokens=counts["completion_tokens"],
+                    )
+        reply = ChatResponse(
+            text="".join(text), finish_reason=finish_reason, usage=usage, model=self.model_id
+        )
+        _annotate_reply(reply)
+        yield reply
+
+    def _openai_request(self, request: ChatRequest, *, stream: bool = False) -> Any:
         from ray.serve.llm.openai_api_models import ChatCompletionRequest
 
         body: dict[str, Any] = {
@@ -82,8 +129,10 @@ class LLMClient:
             "messages": [m.model_dump() for m in request.messages],
             "max_tokens": request.max_tokens,
             "temperature": request.temperature,
-            "stream": False,
+            "stream": stream,
         }
+        if stream:
+            body["stream_options"] = {"include_usage": True}
         if request.stop:
             body["stop"] = request.stop
         if request.json_schema is not None:
@@ -99,30 +148,61 @@ class LLMClient:
                 "gen_ai.request.max_tokens": request.max_tokens,
                 "gen_ai.request.temperature": request.temperature,
                 "servegraph.llm.guided_json": request.json_schema is not None,
+                "servegraph.llm.stream": stream,
             }
         )
-        response = None
-        async for item in self._handle.chat.remote(ChatCompletionRequest(**body), None):
-            response = item
-        reply = _to_chat_response(response, self.model_id)
-        annotate(
-            **{
-                "gen_ai.usage.input_tokens": reply.usage.input_tokens,
-                "gen_ai.usage.output_tokens": reply.usage.output_tokens,
-                "gen_ai.response.finish_reasons": [reply.finish_reason or "unknown"],
-            }
-        )
-        return reply
+        return ChatCompletionRequest(**body)
+
+
+class FieldStream:
+    """Turns a reply's text deltas into the deltas a caller should see: all of it, or,
+    for a guided-JSON reply, only the text of one top-level string field so far.
+
+    The partial JSON is parsed with pydantic-core's `allow_partial` (the same parser
+    as pydantic), so escapes are decoded and a half-written escape is held back.
+    """
+
+    def __init__(self, field: str | None) -> None:
+        self.field = field
+        self._text = ""
+        self._sent = ""
+
+    def feed(self, delta: str) -> str:
+        if self.field is None:
+            return delta
+        self._text += delta
+        try:
+            value = from_json(self._text, allow_partial="trailing-strings")
+        except ValueError:
+            return ""
+        current = value.get(self.field) if isinstance(value, dict) else None
+        if not isinstance(current, str) or not current.startswith(self._sent):
+            return ""
+        new, self._sent = current[len(self._sent) :], current
+        return new
+
+
+def _annotate_reply(reply: ChatResponse) -> None:
+    annotate(
+        **{
+            "gen_ai.usage.input_tokens": reply.usage.input_tokens,
+            "gen_ai.usage.output_tokens": reply.usage.output_tokens,
+            "gen_ai.response.finish_reasons": [reply.finish_reason or "unknown"],
+        }
+    )
+
+
+def _raise_engine_error(message: str, code: Any) -> None:
+    code = int(code or 500)
+    if 400 <= code < 500:
+        raise InvalidInputError("messages", message, "shorten the prompt or lower max_tokens")
+    raise RuntimeError(f"LLM engine error {code}: {message}")
 
 
 def _to_chat_response(response: Any, model_id: str) -> ChatResponse:
     error = getattr(response, "error", None)
     if error is not None:
-        message = getattr(error, "message", str(error))
-        code = int(getattr(error, "code", 500) or 500)
-        if 400 <= code < 500:
-            raise InvalidInputError("messages", message, "shorten the prompt or lower max_tokens")
-        raise RuntimeError(f"LLM engine error {code}: {message}")
+        _raise_engine_error(getattr(error, "message", str(error)), getattr(error, "code", 500))
     choice = response.choices[0]
     usage = response.usage
     return ChatResponse(

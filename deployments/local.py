@@ -11,6 +11,7 @@ import asyncio
 import json
 import os
 import pickle
+from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
 
@@ -89,36 +90,51 @@ class LocalLLM:
         self._lock = asyncio.Lock()  # the offline engine serves one call at a time
 
     async def chat(self, request: s.ChatRequest) -> s.ChatResponse:
+        return (await self.chat_many([request]))[0]
+
+    async def chat_many(self, requests: list[s.ChatRequest]) -> list[s.ChatResponse]:
+        """Several chats in one engine call: the offline engine's way to batch."""
         from vllm import SamplingParams
         from vllm.sampling_params import StructuredOutputsParams
 
-        params: dict[str, Any] = {
-            "max_tokens": request.max_tokens,
-            "temperature": request.temperature,
-            "stop": request.stop,
-        }
-        if request.json_schema is not None:
-            params["structured_outputs"] = StructuredOutputsParams(
-                json=json.dumps(request.json_schema)
-            )
-        async with self._lock:
-            output = (
-                await asyncio.to_thread(
-                    self._llm.chat,
-                    [m.model_dump() for m in request.messages],
-                    SamplingParams(**params),
-                    use_tqdm=False,
+        params = []
+        for request in requests:
+            options: dict[str, Any] = {
+                "max_tokens": request.max_tokens,
+                "temperature": request.temperature,
+                "stop": request.stop,
+            }
+            if request.json_schema is not None:
+                options["structured_outputs"] = StructuredOutputsParams(
+                    json=json.dumps(request.json_schema)
                 )
-            )[0]
-        completion = output.outputs[0]
-        return s.ChatResponse(
-            text=completion.text,
-            finish_reason=completion.finish_reason,
-            model=self.model_id,
-            usage=s.Usage(
-                input_tokens=len(output.prompt_token_ids), output_tokens=len(completion.token_ids)
-            ),
-        )
+            params.append(SamplingParams(**options))
+        conversations = [[m.model_dump() for m in request.messages] for request in requests]
+        async with self._lock:
+            outputs = await asyncio.to_thread(self._llm.chat, conversations, params, use_tqdm=False)
+        return [
+            s.ChatResponse(
+                text=output.outputs[0].text,
+                finish_reason=output.outputs[0].finish_reason,
+                model=self.model_id,
+                usage=s.Usage(
+                    input_tokens=len(output.prompt_token_ids),
+                    output_tokens=len(output.outputs[0].token_ids),
+                ),
+            )
+            for output in outputs
+        ]
+
+    async def chat_stream(self, request: s.ChatRequest) -> AsyncIterator[Any]:
+        """The offline engine has no token stream: one chunk with the whole text, then the
+        reply. The same contract as the Serve deployment, for in-process runs and tests."""
+        from deployments.llm import FieldStream
+
+        reply = await self.chat(request)
+        field = FieldStream(request.stream_field if request.json_schema is not None else None)
+        if text := field.feed(reply.text):
+            yield s.ChatChunk(text=text)
+        yield reply
 
 
 def local_servers(index_path: Path, *, llm: bool = True) -> dict[str, Any]:

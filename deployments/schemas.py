@@ -165,6 +165,19 @@ class ChatRequest(BaseModel):
         None, description="Constrain the output to this JSON schema (guided decoding)."
     )
     stop: list[str] | None = None
+    stream_field: str | None = Field(
+        None,
+        description=(
+            "With json_schema, when streamed: chunks carry only the text of this top-level "
+            "string field of the reply (e.g. 'answer'), as it is generated."
+        ),
+    )
+
+
+class ChatChunk(BaseModel):
+    """New text of a streamed reply (or of its `stream_field`)."""
+
+    text: str
 
 
 class Usage(BaseModel):

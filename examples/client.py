@@ -5,6 +5,7 @@
 
 from __future__ import annotations
 
+import json
 import sys
 
 import httpx
@@ -21,6 +22,23 @@ def main(base_url: str = "http://127.0.0.1:8000") -> None:
         print("RAG answer:", answer["answer"])
         for passage in answer["cited"]:
             print(f"  [{passage['n']}] {passage['title']} (score {passage['score']:.2f})")
+
+        # The same question streamed (SSE): the answer's text arrives as it is written.
+        print("RAG streamed: ", end="", flush=True)
+        with client.stream(
+            "POST", "/pipelines/rag/stream", json={"question": "How do I reset my password?"}
+        ) as stream:
+            stream.raise_for_status()
+            event = ""
+            for line in stream.iter_lines():
+                if line.startswith("event: "):
+                    event = line.removeprefix("event: ")
+                elif line.startswith("data: ") and event == "chunk":
+                    print(json.loads(line.removeprefix("data: "))["text"], end="", flush=True)
+                elif line.startswith("data: ") and event == "result":
+                    print(f"\n  cites {json.loads(line.removeprefix('data: '))['citations']}")
+                elif line.startswith("data: ") and event == "error":
+                    raise RuntimeError(line)
 
         triage = client.post(
             "/pipelines/triage",

@@ -2,7 +2,9 @@
 
 The LLM answers as JSON constrained by a schema whose `sources` may only hold the
 numbers of passages actually retrieved (guided decoding), so even a 135M model cites
-sources that exist.
+sources that exist. Streamed (`/pipelines/rag/stream`), the `generate` node sends the
+`answer` field's text as the tokens arrive; the final `result` event is the same
+`RagAnswer` the plain route returns.
 """
 
 from __future__ import annotations
@@ -45,6 +47,8 @@ def build_pipeline() -> Pipeline:
         messages=prompt.messages,
         json_schema=prompt.schema,
         max_tokens=rag.input.max_tokens,
+        stream=True,  # POST /pipelines/rag/stream sends the answer's text as it is written
+        stream_field="answer",
     )
     rag.returns(rag.function("answer", make_answer, reply=reply, hits=found.hits))
     return rag

@@ -26,6 +26,7 @@ from servegraph.render import to_mermaid as to_mermaid
 from servegraph.render import to_text as to_text
 from servegraph.runtime import LocalRuntime as LocalRuntime
 from servegraph.runtime import NodeRecord as NodeRecord
+from servegraph.runtime import RunEvent as RunEvent
 from servegraph.runtime import RunResult as RunResult
 from servegraph.runtime import Runtime as Runtime
 from servegraph.serialize import from_yaml as from_yaml
@@ -52,6 +53,7 @@ __all__ = [
     "PipelineRuntimeError",
     "Problem",
     "Ref",
+    "RunEvent",
     "RunResult",
     "Runtime",
     "ServegraphError",

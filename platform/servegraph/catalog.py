@@ -18,10 +18,22 @@ from servegraph.errors import CatalogError
 
 @dataclass(frozen=True)
 class MethodContract:
-    """A server method: one pydantic request model in, one response model out."""
+    """A server method: one pydantic request model in, one response model out.
+
+    A method that can stream also names its streaming twin, `stream_method`: an async
+    generator taking the same request that yields `chunk` models as they are produced
+    and, last, the complete `response`. A call node with `stream=True` uses it when the
+    caller asked for a stream, so the graph's downstream nodes still get the response.
+    """
 
     request: type[BaseModel]
     response: type[BaseModel]
+    chunk: type[BaseModel] | None = None
+    stream_method: str | None = None
+
+    def __post_init__(self) -> None:
+        if (self.chunk is None) != (self.stream_method is None):
+            raise CatalogError("a streaming method needs both `chunk` and `stream_method`")
 
 
 @dataclass(frozen=True)

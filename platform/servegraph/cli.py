@@ -183,7 +183,10 @@ def _print_endpoints(cluster: Any, package: str) -> None:
             name, {}
         )
         body = json.dumps(example) if example else "{}"
-        console.print(f"[bold]{name}[/bold]: POST {base}/pipelines/{name}", highlight=False)
+        console.print(
+            f"[bold]{name}[/bold]: POST {base}/pipelines/{name}  (SSE: .../{name}/stream)",
+            highlight=False,
+        )
         console.print(
             f"  curl -s {base}/pipelines/{name} -H 'content-type: application/json' -d '{body}'",
             markup=False,

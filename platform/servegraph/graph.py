@@ -84,6 +84,10 @@ class CallNode(_NodeBase):
     server: str
     method: str
     deployment: DeploymentOverrides | None = None
+    stream: bool = Field(
+        False,
+        description="Forward the method's chunks (e.g. LLM tokens) to a streaming request.",
+    )
 
 
 class FunctionNode(_NodeBase):
@@ -226,9 +230,14 @@ class Pipeline:
         method: str,
         *,
         deployment: DeploymentOverrides | dict[str, Any] | None = None,
+        stream: bool = False,
         **ports: Any,
     ) -> Ref:
-        """Call `server.method` with a request built from `ports`."""
+        """Call `server.method` with a request built from `ports`.
+
+        With `stream=True`, a request run as a stream (`/<pipeline>/stream`) gets the
+        method's chunks as they come; the node's output is the complete response either way.
+        """
         options, ports = _split_options(ports)
         overrides = DeploymentOverrides.model_validate(deployment) if deployment else None
         return self._add(
@@ -237,6 +246,7 @@ class Pipeline:
                 server=server,
                 method=method,
                 deployment=overrides,
+                stream=stream,
                 **_wire(ports),
                 **options,
             )

@@ -62,7 +62,12 @@ def install_error_handlers(app: FastAPI) -> None:
     @app.exception_handler(PipelineRuntimeError)
     async def _runtime(_: Request, exc: PipelineRuntimeError) -> JSONResponse:
         return JSONResponse(
-            {"error": type(exc).__name__, "node": exc.node, "detail": exc.detail},
+            runtime_error_body(exc),
             status_code=exc.status_code,
             headers={"Retry-After": "1"} if exc.status_code == 503 else None,
         )
+
+
+def runtime_error_body(exc: PipelineRuntimeError) -> dict[str, Any]:
+    """The body of a failed run: the error's kind, the node it happened in, and why."""
+    return {"error": type(exc).__name__, "node": exc.node, "detail": exc.detail}

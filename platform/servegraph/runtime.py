@@ -12,9 +12,9 @@ from __future__ import annotations
 import asyncio
 import inspect
 import time
-from collections.abc import Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass, field
-from typing import Any, Protocol
+from typing import Any, Literal, Protocol
 
 from pydantic import BaseModel, ValidationError
 
@@ -49,6 +49,12 @@ class Invoker(Protocol):
     async def __call__(self, server: str, method: str, request: BaseModel) -> Any: ...
 
 
+class StreamInvoker(Protocol):
+    """How a runtime reaches a streaming method: iterate `server.method(request)`."""
+
+    def __call__(self, server: str, method: str, request: BaseModel) -> AsyncIterator[Any]: ...
+
+
 @dataclass
 class NodeRecord:
     """What one node did in one request: for responses' usage, traces and tests."""
@@ -68,6 +74,17 @@ class RunResult:
     nodes: list[NodeRecord] = field(default_factory=list)
 
 
+@dataclass
+class RunEvent:
+    """What a streamed run reports, in order: "node" when a node attempt ends (`data` is
+    its `NodeRecord`), "chunk" for each chunk of a `stream=True` call (`data` is the
+    contract's chunk model), and last "result" (`data` is the `RunResult`)."""
+
+    kind: Literal["node", "chunk", "result"]
+    node: str | None
+    data: Any
+
+
 NodeHook = Callable[[Node, str, int], Any]
 """Called as hook(node, qualified_name, attempt); may return a context manager."""
 
@@ -79,11 +96,20 @@ class Runtime:
         catalog: the server contracts calls are checked against.
         invoke: reaches a model server (objects in-process, handles on Serve).
         node_hook: optional; wraps each node attempt (tracing, metrics).
+        invoke_stream: reaches a streaming method; without it, `stream=True` calls
+            run as plain calls even in a streamed run.
     """
 
-    def __init__(self, catalog: Catalog, invoke: Invoker, node_hook: NodeHook | None = None):
+    def __init__(
+        self,
+        catalog: Catalog,
+        invoke: Invoker,
+        node_hook: NodeHook | None = None,
+        invoke_stream: StreamInvoker | None = None,
+    ):
         self.catalog = catalog
         self._invoke = invoke
+        self._invoke_stream = invoke_stream
         self._node_hook = node_hook
         self._validated: set[int] = set()
 
@@ -98,6 +124,7 @@ class Runtime:
         *,
         deadline_s: float = DEFAULT_DEADLINE_S,
         records: list[NodeRecord] | None = None,
+        on_event: Callable[[RunEvent], None] | None = None,
     ) -> RunResult:
         """Run `graph`, returning its output and a record of every node attempt.
 
@@ -107,14 +134,49 @@ class Runtime:
             NodeInputError: a node's input broke its contract (422).
 
         `records`, when given, receives the node records as they happen, so a caller
-        sees them even when the run raises.
+        sees them even when the run raises. `on_event`, when given, makes this a
+        streamed run: it gets "node" and "chunk" events as they happen.
         """
         if id(graph) not in self._validated:
             validate(graph, self.catalog)
             self._validated.add(id(graph))
-        run = _Run(self, time.monotonic() + deadline_s, records)
+        run = _Run(self, time.monotonic() + deadline_s, records, on_event)
         output = await run.graph(graph, _coerce(resolve(graph.input), request, INPUT), "")
         return RunResult(output, run.records)
+
+    async def stream(
+        self,
+        graph: Graph,
+        request: BaseModel | dict[str, Any],
+        *,
+        deadline_s: float = DEFAULT_DEADLINE_S,
+        records: list[NodeRecord] | None = None,
+    ) -> AsyncIterator[RunEvent]:
+        """Run `graph` as a stream: its events as they happen, then the "result" event.
+
+        Raises what `execute` raises, after the events that came before the failure.
+        Closing the iterator early cancels the run.
+        """
+        queue: asyncio.Queue[RunEvent] = asyncio.Queue()
+        run = asyncio.ensure_future(
+            self.execute(
+                graph, request, deadline_s=deadline_s, records=records, on_event=queue.put_nowait
+            )
+        )
+        try:
+            while True:
+                next_event = asyncio.ensure_future(queue.get())
+                await asyncio.wait({next_event, run}, return_when=asyncio.FIRST_COMPLETED)
+                if next_event.done():
+                    yield next_event.result()
+                    continue
+                next_event.cancel()
+                while not queue.empty():
+                    yield queue.get_nowait()
+                yield RunEvent("result", None, run.result())
+                return
+        finally:
+            run.cancel()
 
 
 class LocalRuntime(Runtime):
@@ -131,18 +193,27 @@ class LocalRuntime(Runtime):
         async def invoke(server: str, method: str, request: BaseModel) -> Any:
             return await _maybe_await(getattr(self.servers[server], method)(request))
 
-        super().__init__(catalog, invoke, **kw)
+        def invoke_stream(server: str, method: str, request: BaseModel) -> AsyncIterator[Any]:
+            return getattr(self.servers[server], method)(request)
+
+        super().__init__(catalog, invoke, invoke_stream=invoke_stream, **kw)
 
 
 class _Run:
     """One request's execution state."""
 
     def __init__(
-        self, runtime: Runtime, deadline: float, records: list[NodeRecord] | None = None
+        self,
+        runtime: Runtime,
+        deadline: float,
+        records: list[NodeRecord] | None = None,
+        on_event: Callable[[RunEvent], None] | None = None,
     ) -> None:
         self.rt = runtime
         self.deadline = deadline
         self.records: list[NodeRecord] = records if records is not None else []
+        self.on_event = on_event
+        self.streamed: set[str] = set()  # nodes that already sent chunks to the caller
 
     async def graph(self, graph: Graph, request: BaseModel, prefix: str) -> Any:
         results: dict[str, asyncio.Future[Any]] = {}
@@ -192,6 +263,8 @@ class _Run:
                 error = exc
                 if isinstance(exc, NodeInputError):
                     attempts = attempt  # bad input is bad on every attempt
+                if qualified in self.streamed:
+                    attempts = attempt  # a retry would send the caller its chunks twice
             else:
                 self._record(
                     node,
@@ -204,10 +277,9 @@ class _Run:
                 return output
             status = "timeout" if isinstance(error, NodeTimeoutError) else "error"
             self._record(node, qualified, attempt, status, started, str(error))
-            if attempt < attempts and self._remaining() > _RETRY_BACKOFF_S * 2**attempt:
-                await asyncio.sleep(_RETRY_BACKOFF_S * 2 ** (attempt - 1))
-            elif attempt < attempts:
+            if attempt >= attempts or self._remaining() <= _RETRY_BACKOFF_S * 2**attempt:
                 break
+            await asyncio.sleep(_RETRY_BACKOFF_S * 2 ** (attempt - 1))
         assert error is not None
         if node.fallback is None:
             raise error
@@ -257,6 +329,8 @@ class _Run:
         self, node: Node, qualified: str, args: dict[str, Any], values: dict[str, Any]
     ) -> Any:
         if isinstance(node, CallNode):
+            if node.stream and self.on_event is not None and self.rt._invoke_stream is not None:
+                return await self._call_stream(node, qualified, args)
             return await self._call(node.server, node.method, args)
         if isinstance(node, FunctionNode):
             return await _maybe_await(resolve(node.function)(**args))
@@ -305,6 +379,25 @@ class _Run:
             response = contract.response.model_validate(response)
         return response
 
+    async def _call_stream(self, node: CallNode, qualified: str, args: dict[str, Any]) -> Any:
+        """Forward the chunks of the method's streaming twin; return its last item."""
+        assert self.on_event is not None and self.rt._invoke_stream is not None
+        contract = self.rt.catalog.contract(node.server, node.method)
+        assert contract.stream_method is not None and contract.chunk is not None
+        request = contract.request.model_validate(args)
+        response = None
+        stream = self.rt._invoke_stream(node.server, contract.stream_method, request)
+        async for item in stream:
+            if isinstance(item, contract.response):
+                response = item
+            else:
+                chunk = contract.chunk.model_validate(item)
+                self.streamed.add(qualified)
+                self.on_event(RunEvent("chunk", qualified, chunk))
+        if response is None:
+            raise RuntimeError(f"{contract.stream_method} ended without a final response")
+        return response
+
     async def _fallback(self, node: Node, qualified: str, args: dict[str, Any]) -> Any:
         fallback = node.fallback
         assert fallback is not None
@@ -327,9 +420,10 @@ class _Run:
         usage: dict[str, int] | None = None,
     ) -> None:
         wall_ms = (time.perf_counter() - started) * 1000
-        self.records.append(
-            NodeRecord(qualified, node.kind, attempt, status, wall_ms, error, usage)
-        )
+        record = NodeRecord(qualified, node.kind, attempt, status, wall_ms, error, usage)
+        self.records.append(record)
+        if self.on_event is not None:
+            self.on_event(RunEvent("node", qualified, record))
 
 
 # --------------------------------------------------------------------------- helpers

@@ -8,12 +8,17 @@ graphs and nothing unpicklable travels from the driver.
 
 # No `from __future__ import annotations` here: FastAPI must see the real pipeline input
 # model on each route function, and a closure variable cannot be resolved from a string.
+import asyncio
+import dataclasses
 import json
 import time
+from collections.abc import AsyncIterator
 from typing import Any
 
 from fastapi import FastAPI, Header, Response
+from fastapi.encoders import jsonable_encoder
 from fastapi.responses import PlainTextResponse
+from fastapi.sse import EventSourceResponse, format_sse_event
 from pydantic import BaseModel
 from ray import serve
 from ray.serve.exceptions import BackPressureError
@@ -24,9 +29,9 @@ from servegraph.catalog import Catalog, ServerSpec
 from servegraph.discovery import discover
 from servegraph.errors import OverloadedError, PipelineRuntimeError
 from servegraph.graph import Graph, resolve
-from servegraph.http import install_error_handlers
+from servegraph.http import install_error_handlers, runtime_error_body
 from servegraph.render import to_mermaid, to_text
-from servegraph.runtime import DEFAULT_DEADLINE_S, NodeRecord, Runtime
+from servegraph.runtime import DEFAULT_DEADLINE_S, NodeRecord, RunEvent, Runtime
 from servegraph.serialize import to_yaml
 from servegraph.validation import validate
 
@@ -62,6 +67,19 @@ class ServeInvoker:
         except BackPressureError as exc:
             raise OverloadedError(f"{server}.{method}", f"model server overloaded: {exc}") from exc
 
+    async def stream(self, server: str, method: str, request: BaseModel) -> AsyncIterator[Any]:
+        """Iterate a streaming method: a generator on the replica, or the client's own."""
+        target = self._target(server)
+        try:
+            if isinstance(target, DeploymentHandle):
+                items = getattr(target.options(stream=True), method).remote(request)
+            else:
+                items = getattr(target, method)(request)
+            async for item in items:
+                yield item
+        except BackPressureError as exc:
+            raise OverloadedError(f"{server}.{method}", f"model server overloaded: {exc}") from exc
+
 
 def build_fastapi(
     graphs: dict[str, Graph], catalog: Catalog, invoke: Any, metrics: Any = None
@@ -85,9 +103,35 @@ def build_fastapi(
         }
 
     for graph in graphs.values():
-        runtime = Runtime(catalog, invoke, node_hook=tracing.node_hook(graph.name))
+        runtime = Runtime(
+            catalog,
+            invoke,
+            node_hook=tracing.node_hook(graph.name),
+            invoke_stream=getattr(invoke, "stream", None),
+        )
         _add_pipeline_routes(app, graph, runtime, metrics)
     return app
+
+
+_ERROR_RESPONSES: dict[int | str, dict[str, Any]] = {
+    422: {"description": "Invalid field (names the field and the fix)"},
+    502: {"description": "A node failed (names the node)"},
+    503: {"description": "A model server is overloaded; retry"},
+    504: {"description": "A node ran past the deadline (names the node)"},
+}
+
+_STREAM_DESCRIPTION = """Run the pipeline as Server-Sent Events, in order:
+
+- `node`: a node attempt ended: `{node, kind, attempt, status, wall_ms, error, usage}`
+- `chunk`: a chunk of a streaming node, e.g. LLM text: `{node, text, ...}`
+- `usage`: what the request cost (as the `x-servegraph-usage` header of the plain route)
+- `result`: the pipeline's output, exactly as the plain route returns it
+- `error`, instead of `usage` and `result`, when the run fails after the stream began:
+  `{status, error, node, detail}`, status being what the plain route would answer.
+
+A run that fails before any progress (a chunk, or a node that succeeded) answers with
+that status and a JSON body instead, as the plain route does.
+The response carries `x-trace-id`; the whole stream is one trace."""
 
 
 def _add_pipeline_routes(app: FastAPI, graph: Graph, runtime: Runtime, metrics: Any) -> None:
@@ -108,11 +152,8 @@ def _add_pipeline_routes(app: FastAPI, graph: Graph, runtime: Runtime, metrics: 
             result = await runtime.execute(
                 graph, request, records=records, deadline_s=x_request_timeout or DEFAULT_DEADLINE_S
             )
-        except PipelineRuntimeError as exc:
-            status = exc.status_code
-            raise
-        except Exception:
-            status = 500
+        except Exception as exc:
+            status = _status_of(exc)
             raise
         finally:
             total_ms = (time.perf_counter() - started) * 1000
@@ -120,6 +161,63 @@ def _add_pipeline_routes(app: FastAPI, graph: Graph, runtime: Runtime, metrics: 
                 metrics.record(graph.name, status, total_ms, records)
         response.headers.update(_usage_headers(records, total_ms))
         return result.output
+
+    async def stream_pipeline(
+        request: input_model,  # type: ignore[valid-type]
+        x_request_timeout: float | None = Header(
+            None, gt=0, le=600, description="Deadline for the whole request, in seconds."
+        ),
+    ) -> Response:
+        started = time.perf_counter()
+        records: list[NodeRecord] = []
+        events = runtime.stream(
+            graph, request, records=records, deadline_s=x_request_timeout or DEFAULT_DEADLINE_S
+        )
+        # The status line goes out with the first event. Until the run has made progress
+        # (a chunk, or a node that succeeded), hold events back, so a request failing at
+        # once (overloaded, bad input to the first node) gets its real status and body.
+        held: list[RunEvent] = []
+        try:
+            while not held or _is_failure(held[-1]):
+                held.append(await anext(events))
+        except Exception as exc:
+            if metrics is not None:
+                total_ms = (time.perf_counter() - started) * 1000
+                metrics.record(graph.name, _status_of(exc), total_ms, records)
+            raise
+
+        async def body() -> AsyncIterator[bytes]:
+            status = 200
+            try:
+                for event in held[:-1]:
+                    yield _sse(event.kind, _event_data(event))
+                event = held[-1]
+                while event.kind != "result":
+                    yield _sse(event.kind, _event_data(event))
+                    event = await anext(events)
+                total_ms = (time.perf_counter() - started) * 1000
+                yield _sse("usage", _usage(records, total_ms))
+                yield _sse("result", jsonable_encoder(event.data.output))
+            except PipelineRuntimeError as exc:
+                status = exc.status_code
+                yield _sse("error", {"status": status, **runtime_error_body(exc)})
+            except (asyncio.CancelledError, GeneratorExit):
+                status = 499  # the client went away; the run is cancelled with the stream
+                raise
+            except Exception as exc:
+                status = 500
+                error = {"status": 500, "error": type(exc).__name__, "detail": str(exc)}
+                yield _sse("error", error)
+            finally:
+                await events.aclose()
+                if metrics is not None:
+                    total_ms = (time.perf_counter() - started) * 1000
+                    metrics.record(graph.name, status, total_ms, records)
+
+        headers = {"cache-control": "no-cache"}
+        if trace_id := tracing.current_trace_id():
+            headers["x-trace-id"] = trace_id
+        return EventSourceResponse(body(), headers=headers)
 
     app.add_api_route(
         f"/{graph.name}",
@@ -129,11 +227,19 @@ def _add_pipeline_routes(app: FastAPI, graph: Graph, runtime: Runtime, metrics: 
         summary=graph.description or f"Run the {graph.name} pipeline",
         name=f"run_{graph.name}",
         operation_id=f"run_{graph.name}",
+        responses=_ERROR_RESPONSES,
+    )
+    app.add_api_route(
+        f"/{graph.name}/stream",
+        stream_pipeline,
+        methods=["POST"],
+        summary=f"Run the {graph.name} pipeline, streaming its progress and output (SSE)",
+        description=_STREAM_DESCRIPTION,
+        name=f"stream_{graph.name}",
+        operation_id=f"stream_{graph.name}",
         responses={
-            422: {"description": "Invalid field (names the field and the fix)"},
-            502: {"description": "A node failed (names the node)"},
-            503: {"description": "A model server is overloaded; retry"},
-            504: {"description": "A node ran past the deadline (names the node)"},
+            200: {"content": {"text/event-stream": {}}, "description": "The event stream"},
+            **_ERROR_RESPONSES,
         },
     )
 
@@ -164,21 +270,45 @@ def _add_pipeline_routes(app: FastAPI, graph: Graph, runtime: Runtime, metrics: 
     )
 
 
-def _usage_headers(records: list[NodeRecord], total_ms: float) -> dict[str, str]:
-    """What the request cost: LLM tokens and wall time per node (x-servegraph-usage),
-    the same timings as Server-Timing (shown by browsers and `curl -v`), and the trace id."""
+def _status_of(exc: BaseException) -> int:
+    return exc.status_code if isinstance(exc, PipelineRuntimeError) else 500
+
+
+def _is_failure(event: RunEvent) -> bool:
+    return event.kind == "node" and event.data.status in ("error", "timeout")
+
+
+def _sse(event: str, data: Any) -> bytes:
+    return format_sse_event(event=event, data_str=json.dumps(data, separators=(",", ":")))
+
+
+def _event_data(event: RunEvent) -> dict[str, Any]:
+    if event.kind == "node":
+        return dataclasses.asdict(event.data)
+    return {"node": event.node, **jsonable_encoder(event.data)}
+
+
+def _usage(records: list[NodeRecord], total_ms: float) -> dict[str, Any]:
+    """What the request cost: LLM tokens, and wall time per node (retries summed)."""
     tokens = {"input": 0, "output": 0}
     nodes_ms: dict[str, float] = {}
     for record in records:
         for direction, n in (record.usage or {}).items():
             tokens[direction] += n
         nodes_ms[record.node] = round(nodes_ms.get(record.node, 0.0) + record.wall_ms, 2)
-    usage = {
+    return {
         "llm_input_tokens": tokens["input"],
         "llm_output_tokens": tokens["output"],
         "total_ms": round(total_ms, 2),
         "nodes_ms": nodes_ms,
     }
+
+
+def _usage_headers(records: list[NodeRecord], total_ms: float) -> dict[str, str]:
+    """The usage as x-servegraph-usage, the same timings as Server-Timing (shown by
+    browsers and `curl -v`), and the trace id."""
+    usage = _usage(records, total_ms)
+    nodes_ms: dict[str, float] = usage["nodes_ms"]
     timing = [f"{_token(node)};dur={ms:.1f}" for node, ms in list(nodes_ms.items())[-20:]]
     headers = {
         "x-servegraph-usage": json.dumps(usage, separators=(",", ":")),

@@ -126,6 +126,12 @@ class _Checker:
             except CatalogError as exc:
                 self._problem(node.name, str(exc), "name a server and method from the catalog")
                 return Any, {}
+            if node.stream and contract.stream_method is None:
+                self._problem(
+                    node.name,
+                    f"{node.server}.{node.method} cannot stream",
+                    "remove stream=True, or call a method whose contract has a stream_method",
+                )
             return contract.response, model_ports(contract.request)
         if isinstance(node, FunctionNode):
             fn = self._import(node.function, node.name, "function")

@@ -6,6 +6,7 @@ import httpx
 import pytest
 
 from servegraph.local import LocalCluster
+from tests.sse import sse_events
 
 pytestmark = pytest.mark.integration
 
@@ -30,6 +31,23 @@ def test_answer_cites_a_retrieved_source_containing_the_fact(
     assert any("3 to 5 business days" in p["text"] for p in body["cited"]), body
     assert body["usage"]["output_tokens"] > 0
     assert "server-timing" in response.headers
+
+
+def test_streamed_answer_arrives_in_pieces_and_matches_the_result(client: httpx.Client) -> None:
+    question = "How many business days does standard delivery take within the EU?"
+    with client.stream("POST", "/pipelines/rag/stream", json={"question": question}) as response:
+        assert response.status_code == 200, response.read()
+        assert response.headers["content-type"].startswith("text/event-stream")
+        events = sse_events(response.read().decode())
+    names = [name for name, _ in events]
+    chunks = [data["text"] for name, data in events if name == "chunk"]
+    assert len(chunks) > 3, names  # token by token, not one piece at the end
+    assert names.index("node") < names.index("chunk")  # embed/retrieve reported before it
+    assert names[-2:] == ["usage", "result"]
+    result = events[-1][1]
+    assert "".join(chunks).strip() == result["answer"]
+    assert result["citations"] and any("3 to 5 business days" in p["text"] for p in result["cited"])
+    assert events[-2][1]["llm_output_tokens"] == result["usage"]["output_tokens"] > 0
 
 
 def test_metadata_filter_restricts_retrieval(client: httpx.Client) -> None:

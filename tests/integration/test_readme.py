@@ -11,6 +11,7 @@ from pathlib import Path
 import pytest
 
 from servegraph.local import LocalCluster
+from tests.sse import sse_events
 
 pytestmark = pytest.mark.integration
 ROOT = Path(__file__).resolve().parents[2]
@@ -33,8 +34,14 @@ def test_readme_curl_examples_return_real_answers(pipelines: LocalCluster) -> No
         done = subprocess.run(
             ["bash", "-c", line], capture_output=True, text=True, timeout=300, check=True
         )
-        outputs[re.search(r"/(pipelines/\w+|v1/[\w/]+)", line).group(1)] = json.loads(done.stdout)
+        route = re.search(r"/(pipelines/[\w/]+|v1/[\w/]+)", line).group(1)
+        outputs[route] = (
+            sse_events(done.stdout) if route.endswith("/stream") else json.loads(done.stdout)
+        )
     assert outputs["pipelines/rag"]["answer"] and outputs["pipelines/rag"]["passages"]
+    streamed = outputs["pipelines/rag/stream"]
+    assert [name for name, _ in streamed][-2:] == ["usage", "result"]
+    assert any(name == "chunk" for name, _ in streamed) and streamed[-1][1]["answer"]
     assert outputs["pipelines/triage"]["team"] == "shipping"
     assert "Paris" in outputs["v1/chat/completions"]["choices"][0]["message"]["content"]
 

@@ -13,6 +13,7 @@ import pytest
 
 from servegraph.local import LocalCluster
 from tests.integration.conftest import SPANS_DIR
+from tests.sse import sse_events
 
 pytestmark = pytest.mark.integration
 
@@ -107,6 +108,37 @@ def test_rag_request_is_one_trace_through_every_node_and_replica(client: httpx.C
     assert retrieval and retrieval[0]["attributes"]["servegraph.retrieval.top_scores"]
     batched = [s for s in spans if "servegraph.batch.size" in s["attributes"]]
     assert batched and "servegraph.batch.queue_wait_ms" in batched[0]["attributes"]
+
+
+def test_streamed_rag_response_stays_one_trace(client: httpx.Client) -> None:
+    trace_id = secrets.token_hex(16)
+    with client.stream(
+        "POST",
+        "/pipelines/rag/stream",
+        json={"question": "How do I reset my password?"},
+        headers={"traceparent": f"00-{trace_id}-{secrets.token_hex(8)}-01"},
+    ) as response:
+        assert response.status_code == 200, response.read()
+        assert response.headers["x-trace-id"] == trace_id
+        events = sse_events(response.read().decode())
+    assert any(name == "chunk" for name, _ in events) and events[-1][0] == "result"
+
+    spans = spans_of(
+        trace_id,
+        expect=10,
+        timeout_s=60,
+        until=lambda found: all(remote_spans(found, node) for node in MODEL_NODES),
+    )
+    named = by_name(spans)
+    nodes = ["embed", "retrieve", "prompt", "generate", "answer"]
+    assert all(f"node {node}" in named for node in nodes), sorted(named)
+    assert {s["context"]["trace_id"] for s in spans} == {f"0x{trace_id}"}
+    assert len({named[f"node {n}"]["parent_id"] for n in nodes}) == 1
+    # The LLM's streaming call continues in its replica, under the generate node.
+    assert remote_spans(spans, "generate")
+    generate = named["node generate"]["attributes"]
+    assert generate["servegraph.llm.stream"] is True
+    assert generate["gen_ai.usage.output_tokens"] > 0
 
 
 def test_agent_request_trace_nests_switch_and_loop_nodes(client: httpx.Client) -> None:

@@ -141,6 +141,16 @@ async def test_bad_input_is_an_input_error_naming_node_and_field() -> None:
     assert info.value.node == "input" and "question" in info.value.detail
 
 
+async def test_bad_input_is_not_retried_even_on_an_idempotent_node() -> None:
+    embedder = toy.ToyEmbedder()
+    p = Pipeline("once", input=toy.Text, output=toy.Vector)
+    p.returns(p.call("embed", "embedder", "embed", text=p.input.text, idempotent=True, retries=3))
+    runtime = LocalRuntime(toy.CATALOG, toy.servers(embedder=embedder))
+    with pytest.raises(NodeInputError):
+        await runtime.run(p.build(), {"text": "   "})
+    assert embedder.calls == 1
+
+
 async def test_a_failure_cancels_waiting_branches_cleanly() -> None:
     """A fast failure fails the request with its node's name and cancels the branches
     still waiting on a slow node, leaving no stray task errors behind."""

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+from collections.abc import AsyncIterator
 
 from pydantic import BaseModel
 
@@ -91,8 +92,44 @@ class Flaky:
         return Echo(text="slept")
 
 
+class Piece(BaseModel):
+    text: str
+
+
+class Writer:
+    """Writes `text` back word by word: `write` all at once, `write_stream` as pieces.
+
+    `fail_after` makes the stream raise after that many pieces (0: before any)."""
+
+    def __init__(self, fail_after: int | None = None, failures: int = 1) -> None:
+        self.fail_after = fail_after
+        self.failures = failures
+        self.calls: list[str] = []
+
+    async def write(self, request: Text) -> Echo:
+        self.calls.append("write")
+        return Echo(text=request.text)
+
+    async def write_stream(self, request: Text) -> AsyncIterator[Piece | Echo]:
+        self.calls.append("write_stream")
+        for i, word in enumerate(request.text.split(" ")):
+            if i == self.fail_after and self.failures > 0:
+                self.failures -= 1
+                raise ConnectionError(f"stream broke after {i} piece(s)")
+            await asyncio.sleep(0)
+            yield Piece(text=word if i == 0 else " " + word)
+        yield Echo(text=request.text)
+
+
 CATALOG = Catalog(
     [
+        ServerSpec(
+            "writer",
+            {"write": MethodContract(Text, Echo, chunk=Piece, stream_method="write_stream")},
+            "x:y",
+            "W",
+            "/w",
+        ),
         ServerSpec("embedder", {"embed": MethodContract(Text, Vector)}, "x:y", "E", "/e"),
         ServerSpec("index", {"search": MethodContract(Search, Hits)}, "x:y", "I", "/i"),
         ServerSpec("classifier", {"classify": MethodContract(Text, Label)}, "x:y", "C", "/c"),
@@ -113,6 +150,7 @@ def servers(**extra: object) -> dict[str, object]:
         "index": ToyIndex(),
         "classifier": ToyClassifier(),
         "flaky": Flaky(),
+        "writer": Writer(),
         **extra,
     }
 
@@ -214,4 +252,12 @@ def routed() -> Pipeline:
 def counter_body() -> Pipeline:
     p = Pipeline("step", input=Counter, output=Counter)
     p.returns(p.function("increment", increment, value=p.input.value, history=p.input.history))
+    return p
+
+
+def written() -> Pipeline:
+    """Stream the writer's pieces, then shout its complete text."""
+    p = Pipeline("written", input=Text, output=str)
+    draft = p.call("draft", "writer", "write", text=p.input.text, stream=True)
+    p.returns(p.function("shout", shout, text=draft.text))
     return p

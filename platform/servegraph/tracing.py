@@ -8,7 +8,8 @@ node in the ingress (`node_span`), and model attributes (GenAI usage, retrieval 
 classifier label, batch size and queue wait) on the replica spans (`annotate`).
 
 Configuration, from the environment (`SERVEGRAPH_TRACING_*`):
-    EXPORTER   none | console | otlp-grpc | otlp-http | file     (default none)
+    EXPORTER   none | console | otlp-grpc | otlp-http | file     (default none);
+               several, comma-separated, export to each (e.g. "file,otlp-http")
     ENDPOINT   the OTLP endpoint (Jaeger, Tempo, a collector)
     FILE_DIR   where the file exporter writes one JSON span per line
     SAMPLE_RATIO  0..1 (parent-based: a sampled client trace stays sampled)
@@ -24,23 +25,40 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any, Literal
 
-from pydantic import Field
+from pydantic import Field, field_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 TRACER_NAME = "servegraph"
+Exporter = Literal["console", "otlp-grpc", "otlp-http", "file"]
+EXPORTERS: tuple[Exporter, ...] = ("console", "otlp-grpc", "otlp-http", "file")
 
 
 class TracingSettings(BaseSettings):
     model_config = SettingsConfigDict(env_prefix="SERVEGRAPH_TRACING_", extra="ignore")
 
-    exporter: Literal["none", "console", "otlp-grpc", "otlp-http", "file"] = "none"
+    exporter: str = Field(
+        "none", description="none, or a comma-separated list of: " + ", ".join(EXPORTERS)
+    )
     endpoint: str | None = Field(None, description="OTLP endpoint, e.g. http://127.0.0.1:4317")
     file_dir: Path | None = Field(None, description="Folder for the file exporter.")
     sample_ratio: float = Field(1.0, ge=0.0, le=1.0)
 
+    @field_validator("exporter")
+    @classmethod
+    def _known_exporters(cls, value: str) -> str:
+        names = [name.strip() for name in value.split(",") if name.strip()]
+        unknown = [name for name in names if name not in ("none", *EXPORTERS)]
+        if unknown:
+            raise ValueError(f"unknown exporter(s) {unknown}; use none or {list(EXPORTERS)}")
+        return ",".join(names) or "none"
+
+    @property
+    def exporters(self) -> list[Exporter]:
+        return [name for name in self.exporter.split(",") if name != "none"]  # type: ignore[misc]
+
     @property
     def enabled(self) -> bool:
-        return self.exporter != "none"
+        return bool(self.exporters)
 
 
 def serve_tracing_config(settings: TracingSettings | None = None) -> Any:
@@ -70,23 +88,30 @@ def serve_tracing_env(settings: TracingSettings | None = None) -> dict[str, str]
     return {
         "RAY_SERVE_TRACING_EXPORTER_IMPORT_PATH": "servegraph.tracing:span_processors",
         "RAY_SERVE_TRACING_SAMPLING_RATIO": str(settings.sample_ratio),
+        # The SDK names every process's resource from this; without it backends show
+        # "unknown_service:python".
+        "OTEL_SERVICE_NAME": os.environ.get("OTEL_SERVICE_NAME", "servegraph"),
     }
 
 
 def span_processors() -> list[Any]:
     """Exporter factory Ray Serve calls (without arguments) in each proxy and replica."""
+    settings = TracingSettings()
+    return [_span_processor(name, settings) for name in settings.exporters]
+
+
+def _span_processor(exporter: Exporter, settings: TracingSettings) -> Any:
     from opentelemetry.sdk.trace.export import (
         BatchSpanProcessor,
         ConsoleSpanExporter,
         SimpleSpanProcessor,
     )
 
-    settings = TracingSettings()
-    if settings.exporter == "otlp-grpc":
+    if exporter == "otlp-grpc":
         from opentelemetry.exporter.otlp.proto.grpc.trace_exporter import OTLPSpanExporter
 
-        return [BatchSpanProcessor(OTLPSpanExporter(endpoint=settings.endpoint, insecure=True))]
-    if settings.exporter == "otlp-http":
+        return BatchSpanProcessor(OTLPSpanExporter(endpoint=settings.endpoint, insecure=True))
+    if exporter == "otlp-http":
         from opentelemetry.exporter.otlp.proto.http.trace_exporter import (
             OTLPSpanExporter as HttpExporter,
         )
@@ -94,14 +119,16 @@ def span_processors() -> list[Any]:
         endpoint = settings.endpoint
         if endpoint and not endpoint.rstrip("/").endswith("/v1/traces"):
             endpoint = endpoint.rstrip("/") + "/v1/traces"
-        return [BatchSpanProcessor(HttpExporter(endpoint=endpoint))]
-    if settings.exporter == "file":
+        return BatchSpanProcessor(HttpExporter(endpoint=endpoint))
+    if exporter == "file":
         folder = settings.file_dir or Path("var/spans")
         folder.mkdir(parents=True, exist_ok=True)
         out = open(folder / f"spans-{os.getpid()}.jsonl", "a", buffering=1)  # noqa: SIM115 - lives with the exporter
-        exporter = ConsoleSpanExporter(out=out, formatter=lambda s: s.to_json(indent=None) + "\n")
-        return [SimpleSpanProcessor(exporter)]
-    return [BatchSpanProcessor(ConsoleSpanExporter())]
+        span_exporter = ConsoleSpanExporter(
+            out=out, formatter=lambda s: s.to_json(indent=None) + "\n"
+        )
+        return SimpleSpanProcessor(span_exporter)
+    return BatchSpanProcessor(ConsoleSpanExporter())
 
 
 def enabled_here() -> bool:

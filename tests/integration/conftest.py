@@ -11,6 +11,7 @@ import httpx
 import pytest
 
 from servegraph.local import LocalCluster, local_cluster
+from tests.otlp import OtlpReceiver
 
 
 def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
@@ -23,12 +24,22 @@ SPANS_DIR = tempfile.mkdtemp(prefix="servegraph-test-spans-")
 
 
 @pytest.fixture(scope="session")
-def cluster() -> Iterator[LocalCluster]:
+def otlp() -> Iterator[OtlpReceiver]:
+    """Receives the cluster's spans over OTLP/HTTP, as a collector would."""
+    receiver = OtlpReceiver()
+    yield receiver
+    receiver.close()
+
+
+@pytest.fixture(scope="session")
+def cluster(otlp: OtlpReceiver) -> Iterator[LocalCluster]:
     index_dir = tempfile.mkdtemp(prefix="servegraph-test-index-")
     os.environ["SERVEGRAPH_INDEX_PATH"] = index_dir
-    # Every process of the cluster inherits these: spans go to files the tests read.
-    os.environ["SERVEGRAPH_TRACING_EXPORTER"] = "file"
+    # Every process of the cluster inherits these: spans go to files the tests read,
+    # and over OTLP to the receiver.
+    os.environ["SERVEGRAPH_TRACING_EXPORTER"] = "file,otlp-http"
     os.environ["SERVEGRAPH_TRACING_FILE_DIR"] = SPANS_DIR
+    os.environ["SERVEGRAPH_TRACING_ENDPOINT"] = otlp.url
     with local_cluster() as running:
         yield running
 

@@ -13,6 +13,7 @@ import pytest
 
 from servegraph.local import LocalCluster
 from tests.integration.conftest import SPANS_DIR
+from tests.otlp import OtlpReceiver
 from tests.sse import sse_events
 
 pytestmark = pytest.mark.integration
@@ -139,6 +140,50 @@ def test_streamed_rag_response_stays_one_trace(client: httpx.Client) -> None:
     generate = named["node generate"]["attributes"]
     assert generate["servegraph.llm.stream"] is True
     assert generate["gen_ai.usage.output_tokens"] > 0
+
+
+def test_rag_request_reaches_an_otlp_receiver_as_one_complete_tree(
+    client: httpx.Client, otlp: OtlpReceiver
+) -> None:
+    """The issue's bar: a RAG request, exported over OTLP, arrives as the complete tree."""
+    trace_id, client_span = secrets.token_hex(16), secrets.token_hex(8)
+    response = client.post(
+        "/pipelines/rag",
+        json={"question": "Is return shipping free?"},
+        headers={"traceparent": f"00-{trace_id}-{client_span}-01"},
+    )
+    assert response.status_code == 200, response.text
+    replicas = {
+        "embed": "replica_handle_request Embedder embed_one",
+        "retrieve": "replica_handle_request VectorIndex search",
+        "generate": "replica_handle_request LLMServer:smollm2-135m-instruct chat",
+    }
+    nodes = ["embed", "retrieve", "prompt", "generate", "answer"]
+    wanted = {f"node {n}" for n in nodes} | set(replicas.values()) | {"proxy_http_request"}
+
+    def complete(spans: list[dict]) -> bool:
+        names = {s["name"].split(" PipelineIngress")[0] for s in spans}
+        return wanted <= names
+
+    spans = otlp.trace(trace_id, until=complete)
+    assert complete(spans), sorted({s["name"] for s in spans})
+    ids = {s["span_id"] for s in spans}
+    roots = [s for s in spans if s["parent"] not in ids]
+    assert len(roots) == 1 and roots[0]["parent"] == client_span, roots  # one connected tree
+    assert roots[0]["name"].startswith("proxy_http_request")
+    by_id = {s["span_id"]: s for s in spans}
+
+    def ancestors(span: dict) -> list[str]:
+        names = []
+        while span["parent"] in by_id:
+            span = by_id[span["parent"]]
+            names.append(span["name"])
+        return names
+
+    for node, replica in replicas.items():
+        (served,) = [s for s in spans if s["name"] == replica]
+        assert f"node {node}" in ancestors(served)
+    assert {s["service"] for s in spans} == {"servegraph"}
 
 
 def test_agent_request_trace_nests_switch_and_loop_nodes(client: httpx.Client) -> None:

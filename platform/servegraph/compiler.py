@@ -31,8 +31,9 @@ class AppPlan:
 class PlatformPlan:
     apps: list[AppPlan]
 
-    def deploy(self, *, blocking: bool = False) -> None:
-        """Build and run every application on the Serve instance Ray is connected to."""
+    def deploy(self) -> None:
+        """Build and start every application on the Serve instance Ray is connected to;
+        returns without waiting for replicas (`serve.status()` tells when they run)."""
         from ray import serve
 
         for app in self.apps:
@@ -41,13 +42,6 @@ class PlatformPlan:
                 name=app.name,
                 route_prefix=app.route_prefix,
                 blocking=False,
-            )
-        if blocking:  # pragma: no cover - interactive
-            serve.run(
-                resolve(self.apps[-1].import_path)(self.apps[-1].args),
-                name=self.apps[-1].name,
-                route_prefix=self.apps[-1].route_prefix,
-                blocking=True,
             )
 
     def serve_config(

@@ -37,6 +37,14 @@ from servegraph.validation import validate
 
 INGRESS_APP = "pipelines"
 INGRESS_PREFIX = "/pipelines"
+INGRESS_DEFAULTS: dict[str, Any] = {
+    # The ingress only awaits model servers, so one replica holds many requests at once.
+    # With Serve's default (5) the sixth request waits at the proxy, and the LLM's
+    # continuous batching never sees more than five pipelines' calls.
+    "max_ongoing_requests": 256,
+    # Beyond this backlog Serve answers 503 at once rather than queueing without bound.
+    "max_queued_requests": 512,
+}
 
 
 def deployment_name(spec: ServerSpec) -> str:
@@ -366,4 +374,4 @@ def ingress_app(args: IngressArgs | dict[str, Any]) -> Any:
     class PipelineIngress:
         """Runs every pipeline; model work happens in the model servers' replicas."""
 
-    return PipelineIngress.options(**args.deployment).bind()
+    return PipelineIngress.options(**(INGRESS_DEFAULTS | args.deployment)).bind()

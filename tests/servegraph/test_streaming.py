@@ -45,13 +45,9 @@ async def test_a_plain_run_calls_the_plain_method() -> None:
 
 async def test_a_stream_that_broke_before_any_chunk_is_retried() -> None:
     writer = toy.Writer(fail_after=0)
-    p = Pipeline("retried", input=toy.Text, output=str)
-    draft = p.call(
-        "draft", "writer", "write", text=p.input.text, stream=True, idempotent=True, retries=2
-    )
-    p.returns(p.function("shout", toy.shout, text=draft.text))
+    graph = toy.written(idempotent=True, retries=2).build()
     runtime = LocalRuntime(toy.CATALOG, toy.servers(writer=writer))
-    events = await collect(runtime, p.build(), {"text": "x y"})
+    events = await collect(runtime, graph, {"text": "x y"})
     assert events[-1].data.output == "X Y"
     assert writer.calls == ["write_stream", "write_stream"]
     assert [e.data.status for e in events if e.kind == "node" and e.node == "draft"] == [
@@ -62,15 +58,11 @@ async def test_a_stream_that_broke_before_any_chunk_is_retried() -> None:
 
 async def test_a_stream_that_broke_after_sending_chunks_is_not_replayed() -> None:
     writer = toy.Writer(fail_after=1)
-    p = Pipeline("half", input=toy.Text, output=str)
-    draft = p.call(
-        "draft", "writer", "write", text=p.input.text, stream=True, idempotent=True, retries=2
-    )
-    p.returns(p.function("shout", toy.shout, text=draft.text))
+    graph = toy.written(idempotent=True, retries=2).build()
     runtime = LocalRuntime(toy.CATALOG, toy.servers(writer=writer))
     seen: list[RunEvent] = []
     with pytest.raises(NodeFailedError, match="stream broke after 1") as caught:
-        async for event in runtime.stream(p.build(), {"text": "x y"}):
+        async for event in runtime.stream(graph, {"text": "x y"}):
             seen.append(event)
     assert caught.value.node == "draft"
     assert [e.kind for e in seen] == ["chunk", "node"]  # the chunk it sent, then the failure

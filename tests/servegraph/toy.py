@@ -255,9 +255,9 @@ def counter_body() -> Pipeline:
     return p
 
 
-def written() -> Pipeline:
-    """Stream the writer's pieces, then shout its complete text."""
+def written(**options: object) -> Pipeline:
+    """Stream the writer's pieces, then shout its complete text; `options` go to the call."""
     p = Pipeline("written", input=Text, output=str)
-    draft = p.call("draft", "writer", "write", text=p.input.text, stream=True)
+    draft = p.call("draft", "writer", "write", text=p.input.text, stream=True, **options)
     p.returns(p.function("shout", shout, text=draft.text))
     return p

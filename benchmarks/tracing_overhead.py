@@ -63,19 +63,31 @@ def on_serve(receiver: OtlpReceiver | None) -> float:
 def check_tree(receiver: OtlpReceiver, trace_id: str) -> None:
     """The last request's trace, as the OTLP receiver got it: complete and connected."""
 
-    def replicas(spans: list[dict]) -> int:
-        return sum(s["name"].startswith("replica_handle_request Echo") for s in spans)
+    def count(spans: list[dict], prefix: str) -> int:
+        return sum(s["name"].startswith(prefix) for s in spans)
 
-    spans = receiver.trace(trace_id, until=lambda spans: replicas(spans) > N, timeout_s=30)
-    ids = {s["span_id"] for s in spans}
-    roots = [s for s in spans if s["parent"] not in ids]
-    nodes = sum(s["name"].startswith("node ") for s in spans)
-    root = roots[0]["name"] if roots else "-"
+    def roots(spans: list[dict]) -> list[dict]:
+        ids = {s["span_id"] for s in spans}
+        return [s for s in spans if s["parent"] not in ids]
+
+    def complete(spans: list[dict]) -> bool:
+        # Each process's exporter flushes on its own schedule: wait for all of them.
+        return (
+            count(spans, "node ") == N + 1
+            and count(spans, "replica_handle_request Echo") == N + 1
+            and count(spans, "replica_handle_request PipelineIngress") == 1
+            and len(roots(spans)) == 1
+        )
+
+    spans = receiver.trace(trace_id, until=complete, timeout_s=60)
+    root = roots(spans)[0]["name"] if roots(spans) else "-"
     print(
-        f"OTLP receiver, trace {trace_id}: {len(spans)} spans, {nodes} node spans, "
-        f"{replicas(spans)} Echo replica spans, {len(roots)} root ({root})"
+        f"OTLP receiver, trace {trace_id}: {len(spans)} spans, {count(spans, 'node ')} node "
+        f"spans, {count(spans, 'replica_handle_request Echo')} Echo replica spans, "
+        f"{len(roots(spans))} root ({root})",
+        flush=True,
     )
-    assert nodes == N + 1 and replicas(spans) == N + 1 and len(roots) == 1, spans
+    assert complete(spans), spans
 
 
 def in_process(tracing: bool) -> float:
@@ -100,9 +112,13 @@ def in_process(tracing: bool) -> float:
 
 def main() -> None:
     local_off, local_on = in_process(False), in_process(True)
+    print(f"in-process p50 off {local_off:.3f} ms, on {local_on:.3f} ms", flush=True)
     # Alternated (off, on, off, on): a fresh cluster each time, so drift on this shared
     # machine does not land on one side only.
-    rounds = [(on_serve(None), on_serve(OtlpReceiver())) for _ in range(2)]
+    rounds = []
+    for _ in range(2):
+        rounds.append((on_serve(None), on_serve(OtlpReceiver())))
+        print(f"on Serve p50 off {rounds[-1][0]:.2f} ms, on {rounds[-1][1]:.2f} ms", flush=True)
     print("on Serve p50 per round (off, on):", [(round(a, 2), round(b, 2)) for a, b in rounds])
     serve_off = statistics.mean(a for a, _ in rounds)
     serve_on = statistics.mean(b for _, b in rounds)

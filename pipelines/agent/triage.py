@@ -55,6 +55,8 @@ def build_pipeline() -> Pipeline:
         input=Ticket,
         output=TriageResult,
         description="Route a support ticket to a team and draft a reply with tools.",
+        # Up to four LLM steps in a row: under load on CPU that passes the 60 s default.
+        deadline_s=180,
     )
     label = p.call("classify", "classifier", "classify", text=p.input.text)
     route = p.switch(

@@ -145,6 +145,13 @@ class Graph(BaseModel):
     returns: str | dict[str, str] = Field(
         description="A ref to return, or output field -> ref to build the output model."
     )
+    deadline_s: float | None = Field(
+        None,
+        gt=0,
+        le=600,
+        description="Default request deadline when the caller sends no X-Request-Timeout "
+        "(else the platform's 60 s): an agent's several LLM steps may need more than a lookup.",
+    )
 
     def node(self, name: str) -> Node:
         for node in self.nodes:
@@ -211,9 +218,16 @@ class Pipeline:
     """
 
     def __init__(
-        self, name: str, *, input: type[BaseModel], output: type, description: str = ""
+        self,
+        name: str,
+        *,
+        input: type[BaseModel],
+        output: type,
+        description: str = "",
+        deadline_s: float | None = None,
     ) -> None:
         self.name = name
+        self.deadline_s = deadline_s
         self.input = Ref(INPUT)
         self._input_type = input
         self._output_type = output
@@ -327,6 +341,7 @@ class Pipeline:
             output=import_path(self._output_type),
             nodes=list(self._nodes),
             returns=self._returns if self._returns is not None else {},
+            deadline_s=self.deadline_s,
         )
 
     def _add(self, node: Any) -> Ref:

@@ -122,7 +122,7 @@ class Runtime:
         graph: Graph,
         request: BaseModel | dict[str, Any],
         *,
-        deadline_s: float = DEFAULT_DEADLINE_S,
+        deadline_s: float | None = None,
         records: list[NodeRecord] | None = None,
         on_event: Callable[[RunEvent], None] | None = None,
     ) -> RunResult:
@@ -134,12 +134,14 @@ class Runtime:
             NodeInputError: a node's input broke its contract (422).
 
         `records`, when given, receives the node records as they happen, so a caller
-        sees them even when the run raises. `on_event`, when given, makes this a
+        sees them even when the run raises. `deadline_s` defaults to the graph's own,
+        else `DEFAULT_DEADLINE_S`. `on_event`, when given, makes this a
         streamed run: it gets "node" and "chunk" events as they happen.
         """
         if id(graph) not in self._validated:
             validate(graph, self.catalog)
             self._validated.add(id(graph))
+        deadline_s = deadline_s or graph.deadline_s or DEFAULT_DEADLINE_S
         run = _Run(self, time.monotonic() + deadline_s, records, on_event)
         output = await run.graph(graph, _coerce(resolve(graph.input), request, INPUT), "")
         return RunResult(output, run.records)
@@ -149,7 +151,7 @@ class Runtime:
         graph: Graph,
         request: BaseModel | dict[str, Any],
         *,
-        deadline_s: float = DEFAULT_DEADLINE_S,
+        deadline_s: float | None = None,
         records: list[NodeRecord] | None = None,
     ) -> AsyncIterator[RunEvent]:
         """Run `graph` as a stream: its events as they happen, then the "result" event.

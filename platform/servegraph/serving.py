@@ -145,20 +145,20 @@ The response carries `x-trace-id`; the whole stream is one trace."""
 def _add_pipeline_routes(app: FastAPI, graph: Graph, runtime: Runtime, metrics: Any) -> None:
     input_model = resolve(graph.input)
     output_type = resolve(graph.output)
+    deadline = graph.deadline_s or DEFAULT_DEADLINE_S  # what the runtime applies without one
+    deadline_doc = f"Deadline for the whole request, in seconds (default {deadline:g})."
 
     async def run_pipeline(
         request: input_model,  # type: ignore[valid-type]
         response: Response,
-        x_request_timeout: float | None = Header(
-            None, gt=0, le=600, description="Deadline for the whole request, in seconds."
-        ),
+        x_request_timeout: float | None = Header(None, gt=0, le=600, description=deadline_doc),
     ) -> Any:
         started = time.perf_counter()
         records: list[NodeRecord] = []
         status = 200
         try:
             result = await runtime.execute(
-                graph, request, records=records, deadline_s=x_request_timeout or DEFAULT_DEADLINE_S
+                graph, request, records=records, deadline_s=x_request_timeout
             )
         except Exception as exc:
             status = _status_of(exc)
@@ -172,15 +172,11 @@ def _add_pipeline_routes(app: FastAPI, graph: Graph, runtime: Runtime, metrics: 
 
     async def stream_pipeline(
         request: input_model,  # type: ignore[valid-type]
-        x_request_timeout: float | None = Header(
-            None, gt=0, le=600, description="Deadline for the whole request, in seconds."
-        ),
+        x_request_timeout: float | None = Header(None, gt=0, le=600, description=deadline_doc),
     ) -> Response:
         started = time.perf_counter()
         records: list[NodeRecord] = []
-        events = runtime.stream(
-            graph, request, records=records, deadline_s=x_request_timeout or DEFAULT_DEADLINE_S
-        )
+        events = runtime.stream(graph, request, records=records, deadline_s=x_request_timeout)
         # The status line goes out with the first event. Until the run has made progress
         # (a chunk, or a node that succeeded), hold events back, so a request failing at
         # once (overloaded, bad input to the first node) gets its real status and body.

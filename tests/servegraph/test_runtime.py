@@ -105,6 +105,16 @@ async def test_request_deadline_travels_to_later_nodes() -> None:
     assert info.value.node == "second" and "request deadline" in info.value.detail
 
 
+async def test_a_graphs_own_deadline_applies_unless_the_caller_sends_one() -> None:
+    p = Pipeline("patient", input=toy.Sleep, output=toy.Echo, deadline_s=0.05)
+    p.returns(p.call("nap", "flaky", "sleep", seconds=p.input.seconds))
+    graph = p.build()
+    runtime = LocalRuntime(toy.CATALOG, toy.servers())
+    with pytest.raises(NodeTimeoutError, match="deadline"):
+        await runtime.run(graph, {"seconds": 0.3})
+    assert await runtime.run(graph, {"seconds": 0.3}, deadline_s=5) == toy.Echo(text="slept")
+
+
 async def test_idempotent_node_retries_then_succeeds() -> None:
     flaky = toy.Flaky(failures=2)
     p = Pipeline("retry", input=toy.Text, output=toy.Echo)

@@ -23,8 +23,10 @@ class LocalEcho:
         return await Echo.func_or_class.bump(None, request)
 
 
-def per_call(fn, repeats: int) -> float:
-    fn()
+def per_call(fn, repeats: int, warmup: int = 1) -> float:
+    """Median seconds per call of `fn`, after `warmup` calls."""
+    for _ in range(warmup):
+        fn()
     samples = []
     for _ in range(repeats):
         started = time.perf_counter()

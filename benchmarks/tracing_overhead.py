@@ -14,11 +14,10 @@ from __future__ import annotations
 import asyncio
 import os
 import statistics
-import time
 
 import httpx
 
-from benchmarks.graph_overhead import LocalEcho
+from benchmarks.graph_overhead import LocalEcho, per_call
 from benchmarks.trivial import CATALOG, chain
 from tests.otlp import OtlpReceiver
 
@@ -26,14 +25,8 @@ N, REQUESTS = 10, 300
 
 
 def p50(fn, n: int) -> float:
-    for _ in range(20):
-        fn()
-    samples = []
-    for _ in range(n):
-        started = time.perf_counter()
-        fn()
-        samples.append(time.perf_counter() - started)
-    return statistics.median(samples) * 1000
+    """Median ms per call, after 20 warm-up calls."""
+    return per_call(fn, n, warmup=20) * 1000
 
 
 def on_serve(receiver: OtlpReceiver | None) -> float:

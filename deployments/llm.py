@@ -88,7 +88,7 @@ class LLMClient:
 
     async def chat_stream(self, request: ChatRequest) -> AsyncIterator[ChatChunk | ChatResponse]:
         """`chat`, streamed: `ChatChunk`s as tokens arrive, then the whole `ChatResponse`."""
-        field = FieldStream(request.stream_field if request.json_schema is not None else None)
+        field = FieldStream.for_request(request)
         text: list[str] = []
         finish_reason: str | None = None
         usage = Usage(input_tokens=0, output_tokens=0)
@@ -166,6 +166,11 @@ class FieldStream:
         self.field = field
         self._text = ""
         self._sent = ""
+
+    @classmethod
+    def for_request(cls, request: ChatRequest) -> FieldStream:
+        """Its `stream_field` applies only to a guided-JSON reply."""
+        return cls(request.stream_field if request.json_schema is not None else None)
 
     def feed(self, delta: str) -> str:
         if self.field is None:

@@ -131,8 +131,7 @@ class LocalLLM:
         from deployments.llm import FieldStream
 
         reply = await self.chat(request)
-        field = FieldStream(request.stream_field if request.json_schema is not None else None)
-        if text := field.feed(reply.text):
+        if text := FieldStream.for_request(request).feed(reply.text):
             yield s.ChatChunk(text=text)
         yield reply
 

@@ -141,7 +141,7 @@ class Runtime:
         if id(graph) not in self._validated:
             validate(graph, self.catalog)
             self._validated.add(id(graph))
-        deadline_s = deadline_s or graph.deadline_s or DEFAULT_DEADLINE_S
+        deadline_s = deadline_s or default_deadline(graph)
         run = _Run(self, time.monotonic() + deadline_s, records, on_event)
         output = await run.graph(graph, _coerce(resolve(graph.input), request, INPUT), "")
         return RunResult(output, run.records)
@@ -165,6 +165,7 @@ class Runtime:
                 graph, request, deadline_s=deadline_s, records=records, on_event=queue.put_nowait
             )
         )
+        next_event: asyncio.Future[RunEvent] | None = None
         try:
             while True:
                 next_event = asyncio.ensure_future(queue.get())
@@ -179,6 +180,8 @@ class Runtime:
                 return
         finally:
             run.cancel()
+            if next_event is not None:
+                next_event.cancel()  # still waiting when the consumer stopped early
 
 
 class LocalRuntime(Runtime):
@@ -426,6 +429,11 @@ class _Run:
         self.records.append(record)
         if self.on_event is not None:
             self.on_event(RunEvent("node", qualified, record))
+
+
+def default_deadline(graph: Graph) -> float:
+    """The deadline a run of `graph` gets when its caller names none."""
+    return graph.deadline_s or DEFAULT_DEADLINE_S
 
 
 # --------------------------------------------------------------------------- helpers

@@ -31,7 +31,7 @@ from servegraph.errors import OverloadedError, PipelineRuntimeError
 from servegraph.graph import Graph, resolve
 from servegraph.http import install_error_handlers, runtime_error_body
 from servegraph.render import to_mermaid, to_text
-from servegraph.runtime import DEFAULT_DEADLINE_S, NodeRecord, RunEvent, Runtime
+from servegraph.runtime import NodeRecord, RunEvent, Runtime, default_deadline
 from servegraph.serialize import to_yaml
 from servegraph.validation import validate
 
@@ -145,8 +145,16 @@ The response carries `x-trace-id`; the whole stream is one trace."""
 def _add_pipeline_routes(app: FastAPI, graph: Graph, runtime: Runtime, metrics: Any) -> None:
     input_model = resolve(graph.input)
     output_type = resolve(graph.output)
-    deadline = graph.deadline_s or DEFAULT_DEADLINE_S  # what the runtime applies without one
-    deadline_doc = f"Deadline for the whole request, in seconds (default {deadline:g})."
+    deadline_doc = (
+        f"Deadline for the whole request, in seconds (default {default_deadline(graph):g})."
+    )
+
+    def finish(status: int, started: float, records: list[NodeRecord]) -> float:
+        """Record a request's outcome in the metrics; return its wall time in ms."""
+        total_ms = (time.perf_counter() - started) * 1000
+        if metrics is not None:
+            metrics.record(graph.name, status, total_ms, records)
+        return total_ms
 
     async def run_pipeline(
         request: input_model,  # type: ignore[valid-type]
@@ -164,9 +172,7 @@ def _add_pipeline_routes(app: FastAPI, graph: Graph, runtime: Runtime, metrics: 
             status = _status_of(exc)
             raise
         finally:
-            total_ms = (time.perf_counter() - started) * 1000
-            if metrics is not None:
-                metrics.record(graph.name, status, total_ms, records)
+            total_ms = finish(status, started, records)
         response.headers.update(_usage_headers(records, total_ms))
         return result.output
 
@@ -185,9 +191,7 @@ def _add_pipeline_routes(app: FastAPI, graph: Graph, runtime: Runtime, metrics: 
             while not held or _is_failure(held[-1]):
                 held.append(await anext(events))
         except Exception as exc:
-            if metrics is not None:
-                total_ms = (time.perf_counter() - started) * 1000
-                metrics.record(graph.name, _status_of(exc), total_ms, records)
+            finish(_status_of(exc), started, records)
             raise
 
         async def body() -> AsyncIterator[bytes]:
@@ -214,9 +218,7 @@ def _add_pipeline_routes(app: FastAPI, graph: Graph, runtime: Runtime, metrics: 
                 yield _sse("error", error)
             finally:
                 await events.aclose()
-                if metrics is not None:
-                    total_ms = (time.perf_counter() - started) * 1000
-                    metrics.record(graph.name, status, total_ms, records)
+                finish(status, started, records)
 
         headers = {"cache-control": "no-cache"}
         if trace_id := tracing.current_trace_id():

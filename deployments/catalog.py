@@ -13,8 +13,13 @@ CATALOG = Catalog(
         ServerSpec(
             name="llm",
             methods={
+                # No side effect: a chat whose replica died is asked again.
                 "chat": MethodContract(
-                    s.ChatRequest, s.ChatResponse, chunk=s.ChatChunk, stream_method="chat_stream"
+                    s.ChatRequest,
+                    s.ChatResponse,
+                    chunk=s.ChatChunk,
+                    stream_method="chat_stream",
+                    idempotent=True,
                 )
             },
             app_builder="deployments.apps:llm_app",
@@ -26,8 +31,8 @@ CATALOG = Catalog(
         ServerSpec(
             name="embedder",
             methods={
-                "embed": MethodContract(s.EmbedRequest, s.EmbedResponse),
-                "embed_one": MethodContract(s.EmbedOneRequest, s.Embedding),
+                "embed": MethodContract(s.EmbedRequest, s.EmbedResponse, idempotent=True),
+                "embed_one": MethodContract(s.EmbedOneRequest, s.Embedding, idempotent=True),
             },
             app_builder="deployments.apps:embedder_app",
             deployment="Embedder",
@@ -37,8 +42,10 @@ CATALOG = Catalog(
         ServerSpec(
             name="classifier",
             methods={
-                "classify": MethodContract(s.ClassifyRequest, s.Classification),
-                "classify_batch": MethodContract(s.ClassifyBatchRequest, s.ClassifyBatchResponse),
+                "classify": MethodContract(s.ClassifyRequest, s.Classification, idempotent=True),
+                "classify_batch": MethodContract(
+                    s.ClassifyBatchRequest, s.ClassifyBatchResponse, idempotent=True
+                ),
             },
             app_builder="deployments.apps:classifier_app",
             deployment="Classifier",
@@ -48,9 +55,10 @@ CATALOG = Catalog(
         ServerSpec(
             name="vector_index",
             methods={
-                "add": MethodContract(s.AddRequest, s.AddResponse),
-                "search": MethodContract(s.SearchRequest, s.SearchResponse),
-                "delete": MethodContract(s.DeleteRequest, s.DeleteResponse),
+                # Upserts by id, replaces by filter: repeating it changes nothing more.
+                "add": MethodContract(s.AddRequest, s.AddResponse, idempotent=True),
+                "search": MethodContract(s.SearchRequest, s.SearchResponse, idempotent=True),
+                "delete": MethodContract(s.DeleteRequest, s.DeleteResponse, idempotent=True),
             },
             app_builder="deployments.apps:vector_index_app",
             deployment="VectorIndex",

@@ -55,16 +55,18 @@ class LocalIndex:
         self.store = VectorStore(path)
 
     async def add(self, request: s.AddRequest) -> s.AddResponse:
-        ids = self.store.add([item.model_dump() for item in request.items])
-        return s.AddResponse(ids=ids, count=self.store.count())
+        ids, replaced, count = self.store.add(
+            [item.model_dump() for item in request.items], request.replace
+        )
+        return s.AddResponse(ids=ids, replaced=replaced, count=count)
 
     async def search(self, request: s.SearchRequest) -> s.SearchResponse:
         hits = self.store.search(request.vector, request.k, request.filter)
         return s.SearchResponse(hits=[s.Hit(**hit) for hit in hits])
 
     async def delete(self, request: s.DeleteRequest) -> s.DeleteResponse:
-        deleted = self.store.delete(request.ids, request.filter, request.any_of)
-        return s.DeleteResponse(deleted=deleted, count=self.store.count())
+        deleted, count = self.store.delete(request.ids, request.filter, request.any_of)
+        return s.DeleteResponse(deleted=deleted, count=count)
 
 
 class LocalLLM:

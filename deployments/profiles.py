@@ -8,40 +8,72 @@ from __future__ import annotations
 
 from typing import Any
 
+# Every model server has a bounded queue at each caller (`max_queued_requests`): past it,
+# a call is refused at once (503 with Retry-After on the server's own HTTP routes; a
+# pipeline answers 503 naming the node), never queued without bound.
+_SHED = {"backpressure_config": {"status_code": 503, "retry_after_s": 1}}
+
+# Replicas, and why a single replica death stays invisible to pipelines:
+# every catalog method is idempotent, so the pipeline ingress repeats a call whose
+# replica died (servegraph.serving.ServeInvoker) within the request's deadline. On the
+# CPU profile one replica of each encoder is enough: the retry waits for the restarted
+# replica (a MiniLM replica restarts in seconds, well inside the 60 s default
+# deadline), and a second resting replica would halve batch sizes on 2 cores. On the
+# GPU profile the encoders keep two replicas, so the retry lands on the survivor at
+# once; a GPU tenth is cheap.
 _CPU: dict[str, dict[str, Any]] = {
     "embedder": {
         "ray_actor_options": {"num_cpus": 1},
         "autoscaling_config": {"min_replicas": 1, "max_replicas": 2, "target_ongoing_requests": 32},
         "max_ongoing_requests": 128,
+        "max_queued_requests": 256,
+        **_SHED,
     },
     "classifier": {
         "ray_actor_options": {"num_cpus": 1},
         "autoscaling_config": {"min_replicas": 1, "max_replicas": 2, "target_ongoing_requests": 32},
         "max_ongoing_requests": 128,
+        "max_queued_requests": 256,
+        **_SHED,
     },
-    "vector_index": {  # one replica by design: see deployments/vector_index.py
+    # One replica by design (see deployments/vector_index.py): a death is a restart
+    # that rebuilds FAISS from SQLite, and the retried calls wait for it.
+    "vector_index": {
         "num_replicas": 1,
         "ray_actor_options": {"num_cpus": 0.5},
         "max_ongoing_requests": 256,
+        "max_queued_requests": 512,
+        **_SHED,
     },
+    # vLLM batches continuously up to max_num_seqs=64; a bounded queue beyond that.
+    # A death costs an engine restart (about a minute here): calls retried within
+    # their deadline wait for it, later ones are answered 503.
     "llm": {
         "autoscaling_config": {"min_replicas": 1, "max_replicas": 1},
         "max_ongoing_requests": 64,
-    },
-    "ingress": {
-        "num_replicas": 1,
-        "ray_actor_options": {"num_cpus": 0.5},
-        "max_ongoing_requests": 256,
+        "max_queued_requests": 64,
+        **_SHED,
     },
 }
 
+_TWO_REPLICAS = {"min_replicas": 2, "max_replicas": 4, "target_ongoing_requests": 32}
 _GPU: dict[str, dict[str, Any]] = {
     **_CPU,
-    "embedder": {**_CPU["embedder"], "ray_actor_options": {"num_cpus": 1, "num_gpus": 0.1}},
-    "classifier": {**_CPU["classifier"], "ray_actor_options": {"num_cpus": 1, "num_gpus": 0.1}},
+    "embedder": {
+        **_CPU["embedder"],
+        "ray_actor_options": {"num_cpus": 1, "num_gpus": 0.1},
+        "autoscaling_config": _TWO_REPLICAS,
+    },
+    "classifier": {
+        **_CPU["classifier"],
+        "ray_actor_options": {"num_cpus": 1, "num_gpus": 0.1},
+        "autoscaling_config": _TWO_REPLICAS,
+    },
     "llm": {
         "autoscaling_config": {"min_replicas": 1, "max_replicas": 2},
         "max_ongoing_requests": 256,
+        "max_queued_requests": 256,
+        **_SHED,
     },
 }
 

@@ -11,7 +11,10 @@ from typing import Annotated, Literal
 
 from pydantic import BaseModel, Field, StringConstraints
 
-MAX_BATCH = 256
+# Items one request may carry. Not a model batch: dynamic batching feeds the model
+# `max_batch_size` at a time whatever a request holds, so this only bounds a body.
+# Large enough for the largest `rag_ingest` request (see pipelines/rag/models.py).
+MAX_BATCH = 65_536
 MAX_TEXT_CHARS = 8_000
 
 NonEmptyText = Annotated[
@@ -25,7 +28,7 @@ MetadataValue = str | int | float | bool
 
 class EmbedRequest(BaseModel):
     texts: list[NonEmptyText] = Field(
-        min_length=1, max_length=MAX_BATCH, description="1 to 256 non-empty texts."
+        min_length=1, max_length=MAX_BATCH, description=f"1 to {MAX_BATCH} non-empty texts."
     )
 
 
@@ -96,11 +99,21 @@ class IndexItem(BaseModel):
 
 
 class AddRequest(BaseModel):
-    items: list[IndexItem] = Field(min_length=1, max_length=4096)
+    items: list[IndexItem] = Field(min_length=1, max_length=MAX_BATCH)
+    replace: list[dict[str, MetadataValue]] = Field(
+        default_factory=list,
+        max_length=1000,
+        description=(
+            "Delete every item matching any of these metadata filters in the same "
+            "transaction as the add (e.g. one {'doc_id': ...} per re-ingested document): "
+            "readers see the old items or the new ones, never a mix."
+        ),
+    )
 
 
 class AddResponse(BaseModel):
     ids: list[str]
+    replaced: int = Field(0, description="Existing items removed: same ids, or `replace`.")
     count: int = Field(description="Items in the index after the add.")
 
 

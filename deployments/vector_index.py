@@ -35,8 +35,8 @@ install_error_handlers(app)
 class VectorIndex:
     """Add with ids, text and metadata; search top-k with a metadata filter; delete.
 
-    Methods are synchronous on purpose: each runs start to finish on the replica's
-    event loop, so writes and searches never interleave half-way.
+    Methods are synchronous, so Serve runs them on its thread pool; the store
+    serialises writes and lets searches run in parallel (see `VectorStore`).
     """
 
     def __init__(self, path: str, index_type: IndexType = "flat", **index_options: int) -> None:
@@ -44,8 +44,10 @@ class VectorIndex:
 
     @app.post("/add")
     def add(self, request: AddRequest) -> AddResponse:
-        ids = self._store.add([item.model_dump() for item in request.items])
-        return AddResponse(ids=ids, count=self._store.count())
+        ids, replaced, count = self._store.add(
+            [item.model_dump() for item in request.items], request.replace
+        )
+        return AddResponse(ids=ids, replaced=replaced, count=count)
 
     @app.post("/search")
     def search(self, request: SearchRequest) -> SearchResponse:
@@ -62,8 +64,8 @@ class VectorIndex:
 
     @app.post("/delete")
     def delete(self, request: DeleteRequest) -> DeleteResponse:
-        deleted = self._store.delete(request.ids, request.filter, request.any_of)
-        return DeleteResponse(deleted=deleted, count=self._store.count())
+        deleted, count = self._store.delete(request.ids, request.filter, request.any_of)
+        return DeleteResponse(deleted=deleted, count=count)
 
     @app.get("/stats")
     def stats(self) -> IndexStats:

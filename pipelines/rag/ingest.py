@@ -1,8 +1,9 @@
-"""RAG ingestion: chunk -> (remove the documents' old chunks || embed) -> index.
+"""RAG ingestion: chunk -> embed -> index (replacing the documents' old chunks).
 
-Chunk ids are ``<doc id>#<n>`` and every chunk carries its ``doc_id``: re-ingesting a
-document first deletes all its old chunks, so it replaces rather than duplicates, even
-when it now has fewer chunks.
+Chunk ids are ``<doc id>#<n>`` and every chunk carries its ``doc_id``. The index adds
+the new chunks and removes every old chunk of the same documents in one transaction,
+so a re-ingested document is replaced, not duplicated, even when it now has fewer
+chunks; and a re-ingest that fails leaves the previous version whole.
 """
 
 from __future__ import annotations
@@ -13,7 +14,7 @@ from pathlib import Path
 import httpx
 from tqdm import tqdm
 
-from deployments.schemas import AddResponse, DeleteResponse, EmbedResponse, IndexItem
+from deployments.schemas import AddResponse, EmbedResponse, IndexItem
 from pipelines.rag.models import Document, IngestedDocument, IngestRequest, IngestResponse
 from servegraph import Pipeline
 
@@ -26,22 +27,25 @@ def build_pipeline() -> Pipeline:
         input=IngestRequest,
         output=IngestResponse,
         description="Chunk, embed and index documents (re-ingest replaces).",
+        # The largest request (1,000,000 characters) embeds ~40,000 chunks.
+        deadline_s=600,
     )
     chunks = p.function(
         "chunk", chunk_documents, documents=p.input.documents, chunk_chars=p.input.chunk_chars
     )
-    old = p.call(
-        "remove_old",
-        "vector_index",
-        "delete",
-        any_of=chunks.doc_filters,
-        idempotent=True,
-        retries=1,
-    )
     vectors = p.call("embed", "embedder", "embed", texts=chunks.texts)
-    items = p.function("items", to_items, chunks=chunks, embedded=vectors, removed=old)
-    added = p.call("index", "vector_index", "add", items=items)
-    p.returns(p.function("report", report, chunks=chunks, removed=old, added=added))
+    items = p.function("items", to_items, chunks=chunks, embedded=vectors)
+    # Upserts by id and replaces by doc_id: safe to repeat.
+    added = p.call(
+        "index",
+        "vector_index",
+        "add",
+        items=items,
+        replace=chunks.doc_filters,
+        idempotent=True,
+        retries=2,
+    )
+    p.returns(p.function("report", report, chunks=chunks, added=added))
     return p
 
 
@@ -101,19 +105,18 @@ def chunk_documents(documents: list[Document], chunk_chars: int) -> dict:
     }
 
 
-def to_items(chunks: dict, embedded: EmbedResponse, removed: DeleteResponse) -> list[IndexItem]:
-    # `removed` is wired in only to order the add after the delete.
+def to_items(chunks: dict, embedded: EmbedResponse) -> list[IndexItem]:
     return [
         IndexItem(**record, vector=vector)
         for record, vector in zip(chunks["records"], embedded.vectors, strict=True)
     ]
 
 
-def report(chunks: dict, removed: DeleteResponse, added: AddResponse) -> IngestResponse:
+def report(chunks: dict, added: AddResponse) -> IngestResponse:
     return IngestResponse(
         documents=[IngestedDocument(id=d, chunks=n) for d, n in chunks["per_doc"].items()],
         chunks=len(chunks["records"]),
-        replaced=removed.deleted,
+        replaced=added.replaced,
         index_count=added.count,
     )
 

@@ -4,22 +4,41 @@ from __future__ import annotations
 
 from typing import Annotated
 
-from pydantic import BaseModel, Field, StringConstraints
+from pydantic import BaseModel, Field, StringConstraints, model_validator
 
 from deployments.schemas import MetadataValue, Usage
 
 Text = Annotated[str, StringConstraints(strip_whitespace=True, min_length=1)]
 
 
+MAX_DOCUMENT_CHARS = 200_000
+MAX_REQUEST_CHARS = 1_000_000
+
+
 class Document(BaseModel):
     id: Annotated[str, StringConstraints(min_length=1, max_length=200, pattern=r"^[\w.\-/]+$")]
-    text: Text = Field(description="Plain text or Markdown.")
+    text: Annotated[Text, StringConstraints(max_length=MAX_DOCUMENT_CHARS)] = Field(
+        description="Plain text or Markdown."
+    )
     metadata: dict[str, MetadataValue] = Field(default_factory=dict)
 
 
 class IngestRequest(BaseModel):
+    """Up to 64 documents and 1,000,000 characters in all: at the smallest chunk size
+    that is at most ~40,000 chunks, well inside what one embed and one index call take."""
+
     documents: list[Document] = Field(min_length=1, max_length=64)
     chunk_chars: int = Field(600, ge=100, le=4000, description="Target chunk size.")
+
+    @model_validator(mode="after")
+    def _bounded(self) -> IngestRequest:
+        total = sum(len(d.text) for d in self.documents)
+        if total > MAX_REQUEST_CHARS:
+            raise ValueError(
+                f"documents hold {total} characters in all, more than {MAX_REQUEST_CHARS}; "
+                "send them in several requests"
+            )
+        return self
 
 
 class IngestedDocument(BaseModel):

@@ -30,6 +30,10 @@ class MethodContract:
     response: type[BaseModel]
     chunk: type[BaseModel] | None = None
     stream_method: str | None = None
+    idempotent: bool = False
+    """Safe to run twice with the same request (no side effect, or an upsert): when a
+    replica dies mid-call, the platform repeats the call on another replica, or on the
+    restarted one, within the request's deadline. A non-idempotent call fails with 503."""
 
     def __post_init__(self) -> None:
         if (self.chunk is None) != (self.stream_method is None):

@@ -7,11 +7,13 @@ and pickles across Ray actors (so a replica's error reaches the ingress intact):
     ├── GraphValidationError      the graph is wrong; every problem at once (422 at deploy)
     ├── CatalogError              a model server name or contract that is not known
     ├── InvalidInputError         a model server rejects a request field (422)
+    ├── ServerUnavailableError    an invoker could not reach a model server now (queue
+    │                             full, replica gone); the runtime names the node (503)
     └── PipelineRuntimeError      a request failed while running; carries the node's name
         ├── NodeFailedError        a node raised and no fallback was declared (502)
         ├── NodeInputError         a node got input its contract rejects (422)
         ├── NodeTimeoutError       a node ran past its timeout or the request deadline (504)
-        └── OverloadedError        a model server refused more work (503)
+        └── OverloadedError        a model server could not take the call now (503)
 """
 
 from __future__ import annotations
@@ -72,6 +74,24 @@ class InvalidInputError(ServegraphError, ValueError):
         return {"field": self.field, "error": self.problem, "fix": self.fix}
 
 
+class ServerUnavailableError(ServegraphError):
+    """A model server could not take a call now: its queue is full, or its replica died
+    and no other answered before the deadline. Retrying later may succeed (503).
+
+    Raised by invokers, which know servers but not nodes; the runtime re-raises it as
+    `OverloadedError` naming the node.
+    """
+
+    def __init__(self, server: str, reason: str, retry_after_s: float = 1.0) -> None:
+        self.server = server
+        self.reason = reason
+        self.retry_after_s = retry_after_s
+        super().__init__(f"model server {server!r} is unavailable: {reason}")
+
+    def __reduce__(self):
+        return (type(self), (self.server, self.reason, self.retry_after_s))
+
+
 class PipelineRuntimeError(ServegraphError):
     """A request failed inside a pipeline; `node` names where.
 
@@ -109,6 +129,14 @@ class NodeTimeoutError(PipelineRuntimeError):
 
 
 class OverloadedError(PipelineRuntimeError):
-    """A model server's queue is full; the caller should back off and retry."""
+    """A model server could not take the call now (its queue is full, or its replica is
+    gone); the caller should back off and retry after `retry_after_s`."""
 
     status_code = 503
+
+    def __init__(self, node: str, detail: str, retry_after_s: float = 1.0) -> None:
+        self.retry_after_s = retry_after_s
+        super().__init__(node, detail)
+
+    def __reduce__(self):
+        return (type(self), (self.node, self.detail, self.retry_after_s))

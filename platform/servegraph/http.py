@@ -6,13 +6,14 @@ body is ``{"error": ..., ...}`` with what a caller needs to act on it.
 
 from __future__ import annotations
 
+import math
 from typing import Any
 
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 
-from servegraph.errors import InvalidInputError, PipelineRuntimeError
+from servegraph.errors import InvalidInputError, OverloadedError, PipelineRuntimeError
 
 _FIXES = {
     "missing": "add the field",
@@ -26,6 +27,7 @@ _FIXES = {
     "literal_error": "use one of {expected}",
     "extra_forbidden": "remove the field",
     "json_invalid": "send a valid JSON body",
+    "value_error": "change the value as the error says",
 }
 
 
@@ -64,8 +66,15 @@ def install_error_handlers(app: FastAPI) -> None:
         return JSONResponse(
             runtime_error_body(exc),
             status_code=exc.status_code,
-            headers={"Retry-After": "1"} if exc.status_code == 503 else None,
+            headers=retry_after(exc),
         )
+
+
+def retry_after(exc: PipelineRuntimeError) -> dict[str, str] | None:
+    """A 503 says when to come back (RFC 9110 delay-seconds, rounded up)."""
+    if not isinstance(exc, OverloadedError):
+        return None
+    return {"Retry-After": str(max(1, math.ceil(exc.retry_after_s)))}
 
 
 def runtime_error_body(exc: PipelineRuntimeError) -> dict[str, Any]:

@@ -10,6 +10,7 @@ failure names the node it happened in.
 from __future__ import annotations
 
 import asyncio
+import contextvars
 import inspect
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
@@ -24,7 +25,9 @@ from servegraph.errors import (
     NodeFailedError,
     NodeInputError,
     NodeTimeoutError,
+    OverloadedError,
     PipelineRuntimeError,
+    ServerUnavailableError,
 )
 from servegraph.graph import (
     INPUT,
@@ -41,6 +44,17 @@ from servegraph.validation import dependencies, validate
 
 DEFAULT_DEADLINE_S = 60.0
 _RETRY_BACKOFF_S = 0.05
+
+_node_deadline: contextvars.ContextVar[float | None] = contextvars.ContextVar(
+    "servegraph_node_deadline", default=None
+)
+
+
+def time_left() -> float | None:
+    """Seconds until the running node must answer (its timeout or the request's
+    deadline), for invokers that retry; None outside a node."""
+    deadline = _node_deadline.get()
+    return None if deadline is None else deadline - time.monotonic()
 
 
 class Invoker(Protocol):
@@ -250,6 +264,9 @@ class _Run:
         finally:
             for task in tasks:
                 task.cancel()
+            # Let the cancelled nodes finish unwinding (they settle their results), so
+            # that every result below is final when it is marked retrieved.
+            await asyncio.wait(tasks)
             for future in results.values():  # silence "exception never retrieved"
                 if future.done() and not future.cancelled():
                     future.exception()
@@ -266,8 +283,10 @@ class _Run:
                 output = await self._attempt(node, qualified, args, values, attempt)
             except PipelineRuntimeError as exc:
                 error = exc
-                if isinstance(exc, NodeInputError):
-                    attempts = attempt  # bad input is bad on every attempt
+                if isinstance(exc, NodeInputError | OverloadedError):
+                    # Bad input is bad on every attempt; and a full server is answered at
+                    # once (the caller gets 503 + Retry-After), never retried into.
+                    attempts = attempt
                 if qualified in self.streamed:
                     attempts = attempt  # a retry would send the caller its chunks twice
             else:
@@ -314,6 +333,7 @@ class _Run:
         if limit <= 0:
             _close(work)
             raise NodeTimeoutError(qualified, "the request deadline passed before it started")
+        token = _node_deadline.set(time.monotonic() + limit)  # the work's task copies it
         try:
             return await asyncio.wait_for(work, limit)
         except TimeoutError:
@@ -325,10 +345,14 @@ class _Run:
             raise NodeTimeoutError(qualified, f"ran past {which} ({limit:.3g}s)") from None
         except PipelineRuntimeError:
             raise
+        except ServerUnavailableError as exc:
+            raise OverloadedError(qualified, str(exc), exc.retry_after_s) from exc
         except (InvalidInputError, ValidationError) as exc:
             raise NodeInputError(qualified, _describe_input_error(exc)) from exc
         except Exception as exc:
             raise NodeFailedError(qualified, f"{type(exc).__name__}: {exc}") from exc
+        finally:
+            _node_deadline.reset(token)
 
     async def _execute(
         self, node: Node, qualified: str, args: dict[str, Any], values: dict[str, Any]

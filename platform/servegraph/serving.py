@@ -10,7 +10,9 @@ graphs and nothing unpicklable travels from the driver.
 # model on each route function, and a closure variable cannot be resolved from a string.
 import asyncio
 import dataclasses
+import itertools
 import json
+import logging
 import time
 from collections.abc import AsyncIterator
 from typing import Any
@@ -21,30 +23,41 @@ from fastapi.responses import PlainTextResponse
 from fastapi.sse import EventSourceResponse, format_sse_event
 from pydantic import BaseModel
 from ray import serve
+from ray.exceptions import RayActorError
 from ray.serve.exceptions import BackPressureError
 from ray.serve.handle import DeploymentHandle
 
 from servegraph import tracing
 from servegraph.catalog import Catalog, ServerSpec
 from servegraph.discovery import discover
-from servegraph.errors import OverloadedError, PipelineRuntimeError
+from servegraph.errors import PipelineRuntimeError, ServerUnavailableError
 from servegraph.graph import Graph, resolve
 from servegraph.http import install_error_handlers, runtime_error_body
 from servegraph.render import to_mermaid, to_text
-from servegraph.runtime import NodeRecord, RunEvent, Runtime, default_deadline
+from servegraph.runtime import NodeRecord, RunEvent, Runtime, default_deadline, time_left
 from servegraph.serialize import to_yaml
 from servegraph.validation import validate
+
+logger = logging.getLogger("ray.serve")
 
 INGRESS_APP = "pipelines"
 INGRESS_PREFIX = "/pipelines"
 INGRESS_DEFAULTS: dict[str, Any] = {
-    # The ingress only awaits model servers, so one replica holds many requests at once.
-    # With Serve's default (5) the sixth request waits at the proxy, and the LLM's
-    # continuous batching never sees more than five pipelines' calls.
-    "max_ongoing_requests": 256,
-    # Beyond this backlog Serve answers 503 at once rather than queueing without bound.
-    "max_queued_requests": 512,
+    # The ingress only awaits model servers, so one replica holds many requests at
+    # once, and it should: a request's deadline starts when the ingress takes it, so
+    # time queued before that (at the proxy) would not count against it. Admission is
+    # decided downstream, where capacity is: every model server has a bounded queue,
+    # and a call past it is answered 503 at once (ServeInvoker).
+    "max_ongoing_requests": 2048,
+    # Beyond that, Serve answers 503 + Retry-After at once rather than queueing.
+    "max_queued_requests": 64,
+    "backpressure_config": {"status_code": 503, "retry_after_s": 1},
 }
+
+# A deadline the caller names is answered a little before it runs out, so the 504
+# (which names the node) reaches the caller before the caller's own timer fires, and
+# before Serve's proxy, which enforces `x-request-timeout-seconds` too, answers a bare 408.
+_ANSWER_MARGIN_S = 0.25
 
 
 def deployment_name(spec: ServerSpec) -> str:
@@ -53,7 +66,18 @@ def deployment_name(spec: ServerSpec) -> str:
 
 
 class ServeInvoker:
-    """Reaches model servers through Serve deployment handles (created once, reused)."""
+    """Reaches model servers through Serve deployment handles (created once, reused).
+
+    Two faults are turned into answers here, not bare errors:
+
+    - a full queue (Serve's `BackPressureError`, from the server's bounded
+      `max_queued_requests`) fails at once as `ServerUnavailableError` (503, with the
+      server's Retry-After), so overload is shed rather than queued without bound;
+    - a replica that dies mid-call (`RayActorError`) is retried, for idempotent methods,
+      with capped exponential backoff until the node's deadline: Serve routes the retry
+      to a live replica, or waits for the restarted one. Serve itself retries only
+      requests that no replica had accepted yet.
+    """
 
     def __init__(self, catalog: Catalog) -> None:
         self._catalog = catalog
@@ -68,25 +92,63 @@ class ServeInvoker:
 
     async def __call__(self, server: str, method: str, request: BaseModel) -> Any:
         target = self._target(server)
-        try:
-            if isinstance(target, DeploymentHandle):
-                return await getattr(target, method).remote(request)
-            return await getattr(target, method)(request)
-        except BackPressureError as exc:
-            raise OverloadedError(f"{server}.{method}", f"model server overloaded: {exc}") from exc
+        idempotent = self._catalog.contract(server, method).idempotent
+        for attempt in itertools.count():
+            try:
+                if isinstance(target, DeploymentHandle):
+                    return await getattr(target, method).remote(request)
+                return await getattr(target, method)(request)
+            except BackPressureError as exc:
+                raise _overloaded(server, exc) from exc
+            except RayActorError as exc:
+                await _before_retry(server, exc, attempt, idempotent)
+        raise AssertionError("unreachable")
 
     async def stream(self, server: str, method: str, request: BaseModel) -> AsyncIterator[Any]:
-        """Iterate a streaming method: a generator on the replica, or the client's own."""
+        """Iterate a streaming method: a generator on the replica, or the client's own.
+        A stream whose replica died before its first item is started again."""
         target = self._target(server)
-        try:
-            if isinstance(target, DeploymentHandle):
-                items = getattr(target.options(stream=True), method).remote(request)
-            else:
-                items = getattr(target, method)(request)
-            async for item in items:
-                yield item
-        except BackPressureError as exc:
-            raise OverloadedError(f"{server}.{method}", f"model server overloaded: {exc}") from exc
+        idempotent = self._catalog.contract(server, method).idempotent
+        for attempt in itertools.count():
+            started = False
+            try:
+                if isinstance(target, DeploymentHandle):
+                    items = getattr(target.options(stream=True), method).remote(request)
+                else:
+                    items = getattr(target, method)(request)
+                async for item in items:
+                    started = True
+                    yield item
+                return
+            except BackPressureError as exc:
+                raise _overloaded(server, exc) from exc
+            except RayActorError as exc:
+                await _before_retry(server, exc, attempt, idempotent and not started)
+
+
+_REPLICA_RETRY_BACKOFF_S = (0.05, 2.0)  # first and largest wait between retries
+
+
+def _overloaded(server: str, exc: BackPressureError) -> ServerUnavailableError:
+    return ServerUnavailableError(
+        server, f"its queue is full: {exc}", getattr(exc, "_retry_after_s", None) or 1.0
+    )
+
+
+async def _before_retry(server: str, exc: BaseException, attempt: int, may_retry: bool) -> None:
+    """Wait before repeating a call whose replica died, or raise if it must not be."""
+    cause = f"its replica died mid-call ({type(exc).__name__})"
+    if not may_retry:
+        raise ServerUnavailableError(server, f"{cause}; the call is not safe to repeat") from exc
+    first, largest = _REPLICA_RETRY_BACKOFF_S
+    delay = min(largest, first * 2**attempt)
+    left = time_left()
+    if left is not None and left <= delay:
+        raise ServerUnavailableError(
+            server, f"{cause}; retried {attempt} time(s), no replica answered in time"
+        ) from exc
+    logger.warning("%s: %s; retrying in %.2fs (attempt %d)", server, cause, delay, attempt + 1)
+    await asyncio.sleep(delay)
 
 
 def build_fastapi(
@@ -146,8 +208,10 @@ def _add_pipeline_routes(app: FastAPI, graph: Graph, runtime: Runtime, metrics: 
     input_model = resolve(graph.input)
     output_type = resolve(graph.output)
     deadline_doc = (
-        f"Deadline for the whole request, in seconds (default {default_deadline(graph):g})."
+        f"Deadline for the whole request, in seconds (default {default_deadline(graph):g}); "
+        "a 504 naming the node answers just before it runs out."
     )
+    serve_deadline_doc = "Ray Serve's own deadline header; the same as X-Request-Timeout."
 
     def finish(status: int, started: float, records: list[NodeRecord]) -> float:
         """Record a request's outcome in the metrics; return its wall time in ms."""
@@ -160,14 +224,16 @@ def _add_pipeline_routes(app: FastAPI, graph: Graph, runtime: Runtime, metrics: 
         request: input_model,  # type: ignore[valid-type]
         response: Response,
         x_request_timeout: float | None = Header(None, gt=0, le=600, description=deadline_doc),
+        x_request_timeout_seconds: float | None = Header(
+            None, gt=0, le=600, description=serve_deadline_doc
+        ),
     ) -> Any:
         started = time.perf_counter()
         records: list[NodeRecord] = []
         status = 200
+        deadline_s = run_deadline(graph, x_request_timeout, x_request_timeout_seconds)
         try:
-            result = await runtime.execute(
-                graph, request, records=records, deadline_s=x_request_timeout
-            )
+            result = await runtime.execute(graph, request, records=records, deadline_s=deadline_s)
         except Exception as exc:
             status = _status_of(exc)
             raise
@@ -179,10 +245,14 @@ def _add_pipeline_routes(app: FastAPI, graph: Graph, runtime: Runtime, metrics: 
     async def stream_pipeline(
         request: input_model,  # type: ignore[valid-type]
         x_request_timeout: float | None = Header(None, gt=0, le=600, description=deadline_doc),
+        x_request_timeout_seconds: float | None = Header(
+            None, gt=0, le=600, description=serve_deadline_doc
+        ),
     ) -> Response:
         started = time.perf_counter()
         records: list[NodeRecord] = []
-        events = runtime.stream(graph, request, records=records, deadline_s=x_request_timeout)
+        deadline_s = run_deadline(graph, x_request_timeout, x_request_timeout_seconds)
+        events = runtime.stream(graph, request, records=records, deadline_s=deadline_s)
         # The status line goes out with the first event. Until the run has made progress
         # (a chunk, or a node that succeeded), hold events back, so a request failing at
         # once (overloaded, bad input to the first node) gets its real status and body.
@@ -274,6 +344,16 @@ def _add_pipeline_routes(app: FastAPI, graph: Graph, runtime: Runtime, metrics: 
         summary=f"The {graph.name} graph as Mermaid",
         operation_id=f"mermaid_{graph.name}",
     )
+
+
+def run_deadline(graph: Graph, *given: float | None) -> float:
+    """The run's deadline in seconds: the tightest the caller gave (either header),
+    less a margin so the answer leaves in time; else the pipeline's default."""
+    named = [d for d in given if d is not None]
+    if not named:
+        return default_deadline(graph)
+    deadline = min(named)
+    return deadline - min(_ANSWER_MARGIN_S, deadline * 0.1)
 
 
 def _status_of(exc: BaseException) -> int:

@@ -1,0 +1,118 @@
+"""How the platform answers faults, without Ray: a full model server is a 503 naming
+the node and never retried into; a dead replica is retried for idempotent calls within
+the deadline; a caller's deadline header is answered just before it runs out."""
+
+from __future__ import annotations
+
+import time
+from typing import Any
+
+import pytest
+from ray.exceptions import ActorDiedError
+from ray.serve.exceptions import BackPressureError
+
+from servegraph import Catalog, LocalRuntime, MethodContract, OverloadedError, Pipeline, ServerSpec
+from servegraph.errors import ServerUnavailableError
+from servegraph.http import retry_after
+from servegraph.runtime import Runtime
+from servegraph.serving import ServeInvoker, run_deadline
+from tests.servegraph import toy
+
+CATALOG = Catalog(
+    [
+        ServerSpec(
+            "safe", {"echo": MethodContract(toy.Text, toy.Echo, idempotent=True)}, "x:y", "S", "/s"
+        ),
+        ServerSpec("unsafe", {"echo": MethodContract(toy.Text, toy.Echo)}, "x:y", "U", "/u"),
+    ]
+)
+
+
+class DiesFirst:
+    """A server whose replica dies on its first `dies` calls."""
+
+    def __init__(self, dies: int) -> None:
+        self.dies = dies
+        self.calls = 0
+
+    async def echo(self, request: toy.Text) -> toy.Echo:
+        self.calls += 1
+        if self.calls <= self.dies:
+            raise ActorDiedError()
+        return toy.Echo(text=request.text)
+
+
+class Full:
+    def __init__(self) -> None:
+        self.calls = 0
+
+    async def echo(self, request: toy.Text) -> toy.Echo:
+        self.calls += 1
+        raise BackPressureError(num_queued_requests=4, max_queued_requests=4, retry_after_s=2)
+
+
+def invoker(**targets: Any) -> ServeInvoker:
+    serve_invoker = ServeInvoker(CATALOG)
+    serve_invoker._targets.update(targets)  # stand-ins for handles
+    return serve_invoker
+
+
+def echo_graph(server: str, **options: Any) -> Any:
+    p = Pipeline(f"echo_{server}", input=toy.Text, output=toy.Echo)
+    p.returns(p.call("say", server, "echo", text=p.input.text, **options))
+    return p.build()
+
+
+async def test_a_dead_replica_is_retried_for_an_idempotent_call() -> None:
+    server = DiesFirst(dies=2)
+    runtime = Runtime(CATALOG, invoker(safe=server))
+    assert (await runtime.run(echo_graph("safe"), {"text": "hi"})).text == "hi"
+    assert server.calls == 3
+
+
+async def test_a_dead_replica_is_a_503_naming_the_node_when_the_call_is_unsafe() -> None:
+    runtime = Runtime(CATALOG, invoker(unsafe=DiesFirst(dies=1)))
+    with pytest.raises(OverloadedError) as info:
+        await runtime.run(echo_graph("unsafe"), {"text": "hi"})
+    assert info.value.node == "say" and info.value.status_code == 503
+    assert "replica died" in info.value.detail and "not safe to repeat" in info.value.detail
+
+
+async def test_retries_stop_at_the_deadline_with_a_503_that_says_why() -> None:
+    runtime = Runtime(CATALOG, invoker(safe=DiesFirst(dies=10_000)))
+    started = time.monotonic()
+    with pytest.raises(OverloadedError) as info:
+        await runtime.run(echo_graph("safe"), {"text": "hi"}, deadline_s=1.0)
+    assert time.monotonic() - started < 1.0
+    assert info.value.node == "say" and "no replica answered in time" in info.value.detail
+
+
+async def test_a_full_server_is_a_503_at_once_never_retried_into() -> None:
+    full = Full()
+    runtime = Runtime(CATALOG, invoker(safe=full))
+    graph = echo_graph("safe", idempotent=True, retries=3)
+    with pytest.raises(OverloadedError) as info:
+        await runtime.run(graph, {"text": "hi"})
+    assert full.calls == 1
+    assert info.value.node == "say" and "queue is full" in info.value.detail
+    assert retry_after(info.value) == {"Retry-After": "2"}
+
+
+async def test_in_process_servers_raising_unavailable_are_named_too() -> None:
+    class Gone:
+        async def echo(self, request: toy.Text) -> toy.Echo:
+            raise ServerUnavailableError("safe", "restarting")
+
+    runtime = LocalRuntime(CATALOG, {"safe": Gone()})
+    with pytest.raises(OverloadedError) as info:
+        await runtime.run(echo_graph("safe"), {"text": "hi"})
+    assert info.value.node == "say" and "restarting" in info.value.detail
+
+
+def test_a_named_deadline_is_answered_just_before_it_runs_out() -> None:
+    graph = echo_graph("safe")
+    assert run_deadline(graph) == 60.0  # the default, when none is named
+    assert run_deadline(graph, 20.0, None) == pytest.approx(19.75)
+    assert run_deadline(graph, None, 20.0) == pytest.approx(19.75)
+    assert run_deadline(graph, 30.0, 10.0) == pytest.approx(9.75)  # the tighter one
+    assert run_deadline(graph, 1.0, None) == pytest.approx(0.9)

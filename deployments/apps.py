@@ -1,5 +1,8 @@
 """Serve application builders, one per model server: `name_app(args) -> Application`.
 
+Each application is the server's gateway (its REST surface, `servegraph.gateway`) in
+front of its model deployment, which pipelines call by handle.
+
 Serve calls a builder with the `args` of its config entry; here those are deployment
 option overrides (replicas, autoscaling, resources) on top of the configured profile,
 and constructor arguments.
@@ -13,6 +16,7 @@ from pydantic import BaseModel, Field
 
 from deployments.profiles import options_for
 from deployments.settings import ModelSettings
+from servegraph.gateway import gateway_app
 
 
 class ServerAppArgs(BaseModel):
@@ -30,7 +34,9 @@ def embedder_app(args: ServerAppArgs | dict[str, Any] | None = None) -> Any:
 
     settings = ModelSettings()
     options = options_for("embedder", settings.profile, overrides)
-    return Embedder.options(**options).bind(str(settings.embedder_dir), **init)
+    return gateway_app(
+        "embedder", Embedder.options(**options).bind(str(settings.embedder_dir), **init)
+    )
 
 
 def classifier_app(args: ServerAppArgs | dict[str, Any] | None = None) -> Any:
@@ -39,8 +45,11 @@ def classifier_app(args: ServerAppArgs | dict[str, Any] | None = None) -> Any:
 
     settings = ModelSettings()
     options = options_for("classifier", settings.profile, overrides)
-    return Classifier.options(**options).bind(
-        str(settings.classifier_dir), str(settings.embedder_dir), **init
+    return gateway_app(
+        "classifier",
+        Classifier.options(**options).bind(
+            str(settings.classifier_dir), str(settings.embedder_dir), **init
+        ),
     )
 
 
@@ -53,7 +62,7 @@ def vector_index_app(args: ServerAppArgs | dict[str, Any] | None = None) -> Any:
     if options.get("num_replicas", 1) != 1 or "autoscaling_config" in options:
         raise ValueError("vector_index runs exactly one replica (see deployments/vector_index.py)")
     init.setdefault("path", str(settings.index_dir))
-    return VectorIndex.options(**options).bind(**init)
+    return gateway_app("vector_index", VectorIndex.options(**options).bind(**init))
 
 
 def llm_app(args: ServerAppArgs | dict[str, Any] | None = None) -> Any:

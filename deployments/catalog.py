@@ -37,6 +37,7 @@ CATALOG = Catalog(
             app_builder="deployments.apps:embedder_app",
             deployment="Embedder",
             route_prefix="/embedder",
+            reads={"info": ("info", s.EmbedderInfo), "stats": ("batch_stats", s.BatchStats)},
             description="all-MiniLM-L6-v2 sentence embeddings, dynamically batched",
         ),
         ServerSpec(
@@ -50,6 +51,7 @@ CATALOG = Catalog(
             app_builder="deployments.apps:classifier_app",
             deployment="Classifier",
             route_prefix="/classifier",
+            reads={"info": ("info", s.ClassifierInfo), "stats": ("batch_stats", s.BatchStats)},
             description="support-ticket category classifier, dynamically batched",
         ),
         ServerSpec(
@@ -59,10 +61,12 @@ CATALOG = Catalog(
                 "add": MethodContract(s.AddRequest, s.AddResponse, idempotent=True),
                 "search": MethodContract(s.SearchRequest, s.SearchResponse, idempotent=True),
                 "delete": MethodContract(s.DeleteRequest, s.DeleteResponse, idempotent=True),
+                "count": MethodContract(s.CountRequest, s.CountResponse, idempotent=True),
             },
             app_builder="deployments.apps:vector_index_app",
             deployment="VectorIndex",
             route_prefix="/index",
+            reads={"stats": ("stats", s.IndexStats)},
             description="durable FAISS index (SQLite-backed), one replica by design",
         ),
     ]

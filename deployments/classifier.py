@@ -9,7 +9,6 @@ import pickle
 from pathlib import Path
 
 import numpy as np
-from fastapi import FastAPI
 from ray import serve
 
 from deployments._batching import BatchRecorder, submit
@@ -22,15 +21,10 @@ from deployments.schemas import (
     ClassifyBatchResponse,
     ClassifyRequest,
 )
-from servegraph.http import install_error_handlers
 from servegraph.tracing import annotate
-
-app = FastAPI(title="classifier", description="Support-ticket category classifier.")
-install_error_handlers(app)
 
 
 @serve.deployment(name="Classifier", health_check_period_s=10, health_check_timeout_s=30)
-@serve.ingress(app)
 class Classifier:
     """Labels a support ticket with its category and every category's probability.
 
@@ -82,16 +76,13 @@ class Classifier:
     def _predict(self, texts: list[str]) -> np.ndarray:
         return self._head.predict_proba(encode(self._encoder, texts))
 
-    @app.post("/classify")
     async def classify(self, request: ClassifyRequest) -> Classification:
         (result,) = await self._classify([request.text])
         return result
 
-    @app.post("/classify_batch")
     async def classify_batch(self, request: ClassifyBatchRequest) -> ClassifyBatchResponse:
         return ClassifyBatchResponse(results=await self._classify(request.texts))
 
-    @app.get("/info")
     async def info(self) -> ClassifierInfo:
         return ClassifierInfo(
             labels=self.labels,
@@ -99,7 +90,6 @@ class Classifier:
             macro_f1=self._metrics["macro_f1"],
         )
 
-    @app.get("/stats")
     async def batch_stats(self) -> BatchStats:
         return self._batches.stats()
 

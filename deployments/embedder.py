@@ -10,7 +10,6 @@ import asyncio
 from typing import Any
 
 import numpy as np
-from fastapi import FastAPI
 from ray import serve
 
 from deployments._batching import BatchRecorder, submit
@@ -22,11 +21,7 @@ from deployments.schemas import (
     EmbedRequest,
     EmbedResponse,
 )
-from servegraph.http import install_error_handlers
 from servegraph.tracing import annotate
-
-app = FastAPI(title="embedder", description="Sentence embeddings (all-MiniLM-L6-v2).")
-install_error_handlers(app)
 
 
 def load_sentence_transformer(path: str) -> Any:
@@ -44,7 +39,6 @@ def _cuda() -> bool:
 
 
 @serve.deployment(name="Embedder", health_check_period_s=10, health_check_timeout_s=30)
-@serve.ingress(app)
 class Embedder:
     """Embeds texts into L2-normalised float32 vectors.
 
@@ -83,23 +77,19 @@ class Embedder:
         annotate(**{"gen_ai.request.model": self.model_path})
         return vectors
 
-    @app.post("/embed")
     async def embed(self, request: EmbedRequest) -> EmbedResponse:
         vectors = await self._embed(request.texts)
         return EmbedResponse(
             vectors=[v.tolist() for v in vectors], dim=self.dim, model=self.model_path
         )
 
-    @app.post("/embed_one")
     async def embed_one(self, request: EmbedOneRequest) -> Embedding:
         (vector,) = await self._embed([request.text])
         return Embedding(vector=vector.tolist(), dim=self.dim)
 
-    @app.get("/info")
     async def info(self) -> EmbedderInfo:
         return EmbedderInfo(model=self.model_path, dim=self.dim)
 
-    @app.get("/stats")
     async def batch_stats(self) -> BatchStats:
         return self._batches.stats()
 

@@ -64,6 +64,9 @@ class LocalIndex:
         hits = self.store.search(request.vector, request.k, request.filter)
         return s.SearchResponse(hits=[s.Hit(**hit) for hit in hits])
 
+    async def count(self, request: s.CountRequest) -> s.CountResponse:
+        return s.CountResponse(count=self.store.count(request.filter))
+
     async def delete(self, request: s.DeleteRequest) -> s.DeleteResponse:
         deleted, count = self.store.delete(request.ids, request.filter, request.any_of)
         return s.DeleteResponse(deleted=deleted, count=count)

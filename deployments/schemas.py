@@ -153,6 +153,16 @@ class DeleteResponse(BaseModel):
     count: int
 
 
+class CountRequest(BaseModel):
+    filter: dict[str, MetadataValue] | None = Field(
+        None, description="Count only items whose metadata has every one of these key/values."
+    )
+
+
+class CountResponse(BaseModel):
+    count: int
+
+
 class IndexStats(BaseModel):
     count: int
     dim: int | None

@@ -9,12 +9,13 @@ vectors takes ~6 ms here, so one replica is not the bottleneck of any pipeline.
 
 from __future__ import annotations
 
-from fastapi import FastAPI
 from ray import serve
 
 from deployments.schemas import (
     AddRequest,
     AddResponse,
+    CountRequest,
+    CountResponse,
     DeleteRequest,
     DeleteResponse,
     Hit,
@@ -23,15 +24,10 @@ from deployments.schemas import (
     SearchResponse,
 )
 from deployments.vector_store import IndexType, VectorStore
-from servegraph.http import install_error_handlers
 from servegraph.tracing import annotate
-
-app = FastAPI(title="vector_index", description="FAISS vector index with metadata filters.")
-install_error_handlers(app)
 
 
 @serve.deployment(name="VectorIndex", num_replicas=1, health_check_period_s=10)
-@serve.ingress(app)
 class VectorIndex:
     """Add with ids, text and metadata; search top-k with a metadata filter; delete.
 
@@ -42,14 +38,12 @@ class VectorIndex:
     def __init__(self, path: str, index_type: IndexType = "flat", **index_options: int) -> None:
         self._store = VectorStore(path, index_type, **index_options)
 
-    @app.post("/add")
     def add(self, request: AddRequest) -> AddResponse:
         ids, replaced, count = self._store.add(
             [item.model_dump() for item in request.items], request.replace
         )
         return AddResponse(ids=ids, replaced=replaced, count=count)
 
-    @app.post("/search")
     def search(self, request: SearchRequest) -> SearchResponse:
         hits = self._store.search(request.vector, request.k, request.filter)
         annotate(
@@ -62,12 +56,13 @@ class VectorIndex:
         )
         return SearchResponse(hits=[Hit(**hit) for hit in hits])
 
-    @app.post("/delete")
     def delete(self, request: DeleteRequest) -> DeleteResponse:
         deleted, count = self._store.delete(request.ids, request.filter, request.any_of)
         return DeleteResponse(deleted=deleted, count=count)
 
-    @app.get("/stats")
+    def count(self, request: CountRequest) -> CountResponse:
+        return CountResponse(count=self._store.count(request.filter))
+
     def stats(self) -> IndexStats:
         return IndexStats(
             count=self._store.count(),

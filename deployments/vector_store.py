@@ -221,9 +221,11 @@ class VectorStore:
             if r in records
         ]
 
-    def count(self) -> int:
+    def count(self, where: dict[str, Any] | None = None) -> int:
+        """How many items, or how many whose metadata matches `where`."""
         with self._lock.reading():
-            return self._count(self._reader())
+            db = self._reader()
+            return len(self._rows_matching(db, where)) if where else self._count(db)
 
     def close(self) -> None:
         with self._lock.writing():

@@ -57,6 +57,8 @@ def build_pipeline() -> Pipeline:
         description="Route a support ticket to a team and draft a reply with tools.",
         # Up to four LLM steps in a row: under load on CPU that passes the 60 s default.
         deadline_s=180,
+        # One LLM call at a time per request, and the LLM takes 64 running + 64 queued.
+        max_in_flight=128,
     )
     label = p.call("classify", "classifier", "classify", text=p.input.text)
     route = p.switch(

@@ -27,6 +27,8 @@ def build_pipeline() -> Pipeline:
         input=RagQuery,
         output=RagAnswer,
         description="Answer a question from the knowledge base, citing sources.",
+        # The LLM takes 64 running + 64 queued; more would only wait to be refused.
+        max_in_flight=128,
     )
     query = rag.call("embed", "embedder", "embed_one", text=rag.input.question)
     found = rag.call(

@@ -53,6 +53,7 @@ class ServerSpec:
         route_prefix: where the server's own REST surface is mounted.
         client: import path of a class wrapping the deployment handle when the
             deployment does not take the contract's request model directly (the LLM).
+        reads: GET routes of the REST surface (see the attribute).
     """
 
     name: str
@@ -62,6 +63,9 @@ class ServerSpec:
     route_prefix: str
     client: str | None = None
     description: str = ""
+    reads: Mapping[str, tuple[str, type[BaseModel]]] = field(default_factory=dict)
+    """Argument-less GET routes of the server's REST surface: route -> (deployment
+    method, response model), e.g. ``{"stats": ("batch_stats", BatchStats)}``."""
 
 
 @dataclass

@@ -117,9 +117,20 @@ class NodeFailedError(PipelineRuntimeError):
 
 
 class NodeInputError(PipelineRuntimeError):
-    """A node's input was rejected by its contract (a bad request, not a broken server)."""
+    """A node's input was rejected by its contract (a bad request, not a broken server).
+
+    Attributes:
+        problems: each rejected field as ``{"field", "error", "fix"}``.
+    """
 
     status_code = 422
+
+    def __init__(self, node: str, detail: str, problems: list[dict[str, str]] | None = None):
+        self.problems = list(problems or [])
+        super().__init__(node, detail)
+
+    def __reduce__(self):
+        return (type(self), (self.node, self.detail, self.problems))
 
 
 class NodeTimeoutError(PipelineRuntimeError):

@@ -152,6 +152,14 @@ class Graph(BaseModel):
         description="Default request deadline when the caller sends no X-Request-Timeout "
         "(else the platform's 60 s): an agent's several LLM steps may need more than a lookup.",
     )
+    max_in_flight: int | None = Field(
+        None,
+        ge=1,
+        le=100_000,
+        description="Requests of this pipeline one ingress replica runs at once; past it, "
+        "503 + Retry-After at once, before any work (else the platform's 256). Size it to "
+        "what the pipeline's slowest model server can take, so doomed work is not admitted.",
+    )
 
     def node(self, name: str) -> Node:
         for node in self.nodes:
@@ -215,6 +223,9 @@ class Pipeline:
         input: pydantic model of the request.
         output: type of the response (usually a pydantic model).
         description: shown in OpenAPI and the rendered graph.
+        deadline_s: the default request deadline (else 60 s).
+        max_in_flight: requests one ingress replica runs at once (else 256); past it,
+            503 + Retry-After before any work (`servegraph.admission`).
     """
 
     def __init__(
@@ -225,9 +236,11 @@ class Pipeline:
         output: type,
         description: str = "",
         deadline_s: float | None = None,
+        max_in_flight: int | None = None,
     ) -> None:
         self.name = name
         self.deadline_s = deadline_s
+        self.max_in_flight = max_in_flight
         self.input = Ref(INPUT)
         self._input_type = input
         self._output_type = output
@@ -342,6 +355,7 @@ class Pipeline:
             nodes=list(self._nodes),
             returns=self._returns if self._returns is not None else {},
             deadline_s=self.deadline_s,
+            max_in_flight=self.max_in_flight,
         )
 
     def _add(self, node: Any) -> Ref:

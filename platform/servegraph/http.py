@@ -12,42 +12,44 @@ from typing import Any
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
+from pydantic import BaseModel, Field
 
-from servegraph.errors import InvalidInputError, OverloadedError, PipelineRuntimeError
-
-_FIXES = {
-    "missing": "add the field",
-    "string_too_short": "send a non-empty value",
-    "string_too_long": "send at most {max_length} characters",
-    "too_short": "send at least {min_length} item(s)",
-    "too_long": "send at most {max_length} item(s); split larger batches",
-    "greater_than_equal": "use a value >= {ge}",
-    "less_than_equal": "use a value <= {le}",
-    "greater_than": "use a value > {gt}",
-    "literal_error": "use one of {expected}",
-    "extra_forbidden": "remove the field",
-    "json_invalid": "send a valid JSON body",
-    "value_error": "change the value as the error says",
-}
+from servegraph._fields import field_errors
+from servegraph.errors import (
+    InvalidInputError,
+    NodeInputError,
+    OverloadedError,
+    PipelineRuntimeError,
+    ServerUnavailableError,
+)
 
 
-def field_errors(errors: list[dict[str, Any]]) -> list[dict[str, str]]:
-    """Pydantic errors -> [{field, error, fix}], dropping FastAPI's 'body' prefix."""
-    out = []
-    for err in errors:
-        loc = [str(p) for p in err.get("loc", ()) if p != "body"]
-        ctx = {k: v for k, v in (err.get("ctx") or {}).items()}
-        template = _FIXES.get(err.get("type", ""), "send a value of type {type}")
-        try:
-            fix = template.format(type=err.get("type", "?").split("_")[0], **ctx)
-        except (KeyError, IndexError):
-            fix = template
-        out.append({"field": ".".join(loc) or "(body)", "error": err.get("msg", ""), "fix": fix})
-    return out
+class FieldProblem(BaseModel):
+    field: str = Field(description="Dotted path of the offending field, e.g. `texts.0`.")
+    error: str = Field(description="What is wrong with it.")
+    fix: str = Field(description="What to send instead.")
+
+
+class InvalidRequestBody(BaseModel):
+    """The body of every 422: the request's fields, or a node's input, rejected."""
+
+    error: str
+    detail: list[FieldProblem]
+    node: str | None = Field(None, description="The node whose input was rejected, if any.")
+
+
+class ErrorBody(BaseModel):
+    """The body of a failed run: 502, 503, 504 (and 422 for a node's bad input)."""
+
+    error: str = Field(description="The error's kind, e.g. NodeTimeoutError.")
+    node: str = Field(description="The node it happened in, e.g. `embed`.")
+    detail: str = Field(description="Why, in words.")
 
 
 def install_error_handlers(app: FastAPI) -> None:
-    """Map request and runtime errors onto 4xx/5xx bodies that name the field or node."""
+    """Map request and runtime errors onto 4xx/5xx bodies that name the field or node,
+    and document the 422 body as it really is (FastAPI documents its own default)."""
+    _document_422(app)
 
     @app.exception_handler(RequestValidationError)
     async def _invalid_request(_: Request, exc: RequestValidationError) -> JSONResponse:
@@ -69,6 +71,34 @@ def install_error_handlers(app: FastAPI) -> None:
             headers=retry_after(exc),
         )
 
+    @app.exception_handler(ServerUnavailableError)
+    async def _unavailable(_: Request, exc: ServerUnavailableError) -> JSONResponse:
+        return JSONResponse(
+            _unavailable_body(exc),
+            status_code=503,
+            headers={"Retry-After": str(max(1, math.ceil(exc.retry_after_s)))},
+        )
+
+
+def _document_422(app: FastAPI) -> None:
+    generate = app.openapi
+
+    def openapi() -> dict[str, Any]:
+        if app.openapi_schema is None:
+            schema = generate()
+            schemas = schema.setdefault("components", {}).setdefault("schemas", {})
+            if "HTTPValidationError" in schemas:
+                # Every route's 422 refers to this component: make it our body.
+                body = InvalidRequestBody.model_json_schema(
+                    ref_template="#/components/schemas/{model}"
+                )
+                schemas.update(body.pop("$defs", {}))
+                schemas["HTTPValidationError"] = body
+            app.openapi_schema = schema
+        return app.openapi_schema
+
+    app.openapi = openapi  # type: ignore[method-assign]
+
 
 def retry_after(exc: PipelineRuntimeError) -> dict[str, str] | None:
     """A 503 says when to come back (RFC 9110 delay-seconds, rounded up)."""
@@ -77,6 +107,14 @@ def retry_after(exc: PipelineRuntimeError) -> dict[str, str] | None:
     return {"Retry-After": str(max(1, math.ceil(exc.retry_after_s)))}
 
 
+def _unavailable_body(exc: ServerUnavailableError) -> dict[str, Any]:
+    return {"error": "ServerUnavailableError", "node": exc.server, "detail": str(exc)}
+
+
 def runtime_error_body(exc: PipelineRuntimeError) -> dict[str, Any]:
-    """The body of a failed run: the error's kind, the node it happened in, and why."""
+    """The body of a failed run: the error's kind, the node it happened in, and why; a
+    node's rejected input has the 422 shape, each field with its fix."""
+    if isinstance(exc, NodeInputError):
+        problems = exc.problems or [{"field": "(input)", "error": exc.detail, "fix": ""}]
+        return {"error": "invalid request", "node": exc.node, "detail": problems}
     return {"error": type(exc).__name__, "node": exc.node, "detail": exc.detail}

@@ -19,6 +19,7 @@ from typing import Any, Literal, Protocol
 
 from pydantic import BaseModel, ValidationError
 
+from servegraph._fields import field_errors
 from servegraph.catalog import Catalog
 from servegraph.errors import (
     InvalidInputError,
@@ -335,7 +336,7 @@ class _Run:
             raise NodeTimeoutError(qualified, "the request deadline passed before it started")
         token = _node_deadline.set(time.monotonic() + limit)  # the work's task copies it
         try:
-            return await asyncio.wait_for(work, limit)
+            return await _within(work, limit)
         except TimeoutError:
             which = (
                 "its timeout"
@@ -348,7 +349,7 @@ class _Run:
         except ServerUnavailableError as exc:
             raise OverloadedError(qualified, str(exc), exc.retry_after_s) from exc
         except (InvalidInputError, ValidationError) as exc:
-            raise NodeInputError(qualified, _describe_input_error(exc)) from exc
+            raise _input_error(qualified, exc) from exc
         except Exception as exc:
             raise NodeFailedError(qualified, f"{type(exc).__name__}: {exc}") from exc
         finally:
@@ -494,11 +495,19 @@ def _coerce(model: type[BaseModel], value: Any, where: str) -> BaseModel:
     try:
         return model.model_validate(value)
     except ValidationError as exc:
-        raise NodeInputError(where.rstrip("/") or INPUT, _describe_input_error(exc)) from exc
+        raise _input_error(where.rstrip("/") or INPUT, exc) from exc
 
 
 def _case_key(value: Any) -> str:
     return str(getattr(value, "value", value))
+
+
+def _input_error(node: str, exc: InvalidInputError | ValidationError) -> NodeInputError:
+    if isinstance(exc, InvalidInputError):
+        problems = [exc.to_detail()]
+    else:
+        problems = field_errors(exc.errors(include_url=False))  # type: ignore[arg-type]
+    return NodeInputError(node, _describe_input_error(exc), problems)
 
 
 def _describe_input_error(exc: Exception) -> str:
@@ -513,6 +522,31 @@ async def _maybe_await(value: Any) -> Any:
     if inspect.isawaitable(value):
         return await value
     return value
+
+
+async def _within(work: Awaitable[Any], limit: float) -> Any:
+    """`asyncio.wait_for`, except that on timeout it does not wait for the work to finish
+    cancelling. Cancelling a remote call takes a round trip to its replica (seconds, seen
+    under overload), and a deadline's answer must not wait for that: the cancelled work
+    winds down in the background."""
+    task = asyncio.ensure_future(work)
+    try:
+        done, _ = await asyncio.wait({task}, timeout=limit)
+    except asyncio.CancelledError:
+        task.cancel()
+        task.add_done_callback(_retrieve)
+        raise
+    if not done:
+        task.cancel()
+        task.add_done_callback(_retrieve)
+        raise TimeoutError
+    return task.result()
+
+
+def _retrieve(task: asyncio.Future[Any]) -> None:
+    """Mark an abandoned task's outcome as seen (no "exception never retrieved")."""
+    if not task.cancelled():
+        task.exception()
 
 
 def _close(work: Awaitable[Any]) -> None:

@@ -28,11 +28,12 @@ from ray.serve.exceptions import BackPressureError
 from ray.serve.handle import DeploymentHandle
 
 from servegraph import tracing
+from servegraph.admission import DEFAULT_MAX_IN_FLIGHT, AdmissionGate
 from servegraph.catalog import Catalog, ServerSpec
 from servegraph.discovery import discover
 from servegraph.errors import PipelineRuntimeError, ServerUnavailableError
 from servegraph.graph import Graph, resolve
-from servegraph.http import install_error_handlers, runtime_error_body
+from servegraph.http import ErrorBody, install_error_handlers, runtime_error_body
 from servegraph.render import to_mermaid, to_text
 from servegraph.runtime import NodeRecord, RunEvent, Runtime, default_deadline, time_left
 from servegraph.serialize import to_yaml
@@ -43,13 +44,16 @@ logger = logging.getLogger("ray.serve")
 INGRESS_APP = "pipelines"
 INGRESS_PREFIX = "/pipelines"
 INGRESS_DEFAULTS: dict[str, Any] = {
-    # The ingress only awaits model servers, so one replica holds many requests at
-    # once, and it should: a request's deadline starts when the ingress takes it, so
-    # time queued before that (at the proxy) would not count against it. Admission is
-    # decided downstream, where capacity is: every model server has a bounded queue,
-    # and a call past it is answered 503 at once (ServeInvoker).
-    "max_ongoing_requests": 2048,
-    # Beyond that, Serve answers 503 + Retry-After at once rather than queueing.
+    # The ingress only awaits model servers, so one replica holds many requests at once
+    # (with Serve's default of 5 the LLM's continuous batching never sees more than five
+    # pipelines' calls). Each pipeline also has its own limit at the door
+    # (`Pipeline(max_in_flight=)`, servegraph.admission).
+    "max_ongoing_requests": 256,
+    # Past that, the proxy itself answers 503 + Retry-After, the cheapest refusal there
+    # is: under a burst of thousands, every request that reaches the ingress costs a
+    # replica round trip, and on a small machine that CPU is what the admitted requests'
+    # deadlines need. The queue is short, so a request waits there little before its
+    # deadline starts to run in the ingress.
     "max_queued_requests": 64,
     "backpressure_config": {"status_code": 503, "retry_after_s": 1},
 }
@@ -104,6 +108,24 @@ class ServeInvoker:
                 await _before_retry(server, exc, attempt, idempotent)
         raise AssertionError("unreachable")
 
+    async def read(self, server: str, method: str) -> Any:
+        """An argument-less method (a gateway's GET route), retried like a call."""
+        target = self._target(server)
+        for attempt in itertools.count():
+            try:
+                return await getattr(target, method).remote()
+            except BackPressureError as exc:
+                raise _overloaded(server, exc) from exc
+            except RayActorError as exc:
+                await _before_retry(
+                    server,
+                    exc,
+                    attempt,
+                    attempt < _READ_RETRIES,
+                    f"gave up after {attempt} retries",
+                )
+        raise AssertionError("unreachable")
+
     async def stream(self, server: str, method: str, request: BaseModel) -> AsyncIterator[Any]:
         """Iterate a streaming method: a generator on the replica, or the client's own.
         A stream whose replica died before its first item is started again."""
@@ -127,6 +149,7 @@ class ServeInvoker:
 
 
 _REPLICA_RETRY_BACKOFF_S = (0.05, 2.0)  # first and largest wait between retries
+_READ_RETRIES = 8  # a read has no node deadline: about 10 s of backoff in all
 
 
 def _overloaded(server: str, exc: BackPressureError) -> ServerUnavailableError:
@@ -135,11 +158,17 @@ def _overloaded(server: str, exc: BackPressureError) -> ServerUnavailableError:
     )
 
 
-async def _before_retry(server: str, exc: BaseException, attempt: int, may_retry: bool) -> None:
+async def _before_retry(
+    server: str,
+    exc: BaseException,
+    attempt: int,
+    may_retry: bool,
+    why_not: str = "the call is not safe to repeat",
+) -> None:
     """Wait before repeating a call whose replica died, or raise if it must not be."""
     cause = f"its replica died mid-call ({type(exc).__name__})"
     if not may_retry:
-        raise ServerUnavailableError(server, f"{cause}; the call is not safe to repeat") from exc
+        raise ServerUnavailableError(server, f"{cause}; {why_not}") from exc
     first, largest = _REPLICA_RETRY_BACKOFF_S
     delay = min(largest, first * 2**attempt)
     left = time_left()
@@ -172,6 +201,12 @@ def build_fastapi(
             ]
         }
 
+    limits = {name: g.max_in_flight or DEFAULT_MAX_IN_FLIGHT for name, g in graphs.items()}
+    app.add_middleware(
+        AdmissionGate,
+        limits=limits,
+        on_refused=(lambda name: metrics.record(name, 503, 0.0, [])) if metrics else None,
+    )
     for graph in graphs.values():
         runtime = Runtime(
             catalog,
@@ -184,10 +219,19 @@ def build_fastapi(
 
 
 _ERROR_RESPONSES: dict[int | str, dict[str, Any]] = {
+    408: {
+        "description": "Ray Serve's proxy gave up: `x-request-timeout-seconds` ran out before "
+        "the platform could answer (a deadline shorter than the hop to the ingress)",
+        "content": {"text/plain": {"schema": {"type": "string"}}},
+    },
     422: {"description": "Invalid field (names the field and the fix)"},
-    502: {"description": "A node failed (names the node)"},
-    503: {"description": "A model server is overloaded; retry"},
-    504: {"description": "A node ran past the deadline (names the node)"},
+    502: {"description": "A node failed (names the node)", "model": ErrorBody},
+    503: {
+        "description": "A model server is full or restarting (names the node); retry after "
+        "the Retry-After header's seconds",
+        "model": ErrorBody,
+    },
+    504: {"description": "A node ran past the deadline (names the node)", "model": ErrorBody},
 }
 
 _STREAM_DESCRIPTION = """Run the pipeline as Server-Sent Events, in order:

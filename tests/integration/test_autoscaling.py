@@ -11,7 +11,7 @@ import pytest
 from ray import serve
 
 from servegraph.local import LocalCluster
-from tests.integration.conftest import wait_until_running
+from tests._cluster import wait_until_running
 
 pytestmark = pytest.mark.integration
 

@@ -11,7 +11,7 @@ import openai
 import pytest
 from ray import serve
 
-from deployments.schemas import ChatRequest, ClassifyRequest, EmbedRequest, Message
+from deployments.schemas import MAX_BATCH, ChatRequest, ClassifyRequest, EmbedRequest, Message
 from servegraph.local import LocalCluster
 
 pytestmark = pytest.mark.integration
@@ -220,7 +220,7 @@ def test_index_keeps_acknowledged_writes_across_a_restart(http: httpx.Client) ->
     [
         ("/embedder/embed", {"texts": [""]}, "texts.0"),
         ("/embedder/embed", {"texts": "not a list"}, "texts"),
-        ("/embedder/embed", {"texts": ["x"] * 257}, "texts"),
+        ("/embedder/embed", {"texts": ["x"] * (MAX_BATCH + 1)}, "texts"),
         ("/classifier/classify", {"text": "   "}, "text"),
         ("/classifier/classify", {"txt": "hello"}, "text"),
         ("/index/search", {"vector": [0.1, 0.2], "k": 3}, "vector"),

@@ -12,7 +12,7 @@ import httpx
 import pytest
 
 from servegraph.local import LocalCluster
-from tests.integration.conftest import SPANS_DIR
+from tests._cluster import SPANS_DIR
 from tests.otlp import OtlpReceiver
 from tests.sse import sse_events
 

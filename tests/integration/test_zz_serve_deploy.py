@@ -13,7 +13,7 @@ import pytest
 import yaml
 
 from servegraph.local import LocalCluster
-from tests.integration.conftest import wait_until_running
+from tests._cluster import wait_until_running
 
 pytestmark = pytest.mark.integration
 

@@ -1,4 +1,6 @@
-"""One real local Ray Serve cluster per test session, with the real model servers."""
+"""One real local Ray Serve cluster per test session, with the real model servers,
+shared by the integration and reliability tiers (a plugin of tests/conftest.py, so both
+folders get the same session fixtures, not one cluster each)."""
 
 from __future__ import annotations
 
@@ -12,13 +14,6 @@ import pytest
 
 from servegraph.local import LocalCluster, local_cluster
 from tests.otlp import OtlpReceiver
-
-
-def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
-    for item in items:
-        if "tests/integration" in str(item.fspath):
-            item.add_marker(pytest.mark.integration)
-
 
 SPANS_DIR = tempfile.mkdtemp(prefix="servegraph-test-spans-")
 

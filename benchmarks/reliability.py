@@ -1,0 +1,182 @@
+"""The reliability figures of the overload-and-faults issue, at its sizes, in one run on a
+fresh local cluster (all model servers and pipelines, the knowledge base ingested):
+
+- an overload burst: 1,200 concurrent `POST /pipelines/triage` at a 20 s deadline;
+- concurrent ingest: 8 callers x 30 single-document `rag_ingest` requests;
+- `kill -9` of the embedder's replica under load, through a pipeline (8 callers on
+  `rag_ingest`) and on the embedder's own route (16 callers on `/embedder/embed_one`).
+
+    .venv/bin/python -m benchmarks.reliability [step ...]   (default: every step)
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import signal
+import statistics
+import time
+import uuid
+from collections import Counter
+from typing import Any
+
+from benchmarks.traffic import Answer, burst, callers
+
+BURST, BURST_DEADLINE_S, MARGIN_S = 1200, 20, 5
+
+
+def summary(answers: list[Answer], deadline_s: float | None = None) -> dict[str, Any]:
+    statuses = Counter(a.status for a in answers)
+    out: dict[str, Any] = {"n": len(answers), "statuses": dict(sorted(statuses.items()))}
+    out["bare_500"] = sum(1 for a in answers if a.status == 500 and not isinstance(a.body, dict))
+    out["success"] = round(statuses[200] / len(answers), 5) if answers else None
+    if deadline_s is not None:
+        within = sum(1 for a in answers if a.status and a.seconds <= deadline_s + MARGIN_S)
+        out["answered_within_deadline_plus_5s"] = round(within / len(answers), 4)
+    by_status: dict[int, list[float]] = {}
+    for a in answers:
+        by_status.setdefault(a.status, []).append(a.seconds)
+    out["p50_s_by_status"] = {s: round(statistics.median(v), 2) for s, v in by_status.items()}
+    out["max_s"] = round(max(a.seconds for a in answers), 2) if answers else None
+    shed = [a for a in answers if a.status == 503]
+    out["503_with_retry_after"] = sum(1 for a in shed if a.headers and "retry-after" in a.headers)
+    return out
+
+
+def overload(base_url: str) -> dict[str, Any]:
+    tickets = [
+        {"text": f"My invoice {n} shows a charge I do not recognise.", "email": "ana@example.com"}
+        for n in range(BURST)
+    ]
+    answers = asyncio.run(
+        burst(
+            base_url,
+            "/pipelines/triage",
+            tickets,
+            headers={"X-Request-Timeout": str(BURST_DEADLINE_S)},
+            client_timeout_s=BURST_DEADLINE_S + 120,
+        )
+    )
+    return summary(answers, BURST_DEADLINE_S)
+
+
+def concurrent_ingest(base_url: str) -> dict[str, Any]:
+    run = uuid.uuid4().hex[:8]
+
+    def body(c: int, i: int) -> dict:
+        text = f"Note {i} by writer {c}. " * 20
+        return {"documents": [{"id": f"{run}/w{c}/d{i}", "text": text}]}
+
+    answers = asyncio.run(
+        callers(
+            base_url,
+            "/pipelines/rag_ingest",
+            body,
+            n=8,
+            stop=asyncio.Event(),
+            max_requests=240,
+            max_seconds=600,
+        )
+    )
+    return summary(answers)
+
+
+def kill_under_load(base_url: str, path: str, n: int, body: Any) -> dict[str, Any]:
+    from ray.util.state import list_actors
+
+    def replicas() -> list[int]:
+        actors = list_actors(
+            filters=[
+                ("class_name", "=", "ServeReplica:embedder:Embedder"),
+                ("state", "=", "ALIVE"),
+            ]
+        )
+        return [int(a.pid) for a in actors]
+
+    answers: list[Answer] = []
+    stop = asyncio.Event()
+    marks: dict[str, float] = {}
+
+    async def until(condition: Any, timeout_s: float) -> None:
+        deadline = time.monotonic() + timeout_s
+        while not await asyncio.to_thread(condition) and time.monotonic() < deadline:
+            await asyncio.sleep(0.2)
+
+    async def run() -> None:
+        task = asyncio.ensure_future(
+            callers(
+                base_url,
+                path,
+                body,
+                n=n,
+                stop=stop,
+                max_requests=20_000,
+                max_seconds=300,
+                headers={"X-Request-Timeout": "60"},
+                answers=answers,
+            )
+        )
+        await until(lambda: len(answers) >= 200, 120)
+        (victim,) = replicas()
+        marks["killed"] = time.monotonic()
+        os.kill(victim, signal.SIGKILL)
+        await until(lambda: bool(set(replicas()) - {victim}), 180)
+        marks["new_replica"] = time.monotonic()
+        ok_then = sum(a.status == 200 for a in answers)
+        await until(lambda: sum(a.status == 200 for a in answers) >= ok_then + 200, 180)
+        stop.set()
+        await task
+
+    asyncio.run(run())
+    out = summary(answers)
+    out["replica_back_after_s"] = round(marks["new_replica"] - marks["killed"], 1)
+    return out
+
+
+def main(only: list[str]) -> None:
+    from ray import serve
+
+    from deployments.catalog import CATALOG
+    from pipelines.rag.ingest import on_deploy
+    from servegraph.compiler import compile_platform
+    from servegraph.discovery import discover
+    from servegraph.local import local_cluster
+
+    results: dict[str, Any] = {}
+    with local_cluster() as cluster:
+        compile_platform(
+            discover("pipelines"), CATALOG, packages=["pipelines"], all_servers=True
+        ).deploy()
+        while any(a.status != "RUNNING" for a in serve.status().applications.values()):
+            time.sleep(1)
+        on_deploy(cluster.base_url)
+        base = cluster.base_url
+        steps = {
+            "overload_burst_1200_at_20s": lambda: overload(base),
+            "concurrent_ingest_8x30": lambda: concurrent_ingest(base),
+            "kill_embedder_via_pipeline_8_callers": lambda: kill_under_load(
+                base,
+                "/pipelines/rag_ingest",
+                8,
+                lambda c, i: {
+                    "documents": [{"id": f"kill/c{c}/d{i}", "text": f"Note {i} of caller {c}."}]
+                },
+            ),
+            "kill_embedder_direct_route_16_callers": lambda: kill_under_load(
+                base, "/embedder/embed_one", 16, lambda c, i: {"text": f"ticket {c}-{i}"}
+            ),
+        }
+        for name, step in steps.items():
+            if only and not any(name.startswith(o) for o in only):
+                continue
+            print(f"[reliability] {name} ...", flush=True)
+            results[name] = step()
+            print(json.dumps({name: results[name]}, indent=1), flush=True)
+    print(json.dumps(results, indent=1))
+
+
+if __name__ == "__main__":
+    import sys
+
+    main(sys.argv[1:])

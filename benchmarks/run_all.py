@@ -1,0 +1,36 @@
+"""`make bench`: every benchmark, one after another, each in its own process (each
+starts and stops its own local Ray cluster), with what each printed.
+
+    .venv/bin/python -m benchmarks.run_all [name ...]
+"""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+import time
+
+BENCHMARKS = ["model_servers", "graph_overhead", "pipelines", "tracing_overhead", "reliability"]
+
+
+def main(argv: list[str]) -> int:
+    names = argv or BENCHMARKS
+    unknown = sorted(set(names) - set(BENCHMARKS))
+    if unknown:
+        print(f"unknown benchmark(s) {unknown}; choose from {BENCHMARKS}", file=sys.stderr)
+        return 2
+    failed = []
+    for name in names:
+        print(f"\n=== benchmarks.{name} ===", flush=True)
+        started = time.perf_counter()
+        code = subprocess.call([sys.executable, "-m", f"benchmarks.{name}"])
+        print(f"=== benchmarks.{name}: exit {code} in {time.perf_counter() - started:.0f}s ===")
+        if code:
+            failed.append(name)
+    if failed:
+        print(f"failed: {failed}", file=sys.stderr)
+    return 1 if failed else 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main(sys.argv[1:]))

@@ -1,0 +1,116 @@
+"""Each model server's own REST surface, served by a thin gateway deployment in front of
+the model deployment (Serve model composition, in the server's application).
+
+Why a gateway rather than FastAPI on the model replica itself: a request reaches a
+replica through Serve's proxy, and when that replica dies mid-request the proxy answers
+a bare 500 (Serve retries only requests no replica had accepted yet). Through the
+gateway, a direct call runs as a one-node graph on the same runtime as the pipelines:
+the idempotent call is repeated on a live or restarted replica within its deadline, a
+full server is a 503 with Retry-After naming it, a deadline a 504, and every error a
+JSON body. The model deployment keeps its name, so pipelines call it by handle directly.
+"""
+
+# No `from __future__ import annotations`: FastAPI must see each route's real models.
+from typing import Any
+
+from fastapi import FastAPI, Header
+from ray import serve
+
+from servegraph.catalog import Catalog, ServerSpec
+from servegraph.graph import Graph, Pipeline, resolve
+from servegraph.http import ErrorBody, install_error_handlers
+from servegraph.runtime import Runtime
+
+GATEWAY_DEFAULTS: dict[str, Any] = {
+    "max_ongoing_requests": 512,
+    "max_queued_requests": 256,
+    "backpressure_config": {"status_code": 503, "retry_after_s": 1},
+    "ray_actor_options": {"num_cpus": 0.1},
+}
+
+_ERRORS: dict[int | str, dict[str, Any]] = {
+    503: {"description": "The model server is full or restarting; retry", "model": ErrorBody},
+    504: {"description": "Past the request deadline", "model": ErrorBody},
+}
+
+
+def method_graph(spec: ServerSpec, method: str) -> Graph:
+    """`server.method(request)` as a one-node graph: the request's fields in, the
+    response out."""
+    contract = spec.methods[method]
+    p = Pipeline(f"{spec.name}.{method}", input=contract.request, output=contract.response)
+    fields = {name: getattr(p.input, name) for name in contract.request.model_fields}
+    p.returns(p.call(method, spec.name, method, idempotent=contract.idempotent, **fields))
+    return p.build()
+
+
+def build_gateway(spec: ServerSpec, catalog: Catalog, invoke: Any) -> FastAPI:
+    """The server's REST app: `POST /<method>` for every method of its contract and
+    `GET /<route>` for every read it declares."""
+    app = FastAPI(title=spec.name, description=spec.description)
+    install_error_handlers(app)
+    runtime = Runtime(catalog, invoke)
+    for method, contract in spec.methods.items():
+        _add_method(app, runtime, method_graph(spec, method), method, contract.response)
+    for route, (method, response) in spec.reads.items():
+        _add_read(app, invoke, spec.name, route, method, response)
+    return app
+
+
+def _add_method(app: FastAPI, runtime: Runtime, graph: Graph, method: str, response: Any) -> None:
+    request_model = resolve(graph.input)
+
+    async def call(
+        request: request_model,  # type: ignore[valid-type]
+        x_request_timeout: float | None = Header(
+            None, gt=0, le=600, description="Deadline in seconds (default 60)."
+        ),
+    ) -> Any:
+        return await runtime.run(graph, request, deadline_s=x_request_timeout)
+
+    app.add_api_route(
+        f"/{method}",
+        call,
+        methods=["POST"],
+        response_model=response,
+        operation_id=method,
+        summary=method.replace("_", " "),
+        responses=_ERRORS,
+    )
+
+
+def _add_read(
+    app: FastAPI, invoke: Any, server: str, route: str, method: str, response: Any
+) -> None:
+    async def read() -> Any:
+        return await invoke.read(server, method)
+
+    app.add_api_route(
+        f"/{route}",
+        read,
+        methods=["GET"],
+        response_model=response,
+        operation_id=route,
+        responses=_ERRORS,
+    )
+
+
+def gateway_app(server: str, model: Any, catalog_path: str = "deployments.catalog:CATALOG") -> Any:
+    """The Serve application of a model server: its gateway (the app's ingress, serving
+    the REST surface) bound to `model`, the server's bound model deployment."""
+
+    def make_app() -> FastAPI:
+        from servegraph.serving import ServeInvoker
+
+        catalog: Catalog = resolve(catalog_path)
+        return build_gateway(catalog[server], catalog, ServeInvoker(catalog))
+
+    @serve.deployment(name="Gateway")
+    @serve.ingress(make_app)
+    class Gateway:
+        """The REST surface of a model server; the model runs in its own deployment."""
+
+        def __init__(self, model: Any) -> None:
+            self.model = model  # bound so Serve deploys it in this application
+
+    return Gateway.options(**GATEWAY_DEFAULTS).bind(model)

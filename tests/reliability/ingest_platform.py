@@ -1,0 +1,39 @@
+"""A second, small platform in its own process for the whole-cluster kill test: its own
+local Ray with the embedder, the vector index and the `rag_ingest` pipeline, on the
+index folder it is given. Prints ``READY <base url>`` when it serves; stops on SIGTERM.
+
+    python -m tests.reliability.ingest_platform PORT
+"""
+
+from __future__ import annotations
+
+import signal
+import sys
+import threading
+import time
+
+
+def main(port: int) -> None:
+    from ray import serve
+
+    from deployments.catalog import CATALOG
+    from servegraph.compiler import compile_platform
+    from servegraph.discovery import discover
+    from servegraph.local import local_cluster
+
+    stop = threading.Event()
+    signal.signal(signal.SIGTERM, lambda *_: stop.set())
+    graphs = {"rag_ingest": discover("pipelines")["rag_ingest"]}
+    with local_cluster(http_port=port, dashboard=False) as cluster:
+        compile_platform(graphs, CATALOG, packages=["pipelines"]).deploy()
+        deadline = time.monotonic() + 600
+        while any(a.status != "RUNNING" for a in serve.status().applications.values()):
+            if time.monotonic() > deadline:
+                raise TimeoutError("the ingest platform did not start in 600 s")
+            time.sleep(0.5)
+        print("READY", cluster.base_url, flush=True)
+        stop.wait()
+
+
+if __name__ == "__main__":
+    main(int(sys.argv[1]))

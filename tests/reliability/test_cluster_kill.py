@@ -1,0 +1,146 @@
+"""`kill -9` of every process of a running platform in the middle of concurrent
+ingestion, then a restart on the same index folder: no acknowledged document is missing.
+
+It runs a second, small platform (embedder, index, `rag_ingest`) in its own process
+tree, tagged by an environment variable that every process of that tree inherits, so
+the kill reaches all of them (GCS, raylet, proxy, replicas) and nothing else."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import signal
+import subprocess
+import sys
+import time
+import uuid
+from pathlib import Path
+
+import httpx
+import psutil
+import pytest
+
+from benchmarks.traffic import callers
+from servegraph.local import LocalCluster, free_port
+
+pytestmark = pytest.mark.reliability
+
+TAG = "SERVEGRAPH_CHAOS_TAG"
+
+
+def start(index: Path, tag: str) -> tuple[subprocess.Popen, str]:
+    env = {
+        **os.environ,
+        TAG: tag,
+        "SERVEGRAPH_INDEX_PATH": str(index),
+        "SERVEGRAPH_TRACING_EXPORTER": "none",
+    }
+    child = subprocess.Popen(
+        [sys.executable, "-m", "tests.reliability.ingest_platform", str(free_port())],
+        env=env,
+        stdout=subprocess.PIPE,
+        text=True,
+    )
+    deadline = time.monotonic() + 600
+    assert child.stdout is not None
+    for line in child.stdout:  # bounded: the child raises after 600 s itself
+        if line.startswith("READY "):
+            return child, line.split()[1]
+        if time.monotonic() > deadline:
+            break
+    child.kill()
+    raise RuntimeError(f"the ingest platform did not start (exit {child.poll()})")
+
+
+def tagged(tag: str) -> list[psutil.Process]:
+    found = []
+    for proc in psutil.process_iter():
+        try:
+            if proc.environ().get(TAG) == tag:
+                found.append(proc)
+        except (psutil.NoSuchProcess, psutil.AccessDenied, psutil.ZombieProcess):
+            continue
+    return found
+
+
+def kill_all(tag: str) -> int:
+    """SIGKILL every process of the tagged tree, until none is left; how many."""
+    killed = 0
+    for _ in range(50):  # bounded: a process forked while killing is caught next round
+        procs = tagged(tag)
+        if not procs:
+            return killed
+        for proc in procs:
+            try:
+                proc.send_signal(signal.SIGKILL)
+                killed += 1
+            except psutil.NoSuchProcess:
+                pass
+        psutil.wait_procs(procs, timeout=5)
+    raise RuntimeError(f"processes tagged {tag} survive SIGKILL")
+
+
+def test_kill_9_of_the_whole_cluster_mid_ingest_loses_no_acknowledged_document(
+    pipelines: LocalCluster, tmp_path: Path
+) -> None:
+    # `pipelines` only orders this after the shared cluster's own setup; the platform
+    # under test is a separate one.
+    tag, run = uuid.uuid4().hex, uuid.uuid4().hex[:8]
+    index = tmp_path / "index"
+    child, base_url = start(index, tag)
+    answers: list = []
+    try:
+
+        async def ingest_then_kill() -> int:
+            stop = asyncio.Event()
+            load = asyncio.ensure_future(
+                callers(
+                    base_url,
+                    "/pipelines/rag_ingest",
+                    lambda c, i: {
+                        "documents": [
+                            {
+                                "id": f"{run}/c{c}/d{i}",
+                                "text": f"Note {i} of caller {c}: refunds take 5 days.",
+                                "metadata": {"run": run},
+                            }
+                        ]
+                    },
+                    n=8,
+                    stop=stop,
+                    max_requests=2_000,
+                    max_seconds=180,
+                    answers=answers,
+                )
+            )
+            deadline = time.monotonic() + 180
+            while sum(a.status == 200 for a in answers) < 60 and time.monotonic() < deadline:
+                await asyncio.sleep(0.05)
+            killed = await asyncio.to_thread(kill_all, tag)  # mid-flight: 8 in progress
+            stop.set()
+            await load
+            return killed
+
+        killed = asyncio.run(ingest_then_kill())
+    finally:
+        kill_all(tag)
+        child.wait(timeout=60)
+    acknowledged = [a.body["documents"][0]["id"] for a in answers if a.status == 200]
+    assert killed > 3 and len(acknowledged) >= 60, (killed, len(acknowledged))
+
+    child, base_url = start(index, tag)
+    try:
+        with httpx.Client(base_url=base_url, timeout=60) as client:
+            missing = [
+                doc_id
+                for doc_id in acknowledged
+                if client.post("/index/count", json={"filter": {"doc_id": doc_id}}).json()["count"]
+                != 1
+            ]
+    finally:
+        child.send_signal(signal.SIGTERM)
+        try:
+            child.wait(timeout=120)
+        finally:
+            kill_all(tag)
+    assert not missing, f"{len(missing)} of {len(acknowledged)} acknowledged documents lost"

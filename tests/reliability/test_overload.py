@@ -1,0 +1,81 @@
+"""An overload burst: far more concurrent requests than the platform can serve. Every
+request is answered by its deadline plus a small margin, what cannot be admitted is
+refused at once with 503 + Retry-After naming what is full, and nothing is a bare 500."""
+
+from __future__ import annotations
+
+import asyncio
+from collections import Counter
+
+import pytest
+
+from benchmarks.traffic import burst
+from servegraph.local import LocalCluster
+
+pytestmark = pytest.mark.reliability
+
+DEADLINE_S = 10
+MARGIN_S = 5
+BURST = 600
+
+
+def test_a_burst_past_capacity_is_shed_and_every_request_answered_in_time(
+    pipelines: LocalCluster,
+) -> None:
+    tickets = [
+        {"text": f"My invoice {n} shows a charge I do not recognise.", "email": "ana@example.com"}
+        for n in range(BURST)
+    ]
+    answers = asyncio.run(
+        burst(
+            pipelines.base_url,
+            "/pipelines/triage",
+            tickets,
+            headers={"X-Request-Timeout": str(DEADLINE_S)},
+            client_timeout_s=DEADLINE_S + 60,
+        )
+    )
+    statuses = Counter(a.status for a in answers)
+    late = [a for a in answers if a.seconds > DEADLINE_S + MARGIN_S]
+    assert not late, f"{len(late)} answered after {DEADLINE_S + MARGIN_S}s: {statuses}"
+    assert set(statuses) <= {200, 503, 504}, statuses
+    assert statuses[503] > 0, f"a burst of {BURST} was not shed at all: {statuses}"
+    for answer in answers:
+        if answer.status == 503:
+            assert answer.headers is not None and int(answer.headers["retry-after"]) >= 1
+            if isinstance(answer.body, dict):  # refused by the platform: names what is full
+                detail = answer.body["detail"]
+                assert answer.body["node"], answer.body
+                assert "queue is full" in detail or "max_in_flight" in detail, answer.body
+            else:  # refused by Serve's proxy: the ingress itself is full
+                assert "backpressure" in answer.body, answer.body
+        if answer.status == 504:
+            assert answer.body["node"] and answer.body["error"] == "NodeTimeoutError"
+    # Shed at once: refusals do not wait for the deadline.
+    refusals = sorted(a.seconds for a in answers if a.status == 503)
+    assert refusals[len(refusals) // 2] < DEADLINE_S / 2, refusals[len(refusals) // 2]
+
+
+def test_the_platform_serves_normally_after_the_burst(pipelines: LocalCluster) -> None:
+    import httpx
+
+    with httpx.Client(base_url=pipelines.base_url, timeout=180) as client:
+        response = client.post(
+            "/pipelines/rag", json={"question": "How long do refunds take after a return?"}
+        )
+    assert response.status_code == 200, response.text
+
+
+def test_serves_own_deadline_header_is_honoured_too(pipelines: LocalCluster) -> None:
+    import httpx
+
+    with httpx.Client(base_url=pipelines.base_url, timeout=60) as client:
+        response = client.post(
+            "/pipelines/rag",
+            json={"question": "How long do refunds take after a return?", "max_tokens": 512},
+            headers={"x-request-timeout-seconds": "1.5"},
+        )
+    # Answered by the platform (a JSON 504 naming the node), before Serve's proxy
+    # would answer its own bare 408 at the same deadline.
+    assert response.status_code == 504, response.text
+    assert response.json()["node"]

@@ -61,9 +61,11 @@ async def callers(
     max_seconds: float,
     headers: dict[str, str] | None = None,
     answers: list[Answer] | None = None,
+    max_per_caller: int | None = None,
 ) -> list[Answer]:
     """`n` closed-loop callers, each sending `body_for(caller, i)` until `stop` is set,
-    `max_requests` were sent in all, or `max_seconds` passed. The answers are appended
+    `max_requests` were sent in all (or `max_per_caller` by this caller), or `max_seconds`
+    passed. The answers are appended
     to `answers` (when given) as they come, and returned."""
     answers = [] if answers is None else answers
     deadline = time.monotonic() + max_seconds
@@ -74,6 +76,8 @@ async def callers(
             nonlocal sent
             i = 0
             while not stop.is_set() and sent < max_requests:
+                if max_per_caller is not None and i >= max_per_caller:
+                    return
                 if time.monotonic() > deadline:
                     return
                 sent += 1

@@ -130,7 +130,11 @@ class ServeInvoker:
         """Iterate a streaming method: a generator on the replica, or the client's own.
         A stream whose replica died before its first item is started again."""
         target = self._target(server)
-        idempotent = self._catalog.contract(server, method).idempotent
+        idempotent = any(  # `method` is a contract's streaming twin
+            c.idempotent
+            for c in self._catalog[server].methods.values()
+            if c.stream_method == method
+        )
         for attempt in itertools.count():
             started = False
             try:

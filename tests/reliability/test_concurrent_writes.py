@@ -61,6 +61,7 @@ def test_concurrent_ingest_and_search_never_fail_and_the_count_is_exact(
             n=WRITERS,
             stop=asyncio.Event(),
             max_requests=WRITERS * DOCS_EACH * 2,
+            max_per_caller=DOCS_EACH * 2,
             max_seconds=240,
         )
         stop.set()

@@ -116,3 +116,47 @@ def test_a_named_deadline_is_answered_just_before_it_runs_out() -> None:
     assert run_deadline(graph, None, 20.0) == pytest.approx(19.75)
     assert run_deadline(graph, 30.0, 10.0) == pytest.approx(9.75)  # the tighter one
     assert run_deadline(graph, 1.0, None) == pytest.approx(0.9)
+
+
+class StreamDiesFirst:
+    """A streaming twin whose replica dies before its first chunk, `dies` times."""
+
+    def __init__(self, dies: int) -> None:
+        self.dies = dies
+        self.calls = 0
+
+    async def write_stream(self, request: toy.Text):
+        self.calls += 1
+        if self.calls <= self.dies:
+            raise ActorDiedError()
+        yield toy.Piece(text=request.text)
+        yield toy.Echo(text=request.text)
+
+
+async def test_a_stream_whose_replica_died_before_its_first_chunk_is_started_again() -> None:
+    catalog = Catalog(
+        [
+            ServerSpec(
+                "writer",
+                {
+                    "write": MethodContract(
+                        toy.Text,
+                        toy.Echo,
+                        chunk=toy.Piece,
+                        stream_method="write_stream",
+                        idempotent=True,
+                    )
+                },
+                "x:y",
+                "W",
+                "/w",
+            )
+        ]
+    )
+    server = StreamDiesFirst(dies=1)
+    serve_invoker = ServeInvoker(catalog)
+    serve_invoker._targets["writer"] = server
+    items = [
+        item async for item in serve_invoker.stream("writer", "write_stream", toy.Text(text="x"))
+    ]
+    assert items == [toy.Piece(text="x"), toy.Echo(text="x")] and server.calls == 2

@@ -44,7 +44,17 @@ def summary(answers: list[Answer], deadline_s: float | None = None) -> dict[str,
     return out
 
 
-def overload(base_url: str) -> dict[str, Any]:
+def llm_running(metrics_url: str) -> float | None:
+    """vLLM's requests in its running batch, from Ray's Prometheus endpoint."""
+    import httpx
+
+    for line in httpx.get(metrics_url, timeout=10).text.splitlines():
+        if line.startswith("ray_vllm_num_requests_running{"):
+            return float(line.rsplit(" ", 1)[1])
+    return None
+
+
+def overload(base_url: str, metrics_url: str) -> dict[str, Any]:
     tickets = [
         {"text": f"My invoice {n} shows a charge I do not recognise.", "email": "ana@example.com"}
         for n in range(BURST)
@@ -58,7 +68,15 @@ def overload(base_url: str) -> dict[str, Any]:
             client_timeout_s=BURST_DEADLINE_S + 120,
         )
     )
-    return summary(answers, BURST_DEADLINE_S)
+    out = summary(answers, BURST_DEADLINE_S)
+    # Timed-out requests are cancelled downstream: vLLM's running batch empties once
+    # the 504s are out (Ray exports gauges every few seconds; sampled for 15 s).
+    samples = []
+    for _ in range(15):
+        samples.append(llm_running(metrics_url))
+        time.sleep(1)
+    out["llm_requests_running_each_second_after"] = samples
+    return out
 
 
 def concurrent_ingest(base_url: str) -> dict[str, Any]:
@@ -153,7 +171,7 @@ def main(only: list[str]) -> None:
         on_deploy(cluster.base_url)
         base = cluster.base_url
         steps = {
-            "overload_burst_1200_at_20s": lambda: overload(base),
+            "overload_burst_1200_at_20s": lambda: overload(base, cluster.metrics_url),
             "concurrent_ingest_8x30": lambda: concurrent_ingest(base),
             "kill_embedder_via_pipeline_8_callers": lambda: kill_under_load(
                 base,

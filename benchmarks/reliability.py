@@ -13,15 +13,13 @@ from __future__ import annotations
 
 import asyncio
 import json
-import os
-import signal
 import statistics
 import time
 import uuid
 from collections import Counter
 from typing import Any
 
-from benchmarks.traffic import Answer, burst, callers
+from benchmarks.traffic import Answer, burst, callers, kill_under_load
 
 BURST, BURST_DEADLINE_S, MARGIN_S = 1200, 20, 5
 
@@ -100,56 +98,19 @@ def concurrent_ingest(base_url: str) -> dict[str, Any]:
     return summary(answers)
 
 
-def kill_under_load(base_url: str, path: str, n: int, body: Any) -> dict[str, Any]:
-    from ray.util.state import list_actors
-
-    def replicas() -> list[int]:
-        actors = list_actors(
-            filters=[
-                ("class_name", "=", "ServeReplica:embedder:Embedder"),
-                ("state", "=", "ALIVE"),
-            ]
-        )
-        return [int(a.pid) for a in actors]
-
-    answers: list[Answer] = []
-    stop = asyncio.Event()
-    marks: dict[str, float] = {}
-
-    async def until(condition: Any, timeout_s: float) -> None:
-        deadline = time.monotonic() + timeout_s
-        while not await asyncio.to_thread(condition) and time.monotonic() < deadline:
-            await asyncio.sleep(0.2)
-
-    async def run() -> None:
-        task = asyncio.ensure_future(
-            callers(
-                base_url,
-                path,
-                body,
-                n=n,
-                stop=stop,
-                max_requests=20_000,
-                max_seconds=300,
-                headers={"X-Request-Timeout": "60"},
-                answers=answers,
-            )
-        )
-        await until(lambda: len(answers) >= 200, 120)
-        (victim,) = replicas()
-        marks["killed"] = time.monotonic()
-        os.kill(victim, signal.SIGKILL)
-        await until(lambda: bool(set(replicas()) - {victim}), 180)
-        marks["new_replica"] = time.monotonic()
-        ok_then = sum(a.status == 200 for a in answers)
-        await until(lambda: sum(a.status == 200 for a in answers) >= ok_then + 200, 180)
-        stop.set()
-        await task
-
-    asyncio.run(run())
-    out = summary(answers)
-    out["replica_back_after_s"] = round(marks["new_replica"] - marks["killed"], 1)
-    return out
+def kill_embedder(base_url: str, path: str, n: int, body: Any) -> dict[str, Any]:
+    run = kill_under_load(
+        base_url,
+        path,
+        body,
+        app="embedder",
+        deployment="Embedder",
+        n=n,
+        before=200,
+        after=200,
+        headers={"X-Request-Timeout": "60"},
+    )
+    return summary(run.answers) | {"replica_back_after_s": round(run.replica_back_after_s, 1)}
 
 
 def main(only: list[str]) -> None:
@@ -173,7 +134,7 @@ def main(only: list[str]) -> None:
         steps = {
             "overload_burst_1200_at_20s": lambda: overload(base, cluster.metrics_url),
             "concurrent_ingest_8x30": lambda: concurrent_ingest(base),
-            "kill_embedder_via_pipeline_8_callers": lambda: kill_under_load(
+            "kill_embedder_via_pipeline_8_callers": lambda: kill_embedder(
                 base,
                 "/pipelines/rag_ingest",
                 8,
@@ -181,7 +142,7 @@ def main(only: list[str]) -> None:
                     "documents": [{"id": f"kill/c{c}/d{i}", "text": f"Note {i} of caller {c}."}]
                 },
             ),
-            "kill_embedder_direct_route_16_callers": lambda: kill_under_load(
+            "kill_embedder_direct_route_16_callers": lambda: kill_embedder(
                 base, "/embedder/embed_one", 16, lambda c, i: {"text": f"ticket {c}-{i}"}
             ),
         }

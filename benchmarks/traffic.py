@@ -102,3 +102,89 @@ async def callers(
 
         await asyncio.gather(*(caller(c) for c in range(n)))
     return answers
+
+
+def replica_pids(app: str, deployment: str) -> list[int]:
+    """PIDs of the live replicas of `app`'s `deployment` (Ray's state API)."""
+    from ray.util.state import list_actors
+
+    actors = list_actors(
+        filters=[
+            ("class_name", "=", f"ServeReplica:{app}:{deployment}"),
+            ("state", "=", "ALIVE"),
+        ]
+    )
+    return [int(a.pid) for a in actors]
+
+
+async def until(condition: Any, timeout_s: float, what: str) -> None:
+    """Wait, bounded, for `condition()` (run off the event loop); TimeoutError naming
+    `what` when it does not hold in time."""
+    deadline = time.monotonic() + timeout_s
+    while not await asyncio.to_thread(condition):
+        if time.monotonic() > deadline:
+            raise TimeoutError(what)
+        await asyncio.sleep(0.2)
+
+
+@dataclass
+class KillRun:
+    answers: list[Answer]
+    replica_back_after_s: float
+
+
+def kill_under_load(
+    base_url: str,
+    path: str,
+    body_for: Any,
+    *,
+    app: str,
+    deployment: str,
+    n: int,
+    before: int,
+    after: int,
+    headers: dict[str, str] | None = None,
+) -> KillRun:
+    """`n` callers on `path`; once `before` answers are 200, SIGKILL `deployment`'s only
+    replica; keep the load on until a new replica is up and `after` more are 200."""
+    import os
+    import signal
+
+    answers: list[Answer] = []
+    stop = asyncio.Event()
+
+    def ok() -> int:
+        return sum(a.status == 200 for a in answers)
+
+    async def run() -> float:
+        load = asyncio.ensure_future(
+            callers(
+                base_url,
+                path,
+                body_for,
+                n=n,
+                stop=stop,
+                max_requests=20_000,
+                max_seconds=300,
+                headers=headers,
+                answers=answers,
+            )
+        )
+        try:
+            await until(lambda: ok() >= before, 120, "no progress before the kill")
+            (victim,) = replica_pids(app, deployment)
+            killed = time.monotonic()
+            os.kill(victim, signal.SIGKILL)
+            await until(
+                lambda: bool(set(replica_pids(app, deployment)) - {victim}), 180, "no new replica"
+            )
+            back = time.monotonic() - killed
+            base = ok()
+            await until(lambda: ok() >= base + after, 180, "no recovery after the restart")
+            return back
+        finally:
+            stop.set()
+            await load
+
+    back = asyncio.run(run())
+    return KillRun(answers, back)

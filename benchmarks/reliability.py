@@ -98,9 +98,12 @@ def concurrent_ingest(base_url: str) -> dict[str, Any]:
     return summary(answers)
 
 
-def kill_embedder(base_url: str, path: str, n: int, body: Any) -> dict[str, Any]:
+def kill_embedder(
+    base_url: str, dashboard_url: str, path: str, n: int, body: Any
+) -> dict[str, Any]:
     run = kill_under_load(
         base_url,
+        dashboard_url,
         path,
         body,
         app="embedder",
@@ -131,11 +134,13 @@ def main(only: list[str]) -> None:
             time.sleep(1)
         on_deploy(cluster.base_url)
         base = cluster.base_url
+        dash = str(cluster.dashboard_url)
         steps = {
             "overload_burst_1200_at_20s": lambda: overload(base, cluster.metrics_url),
             "concurrent_ingest_8x30": lambda: concurrent_ingest(base),
             "kill_embedder_via_pipeline_8_callers": lambda: kill_embedder(
                 base,
+                dash,
                 "/pipelines/rag_ingest",
                 8,
                 lambda c, i: {
@@ -143,7 +148,7 @@ def main(only: list[str]) -> None:
                 },
             ),
             "kill_embedder_direct_route_16_callers": lambda: kill_embedder(
-                base, "/embedder/embed_one", 16, lambda c, i: {"text": f"ticket {c}-{i}"}
+                base, dash, "/embedder/embed_one", 16, lambda c, i: {"text": f"ticket {c}-{i}"}
             ),
         }
         for name, step in steps.items():

@@ -104,15 +104,17 @@ async def callers(
     return answers
 
 
-def replica_pids(app: str, deployment: str) -> list[int]:
-    """PIDs of the live replicas of `app`'s `deployment` (Ray's state API)."""
+def replica_pids(dashboard_url: str, app: str, deployment: str) -> list[int]:
+    """PIDs of the live replicas of `app`'s `deployment`, from Ray's state API at this
+    cluster's dashboard (named, since other Ray clusters may run on the machine)."""
     from ray.util.state import list_actors
 
     actors = list_actors(
+        address=dashboard_url,
         filters=[
             ("class_name", "=", f"ServeReplica:{app}:{deployment}"),
             ("state", "=", "ALIVE"),
-        ]
+        ],
     )
     return [int(a.pid) for a in actors]
 
@@ -135,6 +137,7 @@ class KillRun:
 
 def kill_under_load(
     base_url: str,
+    dashboard_url: str,
     path: str,
     body_for: Any,
     *,
@@ -172,11 +175,13 @@ def kill_under_load(
         )
         try:
             await until(lambda: ok() >= before, 120, "no progress before the kill")
-            (victim,) = replica_pids(app, deployment)
+            (victim,) = replica_pids(dashboard_url, app, deployment)
             killed = time.monotonic()
             os.kill(victim, signal.SIGKILL)
             await until(
-                lambda: bool(set(replica_pids(app, deployment)) - {victim}), 180, "no new replica"
+                lambda: bool(set(replica_pids(dashboard_url, app, deployment)) - {victim}),
+                180,
+                "no new replica",
             )
             back = time.monotonic() - killed
             base = ok()

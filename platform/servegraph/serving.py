@@ -14,7 +14,7 @@ import itertools
 import json
 import logging
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Any
 
 from fastapi import FastAPI, Header, Response
@@ -96,35 +96,24 @@ class ServeInvoker:
 
     async def __call__(self, server: str, method: str, request: BaseModel) -> Any:
         target = self._target(server)
+        bound = getattr(target, method)
+        call = (
+            (lambda: bound.remote(request))
+            if isinstance(target, DeploymentHandle)
+            else (lambda: bound(request))
+        )
         idempotent = self._catalog.contract(server, method).idempotent
-        for attempt in itertools.count():
-            try:
-                if isinstance(target, DeploymentHandle):
-                    return await getattr(target, method).remote(request)
-                return await getattr(target, method)(request)
-            except BackPressureError as exc:
-                raise _overloaded(server, exc) from exc
-            except RayActorError as exc:
-                await _before_retry(server, exc, attempt, idempotent)
-        raise AssertionError("unreachable")
+        return await _retrying(server, call, lambda attempt: idempotent)
 
     async def read(self, server: str, method: str) -> Any:
         """An argument-less method (a gateway's GET route), retried like a call."""
-        target = self._target(server)
-        for attempt in itertools.count():
-            try:
-                return await getattr(target, method).remote()
-            except BackPressureError as exc:
-                raise _overloaded(server, exc) from exc
-            except RayActorError as exc:
-                await _before_retry(
-                    server,
-                    exc,
-                    attempt,
-                    attempt < _READ_RETRIES,
-                    f"gave up after {attempt} retries",
-                )
-        raise AssertionError("unreachable")
+        bound = getattr(self._target(server), method)
+        return await _retrying(
+            server,
+            bound.remote,
+            lambda attempt: attempt < _READ_RETRIES,
+            f"gave up after {_READ_RETRIES} retries",
+        )
 
     async def stream(self, server: str, method: str, request: BaseModel) -> AsyncIterator[Any]:
         """Iterate a streaming method: a generator on the replica, or the client's own.
@@ -154,6 +143,24 @@ class ServeInvoker:
 
 _REPLICA_RETRY_BACKOFF_S = (0.05, 2.0)  # first and largest wait between retries
 _READ_RETRIES = 8  # a read has no node deadline: about 10 s of backoff in all
+
+
+async def _retrying(
+    server: str,
+    call: Callable[[], Awaitable[Any]],
+    may_retry: Callable[[int], bool],
+    why_not: str = "the call is not safe to repeat",
+) -> Any:
+    """`call()`, repeated past replica deaths while `may_retry(attempt)`; a full queue
+    fails at once."""
+    for attempt in itertools.count():
+        try:
+            return await call()
+        except BackPressureError as exc:
+            raise _overloaded(server, exc) from exc
+        except RayActorError as exc:
+            await _before_retry(server, exc, attempt, may_retry(attempt), why_not)
+    raise AssertionError("unreachable")
 
 
 def _overloaded(server: str, exc: BackPressureError) -> ServerUnavailableError:

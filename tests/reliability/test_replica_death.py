@@ -39,6 +39,7 @@ def test_killing_a_replica_under_pipeline_load_loses_no_request(
 
     result = kill_under_load(
         pipelines.base_url,
+        str(pipelines.dashboard_url),
         "/pipelines/rag_ingest",
         body,
         app=app,
@@ -60,6 +61,7 @@ def test_killing_a_replica_under_load_on_its_own_route_loses_no_request(
 ) -> None:
     result = kill_under_load(
         pipelines.base_url,
+        str(pipelines.dashboard_url),
         "/embedder/embed_one",
         lambda c, i: {"text": f"ticket {c}-{i}: where is my parcel?"},
         app="embedder",

@@ -10,6 +10,7 @@ plain JSON schema, token usage, and 4xx errors that name the field.
 
 from __future__ import annotations
 
+import asyncio
 import json
 from collections.abc import AsyncIterator
 from typing import Any
@@ -80,8 +81,15 @@ class LLMClient:
 
     async def chat(self, request: ChatRequest) -> ChatResponse:
         response = None
-        async for item in self._handle.chat.remote(self._openai_request(request), None):
-            response = item
+        stream = self._handle.chat.remote(self._openai_request(request), None)
+        try:
+            async for item in stream:
+                response = item
+        except asyncio.CancelledError:
+            # Serve does not cancel a child call when only its awaiting task is
+            # cancelled (servegraph.serving.cancel_when_abandoned): abort the generation.
+            stream.cancel()
+            raise
         reply = _to_chat_response(response, self.model_id)
         _annotate_reply(reply)
         return reply
@@ -93,33 +101,45 @@ class LLMClient:
         finish_reason: str | None = None
         usage = Usage(input_tokens=0, output_tokens=0)
         stream = self._handle.chat.remote(self._openai_request(request, stream=True), None)
-        async for batch in stream:
-            # LLMServer yields lists of SSE lines ("data: {chunk json}") or an ErrorResponse.
-            for line in batch if isinstance(batch, list) else [batch]:
-                if not isinstance(line, str):
-                    _to_chat_response(line, self.model_id)  # raises the engine's error
-                payload = line.removeprefix("data:").strip()
-                if not payload or payload == "[DONE]":
-                    continue
-                data = json.loads(payload)
-                if "error" in data:
-                    _raise_engine_error(data["error"].get("message", ""), data["error"].get("code"))
-                for choice in data.get("choices") or []:
-                    if delta := (choice.get("delta") or {}).get("content"):
-                        text.append(delta)
-                        if new := field.feed(delta):
-                            yield ChatChunk(text=new)
-                    finish_reason = choice.get("finish_reason") or finish_reason
-                if counts := data.get("usage"):
-                    usage = Usage(
-                        input_tokens=counts["prompt_tokens"],
-                        output_tokens=counts["completion_tokens"],
-                    )
+        try:
+            async for batch in self._lines(stream):
+                for line in batch:
+                    payload = line.removeprefix("data:").strip()
+                    if not payload or payload == "[DONE]":
+                        continue
+                    data = json.loads(payload)
+                    if "error" in data:
+                        error = data["error"]
+                        _raise_engine_error(error.get("message", ""), error.get("code"))
+                    for choice in data.get("choices") or []:
+                        if delta := (choice.get("delta") or {}).get("content"):
+                            text.append(delta)
+                            if new := field.feed(delta):
+                                yield ChatChunk(text=new)
+                        finish_reason = choice.get("finish_reason") or finish_reason
+                    if counts := data.get("usage"):
+                        usage = Usage(
+                            input_tokens=counts["prompt_tokens"],
+                            output_tokens=counts["completion_tokens"],
+                        )
+        except (asyncio.CancelledError, GeneratorExit):
+            stream.cancel()  # the caller is gone: abort the generation
+            raise
         reply = ChatResponse(
             text="".join(text), finish_reason=finish_reason, usage=usage, model=self.model_id
         )
         _annotate_reply(reply)
         yield reply
+
+    async def _lines(self, stream: Any) -> AsyncIterator[list[str]]:
+        """LLMServer yields lists of SSE lines ("data: {chunk json}"), or an ErrorResponse
+        (raised here as the engine's error)."""
+        async for batch in stream:
+            lines = batch if isinstance(batch, list) else [batch]
+            for line in lines:
+                if not isinstance(line, str):
+                    _to_chat_response(line, self.model_id)  # raises the engine's error
+            yield lines
 
     def _openai_request(self, request: ChatRequest, *, stream: bool = False) -> Any:
         from ray.serve.llm.openai_api_models import ChatCompletionRequest

@@ -98,7 +98,7 @@ class ServeInvoker:
         target = self._target(server)
         bound = getattr(target, method)
         call = (
-            (lambda: bound.remote(request))
+            (lambda: cancel_when_abandoned(bound.remote(request)))
             if isinstance(target, DeploymentHandle)
             else (lambda: bound(request))
         )
@@ -110,7 +110,7 @@ class ServeInvoker:
         bound = getattr(self._target(server), method)
         return await _retrying(
             server,
-            bound.remote,
+            lambda: cancel_when_abandoned(bound.remote()),
             lambda attempt: attempt < _READ_RETRIES,
             f"gave up after {_READ_RETRIES} retries",
         )
@@ -131,9 +131,14 @@ class ServeInvoker:
                     items = getattr(target.options(stream=True), method).remote(request)
                 else:
                     items = getattr(target, method)(request)
-                async for item in items:
-                    started = True
-                    yield item
+                try:
+                    async for item in items:
+                        started = True
+                        yield item
+                except (asyncio.CancelledError, GeneratorExit):
+                    if isinstance(target, DeploymentHandle):
+                        items.cancel()  # see cancel_when_abandoned
+                    raise
                 return
             except BackPressureError as exc:
                 raise _overloaded(server, exc) from exc
@@ -143,6 +148,18 @@ class ServeInvoker:
 
 _REPLICA_RETRY_BACKOFF_S = (0.05, 2.0)  # first and largest wait between retries
 _READ_RETRIES = 8  # a read has no node deadline: about 10 s of backoff in all
+
+
+async def cancel_when_abandoned(response: Any) -> Any:
+    """Await a handle call; if the awaiting task is cancelled (a deadline, a client gone),
+    cancel the call on its replica too. Serve cancels a child call by itself only when
+    the parent request is cancelled, not when its awaiting task is: without this, the
+    work of a request answered 504 would run on, the LLM's generation included."""
+    try:
+        return await response
+    except asyncio.CancelledError:
+        response.cancel()
+        raise
 
 
 async def _retrying(

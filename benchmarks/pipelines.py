@@ -133,20 +133,9 @@ def raw(index: Path) -> dict:
 
 
 def served() -> dict:
-    from ray import serve
+    from benchmarks.platform_up import serving_everything
 
-    from pipelines.rag.ingest import on_deploy
-    from servegraph.compiler import compile_platform
-    from servegraph.discovery import discover
-    from servegraph.local import local_cluster
-
-    with local_cluster(dashboard=False) as cluster:
-        compile_platform(
-            discover("pipelines"), CATALOG, packages=["pipelines"], all_servers=True
-        ).deploy()
-        while any(a.status != "RUNNING" for a in serve.status().applications.values()):
-            time.sleep(1)
-        on_deploy(cluster.base_url)
+    with serving_everything(dashboard=False) as cluster:
 
         async def run() -> dict:
             async with httpx.AsyncClient(base_url=cluster.base_url, timeout=600) as client:

@@ -117,22 +117,10 @@ def kill_embedder(
 
 
 def main(only: list[str]) -> None:
-    from ray import serve
-
-    from deployments.catalog import CATALOG
-    from pipelines.rag.ingest import on_deploy
-    from servegraph.compiler import compile_platform
-    from servegraph.discovery import discover
-    from servegraph.local import local_cluster
+    from benchmarks.platform_up import serving_everything
 
     results: dict[str, Any] = {}
-    with local_cluster() as cluster:
-        compile_platform(
-            discover("pipelines"), CATALOG, packages=["pipelines"], all_servers=True
-        ).deploy()
-        while any(a.status != "RUNNING" for a in serve.status().applications.values()):
-            time.sleep(1)
-        on_deploy(cluster.base_url)
+    with serving_everything() as cluster:
         base = cluster.base_url
         dash = str(cluster.dashboard_url)
         steps = {

@@ -76,7 +76,7 @@ def install_error_handlers(app: FastAPI) -> None:
         return JSONResponse(
             _unavailable_body(exc),
             status_code=503,
-            headers={"Retry-After": str(max(1, math.ceil(exc.retry_after_s)))},
+            headers=_retry_after_header(exc.retry_after_s),
         )
 
 
@@ -104,7 +104,11 @@ def retry_after(exc: PipelineRuntimeError) -> dict[str, str] | None:
     """A 503 says when to come back (RFC 9110 delay-seconds, rounded up)."""
     if not isinstance(exc, OverloadedError):
         return None
-    return {"Retry-After": str(max(1, math.ceil(exc.retry_after_s)))}
+    return _retry_after_header(exc.retry_after_s)
+
+
+def _retry_after_header(seconds: float) -> dict[str, str]:
+    return {"Retry-After": str(max(1, math.ceil(seconds)))}
 
 
 def _unavailable_body(exc: ServerUnavailableError) -> dict[str, Any]:

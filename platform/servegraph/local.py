@@ -14,6 +14,19 @@ from dataclasses import dataclass
 
 from servegraph.tracing import serve_tracing_config, serve_tracing_env
 
+# Ray Serve's request-path settings, read by each Serve process (proxy, replicas) when it
+# starts, so set before Ray starts; an operator's own value wins. cluster.yaml exports the
+# same. Measured with 64 concurrent single-item callers of the embedder on this 2-core
+# machine (issue 10): 38 -> 81 items/s over HTTP, 75 -> 129 through handles.
+SERVE_REQUEST_PATH_ENV = {
+    # User code on the replica's own event loop instead of a second thread's loop: one
+    # cross-thread hand-off less per request each way. Blocking work still leaves the
+    # loop: sync methods run in Serve's thread pool, model passes in `asyncio.to_thread`.
+    "RAY_SERVE_RUN_USER_CODE_IN_SEPARATE_THREAD": "0",
+    # Access-log lines written 1,000 at a time rather than one write per request.
+    "RAY_SERVE_REQUEST_PATH_LOG_BUFFER_SIZE": "1000",
+}
+
 
 def free_port() -> int:
     with socket.socket() as sock:
@@ -57,6 +70,8 @@ def local_cluster(
     dashboard_port = dashboard_port or (free_port() if dashboard else None)
     metrics_port = metrics_port or free_port()
     os.environ.update(serve_tracing_env())
+    for name, value in SERVE_REQUEST_PATH_ENV.items():
+        os.environ.setdefault(name, value)
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
     context = ray.init(

@@ -11,7 +11,6 @@ from pathlib import Path
 import numpy as np
 from ray import serve
 
-from deployments._batching import BatchRecorder, submit
 from deployments.classifier_training import HEAD_FILE, encode, load_encoder
 from deployments.schemas import (
     BatchStats,
@@ -21,6 +20,7 @@ from deployments.schemas import (
     ClassifyBatchResponse,
     ClassifyRequest,
 )
+from servegraph.batching import Batcher
 from servegraph.tracing import annotate
 
 
@@ -45,13 +45,15 @@ class Classifier:
         self._metrics = json.loads((folder / "metrics.json").read_text())
         self._encoder = load_encoder(Path(encoder_dir))
         self.labels = [str(label) for label in self._head.classes_]
-        self._batches = BatchRecorder("classifier")
-        self._classify_batch.set_max_batch_size(max_batch_size)
-        self._classify_batch.set_batch_wait_timeout_s(batch_wait_timeout_s)
+        self._batches = Batcher(
+            self._classify_batch,
+            max_batch_size=max_batch_size,
+            wait_s=batch_wait_timeout_s,
+            name="classifier",
+        )
 
-    @serve.batch(max_batch_size=64, batch_wait_timeout_s=0.005)
-    async def _classify_batch(self, items: list[tuple[str, float]]) -> list[tuple]:
-        texts, started = self._batches.begin(items)
+    async def _classify_batch(self, texts: list[str]) -> list[Classification]:
+        # In a thread, so requests keep queueing (and form the next batch) meanwhile.
         probabilities = await asyncio.to_thread(self._predict, texts)
         results = []
         for row in probabilities:
@@ -60,10 +62,10 @@ class Classifier:
             results.append(
                 Classification(label=self.labels[best], score=float(row[best]), scores=scores)
             )
-        return self._batches.finish(results, items, started)
+        return results
 
     async def _classify(self, texts: list[str]) -> list[Classification]:
-        results = await submit(self._classify_batch, texts)
+        results = await self._batches.submit(texts)
         if len(results) == 1:
             annotate(
                 **{

@@ -28,10 +28,10 @@ class LocalEmbedder:
 
     async def embed(self, request: s.EmbedRequest) -> s.EmbedResponse:
         vectors = encode(self._encoder, request.texts)
-        return s.EmbedResponse(vectors=vectors.tolist(), dim=self.dim, model="local")
+        return s.EmbedResponse(vectors=vectors, dim=self.dim, model="local")
 
     async def embed_one(self, request: s.EmbedOneRequest) -> s.Embedding:
-        return s.Embedding(vector=encode(self._encoder, [request.text])[0].tolist(), dim=self.dim)
+        return s.Embedding(vector=encode(self._encoder, [request.text])[0], dim=self.dim)
 
 
 class LocalClassifier:

@@ -7,9 +7,13 @@ work is done.
 
 from __future__ import annotations
 
-from typing import Annotated, Literal
+from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, Field, StringConstraints
+import numpy as np
+from pydantic import BaseModel, Field, PlainSerializer, PlainValidator, StringConstraints
+from pydantic.json_schema import WithJsonSchema
+
+from servegraph.batching import BatchStats as BatchStats  # the servers' /stats contract
 
 # Items one request may carry. Not a model batch: dynamic batching feeds the model
 # `max_batch_size` at a time whatever a request holds, so this only bounds a body.
@@ -23,6 +27,46 @@ NonEmptyText = Annotated[
 MetadataValue = str | int | float | bool
 
 
+def _array(ndim: int) -> Any:
+    def validate(value: Any) -> np.ndarray:
+        shape = "a non-empty list of numbers" if ndim == 1 else "a list of vectors of one length"
+        try:
+            with np.errstate(over="ignore"):  # too large for float32: inf, refused below
+                array = np.asarray(value, dtype=np.float32)
+        except (TypeError, ValueError, OverflowError):  # text, null, objects, ragged rows
+            raise ValueError(f"must be {shape}") from None
+        if array.ndim != ndim or array.size == 0:
+            raise ValueError(f"must be {shape}")
+        if not np.isfinite(array).all():
+            raise ValueError("must hold finite float32 numbers (no null, NaN or overflow)")
+        return array
+
+    return validate
+
+
+def _to_lists(array: np.ndarray) -> list[Any]:
+    return array.tolist()
+
+
+_NUMBERS = {"type": "array", "items": {"type": "number"}, "minItems": 1}
+
+# Vectors travel between deployments as float32 numpy arrays: Ray pickles them as one
+# buffer, where a list of 384 Python floats is 384 objects to build, pickle and validate
+# on each side. On the REST surface they are plain JSON lists of numbers (in and out).
+Vector = Annotated[
+    np.ndarray,
+    PlainValidator(_array(1)),
+    PlainSerializer(_to_lists, when_used="json"),
+    WithJsonSchema(_NUMBERS),
+]
+Matrix = Annotated[
+    np.ndarray,
+    PlainValidator(_array(2)),
+    PlainSerializer(_to_lists, when_used="json"),
+    WithJsonSchema({"type": "array", "items": _NUMBERS}),
+]
+
+
 # --- embedder ----------------------------------------------------------------------
 
 
@@ -33,7 +77,7 @@ class EmbedRequest(BaseModel):
 
 
 class EmbedResponse(BaseModel):
-    vectors: list[list[float]] = Field(description="L2-normalised float32 vectors.")
+    vectors: Matrix = Field(description="L2-normalised float32 vectors, one per text.")
     dim: int
     model: str
 
@@ -43,22 +87,13 @@ class EmbedOneRequest(BaseModel):
 
 
 class Embedding(BaseModel):
-    vector: list[float]
+    vector: Vector
     dim: int
 
 
 class EmbedderInfo(BaseModel):
     model: str
     dim: int
-
-
-class BatchStats(BaseModel):
-    """What dynamic batching did so far in this replica."""
-
-    batches: int
-    items: int
-    max_batch_size: int
-    histogram: dict[int, int] = Field(description="batch size -> number of batches")
 
 
 # --- classifier --------------------------------------------------------------------
@@ -94,7 +129,7 @@ class ClassifierInfo(BaseModel):
 class IndexItem(BaseModel):
     id: Annotated[str, StringConstraints(min_length=1, max_length=512)]
     text: str = Field(max_length=MAX_TEXT_CHARS * 4)
-    vector: list[float] = Field(min_length=1)
+    vector: Vector
     metadata: dict[str, MetadataValue] = Field(default_factory=dict)
 
 
@@ -118,7 +153,7 @@ class AddResponse(BaseModel):
 
 
 class SearchRequest(BaseModel):
-    vector: list[float] = Field(min_length=1)
+    vector: Vector
     k: int = Field(5, ge=1, le=100)
     filter: dict[str, MetadataValue] | None = Field(
         None, description="Only items whose metadata has every one of these key/values."

@@ -76,7 +76,7 @@ def local_cluster(
     os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
     context = ray.init(
         address="local",
-        num_cpus=num_cpus or max(8, os.cpu_count() or 1),
+        num_cpus=num_cpus or max(12, os.cpu_count() or 1),
         include_dashboard=dashboard,
         dashboard_host="127.0.0.1",
         dashboard_port=dashboard_port,

@@ -9,6 +9,8 @@ import time
 
 import httpx
 
+from benchmarks import report
+from benchmarks.report import Figure
 from benchmarks.trivial import CATALOG, Echo, chain
 from servegraph import LocalRuntime
 from servegraph.compiler import compile_platform
@@ -73,6 +75,32 @@ def on_serve() -> dict[str, float]:
     return out
 
 
+def main() -> None:
+    report.clear("graph_overhead")
+    local = in_process()
+    served = on_serve()
+    report.save(
+        "graph_overhead",
+        [
+            Figure(
+                "per-hop cost of a call node on Serve",
+                served["call"] * 1e3,
+                None,
+                "ms",
+                "<= 1.5",
+                higher_is_better=False,
+            ),
+            Figure(
+                "per-hop cost of a call node in-process",
+                local["call"] * 1e3,
+                None,
+                "ms",
+                "<= 1.5",
+                higher_is_better=False,
+            ),
+        ],
+    )
+
+
 if __name__ == "__main__":
-    in_process()
-    on_serve()
+    main()

@@ -14,9 +14,12 @@ import gc
 import json
 import os
 import time
+from typing import Any
 
 import httpx
 
+from benchmarks import report
+from benchmarks.report import Figure
 from deployments.classifier_training import HEAD_FILE, encode, load_encoder
 from deployments.settings import ModelSettings
 
@@ -93,6 +96,31 @@ async def _http_items(base_url: str, path: str, key: str, concurrency: int) -> f
         return ITEMS / (time.perf_counter() - started)
 
 
+async def _handle_items(handle: Any, method: str, request: Any, concurrency: int) -> float:
+    """The same load through a `DeploymentHandle`: how a pipeline calls the server."""
+    queue = list(TEXTS)
+
+    async def worker() -> None:
+        while queue:
+            await getattr(handle, method).remote(request(text=queue.pop()))
+
+    started = time.perf_counter()
+    await asyncio.gather(*(worker() for _ in range(concurrency)))
+    return ITEMS / (time.perf_counter() - started)
+
+
+def median_batch(before: Any, after: Any) -> tuple[int, int]:
+    """Median batch size of a run: per batch, and the batch the median item rode in."""
+    counts = {
+        size: n - before.histogram.get(size, 0)
+        for size, n in after.histogram.items()
+        if n > before.histogram.get(size, 0)
+    }
+    per_batch = sorted(size for size, n in counts.items() for _ in range(n))
+    per_item = sorted(size for size, n in counts.items() for _ in range(size * n))
+    return per_batch[len(per_batch) // 2], per_item[len(per_item) // 2]
+
+
 async def _http_llm(base_url: str) -> float:
     async with httpx.AsyncClient(base_url=base_url, timeout=600) as client:
 
@@ -129,30 +157,74 @@ def on_serve() -> dict[str, float]:
         while serve.status().applications["llm"].status != "RUNNING":
             time.sleep(1)
         deploy_s = time.perf_counter() - started
-        return {
-            "deploy_all_s": deploy_s,
-            "embedder": asyncio.run(
-                _http_items(cluster.base_url, "/embedder/embed_one", "text", 64)
-            ),
-            "classifier": asyncio.run(
-                _http_items(cluster.base_url, "/classifier/classify", "text", 64)
-            ),
-            "llm": asyncio.run(_http_llm(cluster.base_url)),
-        }
+        served: dict[str, float] = {"deploy_all_s": deploy_s}
+        from deployments.schemas import ClassifyRequest, EmbedOneRequest
+
+        for name, deployment, method, request in (
+            ("embedder", "Embedder", "embed_one", EmbedOneRequest),
+            ("classifier", "Classifier", "classify", ClassifyRequest),
+        ):
+            handle = serve.get_deployment_handle(deployment, name)
+            before = handle.batch_stats.remote().result()
+            route = f"/{name}/{method}"
+            served[name] = asyncio.run(_http_items(cluster.base_url, route, "text", 64))
+            after = handle.batch_stats.remote().result()
+            served[f"{name}_batch_median"], served[f"{name}_batch_median_item"] = median_batch(
+                before, after
+            )
+            served[f"{name}_handle"] = asyncio.run(_handle_items(handle, method, request, 64))
+        served["llm"] = asyncio.run(_http_llm(cluster.base_url))
+        return served
 
 
 def main() -> None:
     settings = ModelSettings()
+    report.clear("model_servers")
     raw = {"embedder": raw_embedder(settings), "classifier": raw_classifier(settings)}
     raw["llm"], raw["llm_cold_start_s"] = raw_llm(settings)
     served = on_serve()
     print(json.dumps({"raw": raw, "serve": served}, indent=2))
-    print(f"{'server':12s} {'raw':>10s} {'serve':>10s} {'serve/raw':>10s}")
-    for name, unit in (("llm", "tok/s"), ("embedder", "items/s"), ("classifier", "items/s")):
-        print(
-            f"{name:12s} {raw[name]:10.1f} {served[name]:10.1f} "
-            f"{served[name] / raw[name]:10.2f}  ({unit})"
-        )
+    figures = [
+        Figure(
+            "LLM tok/s at 32 concurrent, platform / raw",
+            served["llm"],
+            raw["llm"],
+            "tok/s",
+            ">= 0.95",
+        ),
+    ]
+    for name in ("embedder", "classifier"):
+        figures += [
+            Figure(
+                f"{name} items/s, 64 concurrent over HTTP, platform / raw",
+                served[name],
+                raw[name],
+                "items/s",
+                ">= 0.8",
+            ),
+            Figure(
+                f"{name} items/s, 64 concurrent via handles, platform / raw",
+                served[f"{name}_handle"],
+                raw[name],
+                "items/s",
+                ">= 0.8",
+            ),
+            Figure(
+                f"{name} median batch at 64 concurrent over HTTP (per batch)",
+                served[f"{name}_batch_median"],
+                None,
+                "items",
+                ">= 16",
+            ),
+            Figure(
+                f"{name} median batch at 64 concurrent over HTTP (per item)",
+                served[f"{name}_batch_median_item"],
+                None,
+                "items",
+                ">= 16",
+            ),
+        ]
+    report.save("model_servers", figures)
 
 
 if __name__ == "__main__":

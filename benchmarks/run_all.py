@@ -1,5 +1,6 @@
 """`make bench`: every benchmark, one after another, each in its own process (each
-starts and stops its own local Ray cluster), with what each printed.
+starts and stops its own local Ray cluster), with what each printed, then one table of
+every figure against its reference and target (`benchmarks.report`).
 
     .venv/bin/python -m benchmarks.run_all [name ...]
 """
@@ -10,7 +11,16 @@ import subprocess
 import sys
 import time
 
-BENCHMARKS = ["model_servers", "graph_overhead", "pipelines", "tracing_overhead", "reliability"]
+from benchmarks import report
+
+BENCHMARKS = [
+    "model_servers",
+    "speed",
+    "graph_overhead",
+    "pipelines",
+    "tracing_overhead",
+    "reliability",
+]
 
 
 def main(argv: list[str]) -> int:
@@ -27,6 +37,10 @@ def main(argv: list[str]) -> int:
         print(f"=== benchmarks.{name}: exit {code} in {time.perf_counter() - started:.0f}s ===")
         if code:
             failed.append(name)
+    figures = [f for name in names for f in report.load(name)]
+    if figures:
+        print("\n=== figures (platform against its reference, this run) ===")
+        print(report.table(figures))
     if failed:
         print(f"failed: {failed}", file=sys.stderr)
     return 1 if failed else 0

@@ -8,10 +8,11 @@ import statistics
 import time
 
 import httpx
+from ray import serve
 
 from benchmarks import report
 from benchmarks.report import Figure
-from benchmarks.trivial import CATALOG, Echo, chain
+from benchmarks.trivial import CATALOG, Echo, chain, raw_chain_app
 from servegraph import LocalRuntime
 from servegraph.compiler import compile_platform
 from servegraph.local import local_cluster
@@ -72,6 +73,16 @@ def on_serve() -> dict[str, float]:
                     f"on Serve   {kind:8s}: 1 node {t1 * 1e3:.2f} ms, {N} nodes "
                     f"{tn * 1e3:.2f} ms, per hop {out[kind] * 1e3:.2f} ms"
                 )
+            # The same hops on bare Serve: a chain of N call nodes makes N + 1 calls.
+            serve.run(raw_chain_app(), name="rawchain", route_prefix="/rawchain")
+
+            def raw(n: int) -> None:
+                client.post("/rawchain", json={"value": 0, "n": n}).raise_for_status()
+
+            t1 = per_call(lambda: raw(2), REPEATS // 2)
+            tn = per_call(lambda: raw(N + 1), REPEATS // 2)
+            out["raw_serve"] = (tn - t1) / (N - 1)
+            print(f"bare Serve handle calls: per hop {out['raw_serve'] * 1e3:.2f} ms")
     return out
 
 
@@ -88,6 +99,14 @@ def main() -> None:
                 None,
                 "ms",
                 "<= 1.5",
+                higher_is_better=False,
+            ),
+            Figure(
+                "per-hop cost of a call node, servegraph / bare Serve handle call",
+                served["call"] * 1e3,
+                served["raw_serve"] * 1e3,
+                "ms",
+                "<= 1.1",
                 higher_is_better=False,
             ),
             Figure(

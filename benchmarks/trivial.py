@@ -2,8 +2,12 @@
 
 from __future__ import annotations
 
+from typing import Any
+
 from pydantic import BaseModel
 from ray import serve
+from ray.serve.handle import DeploymentHandle
+from starlette.requests import Request
 
 from servegraph import Catalog, MethodContract, Pipeline, ServerSpec
 
@@ -24,6 +28,26 @@ class Echo:
 
 def echo_app(args: dict | None = None):
     return Echo.bind()
+
+
+@serve.deployment(name="RawChain", max_ongoing_requests=1000)
+class RawChain:
+    """The reference for a call node: the same hops written directly on Serve, no
+    servegraph. POST {"value": 0, "n": 3} makes n handle calls to Echo in a row."""
+
+    def __init__(self, echo: DeploymentHandle) -> None:
+        self.echo = echo
+
+    async def __call__(self, request: Request) -> dict[str, Any]:
+        body = await request.json()
+        value = Value(value=body["value"])
+        for _ in range(body["n"]):
+            value = await self.echo.bump.remote(value)
+        return value.model_dump()
+
+
+def raw_chain_app() -> Any:
+    return RawChain.bind(Echo.bind())
 
 
 CATALOG = Catalog(

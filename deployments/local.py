@@ -94,6 +94,11 @@ class LocalLLM:
         )
         self._lock = asyncio.Lock()  # the offline engine serves one call at a time
 
+    def close(self) -> None:
+        """Stop the engine's processes. Without it the interpreter's exit waits on them
+        forever (multiprocessing joins its children at exit)."""
+        self._llm.llm_engine.engine_core.shutdown()
+
     async def chat(self, request: s.ChatRequest) -> s.ChatResponse:
         return (await self.chat_many([request]))[0]
 

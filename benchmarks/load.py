@@ -19,7 +19,7 @@ import random
 import statistics
 import time
 from collections import Counter
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from dataclasses import asdict, dataclass
 
 import httpx
@@ -57,6 +57,22 @@ def percentile(samples: list[float], q: float) -> float:
     return ordered[min(len(ordered) - 1, round(q * (len(ordered) - 1)))]
 
 
+async def poisson(
+    one: Callable[[int], Awaitable[None]], *, rate_rps: float, seconds: float, seed: int = 0
+) -> int:
+    """Start `one(i)` at Poisson arrivals of `rate_rps` for `seconds`, whether or not the
+    earlier ones have finished; wait for all; return how many were started."""
+    rng = random.Random(seed)
+    tasks: list[asyncio.Task[None]] = []
+    began, next_at = time.perf_counter(), 0.0
+    while next_at < seconds:
+        await asyncio.sleep(max(0.0, began + next_at - time.perf_counter()))
+        tasks.append(asyncio.create_task(one(len(tasks))))
+        next_at += rng.expovariate(rate_rps)
+    await asyncio.gather(*tasks)
+    return len(tasks)
+
+
 async def open_loop(
     base_url: str,
     path: str,
@@ -71,7 +87,6 @@ async def open_loop(
 ) -> LoadResult:
     """Send `body_for(i)` at Poisson arrivals of `rate_rps` for `seconds`; wait for every
     answer (or the client's give-up at deadline + 5 s); summarise."""
-    rng = random.Random(seed)
     latencies: list[float] = []
     good = 0
     statuses: Counter[str] = Counter()
@@ -95,25 +110,15 @@ async def open_loop(
             if status == "200" and elapsed <= deadline_s:
                 good += 1
 
-        tasks: list[asyncio.Task[None]] = []
         began = time.perf_counter()
-        next_at = 0.0
-        i = 0
-        while next_at < seconds:
-            delay = began + next_at - time.perf_counter()
-            if delay > 0:
-                await asyncio.sleep(delay)
-            tasks.append(asyncio.create_task(one(i)))
-            i += 1
-            next_at += rng.expovariate(rate_rps)
-        await asyncio.gather(*tasks)
+        sent = await poisson(one, rate_rps=rate_rps, seconds=seconds, seed=seed)
         elapsed = time.perf_counter() - began
     answered = sum(n for s, n in statuses.items() if s.isdigit())
     return LoadResult(
         target=target or path,
         rate_rps=rate_rps,
         seconds=round(elapsed, 1),
-        sent=len(tasks),
+        sent=sent,
         statuses=dict(statuses),
         throughput_rps=answered / elapsed,
         goodput_rps=good / elapsed,

@@ -138,15 +138,12 @@ def stop_tree(server: subprocess.Popen[bytes]) -> None:
 async def classifier_by_handle(rate_rps: float, seconds: float) -> tuple[float, float]:
     """p50 and p99 (ms) of the classifier called by handle, as a pipeline calls it, at
     Poisson arrivals of `rate_rps`."""
-    import random
-
     from ray import serve
 
-    from benchmarks.load import percentile
+    from benchmarks.load import percentile, poisson
     from deployments.schemas import ClassifyRequest
 
     handle = serve.get_deployment_handle("Classifier", "classifier")
-    rng = random.Random(0)
     latencies: list[float] = []
 
     async def one(i: int) -> None:
@@ -154,14 +151,7 @@ async def classifier_by_handle(rate_rps: float, seconds: float) -> tuple[float, 
         await handle.classify.remote(ClassifyRequest(**ticket_body(i)))
         latencies.append(time.perf_counter() - started)
 
-    tasks = []
-    began, next_at, i = time.perf_counter(), 0.0, 0
-    while next_at < seconds:
-        await asyncio.sleep(max(0.0, began + next_at - time.perf_counter()))
-        tasks.append(asyncio.create_task(one(i)))
-        i += 1
-        next_at += rng.expovariate(rate_rps)
-    await asyncio.gather(*tasks)
+    await poisson(one, rate_rps=rate_rps, seconds=seconds)
     return percentile(latencies, 0.5) * 1000, percentile(latencies, 0.99) * 1000
 
 

@@ -1,12 +1,15 @@
-"""The one table `make bench` prints: ratios against the reference, judged by target."""
+"""The benchmarks' own tools: the table of ratios `make bench` prints, and open-loop
+arrivals that do not wait for earlier requests."""
 
 from __future__ import annotations
 
+import asyncio
 from pathlib import Path
 
 import pytest
 
 from benchmarks import report
+from benchmarks.load import poisson
 from benchmarks.report import Figure
 
 
@@ -33,3 +36,26 @@ def test_figures_saved_by_one_benchmark_are_read_back_for_the_table(
     assert "0.81" in report.table(report.load("model_servers"))
     report.clear("model_servers")
     assert report.load("model_servers") == []
+
+
+def test_open_loop_arrivals_do_not_wait_for_earlier_requests() -> None:
+    release = asyncio.Event()
+    started: list[int] = []
+
+    async def one(i: int) -> None:
+        started.append(i)
+        await release.wait()  # no request finishes until every one has been sent
+
+    async def ten_started() -> None:
+        while len(started) < 10:
+            await asyncio.sleep(0)
+
+    async def run() -> int:
+        # seed 0 gives about 100 arrivals; a sender that waited would stall at one
+        sending = asyncio.create_task(poisson(one, rate_rps=2000, seconds=0.05))
+        await asyncio.wait_for(ten_started(), timeout=30)
+        release.set()
+        return await sending
+
+    sent = asyncio.run(run())
+    assert sent == len(started) and started == list(range(sent))

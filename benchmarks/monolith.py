@@ -22,6 +22,7 @@ from typing import Any
 import numpy as np
 from fastapi import FastAPI
 
+from deployments.llm import STRUCTURED_OUTPUTS
 from deployments.schemas import ChatResponse, Hit, Usage
 from deployments.settings import ModelSettings
 from pipelines.rag.ingest import chunk_documents, knowledge_base
@@ -55,6 +56,7 @@ class Monolith:
                 enforce_eager=settings.llm_enforce_eager,
                 max_model_len=settings.llm_max_model_len,
                 max_num_seqs=64,
+                structured_outputs_config=dict(STRUCTURED_OUTPUTS),
             )
         )
         self.tokenizer = self.engine.tokenizer
@@ -74,7 +76,7 @@ class Monolith:
             for score, row in zip(scores[0], rows[0], strict=True)
             if row >= 0
         ]
-        prompt = build_prompt(query.question, hits)
+        prompt = build_prompt(query.question, hits, query.max_tokens)
         reply = await self.chat(prompt["messages"], prompt["schema"], query.max_tokens)
         return make_answer(reply, hits)
 

@@ -81,6 +81,8 @@ class LocalLLM:
     def __init__(self, settings: ModelSettings) -> None:
         from vllm import LLM
 
+        from deployments.llm import STRUCTURED_OUTPUTS
+
         # On CPU vLLM otherwise reserves most of RAM for its KV cache; size it as the
         # Serve deployment does (deployments.llm).
         os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", str(settings.llm_kv_cache_gib))
@@ -91,6 +93,7 @@ class LocalLLM:
             enforce_eager=settings.llm_enforce_eager,
             max_model_len=settings.llm_max_model_len,
             max_num_seqs=64,
+            structured_outputs_config=dict(STRUCTURED_OUTPUTS),
         )
         self._lock = asyncio.Lock()  # the offline engine serves one call at a time
 

@@ -9,7 +9,7 @@ sources that exist. Streamed (`/pipelines/rag/stream`), the `generate` node send
 
 from __future__ import annotations
 
-import json
+from pydantic_core import from_json
 
 from deployments.schemas import ChatResponse, Hit
 from pipelines.rag.models import Passage, RagAnswer, RagQuery
@@ -41,7 +41,13 @@ def build_pipeline() -> Pipeline:
         idempotent=True,
         retries=1,
     )
-    prompt = rag.function("prompt", build_prompt, question=rag.input.question, hits=found.hits)
+    prompt = rag.function(
+        "prompt",
+        build_prompt,
+        question=rag.input.question,
+        hits=found.hits,
+        max_tokens=rag.input.max_tokens,
+    )
     reply = rag.call(
         "generate",
         "llm",
@@ -70,7 +76,19 @@ def passages(hits: list[Hit]) -> list[Passage]:
     ]
 
 
-def build_prompt(question: str, hits: list[Hit]) -> dict:
+# Tokens of the reply that are not the answer's text: `{"answer":"`, `","sources":[1,2,3]}`.
+_JSON_TOKENS = 20
+# Characters per token, low for English (about 4) so that odd text (numbers, URLs) fits too.
+_CHARS_PER_TOKEN = 2.5
+
+
+def answer_chars(max_tokens: int) -> int:
+    """The longest answer that leaves room to close the JSON and cite within
+    `max_tokens`: the grammar then ends the answer in time instead of being cut off."""
+    return max(40, int((max_tokens - _JSON_TOKENS) * _CHARS_PER_TOKEN))
+
+
+def build_prompt(question: str, hits: list[Hit], max_tokens: int = 160) -> dict:
     """Messages with numbered sources, and the JSON schema the answer must follow."""
     numbered = passages(hits)
     sources = "\n\n".join(f"[{p.n}] {p.title}\n{p.text}" for p in numbered) or "(none)"
@@ -78,7 +96,7 @@ def build_prompt(question: str, hits: list[Hit]) -> dict:
     schema = {
         "type": "object",
         "properties": {
-            "answer": {"type": "string", "maxLength": 600},
+            "answer": {"type": "string", "maxLength": answer_chars(max_tokens)},
             "sources": {
                 "type": "array",
                 "items": {"type": "integer", "enum": numbers},
@@ -98,11 +116,13 @@ def build_prompt(question: str, hits: list[Hit]) -> dict:
 
 
 def make_answer(reply: ChatResponse, hits: list[Hit]) -> RagAnswer:
+    """The answer and its citations from the model's JSON. A reply cut off at max_tokens
+    is read as far as it goes: the answer's text so far, never the raw JSON."""
     numbered = passages(hits)
     try:
-        data = json.loads(reply.text)
+        data = from_json(reply.text, allow_partial="trailing-strings")
         answer, cited = str(data.get("answer", "")), [int(n) for n in data.get("sources", [])]
-    except (ValueError, TypeError, AttributeError):  # cut off at max_tokens mid-JSON
+    except (ValueError, TypeError, AttributeError):  # not JSON at all: the text as written
         answer, cited = reply.text, []
     valid = sorted({n for n in cited if 1 <= n <= len(numbered)})
     return RagAnswer(

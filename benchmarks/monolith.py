@@ -22,7 +22,7 @@ from typing import Any
 import numpy as np
 from fastapi import FastAPI
 
-from deployments.llm import STRUCTURED_OUTPUTS
+from deployments.llm import engine_kwargs
 from deployments.schemas import ChatResponse, Hit, Usage
 from deployments.settings import ModelSettings
 from pipelines.rag.ingest import chunk_documents, knowledge_base
@@ -50,14 +50,7 @@ class Monolith:
         self.index.add(np.asarray(vectors, dtype=np.float32))
         self.model_id = settings.llm_model_id
         self.engine = AsyncLLM.from_engine_args(
-            AsyncEngineArgs(
-                model=settings.llm_path,
-                dtype=settings.llm_dtype,
-                enforce_eager=settings.llm_enforce_eager,
-                max_model_len=settings.llm_max_model_len,
-                max_num_seqs=64,
-                structured_outputs_config=dict(STRUCTURED_OUTPUTS),
-            )
+            AsyncEngineArgs(model=settings.llm_path, **engine_kwargs(settings))
         )
         self.tokenizer = self.engine.tokenizer
 

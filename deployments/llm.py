@@ -36,6 +36,19 @@ def deployment_name(model_id: str) -> str:
 STRUCTURED_OUTPUTS: dict[str, Any] = {"backend": "xgrammar", "disable_any_whitespace": True}
 
 
+def engine_kwargs(settings: ModelSettings, *, gpu: bool = False) -> dict[str, Any]:
+    """vLLM engine arguments (all but the model) of the Serve deployment, and of the
+    in-process engines that stand in for it (`deployments.local.LocalLLM`, the
+    benchmarks' monolith), so that all of them generate alike."""
+    return {
+        "max_model_len": settings.llm_max_model_len,
+        "max_num_seqs": 64,
+        "dtype": "auto" if gpu else settings.llm_dtype,
+        "enforce_eager": settings.llm_enforce_eager and not gpu,
+        "structured_outputs_config": dict(STRUCTURED_OUTPUTS),
+    }
+
+
 def llm_config(
     settings: ModelSettings | None = None, overrides: dict[str, Any] | None = None
 ) -> Any:
@@ -43,23 +56,17 @@ def llm_config(
 
     settings = settings or ModelSettings()
     gpu = settings.profile == "gpu"
-    engine_kwargs: dict[str, Any] = {
-        "max_model_len": settings.llm_max_model_len,
-        "max_num_seqs": 64,
-        "dtype": "auto" if gpu else settings.llm_dtype,
-        "enforce_eager": settings.llm_enforce_eager and not gpu,
-        "structured_outputs_config": dict(STRUCTURED_OUTPUTS),
-    }
+    engine = engine_kwargs(settings, gpu=gpu)
     extra: dict[str, Any] = {}
     if gpu:
-        engine_kwargs["gpu_memory_utilization"] = LLM_GPU_FRACTION
+        engine["gpu_memory_utilization"] = LLM_GPU_FRACTION
         extra["accelerator_config"] = {"kind": "gpu"}
         extra["placement_group_config"] = {"bundles": [{"GPU": LLM_GPU_FRACTION, "CPU": 1}]}
     else:
         extra["accelerator_config"] = {"kind": "cpu"}
     return LLMConfig(
         model_loading_config={"model_id": settings.llm_model_id, "model_source": settings.llm_path},
-        engine_kwargs=engine_kwargs,
+        engine_kwargs=engine,
         deployment_config=options_for("llm", settings.profile, overrides),
         runtime_env={
             "env_vars": {

@@ -81,20 +81,13 @@ class LocalLLM:
     def __init__(self, settings: ModelSettings) -> None:
         from vllm import LLM
 
-        from deployments.llm import STRUCTURED_OUTPUTS
+        from deployments.llm import engine_kwargs
 
         # On CPU vLLM otherwise reserves most of RAM for its KV cache; size it as the
         # Serve deployment does (deployments.llm).
         os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", str(settings.llm_kv_cache_gib))
         self.model_id = settings.llm_model_id
-        self._llm = LLM(
-            model=settings.llm_path,
-            dtype=settings.llm_dtype,
-            enforce_eager=settings.llm_enforce_eager,
-            max_model_len=settings.llm_max_model_len,
-            max_num_seqs=64,
-            structured_outputs_config=dict(STRUCTURED_OUTPUTS),
-        )
+        self._llm = LLM(model=settings.llm_path, **engine_kwargs(settings))
         self._lock = asyncio.Lock()  # the offline engine serves one call at a time
 
     def close(self) -> None:

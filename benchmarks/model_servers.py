@@ -112,18 +112,6 @@ async def _handle_items(handle: Any, method: str, request: Any, concurrency: int
     return ITEMS / (time.perf_counter() - started)
 
 
-def median_batch(before: Any, after: Any) -> tuple[int, int]:
-    """Median batch size of a run: per batch, and the batch the median item rode in."""
-    counts = {
-        size: n - before.histogram.get(size, 0)
-        for size, n in after.histogram.items()
-        if n > before.histogram.get(size, 0)
-    }
-    per_batch = sorted(size for size, n in counts.items() for _ in range(n))
-    per_item = sorted(size for size, n in counts.items() for _ in range(size * n))
-    return per_batch[len(per_batch) // 2], per_item[len(per_item) // 2]
-
-
 async def _http_llm(base_url: str) -> float:
     async with httpx.AsyncClient(base_url=base_url, timeout=600) as client:
 
@@ -172,8 +160,8 @@ def on_serve() -> dict[str, float]:
             route = f"/{name}/{method}"
             served[name] = asyncio.run(_http_items(cluster.base_url, route, "text", 64))
             after = handle.batch_stats.remote().result()
-            served[f"{name}_batch_median"], served[f"{name}_batch_median_item"] = median_batch(
-                before, after
+            served[f"{name}_batch_median"], served[f"{name}_batch_median_item"] = (
+                after.median_since(before)
             )
             served[f"{name}_handle"] = asyncio.run(_handle_items(handle, method, request, 64))
         served["llm"] = asyncio.run(_http_llm(cluster.base_url))

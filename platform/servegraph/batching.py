@@ -42,6 +42,20 @@ class BatchStats(BaseModel):
     max_batch_size: int
     histogram: dict[int, int] = Field(description="batch size -> number of batches")
 
+    def median_since(self, before: BatchStats) -> tuple[int, int]:
+        """The median batch size of the batches formed since `before`: per batch, and
+        the batch the median item rode in (batches weighted by their items)."""
+        counts = {
+            size: n - before.histogram.get(size, 0)
+            for size, n in self.histogram.items()
+            if n > before.histogram.get(size, 0)
+        }
+        if not counts:
+            raise ValueError("no batch was formed since `before`")
+        per_batch = sorted(size for size, n in counts.items() for _ in range(n))
+        per_item = sorted(size for size, n in counts.items() for _ in range(size * n))
+        return per_batch[len(per_batch) // 2], per_item[len(per_item) // 2]
+
 
 @dataclass
 class _Item(Generic[T, R]):

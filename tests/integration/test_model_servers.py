@@ -14,7 +14,6 @@ from ray import serve
 
 from deployments.schemas import (
     MAX_BATCH,
-    BatchStats,
     ChatRequest,
     ClassifyRequest,
     EmbedOneRequest,
@@ -121,22 +120,21 @@ def test_embedder_ranks_a_paraphrase_above_an_unrelated_sentence(http: httpx.Cli
 CALLERS = 64  # concurrent single-item callers, each sending request after request
 
 
-def _median_batch(before: BatchStats, after: BatchStats) -> int:
-    """The batch size the median item of the run rode in (batches weighted by items)."""
-    sizes = sorted(
-        size
-        for size, n in after.histogram.items()
-        for _ in range(size * (n - before.histogram.get(size, 0)))
-    )
-    return sizes[len(sizes) // 2]
+def _closed_loop(
+    base_url: str, call: Callable[[httpx.AsyncClient, int], Awaitable[object]], per_caller: int = 6
+) -> None:
+    """CALLERS callers at once, each making `per_caller` calls one after another."""
 
+    async def run() -> None:
+        async with httpx.AsyncClient(base_url=base_url, timeout=120) as client:
 
-async def _closed_loop(call: Callable[[int], Awaitable[object]], per_caller: int = 6) -> None:
-    async def caller(c: int) -> None:
-        for n in range(per_caller):
-            await call(c * per_caller + n)
+            async def caller(c: int) -> None:
+                for n in range(per_caller):
+                    await call(client, c * per_caller + n)
 
-    await asyncio.gather(*(caller(c) for c in range(CALLERS)))
+            await asyncio.gather(*(caller(c) for c in range(CALLERS)))
+
+    asyncio.run(run())
 
 
 @pytest.mark.parametrize("path", ["http", "handle"])
@@ -146,24 +144,19 @@ def test_embedder_batches_a_quarter_of_its_concurrent_callers(
     handle = serve.get_deployment_handle("Embedder", "embedder")
     before = handle.batch_stats.remote().result()
 
-    async def run() -> None:
-        async with httpx.AsyncClient(base_url=model_servers.base_url, timeout=120) as client:
+    async def call(client: httpx.AsyncClient, i: int) -> None:
+        text = f"ticket number {i} about a parcel"
+        if path == "http":
+            response = await client.post("/embedder/embed_one", json={"text": text})
+            assert len(response.json()["vector"]) == 384
+        else:
+            embedding = await handle.embed_one.remote(EmbedOneRequest(text=text))
+            assert embedding.vector.dtype == np.float32  # numpy on the handle path
 
-            async def call(i: int) -> None:
-                text = f"ticket number {i} about a parcel"
-                if path == "http":
-                    response = await client.post("/embedder/embed_one", json={"text": text})
-                    assert len(response.json()["vector"]) == 384
-                else:
-                    embedding = await handle.embed_one.remote(EmbedOneRequest(text=text))
-                    assert embedding.vector.dtype == np.float32  # numpy on the handle path
-
-            await _closed_loop(call)
-
-    asyncio.run(run())
+    _closed_loop(model_servers.base_url, call)
     after = handle.batch_stats.remote().result()
     assert after.items - before.items == CALLERS * 6
-    assert _median_batch(before, after) >= CALLERS // 4, after.histogram
+    assert after.median_since(before)[1] >= CALLERS // 4, after.histogram
 
 
 # -- classifier -------------------------------------------------------------------------
@@ -194,23 +187,18 @@ def test_classifier_batches_a_quarter_of_its_concurrent_callers(
     before = handle.batch_stats.remote().result()
     labels: list[str] = []
 
-    async def run() -> None:
-        async with httpx.AsyncClient(base_url=model_servers.base_url, timeout=120) as client:
+    async def call(client: httpx.AsyncClient, i: int) -> None:
+        text = f"I was charged twice, invoice {i}"
+        if path == "http":
+            response = await client.post("/classifier/classify", json={"text": text})
+            labels.append(response.json()["label"])
+        else:
+            labels.append((await handle.classify.remote(ClassifyRequest(text=text))).label)
 
-            async def call(i: int) -> None:
-                text = f"I was charged twice, invoice {i}"
-                if path == "http":
-                    response = await client.post("/classifier/classify", json={"text": text})
-                    labels.append(response.json()["label"])
-                else:
-                    labels.append((await handle.classify.remote(ClassifyRequest(text=text))).label)
-
-            await _closed_loop(call)
-
-    asyncio.run(run())
+    _closed_loop(model_servers.base_url, call)
     assert labels.count("billing") == len(labels) == CALLERS * 6
     after = handle.batch_stats.remote().result()
-    assert _median_batch(before, after) >= CALLERS // 4, after.histogram
+    assert after.median_since(before)[1] >= CALLERS // 4, after.histogram
 
 
 # -- vector index -----------------------------------------------------------------------

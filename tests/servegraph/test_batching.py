@@ -8,7 +8,7 @@ import asyncio
 
 import pytest
 
-from servegraph.batching import Batcher
+from servegraph.batching import Batcher, BatchStats
 
 pytestmark = pytest.mark.unit
 
@@ -94,3 +94,15 @@ async def test_an_idle_model_waits_for_company_only_up_to_wait_s() -> None:
     # Items queued within the wait ride together; the wait ends by itself (no full batch).
     results = await asyncio.gather(batcher.one(1), batcher.one(2), batcher.one(3))
     assert results == [2, 4, 6] and model.batches == [[1, 2, 3]]
+
+
+def test_median_batch_since_a_snapshot_counts_only_new_batches() -> None:
+    before = BatchStats(batches=2, items=2, max_batch_size=1, histogram={1: 2})
+    after = BatchStats(
+        batches=6, items=2 + 1 + 2 * 30, max_batch_size=30, histogram={1: 3, 2: 1, 30: 2}
+    )
+    # new batches: 1, 2, 30, 30 -> per batch the median is 30 (index 2 of 4); the median
+    # of the 63 new items rode in a batch of 30
+    assert after.median_since(before) == (30, 30)
+    with pytest.raises(ValueError):
+        before.median_since(before)

@@ -87,7 +87,6 @@ def on_serve() -> dict[str, float]:
 
 
 def main() -> None:
-    report.clear("graph_overhead")
     local = in_process()
     served = on_serve()
     report.save(

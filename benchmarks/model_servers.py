@@ -170,7 +170,6 @@ def on_serve() -> dict[str, float]:
 
 def main() -> None:
     settings = ModelSettings()
-    report.clear("model_servers")
     raw = {"embedder": raw_embedder(settings), "classifier": raw_classifier(settings)}
     raw["llm"], raw["llm_cold_start_s"] = raw_llm(settings)
     served = on_serve()

@@ -33,6 +33,7 @@ def main(argv: list[str]) -> int:
     for name in names:
         print(f"\n=== benchmarks.{name} ===", flush=True)
         started = time.perf_counter()
+        report.clear(name)  # a benchmark that fails leaves no figures from an older run
         code = subprocess.call([sys.executable, "-m", f"benchmarks.{name}"])
         print(f"=== benchmarks.{name}: exit {code} in {time.perf_counter() - started:.0f}s ===")
         if code:

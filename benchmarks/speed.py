@@ -253,7 +253,6 @@ def on_platform(documents: list[Document]) -> dict[str, object]:
 
 def main() -> None:
     settings = ModelSettings()
-    report.clear("speed")
     documents = pydoc_documents()
     raw_chunks_per_s = raw_ingest(documents, settings)
     print(f"raw embedder on pydoc chunks: {raw_chunks_per_s:.1f} chunks/s", flush=True)

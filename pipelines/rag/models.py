@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import Annotated
+from typing import Annotated, Literal
 
 from pydantic import BaseModel, Field, StringConstraints, model_validator
 
@@ -70,14 +70,42 @@ class Passage(BaseModel):
     doc_id: str
     title: str
     text: str
+    score: float = Field(description="The vector index's similarity to the question.")
+    relevance: float = Field(
+        0.0, description="Similarity of the passage's sentence closest to the question."
+    )
+
+
+class Sentence(BaseModel):
+    n: int = Field(description="The passage it comes from.")
+    text: str
     score: float
+
+
+class Ranked(BaseModel):
+    """The retrieved passages re-ranked by their sentences (the `rank` node)."""
+
+    question: str
+    passages: list[Passage]
+    relevant: list[int] = Field(description="Numbers of the passages the answer may cite.")
+    sentences: list[Sentence] = Field(description="The relevant passages' sentences, best first.")
 
 
 class RagAnswer(BaseModel):
     answer: str
     citations: list[int] = Field(description="Source numbers the answer relies on.")
     cited: list[Passage] = Field(description="The passages it cites.")
-    passages: list[Passage] = Field(description="Everything retrieved, with scores.")
+    passages: list[Passage] = Field(description="Everything retrieved, most relevant first.")
+    method: Literal["generated", "extractive", "no_sources"] = Field(
+        description=(
+            "generated: the LLM's answer, checked against what it cites; extractive: the "
+            "cited passages' sentences closest to the question, because the generated "
+            "answer was empty, repetitive or unsupported; no_sources: nothing was retrieved."
+        )
+    )
+    truncated: bool = Field(
+        False, description="The LLM's reply reached max_tokens and was read as partial JSON."
+    )
     usage: Usage
 
 

@@ -1,24 +1,49 @@
-"""RAG question answering: embed -> retrieve -> prompt with numbered sources -> LLM -> answer.
+"""RAG question answering, built so that a 135M model's answers stay clean and grounded:
 
-The LLM answers as JSON constrained by a schema whose `sources` may only hold the
-numbers of passages actually retrieved (guided decoding), so even a 135M model cites
-sources that exist. Streamed (`/pipelines/rag/stream`), the `generate` node sends the
-`answer` field's text as the tokens arrive; the final `result` event is the same
-`RagAnswer` the plain route returns.
+    embed ─► retrieve ─► split (passages → sentences) ─► embed_sentences ─► rank
+          ─► prompt (relevant passages only, best first) ─► generate (guided JSON)
+          ─► answer (checked; an extractive answer when the generated one fails)
+
+- `rank` scores every retrieved passage by its sentence closest to the question (the
+  embedder's vectors, one batched call) and keeps those that pass a relevance bar: the
+  model only sees, and may only cite, passages that are about the question.
+- The LLM answers as JSON constrained by a schema (guided decoding): the answer, bounded
+  in length so the grammar closes it inside the token budget, then the numbers of the
+  passages it used (only those shown). The answer comes first on purpose: with the
+  citations first, SmolLM2-135M answered 11 of 12 development questions with a number
+  or a date, as if continuing the list of numbers.
+- `answer` checks the generated answer: not empty, not repetitive, and supported by the
+  passages it cites (its content words are theirs). If it fails, the answer is the
+  passages' sentences closest to the question, cited. `method` says which path
+  produced it; `truncated` that the reply hit `max_tokens` and was read as partial JSON.
+
+Streamed (`/pipelines/rag/stream`), `generate` sends the `answer` field's text as it is
+written; the final `result` event is the `RagAnswer` the plain route returns.
 """
 
 from __future__ import annotations
 
 from pydantic_core import from_json
 
-from deployments.schemas import ChatResponse, Hit
-from pipelines.rag.models import Passage, RagAnswer, RagQuery
+from deployments.schemas import ChatResponse, Embedding, EmbedResponse, Hit
+from pipelines import evidence
+from pipelines.rag.models import Passage, RagAnswer, RagQuery, Ranked, Sentence
 from servegraph import Pipeline
 
 SYSTEM = (
     "You are a support assistant. Answer the question using only the numbered "
     "sources. Reply in JSON with the answer and the numbers of the sources you used."
 )
+# A passage is relevant when its sentence closest to the question is at least this
+# similar to it (all-MiniLM-L6-v2 cosine), and within MARGIN of the best passage's.
+RELEVANCE_BAR = 0.3
+MARGIN = 0.15
+# A generated answer is used when at least this share of its content words are in
+# the passages it cites.
+MIN_SUPPORT = 0.6
+EXTRACTIVE_SENTENCES = 2
+MAX_SENTENCES = 2
+NOTHING_FOUND = "The knowledge base has no passage about this question."
 
 
 def build_pipeline() -> Pipeline:
@@ -41,11 +66,22 @@ def build_pipeline() -> Pipeline:
         idempotent=True,
         retries=1,
     )
+    split = rag.function("split", split_passages, question=rag.input.question, hits=found.hits)
+    vectors = rag.call("embed_sentences", "embedder", "embed", texts=split.texts)
+    ranked = rag.function(
+        "rank",
+        rank,
+        question=rag.input.question,
+        query=query,
+        hits=found.hits,
+        split=split,
+        embedded=vectors,
+    )
     prompt = rag.function(
         "prompt",
         build_prompt,
         question=rag.input.question,
-        hits=found.hits,
+        ranked=ranked,
         max_tokens=rag.input.max_tokens,
     )
     reply = rag.call(
@@ -58,22 +94,64 @@ def build_pipeline() -> Pipeline:
         stream=True,  # POST /pipelines/rag/stream sends the answer's text as it is written
         stream_field="answer",
     )
-    rag.returns(rag.function("answer", make_answer, reply=reply, hits=found.hits))
+    rag.returns(rag.function("answer", make_answer, reply=reply, ranked=ranked))
     return rag
 
 
-def passages(hits: list[Hit]) -> list[Passage]:
-    return [
+def split_passages(question: str, hits: list[Hit]) -> dict:
+    """Every retrieved passage's sentences, to embed in one call. The question comes
+    last so the batch is never empty."""
+    texts, owner = [], []
+    for i, hit in enumerate(hits):
+        for sentence in evidence.sentences(hit.text) or [hit.text[:400]]:
+            texts.append(sentence)
+            owner.append(i)
+    return {"texts": [*texts, question], "owner": owner}
+
+
+def rank(
+    question: str, query: Embedding, hits: list[Hit], split: dict, embedded: EmbedResponse
+) -> Ranked:
+    """Passages best first by their sentence closest to the question, numbered from 1;
+    the relevant ones (see RELEVANCE_BAR) and their sentences, closest first."""
+    owner: list[int] = split["owner"]
+    sentence_texts: list[str] = split["texts"][: len(owner)]
+    scores = evidence.ranked(query.vector, embedded.vectors[: len(owner)])
+    best = [-1.0] * len(hits)
+    for score, i in zip(scores, owner, strict=True):
+        best[i] = max(best[i], score)
+    order = sorted(range(len(hits)), key=lambda i: (-best[i], i))
+    numbered = [
         Passage(
-            n=i,
-            id=h.id,
-            doc_id=str(h.metadata.get("doc_id", h.id)),
-            title=str(h.metadata.get("title", "")),
-            text=h.text,
-            score=h.score,
+            n=n,
+            id=hits[i].id,
+            doc_id=str(hits[i].metadata.get("doc_id", hits[i].id)),
+            title=str(hits[i].metadata.get("title", "")),
+            text=hits[i].text,
+            score=hits[i].score,
+            relevance=round(best[i], 4),
         )
-        for i, h in enumerate(hits, start=1)
+        for n, i in enumerate(order, start=1)
     ]
+    top = best[order[0]] if order else 0.0
+    relevant = [
+        p.n for p in numbered if p.n == 1 or p.relevance >= max(RELEVANCE_BAR, top - MARGIN)
+    ]
+    n_of = {i: n for n, i in enumerate(order, start=1)}
+    sentences = sorted(
+        (
+            (score, n_of[i], text)
+            for score, i, text in zip(scores, owner, sentence_texts, strict=True)
+            if n_of[i] in relevant
+        ),
+        key=lambda t: -t[0],
+    )
+    return Ranked(
+        question=question,
+        passages=numbered,
+        relevant=relevant,
+        sentences=[Sentence(n=n, text=text, score=round(s, 4)) for s, n, text in sentences],
+    )
 
 
 # Tokens of the reply that are not the answer's text: `{"answer":"`, `","sources":[1,2,3]}`.
@@ -88,18 +166,18 @@ def answer_chars(max_tokens: int) -> int:
     return max(40, int((max_tokens - _JSON_TOKENS) * _CHARS_PER_TOKEN))
 
 
-def build_prompt(question: str, hits: list[Hit], max_tokens: int = 160) -> dict:
-    """Messages with numbered sources, and the JSON schema the answer must follow."""
-    numbered = passages(hits)
-    sources = "\n\n".join(f"[{p.n}] {p.title}\n{p.text}" for p in numbered) or "(none)"
-    numbers = [p.n for p in numbered] or [0]
+def build_prompt(question: str, ranked: Ranked, max_tokens: int = 160) -> dict:
+    """Messages with the relevant passages, best first, and the JSON schema the reply
+    must follow: the answer, bounded, then citations of those passages only."""
+    shown = [p for p in ranked.passages if p.n in ranked.relevant]
+    sources = "\n\n".join(f"[{p.n}] {p.title}\n{p.text}" for p in shown) or "(none)"
     schema = {
         "type": "object",
         "properties": {
             "answer": {"type": "string", "maxLength": answer_chars(max_tokens)},
             "sources": {
                 "type": "array",
-                "items": {"type": "integer", "enum": numbers},
+                "items": {"type": "integer", "enum": [p.n for p in shown] or [0]},
                 "minItems": 1,
                 "maxItems": 3,
             },
@@ -115,20 +193,60 @@ def build_prompt(question: str, hits: list[Hit], max_tokens: int = 160) -> dict:
     }
 
 
-def make_answer(reply: ChatResponse, hits: list[Hit]) -> RagAnswer:
-    """The answer and its citations from the model's JSON. A reply cut off at max_tokens
-    is read as far as it goes: the answer's text so far, never the raw JSON."""
-    numbered = passages(hits)
+def make_answer(reply: ChatResponse, ranked: Ranked) -> RagAnswer:
+    """The generated answer, cut down to what the relevant passages support, or else the
+    extractive answer (see the module docstring). Never the model's raw JSON: a reply
+    cut off at max_tokens is read as far as it goes."""
     try:
         data = from_json(reply.text, allow_partial="trailing-strings")
         answer, cited = str(data.get("answer", "")), [int(n) for n in data.get("sources", [])]
     except (ValueError, TypeError, AttributeError):  # not JSON at all: the text as written
         answer, cited = reply.text, []
-    valid = sorted({n for n in cited if 1 <= n <= len(numbered)})
+    truncated = reply.finish_reason == "length"
+    if not ranked.sentences:
+        return _answer(NOTHING_FOUND, [], ranked, "no_sources", truncated, reply)
+    relevant = [p for p in ranked.passages if p.n in ranked.relevant]
+    kept = evidence.supported_sentences(
+        answer, ranked.question, " ".join(p.text for p in relevant), MIN_SUPPORT, MAX_SENTENCES
+    )
+    if kept:  # each sentence cites the relevant passage that supports it best
+        citations = {
+            max(relevant, key=lambda p: (evidence.support(s, p.text), p.n in cited, -p.n)).n
+            for s in kept
+        }
+        return _answer(" ".join(kept), sorted(citations), ranked, "generated", truncated, reply)
+    best = ranked.sentences[0]
+    picked: list[Sentence] = []
+    for sentence in ranked.sentences:
+        if len(picked) == EXTRACTIVE_SENTENCES or sentence.score < best.score - 0.1:
+            break
+        if all(evidence.overlap(sentence.text, p.text) < 0.6 for p in picked):
+            picked.append(sentence)
+    return _answer(
+        " ".join(s.text for s in picked),
+        sorted({s.n for s in picked}),
+        ranked,
+        "extractive",
+        truncated,
+        reply,
+    )
+
+
+def _answer(
+    text: str,
+    citations: list[int],
+    ranked: Ranked,
+    method: str,
+    truncated: bool,
+    reply: ChatResponse,
+) -> RagAnswer:
+    by_n = {p.n: p for p in ranked.passages}
     return RagAnswer(
-        answer=answer.strip(),
-        citations=valid,
-        cited=[p for p in numbered if p.n in valid],
-        passages=numbered,
+        answer=text,
+        citations=citations,
+        cited=[by_n[n] for n in citations],
+        passages=ranked.passages,
+        method=method,
+        truncated=truncated,
         usage=reply.usage,
     )

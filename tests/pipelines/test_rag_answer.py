@@ -1,51 +1,123 @@
-"""RAG replies read into answers: never the model's raw JSON, citations only of sources
-that were retrieved, and an answer short enough to finish within the token budget."""
+"""RAG replies read into answers: ranked passages, never the model's raw JSON, only
+sentences the passages support, citations of relevant passages, and an extractive
+answer when the generated one fails its checks."""
 
 from __future__ import annotations
 
+import math
+
+import numpy as np
 import pytest
 
-from deployments.schemas import ChatResponse, Hit, Usage
-from pipelines.rag.qa import answer_chars, build_prompt, make_answer
+from deployments.schemas import ChatResponse, Embedding, EmbedResponse, Hit, Usage
+from pipelines.rag.models import Ranked
+from pipelines.rag.qa import answer_chars, build_prompt, make_answer, rank, split_passages
 
-HITS = [
-    Hit(id=f"kb/doc#{n}", text=f"passage {n}", score=1 - n / 10, metadata={"doc_id": "kb/doc"})
-    for n in range(3)
-]
+REFUNDS = (
+    "Refunds for returned items are issued within 7 business days. "
+    "The refund goes to the original payment method."
+)
+SHIPPING = "Return shipping is free with the prepaid label. Labels are printed at home."
+WARRANTY = "Every product has a 2-year warranty from the day of delivery."
+QUESTION = "How long do refunds take?"
 
 
-def reply(text: str) -> ChatResponse:
-    return ChatResponse(
-        text=text, finish_reason="length", model="m", usage=Usage(input_tokens=1, output_tokens=1)
+def ranked(texts: list[str], closeness: list[list[float]]) -> Ranked:
+    """The `rank` node's output for passages whose sentences have the given cosine
+    similarity to the question (one list per passage, one number per sentence)."""
+    hits = [
+        Hit(id=f"kb/d{i}#0", text=t, score=0.5, metadata={"doc_id": f"kb/d{i}", "title": f"T{i}"})
+        for i, t in enumerate(texts)
+    ]
+    split = split_passages(QUESTION, hits)
+    flat = [s for per_passage in closeness for s in per_passage]
+    assert len(flat) == len(split["owner"]), split  # one number per sentence
+    vectors = [[s, math.sqrt(1 - s * s)] for s in [*flat, 1.0]]
+    return rank(
+        QUESTION,
+        Embedding(vector=np.array([1.0, 0.0], dtype=np.float32), dim=2),
+        hits,
+        split,
+        EmbedResponse(vectors=np.array(vectors, dtype=np.float32), dim=2, model="m"),
     )
 
 
-def test_a_complete_reply_gives_the_answer_and_its_citations() -> None:
-    answer = make_answer(reply('{"answer":"Within 5 days.","sources":[2,9]}'), HITS)
-    assert answer.answer == "Within 5 days."
-    assert answer.citations == [2]  # 9 was not retrieved
-    assert [p.n for p in answer.cited] == [2]
+RANKED = ranked([SHIPPING, REFUNDS, WARRANTY], [[0.5, 0.2], [0.8, 0.6], [0.1]])
+
+
+def reply(text: str, finish: str = "stop") -> ChatResponse:
+    return ChatResponse(
+        text=text, finish_reason=finish, model="m", usage=Usage(input_tokens=1, output_tokens=1)
+    )
+
+
+def test_passages_are_ranked_by_their_closest_sentence_and_the_far_ones_left_out() -> None:
+    assert [p.text for p in RANKED.passages] == [REFUNDS, SHIPPING, WARRANTY]
+    assert [p.n for p in RANKED.passages] == [1, 2, 3]
+    assert RANKED.relevant == [1]  # 0.5 is more than 0.15 below the best (0.8)
+    assert RANKED.sentences[0].text.startswith("Refunds for returned items")
+    prompt = build_prompt(QUESTION, RANKED)
+    assert WARRANTY not in prompt["messages"][1]["content"]
+    assert prompt["schema"]["properties"]["sources"]["items"]["enum"] == [1]
+    assert list(prompt["schema"]["properties"]) == ["answer", "sources"]
+
+
+def test_a_supported_answer_is_used_and_cites_the_passage_that_supports_it() -> None:
+    answer = make_answer(
+        reply('{"answer":"Refunds are issued within 7 business days.","sources":[1]}'), RANKED
+    )
+    assert answer.method == "generated" and not answer.truncated
+    assert answer.answer == "Refunds are issued within 7 business days."
+    assert answer.citations == [1] and answer.cited[0].text == REFUNDS
 
 
 @pytest.mark.parametrize(
-    ("text", "expected", "citations"),
+    "text",
     [
-        ('{"answer":"To exchange an item, open the ', "To exchange an item, open the", []),
-        ('{\n  "answer": "10 days"  ,\n\n  "sources": [1,', "10 days", [1]),
-        ('{"answer":"caf\\u00', "caf", []),
+        '{"answer":"Refunds take 3 business days.","sources":[1]}',  # a number not in it
+        '{"answer":"Refunds are not issued for returned items.","sources":[1]}',  # negated
+        '{"answer":"2023-01-22T12:30:52","sources":[1]}',  # nothing the passages say
+        '{"answer":"' + "refund refund refund " * 10 + '","sources":[1]}',  # a loop
+        "{\n\n\n",  # nothing at all
     ],
 )
-def test_a_reply_cut_off_at_max_tokens_gives_the_text_so_far_never_raw_json(
-    text: str, expected: str, citations: list[int]
+def test_an_unsupported_answer_is_replaced_by_the_closest_sentences_cited(text: str) -> None:
+    answer = make_answer(reply(text), RANKED)
+    assert answer.method == "extractive"
+    assert answer.answer == "Refunds for returned items are issued within 7 business days."
+    assert answer.citations == [1]
+
+
+@pytest.mark.parametrize(
+    ("text", "expected"),
+    [
+        (
+            '{"answer":"Refunds are issued within 7 business days. The refund goes to the orig',
+            "Refunds are issued within 7 business days.",
+        ),
+        (
+            '{\n  "answer": "Refunds are issued within 7 business days."  ,\n\n  "sources": [1,',
+            "Refunds are issued within 7 business days.",
+        ),
+    ],
+)
+def test_a_reply_cut_off_at_max_tokens_keeps_its_finished_sentences_never_raw_json(
+    text: str, expected: str
 ) -> None:
-    answer = make_answer(reply(text), HITS)
-    assert answer.answer == expected
-    assert answer.citations == citations
+    answer = make_answer(reply(text, finish="length"), RANKED)
+    assert answer.answer == expected and answer.method == "generated" and answer.truncated
+    assert not answer.answer.startswith("{")
+
+
+def test_nothing_retrieved_says_so() -> None:
+    empty = Ranked(question=QUESTION, passages=[], relevant=[], sentences=[])
+    answer = make_answer(reply('{"answer":"Yes.","sources":[0]}'), empty)
+    assert answer.method == "no_sources" and answer.citations == []
 
 
 def test_the_answer_is_bounded_to_leave_room_for_closing_the_json() -> None:
     for max_tokens in (16, 160, 512):
-        schema = build_prompt("Q?", HITS, max_tokens)["schema"]
+        schema = build_prompt("Q?", RANKED, max_tokens)["schema"]
         assert schema["properties"]["answer"]["maxLength"] == answer_chars(max_tokens)
     assert answer_chars(160) < 160 * 4  # fewer characters than 160 tokens of English
     assert answer_chars(512) > answer_chars(160) >= answer_chars(16) == 40

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import Annotated
+from typing import Annotated, Literal
 
 from pydantic import BaseModel, Field, StringConstraints
 
@@ -34,6 +34,10 @@ class Step(BaseModel):
     input: str
     output: str
     valid: bool = Field(description="False when the call was invalid and fed back.")
+    facts: dict[str, str] = Field(
+        default_factory=dict, description="What the tool found, field by field."
+    )
+    must_say: str = Field("", description="What a reply must state from this result.")
 
 
 class AgentState(BaseModel):
@@ -43,7 +47,6 @@ class AgentState(BaseModel):
     tools: list[str]
     steps: list[Step] = Field(default_factory=list)
     done: bool = False
-    reply: str = ""
 
 
 class ToolCall(BaseModel):
@@ -60,6 +63,8 @@ class ToolInput(BaseModel):
 class Observation(BaseModel):
     output: str
     final: bool = False
+    facts: dict[str, str] = Field(default_factory=dict)
+    must_say: str = ""
 
 
 class TriageResult(BaseModel):
@@ -67,7 +72,18 @@ class TriageResult(BaseModel):
     label: str
     confidence: float
     reply: str = Field(description="The drafted reply to the customer.")
-    completed: bool = Field(description="The agent gave a final answer within its step budget.")
+    drafted: Literal["llm", "facts", "handoff"] = Field(
+        description=(
+            "llm: the LLM's draft from the tool results, checked; facts: the tool results "
+            "stated, because the draft missed them; handoff: no tool found anything."
+        )
+    )
+    completed: bool = Field(
+        description=(
+            "The loop ended before its step limit: the model chose final_answer, or every "
+            "tool that applies was used."
+        )
+    )
     steps: list[Step]
 
 

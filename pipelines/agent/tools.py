@@ -35,13 +35,25 @@ def _query(sql: str, args: tuple) -> dict | None:
     return dict(row) if row else None
 
 
+ORDER_NUMBER = re.compile(r"\b\d{5}\b")
+EMAIL = re.compile(r"[\w.+-]+@[\w-]+\.[\w.]+")
+
+
+def find_order(number: str) -> dict | None:
+    return _query("SELECT * FROM orders WHERE id = ?", (number,))
+
+
+def find_account(email: str) -> dict | None:
+    return _query("SELECT * FROM accounts WHERE email = ?", (email.lower(),))
+
+
 def lookup_order(argument: str) -> str:
-    digits = re.findall(r"\d{4,}", argument)
-    if not digits:
-        return "error: lookup_order needs an order number (digits), e.g. 12345"
-    order = _query("SELECT * FROM orders WHERE id = ?", (digits[0],))
+    number = ORDER_NUMBER.search(argument)
+    if not number:
+        return "error: lookup_order needs an order number (five digits), e.g. 12345"
+    order = find_order(number.group(0))
     if order is None:
-        return f"no order {digits[0]} found"
+        return f"no order {number.group(0)} found"
     return (
         f"order {order['id']}: {order['product']}, status {order['status']}, "
         f"carrier {order['carrier']}, estimated delivery {order['eta']}, total {order['total']}"
@@ -49,10 +61,10 @@ def lookup_order(argument: str) -> str:
 
 
 def lookup_account(argument: str) -> str:
-    email = re.search(r"[\w.+-]+@[\w-]+\.[\w.]+", argument)
+    email = EMAIL.search(argument)
     if not email:
         return "error: lookup_account needs the customer's email address"
-    account = _query("SELECT * FROM accounts WHERE email = ?", (email.group(0).lower(),))
+    account = find_account(email.group(0))
     if account is None:
         return f"no account for {email.group(0)}"
     return (

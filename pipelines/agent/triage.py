@@ -2,21 +2,35 @@
 
     classify ─► route (switch on label: team + its tools) ─► work (loop ≤ 4):
         plan ─► choose (LLM, guided JSON: {tool, argument}) ─► parse ─► act (switch on tool:
-        search_kb = embed ─► search | lookup_order | lookup_account | final_answer |
-        default: the invalid call is fed back) ─► record
-    ─► finish
+        search_kb = embed ─► search ─► split ─► embed_sentences ─► rank ─► summarise |
+        lookup_order | lookup_account | final_answer | default: the invalid call is fed back)
+        ─► record
+    ─► brief ─► draft (LLM, guided JSON: {reply}) ─► finish
 
-Guided decoding makes every tool call valid JSON naming an allowed tool; the graph
-narrows the choice further (the team's tools; no final answer before one look-up), since
-a 135M model's *choice* is weak even when its syntax is guaranteed.
+A 135M model's syntax is guaranteed by guided decoding; its *choices* are weak, so the
+graph carries them:
+
+- **No tool twice.** Each step offers only the team's tools not yet used (the schema's
+  enum), so a repeat cannot be chosen, not merely be refused afterwards. The first step
+  offers only the look-up the ticket holds the key for (an order number, an email).
+- **The ticket's key wins.** A look-up uses the order number or email the ticket holds,
+  whatever the model wrote; `search_kb` searches with the ticket's own words when the
+  model's query shares none of them.
+- **The loop ends when the evidence is in**: when the model chooses `final_answer`, or
+  when every tool that applies has been used (so at most three steps of four).
+- **The reply is drafted from the tool results**, by the LLM, in a separate step that
+  sees only the ticket and the facts found (order status, account state, the sentences
+  of the help article closest to the question). `finish` checks the draft: it must state
+  what the look-ups found and invent no numbers; otherwise the reply is written from the
+  facts themselves. `drafted` says which.
 """
 
 from __future__ import annotations
 
-import json
-import re
+from pydantic_core import from_json
 
-from deployments.schemas import ChatResponse, SearchResponse
+from deployments.schemas import ChatResponse, Embedding, EmbedResponse, Hit
+from pipelines import evidence
 from pipelines.agent import tools
 from pipelines.agent.models import (
     AgentState,
@@ -29,6 +43,7 @@ from pipelines.agent.models import (
     ToolInput,
     TriageResult,
 )
+from pipelines.rag.qa import rank, split_passages
 from servegraph import Pipeline
 
 MAX_STEPS = 4
@@ -45,8 +60,32 @@ TOOL_HELP = {
     "lookup_order": "look up an order; argument: the order number, e.g. 12345",
     "lookup_account": "look up the customer's account; argument: their email address",
     "search_kb": "search the help articles; argument: a short search query",
-    "final_answer": "finish; argument: the reply to send to the customer",
+    "final_answer": "stop looking: what was found is enough to reply; argument: empty",
 }
+DRAFT_SYSTEM = (
+    "You are a friendly customer support agent. Write a short reply to the customer's "
+    "ticket, using only the facts given. State the facts that answer the ticket. Do not "
+    "invent anything."
+)
+# One worked example (made-up products, so it cannot leak an answer): a 135M model
+# follows an example far better than an instruction.
+DRAFT_EXAMPLE = [
+    {
+        "role": "user",
+        "content": "Ticket: Where is my lamp? I ordered it last week, order 90001.\n\nFacts:\n"
+        "- Order 90001 (Aria lamp) is shipped; carrier GLS, estimated delivery 2026-01-10, "
+        "total $30.00.\n- Gift cards are valid for 12 months.",
+    },
+    {
+        "role": "assistant",
+        "content": '{"reply":"Your order 90001 (Aria lamp) has shipped with GLS and should '
+        'arrive by 2026-01-10."}',
+    },
+]
+DRAFT_CHARS = 400
+# An article is used when its sentence closest to the query is at least this similar.
+ARTICLE_BAR = 0.35
+HANDOFF = "Thanks for reaching out; we have passed your ticket to our {team} team."
 
 
 def build_pipeline() -> Pipeline:
@@ -55,7 +94,7 @@ def build_pipeline() -> Pipeline:
         input=Ticket,
         output=TriageResult,
         description="Route a support ticket to a team and draft a reply with tools.",
-        # Up to four LLM steps in a row: under load on CPU that passes the 60 s default.
+        # Up to four LLM steps and a draft in a row: under load on CPU that passes 60 s.
         deadline_s=180,
         # One LLM call at a time per request, and the LLM takes 64 running + 64 queued.
         max_in_flight=128,
@@ -79,7 +118,16 @@ def build_pipeline() -> Pipeline:
         team=route.team,
         tools=route.tools,
     )
-    p.returns(p.function("finish", finish, route=route, state=work))
+    brief = p.function("brief", brief_writer, state=work)
+    draft = p.call(
+        "draft",
+        "llm",
+        "chat",
+        messages=brief.messages,
+        json_schema=brief.schema,
+        max_tokens=160,
+    )
+    p.returns(p.function("finish", finish, route=route, state=work, draft=draft))
     return p
 
 
@@ -97,7 +145,7 @@ def agent_step() -> Pipeline:
     step = Pipeline("agent_step", input=AgentState, output=AgentState)
     prompt = step.function("plan", plan, state=step.input)
     reply = step.call(
-        "choose", "llm", "chat", messages=prompt.messages, json_schema=prompt.schema, max_tokens=120
+        "choose", "llm", "chat", messages=prompt.messages, json_schema=prompt.schema, max_tokens=60
     )
     call = step.function("parse", parse, reply=reply, state=step.input)
     observation = step.switch(
@@ -120,12 +168,25 @@ def agent_step() -> Pipeline:
 
 
 def search_case() -> Pipeline:
+    """The help articles' passages closest to the query, re-ranked by their sentences
+    (the RAG pipeline's `rank`), summed up as the best article's best sentences."""
     case = Pipeline("search_kb", input=ToolInput, output=Observation)
     query = case.call("embed", "embedder", "embed_one", text=case.input.argument)
     found = case.call(
-        "search", "vector_index", "search", vector=query.vector, k=2, filter={"source": "kb"}
+        "search", "vector_index", "search", vector=query.vector, k=3, filter={"source": "kb"}
     )
-    case.returns(case.function("summarise", summarise_hits, found=found))
+    split = case.function("split", split_passages, question=case.input.argument, hits=found.hits)
+    vectors = case.call("embed_sentences", "embedder", "embed", texts=split.texts)
+    ranked = case.function(
+        "rank",
+        rank_hits,
+        question=case.input.argument,
+        query=query,
+        hits=found.hits,
+        split=split,
+        embedded=vectors,
+    )
+    case.returns(ranked)
     return case
 
 
@@ -144,25 +205,33 @@ def assign(label: str, confidence: float, team: str) -> Route:
     )
 
 
-def allowed_tools(state: AgentState) -> list[str]:
-    """The tools offered at this step: the team's, narrowed by what the ticket holds.
-
-    First step: if the ticket carries what a look-up tool needs (an order number, an
-    email), only that look-up is offered; otherwise the team's tools, never a final
-    answer before something was looked up. Later steps: the team's tools + final_answer.
-    """
-    if state.steps:
-        return [*state.tools, "final_answer"]
-    evidence = [tool for tool in state.tools if _has_evidence(tool, state)]
-    return evidence[:1] or list(state.tools)
+def remaining_tools(state: AgentState) -> list[str]:
+    """The team's tools that apply to this ticket and were not used yet: a look-up
+    applies when the ticket holds its key; search_kb always does."""
+    used = {s.tool for s in state.steps if s.valid}
+    return [t for t in state.tools if t not in used and (t == "search_kb" or key_of(t, state))]
 
 
-def _has_evidence(tool: str, state: AgentState) -> bool:
+def key_of(tool: str, state: AgentState) -> str:
+    """The order number or email the ticket holds for a look-up tool, or ''."""
     if tool == "lookup_order":
-        return re.search(r"\b\d{5}\b", state.ticket) is not None
+        found = tools.ORDER_NUMBER.search(state.ticket)
+        return found.group(0) if found else ""
     if tool == "lookup_account":
-        return state.email is not None or "@" in state.ticket
-    return False
+        found = tools.EMAIL.search(state.email or state.ticket)
+        return found.group(0).lower() if found else ""
+    return ""
+
+
+def allowed_tools(state: AgentState) -> list[str]:
+    """The tools offered at this step. First step: the look-up the ticket holds the key
+    for, if any, else what remains (never a final answer before a look-up). Later
+    steps: what remains, and final_answer."""
+    remaining = remaining_tools(state)
+    if not any(s.valid for s in state.steps):
+        keyed = [t for t in remaining if t != "search_kb"]
+        return keyed[:1] or remaining
+    return [*remaining, "final_answer"]
 
 
 def plan(state: AgentState) -> dict:
@@ -188,7 +257,7 @@ def plan(state: AgentState) -> dict:
         "type": "object",
         "properties": {
             "tool": {"type": "string", "enum": allowed},
-            "argument": {"type": "string", "maxLength": 300},
+            "argument": {"type": "string", "maxLength": 80},
         },
         "required": ["tool", "argument"],
     }
@@ -199,9 +268,10 @@ def plan(state: AgentState) -> dict:
 
 
 def parse(reply: ChatResponse, state: AgentState) -> ToolCall:
-    """The LLM's tool call, or an 'invalid' call carrying the reason to feed back."""
-    try:
-        data = json.loads(reply.text)
+    """The LLM's tool call with the argument the ticket dictates, or an 'invalid' call
+    carrying the reason to feed back."""
+    try:  # a reply cut off inside its argument still names its tool
+        data = from_json(reply.text, allow_partial="trailing-strings")
         tool, argument = str(data["tool"]), str(data.get("argument", ""))
     except (ValueError, KeyError, TypeError) as exc:
         return ToolCall(
@@ -213,29 +283,61 @@ def parse(reply: ChatResponse, state: AgentState) -> ToolCall:
         return ToolCall(
             tool="invalid",
             argument=argument,
-            error=f"unknown or unavailable tool {tool!r}; choose one of {allowed_tools(state)}",
+            error=f"unknown, used or unavailable tool {tool!r}; choose one of "
+            f"{allowed_tools(state)}",
         )
+    if key := key_of(tool, state):
+        argument = key
+    elif tool == "search_kb" and is_poor_query(argument, state.ticket):
+        argument = state.ticket
     return ToolCall(tool=tool, argument=argument)
 
 
-def summarise_hits(found: SearchResponse) -> Observation:
-    if not found.hits:
+def is_poor_query(query: str, ticket: str) -> bool:
+    """A query with fewer than two of the ticket's words (numbers aside): the model
+    wandered off, or wrote an order number where words were needed."""
+    shared = evidence.content_words(query) & evidence.content_words(ticket)
+    return sum(not w.isdigit() for w in shared) < 2
+
+
+def rank_hits(
+    question: str, query: Embedding, hits: list[Hit], split: dict, embedded: EmbedResponse
+) -> Observation:
+    ranked = rank(question, query, hits, split, embedded)
+    if not ranked.sentences or ranked.sentences[0].score < ARTICLE_BAR:
         return Observation(output="no matching help articles")
+    top = ranked.sentences[0]
+    title = next(p.title for p in ranked.passages if p.n == top.n)
+    close = [s.text for s in ranked.sentences if s.n == top.n and s.score >= top.score - 0.1]
+    text = " ".join(close[:2])
     return Observation(
-        output=" | ".join(f"{h.metadata.get('title', h.id)}: {h.text[:300]}" for h in found.hits)
+        output=f"{title}: {text}", facts={"article": title, "text": text, "top": top.text}
     )
 
 
 def order_tool(argument: str, error: str = "") -> Observation:
-    return Observation(output=tools.lookup_order(argument))
+    number = tools.ORDER_NUMBER.search(argument)
+    order = tools.find_order(number.group(0)) if number else None
+    return Observation(
+        output=tools.lookup_order(argument),
+        facts={k: str(v) for k, v in (order or {}).items()},
+        must_say=order["status"] if order else "",
+    )
 
 
 def account_tool(argument: str, error: str = "") -> Observation:
-    return Observation(output=tools.lookup_account(argument))
+    email = tools.EMAIL.search(argument)
+    account = tools.find_account(email.group(0)) if email else None
+    return Observation(
+        output=tools.lookup_account(argument),
+        facts={k: str(v) for k, v in (account or {}).items()},
+        # "locked (too many login attempts)" is stated as "locked"
+        must_say=account["status"].split(" (")[0] if account else "",
+    )
 
 
 def final_answer(argument: str, error: str = "") -> Observation:
-    return Observation(output=argument, final=True)
+    return Observation(output="enough evidence to reply", final=True)
 
 
 def invalid_call(argument: str, error: str = "") -> Observation:
@@ -248,34 +350,95 @@ def record(state: AgentState, call: ToolCall, observation: Observation) -> Agent
         input=call.argument,
         output=observation.output,
         valid=call.tool != "invalid" and not observation.output.startswith("error"),
+        facts=observation.facts,
+        must_say=observation.must_say,
     )
-    return state.model_copy(
-        update={
-            "steps": [*state.steps, step],
-            "done": observation.final,
-            "reply": observation.output if observation.final else state.reply,
-        }
-    )
+    state = state.model_copy(update={"steps": [*state.steps, step]})
+    return state.model_copy(update={"done": observation.final or not remaining_tools(state)})
 
 
 def is_done(state: AgentState) -> bool:
     return state.done
 
 
-def finish(route: Route, state: AgentState) -> TriageResult:
-    reply = state.reply
-    if not state.done:  # out of steps: hand the team what was found
-        found = [s.output for s in state.steps if s.valid]
-        reply = (
-            ("Thanks for reaching out. Here is what we found: " + found[-1])
-            if found
-            else ("Thanks for reaching out; a member of our team will follow up shortly.")
-        )
+def found(state: AgentState) -> list[Step]:
+    """The steps that found something to tell the customer."""
+    return [s for s in state.steps if s.valid and s.facts]
+
+
+def brief_writer(state: AgentState) -> dict:
+    """The draft's prompt: an example, then the ticket and the facts found."""
+    facts = "\n".join(f"- {line}" for line in fact_lines(found(state)))
+    return {
+        "messages": [
+            {"role": "system", "content": DRAFT_SYSTEM},
+            *DRAFT_EXAMPLE,
+            {"role": "user", "content": f"Ticket: {state.ticket}\n\nFacts:\n{facts}"},
+        ],
+        "schema": {
+            "type": "object",
+            "properties": {"reply": {"type": "string", "maxLength": DRAFT_CHARS}},
+            "required": ["reply"],
+        },
+    }
+
+
+def finish(route: Route, state: AgentState, draft: ChatResponse) -> TriageResult:
+    steps = found(state)
+    reply, drafted = checked_draft(draft, state, steps), "llm"
+    if not steps:
+        reply, drafted = HANDOFF.format(team=route.team), "handoff"
+    elif not reply:
+        reply, drafted = from_facts(steps), "facts"
     return TriageResult(
         team=route.team,
         label=route.label,
         confidence=route.confidence,
         reply=reply,
+        drafted=drafted,
         completed=state.done,
         steps=state.steps,
     )
+
+
+def checked_draft(draft: ChatResponse, state: AgentState, steps: list[Step]) -> str:
+    """The LLM's draft cut down to its sentences the facts support (see
+    `evidence.supported_sentences`), if those state what the look-ups found and the gist
+    of the article's sentence closest to the ticket; else ''."""
+    try:
+        text = str(from_json(draft.text, allow_partial="trailing-strings").get("reply", ""))
+    except (ValueError, AttributeError):
+        return ""
+    facts = " ".join([state.ticket, *(s.output for s in steps)])
+    kept = " ".join(evidence.supported_sentences(text, state.ticket, facts, 0.6, 3))
+    if not kept or any(s.must_say.lower() not in kept.lower() for s in steps if s.must_say):
+        return ""
+    if not all(evidence.covers(kept, s.facts["top"]) for s in steps if "top" in s.facts):
+        return ""
+    return kept
+
+
+def fact_lines(steps: list[Step]) -> list[str]:
+    """What the tools found, as sentences: for the draft's prompt (a small model copies
+    sentences far better than it turns records into prose), and the fallback reply."""
+    lines = []
+    for step in steps:
+        f = step.facts
+        if step.tool == "lookup_order":
+            lines.append(
+                f"Order {f['id']} ({f['product']}) is {f['status']}; carrier {f['carrier']}, "
+                f"estimated delivery {f['eta']}, total {f['total']}."
+            )
+        elif step.tool == "lookup_account":
+            lines.append(
+                f"The account of {f['name']} ({f['plan']}) is {f['status']}; "
+                f"customer since {f['since']}."
+            )
+        else:
+            lines.append(f["text"])
+    return lines
+
+
+def from_facts(steps: list[Step]) -> str:
+    """A reply stating the facts found, for when the LLM's draft did not."""
+    return " ".join(["Thanks for contacting us.", *fact_lines(steps)])

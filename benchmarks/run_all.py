@@ -20,6 +20,7 @@ BENCHMARKS = [
     "pipelines",
     "tracing_overhead",
     "reliability",
+    "eval_pipelines",
 ]
 
 

@@ -12,13 +12,16 @@
   passages it used (only those shown). The answer comes first on purpose: with the
   citations first, SmolLM2-135M answered 11 of 12 development questions with a number
   or a date, as if continuing the list of numbers.
-- `answer` checks the generated answer: not empty, not repetitive, and supported by the
-  passages it cites (its content words are theirs). If it fails, the answer is the
-  passages' sentences closest to the question, cited. `method` says which path
-  produced it; `truncated` that the reply hit `max_tokens` and was read as partial JSON.
+- `answer` keeps the generated answer's sentences that the relevant passages support
+  (their content words, numbers and negations are the passages'; see
+  `pipelines.evidence`), without repeats or an unfinished last sentence, each citing the
+  passage that supports it best. If none is left, the answer is the best passage's
+  sentences closest to the question, cited. `method` says which path produced it;
+  `truncated` that the reply hit `max_tokens` and was read as partial JSON.
 
 Streamed (`/pipelines/rag/stream`), `generate` sends the `answer` field's text as it is
-written; the final `result` event is the `RagAnswer` the plain route returns.
+written; the final `result` event is the `RagAnswer` the plain route returns, which
+holds the checked answer (the extractive one, if the streamed text failed its checks).
 """
 
 from __future__ import annotations
@@ -215,12 +218,14 @@ def make_answer(reply: ChatResponse, ranked: Ranked) -> RagAnswer:
             for s in kept
         }
         return _answer(" ".join(kept), sorted(citations), ranked, "generated", truncated, reply)
-    best = ranked.sentences[0]
+    best = ranked.sentences[0]  # and the next closest of the same passage, if close
     picked: list[Sentence] = []
     for sentence in ranked.sentences:
         if len(picked) == EXTRACTIVE_SENTENCES or sentence.score < best.score - 0.1:
             break
-        if all(evidence.overlap(sentence.text, p.text) < 0.6 for p in picked):
+        if sentence.n == best.n and all(
+            evidence.overlap(sentence.text, p.text) < 0.6 for p in picked
+        ):
             picked.append(sentence)
     return _answer(
         " ".join(s.text for s in picked),

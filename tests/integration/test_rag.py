@@ -7,6 +7,7 @@ import asyncio
 import httpx
 import pytest
 
+from pipelines.evidence import sentences
 from servegraph.local import LocalCluster
 from tests.sse import sse_events
 
@@ -28,7 +29,9 @@ def test_answer_cites_a_retrieved_source_containing_the_fact(
     )
     assert response.status_code == 200, response.text
     body = response.json()
-    assert body["passages"] and body["passages"][0]["score"] >= body["passages"][-1]["score"]
+    # Most relevant first: by each passage's sentence closest to the question.
+    assert body["passages"][0]["relevance"] >= body["passages"][-1]["relevance"]
+    assert body["method"] in {"generated", "extractive"}
     assert body["citations"], body
     assert any("3 to 5 business days" in p["text"] for p in body["cited"]), body
     assert body["usage"]["output_tokens"] > 0
@@ -59,7 +62,7 @@ def test_concurrent_plain_questions_get_prose_answers_not_raw_json(
     answers = [r.json() for r in asyncio.run(ask_all())]
     for answer in answers:
         assert answer["answer"] and not answer["answer"].lstrip().startswith("{"), answer
-    assert sum(bool(a["citations"]) for a in answers) >= len(answers) // 2, answers
+        assert answer["citations"] and answer["method"] in {"generated", "extractive"}, answer
 
 
 def test_streamed_answer_arrives_in_pieces_and_matches_the_result(client: httpx.Client) -> None:
@@ -74,7 +77,11 @@ def test_streamed_answer_arrives_in_pieces_and_matches_the_result(client: httpx.
     assert names.index("node") < names.index("chunk")  # embed/retrieve reported before it
     assert names[-2:] == ["usage", "result"]
     result = events[-1][1]
-    assert "".join(chunks).strip() == result["answer"]
+    # The result holds the checked answer: the streamed text's supported sentences, or
+    # else the extractive answer.
+    streamed = " ".join("".join(chunks).split())
+    if result["method"] == "generated":
+        assert all(s in streamed for s in sentences(result["answer"])), (streamed, result)
     assert result["citations"] and any("3 to 5 business days" in p["text"] for p in result["cited"])
     assert events[-2][1]["llm_output_tokens"] == result["usage"]["output_tokens"] > 0
 

@@ -403,17 +403,19 @@ def finish(route: Route, state: AgentState, draft: ChatResponse) -> TriageResult
 
 def checked_draft(draft: ChatResponse, state: AgentState, steps: list[Step]) -> str:
     """The LLM's draft cut down to its sentences the facts support (see
-    `evidence.supported_sentences`), if those state what the look-ups found and the gist
-    of the article's sentence closest to the ticket; else ''."""
+    `evidence.supported_sentences`), if those state what the look-ups found (or, with
+    no look-up, the gist of the article's sentence closest to the ticket); else ''."""
     try:
         text = str(from_json(draft.text, allow_partial="trailing-strings").get("reply", ""))
     except (ValueError, AttributeError):
         return ""
     facts = " ".join([state.ticket, *(s.output for s in steps)])
     kept = " ".join(evidence.supported_sentences(text, state.ticket, facts, 0.6, 3))
-    if not kept or any(s.must_say.lower() not in kept.lower() for s in steps if s.must_say):
+    musts = [s.must_say for s in steps if s.must_say]
+    if not kept or any(must.lower() not in kept.lower() for must in musts):
         return ""
-    if not all(evidence.covers(kept, s.facts["top"]) for s in steps if "top" in s.facts):
+    articles = [s.facts["top"] for s in steps if "top" in s.facts]
+    if not musts and not all(evidence.covers(kept, top) for top in articles):
         return ""
     return kept
 

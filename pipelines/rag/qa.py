@@ -218,15 +218,7 @@ def make_answer(reply: ChatResponse, ranked: Ranked) -> RagAnswer:
             for s in kept
         }
         return _answer(" ".join(kept), sorted(citations), ranked, "generated", truncated, reply)
-    best = ranked.sentences[0]  # and the next closest of the same passage, if close
-    picked: list[Sentence] = []
-    for sentence in ranked.sentences:
-        if len(picked) == EXTRACTIVE_SENTENCES or sentence.score < best.score - 0.1:
-            break
-        if sentence.n == best.n and all(
-            evidence.overlap(sentence.text, p.text) < 0.6 for p in picked
-        ):
-            picked.append(sentence)
+    picked = extract(ranked)
     return _answer(
         " ".join(s.text for s in picked),
         sorted({s.n for s in picked}),
@@ -235,6 +227,25 @@ def make_answer(reply: ChatResponse, ranked: Ranked) -> RagAnswer:
         truncated,
         reply,
     )
+
+
+def extract(ranked: Ranked) -> list[Sentence]:
+    """The extractive answer: the finished sentence closest to the question (a fragment
+    only when there is nothing else) and the next closest of the same article, if nearly
+    as close."""
+    doc_of = {p.n: p.doc_id for p in ranked.passages}
+    finished = [s for s in ranked.sentences if s.text.endswith((".", "!", "?", ":"))]
+    best = (finished or ranked.sentences)[0]
+    picked = [best]
+    for sentence in ranked.sentences:
+        if len(picked) == EXTRACTIVE_SENTENCES or sentence.score < best.score - 0.1:
+            break
+        if (
+            doc_of[sentence.n] == doc_of[best.n]
+            and evidence.overlap(sentence.text, best.text) < 0.6
+        ):
+            picked.append(sentence)
+    return picked
 
 
 def _answer(

@@ -23,11 +23,11 @@ import numpy as np
 from fastapi import FastAPI
 
 from deployments.llm import engine_kwargs
-from deployments.schemas import ChatResponse, Hit, Usage
+from deployments.schemas import ChatResponse, Embedding, EmbedResponse, Hit, Usage
 from deployments.settings import ModelSettings
 from pipelines.rag.ingest import chunk_documents, knowledge_base
 from pipelines.rag.models import RagAnswer, RagQuery
-from pipelines.rag.qa import build_prompt, make_answer
+from pipelines.rag.qa import build_prompt, make_answer, rank, split_passages
 
 
 class Monolith:
@@ -69,9 +69,21 @@ class Monolith:
             for score, row in zip(scores[0], rows[0], strict=True)
             if row >= 0
         ]
-        prompt = build_prompt(query.question, hits, query.max_tokens)
+        split = split_passages(query.question, hits)  # the same re-ranking as the pipeline
+        sentences = await asyncio.to_thread(
+            self.encoder.encode, split["texts"], normalize_embeddings=True
+        )
+        dim = int(sentences.shape[1])
+        ranked = rank(
+            query.question,
+            Embedding(vector=vector[0], dim=dim),
+            hits,
+            split,
+            EmbedResponse(vectors=sentences, dim=dim, model="local"),
+        )
+        prompt = build_prompt(query.question, ranked, query.max_tokens)
         reply = await self.chat(prompt["messages"], prompt["schema"], query.max_tokens)
-        return make_answer(reply, hits)
+        return make_answer(reply, ranked)
 
     async def chat(self, messages: list[dict], schema: dict, max_tokens: int) -> ChatResponse:
         from vllm import SamplingParams

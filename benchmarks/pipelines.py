@@ -20,7 +20,7 @@ from deployments.classifier_training import load_tickets
 from pipelines.rag.ingest import build_pipeline as build_ingest
 from pipelines.rag.ingest import knowledge_base
 from pipelines.rag.models import RagAnswer, RagQuery
-from pipelines.rag.qa import build_prompt, make_answer
+from pipelines.rag.qa import build_prompt, make_answer, rank, split_passages
 
 QUESTIONS = [
     "How long do refunds take after a return?",
@@ -93,7 +93,13 @@ def raw(index: Path) -> dict:
             (await vector_index.search(s.SearchRequest(vector=v, k=defaults.k))).hits
             for v in vectors
         ]
-        prompts = [build_prompt(q, hits) for q, hits in zip(questions, found, strict=True)]
+        ranked = []  # the pipeline's re-ranking: each question's sentences in one call
+        for question, vector, hits in zip(questions, vectors, found, strict=True):
+            split = split_passages(question, hits)
+            embedded = await embedder.embed(s.EmbedRequest(texts=split["texts"]))
+            query = s.Embedding(vector=vector, dim=embedded.dim)
+            ranked.append(rank(question, query, hits, split, embedded))
+        prompts = [build_prompt(q, r) for q, r in zip(questions, ranked, strict=True)]
         replies = await llm.chat_many(
             [
                 s.ChatRequest(
@@ -102,7 +108,7 @@ def raw(index: Path) -> dict:
                 for p in prompts
             ]
         )
-        return [make_answer(r, hits) for r, hits in zip(replies, found, strict=True)]
+        return [make_answer(reply, r) for reply, r in zip(replies, ranked, strict=True)]
 
     async def ask(question: str) -> None:
         await answer_all([question])

@@ -36,7 +36,11 @@ def main(base_url: str = "http://127.0.0.1:8000") -> None:
                 elif line.startswith("data: ") and event == "chunk":
                     print(json.loads(line.removeprefix("data: "))["text"], end="", flush=True)
                 elif line.startswith("data: ") and event == "result":
-                    print(f"\n  cites {json.loads(line.removeprefix('data: '))['citations']}")
+                    # The result holds the checked answer: the streamed text's supported
+                    # sentences ("generated"), or the passages' own ("extractive").
+                    result = json.loads(line.removeprefix("data: "))
+                    print(f"\n  {result['method']} answer: {result['answer']}")
+                    print(f"  cites {result['citations']}")
                 elif line.startswith("data: ") and event == "error":
                     raise RuntimeError(line)
 
@@ -49,7 +53,7 @@ def main(base_url: str = "http://127.0.0.1:8000") -> None:
         )
         triage.raise_for_status()
         result = triage.json()
-        print(f"Triage: team={result['team']} reply={result['reply']!r}")
+        print(f"Triage: team={result['team']} reply={result['reply']!r} ({result['drafted']})")
         for step in result["steps"]:
             print(f"  {step['tool']}({step['input']!r}) -> {step['output'][:80]!r}")
 

@@ -40,14 +40,25 @@ class LocalClassifier:
         self._head = pickle.loads((settings.classifier_dir / HEAD_FILE).read_bytes())
 
     async def classify(self, request: s.ClassifyRequest) -> s.Classification:
-        row = self._head.predict_proba(encode(self._encoder, [request.text]))[0]
+        (result,) = self._classify([request.text])
+        return result
+
+    async def classify_batch(self, request: s.ClassifyBatchRequest) -> s.ClassifyBatchResponse:
+        return s.ClassifyBatchResponse(results=self._classify(request.texts))
+
+    def _classify(self, texts: list[str]) -> list[s.Classification]:
         labels = [str(label) for label in self._head.classes_]
-        best = int(row.argmax())
-        return s.Classification(
-            label=labels[best],
-            score=float(row[best]),
-            scores=dict(zip(labels, map(float, row), strict=True)),
-        )
+        results = []
+        for row in self._head.predict_proba(encode(self._encoder, texts)):
+            best = int(row.argmax())
+            results.append(
+                s.Classification(
+                    label=labels[best],
+                    score=float(row[best]),
+                    scores=dict(zip(labels, map(float, row), strict=True)),
+                )
+            )
+        return results
 
 
 class LocalIndex:

@@ -15,7 +15,7 @@ test: install
 	.venv/bin/python -m pytest
 
 lint:
-	.venv/bin/ruff check . && .venv/bin/ruff format --check .
+	.venv/bin/ruff check . && .venv/bin/ruff format --check . && .venv/bin/mypy
 
 bench: install
 	.venv/bin/python -m benchmarks.run_all

@@ -35,7 +35,8 @@ def embedder_app(args: ServerAppArgs | dict[str, Any] | None = None) -> Any:
     settings = ModelSettings()
     options = options_for("embedder", settings.profile, overrides)
     return gateway_app(
-        "embedder", Embedder.options(**options).bind(str(settings.embedder_dir), **init)
+        "embedder",
+        Embedder.options(**options).bind(str(settings.embedder_dir), **init),  # type: ignore[attr-defined]  # a @serve.deployment class is a Deployment
     )
 
 
@@ -47,7 +48,7 @@ def classifier_app(args: ServerAppArgs | dict[str, Any] | None = None) -> Any:
     options = options_for("classifier", settings.profile, overrides)
     return gateway_app(
         "classifier",
-        Classifier.options(**options).bind(
+        Classifier.options(**options).bind(  # type: ignore[attr-defined]  # a @serve.deployment class is a Deployment
             str(settings.classifier_dir), str(settings.embedder_dir), **init
         ),
     )
@@ -62,7 +63,8 @@ def vector_index_app(args: ServerAppArgs | dict[str, Any] | None = None) -> Any:
     if options.get("num_replicas", 1) != 1 or "autoscaling_config" in options:
         raise ValueError("vector_index runs exactly one replica (see deployments/vector_index.py)")
     init.setdefault("path", str(settings.index_dir))
-    return gateway_app("vector_index", VectorIndex.options(**options).bind(**init))
+    deployment = VectorIndex.options(**options)  # type: ignore[attr-defined]  # a @serve.deployment class is a Deployment
+    return gateway_app("vector_index", deployment.bind(**init))
 
 
 def llm_app(args: ServerAppArgs | dict[str, Any] | None = None) -> Any:

@@ -13,7 +13,7 @@ import os
 import pickle
 from collections.abc import AsyncIterator
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 from deployments import schemas as s
 from deployments.classifier_training import HEAD_FILE, encode, load_encoder
@@ -128,14 +128,16 @@ class LocalLLM:
             params.append(SamplingParams(**options))
         conversations = [[m.model_dump() for m in request.messages] for request in requests]
         async with self._lock:
-            outputs = await asyncio.to_thread(self._llm.chat, conversations, params, use_tqdm=False)
+            outputs = await asyncio.to_thread(
+                self._llm.chat, cast(Any, conversations), params, use_tqdm=False
+            )
         return [
             s.ChatResponse(
                 text=output.outputs[0].text,
                 finish_reason=output.outputs[0].finish_reason,
                 model=self.model_id,
                 usage=s.Usage(
-                    input_tokens=len(output.prompt_token_ids),
+                    input_tokens=len(output.prompt_token_ids or []),
                     output_tokens=len(output.outputs[0].token_ids),
                 ),
             )

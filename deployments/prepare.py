@@ -15,7 +15,9 @@ import json
 import shutil
 import tempfile
 import time
+from collections.abc import Callable
 from pathlib import Path
+from typing import TypeVar
 
 from rich.console import Console
 
@@ -42,7 +44,7 @@ def prepare_llm(settings: ModelSettings) -> None:
         model = AutoModelForCausalLM.from_pretrained(source, gguf_file=GGUF_FILE)
         # The weights are dequantised on load; without these transformers refuses to
         # save ("quantized with GGUF and is not serializable").
-        model.hf_quantizer = None
+        model.hf_quantizer = None  # type: ignore[assignment]
         model.config.quantization_config = None
         if hasattr(model.config, "quantization_config"):
             del model.config.quantization_config
@@ -80,7 +82,10 @@ def main() -> None:
     prepare_classifier(settings)
 
 
-def _atomic_dir(target: Path, write) -> object:
+T = TypeVar("T")
+
+
+def _atomic_dir(target: Path, write: Callable[[Path], T]) -> T:
     target.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}-", dir=target.parent))
     try:

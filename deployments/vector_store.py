@@ -17,7 +17,7 @@ from __future__ import annotations
 import json
 import sqlite3
 import threading
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from pathlib import Path
 from typing import Any, Literal
 
@@ -145,13 +145,13 @@ class VectorStore:
                         ),
                     )
                     rows.append(cursor.lastrowid)
+
             # Committed, so acknowledged; FAISS follows (and is rebuilt from SQLite on open).
-            self._follow(
-                lambda: (
-                    self._remove_from_index(sorted(removed)),
-                    self._add_to_index(np.asarray(rows, dtype=np.int64), vectors),
-                )
-            )
+            def update() -> None:
+                self._remove_from_index(sorted(removed))
+                self._add_to_index(np.asarray(rows, dtype=np.int64), vectors)
+
+            self._follow(update)
             count = self._count(self._db)
         return ids, len(removed), count
 
@@ -180,7 +180,7 @@ class VectorStore:
     # -- reads -----------------------------------------------------------------
 
     def search(
-        self, vector: Sequence[float], k: int = 5, where: dict[str, Any] | None = None
+        self, vector: Sequence[float] | np.ndarray, k: int = 5, where: dict[str, Any] | None = None
     ) -> list[dict[str, Any]]:
         """Top-k items by inner product, optionally only those whose metadata matches."""
         query = _as_matrix([vector], "vector")
@@ -304,7 +304,7 @@ class VectorStore:
         # flat, and IVF until there is enough data to train its lists on
         return faiss.IndexIDMap2(faiss.IndexFlatIP(self.dim))
 
-    def _follow(self, update: Any) -> None:
+    def _follow(self, update: Callable[[], None]) -> None:
         """Apply a committed write to FAISS; should that fail, rebuild FAISS from SQLite,
         the truth, so the index never disagrees with what was acknowledged."""
         try:

@@ -113,4 +113,4 @@ def gateway_app(server: str, model: Any, catalog_path: str = "deployments.catalo
         def __init__(self, model: Any) -> None:
             self.model = model  # bound so Serve deploys it in this application
 
-    return Gateway.options(**GATEWAY_DEFAULTS).bind(model)
+    return Gateway.options(**GATEWAY_DEFAULTS).bind(model)  # type: ignore[attr-defined]  # a @serve.deployment class is a Deployment

@@ -54,7 +54,8 @@ def install_error_handlers(app: FastAPI) -> None:
     @app.exception_handler(RequestValidationError)
     async def _invalid_request(_: Request, exc: RequestValidationError) -> JSONResponse:
         return JSONResponse(
-            {"error": "invalid request", "detail": field_errors(exc.errors())}, status_code=422
+            {"error": "invalid request", "detail": field_errors(list(exc.errors()))},
+            status_code=422,
         )
 
     @app.exception_handler(InvalidInputError)

@@ -9,7 +9,8 @@ from typing import Any
 
 from servegraph.runtime import NodeRecord
 
-_LATENCY_MS = [1, 2, 5, 10, 25, 50, 100, 250, 500, 1000, 2500, 5000, 10000, 30000, 60000]
+# _TAGS: Ray annotates `tag_keys` as Tuple[str], a 1-tuple; it takes any number.
+_LATENCY_MS = [1.0, 2, 5, 10, 25, 50, 100, 250, 500, 1000, 2500, 5000, 10000, 30000, 60000]
 _ITERATION = re.compile(r"\[\d+\]")
 
 
@@ -22,7 +23,7 @@ class PipelineMetrics:
         self.requests = metrics.Counter(
             "servegraph_pipeline_requests",
             description="Pipeline requests by outcome.",
-            tag_keys=("pipeline", "status"),
+            tag_keys=("pipeline", "status"),  # type: ignore[arg-type]  # see _TAGS
         )
         self.latency = metrics.Histogram(
             "servegraph_pipeline_latency_ms",
@@ -34,17 +35,17 @@ class PipelineMetrics:
             "servegraph_node_latency_ms",
             description="Node attempt latency.",
             boundaries=_LATENCY_MS,
-            tag_keys=("pipeline", "node", "kind"),
+            tag_keys=("pipeline", "node", "kind"),  # type: ignore[arg-type]
         )
         self.node_errors = metrics.Counter(
             "servegraph_node_errors",
             description="Failed node attempts.",
-            tag_keys=("pipeline", "node"),
+            tag_keys=("pipeline", "node"),  # type: ignore[arg-type]
         )
         self.llm_tokens = metrics.Counter(
             "servegraph_llm_tokens",
             description="LLM tokens; rate() gives tokens/s.",
-            tag_keys=("pipeline", "direction"),
+            tag_keys=("pipeline", "direction"),  # type: ignore[arg-type]
         )
 
     def record(

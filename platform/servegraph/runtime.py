@@ -13,7 +13,7 @@ import asyncio
 import contextvars
 import inspect
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncGenerator, AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass, field
 from typing import Any, Literal, Protocol
 
@@ -168,7 +168,7 @@ class Runtime:
         *,
         deadline_s: float | None = None,
         records: list[NodeRecord] | None = None,
-    ) -> AsyncIterator[RunEvent]:
+    ) -> AsyncGenerator[RunEvent, None]:
         """Run `graph` as a stream: its events as they happen, then the "result" event.
 
         Raises what `execute` raises, after the events that came before the failure.

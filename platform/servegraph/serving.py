@@ -524,4 +524,5 @@ def ingress_app(args: IngressArgs | dict[str, Any]) -> Any:
     class PipelineIngress:
         """Runs every pipeline; model work happens in the model servers' replicas."""
 
-    return PipelineIngress.options(**(INGRESS_DEFAULTS | args.deployment)).bind()
+    deployment = PipelineIngress.options(**(INGRESS_DEFAULTS | args.deployment))  # type: ignore[attr-defined]  # a @serve.deployment class is a Deployment
+    return deployment.bind()

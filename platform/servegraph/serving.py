@@ -9,7 +9,6 @@ graphs and nothing unpicklable travels from the driver.
 # No `from __future__ import annotations` here: FastAPI must see the real pipeline input
 # model on each route function, and a closure variable cannot be resolved from a string.
 import asyncio
-import dataclasses
 import itertools
 import json
 import logging
@@ -20,14 +19,14 @@ from typing import Any
 from fastapi import FastAPI, Header, Response
 from fastapi.encoders import jsonable_encoder
 from fastapi.responses import PlainTextResponse
-from fastapi.sse import EventSourceResponse, format_sse_event
+from fastapi.sse import EventSourceResponse
 from pydantic import BaseModel
 from ray import serve
 from ray.exceptions import RayActorError
 from ray.serve.exceptions import BackPressureError
 from ray.serve.handle import DeploymentHandle
 
-from servegraph import tracing
+from servegraph import sse, tracing
 from servegraph.admission import DEFAULT_MAX_IN_FLIGHT, AdmissionGate
 from servegraph.catalog import Catalog, ServerSpec
 from servegraph.discovery import discover
@@ -35,7 +34,7 @@ from servegraph.errors import PipelineRuntimeError, ServerUnavailableError
 from servegraph.graph import Graph, resolve
 from servegraph.http import ErrorBody, install_error_handlers, runtime_error_body
 from servegraph.render import to_mermaid, to_text
-from servegraph.runtime import NodeRecord, RunEvent, Runtime, default_deadline, time_left
+from servegraph.runtime import NodeRecord, Runtime, default_deadline, time_left
 from servegraph.serialize import to_yaml
 from servegraph.validation import validate
 
@@ -325,13 +324,8 @@ def _add_pipeline_routes(app: FastAPI, graph: Graph, runtime: Runtime, metrics: 
         records: list[NodeRecord] = []
         deadline_s = run_deadline(graph, x_request_timeout, x_request_timeout_seconds)
         events = runtime.stream(graph, request, records=records, deadline_s=deadline_s)
-        # The status line goes out with the first event. Until the run has made progress
-        # (a chunk, or a node that succeeded), hold events back, so a request failing at
-        # once (overloaded, bad input to the first node) gets its real status and body.
-        held: list[RunEvent] = []
-        try:
-            while not held or _is_failure(held[-1]):
-                held.append(await anext(events))
+        try:  # a run failing before any progress is answered with its own status
+            held = await sse.hold_until_progress(events)
         except Exception as exc:
             finish(_status_of(exc), started, records)
             raise
@@ -340,24 +334,24 @@ def _add_pipeline_routes(app: FastAPI, graph: Graph, runtime: Runtime, metrics: 
             status = 200
             try:
                 for event in held[:-1]:
-                    yield _sse(event.kind, _event_data(event))
+                    yield sse.encode(event.kind, sse.event_data(event))
                 event = held[-1]
                 while event.kind != "result":
-                    yield _sse(event.kind, _event_data(event))
+                    yield sse.encode(event.kind, sse.event_data(event))
                     event = await anext(events)
                 total_ms = (time.perf_counter() - started) * 1000
-                yield _sse("usage", _usage(records, total_ms))
-                yield _sse("result", jsonable_encoder(event.data.output))
+                yield sse.encode("usage", _usage(records, total_ms))
+                yield sse.encode("result", jsonable_encoder(event.data.output))
             except PipelineRuntimeError as exc:
                 status = exc.status_code
-                yield _sse("error", {"status": status, **runtime_error_body(exc)})
+                yield sse.encode("error", {"status": status, **runtime_error_body(exc)})
             except (asyncio.CancelledError, GeneratorExit):
                 status = 499  # the client went away; the run is cancelled with the stream
                 raise
             except Exception as exc:
                 status = 500
                 error = {"status": 500, "error": type(exc).__name__, "detail": str(exc)}
-                yield _sse("error", error)
+                yield sse.encode("error", error)
             finally:
                 await events.aclose()
                 finish(status, started, records)
@@ -430,20 +424,6 @@ def run_deadline(graph: Graph, *given: float | None) -> float:
 
 def _status_of(exc: BaseException) -> int:
     return exc.status_code if isinstance(exc, PipelineRuntimeError) else 500
-
-
-def _is_failure(event: RunEvent) -> bool:
-    return event.kind == "node" and event.data.status in ("error", "timeout")
-
-
-def _sse(event: str, data: Any) -> bytes:
-    return format_sse_event(event=event, data_str=json.dumps(data, separators=(",", ":")))
-
-
-def _event_data(event: RunEvent) -> dict[str, Any]:
-    if event.kind == "node":
-        return dataclasses.asdict(event.data)
-    return {"node": event.node, **jsonable_encoder(event.data)}
 
 
 def _usage(records: list[NodeRecord], total_ms: float) -> dict[str, Any]:

@@ -12,7 +12,7 @@ from typing import Any
 
 from servegraph.catalog import Catalog
 from servegraph.errors import GraphValidationError, Problem
-from servegraph.graph import CallNode, Graph, LoopNode, ParallelNode, SwitchNode, resolve
+from servegraph.graph import CallNode, Graph, resolve
 from servegraph.serialize import to_yaml
 from servegraph.validation import validate
 
@@ -138,14 +138,7 @@ def _call_nodes(graph: Graph) -> list[CallNode]:
                     method=node.fallback.method or "",
                 )
             )
-        subgraphs: list[Graph] = []
-        if isinstance(node, SwitchNode):
-            subgraphs = [*node.cases.values(), *([node.default] if node.default else [])]
-        elif isinstance(node, ParallelNode):
-            subgraphs = list(node.branches.values())
-        elif isinstance(node, LoopNode):
-            subgraphs = [node.body]
-        for sub in subgraphs:
+        for _, sub in node.children():
             found += _call_nodes(sub)
     return found
 

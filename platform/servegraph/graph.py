@@ -61,6 +61,11 @@ class _NodeBase(BaseModel):
         None, description="Run instead, with the same inputs, when this node fails."
     )
 
+    def children(self) -> list[tuple[str, Graph]]:
+        """The node's sub-graphs with their labels (case, branch, "body"), for the walks
+        over a graph (planning, rendering); none for a call or a function."""
+        return []
+
     @model_serializer(mode="wrap")
     def _kind_first(self, handler: SerializerFunctionWrapHandler) -> dict[str, Any]:
         # `kind` is the union's discriminator: keep it even when dumping without defaults.
@@ -105,6 +110,9 @@ class SwitchNode(_NodeBase):
     cases: dict[str, Graph]
     default: Graph | None = None
 
+    def children(self) -> list[tuple[str, Graph]]:
+        return [*self.cases.items(), *([("default", self.default)] if self.default else [])]
+
 
 class ParallelNode(_NodeBase):
     """Fan out: run every branch concurrently on the same inputs, then join."""
@@ -117,6 +125,9 @@ class ParallelNode(_NodeBase):
         "without it the output is a dict of branch name -> output.",
     )
 
+    def children(self) -> list[tuple[str, Graph]]:
+        return list(self.branches.items())
+
 
 class LoopNode(_NodeBase):
     """Repeat a sub-graph, feeding its output back as its input, until `until` holds."""
@@ -125,6 +136,9 @@ class LoopNode(_NodeBase):
     body: Graph
     until: str = Field(description="Function state -> bool, by import path.")
     max_iterations: int = Field(ge=1, le=1000)
+
+    def children(self) -> list[tuple[str, Graph]]:
+        return [("body", self.body)]
 
 
 Node = Annotated[

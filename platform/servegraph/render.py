@@ -50,7 +50,7 @@ def _mermaid(graph: Graph, prefix: str, lines: list[str], indent: str) -> None:
     for node in graph.nodes:
         if isinstance(node, SwitchNode | ParallelNode | LoopNode):
             lines.append(f'{indent}subgraph {nid(node.name)}["{node.name}: {label(node)}"]')
-            for key, sub in _children(node):
+            for key, sub in node.children():
                 _mermaid(sub, f"{prefix}{node.name}__{key}__", lines, indent + "  ")
             lines.append(f"{indent}end")
         else:
@@ -66,18 +66,7 @@ def _text(graph: Graph, lines: list[str], indent: str) -> None:
     for node in graph.nodes:
         wiring = ", ".join(f"{k}={v}" for k, v in {**node.inputs, **node.params}.items())
         lines.append(f"{indent}{node.name} [{label(node)}]({wiring})")
-        for key, sub in _children(node):
+        for key, sub in node.children():
             lines.append(f"{indent}  {key}:")
             _text(sub, lines, indent + "    ")
     lines.append(f"{indent}returns {graph.returns}")
-
-
-def _children(node: Node) -> list[tuple[str, Graph]]:
-    if isinstance(node, SwitchNode):
-        children = list(node.cases.items())
-        return children + ([("default", node.default)] if node.default else [])
-    if isinstance(node, ParallelNode):
-        return list(node.branches.items())
-    if isinstance(node, LoopNode):
-        return [("body", node.body)]
-    return []

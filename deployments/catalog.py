@@ -19,6 +19,7 @@ CATALOG = Catalog(
                     s.ChatResponse,
                     chunk=s.ChatChunk,
                     stream_method="chat_stream",
+                    usage="usage",
                     idempotent=True,
                 )
             },

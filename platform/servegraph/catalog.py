@@ -30,6 +30,10 @@ class MethodContract:
     response: type[BaseModel]
     chunk: type[BaseModel] | None = None
     stream_method: str | None = None
+    usage: str | None = None
+    """The response's field that reports LLM token usage (a model with `input_tokens`
+    and `output_tokens`): the platform adds it to the request's usage (the
+    `x-servegraph-usage` header, the stream's `usage` event, the token metrics)."""
     idempotent: bool = False
     """Safe to run twice with the same request (no side effect, or an upsert): when a
     replica dies mid-call, the platform repeats the call on another replica, or on the

@@ -297,7 +297,7 @@ class _Run:
                     attempt,
                     "ok",
                     started,
-                    usage=_usage(output) if isinstance(node, CallNode) else None,
+                    usage=_usage_of(self._usage_field(node), output),
                 )
                 return output
             status = "timeout" if isinstance(error, NodeTimeoutError) else "error"
@@ -439,6 +439,11 @@ class _Run:
     def _remaining(self) -> float:
         return self.deadline - time.monotonic()
 
+    def _usage_field(self, node: Node) -> str | None:
+        if not isinstance(node, CallNode):
+            return None
+        return self.rt.catalog.contract(node.server, node.method).usage
+
     def _record(
         self,
         node: Node,
@@ -464,10 +469,10 @@ def default_deadline(graph: Graph) -> float:
 # --------------------------------------------------------------------------- helpers
 
 
-def _usage(output: Any) -> dict[str, int] | None:
-    """LLM token usage of a call node's output, when it reports one."""
-    usage = getattr(output, "usage", None)
-    if isinstance(output, BaseModel) and usage is not None and hasattr(usage, "output_tokens"):
+def _usage_of(field: str | None, output: Any) -> dict[str, int] | None:
+    """LLM token usage of a call's output, from the field its contract declares."""
+    usage = getattr(output, field, None) if field else None
+    if usage is not None:
         return {"input": int(usage.input_tokens), "output": int(usage.output_tokens)}
     return None
 

@@ -204,15 +204,15 @@ def in_process() -> Iterator[tuple[Ask, Callable[[list[Any]], None], Callable[[]
     import tempfile
 
     from deployments.catalog import CATALOG
-    from deployments.local import local_servers
+    from deployments.in_process import local_servers
     from pipelines.rag.ingest import knowledge_base
-    from servegraph import LocalRuntime
+    from servegraph import InProcessRuntime
     from servegraph.discovery import discover
 
     graphs = discover("pipelines")
     with tempfile.TemporaryDirectory() as index:
         servers = local_servers(Path(index) / "index")
-        runtime = LocalRuntime(CATALOG, servers)
+        runtime = InProcessRuntime(CATALOG, servers)
         try:
 
             async def ask(pipeline: str, body: dict[str, Any]) -> dict[str, Any]:

@@ -13,9 +13,9 @@ from ray import serve
 from benchmarks import report
 from benchmarks.report import Figure
 from benchmarks.trivial import CATALOG, Echo, chain, raw_chain_app
-from servegraph import LocalRuntime
-from servegraph.compiler import compile_platform
-from servegraph.local import local_cluster
+from servegraph import InProcessRuntime
+from servegraph.local_ray import local_cluster
+from servegraph.planner import plan_platform
 
 N = 10
 REPEATS = 200
@@ -39,7 +39,7 @@ def per_call(fn, repeats: int, warmup: int = 1) -> float:
 
 
 def in_process() -> dict[str, float]:
-    runtime = LocalRuntime(CATALOG, {"echo": LocalEcho()})
+    runtime = InProcessRuntime(CATALOG, {"echo": LocalEcho()})
     loop = asyncio.new_event_loop()
     out = {}
     for kind in ("function", "call"):
@@ -58,7 +58,7 @@ def on_serve() -> dict[str, float]:
     graphs = [chain(n, kind).build() for kind in ("function", "call") for n in (1, N)]
     out = {}
     with local_cluster(dashboard=False) as cluster:
-        compile_platform(graphs, CATALOG, catalog_path="benchmarks.trivial:CATALOG").deploy()
+        plan_platform(graphs, CATALOG, catalog_path="benchmarks.trivial:CATALOG").deploy()
         with httpx.Client(base_url=cluster.base_url, timeout=30) as client:
             for kind in ("function", "call"):
 

@@ -139,12 +139,12 @@ def on_serve() -> dict[str, float]:
     from ray import serve
 
     from deployments.catalog import CATALOG
-    from servegraph.compiler import compile_platform
-    from servegraph.local import local_cluster
+    from servegraph.local_ray import local_cluster
+    from servegraph.planner import plan_platform
 
     with local_cluster(dashboard=False) as cluster:
         started = time.perf_counter()
-        compile_platform([], CATALOG, all_servers=True).deploy()
+        plan_platform([], CATALOG, all_servers=True).deploy()
         while serve.status().applications["llm"].status != "RUNNING":
             time.sleep(1)
         deploy_s = time.perf_counter() - started

@@ -75,13 +75,13 @@ def raw(index: Path) -> dict:
     engine call, and every question in it waits for the whole group.
     """
     from deployments import schemas as s
-    from deployments.local import local_servers
-    from servegraph import LocalRuntime
+    from deployments.in_process import local_servers
+    from servegraph import InProcessRuntime
 
     servers = local_servers(index)
     embedder, vector_index, llm = servers["embedder"], servers["vector_index"], servers["llm"]
     asyncio.run(  # the same knowledge base, ingested by the same graph
-        LocalRuntime(CATALOG, servers).run(
+        InProcessRuntime(CATALOG, servers).run(
             build_ingest().build(), {"documents": [d.model_dump() for d in knowledge_base()]}
         )
     )

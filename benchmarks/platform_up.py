@@ -11,17 +11,17 @@ from typing import Any
 
 @contextmanager
 def serving_everything(**cluster_options: Any) -> Iterator[Any]:
-    """Yields the `LocalCluster` (options go to `servegraph.local.local_cluster`)."""
+    """Yields the `LocalCluster` (options go to `servegraph.local_ray.local_cluster`)."""
     from ray import serve
 
     from deployments.catalog import CATALOG
     from pipelines.rag.ingest import on_deploy
-    from servegraph.compiler import compile_platform
     from servegraph.discovery import discover
-    from servegraph.local import local_cluster
+    from servegraph.local_ray import local_cluster
+    from servegraph.planner import plan_platform
 
     with local_cluster(**cluster_options) as cluster:
-        compile_platform(
+        plan_platform(
             discover("pipelines"), CATALOG, packages=["pipelines"], all_servers=True
         ).deploy()
         while any(a.status != "RUNNING" for a in serve.status().applications.values()):

@@ -34,7 +34,7 @@ from benchmarks.report import Figure
 from deployments.settings import ModelSettings
 from pipelines.rag.ingest import chunk_documents
 from pipelines.rag.models import Document
-from servegraph.local import free_port
+from servegraph.local_ray import free_port
 
 TICKETS = [
     "I was charged twice for my order, please refund one payment.",

@@ -30,14 +30,14 @@ def p50(fn, n: int) -> float:
 
 
 def on_serve(receiver: OtlpReceiver | None) -> float:
-    from servegraph.compiler import compile_platform
-    from servegraph.local import local_cluster
+    from servegraph.local_ray import local_cluster
+    from servegraph.planner import plan_platform
 
     os.environ["SERVEGRAPH_TRACING_EXPORTER"] = "otlp-http" if receiver else "none"
     if receiver:
         os.environ["SERVEGRAPH_TRACING_ENDPOINT"] = receiver.url
     with local_cluster(dashboard=False) as cluster:
-        compile_platform(
+        plan_platform(
             [chain(N, "call").build()], CATALOG, catalog_path="benchmarks.trivial:CATALOG"
         ).deploy()
         with httpx.Client(base_url=cluster.base_url, timeout=30) as client:
@@ -89,7 +89,7 @@ def in_process(tracing: bool) -> float:
     from opentelemetry.sdk.trace.export import SimpleSpanProcessor
     from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
 
-    from servegraph import LocalRuntime
+    from servegraph import InProcessRuntime
     from servegraph.tracing import node_hook
 
     if tracing and not isinstance(trace.get_tracer_provider(), TracerProvider):
@@ -97,7 +97,7 @@ def in_process(tracing: bool) -> float:
         provider.add_span_processor(SimpleSpanProcessor(InMemorySpanExporter()))
         trace.set_tracer_provider(provider)
     hook = node_hook("bench") if tracing else None
-    runtime = LocalRuntime(CATALOG, {"echo": LocalEcho()}, node_hook=hook)
+    runtime = InProcessRuntime(CATALOG, {"echo": LocalEcho()}, node_hook=hook)
     graph = chain(N, "call").build()
     loop = asyncio.new_event_loop()
     return p50(lambda: loop.run_until_complete(runtime.run(graph, {"value": 0})), 2000)

@@ -38,7 +38,7 @@ STRUCTURED_OUTPUTS: dict[str, Any] = {"backend": "xgrammar", "disable_any_whites
 
 def engine_kwargs(settings: ModelSettings, *, gpu: bool = False) -> dict[str, Any]:
     """vLLM engine arguments (all but the model) of the Serve deployment, and of the
-    in-process engines that stand in for it (`deployments.local.LocalLLM`, the
+    in-process engines that stand in for it (`deployments.in_process.LocalLLM`, the
     benchmarks' monolith), so that all of them generate alike."""
     return {
         "max_model_len": settings.llm_max_model_len,

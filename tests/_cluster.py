@@ -12,7 +12,7 @@ from collections.abc import Iterator
 import httpx
 import pytest
 
-from servegraph.local import LocalCluster, local_cluster
+from servegraph.local_ray import LocalCluster, local_cluster
 from tests.otlp import OtlpReceiver
 
 SPANS_DIR = tempfile.mkdtemp(prefix="servegraph-test-spans-")
@@ -43,9 +43,9 @@ def cluster(otlp: OtlpReceiver) -> Iterator[LocalCluster]:
 def model_servers(cluster: LocalCluster) -> LocalCluster:
     """All four model servers deployed, healthy, and the ingress (no pipelines yet)."""
     from deployments.catalog import CATALOG
-    from servegraph.compiler import compile_platform
+    from servegraph.planner import plan_platform
 
-    compile_platform([], CATALOG, all_servers=True).deploy()
+    plan_platform([], CATALOG, all_servers=True).deploy()
     wait_until_running(["llm", "embedder", "classifier", "vector_index"])
     return cluster
 
@@ -77,11 +77,11 @@ def pipelines(model_servers: LocalCluster) -> LocalCluster:
     """Every pipeline in `pipelines/` behind the ingress, knowledge base ingested."""
     from deployments.catalog import CATALOG
     from pipelines.rag.ingest import on_deploy
-    from servegraph.compiler import compile_platform
     from servegraph.discovery import discover
+    from servegraph.planner import plan_platform
     from servegraph.serving import INGRESS_APP
 
-    plan = compile_platform(discover("pipelines"), CATALOG, packages=["pipelines"])
+    plan = plan_platform(discover("pipelines"), CATALOG, packages=["pipelines"])
     plan.apps = [app for app in plan.apps if app.name == INGRESS_APP]  # servers are up
     plan.deploy()
     wait_until_running([INGRESS_APP])

@@ -42,7 +42,7 @@ def test_the_schema_check_can_fail() -> None:
 
 
 def test_cluster_nodes_start_with_the_request_path_settings_local_ray_uses() -> None:
-    from servegraph.local import SERVE_REQUEST_PATH_ENV
+    from servegraph.local_ray import SERVE_REQUEST_PATH_ENV
 
     config = yaml.safe_load((ROOT / "cluster.yaml").read_text())
     for commands in (config["head_start_ray_commands"], config["worker_start_ray_commands"]):

@@ -1,7 +1,8 @@
 """servegraph: declarative multi-model pipelines on Ray Serve.
 
 Describe a pipeline as a graph (`Pipeline`), check it (`validate`), run it in-process
-(`LocalRuntime`) and compile it onto Ray Serve (`servegraph.serving`). Importing this
+(`InProcessRuntime`) and deploy it onto Ray Serve (`servegraph.planner` plans the
+applications, `servegraph.serving` is the ingress). Importing this
 package never imports Ray or loads a model.
 """
 
@@ -24,7 +25,7 @@ from servegraph.graph import Pipeline as Pipeline
 from servegraph.graph import Ref as Ref
 from servegraph.render import to_mermaid as to_mermaid
 from servegraph.render import to_text as to_text
-from servegraph.runtime import LocalRuntime as LocalRuntime
+from servegraph.runtime import InProcessRuntime as InProcessRuntime
 from servegraph.runtime import NodeRecord as NodeRecord
 from servegraph.runtime import RunEvent as RunEvent
 from servegraph.runtime import RunResult as RunResult
@@ -41,8 +42,8 @@ __all__ = [
     "DeploymentOverrides",
     "Graph",
     "GraphValidationError",
+    "InProcessRuntime",
     "InvalidInputError",
-    "LocalRuntime",
     "MethodContract",
     "NodeFailedError",
     "NodeInputError",

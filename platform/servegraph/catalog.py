@@ -3,7 +3,7 @@
 A graph refers to model servers by name only; the catalog says which methods a server
 has and the pydantic request/response model of each, so a graph can be validated
 without loading (or even importing) a model. The catalog also says how to build the
-server's Serve application, by import path, for the compiler.
+server's Serve application, by import path, for the planner.
 """
 
 from __future__ import annotations

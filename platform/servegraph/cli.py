@@ -61,11 +61,11 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def _plan(package: str) -> Any:
-    from servegraph.compiler import compile_platform
     from servegraph.discovery import discover
     from servegraph.graph import resolve
+    from servegraph.planner import plan_platform
 
-    return compile_platform(
+    return plan_platform(
         discover(package),
         resolve(CATALOG_PATH),
         catalog_path=CATALOG_PATH,
@@ -114,7 +114,7 @@ def _render(args: argparse.Namespace) -> int:
 
 
 def _run(args: argparse.Namespace) -> int:
-    from servegraph.local import local_cluster
+    from servegraph.local_ray import local_cluster
 
     plan = _plan(args.package)
     stop = threading.Event()

@@ -1,6 +1,6 @@
 """Run a graph: the same executor in-process (plain Python) and inside the Serve ingress.
 
-Only how a model server is reached differs: `LocalRuntime` calls Python objects,
+Only how a model server is reached differs: `InProcessRuntime` calls Python objects,
 the Serve ingress calls deployment handles (`servegraph.serving`). Semantics are
 shared: independent nodes run concurrently, a request deadline travels down and each
 node gets what remains, idempotent nodes retry, fallbacks replace failed nodes, and a
@@ -199,11 +199,11 @@ class Runtime:
                 next_event.cancel()  # still waiting when the consumer stopped early
 
 
-class LocalRuntime(Runtime):
+class InProcessRuntime(Runtime):
     """The in-process runtime: model servers are plain Python objects, no Ray.
 
     Example:
-        >>> runtime = LocalRuntime(catalog, {"embedder": FakeEmbedder()})
+        >>> runtime = InProcessRuntime(catalog, {"embedder": FakeEmbedder()})
         >>> await runtime.run(rag_graph, {"question": "..."})
     """
 

@@ -1,6 +1,6 @@
 """Every method the catalog advertises exists, with the contract's request and response
 types, on the class that serves it on Ray Serve and on its in-process twin
-(`deployments.local`, what `LocalRuntime` and the benchmarks' raw baseline use): a twin
+(`deployments.in_process`, what `InProcessRuntime` and the benchmarks' raw baseline use): a twin
 that drifts fails here, not in an integration run."""
 
 from __future__ import annotations
@@ -10,16 +10,16 @@ from collections.abc import AsyncIterator
 
 import pytest
 
-from deployments import local
+from deployments import in_process
 from deployments.catalog import CATALOG
 from servegraph.catalog import MethodContract
 from servegraph.graph import resolve
 
 TWINS = {
-    "llm": local.LocalLLM,
-    "embedder": local.LocalEmbedder,
-    "classifier": local.LocalClassifier,
-    "vector_index": local.LocalIndex,
+    "llm": in_process.LocalLLM,
+    "embedder": in_process.LocalEmbedder,
+    "classifier": in_process.LocalClassifier,
+    "vector_index": in_process.LocalIndex,
 }
 
 

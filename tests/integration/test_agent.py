@@ -5,7 +5,7 @@ from __future__ import annotations
 import httpx
 import pytest
 
-from servegraph.local import LocalCluster
+from servegraph.local_ray import LocalCluster
 
 pytestmark = pytest.mark.integration
 

@@ -10,7 +10,7 @@ import httpx
 import pytest
 from ray import serve
 
-from servegraph.local import LocalCluster
+from servegraph.local_ray import LocalCluster
 from tests._cluster import wait_until_running
 
 pytestmark = pytest.mark.integration

@@ -19,7 +19,7 @@ from deployments.schemas import (
     EmbedOneRequest,
     Message,
 )
-from servegraph.local import LocalCluster
+from servegraph.local_ray import LocalCluster
 
 pytestmark = pytest.mark.integration
 

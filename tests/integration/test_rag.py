@@ -8,7 +8,7 @@ import httpx
 import pytest
 
 from pipelines.evidence import sentences
-from servegraph.local import LocalCluster
+from servegraph.local_ray import LocalCluster
 from tests.sse import sse_events
 
 pytestmark = pytest.mark.integration

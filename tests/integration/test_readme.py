@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from servegraph.local import LocalCluster
+from servegraph.local_ray import LocalCluster
 from tests.sse import sse_events
 
 pytestmark = pytest.mark.integration

@@ -11,7 +11,7 @@ from pathlib import Path
 import httpx
 import pytest
 
-from servegraph.local import LocalCluster
+from servegraph.local_ray import LocalCluster
 from tests._cluster import SPANS_DIR
 from tests.otlp import OtlpReceiver
 from tests.sse import sse_events

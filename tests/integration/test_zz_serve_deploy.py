@@ -12,7 +12,7 @@ import httpx
 import pytest
 import yaml
 
-from servegraph.local import LocalCluster
+from servegraph.local_ray import LocalCluster
 from tests._cluster import wait_until_running
 
 pytestmark = pytest.mark.integration
@@ -20,12 +20,10 @@ pytestmark = pytest.mark.integration
 
 def test_generated_config_deploys_with_serve_deploy(pipelines: LocalCluster, tmp_path: Path):
     from deployments.catalog import CATALOG
-    from servegraph.compiler import compile_platform
     from servegraph.discovery import discover
+    from servegraph.planner import plan_platform
 
-    plan = compile_platform(
-        discover("pipelines"), CATALOG, packages=["pipelines"], all_servers=True
-    )
+    plan = plan_platform(discover("pipelines"), CATALOG, packages=["pipelines"], all_servers=True)
     # The apps are built in Serve's controller, not here: hand it this session's index.
     config = plan.serve_config(
         port=pipelines.http_port, env={"SERVEGRAPH_INDEX_PATH": os.environ["SERVEGRAPH_INDEX_PATH"]}

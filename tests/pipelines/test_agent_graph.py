@@ -20,7 +20,7 @@ from deployments.schemas import (
     Usage,
 )
 from pipelines.agent.triage import build_pipeline
-from servegraph import LocalRuntime, validate
+from servegraph import InProcessRuntime, validate
 
 
 class ScriptedLLM:
@@ -91,10 +91,10 @@ def _agent_db(tmp_path, monkeypatch):
     tools.database.cache_clear()
 
 
-def runtime(label: str, llm: ScriptedLLM) -> LocalRuntime:
+def runtime(label: str, llm: ScriptedLLM) -> InProcessRuntime:
     kb = OneArticle()
     servers = {"classifier": FixedClassifier(label), "llm": llm, "embedder": kb, "vector_index": kb}
-    return LocalRuntime(CATALOG, servers)
+    return InProcessRuntime(CATALOG, servers)
 
 
 def test_agent_graph_is_valid() -> None:

@@ -11,11 +11,11 @@ import numpy as np
 import pytest
 
 from deployments.catalog import CATALOG
-from deployments.local import LocalIndex
+from deployments.in_process import LocalIndex
 from deployments.schemas import ChatResponse, Embedding, EmbedResponse, Usage
 from pipelines import evidence
 from pipelines.rag.ingest import knowledge_base
-from servegraph import LocalRuntime
+from servegraph import InProcessRuntime
 from servegraph.discovery import discover
 
 DIM = 256
@@ -70,14 +70,18 @@ async def servers(tmp_path, graphs):
         ),
     }
     documents = [d.model_dump() for d in knowledge_base()]
-    first = await LocalRuntime(CATALOG, servers).run(graphs["rag_ingest"], {"documents": documents})
+    first = await InProcessRuntime(CATALOG, servers).run(
+        graphs["rag_ingest"], {"documents": documents}
+    )
     assert first.chunks == first.index_count > len(documents) - 1 and first.replaced == 0
     return servers
 
 
 async def test_reingesting_replaces_chunks_instead_of_adding(servers, graphs) -> None:
     documents = [d.model_dump() for d in knowledge_base()[:2]]
-    again = await LocalRuntime(CATALOG, servers).run(graphs["rag_ingest"], {"documents": documents})
+    again = await InProcessRuntime(CATALOG, servers).run(
+        graphs["rag_ingest"], {"documents": documents}
+    )
     assert (
         again.replaced == again.chunks
         and again.index_count == servers["vector_index"].store.count()
@@ -88,7 +92,7 @@ async def test_reingesting_replaces_chunks_instead_of_adding(servers, graphs) ->
 async def test_rag_answers_from_the_relevant_passage_and_cites_it(
     servers, graphs, pipeline
 ) -> None:
-    answer = await LocalRuntime(CATALOG, servers).run(
+    answer = await InProcessRuntime(CATALOG, servers).run(
         graphs[pipeline], {"question": "How many business days until refunds for returned items?"}
     )
     assert answer.method == "generated"
@@ -102,7 +106,7 @@ async def test_rag_answers_from_the_relevant_passage_and_cites_it(
 
 async def test_rag_and_its_yaml_twin_answer_alike(servers, graphs) -> None:
     question = {"question": "Is return shipping free?", "k": 3}
-    runtime = LocalRuntime(CATALOG, servers)
+    runtime = InProcessRuntime(CATALOG, servers)
     python, yaml = [
         (await runtime.run(graphs[name], question)).model_dump(exclude={"usage"})
         for name in ("rag", "rag_yaml")

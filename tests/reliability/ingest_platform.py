@@ -17,15 +17,15 @@ def main(port: int) -> None:
     from ray import serve
 
     from deployments.catalog import CATALOG
-    from servegraph.compiler import compile_platform
     from servegraph.discovery import discover
-    from servegraph.local import local_cluster
+    from servegraph.local_ray import local_cluster
+    from servegraph.planner import plan_platform
 
     stop = threading.Event()
     signal.signal(signal.SIGTERM, lambda *_: stop.set())
     graphs = {"rag_ingest": discover("pipelines")["rag_ingest"]}
     with local_cluster(http_port=port, dashboard=False) as cluster:
-        compile_platform(graphs, CATALOG, packages=["pipelines"]).deploy()
+        plan_platform(graphs, CATALOG, packages=["pipelines"]).deploy()
         deadline = time.monotonic() + 600
         while any(a.status != "RUNNING" for a in serve.status().applications.values()):
             if time.monotonic() > deadline:

@@ -21,7 +21,7 @@ import psutil
 import pytest
 
 from benchmarks.traffic import callers
-from servegraph.local import LocalCluster, free_port
+from servegraph.local_ray import LocalCluster, free_port
 
 pytestmark = pytest.mark.reliability
 

@@ -15,7 +15,7 @@ from hypothesis import HealthCheck, Phase
 from schemathesis.checks import response_schema_conformance, status_code_conformance
 from schemathesis.generation import GenerationMode
 
-from servegraph.local import LocalCluster
+from servegraph.local_ray import LocalCluster
 
 pytestmark = pytest.mark.reliability
 

@@ -17,7 +17,7 @@ from collections import Counter
 import pytest
 
 from benchmarks.traffic import burst
-from servegraph.local import LocalCluster
+from servegraph.local_ray import LocalCluster
 
 pytestmark = pytest.mark.reliability
 

@@ -11,7 +11,7 @@ import httpx
 import pytest
 
 from benchmarks.traffic import Answer, kill_under_load
-from servegraph.local import LocalCluster
+from servegraph.local_ray import LocalCluster
 
 pytestmark = pytest.mark.reliability
 

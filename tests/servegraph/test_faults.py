@@ -11,7 +11,14 @@ import pytest
 from ray.exceptions import ActorDiedError
 from ray.serve.exceptions import BackPressureError
 
-from servegraph import Catalog, LocalRuntime, MethodContract, OverloadedError, Pipeline, ServerSpec
+from servegraph import (
+    Catalog,
+    InProcessRuntime,
+    MethodContract,
+    OverloadedError,
+    Pipeline,
+    ServerSpec,
+)
 from servegraph.errors import ServerUnavailableError
 from servegraph.http import retry_after
 from servegraph.runtime import Runtime
@@ -103,7 +110,7 @@ async def test_in_process_servers_raising_unavailable_are_named_too() -> None:
         async def echo(self, request: toy.Text) -> toy.Echo:
             raise ServerUnavailableError("safe", "restarting")
 
-    runtime = LocalRuntime(CATALOG, {"safe": Gone()})
+    runtime = InProcessRuntime(CATALOG, {"safe": Gone()})
     with pytest.raises(OverloadedError) as info:
         await runtime.run(echo_graph("safe"), {"text": "hi"})
     assert info.value.node == "say" and "restarting" in info.value.detail

@@ -1,4 +1,4 @@
-"""Planning Serve applications from graphs (`compile_platform`): which model servers are
+"""Planning Serve applications from graphs (`plan_platform`): which model servers are
 deployed, the deployment options pipelines ask of them, and how the ingress finds its
 graphs. No Ray: a plan is data until `deploy()`."""
 
@@ -7,7 +7,7 @@ from __future__ import annotations
 import pytest
 
 from servegraph import GraphValidationError, Pipeline
-from servegraph.compiler import compile_platform
+from servegraph.planner import plan_platform
 from tests.servegraph import toy
 
 
@@ -25,28 +25,28 @@ def apps(plan) -> dict[str, dict]:
 
 
 def test_only_the_servers_a_graph_calls_are_planned_even_inside_a_switch() -> None:
-    plan = apps(compile_platform([toy.routed().build(), toy.rag().build()], toy.CATALOG))
+    plan = apps(plan_platform([toy.routed().build(), toy.rag().build()], toy.CATALOG))
     assert set(plan) == {"classifier", "embedder", "index", "pipelines"}
-    every = compile_platform([toy.rag().build()], toy.CATALOG, all_servers=True)
+    every = plan_platform([toy.rag().build()], toy.CATALOG, all_servers=True)
     assert set(apps(every)) == {*toy.CATALOG, "pipelines"}
 
 
 def test_a_nodes_deployment_options_reach_its_servers_application() -> None:
     graph = classified("a", num_replicas=2, ray_actor_options={"num_cpus": 0.5}).build()
-    plan = apps(compile_platform([graph], toy.CATALOG))
+    plan = apps(plan_platform([graph], toy.CATALOG))
     assert plan["classifier"] == {
         "overrides": {"num_replicas": 2, "ray_actor_options": {"num_cpus": 0.5}}
     }
     # Two pipelines may share a server when they ask for the same options.
     same = classified("b", num_replicas=2, ray_actor_options={"num_cpus": 0.5}).build()
-    assert apps(compile_platform([graph, same], toy.CATALOG))["classifier"] == plan["classifier"]
+    assert apps(plan_platform([graph, same], toy.CATALOG))["classifier"] == plan["classifier"]
 
 
 def test_two_pipelines_asking_one_server_for_different_options_are_refused() -> None:
     one = classified("one", num_replicas=2).build()
     other = classified("other", num_replicas=3).build()
     with pytest.raises(GraphValidationError) as error:
-        compile_platform([one, other], toy.CATALOG)
+        plan_platform([one, other], toy.CATALOG)
     text = str(error.value)
     assert "other.classify" in text and "one.classify" in text
     assert "give the shared model server one set of deployment options" in text
@@ -54,7 +54,7 @@ def test_two_pipelines_asking_one_server_for_different_options_are_refused() -> 
 
 def test_the_ingress_rediscovers_packaged_graphs_and_carries_others_as_yaml() -> None:
     graph = toy.rag().build()
-    packaged = apps(compile_platform([graph], toy.CATALOG, packages=["pipelines"]))["pipelines"]
+    packaged = apps(plan_platform([graph], toy.CATALOG, packages=["pipelines"]))["pipelines"]
     assert packaged["packages"] == ["pipelines"] and packaged["names"] == ["rag"]
-    carried = apps(compile_platform([graph], toy.CATALOG))["pipelines"]
+    carried = apps(plan_platform([graph], toy.CATALOG))["pipelines"]
     assert carried["packages"] == [] and "name: rag" in carried["graphs_yaml"][0]

@@ -3,7 +3,7 @@ from __future__ import annotations
 import pytest
 
 from servegraph import (
-    LocalRuntime,
+    InProcessRuntime,
     NodeFailedError,
     NodeInputError,
     NodeTimeoutError,
@@ -13,13 +13,13 @@ from tests.servegraph import toy
 
 
 async def test_rag_shaped_graph_runs_in_process() -> None:
-    runtime = LocalRuntime(toy.CATALOG, toy.servers())
+    runtime = InProcessRuntime(toy.CATALOG, toy.servers())
     answer = await runtime.run(toy.rag().build(), {"question": "hello", "k": 2})
     assert answer == toy.Answer(answer="hello -> doc0:5", sources=["doc0:5", "doc1:5"])
 
 
 async def test_switch_routes_on_classifier_label() -> None:
-    runtime = LocalRuntime(toy.CATALOG, toy.servers())
+    runtime = InProcessRuntime(toy.CATALOG, toy.servers())
     graph = toy.routed().build()
     assert await runtime.run(graph, {"text": "an invoice"}) == "AN INVOICE"
     result = await runtime.execute(graph, {"text": "Crash Report"})
@@ -38,7 +38,7 @@ async def test_independent_branches_run_concurrently() -> None:
     a = p.function("a", toy.rendezvous, text=p.input.text, me="a", other="b")
     b = p.function("b", toy.rendezvous, text=p.input.text, me="b", other="a")
     p.returns(p.function("join", toy.join_two, upper=a, lower=b))
-    runtime = LocalRuntime(toy.CATALOG, toy.servers())
+    runtime = InProcessRuntime(toy.CATALOG, toy.servers())
     assert await runtime.run(p.build(), {"text": "x"}) == "x|x"
 
 
@@ -49,7 +49,7 @@ async def test_parallel_node_fans_out_and_joins() -> None:
     low.returns(low.function("t", toy.whisper, text=low.input.text))
     p = Pipeline("fan", input=toy.Text, output=str)
     p.returns(p.parallel("both", {"upper": up, "lower": low}, join=toy.join_two, text=p.input.text))
-    runtime = LocalRuntime(toy.CATALOG, toy.servers())
+    runtime = InProcessRuntime(toy.CATALOG, toy.servers())
     assert await runtime.run(p.build(), {"text": "Ab"}) == "AB|ab"
 
     no_join = Pipeline("fan2", input=toy.Text, output=dict)
@@ -69,7 +69,7 @@ async def test_bounded_loop_stops_on_condition_and_on_max() -> None:
             history=p.input.history,
         )
     )
-    runtime = LocalRuntime(toy.CATALOG, toy.servers())
+    runtime = InProcessRuntime(toy.CATALOG, toy.servers())
     assert await runtime.run(p.build(), {"value": 0}) == toy.Counter(value=3, history=[0, 1, 2])
 
     capped = Pipeline("capped", input=toy.Counter, output=toy.Counter)
@@ -88,7 +88,7 @@ async def test_bounded_loop_stops_on_condition_and_on_max() -> None:
 async def test_node_timeout_names_the_node() -> None:
     p = Pipeline("slow", input=toy.Sleep, output=toy.Echo)
     p.returns(p.call("nap", "flaky", "sleep", seconds=p.input.seconds, timeout_s=0.05))
-    runtime = LocalRuntime(toy.CATALOG, toy.servers())
+    runtime = InProcessRuntime(toy.CATALOG, toy.servers())
     with pytest.raises(NodeTimeoutError) as info:
         await runtime.run(p.build(), {"seconds": 1.0})
     assert info.value.node == "nap" and info.value.status_code == 504
@@ -99,7 +99,7 @@ async def test_request_deadline_travels_to_later_nodes() -> None:
     p = Pipeline("two", input=toy.Text, output=str)
     first = p.function("first", toy.slow_upper, text=p.input.text, seconds=0.15)
     p.returns(p.function("second", toy.slow_upper, text=first, seconds=0.15))
-    runtime = LocalRuntime(toy.CATALOG, toy.servers())
+    runtime = InProcessRuntime(toy.CATALOG, toy.servers())
     with pytest.raises(NodeTimeoutError) as info:
         await runtime.run(p.build(), {"text": "x"}, deadline_s=0.2)
     assert info.value.node == "second" and "request deadline" in info.value.detail
@@ -109,7 +109,7 @@ async def test_a_graphs_own_deadline_applies_unless_the_caller_sends_one() -> No
     p = Pipeline("patient", input=toy.Sleep, output=toy.Echo, deadline_s=0.05)
     p.returns(p.call("nap", "flaky", "sleep", seconds=p.input.seconds))
     graph = p.build()
-    runtime = LocalRuntime(toy.CATALOG, toy.servers())
+    runtime = InProcessRuntime(toy.CATALOG, toy.servers())
     with pytest.raises(NodeTimeoutError, match="deadline"):
         await runtime.run(graph, {"seconds": 0.3})
     assert await runtime.run(graph, {"seconds": 0.3}, deadline_s=5) == toy.Echo(text="slept")
@@ -119,7 +119,7 @@ async def test_idempotent_node_retries_then_succeeds() -> None:
     flaky = toy.Flaky(failures=2)
     p = Pipeline("retry", input=toy.Text, output=toy.Echo)
     p.returns(p.call("echo", "flaky", "echo", text=p.input.text, idempotent=True, retries=2))
-    runtime = LocalRuntime(toy.CATALOG, toy.servers(flaky=flaky))
+    runtime = InProcessRuntime(toy.CATALOG, toy.servers(flaky=flaky))
     result = await runtime.execute(p.build(), {"text": "hi"})
     assert result.output == toy.Echo(text="hi") and flaky.attempts == 3
     assert [r.status for r in result.nodes] == ["error", "error", "ok"]
@@ -128,21 +128,21 @@ async def test_idempotent_node_retries_then_succeeds() -> None:
 async def test_failure_without_fallback_names_node_and_with_fallback_recovers() -> None:
     p = Pipeline("fail", input=toy.Text, output=toy.Echo)
     p.returns(p.call("echo", "flaky", "echo", text=p.input.text))
-    runtime = LocalRuntime(toy.CATALOG, toy.servers(flaky=toy.Flaky(failures=5)))
+    runtime = InProcessRuntime(toy.CATALOG, toy.servers(flaky=toy.Flaky(failures=5)))
     with pytest.raises(NodeFailedError) as info:
         await runtime.run(p.build(), {"text": "hi"})
     assert info.value.node == "echo" and "ConnectionError" in info.value.detail
 
     q = Pipeline("fallback", input=toy.Text, output=toy.Echo)
     q.returns(q.call("echo", "flaky", "echo", text=q.input.text, fallback=toy.fallback_text))
-    runtime = LocalRuntime(toy.CATALOG, toy.servers(flaky=toy.Flaky(failures=5)))
+    runtime = InProcessRuntime(toy.CATALOG, toy.servers(flaky=toy.Flaky(failures=5)))
     result = await runtime.execute(q.build(), {"text": "hi"})
     assert result.output == toy.Echo(text="fallback:hi")
     assert [r.status for r in result.nodes] == ["error", "fallback"]
 
 
 async def test_bad_input_is_an_input_error_naming_node_and_field() -> None:
-    runtime = LocalRuntime(toy.CATALOG, toy.servers())
+    runtime = InProcessRuntime(toy.CATALOG, toy.servers())
     with pytest.raises(NodeInputError) as info:
         await runtime.run(toy.rag().build(), {"question": "   "})
     assert info.value.node == "embed" and "'text'" in info.value.detail
@@ -155,7 +155,7 @@ async def test_bad_input_is_not_retried_even_on_an_idempotent_node() -> None:
     embedder = toy.ToyEmbedder()
     p = Pipeline("once", input=toy.Text, output=toy.Vector)
     p.returns(p.call("embed", "embedder", "embed", text=p.input.text, idempotent=True, retries=3))
-    runtime = LocalRuntime(toy.CATALOG, toy.servers(embedder=embedder))
+    runtime = InProcessRuntime(toy.CATALOG, toy.servers(embedder=embedder))
     with pytest.raises(NodeInputError):
         await runtime.run(p.build(), {"text": "   "})
     assert embedder.calls == 1
@@ -173,7 +173,7 @@ async def test_a_failure_cancels_waiting_branches_cleanly() -> None:
     waits = p.function("waits", toy.join_two, upper=slow, lower=slow)
     fails = p.call("fails", "flaky", "echo", text=p.input.text)
     p.returns(p.function("join", toy.join_two, upper=waits, lower=fails.text))
-    runtime = LocalRuntime(toy.CATALOG, toy.servers(flaky=toy.Flaky(failures=5)))
+    runtime = InProcessRuntime(toy.CATALOG, toy.servers(flaky=toy.Flaky(failures=5)))
     with pytest.raises(NodeFailedError) as info:
         await runtime.run(p.build(), {"text": "x"})
     assert info.value.node == "fails"

@@ -1,6 +1,6 @@
 from __future__ import annotations
 
-from servegraph import LocalRuntime, Pipeline, from_yaml, to_yaml, validate
+from servegraph import InProcessRuntime, Pipeline, from_yaml, to_yaml, validate
 from tests.servegraph import toy
 
 
@@ -42,6 +42,6 @@ nodes:
     inputs: {question: input.question, hits: retrieve.hits}
 returns: answer
 """
-    runtime = LocalRuntime(toy.CATALOG, toy.servers())
+    runtime = InProcessRuntime(toy.CATALOG, toy.servers())
     from_python = await runtime.run(toy.rag().build(), {"question": "q"})
     assert await runtime.run(from_yaml(text), {"question": "q"}) == from_python

@@ -7,19 +7,19 @@ import asyncio
 
 import pytest
 
-from servegraph import LocalRuntime, NodeFailedError, Pipeline, RunEvent
+from servegraph import InProcessRuntime, NodeFailedError, Pipeline, RunEvent
 from servegraph.errors import GraphValidationError
 from servegraph.validation import validate
 from tests.servegraph import toy
 
 
-async def collect(runtime: LocalRuntime, graph, request) -> list[RunEvent]:
+async def collect(runtime: InProcessRuntime, graph, request) -> list[RunEvent]:
     return [event async for event in runtime.stream(graph, request)]
 
 
 async def test_stream_sends_chunks_then_node_events_then_the_result() -> None:
     writer = toy.Writer()
-    runtime = LocalRuntime(toy.CATALOG, toy.servers(writer=writer))
+    runtime = InProcessRuntime(toy.CATALOG, toy.servers(writer=writer))
     events = await collect(runtime, toy.written().build(), {"text": "one two three"})
 
     kinds = [(e.kind, e.node) for e in events]
@@ -38,7 +38,7 @@ async def test_stream_sends_chunks_then_node_events_then_the_result() -> None:
 
 async def test_a_plain_run_calls_the_plain_method() -> None:
     writer = toy.Writer()
-    runtime = LocalRuntime(toy.CATALOG, toy.servers(writer=writer))
+    runtime = InProcessRuntime(toy.CATALOG, toy.servers(writer=writer))
     assert await runtime.run(toy.written().build(), {"text": "a b"}) == "A B"
     assert writer.calls == ["write"]
 
@@ -46,7 +46,7 @@ async def test_a_plain_run_calls_the_plain_method() -> None:
 async def test_a_stream_that_broke_before_any_chunk_is_retried() -> None:
     writer = toy.Writer(fail_after=0)
     graph = toy.written(idempotent=True, retries=2).build()
-    runtime = LocalRuntime(toy.CATALOG, toy.servers(writer=writer))
+    runtime = InProcessRuntime(toy.CATALOG, toy.servers(writer=writer))
     events = await collect(runtime, graph, {"text": "x y"})
     assert events[-1].data.output == "X Y"
     assert writer.calls == ["write_stream", "write_stream"]
@@ -59,7 +59,7 @@ async def test_a_stream_that_broke_before_any_chunk_is_retried() -> None:
 async def test_a_stream_that_broke_after_sending_chunks_is_not_replayed() -> None:
     writer = toy.Writer(fail_after=1)
     graph = toy.written(idempotent=True, retries=2).build()
-    runtime = LocalRuntime(toy.CATALOG, toy.servers(writer=writer))
+    runtime = InProcessRuntime(toy.CATALOG, toy.servers(writer=writer))
     seen: list[RunEvent] = []
     with pytest.raises(NodeFailedError, match="stream broke after 1") as caught:
         async for event in runtime.stream(graph, {"text": "x y"}):
@@ -74,7 +74,7 @@ async def test_closing_the_stream_early_cancels_the_run() -> None:
     draft = p.call("draft", "writer", "write", text=p.input.text, stream=True)
     slow = p.function("slow", toy.slow_upper, text=draft.text, seconds=30)
     p.returns(slow)
-    runtime = LocalRuntime(toy.CATALOG, toy.servers())
+    runtime = InProcessRuntime(toy.CATALOG, toy.servers())
     events = runtime.stream(p.build(), {"text": "x"})
     first = await anext(events)
     assert first.kind == "chunk"

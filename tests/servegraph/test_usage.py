@@ -5,7 +5,7 @@ from __future__ import annotations
 
 from pydantic import BaseModel
 
-from servegraph import Catalog, LocalRuntime, MethodContract, Pipeline, ServerSpec
+from servegraph import Catalog, InProcessRuntime, MethodContract, Pipeline, ServerSpec
 from servegraph.runtime import NodeRecord
 
 
@@ -41,7 +41,7 @@ def graph() -> Pipeline:
 
 async def records_of(usage: str | None) -> list[NodeRecord]:
     records: list[NodeRecord] = []
-    runtime = LocalRuntime(catalog(usage), {"model": Model()})
+    runtime = InProcessRuntime(catalog(usage), {"model": Model()})
     await runtime.execute(graph().build(), {"text": "hi"}, records=records)
     return records
 

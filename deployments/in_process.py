@@ -1,6 +1,6 @@
 """The model servers' contracts on the raw models, in this process, without Ray.
 
-For `servegraph.LocalRuntime`: run a pipeline on the real models in one process (an ML
+For `servegraph.InProcessRuntime`: run a pipeline on the real models in one process (an ML
 engineer's notebook, the benchmarks' raw baseline). Same contracts as the deployments;
 no batching across callers, no replicas.
 """

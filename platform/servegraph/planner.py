@@ -1,7 +1,8 @@
-"""Compile graphs onto Ray Serve: one application per model server (shared by every
-pipeline that calls it) and one ingress application with a route per pipeline.
+"""Plan the Ray Serve applications that serve graphs: one application per model server
+(shared by every pipeline that calls it) and one ingress application with a route per
+pipeline. Planning validates the graphs; it compiles nothing.
 
-`compile_platform` returns a plan; `deploy` runs it on the connected Serve instance, and
+`plan_platform` returns a plan; `deploy` runs it on the connected Serve instance, and
 `serve_config` writes the same plan as a config file that `serve deploy` accepts.
 """
 
@@ -69,7 +70,7 @@ class PlatformPlan:
         }
 
 
-def compile_platform(
+def plan_platform(
     graphs: dict[str, Graph] | list[Graph],
     catalog: Catalog,
     *,

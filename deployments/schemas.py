@@ -24,7 +24,20 @@ MAX_TEXT_CHARS = 8_000
 NonEmptyText = Annotated[
     str, StringConstraints(strip_whitespace=True, min_length=1, max_length=MAX_TEXT_CHARS)
 ]
-MetadataValue = str | int | float | bool
+# A metadata key is a JSON path step in the index's SQLite queries, and an integer is
+# stored as SQLite's 64-bit INTEGER: both are bounded here, so bad metadata is a 422
+# naming the field, not a failed query.
+MetadataKey = Annotated[
+    str,
+    StringConstraints(min_length=1, max_length=100, pattern=r'^[^"\\\x00-\x1f]+$'),
+]
+MetadataValue = (
+    str
+    | Annotated[int, Field(ge=-(2**63), le=2**63 - 1)]
+    | Annotated[float, Field(allow_inf_nan=False)]
+    | bool
+)
+Metadata = dict[MetadataKey, MetadataValue]
 
 
 def _array(ndim: int) -> Any:
@@ -130,12 +143,12 @@ class IndexItem(BaseModel):
     id: Annotated[str, StringConstraints(min_length=1, max_length=512)]
     text: str = Field(max_length=MAX_TEXT_CHARS * 4)
     vector: Vector
-    metadata: dict[str, MetadataValue] = Field(default_factory=dict)
+    metadata: Metadata = Field(default_factory=dict)
 
 
 class AddRequest(BaseModel):
     items: list[IndexItem] = Field(min_length=1, max_length=MAX_BATCH)
-    replace: list[dict[str, MetadataValue]] = Field(
+    replace: list[Metadata] = Field(
         default_factory=list,
         max_length=1000,
         description=(
@@ -155,7 +168,7 @@ class AddResponse(BaseModel):
 class SearchRequest(BaseModel):
     vector: Vector
     k: int = Field(5, ge=1, le=100)
-    filter: dict[str, MetadataValue] | None = Field(
+    filter: Metadata | None = Field(
         None, description="Only items whose metadata has every one of these key/values."
     )
 
@@ -173,10 +186,10 @@ class SearchResponse(BaseModel):
 
 class DeleteRequest(BaseModel):
     ids: list[str] = Field(default_factory=list, max_length=100_000)
-    filter: dict[str, MetadataValue] | None = Field(
+    filter: Metadata | None = Field(
         None, description="Also delete every item whose metadata matches."
     )
-    any_of: list[dict[str, MetadataValue]] = Field(
+    any_of: list[Metadata] = Field(
         default_factory=list,
         max_length=1000,
         description="Also delete items matching any of these filters (e.g. one per doc_id).",
@@ -189,7 +202,7 @@ class DeleteResponse(BaseModel):
 
 
 class CountRequest(BaseModel):
-    filter: dict[str, MetadataValue] | None = Field(
+    filter: Metadata | None = Field(
         None, description="Count only items whose metadata has every one of these key/values."
     )
 

@@ -6,7 +6,7 @@ from typing import Annotated, Literal
 
 from pydantic import BaseModel, Field, StringConstraints, model_validator
 
-from deployments.schemas import MetadataValue, Usage
+from deployments.schemas import Metadata, Usage
 
 Text = Annotated[str, StringConstraints(strip_whitespace=True, min_length=1)]
 
@@ -20,7 +20,7 @@ class Document(BaseModel):
     text: Annotated[Text, StringConstraints(max_length=MAX_DOCUMENT_CHARS)] = Field(
         description="Plain text or Markdown."
     )
-    metadata: dict[str, MetadataValue] = Field(default_factory=dict)
+    metadata: Metadata = Field(default_factory=dict)
 
 
 class IngestRequest(BaseModel):
@@ -58,7 +58,7 @@ class RagQuery(BaseModel):
         str, StringConstraints(strip_whitespace=True, min_length=3, max_length=2000)
     ]
     k: int = Field(4, ge=1, le=10, description="Passages to retrieve.")
-    filter: dict[str, MetadataValue] | None = Field(
+    filter: Metadata | None = Field(
         None, description="Only passages whose metadata matches, e.g. {'category': 'billing'}."
     )
     max_tokens: int = Field(160, ge=16, le=512)

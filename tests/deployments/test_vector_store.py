@@ -106,3 +106,35 @@ def test_vectors_of_another_dimension_are_refused_naming_the_field(tmp_path: Pat
     with pytest.raises(InvalidInputError) as info:
         store.add([{**doc("b", 1, 1)[0], "vector": [float("nan")] * 16}])
     assert info.value.field == "items"
+
+
+@pytest.mark.parametrize(
+    ("metadata", "field"),
+    [
+        ({'a"b': 1}, 'filter.a"b.[key]'),  # would end the JSON path's quoted step
+        ({"a\x07": 1}, "filter.a\x07.[key]"),  # a control character
+        ({"": 1}, "filter..[key]"),
+        ({"x": float("nan")}, "filter.x"),  # stored JSON could not hold it
+    ],
+)
+def test_metadata_that_would_break_the_stores_queries_is_refused_by_the_contract(
+    metadata: dict, field: str
+) -> None:
+    """Found by fuzzing: such a key made SQLite fail the query (a 502)."""
+    from pydantic import ValidationError
+
+    from deployments.schemas import DeleteRequest
+
+    with pytest.raises(ValidationError) as error:
+        DeleteRequest.model_validate({"filter": metadata})
+    assert field in str(error.value)
+
+
+def test_every_key_the_contract_allows_is_queried_safely(tmp_path: Path) -> None:
+    from deployments.schemas import DeleteRequest
+
+    store = VectorStore(tmp_path / "index")
+    store.add(doc("kb/a", 1, 2), [])
+    odd = {"Product Line": 1, "é/ü.ß": "x", "a'b": 2**70, "\x7f\u2028": True, "$.x[0]": 1.5}
+    request = DeleteRequest.model_validate({"any_of": [{k: v} for k, v in odd.items()]})
+    assert store.delete([], None, request.any_of) == (0, 2)

@@ -43,7 +43,7 @@ from pipelines.agent.models import (
     ToolInput,
     TriageResult,
 )
-from pipelines.rag.qa import rank, split_passages
+from pipelines.rag.qa import rank, retrieve_ranked
 from servegraph import Pipeline
 
 MAX_STEPS = 4
@@ -171,22 +171,8 @@ def search_case() -> Pipeline:
     """The help articles' passages closest to the query, re-ranked by their sentences
     (the RAG pipeline's `rank`), summed up as the best article's best sentences."""
     case = Pipeline("search_kb", input=ToolInput, output=Observation)
-    query = case.call("embed", "embedder", "embed_one", text=case.input.argument)
-    found = case.call(
-        "search", "vector_index", "search", vector=query.vector, k=3, filter={"source": "kb"}
-    )
-    split = case.function("split", split_passages, question=case.input.argument, hits=found.hits)
-    vectors = case.call("embed_sentences", "embedder", "embed", texts=split.texts)
-    ranked = case.function(
-        "rank",
-        rank_hits,
-        question=case.input.argument,
-        query=query,
-        hits=found.hits,
-        split=split,
-        embedded=vectors,
-    )
-    case.returns(ranked)
+    question = case.input.argument
+    case.returns(retrieve_ranked(case, question, k=3, filter={"source": "kb"}, ranker=rank_hits))
     return case
 
 

@@ -26,12 +26,14 @@ holds the checked answer (the extractive one, if the streamed text failed its ch
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 from pydantic_core import from_json
 
 from deployments.schemas import ChatResponse, Embedding, EmbedResponse, Hit
 from pipelines import evidence
 from pipelines.rag.models import Passage, RagAnswer, RagQuery, Ranked, Sentence
-from servegraph import Pipeline
+from servegraph import Pipeline, Ref
 
 SYSTEM = (
     "You are a support assistant. Answer the question using only the numbered "
@@ -58,28 +60,7 @@ def build_pipeline() -> Pipeline:
         # The LLM takes 64 running + 64 queued; more would only wait to be refused.
         max_in_flight=128,
     )
-    query = rag.call("embed", "embedder", "embed_one", text=rag.input.question)
-    found = rag.call(
-        "retrieve",
-        "vector_index",
-        "search",
-        vector=query.vector,
-        k=rag.input.k,
-        filter=rag.input.filter,
-        idempotent=True,
-        retries=1,
-    )
-    split = rag.function("split", split_passages, question=rag.input.question, hits=found.hits)
-    vectors = rag.call("embed_sentences", "embedder", "embed", texts=split.texts)
-    ranked = rag.function(
-        "rank",
-        rank,
-        question=rag.input.question,
-        query=query,
-        hits=found.hits,
-        split=split,
-        embedded=vectors,
-    )
+    ranked = retrieve_ranked(rag, rag.input.question, k=rag.input.k, filter=rag.input.filter)
     prompt = rag.function(
         "prompt",
         build_prompt,
@@ -99,6 +80,40 @@ def build_pipeline() -> Pipeline:
     )
     rag.returns(rag.function("answer", make_answer, reply=reply, ranked=ranked))
     return rag
+
+
+def retrieve_ranked(
+    p: Pipeline,
+    question: Ref,
+    k: Ref | int,
+    filter: Ref | dict | None,
+    ranker: Callable | None = None,
+) -> Ref:
+    """Add embed ─► retrieve ─► split ─► embed_sentences ─► rank to `p`: the passages
+    closest to `question`, re-ranked by their sentences (`ranker` gets the same inputs
+    as `rank`). Shared by `rag` and the triage agent's `search_kb`."""
+    query = p.call("embed", "embedder", "embed_one", text=question)
+    found = p.call(
+        "retrieve",
+        "vector_index",
+        "search",
+        vector=query.vector,
+        k=k,
+        filter=filter,
+        idempotent=True,
+        retries=1,
+    )
+    split = p.function("split", split_passages, question=question, hits=found.hits)
+    vectors = p.call("embed_sentences", "embedder", "embed", texts=split.texts)
+    return p.function(
+        "rank",
+        ranker or rank,
+        question=question,
+        query=query,
+        hits=found.hits,
+        split=split,
+        embedded=vectors,
+    )
 
 
 def split_passages(question: str, hits: list[Hit]) -> dict:

@@ -22,15 +22,24 @@ from typing import Any
 import yaml
 from rich.console import Console
 
+from servegraph.settings import AppSettings
+
 console = Console()
-CATALOG_PATH = "deployments.catalog:CATALOG"
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
         prog="servegraph", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
-    parser.add_argument("--package", default="pipelines", help="where pipelines live")
+    settings = AppSettings()
+    parser.add_argument(
+        "--package", default=settings.pipelines, help="where pipelines live (SERVEGRAPH_PIPELINES)"
+    )
+    parser.add_argument(
+        "--catalog",
+        default=settings.catalog,
+        help="import path of the model servers' Catalog (SERVEGRAPH_CATALOG)",
+    )
     commands = parser.add_subparsers(dest="command", required=True)
     run = commands.add_parser("run", help="serve every pipeline on a local Ray")
     run.add_argument("--port", type=int, default=8000)
@@ -60,15 +69,15 @@ def main(argv: list[str] | None = None) -> int:
     )
 
 
-def _plan(package: str) -> Any:
+def _plan(package: str, catalog: str) -> Any:
     from servegraph.discovery import discover
     from servegraph.graph import resolve
     from servegraph.planner import plan_platform
 
     return plan_platform(
         discover(package),
-        resolve(CATALOG_PATH),
-        catalog_path=CATALOG_PATH,
+        resolve(catalog),
+        catalog_path=catalog,
         packages=[package],
         all_servers=True,
     )
@@ -76,7 +85,7 @@ def _plan(package: str) -> Any:
 
 def _build(args: argparse.Namespace) -> int:
     env = {"SERVEGRAPH_PROFILE": args.profile} if args.profile else None
-    config = _plan(args.package).serve_config(host=args.host, port=args.port, env=env)
+    config = _plan(args.package, args.catalog).serve_config(host=args.host, port=args.port, env=env)
     text = yaml.safe_dump(config, sort_keys=False)
     if args.output == "-":
         sys.stdout.write(text)
@@ -96,7 +105,7 @@ def _validate(args: argparse.Namespace) -> int:
     failed = 0
     for name, graph in discover(args.package).items():
         try:
-            validate(graph, resolve(CATALOG_PATH))
+            validate(graph, resolve(args.catalog))
             console.print(f"[green]ok[/green] {name}")
         except GraphValidationError as exc:
             failed += 1
@@ -116,7 +125,7 @@ def _render(args: argparse.Namespace) -> int:
 def _run(args: argparse.Namespace) -> int:
     from servegraph.local_ray import local_cluster
 
-    plan = _plan(args.package)
+    plan = _plan(args.package, args.catalog)
     stop = threading.Event()
     for sig in (signal.SIGINT, signal.SIGTERM):
         signal.signal(sig, lambda *_: stop.set())

@@ -9,14 +9,17 @@ from pathlib import Path
 
 from servegraph.graph import Graph, Pipeline
 from servegraph.serialize import load_yaml
+from servegraph.settings import AppSettings
 
 
-def discover(package: str = "pipelines") -> dict[str, Graph]:
-    """Pipeline name -> graph, for every pipeline defined under `package`.
+def discover(package: str | None = None) -> dict[str, Graph]:
+    """Pipeline name -> graph, for every pipeline defined under `package` (by default
+    the configured one, `AppSettings().pipelines`).
 
     Raises:
         ValueError: two pipelines share a name.
     """
+    package = package or AppSettings().pipelines
     root = importlib.import_module(package)
     graphs: dict[str, Graph] = {}
     for info in sorted(

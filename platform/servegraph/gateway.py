@@ -20,6 +20,7 @@ from servegraph.catalog import Catalog, ServerSpec
 from servegraph.graph import Graph, Pipeline, resolve
 from servegraph.http import ErrorBody, install_error_handlers
 from servegraph.runtime import Runtime
+from servegraph.settings import AppSettings
 
 GATEWAY_DEFAULTS: dict[str, Any] = {
     "max_ongoing_requests": 512,
@@ -95,14 +96,17 @@ def _add_read(
     )
 
 
-def gateway_app(server: str, model: Any, catalog_path: str = "deployments.catalog:CATALOG") -> Any:
+def gateway_app(server: str, model: Any, catalog_path: str | None = None) -> Any:
     """The Serve application of a model server: its gateway (the app's ingress, serving
-    the REST surface) bound to `model`, the server's bound model deployment."""
+    the REST surface) bound to `model`, the server's bound model deployment. The
+    catalog's path is fixed here, where the application is built (default: the
+    configured one), not on the replica."""
+    path = catalog_path or AppSettings().catalog
 
     def make_app() -> FastAPI:
         from servegraph.serving import ServeInvoker
 
-        catalog: Catalog = resolve(catalog_path)
+        catalog: Catalog = resolve(path)
         return build_gateway(catalog[server], catalog, ServeInvoker(catalog))
 
     @serve.deployment(name="Gateway")

@@ -15,6 +15,7 @@ from servegraph.catalog import Catalog
 from servegraph.errors import GraphValidationError, Problem
 from servegraph.graph import CallNode, Graph, resolve
 from servegraph.serialize import to_yaml
+from servegraph.settings import AppSettings
 from servegraph.validation import validate
 
 
@@ -74,7 +75,7 @@ def plan_platform(
     graphs: dict[str, Graph] | list[Graph],
     catalog: Catalog,
     *,
-    catalog_path: str = "deployments.catalog:CATALOG",
+    catalog_path: str | None = None,
     packages: list[str] | None = None,
     all_servers: bool = False,
     ingress_deployment: dict[str, Any] | None = None,
@@ -84,7 +85,8 @@ def plan_platform(
     Args:
         graphs: the pipelines to serve.
         catalog: the model servers they may call.
-        catalog_path: import path of `catalog`, for the ingress replica.
+        catalog_path: import path of `catalog`, for the ingress replica (default: the
+            configured one, `AppSettings().catalog`).
         packages: when the graphs came from these packages, the ingress rediscovers
             them there; otherwise each graph travels as YAML in the app's args.
         all_servers: deploy every server in the catalog, not only those called.
@@ -113,7 +115,10 @@ def plan_platform(
         for spec in catalog.values()
         if spec.name in used
     ]
-    ingress_args: dict[str, Any] = {"catalog": catalog_path, "deployment": ingress_deployment or {}}
+    ingress_args: dict[str, Any] = {
+        "catalog": catalog_path or AppSettings().catalog,
+        "deployment": ingress_deployment or {},
+    }
     if packages is not None:
         ingress_args |= {"packages": packages, "names": [g.name for g in graph_list]}
     else:

@@ -20,7 +20,7 @@ from fastapi import FastAPI, Header, Response
 from fastapi.encoders import jsonable_encoder
 from fastapi.responses import PlainTextResponse
 from fastapi.sse import EventSourceResponse
-from pydantic import BaseModel
+from pydantic import BaseModel, Field
 from ray import serve
 from ray.exceptions import RayActorError
 from ray.serve.exceptions import BackPressureError
@@ -36,6 +36,7 @@ from servegraph.http import ErrorBody, install_error_handlers, runtime_error_bod
 from servegraph.render import to_mermaid, to_text
 from servegraph.runtime import NodeRecord, Runtime, default_deadline, time_left
 from servegraph.serialize import to_yaml
+from servegraph.settings import AppSettings
 from servegraph.validation import validate
 
 logger = logging.getLogger("ray.serve")
@@ -465,8 +466,8 @@ def _token(name: str) -> str:
 class IngressArgs(BaseModel):
     """What the ingress needs to rebuild everything on its replica."""
 
-    catalog: str = "deployments.catalog:CATALOG"
-    packages: list[str] = ["pipelines"]
+    catalog: str = Field(default_factory=lambda: AppSettings().catalog)
+    packages: list[str] = Field(default_factory=lambda: [AppSettings().pipelines])
     names: list[str] | None = None
     graphs_yaml: list[str] = []
     deployment: dict[str, Any] = {}

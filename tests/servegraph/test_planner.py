@@ -58,3 +58,11 @@ def test_the_ingress_rediscovers_packaged_graphs_and_carries_others_as_yaml() ->
     assert packaged["packages"] == ["pipelines"] and packaged["names"] == ["rag"]
     carried = apps(plan_platform([graph], toy.CATALOG))["pipelines"]
     assert carried["packages"] == [] and "name: rag" in carried["graphs_yaml"][0]
+
+
+def test_where_the_catalog_lives_is_configured_not_hard_wired(monkeypatch) -> None:
+    monkeypatch.setenv("SERVEGRAPH_CATALOG", "acme.models:CATALOG")
+    plan = apps(plan_platform([toy.rag().build()], toy.CATALOG))
+    assert plan["pipelines"]["catalog"] == "acme.models:CATALOG"
+    given = plan_platform([toy.rag().build()], toy.CATALOG, catalog_path="x.y:Z")
+    assert apps(given)["pipelines"]["catalog"] == "x.y:Z"

@@ -20,7 +20,7 @@ import httpx
 
 from benchmarks import report
 from benchmarks.report import Figure
-from deployments.classifier_training import HEAD_FILE, encode, load_encoder
+from deployments.encoders import SentenceEncoder, TicketClassifier
 from deployments.settings import ModelSettings
 
 ITEMS = 640
@@ -35,23 +35,20 @@ PROMPTS = [
 
 
 def raw_embedder(settings: ModelSettings) -> float:
-    encoder = load_encoder(settings.embedder_dir)
-    encode(encoder, TEXTS[:64])
+    encoder = SentenceEncoder(settings.embedder_dir)
+    encoder.encode(TEXTS[:64])
     started = time.perf_counter()
     for i in range(0, ITEMS, 64):
-        encode(encoder, TEXTS[i : i + 64])
+        encoder.encode(TEXTS[i : i + 64])
     return ITEMS / (time.perf_counter() - started)
 
 
 def raw_classifier(settings: ModelSettings) -> float:
-    import pickle
-
-    encoder = load_encoder(settings.embedder_dir)
-    head = pickle.loads((settings.classifier_dir / HEAD_FILE).read_bytes())
-    head.predict_proba(encode(encoder, TEXTS[:64]))
+    classifier = TicketClassifier(settings.classifier_dir, SentenceEncoder(settings.embedder_dir))
+    classifier.classify(TEXTS[:64])
     started = time.perf_counter()
     for i in range(0, ITEMS, 64):
-        head.predict_proba(encode(encoder, TEXTS[i : i + 64]))
+        classifier.classify(TEXTS[i : i + 64])
     return ITEMS / (time.perf_counter() - started)
 
 

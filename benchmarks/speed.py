@@ -71,13 +71,13 @@ def pydoc_documents() -> list[Document]:
 
 def raw_ingest(documents: list[Document], settings: ModelSettings) -> float:
     """Chunks/s of the raw embedder on the same chunks, 64 per forward pass."""
-    from deployments.classifier_training import encode, load_encoder
+    from deployments.encoders import SentenceEncoder
 
     texts = chunk_documents(documents, chunk_chars=600)["texts"]
-    encoder = load_encoder(settings.embedder_dir)
-    encode(encoder, texts[:64])
+    encoder = SentenceEncoder(settings.embedder_dir)
+    encoder.encode(texts[:64])
     started = time.perf_counter()
-    encode(encoder, texts)
+    encoder.encode(texts)
     return len(texts) / (time.perf_counter() - started)
 
 

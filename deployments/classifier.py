@@ -4,14 +4,10 @@ trained at set-up (`deployments.prepare`), with dynamic batching."""
 from __future__ import annotations
 
 import asyncio
-import json
-import pickle
-from pathlib import Path
 
-import numpy as np
 from ray import serve
 
-from deployments.classifier_training import HEAD_FILE, encode, load_encoder
+from deployments.encoders import SentenceEncoder, TicketClassifier
 from deployments.schemas import (
     BatchStats,
     Classification,
@@ -40,11 +36,8 @@ class Classifier:
         max_batch_size: int = 64,
         batch_wait_timeout_s: float = 0.005,
     ) -> None:
-        folder = Path(model_dir)
-        self._head = pickle.loads((folder / HEAD_FILE).read_bytes())
-        self._metrics = json.loads((folder / "metrics.json").read_text())
-        self._encoder = load_encoder(Path(encoder_dir))
-        self.labels = [str(label) for label in self._head.classes_]
+        self._model = TicketClassifier(model_dir, SentenceEncoder(encoder_dir))
+        self.labels = self._model.labels
         self._batches = Batcher(
             self._classify_batch,
             max_batch_size=max_batch_size,
@@ -54,15 +47,7 @@ class Classifier:
 
     async def _classify_batch(self, texts: list[str]) -> list[Classification]:
         # In a thread, so requests keep queueing (and form the next batch) meanwhile.
-        probabilities = await asyncio.to_thread(self._predict, texts)
-        results = []
-        for row in probabilities:
-            best = int(np.argmax(row))
-            scores = {label: float(p) for label, p in zip(self.labels, row, strict=True)}
-            results.append(
-                Classification(label=self.labels[best], score=float(row[best]), scores=scores)
-            )
-        return results
+        return await asyncio.to_thread(self._model.classify, texts)
 
     async def _classify(self, texts: list[str]) -> list[Classification]:
         results = await self._batches.submit(texts)
@@ -75,9 +60,6 @@ class Classifier:
             )
         return results
 
-    def _predict(self, texts: list[str]) -> np.ndarray:
-        return self._head.predict_proba(encode(self._encoder, texts))
-
     async def classify(self, request: ClassifyRequest) -> Classification:
         (result,) = await self._classify([request.text])
         return result
@@ -86,15 +68,11 @@ class Classifier:
         return ClassifyBatchResponse(results=await self._classify(request.texts))
 
     async def info(self) -> ClassifierInfo:
-        return ClassifierInfo(
-            labels=self.labels,
-            accuracy=self._metrics["accuracy"],
-            macro_f1=self._metrics["macro_f1"],
-        )
+        return self._model.info()
 
     async def batch_stats(self) -> BatchStats:
         return self._batches.stats()
 
     async def check_health(self) -> None:
-        if self._head is None:
+        if self._model is None:
             raise RuntimeError("classifier head is not loaded")

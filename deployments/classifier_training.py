@@ -15,31 +15,14 @@ import time
 from pathlib import Path
 from typing import Any
 
+from deployments.encoders import HEAD_FILE, SentenceEncoder
+
 DATA_FILE = Path(__file__).parent / "data" / "tickets.jsonl"
-HEAD_FILE = "head.pkl"
 REGULARISATION_C = 16.0
 
 
 def load_tickets(path: Path = DATA_FILE) -> list[dict[str, str]]:
     return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
-
-
-def load_encoder(path: Path) -> Any:
-    """The sentence encoder, on the GPU where this process was given one."""
-    import torch
-    from sentence_transformers import SentenceTransformer
-
-    return SentenceTransformer(str(path), device="cuda" if torch.cuda.is_available() else "cpu")
-
-
-def encode(encoder: Any, texts: list[str]) -> Any:
-    return encoder.encode(
-        texts,
-        batch_size=64,
-        normalize_embeddings=True,
-        convert_to_numpy=True,
-        show_progress_bar=False,
-    )
 
 
 def train(out_dir: Path, data_hash: str, encoder_dir: Path) -> dict[str, Any]:
@@ -51,13 +34,13 @@ def train(out_dir: Path, data_hash: str, encoder_dir: Path) -> dict[str, Any]:
     train_set = [t for t in tickets if t["split"] == "train"]
     test_set = [t for t in tickets if t["split"] == "test"]
     started = time.perf_counter()
-    encoder = load_encoder(encoder_dir)
+    encoder = SentenceEncoder(encoder_dir)
     head = LogisticRegression(C=REGULARISATION_C, max_iter=3000).fit(
-        encode(encoder, [t["text"] for t in train_set]), [t["label"] for t in train_set]
+        encoder.encode([t["text"] for t in train_set]), [t["label"] for t in train_set]
     )
     seconds = time.perf_counter() - started
     truth = [t["label"] for t in test_set]
-    predicted = list(head.predict(encode(encoder, [t["text"] for t in test_set])))
+    predicted = list(head.predict(encoder.encode([t["text"] for t in test_set])))
     metrics = {
         "data": data_hash,
         "encoder": str(encoder_dir),

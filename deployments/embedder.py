@@ -9,11 +9,11 @@ that is the difference between ~13 and ~370 sentences per second.
 from __future__ import annotations
 
 import asyncio
-from typing import Any
 
 import numpy as np
 from ray import serve
 
+from deployments.encoders import SentenceEncoder
 from deployments.schemas import (
     BatchStats,
     EmbedderInfo,
@@ -24,20 +24,6 @@ from deployments.schemas import (
 )
 from servegraph.batching import Batcher
 from servegraph.tracing import annotate
-
-
-def load_sentence_transformer(path: str) -> Any:
-    try:
-        from sentence_transformers import SentenceTransformer
-    except ImportError as exc:  # pragma: no cover - install hint
-        raise ImportError("sentence-transformers is missing: run `make install`") from exc
-    return SentenceTransformer(path, device="cpu" if not _cuda() else "cuda")
-
-
-def _cuda() -> bool:
-    import torch
-
-    return torch.cuda.is_available()
 
 
 @serve.deployment(name="Embedder", health_check_period_s=10, health_check_timeout_s=30)
@@ -54,8 +40,8 @@ class Embedder:
         self, model_path: str, max_batch_size: int = 64, batch_wait_timeout_s: float = 0.005
     ) -> None:
         self.model_path = str(model_path)
-        self._model = load_sentence_transformer(self.model_path)
-        self.dim = int(self._model.get_sentence_embedding_dimension())
+        self._model = SentenceEncoder(self.model_path)
+        self.dim = self._model.dim
         self._batches = Batcher(
             self._embed_batch,
             max_batch_size=max_batch_size,
@@ -65,15 +51,8 @@ class Embedder:
 
     async def _embed_batch(self, texts: list[str]) -> list[np.ndarray]:
         # In a thread, so requests keep queueing (and form the next batch) meanwhile.
-        vectors = await asyncio.to_thread(
-            self._model.encode,
-            texts,
-            batch_size=len(texts),
-            normalize_embeddings=True,
-            convert_to_numpy=True,
-            show_progress_bar=False,
-        )
-        return list(vectors.astype(np.float32))
+        vectors = await asyncio.to_thread(self._model.encode, texts, batch_size=len(texts))
+        return list(vectors)
 
     async def _embed(self, texts: list[str]) -> list[np.ndarray]:
         vectors = await self._batches.submit(texts)

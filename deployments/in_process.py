@@ -10,55 +10,40 @@ from __future__ import annotations
 import asyncio
 import json
 import os
-import pickle
 from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any, cast
 
 from deployments import schemas as s
-from deployments.classifier_training import HEAD_FILE, encode, load_encoder
+from deployments.encoders import SentenceEncoder, TicketClassifier
 from deployments.settings import ModelSettings
 from deployments.vector_store import VectorStore
 
 
 class LocalEmbedder:
     def __init__(self, settings: ModelSettings) -> None:
-        self._encoder = load_encoder(settings.embedder_dir)
-        self.dim = int(self._encoder.get_sentence_embedding_dimension())
+        self._model = SentenceEncoder(settings.embedder_dir)
+        self.dim = self._model.dim
 
     async def embed(self, request: s.EmbedRequest) -> s.EmbedResponse:
-        vectors = encode(self._encoder, request.texts)
+        vectors = self._model.encode(request.texts)
         return s.EmbedResponse(vectors=vectors, dim=self.dim, model="local")
 
     async def embed_one(self, request: s.EmbedOneRequest) -> s.Embedding:
-        return s.Embedding(vector=encode(self._encoder, [request.text])[0], dim=self.dim)
+        return s.Embedding(vector=self._model.encode([request.text])[0], dim=self.dim)
 
 
 class LocalClassifier:
     def __init__(self, settings: ModelSettings) -> None:
-        self._encoder = load_encoder(settings.embedder_dir)
-        self._head = pickle.loads((settings.classifier_dir / HEAD_FILE).read_bytes())
+        encoder = SentenceEncoder(settings.embedder_dir)
+        self._model = TicketClassifier(settings.classifier_dir, encoder)
 
     async def classify(self, request: s.ClassifyRequest) -> s.Classification:
-        (result,) = self._classify([request.text])
+        (result,) = self._model.classify([request.text])
         return result
 
     async def classify_batch(self, request: s.ClassifyBatchRequest) -> s.ClassifyBatchResponse:
-        return s.ClassifyBatchResponse(results=self._classify(request.texts))
-
-    def _classify(self, texts: list[str]) -> list[s.Classification]:
-        labels = [str(label) for label in self._head.classes_]
-        results = []
-        for row in self._head.predict_proba(encode(self._encoder, texts)):
-            best = int(row.argmax())
-            results.append(
-                s.Classification(
-                    label=labels[best],
-                    score=float(row[best]),
-                    scores=dict(zip(labels, map(float, row), strict=True)),
-                )
-            )
-        return results
+        return s.ClassifyBatchResponse(results=self._model.classify(request.texts))
 
 
 class LocalIndex:

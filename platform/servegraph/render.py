@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from typing import assert_never
+
 from servegraph.graph import (
     INPUT,
     CallNode,
@@ -38,8 +40,9 @@ def label(node: Node) -> str:
         return f"switch on {node.on}"
     if isinstance(node, ParallelNode):
         return f"parallel x{len(node.branches)}"
-    assert isinstance(node, LoopNode)
-    return f"loop ≤{node.max_iterations}"
+    if isinstance(node, LoopNode):
+        return f"loop ≤{node.max_iterations}"
+    assert_never(node)
 
 
 def _mermaid(graph: Graph, prefix: str, lines: list[str], indent: str) -> None:

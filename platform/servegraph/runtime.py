@@ -15,7 +15,7 @@ import inspect
 import time
 from collections.abc import AsyncGenerator, AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass, field
-from typing import Any, Literal, Protocol
+from typing import Any, Literal, Protocol, assert_never
 
 from pydantic import BaseModel, ValidationError
 
@@ -387,7 +387,9 @@ class _Run:
             if node.join is None:
                 return by_branch
             return await _maybe_await(resolve(node.join)(**by_branch))
-        return await self._loop(node, qualified, args)
+        if isinstance(node, LoopNode):
+            return await self._loop(node, qualified, args)
+        assert_never(node)  # a new node kind must say how it runs
 
     async def _loop(self, node: LoopNode, qualified: str, args: dict[str, Any]) -> Any:
         until = resolve(node.until)

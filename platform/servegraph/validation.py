@@ -7,7 +7,7 @@
 from __future__ import annotations
 
 import inspect
-from typing import Any
+from typing import Any, assert_never
 
 from pydantic import BaseModel, TypeAdapter, ValidationError
 
@@ -143,7 +143,9 @@ class _Checker:
             return self._switch_contract(node)
         if isinstance(node, ParallelNode):
             return self._parallel_contract(node)
-        return self._loop_contract(node)
+        if isinstance(node, LoopNode):
+            return self._loop_contract(node)
+        assert_never(node)  # a new node kind must say what it takes and gives
 
     def _subgraph(self, node: Node, label: str, graph: Graph) -> tuple[Any, Ports]:
         self.problems += check(graph, self.catalog, f"{self.prefix}{node.name}/{label}/")

@@ -102,7 +102,7 @@ class LLMClient:
                 response = item
         except asyncio.CancelledError:
             # Serve does not cancel a child call when only its awaiting task is
-            # cancelled (servegraph.serving.cancel_when_abandoned): abort the generation.
+            # cancelled (servegraph.handles.cancel_when_abandoned): abort the generation.
             stream.cancel()
             raise
         reply = _to_chat_response(response, self.model_id)

@@ -15,7 +15,7 @@ _SHED = {"backpressure_config": {"status_code": 503, "retry_after_s": 1}}
 
 # Replicas, and why a single replica death stays invisible to pipelines:
 # every catalog method is idempotent, so the pipeline ingress repeats a call whose
-# replica died (servegraph.serving.ServeInvoker) within the request's deadline. On the
+# replica died (servegraph.handles.ServeInvoker) within the request's deadline. On the
 # CPU profile one replica of each encoder is enough: the retry waits for the restarted
 # replica (a MiniLM replica restarts in seconds, well inside the 60 s default
 # deadline), and a second resting replica would halve batch sizes on 2 cores. On the

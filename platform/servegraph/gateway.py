@@ -104,7 +104,7 @@ def gateway_app(server: str, model: Any, catalog_path: str | None = None) -> Any
     path = catalog_path or AppSettings().catalog
 
     def make_app() -> FastAPI:
-        from servegraph.serving import ServeInvoker
+        from servegraph.handles import ServeInvoker
 
         catalog: Catalog = resolve(path)
         return build_gateway(catalog[server], catalog, ServeInvoker(catalog))

@@ -1,7 +1,7 @@
 """Run a graph: the same executor in-process (plain Python) and inside the Serve ingress.
 
 Only how a model server is reached differs: `InProcessRuntime` calls Python objects,
-the Serve ingress calls deployment handles (`servegraph.serving`). Semantics are
+the Serve ingress calls deployment handles (`servegraph.handles`). Semantics are
 shared: independent nodes run concurrently, a request deadline travels down and each
 node gets what remains, idempotent nodes retry, fallbacks replace failed nodes, and a
 failure names the node it happened in.

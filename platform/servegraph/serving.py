@@ -1,5 +1,5 @@
-"""Run graphs on Ray Serve: model servers through deployment handles, one ingress with a
-REST route per pipeline.
+"""The pipeline ingress on Ray Serve: one REST route per pipeline (plain and streamed),
+calling model servers through their handles (`servegraph.handles`).
 
 The ingress's FastAPI app is built on the replica (`serve.ingress` with a builder),
 from the pipelines it discovers there, so its routes and OpenAPI schemas come from the
@@ -9,11 +9,10 @@ graphs and nothing unpicklable travels from the driver.
 # No `from __future__ import annotations` here: FastAPI must see the real pipeline input
 # model on each route function, and a closure variable cannot be resolved from a string.
 import asyncio
-import itertools
 import json
 import logging
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator
 from typing import Any
 
 from fastapi import FastAPI, Header, Response
@@ -22,19 +21,17 @@ from fastapi.responses import PlainTextResponse
 from fastapi.sse import EventSourceResponse
 from pydantic import BaseModel, Field
 from ray import serve
-from ray.exceptions import RayActorError
-from ray.serve.exceptions import BackPressureError
-from ray.serve.handle import DeploymentHandle
 
 from servegraph import sse, tracing
 from servegraph.admission import DEFAULT_MAX_IN_FLIGHT, AdmissionGate
-from servegraph.catalog import Catalog, ServerSpec
+from servegraph.catalog import Catalog
 from servegraph.discovery import discover
-from servegraph.errors import PipelineRuntimeError, ServerUnavailableError
+from servegraph.errors import PipelineRuntimeError
 from servegraph.graph import Graph, resolve
+from servegraph.handles import ServeInvoker
 from servegraph.http import ErrorBody, install_error_handlers, runtime_error_body
 from servegraph.render import to_mermaid, to_text
-from servegraph.runtime import NodeRecord, Runtime, default_deadline, time_left
+from servegraph.runtime import NodeRecord, Runtime, default_deadline
 from servegraph.serialize import to_yaml
 from servegraph.settings import AppSettings
 from servegraph.validation import validate
@@ -62,150 +59,6 @@ INGRESS_DEFAULTS: dict[str, Any] = {
 # (which names the node) reaches the caller before the caller's own timer fires, and
 # before Serve's proxy, which enforces `x-request-timeout-seconds` too, answers a bare 408.
 _ANSWER_MARGIN_S = 0.25
-
-
-def deployment_name(spec: ServerSpec) -> str:
-    """A spec's deployment name; "module:function" names are computed at run time."""
-    return resolve(spec.deployment)() if ":" in spec.deployment else spec.deployment
-
-
-class ServeInvoker:
-    """Reaches model servers through Serve deployment handles (created once, reused).
-
-    Two faults are turned into answers here, not bare errors:
-
-    - a full queue (Serve's `BackPressureError`, from the server's bounded
-      `max_queued_requests`) fails at once as `ServerUnavailableError` (503, with the
-      server's Retry-After), so overload is shed rather than queued without bound;
-    - a replica that dies mid-call (`RayActorError`) is retried, for idempotent methods,
-      with capped exponential backoff until the node's deadline: Serve routes the retry
-      to a live replica, or waits for the restarted one. Serve itself retries only
-      requests that no replica had accepted yet.
-    """
-
-    def __init__(self, catalog: Catalog) -> None:
-        self._catalog = catalog
-        self._targets: dict[str, Any] = {}
-
-    def _target(self, server: str) -> Any:
-        if server not in self._targets:
-            spec = self._catalog[server]
-            handle = serve.get_deployment_handle(deployment_name(spec), app_name=spec.name)
-            self._targets[server] = resolve(spec.client)(handle) if spec.client else handle
-        return self._targets[server]
-
-    async def __call__(self, server: str, method: str, request: BaseModel) -> Any:
-        target = self._target(server)
-        bound = getattr(target, method)
-        call = (
-            (lambda: cancel_when_abandoned(bound.remote(request)))
-            if isinstance(target, DeploymentHandle)
-            else (lambda: bound(request))
-        )
-        idempotent = self._catalog.contract(server, method).idempotent
-        return await _retrying(server, call, lambda attempt: idempotent)
-
-    async def read(self, server: str, method: str) -> Any:
-        """An argument-less method (a gateway's GET route), retried like a call."""
-        bound = getattr(self._target(server), method)
-        return await _retrying(
-            server,
-            lambda: cancel_when_abandoned(bound.remote()),
-            lambda attempt: attempt < _READ_RETRIES,
-            f"gave up after {_READ_RETRIES} retries",
-        )
-
-    async def stream(self, server: str, method: str, request: BaseModel) -> AsyncIterator[Any]:
-        """Iterate a streaming method: a generator on the replica, or the client's own.
-        A stream whose replica died before its first item is started again."""
-        target = self._target(server)
-        idempotent = any(  # `method` is a contract's streaming twin
-            c.idempotent
-            for c in self._catalog[server].methods.values()
-            if c.stream_method == method
-        )
-        for attempt in itertools.count():
-            started = False
-            try:
-                if isinstance(target, DeploymentHandle):
-                    items = getattr(target.options(stream=True), method).remote(request)
-                else:
-                    items = getattr(target, method)(request)
-                try:
-                    async for item in items:
-                        started = True
-                        yield item
-                except (asyncio.CancelledError, GeneratorExit):
-                    if isinstance(target, DeploymentHandle):
-                        items.cancel()  # see cancel_when_abandoned
-                    raise
-                return
-            except BackPressureError as exc:
-                raise _overloaded(server, exc) from exc
-            except RayActorError as exc:
-                await _before_retry(server, exc, attempt, idempotent and not started)
-
-
-_REPLICA_RETRY_BACKOFF_S = (0.05, 2.0)  # first and largest wait between retries
-_READ_RETRIES = 8  # a read has no node deadline: about 10 s of backoff in all
-
-
-async def cancel_when_abandoned(response: Any) -> Any:
-    """Await a handle call; if the awaiting task is cancelled (a deadline, a client gone),
-    cancel the call on its replica too. Serve cancels a child call by itself only when
-    the parent request is cancelled, not when its awaiting task is: without this, the
-    work of a request answered 504 would run on, the LLM's generation included."""
-    try:
-        return await response
-    except asyncio.CancelledError:
-        response.cancel()
-        raise
-
-
-async def _retrying(
-    server: str,
-    call: Callable[[], Awaitable[Any]],
-    may_retry: Callable[[int], bool],
-    why_not: str = "the call is not safe to repeat",
-) -> Any:
-    """`call()`, repeated past replica deaths while `may_retry(attempt)`; a full queue
-    fails at once."""
-    for attempt in itertools.count():
-        try:
-            return await call()
-        except BackPressureError as exc:
-            raise _overloaded(server, exc) from exc
-        except RayActorError as exc:
-            await _before_retry(server, exc, attempt, may_retry(attempt), why_not)
-    raise AssertionError("unreachable")
-
-
-def _overloaded(server: str, exc: BackPressureError) -> ServerUnavailableError:
-    return ServerUnavailableError(
-        server, f"its queue is full: {exc}", getattr(exc, "_retry_after_s", None) or 1.0
-    )
-
-
-async def _before_retry(
-    server: str,
-    exc: BaseException,
-    attempt: int,
-    may_retry: bool,
-    why_not: str = "the call is not safe to repeat",
-) -> None:
-    """Wait before repeating a call whose replica died, or raise if it must not be."""
-    cause = f"its replica died mid-call ({type(exc).__name__})"
-    if not may_retry:
-        raise ServerUnavailableError(server, f"{cause}; {why_not}") from exc
-    first, largest = _REPLICA_RETRY_BACKOFF_S
-    delay = min(largest, first * 2**attempt)
-    left = time_left()
-    if left is not None and left <= delay:
-        raise ServerUnavailableError(
-            server, f"{cause}; retried {attempt} time(s), no replica answered in time"
-        ) from exc
-    logger.warning("%s: %s; retrying in %.2fs (attempt %d)", server, cause, delay, attempt + 1)
-    await asyncio.sleep(delay)
 
 
 def build_fastapi(

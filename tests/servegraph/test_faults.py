@@ -20,9 +20,10 @@ from servegraph import (
     ServerSpec,
 )
 from servegraph.errors import ServerUnavailableError
+from servegraph.handles import ServeInvoker
 from servegraph.http import retry_after
 from servegraph.runtime import Runtime
-from servegraph.serving import ServeInvoker, run_deadline
+from servegraph.serving import run_deadline
 from tests.servegraph import toy
 
 CATALOG = Catalog(

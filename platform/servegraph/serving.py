@@ -15,7 +15,7 @@ import time
 from collections.abc import AsyncIterator
 from typing import Any
 
-from fastapi import FastAPI, Header, Response
+from fastapi import APIRouter, FastAPI, Header, Response
 from fastapi.encoders import jsonable_encoder
 from fastapi.responses import PlainTextResponse
 from fastapi.sse import EventSourceResponse
@@ -95,7 +95,7 @@ def build_fastapi(
             node_hook=tracing.node_hook(graph.name),
             invoke_stream=getattr(invoke, "stream", None),
         )
-        _add_pipeline_routes(app, graph, runtime, metrics)
+        app.include_router(pipeline_router(graph, runtime, metrics))
     return app
 
 
@@ -129,7 +129,9 @@ that status and a JSON body instead, as the plain route does.
 The response carries `x-trace-id`; the whole stream is one trace."""
 
 
-def _add_pipeline_routes(app: FastAPI, graph: Graph, runtime: Runtime, metrics: Any) -> None:
+def pipeline_router(graph: Graph, runtime: Runtime, metrics: Any) -> APIRouter:
+    """One pipeline's routes: POST /<name>, POST /<name>/stream, GET /<name>/graph(.mmd)."""
+    router = APIRouter()
     input_model = resolve(graph.input)
     output_type = resolve(graph.output)
     deadline_doc = (
@@ -215,7 +217,7 @@ def _add_pipeline_routes(app: FastAPI, graph: Graph, runtime: Runtime, metrics: 
             headers["x-trace-id"] = trace_id
         return EventSourceResponse(body(), headers=headers)
 
-    app.add_api_route(
+    router.add_api_route(
         f"/{graph.name}",
         run_pipeline,
         methods=["POST"],
@@ -225,7 +227,7 @@ def _add_pipeline_routes(app: FastAPI, graph: Graph, runtime: Runtime, metrics: 
         operation_id=f"run_{graph.name}",
         responses=_ERROR_RESPONSES,
     )
-    app.add_api_route(
+    router.add_api_route(
         f"/{graph.name}/stream",
         stream_pipeline,
         methods=["POST"],
@@ -250,20 +252,21 @@ def _add_pipeline_routes(app: FastAPI, graph: Graph, runtime: Runtime, metrics: 
     async def show_mermaid() -> PlainTextResponse:
         return PlainTextResponse(to_mermaid(graph))
 
-    app.add_api_route(
+    router.add_api_route(
         f"/{graph.name}/graph",
         show_graph,
         methods=["GET"],
         summary=f"The {graph.name} graph",
         operation_id=f"graph_{graph.name}",
     )
-    app.add_api_route(
+    router.add_api_route(
         f"/{graph.name}/graph.mmd",
         show_mermaid,
         methods=["GET"],
         summary=f"The {graph.name} graph as Mermaid",
         operation_id=f"mermaid_{graph.name}",
     )
+    return router
 
 
 def run_deadline(graph: Graph, *given: float | None) -> float:

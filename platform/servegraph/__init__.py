@@ -1,14 +1,17 @@
 """servegraph: declarative multi-model pipelines on Ray Serve.
 
-Describe a pipeline as a graph (`Pipeline`), check it (`validate`), run it in-process
-(`InProcessRuntime`) and deploy it onto Ray Serve (`servegraph.planner` plans the
-applications, `servegraph.serving` is the ingress). Importing this
-package never imports Ray or loads a model.
+Describe a pipeline as a graph (`Pipeline`), check it (`validate`), compile it once
+(`compile`: validated, imports resolved), run it in-process (`InProcessRuntime`) and
+deploy it onto Ray Serve (`servegraph.planner` plans the applications,
+`servegraph.serving` is the ingress). Importing this package never imports Ray or loads
+a model.
 """
 
 from servegraph.catalog import Catalog as Catalog
 from servegraph.catalog import MethodContract as MethodContract
 from servegraph.catalog import ServerSpec as ServerSpec
+from servegraph.compiled import CompiledGraph as CompiledGraph
+from servegraph.compiled import compile as compile
 from servegraph.errors import CatalogError as CatalogError
 from servegraph.errors import GraphValidationError as GraphValidationError
 from servegraph.errors import InvalidInputError as InvalidInputError
@@ -39,6 +42,7 @@ from servegraph.validation import validate as validate
 __all__ = [
     "Catalog",
     "CatalogError",
+    "CompiledGraph",
     "DeploymentOverrides",
     "Graph",
     "GraphValidationError",
@@ -60,6 +64,7 @@ __all__ = [
     "ServegraphError",
     "ServerSpec",
     "check",
+    "compile",
     "from_yaml",
     "load_yaml",
     "to_mermaid",

@@ -17,6 +17,7 @@ from fastapi import FastAPI, Header
 from ray import serve
 
 from servegraph.catalog import Catalog, ServerSpec
+from servegraph.compiled import CompiledGraph
 from servegraph.graph import Graph, Pipeline, resolve
 from servegraph.http import ErrorBody, install_error_handlers
 from servegraph.runtime import Runtime
@@ -52,14 +53,17 @@ def build_gateway(spec: ServerSpec, catalog: Catalog, invoke: Any) -> FastAPI:
     install_error_handlers(app)
     runtime = Runtime(catalog, invoke)
     for method, contract in spec.methods.items():
-        _add_method(app, runtime, method_graph(spec, method), method, contract.response)
+        compiled = runtime.compile(method_graph(spec, method))  # once, not per request
+        _add_method(app, runtime, compiled, method, contract.response)
     for route, (method, response) in spec.reads.items():
         _add_read(app, invoke, spec.name, route, method, response)
     return app
 
 
-def _add_method(app: FastAPI, runtime: Runtime, graph: Graph, method: str, response: Any) -> None:
-    request_model = resolve(graph.input)
+def _add_method(
+    app: FastAPI, runtime: Runtime, graph: CompiledGraph, method: str, response: Any
+) -> None:
+    request_model = graph.input
 
     async def call(
         request: request_model,  # type: ignore[valid-type]

@@ -21,6 +21,8 @@ from pydantic import BaseModel, ValidationError
 
 from servegraph._fields import field_errors
 from servegraph.catalog import Catalog
+from servegraph.compiled import CompiledGraph
+from servegraph.compiled import compile as compile_graph
 from servegraph.errors import (
     InvalidInputError,
     NodeFailedError,
@@ -39,9 +41,7 @@ from servegraph.graph import (
     Node,
     ParallelNode,
     SwitchNode,
-    resolve,
 )
-from servegraph.validation import dependencies, validate
 
 DEFAULT_DEADLINE_S = 60.0
 _RETRY_BACKOFF_S = 0.05
@@ -126,15 +126,20 @@ class Runtime:
         self._invoke = invoke
         self._invoke_stream = invoke_stream
         self._node_hook = node_hook
-        self._validated: set[int] = set()
 
-    async def run(self, graph: Graph, request: BaseModel | dict[str, Any], **kw: Any) -> Any:
+    def compile(self, graph: Graph | CompiledGraph) -> CompiledGraph:
+        """`graph` compiled against this runtime's catalog (as is, if it already is)."""
+        return graph if isinstance(graph, CompiledGraph) else compile_graph(graph, self.catalog)
+
+    async def run(
+        self, graph: Graph | CompiledGraph, request: BaseModel | dict[str, Any], **kw: Any
+    ) -> Any:
         """Run `graph` on `request` and return its output."""
         return (await self.execute(graph, request, **kw)).output
 
     async def execute(
         self,
-        graph: Graph,
+        graph: Graph | CompiledGraph,
         request: BaseModel | dict[str, Any],
         *,
         deadline_s: float | None = None,
@@ -153,17 +158,15 @@ class Runtime:
         else `DEFAULT_DEADLINE_S`. `on_event`, when given, makes this a
         streamed run: it gets "node" and "chunk" events as they happen.
         """
-        if id(graph) not in self._validated:
-            validate(graph, self.catalog)
-            self._validated.add(id(graph))
-        deadline_s = deadline_s or default_deadline(graph)
+        compiled = self.compile(graph)  # a plain Graph is compiled on every call
+        deadline_s = deadline_s or default_deadline(compiled.graph)
         run = _Run(self, time.monotonic() + deadline_s, records, on_event)
-        output = await run.graph(graph, _coerce(resolve(graph.input), request, INPUT), "")
+        output = await run.graph(compiled, _coerce(compiled.input, request, INPUT), "")
         return RunResult(output, run.records)
 
     async def stream(
         self,
-        graph: Graph,
+        graph: Graph | CompiledGraph,
         request: BaseModel | dict[str, Any],
         *,
         deadline_s: float | None = None,
@@ -235,7 +238,8 @@ class _Run:
         self.on_event = on_event
         self.streamed: set[str] = set()  # nodes that already sent chunks to the caller
 
-    async def graph(self, graph: Graph, request: BaseModel, prefix: str) -> Any:
+    async def graph(self, compiled: CompiledGraph, request: BaseModel, prefix: str) -> Any:
+        graph = compiled.graph
         results: dict[str, asyncio.Future[Any]] = {}
         loop = asyncio.get_running_loop()
         values: dict[str, Any] = {INPUT: request}
@@ -244,11 +248,10 @@ class _Run:
 
         async def run_node(node: Node) -> None:
             try:
-                deps = dependencies(node) - {INPUT}
-                for dep in deps:
+                for dep in compiled.waits_on[node.name]:
                     # Shielded: cancelling this waiter must not cancel the shared result.
                     values[dep] = await asyncio.shield(results[dep])
-                output = await self.node(node, values, prefix)
+                output = await self.node(node, compiled, values, prefix)
                 values[node.name] = output
                 if not results[node.name].done():
                     results[node.name].set_result(output)
@@ -271,9 +274,11 @@ class _Run:
             for future in results.values():  # silence "exception never retrieved"
                 if future.done() and not future.cancelled():
                     future.exception()
-        return _build_output(graph, values)
+        return _build_output(compiled, values)
 
-    async def node(self, node: Node, values: dict[str, Any], prefix: str) -> Any:
+    async def node(
+        self, node: Node, compiled: CompiledGraph, values: dict[str, Any], prefix: str
+    ) -> Any:
         qualified = f"{prefix}{node.name}"
         args = {**node.params, **{port: _lookup(values, ref) for port, ref in node.inputs.items()}}
         attempts = 1 + (node.retries if node.idempotent else 0)
@@ -281,7 +286,7 @@ class _Run:
         for attempt in range(1, attempts + 1):
             started = time.perf_counter()
             try:
-                output = await self._attempt(node, qualified, args, values, attempt)
+                output = await self._attempt(node, compiled, qualified, args, values, attempt)
             except PipelineRuntimeError as exc:
                 error = exc
                 if isinstance(exc, NodeInputError | OverloadedError):
@@ -309,13 +314,14 @@ class _Run:
         if node.fallback is None:
             raise error
         started = time.perf_counter()
-        output = await self._guard(node, qualified, self._fallback(node, qualified, args))
+        output = await self._guard(node, qualified, self._fallback(node, compiled, args))
         self._record(node, qualified, attempts, "fallback", started)
         return output
 
     async def _attempt(
         self,
         node: Node,
+        compiled: CompiledGraph,
         qualified: str,
         args: dict[str, Any],
         values: dict[str, Any],
@@ -323,9 +329,13 @@ class _Run:
     ) -> Any:
         hook = self.rt._node_hook(node, qualified, attempt) if self.rt._node_hook else None
         if hook is None:
-            return await self._guard(node, qualified, self._execute(node, qualified, args, values))
+            return await self._guard(
+                node, qualified, self._execute(node, compiled, qualified, args, values)
+            )
         with hook:
-            return await self._guard(node, qualified, self._execute(node, qualified, args, values))
+            return await self._guard(
+                node, qualified, self._execute(node, compiled, qualified, args, values)
+            )
 
     async def _guard(self, node: Node, qualified: str, work: Awaitable[Any]) -> Any:
         """Apply the node's timeout (capped by the deadline) and name the node in errors."""
@@ -356,14 +366,19 @@ class _Run:
             _node_deadline.reset(token)
 
     async def _execute(
-        self, node: Node, qualified: str, args: dict[str, Any], values: dict[str, Any]
+        self,
+        node: Node,
+        compiled: CompiledGraph,
+        qualified: str,
+        args: dict[str, Any],
+        values: dict[str, Any],
     ) -> Any:
         if isinstance(node, CallNode):
             if node.stream and self.on_event is not None and self.rt._invoke_stream is not None:
                 return await self._call_stream(node, qualified, args)
             return await self._call(node.server, node.method, args)
         if isinstance(node, FunctionNode):
-            return await _maybe_await(resolve(node.function)(**args))
+            return await _maybe_await(compiled.functions[node.name](**args))
         if isinstance(node, SwitchNode):
             key = _case_key(_lookup(values, node.on))
             branch = node.cases.get(key, node.default)
@@ -374,34 +389,39 @@ class _Run:
                     "add a case or a default branch",
                 )
             label = f"case[{key}]" if key in node.cases else "default"
-            return await self._subgraph(branch, args, f"{qualified}/{label}/")
+            return await self._subgraph(compiled.sub(branch), args, f"{qualified}/{label}/")
         if isinstance(node, ParallelNode):
             names = list(node.branches)
             outputs = await asyncio.gather(
                 *(
-                    self._subgraph(node.branches[n], args, f"{qualified}/branch[{n}]/")
+                    self._subgraph(
+                        compiled.sub(node.branches[n]), args, f"{qualified}/branch[{n}]/"
+                    )
                     for n in names
                 )
             )
             by_branch = dict(zip(names, outputs, strict=True))
             if node.join is None:
                 return by_branch
-            return await _maybe_await(resolve(node.join)(**by_branch))
+            return await _maybe_await(compiled.functions[f"{node.name}.join"](**by_branch))
         if isinstance(node, LoopNode):
-            return await self._loop(node, qualified, args)
+            return await self._loop(node, compiled, qualified, args)
         assert_never(node)  # a new node kind must say how it runs
 
-    async def _loop(self, node: LoopNode, qualified: str, args: dict[str, Any]) -> Any:
-        until = resolve(node.until)
-        state = _coerce(resolve(node.body.input), args, qualified)
+    async def _loop(
+        self, node: LoopNode, compiled: CompiledGraph, qualified: str, args: dict[str, Any]
+    ) -> Any:
+        until = compiled.functions[f"{node.name}.until"]
+        body = compiled.sub(node.body)
+        state = _coerce(body.input, args, qualified)
         for iteration in range(node.max_iterations):
-            state = await self.graph(node.body, state, f"{qualified}/iter[{iteration}]/")
+            state = await self.graph(body, state, f"{qualified}/iter[{iteration}]/")
             if await _maybe_await(until(state)):
                 break
         return state
 
-    async def _subgraph(self, graph: Graph, args: dict[str, Any], prefix: str) -> Any:
-        return await self.graph(graph, _coerce(resolve(graph.input), args, prefix), prefix)
+    async def _subgraph(self, sub: CompiledGraph, args: dict[str, Any], prefix: str) -> Any:
+        return await self.graph(sub, _coerce(sub.input, args, prefix), prefix)
 
     async def _call(self, server: str, method: str, args: dict[str, Any]) -> Any:
         contract = self.rt.catalog.contract(server, method)
@@ -430,11 +450,11 @@ class _Run:
             raise RuntimeError(f"{contract.stream_method} ended without a final response")
         return response
 
-    async def _fallback(self, node: Node, qualified: str, args: dict[str, Any]) -> Any:
+    async def _fallback(self, node: Node, compiled: CompiledGraph, args: dict[str, Any]) -> Any:
         fallback = node.fallback
         assert fallback is not None
         if fallback.function:
-            return await _maybe_await(resolve(fallback.function)(**args))
+            return await _maybe_await(compiled.functions[f"{node.name}.fallback"](**args))
         assert fallback.server and fallback.method
         return await self._call(fallback.server, fallback.method, args)
 
@@ -487,11 +507,11 @@ def _lookup(values: dict[str, Any], ref: str) -> Any:
     return value
 
 
-def _build_output(graph: Graph, values: dict[str, Any]) -> Any:
-    if isinstance(graph.returns, str):
-        return _lookup(values, graph.returns)
-    output_type = resolve(graph.output)
-    return output_type(**{name: _lookup(values, ref) for name, ref in graph.returns.items()})
+def _build_output(compiled: CompiledGraph, values: dict[str, Any]) -> Any:
+    returns = compiled.graph.returns
+    if isinstance(returns, str):
+        return _lookup(values, returns)
+    return compiled.output(**{name: _lookup(values, ref) for name, ref in returns.items()})
 
 
 def _coerce(model: type[BaseModel], value: Any, where: str) -> BaseModel:

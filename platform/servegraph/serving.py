@@ -25,6 +25,7 @@ from ray import serve
 from servegraph import sse, tracing
 from servegraph.admission import DEFAULT_MAX_IN_FLIGHT, AdmissionGate
 from servegraph.catalog import Catalog
+from servegraph.compiled import CompiledGraph
 from servegraph.discovery import discover
 from servegraph.errors import PipelineRuntimeError
 from servegraph.graph import Graph, resolve
@@ -34,7 +35,6 @@ from servegraph.render import to_mermaid, to_text
 from servegraph.runtime import NodeRecord, Runtime, default_deadline
 from servegraph.serialize import to_yaml
 from servegraph.settings import AppSettings
-from servegraph.validation import validate
 
 logger = logging.getLogger("ray.serve")
 
@@ -95,7 +95,7 @@ def build_fastapi(
             node_hook=tracing.node_hook(graph.name),
             invoke_stream=getattr(invoke, "stream", None),
         )
-        app.include_router(pipeline_router(graph, runtime, metrics))
+        app.include_router(pipeline_router(runtime.compile(graph), runtime, metrics))
     return app
 
 
@@ -129,11 +129,12 @@ that status and a JSON body instead, as the plain route does.
 The response carries `x-trace-id`; the whole stream is one trace."""
 
 
-def pipeline_router(graph: Graph, runtime: Runtime, metrics: Any) -> APIRouter:
+def pipeline_router(compiled: CompiledGraph, runtime: Runtime, metrics: Any) -> APIRouter:
     """One pipeline's routes: POST /<name>, POST /<name>/stream, GET /<name>/graph(.mmd)."""
     router = APIRouter()
-    input_model = resolve(graph.input)
-    output_type = resolve(graph.output)
+    graph = compiled.graph
+    input_model = compiled.input
+    output_type = compiled.output
     deadline_doc = (
         f"Deadline for the whole request, in seconds (default {default_deadline(graph):g}); "
         "a 504 naming the node answers just before it runs out."
@@ -160,7 +161,9 @@ def pipeline_router(graph: Graph, runtime: Runtime, metrics: Any) -> APIRouter:
         status = 200
         deadline_s = run_deadline(graph, x_request_timeout, x_request_timeout_seconds)
         try:
-            result = await runtime.execute(graph, request, records=records, deadline_s=deadline_s)
+            result = await runtime.execute(
+                compiled, request, records=records, deadline_s=deadline_s
+            )
         except Exception as exc:
             status = _status_of(exc)
             raise
@@ -179,7 +182,7 @@ def pipeline_router(graph: Graph, runtime: Runtime, metrics: Any) -> APIRouter:
         started = time.perf_counter()
         records: list[NodeRecord] = []
         deadline_s = run_deadline(graph, x_request_timeout, x_request_timeout_seconds)
-        events = runtime.stream(graph, request, records=records, deadline_s=deadline_s)
+        events = runtime.stream(compiled, request, records=records, deadline_s=deadline_s)
         try:  # a run failing before any progress is answered with its own status
             held = await sse.hold_until_progress(events)
         except Exception as exc:
@@ -349,9 +352,7 @@ def ingress_app(args: IngressArgs | dict[str, Any]) -> Any:
 
     def make_app() -> FastAPI:
         catalog: Catalog = resolve(args.catalog)
-        graphs = load_graphs(args)
-        for graph in graphs.values():
-            validate(graph, catalog)
+        graphs = load_graphs(args)  # compiled, so validated, by build_fastapi
         from servegraph.metrics import PipelineMetrics
 
         return build_fastapi(graphs, catalog, ServeInvoker(catalog), PipelineMetrics())

@@ -1,0 +1,74 @@
+"""The compile step: a graph checked once and bound, ready to run many times.
+
+    graph = build_pipeline().build()          # data: nodes, refs, import paths
+    compiled = servegraph.compile(graph, catalog)   # validated, imports resolved
+    await runtime.run(compiled, request)       # no validation or import on the way
+
+`compile` validates (every problem at once, as `validate` does) and resolves what the
+graph names by import path: its input and output types, every function, join and
+loop condition, and fallback function, and each node's dependencies; sub-graphs are
+compiled with it. The ingress and the gateways compile their graphs when they start;
+`Runtime.run` compiles a plain `Graph` it is given on each call.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
+from typing import Any
+
+from servegraph.catalog import Catalog
+from servegraph.graph import INPUT, FunctionNode, Graph, LoopNode, ParallelNode, resolve
+from servegraph.validation import dependencies, validate
+
+
+@dataclass(frozen=True, eq=False)
+class CompiledGraph:
+    graph: Graph
+    input: type[Any]
+    output: Any
+    waits_on: Mapping[str, frozenset[str]]
+    """Node name -> the nodes whose outputs it reads."""
+    functions: Mapping[str, Callable[..., Any]]
+    """`<node>` (a function node), `<node>.join`, `<node>.until`, `<node>.fallback`."""
+    subgraphs: Mapping[int, CompiledGraph]
+    """Compiled sub-graphs by the id of their `Graph`, which `graph` keeps alive."""
+
+    @property
+    def name(self) -> str:
+        return self.graph.name
+
+    def sub(self, graph: Graph) -> CompiledGraph:
+        """The compiled form of one of this graph's sub-graphs (a case, branch, body)."""
+        return self.subgraphs[id(graph)]
+
+
+def compile(graph: Graph, catalog: Catalog) -> CompiledGraph:
+    """Validate `graph` against `catalog` and bind it.
+
+    Raises:
+        GraphValidationError: every problem found, each with node, port and fix.
+    """
+    validate(graph, catalog)
+    return _bind(graph)
+
+
+def _bind(graph: Graph) -> CompiledGraph:
+    functions: dict[str, Callable[..., Any]] = {}
+    for node in graph.nodes:
+        if isinstance(node, FunctionNode):
+            functions[node.name] = resolve(node.function)
+        elif isinstance(node, ParallelNode) and node.join:
+            functions[f"{node.name}.join"] = resolve(node.join)
+        elif isinstance(node, LoopNode):
+            functions[f"{node.name}.until"] = resolve(node.until)
+        if node.fallback and node.fallback.function:
+            functions[f"{node.name}.fallback"] = resolve(node.fallback.function)
+    return CompiledGraph(
+        graph=graph,
+        input=resolve(graph.input),
+        output=resolve(graph.output),
+        waits_on={n.name: frozenset(dependencies(n) - {INPUT}) for n in graph.nodes},
+        functions=functions,
+        subgraphs={id(sub): _bind(sub) for n in graph.nodes for _, sub in n.children()},
+    )

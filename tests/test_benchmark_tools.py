@@ -59,3 +59,65 @@ def test_open_loop_arrivals_do_not_wait_for_earlier_requests() -> None:
 
     sent = asyncio.run(run())
     assert sent == len(started) and started == list(range(sent))
+
+
+async def test_the_evaluation_scores_rag_and_triage_answers_as_labelled() -> None:
+    """benchmarks.eval_pipelines' scoring, on canned answers, with callers at once."""
+    import asyncio
+
+    from benchmarks.eval_pipelines import evaluate_rag, evaluate_triage
+
+    passage = {"doc_id": "kb/a", "text": "Refunds take 7 business days."}
+    other = {"doc_id": "kb/b", "text": "Shipping is free."}
+    answers = {
+        "good": {
+            "answer": "7 business days.",
+            "cited": [passage],
+            "passages": [passage, other],
+            "method": "generated",
+            "truncated": False,
+        },
+        "raw": {
+            "answer": '{"answer": "7 busin',
+            "cited": [other],
+            "passages": [other],
+            "method": "extractive",
+            "truncated": True,
+        },
+    }
+    in_flight, most = 0, 0
+
+    async def ask(pipeline: str, body: dict) -> dict:
+        nonlocal in_flight, most
+        in_flight += 1
+        most = max(most, in_flight)
+        await asyncio.sleep(0)
+        in_flight -= 1
+        if pipeline == "triage":
+            steps = [{"tool": "lookup_order", "valid": True}, {"tool": "search_kb", "valid": True}]
+            return {
+                "team": "shipping",
+                "reply": "It is in transit.",
+                "completed": True,
+                "drafted": "llm",
+                "steps": steps,
+            }
+        return answers[body["question"]]
+
+    rows = [{"question": q, "doc_id": "kb/a", "fact": "7 business days"} for q in answers]
+    rag = await evaluate_rag(ask, rows, {"source": "kb"}, concurrency=2)
+    assert rag.rate("hit") == 0.5 and rag.rate("cites_fact") == 0.5
+    assert rag.rate("clean") == 0.5 and rag.rate("citation_precision") == 0.5
+    tickets = [
+        {
+            "text": "Where is 12345?",
+            "team": "shipping",
+            "tool": "lookup_order",
+            "fact": "in transit",
+        }
+    ] * 3
+    agent = await evaluate_triage(ask, tickets, concurrency=3)
+    assert agent.rate("routing") == agent.rate("right_tool_first_keyed") == 1.0
+    assert agent.rate("completed") == 1.0 and agent.rate("repeated_tool") == 0.0
+    assert agent.rate("steps") == 2 and not agent.errors
+    assert most > 1  # callers at once, not one after another

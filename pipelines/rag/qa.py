@@ -121,7 +121,7 @@ def split_passages(question: str, hits: list[Hit]) -> dict:
     last so the batch is never empty."""
     texts, owner = [], []
     for i, hit in enumerate(hits):
-        for sentence in evidence.sentences(hit.text) or [hit.text[:400]]:
+        for sentence in evidence.sentences(hit.text) or [hit.text[: evidence.MAX_SENTENCE_CHARS]]:
             texts.append(sentence)
             owner.append(i)
     return {"texts": [*texts, question], "owner": owner}

@@ -1,7 +1,7 @@
 """Resource profiles: Serve deployment options per model server, CPU or GPU.
 
 Chosen by configuration (``SERVEGRAPH_PROFILE=gpu``), never by code changes. A
-pipeline's per-node `deployment=` overrides are applied on top (see the compiler).
+pipeline's per-node `deployment=` overrides are applied on top (see `servegraph.planner`).
 """
 
 from __future__ import annotations

@@ -209,10 +209,11 @@ def in_process() -> Iterator[tuple[Ask, Callable[[list[Any]], None], Callable[[]
     from servegraph import InProcessRuntime
     from servegraph.discovery import discover
 
-    graphs = discover("pipelines")
+    graphs = discover()
     with tempfile.TemporaryDirectory() as index:
         servers = local_servers(Path(index) / "index")
         runtime = InProcessRuntime(CATALOG, servers)
+        graphs = {name: runtime.compile(g) for name, g in graphs.items()}  # once
         try:
 
             async def ask(pipeline: str, body: dict[str, Any]) -> dict[str, Any]:

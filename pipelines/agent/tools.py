@@ -39,35 +39,29 @@ ORDER_NUMBER = re.compile(r"\b\d{5}\b")
 EMAIL = re.compile(r"[\w.+-]+@[\w-]+\.[\w.]+")
 
 
-def find_order(number: str) -> dict | None:
-    return _query("SELECT * FROM orders WHERE id = ?", (number,))
-
-
-def find_account(email: str) -> dict | None:
-    return _query("SELECT * FROM accounts WHERE email = ?", (email.lower(),))
-
-
-def lookup_order(argument: str) -> str:
+def lookup_order(argument: str) -> tuple[str, dict | None]:
+    """What the tool tells the agent, and the order it found (None if none)."""
     number = ORDER_NUMBER.search(argument)
     if not number:
-        return "error: lookup_order needs an order number (five digits), e.g. 12345"
-    order = find_order(number.group(0))
+        return "error: lookup_order needs an order number (five digits), e.g. 12345", None
+    order = _query("SELECT * FROM orders WHERE id = ?", (number.group(0),))
     if order is None:
-        return f"no order {number.group(0)} found"
+        return f"no order {number.group(0)} found", None
     return (
         f"order {order['id']}: {order['product']}, status {order['status']}, "
         f"carrier {order['carrier']}, estimated delivery {order['eta']}, total {order['total']}"
-    )
+    ), order
 
 
-def lookup_account(argument: str) -> str:
+def lookup_account(argument: str) -> tuple[str, dict | None]:
+    """What the tool tells the agent, and the account it found (None if none)."""
     email = EMAIL.search(argument)
     if not email:
-        return "error: lookup_account needs the customer's email address"
-    account = find_account(email.group(0))
+        return "error: lookup_account needs the customer's email address", None
+    account = _query("SELECT * FROM accounts WHERE email = ?", (email.group(0).lower(),))
     if account is None:
-        return f"no account for {email.group(0)}"
+        return f"no account for {email.group(0)}", None
     return (
         f"account {account['email']}: {account['name']}, {account['plan']}, "
         f"status {account['status']}, customer since {account['since']}"
-    )
+    ), account

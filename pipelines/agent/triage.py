@@ -2,7 +2,8 @@
 
     classify ─► route (switch on label: team + its tools) ─► work (loop ≤ 4):
         plan ─► choose (LLM, guided JSON: {tool, argument}) ─► parse ─► act (switch on tool:
-        search_kb = embed ─► search ─► split ─► embed_sentences ─► rank ─► summarise |
+        search_kb = embed ─► retrieve ─► split ─► embed_sentences ─► rank (the best article's
+        closest sentences; `pipelines.rag.qa.retrieve_ranked`) |
         lookup_order | lookup_account | final_answer | default: the invalid call is fed back)
         ─► record
     ─► brief ─► draft (LLM, guided JSON: {reply}) ─► finish
@@ -15,7 +16,7 @@ graph carries them:
   offers only the look-up the ticket holds the key for (an order number, an email).
 - **The ticket's key wins.** A look-up uses the order number or email the ticket holds,
   whatever the model wrote; `search_kb` searches with the ticket's own words when the
-  model's query shares none of them.
+  model's query shares fewer than two of them.
 - **The loop ends when the evidence is in**: when the model chooses `final_answer`, or
   when every tool that applies has been used (so at most three steps of four).
 - **The reply is drafted from the tool results**, by the LLM, in a separate step that
@@ -302,20 +303,18 @@ def rank_hits(
 
 
 def order_tool(argument: str, error: str = "") -> Observation:
-    number = tools.ORDER_NUMBER.search(argument)
-    order = tools.find_order(number.group(0)) if number else None
+    output, order = tools.lookup_order(argument)
     return Observation(
-        output=tools.lookup_order(argument),
+        output=output,
         facts={k: str(v) for k, v in (order or {}).items()},
         must_say=order["status"] if order else "",
     )
 
 
 def account_tool(argument: str, error: str = "") -> Observation:
-    email = tools.EMAIL.search(argument)
-    account = tools.find_account(email.group(0)) if email else None
+    output, account = tools.lookup_account(argument)
     return Observation(
-        output=tools.lookup_account(argument),
+        output=output,
         facts={k: str(v) for k, v in (account or {}).items()},
         # "locked (too many login attempts)" is stated as "locked"
         must_say=account["status"].split(" (")[0] if account else "",

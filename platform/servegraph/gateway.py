@@ -61,9 +61,9 @@ def build_gateway(spec: ServerSpec, catalog: Catalog, invoke: Any) -> FastAPI:
 
 
 def _add_method(
-    app: FastAPI, runtime: Runtime, graph: CompiledGraph, method: str, response: Any
+    app: FastAPI, runtime: Runtime, compiled: CompiledGraph, method: str, response: Any
 ) -> None:
-    request_model = graph.input
+    request_model = compiled.input
 
     async def call(
         request: request_model,  # type: ignore[valid-type]
@@ -71,7 +71,7 @@ def _add_method(
             None, gt=0, le=600, description="Deadline in seconds (default 60)."
         ),
     ) -> Any:
-        return await runtime.run(graph, request, deadline_s=x_request_timeout)
+        return await runtime.run(compiled, request, deadline_s=x_request_timeout)
 
     app.add_api_route(
         f"/{method}",

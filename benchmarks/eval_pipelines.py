@@ -204,14 +204,16 @@ def in_process() -> Iterator[tuple[Ask, Callable[[list[Any]], None], Callable[[]
     import tempfile
 
     from deployments.catalog import CATALOG
-    from deployments.in_process import local_servers
+    from deployments.vector_index.contract import DeleteRequest
     from pipelines.rag.ingest import knowledge_base
     from servegraph import InProcessRuntime
     from servegraph.discovery import discover
 
     graphs = discover()
     with tempfile.TemporaryDirectory() as index:
-        servers = local_servers(Path(index) / "index")
+        servers = CATALOG.in_process_servers(
+            options={"vector_index": {"path": Path(index) / "index"}}
+        )
         runtime = InProcessRuntime(CATALOG, servers)
         graphs = {name: runtime.compile(g) for name, g in graphs.items()}  # once
         try:
@@ -225,7 +227,7 @@ def in_process() -> Iterator[tuple[Ask, Callable[[list[Any]], None], Callable[[]
                     asyncio.run(ask("rag_ingest", {"documents": batch}))
 
             def forget_pydoc() -> None:
-                servers["vector_index"].store.delete(where=PYDOC)
+                servers["vector_index"].delete(DeleteRequest(filter=PYDOC))
 
             ingest(knowledge_base())
             yield ask, ingest, forget_pydoc

@@ -20,8 +20,9 @@ import httpx
 
 from benchmarks import report
 from benchmarks.report import Figure
-from deployments.encoders import SentenceEncoder, TicketClassifier
-from deployments.settings import ModelSettings
+from deployments.classifier.model import TicketClassifier, trained_dir
+from deployments.embedder.model import SentenceEncoder
+from deployments.llm.settings import LLMSettings
 
 ITEMS = 640
 LLM_REQUESTS, LLM_TOKENS = 32, 64
@@ -34,8 +35,8 @@ PROMPTS = [
 ]
 
 
-def raw_embedder(settings: ModelSettings) -> float:
-    encoder = SentenceEncoder(settings.embedder_dir)
+def raw_embedder() -> float:
+    encoder = SentenceEncoder()
     encoder.encode(TEXTS[:64])
     started = time.perf_counter()
     for i in range(0, ITEMS, 64):
@@ -43,8 +44,8 @@ def raw_embedder(settings: ModelSettings) -> float:
     return ITEMS / (time.perf_counter() - started)
 
 
-def raw_classifier(settings: ModelSettings) -> float:
-    classifier = TicketClassifier(settings.classifier_dir, SentenceEncoder(settings.embedder_dir))
+def raw_classifier() -> float:
+    classifier = TicketClassifier(trained_dir(), SentenceEncoder())
     classifier.classify(TEXTS[:64])
     started = time.perf_counter()
     for i in range(0, ITEMS, 64):
@@ -52,17 +53,17 @@ def raw_classifier(settings: ModelSettings) -> float:
     return ITEMS / (time.perf_counter() - started)
 
 
-def raw_llm(settings: ModelSettings) -> tuple[float, float]:
+def raw_llm(settings: LLMSettings) -> tuple[float, float]:
     """Output tokens/s for 32 prompts x 64 tokens, and the engine's cold start."""
     from vllm import LLM, SamplingParams
 
-    os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", str(settings.llm_kv_cache_gib))
+    os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", str(settings.kv_cache_gib))
     started = time.perf_counter()
     llm = LLM(
-        model=settings.llm_path,
-        dtype=settings.llm_dtype,
+        model=settings.path,
+        dtype=settings.dtype,
         enforce_eager=True,
-        max_model_len=settings.llm_max_model_len,
+        max_model_len=settings.max_model_len,
         max_num_seqs=64,
     )
     cold_start = time.perf_counter() - started
@@ -116,7 +117,7 @@ async def _http_llm(base_url: str) -> float:
             response = await client.post(
                 "/v1/completions",
                 json={
-                    "model": ModelSettings().llm_model_id,
+                    "model": LLMSettings().model_id,
                     "prompt": prompt,
                     "max_tokens": LLM_TOKENS,
                     "temperature": 0.0,
@@ -146,7 +147,8 @@ def on_serve() -> dict[str, float]:
             time.sleep(1)
         deploy_s = time.perf_counter() - started
         served: dict[str, float] = {"deploy_all_s": deploy_s}
-        from deployments.schemas import ClassifyRequest, EmbedOneRequest
+        from deployments.classifier.contract import ClassifyRequest
+        from deployments.embedder.contract import EmbedOneRequest
 
         for name, deployment, method, request in (
             ("embedder", "Embedder", "embed_one", EmbedOneRequest),
@@ -166,9 +168,8 @@ def on_serve() -> dict[str, float]:
 
 
 def main() -> None:
-    settings = ModelSettings()
-    raw = {"embedder": raw_embedder(settings), "classifier": raw_classifier(settings)}
-    raw["llm"], raw["llm_cold_start_s"] = raw_llm(settings)
+    raw = {"embedder": raw_embedder(), "classifier": raw_classifier()}
+    raw["llm"], raw["llm_cold_start_s"] = raw_llm(LLMSettings())
     served = on_serve()
     print(json.dumps({"raw": raw, "serve": served}, indent=2))
     figures = [

@@ -22,9 +22,12 @@ from typing import Any
 import numpy as np
 from fastapi import FastAPI
 
-from deployments.llm import engine_kwargs
-from deployments.schemas import ChatResponse, Embedding, EmbedResponse, Hit, Usage
-from deployments.settings import ModelSettings
+from deployments.embedder.contract import Embedding, EmbedResponse
+from deployments.embedder.model import EmbedderSettings
+from deployments.llm.contract import ChatResponse, Usage
+from deployments.llm.server import engine_kwargs
+from deployments.llm.settings import LLMSettings
+from deployments.vector_index.contract import Hit
 from pipelines.rag.ingest import chunk_documents, knowledge_base
 from pipelines.rag.models import RagAnswer, RagQuery
 from pipelines.rag.qa import build_prompt, make_answer, rank, split_passages
@@ -33,14 +36,14 @@ from pipelines.rag.qa import build_prompt, make_answer, rank, split_passages
 class Monolith:
     """Everything the RAG answer needs, loaded in this process."""
 
-    def __init__(self, settings: ModelSettings) -> None:
+    def __init__(self, settings: LLMSettings) -> None:
         import faiss
         from sentence_transformers import SentenceTransformer
         from vllm import AsyncEngineArgs
         from vllm.v1.engine.async_llm import AsyncLLM
 
-        os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", str(settings.llm_kv_cache_gib))
-        self.encoder = SentenceTransformer(str(settings.embedder_dir), device="cpu")
+        os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", str(settings.kv_cache_gib))
+        self.encoder = SentenceTransformer(str(EmbedderSettings().model_dir), device="cpu")
         chunks = chunk_documents(knowledge_base(), chunk_chars=600)
         self.records: list[dict[str, Any]] = chunks["records"]
         vectors = self.encoder.encode(
@@ -48,9 +51,9 @@ class Monolith:
         )
         self.index = faiss.IndexFlatIP(vectors.shape[1])
         self.index.add(np.asarray(vectors, dtype=np.float32))
-        self.model_id = settings.llm_model_id
+        self.model_id = settings.model_id
         self.engine = AsyncLLM.from_engine_args(
-            AsyncEngineArgs(model=settings.llm_path, **engine_kwargs(settings))
+            AsyncEngineArgs(model=settings.path, **engine_kwargs(settings))
         )
         self.tokenizer = self.engine.tokenizer
 
@@ -113,12 +116,12 @@ class Monolith:
         )
 
 
-def create_app(settings: ModelSettings | None = None) -> FastAPI:
+def create_app(settings: LLMSettings | None = None) -> FastAPI:
     state: dict[str, Monolith] = {}
 
     @asynccontextmanager
     async def lifespan(_: FastAPI) -> AsyncIterator[None]:
-        state["m"] = Monolith(settings or ModelSettings())
+        state["m"] = Monolith(settings or LLMSettings())
         yield
         state["m"].engine.shutdown()
 

@@ -16,7 +16,7 @@ from pathlib import Path
 import httpx
 
 from deployments.catalog import CATALOG
-from deployments.classifier_training import load_tickets
+from deployments.classifier.training import load_tickets
 from pipelines.rag.ingest import build_pipeline as build_ingest
 from pipelines.rag.ingest import knowledge_base
 from pipelines.rag.models import RagAnswer, RagQuery
@@ -74,11 +74,13 @@ def raw(index: Path) -> dict:
     batched one: each group of 16 questions is embedded, searched and answered in one
     engine call, and every question in it waits for the whole group.
     """
-    from deployments import schemas as s
-    from deployments.in_process import local_servers
+    from deployments.classifier.contract import ClassifyRequest
+    from deployments.embedder.contract import Embedding, EmbedRequest
+    from deployments.llm.contract import ChatRequest
+    from deployments.vector_index.contract import SearchRequest
     from servegraph import InProcessRuntime
 
-    servers = local_servers(index)
+    servers = CATALOG.in_process_servers(options={"vector_index": {"path": index}})
     embedder, vector_index, llm = servers["embedder"], servers["vector_index"], servers["llm"]
     asyncio.run(  # the same knowledge base, ingested by the same graph
         InProcessRuntime(CATALOG, servers).run(
@@ -88,21 +90,20 @@ def raw(index: Path) -> dict:
     defaults = RagQuery(question="unused")
 
     async def answer_all(questions: list[str]) -> list[RagAnswer]:
-        vectors = (await embedder.embed(s.EmbedRequest(texts=questions))).vectors
+        vectors = (await embedder.embed(EmbedRequest(texts=questions))).vectors
         found = [
-            (await vector_index.search(s.SearchRequest(vector=v, k=defaults.k))).hits
-            for v in vectors
+            (await vector_index.search(SearchRequest(vector=v, k=defaults.k))).hits for v in vectors
         ]
         ranked = []  # the pipeline's re-ranking: each question's sentences in one call
         for question, vector, hits in zip(questions, vectors, found, strict=True):
             split = split_passages(question, hits)
-            embedded = await embedder.embed(s.EmbedRequest(texts=split["texts"]))
-            query = s.Embedding(vector=vector, dim=embedded.dim)
+            embedded = await embedder.embed(EmbedRequest(texts=split["texts"]))
+            query = Embedding(vector=vector, dim=embedded.dim)
             ranked.append(rank(question, query, hits, split, embedded))
         prompts = [build_prompt(q, r) for q, r in zip(questions, ranked, strict=True)]
         replies = await llm.chat_many(
             [
-                s.ChatRequest(
+                ChatRequest(
                     messages=p["messages"], json_schema=p["schema"], max_tokens=defaults.max_tokens
                 )
                 for p in prompts
@@ -125,7 +126,7 @@ def raw(index: Path) -> dict:
     async def routing_hits(tickets: list[dict]) -> list[bool]:
         classifier = servers["classifier"]
         labels = [
-            (await classifier.classify(s.ClassifyRequest(text=t["text"]))).label for t in tickets
+            (await classifier.classify(ClassifyRequest(text=t["text"]))).label for t in tickets
         ]
         return [label == t["label"] for label, t in zip(labels, tickets, strict=True)]
 

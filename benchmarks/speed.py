@@ -31,7 +31,6 @@ from benchmarks import report
 from benchmarks.load import HEADER, LoadResult, open_loop
 from benchmarks.pipelines import QUESTIONS
 from benchmarks.report import Figure
-from deployments.settings import ModelSettings
 from pipelines.rag.ingest import chunk_documents
 from pipelines.rag.models import Document
 from servegraph.local_ray import free_port
@@ -69,12 +68,12 @@ def pydoc_documents() -> list[Document]:
     ]
 
 
-def raw_ingest(documents: list[Document], settings: ModelSettings) -> float:
+def raw_ingest(documents: list[Document]) -> float:
     """Chunks/s of the raw embedder on the same chunks, 64 per forward pass."""
-    from deployments.encoders import SentenceEncoder
+    from deployments.embedder.model import SentenceEncoder
 
     texts = chunk_documents(documents, chunk_chars=600)["texts"]
-    encoder = SentenceEncoder(settings.embedder_dir)
+    encoder = SentenceEncoder()
     encoder.encode(texts[:64])
     started = time.perf_counter()
     encoder.encode(texts)
@@ -141,7 +140,7 @@ async def classifier_by_handle(rate_rps: float, seconds: float) -> tuple[float, 
     from ray import serve
 
     from benchmarks.load import percentile, poisson
-    from deployments.schemas import ClassifyRequest
+    from deployments.classifier.contract import ClassifyRequest
 
     handle = serve.get_deployment_handle("Classifier", "classifier")
     latencies: list[float] = []
@@ -252,9 +251,8 @@ def on_platform(documents: list[Document]) -> dict[str, object]:
 
 
 def main() -> None:
-    settings = ModelSettings()
     documents = pydoc_documents()
-    raw_chunks_per_s = raw_ingest(documents, settings)
+    raw_chunks_per_s = raw_ingest(documents)
     print(f"raw embedder on pydoc chunks: {raw_chunks_per_s:.1f} chunks/s", flush=True)
     monolith = on_monolith()
     with tempfile.TemporaryDirectory(prefix="servegraph-speed-") as index:

@@ -24,11 +24,14 @@ def test_cluster_yaml_validates_against_rays_schema() -> None:
 
 
 def test_gpu_profile_gives_fractions_by_configuration(monkeypatch) -> None:
-    from deployments.profiles import options_for
+    from deployments.embedder.server import PROFILES
+    from deployments.serve_options import options_for
 
-    gpu = options_for("embedder", "gpu")["ray_actor_options"]
+    monkeypatch.setenv("SERVEGRAPH_PROFILE", "gpu")
+    gpu = options_for(PROFILES)["ray_actor_options"]
     assert 0 < gpu["num_gpus"] < 1
-    assert "num_gpus" not in options_for("embedder", "cpu")["ray_actor_options"]
+    monkeypatch.setenv("SERVEGRAPH_PROFILE", "cpu")
+    assert "num_gpus" not in options_for(PROFILES)["ray_actor_options"]
 
 
 def test_the_schema_check_can_fail() -> None:

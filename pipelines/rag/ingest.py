@@ -14,7 +14,8 @@ from pathlib import Path
 import httpx
 from tqdm import tqdm
 
-from deployments.schemas import AddResponse, EmbedResponse, IndexItem
+from deployments.embedder.contract import EmbedResponse
+from deployments.vector_index.contract import AddResponse, IndexItem
 from pipelines.rag.models import Document, IngestedDocument, IngestRequest, IngestResponse
 from servegraph import Pipeline
 

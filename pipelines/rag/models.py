@@ -6,7 +6,8 @@ from typing import Annotated, Literal
 
 from pydantic import BaseModel, Field, StringConstraints, model_validator
 
-from deployments.schemas import Metadata, Usage
+from deployments.fields import Metadata
+from deployments.llm.contract import Usage
 
 Text = Annotated[str, StringConstraints(strip_whitespace=True, min_length=1)]
 

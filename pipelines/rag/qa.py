@@ -30,7 +30,9 @@ from collections.abc import Callable
 
 from pydantic_core import from_json
 
-from deployments.schemas import ChatResponse, Embedding, EmbedResponse, Hit
+from deployments.embedder.contract import Embedding, EmbedResponse
+from deployments.llm.contract import ChatResponse
+from deployments.vector_index.contract import Hit
 from pipelines import evidence
 from pipelines.rag.models import Passage, RagAnswer, RagQuery, Ranked, Sentence
 from servegraph import Pipeline, Ref

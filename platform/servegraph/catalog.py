@@ -8,12 +8,14 @@ server's Serve application, by import path, for the planner.
 
 from __future__ import annotations
 
-from collections.abc import Iterator, Mapping
+from collections.abc import Collection, Iterator, Mapping
 from dataclasses import dataclass, field
+from typing import Any
 
 from pydantic import BaseModel
 
 from servegraph.errors import CatalogError
+from servegraph.graph import resolve
 
 
 @dataclass(frozen=True)
@@ -57,6 +59,13 @@ class ServerSpec:
         route_prefix: where the server's own REST surface is mounted.
         client: import path of a class wrapping the deployment handle when the
             deployment does not take the contract's request model directly (the LLM).
+        serve_class: import path of the Serve deployment whose methods serve the
+            contract (where there is no `client`): checked against it by the tests.
+        in_process: import path of the class that serves the contract in this process,
+            constructed with no arguments (or `options`): what `in_process_servers`
+            builds for `InProcessRuntime`.
+        prepare: import path of the server's idempotent set-up step (convert or train
+            a model), run before the first deployment.
         reads: GET routes of the REST surface (see the attribute).
     """
 
@@ -66,6 +75,9 @@ class ServerSpec:
     deployment: str
     route_prefix: str
     client: str | None = None
+    serve_class: str | None = None
+    in_process: str | None = None
+    prepare: str | None = None
     description: str = ""
     reads: Mapping[str, tuple[str, type[BaseModel]]] = field(default_factory=dict)
     """Argument-less GET routes of the server's REST surface: route -> (deployment
@@ -94,6 +106,18 @@ class Catalog(Mapping[str, ServerSpec]):
 
     def __len__(self) -> int:
         return len(self.servers)
+
+    def in_process_servers(
+        self, skip: Collection[str] = (), options: Mapping[str, Mapping[str, Any]] | None = None
+    ) -> dict[str, Any]:
+        """Every server's `in_process` class, constructed in this process on the real
+        models (with `options[name]` as keyword arguments), but those in `skip`."""
+        options = options or {}
+        return {
+            name: resolve(spec.in_process)(**options.get(name, {}))
+            for name, spec in self.servers.items()
+            if name not in skip and spec.in_process
+        }
 
     def contract(self, server: str, method: str) -> MethodContract:
         spec = self[server]

@@ -18,8 +18,8 @@ from dataclasses import dataclass
 from typing import Any
 
 from servegraph.catalog import Catalog
-from servegraph.graph import INPUT, FunctionNode, Graph, LoopNode, ParallelNode, resolve
-from servegraph.validation import dependencies, validate
+from servegraph.graph import INPUT, Graph, resolve
+from servegraph.validation import validate
 
 
 @dataclass(frozen=True, eq=False)
@@ -54,21 +54,14 @@ def compile(graph: Graph, catalog: Catalog) -> CompiledGraph:
 
 
 def _bind(graph: Graph) -> CompiledGraph:
-    functions: dict[str, Callable[..., Any]] = {}
-    for node in graph.nodes:
-        if isinstance(node, FunctionNode):
-            functions[node.name] = resolve(node.function)
-        elif isinstance(node, ParallelNode) and node.join:
-            functions[f"{node.name}.join"] = resolve(node.join)
-        elif isinstance(node, LoopNode):
-            functions[f"{node.name}.until"] = resolve(node.until)
-        if node.fallback and node.fallback.function:
-            functions[f"{node.name}.fallback"] = resolve(node.fallback.function)
+    functions: dict[str, Callable[..., Any]] = {
+        key: resolve(path) for node in graph.nodes for key, path in node.imports().items()
+    }
     return CompiledGraph(
         graph=graph,
         input=resolve(graph.input),
         output=resolve(graph.output),
-        waits_on={n.name: frozenset(dependencies(n) - {INPUT}) for n in graph.nodes},
+        waits_on={n.name: frozenset(n.dependencies() - {INPUT}) for n in graph.nodes},
         functions=functions,
         subgraphs={id(sub): _bind(sub) for n in graph.nodes for _, sub in n.children()},
     )

@@ -61,10 +61,29 @@ class _NodeBase(BaseModel):
         None, description="Run instead, with the same inputs, when this node fails."
     )
 
+    def references(self) -> list[str]:
+        """The refs this node reads ('input.x', 'node', 'node.y')."""
+        return list(self.inputs.values())
+
+    def dependencies(self) -> set[str]:
+        """Names (nodes or 'input') this node reads from."""
+        return {ref.split(".", 1)[0] for ref in self.references()}
+
     def children(self) -> list[tuple[str, Graph]]:
         """The node's sub-graphs with their labels (case, branch, "body"), for the walks
         over a graph (planning, rendering); none for a call or a function."""
         return []
+
+    def imports(self) -> dict[str, str]:
+        """The functions this node runs, by import path, keyed as the compiled graph
+        holds them (`CompiledGraph.functions`): the node's name, or name.role."""
+        if self.fallback and self.fallback.function:
+            return {f"{self.name}.fallback": self.fallback.function}
+        return {}
+
+    def describe(self) -> str:
+        """A few words on what the node does, for renderings ("call llm.chat")."""
+        raise NotImplementedError  # every kind says
 
     @model_serializer(mode="wrap")
     def _kind_first(self, handler: SerializerFunctionWrapHandler) -> dict[str, Any]:
@@ -94,12 +113,21 @@ class CallNode(_NodeBase):
         description="Forward the method's chunks (e.g. LLM tokens) to a streaming request.",
     )
 
+    def describe(self) -> str:
+        return f"call {self.server}.{self.method}"
+
 
 class FunctionNode(_NodeBase):
     """Run a plain Python function (sync or async), referred to by import path."""
 
     kind: Literal["function"] = "function"
     function: str
+
+    def imports(self) -> dict[str, str]:
+        return {**super().imports(), self.name: self.function}
+
+    def describe(self) -> str:
+        return f"function {self.function.split(':')[-1]}"
 
 
 class SwitchNode(_NodeBase):
@@ -110,8 +138,14 @@ class SwitchNode(_NodeBase):
     cases: dict[str, Graph]
     default: Graph | None = None
 
+    def references(self) -> list[str]:
+        return [*super().references(), self.on]
+
     def children(self) -> list[tuple[str, Graph]]:
         return [*self.cases.items(), *([("default", self.default)] if self.default else [])]
+
+    def describe(self) -> str:
+        return f"switch on {self.on}"
 
 
 class ParallelNode(_NodeBase):
@@ -128,6 +162,13 @@ class ParallelNode(_NodeBase):
     def children(self) -> list[tuple[str, Graph]]:
         return list(self.branches.items())
 
+    def imports(self) -> dict[str, str]:
+        join = {f"{self.name}.join": self.join} if self.join else {}
+        return {**super().imports(), **join}
+
+    def describe(self) -> str:
+        return f"parallel x{len(self.branches)}"
+
 
 class LoopNode(_NodeBase):
     """Repeat a sub-graph, feeding its output back as its input, until `until` holds."""
@@ -139,6 +180,12 @@ class LoopNode(_NodeBase):
 
     def children(self) -> list[tuple[str, Graph]]:
         return [("body", self.body)]
+
+    def imports(self) -> dict[str, str]:
+        return {**super().imports(), f"{self.name}.until": self.until}
+
+    def describe(self) -> str:
+        return f"loop ≤{self.max_iterations}"
 
 
 Node = Annotated[
@@ -174,6 +221,10 @@ class Graph(BaseModel):
         "503 + Retry-After at once, before any work (else the platform's 256). Size it to "
         "what the pipeline's slowest model server can take, so doomed work is not admitted.",
     )
+
+    def returns_refs(self) -> list[str]:
+        """The refs the graph's output is built from."""
+        return [self.returns] if isinstance(self.returns, str) else list(self.returns.values())
 
     def node(self, name: str) -> Node:
         for node in self.nodes:

@@ -46,18 +46,6 @@ def check(graph: Graph, catalog: Catalog, prefix: str = "") -> list[Problem]:
     return _Checker(graph, catalog, prefix).run()
 
 
-def dependencies(node: Node) -> set[str]:
-    """Names (nodes or 'input') a node reads from."""
-    refs = list(node.inputs.values())
-    if isinstance(node, SwitchNode):
-        refs.append(node.on)
-    return {ref.split(".", 1)[0] for ref in refs}
-
-
-def returns_refs(graph: Graph) -> list[str]:
-    return [graph.returns] if isinstance(graph.returns, str) else list(graph.returns.values())
-
-
 class _Checker:
     def __init__(self, graph: Graph, catalog: Catalog, prefix: str) -> None:
         self.graph = graph
@@ -390,7 +378,7 @@ class _Checker:
                 )
 
     def _check_cycles(self) -> None:
-        graph = {n.name: dependencies(n) & set(self.names) for n in self.graph.nodes}
+        graph = {n.name: n.dependencies() & set(self.names) for n in self.graph.nodes}
         state: dict[str, int] = {}  # 1 = on the stack, 2 = done
 
         def visit(name: str, path: list[str]) -> None:
@@ -414,13 +402,13 @@ class _Checker:
     def _check_reachable(self) -> None:
         by_name = {n.name: n for n in self.graph.nodes}
         needed: set[str] = set()
-        frontier = [r.split(".", 1)[0] for r in returns_refs(self.graph)]
+        frontier = [r.split(".", 1)[0] for r in self.graph.returns_refs()]
         while frontier:
             name = frontier.pop()
             if name in needed or name not in by_name:
                 continue
             needed.add(name)
-            frontier.extend(dependencies(by_name[name]))
+            frontier.extend(by_name[name].dependencies())
         for name in self.names:
             if name not in needed:
                 self._problem(

@@ -1,44 +1,32 @@
 """Every method the catalog advertises exists, with the contract's request and response
-types, on the class that serves it on Ray Serve and on its in-process twin
-(`deployments.in_process`, what `InProcessRuntime` and the benchmarks' raw baseline use): a twin
-that drifts fails here, not in an integration run."""
+types, on the class that serves it on Ray Serve (`ServerSpec.serve_class`, or the
+`client` in front of a deployment that is not ours) and on the class that serves it in
+process (`ServerSpec.in_process`, what `InProcessRuntime` and the benchmarks' raw
+baseline use): a server that drifts from its contract fails here, not in an
+integration run."""
 
 from __future__ import annotations
 
+import importlib
 import typing
 from collections.abc import AsyncIterator
 
 import pytest
 
-from deployments import in_process
 from deployments.catalog import CATALOG
-from servegraph.catalog import MethodContract
+from servegraph.catalog import MethodContract, ServerSpec
 from servegraph.graph import resolve
 
-TWINS = {
-    "llm": in_process.LocalLLM,
-    "embedder": in_process.LocalEmbedder,
-    "classifier": in_process.LocalClassifier,
-    "vector_index": in_process.LocalIndex,
-}
 
-
-# Where each server's calls land on Serve. The catalog names the application builder and
-# the deployment's name, not its class: issue 12 gives each server one home that does.
-SERVED = {
-    "llm": "deployments.llm:LLMClient",  # wraps the ray.serve.llm deployment's handle
-    "embedder": "deployments.embedder:Embedder",
-    "classifier": "deployments.classifier:Classifier",
-    "vector_index": "deployments.vector_index:VectorIndex",
-}
-
-
-def served_class(server: str) -> type:
-    target = resolve(SERVED[server])
-    cls = getattr(target, "func_or_class", target)  # a @serve.deployment wraps its class
-    spec = CATALOG[server]
-    assert spec.client == SERVED[server] or target.name == spec.deployment, spec
-    return cls
+def served_class(spec: ServerSpec) -> type:
+    assert (spec.serve_class is None) != (spec.client is None), (
+        f"{spec.name}: name the Serve class, or the client in front of a deployment"
+    )
+    if spec.client:
+        return resolve(spec.client)
+    deployment = resolve(spec.serve_class)
+    assert deployment.name == spec.deployment, f"{spec.serve_class} is named {deployment.name}"
+    return deployment.func_or_class  # a @serve.deployment wraps its class
 
 
 def check(cls: type, name: str, contract: MethodContract) -> None:
@@ -56,12 +44,32 @@ def check(cls: type, name: str, contract: MethodContract) -> None:
 @pytest.mark.parametrize("server", list(CATALOG))
 @pytest.mark.parametrize("where", ["serve", "in-process"])
 def test_every_advertised_method_is_there_with_the_contracts_types(server: str, where: str) -> None:
-    cls = served_class(server) if where == "serve" else TWINS[server]
-    for name, contract in CATALOG[server].methods.items():
+    spec = CATALOG[server]
+    assert spec.in_process, f"{server}: no in-process class"
+    cls = served_class(spec) if where == "serve" else resolve(spec.in_process)
+    for name, contract in spec.methods.items():
         check(cls, name, contract)
         if contract.stream_method:
             check(cls, contract.stream_method, contract)
 
 
-def test_every_server_has_a_serve_class_and_an_in_process_twin() -> None:
-    assert set(TWINS) == set(CATALOG) == set(SERVED)
+@pytest.mark.parametrize("server", list(CATALOG))
+def test_every_read_route_is_a_method_of_the_serve_class(server: str) -> None:
+    spec = CATALOG[server]
+    for route, (method, response) in spec.reads.items():
+        cls = served_class(spec)
+        assert getattr(cls, method, None), f"{server}: GET /{route} calls a missing {method}()"
+        assert typing.get_type_hints(getattr(cls, method))["return"] is response
+
+
+@pytest.mark.parametrize("server", list(CATALOG))
+def test_each_server_is_one_package_that_builds_itself(server: str) -> None:
+    """What a new server needs: a package of `deployments/` whose `SERVER` is in the
+    catalog, with everything the catalog entry names inside that package."""
+    spec = CATALOG[server]
+    package = importlib.import_module(f"deployments.{server}")
+    assert package.SERVER is spec
+    for path in (spec.app_builder, spec.serve_class, spec.client, spec.in_process, spec.prepare):
+        if path:
+            assert path.startswith(f"deployments.{server}."), path
+            resolve(path)

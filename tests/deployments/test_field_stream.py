@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import json
 
-from deployments.llm import FieldStream
+from deployments.llm.client import FieldStream
 
 
 def feed_all(field: str | None, deltas: list[str]) -> list[str]:

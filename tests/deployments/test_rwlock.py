@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import threading
 
-from deployments._rwlock import ReadWriteLock
+from deployments.vector_index._rwlock import ReadWriteLock
 
 
 def test_readers_share_and_a_writer_excludes_everyone() -> None:

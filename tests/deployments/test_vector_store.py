@@ -10,7 +10,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from deployments.vector_store import VectorStore
+from deployments.vector_index.store import VectorStore
 from servegraph.errors import InvalidInputError
 
 
@@ -123,7 +123,7 @@ def test_metadata_that_would_break_the_stores_queries_is_refused_by_the_contract
     """Found by fuzzing: such a key made SQLite fail the query (a 502)."""
     from pydantic import ValidationError
 
-    from deployments.schemas import DeleteRequest
+    from deployments.vector_index.contract import DeleteRequest
 
     with pytest.raises(ValidationError) as error:
         DeleteRequest.model_validate({"filter": metadata})
@@ -131,7 +131,7 @@ def test_metadata_that_would_break_the_stores_queries_is_refused_by_the_contract
 
 
 def test_every_key_the_contract_allows_is_queried_safely(tmp_path: Path) -> None:
-    from deployments.schemas import DeleteRequest
+    from deployments.vector_index.contract import DeleteRequest
 
     store = VectorStore(tmp_path / "index")
     store.add(doc("kb/a", 1, 2), [])

@@ -32,7 +32,7 @@ def running_replicas(app: str, deployment: str) -> int:
 
 
 def test_embedder_scales_out_under_load_and_back_in(model_servers: LocalCluster) -> None:
-    from deployments.apps import embedder_app
+    from deployments.embedder.server import app as embedder_app
 
     serve.run(
         embedder_app({"overrides": {"autoscaling_config": FAST_AUTOSCALING}}),

@@ -12,13 +12,10 @@ import openai
 import pytest
 from ray import serve
 
-from deployments.schemas import (
-    MAX_BATCH,
-    ChatRequest,
-    ClassifyRequest,
-    EmbedOneRequest,
-    Message,
-)
+from deployments.classifier.contract import ClassifyRequest
+from deployments.embedder.contract import EmbedOneRequest
+from deployments.fields import MAX_BATCH
+from deployments.llm.contract import ChatRequest, Message
 from servegraph.local_ray import LocalCluster
 
 pytestmark = pytest.mark.integration
@@ -75,7 +72,8 @@ def test_llm_rejects_a_prompt_longer_than_the_context(http: httpx.Client) -> Non
 
 
 def test_llm_client_guided_json_and_usage(model_servers: LocalCluster) -> None:
-    from deployments.llm import LLMClient, deployment_name
+    from deployments.llm.client import LLMClient
+    from deployments.llm.server import deployment_name
 
     handle = serve.get_deployment_handle(deployment_name("smollm2-135m-instruct"), "llm")
     schema = {
@@ -163,7 +161,7 @@ def test_embedder_batches_a_quarter_of_its_concurrent_callers(
 
 
 def test_classifier_meets_held_out_accuracy_and_scores_sum_to_one(http: httpx.Client) -> None:
-    from deployments.classifier_training import load_tickets
+    from deployments.classifier.training import load_tickets
 
     held_out = [t for t in load_tickets() if t["split"] == "test"]
     response = http.post(
@@ -234,7 +232,7 @@ def test_index_add_search_filter_delete_round_trip(http: httpx.Client) -> None:
 
 
 def test_index_keeps_acknowledged_writes_across_a_restart(http: httpx.Client) -> None:
-    from deployments.apps import vector_index_app
+    from deployments.vector_index.server import app as vector_index_app
 
     item = {
         "id": "durable-1",

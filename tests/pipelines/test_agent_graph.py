@@ -10,15 +10,10 @@ import numpy as np
 import pytest
 
 from deployments.catalog import CATALOG
-from deployments.schemas import (
-    ChatResponse,
-    Classification,
-    Embedding,
-    EmbedResponse,
-    Hit,
-    SearchResponse,
-    Usage,
-)
+from deployments.classifier.contract import Classification
+from deployments.embedder.contract import Embedding, EmbedResponse
+from deployments.llm.contract import ChatResponse, Usage
+from deployments.vector_index.contract import Hit, SearchResponse
 from pipelines.agent.triage import build_pipeline
 from servegraph import InProcessRuntime, validate
 

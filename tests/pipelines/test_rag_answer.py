@@ -9,7 +9,9 @@ import math
 import numpy as np
 import pytest
 
-from deployments.schemas import ChatResponse, Embedding, EmbedResponse, Hit, Usage
+from deployments.embedder.contract import Embedding, EmbedResponse
+from deployments.llm.contract import ChatResponse, Usage
+from deployments.vector_index.contract import Hit
 from pipelines.rag.models import Ranked
 from pipelines.rag.qa import answer_chars, build_prompt, make_answer, rank, split_passages
 

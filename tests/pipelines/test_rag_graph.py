@@ -11,8 +11,10 @@ import numpy as np
 import pytest
 
 from deployments.catalog import CATALOG
-from deployments.in_process import LocalIndex
-from deployments.schemas import ChatResponse, Embedding, EmbedResponse, Usage
+from deployments.embedder.contract import Embedding, EmbedResponse
+from deployments.llm.contract import ChatResponse, Usage
+from deployments.vector_index.contract import CountRequest
+from deployments.vector_index.model import VectorIndex
 from pipelines import evidence
 from pipelines.rag.ingest import knowledge_base
 from servegraph import InProcessRuntime
@@ -64,7 +66,7 @@ def graphs():
 async def servers(tmp_path, graphs):
     servers = {
         "embedder": WordEmbedder(),
-        "vector_index": LocalIndex(tmp_path / "index"),
+        "vector_index": VectorIndex(tmp_path / "index"),
         "llm": ScriptedLLM(
             {"answer": "Refunds are issued within 7 business days.", "sources": [1]}
         ),
@@ -84,7 +86,7 @@ async def test_reingesting_replaces_chunks_instead_of_adding(servers, graphs) ->
     )
     assert (
         again.replaced == again.chunks
-        and again.index_count == servers["vector_index"].store.count()
+        and again.index_count == servers["vector_index"].count(CountRequest()).count
     )
 
 

@@ -23,7 +23,7 @@ from typing import Any, Literal
 
 import numpy as np
 
-from deployments._rwlock import ReadWriteLock
+from deployments.vector_index._rwlock import ReadWriteLock
 from servegraph.errors import InvalidInputError
 
 IndexType = Literal["flat", "ivf", "hnsw"]

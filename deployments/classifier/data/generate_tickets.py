@@ -1,4 +1,4 @@
-"""How tickets.jsonl was made: ``python -m deployments.data.generate_tickets``.
+"""How tickets.jsonl was made: ``python -m deployments.classifier.data.generate_tickets``.
 
 Hand-written ticket templates per category, filled from slot lists with a fixed seed.
 The held-out split takes whole *templates* (the last four of each category), so the

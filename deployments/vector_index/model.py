@@ -1,17 +1,18 @@
-"""The vector index model server: a durable FAISS store behind a small REST surface.
+"""The vector index's logic, no Ray: its contract's methods on a durable `VectorStore`.
 
-Held to ONE replica by configuration, on purpose: the FAISS structure lives in the
-replica's memory, so a second replica would answer searches from its own copy and miss
-writes the first acknowledged until it reopened the store. One replica makes "a search
-after an acknowledged add sees it" true by construction; flat search on 100k x 384
-vectors takes ~6 ms here, so one replica is not the bottleneck of any pipeline.
+`VectorIndex` is what the in-process runtime serves; the Serve deployment
+(`deployments.vector_index.server`) is the same class, held to one replica.
 """
 
 from __future__ import annotations
 
-from ray import serve
+from pathlib import Path
 
-from deployments.schemas import (
+from pydantic import Field
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+from deployments.settings import ModelSettings
+from deployments.vector_index.contract import (
     AddRequest,
     AddResponse,
     CountRequest,
@@ -23,20 +24,35 @@ from deployments.schemas import (
     SearchRequest,
     SearchResponse,
 )
-from deployments.vector_store import IndexType, VectorStore
-from servegraph.tracing import annotate
+from deployments.vector_index.store import IndexType, VectorStore
+from servegraph.server import annotate
 
 
-@serve.deployment(name="VectorIndex", num_replicas=1, health_check_period_s=10)
+class IndexSettings(BaseSettings):
+    model_config = SettingsConfigDict(env_prefix="SERVEGRAPH_INDEX_", extra="ignore")
+
+    path: Path | None = Field(None, description="Vector index folder (default home/index).")
+
+    @property
+    def dir(self) -> Path:
+        return self.path or ModelSettings().home / "index"
+
+
 class VectorIndex:
     """Add with ids, text and metadata; search top-k with a metadata filter; delete.
 
-    Methods are synchronous, so Serve runs them on its thread pool; the store
+    Methods are synchronous: Serve runs them on its thread pool, and the store
     serialises writes and lets searches run in parallel (see `VectorStore`).
+
+    Args:
+        path: the store's folder (default: `IndexSettings`).
+        index_type: the FAISS structure searches use.
     """
 
-    def __init__(self, path: str, index_type: IndexType = "flat", **index_options: int) -> None:
-        self._store = VectorStore(path, index_type, **index_options)
+    def __init__(
+        self, path: str | Path | None = None, index_type: IndexType = "flat", **index_options: int
+    ) -> None:
+        self._store = VectorStore(path or IndexSettings().dir, index_type, **index_options)
 
     def add(self, request: AddRequest) -> AddResponse:
         ids, replaced, count = self._store.add(
@@ -70,6 +86,3 @@ class VectorIndex:
             index_type=self._store.index_type,
             path=str(self._store.path),
         )
-
-    def check_health(self) -> None:
-        self._store.count()  # raises if the database is gone or locked

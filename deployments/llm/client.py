@@ -1,11 +1,7 @@
-"""The LLM model server: vLLM through `ray.serve.llm` (continuous batching, streaming,
-the OpenAI routes /v1/chat/completions, /v1/completions, /v1/models).
-
-Nothing here wraps the engine by hand: `build` only configures `ray.serve.llm`.
-`LLMClient` is the pipelines' side: it turns a node's typed `ChatRequest` into the
-OpenAI request the `LLMServer` deployment takes, through its handle (one hop, no HTTP),
-and adds what pipelines need that the OpenAI schema spreads around: guided JSON from a
-plain JSON schema, token usage, and 4xx errors that name the field.
+"""The pipelines' side of the LLM: `LLMClient` turns a node's typed `ChatRequest` into
+the OpenAI request the `LLMServer` deployment takes, through its handle (one hop, no
+HTTP), and adds what pipelines need that the OpenAI schema spreads around: guided JSON
+from a plain JSON schema, token usage, and 4xx errors that name the field.
 """
 
 from __future__ import annotations
@@ -17,80 +13,16 @@ from typing import Any
 
 from pydantic_core import from_json
 
-from deployments.profiles import LLM_GPU_FRACTION, options_for
-from deployments.schemas import ChatChunk, ChatRequest, ChatResponse, Usage
-from deployments.settings import ModelSettings
-from servegraph.errors import InvalidInputError
-from servegraph.tracing import annotate
-
-
-def deployment_name(model_id: str) -> str:
-    """The name `ray.serve.llm` gives the engine deployment of `model_id`."""
-    return "LLMServer:" + model_id.replace("/", "--").replace(".", "_")
-
-
-# Guided JSON without free whitespace between fields. By default the grammar lets the
-# model write newlines and spaces between JSON fields; SmolLM2 does, runs into max_tokens
-# inside the JSON, and the reply is unusable. The shipped RAG prompt's six questions of
-# issue 11 at 160 tokens: 6 of 6 replies cut off with the default, 3 of 6 with this.
-STRUCTURED_OUTPUTS: dict[str, Any] = {"backend": "xgrammar", "disable_any_whitespace": True}
-
-
-def engine_kwargs(settings: ModelSettings, *, gpu: bool = False) -> dict[str, Any]:
-    """vLLM engine arguments (all but the model) of the Serve deployment, and of the
-    in-process engines that stand in for it (`deployments.in_process.LocalLLM`, the
-    benchmarks' monolith), so that all of them generate alike."""
-    return {
-        "max_model_len": settings.llm_max_model_len,
-        "max_num_seqs": 64,
-        "dtype": "auto" if gpu else settings.llm_dtype,
-        "enforce_eager": settings.llm_enforce_eager and not gpu,
-        "structured_outputs_config": dict(STRUCTURED_OUTPUTS),
-    }
-
-
-def llm_config(
-    settings: ModelSettings | None = None, overrides: dict[str, Any] | None = None
-) -> Any:
-    from ray.serve.llm import LLMConfig
-
-    settings = settings or ModelSettings()
-    gpu = settings.profile == "gpu"
-    engine = engine_kwargs(settings, gpu=gpu)
-    extra: dict[str, Any] = {}
-    if gpu:
-        engine["gpu_memory_utilization"] = LLM_GPU_FRACTION
-        extra["accelerator_config"] = {"kind": "gpu"}
-        extra["placement_group_config"] = {"bundles": [{"GPU": LLM_GPU_FRACTION, "CPU": 1}]}
-    else:
-        extra["accelerator_config"] = {"kind": "cpu"}
-    return LLMConfig(
-        model_loading_config={"model_id": settings.llm_model_id, "model_source": settings.llm_path},
-        engine_kwargs=engine,
-        deployment_config=options_for("llm", settings.profile, overrides),
-        runtime_env={
-            "env_vars": {
-                "VLLM_CPU_KVCACHE_SPACE": str(settings.llm_kv_cache_gib),
-                "HF_HUB_OFFLINE": "1",
-                "TRANSFORMERS_OFFLINE": "1",
-            }
-        },
-        **extra,
-    )
-
-
-def build(overrides: dict[str, Any] | None = None) -> Any:
-    """The OpenAI-compatible Serve application for the configured LLM."""
-    from ray.serve.llm import build_openai_app
-
-    return build_openai_app({"llm_configs": [llm_config(overrides=overrides)]})
+from deployments.llm.contract import ChatChunk, ChatRequest, ChatResponse, Usage
+from deployments.llm.settings import LLMSettings
+from servegraph.server import InvalidInputError, annotate
 
 
 class LLMClient:
     """Calls the `LLMServer` deployment with a pipeline node's typed `ChatRequest`."""
 
     def __init__(self, handle: Any, model_id: str | None = None) -> None:
-        self.model_id = model_id or ModelSettings().llm_model_id
+        self.model_id = model_id or LLMSettings().model_id
         # LLMServer.chat is an async generator: the handle must be a streaming one.
         self._handle = handle.options(stream=True)
 

@@ -1,0 +1,26 @@
+"""The classifier model server: a support ticket's category, dynamically batched.
+
+`SERVER` is its catalog entry. Importing this package imports only pydantic models.
+"""
+
+from deployments.classifier import contract as c
+from servegraph import MethodContract, ServerSpec
+from servegraph.server import BatchStats
+
+SERVER = ServerSpec(
+    name="classifier",
+    methods={
+        "classify": MethodContract(c.ClassifyRequest, c.Classification, idempotent=True),
+        "classify_batch": MethodContract(
+            c.ClassifyBatchRequest, c.ClassifyBatchResponse, idempotent=True
+        ),
+    },
+    app_builder="deployments.classifier.server:app",
+    deployment="Classifier",
+    serve_class="deployments.classifier.server:ClassifierDeployment",
+    in_process="deployments.classifier.model:Classifier",
+    prepare="deployments.classifier.training:prepare",
+    route_prefix="/classifier",
+    reads={"info": ("info", c.ClassifierInfo), "stats": ("batch_stats", BatchStats)},
+    description="support-ticket category classifier, dynamically batched",
+)

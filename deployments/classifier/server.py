@@ -1,0 +1,66 @@
+"""The classifier on Ray Serve: the model logic (`deployments.classifier.model.Classifier`)
+with dynamic batching across callers, its CPU and GPU profile defaults, and its
+application builder."""
+
+from __future__ import annotations
+
+import asyncio
+from typing import Any, cast
+
+from ray import serve
+
+from deployments.classifier.contract import Classification
+from deployments.classifier.model import Classifier
+from deployments.serve_options import ENCODER_CPU, ENCODER_GPU, ServerAppArgs, options_for
+from servegraph.server import Batcher, BatchStats, gateway_app
+
+PROFILES = {"cpu": ENCODER_CPU, "gpu": ENCODER_GPU}
+
+
+@serve.deployment(name="Classifier", health_check_period_s=10, health_check_timeout_s=30)
+class ClassifierDeployment(Classifier):
+    """`Classifier`, batched across callers.
+
+    Args:
+        model_dir: the folder set-up trained into.
+        encoder_dir: the sentence encoder the head was trained on.
+        max_batch_size: the largest batch one forward pass takes.
+        batch_wait_timeout_s: how long the first request of a batch waits for company.
+    """
+
+    def __init__(
+        self,
+        model_dir: str | None = None,
+        encoder_dir: str | None = None,
+        max_batch_size: int = 64,
+        batch_wait_timeout_s: float = 0.005,
+    ) -> None:
+        super().__init__(model_dir, encoder_dir)
+        self._batches = Batcher(
+            self._classify_batch,
+            max_batch_size=max_batch_size,
+            wait_s=batch_wait_timeout_s,
+            name="classifier",
+        )
+
+    async def _run(self, texts: list[str]) -> list[Classification]:
+        return await self._batches.submit(texts)
+
+    async def _classify_batch(self, texts: list[str]) -> list[Classification]:
+        # In a thread, so requests keep queueing (and form the next batch) meanwhile.
+        return await asyncio.to_thread(self._model.classify, texts)
+
+    async def batch_stats(self) -> BatchStats:
+        return self._batches.stats()
+
+    async def check_health(self) -> None:
+        if self._model is None:
+            raise RuntimeError("classifier head is not loaded")
+
+
+def app(args: ServerAppArgs | dict[str, Any] | None = None) -> Any:
+    """The classifier's Serve application (Serve calls it with its config entry's args)."""
+    args = ServerAppArgs.of(args)
+    options = options_for(PROFILES, overrides=args.overrides)
+    deployment = cast(Any, ClassifierDeployment).options(**options)  # a @serve.deployment class
+    return gateway_app("classifier", deployment.bind(**args.init))

@@ -1,0 +1,23 @@
+"""The embedder model server: all-MiniLM-L6-v2 sentence embeddings, dynamically batched.
+
+`SERVER` is its catalog entry. Importing this package imports only pydantic models.
+"""
+
+from deployments.embedder import contract as c
+from servegraph import MethodContract, ServerSpec
+from servegraph.server import BatchStats
+
+SERVER = ServerSpec(
+    name="embedder",
+    methods={
+        "embed": MethodContract(c.EmbedRequest, c.EmbedResponse, idempotent=True),
+        "embed_one": MethodContract(c.EmbedOneRequest, c.Embedding, idempotent=True),
+    },
+    app_builder="deployments.embedder.server:app",
+    deployment="Embedder",
+    serve_class="deployments.embedder.server:EmbedderDeployment",
+    in_process="deployments.embedder.model:Embedder",
+    route_prefix="/embedder",
+    reads={"info": ("info", c.EmbedderInfo), "stats": ("batch_stats", BatchStats)},
+    description="all-MiniLM-L6-v2 sentence embeddings, dynamically batched",
+)

@@ -1,0 +1,29 @@
+"""The LLM model server: vLLM through `ray.serve.llm`, OpenAI routes at /v1.
+
+`SERVER` is its catalog entry. Importing this package imports only pydantic models.
+"""
+
+from deployments.llm import contract as c
+from servegraph import MethodContract, ServerSpec
+
+SERVER = ServerSpec(
+    name="llm",
+    methods={
+        # No side effect: a chat whose replica died is asked again.
+        "chat": MethodContract(
+            c.ChatRequest,
+            c.ChatResponse,
+            chunk=c.ChatChunk,
+            stream_method="chat_stream",
+            usage="usage",
+            idempotent=True,
+        )
+    },
+    app_builder="deployments.llm.server:app",
+    deployment="deployments.llm.server:configured_deployment_name",  # depends on the model
+    client="deployments.llm.client:LLMClient",  # the engine takes OpenAI requests
+    in_process="deployments.llm.in_process:InProcessLLM",
+    prepare="deployments.llm.prepare:prepare",
+    route_prefix="/",
+    description="vLLM via ray.serve.llm; OpenAI routes at /v1",
+)

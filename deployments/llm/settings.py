@@ -1,0 +1,36 @@
+"""Which LLM is served and how its engine runs. From the environment with the
+``SERVEGRAPH_LLM_`` prefix, e.g. ``SERVEGRAPH_LLM_SOURCE=/models/qwen`` (any local Hugging
+Face folder, or a hub id where a network exists)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from pydantic import Field
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+from deployments.settings import ModelSettings
+
+
+class LLMSettings(BaseSettings):
+    model_config = SettingsConfigDict(env_prefix="SERVEGRAPH_LLM_", extra="ignore")
+
+    model_id: str = Field("smollm2-135m-instruct", description="Name served on /v1.")
+    source: str | None = Field(
+        None, description="Local HF folder or hub id; default: the converted SmolLM2 folder."
+    )
+    max_model_len: int = Field(2048, description="Context length (prompt + output).")
+    dtype: str = Field(
+        "float32", description="float32 on CPU: SmolLM2-135M's answers are garbage in eager bf16."
+    )
+    enforce_eager: bool = Field(True, description="Skip torch.compile (a 60 s start).")
+    kv_cache_gib: int = Field(2, description="VLLM_CPU_KVCACHE_SPACE on CPU.")
+
+    @property
+    def converted_dir(self) -> Path:
+        """Where set-up converts the shipped GGUF (`deployments.llm.prepare`)."""
+        return ModelSettings().models_dir / self.model_id
+
+    @property
+    def path(self) -> str:
+        return self.source or str(self.converted_dir)

@@ -1,0 +1,48 @@
+"""The vector index on Ray Serve: `deployments.vector_index.model.VectorIndex`, its
+profile defaults and its application builder.
+
+Held to ONE replica by configuration, on purpose: the FAISS structure lives in the
+replica's memory, so a second replica would answer searches from its own copy and miss
+writes the first acknowledged until it reopened the store. One replica makes "a search
+after an acknowledged add sees it" true by construction; flat search on 100k x 384
+vectors takes ~6 ms here, so one replica is not the bottleneck of any pipeline.
+"""
+
+from __future__ import annotations
+
+from typing import Any, cast
+
+from ray import serve
+
+from deployments.serve_options import SHED, ServerAppArgs, options_for
+from deployments.vector_index.model import VectorIndex
+from servegraph.server import gateway_app
+
+# One replica on both profiles: a death is a restart that rebuilds FAISS from SQLite,
+# and the retried calls wait for it.
+_ONE_REPLICA = {
+    "num_replicas": 1,
+    "ray_actor_options": {"num_cpus": 0.5},
+    "max_ongoing_requests": 256,
+    "max_queued_requests": 512,
+    **SHED,
+}
+PROFILES = {"cpu": _ONE_REPLICA, "gpu": _ONE_REPLICA}
+
+
+@serve.deployment(name="VectorIndex", num_replicas=1, health_check_period_s=10)
+class VectorIndexDeployment(VectorIndex):
+    """`VectorIndex`, with a health check Serve runs every 10 s."""
+
+    def check_health(self) -> None:
+        self._store.count()  # raises if the database is gone or locked
+
+
+def app(args: ServerAppArgs | dict[str, Any] | None = None) -> Any:
+    """The vector index's Serve application (Serve calls it with its config entry's args)."""
+    args = ServerAppArgs.of(args)
+    options = options_for(PROFILES, overrides=args.overrides)
+    if options.get("num_replicas", 1) != 1 or "autoscaling_config" in options:
+        raise ValueError("vector_index runs exactly one replica (see its server.py)")
+    deployment = cast(Any, VectorIndexDeployment).options(**options)  # a @serve.deployment class
+    return gateway_app("vector_index", deployment.bind(**args.init))

@@ -1,0 +1,28 @@
+"""What a model server's author uses from the framework, in one place.
+
+A model server (`deployments/<server>/`) imports `servegraph` for its catalog entry
+(`ServerSpec`, `MethodContract`) and this module for the rest: batching across callers,
+span annotation, the input error that becomes a 422 naming the field, and the gateway
+that gives the server its REST surface. Everything else in the framework is private to
+it. Importing this module imports neither Ray nor a model.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from servegraph.batching import Batcher as Batcher
+from servegraph.batching import BatchStats as BatchStats
+from servegraph.errors import InvalidInputError as InvalidInputError
+from servegraph.tracing import annotate as annotate
+
+__all__ = ["BatchStats", "Batcher", "InvalidInputError", "annotate", "gateway_app"]
+
+
+def gateway_app(server: str, model: Any, catalog_path: str | None = None) -> Any:
+    """The Serve application of model server `server`: its REST surface (a gateway
+    deployment, `servegraph.gateway`) in front of `model`, the bound model deployment
+    that pipelines call by handle."""
+    from servegraph.gateway import gateway_app as build  # imports Ray: only when building
+
+    return build(server, model, catalog_path)

@@ -39,6 +39,7 @@ from pathlib import Path
 from typing import Any
 
 from benchmarks import report
+from servegraph.auth import client_headers
 
 ROOT = Path(__file__).resolve().parents[1]
 DATA = {
@@ -186,14 +187,16 @@ def over_http(url: str) -> Iterator[tuple[Ask, Callable[[list[Any]], None], Call
     from pipelines.rag.ingest import ingest
 
     async def ask(pipeline: str, body: dict[str, Any]) -> dict[str, Any]:
-        async with httpx.AsyncClient(base_url=url, timeout=330) as client:
+        async with httpx.AsyncClient(headers=client_headers(), base_url=url, timeout=330) as client:
             response = await client.post(f"/pipelines/{pipeline}", json=body, headers=DEADLINE)
         if response.status_code != 200:
             raise RuntimeError(f"{response.status_code}: {response.text[:300]}")
         return response.json()
 
     def forget_pydoc() -> None:
-        httpx.post(f"{url}/index/delete", json={"filter": PYDOC}, timeout=120).raise_for_status()
+        httpx.post(
+            f"{url}/index/delete", json={"filter": PYDOC}, timeout=120, headers=client_headers()
+        ).raise_for_status()
 
     yield ask, lambda documents: ingest(url, documents), forget_pydoc
 

@@ -14,6 +14,7 @@ from benchmarks import report
 from benchmarks.report import Figure
 from benchmarks.trivial import CATALOG, Echo, chain, raw_chain_app
 from servegraph import InProcessRuntime
+from servegraph.auth import client_headers
 from servegraph.local_ray import local_cluster
 from servegraph.planner import plan_platform
 
@@ -60,7 +61,9 @@ def on_serve() -> dict[str, float]:
     out = {}
     with local_cluster(dashboard=False) as cluster:
         plan_platform(graphs, CATALOG, catalog_path="benchmarks.trivial:CATALOG").deploy()
-        with httpx.Client(base_url=cluster.base_url, timeout=30) as client:
+        with httpx.Client(
+            headers=client_headers(), base_url=cluster.base_url, timeout=30
+        ) as client:
             for kind in ("function", "call"):
 
                 def call(n: int, kind: str = kind) -> None:

@@ -24,6 +24,8 @@ from dataclasses import asdict, dataclass
 
 import httpx
 
+from servegraph.auth import client_headers
+
 
 @dataclass
 class LoadResult:
@@ -93,7 +95,7 @@ async def open_loop(
     limits = httpx.Limits(max_connections=max_connections, max_keepalive_connections=64)
     headers = {"X-Request-Timeout": f"{deadline_s:g}"}
     async with httpx.AsyncClient(
-        base_url=base_url, timeout=deadline_s + 5, limits=limits
+        headers=client_headers(), base_url=base_url, timeout=deadline_s + 5, limits=limits
     ) as client:
 
         async def one(i: int) -> None:

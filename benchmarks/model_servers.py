@@ -23,6 +23,7 @@ from benchmarks.report import Figure
 from deployments.classifier.model import TicketClassifier, trained_dir
 from deployments.embedder.model import SentenceEncoder
 from deployments.llm.settings import LLMSettings
+from servegraph.auth import client_headers
 
 ITEMS = 640
 LLM_REQUESTS, LLM_TOKENS = 32, 64
@@ -83,7 +84,10 @@ def raw_llm(settings: LLMSettings) -> tuple[float, float]:
 
 async def _http_items(base_url: str, path: str, key: str, concurrency: int) -> float:
     async with httpx.AsyncClient(
-        base_url=base_url, timeout=300, limits=httpx.Limits(max_connections=concurrency)
+        headers=client_headers(),
+        base_url=base_url,
+        timeout=300,
+        limits=httpx.Limits(max_connections=concurrency),
     ) as client:
         queue = list(TEXTS)
 
@@ -111,7 +115,9 @@ async def _handle_items(handle: Any, method: str, request: Any, concurrency: int
 
 
 async def _http_llm(base_url: str) -> float:
-    async with httpx.AsyncClient(base_url=base_url, timeout=600) as client:
+    async with httpx.AsyncClient(
+        headers=client_headers(), base_url=base_url, timeout=600
+    ) as client:
 
         async def one(prompt: str) -> int:
             response = await client.post(

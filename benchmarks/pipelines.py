@@ -21,6 +21,7 @@ from pipelines.rag.ingest import build_pipeline as build_ingest
 from pipelines.rag.ingest import knowledge_base
 from pipelines.rag.models import RagAnswer, RagQuery
 from pipelines.rag.qa import build_prompt, make_answer, rank, split_passages
+from servegraph.auth import client_headers
 
 QUESTIONS = [
     "How long do refunds take after a return?",
@@ -148,7 +149,9 @@ def served() -> dict:
     with serving_everything(dashboard=False) as cluster:
 
         async def run() -> dict:
-            async with httpx.AsyncClient(base_url=cluster.base_url, timeout=600) as client:
+            async with httpx.AsyncClient(
+                headers=client_headers(), base_url=cluster.base_url, timeout=600
+            ) as client:
 
                 async def ask(question: str) -> None:
                     (

@@ -33,6 +33,7 @@ from benchmarks.pipelines import QUESTIONS
 from benchmarks.report import Figure
 from pipelines.rag.ingest import chunk_documents
 from pipelines.rag.models import Document
+from servegraph.auth import client_headers
 from servegraph.local_ray import free_port
 
 TICKETS = [
@@ -164,7 +165,9 @@ async def classifier_while_rag_busy(base_url: str) -> LoadResult:
             await client.post("/pipelines/rag", json=rag_body(i))
             i += BUSY_RAG_CALLERS
 
-    async with httpx.AsyncClient(base_url=base_url, timeout=120) as client:
+    async with httpx.AsyncClient(
+        headers=client_headers(), base_url=base_url, timeout=120
+    ) as client:
         busy = [asyncio.create_task(rag_caller(client, n)) for n in range(BUSY_RAG_CALLERS)]
         await asyncio.sleep(5)  # the LLM's running batch fills (not a test: no condition)
         try:
@@ -189,7 +192,9 @@ async def ingest(base_url: str, documents: list[Document]) -> tuple[float, int]:
         for i in range(0, len(documents), INGEST_DOCS_PER_REQUEST)
     ]
     chunks = 0
-    async with httpx.AsyncClient(base_url=base_url, timeout=600) as client:
+    async with httpx.AsyncClient(
+        headers=client_headers(), base_url=base_url, timeout=600
+    ) as client:
 
         async def caller() -> None:
             nonlocal chunks
@@ -213,7 +218,9 @@ def on_platform(documents: list[Document]) -> dict[str, object]:
 
     with serving_everything(dashboard=False) as cluster:
         base = cluster.base_url
-        httpx.post(f"{base}/pipelines/rag", json=rag_body(0), timeout=120).raise_for_status()
+        httpx.post(
+            f"{base}/pipelines/rag", json=rag_body(0), timeout=120, headers=client_headers()
+        ).raise_for_status()
         idle = asyncio.run(
             open_loop(
                 base,

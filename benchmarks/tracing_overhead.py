@@ -19,6 +19,7 @@ import httpx
 
 from benchmarks.graph_overhead import LocalEcho, per_call
 from benchmarks.trivial import CATALOG, chain
+from servegraph.auth import client_headers
 from tests.otlp import OtlpReceiver
 
 N, REQUESTS = 10, 300
@@ -40,7 +41,9 @@ def on_serve(receiver: OtlpReceiver | None) -> float:
         plan_platform(
             [chain(N, "call").build()], CATALOG, catalog_path="benchmarks.trivial:CATALOG"
         ).deploy()
-        with httpx.Client(base_url=cluster.base_url, timeout=30) as client:
+        with httpx.Client(
+            headers=client_headers(), base_url=cluster.base_url, timeout=30
+        ) as client:
 
             def call() -> httpx.Response:
                 response = client.post(f"/pipelines/call_chain_{N}", json={"value": 0})

@@ -10,6 +10,8 @@ from typing import Any
 
 import httpx
 
+from servegraph.auth import client_headers
+
 
 @dataclass
 class Answer:
@@ -30,7 +32,7 @@ async def burst(
     """Send every body at once, each on its own connection; the answers, in order."""
     limits = httpx.Limits(max_connections=len(bodies), max_keepalive_connections=0)
     async with httpx.AsyncClient(
-        base_url=base_url, timeout=client_timeout_s, limits=limits
+        headers=client_headers(), base_url=base_url, timeout=client_timeout_s, limits=limits
     ) as client:
 
         async def one(body: dict) -> Answer:
@@ -70,7 +72,9 @@ async def callers(
     answers = [] if answers is None else answers
     deadline = time.monotonic() + max_seconds
     sent = 0
-    async with httpx.AsyncClient(base_url=base_url, timeout=120) as client:
+    async with httpx.AsyncClient(
+        headers=client_headers(), base_url=base_url, timeout=120
+    ) as client:
 
         async def caller(c: int) -> None:
             nonlocal sent

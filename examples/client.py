@@ -1,19 +1,31 @@
 """Calling the platform from Python: both pipelines and the OpenAI-compatible route.
 
 .venv/bin/python examples/client.py [http://127.0.0.1:8000]
+
+The API key: `SERVEGRAPH_API_KEY`, else the admin key `make run` stored for you in
+var/auth/local-admin.key.
 """
 
 from __future__ import annotations
 
 import json
+import os
 import sys
+from pathlib import Path
 
 import httpx
 import openai
 
+LOCAL_KEY = Path(__file__).resolve().parent.parent / "var" / "auth" / "local-admin.key"
+
+
+def api_key() -> str:
+    return os.environ.get("SERVEGRAPH_API_KEY") or LOCAL_KEY.read_text().strip()
+
 
 def main(base_url: str = "http://127.0.0.1:8000") -> None:
-    with httpx.Client(base_url=base_url, timeout=300) as client:
+    headers = {"authorization": f"Bearer {api_key()}"}
+    with httpx.Client(base_url=base_url, timeout=300, headers=headers) as client:
         rag = client.post(
             "/pipelines/rag", json={"question": "How long do refunds take after a return?"}
         )
@@ -57,7 +69,7 @@ def main(base_url: str = "http://127.0.0.1:8000") -> None:
         for step in result["steps"]:
             print(f"  {step['tool']}({step['input']!r}) -> {step['output'][:80]!r}")
 
-    llm = openai.OpenAI(base_url=f"{base_url}/v1", api_key="unused")
+    llm = openai.OpenAI(base_url=f"{base_url}/v1", api_key=api_key())  # sent as Bearer
     chat = llm.chat.completions.create(
         model="smollm2-135m-instruct",
         temperature=0,

@@ -12,6 +12,7 @@ from collections.abc import Iterator
 import httpx
 import pytest
 
+from servegraph.auth import client_headers
 from servegraph.local_ray import LocalCluster, local_cluster
 from tests.otlp import OtlpReceiver
 
@@ -68,7 +69,9 @@ def wait_until_running(apps: list[str], timeout_s: float = 600) -> None:
 
 @pytest.fixture(scope="session")
 def http(model_servers: LocalCluster) -> Iterator[httpx.Client]:
-    with httpx.Client(base_url=model_servers.base_url, timeout=120) as client:
+    with httpx.Client(
+        headers=client_headers(), base_url=model_servers.base_url, timeout=120
+    ) as client:
         yield client
 
 

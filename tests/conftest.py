@@ -5,11 +5,29 @@ Ray Serve cluster per session, started and stopped by the suite) and `reliabilit
 from __future__ import annotations
 
 import os
+import tempfile
+from pathlib import Path
 
 import pytest
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+
+# API keys are on in every test, as in production: the session has its own key store,
+# and an admin key every client of the suite sends (`servegraph.auth.client_headers`).
+# The cluster's replicas inherit both settings. Tests of the keys themselves make more.
+AUTH_DIR = Path(tempfile.mkdtemp(prefix="servegraph-test-auth-"))
+os.environ["SERVEGRAPH_AUTH_KEYS"] = str(AUTH_DIR / "keys.sqlite3")
+os.environ.pop("SERVEGRAPH_AUTH_UNSAFE_DISABLED", None)
+
+
+def _admin_key() -> str:
+    from servegraph.auth import KeyStore
+
+    return KeyStore(AUTH_DIR / "keys.sqlite3").ensure_local_admin(AUTH_DIR / "local-admin.key")[0]
+
+
+os.environ["SERVEGRAPH_API_KEY"] = _admin_key()
 
 
 pytest_plugins = ["tests._cluster"]

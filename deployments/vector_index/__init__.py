@@ -10,9 +10,9 @@ SERVER = ServerSpec(
     name="vector_index",
     methods={
         # Upserts by id, replaces by filter: repeating it changes nothing more.
-        "add": MethodContract(c.AddRequest, c.AddResponse, idempotent=True),
+        "add": MethodContract(c.AddRequest, c.AddResponse, writes=True, idempotent=True),
         "search": MethodContract(c.SearchRequest, c.SearchResponse, idempotent=True),
-        "delete": MethodContract(c.DeleteRequest, c.DeleteResponse, idempotent=True),
+        "delete": MethodContract(c.DeleteRequest, c.DeleteResponse, writes=True, idempotent=True),
         "count": MethodContract(c.CountRequest, c.CountResponse, idempotent=True),
     },
     app_builder="deployments.vector_index.server:app",

@@ -18,6 +18,7 @@ from deployments.embedder.contract import EmbedResponse
 from deployments.vector_index.contract import AddResponse, IndexItem
 from pipelines.rag.models import Document, IngestedDocument, IngestRequest, IngestResponse
 from servegraph import Pipeline
+from servegraph.auth import client_headers
 
 KB_DIR = Path(__file__).parent / "kb"
 
@@ -141,7 +142,7 @@ def ingest(base_url: str, documents: list[Document], batch: int = 8) -> int:
     """Ingest through the REST endpoint in batches, with progress; returns chunks indexed."""
     total = 0
     with (
-        httpx.Client(base_url=base_url, timeout=300) as client,
+        httpx.Client(base_url=base_url, timeout=300, headers=client_headers()) as client,
         tqdm(total=len(documents), desc="ingesting knowledge base", unit="doc") as progress,
     ):
         for start in range(0, len(documents), batch):

@@ -36,6 +36,9 @@ class MethodContract:
     """The response's field that reports LLM token usage (a model with `input_tokens`
     and `output_tokens`): the platform adds it to the request's usage (the
     `x-servegraph-usage` header, the stream's `usage` event, the token metrics)."""
+    writes: bool = False
+    """Changes what the server holds (an index write): a pipeline that calls it needs
+    the `write:<pipeline>` scope, not `invoke:` (`servegraph.auth`)."""
     idempotent: bool = False
     """Safe to run twice with the same request (no side effect, or an upsert): when a
     replica dies mid-call, the platform repeats the call on another replica, or on the

@@ -5,6 +5,7 @@ servegraph run        start local Ray + Serve, deploy every model server and
 servegraph build      write the same platform as a `serve deploy` config file
 servegraph validate   check every pipeline graph
 servegraph render N   draw pipeline N (text, or --mermaid)
+servegraph keys       create, list and revoke API keys (`servegraph keys --help`)
 """
 
 from __future__ import annotations
@@ -63,10 +64,74 @@ def main(argv: list[str] | None = None) -> int:
     render = commands.add_parser("render", help="draw a pipeline graph")
     render.add_argument("name")
     render.add_argument("--mermaid", action="store_true")
+    _keys_parser(commands)
     args = parser.parse_args(argv)
-    return {"run": _run, "build": _build, "validate": _validate, "render": _render}[args.command](
-        args
+    commands_by_name = {
+        "run": _run,
+        "build": _build,
+        "validate": _validate,
+        "render": _render,
+        "keys": _keys,
+    }
+    return commands_by_name[args.command](args)
+
+
+def _keys_parser(commands: Any) -> None:
+    keys = commands.add_parser(
+        "keys",
+        help="API keys: create (printed once), list, revoke",
+        description="API keys live hashed in SERVEGRAPH_AUTH_KEYS "
+        "(default $SERVEGRAPH_HOME/auth/keys.sqlite3); every replica sees a change within "
+        "SERVEGRAPH_AUTH_CACHE_S seconds (2).",
     )
+    actions = keys.add_subparsers(dest="action", required=True)
+    create = actions.add_parser("create", help="create a key and print it (only this once)")
+    create.add_argument("--name", required=True, help="shown in metrics and `keys list`")
+    create.add_argument(
+        "--scope",
+        action="append",
+        required=True,
+        help="admin, llm, invoke:<pipeline>, invoke:*, write:<pipeline>, write:* (repeatable)",
+    )
+    create.add_argument("--rps", type=float, default=None, help="requests per second (burst 1 s)")
+    create.add_argument(
+        "--tokens-per-min", type=int, default=None, help="LLM tokens (input + output) per minute"
+    )
+    actions.add_parser("list", help="names, scopes, limits, created, last used (never the key)")
+    revoke = actions.add_parser("revoke", help="revoke a key by name")
+    revoke.add_argument("name")
+
+
+def _keys(args: argparse.Namespace) -> int:
+    from servegraph.auth import AuthSettings, KeyStore
+
+    store = KeyStore(AuthSettings().store_path)
+    if args.action == "create":
+        try:
+            key = store.create(args.name, args.scope, args.rps, args.tokens_per_min)
+        except ValueError as exc:  # a taken name, an unknown scope
+            console.print(f"[red]{exc}[/red]", markup=True)
+            return 2
+        console.print(f"created key {args.name!r}; it is shown only now:", highlight=False)
+        print(key)
+        return 0
+    if args.action == "list":
+        for spec in store.list():
+            used = time.strftime("%Y-%m-%d %H:%M", time.localtime(spec.last_used or 0))
+            console.print(
+                f"{spec.name}  scopes={','.join(spec.scopes)}  rps={spec.requests_per_s or '-'}  "
+                f"tokens/min={spec.tokens_per_min or '-'}  "
+                f"created={time.strftime('%Y-%m-%d %H:%M', time.localtime(spec.created))}  "
+                f"last used={used if spec.last_used else 'never'}",
+                highlight=False,
+                markup=False,
+            )
+        return 0
+    if store.revoke(args.name):
+        console.print(f"revoked {args.name!r}; replicas refuse it within seconds")
+        return 0
+    console.print(f"[red]no key named {args.name!r}[/red]")
+    return 1
 
 
 def _plan(package: str, catalog: str) -> Any:
@@ -133,6 +198,7 @@ def _run(args: argparse.Namespace) -> int:
         cluster_cm = local_cluster(http_port=args.port, dashboard_port=args.dashboard_port)
         cluster = cluster_cm.__enter__()
     try:
+        key_file = _local_admin_key()
         started = time.perf_counter()
         with console.status("deploying model servers and pipelines (the LLM takes ~1 min)"):
             plan.deploy()
@@ -142,7 +208,7 @@ def _run(args: argparse.Namespace) -> int:
             hook = getattr(module, "on_deploy", None)
             if hook is not None:
                 hook(cluster.base_url)
-        _print_endpoints(cluster, args.package)
+        _print_endpoints(cluster, args.package, key_file)
         if not args.exit_after_start:
             console.print("serving; Ctrl-C to stop")
             while not stop.wait(1):
@@ -180,9 +246,31 @@ def _modules(package: str) -> list[Any]:
     ]
 
 
-def _print_endpoints(cluster: Any, package: str) -> None:
+def _local_admin_key() -> str | None:
+    """Create the local user's admin key once (idempotent); the file that holds it, for
+    the curl examples. None when auth is off (SERVEGRAPH_AUTH_UNSAFE_DISABLED)."""
+    from servegraph.auth import ensure_local_admin_key
+
+    local = ensure_local_admin_key()
+    if local is None:
+        console.print(
+            "[bold red]UNSAFE: API keys are off (SERVEGRAPH_AUTH_UNSAFE_DISABLED): anyone "
+            "who reaches the port can use every route[/bold red]"
+        )
+        return None
+    path, created = local
+    console.print(
+        f"API keys on: {'created' if created else 'kept'} your admin key in {path} (mode "
+        "0600); more keys: `servegraph keys create --name NAME --scope SCOPE`",
+        highlight=False,
+    )
+    return str(path)
+
+
+def _print_endpoints(cluster: Any, package: str, key_file: str | None = None) -> None:
     from servegraph.discovery import discover
 
+    auth = f' -H "authorization: Bearer $(cat {key_file})"' if key_file else ""
     base = cluster.base_url
     console.print(f"\n[bold]Ray dashboard[/bold]: {cluster.dashboard_url}")
     console.print(f"[bold]OpenAPI[/bold]: {base}/pipelines/docs")
@@ -197,7 +285,8 @@ def _print_endpoints(cluster: Any, package: str) -> None:
             highlight=False,
         )
         console.print(
-            f"  curl -s {base}/pipelines/{name} -H 'content-type: application/json' -d '{body}'",
+            f"  curl -s {base}/pipelines/{name}{auth} -H 'content-type: application/json' "
+            f"-d '{body}'",
             markup=False,
             highlight=False,
             soft_wrap=True,  # one line, so it copies and pastes as a command

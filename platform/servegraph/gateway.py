@@ -13,9 +13,10 @@ JSON body. The model deployment keeps its name, so pipelines call it by handle d
 # No `from __future__ import annotations`: FastAPI must see each route's real models.
 from typing import Any
 
-from fastapi import FastAPI, Header
+from fastapi import Depends, FastAPI, Header
 from ray import serve
 
+from servegraph import auth
 from servegraph.catalog import Catalog, ServerSpec
 from servegraph.compiled import CompiledGraph
 from servegraph.graph import Graph, Pipeline, resolve
@@ -31,6 +32,9 @@ GATEWAY_DEFAULTS: dict[str, Any] = {
 }
 
 _ERRORS: dict[int | str, dict[str, Any]] = {
+    401: {"description": "No valid API key (send `Authorization: Bearer <key>`)"},
+    403: {"description": "The key lacks the `admin` scope"},
+    429: {"description": "The key is over its rate limit; retry after Retry-After"},
     503: {"description": "The model server is full or restarting; retry", "model": ErrorBody},
     504: {"description": "Past the request deadline", "model": ErrorBody},
 }
@@ -48,8 +52,14 @@ def method_graph(spec: ServerSpec, method: str) -> Graph:
 
 def build_gateway(spec: ServerSpec, catalog: Catalog, invoke: Any) -> FastAPI:
     """The server's REST app: `POST /<method>` for every method of its contract and
-    `GET /<route>` for every read it declares."""
-    app = FastAPI(title=spec.name, description=spec.description)
+    `GET /<route>` for every read it declares, each open only to an `admin` key
+    (pipelines reach the model by handle, not through this surface)."""
+    app = FastAPI(
+        title=spec.name,
+        description=spec.description,
+        dependencies=[Depends(auth.require("admin"))],
+        **auth.docs_options(),
+    )
     install_error_handlers(app)
     runtime = Runtime(catalog, invoke)
     for method, contract in spec.methods.items():

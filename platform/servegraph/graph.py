@@ -222,6 +222,25 @@ class Graph(BaseModel):
         "what the pipeline's slowest model server can take, so doomed work is not admitted.",
     )
 
+    def calls(self) -> list[CallNode]:
+        """Every model-server call the graph may make, its sub-graphs' and fallbacks'
+        included (a fallback call as a node named `<node>.fallback`)."""
+        found: list[CallNode] = []
+        for node in self.nodes:
+            if isinstance(node, CallNode):
+                found.append(node)
+            if node.fallback and node.fallback.server:
+                found.append(
+                    CallNode(
+                        name=f"{node.name}.fallback",
+                        server=node.fallback.server,
+                        method=node.fallback.method or "",
+                    )
+                )
+            for _, sub in node.children():
+                found += sub.calls()
+        return found
+
     def returns_refs(self) -> list[str]:
         """The refs the graph's output is built from."""
         return [self.returns] if isinstance(self.returns, str) else list(self.returns.values())

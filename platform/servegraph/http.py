@@ -15,6 +15,7 @@ from fastapi.responses import JSONResponse
 from pydantic import BaseModel, Field
 
 from servegraph._fields import field_errors
+from servegraph.auth import AuthError, UsageMiddleware
 from servegraph.errors import (
     InvalidInputError,
     NodeInputError,
@@ -47,9 +48,11 @@ class ErrorBody(BaseModel):
 
 
 def install_error_handlers(app: FastAPI) -> None:
-    """Map request and runtime errors onto 4xx/5xx bodies that name the field or node,
-    and document the 422 body as it really is (FastAPI documents its own default)."""
+    """Map request, auth and runtime errors onto 4xx/5xx bodies that name the field,
+    scope or node, document the 422 body as it really is (FastAPI documents its own
+    default), and record each answer on its API key's usage."""
     _document_422(app)
+    app.add_middleware(UsageMiddleware)
 
     @app.exception_handler(RequestValidationError)
     async def _invalid_request(_: Request, exc: RequestValidationError) -> JSONResponse:
@@ -71,6 +74,10 @@ def install_error_handlers(app: FastAPI) -> None:
             status_code=exc.status_code,
             headers=retry_after(exc),
         )
+
+    @app.exception_handler(AuthError)
+    async def _auth(_: Request, exc: AuthError) -> JSONResponse:
+        return JSONResponse(exc.body(), status_code=exc.status, headers=exc.headers)
 
     @app.exception_handler(ServerUnavailableError)
     async def _unavailable(_: Request, exc: ServerUnavailableError) -> JSONResponse:

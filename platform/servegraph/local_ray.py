@@ -12,6 +12,7 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 
+from servegraph.auth import AuthSettings
 from servegraph.tracing import serve_tracing_config, serve_tracing_env
 
 # Ray Serve's request-path settings, read by each Serve process (proxy, replicas) when it
@@ -74,6 +75,8 @@ def local_cluster(
         os.environ.setdefault(name, value)
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+    # Every replica reads the one key store: name it absolutely, for every process.
+    os.environ.setdefault("SERVEGRAPH_AUTH_KEYS", str(AuthSettings().store_path))
     context = ray.init(
         address="local",
         num_cpus=num_cpus or max(12, os.cpu_count() or 1),

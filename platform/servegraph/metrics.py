@@ -79,3 +79,40 @@ def batch_size_histogram(server: str) -> Any:
         return histogram
     except Exception:  # not inside a Ray worker (in-process use): no metrics
         return None
+
+
+class KeyUsageMetrics:
+    """Usage per API key, labelled with the key's name (never the key): requests by
+    status, and LLM tokens by direction."""
+
+    def __init__(self) -> None:
+        from ray.serve import metrics
+
+        self.requests = metrics.Counter(
+            "servegraph_key_requests",
+            description="Requests per API key name, by HTTP status.",
+            tag_keys=("key", "status"),  # type: ignore[arg-type]  # see _TAGS
+        )
+        self.tokens = metrics.Counter(
+            "servegraph_key_llm_tokens",
+            description="LLM tokens per API key name; rate() gives tokens/s.",
+            tag_keys=("key", "direction"),  # type: ignore[arg-type]
+        )
+
+    @classmethod
+    def create(cls) -> KeyUsageMetrics | _NoMetrics:
+        try:
+            return cls()
+        except Exception:  # not inside a Ray worker (in-process use): no metrics
+            return _NoMetrics()
+
+    def record(self, key: str, status: int, tokens: dict[str, int] | None = None) -> None:
+        self.requests.inc(tags={"key": key, "status": str(status)})
+        for direction, n in (tokens or {}).items():
+            if n:
+                self.tokens.inc(n, tags={"key": key, "direction": direction})
+
+
+class _NoMetrics:
+    def record(self, key: str, status: int, tokens: dict[str, int] | None = None) -> None:
+        pass

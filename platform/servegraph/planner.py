@@ -13,7 +13,7 @@ from typing import Any
 
 from servegraph.catalog import Catalog
 from servegraph.errors import GraphValidationError, Problem
-from servegraph.graph import CallNode, Graph, resolve
+from servegraph.graph import Graph, resolve
 from servegraph.serialize import to_yaml
 from servegraph.settings import AppSettings
 from servegraph.validation import validate
@@ -100,11 +100,7 @@ def plan_platform(
     for graph in graph_list:
         validate(graph, catalog)
     overrides = _server_overrides(graph_list)
-    used = (
-        set(catalog)
-        if all_servers
-        else {node.server for g in graph_list for node in _call_nodes(g)}
-    )
+    used = set(catalog) if all_servers else {node.server for g in graph_list for node in g.calls()}
     apps = [
         AppPlan(
             spec.name,
@@ -131,29 +127,11 @@ def plan_platform(
     return PlatformPlan(apps)
 
 
-def _call_nodes(graph: Graph) -> list[CallNode]:
-    found: list[CallNode] = []
-    for node in graph.nodes:
-        if isinstance(node, CallNode):
-            found.append(node)
-        if node.fallback and node.fallback.server:
-            found.append(
-                CallNode(
-                    name=f"{node.name}.fallback",
-                    server=node.fallback.server,
-                    method=node.fallback.method or "",
-                )
-            )
-        for _, sub in node.children():
-            found += _call_nodes(sub)
-    return found
-
-
 def _server_overrides(graphs: list[Graph]) -> dict[str, dict[str, Any]]:
     chosen: dict[str, tuple[str, dict[str, Any]]] = {}
     problems = []
     for graph in graphs:
-        for node in _call_nodes(graph):
+        for node in graph.calls():
             if node.deployment is None:
                 continue
             options = node.deployment.model_dump(exclude_none=True)

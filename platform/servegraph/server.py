@@ -2,21 +2,31 @@
 
 A model server (`deployments/<server>/`) imports `servegraph` for its catalog entry
 (`ServerSpec`, `MethodContract`) and this module for the rest: batching across callers,
-span annotation, the input error that becomes a 422 naming the field, and the gateway
-that gives the server its REST surface. Everything else in the framework is private to
-it. Importing this module imports neither Ray nor a model.
+span annotation, the input error that becomes a 422 naming the field, the gateway that
+gives the server its REST surface (API keys checked), and the same key check for a
+route of an app the server does not build itself (`guard_endpoint`). Everything else
+in the framework is private to it. Importing this module imports neither Ray nor a
+model.
 """
 
 from __future__ import annotations
 
 from typing import Any
 
+from servegraph.auth import guard_endpoint as guard_endpoint
 from servegraph.batching import Batcher as Batcher
 from servegraph.batching import BatchStats as BatchStats
 from servegraph.errors import InvalidInputError as InvalidInputError
 from servegraph.tracing import annotate as annotate
 
-__all__ = ["BatchStats", "Batcher", "InvalidInputError", "annotate", "gateway_app"]
+__all__ = [
+    "BatchStats",
+    "Batcher",
+    "InvalidInputError",
+    "annotate",
+    "gateway_app",
+    "guard_endpoint",
+]
 
 
 def gateway_app(server: str, model: Any, catalog_path: str | None = None) -> Any:

@@ -15,14 +15,14 @@ import time
 from collections.abc import AsyncIterator
 from typing import Any
 
-from fastapi import APIRouter, FastAPI, Header, Response
+from fastapi import APIRouter, Depends, FastAPI, Header, Request, Response
 from fastapi.encoders import jsonable_encoder
 from fastapi.responses import PlainTextResponse
 from fastapi.sse import EventSourceResponse
 from pydantic import BaseModel, Field
 from ray import serve
 
-from servegraph import sse, tracing
+from servegraph import auth, sse, tracing
 from servegraph.admission import DEFAULT_MAX_IN_FLIGHT, AdmissionGate
 from servegraph.catalog import Catalog
 from servegraph.compiled import CompiledGraph
@@ -65,10 +65,14 @@ def build_fastapi(
     graphs: dict[str, Graph], catalog: Catalog, invoke: Any, metrics: Any = None
 ) -> FastAPI:
     """The ingress app: POST /<pipeline>, GET /<pipeline>/graph, GET / (the list)."""
-    app = FastAPI(title="servegraph pipelines", description="One REST endpoint per pipeline graph.")
+    app = FastAPI(
+        title="servegraph pipelines",
+        description="One REST endpoint per pipeline graph.",
+        **auth.docs_options(),
+    )
     install_error_handlers(app)
 
-    @app.get("/", summary="List the pipelines")
+    @app.get("/", summary="List the pipelines", dependencies=[Depends(auth.require(None))])
     async def list_pipelines() -> dict[str, Any]:
         return {
             "pipelines": [
@@ -105,7 +109,13 @@ _ERROR_RESPONSES: dict[int | str, dict[str, Any]] = {
         "the platform could answer (a deadline shorter than the hop to the ingress)",
         "content": {"text/plain": {"schema": {"type": "string"}}},
     },
+    401: {"description": "No valid API key (send `Authorization: Bearer <key>`)"},
+    403: {"description": "The key lacks this pipeline's scope (names it)"},
     422: {"description": "Invalid field (names the field and the fix)"},
+    429: {
+        "description": "The key is over its requests/s or LLM tokens/min limit; retry after "
+        "the Retry-After header's seconds"
+    },
     502: {"description": "A node failed (names the node)", "model": ErrorBody},
     503: {
         "description": "A model server is full or restarting (names the node); retry after "
@@ -129,10 +139,21 @@ that status and a JSON body instead, as the plain route does.
 The response carries `x-trace-id`; the whole stream is one trace."""
 
 
+def pipeline_scope(graph: Graph, catalog: Catalog) -> str:
+    """The scope a key needs to run `graph`: `write:<name>` when it calls a method that
+    writes (`MethodContract.writes`), else `invoke:<name>`."""
+    writes = any(catalog.contract(c.server, c.method).writes for c in graph.calls())
+    return f"{'write' if writes else 'invoke'}:{graph.name}"
+
+
 def pipeline_router(compiled: CompiledGraph, runtime: Runtime, metrics: Any) -> APIRouter:
-    """One pipeline's routes: POST /<name>, POST /<name>/stream, GET /<name>/graph(.mmd)."""
-    router = APIRouter()
+    """One pipeline's routes: POST /<name>, POST /<name>/stream, GET /<name>/graph(.mmd),
+    each open only to a key with the pipeline's scope (`pipeline_scope`)."""
     graph = compiled.graph
+    uses_llm = any(runtime.catalog.contract(c.server, c.method).usage for c in graph.calls())
+    guard = auth.require(pipeline_scope(graph, runtime.catalog), llm=uses_llm)
+    # One check per request: FastAPI runs a dependency the router and a route share once.
+    router = APIRouter(dependencies=[Depends(guard)])
     input_model = compiled.input
     output_type = compiled.output
     deadline_doc = (
@@ -141,16 +162,23 @@ def pipeline_router(compiled: CompiledGraph, runtime: Runtime, metrics: Any) -> 
     )
     serve_deadline_doc = "Ray Serve's own deadline header; the same as X-Request-Timeout."
 
-    def finish(status: int, started: float, records: list[NodeRecord]) -> float:
-        """Record a request's outcome in the metrics; return its wall time in ms."""
+    async def finish(
+        status: int, started: float, records: list[NodeRecord], http: Request, caller: auth.Caller
+    ) -> float:
+        """Record a request's outcome in the metrics and on its key (with its LLM
+        tokens); return its wall time in ms."""
         total_ms = (time.perf_counter() - started) * 1000
         if metrics is not None:
             metrics.record(graph.name, status, total_ms, records)
+        http.state.charged = True
+        await auth.Guard.here().charge(caller, status, _tokens(records))
         return total_ms
 
     async def run_pipeline(
         request: input_model,  # type: ignore[valid-type]
         response: Response,
+        http: Request,
+        caller: auth.Caller = Depends(guard),  # noqa: B008  # FastAPI's way
         x_request_timeout: float | None = Header(None, gt=0, le=600, description=deadline_doc),
         x_request_timeout_seconds: float | None = Header(
             None, gt=0, le=600, description=serve_deadline_doc
@@ -168,12 +196,14 @@ def pipeline_router(compiled: CompiledGraph, runtime: Runtime, metrics: Any) -> 
             status = _status_of(exc)
             raise
         finally:
-            total_ms = finish(status, started, records)
+            total_ms = await finish(status, started, records, http, caller)
         response.headers.update(_usage_headers(records, total_ms))
         return result.output
 
     async def stream_pipeline(
         request: input_model,  # type: ignore[valid-type]
+        http: Request,
+        caller: auth.Caller = Depends(guard),  # noqa: B008  # FastAPI's way
         x_request_timeout: float | None = Header(None, gt=0, le=600, description=deadline_doc),
         x_request_timeout_seconds: float | None = Header(
             None, gt=0, le=600, description=serve_deadline_doc
@@ -186,7 +216,7 @@ def pipeline_router(compiled: CompiledGraph, runtime: Runtime, metrics: Any) -> 
         try:  # a run failing before any progress is answered with its own status
             held = await sse.hold_until_progress(events)
         except Exception as exc:
-            finish(_status_of(exc), started, records)
+            await finish(_status_of(exc), started, records, http, caller)
             raise
 
         async def body() -> AsyncIterator[bytes]:
@@ -213,7 +243,7 @@ def pipeline_router(compiled: CompiledGraph, runtime: Runtime, metrics: Any) -> 
                 yield sse.encode("error", error)
             finally:
                 await events.aclose()
-                finish(status, started, records)
+                await finish(status, started, records, http, caller)
 
         headers = {"cache-control": "no-cache"}
         if trace_id := tracing.current_trace_id():
@@ -286,13 +316,20 @@ def _status_of(exc: BaseException) -> int:
     return exc.status_code if isinstance(exc, PipelineRuntimeError) else 500
 
 
-def _usage(records: list[NodeRecord], total_ms: float) -> dict[str, Any]:
-    """What the request cost: LLM tokens, and wall time per node (retries summed)."""
+def _tokens(records: list[NodeRecord]) -> dict[str, int]:
+    """The request's LLM tokens by direction."""
     tokens = {"input": 0, "output": 0}
-    nodes_ms: dict[str, float] = {}
     for record in records:
         for direction, n in (record.usage or {}).items():
             tokens[direction] += n
+    return tokens
+
+
+def _usage(records: list[NodeRecord], total_ms: float) -> dict[str, Any]:
+    """What the request cost: LLM tokens, and wall time per node (retries summed)."""
+    tokens = _tokens(records)
+    nodes_ms: dict[str, float] = {}
+    for record in records:
         nodes_ms[record.node] = round(nodes_ms.get(record.node, 0.0) + record.wall_ms, 2)
     return {
         "llm_input_tokens": tokens["input"],

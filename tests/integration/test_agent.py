@@ -5,6 +5,7 @@ from __future__ import annotations
 import httpx
 import pytest
 
+from servegraph.auth import client_headers
 from servegraph.local_ray import LocalCluster
 
 pytestmark = pytest.mark.integration
@@ -12,7 +13,7 @@ pytestmark = pytest.mark.integration
 
 @pytest.fixture(scope="module")
 def client(pipelines: LocalCluster) -> httpx.Client:
-    return httpx.Client(base_url=pipelines.base_url, timeout=300)
+    return httpx.Client(headers=client_headers(), base_url=pipelines.base_url, timeout=300)
 
 
 def test_billing_ticket_goes_to_billing(client: httpx.Client) -> None:

@@ -10,6 +10,7 @@ import httpx
 import pytest
 from ray import serve
 
+from servegraph.auth import client_headers
 from servegraph.local_ray import LocalCluster
 from tests._cluster import wait_until_running
 
@@ -43,7 +44,9 @@ def test_embedder_scales_out_under_load_and_back_in(model_servers: LocalCluster)
     stop = threading.Event()
 
     def load() -> None:
-        with httpx.Client(base_url=model_servers.base_url, timeout=60) as client:
+        with httpx.Client(
+            headers=client_headers(), base_url=model_servers.base_url, timeout=60
+        ) as client:
             deadline = time.monotonic() + 120  # bounded even if the test fails
             while not stop.is_set() and time.monotonic() < deadline:
                 client.post("/embedder/embed", json={"texts": ["a support ticket"] * 32})

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import os
 from collections.abc import Awaitable, Callable
 
 import httpx
@@ -16,6 +17,7 @@ from deployments.classifier.contract import ClassifyRequest
 from deployments.embedder.contract import EmbedOneRequest
 from deployments.fields import MAX_BATCH
 from deployments.llm.contract import ChatRequest, Message
+from servegraph.auth import client_headers
 from servegraph.local_ray import LocalCluster
 
 pytestmark = pytest.mark.integration
@@ -25,7 +27,9 @@ pytestmark = pytest.mark.integration
 
 
 def test_llm_answers_paris_through_the_openai_client(model_servers: LocalCluster) -> None:
-    client = openai.OpenAI(base_url=f"{model_servers.base_url}/v1", api_key="unused")
+    client = openai.OpenAI(
+        base_url=f"{model_servers.base_url}/v1", api_key=os.environ["SERVEGRAPH_API_KEY"]
+    )
     assert [m.id for m in client.models.list().data] == ["smollm2-135m-instruct"]
     reply = client.chat.completions.create(
         model="smollm2-135m-instruct",
@@ -44,7 +48,9 @@ def test_llm_answers_paris_through_the_openai_client(model_servers: LocalCluster
 
 
 def test_llm_streams_tokens(model_servers: LocalCluster) -> None:
-    client = openai.OpenAI(base_url=f"{model_servers.base_url}/v1", api_key="unused")
+    client = openai.OpenAI(
+        base_url=f"{model_servers.base_url}/v1", api_key=os.environ["SERVEGRAPH_API_KEY"]
+    )
     stream = client.chat.completions.create(
         model="smollm2-135m-instruct",
         temperature=0,
@@ -124,7 +130,9 @@ def _closed_loop(
     """CALLERS callers at once, each making `per_caller` calls one after another."""
 
     async def run() -> None:
-        async with httpx.AsyncClient(base_url=base_url, timeout=120) as client:
+        async with httpx.AsyncClient(
+            headers=client_headers(), base_url=base_url, timeout=120
+        ) as client:
 
             async def caller(c: int) -> None:
                 for n in range(per_caller):

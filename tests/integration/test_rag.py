@@ -8,6 +8,7 @@ import httpx
 import pytest
 
 from pipelines.evidence import sentences
+from servegraph.auth import client_headers
 from servegraph.local_ray import LocalCluster
 from tests.sse import sse_events
 
@@ -16,7 +17,7 @@ pytestmark = pytest.mark.integration
 
 @pytest.fixture(scope="module")
 def client(pipelines: LocalCluster) -> httpx.Client:
-    return httpx.Client(base_url=pipelines.base_url, timeout=180)
+    return httpx.Client(headers=client_headers(), base_url=pipelines.base_url, timeout=180)
 
 
 @pytest.mark.parametrize("route", ["rag", "rag_yaml"])  # Python graph and its YAML twin
@@ -54,7 +55,9 @@ def test_concurrent_plain_questions_get_prose_answers_not_raw_json(
     pipelines: LocalCluster,
 ) -> None:
     async def ask_all() -> list[httpx.Response]:
-        async with httpx.AsyncClient(base_url=pipelines.base_url, timeout=180) as client:
+        async with httpx.AsyncClient(
+            headers=client_headers(), base_url=pipelines.base_url, timeout=180
+        ) as client:
             return await asyncio.gather(
                 *(client.post("/pipelines/rag", json={"question": q}) for q in PLAIN_QUESTIONS)
             )

@@ -11,6 +11,7 @@ from pathlib import Path
 import httpx
 import pytest
 
+from servegraph.auth import client_headers
 from servegraph.local_ray import LocalCluster
 from tests._cluster import SPANS_DIR
 from tests.otlp import OtlpReceiver
@@ -92,7 +93,7 @@ def rag_trace(trace_id: str) -> list[dict]:
 
 @pytest.fixture(scope="module")
 def client(pipelines: LocalCluster) -> httpx.Client:
-    return httpx.Client(base_url=pipelines.base_url, timeout=300)
+    return httpx.Client(headers=client_headers(), base_url=pipelines.base_url, timeout=300)
 
 
 def test_rag_request_is_one_trace_through_every_node_and_replica(client: httpx.Client) -> None:

@@ -12,6 +12,7 @@ import httpx
 import pytest
 import yaml
 
+from servegraph.auth import client_headers
 from servegraph.local_ray import LocalCluster
 from tests._cluster import wait_until_running
 
@@ -37,7 +38,7 @@ def test_generated_config_deploys_with_serve_deploy(pipelines: LocalCluster, tmp
         timeout=120,
     )
     wait_until_running([app["name"] for app in config["applications"]])
-    with httpx.Client(base_url=pipelines.base_url, timeout=180) as client:
+    with httpx.Client(headers=client_headers(), base_url=pipelines.base_url, timeout=180) as client:
         body = client.post(
             "/pipelines/rag_yaml",
             json={"question": "How long is the reset link for a password valid?"},

@@ -21,6 +21,7 @@ import psutil
 import pytest
 
 from benchmarks.traffic import callers
+from servegraph.auth import client_headers
 from servegraph.local_ray import LocalCluster, free_port
 
 pytestmark = pytest.mark.reliability
@@ -130,7 +131,7 @@ def test_kill_9_of_the_whole_cluster_mid_ingest_loses_no_acknowledged_document(
 
     child, base_url = start(index, tag)
     try:
-        with httpx.Client(base_url=base_url, timeout=60) as client:
+        with httpx.Client(headers=client_headers(), base_url=base_url, timeout=60) as client:
             missing = [
                 doc_id
                 for doc_id in acknowledged

@@ -11,6 +11,7 @@ import httpx
 import pytest
 
 from benchmarks.traffic import callers
+from servegraph.auth import client_headers
 from servegraph.local_ray import LocalCluster
 
 pytestmark = pytest.mark.reliability
@@ -32,7 +33,7 @@ def test_concurrent_ingest_and_search_never_fail_and_the_count_is_exact(
     pipelines: LocalCluster,
 ) -> None:
     run = uuid.uuid4().hex[:8]
-    with httpx.Client(base_url=pipelines.base_url, timeout=60) as client:
+    with httpx.Client(headers=client_headers(), base_url=pipelines.base_url, timeout=60) as client:
         before = client.get("/index/stats").json()["count"]
         probe = client.post("/embedder/embed_one", json={"text": "a note by a writer"}).json()
 
@@ -76,7 +77,7 @@ def test_concurrent_ingest_and_search_never_fail_and_the_count_is_exact(
         r.body for r in reads if r.status != 200
     ][:3]
     chunks = sum(1 + (w + n) % 3 for w in range(WRITERS) for n in range(DOCS_EACH))
-    with httpx.Client(base_url=pipelines.base_url, timeout=60) as client:
+    with httpx.Client(headers=client_headers(), base_url=pipelines.base_url, timeout=60) as client:
         after = client.get("/index/stats").json()["count"]
         hits = client.post(
             "/index/search",
@@ -101,7 +102,7 @@ def test_a_request_with_64_documents_of_5000_characters_ingests_in_one_call(
         }
         for n in range(64)
     ]
-    with httpx.Client(base_url=pipelines.base_url, timeout=600) as client:
+    with httpx.Client(headers=client_headers(), base_url=pipelines.base_url, timeout=600) as client:
         response = client.post("/pipelines/rag_ingest", json={"documents": documents})
     assert response.status_code == 200, response.text[:500]
     body = response.json()

@@ -17,6 +17,7 @@ from collections import Counter
 import pytest
 
 from benchmarks.traffic import burst
+from servegraph.auth import client_headers
 from servegraph.local_ray import LocalCluster
 
 pytestmark = pytest.mark.reliability
@@ -63,7 +64,7 @@ def test_a_burst_past_capacity_is_shed_and_every_request_answered(
 def test_the_platform_serves_normally_after_the_burst(pipelines: LocalCluster) -> None:
     import httpx
 
-    with httpx.Client(base_url=pipelines.base_url, timeout=180) as client:
+    with httpx.Client(headers=client_headers(), base_url=pipelines.base_url, timeout=180) as client:
         response = client.post(
             "/pipelines/rag", json={"question": "How long do refunds take after a return?"}
         )
@@ -73,7 +74,7 @@ def test_the_platform_serves_normally_after_the_burst(pipelines: LocalCluster) -
 def test_serves_own_deadline_header_is_honoured_too(pipelines: LocalCluster) -> None:
     import httpx
 
-    with httpx.Client(base_url=pipelines.base_url, timeout=60) as client:
+    with httpx.Client(headers=client_headers(), base_url=pipelines.base_url, timeout=60) as client:
         response = client.post(
             "/pipelines/rag",
             json={"question": "How long do refunds take after a return?", "max_tokens": 512},

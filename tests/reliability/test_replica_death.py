@@ -11,6 +11,7 @@ import httpx
 import pytest
 
 from benchmarks.traffic import Answer, kill_under_load
+from servegraph.auth import client_headers
 from servegraph.local_ray import LocalCluster
 
 pytestmark = pytest.mark.reliability
@@ -51,7 +52,7 @@ def test_killing_a_replica_under_pipeline_load_loses_no_request(
     )
     assert_nothing_lost(result.answers)
     # Nothing acknowledged is lost: every document answered 200 is in the index.
-    with httpx.Client(base_url=pipelines.base_url, timeout=60) as client:
+    with httpx.Client(headers=client_headers(), base_url=pipelines.base_url, timeout=60) as client:
         stored = client.post("/index/count", json={"filter": {"run": run}}).json()["count"]
     assert stored == sum(a.status == 200 for a in result.answers)
 

@@ -11,6 +11,7 @@ import pytest
 
 from servegraph import Pipeline
 from servegraph.admission import pipeline_of
+from servegraph.auth import client_headers
 from servegraph.serving import build_fastapi
 from tests.servegraph import toy
 from tests.servegraph.test_http_stream import ToyInvoker
@@ -40,7 +41,9 @@ async def test_past_its_limit_a_pipeline_is_refused_at_once_and_others_still_run
     graphs = {g.name: g for g in (held("small", 2).build(), held("other", None).build())}
     app = build_fastapi(graphs, toy.CATALOG, ToyInvoker({"flaky": gate}))
     transport = httpx.ASGITransport(app=app)
-    async with httpx.AsyncClient(transport=transport, base_url="http://ingress") as client:
+    async with httpx.AsyncClient(
+        headers=client_headers(), transport=transport, base_url="http://ingress"
+    ) as client:
         admitted = [
             asyncio.ensure_future(client.post("/small", json={"seconds": 1})) for _ in range(2)
         ]

@@ -10,6 +10,7 @@ from ray.exceptions import ActorDiedError
 from ray.serve.exceptions import BackPressureError
 
 from servegraph import Catalog, InvalidInputError, MethodContract, ServerSpec
+from servegraph.auth import client_headers
 from servegraph.gateway import build_gateway, method_graph
 from servegraph.handles import ServeInvoker
 from tests.servegraph import toy
@@ -63,7 +64,9 @@ def client(replica: Replica) -> httpx.AsyncClient:
     invoker = ServeInvoker(CATALOG)
     invoker._targets["echoer"] = replica
     app = build_gateway(SPEC, CATALOG, invoker)
-    return httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://gw")
+    return httpx.AsyncClient(
+        headers=client_headers(), transport=httpx.ASGITransport(app=app), base_url="http://gw"
+    )
 
 
 async def test_a_call_is_retried_past_a_dead_replica() -> None:

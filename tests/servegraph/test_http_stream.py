@@ -11,6 +11,7 @@ from fastapi.testclient import TestClient
 from pydantic import BaseModel
 
 from servegraph import Pipeline
+from servegraph.auth import client_headers
 from servegraph.serving import build_fastapi
 from tests.servegraph import toy
 from tests.sse import sse_events
@@ -51,7 +52,7 @@ def client() -> TestClient:
     app = build_fastapi(graphs, toy.CATALOG, ToyInvoker(servers))
     app.state.servers = servers  # so a test can make the writer fail
 
-    return TestClient(app)
+    return TestClient(app, headers=client_headers())
 
 
 def test_stream_route_sends_chunks_nodes_usage_then_the_result(client: TestClient) -> None:

@@ -1,0 +1,556 @@
+"""API keys with scopes, per-key rate limits and usage: the one check every HTTP surface
+of the platform applies (the pipeline ingress, each model server's gateway, the LLM's
+OpenAI routes).
+
+Ray Serve ships no authentication for the data plane, so this is ours:
+
+- **Keys** look like ``sg_<id>_<secret>``: a 12-hex-digit id to find the record, and 32
+  random bytes (`secrets.token_urlsafe`) that only the caller holds. The store keeps the
+  SHA-256 of the secret, never the key; 256 random bits need no slow password hash
+  (nothing to brute-force), and the comparison is constant-time (`hmac.compare_digest`),
+  made against a dummy hash too when the id is unknown.
+- **The store** is one SQLite file (`AuthSettings.keys`, default
+  ``$SERVEGRAPH_HOME/auth/keys.sqlite3``). Every replica reads it and keeps what it read
+  for `AuthSettings.cache_s` (2 s): a revoked key stops working within that, on every
+  replica. On a cluster the file must be on storage every node mounts (see cluster.yaml).
+- **Scopes**: ``invoke:<pipeline>`` or ``invoke:*``; ``write:<pipeline>`` or ``write:*``
+  for a pipeline that writes (one that calls a method its contract marks `writes`, e.g.
+  ``rag_ingest``); ``llm`` for the OpenAI routes; ``admin`` for everything, including
+  the model servers' own REST surfaces.
+- **Answers**: no key, a malformed, unknown or revoked one: 401 with
+  ``WWW-Authenticate: Bearer``, the same body whichever it was; a valid key without the
+  scope: 403 naming the scope; over a limit: 429 with ``Retry-After``. No body, log,
+  span or metric carries the key: metrics and spans name the key's *name*.
+- **Limits** (requests per second, LLM tokens per minute, set per key) are token
+  buckets in one shared actor (`servegraph.limits`), so they hold across every ingress
+  replica, not per replica. Keys without limits never call it.
+"""
+
+from __future__ import annotations
+
+import functools
+import hashlib
+import hmac
+import inspect
+import json
+import os
+import re
+import secrets
+import sqlite3
+import threading
+import time
+from collections.abc import Awaitable, Callable, Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Annotated, Any
+
+from fastapi import Depends, HTTPException, Request
+from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
+from pydantic import BaseModel, Field, field_validator
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+from servegraph.errors import ServegraphError
+
+KEY_PATTERN = re.compile(r"^sg_([0-9a-f]{12})_([A-Za-z0-9_-]{43})$")
+SCOPE_PATTERN = re.compile(r"^(admin|llm|(invoke|write):(\*|[A-Za-z0-9_.-]+))$")
+LOCAL_ADMIN = "local-admin"
+_DUMMY_HASH = hashlib.sha256(b"servegraph: no such key").hexdigest()
+_LAST_USED_EVERY_S = 60.0  # how often one replica records a key's last use
+_BEARER = HTTPBearer(
+    auto_error=False, description="An API key (`servegraph keys create`), sent as a Bearer token"
+)
+
+
+class AuthSettings(BaseSettings):
+    model_config = SettingsConfigDict(env_prefix="SERVEGRAPH_AUTH_", extra="ignore")
+
+    unsafe_disabled: bool = Field(
+        False,
+        description="UNSAFE: serve every route to anyone who can reach the port, no key "
+        "asked. Only for a machine nobody else can reach.",
+    )
+    keys: Path | None = Field(
+        None, description="The key store (SQLite); default $SERVEGRAPH_HOME/auth/keys.sqlite3."
+    )
+    cache_s: float = Field(2.0, ge=0, le=60, description="How stale a replica's keys may be.")
+    open_docs: bool = Field(
+        True, description="Serve /docs and /openapi.json without a key (false: not at all)."
+    )
+
+    @property
+    def store_path(self) -> Path:
+        if self.keys:
+            return self.keys
+        home = Path(os.environ.get("SERVEGRAPH_HOME", "var")).resolve()
+        return home / "auth" / "keys.sqlite3"
+
+    @property
+    def local_key_file(self) -> Path:
+        """Where `make run` keeps the local user's admin key (mode 0600)."""
+        return self.store_path.parent / f"{LOCAL_ADMIN}.key"
+
+
+class AuthError(ServegraphError):
+    """401, 403 or 429: the HTTP layer turns it into that answer (`servegraph.http`)."""
+
+    def __init__(self, status: int, detail: str, headers: dict[str, str] | None = None) -> None:
+        super().__init__(detail)
+        self.status = status
+        self.detail = detail
+        self.headers = headers or {}
+
+    def body(self) -> dict[str, str]:
+        kinds = {401: "unauthorized", 403: "forbidden", 429: "rate limited"}
+        return {"error": kinds.get(self.status, "error"), "detail": self.detail}
+
+
+UNAUTHORIZED = (
+    "send a valid API key as `Authorization: Bearer <key>` "
+    "(create one with `servegraph keys create`)"
+)
+
+
+def unauthorized() -> AuthError:
+    return AuthError(401, UNAUTHORIZED, {"WWW-Authenticate": 'Bearer realm="servegraph"'})
+
+
+class KeySpec(BaseModel):
+    """A key's record, as stored (the secret only as its hash)."""
+
+    name: str = Field(pattern=r"^[A-Za-z0-9_.-]{1,64}$")
+    scopes: list[str] = Field(min_length=1)
+    requests_per_s: float | None = Field(None, gt=0, description="None: no limit.")
+    tokens_per_min: int | None = Field(None, gt=0, description="LLM tokens; None: no limit.")
+    created: float = Field(default_factory=time.time)
+    last_used: float | None = None
+
+    @field_validator("scopes")
+    @classmethod
+    def _known_scopes(cls, scopes: list[str]) -> list[str]:
+        for scope in scopes:
+            if not SCOPE_PATTERN.match(scope):
+                raise ValueError(
+                    f"unknown scope {scope!r}: use admin, llm, invoke:<pipeline>, "
+                    "invoke:*, write:<pipeline> or write:*"
+                )
+        return scopes
+
+
+@dataclass(frozen=True)
+class Caller:
+    """Who is calling: the key's name (never the key), its scopes and limits."""
+
+    name: str
+    scopes: frozenset[str]
+    requests_per_s: float | None = None
+    tokens_per_min: int | None = None
+
+    def allows(self, scope: str) -> bool:
+        if "admin" in self.scopes or scope in self.scopes:
+            return True
+        kind, _, _ = scope.partition(":")
+        return f"{kind}:*" in self.scopes
+
+    @property
+    def limited(self) -> bool:
+        return self.requests_per_s is not None or self.tokens_per_min is not None
+
+
+ANONYMOUS = Caller("anonymous", frozenset({"admin"}))  # only when auth is unsafe_disabled
+
+
+class KeyStore:
+    """The durable key store: create, list, revoke; and `verify` for the replicas."""
+
+    def __init__(self, path: Path, cache_s: float = 2.0) -> None:
+        self.path = Path(path)
+        self.cache_s = cache_s
+        self._lock = threading.Lock()
+        self._loaded_at = -1e9
+        self._records: dict[str, tuple[str, Caller]] = {}  # key id -> (secret hash, caller)
+        self._last_used: dict[str, float] = {}
+
+    @contextmanager
+    def _db(self) -> Iterator[sqlite3.Connection]:
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        db = sqlite3.connect(self.path, timeout=30, isolation_level=None)
+        try:
+            db.execute("PRAGMA journal_mode=WAL")
+            db.execute("PRAGMA synchronous=FULL")
+            db.execute(
+                "CREATE TABLE IF NOT EXISTS keys (id TEXT PRIMARY KEY, name TEXT NOT NULL "
+                "UNIQUE, secret_sha256 TEXT NOT NULL, spec TEXT NOT NULL)"
+            )
+            yield db
+        finally:
+            db.close()
+
+    def create(
+        self,
+        name: str,
+        scopes: list[str],
+        requests_per_s: float | None = None,
+        tokens_per_min: int | None = None,
+    ) -> str:
+        """A new key; returned once, stored only as a hash. Raises if `name` is taken."""
+        spec = KeySpec(
+            name=name, scopes=scopes, requests_per_s=requests_per_s, tokens_per_min=tokens_per_min
+        )
+        key_id, secret = secrets.token_hex(6), secrets.token_urlsafe(32)
+        with self._db() as db:
+            try:
+                db.execute(
+                    "INSERT INTO keys VALUES (?, ?, ?, ?)",
+                    (key_id, name, _sha256(secret), spec.model_dump_json()),
+                )
+            except sqlite3.IntegrityError:
+                raise ValueError(
+                    f"a key named {name!r} exists: revoke it first, or pick another name"
+                ) from None
+        os.chmod(self.path, 0o600)
+        return f"sg_{key_id}_{secret}"
+
+    def list(self) -> list[KeySpec]:
+        with self._db() as db:
+            rows = db.execute("SELECT spec FROM keys ORDER BY name").fetchall()
+        return [KeySpec.model_validate_json(spec) for (spec,) in rows]
+
+    def revoke(self, name: str) -> bool:
+        with self._db() as db:
+            return db.execute("DELETE FROM keys WHERE name = ?", (name,)).rowcount > 0
+
+    def verify(self, key: str) -> Caller | None:
+        """The caller a key belongs to, or None (malformed, unknown or revoked)."""
+        match = KEY_PATTERN.match(key)
+        key_id, secret = match.groups() if match else ("", key)
+        # A key made a moment ago is read at once; unknown ids re-read at most 4 times/s.
+        self._refresh(min(self.cache_s, 0.25) if match and key_id not in self._records else None)
+        stored, caller = self._records.get(key_id, (_DUMMY_HASH, None))
+        if not hmac.compare_digest(_sha256(secret), stored) or caller is None:
+            return None
+        self._touch(key_id)
+        return caller
+
+    def _refresh(self, max_age_s: float | None = None) -> None:
+        max_age_s = self.cache_s if max_age_s is None else max_age_s
+        now = time.monotonic()
+        if now - self._loaded_at < max_age_s:
+            return
+        with self._lock:
+            if now - self._loaded_at < max_age_s:
+                return
+            if not self.path.exists():
+                records: dict[str, tuple[str, Caller]] = {}
+            else:
+                with self._db() as db:
+                    rows = db.execute("SELECT id, secret_sha256, spec FROM keys").fetchall()
+                records = {}
+                for key_id, digest, text in rows:
+                    spec = KeySpec.model_validate_json(text)
+                    records[key_id] = (
+                        digest,
+                        Caller(
+                            spec.name,
+                            frozenset(spec.scopes),
+                            spec.requests_per_s,
+                            spec.tokens_per_min,
+                        ),
+                    )
+            self._records, self._loaded_at = records, time.monotonic()
+
+    def _touch(self, key_id: str) -> None:
+        """Record the key's last use, at most once a minute per replica (a write per
+        request from every replica would serialise them all on the file)."""
+        now = time.time()
+        if now - self._last_used.get(key_id, 0.0) < _LAST_USED_EVERY_S:
+            return
+        self._last_used[key_id] = now
+        try:
+            with self._db() as db:
+                row = db.execute("SELECT spec FROM keys WHERE id = ?", (key_id,)).fetchone()
+                if row:
+                    spec = json.loads(row[0]) | {"last_used": now}
+                    db.execute("UPDATE keys SET spec = ? WHERE id = ?", (json.dumps(spec), key_id))
+        except sqlite3.Error:
+            pass  # last-used is informational; never fail a request on it
+
+    def ensure_local_admin(self, key_file: Path) -> tuple[str, bool]:
+        """The local user's admin key, created once: (key, created now). A lost key file
+        means a new key (the old record is revoked: the store cannot give a key back)."""
+        if key_file.exists():
+            key = key_file.read_text().strip()
+            if self.verify(key) is not None:
+                return key, False
+        self.revoke(LOCAL_ADMIN)
+        key = self.create(LOCAL_ADMIN, ["admin"])
+        key_file.parent.mkdir(parents=True, exist_ok=True)
+        fd = os.open(key_file, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+        with os.fdopen(fd, "w") as out:
+            out.write(key + "\n")
+        self._loaded_at = -1e9  # see the new key at once
+        return key, True
+
+
+def _sha256(secret: str) -> str:
+    return hashlib.sha256(secret.encode()).hexdigest()
+
+
+def bearer(authorization: str | None) -> str | None:
+    """The key in an `Authorization: Bearer <key>` header, or None."""
+    if not authorization:
+        return None
+    scheme, _, value = authorization.partition(" ")
+    return value.strip() or None if scheme.lower() == "bearer" else None
+
+
+class Guard:
+    """What a replica checks a request with: the key store, the limits, the usage
+    metrics. One per replica (`Guard.here()`)."""
+
+    _here: Guard | None = None
+
+    def __init__(
+        self,
+        settings: AuthSettings | None = None,
+        limiter: Any = None,
+        usage: Any = None,
+    ) -> None:
+        self.settings = settings or AuthSettings()
+        self.store = KeyStore(self.settings.store_path, self.settings.cache_s)
+        self._limiter = limiter
+        self._usage = usage
+
+    @classmethod
+    def here(cls) -> Guard:
+        if cls._here is None:
+            cls._here = Guard()
+        return cls._here
+
+    @property
+    def limiter(self) -> Any:
+        if self._limiter is None:
+            from servegraph.limits import shared_limiter
+
+            self._limiter = shared_limiter()
+        return self._limiter
+
+    @property
+    def usage(self) -> Any:
+        if self._usage is None:
+            from servegraph.metrics import KeyUsageMetrics
+
+            self._usage = KeyUsageMetrics.create()
+        return self._usage
+
+    async def check(
+        self, authorization: str | None, scope: str | None, *, llm: bool = False
+    ) -> Caller:
+        """The caller, if its key is valid, has `scope` (None: any key will do) and is
+        within its limits (for a request that will use the LLM, `llm`: its token budget
+        too); else AuthError."""
+        if self.settings.unsafe_disabled:
+            return ANONYMOUS
+        key = bearer(authorization)
+        caller = self.store.verify(key) if key else None
+        if caller is None:
+            raise unauthorized()
+        if scope is not None and not caller.allows(scope):
+            raise AuthError(403, f"this key lacks the scope {scope!r}; create a key that has it")
+        if caller.limited:
+            wait_s = await _call(
+                self.limiter.admit(
+                    caller.name, caller.requests_per_s, caller.tokens_per_min if llm else None
+                )
+            )
+            if wait_s > 0:
+                self.usage.record(caller.name, 429)
+                raise AuthError(
+                    429,
+                    f"key {caller.name!r} is over its limit; retry after the Retry-After "
+                    "header's seconds",
+                    {"Retry-After": str(max(1, int(wait_s + 0.999)))},
+                )
+        return caller
+
+    async def charge(self, caller: Caller, status: int, tokens: dict[str, int]) -> None:
+        """After the answer: the request's usage on the key's metrics, its LLM tokens on
+        its token budget."""
+        if caller is ANONYMOUS:
+            return
+        self.usage.record(caller.name, status, tokens)
+        spent = sum(tokens.values())
+        if caller.tokens_per_min is not None and spent:
+            await _call(self.limiter.spend(caller.name, spent, caller.tokens_per_min))
+
+
+async def _call(result: Any) -> float:
+    """A limiter call: an actor's ObjectRef (awaited) or a plain in-process result."""
+    if isinstance(result, Awaitable):
+        return float(await result)
+    return float(result)
+
+
+def require(scope: str | None, *, llm: bool = False, http_exception: bool = False) -> Any:
+    """A FastAPI dependency that admits a request with `scope` (None: any valid key; for
+    a request that will use the LLM, `llm`: within its key's token budget too) and
+    returns its `Caller`. `http_exception`: refuse with FastAPI's HTTPException, for an
+    app without our error handlers.
+
+    The key is read with FastAPI's `HTTPBearer`, so the OpenAPI page documents it and
+    its "Authorize" button works."""
+
+    async def dependency(
+        request: Request,
+        credentials: Annotated[HTTPAuthorizationCredentials | None, Depends(_BEARER)],
+    ) -> Caller:
+        authorization = f"Bearer {credentials.credentials}" if credentials else None
+        try:
+            caller = await Guard.here().check(authorization, scope, llm=llm)
+        except AuthError as exc:
+            if not http_exception:
+                raise  # our apps render it (servegraph.http)
+            raise HTTPException(exc.status, exc.body(), exc.headers) from None
+        request.state.caller = caller
+        return caller
+
+    return dependency
+
+
+def docs_options() -> dict[str, Any]:
+    """FastAPI(...) arguments: the docs pages open, or not served at all."""
+    if AuthSettings().open_docs:
+        return {}
+    return {"docs_url": None, "redoc_url": None, "openapi_url": None}
+
+
+class UsageMiddleware:
+    """Records each answered request on its key's usage metrics (requests, errors), for
+    every route that `require`d a key and did not charge it itself (`request.state.
+    charged`: the pipeline routes do, with their LLM tokens). Pure ASGI, so streamed
+    answers pass through untouched."""
+
+    def __init__(self, app: Any) -> None:
+        self.app = app
+
+    async def __call__(self, scope: dict[str, Any], receive: Any, send: Any) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        status = 500
+
+        async def sending(message: dict[str, Any]) -> None:
+            nonlocal status
+            if message["type"] == "http.response.start":
+                status = message["status"]
+            await send(message)
+
+        try:
+            await self.app(scope, receive, sending)
+        finally:
+            state = scope.get("state") or {}
+            caller = state.get("caller")
+            if caller is not None and not state.get("charged"):
+                await Guard.here().charge(caller, status, {})
+
+
+def guard_endpoint(
+    endpoint: Callable[..., Awaitable[Any]], scope: str, *, llm: bool = False
+) -> Any:
+    """`endpoint` (a FastAPI route function or method) behind `require(scope)`, for an
+    app whose FastAPI object we do not build (`ray.serve.llm`'s OpenAI ingress): the
+    check is added to the route's signature as a dependency, so FastAPI runs it before
+    it validates the body, as on our own routes; a 401/403/429 is raised as FastAPI's
+    HTTPException, which any app renders. The answer is recorded on the key's usage, its
+    LLM tokens charged from the OpenAI `usage` it reports (a stream without `usage`: one
+    output token per chunk)."""
+    signature = inspect.signature(endpoint, eval_str=True)  # real types, for FastAPI
+    caller_parameter = inspect.Parameter(
+        "servegraph_caller",
+        inspect.Parameter.KEYWORD_ONLY,
+        default=Depends(require(scope, llm=llm, http_exception=True)),
+        annotation=Caller,
+    )
+
+    @functools.wraps(endpoint)
+    async def guarded(*args: Any, servegraph_caller: Caller, **kwargs: Any) -> Any:
+        guard = Guard.here()
+        response = None
+        try:
+            response = await endpoint(*args, **kwargs)
+            return await _charged(response, guard, servegraph_caller)
+        finally:
+            if response is None:
+                await guard.charge(servegraph_caller, 500, {})
+
+    parameters = [*signature.parameters.values(), caller_parameter]
+    guarded.__signature__ = signature.replace(parameters=parameters)  # type: ignore[attr-defined]
+    return guarded
+
+
+async def _charged(response: Any, guard: Guard, caller: Caller) -> Any:
+    """The response, its usage charged now (a whole body) or when its stream ends."""
+    status = getattr(response, "status_code", 200)
+    body_iterator = getattr(response, "body_iterator", None)
+    if body_iterator is None:
+        try:
+            usage = json.loads(response.body).get("usage") or {}
+        except (AttributeError, ValueError, TypeError):
+            usage = {}
+        tokens = {
+            "input": int(usage.get("prompt_tokens") or 0),
+            "output": int(usage.get("completion_tokens") or 0),
+        }
+        await guard.charge(caller, status, tokens)
+        return response
+
+    async def counted() -> Any:
+        tokens = {"input": 0, "output": 0}
+        reported = False
+        try:
+            async for chunk in body_iterator:
+                text = chunk.decode() if isinstance(chunk, bytes) else str(chunk)
+                for line in text.splitlines():
+                    payload = line.removeprefix("data:").strip()
+                    if not payload.startswith("{"):
+                        continue
+                    try:
+                        data = json.loads(payload)
+                    except ValueError:
+                        continue
+                    if usage := data.get("usage"):
+                        reported = True
+                        tokens = {
+                            "input": int(usage.get("prompt_tokens") or 0),
+                            "output": int(usage.get("completion_tokens") or 0),
+                        }
+                    elif not reported and data.get("choices"):
+                        tokens["output"] += 1
+                yield chunk
+        finally:
+            await guard.charge(caller, status, tokens)
+
+    response.body_iterator = counted()
+    return response
+
+
+def ensure_local_admin_key() -> tuple[Path, bool] | None:
+    """`servegraph run`'s step: the local user's admin key, created once, in its file
+    (mode 0600): (the file, created now). None when auth is off."""
+    settings = AuthSettings()
+    if settings.unsafe_disabled:
+        return None
+    store = KeyStore(settings.store_path)
+    _, created = store.ensure_local_admin(settings.local_key_file)
+    return settings.local_key_file, created
+
+
+def client_headers() -> dict[str, str]:
+    """What a local client (the start-up hooks, benchmarks, examples, tests) sends: the
+    key in `SERVEGRAPH_API_KEY`, else the local user's admin key that `servegraph run`
+    stored (`AuthSettings.local_key_file`); none if neither exists."""
+    key = os.environ.get("SERVEGRAPH_API_KEY")
+    if not key:
+        path = AuthSettings().local_key_file
+        key = path.read_text().strip() if path.exists() else None
+    return {"authorization": f"Bearer {key}"} if key else {}

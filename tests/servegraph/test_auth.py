@@ -1,0 +1,229 @@
+"""API keys, scopes and limits (`servegraph.auth`, `servegraph.limits`) without Ray: the
+key store on a real SQLite file shared by several "replicas", the FastAPI check on a
+real app over ASGI with many callers at once, and the token buckets on a fake clock."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Iterator
+from pathlib import Path
+
+import httpx
+import pytest
+from fastapi import FastAPI, Request
+from fastapi.responses import JSONResponse
+
+from deployments.catalog import CATALOG
+from servegraph.auth import AuthSettings, Guard, KeyStore, guard_endpoint
+from servegraph.discovery import discover
+from servegraph.gateway import build_gateway
+from servegraph.limits import Limiter
+from servegraph.serving import pipeline_scope
+
+
+class Clock:
+    def __init__(self) -> None:
+        self.now = 0.0
+
+    def __call__(self) -> float:
+        return self.now
+
+
+class Usage:
+    def __init__(self) -> None:
+        self.seen: list[tuple[str, int, dict[str, int] | None]] = []
+
+    def record(self, key: str, status: int, tokens: dict[str, int] | None = None) -> None:
+        self.seen.append((key, status, tokens))
+
+
+@pytest.fixture
+def store(tmp_path: Path) -> KeyStore:
+    return KeyStore(tmp_path / "keys.sqlite3", cache_s=0)  # every check reads the file
+
+
+@pytest.fixture
+def guard(store: KeyStore) -> Iterator[Guard]:
+    """This process's Guard, on its own store, limiter (fake clock) and usage record."""
+    settings = AuthSettings(keys=store.path, cache_s=0)
+    previous = Guard._here
+    Guard._here = Guard(settings, limiter=Limiter(clock=Clock()), usage=Usage())
+    yield Guard._here
+    Guard._here = previous
+
+
+def test_a_key_is_stored_only_as_a_hash_and_listed_without_it(store: KeyStore) -> None:
+    key = store.create("alice", ["invoke:rag"])
+    assert key.startswith("sg_") and len(key) > 50
+    secret = key.rsplit("_", 1)[1]
+    data = b"".join(p.read_bytes() for p in store.path.parent.glob("keys.sqlite3*"))
+    assert secret.encode() not in data and key.encode() not in data
+    (listed,) = store.list()
+    assert listed.name == "alice" and listed.scopes == ["invoke:rag"]
+    assert key not in listed.model_dump_json()
+    assert store.verify(key).name == "alice"
+    for wrong in (key[:-1] + ("A" if key[-1] != "A" else "B"), "sg_000000000000_" + "x" * 43, ""):
+        assert store.verify(wrong) is None
+
+
+def test_names_are_unique_and_scopes_checked(store: KeyStore) -> None:
+    store.create("bob", ["llm"])
+    with pytest.raises(ValueError, match="exists"):
+        store.create("bob", ["llm"])
+    with pytest.raises(ValueError, match="unknown scope"):
+        store.create("carol", ["everything"])
+
+
+async def test_a_revoked_key_stops_working_on_every_replica_within_the_cache_time(
+    store: KeyStore,
+) -> None:
+    key = store.create("dave", ["admin"])
+    replicas = [KeyStore(store.path, cache_s=0.05) for _ in range(4)]
+    assert all(r.verify(key) for r in replicas)
+    KeyStore(store.path).revoke("dave")  # `servegraph keys revoke`, another process
+    for _ in range(200):  # bounded wait for the condition, not a fixed sleep
+        if not any(r.verify(key) for r in replicas):
+            break
+        await asyncio.sleep(0.01)
+    assert not any(r.verify(key) for r in replicas)
+
+
+def test_the_local_admin_key_is_created_once(store: KeyStore, tmp_path: Path) -> None:
+    file = tmp_path / "local-admin.key"
+    key, created = store.ensure_local_admin(file)
+    assert created and file.stat().st_mode & 0o777 == 0o600
+    assert store.ensure_local_admin(file) == (key, False)
+    file.unlink()  # lost: a new one, and the old one no longer works
+    new, created = store.ensure_local_admin(file)
+    assert created and new != key and store.verify(key) is None
+
+
+def test_request_buckets_allow_a_one_second_burst_then_the_rate() -> None:
+    clock = Clock()
+    limiter = Limiter(clock=clock)
+    admitted = [limiter.admit("k", 5, None) == 0 for _ in range(20)]
+    assert sum(admitted) == 5
+    wait = limiter.admit("k", 5, None)
+    assert 0 < wait <= 0.2
+    clock.now += 1.0
+    assert sum(limiter.admit("k", 5, None) == 0 for _ in range(20)) == 5
+    assert limiter.admit("other", 5, None) == 0  # per key
+
+
+def test_token_budgets_go_into_debt_and_refill() -> None:
+    clock = Clock()
+    limiter = Limiter(clock=clock)
+    assert limiter.admit("k", None, 600) == 0
+    assert limiter.spend("k", 900, 600) == -300  # an answer may use more than is left
+    wait = limiter.admit("k", None, 600)
+    assert wait == pytest.approx(301 / 10)  # until the balance is positive again
+    clock.now += 31
+    assert limiter.admit("k", None, 600) == 0
+
+
+def app_with(scope: str | None) -> FastAPI:
+    from fastapi import Depends
+
+    from servegraph.auth import require
+    from servegraph.http import install_error_handlers
+
+    app = FastAPI()
+    install_error_handlers(app)
+
+    @app.get("/thing", dependencies=[Depends(require(scope))])
+    async def thing() -> dict[str, bool]:
+        return {"ok": True}
+
+    return app
+
+
+def client(app: FastAPI, key: str | None) -> httpx.AsyncClient:
+    headers = {"authorization": f"Bearer {key}"} if key else {}
+    return httpx.AsyncClient(
+        transport=httpx.ASGITransport(app=app), base_url="http://app", headers=headers
+    )
+
+
+async def test_no_key_and_bad_keys_get_the_same_401_a_missing_scope_a_403(
+    guard: Guard, store: KeyStore
+) -> None:
+    app = app_with("invoke:rag")
+    reader = store.create("reader", ["invoke:triage"])
+    revoked = store.create("gone", ["invoke:rag"])
+    store.revoke("gone")
+    answers = []
+    for key in (None, "nonsense", "sg_0123456789ab_" + "a" * 43, revoked):
+        async with client(app, key) as c:
+            answers.append(await c.get("/thing"))
+    assert {a.status_code for a in answers} == {401}
+    assert len({a.text for a in answers}) == 1  # nothing tells which it was
+    assert all(a.headers["www-authenticate"].startswith("Bearer") for a in answers)
+    for a in answers:
+        assert revoked not in a.text
+    async with client(app, reader) as c:
+        forbidden = await c.get("/thing")
+    assert forbidden.status_code == 403 and "invoke:rag" in forbidden.json()["detail"]
+    async with client(app, store.create("wild", ["invoke:*"])) as c:
+        assert (await c.get("/thing")).status_code == 200
+    async with client(app, store.create("admin", ["admin"])) as c:
+        assert (await c.get("/thing")).status_code == 200
+
+
+async def test_many_callers_of_one_limited_key_get_its_rate_and_429s(
+    guard: Guard, store: KeyStore
+) -> None:
+    app = app_with(None)
+    key = store.create("busy", ["invoke:*"], requests_per_s=10)
+    async with client(app, key) as c:
+        answers = await asyncio.gather(*(c.get("/thing") for _ in range(64)))
+    statuses = [a.status_code for a in answers]
+    assert statuses.count(200) == 10 and statuses.count(429) == 54  # the clock stood still
+    refused = next(a for a in answers if a.status_code == 429)
+    assert int(refused.headers["retry-after"]) >= 1 and "busy" in refused.json()["detail"]
+    recorded = guard.usage.seen
+    assert [s for _, s, _ in recorded].count(429) == 54
+    assert all(name == "busy" for name, _, _ in recorded)  # the name, never the key
+
+
+async def test_a_guarded_route_of_an_app_we_do_not_build_checks_and_charges(
+    guard: Guard, store: KeyStore
+) -> None:
+    async def models() -> JSONResponse:  # like ray.serve.llm's OpenAI routes
+        return JSONResponse({"data": []})
+
+    async def chat(body: dict, request: Request) -> JSONResponse:
+        return JSONResponse({"usage": {"prompt_tokens": 7, "completion_tokens": 3}})
+
+    app = FastAPI()  # an app we do not build: no error handlers of ours
+    app.get("/v1/models")(guard_endpoint(models, "llm"))
+    app.post("/v1/chat")(guard_endpoint(chat, "llm", llm=True))
+
+    key = store.create("llm-user", ["llm"], tokens_per_min=600)
+    async with client(app, None) as c:
+        assert (await c.post("/v1/chat", json={})).status_code == 401
+        assert (await c.post("/v1/chat", json=[])).status_code == 401  # before the body
+        assert (await c.get("/v1/models")).status_code == 401
+    async with client(app, key) as c:
+        answers = await asyncio.gather(*(c.post("/v1/chat", json={}) for _ in range(8)))
+    assert [a.status_code for a in answers] == [200] * 8
+    charged = [t for name, status, t in guard.usage.seen if name == "llm-user" and status == 200]
+    assert charged == [{"input": 7, "output": 3}] * 8
+    async with client(app, store.create("no-llm", ["invoke:*"])) as c:
+        assert (await c.post("/v1/chat", json={})).status_code == 403
+
+
+def test_a_pipeline_that_writes_needs_the_write_scope() -> None:
+    graphs = discover("pipelines")
+    assert pipeline_scope(graphs["rag_ingest"], CATALOG) == "write:rag_ingest"
+    assert pipeline_scope(graphs["rag"], CATALOG) == "invoke:rag"
+    assert pipeline_scope(graphs["triage"], CATALOG) == "invoke:triage"
+
+
+async def test_a_model_servers_rest_surface_is_admin_only(guard: Guard, store: KeyStore) -> None:
+    app = build_gateway(CATALOG["vector_index"], CATALOG, invoke=None)
+    async with client(app, store.create("writer", ["write:*", "invoke:*"])) as c:
+        refused = await c.post("/delete", json={"filter": {"source": "kb"}})
+    assert refused.status_code == 403 and "admin" in refused.json()["detail"]
+    async with client(app, None) as c:
+        assert (await c.post("/delete", json={"filter": {"source": "kb"}})).status_code == 401
+        assert (await c.get("/docs")).status_code == 200  # open by configuration

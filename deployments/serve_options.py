@@ -11,7 +11,7 @@ overrides arrive the same way (see `servegraph.planner`).
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from typing import Any
 
 from pydantic import BaseModel, Field
@@ -66,6 +66,24 @@ class ServerAppArgs(BaseModel):
     @classmethod
     def of(cls, args: ServerAppArgs | dict[str, Any] | None) -> ServerAppArgs:
         return cls.model_validate(args or {})
+
+
+def server_app(
+    server: str,
+    deployment: Any,
+    profiles: Profiles,
+    args: ServerAppArgs | dict[str, Any] | None,
+    check: Callable[[dict[str, Any]], None] | None = None,
+) -> Any:
+    """A model server's Serve application: its `deployment` (a @serve.deployment class)
+    with the profile's options and `args` on top (`check`ed), behind its gateway."""
+    from servegraph.server import gateway_app
+
+    args = ServerAppArgs.of(args)
+    options = options_for(profiles, overrides=args.overrides)
+    if check is not None:
+        check(options)
+    return gateway_app(server, deployment.options(**options).bind(**args.init))
 
 
 def options_for(

@@ -5,14 +5,14 @@ application builder."""
 from __future__ import annotations
 
 import asyncio
-from typing import Any, cast
+from typing import Any
 
 from ray import serve
 
 from deployments.classifier.contract import Classification
 from deployments.classifier.model import Classifier
-from deployments.serve_options import ENCODER_CPU, ENCODER_GPU, ServerAppArgs, options_for
-from servegraph.server import Batcher, BatchStats, gateway_app
+from deployments.serve_options import ENCODER_CPU, ENCODER_GPU, ServerAppArgs, server_app
+from servegraph.server import Batcher, BatchStats
 
 PROFILES = {"cpu": ENCODER_CPU, "gpu": ENCODER_GPU}
 
@@ -60,7 +60,4 @@ class ClassifierDeployment(Classifier):
 
 def app(args: ServerAppArgs | dict[str, Any] | None = None) -> Any:
     """The classifier's Serve application (Serve calls it with its config entry's args)."""
-    args = ServerAppArgs.of(args)
-    options = options_for(PROFILES, overrides=args.overrides)
-    deployment = cast(Any, ClassifierDeployment).options(**options)  # a @serve.deployment class
-    return gateway_app("classifier", deployment.bind(**args.init))
+    return server_app("classifier", ClassifierDeployment, PROFILES, args)

@@ -11,14 +11,14 @@ from __future__ import annotations
 
 import asyncio
 from collections.abc import Sequence
-from typing import Any, cast
+from typing import Any
 
 import numpy as np
 from ray import serve
 
 from deployments.embedder.model import Embedder
-from deployments.serve_options import ENCODER_CPU, ENCODER_GPU, ServerAppArgs, options_for
-from servegraph.server import Batcher, BatchStats, gateway_app
+from deployments.serve_options import ENCODER_CPU, ENCODER_GPU, ServerAppArgs, server_app
+from servegraph.server import Batcher, BatchStats
 
 PROFILES = {"cpu": ENCODER_CPU, "gpu": ENCODER_GPU}
 
@@ -65,7 +65,4 @@ class EmbedderDeployment(Embedder):
 
 def app(args: ServerAppArgs | dict[str, Any] | None = None) -> Any:
     """The embedder's Serve application (Serve calls it with its config entry's args)."""
-    args = ServerAppArgs.of(args)
-    options = options_for(PROFILES, overrides=args.overrides)
-    deployment = cast(Any, EmbedderDeployment).options(**options)  # a @serve.deployment class
-    return gateway_app("embedder", deployment.bind(**args.init))
+    return server_app("embedder", EmbedderDeployment, PROFILES, args)

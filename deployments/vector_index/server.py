@@ -10,13 +10,12 @@ vectors takes ~6 ms here, so one replica is not the bottleneck of any pipeline.
 
 from __future__ import annotations
 
-from typing import Any, cast
+from typing import Any
 
 from ray import serve
 
-from deployments.serve_options import SHED, ServerAppArgs, options_for
+from deployments.serve_options import SHED, ServerAppArgs, server_app
 from deployments.vector_index.model import VectorIndex
-from servegraph.server import gateway_app
 
 # One replica on both profiles: a death is a restart that rebuilds FAISS from SQLite,
 # and the retried calls wait for it.
@@ -40,9 +39,9 @@ class VectorIndexDeployment(VectorIndex):
 
 def app(args: ServerAppArgs | dict[str, Any] | None = None) -> Any:
     """The vector index's Serve application (Serve calls it with its config entry's args)."""
-    args = ServerAppArgs.of(args)
-    options = options_for(PROFILES, overrides=args.overrides)
+    return server_app("vector_index", VectorIndexDeployment, PROFILES, args, check=_one_replica)
+
+
+def _one_replica(options: dict[str, Any]) -> None:
     if options.get("num_replicas", 1) != 1 or "autoscaling_config" in options:
         raise ValueError("vector_index runs exactly one replica (see its server.py)")
-    deployment = cast(Any, VectorIndexDeployment).options(**options)  # a @serve.deployment class
-    return gateway_app("vector_index", deployment.bind(**args.init))

@@ -63,13 +63,12 @@ FOLDER = {
                 return RerankResponse(order=order)
     """,
     "server.py": """
-        from typing import Any, cast
+        from typing import Any
 
         from ray import serve
 
         from deployments.reranker.model import Reranker
-        from deployments.serve_options import SHED, ServerAppArgs, options_for
-        from servegraph.server import gateway_app
+        from deployments.serve_options import SHED, server_app
 
         PROFILES = {"cpu": {"num_replicas": 1, **SHED}, "gpu": {"num_replicas": 2, **SHED}}
 
@@ -80,9 +79,7 @@ FOLDER = {
 
 
         def app(args: Any = None) -> Any:
-            args = ServerAppArgs.of(args)
-            deployment = cast(Any, RerankerDeployment).options(**options_for(PROFILES))
-            return gateway_app("reranker", deployment.bind(**args.init))
+            return server_app("reranker", RerankerDeployment, PROFILES, args)
     """,
 }
 

@@ -10,9 +10,11 @@ Ray Serve ships no authentication for the data plane, so this is ours:
   (nothing to brute-force), and the comparison is constant-time (`hmac.compare_digest`),
   made against a dummy hash too when the id is unknown.
 - **The store** is one SQLite file (`AuthSettings.keys`, default
-  ``$SERVEGRAPH_HOME/auth/keys.sqlite3``). Every replica reads it and keeps what it read
-  for `AuthSettings.cache_s` (2 s): a revoked key stops working within that, on every
-  replica. On a cluster the file must be on storage every node mounts (see cluster.yaml).
+  ``$SERVEGRAPH_HOME/auth/keys.sqlite3``). Every replica keeps what it read, and re-reads
+  it when the file changed (a `stat` per request) and at least every
+  `AuthSettings.cache_s` (2 s, for filesystems whose modification times lag): a revoked
+  key stops working at the next request on local disk, within 2 s anywhere. On a
+  cluster the file must be on storage every node mounts (see cluster.yaml).
 - **Scopes**: ``invoke:<pipeline>`` or ``invoke:*``; ``write:<pipeline>`` or ``write:*``
   for a pipeline that writes (one that calls a method its contract marks `writes`, e.g.
   ``rag_ingest``); ``llm`` for the OpenAI routes; ``admin`` for everything, including
@@ -169,6 +171,7 @@ class KeyStore:
         self._lock = threading.Lock()
         self._loaded_at = -1e9
         self._records: dict[str, tuple[str, Caller]] = {}  # key id -> (secret hash, caller)
+        self._seen: tuple[tuple[int, int], ...] = ()
         self._last_used: dict[str, float] = {}
 
     @contextmanager
@@ -224,21 +227,36 @@ class KeyStore:
         """The caller a key belongs to, or None (malformed, unknown or revoked)."""
         match = KEY_PATTERN.match(key)
         key_id, secret = match.groups() if match else ("", key)
-        # A key made a moment ago is read at once; unknown ids re-read at most 4 times/s.
-        self._refresh(min(self.cache_s, 0.25) if match and key_id not in self._records else None)
+        self._refresh()
         stored, caller = self._records.get(key_id, (_DUMMY_HASH, None))
         if not hmac.compare_digest(_sha256(secret), stored) or caller is None:
             return None
         self._touch(key_id)
         return caller
 
-    def _refresh(self, max_age_s: float | None = None) -> None:
-        max_age_s = self.cache_s if max_age_s is None else max_age_s
+    def _version(self) -> tuple[tuple[int, int], ...]:
+        """What changes when any process commits to the store: the database and its
+        write-ahead log's modification times and sizes (one `stat` each, microseconds)."""
+        stats = []
+        for path in (self.path, self.path.with_name(self.path.name + "-wal")):
+            try:
+                st = path.stat()
+                stats.append((st.st_mtime_ns, st.st_size))
+            except FileNotFoundError:
+                stats.append((0, 0))
+        return tuple(stats)
+
+    def _refresh(self) -> None:
+        """Re-read the keys when the store changed (a key created or revoked by any
+        process is seen by the next request), and at least every `cache_s`, for
+        filesystems whose modification times lag (NFS)."""
         now = time.monotonic()
-        if now - self._loaded_at < max_age_s:
+        version = self._version()
+        if version == self._seen and now - self._loaded_at < self.cache_s:
             return
         with self._lock:
-            if now - self._loaded_at < max_age_s:
+            version = self._version()
+            if version == self._seen and now - self._loaded_at < self.cache_s:
                 return
             if not self.path.exists():
                 records: dict[str, tuple[str, Caller]] = {}
@@ -257,7 +275,7 @@ class KeyStore:
                             spec.tokens_per_min,
                         ),
                     )
-            self._records, self._loaded_at = records, time.monotonic()
+            self._records, self._loaded_at, self._seen = records, time.monotonic(), version
 
     def _touch(self, key_id: str) -> None:
         """Record the key's last use, at most once a minute per replica (a write per
@@ -288,7 +306,6 @@ class KeyStore:
         fd = os.open(key_file, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
         with os.fdopen(fd, "w") as out:
             out.write(key + "\n")
-        self._loaded_at = -1e9  # see the new key at once
         return key, True
 
 

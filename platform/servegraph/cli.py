@@ -81,8 +81,8 @@ def _keys_parser(commands: Any) -> None:
         "keys",
         help="API keys: create (printed once), list, revoke",
         description="API keys live hashed in SERVEGRAPH_AUTH_KEYS "
-        "(default $SERVEGRAPH_HOME/auth/keys.sqlite3); every replica sees a change within "
-        "SERVEGRAPH_AUTH_CACHE_S seconds (2).",
+        "(default $SERVEGRAPH_HOME/auth/keys.sqlite3); every replica sees a change at its "
+        "next request, or within SERVEGRAPH_AUTH_CACHE_S seconds (2) where file times lag.",
     )
     actions = keys.add_subparsers(dest="action", required=True)
     create = actions.add_parser("create", help="create a key and print it (only this once)")

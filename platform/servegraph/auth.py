@@ -373,6 +373,7 @@ class Guard:
         if caller is None:
             raise unauthorized()
         if scope is not None and not caller.allows(scope):
+            self.usage.record(caller.name, 403)
             raise AuthError(403, f"this key lacks the scope {scope!r}; create a key that has it")
         if caller.limited:
             wait_s = await _call(

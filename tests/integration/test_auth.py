@@ -155,6 +155,14 @@ def test_a_keys_rate_limit_is_shared_by_two_ingress_replicas(pipelines: LocalClu
         )
     finally:
         deploy_ingress()
+        # Back to one replica, the old ones gone: a later test's requests (and their
+        # metrics) must not land on a replica that is shutting down.
+        deadline = time.monotonic() + 120
+        while serve.status().applications[INGRESS_APP].deployments[
+            "PipelineIngress"
+        ].replica_states != {"RUNNING": 1}:
+            assert time.monotonic() < deadline, "the ingress did not return to one replica"
+            time.sleep(0.5)
     statuses = [a.status_code for a in answers]
     assert statuses.count(200) == 1 and statuses.count(429) == 59, statuses
     assert all(int(a.headers["retry-after"]) >= 1 for a in answers if a.status_code == 429)

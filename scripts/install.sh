@@ -36,4 +36,21 @@ else
   echo "$want" > "$stamp"
 fi
 
+# Debian packages: Prometheus (and promtool) for `make observe` and the alert-rule
+# tests, chromium for the offline docs test. Installed from the distribution, never
+# downloaded from elsewhere.
+missing=()
+command -v prometheus >/dev/null 2>&1 || missing+=(prometheus)
+command -v chromium >/dev/null 2>&1 || missing+=(chromium)
+if [ ${#missing[@]} -gt 0 ]; then
+  apt=(apt-get)
+  [ "$(id -u)" = 0 ] || apt=(sudo -n apt-get)
+  echo "[install] installing Debian packages: ${missing[*]}"
+  if ! { "${apt[@]}" update -q && DEBIAN_FRONTEND=noninteractive "${apt[@]}" install -y -q \
+      --no-install-recommends "${missing[@]}"; }; then
+    echo "[install] could not install ${missing[*]} (needs root): sudo apt-get install ${missing[*]}" >&2
+    exit 1
+  fi
+fi
+
 "$VENV/bin/python" -m deployments.prepare

@@ -435,13 +435,6 @@ def require(scope: str | None, *, llm: bool = False, http_exception: bool = Fals
     return dependency
 
 
-def docs_options() -> dict[str, Any]:
-    """FastAPI(...) arguments: the docs pages open, or not served at all."""
-    if AuthSettings().open_docs:
-        return {}
-    return {"docs_url": None, "redoc_url": None, "openapi_url": None}
-
-
 class UsageMiddleware:
     """Records each answered request on its key's usage metrics (requests, errors), for
     every route that `require`d a key and did not charge it itself (`request.state.

@@ -6,6 +6,7 @@ servegraph build      write the same platform as a `serve deploy` config file
 servegraph validate   check every pipeline graph
 servegraph render N   draw pipeline N (text, or --mermaid)
 servegraph keys       create, list and revoke API keys (`servegraph keys --help`)
+servegraph observe    run Prometheus on the running platform, with the alert rules
 """
 
 from __future__ import annotations
@@ -65,6 +66,16 @@ def main(argv: list[str] | None = None) -> int:
     render.add_argument("name")
     render.add_argument("--mermaid", action="store_true")
     _keys_parser(commands)
+    observe = commands.add_parser(
+        "observe", help="Prometheus (Debian's package) on the running platform, with alerts"
+    )
+    observe.add_argument("--port", type=int, default=9090)
+    observe.add_argument("--rules", default=settings.alert_rules, help="alert rules file")
+    observe.add_argument(
+        "--service-discovery",
+        default=None,
+        help="Ray's scrape-target file (default /tmp/ray/prom_metrics_service_discovery.json)",
+    )
     args = parser.parse_args(argv)
     commands_by_name = {
         "run": _run,
@@ -72,6 +83,7 @@ def main(argv: list[str] | None = None) -> int:
         "validate": _validate,
         "render": _render,
         "keys": _keys,
+        "observe": _observe,
     }
     return commands_by_name[args.command](args)
 
@@ -100,6 +112,31 @@ def _keys_parser(commands: Any) -> None:
     actions.add_parser("list", help="names, scopes, limits, created, last used (never the key)")
     revoke = actions.add_parser("revoke", help="revoke a key by name")
     revoke.add_argument("name")
+
+
+def _observe(args: argparse.Namespace) -> int:
+    from pathlib import Path
+
+    from servegraph.observe import RAY_SERVICE_DISCOVERY, prometheus
+
+    discovery = Path(args.service_discovery) if args.service_discovery else RAY_SERVICE_DISCOVERY
+    if not discovery.exists():
+        console.print(f"[red]{discovery} is missing: start the platform first (make run)[/red]")
+        return 1
+    stop = threading.Event()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(sig, lambda *_: stop.set())
+    with prometheus(port=args.port, rules=Path(args.rules), service_discovery=discovery) as prom:
+        console.print(
+            f"Prometheus: {prom.url} (targets: {prom.url}/targets, alerts: {prom.url}/alerts)"
+        )
+        console.print(f"alert rules: {args.rules}; scraping the Ray nodes listed in {discovery}")
+        console.print("observing; Ctrl-C to stop")
+        while not stop.wait(5):
+            down = [t["scrapeUrl"] for t in prom.targets() if t["health"] == "down"]
+            if down:
+                console.print(f"[yellow]targets down: {down}[/yellow]")
+    return 0
 
 
 def _keys(args: argparse.Namespace) -> int:

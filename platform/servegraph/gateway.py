@@ -13,14 +13,14 @@ JSON body. The model deployment keeps its name, so pipelines call it by handle d
 # No `from __future__ import annotations`: FastAPI must see each route's real models.
 from typing import Any
 
-from fastapi import Depends, FastAPI, Header
+from fastapi import APIRouter, Depends, FastAPI, Header
 from ray import serve
 
 from servegraph import auth
 from servegraph.catalog import Catalog, ServerSpec
 from servegraph.compiled import CompiledGraph
 from servegraph.graph import Graph, Pipeline, resolve
-from servegraph.http import ErrorBody, install_error_handlers
+from servegraph.http import ErrorBody, install_error_handlers, make_app
 from servegraph.runtime import Runtime
 from servegraph.settings import AppSettings
 
@@ -54,24 +54,22 @@ def build_gateway(spec: ServerSpec, catalog: Catalog, invoke: Any) -> FastAPI:
     """The server's REST app: `POST /<method>` for every method of its contract and
     `GET /<route>` for every read it declares, each open only to an `admin` key
     (pipelines reach the model by handle, not through this surface)."""
-    app = FastAPI(
-        title=spec.name,
-        description=spec.description,
-        dependencies=[Depends(auth.require("admin"))],
-        **auth.docs_options(),
-    )
+    app = make_app(title=spec.name, description=spec.description)
     install_error_handlers(app)
+    # The routes, not the app: the docs pages stay open (`SERVEGRAPH_AUTH_OPEN_DOCS`).
+    routes = APIRouter(dependencies=[Depends(auth.require("admin"))])
     runtime = Runtime(catalog, invoke)
     for method, contract in spec.methods.items():
         compiled = runtime.compile(method_graph(spec, method))  # once, not per request
-        _add_method(app, runtime, compiled, method, contract.response)
+        _add_method(routes, runtime, compiled, method, contract.response)
     for route, (method, response) in spec.reads.items():
-        _add_read(app, invoke, spec.name, route, method, response)
+        _add_read(routes, invoke, spec.name, route, method, response)
+    app.include_router(routes)
     return app
 
 
 def _add_method(
-    app: FastAPI, runtime: Runtime, compiled: CompiledGraph, method: str, response: Any
+    app: APIRouter, runtime: Runtime, compiled: CompiledGraph, method: str, response: Any
 ) -> None:
     request_model = compiled.input
 
@@ -95,7 +93,7 @@ def _add_method(
 
 
 def _add_read(
-    app: FastAPI, invoke: Any, server: str, route: str, method: str, response: Any
+    app: APIRouter, invoke: Any, server: str, route: str, method: str, response: Any
 ) -> None:
     async def read() -> Any:
         return await invoke.read(server, method)

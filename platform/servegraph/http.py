@@ -47,6 +47,20 @@ class ErrorBody(BaseModel):
     detail: str = Field(description="Why, in words.")
 
 
+def make_app(**options: Any) -> FastAPI:
+    """A FastAPI app for a platform surface. Its docs pages (Swagger UI at /docs, ReDoc)
+    load their JS and CSS from files installed with the project (`fastapi-offline`), not
+    from a CDN, so they render on an air-gapped network; with
+    SERVEGRAPH_AUTH_OPEN_DOCS=false there are no docs pages at all."""
+    from fastapi_offline import FastAPIOffline
+
+    from servegraph.auth import AuthSettings
+
+    if not AuthSettings().open_docs:
+        return FastAPI(docs_url=None, redoc_url=None, openapi_url=None, **options)
+    return FastAPIOffline(**options)
+
+
 def install_error_handlers(app: FastAPI) -> None:
     """Map request, auth and runtime errors onto 4xx/5xx bodies that name the field,
     scope or node, document the 422 body as it really is (FastAPI documents its own

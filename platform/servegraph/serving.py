@@ -30,7 +30,7 @@ from servegraph.discovery import discover
 from servegraph.errors import PipelineRuntimeError
 from servegraph.graph import Graph, resolve
 from servegraph.handles import ServeInvoker
-from servegraph.http import ErrorBody, install_error_handlers, runtime_error_body
+from servegraph.http import ErrorBody, install_error_handlers, make_app, runtime_error_body
 from servegraph.render import to_mermaid, to_text
 from servegraph.runtime import NodeRecord, Runtime, default_deadline
 from servegraph.serialize import to_yaml
@@ -65,10 +65,8 @@ def build_fastapi(
     graphs: dict[str, Graph], catalog: Catalog, invoke: Any, metrics: Any = None
 ) -> FastAPI:
     """The ingress app: POST /<pipeline>, GET /<pipeline>/graph, GET / (the list)."""
-    app = FastAPI(
-        title="servegraph pipelines",
-        description="One REST endpoint per pipeline graph.",
-        **auth.docs_options(),
+    app = make_app(
+        title="servegraph pipelines", description="One REST endpoint per pipeline graph."
     )
     install_error_handlers(app)
 

@@ -16,3 +16,6 @@ class AppSettings(BaseSettings):
         "deployments.catalog:CATALOG", description="Import path of the model-server Catalog."
     )
     pipelines: str = Field("pipelines", description="Package whose modules define pipelines.")
+    alert_rules: str = Field(
+        "dashboards/alerts.yaml", description="Prometheus alert rules `servegraph observe` loads."
+    )

@@ -243,7 +243,7 @@ def test_pipeline_metrics_reach_the_prometheus_endpoint(
     dashboard = json.loads(
         (Path(__file__).parents[2] / "dashboards" / "servegraph-grafana.json").read_text()
     )
-    exprs = [t["expr"] for p in dashboard["panels"] for t in p["targets"]]
+    exprs = [t["expr"] for p in dashboard["panels"] for t in p.get("targets", [])]
     wanted = {m for e in exprs for m in re.findall(r"ray_servegraph_\w+", e)} | {
         "servegraph_pipeline_requests",
         "servegraph_node_latency_ms_bucket",

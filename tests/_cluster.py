@@ -33,9 +33,13 @@ def cluster(otlp: OtlpReceiver) -> Iterator[LocalCluster]:
     os.environ["SERVEGRAPH_INDEX_PATH"] = index_dir
     # Every process of the cluster inherits these: spans go to files the tests read,
     # and over OTLP to the receiver.
-    os.environ["SERVEGRAPH_TRACING_EXPORTER"] = "file,otlp-http"
+    # (The standard OpenTelemetry variables; the receiver, like an authenticated
+    # collector, takes only exports that carry its token.)
+    os.environ["OTEL_TRACES_EXPORTER"] = "file,otlp"
     os.environ["SERVEGRAPH_TRACING_FILE_DIR"] = SPANS_DIR
-    os.environ["SERVEGRAPH_TRACING_ENDPOINT"] = otlp.url
+    os.environ["OTEL_EXPORTER_OTLP_PROTOCOL"] = "http/protobuf"
+    os.environ["OTEL_EXPORTER_OTLP_ENDPOINT"] = otlp.url
+    os.environ["OTEL_EXPORTER_OTLP_HEADERS"] = f"x-collector-token={otlp.token}"
     with local_cluster() as running:
         yield running
 

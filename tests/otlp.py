@@ -1,12 +1,15 @@
 """A minimal OTLP/HTTP trace receiver on loopback, standing in for a collector.
 
 It decodes what the real OTLP exporters send (protobuf `ExportTraceServiceRequest`),
-so a test sees a trace exactly as Jaeger or Tempo would receive it. Written by hand
+so a test sees a trace exactly as Jaeger or Tempo would receive it. Like an
+authenticated collector it refuses exports without its token (`x-collector-token`,
+which the exporters send from OTEL_EXPORTER_OTLP_HEADERS). Written by hand
 because the OpenTelemetry Python packages ship exporters, not a receiver.
 """
 
 from __future__ import annotations
 
+import secrets
 import threading
 import time
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
@@ -20,12 +23,20 @@ class OtlpReceiver:
         )
 
         self.spans: list[dict[str, Any]] = []
+        self.refused = 0  # exports without the token
+        self.token = secrets.token_hex(8)
         self._lock = threading.Lock()
         receiver = self
 
         class Handler(BaseHTTPRequestHandler):
             def do_POST(self) -> None:  # http.server's API
                 body = self.rfile.read(int(self.headers["content-length"]))
+                if self.headers.get("x-collector-token") != receiver.token:
+                    with receiver._lock:
+                        receiver.refused += 1
+                    self.send_response(401)
+                    self.end_headers()
+                    return
                 request = ExportTraceServiceRequest.FromString(body)
                 received = [
                     {

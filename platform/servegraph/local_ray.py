@@ -62,7 +62,7 @@ def local_cluster(
             autoscaled extra replica) can be placed: they share the cores anyway.
         metrics_port: where Ray serves Prometheus metrics (a free one by default).
 
-    Tracing follows `SERVEGRAPH_TRACING_*` (see `servegraph.tracing`).
+    Tracing follows the standard `OTEL_*` variables (see `servegraph.tracing`).
     """
     import ray
     from ray import serve

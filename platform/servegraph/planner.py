@@ -54,10 +54,19 @@ class PlatformPlan:
         Args:
             env: environment for every application's build and replicas, e.g.
                 ``{"SERVEGRAPH_PROFILE": "gpu"}``.
+
+        With tracing on where the config is built (`OTEL_TRACES_EXPORTER`), the config
+        carries Serve's `tracing_config`; the exporters' own settings (endpoint,
+        headers: maybe a secret) stay in the nodes' environment (cluster.yaml), not in
+        a file the dashboard shows.
         """
+        from servegraph.tracing import serve_tracing_config
+
+        tracing = serve_tracing_config()
         return {
             "proxy_location": "HeadOnly",
             "http_options": {"host": host, "port": port},
+            **({"tracing_config": _dump(tracing)} if tracing is not None else {}),
             "applications": [
                 {
                     "name": a.name,
@@ -69,6 +78,11 @@ class PlatformPlan:
                 for a in self.apps
             ],
         }
+
+
+def _dump(model: Any) -> dict[str, Any]:
+    dumped: dict[str, Any] = model.model_dump() if hasattr(model, "model_dump") else model.dict()
+    return dumped
 
 
 def plan_platform(

@@ -7,12 +7,18 @@ factory (`span_processors`), and add the spans Serve cannot know about: one per 
 node in the ingress (`node_span`), and model attributes (GenAI usage, retrieval scores,
 classifier label, batch size and queue wait) on the replica spans (`annotate`).
 
-Configuration, from the environment (`SERVEGRAPH_TRACING_*`):
-    EXPORTER   none | console | otlp-grpc | otlp-http | file     (default none);
-               several, comma-separated, export to each (e.g. "file,otlp-http")
-    ENDPOINT   the OTLP endpoint (Jaeger, Tempo, a collector)
-    FILE_DIR   where the file exporter writes one JSON span per line
-    SAMPLE_RATIO  0..1 (parent-based: a sampled client trace stays sampled)
+Configuration, from the standard OpenTelemetry variables where one exists:
+    OTEL_TRACES_EXPORTER         none | otlp | console | file (default none); several,
+                                 comma-separated, export to each (e.g. "file,otlp").
+                                 `file` is ours: one JSON span per line.
+    OTEL_EXPORTER_OTLP_PROTOCOL  http/protobuf (default) | grpc (or ..._TRACES_PROTOCOL)
+    OTEL_EXPORTER_OTLP_ENDPOINT, _HEADERS, _CERTIFICATE, _TIMEOUT (and their _TRACES_
+                                 forms): read by the OTLP exporters themselves, so an
+                                 authenticated (headers) or TLS collector works as
+                                 everywhere else
+    OTEL_TRACES_SAMPLER_ARG      0..1 (parent-based: a sampled client trace stays sampled)
+    OTEL_SERVICE_NAME            the service name on every span (default servegraph)
+    SERVEGRAPH_TRACING_FILE_DIR  where the file exporter writes (no standard variable)
 
 With the exporter "none" nothing is installed and `node_span` returns None, so the
 runtime skips the hook entirely: tracing off costs one attribute check per node.
@@ -25,23 +31,41 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any, Literal
 
-from pydantic import Field, field_validator
+from pydantic import AliasChoices, Field, field_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 TRACER_NAME = "servegraph"
-Exporter = Literal["console", "otlp-grpc", "otlp-http", "file"]
-EXPORTERS: tuple[Exporter, ...] = ("console", "otlp-grpc", "otlp-http", "file")
+Exporter = Literal["console", "otlp", "file"]
+EXPORTERS: tuple[Exporter, ...] = ("console", "otlp", "file")
 
 
 class TracingSettings(BaseSettings):
-    model_config = SettingsConfigDict(env_prefix="SERVEGRAPH_TRACING_", extra="ignore")
+    """Tracing settings, each read from its standard OpenTelemetry variable."""
+
+    model_config = SettingsConfigDict(extra="ignore", populate_by_name=True)
 
     exporter: str = Field(
-        "none", description="none, or a comma-separated list of: " + ", ".join(EXPORTERS)
+        "none",
+        validation_alias=AliasChoices("exporter", "OTEL_TRACES_EXPORTER"),
+        description="none, or a comma-separated list of: " + ", ".join(EXPORTERS),
     )
-    endpoint: str | None = Field(None, description="OTLP endpoint, e.g. http://127.0.0.1:4317")
-    file_dir: Path | None = Field(None, description="Folder for the file exporter.")
-    sample_ratio: float = Field(1.0, ge=0.0, le=1.0)
+    protocol: Literal["http/protobuf", "grpc"] = Field(
+        "http/protobuf",
+        validation_alias=AliasChoices(
+            "protocol", "OTEL_EXPORTER_OTLP_TRACES_PROTOCOL", "OTEL_EXPORTER_OTLP_PROTOCOL"
+        ),
+    )
+    file_dir: Path | None = Field(
+        None,
+        validation_alias=AliasChoices("file_dir", "SERVEGRAPH_TRACING_FILE_DIR"),
+        description="Folder for the file exporter.",
+    )
+    sample_ratio: float = Field(
+        1.0,
+        ge=0.0,
+        le=1.0,
+        validation_alias=AliasChoices("sample_ratio", "OTEL_TRACES_SAMPLER_ARG"),
+    )
 
     @field_validator("exporter")
     @classmethod
@@ -62,7 +86,8 @@ class TracingSettings(BaseSettings):
 
 
 def serve_tracing_config(settings: TracingSettings | None = None) -> Any:
-    """The `TracingConfig` for `serve.start`, or None when tracing is off."""
+    """The `TracingConfig` for `serve.start` (and, dumped, a Serve config file's
+    `tracing_config`), or None when tracing is off."""
     settings = settings or TracingSettings()
     if not settings.enabled:
         return None
@@ -107,19 +132,18 @@ def _span_processor(exporter: Exporter, settings: TracingSettings) -> Any:
         SimpleSpanProcessor,
     )
 
-    if exporter == "otlp-grpc":
+    # The OTLP exporters read OTEL_EXPORTER_OTLP_* (endpoint, headers, certificate,
+    # timeout, compression) themselves when given no arguments.
+    if exporter == "otlp" and settings.protocol == "grpc":
         from opentelemetry.exporter.otlp.proto.grpc.trace_exporter import OTLPSpanExporter
 
-        return BatchSpanProcessor(OTLPSpanExporter(endpoint=settings.endpoint, insecure=True))
-    if exporter == "otlp-http":
+        return BatchSpanProcessor(OTLPSpanExporter())
+    if exporter == "otlp":
         from opentelemetry.exporter.otlp.proto.http.trace_exporter import (
             OTLPSpanExporter as HttpExporter,
         )
 
-        endpoint = settings.endpoint
-        if endpoint and not endpoint.rstrip("/").endswith("/v1/traces"):
-            endpoint = endpoint.rstrip("/") + "/v1/traces"
-        return BatchSpanProcessor(HttpExporter(endpoint=endpoint))
+        return BatchSpanProcessor(HttpExporter())
     if exporter == "file":
         folder = settings.file_dir or Path("var/spans")
         folder.mkdir(parents=True, exist_ok=True)

@@ -4,6 +4,7 @@ application of the session's cluster declaratively)."""
 from __future__ import annotations
 
 import os
+import secrets
 import subprocess
 import sys
 from pathlib import Path
@@ -15,11 +16,14 @@ import yaml
 from servegraph.auth import client_headers
 from servegraph.local_ray import LocalCluster
 from tests._cluster import wait_until_running
+from tests.otlp import OtlpReceiver
 
 pytestmark = pytest.mark.integration
 
 
-def test_generated_config_deploys_with_serve_deploy(pipelines: LocalCluster, tmp_path: Path):
+def test_generated_config_deploys_with_serve_deploy(
+    pipelines: LocalCluster, tmp_path: Path, otlp: OtlpReceiver
+) -> None:
     from deployments.catalog import CATALOG
     from servegraph.discovery import discover
     from servegraph.planner import plan_platform
@@ -46,3 +50,24 @@ def test_generated_config_deploys_with_serve_deploy(pipelines: LocalCluster, tmp
         assert any("30 minutes" in p["text"] for p in body["passages"]), body
         listed = {p["name"] for p in client.get("/pipelines/").json()["pipelines"]}
         assert {"rag", "rag_yaml", "rag_ingest", "triage"} <= listed
+
+        # Tracing came with the config: a request's trace reaches the OTLP receiver
+        # from the proxy, the ingress and the model servers' replicas.
+        assert config["tracing_config"]["enabled"]
+        trace_id = secrets.token_hex(16)
+        traced = client.post(
+            "/pipelines/rag",
+            json={"question": "How long do refunds take?"},
+            headers={"traceparent": f"00-{trace_id}-{secrets.token_hex(8)}-01"},
+        )
+        assert traced.is_success and traced.headers["x-trace-id"] == trace_id
+    wanted = {"proxy_http_request", "node embed", "node retrieve", "node generate"}
+
+    def complete(spans: list[dict]) -> bool:
+        names = {s["name"].split(" PipelineIngress")[0] for s in spans}
+        replica = any(n.startswith("replica_handle_request Embedder") for n in names)
+        return wanted <= names and replica
+
+    spans = otlp.trace(trace_id, until=complete)
+    assert complete(spans), sorted({s["name"] for s in spans})
+    assert otlp.refused == 0  # every export carried the collector's token

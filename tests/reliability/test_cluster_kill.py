@@ -34,7 +34,7 @@ def start(index: Path, tag: str) -> tuple[subprocess.Popen, str]:
         **os.environ,
         TAG: tag,
         "SERVEGRAPH_INDEX_PATH": str(index),
-        "SERVEGRAPH_TRACING_EXPORTER": "none",
+        "OTEL_TRACES_EXPORTER": "none",
     }
     child = subprocess.Popen(
         [sys.executable, "-m", "tests.reliability.ingest_platform", str(free_port())],

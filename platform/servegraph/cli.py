@@ -231,10 +231,13 @@ def _run(args: argparse.Namespace) -> int:
     stop = threading.Event()
     for sig in (signal.SIGINT, signal.SIGTERM):
         signal.signal(sig, lambda *_: stop.set())
+    _quiet_driver_logs()
     with console.status("starting a local Ray cluster"):
         cluster_cm = local_cluster(http_port=args.port, dashboard_port=args.dashboard_port)
         cluster = cluster_cm.__enter__()
+    _quiet_driver_logs()  # again: starting Ray resets its loggers
     try:
+        console.print(f"Ray's and every replica's logs: {_logs_dir()} (replicas: serve/)")
         key_file = _local_admin_key()
         started = time.perf_counter()
         with console.status("deploying model servers and pipelines (the LLM takes ~1 min)"):
@@ -281,6 +284,23 @@ def _modules(package: str) -> list[Any]:
         importlib.import_module(i.name)
         for i in pkgutil.walk_packages(root.__path__, prefix=f"{package}.")
     ]
+
+
+def _quiet_driver_logs() -> None:
+    """This console is for people: the platform's own progress lines. Ray's and Serve's
+    driver-side INFO lines (JSON, one per deployment step) and each HTTP call of the
+    start-up hooks go to Ray's log files only; warnings and errors still show."""
+    import logging
+
+    for name in ("ray", "ray.serve", "ray.data", "httpx", "httpcore"):
+        logging.getLogger(name).setLevel(logging.WARNING)
+
+
+def _logs_dir() -> str:
+    import ray
+
+    node = ray._private.worker._global_node  # the session folder of this cluster
+    return str(node.get_logs_dir_path()) if node is not None else "/tmp/ray/session_latest/logs"
 
 
 def _local_admin_key() -> str | None:

@@ -44,7 +44,7 @@ def browse(url: str, *flags: str) -> str:
 @pytest.mark.parametrize(
     ("path", "expected"),
     [
-        ("/pipelines/docs", ["/rag/stream", "/rag_ingest", "/triage", "HTTPBearer"]),
+        ("/pipelines/docs", ["/rag/stream", "/rag_ingest", "/triage", "Authorize"]),
         ("/index/docs", ["/search", "/delete", "/stats"]),
         ("/embedder/docs", ["/embed_one"]),
     ],

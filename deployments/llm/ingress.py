@@ -6,9 +6,13 @@ The wrapped routes take the same bodies, so the official `openai` client works w
 
 from __future__ import annotations
 
+import logging
+from collections.abc import Iterator
+from contextlib import contextmanager
+
 from ray.serve.llm.ingress import OpenAiIngress
 
-from servegraph.server import guard_endpoint
+from servegraph.server import guard_endpoint, offline_docs
 
 # OpenAiIngress's routes (ray.serve.llm's DEFAULT_ENDPOINTS); the generating ones
 # spend LLM tokens, so they are held to the key's token budget too.
@@ -26,3 +30,29 @@ for _route in ROUTES + GENERATING:
         _route,
         guard_endpoint(getattr(OpenAiIngress, _route), "llm", llm=_route in GENERATING),
     )
+
+
+@contextmanager
+def offline_docs_during_build() -> Iterator[None]:
+    """While `build_openai_app` runs, its FastAPI app gets offline docs pages.
+
+    Why by hand: `ray.serve.llm` creates the OpenAI app inside `build_openai_app` (its
+    ingress module's `init()`) and offers no hook for the docs pages, which load from a
+    CDN and render blank on an air-gapped network. Its app factory is wrapped for the
+    duration of the build only; where a Ray version lacks it, the docs stay as Ray makes
+    them (and the offline-docs test says so)."""
+    try:
+        from ray.llm._internal.serve.core.ingress import ingress as ray_ingress
+    except ImportError:  # pragma: no cover - another Ray layout
+        yield
+        return
+    original = getattr(ray_ingress, "init", None)
+    if original is None:  # pragma: no cover - another Ray layout
+        logging.getLogger(__name__).warning("ray.serve.llm's docs pages stay online-only")
+        yield
+        return
+    ray_ingress.init = lambda: offline_docs(original())
+    try:
+        yield
+    finally:
+        ray_ingress.init = original

@@ -101,12 +101,13 @@ def app(args: ServerAppArgs | dict[str, Any] | None = None) -> Any:
     with its config entry's args)."""
     from ray.serve.llm import build_openai_app
 
-    from deployments.llm.ingress import GuardedIngress
+    from deployments.llm.ingress import GuardedIngress, offline_docs_during_build
 
     overrides = ServerAppArgs.of(args).overrides
-    return build_openai_app(
-        {
-            "llm_configs": [llm_config(overrides=overrides)],
-            "ingress_cls_config": {"ingress_cls": GuardedIngress},
-        }
-    )
+    with offline_docs_during_build():
+        return build_openai_app(
+            {
+                "llm_configs": [llm_config(overrides=overrides)],
+                "ingress_cls_config": {"ingress_cls": GuardedIngress},
+            }
+        )

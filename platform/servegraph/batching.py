@@ -27,7 +27,7 @@ from typing import Generic, TypeVar
 
 from pydantic import BaseModel, Field
 
-from servegraph.metrics import batch_size_histogram
+from servegraph.metrics import batch_size_histogram, batch_wait_histogram
 from servegraph.tracing import annotate
 
 T = TypeVar("T")
@@ -94,6 +94,7 @@ class Batcher(Generic[T, R]):
         self._worker: asyncio.Task[None] | None = None
         self._sizes: Counter[int] = Counter()
         self._histogram = batch_size_histogram(name)
+        self._waits = batch_wait_histogram(name)
 
     async def submit(self, payloads: Sequence[T]) -> list[R]:
         """Each payload's result, in order. A request with more payloads than
@@ -189,6 +190,8 @@ class Batcher(Generic[T, R]):
             if not item.future.done():
                 wait_ms = round((started - item.queued_at) * 1000, 3)
                 item.future.set_result((result, len(batch), wait_ms))
+                if self._waits is not None:
+                    self._waits.observe(wait_ms)
 
     def _record(self, size: int) -> None:
         self._sizes[size] += 1

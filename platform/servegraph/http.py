@@ -7,6 +7,7 @@ body is ``{"error": ..., ...}`` with what a caller needs to act on it.
 from __future__ import annotations
 
 import math
+from pathlib import Path
 from typing import Any
 
 from fastapi import FastAPI, Request
@@ -47,18 +48,65 @@ class ErrorBody(BaseModel):
     detail: str = Field(description="Why, in words.")
 
 
-def make_app(**options: Any) -> FastAPI:
-    """A FastAPI app for a platform surface. Its docs pages (Swagger UI at /docs, ReDoc)
-    load their JS and CSS from files installed with the project (`fastapi-offline`), not
-    from a CDN, so they render on an air-gapped network; with
-    SERVEGRAPH_AUTH_OPEN_DOCS=false there are no docs pages at all."""
-    from fastapi_offline import FastAPIOffline
+OFFLINE_STATIC = "/static-offline-docs"
 
+
+def make_app(**options: Any) -> FastAPI:
+    """A FastAPI app for a platform surface, its docs pages offline (`offline_docs`);
+    with SERVEGRAPH_AUTH_OPEN_DOCS=false there are no docs pages at all."""
     from servegraph.auth import AuthSettings
 
     if not AuthSettings().open_docs:
         return FastAPI(docs_url=None, redoc_url=None, openapi_url=None, **options)
-    return FastAPIOffline(**options)
+    return offline_docs(FastAPI(**options))
+
+
+def offline_docs(app: FastAPI) -> FastAPI:
+    """`app` with its docs pages (Swagger UI, ReDoc) loading their JS and CSS from the
+    files `fastapi-offline` installs, not from a CDN, so they render on an air-gapped
+    network. Done on an existing app (rather than `FastAPIOffline()`) so it also serves
+    the apps other libraries build (`ray.serve.llm`'s OpenAI app). Links are relative to
+    the app's mount point (`root_path`: Serve's route prefix)."""
+    import fastapi_offline
+    from fastapi.openapi.docs import get_redoc_html, get_swagger_ui_html
+    from fastapi.staticfiles import StaticFiles
+    from starlette.responses import HTMLResponse
+
+    static_dir = Path(fastapi_offline.__file__).parent / "static"
+    docs_url, redoc_url, openapi_url = app.docs_url, app.redoc_url, app.openapi_url
+    if openapi_url is None:
+        return app
+    app.router.routes = [
+        r for r in app.router.routes if getattr(r, "path", None) not in (docs_url, redoc_url)
+    ]
+    app.mount(OFFLINE_STATIC, StaticFiles(directory=static_dir), name="static-offline-docs")
+    if docs_url:
+
+        @app.get(docs_url, include_in_schema=False)
+        async def swagger(request: Request) -> HTMLResponse:
+            root = request.scope.get("root_path", "")
+            return get_swagger_ui_html(
+                openapi_url=f"{root}{openapi_url}",
+                title=f"{app.title} - Swagger UI",
+                swagger_js_url=f"{root}{OFFLINE_STATIC}/swagger-ui-bundle.js",
+                swagger_css_url=f"{root}{OFFLINE_STATIC}/swagger-ui.css",
+                swagger_favicon_url=f"{root}{OFFLINE_STATIC}/favicon.png",
+            )
+
+    if redoc_url:
+
+        @app.get(redoc_url, include_in_schema=False)
+        async def redoc(request: Request) -> HTMLResponse:
+            root = request.scope.get("root_path", "")
+            return get_redoc_html(
+                openapi_url=f"{root}{openapi_url}",
+                title=f"{app.title} - ReDoc",
+                redoc_js_url=f"{root}{OFFLINE_STATIC}/redoc.standalone.js",
+                redoc_favicon_url=f"{root}{OFFLINE_STATIC}/favicon.png",
+                with_google_fonts=False,
+            )
+
+    return app
 
 
 def install_error_handlers(app: FastAPI) -> None:

@@ -66,14 +66,31 @@ class PipelineMetrics:
 
 def batch_size_histogram(server: str) -> Any:
     """A histogram of dynamic-batch sizes for a model server replica (None outside Ray)."""
+    return _server_histogram(
+        "servegraph_batch_size",
+        "Items per dynamic batch.",
+        [1, 2, 4, 8, 16, 32, 64, 128, 256],
+        server,
+    )
+
+
+def batch_wait_histogram(server: str) -> Any:
+    """A histogram of how long each item waited in the batch queue before its batch ran
+    (None outside Ray)."""
+    return _server_histogram(
+        "servegraph_batch_queue_wait_ms",
+        "Time an item waited for its dynamic batch to start.",
+        [0.5, 1, 2, 5, 10, 25, 50, 100, 250, 500, 1000, 2500],
+        server,
+    )
+
+
+def _server_histogram(name: str, description: str, boundaries: list[float], server: str) -> Any:
     try:
         from ray.serve import metrics
 
         histogram = metrics.Histogram(
-            "servegraph_batch_size",
-            description="Items per dynamic batch.",
-            boundaries=[1, 2, 4, 8, 16, 32, 64, 128, 256],
-            tag_keys=("server",),
+            name, description=description, boundaries=boundaries, tag_keys=("server",)
         )
         histogram.set_default_tags({"server": server})
         return histogram

@@ -17,6 +17,7 @@ from servegraph.auth import guard_endpoint as guard_endpoint
 from servegraph.batching import Batcher as Batcher
 from servegraph.batching import BatchStats as BatchStats
 from servegraph.errors import InvalidInputError as InvalidInputError
+from servegraph.http import offline_docs as offline_docs
 from servegraph.tracing import annotate as annotate
 
 __all__ = [
@@ -26,6 +27,7 @@ __all__ = [
     "annotate",
     "gateway_app",
     "guard_endpoint",
+    "offline_docs",
 ]
 
 

@@ -47,6 +47,7 @@ def browse(url: str, *flags: str) -> str:
         ("/pipelines/docs", ["/rag/stream", "/rag_ingest", "/triage", "Authorize"]),
         ("/index/docs", ["/search", "/delete", "/stats"]),
         ("/embedder/docs", ["/embed_one"]),
+        ("/docs", ["/v1/chat/completions", "/v1/models", "Authorize"]),  # ray.serve.llm's app
     ],
 )
 def test_the_docs_page_renders_offline(

@@ -7,6 +7,7 @@ servegraph validate   check every pipeline graph
 servegraph render N   draw pipeline N (text, or --mermaid)
 servegraph keys       create, list and revoke API keys (`servegraph keys --help`)
 servegraph observe    run Prometheus on the running platform, with the alert rules
+servegraph check      will the plan fit a cluster? (`--cluster cluster.yaml`)
 """
 
 from __future__ import annotations
@@ -61,6 +62,14 @@ def main(argv: list[str] | None = None) -> int:
         default=None,
         help="resource profile baked into the config (SERVEGRAPH_PROFILE)",
     )
+    build.add_argument(
+        "--cluster", default=None, help="refuse a plan this cluster.yaml cannot place"
+    )
+    check = commands.add_parser(
+        "check", help="pack every deployment onto a cluster.yaml's nodes, at min and max replicas"
+    )
+    check.add_argument("--cluster", required=True, help="Ray cluster launcher config")
+    check.add_argument("--profile", choices=["cpu", "gpu"], default=None)
     commands.add_parser("validate", help="check every pipeline graph")
     render = commands.add_parser("render", help="draw a pipeline graph")
     render.add_argument("name")
@@ -84,6 +93,7 @@ def main(argv: list[str] | None = None) -> int:
         "render": _render,
         "keys": _keys,
         "observe": _observe,
+        "check": _check,
     }
     return commands_by_name[args.command](args)
 
@@ -185,9 +195,59 @@ def _plan(package: str, catalog: str) -> Any:
     )
 
 
+def _check(args: argparse.Namespace) -> int:
+    verdict_ok = _feasible(_plan_for(args), args.cluster)
+    return 0 if verdict_ok else 1
+
+
+def _plan_for(args: argparse.Namespace) -> Any:
+    """The plan under `--profile` (the builders read SERVEGRAPH_PROFILE)."""
+    import os
+
+    if getattr(args, "profile", None):
+        os.environ["SERVEGRAPH_PROFILE"] = args.profile
+    return _plan(args.package, args.catalog)
+
+
+def _feasible(plan: Any, cluster: str | None, *, quiet: bool = False) -> bool:
+    """Print what fits where on `cluster` (None: the running Ray cluster); False when a
+    deployment can never be placed or the plan does not fit at its minimum replicas."""
+    from pathlib import Path
+
+    from servegraph.capacity import asks_of, check, node_types, report, running_node_types
+
+    with console.status(f"packing the plan onto {cluster or 'this Ray cluster'}"):
+        types = node_types(Path(cluster)) if cluster else running_node_types()
+        verdict = check(asks_of(plan), types)
+    if quiet and verdict.ok:
+        at_max = (
+            "also at max_replicas"
+            if verdict.fits_max
+            else f"at max_replicas {len(verdict.unplaced['max'])} replica(s) would wait"
+        )
+        console.print(f"capacity: every deployment fits at min_replicas ({at_max})")
+    else:
+        console.print(report(verdict, types), markup=False, highlight=False)
+    if not verdict.ok:
+        console.print(
+            "[red]this plan cannot be placed: Ray Serve would leave those replicas pending "
+            "with no explanation. Give the node types more resources or workers, or the "
+            "deployments smaller asks (PROFILES, or a node's deployment= overrides).[/red]"
+        )
+    elif not verdict.fits_max:
+        console.print(
+            "[yellow]fits at min_replicas, not at max_replicas: "
+            "autoscaling will stop short[/yellow]"
+        )
+    return verdict.ok
+
+
 def _build(args: argparse.Namespace) -> int:
     env = {"SERVEGRAPH_PROFILE": args.profile} if args.profile else None
-    config = _plan(args.package, args.catalog).serve_config(host=args.host, port=args.port, env=env)
+    plan = _plan_for(args)
+    if args.cluster and not _feasible(plan, args.cluster):
+        return 1
+    config = plan.serve_config(host=args.host, port=args.port, env=env)
     text = yaml.safe_dump(config, sort_keys=False)
     if args.output == "-":
         sys.stdout.write(text)
@@ -238,6 +298,8 @@ def _run(args: argparse.Namespace) -> int:
     _quiet_driver_logs()  # again: starting Ray resets its loggers
     try:
         console.print(f"Ray's and every replica's logs: {_logs_dir()} (replicas: serve/)")
+        if not _feasible(plan, None, quiet=True):
+            return 1
         key_file = _local_admin_key()
         started = time.perf_counter()
         with console.status("deploying model servers and pipelines (the LLM takes ~1 min)"):

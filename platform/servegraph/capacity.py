@@ -1,0 +1,351 @@
+"""Will the plan fit the cluster? A pre-deploy feasibility check.
+
+Ray Serve leaves a replica that cannot be placed pending, with no deadline and no
+explanation. `check` answers before deploying: it builds every application of a plan
+the way Serve does (`build_app`), takes each deployment's bundles per replica (its
+placement group's, or its actor's CPUs, GPUs, memory and custom resources) at
+`min_replicas` and at `max_replicas`, and packs them onto the cluster's nodes: the
+head node and each worker type up to its `max_workers` (and the cluster's), as the
+Ray cluster launcher's `cluster.yaml` describes them. Fractional GPUs are packed per
+device, so two 0.6 shares never land on one GPU. The LLM's GPU memory share
+(`gpu_memory_utilization`) is compared with the instance's GPU memory where the
+instance type is known.
+
+Packing is first-fit decreasing, replica by replica, bundles of one replica on one
+node (Serve's placement groups here use PACK): the same greedy order Ray's scheduler
+approximates. A plan it cannot pack may still fit by luck of ordering in rare cases;
+one it packs fits.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Iterable, Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from pathlib import Path
+from types import SimpleNamespace
+from typing import Any
+
+import yaml
+
+# GPU memory per device of common cloud instance types (GiB), for the vLLM share check.
+GPU_MEMORY_GIB = {
+    "g4dn": 16,  # T4
+    "g5": 24,  # A10G
+    "g6": 24,  # L4
+    "g6e": 48,  # L40S
+    "p3": 16,  # V100
+    "p4d": 40,  # A100 40 GB
+    "p4de": 80,
+    "p5": 80,  # H100
+}
+_EPS = 1e-9
+
+
+@dataclass(frozen=True)
+class Ask:
+    """One deployment's needs: its bundles per replica, and how many replicas."""
+
+    app: str
+    deployment: str
+    bundles: tuple[dict[str, float], ...]
+    min_replicas: int
+    max_replicas: int
+    gpu_memory_fraction: float | None = None  # vLLM's share of a device, if it has one
+
+    @property
+    def name(self) -> str:
+        return f"{self.app}/{self.deployment}"
+
+
+@dataclass
+class Node:
+    """One machine of the cluster and what is still free on it."""
+
+    kind: str
+    free: dict[str, float]
+    gpus: list[float] = field(default_factory=list)  # free share of each GPU device
+    gpu_memory_gib: float | None = None
+    placed: list[str] = field(default_factory=list)
+
+    def fits(self, bundle: dict[str, float]) -> bool:
+        for key, amount in bundle.items():
+            if key == "GPU":
+                if amount >= 1 - _EPS:
+                    if sum(1 for g in self.gpus if g >= 1 - _EPS) < math.ceil(amount - _EPS):
+                        return False
+                elif not any(g + _EPS >= amount for g in self.gpus):
+                    return False
+            elif self.free.get(key, 0.0) + _EPS < amount:
+                return False
+        return True
+
+    def take(self, bundle: dict[str, float]) -> None:
+        for key, amount in bundle.items():
+            if key == "GPU":
+                if amount >= 1 - _EPS:
+                    whole = math.ceil(amount - _EPS)
+                    for i, g in enumerate(self.gpus):
+                        if whole and g >= 1 - _EPS:
+                            self.gpus[i], whole = 0.0, whole - 1
+                else:  # best fit: the fullest device that still has room
+                    i = min(
+                        (i for i, g in enumerate(self.gpus) if g + _EPS >= amount),
+                        key=lambda i: self.gpus[i],
+                    )
+                    self.gpus[i] -= amount
+            else:
+                self.free[key] = self.free.get(key, 0.0) - amount
+
+
+@dataclass
+class Verdict:
+    """What fits where, at min and max replicas."""
+
+    fits_min: bool
+    fits_max: bool
+    never: dict[str, str]  # deployment -> why it can never be placed
+    placements: dict[str, list[Node]]  # "min"/"max" -> nodes with what they got
+    unplaced: dict[str, list[str]]  # "min"/"max" -> replicas left over
+    notes: list[str]
+
+    @property
+    def ok(self) -> bool:
+        return not self.never and self.fits_min
+
+
+@dataclass(frozen=True)
+class NodeType:
+    name: str
+    resources: dict[str, float]
+    max_count: int
+    instance_type: str | None
+
+    @property
+    def gpu_memory_gib(self) -> float | None:
+        if not self.instance_type:
+            return None
+        family = self.instance_type.split(".")[0]
+        return GPU_MEMORY_GIB.get(family)
+
+    def node(self) -> Node:
+        resources = dict(self.resources)
+        gpus = int(resources.pop("GPU", 0))
+        return Node(self.name, resources, [1.0] * gpus, self.gpu_memory_gib)
+
+
+def node_types(cluster_yaml: Path) -> list[NodeType]:
+    """The head and worker types of a Ray cluster launcher config, each with how many
+    of it the cluster may run (the head: one)."""
+    config = yaml.safe_load(Path(cluster_yaml).read_text())
+    head = config["head_node_type"]
+    cluster_max = int(config.get("max_workers", 2**31))
+    types = []
+    for name, spec in config["available_node_types"].items():
+        resources = {k: float(v) for k, v in (spec.get("resources") or {}).items()}
+        count = 1 if name == head else min(int(spec.get("max_workers", 0)), cluster_max)
+        instance = (spec.get("node_config") or {}).get("InstanceType")
+        types.append(NodeType(name, resources, count, instance))
+    return types
+
+
+def running_node_types() -> list[NodeType]:
+    """The nodes of the Ray cluster this process is connected to, as node types of one."""
+    import ray
+
+    kept = ("CPU", "GPU", "memory")
+    types = []
+    for i, node in enumerate(n for n in ray.nodes() if n["Alive"]):
+        resources = {
+            k: float(v)
+            for k, v in node["Resources"].items()
+            if k in kept or not (k.startswith(("node:", "accelerator_type")) or "memory" in k)
+        }
+        types.append(NodeType(f"node{i + 1}", resources, 1, None))
+    return types
+
+
+def asks_of(plan: Any) -> list[Ask]:
+    """Every deployment of a plan (`servegraph.planner.PlatformPlan`), built as Serve
+    builds it."""
+    # Serve's own builder: it resolves the application graph into its deployments with
+    # their final options, exactly what `serve deploy` would create.
+    from ray.serve._private.build_app import build_app
+
+    from servegraph.graph import resolve
+
+    asks = []
+    with _without_a_ray_connection():
+        for app in plan.apps:
+            built = build_app(resolve(app.import_path)(app.args), name=app.name)
+            for deployment in built.deployments:
+                asks.append(_ask(app.name, deployment))
+    return asks
+
+
+@contextmanager
+def _without_a_ray_connection() -> Iterator[None]:
+    """Building an application normally happens in Serve's controller, inside Ray;
+    `ray.serve.llm`'s builder reads the driver's runtime_env there
+    (`ray.get_runtime_context()`), which outside Ray would start a local Ray or silently
+    attach to a running one. A check must do neither: without a connection, that one
+    call answers an empty runtime_env."""
+    import ray
+
+    if ray.is_initialized():
+        yield
+        return
+    original = ray.get_runtime_context
+    no_context: Any = lambda: SimpleNamespace(runtime_env={})  # noqa: E731
+    ray.get_runtime_context = no_context
+    try:
+        yield
+    finally:
+        ray.get_runtime_context = original
+
+
+def _ask(app: str, deployment: Any) -> Ask:
+    config = deployment._deployment_config
+    autoscaling = config.autoscaling_config
+    if autoscaling is not None:
+        low, high = autoscaling.min_replicas, autoscaling.max_replicas
+    else:
+        low = high = int(deployment.num_replicas or 1)
+    options = deployment.ray_actor_options or {}
+    actor: dict[str, float] = {"CPU": float(options.get("num_cpus", 1))}
+    if options.get("num_gpus"):
+        actor["GPU"] = float(options["num_gpus"])
+    if options.get("memory"):
+        actor["memory"] = float(options["memory"])
+    actor.update({k: float(v) for k, v in (options.get("resources") or {}).items()})
+    bundles = tuple(
+        {k: float(v) for k, v in b.items() if v}
+        for b in deployment._replica_config.placement_group_bundles or []
+    ) or (actor,)
+    fraction = None
+    init_kwargs = getattr(deployment, "init_kwargs", None) or {}
+    llm_config = init_kwargs.get("llm_config")
+    if llm_config is not None:
+        fraction = (llm_config.engine_kwargs or {}).get("gpu_memory_utilization")
+    return Ask(app, deployment.name, bundles, max(low, 0), max(high, low, 0), fraction)
+
+
+def check(asks: Iterable[Ask], types: list[NodeType]) -> Verdict:
+    asks = list(asks)
+    never: dict[str, str] = {}
+    notes: list[str] = []
+    for ask in asks:
+        if not any(_bundles_fit(ask, t) for t in types):
+            never[ask.name] = _why_never(ask, types)
+        if ask.gpu_memory_fraction:
+            for t in types:
+                if t.resources.get("GPU") and t.gpu_memory_gib:
+                    notes.append(
+                        f"{ask.name}: vLLM reserves {ask.gpu_memory_fraction:.0%} of a "
+                        f"{t.gpu_memory_gib:g} GiB GPU on {t.name} "
+                        f"({ask.gpu_memory_fraction * t.gpu_memory_gib:.1f} GiB)"
+                    )
+    placements, unplaced = {}, {}
+    for label in ("min", "max"):
+        nodes = [t.node() for t in types for _ in range(t.max_count)]
+        replicas = [
+            (ask, i)
+            for ask in asks
+            if ask.name not in never
+            for i in range(ask.min_replicas if label == "min" else ask.max_replicas)
+        ]
+        replicas.sort(key=lambda r: _size(r[0]), reverse=True)  # first-fit decreasing
+        left = []
+        for ask, i in replicas:
+            node = next((n for n in nodes if all_fit(n, ask.bundles)), None)
+            if node is None:
+                left.append(f"{ask.name}#{i + 1}")
+                continue
+            for bundle in ask.bundles:
+                node.take(bundle)
+            node.placed.append(f"{ask.name}#{i + 1}")
+        placements[label], unplaced[label] = nodes, left
+    return Verdict(
+        fits_min=not unplaced["min"],
+        fits_max=not unplaced["max"],
+        never=never,
+        placements=placements,
+        unplaced=unplaced,
+        notes=sorted(set(notes)),
+    )
+
+
+def all_fit(node: Node, bundles: tuple[dict[str, float], ...]) -> bool:
+    """All of a replica's bundles on one node (PACK), trying them in order."""
+    trial = Node(node.kind, dict(node.free), list(node.gpus), node.gpu_memory_gib)
+    for bundle in bundles:
+        if not trial.fits(bundle):
+            return False
+        trial.take(bundle)
+    return True
+
+
+def _bundles_fit(ask: Ask, node_type: NodeType) -> bool:
+    return node_type.max_count > 0 and all_fit(node_type.node(), ask.bundles)
+
+
+def _why_never(ask: Ask, types: list[NodeType]) -> str:
+    total: dict[str, float] = {}
+    for bundle in ask.bundles:
+        for key, amount in bundle.items():
+            total[key] = total.get(key, 0.0) + amount
+    largest = {
+        key: max((t.resources.get(key, 0.0) for t in types if t.max_count), default=0.0)
+        for key in total
+    }
+    short = [
+        f"{key} {need:g} > {largest[key]:g}" for key, need in total.items() if need > largest[key]
+    ]
+    asked = ", ".join(f"{k} {v:g}" for k, v in total.items())
+    return f"one replica asks for {asked}; no node type offers it ({'; '.join(short) or 'split'})"
+
+
+def _size(ask: Ask) -> tuple[float, float]:
+    gpu = sum(b.get("GPU", 0.0) for b in ask.bundles)
+    cpu = sum(b.get("CPU", 0.0) for b in ask.bundles)
+    return (gpu, cpu)
+
+
+def report(verdict: Verdict, types: list[NodeType]) -> str:
+    """The table `servegraph check` prints."""
+    lines = [
+        "node types: "
+        + ", ".join(
+            f"{t.name} x{t.max_count} ({', '.join(f'{k} {v:g}' for k, v in t.resources.items())})"
+            for t in types
+        )
+    ]
+    for label in ("min", "max"):
+        used = [n for n in verdict.placements[label] if n.placed]
+        ok = "fits" if not verdict.unplaced[label] else "DOES NOT FIT"
+        lines.append(f"\nat {label}_replicas: {ok} on {len(used)} node(s)")
+        lines.append(f"  {'node':<12} {'placed':<64} headroom")
+        for node in used:
+            headroom = ", ".join(
+                f"{k} {max(0.0, round(v, 3)):g}" for k, v in node.free.items() if k != "memory"
+            )
+            if node.gpus:
+                headroom += ", GPU " + "/".join(f"{max(0.0, round(g, 3)):g}" for g in node.gpus)
+            placed = ", ".join(_count(node.placed))
+            lines.append(f"  {node.kind:<12} {placed:<64} {headroom}")
+        if verdict.unplaced[label]:
+            lines.append("  left pending: " + ", ".join(_count(verdict.unplaced[label])))
+    for name, why in verdict.never.items():
+        lines.append(f"\nNEVER PLACEABLE {name}: {why}")
+    for note in verdict.notes:
+        lines.append(f"note: {note}")
+    return "\n".join(lines)
+
+
+def _count(replicas: list[str]) -> list[str]:
+    counts: dict[str, int] = {}
+    for replica in replicas:
+        name = replica.rsplit("#", 1)[0]
+        counts[name] = counts.get(name, 0) + 1
+    return [f"{name} x{n}" if n > 1 else name for name, n in counts.items()]

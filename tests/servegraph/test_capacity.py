@@ -1,0 +1,76 @@
+"""The pre-deploy feasibility check (`servegraph.capacity`, `servegraph check`): the
+platform's real GPU plan against cluster.yaml, GPU fragmentation, what can never be
+placed, and the command's exit code. No Ray: plans are built as Serve builds them."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import yaml
+
+from servegraph.capacity import Ask, NodeType, check, node_types, report
+from servegraph.cli import main
+
+ROOT = Path(__file__).resolve().parents[2]
+
+
+def gpu_node(count: int = 1, gpus: int = 1) -> NodeType:
+    return NodeType("gpu", {"CPU": 8.0, "GPU": float(gpus)}, count, "g5.2xlarge")
+
+
+def test_fractional_gpus_are_packed_per_device_not_summed() -> None:
+    # 0.6 + 0.6 + 0.5 = 1.7 of 2 GPUs, but no device has room for the 0.5 after two 0.6.
+    asks = [
+        Ask("llm", "big", ({"GPU": 0.6, "CPU": 1.0},), 2, 2),
+        Ask("x", "half", ({"GPU": 0.5, "CPU": 1.0},), 1, 1),
+    ]
+    verdict = check(asks, [gpu_node(gpus=2)])
+    assert not verdict.fits_min and verdict.unplaced["min"] == ["x/half#1"]
+    assert check(asks, [gpu_node(gpus=3)]).fits_min  # a third device makes room
+
+
+def test_an_ask_no_node_type_offers_is_never_placeable_and_says_why() -> None:
+    asks = [Ask("llm", "huge", ({"GPU": 2.0, "CPU": 4.0},), 1, 1)]
+    verdict = check(asks, [gpu_node(count=4)])
+    assert not verdict.ok and "GPU 2 > 1" in verdict.never["llm/huge"]
+    assert "NEVER PLACEABLE llm/huge" in report(verdict, [gpu_node(count=4)])
+
+
+def test_max_replicas_that_overflow_still_fit_at_min() -> None:
+    asks = [Ask("embedder", "Embedder", ({"CPU": 2.0},), 1, 8)]
+    verdict = check(asks, [NodeType("cpu", {"CPU": 8.0}, 1, None)])
+    assert verdict.ok and not verdict.fits_max and len(verdict.unplaced["max"]) == 4
+
+
+def test_the_platforms_gpu_plan_fits_cluster_yaml(monkeypatch: pytest.MonkeyPatch) -> None:
+    from deployments.catalog import CATALOG
+    from servegraph.capacity import asks_of
+    from servegraph.discovery import discover
+    from servegraph.planner import plan_platform
+
+    monkeypatch.setenv("SERVEGRAPH_PROFILE", "gpu")
+    plan = plan_platform(discover("pipelines"), CATALOG, packages=["pipelines"], all_servers=True)
+    asks = {a.name: a for a in asks_of(plan)}
+    llm = next(a for name, a in asks.items() if name.startswith("llm/LLMServer"))
+    assert llm.bundles[0]["GPU"] == pytest.approx(0.6) and llm.gpu_memory_fraction == 0.6
+    assert asks["embedder/Embedder"].bundles[0]["GPU"] == pytest.approx(0.1)
+    types = node_types(ROOT / "cluster.yaml")
+    verdict = check(asks.values(), types)
+    assert verdict.ok and verdict.fits_max, report(verdict, types)
+    # Every GPU share went to a GPU worker, none to the CPU head.
+    head = [n for n in verdict.placements["max"] if n.kind == "head_cpu"]
+    assert all("LLMServer" not in p and "Embedder" not in p for n in head for p in n.placed)
+
+
+def test_check_exits_non_zero_on_a_cluster_that_cannot_place_the_plan(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    config = yaml.safe_load((ROOT / "cluster.yaml").read_text())
+    config["available_node_types"]["worker_gpu"]["resources"] = {"CPU": 8, "GPU": 0}
+    small = tmp_path / "cpu-only.yaml"
+    small.write_text(yaml.safe_dump(config))
+    assert main(["check", "--cluster", str(small), "--profile", "gpu"]) == 1
+    out = capsys.readouterr().out
+    assert "NEVER PLACEABLE" in out and "LLMServer" in out and "cannot be placed" in out
+    assert main(["check", "--cluster", str(ROOT / "cluster.yaml"), "--profile", "gpu"]) == 0

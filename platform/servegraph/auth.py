@@ -35,6 +35,7 @@ import hashlib
 import hmac
 import inspect
 import json
+import logging
 import os
 import re
 import secrets
@@ -54,6 +55,7 @@ from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from servegraph.errors import ServegraphError
 
+_log = logging.getLogger(__name__)
 KEY_PATTERN = re.compile(r"^sg_([0-9a-f]{12})_([A-Za-z0-9_-]{43})$")
 SCOPE_PATTERN = re.compile(r"^(admin|llm|(invoke|write):(\*|[A-Za-z0-9_.-]+))$")
 LOCAL_ADMIN = "local-admin"
@@ -376,10 +378,8 @@ class Guard:
             self.usage.record(caller.name, 403)
             raise AuthError(403, f"this key lacks the scope {scope!r}; create a key that has it")
         if caller.limited:
-            wait_s = await _call(
-                self.limiter.admit(
-                    caller.name, caller.requests_per_s, caller.tokens_per_min if llm else None
-                )
+            wait_s = await self._limit(
+                "admit", caller.name, caller.requests_per_s, caller.tokens_per_min if llm else None
             )
             if wait_s > 0:
                 self.usage.record(caller.name, 429)
@@ -399,14 +399,22 @@ class Guard:
         self.usage.record(caller.name, status, tokens)
         spent = sum(tokens.values())
         if caller.tokens_per_min is not None and spent:
-            await _call(self.limiter.spend(caller.name, spent, caller.tokens_per_min))
+            await self._limit("spend", caller.name, spent, caller.tokens_per_min)
 
+    async def _limit(self, method: str, *args: Any) -> float:
+        """A limiter call: the shared actor's answer (awaited), or an in-process one.
 
-async def _call(result: Any) -> float:
-    """A limiter call: an actor's ObjectRef (awaited) or a plain in-process result."""
-    if isinstance(result, Awaitable):
-        return float(await result)
-    return float(result)
+        If the actor cannot answer (it is restarting after a death), the request is
+        admitted: a limit is a fairness control, and refusing every limited key's
+        requests, or answering 500, while it restarts would be worse than letting a few
+        through. The actor restarts on its own (`max_restarts=-1`)."""
+        try:
+            result = getattr(self.limiter, method)(*args)
+            return float(await result if isinstance(result, Awaitable) else result)
+        except Exception as exc:
+            self._limiter = None  # find (or create) the actor again next time
+            _log.warning("rate limiter unavailable (%s); admitting", type(exc).__name__)
+            return 0.0
 
 
 def require(scope: str | None, *, llm: bool = False, http_exception: bool = False) -> Any:

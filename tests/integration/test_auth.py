@@ -227,3 +227,25 @@ def test_usage_is_exported_per_key_name_and_no_key_is_ever_written_down(
     assert not any(s in metrics for s in secrets)
     assert searched > 20, f"only {searched} files searched"
     assert os.environ["SERVEGRAPH_API_KEY"] not in metrics
+
+
+def test_a_killed_limiter_never_turns_requests_into_errors(pipelines: LocalCluster) -> None:
+    """The shared limiter actor dies (and restarts): limited keys' requests are still
+    answered, admitted while it is away, limited again once it is back."""
+    import ray
+
+    from servegraph.limits import ACTOR_NAME, ACTOR_NAMESPACE
+
+    key = store().create("it-limiter-fault", ["invoke:*"], requests_per_s=1000)
+
+    async def burst() -> list[int]:
+        async with httpx.AsyncClient(
+            base_url=pipelines.base_url, timeout=60, headers=bearer(key)
+        ) as client:
+            answers = await asyncio.gather(*(client.get("/pipelines/rag/graph") for _ in range(32)))
+        return [a.status_code for a in answers]
+
+    assert set(asyncio.run(burst())) == {200}  # the actor exists now
+    ray.kill(ray.get_actor(ACTOR_NAME, namespace=ACTOR_NAMESPACE), no_restart=False)
+    assert set(asyncio.run(burst())) == {200}
+    assert set(asyncio.run(burst())) == {200}

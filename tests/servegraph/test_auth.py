@@ -227,3 +227,17 @@ async def test_a_model_servers_rest_surface_is_admin_only(guard: Guard, store: K
     async with client(app, None) as c:
         assert (await c.post("/delete", json={"filter": {"source": "kb"}})).status_code == 401
         assert (await c.get("/docs")).status_code == 200  # open by configuration
+
+
+async def test_when_the_shared_limiter_cannot_answer_requests_are_admitted(
+    guard: Guard, store: KeyStore
+) -> None:
+    class DeadActor:
+        def admit(self, *args: object) -> float:
+            raise RuntimeError("the actor died")
+
+    guard._limiter = DeadActor()
+    key = store.create("during-restart", ["invoke:*"], requests_per_s=1)
+    async with client(app_with(None), key) as c:
+        answers = await asyncio.gather(*(c.get("/thing") for _ in range(16)))
+    assert {a.status_code for a in answers} == {200}  # fails open, never a 500

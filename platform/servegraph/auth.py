@@ -95,6 +95,14 @@ class AuthSettings(BaseSettings):
         return self.store_path.parent / f"{LOCAL_ADMIN}.key"
 
 
+# What every route behind `require` may answer, for its OpenAPI `responses`.
+RESPONSES: dict[int | str, dict[str, Any]] = {
+    401: {"description": "No valid API key: send `Authorization: Bearer <key>`"},
+    403: {"description": "The key lacks the route's scope (the body names it)"},
+    429: {"description": "The key is over its limit; retry after the Retry-After header"},
+}
+
+
 class AuthError(ServegraphError):
     """401, 403 or 429: the HTTP layer turns it into that answer (`servegraph.http`)."""
 

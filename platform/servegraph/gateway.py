@@ -32,9 +32,7 @@ GATEWAY_DEFAULTS: dict[str, Any] = {
 }
 
 _ERRORS: dict[int | str, dict[str, Any]] = {
-    401: {"description": "No valid API key (send `Authorization: Bearer <key>`)"},
-    403: {"description": "The key lacks the `admin` scope"},
-    429: {"description": "The key is over its rate limit; retry after Retry-After"},
+    **auth.RESPONSES,
     503: {"description": "The model server is full or restarting; retry", "model": ErrorBody},
     504: {"description": "Past the request deadline", "model": ErrorBody},
 }

@@ -70,7 +70,12 @@ def build_fastapi(
     )
     install_error_handlers(app)
 
-    @app.get("/", summary="List the pipelines", dependencies=[Depends(auth.require(None))])
+    @app.get(
+        "/",
+        summary="List the pipelines",
+        dependencies=[Depends(auth.require(None))],
+        responses=auth.RESPONSES,
+    )
     async def list_pipelines() -> dict[str, Any]:
         return {
             "pipelines": [
@@ -107,13 +112,8 @@ _ERROR_RESPONSES: dict[int | str, dict[str, Any]] = {
         "the platform could answer (a deadline shorter than the hop to the ingress)",
         "content": {"text/plain": {"schema": {"type": "string"}}},
     },
-    401: {"description": "No valid API key (send `Authorization: Bearer <key>`)"},
-    403: {"description": "The key lacks this pipeline's scope (names it)"},
+    **auth.RESPONSES,
     422: {"description": "Invalid field (names the field and the fix)"},
-    429: {
-        "description": "The key is over its requests/s or LLM tokens/min limit; retry after "
-        "the Retry-After header's seconds"
-    },
     502: {"description": "A node failed (names the node)", "model": ErrorBody},
     503: {
         "description": "A model server is full or restarting (names the node); retry after "
@@ -289,6 +289,7 @@ def pipeline_router(compiled: CompiledGraph, runtime: Runtime, metrics: Any) -> 
         methods=["GET"],
         summary=f"The {graph.name} graph",
         operation_id=f"graph_{graph.name}",
+        responses=auth.RESPONSES,
     )
     router.add_api_route(
         f"/{graph.name}/graph.mmd",
@@ -296,6 +297,7 @@ def pipeline_router(compiled: CompiledGraph, runtime: Runtime, metrics: Any) -> 
         methods=["GET"],
         summary=f"The {graph.name} graph as Mermaid",
         operation_id=f"mermaid_{graph.name}",
+        responses=auth.RESPONSES,
     )
     return router
 

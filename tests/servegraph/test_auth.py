@@ -241,3 +241,17 @@ async def test_when_the_shared_limiter_cannot_answer_requests_are_admitted(
     async with client(app_with(None), key) as c:
         answers = await asyncio.gather(*(c.get("/thing") for _ in range(16)))
     assert {a.status_code for a in answers} == {200}  # fails open, never a 500
+
+
+def test_every_keyed_route_documents_401_403_and_429() -> None:
+    """What the fuzzer checks on the cluster: no answer a route's OpenAPI leaves out."""
+    from servegraph.serving import build_fastapi
+
+    apps = {
+        "ingress": build_fastapi(discover("pipelines"), CATALOG, invoke=None),
+        **{name: build_gateway(CATALOG[name], CATALOG, invoke=None) for name in CATALOG},
+    }
+    for name, app in apps.items():
+        for path, operations in app.openapi()["paths"].items():
+            for method, operation in operations.items():
+                assert {"401", "403", "429"} <= set(operation["responses"]), (name, method, path)

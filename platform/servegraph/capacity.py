@@ -77,6 +77,8 @@ class Node:
                         return False
                 elif not any(g + _EPS >= amount for g in self.gpus):
                     return False
+            elif key == "memory" and key not in self.free:
+                continue  # the node type does not say (Ray infers it from the instance)
             elif self.free.get(key, 0.0) + _EPS < amount:
                 return False
         return True
@@ -95,7 +97,7 @@ class Node:
                         key=lambda i: self.gpus[i],
                     )
                     self.gpus[i] -= amount
-            else:
+            elif key != "memory" or key in self.free:
                 self.free[key] = self.free.get(key, 0.0) - amount
 
 

@@ -234,7 +234,7 @@ def _feasible(plan: Any, cluster: str | None, *, quiet: bool = False) -> bool:
             "with no explanation. Give the node types more resources or workers, or the "
             "deployments smaller asks (PROFILES, or a node's deployment= overrides).[/red]"
         )
-    elif not verdict.fits_max:
+    elif not verdict.fits_max and not quiet:
         console.print(
             "[yellow]fits at min_replicas, not at max_replicas: "
             "autoscaling will stop short[/yellow]"
@@ -356,6 +356,7 @@ def _quiet_driver_logs() -> None:
 
     for name in ("ray", "ray.serve", "ray.data", "httpx", "httpcore"):
         logging.getLogger(name).setLevel(logging.WARNING)
+    logging.getLogger("vllm").setLevel(logging.ERROR)  # import-time notes (Triton on CPU)
 
 
 def _logs_dir() -> str:

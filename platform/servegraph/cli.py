@@ -157,7 +157,7 @@ def _keys(args: argparse.Namespace) -> int:
         try:
             key = store.create(args.name, args.scope, args.rps, args.tokens_per_min)
         except ValueError as exc:  # a taken name, an unknown scope
-            console.print(f"[red]{exc}[/red]", markup=True)
+            console.print(str(exc), style="red", markup=False)
             return 2
         console.print(f"created key {args.name!r}; it is shown only now:", highlight=False)
         print(key)
@@ -175,9 +175,9 @@ def _keys(args: argparse.Namespace) -> int:
             )
         return 0
     if store.revoke(args.name):
-        console.print(f"revoked {args.name!r}; replicas refuse it within seconds")
+        console.print(f"revoked {args.name!r}; replicas refuse it from their next request")
         return 0
-    console.print(f"[red]no key named {args.name!r}[/red]")
+    console.print(f"no key named {args.name!r}", style="red", markup=False)
     return 1
 
 

@@ -230,13 +230,15 @@ async def test_a_model_servers_rest_surface_is_admin_only(guard: Guard, store: K
 
 
 async def test_when_the_shared_limiter_cannot_answer_requests_are_admitted(
-    guard: Guard, store: KeyStore
+    guard: Guard, store: KeyStore, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     class DeadActor:
         def admit(self, *args: object) -> float:
             raise RuntimeError("the actor died")
 
+    # Dead now, and still dead when the guard looks the actor up again.
     guard._limiter = DeadActor()
+    monkeypatch.setattr("servegraph.limits.shared_limiter", DeadActor)
     key = store.create("during-restart", ["invoke:*"], requests_per_s=1)
     async with client(app_with(None), key) as c:
         answers = await asyncio.gather(*(c.get("/thing") for _ in range(16)))

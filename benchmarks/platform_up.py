@@ -16,12 +16,10 @@ def serving_everything(**cluster_options: Any) -> Iterator[Any]:
 
     from deployments.catalog import CATALOG
     from pipelines.rag.ingest import on_deploy
-    from servegraph.auth import ensure_local_admin_key
     from servegraph.discovery import discover
     from servegraph.local_ray import local_cluster
     from servegraph.planner import plan_platform
 
-    ensure_local_admin_key()  # what the benchmarks' clients send (client_headers)
     with local_cluster(**cluster_options) as cluster:
         plan_platform(
             discover("pipelines"), CATALOG, packages=["pipelines"], all_servers=True

@@ -292,6 +292,7 @@ def _run(args: argparse.Namespace) -> int:
     for sig in (signal.SIGINT, signal.SIGTERM):
         signal.signal(sig, lambda *_: stop.set())
     _quiet_driver_logs()
+    key_file = _local_admin_key()  # before the cluster, which would create it quietly
     with console.status("starting a local Ray cluster"):
         cluster_cm = local_cluster(http_port=args.port, dashboard_port=args.dashboard_port)
         cluster = cluster_cm.__enter__()
@@ -300,7 +301,6 @@ def _run(args: argparse.Namespace) -> int:
         console.print(f"Ray's and every replica's logs: {_logs_dir()} (replicas: serve/)")
         if not _feasible(plan, None, quiet=True):
             return 1
-        key_file = _local_admin_key()
         started = time.perf_counter()
         with console.status("deploying model servers and pipelines (the LLM takes ~1 min)"):
             plan.deploy()

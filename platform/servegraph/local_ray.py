@@ -12,7 +12,7 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 
-from servegraph.auth import AuthSettings
+from servegraph.auth import AuthSettings, ensure_local_admin_key
 from servegraph.tracing import serve_tracing_config, serve_tracing_env
 
 # Ray Serve's request-path settings, read by each Serve process (proxy, replicas) when it
@@ -75,8 +75,10 @@ def local_cluster(
         os.environ.setdefault(name, value)
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
-    # Every replica reads the one key store: name it absolutely, for every process.
+    # Every replica reads the one key store: name it absolutely, for every process. The
+    # local user's admin key exists from here on, for local clients (`client_headers`).
     os.environ.setdefault("SERVEGRAPH_AUTH_KEYS", str(AuthSettings().store_path))
+    ensure_local_admin_key()
     context = ray.init(
         address="local",
         num_cpus=num_cpus or max(12, os.cpu_count() or 1),

@@ -41,6 +41,7 @@ GPU_MEMORY_GIB = {
     "p5": 80,  # H100
 }
 _EPS = 1e-9
+HEAD_RESOURCE = "node:__internal_head__"  # Ray gives the head node this resource
 
 
 @dataclass(frozen=True)
@@ -146,6 +147,8 @@ def node_types(cluster_yaml: Path) -> list[NodeType]:
     types = []
     for name, spec in config["available_node_types"].items():
         resources = {k: float(v) for k, v in (spec.get("resources") or {}).items()}
+        if name == head:
+            resources[HEAD_RESOURCE] = 1.0
         count = 1 if name == head else min(int(spec.get("max_workers", 0)), cluster_max)
         instance = (spec.get("node_config") or {}).get("InstanceType")
         types.append(NodeType(name, resources, count, instance))
@@ -162,7 +165,8 @@ def running_node_types() -> list[NodeType]:
         resources = {
             k: float(v)
             for k, v in node["Resources"].items()
-            if k in kept or not (k.startswith(("node:", "accelerator_type")) or "memory" in k)
+            if k in (*kept, HEAD_RESOURCE)
+            or not (k.startswith(("node:", "accelerator_type")) or "memory" in k)
         }
         types.append(NodeType(f"node{i + 1}", resources, 1, None))
     return types

@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from servegraph.capacity import Ask, NodeType, check, node_types, report
+from servegraph.capacity import HEAD_RESOURCE, Ask, NodeType, check, node_types, report
 from servegraph.cli import main
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -55,12 +55,15 @@ def test_the_platforms_gpu_plan_fits_cluster_yaml(monkeypatch: pytest.MonkeyPatc
     llm = next(a for name, a in asks.items() if name.startswith("llm/LLMServer"))
     assert llm.bundles[0]["GPU"] == pytest.approx(0.6) and llm.gpu_memory_fraction == 0.6
     assert asks["embedder/Embedder"].bundles[0]["GPU"] == pytest.approx(0.1)
+    assert asks["vector_index/VectorIndex"].bundles[0][HEAD_RESOURCE] > 0  # pinned to the head
     types = node_types(ROOT / "cluster.yaml")
     verdict = check(asks.values(), types)
     assert verdict.ok and verdict.fits_max, report(verdict, types)
-    # Every GPU share went to a GPU worker, none to the CPU head.
+    # Every GPU share went to a GPU worker, none to the CPU head; the index (its SQLite
+    # file on local disk) to the head, which the autoscaler never takes away.
     head = [n for n in verdict.placements["max"] if n.kind == "head_cpu"]
     assert all("LLMServer" not in p and "Embedder" not in p for n in head for p in n.placed)
+    assert len(head) == 1 and "vector_index/VectorIndex#1" in head[0].placed
 
 
 def test_check_exits_non_zero_on_a_cluster_that_cannot_place_the_plan(

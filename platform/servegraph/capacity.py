@@ -19,10 +19,11 @@ one it packs fits.
 
 from __future__ import annotations
 
+import itertools
 import math
 from collections.abc import Iterable, Iterator
 from contextlib import contextmanager
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from types import SimpleNamespace
 from typing import Any
@@ -41,6 +42,20 @@ GPU_MEMORY_GIB = {
     "p5": 80,  # H100
 }
 _EPS = 1e-9
+# On-demand prices per hour (USD, AWS us-west-2 list prices, Linux), to name the cheapest
+# node mix; a type not listed counts as one unit per node.
+PRICE_PER_HOUR = {
+    "m6i.xlarge": 0.192,
+    "m6i.2xlarge": 0.384,
+    "m6i.4xlarge": 0.768,
+    "g4dn.xlarge": 0.526,
+    "g4dn.2xlarge": 0.752,
+    "g5.xlarge": 1.006,
+    "g5.2xlarge": 1.212,
+    "g5.4xlarge": 1.624,
+    "g6.xlarge": 0.8048,
+    "g6.2xlarge": 0.9776,
+}
 HEAD_RESOURCE = "node:__internal_head__"  # Ray gives the head node this resource
 
 
@@ -112,6 +127,9 @@ class Verdict:
     placements: dict[str, list[Node]]  # "min"/"max" -> nodes with what they got
     unplaced: dict[str, list[str]]  # "min"/"max" -> replicas left over
     notes: list[str]
+    cheapest: dict[str, tuple[dict[str, int], float | None]] = field(default_factory=dict)
+    """"min"/"max" -> the cheapest node mix that fits (type -> count) and its price per
+    hour (None where a type's price is unknown)."""
 
     @property
     def ok(self) -> bool:
@@ -272,7 +290,7 @@ def check(asks: Iterable[Ask], types: list[NodeType]) -> Verdict:
                 node.take(bundle)
             node.placed.append(f"{ask.name}#{i + 1}")
         placements[label], unplaced[label] = nodes, left
-    return Verdict(
+    verdict = Verdict(
         fits_min=not unplaced["min"],
         fits_max=not unplaced["max"],
         never=never,
@@ -280,6 +298,53 @@ def check(asks: Iterable[Ask], types: list[NodeType]) -> Verdict:
         unplaced=unplaced,
         notes=sorted(set(notes)),
     )
+    if not never:
+        for label in ("min", "max"):
+            if mix := cheapest_mix(asks, types, label):
+                verdict.cheapest[label] = mix
+    return verdict
+
+
+def cheapest_mix(
+    asks: list[Ask], types: list[NodeType], label: str, limit: int = 4096
+) -> tuple[dict[str, int], float | None] | None:
+    """The cheapest counts of each node type (up to its maximum) on which the plan fits
+    at `label` ("min" or "max") replicas, with its price per hour; None if none fits."""
+    # The head is always there, once; workers from none to their maximum.
+    counts = [
+        range(1, 2) if HEAD_RESOURCE in t.resources else range(t.max_count + 1) for t in types
+    ]
+    best: tuple[float, dict[str, int], float | None] | None = None
+    for tried, combo in enumerate(itertools.product(*counts)):
+        if tried >= limit:
+            break
+        sized = [replace(t, max_count=n) for t, n in zip(types, combo, strict=True)]
+        nodes = [t.node() for t in sized for _ in range(t.max_count)]
+        if not _packs(asks, nodes, label):
+            continue
+        prices = [PRICE_PER_HOUR.get(t.instance_type or "") for t in sized]
+        known = all(p is not None for p in prices)
+        cost = sum(
+            (p if p is not None else 1.0) * t.max_count for p, t in zip(prices, sized, strict=True)
+        )
+        if best is None or cost < best[0]:
+            mix = {t.name: t.max_count for t in sized if t.max_count}
+            best = (cost, mix, round(cost, 3) if known else None)
+    return (best[1], best[2]) if best else None
+
+
+def _packs(asks: list[Ask], nodes: list[Node], label: str) -> bool:
+    replicas = [
+        ask for ask in asks for _ in range(ask.min_replicas if label == "min" else ask.max_replicas)
+    ]
+    replicas.sort(key=_size, reverse=True)
+    for ask in replicas:
+        node = next((n for n in nodes if all_fit(n, ask.bundles)), None)
+        if node is None:
+            return False
+        for bundle in ask.bundles:
+            node.take(bundle)
+    return True
 
 
 def all_fit(node: Node, bundles: tuple[dict[str, float], ...]) -> bool:
@@ -342,6 +407,10 @@ def report(verdict: Verdict, types: list[NodeType]) -> str:
             lines.append(f"  {node.kind:<12} {placed:<64} {headroom}")
         if verdict.unplaced[label]:
             lines.append("  left pending: " + ", ".join(_count(verdict.unplaced[label])))
+    for label, (mix, price) in verdict.cheapest.items():
+        nodes = " + ".join(f"{n} x {kind}" for kind, n in mix.items())
+        cost = f" (${price:.2f}/h on demand)" if price is not None else ""
+        lines.append(f"cheapest node mix at {label}_replicas: {nodes}{cost}")
     for name, why in verdict.never.items():
         lines.append(f"\nNEVER PLACEABLE {name}: {why}")
     for note in verdict.notes:

@@ -37,6 +37,17 @@ def test_an_ask_no_node_type_offers_is_never_placeable_and_says_why() -> None:
     assert "NEVER PLACEABLE llm/huge" in report(verdict, [gpu_node(count=4)])
 
 
+def test_the_cheapest_mix_prefers_the_cheaper_type_that_fits() -> None:
+    asks = [Ask("x", "cpu-only", ({"CPU": 6.0},), 2, 2)]
+    types = [
+        NodeType("head", {"CPU": 1.0, "node:__internal_head__": 1.0}, 1, "m6i.xlarge"),
+        NodeType("gpu", {"CPU": 8.0, "GPU": 1.0}, 3, "g5.2xlarge"),
+        NodeType("cpu", {"CPU": 8.0}, 3, "m6i.2xlarge"),
+    ]
+    mix, price = check(asks, types).cheapest["min"]
+    assert mix == {"head": 1, "cpu": 2} and price == pytest.approx(0.192 + 2 * 0.384)
+
+
 def test_max_replicas_that_overflow_still_fit_at_min() -> None:
     asks = [Ask("embedder", "Embedder", ({"CPU": 2.0},), 1, 8)]
     verdict = check(asks, [NodeType("cpu", {"CPU": 8.0}, 1, None)])
@@ -64,6 +75,10 @@ def test_the_platforms_gpu_plan_fits_cluster_yaml(monkeypatch: pytest.MonkeyPatc
     head = [n for n in verdict.placements["max"] if n.kind == "head_cpu"]
     assert all("LLMServer" not in p and "Embedder" not in p for n in head for p in n.placed)
     assert len(head) == 1 and "vector_index/VectorIndex#1" in head[0].placed
+    # The cheapest mix that fits: the head and one GPU worker at min, two at max.
+    assert verdict.cheapest["min"][0] == {"head_cpu": 1, "worker_gpu": 1}
+    assert verdict.cheapest["max"][0] == {"head_cpu": 1, "worker_gpu": 2}
+    assert verdict.cheapest["min"][1] == pytest.approx(0.384 + 1.212)
 
 
 def test_check_exits_non_zero_on_a_cluster_that_cannot_place_the_plan(

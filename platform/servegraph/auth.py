@@ -323,14 +323,6 @@ def _sha256(secret: str) -> str:
     return hashlib.sha256(secret.encode()).hexdigest()
 
 
-def bearer(authorization: str | None) -> str | None:
-    """The key in an `Authorization: Bearer <key>` header, or None."""
-    if not authorization:
-        return None
-    scheme, _, value = authorization.partition(" ")
-    return value.strip() or None if scheme.lower() == "bearer" else None
-
-
 class Guard:
     """What a replica checks a request with: the key store, the limits, the usage
     metrics. One per replica (`Guard.here()`)."""
@@ -370,15 +362,12 @@ class Guard:
             self._usage = KeyUsageMetrics.create()
         return self._usage
 
-    async def check(
-        self, authorization: str | None, scope: str | None, *, llm: bool = False
-    ) -> Caller:
-        """The caller, if its key is valid, has `scope` (None: any key will do) and is
-        within its limits (for a request that will use the LLM, `llm`: its token budget
-        too); else AuthError."""
+    async def check(self, key: str | None, scope: str | None, *, llm: bool = False) -> Caller:
+        """The caller, if its key (None: none was sent) is valid, has `scope` (None: any
+        key will do) and is within its limits (for a request that will use the LLM,
+        `llm`: its token budget too); else AuthError."""
         if self.settings.unsafe_disabled:
             return ANONYMOUS
-        key = bearer(authorization)
         caller = self.store.verify(key) if key else None
         if caller is None:
             raise unauthorized()
@@ -438,9 +427,10 @@ def require(scope: str | None, *, llm: bool = False, http_exception: bool = Fals
         request: Request,
         credentials: Annotated[HTTPAuthorizationCredentials | None, Depends(_BEARER)],
     ) -> Caller:
-        authorization = f"Bearer {credentials.credentials}" if credentials else None
         try:
-            caller = await Guard.here().check(authorization, scope, llm=llm)
+            caller = await Guard.here().check(
+                credentials.credentials if credentials else None, scope, llm=llm
+            )
         except AuthError as exc:
             if not http_exception:
                 raise  # our apps render it (servegraph.http)

@@ -270,26 +270,11 @@ def check(asks: Iterable[Ask], types: list[NodeType]) -> Verdict:
                         f"{t.gpu_memory_gib:g} GiB GPU on {t.name} "
                         f"({ask.gpu_memory_fraction * t.gpu_memory_gib:.1f} GiB)"
                     )
+    placeable = [ask for ask in asks if ask.name not in never]
     placements, unplaced = {}, {}
     for label in ("min", "max"):
         nodes = [t.node() for t in types for _ in range(t.max_count)]
-        replicas = [
-            (ask, i)
-            for ask in asks
-            if ask.name not in never
-            for i in range(ask.min_replicas if label == "min" else ask.max_replicas)
-        ]
-        replicas.sort(key=lambda r: _size(r[0]), reverse=True)  # first-fit decreasing
-        left = []
-        for ask, i in replicas:
-            node = next((n for n in nodes if all_fit(n, ask.bundles)), None)
-            if node is None:
-                left.append(f"{ask.name}#{i + 1}")
-                continue
-            for bundle in ask.bundles:
-                node.take(bundle)
-            node.placed.append(f"{ask.name}#{i + 1}")
-        placements[label], unplaced[label] = nodes, left
+        placements[label], unplaced[label] = nodes, _place(placeable, nodes, label)
     verdict = Verdict(
         fits_min=not unplaced["min"],
         fits_max=not unplaced["max"],
@@ -320,7 +305,7 @@ def cheapest_mix(
             break
         sized = [replace(t, max_count=n) for t, n in zip(types, combo, strict=True)]
         nodes = [t.node() for t in sized for _ in range(t.max_count)]
-        if not _packs(asks, nodes, label):
+        if _place(asks, nodes, label):
             continue
         prices = [PRICE_PER_HOUR.get(t.instance_type or "") for t in sized]
         known = all(p is not None for p in prices)
@@ -333,18 +318,25 @@ def cheapest_mix(
     return (best[1], best[2]) if best else None
 
 
-def _packs(asks: list[Ask], nodes: list[Node], label: str) -> bool:
+def _place(asks: list[Ask], nodes: list[Node], label: str) -> list[str]:
+    """Place every replica of `asks` at `label` ("min" or "max") replicas onto `nodes`,
+    first-fit decreasing, recording each on its node; the replicas left over."""
     replicas = [
-        ask for ask in asks for _ in range(ask.min_replicas if label == "min" else ask.max_replicas)
+        (ask, i)
+        for ask in asks
+        for i in range(ask.min_replicas if label == "min" else ask.max_replicas)
     ]
-    replicas.sort(key=_size, reverse=True)
-    for ask in replicas:
+    replicas.sort(key=lambda r: _size(r[0]), reverse=True)
+    left = []
+    for ask, i in replicas:
         node = next((n for n in nodes if all_fit(n, ask.bundles)), None)
         if node is None:
-            return False
+            left.append(f"{ask.name}#{i + 1}")
+            continue
         for bundle in ask.bundles:
             node.take(bundle)
-    return True
+        node.placed.append(f"{ask.name}#{i + 1}")
+    return left
 
 
 def all_fit(node: Node, bundles: tuple[dict[str, float], ...]) -> bool:

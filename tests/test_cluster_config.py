@@ -21,6 +21,10 @@ def test_cluster_yaml_validates_against_rays_schema() -> None:
     assert any("scripts/install.sh" in c for c in config["setup_commands"])
     starts = " ".join(config["head_start_ray_commands"] + config["worker_start_ray_commands"])
     assert "SERVEGRAPH_PROFILE=gpu" in starts
+    for commands in (config["head_start_ray_commands"], config["worker_start_ray_commands"]):
+        assert "SERVEGRAPH_ROUTER_RESOURCES='{\"node:__internal_head__\": 0.001}'" in " ".join(
+            commands
+        )
 
 
 def test_gpu_profile_gives_fractions_by_configuration(monkeypatch) -> None:

@@ -72,15 +72,16 @@ def llm_config(settings: LLMSettings | None = None, overrides: dict[str, Any] | 
 
     settings = settings or LLMSettings()
     profile = ModelSettings().profile
-    gpu = profile == "gpu"
-    engine = engine_kwargs(settings, gpu=gpu)
-    extra: dict[str, Any] = {}
-    if gpu:
+    gpu_placement = profile == "gpu"
+    gpu_engine = gpu_placement and settings.engine_device == "profile"
+    engine = engine_kwargs(settings, gpu=gpu_engine)
+    extra: dict[str, Any] = {"accelerator_config": {"kind": "gpu" if gpu_engine else "cpu"}}
+    if gpu_engine:
         engine["gpu_memory_utilization"] = GPU_FRACTION
-        extra["accelerator_config"] = {"kind": "gpu"}
+    if gpu_placement:
+        # The GPU share is the placement group's, so Ray places the engine on a GPU node
+        # whichever device the engine then runs on (a CPU engine keeps the same ask).
         extra["placement_group_config"] = {"bundles": [{"GPU": GPU_FRACTION, "CPU": 1}]}
-    else:
-        extra["accelerator_config"] = {"kind": "cpu"}
     return LLMConfig(
         model_loading_config={"model_id": settings.model_id, "model_source": settings.path},
         engine_kwargs=engine,
@@ -102,12 +103,15 @@ def app(args: ServerAppArgs | dict[str, Any] | None = None) -> Any:
     from ray.serve.llm import build_openai_app
 
     from deployments.llm.ingress import GuardedIngress, offline_docs_during_build
+    from servegraph.settings import router_actor_options
 
     overrides = ServerAppArgs.of(args).overrides
+    routed = router_actor_options()
     with offline_docs_during_build():
         return build_openai_app(
             {
                 "llm_configs": [llm_config(overrides=overrides)],
                 "ingress_cls_config": {"ingress_cls": GuardedIngress},
+                "ingress_deployment_config": {"ray_actor_options": routed} if routed else {},
             }
         )

@@ -5,6 +5,7 @@ Face folder, or a hub id where a network exists)."""
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Literal
 
 from pydantic import Field
 from pydantic_settings import BaseSettings, SettingsConfigDict
@@ -25,6 +26,15 @@ class LLMSettings(BaseSettings):
     )
     enforce_eager: bool = Field(True, description="Skip torch.compile (a 60 s start).")
     kv_cache_gib: int = Field(2, description="VLLM_CPU_KVCACHE_SPACE on CPU.")
+    engine_device: Literal["profile", "cpu"] = Field(
+        "profile",
+        description=(
+            "Where vLLM runs: the profile's device, or the CPU whatever the profile asks "
+            "Ray for. `cpu` with SERVEGRAPH_PROFILE=gpu keeps the GPU profile's placement "
+            "(a GPU share in the engine's placement group, so Ray places it on a GPU node) "
+            "while the engine runs on the CPU: a simulated cluster's logical GPUs."
+        ),
+    )
 
     @property
     def converted_dir(self) -> Path:

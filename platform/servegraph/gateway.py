@@ -22,7 +22,7 @@ from servegraph.compiled import CompiledGraph
 from servegraph.graph import Graph, Pipeline, resolve
 from servegraph.http import ErrorBody, install_error_handlers, make_app
 from servegraph.runtime import Runtime
-from servegraph.settings import AppSettings
+from servegraph.settings import AppSettings, router_actor_options
 
 GATEWAY_DEFAULTS: dict[str, Any] = {
     "max_ongoing_requests": 512,
@@ -127,4 +127,5 @@ def gateway_app(server: str, model: Any, catalog_path: str | None = None) -> Any
         def __init__(self, model: Any) -> None:
             self.model = model  # bound so Serve deploys it in this application
 
-    return Gateway.options(**GATEWAY_DEFAULTS).bind(model)  # type: ignore[attr-defined]  # a @serve.deployment class is a Deployment
+    actor = GATEWAY_DEFAULTS["ray_actor_options"] | router_actor_options()
+    return Gateway.options(**(GATEWAY_DEFAULTS | {"ray_actor_options": actor})).bind(model)  # type: ignore[attr-defined]  # a @serve.deployment class is a Deployment

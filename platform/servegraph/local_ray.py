@@ -11,6 +11,7 @@ import socket
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
+from typing import Any
 
 from servegraph.auth import AuthSettings, ensure_local_admin_key
 from servegraph.tracing import serve_tracing_config, serve_tracing_env
@@ -70,15 +71,7 @@ def local_cluster(
     http_port = http_port or free_port()
     dashboard_port = dashboard_port or (free_port() if dashboard else None)
     metrics_port = metrics_port or free_port()
-    os.environ.update(serve_tracing_env())
-    for name, value in SERVE_REQUEST_PATH_ENV.items():
-        os.environ.setdefault(name, value)
-    os.environ.setdefault("HF_HUB_OFFLINE", "1")
-    os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
-    # Every replica reads the one key store: name it absolutely, for every process. The
-    # local user's admin key exists from here on, for local clients (`client_headers`).
-    os.environ.setdefault("SERVEGRAPH_AUTH_KEYS", str(AuthSettings().store_path))
-    ensure_local_admin_key()
+    _prepare_environment()
     context = ray.init(
         address="local",
         num_cpus=num_cpus or max(12, os.cpu_count() or 1),
@@ -106,3 +99,98 @@ def local_cluster(
             serve.shutdown()
         finally:
             ray.shutdown()
+
+
+def _prepare_environment() -> None:
+    """What every process of a cluster we start inherits: set before Ray starts."""
+    os.environ.update(serve_tracing_env())
+    for name, value in SERVE_REQUEST_PATH_ENV.items():
+        os.environ.setdefault(name, value)
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+    # Every replica reads the one key store: name it absolutely, for every process. The
+    # local user's admin key exists from here on, for local clients (`client_headers`).
+    os.environ.setdefault("SERVEGRAPH_AUTH_KEYS", str(AuthSettings().store_path))
+    ensure_local_admin_key()
+
+
+@dataclass(frozen=True)
+class SimulatedNode:
+    """One node of a simulated cluster: its type's name (also a custom resource of 1 on
+    the node, so a test can ask where a replica runs) and its logical resources."""
+
+    kind: str
+    resources: dict[str, float]
+
+
+@dataclass
+class SimulatedCluster:
+    base_url: str
+    http_port: int
+    cluster: Any  # ray.cluster_utils.Cluster
+    nodes: dict[str, list[Any]]  # node type -> its raylets (ray._private.node.Node)
+
+    def node_kind(self, node_id: str) -> str:
+        """The type of the node with Ray node id `node_id`."""
+        for kind, raylets in self.nodes.items():
+            if any(raylet.node_id == node_id for raylet in raylets):
+                return kind
+        raise KeyError(node_id)
+
+    def remove(self, raylet: Any) -> None:
+        """Take a worker away, as a cloud would (its raylet and every process on it)."""
+        self.cluster.remove_node(raylet, allow_graceful=False)
+        for raylets in self.nodes.values():
+            if raylet in raylets:
+                raylets.remove(raylet)
+
+
+@contextmanager
+def simulated_cluster(
+    head: SimulatedNode, workers: list[SimulatedNode], *, http_port: int | None = None
+) -> Iterator[SimulatedCluster]:
+    """Several Ray nodes on this machine (`ray.cluster_utils.Cluster`, one raylet each),
+    with the resources the node types declare: logical GPUs make placement real where
+    no GPU exists (a replica asking for 0.1 GPU lands on a node that declares one).
+    Serve's HTTP proxy runs on the head only (all nodes share this machine's ports)."""
+    import ray
+    from ray import serve
+    from ray.cluster_utils import Cluster
+
+    http_port = http_port or free_port()
+    _prepare_environment()
+    cluster = Cluster(
+        initialize_head=True,
+        connect=False,
+        head_node_args=_raylet_args(head, include_dashboard=False),
+    )
+    try:
+        nodes: dict[str, list[Any]] = {head.kind: [cluster.head_node]}
+        for worker in workers:
+            nodes.setdefault(worker.kind, []).append(cluster.add_node(**_raylet_args(worker)))
+        cluster.wait_for_nodes()
+        ray.init(address=cluster.address, namespace="servegraph", log_to_driver=False)
+        serve.start(
+            proxy_location="HeadOnly",
+            http_options={"host": "127.0.0.1", "port": http_port},
+            tracing_config=serve_tracing_config(),
+        )
+        yield SimulatedCluster(f"http://127.0.0.1:{http_port}", http_port, cluster, nodes)
+    finally:
+        try:
+            if ray.is_initialized():
+                serve.shutdown()
+        finally:
+            ray.shutdown()
+            cluster.shutdown()
+
+
+def _raylet_args(node: SimulatedNode, **extra: Any) -> dict[str, Any]:
+    resources = dict(node.resources)
+    return {
+        "num_cpus": int(resources.pop("CPU", 1)),
+        "num_gpus": int(resources.pop("GPU", 0)),
+        "resources": {**resources, node.kind: 1},
+        "object_store_memory": 256 * 1024**2,  # each raylet's own store, on one machine
+        **extra,
+    }

@@ -34,7 +34,7 @@ from servegraph.http import ErrorBody, install_error_handlers, make_app, runtime
 from servegraph.render import to_mermaid, to_text
 from servegraph.runtime import NodeRecord, Runtime, default_deadline
 from servegraph.serialize import to_yaml
-from servegraph.settings import AppSettings
+from servegraph.settings import AppSettings, router_actor_options
 
 logger = logging.getLogger("ray.serve")
 
@@ -399,5 +399,7 @@ def ingress_app(args: IngressArgs | dict[str, Any]) -> Any:
     class PipelineIngress:
         """Runs every pipeline; model work happens in the model servers' replicas."""
 
-    deployment = PipelineIngress.options(**(INGRESS_DEFAULTS | args.deployment))  # type: ignore[attr-defined]  # a @serve.deployment class is a Deployment
+    routed = router_actor_options()
+    placement = {"ray_actor_options": routed} if routed else {}
+    deployment = PipelineIngress.options(**(INGRESS_DEFAULTS | placement | args.deployment))  # type: ignore[attr-defined]  # a @serve.deployment class is a Deployment
     return deployment.bind()

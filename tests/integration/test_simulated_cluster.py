@@ -1,0 +1,237 @@
+"""The whole platform on a simulated multi-node cluster shaped like `cluster.yaml` (issue 16).
+
+Several raylets on this machine (`servegraph.local_ray.simulated_cluster`): the head type
+and two of its GPU worker type (of `max_workers: 4`), each with the resources
+`cluster.yaml` declares, one logical GPU per worker included. The platform deploys with
+the GPU profile's asks (`SERVEGRAPH_PROFILE=gpu`), so Ray's placement is the real one:
+an encoder's 0.1 GPU and the LLM's 0.6 GPU placement group can only land on a worker.
+Only the engines differ from a GPU cluster: the encoders find no CUDA and run on the
+CPU, and vLLM runs on the CPU while its placement group keeps the GPU share
+(`SERVEGRAPH_LLM_ENGINE_DEVICE=cpu`).
+
+These tests run first in the session (tests/conftest.py orders them), before the
+session's own cluster starts: this machine holds one platform's models at a time.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import tempfile
+import time
+import uuid
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import httpx
+import pytest
+
+from benchmarks.traffic import Answer, callers, until
+from servegraph.auth import client_headers
+from servegraph.capacity import HEAD_RESOURCE, NodeType, node_types
+from servegraph.local_ray import SimulatedCluster, SimulatedNode, simulated_cluster
+from tests._cluster import wait_until_running
+
+pytestmark = pytest.mark.simulated_cluster
+
+ROOT = Path(__file__).resolve().parents[2]
+WORKERS = 2  # cluster.yaml's GPU worker type, scaled down from its max_workers of 4
+GPU_DEPLOYMENTS = {"Embedder", "Classifier", "LLMServer"}  # the ones asking for a GPU share
+ON_HEAD = {"VectorIndex", "PipelineIngress", "Gateway", "OpenAiIngress", "GuardedIngress"}
+
+
+def shape() -> tuple[SimulatedNode, list[SimulatedNode]]:
+    """cluster.yaml's head, and `WORKERS` of its GPU worker type."""
+    types = node_types(ROOT / "cluster.yaml")
+    head = next(t for t in types if HEAD_RESOURCE in t.resources)
+    gpu = next(t for t in types if t.resources.get("GPU"))
+    return _node(head), [_node(gpu)] * WORKERS
+
+
+def _node(node_type: NodeType) -> SimulatedNode:
+    resources = {k: v for k, v in node_type.resources.items() if k != HEAD_RESOURCE}
+    return SimulatedNode(node_type.name, resources)
+
+
+@pytest.fixture(scope="module")
+def sim() -> Iterator[SimulatedCluster]:
+    from deployments.catalog import CATALOG
+    from pipelines.rag.ingest import on_deploy
+    from servegraph.capacity import asks_of, check, running_node_types
+    from servegraph.discovery import discover
+    from servegraph.planner import plan_platform
+
+    head, workers = shape()
+    with pytest.MonkeyPatch.context() as env:
+        env.setenv("SERVEGRAPH_PROFILE", "gpu")
+        env.setenv("SERVEGRAPH_LLM_ENGINE_DEVICE", "cpu")
+        env.setenv("SERVEGRAPH_ROUTER_RESOURCES", json.dumps({HEAD_RESOURCE: 0.001}))
+        env.setenv("SERVEGRAPH_INDEX_PATH", tempfile.mkdtemp(prefix="servegraph-sim-index-"))
+        env.setenv("OTEL_TRACES_EXPORTER", "none")
+        with simulated_cluster(head, workers) as running:
+            plan = plan_platform(
+                discover("pipelines"), CATALOG, packages=["pipelines"], all_servers=True
+            )
+            verdict = check(asks_of(plan), running_node_types())
+            assert verdict.ok, verdict.never or verdict.unplaced
+            plan.deploy()
+            wait_until_running([app.name for app in plan.apps])
+            on_deploy(running.base_url)
+            yield running
+
+
+@dataclass(frozen=True)
+class Replica:
+    deployment: str  # the deployment's class, e.g. "Embedder", "LLMServer"
+    state: str
+    node_id: str | None
+
+
+def replicas() -> list[Replica]:
+    """Every replica with its state and node, as Serve's controller reports them (the
+    dashboard's source)."""
+    from ray import serve
+
+    details = serve.context._get_global_client().get_serve_details()
+    return [
+        Replica(name.split(":")[0], str(replica["state"]).split(".")[-1], replica.get("node_id"))
+        for app in details["applications"].values()
+        for name, deployment in app["deployments"].items()
+        for replica in deployment["replicas"]
+    ]
+
+
+def test_every_replica_lands_where_its_resources_say_and_the_pipelines_answer(
+    sim: SimulatedCluster,
+) -> None:
+    placed = replicas()
+    for replica in placed:
+        where = sim.node_kind(replica.node_id) if replica.node_id else "pending"
+        if replica.deployment in GPU_DEPLOYMENTS:
+            assert where == "worker_gpu", replica
+        else:
+            assert replica.deployment in ON_HEAD and where == "head_cpu", replica
+    kinds = [r.deployment for r in placed]
+    assert kinds.count("Embedder") == 2 and kinds.count("Classifier") == 2  # GPU profile
+
+    with httpx.Client(base_url=sim.base_url, headers=client_headers(), timeout=180) as client:
+        rag = client.post("/pipelines/rag", json={"question": "How long do refunds take?"})
+        assert rag.status_code == 200, rag.text
+        assert rag.json()["citations"], rag.json()
+        triage = client.post(
+            "/pipelines/triage", json={"text": "Where is my order 12345? It has not arrived."}
+        )
+        assert triage.status_code == 200, triage.text
+        chat = client.post(
+            "/v1/chat/completions",
+            json={
+                "model": "smollm2-135m-instruct",
+                "messages": [{"role": "user", "content": "Say hello."}],
+                "max_tokens": 8,
+            },
+        )
+        assert chat.status_code == 200, chat.text
+
+
+def test_losing_a_gpu_worker_under_load_loses_no_request_and_no_document(
+    sim: SimulatedCluster,
+) -> None:
+    """A GPU worker goes away (as a cloud takes a node, every process on it at once)
+    while callers ingest documents and ask questions. Its encoder replicas come back on
+    the surviving worker; the pipelines' calls to the dead replicas are repeated there
+    within their deadlines; every acknowledged document is in the index (on the head)."""
+    placed = replicas()
+    llm_nodes = {r.node_id for r in placed if r.deployment == "LLMServer"}
+    victim = max(
+        (n for n in sim.nodes["worker_gpu"] if n.node_id not in llm_nodes),
+        key=lambda n: sum(r.node_id == n.node_id for r in placed),
+    )
+    lost_replicas = [r.deployment for r in placed if r.node_id == victim.node_id]
+    assert lost_replicas, "the worker to remove hosts no replica: nothing would be tested"
+    run = uuid.uuid4().hex[:8]
+    ingested: list[Answer] = []
+    asked: list[Answer] = []
+    removed_at: list[float] = []
+
+    def healthy_again() -> bool:
+        """Serve has seen the replicas go, and runs two of each encoder elsewhere."""
+        now = replicas()
+        if any(r.node_id == victim.node_id for r in now):
+            return False
+        running = [r.deployment for r in now if r.state == "RUNNING"]
+        return running.count("Embedder") >= 2 and running.count("Classifier") >= 2
+
+    async def scenario() -> float:
+        stop = asyncio.Event()
+        load = asyncio.gather(
+            callers(
+                sim.base_url,
+                "/pipelines/rag_ingest",
+                lambda c, i: {
+                    "documents": [
+                        {
+                            "id": f"{run}/c{c}/d{i}",
+                            "text": f"Note {i} of caller {c}: parcels to Oslo take 4 days.",
+                            "metadata": {"run": run},
+                        }
+                    ]
+                },
+                n=6,
+                stop=stop,
+                max_requests=3_000,
+                max_seconds=300,
+                answers=ingested,
+            ),
+            callers(
+                sim.base_url,
+                "/pipelines/rag",
+                lambda c, i: {"question": "How long do refunds take?", "max_tokens": 48},
+                n=2,
+                stop=stop,
+                max_requests=500,
+                max_seconds=300,
+                answers=asked,
+            ),
+        )
+        await until(lambda: sum(a.status == 200 for a in ingested) >= 30, 120, "30 ingests")
+        removed_at.append(time.monotonic())
+        await asyncio.to_thread(sim.remove, victim)
+        await until(healthy_again, 240, "encoders back to 2 replicas each")
+        recovered = time.monotonic() - removed_at[0]
+        after = len(ingested)
+        await until(lambda: len(ingested) >= after + 30, 120, "30 more ingests after recovery")
+        stop.set()
+        await load
+        return recovered
+
+    recovered_s = asyncio.run(scenario())
+    answers = ingested + asked
+    statuses: dict[int, int] = {}
+    for answer in answers:
+        statuses[answer.status] = statuses.get(answer.status, 0) + 1
+    # Only successes, or refusals a client is told to retry: never a 500, never silence.
+    assert set(statuses) <= {200, 503}, statuses
+    assert all(a.headers and "retry-after" in a.headers for a in answers if a.status == 503)
+    success = statuses.get(200, 0) / len(answers)
+
+    acknowledged = [a.body["documents"][0]["id"] for a in ingested if a.status == 200]
+    with httpx.Client(base_url=sim.base_url, headers=client_headers(), timeout=60) as client:
+        lost = [
+            doc_id
+            for doc_id in acknowledged
+            if client.post("/index/count", json={"filter": {"doc_id": doc_id}}).json()["count"] != 1
+        ]
+    print(
+        f"\nworker removal: {len(answers)} requests, success {success:.1%}, statuses "
+        f"{statuses}, replicas lost {sorted(lost_replicas)}, encoders back after "
+        f"{recovered_s:.1f} s, ingest p99 {_p99(ingested):.2f} s, rag p99 {_p99(asked):.2f} s, "
+        f"acknowledged {len(acknowledged)}, lost {len(lost)}"
+    )
+    assert not lost, f"{len(lost)} of {len(acknowledged)} acknowledged documents lost"
+    assert success >= 0.99, statuses
+
+
+def _p99(answers: list[Answer]) -> float:
+    seconds = sorted(a.seconds for a in answers)
+    return seconds[min(len(seconds) - 1, int(len(seconds) * 0.99))] if seconds else 0.0

@@ -11,10 +11,20 @@ device, so two 0.6 shares never land on one GPU. The LLM's GPU memory share
 (`gpu_memory_utilization`) is compared with the instance's GPU memory where the
 instance type is known.
 
-Packing is first-fit decreasing, replica by replica, bundles of one replica on one
-node (Serve's placement groups here use PACK): the same greedy order Ray's scheduler
-approximates. A plan it cannot pack may still fit by luck of ordering in rare cases;
-one it packs fits.
+Bundles of one replica go on one node (Serve's placement groups here use PACK). Ray
+places replicas one at a time, as they arrive, on a node with room at that moment; it
+never moves a placed one. So "fits" has two meanings, and the check answers both:
+
+- **a packing exists** (exact: first-fit decreasing, then a search of every assignment
+  when that fails). Without one, Ray leaves replicas pending whatever the order.
+- **every arrival order fits**: no order of arrival and no choice of node (or GPU
+  device, for a fractional share) by the scheduler can strand a replica. Where some
+  can, the plan is *at risk*: whether Ray places it depends on luck, and the report
+  says so. Both searches remember the states they have seen; past `SEARCH_BUDGET`
+  states the answer is "not proven" rather than a guess.
+
+`tests/integration/test_capacity_agrees_with_ray.py` holds these answers against Ray's
+scheduler on simulated clusters.
 """
 
 from __future__ import annotations
@@ -57,6 +67,7 @@ PRICE_PER_HOUR = {
     "g6.2xlarge": 0.9776,
 }
 HEAD_RESOURCE = "node:__internal_head__"  # Ray gives the head node this resource
+SEARCH_BUDGET = 50_000  # states each exact search may visit
 
 
 @dataclass(frozen=True)
@@ -99,6 +110,9 @@ class Node:
                 return False
         return True
 
+    def copy(self) -> Node:
+        return Node(self.kind, dict(self.free), list(self.gpus), self.gpu_memory_gib)
+
     def take(self, bundle: dict[str, float]) -> None:
         for key, amount in bundle.items():
             if key == "GPU":
@@ -127,9 +141,16 @@ class Verdict:
     placements: dict[str, list[Node]]  # "min"/"max" -> nodes with what they got
     unplaced: dict[str, list[str]]  # "min"/"max" -> replicas left over
     notes: list[str]
+    at_risk: dict[str, list[str] | None] = field(default_factory=dict)
+    """"min"/"max" -> the deployments some arrival order can leave pending although a
+    packing exists (empty: every order fits); None past the search budget (not proven
+    either way)."""
     cheapest: dict[str, tuple[dict[str, int], float | None]] = field(default_factory=dict)
     """"min"/"max" -> the cheapest node mix that fits (type -> count) and its price per
     hour (None where a type's price is unknown)."""
+
+    def fits(self, label: str) -> bool:
+        return self.fits_min if label == "min" else self.fits_max
 
     @property
     def ok(self) -> bool:
@@ -271,17 +292,26 @@ def check(asks: Iterable[Ask], types: list[NodeType]) -> Verdict:
                         f"({ask.gpu_memory_fraction * t.gpu_memory_gib:.1f} GiB)"
                     )
     placeable = [ask for ask in asks if ask.name not in never]
-    placements, unplaced = {}, {}
+    placements, unplaced, fits, at_risk = {}, {}, {}, {}
     for label in ("min", "max"):
         nodes = [t.node() for t in types for _ in range(t.max_count)]
         placements[label], unplaced[label] = nodes, _place(placeable, nodes, label)
+        search = _Search(placeable, label, [t.node() for t in types for _ in range(t.max_count)])
+        fits[label] = not unplaced[label] or search.packing_exists() is not False
+        if fits[label] and unplaced[label]:
+            notes.append(
+                f"at {label}_replicas a packing exists that first-fit decreasing misses; "
+                "the table shows its attempt"
+            )
+        at_risk[label] = search.strandable() if fits[label] else []
     verdict = Verdict(
-        fits_min=not unplaced["min"],
-        fits_max=not unplaced["max"],
+        fits_min=fits["min"],
+        fits_max=fits["max"],
         never=never,
         placements=placements,
         unplaced=unplaced,
         notes=sorted(set(notes)),
+        at_risk=at_risk,
     )
     if not never:
         for label in ("min", "max"):
@@ -318,6 +348,156 @@ def cheapest_mix(
     return (best[1], best[2]) if best else None
 
 
+class _OutOfBudget(Exception):
+    pass
+
+
+# The searches' own compact state: a node is (free amount per resource key, free share
+# per GPU device sorted), a replica's bundle is (amount per key, GPU share).
+_Slot = tuple[tuple[float, ...], tuple[float, ...]]
+_Need = tuple[tuple[float, ...], float]
+
+
+class _Search:
+    """Exact answers for one plan at `label` replicas on `nodes` (all empty): does a
+    packing exist, and can some arrival order strand a replica? A state is how many
+    replicas of each deployment are still to place and what each node still offers
+    (nodes that offer the same are interchangeable, so the state sorts them)."""
+
+    def __init__(self, asks: list[Ask], label: str, nodes: list[Node]) -> None:
+        asks = sorted(asks, key=_size, reverse=True)  # big ones first: fewer dead ends
+        self.counts = tuple(a.min_replicas if label == "min" else a.max_replicas for a in asks)
+        self.names = [a.name for a in asks]
+        keys = sorted({k for a in asks for b in a.bundles for k in b if k != "GPU"})
+        self.needs: list[list[_Need]] = [
+            [(tuple(b.get(k, 0.0) for k in keys), b.get("GPU", 0.0)) for b in a.bundles]
+            for a in asks
+        ]
+        # A node type that does not say its memory offers what Ray infers: unbounded here.
+        self.nodes: tuple[_Slot, ...] = tuple(
+            sorted(
+                (
+                    tuple(n.free.get(k, math.inf if k == "memory" else 0.0) for k in keys),
+                    tuple(sorted(n.gpus)),
+                )
+                for n in nodes
+            )
+        )
+        self.visited = 0
+
+    def packing_exists(self) -> bool | None:
+        memo: dict[tuple, bool] = {}
+
+        def exists(counts: tuple[int, ...], nodes: tuple[_Slot, ...]) -> bool:
+            i = next((i for i, n in enumerate(counts) if n), None)
+            if i is None:
+                return True
+            key = (counts, nodes)
+            if key not in memo:
+                self._count()
+                rest = (*counts[:i], counts[i] - 1, *counts[i + 1 :])
+                memo[key] = any(exists(rest, after) for after in self._moves(i, nodes))
+            return memo[key]
+
+        try:
+            return exists(self.counts, self.nodes)
+        except _OutOfBudget:
+            return None
+
+    def strandable(self) -> list[str] | None:
+        """Can Ray, taking replicas in some order and each to some node with room, end
+        with a replica no node has room for? It can exactly when the other replicas
+        (all but that one, or fewer) have an assignment that leaves every node without
+        room for it: any assignment is reachable one replica at a time, as loads only
+        grow. So for each deployment, each node in turn takes a fill that blocks it. The
+        deployments some order can leave pending (None: past the search budget)."""
+        try:
+            return [self.names[r] for r, n in enumerate(self.counts) if n and self._can_block(r)]
+        except _OutOfBudget:
+            return None
+
+    def _can_block(self, r: int) -> bool:
+        others = (*self.counts[:r], self.counts[r] - 1, *self.counts[r + 1 :])
+        memo: dict[tuple, bool] = {}
+
+        def cover(j: int, counts: tuple[int, ...]) -> bool:
+            if j == len(self.nodes):
+                return True
+            key = (j, counts)
+            if key not in memo:
+                self._count()
+                fills = self._blocking_fills(self.nodes[j], counts, r)
+                memo[key] = any(cover(j + 1, rest) for rest in fills)
+            return memo[key]
+
+        return cover(0, others)
+
+    def _blocking_fills(self, node: _Slot, counts: tuple[int, ...], r: int) -> set[tuple[int, ...]]:
+        """What is left of `counts` after each smallest load of `node` that leaves no
+        room for a replica of ask `r` (a load that fits the node, device by device)."""
+        left: set[tuple[int, ...]] = set()
+
+        def grow(slot: _Slot, counts: tuple[int, ...], first: int) -> None:
+            self._count()
+            if not self._hosts(slot, r):
+                left.add(counts)
+                return
+            for a in range(first, len(counts)):
+                if counts[a]:
+                    rest = (*counts[:a], counts[a] - 1, *counts[a + 1 :])
+                    for after in self._hosts(slot, a):
+                        grow(after, rest, a)
+
+        grow(node, counts, 0)
+        return left
+
+    def _hosts(self, slot: _Slot, i: int) -> list[_Slot]:
+        """The states `slot` can be in after hosting one replica of ask `i`."""
+        hosts = [slot]
+        for need in self.needs[i]:
+            hosts = [after for host in hosts for after in _host(host, need)]
+        return hosts
+
+    def _moves(self, i: int, nodes: tuple[_Slot, ...]) -> set[tuple[_Slot, ...]]:
+        """Every distinct cluster state after one replica of ask `i` is placed."""
+        moves = set()
+        for at, node in enumerate(nodes):
+            if at and node == nodes[at - 1]:
+                continue  # the same offer as the previous node: the same outcomes
+            for host in self._hosts(node, i):
+                moves.add(tuple(sorted((*nodes[:at], host, *nodes[at + 1 :]))))
+        return moves
+
+    def _count(self) -> None:
+        self.visited += 1
+        if self.visited > SEARCH_BUDGET:
+            raise _OutOfBudget
+
+
+def _host(node: _Slot, need: _Need) -> list[_Slot]:
+    """The states `node` can be in after hosting a bundle (none: it has no room); a
+    fractional GPU share may go to any device with room, the scheduler's choice."""
+    free, gpus = node
+    amounts, share = need
+    if any(f + _EPS < a for f, a in zip(free, amounts, strict=True)):
+        return []
+    left = tuple(f - a for f, a in zip(free, amounts, strict=True))
+    if share <= 0:
+        return [(left, gpus)]
+    if share >= 1 - _EPS:
+        whole = math.ceil(share - _EPS)
+        full = [i for i, g in enumerate(gpus) if g >= 1 - _EPS][:whole]
+        if len(full) < whole:
+            return []
+        return [(left, tuple(sorted(0.0 if i in full else g for i, g in enumerate(gpus))))]
+    outcomes = []
+    for i, g in enumerate(gpus):
+        if g + _EPS >= share and (i == 0 or g != gpus[i - 1]):
+            rest = tuple(sorted((*gpus[:i], round(g - share, 6), *gpus[i + 1 :])))
+            outcomes.append((left, rest))
+    return outcomes
+
+
 def _place(asks: list[Ask], nodes: list[Node], label: str) -> list[str]:
     """Place every replica of `asks` at `label` ("min" or "max") replicas onto `nodes`,
     first-fit decreasing, recording each on its node; the replicas left over."""
@@ -341,7 +521,7 @@ def _place(asks: list[Ask], nodes: list[Node], label: str) -> list[str]:
 
 def all_fit(node: Node, bundles: tuple[dict[str, float], ...]) -> bool:
     """All of a replica's bundles on one node (PACK), trying them in order."""
-    trial = Node(node.kind, dict(node.free), list(node.gpus), node.gpu_memory_gib)
+    trial = node.copy()
     for bundle in bundles:
         if not trial.fits(bundle):
             return False
@@ -369,10 +549,13 @@ def _why_never(ask: Ask, types: list[NodeType]) -> str:
     return f"one replica asks for {asked}; no node type offers it ({'; '.join(short) or 'split'})"
 
 
-def _size(ask: Ask) -> tuple[float, float]:
+def _size(ask: Ask) -> tuple[bool, float, float]:
+    """Packing order: replicas pinned by a custom resource (few nodes can take them)
+    first, then by GPU share, then by CPUs."""
+    pinned = any(k not in ("CPU", "GPU", "memory") for b in ask.bundles for k in b)
     gpu = sum(b.get("GPU", 0.0) for b in ask.bundles)
     cpu = sum(b.get("CPU", 0.0) for b in ask.bundles)
-    return (gpu, cpu)
+    return (pinned, gpu, cpu)
 
 
 def report(verdict: Verdict, types: list[NodeType]) -> str:
@@ -386,7 +569,7 @@ def report(verdict: Verdict, types: list[NodeType]) -> str:
     ]
     for label in ("min", "max"):
         used = [n for n in verdict.placements[label] if n.placed]
-        ok = "fits" if not verdict.unplaced[label] else "DOES NOT FIT"
+        ok = "fits" if verdict.fits(label) else "DOES NOT FIT"
         lines.append(f"\nat {label}_replicas: {ok} on {len(used)} node(s)")
         lines.append(f"  {'node':<12} {'placed':<64} headroom")
         for node in used:
@@ -399,6 +582,17 @@ def report(verdict: Verdict, types: list[NodeType]) -> str:
             lines.append(f"  {node.kind:<12} {placed:<64} {headroom}")
         if verdict.unplaced[label]:
             lines.append("  left pending: " + ", ".join(_count(verdict.unplaced[label])))
+        risk = verdict.at_risk.get(label, [])
+        if risk is None:
+            lines.append("  whether every arrival order fits: not proven (search budget)")
+        elif risk:
+            lines.append(
+                "  AT RISK: replicas arriving in an unlucky order can leave pending "
+                + ", ".join(risk)
+                + " (Ray never moves a placed replica); give the nodes headroom or pin"
+            )
+        elif verdict.fits(label):
+            lines.append("  every arrival order fits")
     for label, (mix, price) in verdict.cheapest.items():
         nodes = " + ".join(f"{n} x {kind}" for kind, n in mix.items())
         cost = f" (${price:.2f}/h on demand)" if price is not None else ""

@@ -30,6 +30,43 @@ def test_fractional_gpus_are_packed_per_device_not_summed() -> None:
     assert check(asks, [gpu_node(gpus=3)]).fits_min  # a third device makes room
 
 
+def test_a_packing_first_fit_decreasing_misses_is_found_by_the_exact_search() -> None:
+    # 3, 3, 2, 2, 2 CPUs on nodes of 7 and 5: first fit decreasing puts 3 + 3 on the
+    # big one, 2 + 2 on the small one, and the last 2 nowhere; 3 + 2 + 2 | 3 + 2 fits.
+    asks = [
+        Ask("a", "three", ({"CPU": 3.0},), 2, 2),
+        Ask("a", "two", ({"CPU": 2.0},), 3, 3),
+    ]
+    types = [NodeType("big", {"CPU": 7.0}, 1, None), NodeType("small", {"CPU": 5.0}, 1, None)]
+    verdict = check(asks, types)
+    assert verdict.unplaced["min"] == ["a/two#3"] and verdict.fits_min and verdict.ok
+
+
+def test_an_order_that_strands_a_pinned_replica_is_reported_at_risk() -> None:
+    # The index needs the head; two 2-CPU replicas arriving first can take the head's CPUs.
+    asks = [
+        Ask("vector_index", "VectorIndex", ({"CPU": 1.0, HEAD_RESOURCE: 0.001},), 1, 1),
+        Ask("embedder", "Embedder", ({"CPU": 2.0},), 2, 2),
+    ]
+    head = NodeType("head", {"CPU": 4.0, HEAD_RESOURCE: 1.0}, 1, None)
+    worker = NodeType("worker", {"CPU": 4.0}, 1, None)
+    verdict = check(asks, [head, worker])
+    assert verdict.ok and verdict.at_risk["min"] == ["vector_index/VectorIndex"]
+    assert "AT RISK" in report(verdict, [head, worker])
+    roomy = NodeType("head", {"CPU": 5.0, HEAD_RESOURCE: 1.0}, 1, None)
+    assert check(asks, [roomy, worker]).at_risk["min"] == []  # one CPU of headroom
+
+
+def test_fractional_shares_can_strand_a_whole_gpu_replica() -> None:
+    # Two 0.5 shares may land on two different devices: then no whole GPU is left.
+    asks = [
+        Ask("x", "half", ({"GPU": 0.5, "CPU": 1.0},), 2, 2),
+        Ask("llm", "whole", ({"GPU": 1.0, "CPU": 1.0},), 1, 1),
+    ]
+    verdict = check(asks, [gpu_node(gpus=2)])
+    assert verdict.fits_min and verdict.at_risk["min"] == ["llm/whole"]
+
+
 def test_an_ask_no_node_type_offers_is_never_placeable_and_says_why() -> None:
     asks = [Ask("llm", "huge", ({"GPU": 2.0, "CPU": 4.0},), 1, 1)]
     verdict = check(asks, [gpu_node(count=4)])

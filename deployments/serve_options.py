@@ -11,7 +11,8 @@ overrides arrive the same way (see `servegraph.planner`).
 
 from __future__ import annotations
 
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
+from pathlib import Path
 from typing import Any
 
 from pydantic import BaseModel, Field
@@ -74,15 +75,18 @@ def server_app(
     profiles: Profiles,
     args: ServerAppArgs | dict[str, Any] | None,
     check: Callable[[dict[str, Any]], None] | None = None,
+    models: Sequence[str | Path] = (),
 ) -> Any:
     """A model server's Serve application: its `deployment` (a @serve.deployment class)
-    with the profile's options and `args` on top (`check`ed), behind its gateway."""
-    from servegraph.server import gateway_app
+    with the profile's options and `args` on top (`check`ed), behind its gateway. The
+    replicas check that they load the same `models` (folders) as this builder sees."""
+    from servegraph.server import gateway_app, with_expected_model
 
     args = ServerAppArgs.of(args)
     options = options_for(profiles, overrides=args.overrides)
     if check is not None:
         check(options)
+    options = with_expected_model(options, *models)
     return gateway_app(server, deployment.options(**options).bind(**args.init))
 
 

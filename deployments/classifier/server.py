@@ -5,14 +5,16 @@ application builder."""
 from __future__ import annotations
 
 import asyncio
+from pathlib import Path
 from typing import Any
 
 from ray import serve
 
 from deployments.classifier.contract import Classification
-from deployments.classifier.model import Classifier
+from deployments.classifier.model import Classifier, trained_dir
+from deployments.embedder.model import EmbedderSettings
 from deployments.serve_options import ENCODER_CPU, ENCODER_GPU, ServerAppArgs, server_app
-from servegraph.server import Batcher, BatchStats
+from servegraph.server import Batcher, BatchStats, SameModel
 
 PROFILES = {"cpu": ENCODER_CPU, "gpu": ENCODER_GPU}
 
@@ -36,6 +38,7 @@ class ClassifierDeployment(Classifier):
         batch_wait_timeout_s: float = 0.005,
     ) -> None:
         super().__init__(model_dir, encoder_dir)
+        self._same_model = SameModel(*models(model_dir, encoder_dir))
         self._batches = Batcher(
             self._classify_batch,
             max_batch_size=max_batch_size,
@@ -56,8 +59,16 @@ class ClassifierDeployment(Classifier):
     async def check_health(self) -> None:
         if self._model is None:
             raise RuntimeError("classifier head is not loaded")
+        self._same_model.check()
 
 
 def app(args: ServerAppArgs | dict[str, Any] | None = None) -> Any:
     """The classifier's Serve application (Serve calls it with its config entry's args)."""
-    return server_app("classifier", ClassifierDeployment, PROFILES, args)
+    init = ServerAppArgs.of(args).init
+    loaded = models(init.get("model_dir"), init.get("encoder_dir"))
+    return server_app("classifier", ClassifierDeployment, PROFILES, args, models=loaded)
+
+
+def models(model_dir: str | None, encoder_dir: str | None) -> list[str | Path]:
+    """The folders a classifier replica loads: its trained head and its encoder."""
+    return [model_dir or trained_dir(), encoder_dir or EmbedderSettings().model_dir]

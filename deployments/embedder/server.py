@@ -16,9 +16,9 @@ from typing import Any
 import numpy as np
 from ray import serve
 
-from deployments.embedder.model import Embedder
+from deployments.embedder.model import Embedder, EmbedderSettings
 from deployments.serve_options import ENCODER_CPU, ENCODER_GPU, ServerAppArgs, server_app
-from servegraph.server import Batcher, BatchStats
+from servegraph.server import Batcher, BatchStats, SameModel
 
 PROFILES = {"cpu": ENCODER_CPU, "gpu": ENCODER_GPU}
 
@@ -40,6 +40,7 @@ class EmbedderDeployment(Embedder):
         batch_wait_timeout_s: float = 0.005,
     ) -> None:
         super().__init__(model_path)
+        self._same_model = SameModel(self.model_path)
         self._batches = Batcher(
             self._encode_batch,
             max_batch_size=max_batch_size,
@@ -61,8 +62,10 @@ class EmbedderDeployment(Embedder):
     async def check_health(self) -> None:
         if self._model is None:
             raise RuntimeError("embedder model is not loaded")
+        self._same_model.check()
 
 
 def app(args: ServerAppArgs | dict[str, Any] | None = None) -> Any:
     """The embedder's Serve application (Serve calls it with its config entry's args)."""
-    return server_app("embedder", EmbedderDeployment, PROFILES, args)
+    model = ServerAppArgs.of(args).init.get("model_path") or EmbedderSettings().model_dir
+    return server_app("embedder", EmbedderDeployment, PROFILES, args, models=[model])

@@ -13,6 +13,7 @@ from typing import Any
 from deployments.llm.settings import LLMSettings
 from deployments.serve_options import SHED, ServerAppArgs, options_for
 from deployments.settings import ModelSettings
+from servegraph.server import expected_model_env
 
 # vLLM batches continuously up to max_num_seqs=64; a bounded queue beyond that. A death
 # costs an engine restart (about a minute here): calls retried within their deadline
@@ -82,8 +83,11 @@ def llm_config(settings: LLMSettings | None = None, overrides: dict[str, Any] | 
         # The GPU share is the placement group's, so Ray places the engine on a GPU node
         # whichever device the engine then runs on (a CPU engine keeps the same ask).
         extra["placement_group_config"] = {"bundles": [{"GPU": GPU_FRACTION, "CPU": 1}]}
+    from deployments.llm.engine import LLMServer
+
     return LLMConfig(
         model_loading_config={"model_id": settings.model_id, "model_source": settings.path},
+        server_cls=LLMServer,
         engine_kwargs=engine,
         deployment_config=options_for(PROFILES, profile, overrides),
         runtime_env={
@@ -91,6 +95,7 @@ def llm_config(settings: LLMSettings | None = None, overrides: dict[str, Any] | 
                 "VLLM_CPU_KVCACHE_SPACE": str(settings.kv_cache_gib),
                 "HF_HUB_OFFLINE": "1",
                 "TRANSFORMERS_OFFLINE": "1",
+                **expected_model_env(settings.path),
             }
         },
         **extra,

@@ -137,6 +137,20 @@ class SimulatedCluster:
                 return kind
         raise KeyError(node_id)
 
+    def add(self, node: SimulatedNode, env: dict[str, str] | None = None) -> Any:
+        """Start one more node; `env` is its own environment on top of this process's
+        (every process on the node inherits it), e.g. a different model folder."""
+        saved = dict(os.environ)
+        os.environ.update(env or {})
+        try:
+            raylet = self.cluster.add_node(**_raylet_args(node))
+        finally:
+            os.environ.clear()
+            os.environ.update(saved)
+        self.cluster.wait_for_nodes()
+        self.nodes.setdefault(node.kind, []).append(raylet)
+        return raylet
+
     def remove(self, raylet: Any) -> None:
         """Take a worker away, as a cloud would (its raylet and every process on it)."""
         self.cluster.remove_node(raylet, allow_graceful=False)

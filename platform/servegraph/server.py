@@ -3,8 +3,10 @@
 A model server (`deployments/<server>/`) imports `servegraph` for its catalog entry
 (`ServerSpec`, `MethodContract`) and this module for the rest: batching across callers,
 span annotation, the input error that becomes a 422 naming the field, the gateway that
-gives the server its REST surface (API keys checked), and the same key check for a
-route of an app the server does not build itself (`guard_endpoint`). Everything else
+gives the server its REST surface (API keys checked), the same key check for a
+route of an app the server does not build itself (`guard_endpoint`), and the check that
+every replica loaded the model files its application was built with (`SameModel`,
+`with_expected_model`). Everything else
 in the framework is private to it. Importing this module imports neither Ray nor a
 model.
 """
@@ -17,6 +19,9 @@ from servegraph.auth import guard_endpoint as guard_endpoint
 from servegraph.batching import Batcher as Batcher
 from servegraph.batching import BatchStats as BatchStats
 from servegraph.errors import InvalidInputError as InvalidInputError
+from servegraph.fingerprint import SameModel as SameModel
+from servegraph.fingerprint import expected_env as expected_model_env
+from servegraph.fingerprint import with_expected_model as with_expected_model
 from servegraph.http import offline_docs as offline_docs
 from servegraph.tracing import annotate as annotate
 
@@ -24,10 +29,13 @@ __all__ = [
     "BatchStats",
     "Batcher",
     "InvalidInputError",
+    "SameModel",
     "annotate",
+    "expected_model_env",
     "gateway_app",
     "guard_endpoint",
     "offline_docs",
+    "with_expected_model",
 ]
 
 

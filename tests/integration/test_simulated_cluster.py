@@ -16,11 +16,13 @@ session's own cluster starts: this machine holds one platform's models at a time
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
+import shutil
 import tempfile
 import time
 import uuid
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -235,3 +237,60 @@ def test_losing_a_gpu_worker_under_load_loses_no_request_and_no_document(
 def _p99(answers: list[Answer]) -> float:
     seconds = sorted(a.seconds for a in answers)
     return seconds[min(len(seconds) - 1, int(len(seconds) * 0.99))] if seconds else 0.0
+
+
+def test_a_node_with_other_model_files_fails_its_replicas_health_check_naming_both_nodes(
+    sim: SimulatedCluster, tmp_path: Path
+) -> None:
+    """A node whose set-up left different files under the model path (here: the
+    embedder's folder with one byte more in its README) joins; a replica placed there
+    loads them, and its health check fails with a message naming its node and the node
+    the application was built on."""
+    from ray import serve
+
+    from deployments.embedder.model import EmbedderSettings
+    from deployments.embedder.server import app
+
+    stale = tmp_path / "embedder"
+    shutil.copytree(EmbedderSettings().model_dir, stale)
+    with (stale / "README.md").open("a") as readme:
+        readme.write("\n")
+    raylet = sim.add(
+        SimulatedNode("worker_stale", {"CPU": 2.0, "GPU": 1.0}),
+        env={"SERVEGRAPH_EMBEDDER_PATH": str(stale)},
+    )
+    pinned = {"num_cpus": 1, "resources": {"worker_stale": 0.5}}
+    overrides = {"num_replicas": 1, "ray_actor_options": pinned}
+    try:
+        with contextlib.suppress(RuntimeError):  # serve.run raises when the deploy fails
+            serve.run(
+                app({"overrides": overrides}),
+                name="embedder_stale",
+                route_prefix="/embedder_stale",
+                blocking=False,
+            )
+        _wait_for(lambda: "model mismatch" in _status_text("embedder_stale"), 240)
+        message = _status_text("embedder_stale")
+        head = sim.nodes["head_cpu"][0].node_id
+        assert raylet.node_id[:12] in message and head[:12] in message, message
+    finally:
+        serve.delete("embedder_stale")
+
+
+def _status_text(app_name: str) -> str:
+    from ray import serve
+
+    status = serve.status().applications.get(app_name)
+    if status is None:
+        return ""
+    return " ".join(
+        [status.message] + [d.message for d in status.deployments.values() if d.message]
+    )
+
+
+def _wait_for(condition: Callable[[], bool], timeout_s: float) -> None:
+    deadline = time.monotonic() + timeout_s
+    while not condition():
+        if time.monotonic() > deadline:
+            raise TimeoutError(f"not within {timeout_s} s")
+        time.sleep(0.5)

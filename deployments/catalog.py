@@ -6,7 +6,7 @@ Importing this module imports only pydantic models: no Ray, no model.
 
 from __future__ import annotations
 
-from deployments import classifier, embedder, llm, vector_index
+from deployments import classifier, embedder, llm, records, vector_index
 from servegraph import Catalog
 
 CATALOG = Catalog(
@@ -15,5 +15,6 @@ CATALOG = Catalog(
         embedder.SERVER,
         classifier.SERVER,
         vector_index.SERVER,
+        records.SERVER,
     ]
 )

@@ -57,6 +57,11 @@ ENCODER_GPU: dict[str, Any] = {
     "autoscaling_config": {"min_replicas": 2, "max_replicas": 4, "target_ongoing_requests": 32},
 }
 
+# A replica whose data lives on the local disk of the node it runs on is pinned to the
+# head node (Ray's `node:__internal_head__` resource): the head is never scaled down,
+# while a worker (and its disk) goes after 10 idle minutes (cluster.yaml).
+HEAD_NODE = {"node:__internal_head__": 0.001}
+
 Profiles = Mapping[str, Mapping[str, Any]]
 
 

@@ -46,12 +46,12 @@ def cluster(otlp: OtlpReceiver) -> Iterator[LocalCluster]:
 
 @pytest.fixture(scope="session")
 def model_servers(cluster: LocalCluster) -> LocalCluster:
-    """All four model servers deployed, healthy, and the ingress (no pipelines yet)."""
+    """Every model server deployed, healthy, and the ingress (no pipelines yet)."""
     from deployments.catalog import CATALOG
     from servegraph.planner import plan_platform
 
     plan_platform([], CATALOG, all_servers=True).deploy()
-    wait_until_running(["llm", "embedder", "classifier", "vector_index"])
+    wait_until_running(["llm", "embedder", "classifier", "vector_index", "records"])
     return cluster
 
 

@@ -14,15 +14,13 @@ from typing import Any
 
 from ray import serve
 
-from deployments.serve_options import SHED, ServerAppArgs, server_app
+from deployments.serve_options import HEAD_NODE, SHED, ServerAppArgs, server_app
 from deployments.vector_index.model import VectorIndex
 
 # The index's SQLite file is on the local disk of the node its replica runs on, so the
-# replica is pinned to the head node (Ray's `node:__internal_head__` resource): the head
-# is never scaled down, while a worker (and its disk) goes after 10 idle minutes
-# (cluster.yaml). The other choice, by configuration: SERVEGRAPH_INDEX_PATH on storage
-# every node mounts, and this pin overridden away (the builder's `overrides`).
-HEAD_NODE = {"node:__internal_head__": 0.001}
+# replica is pinned to the head node (HEAD_NODE). The other choice, by configuration:
+# SERVEGRAPH_INDEX_PATH on storage every node mounts, and this pin overridden away (the
+# builder's `overrides`).
 
 # One replica on both profiles: a death is a restart that rebuilds FAISS from SQLite,
 # and the retried calls wait for it.

@@ -4,7 +4,8 @@
         plan ─► choose (LLM, guided JSON: {tool, argument}) ─► parse ─► act (switch on tool:
         search_kb = embed ─► retrieve ─► split ─► embed_sentences ─► rank (the best article's
         closest sentences; `pipelines.rag.qa.retrieve_ranked`) |
-        lookup_order | lookup_account | final_answer | default: the invalid call is fed back)
+        lookup_order | lookup_account (the support records server) | final_answer |
+        default: the invalid call is fed back)
         ─► record
     ─► brief ─► draft (LLM, guided JSON: {reply}) ─► finish
 
@@ -32,9 +33,9 @@ from pydantic_core import from_json
 
 from deployments.embedder.contract import Embedding, EmbedResponse
 from deployments.llm.contract import ChatResponse
+from deployments.records.contract import EMAIL, ORDER_NUMBER, Lookup
 from deployments.vector_index.contract import Hit
 from pipelines import evidence
-from pipelines.agent import tools
 from pipelines.agent.models import (
     AgentState,
     Observation,
@@ -156,8 +157,8 @@ def agent_step() -> Pipeline:
         on=call.tool,
         cases={
             "search_kb": search_case(),
-            "lookup_order": tool_case(order_tool),
-            "lookup_account": tool_case(account_tool),
+            "lookup_order": lookup_case("lookup_order", order_observation),
+            "lookup_account": lookup_case("lookup_account", account_observation),
             "final_answer": tool_case(final_answer),
         },
         default=tool_case(invalid_call),
@@ -176,6 +177,14 @@ def search_case() -> Pipeline:
     case = Pipeline("search_kb", input=ToolInput, output=Observation)
     question = case.input.argument
     case.returns(retrieve_ranked(case, question, k=3, filter={"source": "kb"}, ranker=rank_hits))
+    return case
+
+
+def lookup_case(method: str, observe) -> Pipeline:
+    """A look-up in the support records server, with the key the argument holds."""
+    case = Pipeline(method, input=ToolInput, output=Observation)
+    found = case.call("find", "records", method, text=case.input.argument)
+    case.returns(case.function("observe", observe, found=found))
     return case
 
 
@@ -204,10 +213,10 @@ def remaining_tools(state: AgentState) -> list[str]:
 def key_of(tool: str, state: AgentState) -> str:
     """The order number or email the ticket holds for a look-up tool, or ''."""
     if tool == "lookup_order":
-        found = tools.ORDER_NUMBER.search(state.ticket)
+        found = ORDER_NUMBER.search(state.ticket)
         return found.group(0) if found else ""
     if tool == "lookup_account":
-        found = tools.EMAIL.search(state.email or state.ticket)
+        found = EMAIL.search(state.email or state.ticket)
         return found.group(0).lower() if found else ""
     return ""
 
@@ -304,20 +313,18 @@ def rank_hits(
     )
 
 
-def order_tool(argument: str, error: str = "") -> Observation:
-    output, order = tools.lookup_order(argument)
+def order_observation(found: Lookup) -> Observation:
+    order = found.record
     return Observation(
-        output=output,
-        facts={k: str(v) for k, v in (order or {}).items()},
-        must_say=order["status"] if order else "",
+        output=found.message, facts=order or {}, must_say=order["status"] if order else ""
     )
 
 
-def account_tool(argument: str, error: str = "") -> Observation:
-    output, account = tools.lookup_account(argument)
+def account_observation(found: Lookup) -> Observation:
+    account = found.record
     return Observation(
-        output=output,
-        facts={k: str(v) for k, v in (account or {}).items()},
+        output=found.message,
+        facts=account or {},
         # "locked (too many login attempts)" is stated as "locked"
         must_say=account["status"].split(" (")[0] if account else "",
     )

@@ -40,7 +40,7 @@ pytestmark = pytest.mark.simulated_cluster
 ROOT = Path(__file__).resolve().parents[2]
 WORKERS = 2  # cluster.yaml's GPU worker type, scaled down from its max_workers of 4
 GPU_DEPLOYMENTS = {"Embedder", "Classifier", "LLMServer"}  # the ones asking for a GPU share
-ON_HEAD = {"VectorIndex", "PipelineIngress", "Gateway", "OpenAiIngress", "GuardedIngress"}
+ON_HEAD = {"VectorIndex", "SupportRecords", "PipelineIngress", "Gateway", "GuardedIngress"}
 
 
 def shape() -> tuple[SimulatedNode, list[SimulatedNode]]:

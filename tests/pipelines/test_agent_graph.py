@@ -78,17 +78,20 @@ def draft(text: str) -> str:
 
 @pytest.fixture(autouse=True)
 def _agent_db(tmp_path, monkeypatch):
-    from pipelines.agent import tools
-
-    monkeypatch.setenv("SERVEGRAPH_HOME", str(tmp_path))
-    tools.database.cache_clear()
-    yield
-    tools.database.cache_clear()
+    monkeypatch.setenv("SERVEGRAPH_HOME", str(tmp_path))  # the real records, built here
 
 
 def runtime(label: str, llm: ScriptedLLM) -> InProcessRuntime:
+    from deployments.records.model import SupportRecords
+
     kb = OneArticle()
-    servers = {"classifier": FixedClassifier(label), "llm": llm, "embedder": kb, "vector_index": kb}
+    servers = {
+        "classifier": FixedClassifier(label),
+        "llm": llm,
+        "embedder": kb,
+        "vector_index": kb,
+        "records": SupportRecords(),
+    }
     return InProcessRuntime(CATALOG, servers)
 
 

@@ -1,0 +1,23 @@
+"""The support records server: order and account look-ups for the triage agent's tools,
+from the support database (SQLite on the head node's disk, built from `seed.sql`).
+
+`SERVER` is its catalog entry. Importing this package imports only pydantic models.
+"""
+
+from deployments.records import contract as c
+from servegraph import MethodContract, ServerSpec
+
+SERVER = ServerSpec(
+    name="records",
+    methods={
+        "lookup_order": MethodContract(c.LookupRequest, c.Lookup, idempotent=True),
+        "lookup_account": MethodContract(c.LookupRequest, c.Lookup, idempotent=True),
+    },
+    app_builder="deployments.records.server:app",
+    deployment="SupportRecords",
+    serve_class="deployments.records.server:SupportRecordsDeployment",
+    in_process="deployments.records.model:SupportRecords",
+    prepare="deployments.records.model:prepare",
+    route_prefix="/records",
+    description="order and account look-ups (SQLite on the head node)",
+)

@@ -21,6 +21,7 @@ BENCHMARKS = [
     "tracing_overhead",
     "reliability",
     "eval_pipelines",
+    "batch",
 ]
 
 

@@ -8,11 +8,13 @@ servegraph render N   draw pipeline N (text, or --mermaid)
 servegraph keys       create, list and revoke API keys (`servegraph keys --help`)
 servegraph observe    run Prometheus on the running platform, with the alert rules
 servegraph check      will the plan fit a cluster? (`--cluster cluster.yaml`)
+servegraph batch      run a pipeline over a dataset on Ray Data (rows in, results out)
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import importlib
 import json
 import pkgutil
@@ -20,6 +22,7 @@ import signal
 import sys
 import threading
 import time
+from collections.abc import Iterator
 from typing import Any
 
 import yaml
@@ -70,6 +73,18 @@ def main(argv: list[str] | None = None) -> int:
     )
     check.add_argument("--cluster", required=True, help="Ray cluster launcher config")
     check.add_argument("--profile", choices=["cpu", "gpu"], default=None)
+    batch = commands.add_parser(
+        "batch", help="run a pipeline over a dataset (JSONL, CSV or Parquet) on Ray Data"
+    )
+    batch.add_argument("pipeline")
+    batch.add_argument("input", help="rows in: .jsonl, .csv or .parquet")
+    batch.add_argument("output", help="results out, one JSON line per row (appended)")
+    batch.add_argument(
+        "--address",
+        default=None,
+        help="a Ray cluster with the platform deployed (default: start one locally)",
+    )
+    batch.add_argument("--concurrency", type=int, default=64, help="rows in flight at once")
     commands.add_parser("validate", help="check every pipeline graph")
     render = commands.add_parser("render", help="draw a pipeline graph")
     render.add_argument("name")
@@ -94,6 +109,7 @@ def main(argv: list[str] | None = None) -> int:
         "keys": _keys,
         "observe": _observe,
         "check": _check,
+        "batch": _batch,
     }
     return commands_by_name[args.command](args)
 
@@ -285,22 +301,38 @@ def _render(args: argparse.Namespace) -> int:
 
 
 def _run(args: argparse.Namespace) -> int:
-    from servegraph.local_ray import local_cluster
-
-    plan = _plan(args.package, args.catalog)
     stop = threading.Event()
     for sig in (signal.SIGINT, signal.SIGTERM):
         signal.signal(sig, lambda *_: stop.set())
-    _quiet_driver_logs()
     key_file = _local_admin_key()  # before the cluster, which would create it quietly
+    with _local_platform(args, port=args.port, dashboard_port=args.dashboard_port) as cluster:
+        if cluster is None:
+            return 1
+        _print_endpoints(cluster, args.package, key_file)
+        if not args.exit_after_start:
+            console.print("serving; Ctrl-C to stop")
+            while not stop.wait(1):
+                pass
+    return 0
+
+
+@contextlib.contextmanager
+def _local_platform(args: argparse.Namespace, **cluster_options: Any) -> Iterator[Any]:
+    """A local Ray with every pipeline deployed and its start-up hooks run (None when
+    the plan cannot be placed); Serve and Ray shut down on exit."""
+    from servegraph.local_ray import local_cluster
+
+    plan = _plan(args.package, args.catalog)
+    _quiet_driver_logs()
     with console.status("starting a local Ray cluster"):
-        cluster_cm = local_cluster(http_port=args.port, dashboard_port=args.dashboard_port)
+        cluster_cm = local_cluster(**cluster_options)
         cluster = cluster_cm.__enter__()
     _quiet_driver_logs()  # again: starting Ray resets its loggers
     try:
         console.print(f"Ray's and every replica's logs: {_logs_dir()} (replicas: serve/)")
         if not _feasible(plan, None, quiet=True):
-            return 1
+            yield None
+            return
         started = time.perf_counter()
         with console.status("deploying model servers and pipelines (the LLM takes ~1 min)"):
             plan.deploy()
@@ -310,15 +342,65 @@ def _run(args: argparse.Namespace) -> int:
             hook = getattr(module, "on_deploy", None)
             if hook is not None:
                 hook(cluster.base_url)
-        _print_endpoints(cluster, args.package, key_file)
-        if not args.exit_after_start:
-            console.print("serving; Ctrl-C to stop")
-            while not stop.wait(1):
-                pass
+        yield cluster
     finally:
         with console.status("shutting down Serve and Ray"):
             cluster_cm.__exit__(None, None, None)
-    return 0
+
+
+def _batch(args: argparse.Namespace) -> int:
+    from rich.progress import (
+        BarColumn,
+        MofNCompleteColumn,
+        Progress,
+        TextColumn,
+        TimeRemainingColumn,
+    )
+
+    from servegraph.offline import batch
+
+    def run() -> Any:
+        with Progress(
+            TextColumn(f"{args.pipeline}"),
+            BarColumn(),
+            MofNCompleteColumn(),
+            TextColumn("{task.fields[rate]:.1f} rows/s"),
+            TimeRemainingColumn(),
+            console=console,
+        ) as progress:
+            task = progress.add_task("rows", total=None, rate=0.0)
+            started = time.monotonic()
+
+            def advance(done: int, total: int) -> None:
+                rate = done / max(time.monotonic() - started, 1e-9)
+                progress.update(task, completed=done, total=total, rate=rate)
+
+            return batch(
+                args.pipeline,
+                args.input,
+                args.output,
+                concurrency=args.concurrency,
+                package=args.package,
+                catalog=args.catalog,
+                on_progress=advance,
+            )
+
+    if args.address:
+        import ray
+
+        ray.init(address=args.address, namespace="servegraph", log_to_driver=False)
+        report = run()
+    else:
+        with _local_platform(args, dashboard=False) as cluster:
+            if cluster is None:
+                return 1
+            report = run()
+    console.print(
+        f"{report.written} rows written to {args.output} ({report.skipped} already there): "
+        f"{report.failed} failed, {report.invalid} invalid; "
+        f"{report.rows_per_s:.1f} rows/s over {report.seconds:.0f} s"
+    )
+    return 0 if not report.failed else 2
 
 
 def _wait_running(apps: list[str], timeout_s: float = 900) -> None:

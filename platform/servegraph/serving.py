@@ -227,7 +227,7 @@ def pipeline_router(compiled: CompiledGraph, runtime: Runtime, metrics: Any) -> 
                     yield sse.encode(event.kind, sse.event_data(event))
                     event = await anext(events)
                 total_ms = (time.perf_counter() - started) * 1000
-                yield sse.encode("usage", _usage(records, total_ms))
+                yield sse.encode("usage", usage_of(records, total_ms))
                 yield sse.encode("result", jsonable_encoder(event.data.output))
             except PipelineRuntimeError as exc:
                 status = exc.status_code
@@ -325,7 +325,7 @@ def _tokens(records: list[NodeRecord]) -> dict[str, int]:
     return tokens
 
 
-def _usage(records: list[NodeRecord], total_ms: float) -> dict[str, Any]:
+def usage_of(records: list[NodeRecord], total_ms: float) -> dict[str, Any]:
     """What the request cost: LLM tokens, and wall time per node (retries summed)."""
     tokens = _tokens(records)
     nodes_ms: dict[str, float] = {}
@@ -342,7 +342,7 @@ def _usage(records: list[NodeRecord], total_ms: float) -> dict[str, Any]:
 def _usage_headers(records: list[NodeRecord], total_ms: float) -> dict[str, str]:
     """The usage as x-servegraph-usage, the same timings as Server-Timing (shown by
     browsers and `curl -v`), and the trace id."""
-    usage = _usage(records, total_ms)
+    usage = usage_of(records, total_ms)
     nodes_ms: dict[str, float] = usage["nodes_ms"]
     timing = [f"{_token(node)};dur={ms:.1f}" for node, ms in list(nodes_ms.items())[-20:]]
     headers = {

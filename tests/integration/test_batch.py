@@ -1,0 +1,68 @@
+"""`servegraph batch` on the suite's cluster: a pipeline over a dataset on Ray Data, bad
+rows reported by line with the field and the fix, and a re-run after an interruption
+that processes no row twice."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+from servegraph.local_ray import LocalCluster
+from servegraph.offline import batch
+
+pytestmark = pytest.mark.integration
+
+QUESTIONS = [
+    "How long do refunds take?",
+    "How do I reset my password?",
+    "Which carriers ship my order?",
+    "Can I return an opened item?",
+    "How do I change my plan?",
+    "Why is my device not connecting to wifi?",
+    "How long does shipping take?",
+    "How do I contact support?",
+]
+
+
+class Interrupted(Exception):
+    pass
+
+
+def test_a_batch_run_interrupted_then_rerun_writes_every_row_once(
+    pipelines: LocalCluster, tmp_path: Path
+) -> None:
+    rows = [{"id": f"q{i}", "question": q, "max_tokens": 32} for i, q in enumerate(QUESTIONS)]
+    lines = [json.dumps(r) for r in rows[:4]]
+    lines += ['{"id": "empty", "question": ""}', "not json at all"]
+    lines += [json.dumps(r) for r in rows[4:]]
+    questions = tmp_path / "questions.jsonl"
+    questions.write_text("\n".join(lines) + "\n")
+    answers = tmp_path / "answers.jsonl"
+
+    def stop_after_four(done: int, total: int) -> None:
+        if done == 4:
+            raise Interrupted
+
+    with pytest.raises(Interrupted):
+        batch("rag", questions, answers, concurrency=32, on_progress=stop_after_four)
+    first = [json.loads(line) for line in answers.read_text().splitlines()]
+    assert len(first) == 4
+
+    report = batch("rag", questions, answers, concurrency=32)
+    written = [json.loads(line) for line in answers.read_text().splitlines()]
+    ids = [row["id"] for row in written]
+    assert len(ids) == len(set(ids)) == len(rows) + 2, ids  # every row once, errors too
+    assert report.skipped == 4 and report.written == len(rows) + 2 - 4
+
+    by_id = {row["id"]: row for row in written}
+    empty = by_id["empty"]
+    assert empty["line"] == 5 and empty["error"]["detail"][0]["field"] == "question"
+    assert empty["error"]["detail"][0]["fix"]
+    garbled = by_id["6"]  # no id on the line: its line number is its id
+    assert garbled["line"] == 6 and garbled["error"]["detail"][0]["field"] == "(line)"
+    for row in rows:
+        done = by_id[row["id"]]
+        assert "error" not in done, done
+        assert done["output"]["answer"] and done["usage"]["llm_output_tokens"] > 0

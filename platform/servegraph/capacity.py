@@ -31,6 +31,7 @@ from __future__ import annotations
 
 import itertools
 import math
+import shlex
 from collections.abc import Iterable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field, replace
@@ -192,6 +193,24 @@ def node_types(cluster_yaml: Path) -> list[NodeType]:
         instance = (spec.get("node_config") or {}).get("InstanceType")
         types.append(NodeType(name, resources, count, instance))
     return types
+
+
+# The settings a cluster's nodes export that change what its deployments ask for (the
+# others name files on those nodes, which a check on another machine must not read).
+PLACEMENT_SETTINGS = ("SERVEGRAPH_PROFILE", "SERVEGRAPH_ROUTER_RESOURCES")
+
+
+def cluster_env(cluster_yaml: Path) -> dict[str, str]:
+    """The placement settings the head's start commands export, as the platform's
+    builders read them on that cluster (its profile, where routers go)."""
+    config = yaml.safe_load(Path(cluster_yaml).read_text())
+    env = {}
+    for command in config.get("head_start_ray_commands") or []:
+        for word in shlex.split(command.replace("&&", " ")):
+            name, eq, value = word.partition("=")
+            if eq and name in PLACEMENT_SETTINGS:
+                env[name] = value
+    return env
 
 
 def running_node_types() -> list[NodeType]:

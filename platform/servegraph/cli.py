@@ -217,9 +217,16 @@ def _check(args: argparse.Namespace) -> int:
 
 
 def _plan_for(args: argparse.Namespace) -> Any:
-    """The plan under `--profile` (the builders read SERVEGRAPH_PROFILE)."""
+    """The plan as the cluster's nodes would build it: with the placement settings
+    `--cluster`'s head exports (profile, router placement), then `--profile` (the
+    builders read them from the environment)."""
     import os
+    from pathlib import Path
 
+    from servegraph.capacity import cluster_env
+
+    if getattr(args, "cluster", None):
+        os.environ.update(cluster_env(Path(args.cluster)))
     if getattr(args, "profile", None):
         os.environ["SERVEGRAPH_PROFILE"] = args.profile
     return _plan(args.package, args.catalog)

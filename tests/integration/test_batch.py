@@ -5,6 +5,8 @@ that processes no row twice."""
 from __future__ import annotations
 
 import json
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -13,6 +15,7 @@ from servegraph.local_ray import LocalCluster
 from servegraph.offline import batch
 
 pytestmark = pytest.mark.integration
+ROOT = Path(__file__).resolve().parents[2]
 
 QUESTIONS = [
     "How long do refunds take?",
@@ -66,3 +69,32 @@ def test_a_batch_run_interrupted_then_rerun_writes_every_row_once(
         done = by_id[row["id"]]
         assert "error" not in done, done
         assert done["output"]["answer"] and done["usage"]["llm_output_tokens"] > 0
+
+
+def test_the_command_runs_the_readme_example_onto_a_running_cluster(
+    pipelines: LocalCluster, tmp_path: Path
+) -> None:
+    import ray
+
+    answers = tmp_path / "answers.jsonl"
+    address = ray.get_runtime_context().gcs_address
+    done = subprocess.run(
+        [
+            str(Path(sys.executable).with_name("servegraph")),
+            "batch",
+            "rag",
+            str(ROOT / "examples" / "questions.jsonl"),
+            str(answers),
+            "--address",
+            address,
+        ],
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+    assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-2000:]
+    assert "rows/s" in done.stdout and "0 failed, 0 invalid" in done.stdout, done.stdout
+    rows = [json.loads(line) for line in answers.read_text().splitlines()]
+    expected = (ROOT / "examples" / "questions.jsonl").read_text().splitlines()
+    assert sorted(r["id"] for r in rows) == sorted(json.loads(q)["id"] for q in expected)
+    assert all(r["output"]["answer"] for r in rows)

@@ -93,11 +93,17 @@ def test_max_replicas_that_overflow_still_fit_at_min() -> None:
 
 def test_the_platforms_gpu_plan_fits_cluster_yaml(monkeypatch: pytest.MonkeyPatch) -> None:
     from deployments.catalog import CATALOG
-    from servegraph.capacity import asks_of
+    from servegraph.capacity import asks_of, cluster_env
     from servegraph.discovery import discover
     from servegraph.planner import plan_platform
 
-    monkeypatch.setenv("SERVEGRAPH_PROFILE", "gpu")
+    # As the cluster's nodes build it: the placement settings its head exports.
+    env = cluster_env(ROOT / "cluster.yaml")
+    assert (
+        env["SERVEGRAPH_PROFILE"] == "gpu" and HEAD_RESOURCE in env["SERVEGRAPH_ROUTER_RESOURCES"]
+    )
+    for name, value in env.items():
+        monkeypatch.setenv(name, value)
     plan = plan_platform(discover("pipelines"), CATALOG, packages=["pipelines"], all_servers=True)
     asks = {a.name: a for a in asks_of(plan)}
     llm = next(a for name, a in asks.items() if name.startswith("llm/LLMServer"))
@@ -107,6 +113,8 @@ def test_the_platforms_gpu_plan_fits_cluster_yaml(monkeypatch: pytest.MonkeyPatc
     types = node_types(ROOT / "cluster.yaml")
     verdict = check(asks.values(), types)
     assert verdict.ok and verdict.fits_max, report(verdict, types)
+    assert verdict.at_risk == {"min": [], "max": []}  # in every arrival order
+    assert asks["pipelines/PipelineIngress"].bundles[0][HEAD_RESOURCE] > 0  # routers too
     # Every GPU share went to a GPU worker, none to the CPU head; the index (its SQLite
     # file on local disk) to the head, which the autoscaler never takes away.
     head = [n for n in verdict.placements["max"] if n.kind == "head_cpu"]

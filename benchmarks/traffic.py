@@ -108,6 +108,18 @@ async def callers(
     return answers
 
 
+def one_document(run: str, fact: str) -> Any:
+    """`body_for` of `callers` on /pipelines/rag_ingest: one document per request, with
+    the id `<run>/c<caller>/d<i>` (so what was acknowledged can be counted afterwards)
+    and the metadata `{"run": run}`."""
+
+    def body(c: int, i: int) -> dict:
+        document = {"id": f"{run}/c{c}/d{i}", "text": f"Note {i} of caller {c}: {fact}"}
+        return {"documents": [document | {"metadata": {"run": run}}]}
+
+    return body
+
+
 def replica_pids(dashboard_url: str, app: str, deployment: str) -> list[int]:
     """PIDs of the live replicas of `app`'s `deployment`, from Ray's state API at this
     cluster's dashboard (named, since other Ray clusters may run on the machine)."""

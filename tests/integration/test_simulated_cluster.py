@@ -29,7 +29,7 @@ from pathlib import Path
 import httpx
 import pytest
 
-from benchmarks.traffic import Answer, callers, until
+from benchmarks.traffic import Answer, callers, one_document, until
 from servegraph.auth import client_headers
 from servegraph.capacity import HEAD_RESOURCE, NodeType, node_types
 from servegraph.local_ray import SimulatedCluster, SimulatedNode, simulated_cluster
@@ -170,15 +170,7 @@ def test_losing_a_gpu_worker_under_load_loses_no_request_and_no_document(
             callers(
                 sim.base_url,
                 "/pipelines/rag_ingest",
-                lambda c, i: {
-                    "documents": [
-                        {
-                            "id": f"{run}/c{c}/d{i}",
-                            "text": f"Note {i} of caller {c}: parcels to Oslo take 4 days.",
-                            "metadata": {"run": run},
-                        }
-                    ]
-                },
+                one_document(run, "parcels to Oslo take 4 days."),
                 n=6,
                 stop=stop,
                 max_requests=3_000,

@@ -20,7 +20,7 @@ import httpx
 import psutil
 import pytest
 
-from benchmarks.traffic import callers
+from benchmarks.traffic import callers, one_document
 from servegraph.auth import client_headers
 from servegraph.local_ray import LocalCluster, free_port
 
@@ -98,15 +98,7 @@ def test_kill_9_of_the_whole_cluster_mid_ingest_loses_no_acknowledged_document(
                 callers(
                     base_url,
                     "/pipelines/rag_ingest",
-                    lambda c, i: {
-                        "documents": [
-                            {
-                                "id": f"{run}/c{c}/d{i}",
-                                "text": f"Note {i} of caller {c}: refunds take 5 days.",
-                                "metadata": {"run": run},
-                            }
-                        ]
-                    },
+                    one_document(run, "refunds take 5 days."),
                     n=8,
                     stop=stop,
                     max_requests=2_000,

@@ -29,13 +29,16 @@ def test_the_fingerprint_follows_the_bytes_not_the_place(tmp_path: Path) -> None
 def test_a_replica_with_other_files_fails_naming_both_nodes(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    built = model(tmp_path / "built")
-    monkeypatch.setenv(ENV, expected_env(built)[ENV].replace(_host(), "head-node"))
+    from servegraph import fingerprint as module
+
+    monkeypatch.setattr(module, "this_node", lambda: "head-node")
+    monkeypatch.setenv(ENV, expected_env(model(tmp_path / "built"))[ENV])
+    monkeypatch.setattr(module, "this_node", lambda: "worker-7")
     SameModel(model(tmp_path / "same")).check()  # the same bytes pass
     other = SameModel(model(tmp_path / "other", weights=b"\x09"))
     with pytest.raises(RuntimeError, match="model mismatch") as failed:
         other.check()
-    assert "built on head-node" in str(failed.value) and _host() in str(failed.value)
+    assert "on worker-7" in str(failed.value) and "built on head-node" in str(failed.value)
 
 
 def test_a_builder_without_the_files_expects_nothing(tmp_path: Path) -> None:
@@ -45,9 +48,3 @@ def test_a_builder_without_the_files_expects_nothing(tmp_path: Path) -> None:
     env = merged["ray_actor_options"]["runtime_env"]["env_vars"]
     assert env["A"] == "1" and ENV in env and merged["ray_actor_options"]["num_cpus"] == 2
     assert ENV not in options["ray_actor_options"]["runtime_env"]["env_vars"]  # not mutated
-
-
-def _host() -> str:
-    import socket
-
-    return socket.gethostname()

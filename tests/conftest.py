@@ -34,9 +34,10 @@ pytest_plugins = ["tests._cluster"]
 
 
 def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
-    # The simulated multi-node cluster runs before the session's shared cluster starts:
-    # each serves the whole platform, and this machine holds one platform's models at once.
-    items.sort(key=lambda item: "simulated_cluster" not in item.keywords)
+    # Tests with a Ray cluster of their own (the simulated multi-node cluster, `make
+    # run`) run before the session's shared cluster starts: each serves the whole
+    # platform, and this machine holds one platform's models at a time.
+    items.sort(key=lambda item: "own_cluster" not in item.keywords)
     for item in items:
         path = str(item.fspath)
         if "tests/reliability" in path:

@@ -316,11 +316,17 @@ def check(asks: Iterable[Ask], types: list[NodeType]) -> Verdict:
         nodes = [t.node() for t in types for _ in range(t.max_count)]
         placements[label], unplaced[label] = nodes, _place(placeable, nodes, label)
         search = _Search(placeable, label, [t.node() for t in types for _ in range(t.max_count)])
-        fits[label] = not unplaced[label] or search.packing_exists() is not False
-        if fits[label] and unplaced[label]:
+        exists = True if not unplaced[label] else search.packing_exists()
+        fits[label] = bool(exists)
+        if exists and unplaced[label]:
             notes.append(
                 f"at {label}_replicas a packing exists that first-fit decreasing misses; "
                 "the table shows its attempt"
+            )
+        elif exists is None:
+            notes.append(
+                f"at {label}_replicas first-fit decreasing finds no packing, and the exact "
+                "search ran out of budget: counted as not fitting, not proven"
             )
         at_risk[label] = search.strandable() if fits[label] else []
     verdict = Verdict(
@@ -405,6 +411,7 @@ class _Search:
         self.visited = 0
 
     def packing_exists(self) -> bool | None:
+        self.visited = 0
         memo: dict[tuple, bool] = {}
 
         def exists(counts: tuple[int, ...], nodes: tuple[_Slot, ...]) -> bool:
@@ -430,6 +437,7 @@ class _Search:
         room for it: any assignment is reachable one replica at a time, as loads only
         grow. So for each deployment, each node in turn takes a fill that blocks it. The
         deployments some order can leave pending (None: past the search budget)."""
+        self.visited = 0
         try:
             return [self.names[r] for r, n in enumerate(self.counts) if n and self._can_block(r)]
         except _OutOfBudget:

@@ -312,7 +312,7 @@ def _run(args: argparse.Namespace) -> int:
     for sig in (signal.SIGINT, signal.SIGTERM):
         signal.signal(sig, lambda *_: stop.set())
     key_file = _local_admin_key()  # before the cluster, which would create it quietly
-    with _local_platform(args, port=args.port, dashboard_port=args.dashboard_port) as cluster:
+    with _local_platform(args, http_port=args.port, dashboard_port=args.dashboard_port) as cluster:
         if cluster is None:
             return 1
         _print_endpoints(cluster, args.package, key_file)

@@ -92,6 +92,7 @@ def batch(
 
     started = time.monotonic()
     output = Path(output_path)
+    output.parent.mkdir(parents=True, exist_ok=True)
     done = _written_ids(output)
     rows = list(_read(Path(input_path)))
     todo: list[_Row] = []

@@ -30,7 +30,7 @@ import pytest
 
 from servegraph.capacity import Ask, NodeType, check
 
-pytestmark = pytest.mark.simulated_cluster
+pytestmark = pytest.mark.own_cluster
 
 SHAPES = 8
 PLANS_PER_SHAPE = 25

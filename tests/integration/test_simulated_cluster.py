@@ -35,7 +35,7 @@ from servegraph.capacity import HEAD_RESOURCE, NodeType, node_types
 from servegraph.local_ray import SimulatedCluster, SimulatedNode, simulated_cluster
 from tests._cluster import wait_until_running
 
-pytestmark = pytest.mark.simulated_cluster
+pytestmark = pytest.mark.own_cluster
 
 ROOT = Path(__file__).resolve().parents[2]
 WORKERS = 2  # cluster.yaml's GPU worker type, scaled down from its max_workers of 4

@@ -22,6 +22,7 @@ BENCHMARKS = [
     "reliability",
     "eval_pipelines",
     "batch",
+    "cost",
 ]
 
 

@@ -15,7 +15,7 @@ from pydantic_core import from_json
 
 from deployments.llm.contract import ChatChunk, ChatRequest, ChatResponse, Usage
 from deployments.llm.settings import LLMSettings
-from servegraph.server import InvalidInputError, annotate
+from servegraph.server import CHARGE_ITEM, InvalidInputError, annotate, attach_charge
 
 
 class LLMClient:
@@ -27,10 +27,13 @@ class LLMClient:
         self._handle = handle.options(stream=True)
 
     async def chat(self, request: ChatRequest) -> ChatResponse:
-        response = None
+        response, charge = None, None
         stream = self._handle.chat.remote(self._openai_request(request), None)
         try:
             async for item in stream:
+                if isinstance(item, dict) and CHARGE_ITEM in item:
+                    charge = item[CHARGE_ITEM]
+                    continue
                 response = item
         except asyncio.CancelledError:
             # Serve does not cancel a child call when only its awaiting task is
@@ -39,7 +42,7 @@ class LLMClient:
             raise
         reply = _to_chat_response(response, self.model_id)
         _annotate_reply(reply)
-        return reply
+        return attach_charge(reply, charge) if charge else reply
 
     async def chat_stream(self, request: ChatRequest) -> AsyncIterator[ChatChunk | ChatResponse]:
         """`chat`, streamed: `ChatChunk`s as tokens arrive, then the whole `ChatResponse`."""
@@ -47,9 +50,10 @@ class LLMClient:
         text: list[str] = []
         finish_reason: str | None = None
         usage = Usage(input_tokens=0, output_tokens=0)
+        charge: list[dict[str, float]] = []
         stream = self._handle.chat.remote(self._openai_request(request, stream=True), None)
         try:
-            async for batch in self._lines(stream):
+            async for batch in self._lines(stream, charge):
                 for line in batch:
                     payload = line.removeprefix("data:").strip()
                     if not payload or payload == "[DONE]":
@@ -76,12 +80,16 @@ class LLMClient:
             text="".join(text), finish_reason=finish_reason, usage=usage, model=self.model_id
         )
         _annotate_reply(reply)
-        yield reply
+        yield attach_charge(reply, charge[0]) if charge else reply
 
-    async def _lines(self, stream: Any) -> AsyncIterator[list[str]]:
+    async def _lines(self, stream: Any, charge: list[dict[str, float]]) -> AsyncIterator[list[str]]:
         """LLMServer yields lists of SSE lines ("data: {chunk json}"), or an ErrorResponse
-        (raised here as the engine's error)."""
+        (raised here as the engine's error), and last the call's charge (kept in
+        `charge`)."""
         async for batch in stream:
+            if isinstance(batch, dict) and CHARGE_ITEM in batch:
+                charge.append(batch[CHARGE_ITEM])
+                continue
             lines = batch if isinstance(batch, list) else [batch]
             for line in lines:
                 if not isinstance(line, str):

@@ -1,22 +1,54 @@
-"""The LLM's engine deployment: `ray.serve.llm`'s `LLMServer`, plus the check that the
-replica loaded the model files its application was built with
-(`servegraph.server.SameModel`). Same class name, so the deployment keeps its name
-(`LLMServer:<model>`), which dashboards and alerts use."""
+"""The LLM's engine deployment: `ray.serve.llm`'s `LLMServer`, plus
+
+- the check that the replica loaded the model files its application was built with
+  (`servegraph.server.SameModel`);
+- the request's cost: the replica's time shared among the requests in flight, which
+  under continuous batching is a split by tokens processed (`servegraph.cost.Meter`),
+  over every request the engine serves (the OpenAI routes' too). A pipeline's call
+  (`LLMClient`, which sends no raw HTTP request) gets its charge as one more item after
+  the engine's last one.
+
+Same class name, so the deployment keeps its name (`LLMServer:<model>`), which
+dashboards and alerts use.
+"""
 
 from __future__ import annotations
 
+from collections.abc import AsyncIterator
 from typing import Any
 
 from ray.serve.llm.deployment import LLMServer as RayLLMServer
 
-from servegraph.server import SameModel
+from servegraph.server import CHARGE_ITEM, Meter, SameModel, replica_resources
 
 
 class LLMServer(RayLLMServer):
     async def __init__(self, llm_config: Any, **kwargs: Any) -> None:  # type: ignore[misc]  # Serve awaits an async constructor, as ray.serve.llm's own
         await super().__init__(llm_config, **kwargs)
         self._same_model = SameModel(llm_config.model_loading_config.model_source)
+        self._meter = Meter(replica_resources())
 
     async def check_health(self) -> None:
         await super().check_health()
         self._same_model.check()
+
+    # Like ray.serve.llm's own, these return the stream (an async generator) from a
+    # coroutine; Serve streams it to the caller.
+    async def chat(self, request: Any, raw_request_info: Any = None) -> Any:
+        return self._metered(await super().chat(request, raw_request_info), raw_request_info)
+
+    async def completions(self, request: Any, raw_request_info: Any = None) -> Any:
+        stream = await super().completions(request, raw_request_info)
+        return self._metered(stream, raw_request_info)
+
+    async def _metered(
+        self, stream: AsyncIterator[Any], raw_request_info: Any
+    ) -> AsyncIterator[Any]:
+        ticket = self._meter.start()
+        try:
+            async for item in stream:
+                yield item
+        finally:
+            charge = self._meter.stop(ticket)
+        if raw_request_info is None:  # a pipeline's call: it takes the charge
+            yield {CHARGE_ITEM: charge}

@@ -12,8 +12,10 @@ from typing import Any
 
 from ray import serve
 
+from deployments.records import SERVER
 from deployments.records.model import SupportRecords
 from deployments.serve_options import HEAD_NODE, SHED, ServerAppArgs, server_app
+from servegraph.server import metered
 
 _ON_HEAD = {
     "num_replicas": 1,
@@ -26,6 +28,7 @@ PROFILES = {"cpu": _ON_HEAD, "gpu": _ON_HEAD}
 
 
 @serve.deployment(name="SupportRecords", num_replicas=1, health_check_period_s=10)
+@metered(SERVER.methods)
 class SupportRecordsDeployment(SupportRecords):
     """`SupportRecords`, with a health check Serve runs every 10 s."""
 

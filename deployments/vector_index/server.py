@@ -15,7 +15,9 @@ from typing import Any
 from ray import serve
 
 from deployments.serve_options import HEAD_NODE, SHED, ServerAppArgs, server_app
+from deployments.vector_index import SERVER
 from deployments.vector_index.model import VectorIndex
+from servegraph.server import metered
 
 # The index's SQLite file is on the local disk of the node its replica runs on, so the
 # replica is pinned to the head node (HEAD_NODE). The other choice, by configuration:
@@ -35,6 +37,7 @@ PROFILES = {"cpu": _ONE_REPLICA, "gpu": _ONE_REPLICA}
 
 
 @serve.deployment(name="VectorIndex", num_replicas=1, health_check_period_s=10)
+@metered(SERVER.methods)
 class VectorIndexDeployment(VectorIndex):
     """`VectorIndex`, with a health check Serve runs every 10 s."""
 

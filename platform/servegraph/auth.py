@@ -388,12 +388,14 @@ class Guard:
                 )
         return caller
 
-    async def charge(self, caller: Caller, status: int, tokens: dict[str, int]) -> None:
-        """After the answer: the request's usage on the key's metrics, its LLM tokens on
-        its token budget."""
+    async def charge(
+        self, caller: Caller, status: int, tokens: dict[str, int], usd: float = 0.0
+    ) -> None:
+        """After the answer: the request's usage (and cost) on the key's metrics, its LLM
+        tokens on its token budget."""
         if caller is ANONYMOUS:
             return
-        self.usage.record(caller.name, status, tokens)
+        self.usage.record(caller.name, status, tokens, usd)
         spent = sum(tokens.values())
         if caller.tokens_per_min is not None and spent:
             await self._limit("spend", caller.name, spent, caller.tokens_per_min)

@@ -309,12 +309,14 @@ def _render(args: argparse.Namespace) -> int:
 
 def _run(args: argparse.Namespace) -> int:
     stop = threading.Event()
-    for sig in (signal.SIGINT, signal.SIGTERM):
-        signal.signal(sig, lambda *_: stop.set())
     key_file = _local_admin_key()  # before the cluster, which would create it quietly
     with _local_platform(args, http_port=args.port, dashboard_port=args.dashboard_port) as cluster:
         if cluster is None:
             return 1
+        # After Ray started: its core worker installs a SIGTERM handler that aborts the
+        # process; ours stops serving and shuts Serve and Ray down cleanly instead.
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            signal.signal(sig, lambda *_: stop.set())
         _print_endpoints(cluster, args.package, key_file)
         if not args.exit_after_start:
             console.print("serving; Ctrl-C to stop")

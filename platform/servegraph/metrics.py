@@ -7,6 +7,7 @@ from __future__ import annotations
 import re
 from typing import Any
 
+from servegraph.cost import Prices
 from servegraph.runtime import NodeRecord
 
 # _TAGS: Ray annotates `tag_keys` as Tuple[str], a 1-tuple; it takes any number.
@@ -47,6 +48,22 @@ class PipelineMetrics:
             description="LLM tokens; rate() gives tokens/s.",
             tag_keys=("pipeline", "direction"),  # type: ignore[arg-type]
         )
+        self.resource_seconds = metrics.Counter(
+            "servegraph_node_resource_seconds",
+            description="Model-server resource-seconds charged to requests (servegraph.cost).",
+            tag_keys=("pipeline", "node", "resource"),  # type: ignore[arg-type]
+        )
+        self.usd = metrics.Counter(
+            "servegraph_node_cost_usd",
+            description="What the charged resource-seconds cost, by the price table.",
+            tag_keys=("pipeline", "node"),  # type: ignore[arg-type]
+        )
+        self.joules = metrics.Counter(
+            "servegraph_node_energy_joules",
+            description="The charged resource-seconds' energy, by the power table.",
+            tag_keys=("pipeline", "node"),  # type: ignore[arg-type]
+        )
+        self.prices = Prices()
 
     def record(
         self, pipeline: str, status: int, total_ms: float, records: list[NodeRecord]
@@ -62,6 +79,14 @@ class PipelineMetrics:
                 self.node_errors.inc(tags={"pipeline": pipeline, "node": node})
             for direction, tokens in (record.usage or {}).items():
                 self.llm_tokens.inc(tokens, tags={"pipeline": pipeline, "direction": direction})
+            if record.charge:
+                tags = {"pipeline": pipeline, "node": node}
+                for resource, seconds in record.charge.items():
+                    if seconds > 0:
+                        self.resource_seconds.inc(seconds, tags={**tags, "resource": resource})
+                if usd := self.prices.usd(record.charge):  # a counter takes no zero
+                    self.usd.inc(usd, tags=tags)
+                    self.joules.inc(self.prices.joules(record.charge), tags=tags)
 
 
 def batch_size_histogram(server: str) -> Any:
@@ -115,6 +140,11 @@ class KeyUsageMetrics:
             description="LLM tokens per API key name; rate() gives tokens/s.",
             tag_keys=("key", "direction"),  # type: ignore[arg-type]
         )
+        self.usd = metrics.Counter(
+            "servegraph_key_cost_usd",
+            description="What the key's pipeline requests cost (servegraph.cost).",
+            tag_keys=("key",),
+        )
 
     @classmethod
     def create(cls) -> KeyUsageMetrics | _NoMetrics:
@@ -123,13 +153,19 @@ class KeyUsageMetrics:
         except Exception:  # not inside a Ray worker (in-process use): no metrics
             return _NoMetrics()
 
-    def record(self, key: str, status: int, tokens: dict[str, int] | None = None) -> None:
+    def record(
+        self, key: str, status: int, tokens: dict[str, int] | None = None, usd: float = 0.0
+    ) -> None:
         self.requests.inc(tags={"key": key, "status": str(status)})
         for direction, n in (tokens or {}).items():
             if n:
                 self.tokens.inc(n, tags={"key": key, "direction": direction})
+        if usd > 0:
+            self.usd.inc(usd, tags={"key": key})
 
 
 class _NoMetrics:
-    def record(self, key: str, status: int, tokens: dict[str, int] | None = None) -> None:
+    def record(
+        self, key: str, status: int, tokens: dict[str, int] | None = None, usd: float = 0.0
+    ) -> None:
         pass

@@ -23,6 +23,7 @@ from servegraph._fields import field_errors
 from servegraph.catalog import Catalog
 from servegraph.compiled import CompiledGraph
 from servegraph.compiled import compile as compile_graph
+from servegraph.cost import charge_of
 from servegraph.errors import (
     InvalidInputError,
     NodeFailedError,
@@ -81,6 +82,7 @@ class NodeRecord:
     wall_ms: float
     error: str | None = None
     usage: dict[str, int] | None = None  # LLM tokens: {"input": n, "output": m}
+    charge: dict[str, float] | None = None  # the model server's resource-seconds
 
 
 @dataclass
@@ -303,6 +305,7 @@ class _Run:
                     "ok",
                     started,
                     usage=_usage_of(self._usage_field(node), output),
+                    charge=charge_of(output) if isinstance(node, CallNode) else None,
                 )
                 return output
             status = "timeout" if isinstance(error, NodeTimeoutError) else "error"
@@ -475,9 +478,10 @@ class _Run:
         started: float,
         error: str | None = None,
         usage: dict[str, int] | None = None,
+        charge: dict[str, float] | None = None,
     ) -> None:
         wall_ms = (time.perf_counter() - started) * 1000
-        record = NodeRecord(qualified, node.kind, attempt, status, wall_ms, error, usage)
+        record = NodeRecord(qualified, node.kind, attempt, status, wall_ms, error, usage, charge)
         self.records.append(record)
         if self.on_event is not None:
             self.on_event(RunEvent("node", qualified, record))

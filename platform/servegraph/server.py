@@ -6,7 +6,7 @@ span annotation, the input error that becomes a 422 naming the field, the gatewa
 gives the server its REST surface (API keys checked), the same key check for a
 route of an app the server does not build itself (`guard_endpoint`), and the check that
 every replica loaded the model files its application was built with (`SameModel`,
-`with_expected_model`). Everything else
+`with_expected_model`), and what each request cost the replica (`metered`, `Meter`). Everything else
 in the framework is private to it. Importing this module imports neither Ray nor a
 model.
 """
@@ -18,6 +18,11 @@ from typing import Any
 from servegraph.auth import guard_endpoint as guard_endpoint
 from servegraph.batching import Batcher as Batcher
 from servegraph.batching import BatchStats as BatchStats
+from servegraph.cost import CHARGE_ITEM as CHARGE_ITEM
+from servegraph.cost import Meter as Meter
+from servegraph.cost import attach as attach_charge
+from servegraph.cost import metered as metered
+from servegraph.cost import replica_resources as replica_resources
 from servegraph.errors import InvalidInputError as InvalidInputError
 from servegraph.fingerprint import SameModel as SameModel
 from servegraph.fingerprint import expected_env as expected_model_env
@@ -26,15 +31,20 @@ from servegraph.http import offline_docs as offline_docs
 from servegraph.tracing import annotate as annotate
 
 __all__ = [
+    "CHARGE_ITEM",
     "BatchStats",
     "Batcher",
     "InvalidInputError",
+    "Meter",
     "SameModel",
     "annotate",
+    "attach_charge",
     "expected_model_env",
     "gateway_app",
     "guard_endpoint",
+    "metered",
     "offline_docs",
+    "replica_resources",
     "with_expected_model",
 ]
 

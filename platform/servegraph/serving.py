@@ -22,7 +22,7 @@ from fastapi.sse import EventSourceResponse
 from pydantic import BaseModel, Field
 from ray import serve
 
-from servegraph import auth, sse, tracing
+from servegraph import auth, cost, sse, tracing
 from servegraph.admission import DEFAULT_MAX_IN_FLIGHT, AdmissionGate
 from servegraph.catalog import Catalog
 from servegraph.compiled import CompiledGraph
@@ -169,7 +169,8 @@ def pipeline_router(compiled: CompiledGraph, runtime: Runtime, metrics: Any) -> 
         if metrics is not None:
             metrics.record(graph.name, status, total_ms, records)
         http.state.charged = True
-        await auth.Guard.here().charge(caller, status, _tokens(records))
+        usd = cost.Prices().usd(cost.total([r.charge for r in records if r.charge]))
+        await auth.Guard.here().charge(caller, status, _tokens(records), usd)
         return total_ms
 
     async def run_pipeline(
@@ -326,16 +327,27 @@ def _tokens(records: list[NodeRecord]) -> dict[str, int]:
 
 
 def usage_of(records: list[NodeRecord], total_ms: float) -> dict[str, Any]:
-    """What the request cost: LLM tokens, and wall time per node (retries summed)."""
+    """What the request cost: LLM tokens, wall time per node (retries summed), and the
+    model servers' resource-seconds per node and in all, priced (USD) and turned into
+    energy (joules) by `servegraph.cost.Prices`."""
     tokens = _tokens(records)
+    prices = cost.Prices()
     nodes_ms: dict[str, float] = {}
+    charges: dict[str, dict[str, float]] = {}
     for record in records:
         nodes_ms[record.node] = round(nodes_ms.get(record.node, 0.0) + record.wall_ms, 2)
+        if record.charge:
+            charges[record.node] = cost.total([charges.get(record.node, {}), record.charge])
+    spent = cost.total(list(charges.values()))
     return {
         "llm_input_tokens": tokens["input"],
         "llm_output_tokens": tokens["output"],
         "total_ms": round(total_ms, 2),
         "nodes_ms": nodes_ms,
+        "resource_s": {kind: round(v, 6) for kind, v in spent.items()},
+        "usd": round(prices.usd(spent), 9),
+        "joules": round(prices.joules(spent), 4),
+        "nodes_usd": {node: round(prices.usd(c), 9) for node, c in charges.items()},
     }
 
 

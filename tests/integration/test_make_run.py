@@ -24,7 +24,12 @@ pytestmark = pytest.mark.own_cluster
 
 def test_servegraph_run_serves_every_pipeline_until_stopped() -> None:
     port, dashboard = free_port(), free_port()
-    env = {**os.environ, "SERVEGRAPH_INDEX_PATH": tempfile.mkdtemp(prefix="servegraph-run-")}
+    env = {
+        **os.environ,
+        "SERVEGRAPH_INDEX_PATH": tempfile.mkdtemp(prefix="servegraph-run-"),
+        "PYTHONUNBUFFERED": "1",  # its progress lines as they come, through the pipe
+        "COLUMNS": "200",  # rich wraps at 80 columns without a terminal
+    }
     command = [str(Path(sys.executable).with_name("servegraph")), "run"]
     child = subprocess.Popen(
         [*command, "--port", str(port), "--dashboard-port", str(dashboard)],

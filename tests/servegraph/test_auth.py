@@ -33,7 +33,9 @@ class Usage:
     def __init__(self) -> None:
         self.seen: list[tuple[str, int, dict[str, int] | None]] = []
 
-    def record(self, key: str, status: int, tokens: dict[str, int] | None = None) -> None:
+    def record(
+        self, key: str, status: int, tokens: dict[str, int] | None = None, usd: float = 0.0
+    ) -> None:
         self.seen.append((key, status, tokens))
 
 

@@ -1,0 +1,220 @@
+"""What each request costs: the resources a replica spent on it, in resource-seconds,
+then in money (a price table) and energy (a power table).
+
+A model-server replica holds its resources (its CPUs, its GPU share, its memory) the
+whole time it serves; `Meter` shares that time among the requests it serves at once, by
+processor sharing: while n requests are in flight, each is charged dt / n of the
+replica. The charges of a window add up to the replica's busy time, exactly.
+
+- A batch of the encoders' is charged alike to every request in it, however many
+  items each brought: each held the replica for the batch.
+- The LLM: vLLM's continuous batching runs one decode step for every sequence in
+  flight, so an equal share per request per moment is a split by tokens processed:
+  a request generating 200 tokens stays in flight four times as long as one generating
+  50, and is charged about four times as much. (Its prompt's prefill is shared alike,
+  the one part not split by its own tokens.)
+
+Idle time (nothing in flight) is charged to nobody: the unit economics of a request
+are what serving it took, and the idle share is the fleet's utilisation, which Ray's
+own metrics show.
+
+The charge travels back with the response (`attach` / `charge_of`, a side channel that
+survives Ray's serialisation and stays out of the response's JSON), the pipeline
+runtime records it on the node (`NodeRecord.charge`), and the ingress prices it
+(`Prices`) into `x-servegraph-usage`, the stream's `usage` event, batch rows and the
+metrics.
+"""
+
+from __future__ import annotations
+
+import functools
+import inspect
+import threading
+import time
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass, field
+from typing import Any
+
+from pydantic import Field
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+_ATTR = "__servegraph_charge__"
+# The item a streamed call's server yields last, carrying the call's charge.
+CHARGE_ITEM = "servegraph_charge"
+KINDS = ("cpu_s", "gpu_s", "gib_s")  # CPU-seconds, GPU-seconds, GiB-seconds
+
+
+def attach(response: Any, charge: dict[str, float]) -> Any:
+    """Carry `charge` with `response` (pickled with it; not in its JSON)."""
+    object.__setattr__(response, _ATTR, charge)
+    return response
+
+
+def charge_of(response: Any) -> dict[str, float] | None:
+    return getattr(response, _ATTR, None)
+
+
+def replica_resources() -> dict[str, float]:
+    """What this replica holds: its CPUs, GPU share and memory (GiB). A replica with a
+    placement group (the LLM's engine) holds all of its bundles, whatever the replica's
+    own actor took of them; any other holds what Ray assigned its actor."""
+    import ray
+    from ray.util import get_current_placement_group
+
+    group = get_current_placement_group()
+    if group is not None:
+        held: dict[str, float] = {}
+        for bundle in group.bundle_specs:
+            for key, amount in bundle.items():
+                held[key] = held.get(key, 0.0) + float(amount)
+    else:
+        held = dict(ray.get_runtime_context().get_assigned_resources())
+    return {
+        "cpu": float(held.get("CPU", 0.0)),
+        "gpu": float(held.get("GPU", 0.0)),
+        "gib": float(held.get("memory", 0.0)) / 2**30,
+    }
+
+
+@dataclass(eq=False)  # tickets are told apart by identity: two may hold equal values
+class _Ticket:
+    held_s: float = 0.0  # processor-sharing seconds accrued
+
+
+@dataclass
+class Meter:
+    """The replica's time, shared among the requests it serves (module docstring)."""
+
+    resources: dict[str, float]
+    clock: Any = time.monotonic
+    _active: list[_Ticket] = field(default_factory=list)
+    _last: float | None = None
+    busy_s: float = 0.0  # seconds with at least one request in flight
+    # Sync methods run in Serve's thread pool, async ones on the loop: one lock for both.
+    _lock: threading.Lock = field(default_factory=threading.Lock)
+
+    def start(self) -> _Ticket:
+        with self._lock:
+            self._advance()
+            ticket = _Ticket()
+            self._active.append(ticket)
+            return ticket
+
+    def stop(self, ticket: _Ticket) -> dict[str, float]:
+        """The request's resource-seconds."""
+        with self._lock:
+            self._advance()
+            self._active.remove(ticket)
+        return {f"{kind}_s": ticket.held_s * amount for kind, amount in self.resources.items()}
+
+    def _advance(self) -> None:
+        now = self.clock()
+        if self._last is not None and self._active:
+            elapsed = now - self._last
+            self.busy_s += elapsed
+            for ticket in self._active:
+                ticket.held_s += elapsed / len(self._active)
+        self._last = now
+
+
+class Prices(BaseSettings):
+    """Price and power tables, from the environment (``SERVEGRAPH_COST_``).
+
+    Prices: AWS us-west-2 on-demand, Linux, for `cluster.yaml`'s instance types, split
+    per resource: an m6i.2xlarge ($0.384/h, 8 vCPU, 32 GiB) split in the ratio of Google
+    Cloud's published N2 prices per vCPU-hour and per GiB-hour ($0.031611 : $0.004237)
+    gives $0.03125 per vCPU-hour and $0.00419 per GiB-hour; a g5.2xlarge ($1.212/h) less
+    the same 8 vCPUs and 32 GiB gives $0.828 per A10G GPU-hour.
+
+    Power: Cloud Carbon Footprint's coefficients for AWS (cloudcarbonfootprint.org,
+    methodology): a vCPU at 3.5 W (its maximum; the minimum, idle, is 0.74 W: a request
+    being served keeps its CPUs busy), memory 0.392 W per GiB; an A10G at its 150 W
+    board power; times a data-centre PUE of 1.135 (AWS's, as CCF uses).
+    """
+
+    model_config = SettingsConfigDict(env_prefix="SERVEGRAPH_COST_", extra="ignore")
+
+    usd_per_cpu_hour: float = Field(0.03125, description="Per vCPU-hour.")
+    usd_per_gpu_hour: float = Field(0.828, description="Per GPU-hour (A10G by default).")
+    usd_per_gib_hour: float = Field(0.00419, description="Per GiB-hour of memory.")
+    watts_per_cpu: float = Field(3.5, description="Per vCPU at load.")
+    watts_per_gpu: float = Field(150.0, description="Per GPU at load (A10G board power).")
+    watts_per_gib: float = Field(0.392, description="Per GiB of memory.")
+    pue: float = Field(1.135, description="Data-centre power usage effectiveness.")
+
+    def usd(self, charge: dict[str, float]) -> float:
+        return (
+            charge.get("cpu_s", 0.0) * self.usd_per_cpu_hour
+            + charge.get("gpu_s", 0.0) * self.usd_per_gpu_hour
+            + charge.get("gib_s", 0.0) * self.usd_per_gib_hour
+        ) / 3600
+
+    def joules(self, charge: dict[str, float]) -> float:
+        watts_s = (
+            charge.get("cpu_s", 0.0) * self.watts_per_cpu
+            + charge.get("gpu_s", 0.0) * self.watts_per_gpu
+            + charge.get("gib_s", 0.0) * self.watts_per_gib
+        )
+        return watts_s * self.pue
+
+
+def total(charges: list[dict[str, float]]) -> dict[str, float]:
+    summed = dict.fromkeys(KINDS, 0.0)
+    for charge in charges:
+        for kind, value in charge.items():
+            summed[kind] = summed.get(kind, 0.0) + value
+    return summed
+
+
+def metered(methods: Iterable[str]) -> Callable[[type], type]:
+    """Class decorator for a model server's Serve deployment: each of `methods` (its
+    contract's) is metered by processor sharing, and its response carries its charge.
+    Serve then wraps the class as usual (apply this under `@serve.deployment`)."""
+
+    def decorate(cls: type) -> type:
+        for name in methods:
+            setattr(cls, name, _metered_method(getattr(cls, name)))
+        return cls
+
+    return decorate
+
+
+_CREATING = threading.Lock()
+
+
+def _meter(replica: Any) -> Meter:
+    """The replica's meter, made on its first metered call (Ray has assigned its
+    resources by then)."""
+    with _CREATING:
+        meter = replica.__dict__.get("_servegraph_meter")
+        if meter is None:
+            meter = replica.__dict__["_servegraph_meter"] = Meter(replica_resources())
+        return meter
+
+
+def _metered_method(method: Callable[..., Any]) -> Callable[..., Any]:
+    if inspect.iscoroutinefunction(method):
+
+        @functools.wraps(method)
+        async def metered_async(self: Any, *args: Any, **kwargs: Any) -> Any:
+            meter = _meter(self)
+            ticket = meter.start()
+            try:
+                result = await method(self, *args, **kwargs)
+            finally:
+                charge = meter.stop(ticket)
+            return attach(result, charge)
+
+        return metered_async
+
+    @functools.wraps(method)
+    def metered_sync(self: Any, *args: Any, **kwargs: Any) -> Any:
+        meter = _meter(self)
+        ticket = meter.start()
+        try:
+            result = method(self, *args, **kwargs)
+        finally:
+            charge = meter.stop(ticket)
+        return attach(result, charge)
+
+    return metered_sync

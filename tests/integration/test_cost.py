@@ -1,0 +1,78 @@
+"""What each request costs (`servegraph.cost`) on the suite's cluster: every model
+server's call is charged, the usage's total is the sum of its nodes, and requests a
+replica serves at once share its time."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import statistics
+
+import httpx
+import pytest
+
+from servegraph.local_ray import LocalCluster
+
+pytestmark = pytest.mark.integration
+
+
+@pytest.fixture(scope="module")
+def client(pipelines: LocalCluster) -> httpx.Client:
+    from servegraph.auth import client_headers
+
+    with httpx.Client(base_url=pipelines.base_url, headers=client_headers(), timeout=180) as client:
+        yield client
+
+
+def test_a_rag_answer_is_charged_per_model_server_call_and_in_all(client: httpx.Client) -> None:
+    response = client.post("/pipelines/rag", json={"question": "How long do refunds take?"})
+    assert response.status_code == 200, response.text
+    usage = json.loads(response.headers["x-servegraph-usage"])
+    nodes = usage["nodes_usd"]
+    # Every call to a model server is charged; functions (prompt, rank, ...) are not.
+    assert {"embed", "retrieve", "embed_sentences", "generate"} <= set(nodes), usage
+    assert all(usd > 0 for usd in nodes.values()), usage
+    assert usage["usd"] == pytest.approx(sum(nodes.values()), abs=1e-8)
+    assert max(nodes, key=nodes.get) == "generate"  # the LLM is most of it
+    assert usage["resource_s"]["cpu_s"] > 0 and usage["joules"] > 0
+    # The streamed route reports the same kind of usage in its `usage` event.
+    with client.stream(
+        "POST", "/pipelines/rag/stream", json={"question": "How long do refunds take?"}
+    ) as streamed:
+        text = "".join(streamed.iter_text())
+    event = text.split("event: usage\ndata: ", 1)[1].split("\n", 1)[0]
+    assert json.loads(event)["usd"] > 0
+
+
+def test_two_requests_served_at_once_are_each_charged_about_half_of_one_alone(
+    pipelines: LocalCluster,
+) -> None:
+    from deployments.catalog import CATALOG
+    from servegraph.gateway import method_graph
+    from servegraph.handles import ServeInvoker
+    from servegraph.runtime import NodeRecord, Runtime
+
+    runtime = Runtime(CATALOG, ServeInvoker(CATALOG))
+    graph = runtime.compile(method_graph(CATALOG["embedder"], "embed_one"))
+
+    async def charged(text: str) -> float:
+        records: list[NodeRecord] = []
+        await runtime.execute(graph, {"text": text}, records=records)
+        (record,) = records
+        assert record.charge is not None
+        return record.charge["cpu_s"]
+
+    async def measure() -> tuple[list[float], list[float]]:
+        alone = [await charged(f"refunds take {i} days") for i in range(7)]
+        pairs: list[float] = []
+        for i in range(7):  # two at once land in one batch of the one replica
+            pairs += await asyncio.gather(charged(f"a {i}"), charged(f"b {i}"))
+        return alone, pairs
+
+    alone, pairs = asyncio.run(measure())
+    ratio = statistics.median(pairs) / statistics.median(alone)
+    print(
+        f"\nembed_one charge: alone {statistics.median(alone):.4f} CPU-s, "
+        f"two at once {statistics.median(pairs):.4f} each, ratio {ratio:.2f}"
+    )
+    assert 0.3 < ratio < 0.8, (alone, pairs)

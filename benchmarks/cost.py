@@ -91,21 +91,24 @@ async def attributed(server: str, method: str, body: dict, callers: int, seconds
 
 
 def _replica_cpus(server: str) -> float:
-    """The CPUs one replica of `server` holds, from the running deployment's options."""
+    """The CPUs one replica of `server` holds (its placement group's, or its actor's),
+    as the capacity check reads them from the built application; one replica running."""
     from ray import serve
 
     from deployments.catalog import CATALOG
+    from servegraph.capacity import asks_of
+    from servegraph.handles import deployment_name
+    from servegraph.planner import plan_platform
 
+    name = deployment_name(CATALOG[server])
     details = serve.context._get_global_client().get_serve_details()
-    app = details["applications"][server]
-    deployment = app["deployments"][CATALOG[server].deployment]
-    running = [r for r in deployment["replicas"] if str(r["state"]).endswith("RUNNING")]
+    replicas = details["applications"][server]["deployments"][name]["replicas"]
+    running = [r for r in replicas if str(r["state"]).endswith("RUNNING")]
     assert len(running) == 1, f"{server}: {len(running)} replicas; the window needs one"
-    config = deployment["deployment_config"]
-    bundles = config.get("placement_group_bundles") or []
-    if bundles:
-        return float(sum(b.get("CPU", 0) for b in bundles))
-    return float(config["ray_actor_options"].get("num_cpus", 1))
+    (ask,) = [
+        a for a in asks_of(plan_platform([], CATALOG, all_servers=True)) if a.deployment == name
+    ]
+    return sum(bundle.get("CPU", 0.0) for bundle in ask.bundles)
 
 
 def meter_overhead_us(in_flight: int = 64, rounds: int = 20_000) -> float:

@@ -9,6 +9,7 @@ servegraph keys       create, list and revoke API keys (`servegraph keys --help`
 servegraph observe    run Prometheus on the running platform, with the alert rules
 servegraph check      will the plan fit a cluster? (`--cluster cluster.yaml`)
 servegraph batch      run a pipeline over a dataset on Ray Data (rows in, results out)
+servegraph cost       cost and energy per 1,000 requests, per pipeline and node
 """
 
 from __future__ import annotations
@@ -85,6 +86,11 @@ def main(argv: list[str] | None = None) -> int:
         help="a Ray cluster with the platform deployed (default: start one locally)",
     )
     batch.add_argument("--concurrency", type=int, default=64, help="rows in flight at once")
+    cost = commands.add_parser(
+        "cost", help="cost and energy per 1,000 requests, per pipeline and node, from Prometheus"
+    )
+    cost.add_argument("--prometheus", default="http://127.0.0.1:9090", help="`make observe`'s")
+    cost.add_argument("--window", default="1h", help="PromQL duration, e.g. 15m, 1h, 7d")
     commands.add_parser("validate", help="check every pipeline graph")
     render = commands.add_parser("render", help="draw a pipeline graph")
     render.add_argument("name")
@@ -110,6 +116,7 @@ def main(argv: list[str] | None = None) -> int:
         "observe": _observe,
         "check": _check,
         "batch": _batch,
+        "cost": _cost,
     }
     return commands_by_name[args.command](args)
 
@@ -355,6 +362,33 @@ def _local_platform(args: argparse.Namespace, **cluster_options: Any) -> Iterato
     finally:
         with console.status("shutting down Serve and Ray"):
             cluster_cm.__exit__(None, None, None)
+
+
+def _cost(args: argparse.Namespace) -> int:
+    from rich.table import Table
+
+    from servegraph.cost import per_thousand
+    from servegraph.observe import Prometheus
+
+    rows = per_thousand(Prometheus(args.prometheus).query, args.window)
+    if not rows:
+        console.print(f"no pipeline requests in the last {args.window} at {args.prometheus}")
+        return 1
+    table = Table(title=f"per 1,000 requests, last {args.window} (servegraph.cost.Prices)")
+    for column in ("pipeline", "node", "requests", "USD / 1,000", "Wh / 1,000"):
+        table.add_column(column, justify="left" if column in ("pipeline", "node") else "right")
+    for row in rows:
+        table.add_row(
+            row.pipeline,
+            "(all)",
+            f"{row.requests:.0f}",
+            f"{row.usd_per_1000:.5f}",
+            f"{row.wh_per_1000:.3f}",
+        )
+        for node, usd in row.nodes_usd_per_1000.items():
+            table.add_row("", node, "", f"{usd:.5f}", "")
+    console.print(table)
+    return 0
 
 
 def _batch(args: argparse.Namespace) -> int:

@@ -6,6 +6,12 @@ whole time it serves; `Meter` shares that time among the requests it serves at o
 processor sharing: while n requests are in flight, each is charged dt / n of the
 replica. The charges of a window add up to the replica's busy time, exactly.
 
+Between two calls the replica's process still works for them: Serve receives,
+deserialises and dispatches each request outside the method the meter wraps (a
+millisecond or two here, as much as a vector search itself). A gap shorter than
+`OVERHEAD_GAP_S` with nothing in flight is that work, and is charged to the request
+that starts after it; a longer gap is idle time.
+
 - A batch of the encoders' is charged alike to every request in it, however many
   items each brought: each held the replica for the batch.
 - The LLM: vLLM's continuous batching runs one decode step for every sequence in
@@ -39,6 +45,7 @@ from pydantic import Field
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 _ATTR = "__servegraph_charge__"
+OVERHEAD_GAP_S = 0.01  # shorter gaps between calls are Serve's per-request work
 # The item a streamed call's server yields last, carrying the call's charge.
 CHARGE_ITEM = "servegraph_charge"
 KINDS = ("cpu_s", "gpu_s", "gib_s")  # CPU-seconds, GPU-seconds, GiB-seconds
@@ -95,8 +102,12 @@ class Meter:
 
     def start(self) -> _Ticket:
         with self._lock:
+            now = self.clock()
+            gap = now - self._last if self._last is not None else None
             self._advance()
             ticket = _Ticket()
+            if not self._active and gap is not None and gap < OVERHEAD_GAP_S:
+                ticket.held_s, self.busy_s = gap, self.busy_s + gap  # receiving this one
             self._active.append(ticket)
             return ticket
 
@@ -218,3 +229,46 @@ def _metered_method(method: Callable[..., Any]) -> Callable[..., Any]:
         return attach(result, charge)
 
     return metered_sync
+
+
+@dataclass
+class PipelineCost:
+    """`servegraph cost`'s row: a pipeline's requests in the window, and its cost and
+    energy per 1,000 requests, in all and per node."""
+
+    pipeline: str
+    requests: float
+    usd_per_1000: float
+    wh_per_1000: float
+    nodes_usd_per_1000: dict[str, float]
+
+
+def per_thousand(query: Callable[[str], list[dict[str, Any]]], window: str) -> list[PipelineCost]:
+    """Cost and energy per 1,000 requests of each pipeline over `window` (a PromQL
+    duration, e.g. "1h"), from the metrics (`query`: a Prometheus instant query)."""
+
+    def by(expr: str, *labels: str) -> dict[tuple[str, ...], float]:
+        return {
+            tuple(r["metric"].get(label, "") for label in labels): float(r["value"][1])
+            for r in query(f"sum by ({', '.join(labels)}) (increase({expr}[{window}]))")
+        }
+
+    requests = by("ray_servegraph_pipeline_requests_total", "pipeline")
+    usd = by("ray_servegraph_node_cost_usd_total", "pipeline", "node")
+    joules = by("ray_servegraph_node_energy_joules_total", "pipeline", "node")
+    rows = []
+    for (pipeline,), count in sorted(requests.items()):
+        if count <= 0:
+            continue
+        nodes = {node: v for (p, node), v in usd.items() if p == pipeline}
+        spent_j = sum(v for (p, _), v in joules.items() if p == pipeline)
+        rows.append(
+            PipelineCost(
+                pipeline,
+                count,
+                1000 * sum(nodes.values()) / count,
+                1000 * spent_j / 3600 / count,
+                {node: 1000 * v / count for node, v in sorted(nodes.items())},
+            )
+        )
+    return rows

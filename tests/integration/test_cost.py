@@ -28,6 +28,7 @@ def test_a_rag_answer_is_charged_per_model_server_call_and_in_all(client: httpx.
     response = client.post("/pipelines/rag", json={"question": "How long do refunds take?"})
     assert response.status_code == 200, response.text
     usage = json.loads(response.headers["x-servegraph-usage"])
+    print(f"\nrag x-servegraph-usage: {response.headers['x-servegraph-usage']}")
     nodes = usage["nodes_usd"]
     # Every call to a model server is charged; functions (prompt, rank, ...) are not.
     assert {"embed", "retrieve", "embed_sentences", "generate"} <= set(nodes), usage

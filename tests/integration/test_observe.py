@@ -5,6 +5,9 @@ every query of the Grafana dashboard returns data after a small load."""
 from __future__ import annotations
 
 import json
+import os
+import subprocess
+import sys
 import time
 from pathlib import Path
 
@@ -12,11 +15,13 @@ import httpx
 import pytest
 
 from servegraph.auth import client_headers
+from servegraph.cost import per_thousand
 from servegraph.local_ray import LocalCluster, free_port
 from servegraph.observe import prometheus
 
 pytestmark = pytest.mark.integration
 ROOT = Path(__file__).resolve().parents[2]
+CLI = str(Path(sys.executable).with_name("servegraph"))
 
 
 def dashboard_queries() -> dict[str, str]:
@@ -68,5 +73,24 @@ def test_prometheus_scrapes_every_node_loads_the_alerts_and_charts_every_panel(
             empty = {name: expr for name, expr in empty.items() if not prom.query(expr)}
             if empty:
                 time.sleep(2)
+        # `servegraph cost`: per 1,000 requests of each pipeline, from the same metrics.
+        # A counter's first sample is where its increase starts, so: load once more now
+        # that every series exists, and wait for a scrape of it.
+        load(pipelines.base_url)
+        costs: dict = {}
+        deadline = time.monotonic() + 120
+        while not {"rag", "triage"} <= set(costs) and time.monotonic() < deadline:
+            costs = {row.pipeline: row for row in per_thousand(prom.query, "30m")}
+            time.sleep(1)
+        printed = subprocess.run(
+            [CLI, "cost", "--prometheus", prom.url, "--window", "30m"],
+            capture_output=True,
+            text=True,
+            timeout=60,
+            env={**os.environ, "COLUMNS": "200"},
+        )
     assert not empty, f"panels without data after load: {empty}"
+    assert costs["rag"].usd_per_1000 > 0 and costs["triage"].wh_per_1000 > 0, costs
+    assert costs["rag"].nodes_usd_per_1000["generate"] > costs["rag"].nodes_usd_per_1000["embed"]
+    assert printed.returncode == 0 and "rag" in printed.stdout and "generate" in printed.stdout
     print(f"{len(queries)} panel queries returned data; {len(targets)} targets up")

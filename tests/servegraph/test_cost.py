@@ -121,3 +121,19 @@ def test_the_usage_total_is_the_sum_of_its_nodes() -> None:
     assert usage["usd"] == pytest.approx(sum(usage["nodes_usd"].values()), abs=1e-8)
     assert usage["resource_s"]["gpu_s"] == pytest.approx(1.3)
     assert usage["joules"] > 0
+
+
+def test_a_short_gap_between_calls_is_serving_work_and_a_long_one_is_idle() -> None:
+    m, clock = meter(cpu=1.0)
+    first = m.start()
+    clock.now = 1.0
+    m.stop(first)
+    clock.now = 1.002  # Serve received and dispatched the next request meanwhile
+    second = m.start()
+    clock.now = 2.0
+    assert m.stop(second)["cpu_s"] == pytest.approx(1.0)
+    clock.now = 5.0  # three idle seconds: nobody's
+    third = m.start()
+    clock.now = 5.5
+    assert m.stop(third)["cpu_s"] == pytest.approx(0.5)
+    assert m.busy_s == pytest.approx(2.5)

@@ -97,7 +97,7 @@ class Meter:
     _active: list[_Ticket] = field(default_factory=list)
     _last: float | None = None
     busy_s: float = 0.0  # seconds with at least one request in flight
-    # Sync methods run in Serve's thread pool, async ones on the loop: one lock for both.
+    # Sync methods may run in a thread pool, async ones on the loop: one lock for both.
     _lock: threading.Lock = field(default_factory=threading.Lock)
 
     def start(self) -> _Ticket:

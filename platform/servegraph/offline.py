@@ -10,10 +10,10 @@ pools, `ray.data.llm`'s vLLM processor) would give offline throughput its own en
 at the price of a second copy of every model and of the graph's semantics; that is the
 next step if a batch job must not share the online servers.
 
-Rows: JSONL, CSV or Parquet in, the same format out (JSONL for JSONL and CSV inputs,
-Parquet's rows written as JSONL too: one line per row, appended as rows finish, so an
-interrupted job loses nothing written). Every output row carries the input's `id` (or
-its line number), its `line`, and either `output` and `usage`, or `error`. A row the
+Rows: JSONL, CSV or Parquet in; JSON lines out, whatever the input (one line per row,
+appended as rows finish, so an interrupted job loses nothing written and a re-run
+resumes). Every output row carries the input's `id` (or its line number), its `line`,
+and either `output` and `usage` (tokens, time and cost per node), or `error`. A row the
 pipeline's input model refuses is written as an error naming the field and the fix,
 and the job goes on. Re-running the same command skips the ids already written.
 """

@@ -169,6 +169,13 @@ class Prices(BaseSettings):
         return watts_s * self.pue
 
 
+@functools.cache
+def prices() -> Prices:
+    """The tables, read from the environment once per process: pricing runs on every
+    request, and a settings object re-reads the environment each time it is made."""
+    return Prices()
+
+
 def total(charges: list[dict[str, float]]) -> dict[str, float]:
     summed = dict.fromkeys(KINDS, 0.0)
     for charge in charges:

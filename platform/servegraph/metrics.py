@@ -7,7 +7,7 @@ from __future__ import annotations
 import re
 from typing import Any
 
-from servegraph.cost import Prices
+from servegraph.cost import prices
 from servegraph.runtime import NodeRecord
 
 # _TAGS: Ray annotates `tag_keys` as Tuple[str], a 1-tuple; it takes any number.
@@ -63,7 +63,7 @@ class PipelineMetrics:
             description="The charged resource-seconds' energy, by the power table.",
             tag_keys=("pipeline", "node"),  # type: ignore[arg-type]
         )
-        self.prices = Prices()
+        self.prices = prices()
 
     def record(
         self, pipeline: str, status: int, total_ms: float, records: list[NodeRecord]

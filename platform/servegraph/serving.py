@@ -169,7 +169,7 @@ def pipeline_router(compiled: CompiledGraph, runtime: Runtime, metrics: Any) -> 
         if metrics is not None:
             metrics.record(graph.name, status, total_ms, records)
         http.state.charged = True
-        usd = cost.Prices().usd(cost.total([r.charge for r in records if r.charge]))
+        usd = cost.prices().usd(cost.total([r.charge for r in records if r.charge]))
         await auth.Guard.here().charge(caller, status, _tokens(records), usd)
         return total_ms
 
@@ -331,7 +331,7 @@ def usage_of(records: list[NodeRecord], total_ms: float) -> dict[str, Any]:
     model servers' resource-seconds per node and in all, priced (USD) and turned into
     energy (joules) by `servegraph.cost.Prices`."""
     tokens = _tokens(records)
-    prices = cost.Prices()
+    prices = cost.prices()
     nodes_ms: dict[str, float] = {}
     charges: dict[str, dict[str, float]] = {}
     for record in records:

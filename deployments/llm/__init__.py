@@ -16,6 +16,7 @@ SERVER = ServerSpec(
             chunk=c.ChatChunk,
             stream_method="chat_stream",
             usage="usage",
+            budget_field="max_tokens",
             idempotent=True,
         )
     },

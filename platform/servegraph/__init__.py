@@ -12,6 +12,7 @@ from servegraph.catalog import MethodContract as MethodContract
 from servegraph.catalog import ServerSpec as ServerSpec
 from servegraph.compiled import CompiledGraph as CompiledGraph
 from servegraph.compiled import compile as compile
+from servegraph.errors import BudgetExceededError as BudgetExceededError
 from servegraph.errors import CatalogError as CatalogError
 from servegraph.errors import GraphValidationError as GraphValidationError
 from servegraph.errors import InvalidInputError as InvalidInputError
@@ -40,6 +41,7 @@ from servegraph.validation import check as check
 from servegraph.validation import validate as validate
 
 __all__ = [
+    "BudgetExceededError",
     "Catalog",
     "CatalogError",
     "CompiledGraph",

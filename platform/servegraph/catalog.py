@@ -36,6 +36,11 @@ class MethodContract:
     """The response's field that reports LLM token usage (a model with `input_tokens`
     and `output_tokens`): the platform adds it to the request's usage (the
     `x-servegraph-usage` header, the stream's `usage` event, the token metrics)."""
+    budget_field: str | None = None
+    """The request's field that bounds how many output tokens the call spends (the
+    LLM's `max_tokens`; needs `usage`): a request with a maximum cost has it lowered to
+    what the remaining budget buys at the method's recent cost per token
+    (`servegraph.cost.CostModel`)."""
     writes: bool = False
     """Changes what the server holds (an index write): a pipeline that calls it needs
     the `write:<pipeline>` scope, not `invoke:` (`servegraph.auth`)."""
@@ -47,6 +52,14 @@ class MethodContract:
     def __post_init__(self) -> None:
         if (self.chunk is None) != (self.stream_method is None):
             raise CatalogError("a streaming method needs both `chunk` and `stream_method`")
+        if self.budget_field is not None:
+            if self.usage is None:
+                raise CatalogError("a `budget_field` needs `usage`: its tokens are what it bounds")
+            if self.budget_field not in self.request.model_fields:
+                raise CatalogError(
+                    f"`budget_field` {self.budget_field!r} is not a field of "
+                    f"{self.request.__name__}"
+                )
 
 
 @dataclass(frozen=True)

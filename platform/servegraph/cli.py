@@ -79,13 +79,21 @@ def main(argv: list[str] | None = None) -> int:
     )
     batch.add_argument("pipeline")
     batch.add_argument("input", help="rows in: .jsonl, .csv or .parquet")
-    batch.add_argument("output", help="results out, one JSON line per row (appended)")
+    batch.add_argument(
+        "output", help="results out: .jsonl (appended as rows finish), .csv or .parquet"
+    )
     batch.add_argument(
         "--address",
         default=None,
         help="a Ray cluster with the platform deployed (default: start one locally)",
     )
     batch.add_argument("--concurrency", type=int, default=64, help="rows in flight at once")
+    batch.add_argument(
+        "--max-cost-usd",
+        type=float,
+        default=None,
+        help="each row's maximum cost; a row that would pass it is an error row (402)",
+    )
     cost = commands.add_parser(
         "cost", help="cost and energy per 1,000 requests, per pipeline and node, from Prometheus"
     )
@@ -423,6 +431,7 @@ def _batch(args: argparse.Namespace) -> int:
                 args.input,
                 args.output,
                 concurrency=args.concurrency,
+                max_cost_usd=args.max_cost_usd,
                 package=args.package,
                 catalog=args.catalog,
                 on_progress=advance,

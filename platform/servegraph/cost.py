@@ -29,14 +29,26 @@ survives Ray's serialisation and stays out of the response's JSON), the pipeline
 runtime records it on the node (`NodeRecord.charge`), and the ingress prices it
 (`Prices`) into `x-servegraph-usage`, the stream's `usage` event, batch rows and the
 metrics.
+
+A caller may cap a request's cost (`Budget`). A call's cost is known only once it has
+run, so the runtime stops before a call whose *estimate* does not fit what is left: the
+mean of the method's recent charges (`CostModel`), learned by the runtime from every
+request's calls, under the load of the moment. For the LLM the estimate is a line,
+per call plus per output token, and the call's `max_tokens` is lowered to what is left
+buys. The first call of a method in a process has no estimate: it runs, and calls with
+a budget that come while it does wait for its charge (`CostModel.first_charge`). So a
+request can end a little over its maximum, by how far its last calls' actual costs differ from
+their estimates; its usage reports what it actually cost.
 """
 
 from __future__ import annotations
 
+import asyncio
 import functools
 import inspect
 import threading
 import time
+from collections import deque
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from typing import Any
@@ -192,9 +204,20 @@ def metered(methods: Iterable[str]) -> Callable[[type], type]:
     def decorate(cls: type) -> type:
         for name in methods:
             setattr(cls, name, _metered_method(getattr(cls, name)))
+        cls.meter_stats = _meter_stats  # type: ignore[attr-defined]
         return cls
 
     return decorate
+
+
+def _meter_stats(self: Any) -> dict[str, Any]:
+    """The replica's meter: seconds with a request in flight since it started (what its
+    charges add up to, per resource) and the resources it holds. Called by handle
+    (`handle.meter_stats.remote()`): a benchmark's check that a window was saturated."""
+    meter = _meter(self)
+    with meter._lock:
+        meter._advance()
+        return {"busy_s": meter.busy_s, "resources": dict(meter.resources)}
 
 
 _CREATING = threading.Lock()
@@ -236,6 +259,109 @@ def _metered_method(method: Callable[..., Any]) -> Callable[..., Any]:
         return attach(result, charge)
 
     return metered_sync
+
+
+@dataclass(frozen=True)
+class Estimate:
+    """A method's expected cost in USD: `per_call`, plus `per_token` for each output
+    token (zero for a method without token usage)."""
+
+    per_call: float
+    per_token: float = 0.0
+
+    def at(self, tokens: int = 0) -> float:
+        return self.per_call + self.per_token * tokens
+
+
+class CostModel:
+    """What each model-server method has cost lately, per call (and per output token
+    where it reports token usage): the estimates a `Budget` is checked against.
+
+    The last `window` charges of each method, each weighing half as much as the one
+    `half_life` calls after it: a call's cost follows the load of the moment (on a
+    shared machine an encoder's batch takes longer while the LLM decodes; an LLM
+    token costs a request less the more sequences share the decode step), so the
+    estimate follows the recent calls. The weighted mean per call, or for a method with
+    tokens a weighted least-squares line through (output tokens, cost). Where that line
+    has no slope or would go negative (or the token counts have no spread), the mean
+    cost per token instead, with nothing per call: that overestimates short replies,
+    the safe side for a budget.
+    """
+
+    def __init__(self, window: int = 64, half_life: float = 4.0) -> None:
+        self.window = window
+        self.half_life = half_life
+        self._seen: dict[tuple[str, str], deque[tuple[int, float]]] = {}
+        self._first: dict[tuple[str, str], asyncio.Event] = {}  # the first calls in flight
+
+    def observe(self, server: str, method: str, usd: float, tokens: int | None = None) -> None:
+        seen = self._seen.setdefault((server, method), deque(maxlen=self.window))
+        seen.append((tokens if tokens is not None else -1, usd))
+
+    async def first_charge(self, server: str, method: str) -> Estimate | None:
+        """The estimate for a method never charged yet: None for the first caller, whose
+        call runs to learn it (it must call `settled` when it ends); later callers wait
+        for that call to end, then get the estimate (None still, if it failed)."""
+        key = (server, method)
+        running = self._first.get(key)
+        if running is None:
+            self._first[key] = asyncio.Event()
+            return None
+        await running.wait()
+        return self.estimate(server, method)
+
+    def settled(self, server: str, method: str) -> None:
+        """A call ended (its charge observed, if it came back): release the callers
+        waiting on the method's first charge."""
+        running = self._first.pop((server, method), None)
+        if running is not None:
+            running.set()
+
+    def estimate(self, server: str, method: str) -> Estimate | None:
+        seen = self._seen.get((server, method))
+        if not seen:
+            return None
+        n = len(seen)
+        weights = [0.5 ** ((n - 1 - i) / self.half_life) for i in range(n)]
+        total_weight = sum(weights)
+
+        def mean(values: Iterable[float]) -> float:
+            return sum(w * v for w, v in zip(weights, values, strict=True)) / total_weight
+
+        mean_usd = mean(usd for _, usd in seen)
+        if any(tokens < 0 for tokens, _ in seen):
+            return Estimate(mean_usd)
+        mean_tokens = mean(tokens for tokens, _ in seen)
+        if mean_tokens <= 0:
+            return Estimate(mean_usd)
+        spread = mean((tokens - mean_tokens) ** 2 for tokens, _ in seen)
+        if spread > 0:
+            slope = mean((t - mean_tokens) * (usd - mean_usd) for t, usd in seen) / spread
+            intercept = mean_usd - slope * mean_tokens
+            if slope > 0 and intercept >= 0:
+                return Estimate(intercept, slope)
+        return Estimate(0.0, mean_usd / mean_tokens)
+
+
+@dataclass
+class Budget:
+    """A request's maximum cost (USD), what its finished calls have spent, and what its
+    running calls have set aside (their estimates), so that parallel branches share
+    one budget. `capped` records each node whose output tokens were lowered to fit:
+    node -> {field: value}."""
+
+    max_usd: float
+    spent_usd: float = 0.0
+    reserved_usd: float = 0.0
+    capped: dict[str, dict[str, int]] = field(default_factory=dict)
+
+    @property
+    def left_usd(self) -> float:
+        return self.max_usd - self.spent_usd - self.reserved_usd
+
+    def report(self) -> dict[str, Any]:
+        """The budget's part of a request's usage."""
+        return {"max_usd": self.max_usd, "capped": self.capped}
 
 
 @dataclass

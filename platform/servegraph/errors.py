@@ -13,7 +13,8 @@ and pickles across Ray actors (so a replica's error reaches the ingress intact):
         ├── NodeFailedError        a node raised and no fallback was declared (502)
         ├── NodeInputError         a node got input its contract rejects (422)
         ├── NodeTimeoutError       a node ran past its timeout or the request deadline (504)
-        └── OverloadedError        a model server could not take the call now (503)
+        ├── OverloadedError        a model server could not take the call now (503)
+        └── BudgetExceededError    the next node would cost more than the request has left (402)
 """
 
 from __future__ import annotations
@@ -151,3 +152,32 @@ class OverloadedError(PipelineRuntimeError):
 
     def __reduce__(self):
         return (type(self), (self.node, self.detail, self.retry_after_s))
+
+
+class BudgetExceededError(PipelineRuntimeError):
+    """The request's maximum cost does not cover the node it stopped before: the node's
+    estimated cost (`estimate_usd`) is more than what was left (`left_usd`) of the
+    caller's maximum (`max_usd`) after what it had spent (`spent_usd`). 402 Payment
+    Required: the same request with a larger maximum can run."""
+
+    status_code = 402
+
+    def __init__(
+        self, node: str, estimate_usd: float, left_usd: float, max_usd: float, spent_usd: float
+    ) -> None:
+        self.estimate_usd = estimate_usd
+        self.left_usd = left_usd
+        self.max_usd = max_usd
+        self.spent_usd = spent_usd
+        super().__init__(
+            node,
+            f"would cost about ${estimate_usd:.3g}, more than the ${max(left_usd, 0.0):.3g} "
+            f"left of the request's maximum of ${max_usd:.3g} "
+            f"(${spent_usd:.3g} spent before it); "
+            f"fix: a maximum of at least ${spent_usd + estimate_usd:.3g} "
+            "(the x-servegraph-max-cost-usd header; batch's --max-cost-usd)",
+        )
+
+    def __reduce__(self):
+        args = (self.node, self.estimate_usd, self.left_usd, self.max_usd, self.spent_usd)
+        return (type(self), args)

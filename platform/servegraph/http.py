@@ -18,6 +18,7 @@ from pydantic import BaseModel, Field
 from servegraph._fields import field_errors
 from servegraph.auth import AuthError, UsageMiddleware
 from servegraph.errors import (
+    BudgetExceededError,
     InvalidInputError,
     NodeInputError,
     OverloadedError,
@@ -46,6 +47,19 @@ class ErrorBody(BaseModel):
     error: str = Field(description="The error's kind, e.g. NodeTimeoutError.")
     node: str = Field(description="The node it happened in, e.g. `embed`.")
     detail: str = Field(description="Why, in words.")
+
+
+class BudgetReport(BaseModel):
+    max_usd: float = Field(description="The request's maximum cost.")
+    spent_usd: float = Field(description="What its finished calls had cost.")
+    left_usd: float = Field(description="What was left for the node, after calls running.")
+    estimate_usd: float = Field(description="The node's estimated cost (at one token, an LLM).")
+
+
+class BudgetErrorBody(ErrorBody):
+    """402: the request's maximum cost does not cover the node it stopped before."""
+
+    budget: BudgetReport
 
 
 OFFLINE_STATIC = "/static-offline-docs"
@@ -191,4 +205,15 @@ def runtime_error_body(exc: PipelineRuntimeError) -> dict[str, Any]:
     if isinstance(exc, NodeInputError):
         problems = exc.problems or [{"field": "(input)", "error": exc.detail, "fix": ""}]
         return {"error": "invalid request", "node": exc.node, "detail": problems}
+    if isinstance(exc, BudgetExceededError):
+        report = BudgetReport(
+            max_usd=exc.max_usd,
+            spent_usd=exc.spent_usd,
+            left_usd=exc.left_usd,
+            estimate_usd=exc.estimate_usd,
+        )
+        body = BudgetErrorBody(
+            error=type(exc).__name__, node=exc.node, detail=exc.detail, budget=report
+        )
+        return body.model_dump()
     return {"error": type(exc).__name__, "node": exc.node, "detail": exc.detail}

@@ -10,12 +10,16 @@ pools, `ray.data.llm`'s vLLM processor) would give offline throughput its own en
 at the price of a second copy of every model and of the graph's semantics; that is the
 next step if a batch job must not share the online servers.
 
-Rows: JSONL, CSV or Parquet in; JSON lines out, whatever the input (one line per row,
-appended as rows finish, so an interrupted job loses nothing written and a re-run
-resumes). Every output row carries the input's `id` (or its line number), its `line`,
-and either `output` and `usage` (tokens, time and cost per node), or `error`. A row the
-pipeline's input model refuses is written as an error naming the field and the fix,
-and the job goes on. Re-running the same command skips the ids already written.
+Rows: JSONL, CSV or Parquet in, and out (the output's suffix says which). Every output
+row carries the input's `id` (or its line number), its `line`, and either `output` and
+`usage` (tokens, time and cost per node), or `error`; in CSV and Parquet those three
+are columns of JSON text. A row the pipeline's input model refuses is written as an
+error naming the field and the fix, and the job goes on.
+
+Rows are appended as they finish to a JSON-lines journal: the output itself when it is
+JSONL, else `<output>.partial.jsonl`, which becomes the CSV or Parquet file when the
+job ends (a Parquet file cannot be appended to). So an interrupted job loses nothing
+written, and re-running the same command skips the ids already written.
 """
 
 from __future__ import annotations
@@ -23,6 +27,7 @@ from __future__ import annotations
 import asyncio
 import csv
 import json
+import os
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
@@ -32,6 +37,8 @@ from typing import Any
 from pydantic import BaseModel, ValidationError
 
 ROWS_PER_ACTOR = 32  # rows one actor runs at once (its batch); the model servers batch them
+JSON_LINES = (".jsonl", ".ndjson", ".json")
+COLUMNS = ("output", "usage", "error")  # JSON text in a CSV or Parquet output
 
 
 @dataclass
@@ -63,6 +70,7 @@ def batch(
     output_path: str | Path,
     *,
     concurrency: int = 64,
+    max_cost_usd: float | None = None,
     package: str | None = None,
     catalog: str | None = None,
     on_progress: Callable[[int, int], None] | None = None,
@@ -71,7 +79,9 @@ def batch(
 
     Needs a Ray connection with the pipeline's model servers deployed (`servegraph batch`
     starts a local platform when given no address). `concurrency` is how many rows run
-    at once in all; `on_progress(done, total)` is called after every row written.
+    at once in all; `max_cost_usd` each row's maximum cost (a row over it is an error
+    row with status 402; see `servegraph.cost.Budget`); `on_progress(done, total)` is
+    called after every row written.
     """
     import ray
 
@@ -93,7 +103,10 @@ def batch(
     started = time.monotonic()
     output = Path(output_path)
     output.parent.mkdir(parents=True, exist_ok=True)
-    done = _written_ids(output)
+    journal = _journal(output)
+    if journal != output and output.exists() and not journal.exists():
+        _write_lines(journal, _read_results(output))  # a finished earlier run: resume it
+    done = _written_ids(journal)
     rows = list(_read(Path(input_path)))
     todo: list[_Row] = []
     invalid: list[tuple[_Row, dict[str, Any]]] = []
@@ -107,7 +120,7 @@ def batch(
             todo.append(row)
     report = BatchReport(len(rows), len(rows) - len(todo) - len(invalid), 0, len(invalid), 0, 0)
     total = len(todo) + len(invalid)
-    with output.open("a") as out:
+    with journal.open("a") as out:
 
         def write(line: dict[str, Any]) -> None:
             out.write(json.dumps(line, separators=(",", ":")) + "\n")
@@ -129,6 +142,7 @@ def batch(
                     "pipeline": pipeline,
                     "package": package,
                     "catalog": catalog_path,
+                    "max_cost_usd": max_cost_usd,
                 },
                 batch_size=ROWS_PER_ACTOR,
                 compute=ray.data.ActorPoolStrategy(size=actors),
@@ -138,15 +152,84 @@ def batch(
                 line = json.loads(result["result"])
                 report.failed += "error" in line
                 write(line)
+    if journal != output:
+        _write_results(output, _read_results(journal))
+        journal.unlink()
     report.seconds = time.monotonic() - started
     return report
+
+
+def _journal(output: Path) -> Path:
+    """Where rows are appended as they finish (module docstring)."""
+    if output.suffix.lower() in JSON_LINES:
+        return output
+    if output.suffix.lower() not in (".csv", ".parquet"):
+        raise ValueError(f"{output}: write a .jsonl, .csv or .parquet file, please")
+    return output.with_name(output.name + ".partial.jsonl")
+
+
+def _read_results(path: Path) -> list[dict[str, Any]]:
+    """The result rows of an output or journal, whatever its format."""
+    suffix = path.suffix.lower()
+    if suffix in JSON_LINES:
+        return [json.loads(t) for t in path.read_text().splitlines() if t.strip()]
+    if suffix == ".csv":
+        with path.open(newline="") as f:
+            flat = list(csv.DictReader(f))
+    else:
+        import pyarrow.parquet as pq
+
+        flat = pq.read_table(path).to_pylist()
+    return [
+        {
+            "id": str(row["id"]),
+            "line": int(row["line"]),
+            **{k: json.loads(row[k]) for k in COLUMNS if row.get(k)},
+        }
+        for row in flat
+    ]
+
+
+def _write_lines(path: Path, rows: list[dict[str, Any]]) -> None:
+    with path.open("w") as f:
+        f.writelines(json.dumps(r, separators=(",", ":")) + "\n" for r in rows)
+
+
+def _write_results(path: Path, rows: list[dict[str, Any]]) -> None:
+    """`rows` as a CSV or Parquet file at `path`, in place at once (a reader never sees
+    half a file): `id`, `line`, and `output`, `usage`, `error` as JSON text."""
+    flat = [
+        {
+            "id": r["id"],
+            "line": r["line"],
+            **{k: json.dumps(r[k], separators=(",", ":")) if k in r else None for k in COLUMNS},
+        }
+        for r in rows
+    ]
+    partial = path.with_name(path.name + ".writing")
+    if path.suffix.lower() == ".csv":
+        with partial.open("w", newline="") as f:
+            writer = csv.DictWriter(f, fieldnames=["id", "line", *COLUMNS])
+            writer.writeheader()
+            writer.writerows(flat)
+    else:
+        import pyarrow as pa
+        import pyarrow.parquet as pq
+
+        schema = pa.schema(
+            [("id", pa.string()), ("line", pa.int64()), *((k, pa.string()) for k in COLUMNS)]
+        )
+        pq.write_table(pa.Table.from_pylist(flat, schema=schema), partial)
+    os.replace(partial, path)
 
 
 class _Runner:
     """A Ray Data actor: runs the pipeline on a batch of rows, all at once, against the
     deployed model servers."""
 
-    def __init__(self, pipeline: str, package: str, catalog: str) -> None:
+    def __init__(
+        self, pipeline: str, package: str, catalog: str, max_cost_usd: float | None = None
+    ) -> None:
         from servegraph import tracing
         from servegraph.compiled import compile as compile_graph
         from servegraph.discovery import discover
@@ -164,6 +247,7 @@ class _Runner:
             invoke_stream=getattr(invoker, "stream", None),
         )
         self.loop = asyncio.new_event_loop()
+        self.max_cost_usd = max_cost_usd
 
     def __call__(self, rows: dict[str, Any]) -> dict[str, list[str]]:
         results = self.loop.run_until_complete(self._all(rows))
@@ -178,6 +262,7 @@ class _Runner:
         )
 
     async def _one(self, row_id: str, line: int, body: dict[str, Any]) -> dict[str, Any]:
+        from servegraph.cost import Budget
         from servegraph.errors import PipelineRuntimeError
         from servegraph.http import runtime_error_body
         from servegraph.runtime import NodeRecord
@@ -185,12 +270,13 @@ class _Runner:
 
         records: list[NodeRecord] = []
         started = time.perf_counter()
+        budget = Budget(self.max_cost_usd) if self.max_cost_usd else None
         try:
-            result = await self.runtime.execute(self.graph, body, records=records)
+            result = await self.runtime.execute(self.graph, body, records=records, budget=budget)
         except PipelineRuntimeError as exc:
             error = {"status": exc.status_code, **runtime_error_body(exc)}
             return {"id": row_id, "line": line, "error": error}
-        usage = usage_of(records, (time.perf_counter() - started) * 1000)
+        usage = usage_of(records, (time.perf_counter() - started) * 1000, budget)
         output = result.output.model_dump(mode="json")
         return {"id": row_id, "line": line, "output": output, "usage": usage}
 

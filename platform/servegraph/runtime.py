@@ -3,8 +3,9 @@
 Only how a model server is reached differs: `InProcessRuntime` calls Python objects,
 the Serve ingress calls deployment handles (`servegraph.handles`). Semantics are
 shared: independent nodes run concurrently, a request deadline travels down and each
-node gets what remains, idempotent nodes retry, fallbacks replace failed nodes, and a
-failure names the node it happened in.
+node gets what remains, idempotent nodes retry, fallbacks replace failed nodes, a
+request's maximum cost stops it before a call that would exceed it, and a failure names
+the node it happened in.
 """
 
 from __future__ import annotations
@@ -19,12 +20,14 @@ from typing import Any, Literal, Protocol, assert_never
 
 from pydantic import BaseModel, ValidationError
 
+from servegraph import cost
 from servegraph._fields import field_errors
-from servegraph.catalog import Catalog
+from servegraph.catalog import Catalog, MethodContract
 from servegraph.compiled import CompiledGraph
 from servegraph.compiled import compile as compile_graph
-from servegraph.cost import charge_of
+from servegraph.cost import Budget, CostModel, charge_of
 from servegraph.errors import (
+    BudgetExceededError,
     InvalidInputError,
     NodeFailedError,
     NodeInputError,
@@ -78,7 +81,7 @@ class NodeRecord:
     node: str
     kind: str
     attempt: int
-    status: str  # "ok" | "error" | "timeout" | "fallback"
+    status: str  # "ok" | "error" | "timeout" | "fallback" | "budget" (stopped before it)
     wall_ms: float
     error: str | None = None
     usage: dict[str, int] | None = None  # LLM tokens: {"input": n, "output": m}
@@ -115,6 +118,9 @@ class Runtime:
         node_hook: optional; wraps each node attempt (tracing, metrics).
         invoke_stream: reaches a streaming method; without it, `stream=True` calls
             run as plain calls even in a streamed run.
+        costs: what model-server calls have cost lately, learned from every run's
+            charges and checked by runs with a `Budget`; share one between runtimes
+            that call the same servers.
     """
 
     def __init__(
@@ -123,11 +129,13 @@ class Runtime:
         invoke: Invoker,
         node_hook: NodeHook | None = None,
         invoke_stream: StreamInvoker | None = None,
+        costs: CostModel | None = None,
     ):
         self.catalog = catalog
         self._invoke = invoke
         self._invoke_stream = invoke_stream
         self._node_hook = node_hook
+        self.costs = costs if costs is not None else CostModel()
 
     def compile(self, graph: Graph | CompiledGraph) -> CompiledGraph:
         """`graph` compiled against this runtime's catalog (as is, if it already is)."""
@@ -147,6 +155,7 @@ class Runtime:
         deadline_s: float | None = None,
         records: list[NodeRecord] | None = None,
         on_event: Callable[[RunEvent], None] | None = None,
+        budget: Budget | None = None,
     ) -> RunResult:
         """Run `graph`, returning its output and a record of every node attempt.
 
@@ -154,15 +163,18 @@ class Runtime:
             NodeTimeoutError: a node ran past its timeout or the deadline (504).
             NodeFailedError: a node failed without a fallback (502).
             NodeInputError: a node's input broke its contract (422).
+            BudgetExceededError: the next call's estimated cost is more than what is
+                left of `budget` (402).
 
         `records`, when given, receives the node records as they happen, so a caller
         sees them even when the run raises. `deadline_s` defaults to the graph's own,
         else `DEFAULT_DEADLINE_S`. `on_event`, when given, makes this a
-        streamed run: it gets "node" and "chunk" events as they happen.
+        streamed run: it gets "node" and "chunk" events as they happen. `budget`, when
+        given, is the request's maximum cost; the run adds to it what it spends.
         """
         compiled = self.compile(graph)  # a plain Graph is compiled on every call
         deadline_s = deadline_s or default_deadline(compiled.graph)
-        run = _Run(self, time.monotonic() + deadline_s, records, on_event)
+        run = _Run(self, time.monotonic() + deadline_s, records, on_event, budget)
         output = await run.graph(compiled, _coerce(compiled.input, request, INPUT), "")
         return RunResult(output, run.records)
 
@@ -173,6 +185,7 @@ class Runtime:
         *,
         deadline_s: float | None = None,
         records: list[NodeRecord] | None = None,
+        budget: Budget | None = None,
     ) -> AsyncGenerator[RunEvent, None]:
         """Run `graph` as a stream: its events as they happen, then the "result" event.
 
@@ -182,7 +195,12 @@ class Runtime:
         queue: asyncio.Queue[RunEvent] = asyncio.Queue()
         run = asyncio.ensure_future(
             self.execute(
-                graph, request, deadline_s=deadline_s, records=records, on_event=queue.put_nowait
+                graph,
+                request,
+                deadline_s=deadline_s,
+                records=records,
+                on_event=queue.put_nowait,
+                budget=budget,
             )
         )
         next_event: asyncio.Future[RunEvent] | None = None
@@ -233,11 +251,13 @@ class _Run:
         deadline: float,
         records: list[NodeRecord] | None = None,
         on_event: Callable[[RunEvent], None] | None = None,
+        budget: Budget | None = None,
     ) -> None:
         self.rt = runtime
         self.deadline = deadline
         self.records: list[NodeRecord] = records if records is not None else []
         self.on_event = on_event
+        self.budget = budget
         self.streamed: set[str] = set()  # nodes that already sent chunks to the caller
 
     async def graph(self, compiled: CompiledGraph, request: BaseModel, prefix: str) -> Any:
@@ -291,9 +311,10 @@ class _Run:
                 output = await self._attempt(node, compiled, qualified, args, values, attempt)
             except PipelineRuntimeError as exc:
                 error = exc
-                if isinstance(exc, NodeInputError | OverloadedError):
-                    # Bad input is bad on every attempt; and a full server is answered at
-                    # once (the caller gets 503 + Retry-After), never retried into.
+                if isinstance(exc, NodeInputError | OverloadedError | BudgetExceededError):
+                    # Bad input is bad on every attempt; a full server is answered at
+                    # once (the caller gets 503 + Retry-After), never retried into; and
+                    # a budget does not grow.
                     attempts = attempt
                 if qualified in self.streamed:
                     attempts = attempt  # a retry would send the caller its chunks twice
@@ -308,16 +329,22 @@ class _Run:
                     charge=charge_of(output) if isinstance(node, CallNode) else None,
                 )
                 return output
-            status = "timeout" if isinstance(error, NodeTimeoutError) else "error"
+            status = (
+                "timeout"
+                if isinstance(error, NodeTimeoutError)
+                else "budget"
+                if isinstance(error, BudgetExceededError)
+                else "error"
+            )
             self._record(node, qualified, attempt, status, started, str(error))
             if attempt >= attempts or self._remaining() <= _RETRY_BACKOFF_S * 2**attempt:
                 break
             await asyncio.sleep(_RETRY_BACKOFF_S * 2 ** (attempt - 1))
         assert error is not None
-        if node.fallback is None:
-            raise error
+        if node.fallback is None or isinstance(error, BudgetExceededError):
+            raise error  # a budget stop is the caller's answer, not a fault to hide
         started = time.perf_counter()
-        output = await self._guard(node, qualified, self._fallback(node, compiled, args))
+        output = await self._guard(node, qualified, self._fallback(node, compiled, qualified, args))
         self._record(node, qualified, attempts, "fallback", started)
         return output
 
@@ -379,7 +406,7 @@ class _Run:
         if isinstance(node, CallNode):
             if node.stream and self.on_event is not None and self.rt._invoke_stream is not None:
                 return await self._call_stream(node, qualified, args)
-            return await self._call(node.server, node.method, args)
+            return await self._call(node.server, node.method, args, qualified)
         if isinstance(node, FunctionNode):
             return await _maybe_await(compiled.functions[node.name](**args))
         if isinstance(node, SwitchNode):
@@ -426,12 +453,16 @@ class _Run:
     async def _subgraph(self, sub: CompiledGraph, args: dict[str, Any], prefix: str) -> Any:
         return await self.graph(sub, _coerce(sub.input, args, prefix), prefix)
 
-    async def _call(self, server: str, method: str, args: dict[str, Any]) -> Any:
+    async def _call(self, server: str, method: str, args: dict[str, Any], qualified: str) -> Any:
         contract = self.rt.catalog.contract(server, method)
-        request = contract.request.model_validate(args)
-        response = await self.rt._invoke(server, method, request)
-        if isinstance(response, dict):
-            response = contract.response.model_validate(response)
+        request, reserved = await self._afford(qualified, server, method, contract, args)
+        response = None
+        try:
+            response = await self.rt._invoke(server, method, request)
+            if isinstance(response, dict):
+                response = contract.response.model_validate(response)
+        finally:
+            self._settle(server, method, contract, reserved, response)
         return response
 
     async def _call_stream(self, node: CallNode, qualified: str, args: dict[str, Any]) -> Any:
@@ -439,27 +470,97 @@ class _Run:
         assert self.on_event is not None and self.rt._invoke_stream is not None
         contract = self.rt.catalog.contract(node.server, node.method)
         assert contract.stream_method is not None and contract.chunk is not None
-        request = contract.request.model_validate(args)
+        request, reserved = await self._afford(qualified, node.server, node.method, contract, args)
         response = None
-        stream = self.rt._invoke_stream(node.server, contract.stream_method, request)
-        async for item in stream:
-            if isinstance(item, contract.response):
-                response = item
-            else:
-                chunk = contract.chunk.model_validate(item)
-                self.streamed.add(qualified)
-                self.on_event(RunEvent("chunk", qualified, chunk))
+        try:
+            stream = self.rt._invoke_stream(node.server, contract.stream_method, request)
+            async for item in stream:
+                if isinstance(item, contract.response):
+                    response = item
+                else:
+                    chunk = contract.chunk.model_validate(item)
+                    self.streamed.add(qualified)
+                    self.on_event(RunEvent("chunk", qualified, chunk))
+        finally:
+            self._settle(node.server, node.method, contract, reserved, response)
         if response is None:
             raise RuntimeError(f"{contract.stream_method} ended without a final response")
         return response
 
-    async def _fallback(self, node: Node, compiled: CompiledGraph, args: dict[str, Any]) -> Any:
+    async def _afford(
+        self,
+        qualified: str,
+        server: str,
+        method: str,
+        contract: MethodContract,
+        args: dict[str, Any],
+    ) -> tuple[BaseModel, float]:
+        """The call's request, its output tokens lowered to what the budget has left,
+        and the estimate set aside for it; raises `BudgetExceededError` when even the
+        least of it (one token) would not fit."""
+        request = contract.request.model_validate(args)
+        budget = self.budget
+        if budget is None:
+            return request, 0.0
+        estimate = self.rt.costs.estimate(server, method)
+        if estimate is None:  # never charged in this process: learn from its first call
+            estimate = await self.rt.costs.first_charge(server, method)
+        if estimate is None:
+            return request, 0.0  # the first call (or its failed): it runs
+        left = budget.left_usd
+        bound = contract.budget_field
+        if bound is not None and estimate.per_token > 0:
+            asked = int(getattr(request, bound))
+            affordable = int((left - estimate.per_call) / estimate.per_token)
+            if affordable < 1:
+                raise self._over(qualified, estimate.at(1), left)
+            if affordable < asked:
+                request = request.model_copy(update={bound: affordable})
+                budget.capped[qualified] = {bound: affordable}
+            reserved = estimate.at(min(asked, affordable))  # at most this many tokens
+        else:
+            reserved = estimate.at()
+            if reserved > left:
+                raise self._over(qualified, reserved, left)
+        budget.reserved_usd += reserved
+        return request, reserved
+
+    def _over(self, qualified: str, estimate_usd: float, left_usd: float) -> BudgetExceededError:
+        assert self.budget is not None
+        budget = self.budget
+        return BudgetExceededError(
+            qualified, estimate_usd, left_usd, budget.max_usd, budget.spent_usd
+        )
+
+    def _settle(
+        self,
+        server: str,
+        method: str,
+        contract: MethodContract,
+        reserved: float,
+        response: Any,
+    ) -> None:
+        """A call ended: its actual cost replaces its estimate in the budget, and
+        teaches the cost model. (A failed call's charge does not come back.)"""
+        charge = charge_of(response) if response is not None else None
+        usd = cost.prices().usd(charge) if charge else 0.0
+        if charge:
+            tokens = _usage_of(contract.usage, response)
+            self.rt.costs.observe(server, method, usd, tokens["output"] if tokens else None)
+        self.rt.costs.settled(server, method)
+        if self.budget is not None:
+            self.budget.reserved_usd -= reserved
+            self.budget.spent_usd += usd
+
+    async def _fallback(
+        self, node: Node, compiled: CompiledGraph, qualified: str, args: dict[str, Any]
+    ) -> Any:
         fallback = node.fallback
         assert fallback is not None
         if fallback.function:
             return await _maybe_await(compiled.functions[f"{node.name}.fallback"](**args))
         assert fallback.server and fallback.method
-        return await self._call(fallback.server, fallback.method, args)
+        return await self._call(fallback.server, fallback.method, args, qualified)
 
     def _remaining(self) -> float:
         return self.deadline - time.monotonic()

@@ -30,7 +30,13 @@ from servegraph.discovery import discover
 from servegraph.errors import PipelineRuntimeError
 from servegraph.graph import Graph, resolve
 from servegraph.handles import ServeInvoker
-from servegraph.http import ErrorBody, install_error_handlers, make_app, runtime_error_body
+from servegraph.http import (
+    BudgetErrorBody,
+    ErrorBody,
+    install_error_handlers,
+    make_app,
+    runtime_error_body,
+)
 from servegraph.render import to_mermaid, to_text
 from servegraph.runtime import NodeRecord, Runtime, default_deadline
 from servegraph.serialize import to_yaml
@@ -95,12 +101,14 @@ def build_fastapi(
         limits=limits,
         on_refused=(lambda name: metrics.record(name, 503, 0.0, [])) if metrics else None,
     )
+    costs = cost.CostModel()  # one for all: each model server costs the same whoever calls
     for graph in graphs.values():
         runtime = Runtime(
             catalog,
             invoke,
             node_hook=tracing.node_hook(graph.name),
             invoke_stream=getattr(invoke, "stream", None),
+            costs=costs,
         )
         app.include_router(pipeline_router(runtime.compile(graph), runtime, metrics))
     return app
@@ -113,6 +121,11 @@ _ERROR_RESPONSES: dict[int | str, dict[str, Any]] = {
         "content": {"text/plain": {"schema": {"type": "string"}}},
     },
     **auth.RESPONSES,
+    402: {
+        "description": "The request's maximum cost (`x-servegraph-max-cost-usd`) does not "
+        "cover the next node: names the node, its estimated cost and what was left",
+        "model": BudgetErrorBody,
+    },
     422: {"description": "Invalid field (names the field and the fix)"},
     502: {"description": "A node failed (names the node)", "model": ErrorBody},
     503: {
@@ -159,6 +172,11 @@ def pipeline_router(compiled: CompiledGraph, runtime: Runtime, metrics: Any) -> 
         "a 504 naming the node answers just before it runs out."
     )
     serve_deadline_doc = "Ray Serve's own deadline header; the same as X-Request-Timeout."
+    budget_doc = (
+        "The most this request may cost, in USD (the price table's, as the usage reports "
+        "it): the run stops with 402 before a node whose estimated cost does not fit what "
+        "is left, and the LLM's max_tokens is lowered to what is left buys."
+    )
 
     async def finish(
         status: int, started: float, records: list[NodeRecord], http: Request, caller: auth.Caller
@@ -182,21 +200,23 @@ def pipeline_router(compiled: CompiledGraph, runtime: Runtime, metrics: Any) -> 
         x_request_timeout_seconds: float | None = Header(
             None, gt=0, le=600, description=serve_deadline_doc
         ),
+        x_servegraph_max_cost_usd: float | None = Header(None, gt=0, description=budget_doc),
     ) -> Any:
         started = time.perf_counter()
         records: list[NodeRecord] = []
         status = 200
         deadline_s = run_deadline(graph, x_request_timeout, x_request_timeout_seconds)
+        budget = cost.Budget(x_servegraph_max_cost_usd) if x_servegraph_max_cost_usd else None
         try:
             result = await runtime.execute(
-                compiled, request, records=records, deadline_s=deadline_s
+                compiled, request, records=records, deadline_s=deadline_s, budget=budget
             )
         except Exception as exc:
             status = _status_of(exc)
             raise
         finally:
             total_ms = await finish(status, started, records, http, caller)
-        response.headers.update(_usage_headers(records, total_ms))
+        response.headers.update(_usage_headers(records, total_ms, budget))
         return result.output
 
     async def stream_pipeline(
@@ -207,11 +227,15 @@ def pipeline_router(compiled: CompiledGraph, runtime: Runtime, metrics: Any) -> 
         x_request_timeout_seconds: float | None = Header(
             None, gt=0, le=600, description=serve_deadline_doc
         ),
+        x_servegraph_max_cost_usd: float | None = Header(None, gt=0, description=budget_doc),
     ) -> Response:
         started = time.perf_counter()
         records: list[NodeRecord] = []
         deadline_s = run_deadline(graph, x_request_timeout, x_request_timeout_seconds)
-        events = runtime.stream(compiled, request, records=records, deadline_s=deadline_s)
+        budget = cost.Budget(x_servegraph_max_cost_usd) if x_servegraph_max_cost_usd else None
+        events = runtime.stream(
+            compiled, request, records=records, deadline_s=deadline_s, budget=budget
+        )
         try:  # a run failing before any progress is answered with its own status
             held = await sse.hold_until_progress(events)
         except Exception as exc:
@@ -228,7 +252,7 @@ def pipeline_router(compiled: CompiledGraph, runtime: Runtime, metrics: Any) -> 
                     yield sse.encode(event.kind, sse.event_data(event))
                     event = await anext(events)
                 total_ms = (time.perf_counter() - started) * 1000
-                yield sse.encode("usage", usage_of(records, total_ms))
+                yield sse.encode("usage", usage_of(records, total_ms, budget))
                 yield sse.encode("result", jsonable_encoder(event.data.output))
             except PipelineRuntimeError as exc:
                 status = exc.status_code
@@ -326,10 +350,13 @@ def _tokens(records: list[NodeRecord]) -> dict[str, int]:
     return tokens
 
 
-def usage_of(records: list[NodeRecord], total_ms: float) -> dict[str, Any]:
+def usage_of(
+    records: list[NodeRecord], total_ms: float, budget: cost.Budget | None = None
+) -> dict[str, Any]:
     """What the request cost: LLM tokens, wall time per node (retries summed), and the
     model servers' resource-seconds per node and in all, priced (USD) and turned into
-    energy (joules) by `servegraph.cost.Prices`."""
+    energy (joules) by `servegraph.cost.Prices`; with a maximum cost, `budget`: the
+    maximum and the nodes whose output tokens were lowered to fit it."""
     tokens = _tokens(records)
     prices = cost.prices()
     nodes_ms: dict[str, float] = {}
@@ -348,13 +375,16 @@ def usage_of(records: list[NodeRecord], total_ms: float) -> dict[str, Any]:
         "usd": round(prices.usd(spent), 9),
         "joules": round(prices.joules(spent), 4),
         "nodes_usd": {node: round(prices.usd(c), 9) for node, c in charges.items()},
+        **({"budget": budget.report()} if budget is not None else {}),
     }
 
 
-def _usage_headers(records: list[NodeRecord], total_ms: float) -> dict[str, str]:
+def _usage_headers(
+    records: list[NodeRecord], total_ms: float, budget: cost.Budget | None
+) -> dict[str, str]:
     """The usage as x-servegraph-usage, the same timings as Server-Timing (shown by
     browsers and `curl -v`), and the trace id."""
-    usage = usage_of(records, total_ms)
+    usage = usage_of(records, total_ms, budget)
     nodes_ms: dict[str, float] = usage["nodes_ms"]
     timing = [f"{_token(node)};dur={ms:.1f}" for node, ms in list(nodes_ms.items())[-20:]]
     headers = {

@@ -22,7 +22,7 @@ from servegraph.runtime import RunEvent
 
 def is_failure(event: RunEvent) -> bool:
     """A node attempt that failed (it may be retried or fall back; no progress yet)."""
-    return event.kind == "node" and event.data.status in ("error", "timeout")
+    return event.kind == "node" and event.data.status in ("error", "timeout", "budget")
 
 
 async def hold_until_progress(events: AsyncIterator[RunEvent]) -> list[RunEvent]:

@@ -98,3 +98,61 @@ def test_the_command_runs_the_readme_example_onto_a_running_cluster(
     expected = (ROOT / "examples" / "questions.jsonl").read_text().splitlines()
     assert sorted(r["id"] for r in rows) == sorted(json.loads(q)["id"] for q in expected)
     assert all(r["output"]["answer"] for r in rows)
+
+
+@pytest.mark.parametrize("suffix", [".csv", ".parquet"])
+def test_csv_and_parquet_in_give_the_same_out_and_resume_from_the_journal(
+    pipelines: LocalCluster, tmp_path: Path, suffix: str
+) -> None:
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    from servegraph.offline import _read_results
+
+    rows = [{"id": f"q{i}", "question": q, "max_tokens": 24} for i, q in enumerate(QUESTIONS[:6])]
+    questions = tmp_path / f"questions{suffix}"
+    if suffix == ".csv":
+        questions.write_text(
+            "id,question,max_tokens\n"
+            + "".join(f"{r['id']},{r['question']},{r['max_tokens']}\n" for r in rows)
+        )
+    else:
+        pq.write_table(pa.Table.from_pylist(rows), questions)
+    answers = tmp_path / f"answers{suffix}"
+    journal = tmp_path / f"answers{suffix}.partial.jsonl"
+
+    def stop_after_two(done: int, total: int) -> None:
+        if done == 2:
+            raise Interrupted
+
+    with pytest.raises(Interrupted):
+        batch("rag", questions, answers, concurrency=32, on_progress=stop_after_two)
+    assert not answers.exists() and len(journal.read_text().splitlines()) == 2
+
+    report = batch("rag", questions, answers, concurrency=32)
+    assert report.skipped == 2 and report.written == 4 and not journal.exists()
+    written = _read_results(answers)
+    assert sorted(r["id"] for r in written) == [r["id"] for r in rows]
+    assert all(r["output"]["answer"] and r["usage"]["usd"] > 0 for r in written), written
+    # Run again over a finished output: nothing to do, the file as it was.
+    again = batch("rag", questions, answers, concurrency=32)
+    assert again.skipped == len(rows) and again.written == 0
+    assert _read_results(answers) == written
+
+
+def test_a_maximum_cost_per_row_makes_rows_over_it_error_rows(
+    pipelines: LocalCluster, tmp_path: Path
+) -> None:
+    """Every row's first call is over a maximum of 1e-12, but the first call of each
+    method in each actor runs to learn what it costs: the rest are stopped by it."""
+    rows = [{"id": f"q{i}", "question": q, "max_tokens": 24} for i, q in enumerate(QUESTIONS)]
+    questions = tmp_path / "questions.jsonl"
+    questions.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    answers = tmp_path / "answers.jsonl"
+    batch("rag", questions, answers, concurrency=32, max_cost_usd=1e-12)
+    written = [json.loads(line) for line in answers.read_text().splitlines()]
+    stopped = [r for r in written if "error" in r]
+    assert len(written) == len(rows) and len(stopped) >= len(rows) - 1, written
+    for row in stopped:
+        assert row["error"]["status"] == 402 and row["error"]["node"] == "embed", row
+        assert row["error"]["budget"]["max_usd"] == 1e-12

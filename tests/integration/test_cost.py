@@ -77,3 +77,61 @@ def test_two_requests_served_at_once_are_each_charged_about_half_of_one_alone(
         f"two at once {statistics.median(pairs):.4f} each, ratio {ratio:.2f}"
     )
     assert 0.3 < ratio < 0.8, (alone, pairs)
+
+
+def test_a_maximum_cost_stops_before_the_node_it_cannot_afford_or_lowers_max_tokens(
+    client: httpx.Client, pipelines: LocalCluster
+) -> None:
+    """Many callers at once on the real rag, each with its own maximum cost: below the
+    first call's cost every one is stopped there (402, naming it and the amounts); with
+    room for the encoders but not the LLM's full reply, each is stopped at a node or has
+    its max_tokens lowered, and writes no more than that; with room to spare, none is
+    touched."""
+    from servegraph.auth import client_headers
+
+    question = {"question": "How long do refunds take after a return?"}
+    for _ in range(3):  # the ingress learns what each call costs from every request
+        response = client.post("/pipelines/rag", json=question)
+        assert response.status_code == 200, response.text
+    usage = json.loads(response.headers["x-servegraph-usage"])
+    before_llm = usage["usd"] - usage["nodes_usd"]["generate"]
+    tiny, spare = [1e-12] * 8, [1.0] * 8
+    spread = [before_llm * 3 + i / 15 * 2 * usage["usd"] for i in range(16)]
+
+    async def ask(maximum: float) -> httpx.Response:
+        headers = client_headers() | {"x-servegraph-max-cost-usd": repr(maximum)}
+        async with httpx.AsyncClient(base_url=pipelines.base_url, timeout=180) as session:
+            return await session.post("/pipelines/rag", json=question, headers=headers)
+
+    async def all_at_once() -> list[httpx.Response]:
+        return await asyncio.gather(*(ask(m) for m in [*tiny, *spread, *spare]))
+
+    answers = asyncio.run(all_at_once())
+    for response in answers[:8]:  # tiny
+        assert response.status_code == 402, response.text
+        body = response.json()
+        assert body["node"] == "embed" and body["budget"]["max_usd"] == 1e-12
+        assert body["budget"]["estimate_usd"] > body["budget"]["left_usd"], body
+        assert "x-servegraph-max-cost-usd" in body["detail"]
+    bit = capped = 0
+    for response in answers[8:24]:  # spread
+        if response.status_code == 402:
+            print(f"\n402: {response.text}")
+            assert response.json()["node"] in {"embed", "retrieve", "embed_sentences", "generate"}
+            bit += 1
+            continue
+        assert response.status_code == 200, response.text
+        spent = json.loads(response.headers["x-servegraph-usage"])
+        if lowered := spent["budget"]["capped"].get("generate"):
+            assert spent["llm_output_tokens"] <= lowered["max_tokens"], spent
+            assert response.json()["answer"], response.text  # a short answer, still prose
+            bit, capped = bit + 1, capped + 1
+    for response in answers[24:]:  # spare
+        assert response.status_code == 200, response.text
+        assert json.loads(response.headers["x-servegraph-usage"])["budget"]["capped"] == {}
+    print(f"\nbudgets across rag's cost: {bit}/16 stopped or capped ({capped} capped)")
+    assert bit >= 1  # the least of them cannot pay for 160 tokens
+    streamed = client.post(
+        "/pipelines/rag/stream", json=question, headers={"x-servegraph-max-cost-usd": "1e-12"}
+    )
+    assert streamed.status_code == 402 and streamed.json()["node"] == "embed"

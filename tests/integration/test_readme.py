@@ -40,6 +40,8 @@ def test_readme_curl_examples_return_real_answers(pipelines: LocalCluster) -> No
             ["bash", "-c", line], capture_output=True, text=True, timeout=300, check=True
         )
         route = re.search(r"/(pipelines/[\w/]+|v1/[\w/]+)", line).group(1)
+        if "x-servegraph-max-cost-usd" in line:
+            route = "budgeted " + route
         outputs[route] = (
             sse_events(done.stdout) if route.endswith("/stream") else json.loads(done.stdout)
         )
@@ -48,6 +50,9 @@ def test_readme_curl_examples_return_real_answers(pipelines: LocalCluster) -> No
     assert [name for name, _ in streamed][-2:] == ["usage", "result"]
     assert any(name == "chunk" for name, _ in streamed) and streamed[-1][1]["answer"]
     assert outputs["pipelines/triage"]["team"] == "shipping"
+    # The maximum-cost example: an answer within it, or 402 naming the node it stopped at.
+    budgeted = outputs["budgeted pipelines/rag"]
+    assert budgeted.get("answer") or budgeted["error"] == "BudgetExceededError", budgeted
     assert "Paris" in outputs["v1/chat/completions"]["choices"][0]["message"]["content"]
 
 

@@ -106,6 +106,8 @@ def test_metered_methods_charge_each_call_concurrent_calls_sharing() -> None:
     answers = asyncio.run(two_at_once())
     assert [charge_of(a)["cpu_s"] for a in answers] == pytest.approx([1.0, 1.0])
     assert charge_of(server.quick("c"))["cpu_s"] == 0.0  # no time passed on the clock
+    # The replica's busy time is what its charges add up to, per CPU.
+    assert server.meter_stats() == {"busy_s": 1.0, "resources": m.resources}
 
 
 def test_the_usage_total_is_the_sum_of_its_nodes() -> None:

@@ -1,0 +1,377 @@
+"""A request's maximum cost (`servegraph.cost.Budget`): the runtime stops before a call
+whose estimated cost does not fit what is left, naming the node and the amounts, and
+lowers the LLM's max_tokens to what is left buys. Toy servers charge exact, known
+amounts, so every figure here is arithmetic."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import pickle
+
+import pytest
+from pydantic import BaseModel, Field
+
+from servegraph import (
+    BudgetExceededError,
+    Catalog,
+    InProcessRuntime,
+    MethodContract,
+    Pipeline,
+    ServerSpec,
+)
+from servegraph.cost import Budget, CostModel, Estimate, attach, prices
+from servegraph.http import runtime_error_body
+from servegraph.runtime import NodeRecord
+
+CPU_S_PER_USD = 1 / prices().usd({"cpu_s": 1.0})
+EMBED_USD = 1e-5  # what one embed call costs
+CALL_USD, TOKEN_USD = 2e-5, 1e-6  # the model: per call, per output token
+REPLY_TOKENS = 50  # the model writes this many, or max_tokens if fewer
+
+
+class Text(BaseModel):
+    text: str
+
+
+class Vector(BaseModel):
+    vector: list[float]
+
+
+class Prompt(BaseModel):
+    text: str
+    max_tokens: int = Field(100, ge=1)
+    context: list[float] = []
+
+
+class Tokens(BaseModel):
+    input_tokens: int
+    output_tokens: int
+
+
+class Reply(BaseModel):
+    text: str
+    usage: Tokens
+
+
+class Pair(BaseModel):
+    a: list[float]
+    b: list[float]
+
+
+def charge(usd: float) -> dict[str, float]:
+    return {"cpu_s": usd * CPU_S_PER_USD}
+
+
+class Embedder:
+    def __init__(self) -> None:
+        self.calls = 0
+
+    async def embed(self, request: Text) -> Vector:
+        self.calls += 1
+        await asyncio.sleep(0)  # let concurrent runs interleave
+        return attach(Vector(vector=[float(len(request.text))]), charge(EMBED_USD))
+
+
+class Model:
+    def __init__(self) -> None:
+        self.asked: list[int] = []
+
+    async def generate(self, request: Prompt) -> Reply:
+        self.asked.append(request.max_tokens)
+        await asyncio.sleep(0)
+        n = min(REPLY_TOKENS, request.max_tokens)
+        reply = Reply(text="x" * n, usage=Tokens(input_tokens=3, output_tokens=n))
+        return attach(reply, charge(CALL_USD + TOKEN_USD * n))
+
+
+def catalog() -> Catalog:
+    embed = MethodContract(Text, Vector, idempotent=True)
+    generate = MethodContract(Prompt, Reply, usage="usage", budget_field="max_tokens")
+    return Catalog(
+        [
+            ServerSpec("embedder", {"embed": embed}, "x:y", "E", "/e"),
+            ServerSpec("model", {"generate": generate}, "x:y", "M", "/m"),
+        ]
+    )
+
+
+def rag() -> Pipeline:
+    p = Pipeline("rag", input=Prompt, output=Reply)
+    e = p.call("embed", "embedder", "embed", text=p.input.text, idempotent=True, retries=2)
+    p.returns(
+        p.call(
+            "generate",
+            "model",
+            "generate",
+            text=p.input.text,
+            max_tokens=p.input.max_tokens,
+            context=e.vector,
+        )
+    )
+    return p
+
+
+def echo_fallback(text: str) -> Vector:
+    return Vector(vector=[0.0])
+
+
+def fan_out() -> Pipeline:
+    """Two embeds at once, sharing the request's budget."""
+    p = Pipeline("fan", input=Text, output=Pair)
+    a = p.call("a", "embedder", "embed", text=p.input.text)
+    b = p.call("b", "embedder", "embed", text=p.input.text)
+    p.returns(a=a.vector, b=b.vector)
+    return p
+
+
+def runtime() -> tuple[InProcessRuntime, Embedder, Model]:
+    embedder, model = Embedder(), Model()
+    return InProcessRuntime(catalog(), {"embedder": embedder, "model": model}), embedder, model
+
+
+async def learned(rt: InProcessRuntime) -> None:
+    """Runs that teach the cost model, the model writing 10 and 50 tokens."""
+    for max_tokens in (10, 100):
+        await rt.run(rag().build(), {"text": "hello", "max_tokens": max_tokens})
+
+
+# --------------------------------------------------------------------- the estimates
+
+
+def test_a_method_without_tokens_is_estimated_at_its_recent_charges_mean() -> None:
+    costs = CostModel(half_life=1.0)
+    assert costs.estimate("embedder", "embed") is None
+    for usd in (1.0, 2.0, 4.0):  # weights 1/4, 1/2, 1
+        costs.observe("embedder", "embed", usd)
+    estimate = costs.estimate("embedder", "embed")
+    assert estimate is not None
+    assert estimate.per_call == pytest.approx((0.25 + 1.0 + 4.0) / 1.75)
+    assert estimate.per_token == 0
+
+
+def test_a_method_with_tokens_is_a_line_through_its_charges() -> None:
+    costs = CostModel()
+    for tokens in (10, 20, 40):
+        costs.observe("llm", "chat", 3.0 + 0.5 * tokens, tokens)
+    estimate = costs.estimate("llm", "chat")
+    assert estimate is not None
+    assert estimate.per_call == pytest.approx(3.0) and estimate.per_token == pytest.approx(0.5)
+
+
+def test_without_spread_in_tokens_all_of_the_cost_is_per_token() -> None:
+    costs = CostModel()
+    for _ in range(3):
+        costs.observe("llm", "chat", 6.0, 20)  # every reply ran to max_tokens
+    assert costs.estimate("llm", "chat") == Estimate(0.0, pytest.approx(0.3))
+
+
+def test_a_line_that_would_go_negative_is_clamped_to_cost_per_token() -> None:
+    costs = CostModel(half_life=1.0)
+    costs.observe("llm", "chat", 1.0, 10)
+    costs.observe("llm", "chat", 9.0, 20)  # slope 0.8, intercept -7
+    estimate = costs.estimate("llm", "chat")
+    assert estimate is not None and estimate.per_call == 0  # the mean cost per token:
+    assert estimate.per_token == pytest.approx((0.5 * 1 + 9) / (0.5 * 10 + 20))
+
+
+def test_the_window_forgets_old_charges() -> None:
+    costs = CostModel(window=2, half_life=1e9)  # weights all but equal
+    for usd in (100.0, 1.0, 3.0):
+        costs.observe("embedder", "embed", usd)
+    assert costs.estimate("embedder", "embed") == Estimate(pytest.approx(2.0))
+
+
+def test_the_estimate_follows_a_change_of_load_within_a_few_calls() -> None:
+    """A burst of cheap calls (tokens shared by 32 sequences), then the load drops and a
+    token costs four times as much: after 16 calls the estimate is within 10 % of the
+    new cost, though 48 of the 64 charges it holds are the old ones."""
+    costs = CostModel()
+    for i in range(48):
+        costs.observe("llm", "chat", 0.25 * (20 + i % 7), 20 + i % 7)
+    for i in range(16):
+        costs.observe("llm", "chat", 1.0 * (20 + i % 7), 20 + i % 7)
+    estimate = costs.estimate("llm", "chat")
+    assert estimate is not None and estimate.at(25) == pytest.approx(25.0, rel=0.1)
+
+
+# ------------------------------------------------------------------ the runtime
+
+
+async def test_a_method_never_charged_runs_whatever_the_budget() -> None:
+    rt, embedder, _ = runtime()
+    budget = Budget(1e-12)
+    await rt.run(rag().build(), {"text": "hello"}, budget=budget)
+    assert embedder.calls == 1
+    assert budget.spent_usd == pytest.approx(EMBED_USD + CALL_USD + TOKEN_USD * REPLY_TOKENS)
+
+
+async def test_calls_that_come_while_the_first_runs_wait_for_its_charge() -> None:
+    """A cold runtime, 20 tight budgets at once: the first call of each method runs to
+    learn its cost, and the others, waiting for it, are stopped by its charge."""
+    rt, embedder, model = runtime()
+    budgets = [Budget(EMBED_USD / 2) for _ in range(20)]
+    results = await asyncio.gather(
+        *(rt.run(rag().build(), {"text": "hi"}, budget=b) for b in budgets),
+        return_exceptions=True,
+    )
+    stopped = [r for r in results if isinstance(r, BudgetExceededError)]
+    assert len(stopped) == 19 and {e.node for e in stopped} == {"embed"}
+    assert embedder.calls == 1 and len(model.asked) == 1  # the one that learned the costs
+
+
+async def test_a_budget_below_the_first_call_stops_before_it_naming_it() -> None:
+    rt, embedder, model = runtime()
+    await learned(rt)
+    calls = embedder.calls, len(model.asked)
+    records: list[NodeRecord] = []
+    with pytest.raises(BudgetExceededError) as caught:
+        await rt.execute(rag().build(), {"text": "hi"}, budget=Budget(5e-6), records=records)
+    error = caught.value
+    assert error.node == "embed" and error.status_code == 402
+    assert error.estimate_usd == pytest.approx(EMBED_USD) and error.spent_usd == 0
+    assert "$1e-05" in error.detail and "at least $1e-05" in error.detail
+    assert (embedder.calls, len(model.asked)) == calls  # nothing ran, nothing retried
+    assert [(r.node, r.status) for r in records] == [("embed", "budget")]
+
+
+async def test_a_budget_that_buys_the_embed_but_not_one_token_stops_at_the_llm() -> None:
+    rt, _, model = runtime()
+    await learned(rt)
+    asked = len(model.asked)
+    with pytest.raises(BudgetExceededError) as caught:
+        await rt.run(rag().build(), {"text": "hi"}, budget=Budget(EMBED_USD + CALL_USD))
+    error = caught.value
+    assert error.node == "generate" and len(model.asked) == asked
+    assert error.spent_usd == pytest.approx(EMBED_USD)
+    assert error.estimate_usd == pytest.approx(CALL_USD + TOKEN_USD)
+
+
+async def test_the_llm_max_tokens_is_lowered_to_what_is_left_buys() -> None:
+    rt, _, model = runtime()
+    await learned(rt)
+    budget = Budget(EMBED_USD + CALL_USD + TOKEN_USD * 20.5)
+    reply = await rt.run(rag().build(), {"text": "hi", "max_tokens": 100}, budget=budget)
+    assert model.asked[-1] == 20 and reply.usage.output_tokens == 20
+    assert budget.capped == {"generate": {"max_tokens": 20}}
+    assert budget.spent_usd <= budget.max_usd and budget.reserved_usd == pytest.approx(0)
+
+
+async def test_a_budget_that_covers_the_request_leaves_it_alone() -> None:
+    rt, _, model = runtime()
+    await learned(rt)
+    budget = Budget(1.0)
+    await rt.run(rag().build(), {"text": "hi", "max_tokens": 100}, budget=budget)
+    assert model.asked[-1] == 100 and budget.capped == {}
+
+
+async def test_a_budget_stop_is_not_replaced_by_the_fallback() -> None:
+    rt, _, _ = runtime()
+    await learned(rt)
+    p = Pipeline("fb", input=Text, output=Vector)
+    p.returns(p.call("embed", "embedder", "embed", text=p.input.text, fallback=echo_fallback))
+    with pytest.raises(BudgetExceededError):
+        await rt.run(p.build(), {"text": "hi"}, budget=Budget(1e-9))
+
+
+async def test_parallel_calls_share_the_budget() -> None:
+    rt, embedder, _ = runtime()
+    await learned(rt)
+    before = embedder.calls
+    with pytest.raises(BudgetExceededError) as caught:
+        await rt.run(fan_out().build(), {"text": "hi"}, budget=Budget(1.5 * EMBED_USD))
+    assert caught.value.node in ("a", "b") and embedder.calls - before == 1
+    budget = Budget(2 * EMBED_USD)
+    await rt.run(fan_out().build(), {"text": "hi"}, budget=budget)
+    assert budget.spent_usd == pytest.approx(2 * EMBED_USD)
+
+
+async def test_many_concurrent_requests_each_keep_to_their_own_budget() -> None:
+    """200 runs at once on one runtime, budgets from below the first call to above the
+    whole request: each stops naming the node it could not afford, or finishes within
+    its maximum with max_tokens lowered where it had to be."""
+    rt, _, _ = runtime()
+    await learned(rt)
+    full = EMBED_USD + CALL_USD + TOKEN_USD * REPLY_TOKENS
+    maxima = [full * (0.1 + 1.2 * i / 199) for i in range(200)]
+    budgets = [Budget(m) for m in maxima]
+    results = await asyncio.gather(
+        *(rt.run(rag().build(), {"text": "hi"}, budget=b) for b in budgets),
+        return_exceptions=True,
+    )
+    stopped = {"embed": 0, "generate": 0}
+    for budget, result in zip(budgets, results, strict=True):
+        if isinstance(result, BudgetExceededError):
+            stopped[result.node] += 1
+            expected = "embed" if budget.max_usd < EMBED_USD else "generate"
+            assert result.node == expected
+            assert result.estimate_usd > result.left_usd
+            continue
+        assert isinstance(result, Reply), result
+        assert budget.spent_usd <= budget.max_usd * (1 + 1e-9)
+        affordable = int((budget.max_usd - EMBED_USD - CALL_USD) / TOKEN_USD)
+        assert result.usage.output_tokens == min(REPLY_TOKENS, affordable)
+    assert stopped["embed"] > 0 and stopped["generate"] > 0
+    assert sum(stopped.values()) < len(budgets)
+
+
+def test_the_error_pickles_and_its_body_names_the_node_and_amounts() -> None:
+    error = BudgetExceededError("generate", 2e-5, 1e-5, 3e-5, 2e-5)
+    again = pickle.loads(pickle.dumps(error))
+    assert again.detail == error.detail and again.estimate_usd == 2e-5
+    body = runtime_error_body(again)
+    assert body["node"] == "generate" and body["error"] == "BudgetExceededError"
+    assert body["budget"] == {
+        "max_usd": 3e-5,
+        "spent_usd": 2e-5,
+        "left_usd": 1e-5,
+        "estimate_usd": 2e-5,
+    }
+
+
+# ---------------------------------------------------------------------- over HTTP
+
+
+class Invoker:
+    def __init__(self, servers: dict[str, object]) -> None:
+        self.servers = servers
+
+    async def __call__(self, server: str, method: str, request: BaseModel) -> object:
+        return await getattr(self.servers[server], method)(request)
+
+
+def test_the_ingress_takes_the_maximum_from_a_header_and_answers_402() -> None:
+    from fastapi.testclient import TestClient
+
+    from servegraph.auth import client_headers
+    from servegraph.serving import build_fastapi
+
+    model = Model()
+    servers = {"embedder": Embedder(), "model": model}
+    app = build_fastapi({"rag": rag().build()}, catalog(), Invoker(servers))
+    client = TestClient(app, headers=client_headers())
+    for max_tokens in (10, 100):  # the ingress learns what the calls cost
+        assert client.post("/rag", json={"text": "hi", "max_tokens": max_tokens}).status_code == 200
+
+    def ask(maximum: float, path: str = "/rag") -> object:
+        return client.post(
+            path, json={"text": "hi"}, headers={"x-servegraph-max-cost-usd": str(maximum)}
+        )
+
+    stopped = ask(5e-6)
+    assert stopped.status_code == 402 and stopped.json()["node"] == "embed"
+    assert stopped.json()["budget"]["estimate_usd"] == pytest.approx(EMBED_USD)
+    streamed = ask(5e-6, "/rag/stream")  # stopped before any progress: the same 402
+    assert streamed.status_code == 402 and streamed.json()["node"] == "embed"
+    capped = ask(EMBED_USD + CALL_USD + TOKEN_USD * 20.5)
+    usage = json.loads(capped.headers["x-servegraph-usage"])
+    assert capped.status_code == 200 and model.asked[-1] == 20
+    assert usage["budget"] == {
+        "max_usd": pytest.approx(EMBED_USD + CALL_USD + TOKEN_USD * 20.5),
+        "capped": {"generate": {"max_tokens": 20}},
+    }
+    assert usage["usd"] <= usage["budget"]["max_usd"]
+    assert ask(0).status_code == 422  # a maximum must be more than nothing
+    documented = app.openapi()["paths"]["/rag"]["post"]
+    assert "402" in documented["responses"]
+    assert "x-servegraph-max-cost-usd" in {p["name"] for p in documented["parameters"]}

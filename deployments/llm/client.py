@@ -15,7 +15,9 @@ from pydantic_core import from_json
 
 from deployments.llm.contract import ChatChunk, ChatRequest, ChatResponse, Usage
 from deployments.llm.settings import LLMSettings
-from servegraph.server import CHARGE_ITEM, InvalidInputError, annotate, attach_charge
+from servegraph.server import CHARGE_ITEM, InvalidInputError, allowance, annotate, attach_charge
+
+STOPPED = "servegraph_stopped"  # in the engine's charge item: why it ended the reply early
 
 
 class LLMClient:
@@ -27,6 +29,12 @@ class LLMClient:
         self._handle = handle.options(stream=True)
 
     async def chat(self, request: ChatRequest) -> ChatResponse:
+        if allowance() is not None:
+            # The engine can stop a reply at the request's budget only between the
+            # items of a stream: take the streamed reply, whole.
+            async for item in self.chat_stream(request):
+                if isinstance(item, ChatResponse):
+                    return item
         response, charge = None, None
         stream = self._handle.chat.remote(self._openai_request(request), None)
         try:
@@ -50,10 +58,15 @@ class LLMClient:
         text: list[str] = []
         finish_reason: str | None = None
         usage = Usage(input_tokens=0, output_tokens=0)
-        charge: list[dict[str, float]] = []
-        stream = self._handle.chat.remote(self._openai_request(request, stream=True), None)
+        ended: list[dict[str, Any]] = []
+        deltas = 0
+        allowed = allowance()
+        # With an allowance the engine may end the reply before the stream's last chunk,
+        # which alone carries the usage unless every chunk is asked to.
+        openai_request = self._openai_request(request, stream=True, usage_always=bool(allowed))
+        stream = self._handle.chat.remote(openai_request, None, allowed)
         try:
-            async for batch in self._lines(stream, charge):
+            async for batch in self._lines(stream, ended):
                 for line in batch:
                     payload = line.removeprefix("data:").strip()
                     if not payload or payload == "[DONE]":
@@ -65,6 +78,7 @@ class LLMClient:
                     for choice in data.get("choices") or []:
                         if delta := (choice.get("delta") or {}).get("content"):
                             text.append(delta)
+                            deltas += 1
                             if new := field.feed(delta):
                                 yield ChatChunk(text=new)
                         finish_reason = choice.get("finish_reason") or finish_reason
@@ -76,19 +90,24 @@ class LLMClient:
         except (asyncio.CancelledError, GeneratorExit):
             stream.cancel()  # the caller is gone: abort the generation
             raise
+        if ended and ended[0].get(STOPPED):
+            # The engine ended the reply at the request's budget: a reply cut short, as at
+            # max_tokens. Its usage is the last chunk's (or, without one, a token a delta).
+            finish_reason = "length"
+            usage = usage if usage.output_tokens else Usage(input_tokens=0, output_tokens=deltas)
         reply = ChatResponse(
             text="".join(text), finish_reason=finish_reason, usage=usage, model=self.model_id
         )
         _annotate_reply(reply)
-        yield attach_charge(reply, charge[0]) if charge else reply
+        yield attach_charge(reply, ended[0][CHARGE_ITEM]) if ended else reply
 
-    async def _lines(self, stream: Any, charge: list[dict[str, float]]) -> AsyncIterator[list[str]]:
+    async def _lines(self, stream: Any, ended: list[dict[str, Any]]) -> AsyncIterator[list[str]]:
         """LLMServer yields lists of SSE lines ("data: {chunk json}"), or an ErrorResponse
-        (raised here as the engine's error), and last the call's charge (kept in
-        `charge`)."""
+        (raised here as the engine's error), and last the call's charge (that item is
+        kept in `ended`)."""
         async for batch in stream:
             if isinstance(batch, dict) and CHARGE_ITEM in batch:
-                charge.append(batch[CHARGE_ITEM])
+                ended.append(batch)
                 continue
             lines = batch if isinstance(batch, list) else [batch]
             for line in lines:
@@ -96,7 +115,9 @@ class LLMClient:
                     _to_chat_response(line, self.model_id)  # raises the engine's error
             yield lines
 
-    def _openai_request(self, request: ChatRequest, *, stream: bool = False) -> Any:
+    def _openai_request(
+        self, request: ChatRequest, *, stream: bool = False, usage_always: bool = False
+    ) -> Any:
         from ray.serve.llm.openai_api_models import ChatCompletionRequest
 
         body: dict[str, Any] = {
@@ -107,7 +128,7 @@ class LLMClient:
             "stream": stream,
         }
         if stream:
-            body["stream_options"] = {"include_usage": True}
+            body["stream_options"] = {"include_usage": True, "continuous_usage_stats": usage_always}
         if request.stop:
             body["stop"] = request.stop
         if request.json_schema is not None:

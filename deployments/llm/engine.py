@@ -6,7 +6,9 @@
   under continuous batching is a split by tokens processed (`servegraph.cost.Meter`),
   over every request the engine serves (the OpenAI routes' too). A pipeline's call
   (`LLMClient`, which sends no raw HTTP request) gets its charge as one more item after
-  the engine's last one.
+  the engine's last one;
+- a call's allowance (what its request's budget had left, `servegraph.cost.allowance`):
+  the generation stops when the call's charge reaches it, and the charge item says so.
 
 Same class name, so the deployment keeps its name (`LLMServer:<model>`), which
 dashboards and alerts use.
@@ -19,6 +21,8 @@ from typing import Any
 
 from ray.serve.llm.deployment import LLMServer as RayLLMServer
 
+from deployments.llm.client import STOPPED
+from servegraph.cost import prices
 from servegraph.server import CHARGE_ITEM, Meter, SameModel, replica_resources
 
 
@@ -34,21 +38,31 @@ class LLMServer(RayLLMServer):
 
     # Like ray.serve.llm's own, these return the stream (an async generator) from a
     # coroutine; Serve streams it to the caller.
-    async def chat(self, request: Any, raw_request_info: Any = None) -> Any:
-        return self._metered(await super().chat(request, raw_request_info), raw_request_info)
+    async def chat(
+        self, request: Any, raw_request_info: Any = None, allowance_usd: float | None = None
+    ) -> Any:
+        stream = await super().chat(request, raw_request_info)
+        return self._metered(stream, raw_request_info, allowance_usd)
 
     async def completions(self, request: Any, raw_request_info: Any = None) -> Any:
         stream = await super().completions(request, raw_request_info)
         return self._metered(stream, raw_request_info)
 
     async def _metered(
-        self, stream: AsyncIterator[Any], raw_request_info: Any
+        self, stream: AsyncIterator[Any], raw_request_info: Any, allowance_usd: float | None = None
     ) -> AsyncIterator[Any]:
         ticket = self._meter.start()
+        stopped = False
         try:
             async for item in stream:
                 yield item
+                if allowance_usd is not None:
+                    stopped = prices().usd(self._meter.held(ticket)) >= allowance_usd
+                    if stopped:
+                        break
         finally:
+            if stopped:  # closing vLLM's stream aborts the request in the engine
+                await stream.aclose()  # type: ignore[attr-defined]  # an async generator
             charge = self._meter.stop(ticket)
         if raw_request_info is None:  # a pipeline's call: it takes the charge
-            yield {CHARGE_ITEM: charge}
+            yield {CHARGE_ITEM: charge, **({STOPPED: "budget"} if stopped else {})}

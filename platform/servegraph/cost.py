@@ -36,14 +36,21 @@ mean of the method's recent charges (`CostModel`), learned by the runtime from e
 request's calls, under the load of the moment. For the LLM the estimate is a line,
 per call plus per output token, and the call's `max_tokens` is lowered to what is left
 buys. The first call of a method in a process has no estimate: it runs, and calls with
-a budget that come while it does wait for its charge (`CostModel.first_charge`). So a
-request can end a little over its maximum, by how far its last calls' actual costs differ from
-their estimates; its usage reports what it actually cost.
+a budget that come while it does wait for its charge (`CostModel.first_charge`).
+
+An estimate cannot bound a cost that depends on who else is served at the same moment
+(a decode step shared by two sequences costs each of them four times what it does
+shared by eight), so the call also carries what is left (`allowance()`), and a server
+that can stop part-way stops there: the LLM ends its generation when its charge
+reaches it (`deployments/llm/engine.py`), as if at max_tokens. A call that cannot stop
+part-way (an encoder's batch) can pass it by how far its cost differs from its
+estimate; the usage reports what the request actually cost.
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextvars
 import functools
 import inspect
 import threading
@@ -61,6 +68,18 @@ OVERHEAD_GAP_S = 0.01  # shorter gaps between calls are Serve's per-request work
 # The item a streamed call's server yields last, carrying the call's charge.
 CHARGE_ITEM = "servegraph_charge"
 KINDS = ("cpu_s", "gpu_s", "gib_s")  # CPU-seconds, GPU-seconds, GiB-seconds
+
+
+_allowance: contextvars.ContextVar[float | None] = contextvars.ContextVar(
+    "servegraph_call_allowance_usd", default=None
+)
+
+
+def allowance() -> float | None:
+    """The most the running model-server call may cost (USD), when its request has a
+    budget: what the budget had left when the call started. Set by the runtime around
+    each call; a server's client that can stop its work part-way passes it on."""
+    return _allowance.get()
 
 
 def attach(response: Any, charge: dict[str, float]) -> Any:
@@ -122,6 +141,12 @@ class Meter:
                 ticket.held_s, self.busy_s = gap, self.busy_s + gap  # receiving this one
             self._active.append(ticket)
             return ticket
+
+    def held(self, ticket: _Ticket) -> dict[str, float]:
+        """The request's resource-seconds so far (it is still in flight)."""
+        with self._lock:
+            self._advance()
+            return {f"{kind}_s": ticket.held_s * amount for kind, amount in self.resources.items()}
 
     def stop(self, ticket: _Ticket) -> dict[str, float]:
         """The request's resource-seconds."""

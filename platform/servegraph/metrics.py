@@ -78,7 +78,9 @@ class PipelineMetrics:
             if record.status in ("error", "timeout"):
                 self.node_errors.inc(tags={"pipeline": pipeline, "node": node})
             for direction, tokens in (record.usage or {}).items():
-                self.llm_tokens.inc(tokens, tags={"pipeline": pipeline, "direction": direction})
+                if tokens > 0:  # a counter takes no zero (a reply of no tokens)
+                    tags = {"pipeline": pipeline, "direction": direction}
+                    self.llm_tokens.inc(tokens, tags=tags)
             if record.charge:
                 tags = {"pipeline": pipeline, "node": node}
                 for resource, seconds in record.charge.items():

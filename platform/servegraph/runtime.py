@@ -457,11 +457,13 @@ class _Run:
         contract = self.rt.catalog.contract(server, method)
         request, reserved = await self._afford(qualified, server, method, contract, args)
         response = None
+        allowed = cost._allowance.set(self._allowance(reserved))
         try:
             response = await self.rt._invoke(server, method, request)
             if isinstance(response, dict):
                 response = contract.response.model_validate(response)
         finally:
+            cost._allowance.reset(allowed)
             self._settle(server, method, contract, reserved, response)
         return response
 
@@ -472,6 +474,7 @@ class _Run:
         assert contract.stream_method is not None and contract.chunk is not None
         request, reserved = await self._afford(qualified, node.server, node.method, contract, args)
         response = None
+        allowed = cost._allowance.set(self._allowance(reserved))
         try:
             stream = self.rt._invoke_stream(node.server, contract.stream_method, request)
             async for item in stream:
@@ -482,6 +485,7 @@ class _Run:
                     self.streamed.add(qualified)
                     self.on_event(RunEvent("chunk", qualified, chunk))
         finally:
+            cost._allowance.reset(allowed)
             self._settle(node.server, node.method, contract, reserved, response)
         if response is None:
             raise RuntimeError(f"{contract.stream_method} ended without a final response")
@@ -524,6 +528,11 @@ class _Run:
                 raise self._over(qualified, reserved, left)
         budget.reserved_usd += reserved
         return request, reserved
+
+    def _allowance(self, reserved: float) -> float | None:
+        """What the call about to start may cost at most: what the budget has left,
+        its own reservation included (`servegraph.cost.allowance`)."""
+        return None if self.budget is None else max(self.budget.left_usd + reserved, 0.0)
 
     def _over(self, qualified: str, estimate_usd: float, left_usd: float) -> BudgetExceededError:
         assert self.budget is not None

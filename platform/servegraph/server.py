@@ -6,7 +6,8 @@ span annotation, the input error that becomes a 422 naming the field, the gatewa
 gives the server its REST surface (API keys checked), the same key check for a
 route of an app the server does not build itself (`guard_endpoint`), and the check that
 every replica loaded the model files its application was built with (`SameModel`,
-`with_expected_model`), and what each request cost the replica (`metered`, `Meter`). Everything else
+`with_expected_model`), and what each request cost the replica (`metered`, `Meter`;
+`allowance`, the most a call may cost when its request has a budget). Everything else
 in the framework is private to it. Importing this module imports neither Ray nor a
 model.
 """
@@ -20,6 +21,7 @@ from servegraph.batching import Batcher as Batcher
 from servegraph.batching import BatchStats as BatchStats
 from servegraph.cost import CHARGE_ITEM as CHARGE_ITEM
 from servegraph.cost import Meter as Meter
+from servegraph.cost import allowance as allowance
 from servegraph.cost import attach as attach_charge
 from servegraph.cost import metered as metered
 from servegraph.cost import replica_resources as replica_resources
@@ -37,6 +39,7 @@ __all__ = [
     "InvalidInputError",
     "Meter",
     "SameModel",
+    "allowance",
     "annotate",
     "attach_charge",
     "expected_model_env",

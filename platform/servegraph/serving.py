@@ -185,7 +185,10 @@ def pipeline_router(compiled: CompiledGraph, runtime: Runtime, metrics: Any) -> 
         tokens); return its wall time in ms."""
         total_ms = (time.perf_counter() - started) * 1000
         if metrics is not None:
-            metrics.record(graph.name, status, total_ms, records)
+            try:
+                metrics.record(graph.name, status, total_ms, records)
+            except Exception:  # the metrics' loss, never the request's answer
+                logger.exception("recording the metrics of a %s request failed", graph.name)
         http.state.charged = True
         usd = cost.prices().usd(cost.total([r.charge for r in records if r.charge]))
         await auth.Guard.here().charge(caller, status, _tokens(records), usd)

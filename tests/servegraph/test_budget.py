@@ -20,7 +20,7 @@ from servegraph import (
     Pipeline,
     ServerSpec,
 )
-from servegraph.cost import Budget, CostModel, Estimate, attach, prices
+from servegraph.cost import Budget, CostModel, Estimate, allowance, attach, prices
 from servegraph.http import runtime_error_body
 from servegraph.runtime import NodeRecord
 
@@ -76,9 +76,11 @@ class Embedder:
 class Model:
     def __init__(self) -> None:
         self.asked: list[int] = []
+        self.allowed: list[float | None] = []
 
     async def generate(self, request: Prompt) -> Reply:
         self.asked.append(request.max_tokens)
+        self.allowed.append(allowance())
         await asyncio.sleep(0)
         n = min(REPLY_TOKENS, request.max_tokens)
         reply = Reply(text="x" * n, usage=Tokens(input_tokens=3, output_tokens=n))
@@ -254,6 +256,9 @@ async def test_the_llm_max_tokens_is_lowered_to_what_is_left_buys() -> None:
     reply = await rt.run(rag().build(), {"text": "hi", "max_tokens": 100}, budget=budget)
     assert model.asked[-1] == 20 and reply.usage.output_tokens == 20
     assert budget.capped == {"generate": {"max_tokens": 20}}
+    # The call also carries what was left, for a server that can stop part-way.
+    assert model.allowed[-1] == pytest.approx(CALL_USD + TOKEN_USD * 20.5)
+    assert model.allowed[:2] == [None, None]  # the runs without a budget
     assert budget.spent_usd <= budget.max_usd and budget.reserved_usd == pytest.approx(0)
 
 

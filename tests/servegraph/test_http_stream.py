@@ -96,3 +96,17 @@ def test_every_pipeline_documents_its_stream_route(client: TestClient) -> None:
     operation = spec["paths"]["/written/stream"]["post"]
     assert "text/event-stream" in operation["responses"]["200"]["content"]
     assert "`chunk`" in operation["description"]
+
+
+def test_a_failure_to_record_metrics_never_changes_the_answer() -> None:
+    class BrokenMetrics:
+        def record(self, *args: Any) -> None:
+            raise ValueError("value must be >0, got 0")  # what Ray's counter said once
+
+    graphs = {"written": toy.written().build()}
+    servers = toy.servers(writer=toy.Writer())
+    app = build_fastapi(graphs, toy.CATALOG, ToyInvoker(servers), BrokenMetrics())
+    client = TestClient(app, headers=client_headers())
+    assert client.post("/written", json={"text": "one two"}).json() == "ONE TWO"
+    streamed = client.post("/written/stream", json={"text": "one two"})
+    assert [name for name, _ in sse_events(streamed.text)][-1] == "result"

@@ -63,7 +63,9 @@ class LLMClient:
         allowed = allowance()
         # With an allowance the engine may end the reply before the stream's last chunk,
         # which alone carries the usage unless every chunk is asked to.
-        openai_request = self._openai_request(request, stream=True, usage_always=bool(allowed))
+        openai_request = self._openai_request(
+            request, stream=True, usage_always=allowed is not None
+        )
         stream = self._handle.chat.remote(openai_request, None, allowed)
         try:
             async for batch in self._lines(stream, ended):

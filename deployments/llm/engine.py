@@ -22,8 +22,7 @@ from typing import Any
 from ray.serve.llm.deployment import LLMServer as RayLLMServer
 
 from deployments.llm.client import STOPPED
-from servegraph.cost import prices
-from servegraph.server import CHARGE_ITEM, Meter, SameModel, replica_resources
+from servegraph.server import CHARGE_ITEM, Meter, SameModel, prices, replica_resources
 
 
 class LLMServer(RayLLMServer):

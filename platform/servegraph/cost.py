@@ -148,6 +148,12 @@ class Meter:
             self._advance()
             return {f"{kind}_s": ticket.held_s * amount for kind, amount in self.resources.items()}
 
+    def busy(self) -> float:
+        """Seconds with a request in flight since the meter started, to now."""
+        with self._lock:
+            self._advance()
+            return self.busy_s
+
     def stop(self, ticket: _Ticket) -> dict[str, float]:
         """The request's resource-seconds."""
         with self._lock:
@@ -240,9 +246,7 @@ def _meter_stats(self: Any) -> dict[str, Any]:
     charges add up to, per resource) and the resources it holds. Called by handle
     (`handle.meter_stats.remote()`): a benchmark's check that a window was saturated."""
     meter = _meter(self)
-    with meter._lock:
-        meter._advance()
-        return {"busy_s": meter.busy_s, "resources": dict(meter.resources)}
+    return {"busy_s": meter.busy(), "resources": dict(meter.resources)}
 
 
 _CREATING = threading.Lock()

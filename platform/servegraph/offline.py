@@ -123,7 +123,7 @@ def batch(
     with journal.open("a") as out:
 
         def write(line: dict[str, Any]) -> None:
-            out.write(json.dumps(line, separators=(",", ":")) + "\n")
+            out.write(_json_line(line))
             out.flush()
             report.written += 1
             if on_progress:
@@ -190,9 +190,13 @@ def _read_results(path: Path) -> list[dict[str, Any]]:
     ]
 
 
+def _json_line(row: dict[str, Any]) -> str:
+    return json.dumps(row, separators=(",", ":")) + "\n"
+
+
 def _write_lines(path: Path, rows: list[dict[str, Any]]) -> None:
     with path.open("w") as f:
-        f.writelines(json.dumps(r, separators=(",", ":")) + "\n" for r in rows)
+        f.writelines(_json_line(r) for r in rows)
 
 
 def _write_results(path: Path, rows: list[dict[str, Any]]) -> None:

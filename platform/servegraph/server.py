@@ -6,7 +6,7 @@ span annotation, the input error that becomes a 422 naming the field, the gatewa
 gives the server its REST surface (API keys checked), the same key check for a
 route of an app the server does not build itself (`guard_endpoint`), and the check that
 every replica loaded the model files its application was built with (`SameModel`,
-`with_expected_model`), and what each request cost the replica (`metered`, `Meter`;
+`with_expected_model`), and what each request cost the replica (`metered`, `Meter`, `prices`;
 `allowance`, the most a call may cost when its request has a budget). Everything else
 in the framework is private to it. Importing this module imports neither Ray nor a
 model.
@@ -24,6 +24,7 @@ from servegraph.cost import Meter as Meter
 from servegraph.cost import allowance as allowance
 from servegraph.cost import attach as attach_charge
 from servegraph.cost import metered as metered
+from servegraph.cost import prices as prices
 from servegraph.cost import replica_resources as replica_resources
 from servegraph.errors import InvalidInputError as InvalidInputError
 from servegraph.fingerprint import SameModel as SameModel
@@ -47,6 +48,7 @@ __all__ = [
     "guard_endpoint",
     "metered",
     "offline_docs",
+    "prices",
     "replica_resources",
     "with_expected_model",
 ]

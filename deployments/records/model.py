@@ -1,5 +1,7 @@
 """Order and account look-ups in the support database (read-only SQLite, built from
-`seed.sql` by `prepare`, or on first use)."""
+`seed.sql` by `prepare`, or on first use), each scoped to the customer it is made for
+(`LookupRequest.email`): a record another customer owns is not found, in the same
+words and by the same query as one that does not exist."""
 
 from __future__ import annotations
 
@@ -44,9 +46,11 @@ class SupportRecords:
         number = ORDER_NUMBER.search(request.text)
         if not number:
             return Lookup(message="error: lookup_order needs an order number (five digits)")
-        order = await self._row("SELECT * FROM orders WHERE id = ?", number.group(0))
-        if order is None:
-            return Lookup(message=f"no order {number.group(0)} found")
+        order = await self._row(
+            "SELECT * FROM orders WHERE id = ? AND email = ?", number.group(0), request.email
+        )
+        if order is None:  # missing, or another customer's: the same answer
+            return Lookup(message=f"no order {number.group(0)} found for this customer")
         return Lookup(
             message=(
                 f"order {order['id']}: {order['product']}, status {order['status']}, "
@@ -60,9 +64,13 @@ class SupportRecords:
         email = EMAIL.search(request.text)
         if not email:
             return Lookup(message="error: lookup_account needs the customer's email address")
-        account = await self._row("SELECT * FROM accounts WHERE email = ?", email.group(0).lower())
+        asked = email.group(0).lower()
+        # Only the customer's own account: any other address is "no account", as if none.
+        account = await self._row(
+            "SELECT * FROM accounts WHERE email = ? AND email = ?", asked, request.email
+        )
         if account is None:
-            return Lookup(message=f"no account for {email.group(0)}")
+            return Lookup(message=f"no account for {asked}")
         return Lookup(
             message=(
                 f"account {account['email']}: {account['name']}, {account['plan']}, "
@@ -71,11 +79,11 @@ class SupportRecords:
             record=account,
         )
 
-    async def _row(self, sql: str, key: str) -> dict[str, str] | None:
-        return await asyncio.to_thread(self._query, sql, key)
+    async def _row(self, sql: str, *params: str) -> dict[str, str] | None:
+        return await asyncio.to_thread(self._query, sql, *params)
 
-    def _query(self, sql: str, key: str) -> dict[str, str] | None:
+    def _query(self, sql: str, *params: str) -> dict[str, str] | None:
         with sqlite3.connect(f"file:{self.path}?mode=ro", uri=True) as db:
             db.row_factory = sqlite3.Row
-            row = db.execute(sql, (key,)).fetchone()
+            row = db.execute(sql, params).fetchone()
         return {k: str(v) for k, v in dict(row).items()} if row else None

@@ -14,7 +14,14 @@ Email = Annotated[
 
 class Ticket(BaseModel):
     text: Annotated[str, StringConstraints(strip_whitespace=True, min_length=3, max_length=4000)]
-    email: Email | None = Field(None, description="The customer's email, if known.")
+    email: Email | None = Field(
+        None,
+        description=(
+            "The customer's email, as the calling application authenticated them. Order "
+            "and account look-ups are made for this customer only (an address in the "
+            "text is never used); without it the agent discloses no order or account."
+        ),
+    )
 
 
 class Route(BaseModel):
@@ -53,11 +60,13 @@ class ToolCall(BaseModel):
     tool: str
     argument: str
     error: str = ""
+    email: str = Field("", description="The ticket's customer (its `email`), '' if none.")
 
 
 class ToolInput(BaseModel):
     argument: str
     error: str = ""
+    email: str = Field("", description="The customer a look-up is made for.")
 
 
 class Observation(BaseModel):
@@ -75,7 +84,9 @@ class TriageResult(BaseModel):
     drafted: Literal["llm", "facts", "handoff"] = Field(
         description=(
             "llm: the LLM's draft from the tool results, checked; facts: the tool results "
-            "stated, because the draft missed them; handoff: no tool found anything."
+            "stated, because the draft missed them; handoff: no tool found anything, a "
+            "look-up found nothing for this customer, or the ticket asks about an order or "
+            "account without the customer's email."
         )
     )
     completed: bool = Field(

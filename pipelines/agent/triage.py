@@ -15,9 +15,15 @@ graph carries them:
 - **No tool twice.** Each step offers only the team's tools not yet used (the schema's
   enum), so a repeat cannot be chosen, not merely be refused afterwards. The first step
   offers only the look-up the ticket holds the key for (an order number, an email).
-- **The ticket's key wins.** A look-up uses the order number or email the ticket holds,
-  whatever the model wrote; `search_kb` searches with the ticket's own words when the
-  model's query shares fewer than two of them.
+- **The ticket's key wins.** A look-up uses the order number the ticket holds (the
+  account look-up, the customer's email), whatever the model wrote; `search_kb` searches
+  with the ticket's own words when the model's query shares fewer than two of them.
+- **Only the customer's own records.** The look-ups are made for the request's `email`
+  (the customer the calling application authenticated), never an address in the
+  ticket's text, and the records server returns only that customer's records: another
+  customer's order is "not found", and the reply says so and hands off. Without an
+  `email` no look-up is offered; a ticket asking about an order or account is handed
+  off with a request to write from the account's email address.
 - **The loop ends when the evidence is in**: when the model chooses `final_answer`, or
   when every tool that applies has been used (so at most three steps of four).
 - **The reply is drafted from the tool results**, by the LLM, in a separate step that
@@ -90,6 +96,15 @@ DRAFT_CHARS = 400
 # An article is used when its sentence closest to the query is at least this similar.
 ARTICLE_BAR = 0.35
 HANDOFF = "Thanks for reaching out; we have passed your ticket to our {team} team."
+NOT_FOUND = (
+    "Thanks for reaching out. We could not find {what} for the email address you wrote "
+    "from; we have passed your ticket to our {team} team."
+)
+ASK_FOR_EMAIL = (
+    "Thanks for reaching out. To look up an order or an account, please write to us from "
+    "the email address of your account; we have passed your ticket to our {team} team."
+)
+LOOKUPS = ("lookup_order", "lookup_account")
 
 
 def build_pipeline() -> Pipeline:
@@ -164,6 +179,7 @@ def agent_step() -> Pipeline:
         default=tool_case(invalid_call),
         argument=call.argument,
         error=call.error,
+        email=call.email,
     )
     step.returns(
         step.function("record", record, state=step.input, call=call, observation=observation)
@@ -181,9 +197,10 @@ def search_case() -> Pipeline:
 
 
 def lookup_case(method: str, observe) -> Pipeline:
-    """A look-up in the support records server, with the key the argument holds."""
+    """A look-up in the support records server, with the key the argument holds, for
+    the ticket's customer (the server answers only with their records)."""
     case = Pipeline(method, input=ToolInput, output=Observation)
-    found = case.call("find", "records", method, text=case.input.argument)
+    found = case.call("find", "records", method, text=case.input.argument, email=case.input.email)
     case.returns(case.function("observe", observe, found=found))
     return case
 
@@ -211,13 +228,16 @@ def remaining_tools(state: AgentState) -> list[str]:
 
 
 def key_of(tool: str, state: AgentState) -> str:
-    """The order number or email the ticket holds for a look-up tool, or ''."""
+    """The key of a look-up tool, or '': the order number the ticket holds, or the
+    customer's email. Both only for a ticket with the customer's email (the request's,
+    never one in its text): without it nothing is looked up."""
+    if not state.email:
+        return ""
     if tool == "lookup_order":
         found = ORDER_NUMBER.search(state.ticket)
         return found.group(0) if found else ""
     if tool == "lookup_account":
-        found = EMAIL.search(state.email or state.ticket)
-        return found.group(0).lower() if found else ""
+        return state.email
     return ""
 
 
@@ -288,7 +308,7 @@ def parse(reply: ChatResponse, state: AgentState) -> ToolCall:
         argument = key
     elif tool == "search_kb" and is_poor_query(argument, state.ticket):
         argument = state.ticket
-    return ToolCall(tool=tool, argument=argument)
+    return ToolCall(tool=tool, argument=argument, email=state.email or "")
 
 
 def is_poor_query(query: str, ticket: str) -> bool:
@@ -377,10 +397,32 @@ def brief_writer(state: AgentState) -> dict:
     }
 
 
+def not_found(state: AgentState) -> list[str]:
+    """What the look-ups did not find for this customer ('order 10234', 'an account'):
+    a record of another customer's is not found either."""
+    missing = [s for s in state.steps if s.valid and s.tool in LOOKUPS and not s.facts]
+    return [f"order {s.input}" if s.tool == "lookup_order" else "an account" for s in missing]
+
+
+def asks_without_email(state: AgentState) -> bool:
+    """The ticket holds an order number or an email address one of the team's look-ups
+    would take, but came without the customer's email, so nothing was looked up."""
+    if state.email:
+        return False
+    order = "lookup_order" in state.tools and ORDER_NUMBER.search(state.ticket)
+    account = "lookup_account" in state.tools and EMAIL.search(state.ticket)
+    return bool(order or account)
+
+
 def finish(route: Route, state: AgentState, draft: ChatResponse) -> TriageResult:
     steps = found(state)
     reply, drafted = checked_draft(draft, state, steps), "llm"
-    if not steps:
+    if missing := not_found(state):
+        what = " or ".join(missing)
+        reply, drafted = NOT_FOUND.format(what=what, team=route.team), "handoff"
+    elif asks_without_email(state):
+        reply, drafted = ASK_FOR_EMAIL.format(team=route.team), "handoff"
+    elif not steps:
         reply, drafted = HANDOFF.format(team=route.team), "handoff"
     elif not reply:
         reply, drafted = from_facts(steps), "facts"

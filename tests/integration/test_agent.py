@@ -32,12 +32,45 @@ def test_billing_ticket_goes_to_billing(client: httpx.Client) -> None:
 
 def test_order_status_question_calls_the_order_tool(client: httpx.Client) -> None:
     body = client.post(
-        "/pipelines/triage", json={"text": "Where is my order 12345? It has not arrived yet."}
+        "/pipelines/triage",
+        json={
+            "text": "Where is my order 12345? It has not arrived yet.",
+            "email": "ana@example.com",
+        },
     ).json()
     assert body["team"] == "shipping", body
     orders = [s for s in body["steps"] if s["tool"] == "lookup_order"]
     assert orders, body
     assert "order 12345" in orders[0]["output"] and "in transit" in orders[0]["output"], body
+
+
+# Another customer's records, as the seed holds them: order 10234 is sam@example.com's
+# Summit standing desk ($240.00); lee@example.com's account is Lee Park's Basic plan.
+OTHERS = ("Summit", "240.00", "sam@example.com", "Lee Park", "Basic plan")
+
+
+@pytest.mark.parametrize(
+    "ticket",
+    [
+        {"text": "Where is order 10234? It has not arrived.", "email": "ana@example.com"},
+        {"text": "Where is order 10234?"},
+        {"text": "Is the account of lee@example.com locked? I cannot log in."},
+    ],
+    ids=["another-customers-order", "order-without-email", "account-without-email"],
+)
+def test_a_ticket_gets_no_facts_of_another_customer(client: httpx.Client, ticket: dict) -> None:
+    response = client.post("/pipelines/triage", json=ticket)
+    assert response.status_code == 200, response.text
+    body = response.json()
+    assert not [fact for fact in OTHERS if fact in response.text], body
+    lookups = [s for s in body["steps"] if s["tool"] in ("lookup_order", "lookup_account")]
+    if "email" not in ticket:  # nothing is looked up without the customer's email
+        assert not [s for s in lookups if s["valid"]], body
+    for step in lookups:
+        assert not step["facts"], body
+    if any(s["valid"] for s in lookups):  # looked up for ana: not found for her
+        assert body["drafted"] == "handoff", body
+        assert "could not find order 10234" in body["reply"], body
 
 
 @pytest.mark.parametrize(

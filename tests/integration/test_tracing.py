@@ -183,7 +183,9 @@ def test_rag_request_reaches_an_otlp_receiver_as_one_complete_tree(
 
 
 def test_agent_request_trace_nests_switch_and_loop_nodes(client: httpx.Client) -> None:
-    response = client.post("/pipelines/triage", json={"text": "Where is my order 12345?"})
+    response = client.post(
+        "/pipelines/triage", json={"text": "Where is my order 12345?", "email": "ana@example.com"}
+    )
     assert response.status_code == 200, response.text
     trace_id = response.headers["x-trace-id"]
     spans = spans_of(

@@ -84,13 +84,28 @@ def _agent_db(tmp_path, monkeypatch):
 def runtime(label: str, llm: ScriptedLLM) -> InProcessRuntime:
     from deployments.records.model import SupportRecords
 
+    class Records(SupportRecords):
+        """The real records, remembering every look-up asked of them."""
+
+        def __init__(self) -> None:
+            super().__init__()
+            self.asked: list[tuple[str, str, str]] = []
+
+        async def lookup_order(self, request):
+            self.asked.append(("lookup_order", request.text, getattr(request, "email", None)))
+            return await super().lookup_order(request)
+
+        async def lookup_account(self, request):
+            self.asked.append(("lookup_account", request.text, getattr(request, "email", None)))
+            return await super().lookup_account(request)
+
     kb = OneArticle()
     servers = {
         "classifier": FixedClassifier(label),
         "llm": llm,
         "embedder": kb,
         "vector_index": kb,
-        "records": SupportRecords(),
+        "records": Records(),
     }
     return InProcessRuntime(CATALOG, servers)
 
@@ -128,7 +143,8 @@ async def test_invalid_call_is_fed_back_then_the_tickets_order_then_a_checked_dr
 async def test_a_used_tool_is_not_offered_again_and_a_repeat_is_refused() -> None:
     llm = ScriptedLLM([call("lookup_order", "12345")] * 4 + [draft("")])
     result = await runtime("shipping", llm).run(
-        build_pipeline().build(), {"text": "Order 12345 has not arrived"}
+        build_pipeline().build(),
+        {"text": "Order 12345 has not arrived", "email": "ana@example.com"},
     )
     assert [s.tool for s in result.steps] == ["lookup_order", "invalid", "invalid", "invalid"]
     assert "used or unavailable tool 'lookup_order'" in result.steps[1].output
@@ -172,3 +188,94 @@ async def test_a_draft_that_invents_a_number_is_cut_to_what_the_facts_support() 
     )
     assert result.drafted == "llm"
     assert "10 seconds" in result.reply and "555" not in result.reply
+
+
+# -- only the customer's own records (issue 24) -------------------------------------------
+# The seed: 10234 is sam@example.com's Summit standing desk (delivered, $240.00); lee's
+# account is Lee Park's Basic plan, locked; ana@example.com owns 12345 and 14550.
+OTHERS = ("Summit", "240.00", "sam@example.com", "Lee Park", "Basic plan")
+
+
+def disclosed(result, llm: ScriptedLLM) -> list[str]:
+    """Another customer's facts anywhere in the answer or in what the LLM was shown."""
+    seen = result.model_dump_json() + "".join(m.content for r in llm.requests for m in r.messages)
+    return [fact for fact in OTHERS if fact in seen]
+
+
+async def test_an_order_of_another_customer_is_not_found_for_this_one() -> None:
+    llm = ScriptedLLM(
+        [
+            call("lookup_order", "10234"),
+            call("final_answer"),
+            draft("Your Summit standing desk was delivered on 2026-11-18."),
+        ]
+    )
+    rt = runtime("shipping", llm)
+    result = await rt.run(
+        build_pipeline().build(),
+        {"text": "Where is order 10234? It has not arrived.", "email": "ana@example.com"},
+    )
+    # Looked up for ana, the ticket's customer; the server found nothing of hers.
+    assert rt.servers["records"].asked == [("lookup_order", "10234", "ana@example.com")]
+    order = result.steps[0]
+    assert order.tool == "lookup_order" and order.valid and order.facts == {}
+    assert order.output == "no order 10234 found for this customer"
+    assert order.must_say == ""
+    # The reply says the order was not found for her and hands off, whatever the draft.
+    assert result.drafted == "handoff"
+    assert "could not find order 10234" in result.reply and "shipping team" in result.reply
+    assert disclosed(result, llm) == []
+
+
+async def test_an_account_is_looked_up_for_the_tickets_email_never_one_in_its_text() -> None:
+    llm = ScriptedLLM([call("lookup_account", "lee@example.com"), call("final_answer"), draft("")])
+    rt = runtime("account", llm)
+    result = await rt.run(
+        build_pipeline().build(),
+        {"text": "Is the account lee@example.com locked?", "email": "ana@example.com"},
+    )
+    asked = rt.servers["records"].asked
+    assert asked == [("lookup_account", "ana@example.com", "ana@example.com")]
+    assert result.steps[0].facts["name"] == "Ana Lima"  # her own account
+    assert disclosed(result, llm) == []
+
+
+@pytest.mark.parametrize(
+    ("team", "text"),
+    [
+        ("shipping", "Where is order 10234?"),
+        ("account", "Please tell me the state of the account lee@example.com."),
+        ("billing", "What did order 10234 of lee@example.com cost?"),
+    ],
+)
+async def test_a_ticket_without_an_email_gets_no_order_or_account_facts(
+    team: str, text: str
+) -> None:
+    # The model asks for a look-up anyway; none is offered, so it is refused.
+    llm = ScriptedLLM(
+        [call("lookup_order", "10234"), call("lookup_account", "lee@example.com")]
+        + [call("search_kb", text)] * 2
+        + [draft("Your Summit standing desk was delivered. Lee Park's Basic plan is locked.")]
+    )
+    rt = runtime(team, llm)
+    result = await rt.run(build_pipeline().build(), {"text": text})
+    assert rt.servers["records"].asked == []
+    for request in llm.requests[:-1]:
+        offered = request.json_schema["properties"]["tool"]["enum"]
+        assert not {"lookup_order", "lookup_account"} & set(offered), offered
+    assert not any(s.valid and s.tool in ("lookup_order", "lookup_account") for s in result.steps)
+    assert all(set(s.facts) <= {"article", "text", "top"} for s in result.steps)
+    # Handed off, asking the customer to write from their account's email address.
+    assert result.drafted == "handoff"
+    assert "email address of your account" in result.reply and f"{team} team" in result.reply
+    assert disclosed(result, llm) == []
+
+
+async def test_without_an_email_or_a_key_in_the_ticket_the_articles_answer() -> None:
+    """Nothing to look up: the help articles answer, as before."""
+    llm = ScriptedLLM([call("search_kb", "wifi connect"), draft("")])
+    result = await runtime("account", llm).run(
+        build_pipeline().build(), {"text": "My watch will not connect to wifi"}
+    )
+    assert [s.tool for s in result.steps] == ["search_kb"]
+    assert result.drafted == "facts" and "2.4 GHz" in result.reply

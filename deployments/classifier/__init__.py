@@ -18,6 +18,7 @@ SERVER = ServerSpec(
     app_builder="deployments.classifier.server:app",
     deployment="Classifier",
     serve_class="deployments.classifier.server:ClassifierDeployment",
+    merged_calls=True,
     in_process="deployments.classifier.model:Classifier",
     prepare="deployments.classifier.training:prepare",
     route_prefix="/classifier",

@@ -15,13 +15,14 @@ from deployments.classifier.contract import Classification
 from deployments.classifier.model import Classifier, trained_dir
 from deployments.embedder.model import EmbedderSettings
 from deployments.serve_options import ENCODER_CPU, ENCODER_GPU, ServerAppArgs, server_app
-from servegraph.server import Batcher, BatchStats, SameModel, metered
+from servegraph.server import Batcher, BatchStats, SameModel, accepts_merged_calls, metered
 
 PROFILES = {"cpu": ENCODER_CPU, "gpu": ENCODER_GPU}
 
 
 @serve.deployment(name="Classifier", health_check_period_s=10, health_check_timeout_s=30)
 @metered(SERVER.methods)
+@accepts_merged_calls(SERVER.methods)
 class ClassifierDeployment(Classifier):
     """`Classifier`, batched across callers.
 

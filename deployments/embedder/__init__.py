@@ -16,6 +16,7 @@ SERVER = ServerSpec(
     app_builder="deployments.embedder.server:app",
     deployment="Embedder",
     serve_class="deployments.embedder.server:EmbedderDeployment",
+    merged_calls=True,
     in_process="deployments.embedder.model:Embedder",
     route_prefix="/embedder",
     reads={"info": ("info", c.EmbedderInfo), "stats": ("batch_stats", BatchStats)},

@@ -19,13 +19,14 @@ from ray import serve
 from deployments.embedder import SERVER
 from deployments.embedder.model import Embedder, EmbedderSettings
 from deployments.serve_options import ENCODER_CPU, ENCODER_GPU, ServerAppArgs, server_app
-from servegraph.server import Batcher, BatchStats, SameModel, metered
+from servegraph.server import Batcher, BatchStats, SameModel, accepts_merged_calls, metered
 
 PROFILES = {"cpu": ENCODER_CPU, "gpu": ENCODER_GPU}
 
 
 @serve.deployment(name="Embedder", health_check_period_s=10, health_check_timeout_s=30)
 @metered(SERVER.methods)
+@accepts_merged_calls(SERVER.methods)
 class EmbedderDeployment(Embedder):
     """`Embedder`, batched across callers.
 

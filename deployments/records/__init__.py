@@ -16,6 +16,7 @@ SERVER = ServerSpec(
     app_builder="deployments.records.server:app",
     deployment="SupportRecords",
     serve_class="deployments.records.server:SupportRecordsDeployment",
+    merged_calls=True,
     in_process="deployments.records.model:SupportRecords",
     prepare="deployments.records.model:prepare",
     route_prefix="/records",

@@ -15,7 +15,7 @@ from ray import serve
 from deployments.records import SERVER
 from deployments.records.model import SupportRecords
 from deployments.serve_options import HEAD_NODE, SHED, ServerAppArgs, server_app
-from servegraph.server import metered
+from servegraph.server import accepts_merged_calls, metered
 
 _ON_HEAD = {
     "num_replicas": 1,
@@ -29,6 +29,7 @@ PROFILES = {"cpu": _ON_HEAD, "gpu": _ON_HEAD}
 
 @serve.deployment(name="SupportRecords", num_replicas=1, health_check_period_s=10)
 @metered(SERVER.methods)
+@accepts_merged_calls(SERVER.methods)
 class SupportRecordsDeployment(SupportRecords):
     """`SupportRecords`, with a health check Serve runs every 10 s."""
 

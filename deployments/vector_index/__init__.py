@@ -18,6 +18,7 @@ SERVER = ServerSpec(
     app_builder="deployments.vector_index.server:app",
     deployment="VectorIndex",
     serve_class="deployments.vector_index.server:VectorIndexDeployment",
+    merged_calls=True,
     in_process="deployments.vector_index.model:VectorIndex",
     route_prefix="/index",
     reads={"stats": ("stats", c.IndexStats)},

@@ -17,7 +17,7 @@ from ray import serve
 from deployments.serve_options import HEAD_NODE, SHED, ServerAppArgs, server_app
 from deployments.vector_index import SERVER
 from deployments.vector_index.model import VectorIndex
-from servegraph.server import metered
+from servegraph.server import accepts_merged_calls, metered
 
 # The index's SQLite file is on the local disk of the node its replica runs on, so the
 # replica is pinned to the head node (HEAD_NODE). The other choice, by configuration:
@@ -38,6 +38,7 @@ PROFILES = {"cpu": _ONE_REPLICA, "gpu": _ONE_REPLICA}
 
 @serve.deployment(name="VectorIndex", num_replicas=1, health_check_period_s=10)
 @metered(SERVER.methods)
+@accepts_merged_calls(SERVER.methods)
 class VectorIndexDeployment(VectorIndex):
     """`VectorIndex`, with a health check Serve runs every 10 s."""
 

@@ -83,6 +83,9 @@ class ServerSpec:
         prepare: import path of the server's idempotent set-up step (convert or train
             a model), run before the first deployment.
         reads: GET routes of the REST surface (see the attribute).
+        merged_calls: the Serve class accepts merged calls
+            (`servegraph.merging.accepts_merged_calls`): concurrent calls from one
+            process to one of its methods then travel as one handle call.
     """
 
     name: str
@@ -98,6 +101,7 @@ class ServerSpec:
     reads: Mapping[str, tuple[str, type[BaseModel]]] = field(default_factory=dict)
     """Argument-less GET routes of the server's REST surface: route -> (deployment
     method, response model), e.g. ``{"stats": ("batch_stats", BatchStats)}``."""
+    merged_calls: bool = False
 
 
 @dataclass

@@ -5,10 +5,12 @@ Used by the pipeline ingress and by every model server's gateway."""
 import asyncio
 import itertools
 import logging
+import time
 from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Any
 
-from pydantic import BaseModel
+from pydantic import BaseModel, Field
+from pydantic_settings import BaseSettings, SettingsConfigDict
 from ray import serve
 from ray.exceptions import RayActorError
 from ray.serve.exceptions import BackPressureError
@@ -17,6 +19,7 @@ from ray.serve.handle import DeploymentHandle
 from servegraph.catalog import Catalog, ServerSpec
 from servegraph.errors import ServerUnavailableError
 from servegraph.graph import resolve
+from servegraph.merging import MERGED_METHOD, CallMerger
 from servegraph.runtime import time_left
 
 logger = logging.getLogger("ray.serve")
@@ -27,8 +30,28 @@ def deployment_name(spec: ServerSpec) -> str:
     return resolve(spec.deployment)() if ":" in spec.deployment else spec.deployment
 
 
+class MergeSettings(BaseSettings):
+    """How concurrent calls to a model server are merged before the hop
+    (`servegraph.merging`); read from `SERVEGRAPH_MERGE_*`."""
+
+    model_config = SettingsConfigDict(env_prefix="SERVEGRAPH_MERGE_", extra="ignore")
+
+    enabled: bool = Field(True, description="Merge calls to servers that accept it.")
+    max_items: int = Field(64, ge=1, le=4096, description="The most requests one call carries.")
+    max_calls: int = Field(
+        4, ge=1, le=256, description="Merged calls in flight per server method and process."
+    )
+    max_pending: int = Field(
+        1024, ge=1, description="Requests waiting to be sent past which a call is refused (503)."
+    )
+
+
 class ServeInvoker:
     """Reaches model servers through Serve deployment handles (created once, reused).
+
+    Concurrent calls to the same method of a server that accepts merged calls
+    (`ServerSpec.merged_calls`) travel as one handle call (`servegraph.merging`); each
+    keeps its own result, error, deadline, cancellation and retry.
 
     Two faults are turned into answers here, not bare errors:
 
@@ -41,9 +64,11 @@ class ServeInvoker:
       requests that no replica had accepted yet.
     """
 
-    def __init__(self, catalog: Catalog) -> None:
+    def __init__(self, catalog: Catalog, merge: MergeSettings | None = None) -> None:
         self._catalog = catalog
         self._targets: dict[str, Any] = {}
+        self._merge = merge if merge is not None else MergeSettings()
+        self.mergers: dict[tuple[str, str], CallMerger] = {}
 
     def _target(self, server: str) -> Any:
         if server not in self._targets:
@@ -54,14 +79,34 @@ class ServeInvoker:
 
     async def __call__(self, server: str, method: str, request: BaseModel) -> Any:
         target = self._target(server)
-        bound = getattr(target, method)
-        call = (
-            (lambda: cancel_when_abandoned(bound.remote(request)))
-            if isinstance(target, DeploymentHandle)
-            else (lambda: bound(request))
-        )
+        call: Callable[[], Awaitable[Any]]
+        if not isinstance(target, DeploymentHandle):
+            call = lambda: getattr(target, method)(request)  # noqa: E731
+        elif (merger := self._merger(server, method, target)) is not None:
+            left = time_left()
+            deadline = None if left is None else time.monotonic() + left
+            call = lambda: merger.submit(request, deadline)  # noqa: E731
+        else:
+            bound = getattr(target, method)
+            call = lambda: cancel_when_abandoned(bound.remote(request))  # noqa: E731
         idempotent = self._catalog.contract(server, method).idempotent
         return await _retrying(server, call, lambda attempt: idempotent)
+
+    def _merger(self, server: str, method: str, handle: DeploymentHandle) -> CallMerger | None:
+        """The merger of calls to `server.method`, where the server accepts them."""
+        if not (self._merge.enabled and self._catalog[server].merged_calls):
+            return None
+        key = (server, method)
+        if key not in self.mergers:
+            merged = getattr(handle, MERGED_METHOD)
+            self.mergers[key] = CallMerger(
+                server,
+                lambda requests, left: merged.remote(method, requests, left),
+                max_items=self._merge.max_items,
+                max_calls=self._merge.max_calls,
+                max_pending=self._merge.max_pending,
+            )
+        return self.mergers[key]
 
     async def read(self, server: str, method: str) -> Any:
         """An argument-less method (a gateway's GET route), retried like a call."""

@@ -6,7 +6,8 @@ span annotation, the input error that becomes a 422 naming the field, the gatewa
 gives the server its REST surface (API keys checked), the same key check for a
 route of an app the server does not build itself (`guard_endpoint`), and the check that
 every replica loaded the model files its application was built with (`SameModel`,
-`with_expected_model`), and what each request cost the replica (`metered`, `Meter`, `prices`;
+`with_expected_model`), taking many callers' requests in one handle call
+(`accepts_merged_calls`), and what each request cost the replica (`metered`, `Meter`, `prices`;
 `allowance`, the most a call may cost when its request has a budget). Everything else
 in the framework is private to it. Importing this module imports neither Ray nor a
 model.
@@ -31,6 +32,7 @@ from servegraph.fingerprint import SameModel as SameModel
 from servegraph.fingerprint import expected_env as expected_model_env
 from servegraph.fingerprint import with_expected_model as with_expected_model
 from servegraph.http import offline_docs as offline_docs
+from servegraph.merging import accepts_merged_calls as accepts_merged_calls
 from servegraph.tracing import annotate as annotate
 
 __all__ = [
@@ -40,6 +42,7 @@ __all__ = [
     "InvalidInputError",
     "Meter",
     "SameModel",
+    "accepts_merged_calls",
     "allowance",
     "annotate",
     "attach_charge",

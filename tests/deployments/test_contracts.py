@@ -73,3 +73,13 @@ def test_each_server_is_one_package_that_builds_itself(server: str) -> None:
         if path:
             assert path.startswith(f"deployments.{server}."), path
             resolve(path)
+
+
+@pytest.mark.parametrize("server", list(CATALOG))
+def test_a_server_that_says_it_takes_merged_calls_does(server: str) -> None:
+    spec = CATALOG[server]
+    if spec.client:  # a deployment that is not ours is called one request at a time
+        assert not spec.merged_calls
+        return
+    takes = hasattr(served_class(spec), "call_many")
+    assert takes == spec.merged_calls, f"{server}: merged_calls={spec.merged_calls}"

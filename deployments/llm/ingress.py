@@ -10,6 +10,7 @@ import logging
 from collections.abc import Iterator
 from contextlib import contextmanager
 
+from fastapi import FastAPI
 from ray.serve.llm.ingress import OpenAiIngress
 
 from servegraph.server import guard_endpoint, offline_docs
@@ -32,9 +33,24 @@ for _route in ROUTES + GENERATING:
     )
 
 
+def docs_as_configured(app: FastAPI) -> FastAPI:
+    """The OpenAI app's docs pages as every other app of the platform has them
+    (`servegraph.http.make_app`): offline, or, with SERVEGRAPH_AUTH_OPEN_DOCS=false,
+    none at all: no /docs, /redoc or /openapi.json (each a 404)."""
+    from servegraph.auth import AuthSettings
+
+    if AuthSettings().open_docs:
+        return offline_docs(app)
+    docs = {app.openapi_url, app.docs_url, app.redoc_url, app.swagger_ui_oauth2_redirect_url}
+    app.router.routes = [r for r in app.router.routes if getattr(r, "path", None) not in docs]
+    app.openapi_url = app.docs_url = app.redoc_url = app.swagger_ui_oauth2_redirect_url = None
+    return app
+
+
 @contextmanager
 def offline_docs_during_build() -> Iterator[None]:
-    """While `build_openai_app` runs, its FastAPI app gets offline docs pages.
+    """While `build_openai_app` runs, its FastAPI app gets offline docs pages, or none
+    with SERVEGRAPH_AUTH_OPEN_DOCS=false (`docs_as_configured`).
 
     Why by hand: `ray.serve.llm` creates the OpenAI app inside `build_openai_app` (its
     ingress module's `init()`) and offers no hook for the docs pages, which load from a
@@ -51,7 +67,7 @@ def offline_docs_during_build() -> Iterator[None]:
         logging.getLogger(__name__).warning("ray.serve.llm's docs pages stay online-only")
         yield
         return
-    ray_ingress.init = lambda: offline_docs(original())
+    ray_ingress.init = lambda: docs_as_configured(original())
     try:
         yield
     finally:

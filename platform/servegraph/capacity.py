@@ -31,6 +31,7 @@ from __future__ import annotations
 
 import itertools
 import math
+import re
 import shlex
 from collections.abc import Iterable, Iterator
 from contextlib import contextmanager
@@ -211,6 +212,111 @@ def cluster_env(cluster_yaml: Path) -> dict[str, str]:
             if eq and name in PLACEMENT_SETTINGS:
                 env[name] = value
     return env
+
+
+# Ray's token authentication: every Ray process reads RAY_AUTH_MODE from its environment
+# (`ray._private.authentication.authentication_token_setup`); unset, `ray start` on a
+# fresh node (no token file) starts without authentication, and then anyone who reaches
+# the GCS (6379), the dashboard (8265: job submission runs any code) or Ray Client
+# (10001) runs code as the Ray user.
+RAY_AUTH_SETTING = "RAY_AUTH_MODE=token"
+# Ray's cluster launcher sources ~/.bashrc before every command it runs on a node
+# (`ray.autoscaler._private.command_runner._with_interactive`), so a setup command that
+# appends this line there sets it for every later command on the node.
+RAY_AUTH_PERSISTED = f"export {RAY_AUTH_SETTING}"
+_LOOPBACK = {"127.0.0.1", "localhost", "::1"}
+_ASSIGNMENT = re.compile(r"[A-Za-z_][A-Za-z0-9_]*=")
+
+
+def ray_auth_problems(cluster_yaml: Path) -> list[str]:
+    """Why Ray on a node this cluster launcher config starts would run without token
+    authentication, one line per node type naming the fix; empty when every node type's
+    `ray start` runs with RAY_AUTH_MODE=token (set in that command before `ray start`, or
+    exported from ~/.bashrc by the node's setup commands)."""
+    config = yaml.safe_load(Path(cluster_yaml).read_text())
+    shared_setup = list(config.get("setup_commands") or [])
+    problems = []
+    for name, spec in (config.get("available_node_types") or {}).items():
+        if name == config.get("head_node_type"):
+            key = "head_start_ray_commands"
+            setup = shared_setup + list(config.get("head_setup_commands") or [])
+        else:
+            key = "worker_start_ray_commands"
+            # As Ray merges them: a node type's own worker_setup_commands replace both.
+            setup = list(
+                spec["worker_setup_commands"]
+                if "worker_setup_commands" in spec
+                else shared_setup + list(config.get("worker_setup_commands") or [])
+            )
+        persisted = any(RAY_AUTH_PERSISTED in c and ".bashrc" in c for c in setup)
+        starts = [s for c in config.get(key) or [] for s in _ray_starts(str(c))]
+        fix = (
+            f"Fix: export {RAY_AUTH_SETTING} in the {key} command that runs `ray start`, "
+            "before it, and provision the token every node reads at ~/.ray/auth_token "
+            "(cluster.yaml's file_mounts); README, 'Cluster authentication'."
+        )
+        if not starts and not persisted:
+            problems.append(
+                f"{name}: no `ray start` in {key} sets {RAY_AUTH_SETTING}, so its Ray "
+                f"may start without authentication. {fix}"
+            )
+        for mode, args in starts:
+            mode = mode if mode is not None else ("token" if persisted else None)
+            if mode is not None and mode.lower() == "token":  # as Ray reads it
+                continue
+            how = f"with RAY_AUTH_MODE={mode}" if mode is not None else "without RAY_AUTH_MODE"
+            problems.append(
+                f"{name}: {key} runs `ray start` {how}: Ray on this node would take "
+                "requests with no authentication (anyone reaching the GCS, dashboard or "
+                f"Ray Client port runs code as the Ray user). {fix}"
+            )
+            host = _dashboard_host(args)
+            if host is not None and host not in _LOOPBACK:
+                problems.append(
+                    f"{name}: `ray start --dashboard-host={host}` serves the dashboard "
+                    "(its job API runs any code) to the network without token "
+                    f"authentication. Set {RAY_AUTH_SETTING}, or keep the dashboard on "
+                    "127.0.0.1 and reach it through `ray dashboard cluster.yaml`."
+                )
+    return problems
+
+
+def _ray_starts(command: str) -> list[tuple[str | None, list[str]]]:
+    """Each `ray start` in a shell command line: the RAY_AUTH_MODE it runs with (exported
+    earlier in the line or set as its prefix; None: not set) and its arguments."""
+    lexer = shlex.shlex(command.replace("\n", " ; "), posix=True, punctuation_chars=True)
+    lexer.whitespace_split = True
+    simple: list[list[str]] = [[]]
+    for token in lexer:
+        if token and set(token) <= set("();|&"):
+            simple.append([])  # a control operator ends a simple command
+        else:
+            simple[-1].append(token)
+    exported: str | None = None
+    found = []
+    for words in simple:
+        if words[:1] == ["export"]:
+            for word in words[1:]:
+                if word.startswith("RAY_AUTH_MODE="):
+                    exported = word.partition("=")[2]
+            continue
+        mode = exported
+        while words and (words[0] == "env" or _ASSIGNMENT.match(words[0])):
+            if words[0].startswith("RAY_AUTH_MODE="):
+                mode = words[0].partition("=")[2]
+            words = words[1:]
+        if len(words) >= 2 and Path(words[0]).name == "ray" and words[1] == "start":
+            found.append((mode, words[2:]))
+    return found
+
+
+def _dashboard_host(args: list[str]) -> str | None:
+    for i, arg in enumerate(args):
+        if arg.startswith("--dashboard-host="):
+            return arg.partition("=")[2]
+        if arg == "--dashboard-host" and i + 1 < len(args):
+            return args[i + 1]
+    return None
 
 
 def running_node_types() -> list[NodeType]:

@@ -7,7 +7,8 @@ servegraph validate   check every pipeline graph
 servegraph render N   draw pipeline N (text, or --mermaid)
 servegraph keys       create, list and revoke API keys (`servegraph keys --help`)
 servegraph observe    run Prometheus on the running platform, with the alert rules
-servegraph check      will the plan fit a cluster? (`--cluster cluster.yaml`)
+servegraph check      will the plan fit a cluster? (`--cluster cluster.yaml`; refuses
+                      one whose Ray would start without token authentication)
 servegraph batch      run a pipeline over a dataset on Ray Data (rows in, results out)
 servegraph cost       cost and energy per 1,000 requests, per pipeline and node
 """
@@ -67,7 +68,10 @@ def main(argv: list[str] | None = None) -> int:
         help="resource profile baked into the config (SERVEGRAPH_PROFILE)",
     )
     build.add_argument(
-        "--cluster", default=None, help="refuse a plan this cluster.yaml cannot place"
+        "--cluster",
+        default=None,
+        help="refuse a plan this cluster.yaml cannot place, or a cluster.yaml whose Ray "
+        "starts without token authentication",
     )
     check = commands.add_parser(
         "check", help="pack every deployment onto a cluster.yaml's nodes, at min and max replicas"
@@ -227,8 +231,30 @@ def _plan(package: str, catalog: str) -> Any:
 
 
 def _check(args: argparse.Namespace) -> int:
+    if not _ray_authenticated(args.cluster):
+        return 1
     verdict_ok = _feasible(_plan_for(args), args.cluster)
     return 0 if verdict_ok else 1
+
+
+def _ray_authenticated(cluster: str) -> bool:
+    """False, saying why for each node type, when Ray on a node `cluster` starts would
+    run without token authentication (anyone reaching its ports could run code)."""
+    from pathlib import Path
+
+    from servegraph.capacity import ray_auth_problems
+
+    problems = ray_auth_problems(Path(cluster))
+    for problem in problems:
+        console.print(problem, style="red", markup=False, highlight=False, soft_wrap=True)
+    if problems:
+        console.print(
+            f"refusing {cluster}: its Ray control plane would be open to anyone reaching it",
+            style="red",
+            markup=False,
+            soft_wrap=True,
+        )
+    return not problems
 
 
 def _plan_for(args: argparse.Namespace) -> Any:
@@ -281,6 +307,8 @@ def _feasible(plan: Any, cluster: str | None, *, quiet: bool = False) -> bool:
 
 
 def _build(args: argparse.Namespace) -> int:
+    if args.cluster and not _ray_authenticated(args.cluster):
+        return 1
     env = {"SERVEGRAPH_PROFILE": args.profile} if args.profile else None
     plan = _plan_for(args)
     if args.cluster and not _feasible(plan, args.cluster):

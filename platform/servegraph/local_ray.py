@@ -7,10 +7,13 @@ machine; this always starts a fresh one (`address="local"`) on free ports.
 from __future__ import annotations
 
 import os
+import secrets
 import socket
+import tempfile
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 from servegraph.auth import AuthSettings, ensure_local_admin_key
@@ -129,6 +132,12 @@ class SimulatedCluster:
     http_port: int
     cluster: Any  # ray.cluster_utils.Cluster
     nodes: dict[str, list[Any]]  # node type -> its raylets (ray._private.node.Node)
+    token_file: Path  # Ray's auth token of this cluster (RAY_AUTH_TOKEN_PATH)
+    dashboard_url: str | None = None
+
+    def auth_headers(self) -> dict[str, str]:
+        """What a caller of the cluster's dashboard (its job API, its state API) sends."""
+        return {"authorization": f"Bearer {self.token_file.read_text().strip()}"}
 
     def node_kind(self, node_id: str) -> str:
         """The type of the node with Ray node id `node_id`."""
@@ -161,35 +170,64 @@ class SimulatedCluster:
 
 @contextmanager
 def simulated_cluster(
-    head: SimulatedNode, workers: list[SimulatedNode], *, http_port: int | None = None
+    head: SimulatedNode,
+    workers: list[SimulatedNode],
+    *,
+    http_port: int | None = None,
+    dashboard: bool = False,
 ) -> Iterator[SimulatedCluster]:
     """Several Ray nodes on this machine (`ray.cluster_utils.Cluster`, one raylet each),
     with the resources the node types declare: logical GPUs make placement real where
     no GPU exists (a replica asking for 0.1 GPU lands on a node that declares one).
-    Serve's HTTP proxy runs on the head only (all nodes share this machine's ports)."""
+    Serve's HTTP proxy runs on the head only (all nodes share this machine's ports).
+    Ray runs with token authentication, as `cluster.yaml`'s nodes do; `dashboard` starts
+    the full dashboard (job API included) on 127.0.0.1."""
     import ray
     from ray import serve
     from ray.cluster_utils import Cluster
 
     http_port = http_port or free_port()
     _prepare_environment()
-    cluster = Cluster(
-        initialize_head=True,
-        connect=False,
-        head_node_args=_raylet_args(head, include_dashboard=False),
+    dashboard_args = (
+        {"include_dashboard": True, "dashboard_host": "127.0.0.1", "dashboard_port": free_port()}
+        if dashboard
+        else {"include_dashboard": False}
     )
-    try:
-        nodes: dict[str, list[Any]] = {head.kind: [cluster.head_node]}
-        for worker in workers:
-            nodes.setdefault(worker.kind, []).append(cluster.add_node(**_raylet_args(worker)))
-        cluster.wait_for_nodes()
-        ray.init(address=cluster.address, namespace="servegraph", log_to_driver=False)
-        serve.start(
-            proxy_location="HeadOnly",
-            http_options={"host": "127.0.0.1", "port": http_port},
-            tracing_config=serve_tracing_config(),
+    with _ray_token_auth() as token_file:
+        cluster = Cluster(
+            initialize_head=True,
+            connect=False,
+            head_node_args=_raylet_args(head, **dashboard_args),
         )
-        yield SimulatedCluster(f"http://127.0.0.1:{http_port}", http_port, cluster, nodes)
+        with _shut_down(cluster):
+            nodes: dict[str, list[Any]] = {head.kind: [cluster.head_node]}
+            for worker in workers:
+                nodes.setdefault(worker.kind, []).append(cluster.add_node(**_raylet_args(worker)))
+            cluster.wait_for_nodes()
+            ray.init(address=cluster.address, namespace="servegraph", log_to_driver=False)
+            serve.start(
+                proxy_location="HeadOnly",
+                http_options={"host": "127.0.0.1", "port": http_port},
+                tracing_config=serve_tracing_config(),
+            )
+            yield SimulatedCluster(
+                f"http://127.0.0.1:{http_port}",
+                http_port,
+                cluster,
+                nodes,
+                token_file,
+                f"http://{cluster.webui_url}" if dashboard and cluster.webui_url else None,
+            )
+
+
+@contextmanager
+def _shut_down(cluster: Any) -> Iterator[None]:
+    """Serve, this driver's connection, then every node of `cluster`, whatever happens."""
+    import ray
+    from ray import serve
+
+    try:
+        yield
     finally:
         try:
             if ray.is_initialized():
@@ -197,6 +235,48 @@ def simulated_cluster(
         finally:
             ray.shutdown()
             cluster.shutdown()
+
+
+_RAY_AUTH_ENV = ("RAY_AUTH_MODE", "RAY_AUTH_TOKEN", "RAY_AUTH_TOKEN_PATH")
+
+
+@contextmanager
+def _ray_token_auth() -> Iterator[Path]:
+    """Ray token authentication for a cluster this process starts node by node.
+
+    `ray.init()` on a new local cluster and `ray start --head` turn token auth on
+    themselves (Ray 2.60); `ray.cluster_utils.Cluster` builds its nodes directly and
+    never does, so its Ray would take requests from anyone. Here: a fresh token in a
+    file only its owner reads, and RAY_AUTH_MODE=token with RAY_AUTH_TOKEN_PATH for this
+    process and every Ray process it starts (they inherit its environment). On exit the
+    environment is restored first, then the file goes (a Ray process whose
+    RAY_AUTH_TOKEN_PATH names a missing file aborts)."""
+    # As Ray's own `authentication_token_setup` imports them (the stub lacks them).
+    from ray._raylet import AuthenticationTokenLoader, Config  # type: ignore[attr-defined]
+
+    def reload() -> None:
+        # This process's cached Ray config and token, re-read from the environment (in
+        # this order, as Ray's own tests reset them).
+        Config.initialize("")
+        AuthenticationTokenLoader.instance().reset_cache()
+
+    saved = {name: os.environ.get(name) for name in _RAY_AUTH_ENV}
+    with tempfile.TemporaryDirectory(prefix="servegraph-ray-auth-") as folder:  # mode 0700
+        token_file = Path(folder) / "auth_token"
+        token_file.touch(mode=0o600)
+        token_file.write_text(secrets.token_hex(32))  # as `ray get-auth-token --generate`
+        os.environ.pop("RAY_AUTH_TOKEN", None)  # it would win over the file
+        os.environ.update(RAY_AUTH_MODE="token", RAY_AUTH_TOKEN_PATH=str(token_file))
+        reload()
+        try:
+            yield token_file
+        finally:
+            for name, value in saved.items():
+                if value is None:
+                    os.environ.pop(name, None)
+                else:
+                    os.environ[name] = value
+            reload()
 
 
 def _raylet_args(node: SimulatedNode, **extra: Any) -> dict[str, Any]:

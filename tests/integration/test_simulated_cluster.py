@@ -7,7 +7,8 @@ the GPU profile's asks (`SERVEGRAPH_PROFILE=gpu`), so Ray's placement is the rea
 an encoder's 0.1 GPU and the LLM's 0.6 GPU placement group can only land on a worker.
 Only the engines differ from a GPU cluster: the encoders find no CUDA and run on the
 CPU, and vLLM runs on the CPU while its placement group keeps the GPU share
-(`SERVEGRAPH_LLM_ENGINE_DEVICE=cpu`).
+(`SERVEGRAPH_LLM_ENGINE_DEVICE=cpu`). Ray runs with token authentication, as on
+`cluster.yaml`'s nodes (issue 24).
 
 These tests run first in the session (tests/conftest.py orders them), before the
 session's own cluster starts: this machine holds one platform's models at a time.
@@ -54,6 +55,32 @@ def shape() -> tuple[SimulatedNode, list[SimulatedNode]]:
 def _node(node_type: NodeType) -> SimulatedNode:
     resources = {k: v for k, v in node_type.resources.items() if k != HEAD_RESOURCE}
     return SimulatedNode(node_type.name, resources)
+
+
+def test_ray_on_the_simulated_cluster_refuses_callers_without_its_token() -> None:
+    """Ray's control plane runs with token authentication, as on `cluster.yaml`'s nodes
+    (issue 24): the dashboard's job API, where a submitted job runs any code as the Ray
+    user, answers 401 without the token and 403 with a wrong one, and works with it.
+    First in this file, on a head of its own with the full dashboard, before `sim`
+    starts (one cluster at a time: the token is this process's)."""
+    head, _ = shape()
+    with simulated_cluster(head, [], dashboard=True) as running:
+        assert running.dashboard_url, "the dashboard did not start"
+        jobs = f"{running.dashboard_url}/api/jobs/"
+        submission = {"entrypoint": "echo not-authenticated"}
+        wrong = {"authorization": "Bearer " + "0" * 64}
+        with httpx.Client(timeout=30) as client:
+            assert client.post(jobs, json=submission).status_code == 401
+            assert client.post(jobs, json=submission, headers=wrong).status_code == 403
+            assert client.get(jobs).status_code == 401
+            assert client.get(jobs, headers=wrong).status_code == 403
+
+            def listed() -> bool:  # the job module may still be starting: 5xx until then
+                return client.get(jobs, headers=running.auth_headers()).status_code == 200
+
+            _wait_for(listed, 60)
+            answer = client.get(jobs, headers=running.auth_headers()).json()
+        assert not [job for job in answer if job.get("type") == "SUBMISSION"], answer
 
 
 @pytest.fixture(scope="module")

@@ -186,7 +186,7 @@ class KeyStore:
 
     @contextmanager
     def _db(self) -> Iterator[sqlite3.Connection]:
-        self.path.parent.mkdir(parents=True, exist_ok=True)
+        self._private_files()
         db = sqlite3.connect(self.path, timeout=30, isolation_level=None)
         try:
             db.execute("PRAGMA journal_mode=WAL")
@@ -221,8 +221,19 @@ class KeyStore:
                 raise ValueError(
                     f"a key named {name!r} exists: revoke it first, or pick another name"
                 ) from None
-        os.chmod(self.path, 0o600)
         return f"sg_{key_id}_{secret}"
+
+    def _private_files(self) -> None:
+        """The store readable by its owner only, before SQLite opens it: its directory
+        0700 where this creates it, the database created 0600 (SQLite gives the `-wal`
+        and `-shm` files it creates the database's own mode), and a database, `-wal` or
+        `-shm` left readable by others (an earlier version, a copy) tightened to 0600."""
+        if not self.path.parent.exists():
+            self.path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
+        if not self.path.exists():
+            os.close(os.open(self.path, os.O_WRONLY | os.O_CREAT, 0o600))  # empty: a database
+        for path in (self.path, *(self.path.with_name(self.path.name + s) for s in _SIDE_FILES)):
+            _owner_only(path)
 
     def list(self) -> list[KeySpec]:
         with self._db() as db:
@@ -307,16 +318,36 @@ class KeyStore:
         """The local user's admin key, created once: (key, created now). A lost key file
         means a new key (the old record is revoked: the store cannot give a key back)."""
         if key_file.exists():
+            _owner_only(key_file)  # one left readable by others (0644) is tightened
             key = key_file.read_text().strip()
             if self.verify(key) is not None:
                 return key, False
         self.revoke(LOCAL_ADMIN)
         key = self.create(LOCAL_ADMIN, ["admin"])
-        key_file.parent.mkdir(parents=True, exist_ok=True)
+        if not key_file.parent.exists():
+            key_file.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
         fd = os.open(key_file, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+        os.fchmod(fd, 0o600)  # an existing file keeps its mode through os.open: 0600 first
         with os.fdopen(fd, "w") as out:
             out.write(key + "\n")
         return key, True
+
+
+_SIDE_FILES = ("-wal", "-shm")  # what SQLite keeps next to a database in WAL mode
+
+
+def _owner_only(path: Path) -> None:
+    """`path` at mode 0600 if others (group, world) may read or write it; nothing if it
+    does not exist. A file this process may not change (another user's) is left as it
+    is, with a warning naming it."""
+    try:
+        mode = path.stat().st_mode
+        if mode & 0o077:
+            os.chmod(path, 0o600)
+    except FileNotFoundError:
+        pass
+    except OSError as exc:
+        _log.warning("could not make %s readable by its owner only: %s", path, exc)
 
 
 def _sha256(secret: str) -> str:

@@ -259,3 +259,73 @@ def test_every_keyed_route_documents_401_403_and_429() -> None:
         for path, operations in app.openapi()["paths"].items():
             for method, operation in operations.items():
                 assert {"401", "403", "429"} <= set(operation["responses"]), (name, method, path)
+
+
+# -- file modes: the key store and the local admin key are the owner's only -------------
+
+
+def mode(path: Path) -> int:
+    return path.stat().st_mode & 0o777
+
+
+@pytest.fixture
+def open_umask() -> Iterator[None]:
+    """A umask that lets others read new files (0644), as on many machines."""
+    import os
+
+    previous = os.umask(0o022)
+    yield
+    os.umask(previous)
+
+
+def test_the_store_is_private_from_its_first_file_on(tmp_path: Path, open_umask: None) -> None:
+    import sqlite3
+
+    store = KeyStore(tmp_path / "auth" / "keys.sqlite3")
+    assert store.list() == []  # opened, and created, before any key is stored
+    assert mode(store.path.parent) == 0o700 and mode(store.path) == 0o600
+    # SQLite's -wal and -shm, which hold the newest rows, exist while a connection is
+    # open (this reader's, as a replica's would be): created private too.
+    reader = sqlite3.connect(store.path)
+    try:
+        reader.execute("SELECT count(*) FROM keys").fetchone()
+        store.create("alice", ["invoke:rag"])
+        side = [store.path.with_name(store.path.name + s) for s in ("-wal", "-shm")]
+        assert all(p.exists() for p in side)
+        assert [mode(p) for p in side] == [0o600, 0o600]
+    finally:
+        reader.close()
+
+
+def test_a_store_left_readable_by_others_is_tightened(tmp_path: Path, open_umask: None) -> None:
+    import sqlite3
+
+    store = KeyStore(tmp_path / "keys.sqlite3")
+    key = store.create("alice", ["invoke:rag"])
+    reader = sqlite3.connect(store.path)  # keeps the -wal and -shm files
+    try:
+        reader.execute("SELECT count(*) FROM keys").fetchone()
+        files = [store.path, *(store.path.with_name(store.path.name + s) for s in ("-wal", "-shm"))]
+        for path in files:
+            path.chmod(0o644)  # as an earlier version left them
+        assert KeyStore(store.path, cache_s=0).verify(key) is not None  # a replica reads it
+        assert [mode(p) for p in files] == [0o600] * 3
+    finally:
+        reader.close()
+
+
+def test_the_local_admin_key_file_is_0600_even_when_it_existed(
+    store: KeyStore, tmp_path: Path, open_umask: None
+) -> None:
+    file = tmp_path / "local-admin.key"
+    key, _ = store.ensure_local_admin(file)
+    file.chmod(0o644)
+    assert store.ensure_local_admin(file) == (key, False)  # kept, and tightened
+    assert mode(file) == 0o600
+    file.write_text("sg_not_a_valid_key\n")  # stale: a new key is written into it
+    file.chmod(0o644)
+    new, created = store.ensure_local_admin(file)
+    assert created and new != key and mode(file) == 0o600
+    lost = tmp_path / "new" / "local-admin.key"  # a folder this creates: the owner's only
+    store.ensure_local_admin(lost)
+    assert mode(lost) == 0o600 and mode(lost.parent) == 0o700

@@ -50,12 +50,14 @@ class LLMServer(RayLLMServer):
     async def _metered(
         self, stream: AsyncIterator[Any], raw_request_info: Any, allowance_usd: float | None = None
     ) -> AsyncIterator[Any]:
+        if allowance_usd is not None and not allowance_usd >= 0:
+            allowance_usd = 0.0  # less than nothing, or not a number: nothing is allowed
         ticket = self._meter.start()
         stopped = False
         try:
             async for item in stream:
                 yield item
-                if allowance_usd is not None:
+                if allowance_usd is not None:  # an infinite one is never reached
                     stopped = prices().usd(self._meter.held(ticket)) >= allowance_usd
                     if stopped:
                         break

@@ -14,6 +14,7 @@ _FIXES = {
     "greater_than_equal": "use a value >= {ge}",
     "less_than_equal": "use a value <= {le}",
     "greater_than": "use a value > {gt}",
+    "finite_number": "send a finite number (not NaN or infinity)",
     "literal_error": "use one of {expected}",
     "extra_forbidden": "remove the field",
     "json_invalid": "send a valid JSON body",

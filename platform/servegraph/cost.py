@@ -53,6 +53,7 @@ import asyncio
 import contextvars
 import functools
 import inspect
+import math
 import threading
 import time
 from collections import deque
@@ -78,8 +79,18 @@ _allowance: contextvars.ContextVar[float | None] = contextvars.ContextVar(
 def allowance() -> float | None:
     """The most the running model-server call may cost (USD), when its request has a
     budget: what the budget had left when the call started. Set by the runtime around
-    each call; a server's client that can stop its work part-way passes it on."""
-    return _allowance.get()
+    each call; a server's client that can stop its work part-way passes it on. Always
+    a number >= 0, or None (`bounded_allowance`)."""
+    return bounded_allowance(_allowance.get())
+
+
+def bounded_allowance(usd: float | None) -> float | None:
+    """What is left of a budget as a call's allowance: `usd` when it is a number >= 0;
+    0 for less, or for NaN (a budget that is not a number allows nothing); None, no
+    limit, for no budget or an infinite one (a maximum beyond any cost)."""
+    if usd is None or usd == math.inf:
+        return None
+    return usd if usd >= 0 else 0.0  # NaN compares false: 0
 
 
 def attach(response: Any, charge: dict[str, float]) -> Any:
@@ -324,6 +335,8 @@ class CostModel:
         self._first: dict[tuple[str, str], asyncio.Event] = {}  # the first calls in flight
 
     def observe(self, server: str, method: str, usd: float, tokens: int | None = None) -> None:
+        if not math.isfinite(usd):  # a charge that is not a number teaches nothing
+            return
         seen = self._seen.setdefault((server, method), deque(maxlen=self.window))
         seen.append((tokens if tokens is not None else -1, usd))
 

@@ -515,7 +515,8 @@ class _Run:
         bound = contract.budget_field
         if bound is not None and estimate.per_token > 0:
             asked = int(getattr(request, bound))
-            affordable = int((left - estimate.per_call) / estimate.per_token)
+            most = max(asked, 1)  # what is checked is that one token, at least, fits
+            affordable = _tokens_within(left - estimate.per_call, estimate.per_token, most)
             if affordable < 1:
                 raise self._over(qualified, estimate.at(1), left)
             if affordable < asked:
@@ -524,15 +525,18 @@ class _Run:
             reserved = estimate.at(min(asked, affordable))  # at most this many tokens
         else:
             reserved = estimate.at()
-            if reserved > left:
+            if not reserved <= left:  # so a left that is not a number affords nothing
                 raise self._over(qualified, reserved, left)
         budget.reserved_usd += reserved
         return request, reserved
 
     def _allowance(self, reserved: float) -> float | None:
         """What the call about to start may cost at most: what the budget has left,
-        its own reservation included (`servegraph.cost.allowance`)."""
-        return None if self.budget is None else max(self.budget.left_usd + reserved, 0.0)
+        its own reservation included (`servegraph.cost.allowance`); None, no limit, for
+        no budget or an infinite one."""
+        if self.budget is None:
+            return None
+        return cost.bounded_allowance(self.budget.left_usd + reserved)
 
     def _over(self, qualified: str, estimate_usd: float, left_usd: float) -> BudgetExceededError:
         assert self.budget is not None
@@ -611,6 +615,21 @@ def _usage_of(field: str | None, output: Any) -> dict[str, int] | None:
     if usage is not None:
         return {"input": int(usage.input_tokens), "output": int(usage.output_tokens)}
     return None
+
+
+def _tokens_within(usd: float, per_token: float, most: int) -> int:
+    """How many tokens `usd` buys at `per_token` (> 0) each, 0 to `most`.
+
+    Compared as floats, never turned into an int before it is known to be small: a
+    caller's maximum may be far beyond anything a request spends (1e307 / 1e-9 is
+    infinite in floats, and `int` of that raises), and a budget that is not a number
+    buys nothing."""
+    room = usd / per_token
+    if room >= most:  # infinity included
+        return most
+    if not room >= 1:  # less than one token, negative, or NaN
+        return 0
+    return int(room)
 
 
 def _lookup(values: dict[str, Any], ref: str) -> Any:

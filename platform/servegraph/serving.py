@@ -61,6 +61,13 @@ INGRESS_DEFAULTS: dict[str, Any] = {
     "backpressure_config": {"status_code": 503, "retry_after_s": 1},
 }
 
+# The largest maximum cost a caller may send (x-servegraph-max-cost-usd), in USD: far
+# beyond what any request spends (a `rag` request costs about $1.5e-05), so a budget
+# this large runs like none, and small enough that the runtime's arithmetic on it stays
+# finite (it is checked there too: `servegraph.runtime`). Past it, or not a finite
+# number: 422 naming the header and the bound.
+MAX_COST_USD = 1e6
+
 # A deadline the caller names is answered a little before it runs out, so the 504
 # (which names the node) reaches the caller before the caller's own timer fires, and
 # before Serve's proxy, which enforces `x-request-timeout-seconds` too, answers a bare 408.
@@ -175,7 +182,9 @@ def pipeline_router(compiled: CompiledGraph, runtime: Runtime, metrics: Any) -> 
     budget_doc = (
         "The most this request may cost, in USD (the price table's, as the usage reports "
         "it): the run stops with 402 before a node whose estimated cost does not fit what "
-        "is left, and the LLM's max_tokens is lowered to what is left buys."
+        "is left, and the LLM's max_tokens is lowered to what is left buys. A finite "
+        f"number above 0 and at most {MAX_COST_USD:g} (more than any request spends); "
+        "else 422 naming this header."
     )
 
     async def finish(
@@ -199,11 +208,15 @@ def pipeline_router(compiled: CompiledGraph, runtime: Runtime, metrics: Any) -> 
         response: Response,
         http: Request,
         caller: auth.Caller = Depends(guard),  # noqa: B008  # FastAPI's way
-        x_request_timeout: float | None = Header(None, gt=0, le=600, description=deadline_doc),
-        x_request_timeout_seconds: float | None = Header(
-            None, gt=0, le=600, description=serve_deadline_doc
+        x_request_timeout: float | None = Header(
+            None, gt=0, le=600, allow_inf_nan=False, description=deadline_doc
         ),
-        x_servegraph_max_cost_usd: float | None = Header(None, gt=0, description=budget_doc),
+        x_request_timeout_seconds: float | None = Header(
+            None, gt=0, le=600, allow_inf_nan=False, description=serve_deadline_doc
+        ),
+        x_servegraph_max_cost_usd: float | None = Header(
+            None, gt=0, le=MAX_COST_USD, allow_inf_nan=False, description=budget_doc
+        ),
     ) -> Any:
         started = time.perf_counter()
         records: list[NodeRecord] = []
@@ -226,11 +239,15 @@ def pipeline_router(compiled: CompiledGraph, runtime: Runtime, metrics: Any) -> 
         request: input_model,  # type: ignore[valid-type]
         http: Request,
         caller: auth.Caller = Depends(guard),  # noqa: B008  # FastAPI's way
-        x_request_timeout: float | None = Header(None, gt=0, le=600, description=deadline_doc),
-        x_request_timeout_seconds: float | None = Header(
-            None, gt=0, le=600, description=serve_deadline_doc
+        x_request_timeout: float | None = Header(
+            None, gt=0, le=600, allow_inf_nan=False, description=deadline_doc
         ),
-        x_servegraph_max_cost_usd: float | None = Header(None, gt=0, description=budget_doc),
+        x_request_timeout_seconds: float | None = Header(
+            None, gt=0, le=600, allow_inf_nan=False, description=serve_deadline_doc
+        ),
+        x_servegraph_max_cost_usd: float | None = Header(
+            None, gt=0, le=MAX_COST_USD, allow_inf_nan=False, description=budget_doc
+        ),
     ) -> Response:
         started = time.perf_counter()
         records: list[NodeRecord] = []

@@ -4,6 +4,7 @@ allowance (what its request's budget had left), and says so in the charge item: 
 
 from __future__ import annotations
 
+import math
 from collections.abc import AsyncIterator
 from types import SimpleNamespace
 
@@ -54,3 +55,14 @@ async def test_without_an_allowance_or_within_it_the_reply_runs_to_its_end() -> 
         assert len(got) == 11 and STOPPED not in got[-1]
     # An OpenAI route's call (raw request info): no charge item at all.
     assert len(await run(None, raw_request_info=object())) == 10
+
+
+@pytest.mark.parametrize(("allowance_usd", "sent"), [(-1.0, 1), (math.nan, 1), (math.inf, 10)])
+async def test_an_allowance_of_less_than_nothing_or_not_a_number_allows_nothing(
+    allowance_usd: float, sent: int
+) -> None:
+    """The engine's own check, whatever it is sent: below zero or NaN (NaN compares
+    false, so it never stopped) ends the reply after its first item; infinity never."""
+    got = await run(allowance_usd)
+    assert len(got) == sent + 1
+    assert (STOPPED in got[-1]) == (sent < 10)

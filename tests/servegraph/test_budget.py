@@ -7,7 +7,10 @@ from __future__ import annotations
 
 import asyncio
 import json
+import math
 import pickle
+import sys
+from collections.abc import Callable
 
 import pytest
 from pydantic import BaseModel, Field
@@ -22,7 +25,7 @@ from servegraph import (
 )
 from servegraph.cost import Budget, CostModel, Estimate, allowance, attach, prices
 from servegraph.http import runtime_error_body
-from servegraph.runtime import NodeRecord
+from servegraph.runtime import NodeRecord, _tokens_within
 
 CPU_S_PER_USD = 1 / prices().usd({"cpu_s": 1.0})
 EMBED_USD = 1e-5  # what one embed call costs
@@ -320,6 +323,79 @@ async def test_many_concurrent_requests_each_keep_to_their_own_budget() -> None:
     assert sum(stopped.values()) < len(budgets)
 
 
+def llm_only() -> Pipeline:
+    p = Pipeline("llm_only", input=Prompt, output=Reply)
+    p.returns(p.call("generate", "model", "generate", text=p.input.text))
+    return p
+
+
+@pytest.mark.parametrize("maximum", [1e307, 6.602692196242413e307, sys.float_info.max, math.inf])
+async def test_a_maximum_beyond_any_cost_runs_like_an_unbudgeted_request(maximum: float) -> None:
+    """Issue 23: what is left over the LLM's price per token was infinite in floats for
+    a maximum of 1e307, and turning it into a token count raised (a 502 naming the LLM
+    node: "OverflowError: cannot convert float infinity to integer")."""
+    rt, _, model = runtime()
+    await learned(rt)
+    unbudgeted = await rt.run(rag().build(), {"text": "hi", "max_tokens": 100})
+    budget = Budget(maximum)
+    reply = await rt.run(rag().build(), {"text": "hi", "max_tokens": 100}, budget=budget)
+    assert (reply.text, reply.usage) == (unbudgeted.text, unbudgeted.usage)
+    assert model.asked[-2:] == [100, 100] and budget.capped == {}
+    assert budget.spent_usd == pytest.approx(EMBED_USD + CALL_USD + TOKEN_USD * REPLY_TOKENS)
+    assert budget.reserved_usd == pytest.approx(0)
+    # What the LLM is told it may spend: what was left, or for infinity no limit at all.
+    assert model.allowed[-1] == (None if maximum == math.inf else pytest.approx(maximum))
+
+
+@pytest.mark.parametrize("maximum", [0.0, -0.0, -1.0, -math.inf, math.nan])
+@pytest.mark.parametrize("pipeline", [rag, llm_only])
+async def test_a_maximum_of_nothing_less_or_not_a_number_affords_nothing(
+    maximum: float, pipeline: Callable[[], Pipeline]
+) -> None:
+    """Stopped with 402 before the first call that has an estimate: never a call run on
+    a NaN budget, never an exception from the arithmetic (a NaN at the LLM was a 502)."""
+    rt, embedder, model = runtime()
+    await learned(rt)
+    calls = embedder.calls, len(model.asked)
+    with pytest.raises(BudgetExceededError) as caught:
+        await rt.run(pipeline().build(), {"text": "hi"}, budget=Budget(maximum))
+    assert caught.value.node == ("embed" if pipeline is rag else "generate")
+    assert (embedder.calls, len(model.asked)) == calls
+
+
+@pytest.mark.parametrize(("maximum", "allowed"), [(math.inf, None), (math.nan, 0.0), (-1.0, 0.0)])
+async def test_a_calls_allowance_is_a_number_at_least_zero_or_no_limit(
+    maximum: float, allowed: float | None
+) -> None:
+    """A cold runtime runs each method's first call whatever the budget (to learn its
+    cost): what the LLM is told it may spend is still a number >= 0, or None."""
+    rt, _, model = runtime()
+    await rt.run(rag().build(), {"text": "hi"}, budget=Budget(maximum))
+    assert model.allowed == [allowed]
+
+
+@pytest.mark.parametrize(
+    ("usd", "per_token", "tokens"),
+    [
+        (math.inf, 1e-9, 100),
+        (1e307, 1e-9, 100),
+        (1.0, 5e-324, 100),  # the price of a token all but nothing: 1 / it is infinite
+        (2.5e-9, 1e-9, 2),
+        (0.5e-9, 1e-9, 0),
+        (0.0, 1e-9, 0),
+        (-1.0, 1e-9, 0),
+        (-math.inf, 1e-9, 0),
+        (math.nan, 1e-9, 0),
+        (math.inf, math.inf, 0),
+        (1.0, math.inf, 0),
+    ],
+)
+def test_what_is_left_buys_a_token_count_whatever_the_numbers(
+    usd: float, per_token: float, tokens: int
+) -> None:
+    assert _tokens_within(usd, per_token, 100) == tokens
+
+
 def test_the_error_pickles_and_its_body_names_the_node_and_amounts() -> None:
     error = BudgetExceededError("generate", 2e-5, 1e-5, 3e-5, 2e-5)
     again = pickle.loads(pickle.dumps(error))
@@ -380,3 +456,56 @@ def test_the_ingress_takes_the_maximum_from_a_header_and_answers_402() -> None:
     documented = app.openapi()["paths"]["/rag"]["post"]
     assert "402" in documented["responses"]
     assert "x-servegraph-max-cost-usd" in {p["name"] for p in documented["parameters"]}
+
+
+@pytest.mark.parametrize("path", ["/rag", "/rag/stream"])
+def test_the_maximum_cost_header_is_a_finite_number_up_to_its_bound(path: str) -> None:
+    """Issue 23's fuzzing find: x-servegraph-max-cost-usd: 6.602692196242413e+307 was a
+    502 from the LLM node. The header is bounded (`MAX_COST_USD`, documented in the
+    OpenAPI): past it, or not a finite number above 0, a 422 naming the header."""
+    from fastapi.testclient import TestClient
+
+    from servegraph.auth import client_headers
+    from servegraph.serving import MAX_COST_USD, build_fastapi
+
+    model = Model()
+    servers = {"embedder": Embedder(), "model": model}
+    app = build_fastapi({"rag": rag().build()}, catalog(), Invoker(servers))
+    client = TestClient(app, headers=client_headers())
+    for max_tokens in (10, 100):  # the ingress learns what the calls cost
+        assert client.post("/rag", json={"text": "hi", "max_tokens": max_tokens}).status_code == 200
+    asked = len(model.asked)
+    header = "x-servegraph-max-cost-usd"
+    refused = {
+        "6.602692196242413e+307": "<= 1000000",
+        "1e307": "<= 1000000",
+        "1.8e308": "finite",  # past the largest float: infinity
+        "1000000.5": "<= 1000000",
+        "inf": "finite",
+        "-Infinity": "finite",
+        "nan": "finite",
+        "NaN": "finite",
+        "-1": "> 0",
+        "0": "> 0",
+        "-0": "> 0",
+        "1e-400": "> 0",  # zero, in floats
+        "": "float",
+        "a lot": "float",
+    }
+    for value, fix in refused.items():
+        answer = client.post(path, json={"text": "hi", "max_tokens": 100}, headers={header: value})
+        assert answer.status_code == 422, (value, answer.status_code, answer.text)
+        (problem,) = answer.json()["detail"]
+        assert problem["field"] == f"header.{header}" and fix in problem["fix"], (value, problem)
+    assert len(model.asked) == asked  # nothing ran
+    for value in ("1e6", repr(MAX_COST_USD)):  # the bound itself: as if unbudgeted
+        answer = client.post(path, json={"text": "hi", "max_tokens": 100}, headers={header: value})
+        assert answer.status_code == 200 and model.asked[-1] == 100, answer.text
+    for value in ("inf", "nan", "1e308", "0", "-1"):
+        for deadline in ("x-request-timeout", "x-request-timeout-seconds"):
+            answer = client.post(path, json={"text": "hi"}, headers={deadline: value})
+            assert answer.status_code == 422, (deadline, value, answer.text)
+            assert answer.json()["detail"][0]["field"] == f"header.{deadline}"
+    documented = app.openapi()["paths"][path]["post"]["parameters"]
+    (schema,) = [p["schema"] for p in documented if p["name"] == header]
+    assert {"type": "number", "exclusiveMinimum": 0, "maximum": MAX_COST_USD} in schema["anyOf"]

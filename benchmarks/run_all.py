@@ -15,6 +15,7 @@ from benchmarks import report
 
 BENCHMARKS = [
     "model_servers",
+    "path_cpu",
     "speed",
     "graph_overhead",
     "pipelines",

@@ -41,11 +41,13 @@ else
 fi
 
 # Debian packages: Prometheus (and promtool) for `make observe` and the alert-rule
-# tests, chromium for the offline docs test. Installed from the distribution, never
+# tests, chromium for the offline docs test, wrk for the benchmarks' HTTP load (a C load
+# generator that is not the limit, where a Python client would be). Installed from the distribution, never
 # downloaded from elsewhere.
 missing=()
 command -v prometheus >/dev/null 2>&1 || missing+=(prometheus)
 command -v chromium >/dev/null 2>&1 || missing+=(chromium)
+command -v wrk >/dev/null 2>&1 || missing+=(wrk)
 if [ ${#missing[@]} -gt 0 ]; then
   apt=(apt-get)
   [ "$(id -u)" = 0 ] || apt=(sudo -n apt-get)

@@ -1,0 +1,94 @@
+"""Which process spent the CPU: every process's CPU time read before and after a window
+(psutil), grouped by its part in the platform (Ray names its workers' processes:
+`ray::ProxyActor`, `ray::ServeReplica:<app>:<deployment>`), so that a throughput
+figure comes with the process that saturated first and the load generator's own CPU."""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+
+import psutil
+
+Snapshot = dict[int, tuple[str, float]]
+
+
+def snapshot() -> Snapshot:
+    """pid -> (command line, CPU seconds, user + system) of every process."""
+    taken = {}
+    for proc in psutil.process_iter(["pid", "cmdline"]):
+        try:
+            times = proc.cpu_times()
+            taken[proc.pid] = (" ".join(proc.info["cmdline"] or []), times.user + times.system)
+        except (psutil.NoSuchProcess, psutil.AccessDenied):
+            continue
+    return taken
+
+
+def platform_role(cmdline: str) -> str | None:
+    """A process's part in the platform, from its command line; None: not the platform's."""
+    if "ProxyActor" in cmdline:
+        return "proxy"
+    if "ServeReplica:" in cmdline:
+        return cmdline.split("ServeReplica:", 1)[1].split()[0]  # "<app>:<deployment>"
+    if "ServeController" in cmdline:
+        return "controller"
+    if "EngineCore" in cmdline or "VLLM" in cmdline:
+        return "llm engine"
+    if any(d in cmdline for d in ("raylet", "gcs_server", "dashboard", "log_monitor", "ray::")):
+        return "ray, other"
+    return None
+
+
+@dataclass
+class Usage:
+    """CPU seconds per role over a window, and the most of a core one process of the
+    role used."""
+
+    seconds: float
+    cpu_s: dict[str, float] = field(default_factory=dict)
+    busiest: dict[str, float] = field(default_factory=dict)
+
+    def rows(self) -> list[str]:
+        return [
+            f"{role}: {cpu:.2f} CPU-s ({self.busiest[role] * 100:.0f} % of a core, busiest process)"
+            for role, cpu in sorted(self.cpu_s.items(), key=lambda kv: -kv[1])
+        ]
+
+
+def usage(
+    before: Snapshot, after: Snapshot, seconds: float, role: Callable[[int, str], str | None]
+) -> Usage:
+    used = Usage(seconds)
+    for pid, (cmdline, spent) in after.items():
+        name = role(pid, cmdline)
+        if name is None:
+            continue
+        cpu = spent - before.get(pid, (cmdline, 0.0))[1]
+        used.cpu_s[name] = used.cpu_s.get(name, 0.0) + cpu
+        used.busiest[name] = max(used.busiest.get(name, 0.0), cpu / max(seconds, 1e-9))
+    return used
+
+
+@contextmanager
+def measured(
+    role: Callable[[int, str], str | None] | None = None, clients: set[int] | None = None
+) -> Iterator[list[Usage]]:
+    """`with measured() as out:` ... then `out[0]` is the window's `Usage`; processes in
+    `clients` (pids) count as "client"."""
+    import time
+
+    clients = clients or set()
+
+    def classify(pid: int, cmdline: str) -> str | None:
+        if pid in clients:
+            return "client"
+        return role(pid, cmdline) if role else platform_role(cmdline)
+
+    out: list[Usage] = []
+    before, started = snapshot(), time.perf_counter()
+    try:
+        yield out
+    finally:
+        out.append(usage(before, snapshot(), time.perf_counter() - started, classify))

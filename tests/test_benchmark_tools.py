@@ -121,3 +121,58 @@ async def test_the_evaluation_scores_rag_and_triage_answers_as_labelled() -> Non
     assert agent.rate("completed") == 1.0 and agent.rate("repeated_tool") == 0.0
     assert agent.rate("steps") == 2 and not agent.errors
     assert most > 1  # callers at once, not one after another
+
+
+def test_the_raw_burst_client_reads_every_answer_with_its_status_and_headers() -> None:
+    """`raw_burst` against a tiny HTTP server in this process: each request's own answer,
+    a chunked body too, and a refused connection as status 0."""
+    from benchmarks.traffic import raw_burst
+
+    async def serve(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        head = await reader.readuntil(b"\r\n\r\n")
+        length = int(head.lower().split(b"content-length: ")[1].split(b"\r\n")[0])
+        body = await reader.readexactly(length)
+        n = int(body.decode().split(":")[1].strip(" }"))
+        if n % 2:
+            payload = b'{"n": %d}' % n
+            writer.write(
+                b"HTTP/1.1 503 Service Unavailable\r\nretry-after: 1\r\n"
+                b"content-length: %d\r\n\r\n%s" % (len(payload), payload)
+            )
+        else:
+            chunk = b'{"n": %d}' % n
+            writer.write(
+                b"HTTP/1.1 200 OK\r\ntransfer-encoding: chunked\r\n\r\n"
+                b"%x\r\n%s\r\n0\r\n\r\n" % (len(chunk), chunk)
+            )
+        await writer.drain()
+        writer.close()
+
+    async def main() -> tuple[list, float, list]:
+        server = await asyncio.start_server(serve, "127.0.0.1", 0)
+        port = server.sockets[0].getsockname()[1]
+        async with server:
+            answers, cpu = await raw_burst(
+                f"http://127.0.0.1:{port}", "/x", [{"n": i} for i in range(20)]
+            )
+        refused, _ = await raw_burst(f"http://127.0.0.1:{port}", "/x", [{"n": 0}])
+        return answers, cpu, refused
+
+    answers, cpu, refused = asyncio.run(main())
+    assert [a.status for a in answers] == [200 if i % 2 == 0 else 503 for i in range(20)]
+    assert [a.body for a in answers] == [{"n": i} for i in range(20)]
+    assert all(a.headers["retry-after"] == "1" for a in answers if a.status == 503)
+    assert cpu >= 0 and refused[0].status == 0
+
+
+def test_every_process_is_named_by_its_part_in_the_platform() -> None:
+    from benchmarks.cpu import platform_role
+
+    assert platform_role("ray::ProxyActor") == "proxy"
+    assert platform_role("ray::ServeReplica:embedder:Gateway") == "embedder:Gateway"
+    assert platform_role("ray::ServeReplica:pipelines:PipelineIngress") == (
+        "pipelines:PipelineIngress"
+    )
+    assert platform_role("ray::ServeController") == "controller"
+    assert platform_role("/usr/bin/python3 /usr/lib/raylet --foo") == "ray, other"
+    assert platform_role("bash") is None

@@ -3,6 +3,7 @@ the two faults turned into answers on the way (a full queue, a replica that died
 Used by the pipeline ingress and by every model server's gateway."""
 
 import asyncio
+import concurrent.futures
 import itertools
 import logging
 import time
@@ -102,6 +103,7 @@ class ServeInvoker:
             self.mergers[key] = CallMerger(
                 server,
                 lambda requests, left: merged.remote(method, requests, left),
+                cancel=cancel_off_loop,
                 max_items=self._merge.max_items,
                 max_calls=self._merge.max_calls,
                 max_pending=self._merge.max_pending,
@@ -140,7 +142,7 @@ class ServeInvoker:
                         yield item
                 except (asyncio.CancelledError, GeneratorExit):
                     if isinstance(target, DeploymentHandle):
-                        items.cancel()  # see cancel_when_abandoned
+                        cancel_off_loop(items)  # see cancel_when_abandoned
                     raise
                 return
             except BackPressureError as exc:
@@ -161,8 +163,23 @@ async def cancel_when_abandoned(response: Any) -> Any:
     try:
         return await response
     except asyncio.CancelledError:
-        response.cancel()
+        cancel_off_loop(response)
         raise
+
+
+# Two threads: cancels are rare but can each take a while under overload.
+_CANCELLER = concurrent.futures.ThreadPoolExecutor(2, thread_name_prefix="servegraph-cancel")
+
+
+def cancel_off_loop(response: Any) -> None:
+    """Cancel a handle call from a thread, never on the event loop. Serve's
+    `DeploymentResponse.cancel()` is synchronous: it waits for the router (on its own
+    loop) to settle the request's assignment and then calls `ray.cancel`. Called on the
+    ingress's event loop for each of 128 requests timing out together, it held the loop
+    for seconds, so every 504 left 6-10 s after its deadline (issue 23's overload burst,
+    the ingress's access log) and requests waited in the replica before its app saw
+    them. Fire and forget: a cancel is best effort in Serve too."""
+    _CANCELLER.submit(response.cancel)
 
 
 async def _retrying(

@@ -90,8 +90,9 @@ class CallMerger:
 
     Args:
         server: the model server, for errors.
-        send: starts the merged call; what it returns is awaited, and cancelled
-            (`.cancel()`) when every item in it was.
+        send: starts the merged call; what it returns is awaited, and cancelled when
+            every item in it was.
+        cancel: how to cancel what `send` returned (default: its `.cancel()`).
     """
 
     def __init__(
@@ -102,11 +103,13 @@ class CallMerger:
         max_items: int = 64,
         max_calls: int = 4,
         max_pending: int = 1024,
+        cancel: Callable[[Any], None] | None = None,
     ) -> None:
         if max_items < 1 or max_calls < 1 or max_pending < 1:
             raise ValueError("max_items, max_calls and max_pending must be at least 1")
         self.server = server
         self._send = send
+        self._cancel = cancel or _cancel
         self.max_items = max_items
         self.max_calls = max_calls
         self.max_pending = max_pending
@@ -168,7 +171,9 @@ class CallMerger:
             left = [None if i.deadline is None else i.deadline - now for i in batch]
             response = self._send([i.request for i in batch], left)
             if hasattr(response, "cancel"):
-                abandon = functools.partial(_cancel_when_all_done, batch, response)
+                abandon = functools.partial(
+                    _cancel_when_all_done, batch, functools.partial(self._cancel, response)
+                )
                 for item in batch:
                     item.future.add_done_callback(abandon)
             try:
@@ -205,10 +210,14 @@ class CallMerger:
         stats.sizes[size] = stats.sizes.get(size, 0) + 1
 
 
-def _cancel_when_all_done(batch: list[_Item], response: Any, _: object) -> None:
+def _cancel(response: Any) -> None:
+    response.cancel()  # a handle call's: see servegraph.handles.cancel_off_loop
+
+
+def _cancel_when_all_done(batch: list[_Item], cancel: Callable[[], None], _: object) -> None:
     """Nobody waits for the call any more (every item cancelled or past its deadline)."""
     if all(item.future.done() for item in batch):
-        response.cancel()
+        cancel()
 
 
 def _expire(item: _Item) -> None:

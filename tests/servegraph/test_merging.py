@@ -217,3 +217,31 @@ def test_an_unpicklable_error_comes_back_as_its_type_and_text() -> None:
 async def test_only_the_contracts_methods_can_be_called_merged() -> None:
     with pytest.raises(ValueError, match="cannot be called merged"):
         await Server().call_many("__init__", [None], [None])  # type: ignore[attr-defined]
+
+
+async def test_a_handle_call_is_cancelled_off_the_event_loop() -> None:
+    """Serve's `DeploymentResponse.cancel()` blocks (it settles the request's assignment,
+    then calls `ray.cancel`): it must never run on the loop that answers requests."""
+    import threading
+
+    from servegraph.handles import cancel_when_abandoned
+
+    loop_thread = threading.get_ident()
+    cancelled_on: list[int] = []
+    done = threading.Event()
+
+    class Response:
+        def __await__(self):  # type: ignore[no-untyped-def]
+            return asyncio.get_running_loop().create_future().__await__()  # never answers
+
+        def cancel(self) -> None:
+            cancelled_on.append(threading.get_ident())
+            done.set()
+
+    call = asyncio.ensure_future(cancel_when_abandoned(Response()))
+    await asyncio.sleep(0)
+    call.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await call
+    assert await asyncio.to_thread(done.wait, 30)
+    assert cancelled_on and cancelled_on[0] != loop_thread

@@ -50,8 +50,11 @@ from typing import Annotated, Any
 
 from fastapi import Depends, HTTPException, Request
 from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
+from fastapi.security.utils import get_authorization_scheme_param
 from pydantic import BaseModel, Field, field_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
+from starlette.datastructures import Headers
+from starlette.routing import Match
 
 from servegraph.errors import ServegraphError
 
@@ -397,14 +400,7 @@ class Guard:
         """The caller, if its key (None: none was sent) is valid, has `scope` (None: any
         key will do) and is within its limits (for a request that will use the LLM,
         `llm`: its token budget too); else AuthError."""
-        if self.settings.unsafe_disabled:
-            return ANONYMOUS
-        caller = self.store.verify(key) if key else None
-        if caller is None:
-            raise unauthorized()
-        if scope is not None and not caller.allows(scope):
-            self.usage.record(caller.name, 403)
-            raise AuthError(403, f"this key lacks the scope {scope!r}; create a key that has it")
+        caller = self.authenticate(key, scope)
         if caller.limited:
             wait_s = await self._limit(
                 "admit", caller.name, caller.requests_per_s, caller.tokens_per_min if llm else None
@@ -417,6 +413,20 @@ class Guard:
                     "header's seconds",
                     {"Retry-After": str(max(1, int(wait_s + 0.999)))},
                 )
+        return caller
+
+    def authenticate(self, key: str | None, scope: str | None) -> Caller:
+        """The caller, if its key is valid and has `scope` (None: any key will do); else
+        AuthError (401, or 403 recorded on the key's usage). `check` without the limits:
+        no await, nothing counted, so `KeyBeforeBody` asks it too, before the body."""
+        if self.settings.unsafe_disabled:
+            return ANONYMOUS
+        caller = self.store.verify(key) if key else None
+        if caller is None:
+            raise unauthorized()
+        if scope is not None and not caller.allows(scope):
+            self.usage.record(caller.name, 403)
+            raise AuthError(403, f"this key lacks the scope {scope!r}; create a key that has it")
         return caller
 
     async def charge(
@@ -471,7 +481,93 @@ def require(scope: str | None, *, llm: bool = False, http_exception: bool = Fals
         request.state.caller = caller
         return caller
 
+    # What `KeyBeforeBody` finds on a route to check its key before the body is read.
+    setattr(dependency, _REQUIRES, (scope, http_exception))
     return dependency
+
+
+_REQUIRES = "servegraph_requires"  # on a `require` dependency: (its scope, http_exception)
+
+
+class KeyBeforeBody:
+    """The key checked before a byte of the request's body is read.
+
+    FastAPI reads and parses the whole body before any dependency runs, so `require`
+    alone would let a caller with no key make a replica buffer gigabytes, or hold the
+    pipelines' admission places with bodies trickled slowly. This pure ASGI middleware
+    finds the route a request matches (as the router will), and when that route
+    `require`s a key it asks the same `Guard.authenticate`, from the Authorization
+    header read as `HTTPBearer` reads it: a missing, malformed, unknown or revoked key
+    is answered 401 with `WWW-Authenticate: Bearer` and the body `require` answers, a
+    key without the route's scope 403, and `receive` is never called. Routes without
+    `require` (the docs pages, when open) and unknown paths pass untouched.
+
+    `require` still runs after it, on the admitted request: the limits (429), the
+    caller on `request.state`, the OpenAPI's security scheme. Install it outermost, so
+    nothing before it counts or reads a request without a key (`servegraph.http.
+    install_request_checks`)."""
+
+    def __init__(self, app: Any, router: Any) -> None:
+        self.app = app
+        self.router = router  # the app's router: its routes are read per request
+        self._requires: dict[int, tuple[Any, list[tuple[str | None, bool]]]] = {}
+
+    async def __call__(self, scope: dict[str, Any], receive: Any, send: Any) -> None:
+        if scope["type"] == "http":
+            requires = self._route_requires(scope)
+            if requires:
+                key = _bearer_key(scope)
+                for needed, http_exception in requires:
+                    try:
+                        Guard.here().authenticate(key, needed)
+                    except AuthError as exc:
+                        body = {"detail": exc.body()} if http_exception else exc.body()
+                        await _answer(send, exc.status, body, exc.headers)
+                        return
+        await self.app(scope, receive, send)
+
+    def _route_requires(self, scope: dict[str, Any]) -> list[tuple[str | None, bool]]:
+        """What the route the request matches `require`s (its dependencies', at any
+        depth); nothing for no route (FastAPI answers 404 or 405 without the body)."""
+        for route in self.router.routes:
+            match, _ = route.matches(scope)
+            if match is not Match.FULL:
+                continue
+            known = self._requires.get(id(route))  # routes are not hashable
+            if known is None or known[0] is not route:
+                found: list[tuple[str | None, bool]] = []
+                stack = [getattr(route, "dependant", None)]
+                while stack:
+                    dependant = stack.pop()
+                    if dependant is None:
+                        continue
+                    marked = getattr(dependant.call, _REQUIRES, None)
+                    if marked is not None and marked not in found:
+                        found.append(marked)
+                    stack.extend(dependant.dependencies)
+                known = self._requires[id(route)] = (route, found)
+            return known[1]
+        return []
+
+
+def _bearer_key(scope: dict[str, Any]) -> str | None:
+    """The key an Authorization header carries, read as `HTTPBearer` reads it."""
+    authorization = Headers(scope=scope).get("authorization")
+    scheme, credentials = get_authorization_scheme_param(authorization)
+    if not (authorization and scheme and credentials) or scheme.lower() != "bearer":
+        return None
+    return credentials
+
+
+async def _answer(send: Any, status: int, body: dict[str, Any], headers: dict[str, str]) -> None:
+    """A JSON answer sent straight from an ASGI middleware."""
+    content = json.dumps(body, separators=(",", ":")).encode()
+    raw = [
+        (name.lower().encode("latin-1"), value.encode("latin-1")) for name, value in headers.items()
+    ]
+    raw += [(b"content-type", b"application/json"), (b"content-length", str(len(content)).encode())]
+    await send({"type": "http.response.start", "status": status, "headers": raw})
+    await send({"type": "http.response.body", "body": content})
 
 
 class UsageMiddleware:

@@ -20,7 +20,7 @@ from servegraph import auth
 from servegraph.catalog import Catalog, ServerSpec
 from servegraph.compiled import CompiledGraph
 from servegraph.graph import Graph, Pipeline, resolve
-from servegraph.http import ErrorBody, install_error_handlers, make_app
+from servegraph.http import ErrorBody, install_error_handlers, install_request_checks, make_app
 from servegraph.runtime import Runtime
 from servegraph.settings import AppSettings, router_actor_options
 
@@ -54,6 +54,7 @@ def build_gateway(spec: ServerSpec, catalog: Catalog, invoke: Any) -> FastAPI:
     (pipelines reach the model by handle, not through this surface)."""
     app = make_app(title=spec.name, description=spec.description)
     install_error_handlers(app)
+    install_request_checks(app)  # the key, then the body's size, before the body is read
     # The routes, not the app: the docs pages stay open (`SERVEGRAPH_AUTH_OPEN_DOCS`).
     routes = APIRouter(dependencies=[Depends(auth.require("admin"))])
     runtime = Runtime(catalog, invoke)

@@ -6,6 +6,7 @@ body is ``{"error": ..., ...}`` with what a caller needs to act on it.
 
 from __future__ import annotations
 
+import json
 import math
 from pathlib import Path
 from typing import Any
@@ -16,7 +17,7 @@ from fastapi.responses import JSONResponse
 from pydantic import BaseModel, Field
 
 from servegraph._fields import field_errors
-from servegraph.auth import AuthError, UsageMiddleware
+from servegraph.auth import AuthError, KeyBeforeBody, UsageMiddleware
 from servegraph.errors import (
     BudgetExceededError,
     InvalidInputError,
@@ -162,6 +163,140 @@ def install_error_handlers(app: FastAPI) -> None:
             status_code=503,
             headers=_retry_after_header(exc.retry_after_s),
         )
+
+
+def install_request_checks(
+    app: FastAPI, max_body_bytes: int | None = None, routes: dict[str, int] | None = None
+) -> None:
+    """What is checked of a request before its body is read, outermost in `app`: the key
+    (`servegraph.auth.KeyBeforeBody`: 401 or 403 without reading the body), then the
+    body's size (`BodyLimit`: 413). Limits default to `AppSettings.max_body_bytes` and
+    `max_body_bytes_routes` (SERVEGRAPH_MAX_BODY_BYTES, ..._ROUTES).
+
+    Call it after every other middleware is added: Starlette runs the middleware added
+    last first, and nothing may count or read a request before its key is checked (the
+    ingress's admission gate must not count a request without a key)."""
+    from servegraph.settings import AppSettings
+
+    if max_body_bytes is None or routes is None:
+        settings = AppSettings()
+        max_body_bytes = settings.max_body_bytes if max_body_bytes is None else max_body_bytes
+        routes = settings.max_body_bytes_routes if routes is None else routes
+    app.add_middleware(BodyLimit, max_body_bytes=max_body_bytes, routes=routes)
+    app.add_middleware(KeyBeforeBody, router=app.router)
+    _document_413(app)
+
+
+class BodyTooLargeError(Exception):
+    """Raised from `receive` when a body passes its route's limit (`BodyLimit`)."""
+
+
+class BodyLimit:
+    """ASGI middleware bounding each request's body: a route's limit (`routes`: the
+    path as the caller sends it, and the paths below it -> bytes; else
+    `max_body_bytes`). A Content-Length past it is answered 413 before the body is
+    read; a body without one (chunked) is counted as it arrives, and answered 413 as
+    soon as it passes the limit, whatever the app would have answered to the body cut
+    short. The 413's body names the limit and the fix."""
+
+    def __init__(self, app: Any, max_body_bytes: int, routes: dict[str, int]) -> None:
+        self.app = app
+        self.max_body_bytes = max_body_bytes
+        # Longest first: the most particular route's limit wins.
+        self.routes = sorted(
+            ((path.rstrip("/") or "/", limit) for path, limit in routes.items()),
+            key=lambda route: -len(route[0]),
+        )
+
+    def limit_of(self, scope: dict[str, Any]) -> int:
+        path: str = scope.get("path", "")
+        root: str = scope.get("root_path", "")
+        if root and not path.startswith(root):
+            path = root + path  # the path as the caller sent it, the mount point included
+        for prefix, limit in self.routes:
+            if path == prefix or path.startswith(prefix.rstrip("/") + "/"):
+                return limit
+        return self.max_body_bytes
+
+    async def __call__(self, scope: dict[str, Any], receive: Any, send: Any) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        limit = self.limit_of(scope)
+        for name, value in scope.get("headers", []):
+            if name == b"content-length" and value.strip().isdigit() and int(value) > limit:
+                await _too_large(send, limit)
+                return
+        received, over, started = 0, False, False
+
+        async def receiving() -> dict[str, Any]:
+            nonlocal received, over
+            message: dict[str, Any] = await receive()
+            if message["type"] == "http.request":
+                received += len(message.get("body", b""))
+                if received > limit:
+                    over = True
+                    raise BodyTooLargeError(f"the body passed {limit} bytes")
+            return message
+
+        async def sending(message: dict[str, Any]) -> None:
+            nonlocal started
+            if over:
+                return  # what the app answers to a body cut short: the 413 replaces it
+            started = started or message["type"] == "http.response.start"
+            await send(message)
+
+        try:
+            await self.app(scope, receiving, sending)
+        except Exception:
+            if not over:
+                raise
+        if over and not started:
+            await _too_large(send, limit)
+
+
+async def _too_large(send: Any, limit: int) -> None:
+    body = ErrorBody(
+        error="BodyTooLargeError",
+        node="(request)",
+        detail=f"the request's body is larger than this route's limit of {limit} bytes "
+        f"({limit / 2**20:.3g} MiB); fix: send less in one request (split a batch into "
+        "several), or raise the limit (SERVEGRAPH_MAX_BODY_BYTES, or for one route "
+        "SERVEGRAPH_MAX_BODY_BYTES_ROUTES)",
+    )
+    content = json.dumps(body.model_dump(), separators=(",", ":")).encode()
+    headers = [(b"content-type", b"application/json"), (b"content-length", b"%d" % len(content))]
+    await send({"type": "http.response.start", "status": 413, "headers": headers})
+    await send({"type": "http.response.body", "body": content})
+
+
+def _document_413(app: FastAPI) -> None:
+    """Every operation that takes a body documents the 413 `BodyLimit` answers."""
+    generate = app.openapi
+
+    def openapi() -> dict[str, Any]:
+        schema = generate()
+        components = schema.setdefault("components", {}).setdefault("schemas", {})
+        for operations in schema.get("paths", {}).values():
+            for operation in operations.values():
+                if "requestBody" not in operation:
+                    continue
+                components.setdefault("ErrorBody", ErrorBody.model_json_schema())
+                operation.setdefault("responses", {}).setdefault(
+                    "413",
+                    {
+                        "description": "The body is larger than the route's limit (the body "
+                        "names it and the fix)",
+                        "content": {
+                            "application/json": {
+                                "schema": {"$ref": "#/components/schemas/ErrorBody"}
+                            }
+                        },
+                    },
+                )
+        return schema
+
+    app.openapi = openapi  # type: ignore[method-assign]
 
 
 def _document_422(app: FastAPI) -> None:

@@ -34,6 +34,7 @@ from servegraph.http import (
     BudgetErrorBody,
     ErrorBody,
     install_error_handlers,
+    install_request_checks,
     make_app,
     runtime_error_body,
 )
@@ -108,6 +109,12 @@ def build_fastapi(
         limits=limits,
         on_refused=(lambda name: metrics.record(name, 503, 0.0, [])) if metrics else None,
     )
+    # Starlette runs the middleware added last first. Added last, so run first: the key
+    # (401/403 before the body is read), then the body's size (413); only then the
+    # admission gate, which so never counts a request without a valid key (a caller
+    # without one cannot hold a pipeline's places with slow bodies), and innermost the
+    # key's usage (install_error_handlers). Nothing may be added after this.
+    install_request_checks(app)
     costs = cost.CostModel()  # one for all: each model server costs the same whoever calls
     for graph in graphs.values():
         runtime = Runtime(

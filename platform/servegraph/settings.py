@@ -5,7 +5,7 @@ them down, so no module of the framework names the application itself."""
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Annotated, Any
 
 from pydantic import Field
 from pydantic_settings import BaseSettings, SettingsConfigDict
@@ -20,6 +20,26 @@ class AppSettings(BaseSettings):
     pipelines: str = Field("pipelines", description="Package whose modules define pipelines.")
     alert_rules: str = Field(
         "dashboards/alerts.yaml", description="Prometheus alert rules `servegraph observe` loads."
+    )
+    max_body_bytes: int = Field(
+        2**20,
+        ge=1,
+        description=(
+            "The largest request body a route takes, in bytes (1 MiB), where "
+            "`max_body_bytes_routes` does not say otherwise: past it, 413, from the "
+            "Content-Length before the body is read, or as soon as a chunked body passes it."
+        ),
+    )
+    max_body_bytes_routes: dict[str, Annotated[int, Field(ge=1)]] = Field(
+        # The largest valid rag_ingest request is 1,000,000 characters (pipelines/rag/
+        # models.py), up to 12 bytes each in JSON ("\ud83d\ude00", one emoji, as
+        # json.dumps escapes it), plus 64 documents' ids and metadata.
+        default_factory=lambda: {"/pipelines/rag_ingest": 16 * 2**20},
+        description=(
+            "Body limits for particular routes, as JSON: the path as the caller sends it "
+            "(and the paths below it, e.g. its /stream) -> bytes; replaces the default "
+            "'{\"/pipelines/rag_ingest\": 16777216}'."
+        ),
     )
     router_resources: dict[str, float] = Field(
         default_factory=dict,

@@ -31,7 +31,8 @@ def platform_role(cmdline: str) -> str | None:
     if "ProxyActor" in cmdline:
         return "proxy"
     if "ServeReplica:" in cmdline:
-        return cmdline.split("ServeReplica:", 1)[1].split()[0]  # "<app>:<deployment>"
+        # "<app>:<deployment>", less the method Ray adds while one runs (".call_many")
+        return cmdline.split("ServeReplica:", 1)[1].split()[0].split(".")[0]
     if "ServeController" in cmdline:
         return "controller"
     if "EngineCore" in cmdline or "VLLM" in cmdline:

@@ -170,6 +170,7 @@ def test_every_process_is_named_by_its_part_in_the_platform() -> None:
 
     assert platform_role("ray::ProxyActor") == "proxy"
     assert platform_role("ray::ServeReplica:embedder:Gateway") == "embedder:Gateway"
+    assert platform_role("ray::ServeReplica:embedder:Embedder.call_many") == "embedder:Embedder"
     assert platform_role("ray::ServeReplica:pipelines:PipelineIngress") == (
         "pipelines:PipelineIngress"
     )

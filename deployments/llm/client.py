@@ -15,7 +15,15 @@ from pydantic_core import from_json
 
 from deployments.llm.contract import ChatChunk, ChatRequest, ChatResponse, Usage
 from deployments.llm.settings import LLMSettings
-from servegraph.server import CHARGE_ITEM, InvalidInputError, allowance, annotate, attach_charge
+from servegraph.server import (
+    CHARGE_ITEM,
+    InvalidInputError,
+    allowance,
+    annotate,
+    attach_charge,
+    report_tokens,
+    tokens_counted,
+)
 
 STOPPED = "servegraph_stopped"  # in the engine's charge item: why it ended the reply early
 
@@ -29,9 +37,11 @@ class LLMClient:
         self._handle = handle.options(stream=True)
 
     async def chat(self, request: ChatRequest) -> ChatResponse:
-        if allowance() is not None:
+        if allowance() is not None or tokens_counted():
             # The engine can stop a reply at the request's budget only between the
-            # items of a stream: take the streamed reply, whole.
+            # items of a stream, and only a stream tells the tokens used so far (a call
+            # cut short by a deadline or a caller gone is charged them): take the
+            # streamed reply, whole.
             async for item in self.chat_stream(request):
                 if isinstance(item, ChatResponse):
                     return item
@@ -53,7 +63,9 @@ class LLMClient:
         return attach_charge(reply, charge) if charge else reply
 
     async def chat_stream(self, request: ChatRequest) -> AsyncIterator[ChatChunk | ChatResponse]:
-        """`chat`, streamed: `ChatChunk`s as tokens arrive, then the whole `ChatResponse`."""
+        """`chat`, streamed: `ChatChunk`s as tokens arrive, then the whole `ChatResponse`.
+        The engine reports its usage on every chunk, and the tokens used so far are
+        reported as they arrive (`report_tokens`), so a reply cut short still counts."""
         field = FieldStream.for_request(request)
         text: list[str] = []
         finish_reason: str | None = None
@@ -61,11 +73,7 @@ class LLMClient:
         ended: list[dict[str, Any]] = []
         deltas = 0
         allowed = allowance()
-        # With an allowance the engine may end the reply before the stream's last chunk,
-        # which alone carries the usage unless every chunk is asked to.
-        openai_request = self._openai_request(
-            request, stream=True, usage_always=allowed is not None
-        )
+        openai_request = self._openai_request(request, stream=True)
         stream = self._handle.chat.remote(openai_request, None, allowed)
         try:
             async for batch in self._lines(stream, ended):
@@ -89,6 +97,7 @@ class LLMClient:
                             input_tokens=counts["prompt_tokens"],
                             output_tokens=counts["completion_tokens"],
                         )
+                    report_tokens(usage.input_tokens, max(usage.output_tokens, deltas))
         except (asyncio.CancelledError, GeneratorExit):
             stream.cancel()  # the caller is gone: abort the generation
             raise
@@ -117,9 +126,7 @@ class LLMClient:
                     _to_chat_response(line, self.model_id)  # raises the engine's error
             yield lines
 
-    def _openai_request(
-        self, request: ChatRequest, *, stream: bool = False, usage_always: bool = False
-    ) -> Any:
+    def _openai_request(self, request: ChatRequest, *, stream: bool = False) -> Any:
         from ray.serve.llm.openai_api_models import ChatCompletionRequest
 
         body: dict[str, Any] = {
@@ -130,7 +137,9 @@ class LLMClient:
             "stream": stream,
         }
         if stream:
-            body["stream_options"] = {"include_usage": True, "continuous_usage_stats": usage_always}
+            # Usage on every chunk, not only the last: a reply ended early (at the
+            # request's budget, its deadline, its caller gone) has its tokens counted.
+            body["stream_options"] = {"include_usage": True, "continuous_usage_stats": True}
         if request.stop:
             body["stop"] = request.stop
         if request.json_schema is not None:

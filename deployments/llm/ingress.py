@@ -2,10 +2,12 @@
 (the `llm` scope; `servegraph.auth`): its FastAPI app is built inside `ray.serve.llm`,
 so each route is wrapped (`guard_endpoint`) instead of the app getting a dependency.
 The wrapped routes take the same bodies, so the official `openai` client works with its
-`api_key` unchanged."""
+`api_key` unchanged. The routes that run the model are metered for the key's LLM token
+budget (`deployments.llm.metering`)."""
 
 from __future__ import annotations
 
+import functools
 import logging
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -13,23 +15,40 @@ from contextlib import contextmanager
 from fastapi import FastAPI
 from ray.serve.llm.ingress import OpenAiIngress
 
+from deployments.llm.metering import meter
+from deployments.llm.settings import LLMSettings
 from servegraph.server import guard_endpoint, offline_docs
 
-# OpenAiIngress's routes (ray.serve.llm's DEFAULT_ENDPOINTS); the generating ones
-# spend LLM tokens, so they are held to the key's token budget too.
-ROUTES = ("models", "model_data", "embeddings", "transcriptions", "score", "tokenize", "detokenize")
-GENERATING = ("completions", "chat")
+# OpenAiIngress's routes (ray.serve.llm's DEFAULT_ENDPOINTS). Those that run the model
+# spend LLM tokens: each is held to the key's token budget, its tokens reserved before
+# the call and charged after (`deployments.llm.metering`). A transcription's tokens can
+# be neither sized before (audio) nor counted after: it is refused to keys with a token
+# limit.
+ROUTES = ("models", "model_data")
+METERED = ("completions", "chat", "embeddings", "score", "tokenize", "detokenize")
+UNMETERED = ("transcriptions",)
+
+
+@functools.cache
+def _context_tokens() -> int:
+    return LLMSettings().max_model_len
 
 
 class GuardedIngress(OpenAiIngress):
     """The OpenAI routes, each open only to a key with the `llm` scope."""
 
 
-for _route in ROUTES + GENERATING:
+for _route in ROUTES + METERED + UNMETERED:
     setattr(
         GuardedIngress,
         _route,
-        guard_endpoint(getattr(OpenAiIngress, _route), "llm", llm=_route in GENERATING),
+        guard_endpoint(
+            getattr(OpenAiIngress, _route),
+            "llm",
+            llm=_route in METERED,
+            meter=meter(_route, _context_tokens) if _route in METERED else None,
+            refuse_token_limited=_route in UNMETERED,
+        ),
     )
 
 

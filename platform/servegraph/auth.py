@@ -30,6 +30,7 @@ Ray Serve ships no authentication for the data plane, so this is ours:
 
 from __future__ import annotations
 
+import asyncio
 import functools
 import hashlib
 import hmac
@@ -46,7 +47,7 @@ from collections.abc import Awaitable, Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Annotated, Any
+from typing import Annotated, Any, Protocol
 
 from fastapi import Depends, HTTPException, Request
 from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
@@ -429,17 +430,50 @@ class Guard:
             raise AuthError(403, f"this key lacks the scope {scope!r}; create a key that has it")
         return caller
 
+    async def reserve(self, caller: Caller, tokens: int) -> int:
+        """Before a request uses the LLM: the most it may spend, `tokens` (its prompt's
+        estimate plus its max_tokens), set aside from the key's token budget, so that
+        requests running at once see each other's; the tokens reserved, which `charge`
+        settles (0 for a key without a token limit). AuthError 429 when the budget is
+        spent, by requests still running too (`servegraph.limits.Limiter.reserve`)."""
+        if caller is ANONYMOUS or caller.tokens_per_min is None:
+            return 0
+        tokens = max(int(tokens), 0)
+        wait_s = await self._limit("reserve", caller.name, tokens, caller.tokens_per_min)
+        if wait_s > 0:
+            self.usage.record(caller.name, 429)
+            raise AuthError(
+                429,
+                f"key {caller.name!r} is over its LLM token limit (its requests running now "
+                "included); retry after the Retry-After header's seconds",
+                {"Retry-After": str(max(1, int(wait_s + 0.999)))},
+            )
+        return tokens
+
     async def charge(
-        self, caller: Caller, status: int, tokens: dict[str, int], usd: float = 0.0
+        self,
+        caller: Caller,
+        status: int,
+        tokens: dict[str, int],
+        usd: float = 0.0,
+        reserved: int = 0,
     ) -> None:
-        """After the answer: the request's usage (and cost) on the key's metrics, its LLM
-        tokens on its token budget."""
+        """When a request ends, however it ended: its usage (and cost) on the key's
+        metrics, and its LLM tokens on the key's token budget in place of the tokens it
+        `reserve`d (a refund of what it did not use, or a charge for what it used
+        beyond them).
+
+        Safe in the `finally` of a request being cancelled (a client that hung up): the
+        budget's update runs to its end in a task of its own, as an ASGI server keeps
+        cancelling every await of a response whose client is gone."""
         if caller is ANONYMOUS:
             return
         self.usage.record(caller.name, status, tokens, usd)
         spent = sum(tokens.values())
-        if caller.tokens_per_min is not None and spent:
-            await self._limit("spend", caller.name, spent, caller.tokens_per_min)
+        if caller.tokens_per_min is not None and (spent or reserved):
+            await _outliving(
+                self._limit("settle", caller.name, reserved, spent, caller.tokens_per_min)
+            )
 
     async def _limit(self, method: str, *args: Any) -> float:
         """A limiter call: the shared actor's answer (awaited), or an in-process one.
@@ -455,6 +489,18 @@ class Guard:
             self._limiter = None  # find (or create) the actor again next time
             _log.warning("rate limiter unavailable (%s); admitting", type(exc).__name__)
             return 0.0
+
+
+_OUTLIVING: set[asyncio.Future[Any]] = set()  # held until done: asyncio keeps weak refs
+
+
+async def _outliving(work: Awaitable[Any]) -> Any:
+    """`work`'s result; if the awaiting task is cancelled, `work` still runs to its end
+    (in a task of its own, held until then)."""
+    task = asyncio.ensure_future(work)
+    _OUTLIVING.add(task)
+    task.add_done_callback(_OUTLIVING.discard)
+    return await asyncio.shield(task)
 
 
 def require(scope: str | None, *, llm: bool = False, http_exception: bool = False) -> Any:
@@ -600,16 +646,50 @@ class UsageMiddleware:
                 await Guard.here().charge(caller, status, {})
 
 
+class TokenMeter(Protocol):
+    """One request to an LLM route of an app we do not build, metered for its key's
+    token budget (`guard_endpoint`'s `meter` makes it from the endpoint's arguments,
+    and may rewrite the request on the way, e.g. to have the engine report its usage)."""
+
+    reserve: dict[str, int]
+    """Tokens to set aside before the call, by direction: the most it may spend."""
+
+    def whole(self, body: bytes, status: int) -> None:
+        """A whole answer's body: count its tokens."""
+
+    def stream(self, piece: str) -> str:
+        """A piece of a streamed answer: count its tokens; what the caller gets of it."""
+
+    def end(self) -> str:
+        """A streamed answer ended: what the caller still gets."""
+
+    def used(self) -> dict[str, int]:
+        """The tokens counted so far: {"input": n, "output": m}."""
+
+
 def guard_endpoint(
-    endpoint: Callable[..., Awaitable[Any]], scope: str, *, llm: bool = False
+    endpoint: Callable[..., Awaitable[Any]],
+    scope: str,
+    *,
+    llm: bool = False,
+    meter: Callable[..., TokenMeter] | None = None,
+    refuse_token_limited: bool = False,
 ) -> Any:
     """`endpoint` (a FastAPI route function or method) behind `require(scope)`, for an
     app whose FastAPI object we do not build (`ray.serve.llm`'s OpenAI ingress): the
     check is added to the route's signature as a dependency, so FastAPI runs it before
     it validates the body, as on our own routes; a 401/403/429 is raised as FastAPI's
-    HTTPException, which any app renders. The answer is recorded on the key's usage, its
-    LLM tokens charged from the OpenAI `usage` it reports (a stream without `usage`: one
-    output token per chunk)."""
+    HTTPException, which any app renders. The answer is recorded on the key's usage.
+
+    With a `meter` (called with the endpoint's arguments), the request's LLM tokens are
+    held to its key's token budget: its `reserve` is set aside before the call
+    (`Guard.reserve`; 429 when the budget is spent) and replaced, when the answer ends,
+    by the tokens the meter counted in it, however it ended: a stream the caller left
+    early is charged what was counted up to then. A call that fails without an answer
+    is charged nothing if it was refused (4xx), else its reservation (cancelled, or
+    failed part-way: the engine's count is not known). `refuse_token_limited`: the
+    route is refused (403) to keys with a token limit, for a route whose tokens can be
+    neither sized before the call nor counted after it."""
     signature = inspect.signature(endpoint, eval_str=True)  # real types, for FastAPI
     caller_parameter = inspect.Parameter(
         "servegraph_caller",
@@ -620,61 +700,69 @@ def guard_endpoint(
 
     @functools.wraps(endpoint)
     async def guarded(*args: Any, servegraph_caller: Caller, **kwargs: Any) -> Any:
-        guard = Guard.here()
-        response = None
+        guard, caller = Guard.here(), servegraph_caller
+        if refuse_token_limited and caller.tokens_per_min is not None:
+            guard.usage.record(caller.name, 403)
+            detail = (
+                "this route's LLM tokens cannot be counted, so it is not open to keys with "
+                "an LLM token limit; use a key without one"
+            )
+            raise HTTPException(403, {"error": "forbidden", "detail": detail})
+        metered = meter(*args, **kwargs) if meter is not None else None
+        try:
+            reserved = await guard.reserve(caller, sum(metered.reserve.values())) if metered else 0
+        except AuthError as exc:
+            raise HTTPException(exc.status, exc.body(), exc.headers) from None
+        response, status = None, 500
         try:
             response = await endpoint(*args, **kwargs)
-            return await _charged(response, guard, servegraph_caller)
+            return await _charged(response, guard, caller, metered, reserved)
+        except asyncio.CancelledError:
+            status = 499  # the client went away
+            raise
+        except Exception as exc:
+            status = int(getattr(exc, "status_code", 500))
+            raise
         finally:
             if response is None:
-                await guard.charge(servegraph_caller, 500, {})
+                refused = 400 <= status < 500 and status != 499
+                # Not refused: the engine may have done all it was asked (its count is lost).
+                tokens = dict(metered.reserve) if metered is not None and not refused else {}
+                await guard.charge(caller, status, tokens, reserved=reserved)
 
     parameters = [*signature.parameters.values(), caller_parameter]
     guarded.__signature__ = signature.replace(parameters=parameters)  # type: ignore[attr-defined]
     return guarded
 
 
-async def _charged(response: Any, guard: Guard, caller: Caller) -> Any:
-    """The response, its usage charged now (a whole body) or when its stream ends."""
+async def _charged(
+    response: Any, guard: Guard, caller: Caller, metered: TokenMeter | None, reserved: int
+) -> Any:
+    """The response, its tokens charged now (a whole body) or when its stream ends,
+    however it ends."""
     status = getattr(response, "status_code", 200)
     body_iterator = getattr(response, "body_iterator", None)
     if body_iterator is None:
-        try:
-            usage = json.loads(response.body).get("usage") or {}
-        except (AttributeError, ValueError, TypeError):
-            usage = {}
-        tokens = {
-            "input": int(usage.get("prompt_tokens") or 0),
-            "output": int(usage.get("completion_tokens") or 0),
-        }
-        await guard.charge(caller, status, tokens)
+        if metered is not None:
+            metered.whole(getattr(response, "body", b""), status)
+        tokens = metered.used() if metered is not None else {}
+        await guard.charge(caller, status, tokens, reserved=reserved)
         return response
 
     async def counted() -> Any:
-        tokens = {"input": 0, "output": 0}
-        reported = False
         try:
             async for chunk in body_iterator:
+                if metered is None:
+                    yield chunk
+                    continue
                 text = chunk.decode() if isinstance(chunk, bytes) else str(chunk)
-                for line in text.splitlines():
-                    payload = line.removeprefix("data:").strip()
-                    if not payload.startswith("{"):
-                        continue
-                    try:
-                        data = json.loads(payload)
-                    except ValueError:
-                        continue
-                    if usage := data.get("usage"):
-                        reported = True
-                        tokens = {
-                            "input": int(usage.get("prompt_tokens") or 0),
-                            "output": int(usage.get("completion_tokens") or 0),
-                        }
-                    elif not reported and data.get("choices"):
-                        tokens["output"] += 1
-                yield chunk
+                if kept := metered.stream(text):
+                    yield kept
+            if metered is not None and (rest := metered.end()):
+                yield rest
         finally:
-            await guard.charge(caller, status, tokens)
+            tokens = metered.used() if metered is not None else {}
+            await guard.charge(caller, status, tokens, reserved=reserved)
 
     response.body_iterator = counted()
     return response

@@ -8,10 +8,14 @@ key (keys without limits never make it); if the actor is restarted its buckets s
 full again, which errs towards admitting.
 
 Requests: a bucket of `requests_per_s` tokens (at least 1: a one-second burst), refilled
-continuously. LLM tokens: a bucket of `tokens_per_min`, refilled continuously, charged
-after each answer with the tokens it used (it may go into debt: a request's size is
-known only once answered); a request that will use the LLM is admitted while the balance
-is positive.
+continuously. LLM tokens: a bucket of `tokens_per_min`, refilled continuously. A request
+that will use the LLM is admitted while the balance is positive, and reserves the most
+it may spend (`reserve`: its prompt's estimate plus its max_tokens) before it runs, which
+may take the balance into debt; when it ends, `settle` replaces the reservation with the
+tokens it used (a refund, or a further charge for an estimate that fell short). So
+requests arriving together see each other's reservations: of many sent at once while
+the balance is low, those after the one that took it to zero or below are refused, and
+the key overspends by at most that one request's reservation.
 """
 
 from __future__ import annotations
@@ -24,7 +28,7 @@ ACTOR_NAMESPACE = "servegraph"
 
 
 class Limiter:
-    """The buckets, in one process. `admit` and `spend` answer at once."""
+    """The buckets, in one process. Every method answers at once."""
 
     def __init__(self, clock: Any = time.monotonic) -> None:
         self._clock = clock
@@ -55,11 +59,34 @@ class Limiter:
             self._requests[key] = (level - 1, self._requests[key][1])
         return 0.0
 
-    def spend(self, key: str, tokens: int, tokens_per_min: int) -> float:
-        """Charge LLM tokens used; the balance left."""
-        level = self._level(self._tokens, key, tokens_per_min / 60, tokens_per_min) - tokens
+    def reserve(self, key: str, tokens: int, tokens_per_min: int) -> float:
+        """Set `tokens` aside for a request about to use the LLM: 0 when taken (the
+        balance was positive; it may go into debt by them), else the seconds until the
+        balance is positive again (nothing taken). Checked and taken in one step, so
+        of requests reserving at once only those that find a positive balance pass."""
+        rate = tokens_per_min / 60
+        level = self._level(self._tokens, key, rate, tokens_per_min)
+        if level <= 0:
+            return (1 - level) / rate
+        self._tokens[key] = (level - max(tokens, 0), self._tokens[key][1])
+        return 0.0
+
+    def settle(self, key: str, reserved: int, used: int, tokens_per_min: int) -> float:
+        """A request ended: the `used` tokens replace its `reserved` ones (the balance
+        gets back what was set aside and not used, or pays what was used beyond it; it
+        never fills past the bucket); the balance left."""
+        level = self._level(self._tokens, key, tokens_per_min / 60, tokens_per_min)
+        level = min(float(tokens_per_min), level + reserved - used)
         self._tokens[key] = (level, self._tokens[key][1])
         return level
+
+    def spend(self, key: str, tokens: int, tokens_per_min: int) -> float:
+        """Charge LLM tokens used without a reservation; the balance left."""
+        return self.settle(key, 0, tokens, tokens_per_min)
+
+    def balance(self, key: str, tokens_per_min: int) -> float:
+        """The key's LLM tokens left now (below zero: its debt)."""
+        return self._level(self._tokens, key, tokens_per_min / 60, tokens_per_min)
 
 
 def shared_limiter() -> Any:
@@ -86,5 +113,14 @@ def shared_limiter() -> Any:
 
         def spend(self, *args: Any) -> Any:
             return actor.spend.remote(*args)
+
+        def reserve(self, *args: Any) -> Any:
+            return actor.reserve.remote(*args)
+
+        def settle(self, *args: Any) -> Any:
+            return actor.settle.remote(*args)
+
+        def balance(self, *args: Any) -> Any:
+            return actor.balance.remote(*args)
 
     return Remote()

@@ -20,7 +20,7 @@ from typing import Any, Literal, Protocol, assert_never
 
 from pydantic import BaseModel, ValidationError
 
-from servegraph import cost
+from servegraph import cost, tokens
 from servegraph._fields import field_errors
 from servegraph.catalog import Catalog, MethodContract
 from servegraph.compiled import CompiledGraph
@@ -46,6 +46,7 @@ from servegraph.graph import (
     ParallelNode,
     SwitchNode,
 )
+from servegraph.tokens import Incurred, Tally
 
 DEFAULT_DEADLINE_S = 60.0
 _RETRY_BACKOFF_S = 0.05
@@ -82,9 +83,11 @@ class NodeRecord:
     kind: str
     attempt: int
     status: str  # "ok" | "error" | "timeout" | "fallback" | "budget" (stopped before it)
+    # | "cancelled" (the run was, mid-call: recorded for a call that had used LLM tokens)
     wall_ms: float
     error: str | None = None
-    usage: dict[str, int] | None = None  # LLM tokens: {"input": n, "output": m}
+    usage: dict[str, int] | None = None  # LLM tokens: {"input": n, "output": m}, a failed
+    # call's as far as it got
     charge: dict[str, float] | None = None  # the model server's resource-seconds
 
 
@@ -156,6 +159,7 @@ class Runtime:
         records: list[NodeRecord] | None = None,
         on_event: Callable[[RunEvent], None] | None = None,
         budget: Budget | None = None,
+        tally: Tally | None = None,
     ) -> RunResult:
         """Run `graph`, returning its output and a record of every node attempt.
 
@@ -171,10 +175,12 @@ class Runtime:
         else `DEFAULT_DEADLINE_S`. `on_event`, when given, makes this a
         streamed run: it gets "node" and "chunk" events as they happen. `budget`, when
         given, is the request's maximum cost; the run adds to it what it spends.
+        `tally`, when given, counts the run's LLM tokens as its calls incur them, those
+        of calls that fail, time out or are cancelled included (`servegraph.tokens`).
         """
         compiled = self.compile(graph)  # a plain Graph is compiled on every call
         deadline_s = deadline_s or default_deadline(compiled.graph)
-        run = _Run(self, time.monotonic() + deadline_s, records, on_event, budget)
+        run = _Run(self, time.monotonic() + deadline_s, records, on_event, budget, tally)
         output = await run.graph(compiled, _coerce(compiled.input, request, INPUT), "")
         return RunResult(output, run.records)
 
@@ -186,6 +192,7 @@ class Runtime:
         deadline_s: float | None = None,
         records: list[NodeRecord] | None = None,
         budget: Budget | None = None,
+        tally: Tally | None = None,
     ) -> AsyncGenerator[RunEvent, None]:
         """Run `graph` as a stream: its events as they happen, then the "result" event.
 
@@ -201,6 +208,7 @@ class Runtime:
                 records=records,
                 on_event=queue.put_nowait,
                 budget=budget,
+                tally=tally,
             )
         )
         next_event: asyncio.Future[RunEvent] | None = None
@@ -252,6 +260,7 @@ class _Run:
         records: list[NodeRecord] | None = None,
         on_event: Callable[[RunEvent], None] | None = None,
         budget: Budget | None = None,
+        tally: Tally | None = None,
     ) -> None:
         self.rt = runtime
         self.deadline = deadline
@@ -259,6 +268,8 @@ class _Run:
         self.on_event = on_event
         self.budget = budget
         self.streamed: set[str] = set()  # nodes that already sent chunks to the caller
+        self.tally = tally if tally is not None else Tally()
+        self.incurred: dict[str, Incurred] = {}  # each node's latest call: its LLM tokens
 
     async def graph(self, compiled: CompiledGraph, request: BaseModel, prefix: str) -> Any:
         graph = compiled.graph
@@ -307,8 +318,15 @@ class _Run:
         error: PipelineRuntimeError | None = None
         for attempt in range(1, attempts + 1):
             started = time.perf_counter()
+            self.incurred.pop(qualified, None)  # the attempt's own tokens, if it calls an LLM
             try:
                 output = await self._attempt(node, compiled, qualified, args, values, attempt)
+            except asyncio.CancelledError:
+                # The run is cancelled (a caller gone, a sibling failed): what the call
+                # incurred is on the tally already; it is on the record too.
+                if usage := self._incurred_usage(qualified):
+                    self._record(node, qualified, attempt, "cancelled", started, usage=usage)
+                raise
             except PipelineRuntimeError as exc:
                 error = exc
                 if isinstance(exc, NodeInputError | OverloadedError | BudgetExceededError):
@@ -336,7 +354,8 @@ class _Run:
                 if isinstance(error, BudgetExceededError)
                 else "error"
             )
-            self._record(node, qualified, attempt, status, started, str(error))
+            usage = self._incurred_usage(qualified)  # a call cut short still used tokens
+            self._record(node, qualified, attempt, status, started, str(error), usage=usage)
             if attempt >= attempts or self._remaining() <= _RETRY_BACKOFF_S * 2**attempt:
                 break
             await asyncio.sleep(_RETRY_BACKOFF_S * 2 ** (attempt - 1))
@@ -458,13 +477,17 @@ class _Run:
         request, reserved = await self._afford(qualified, server, method, contract, args)
         response = None
         allowed = cost._allowance.set(self._allowance(reserved))
+        incurred = self._incurring(qualified, contract)
+        counting = tokens._running.set(incurred)
         try:
             response = await self.rt._invoke(server, method, request)
             if isinstance(response, dict):
                 response = contract.response.model_validate(response)
         finally:
+            tokens._running.reset(counting)
             cost._allowance.reset(allowed)
             self._settle(server, method, contract, reserved, response)
+            _incurred_by(incurred, contract, response)
         return response
 
     async def _call_stream(self, node: CallNode, qualified: str, args: dict[str, Any]) -> Any:
@@ -475,6 +498,8 @@ class _Run:
         request, reserved = await self._afford(qualified, node.server, node.method, contract, args)
         response = None
         allowed = cost._allowance.set(self._allowance(reserved))
+        incurred = self._incurring(qualified, contract)
+        counting = tokens._running.set(incurred)
         try:
             stream = self.rt._invoke_stream(node.server, contract.stream_method, request)
             async for item in stream:
@@ -485,8 +510,10 @@ class _Run:
                     self.streamed.add(qualified)
                     self.on_event(RunEvent("chunk", qualified, chunk))
         finally:
+            tokens._running.reset(counting)
             cost._allowance.reset(allowed)
             self._settle(node.server, node.method, contract, reserved, response)
+            _incurred_by(incurred, contract, response)
         if response is None:
             raise RuntimeError(f"{contract.stream_method} ended without a final response")
         return response
@@ -578,6 +605,21 @@ class _Run:
     def _remaining(self) -> float:
         return self.deadline - time.monotonic()
 
+    def _incurring(self, qualified: str, contract: MethodContract) -> Incurred | None:
+        """The count of the LLM tokens a call about to start incurs (for a method that
+        reports usage), on the run's tally and as the node's latest call's."""
+        if contract.usage is None:
+            return None
+        incurred = self.incurred[qualified] = self.tally.call()
+        return incurred
+
+    def _incurred_usage(self, qualified: str) -> dict[str, int] | None:
+        """The LLM tokens the node's latest call incurred, if any."""
+        incurred = self.incurred.get(qualified)
+        if incurred is None or not (incurred.input or incurred.output):
+            return None
+        return {"input": incurred.input, "output": incurred.output}
+
     def _usage_field(self, node: Node) -> str | None:
         if not isinstance(node, CallNode):
             return None
@@ -615,6 +657,13 @@ def _usage_of(field: str | None, output: Any) -> dict[str, int] | None:
     if usage is not None:
         return {"input": int(usage.input_tokens), "output": int(usage.output_tokens)}
     return None
+
+
+def _incurred_by(incurred: Incurred | None, contract: MethodContract, response: Any) -> None:
+    """A call's count made its response's usage, when it has one (the engine's own
+    count of the whole reply; a client that reported as it went agrees with it)."""
+    if incurred is not None and (usage := _usage_of(contract.usage, response)):
+        incurred.update(usage["input"], usage["output"])
 
 
 def _tokens_within(usd: float, per_token: float, most: int) -> int:

@@ -8,7 +8,9 @@ route of an app the server does not build itself (`guard_endpoint`), and the che
 every replica loaded the model files its application was built with (`SameModel`,
 `with_expected_model`), taking many callers' requests in one handle call
 (`accepts_merged_calls`), and what each request cost the replica (`metered`, `Meter`, `prices`;
-`allowance`, the most a call may cost when its request has a budget). Everything else
+`allowance`, the most a call may cost when its request has a budget; `report_tokens`,
+the LLM tokens a call has used so far, for a client that sees them as a reply arrives,
+and `tokens_counted`, whether it should). Everything else
 in the framework is private to it. Importing this module imports neither Ray nor a
 model.
 """
@@ -33,6 +35,8 @@ from servegraph.fingerprint import expected_env as expected_model_env
 from servegraph.fingerprint import with_expected_model as with_expected_model
 from servegraph.http import offline_docs as offline_docs
 from servegraph.merging import accepts_merged_calls as accepts_merged_calls
+from servegraph.tokens import counted as tokens_counted
+from servegraph.tokens import report as report_tokens
 from servegraph.tracing import annotate as annotate
 
 __all__ = [
@@ -53,6 +57,8 @@ __all__ = [
     "offline_docs",
     "prices",
     "replica_resources",
+    "report_tokens",
+    "tokens_counted",
     "with_expected_model",
 ]
 

@@ -22,7 +22,7 @@ from fastapi.sse import EventSourceResponse
 from pydantic import BaseModel, Field
 from ray import serve
 
-from servegraph import auth, cost, sse, tracing
+from servegraph import auth, cost, sse, tokens, tracing
 from servegraph.admission import DEFAULT_MAX_IN_FLIGHT, AdmissionGate
 from servegraph.catalog import Catalog
 from servegraph.compiled import CompiledGraph
@@ -178,6 +178,7 @@ def pipeline_router(compiled: CompiledGraph, runtime: Runtime, metrics: Any) -> 
     graph = compiled.graph
     uses_llm = any(runtime.catalog.contract(c.server, c.method).usage for c in graph.calls())
     guard = auth.require(pipeline_scope(graph, runtime.catalog), llm=uses_llm)
+    prompts = tokens.PromptEstimate()  # learns what the LLM's prompts add to a request
     # One check per request: FastAPI runs a dependency the router and a route share once.
     router = APIRouter(dependencies=[Depends(guard)])
     input_model = compiled.input
@@ -195,20 +196,46 @@ def pipeline_router(compiled: CompiledGraph, runtime: Runtime, metrics: Any) -> 
         "else 422 naming this header."
     )
 
+    async def reserve(request: BaseModel, http: Request, caller: auth.Caller) -> tuple[int, int]:
+        """Before the run: the most LLM tokens it may spend (its LLM calls' max_tokens,
+        and its prompts as estimated from the request and recent runs' prompts) reserved
+        from the key's token budget (`auth.Guard.reserve`; 429 when it is spent): the
+        tokens reserved, and the request's size in characters."""
+        if not uses_llm:
+            return 0, 0
+        chars = len(request.model_dump_json())
+        most = prompts(chars) + tokens.most_output_tokens(graph, runtime.catalog, request)
+        try:
+            return await auth.Guard.here().reserve(caller, most), chars
+        except auth.AuthError:
+            http.state.charged = True  # its 429 is on the key's usage already
+            raise
+
     async def finish(
-        status: int, started: float, records: list[NodeRecord], http: Request, caller: auth.Caller
+        status: int,
+        started: float,
+        records: list[NodeRecord],
+        http: Request,
+        caller: auth.Caller,
+        spent: tokens.Tally,
+        reservation: tuple[int, int],
     ) -> float:
-        """Record a request's outcome in the metrics and on its key (with its LLM
-        tokens); return its wall time in ms."""
+        """Record a request's outcome in the metrics and on its key: its LLM tokens, every
+        call's as far as it got (`spent`), charged in place of its `reservation` (what
+        `reserve` answered). Return its wall time in ms."""
         total_ms = (time.perf_counter() - started) * 1000
+        used = spent.totals()
         if metrics is not None:
             try:
                 metrics.record(graph.name, status, total_ms, records)
             except Exception:  # the metrics' loss, never the request's answer
                 logger.exception("recording the metrics of a %s request failed", graph.name)
         http.state.charged = True
+        reserved, chars = reservation
+        if status == 200 and chars:  # a whole run: all of its prompts
+            prompts.observe(chars, used["input"])
         usd = cost.prices().usd(cost.total([r.charge for r in records if r.charge]))
-        await auth.Guard.here().charge(caller, status, _tokens(records), usd)
+        await auth.Guard.here().charge(caller, status, used, usd, reserved=reserved)
         return total_ms
 
     async def run_pipeline(
@@ -231,15 +258,24 @@ def pipeline_router(compiled: CompiledGraph, runtime: Runtime, metrics: Any) -> 
         status = 200
         deadline_s = run_deadline(graph, x_request_timeout, x_request_timeout_seconds)
         budget = cost.Budget(x_servegraph_max_cost_usd) if x_servegraph_max_cost_usd else None
+        reservation, spent = await reserve(request, http, caller), tokens.Tally()
         try:
             result = await runtime.execute(
-                compiled, request, records=records, deadline_s=deadline_s, budget=budget
+                compiled,
+                request,
+                records=records,
+                deadline_s=deadline_s,
+                budget=budget,
+                tally=spent,
             )
         except Exception as exc:
             status = _status_of(exc)
             raise
+        except asyncio.CancelledError:
+            status = 499  # the client went away; the run is cancelled with it
+            raise
         finally:
-            total_ms = await finish(status, started, records, http, caller)
+            total_ms = await finish(status, started, records, http, caller, spent, reservation)
         response.headers.update(_usage_headers(records, total_ms, budget))
         return result.output
 
@@ -261,13 +297,18 @@ def pipeline_router(compiled: CompiledGraph, runtime: Runtime, metrics: Any) -> 
         records: list[NodeRecord] = []
         deadline_s = run_deadline(graph, x_request_timeout, x_request_timeout_seconds)
         budget = cost.Budget(x_servegraph_max_cost_usd) if x_servegraph_max_cost_usd else None
+        reservation, spent = await reserve(request, http, caller), tokens.Tally()
         events = runtime.stream(
-            compiled, request, records=records, deadline_s=deadline_s, budget=budget
+            compiled, request, records=records, deadline_s=deadline_s, budget=budget, tally=spent
         )
         try:  # a run failing before any progress is answered with its own status
             held = await sse.hold_until_progress(events)
         except Exception as exc:
-            await finish(_status_of(exc), started, records, http, caller)
+            await finish(_status_of(exc), started, records, http, caller, spent, reservation)
+            raise
+        except asyncio.CancelledError:
+            await events.aclose()
+            await finish(499, started, records, http, caller, spent, reservation)
             raise
 
         async def body() -> AsyncIterator[bytes]:
@@ -294,7 +335,7 @@ def pipeline_router(compiled: CompiledGraph, runtime: Runtime, metrics: Any) -> 
                 yield sse.encode("error", error)
             finally:
                 await events.aclose()
-                await finish(status, started, records, http, caller)
+                await finish(status, started, records, http, caller, spent, reservation)
 
         headers = {"cache-control": "no-cache"}
         if trace_id := tracing.current_trace_id():

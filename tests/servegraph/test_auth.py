@@ -14,6 +14,7 @@ from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse
 
 from deployments.catalog import CATALOG
+from deployments.llm.metering import meter
 from servegraph.auth import AuthSettings, Guard, KeyStore, guard_endpoint
 from servegraph.discovery import discover
 from servegraph.gateway import build_gateway
@@ -198,7 +199,7 @@ async def test_a_guarded_route_of_an_app_we_do_not_build_checks_and_charges(
 
     app = FastAPI()  # an app we do not build: no error handlers of ours
     app.get("/v1/models")(guard_endpoint(models, "llm"))
-    app.post("/v1/chat")(guard_endpoint(chat, "llm", llm=True))
+    app.post("/v1/chat")(guard_endpoint(chat, "llm", llm=True, meter=meter("chat", lambda: 64)))
 
     key = store.create("llm-user", ["llm"], tokens_per_min=600)
     async with client(app, None) as c:
@@ -206,7 +207,10 @@ async def test_a_guarded_route_of_an_app_we_do_not_build_checks_and_charges(
         assert (await c.post("/v1/chat", json=[])).status_code == 401  # before the body
         assert (await c.get("/v1/models")).status_code == 401
     async with client(app, key) as c:
-        answers = await asyncio.gather(*(c.post("/v1/chat", json={}) for _ in range(8)))
+        # Each reserves its max_tokens (and a prompt of nothing) first: 8 fit in 600.
+        answers = await asyncio.gather(
+            *(c.post("/v1/chat", json={"max_tokens": 3}) for _ in range(8))
+        )
     assert [a.status_code for a in answers] == [200] * 8
     charged = [t for name, status, t in guard.usage.seen if name == "llm-user" and status == 200]
     assert charged == [{"input": 7, "output": 3}] * 8

@@ -21,6 +21,7 @@ from servegraph.server import (
     allowance,
     annotate,
     attach_charge,
+    cancel_off_loop,
     report_tokens,
     tokens_counted,
 )
@@ -56,7 +57,7 @@ class LLMClient:
         except asyncio.CancelledError:
             # Serve does not cancel a child call when only its awaiting task is
             # cancelled (servegraph.handles.cancel_when_abandoned): abort the generation.
-            stream.cancel()
+            cancel_off_loop(stream)
             raise
         reply = _to_chat_response(response, self.model_id)
         _annotate_reply(reply)
@@ -99,7 +100,7 @@ class LLMClient:
                         )
                     report_tokens(usage.input_tokens, max(usage.output_tokens, deltas))
         except (asyncio.CancelledError, GeneratorExit):
-            stream.cancel()  # the caller is gone: abort the generation
+            cancel_off_loop(stream)  # the caller is gone: abort the generation
             raise
         if ended and ended[0].get(STOPPED):
             # The engine ended the reply at the request's budget: a reply cut short, as at

@@ -50,6 +50,7 @@ __all__ = [
     "allowance",
     "annotate",
     "attach_charge",
+    "cancel_off_loop",
     "expected_model_env",
     "gateway_app",
     "guard_endpoint",
@@ -61,6 +62,14 @@ __all__ = [
     "tokens_counted",
     "with_expected_model",
 ]
+
+
+def cancel_off_loop(response: Any) -> None:
+    """Cancel a Serve handle call (a `DeploymentResponse` or a streaming one) from a
+    thread, never blocking the event loop (`servegraph.handles.cancel_off_loop`)."""
+    from servegraph.handles import cancel_off_loop as cancel  # imports Ray: only when used
+
+    cancel(response)
 
 
 def gateway_app(server: str, model: Any, catalog_path: str | None = None) -> Any:

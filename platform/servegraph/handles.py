@@ -99,10 +99,11 @@ class ServeInvoker:
             return None
         key = (server, method)
         if key not in self.mergers:
-            merged = getattr(handle, MERGED_METHOD)
+            merged, alone = getattr(handle, MERGED_METHOD), getattr(handle, method)
             self.mergers[key] = CallMerger(
                 server,
                 lambda requests, left: merged.remote(method, requests, left),
+                send_one=alone.remote,
                 cancel=cancel_off_loop,
                 max_items=self._merge.max_items,
                 max_calls=self._merge.max_calls,

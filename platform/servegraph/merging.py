@@ -30,6 +30,7 @@ import contextvars
 import functools
 import inspect
 import pickle
+import threading
 import time
 from collections import deque
 from collections.abc import Callable, Iterable
@@ -62,6 +63,7 @@ class _Item:
     request: Any
     future: asyncio.Future[Any]
     deadline: float | None  # time.monotonic() of the caller, or None
+    context: contextvars.Context  # the caller's: its trace, its Serve request
 
 
 @dataclass
@@ -88,10 +90,16 @@ class CallMerger:
     (`ServerUnavailableError`, a 503 naming the server): the caller's queue is bounded
     as the replica's is.
 
+    A call that carries one request goes as that request's own call (`send_one`, in
+    its caller's context: its trace, its Serve request, its method's name); a merged
+    call carries the trace of its first request (OpenTelemetry's context only, not the
+    caller's Serve request, whose cancellation must not cancel the others' items).
+
     Args:
         server: the model server, for errors.
         send: starts the merged call; what it returns is awaited, and cancelled when
             every item in it was.
+        send_one: starts a call of one request (default: `send` with a list of one).
         cancel: how to cancel what `send` returned (default: its `.cancel()`).
     """
 
@@ -103,13 +111,16 @@ class CallMerger:
         max_items: int = 64,
         max_calls: int = 4,
         max_pending: int = 1024,
+        send_one: Callable[[Any], Any] | None = None,
         cancel: Callable[[Any], None] | None = None,
     ) -> None:
         if max_items < 1 or max_calls < 1 or max_pending < 1:
             raise ValueError("max_items, max_calls and max_pending must be at least 1")
         self.server = server
         self._send = send
+        self._send_one = send_one
         self._cancel = cancel or _cancel
+        self._tasks: set[asyncio.Task[None]] = set()  # asyncio keeps tasks weakly
         self.max_items = max_items
         self.max_calls = max_calls
         self.max_pending = max_pending
@@ -126,7 +137,7 @@ class CallMerger:
                 self.server, f"{len(self._queue)} calls are already waiting to be sent", 1.0
             )
         loop = asyncio.get_running_loop()
-        item = _Item(request, loop.create_future(), deadline)
+        item = _Item(request, loop.create_future(), deadline, contextvars.copy_context())
         self._queue.append(item)
         if not self._scheduled:
             self._scheduled = True
@@ -153,7 +164,9 @@ class CallMerger:
             # An empty context: the call belongs to no single caller's request, so that
             # Serve's cancellation of one request (its client gone) cannot cancel the
             # call that carries the others' items.
-            loop.create_task(self._call(batch, loop), context=contextvars.Context())
+            task = loop.create_task(self._call(batch, loop), context=contextvars.Context())
+            self._tasks.add(task)
+            task.add_done_callback(self._tasks.discard)
 
     def _take(self) -> list[_Item]:
         batch: list[_Item] = []
@@ -167,9 +180,7 @@ class CallMerger:
         self._record(len(batch))
         abandon = None
         try:
-            now = time.monotonic()
-            left = [None if i.deadline is None else i.deadline - now for i in batch]
-            response = self._send([i.request for i in batch], left)
+            response, one = self._start(batch)
             if hasattr(response, "cancel"):
                 abandon = functools.partial(
                     _cancel_when_all_done, batch, functools.partial(self._cancel, response)
@@ -177,19 +188,27 @@ class CallMerger:
                 for item in batch:
                     item.future.add_done_callback(abandon)
             try:
-                results = await response
+                results = [await response] if one else await response
             finally:
                 if abandon is not None:  # answered: nothing left to cancel
                     for item in batch:
                         item.future.remove_done_callback(abandon)
             if len(results) != len(batch):
                 raise RuntimeError(f"{len(results)} results came back for {len(batch)} items")
-        except BaseException as exc:  # the whole call failed: so did each of its items
+        except asyncio.CancelledError:
+            # Not the callers' cancellations (those only drop their items): the call's
+            # own (Serve cancelling its assignment) or this task's, at shutdown.
+            unavailable = ServerUnavailableError(self.server, "its call was cancelled", 1.0)
+            for item in batch:
+                if not item.future.done():
+                    item.future.set_exception(unavailable)
+            task = asyncio.current_task()
+            if task is not None and task.cancelling():
+                raise
+        except Exception as exc:  # the whole call failed: so did each of its items
             for item in batch:
                 if not item.future.done():
                     item.future.set_exception(exc)
-            if not isinstance(exc, Exception):
-                raise
         else:
             for item, result in zip(batch, results, strict=True):
                 if item.future.done():
@@ -202,12 +221,40 @@ class CallMerger:
             self._in_flight -= 1
             self._flush(loop)
 
+    def _start(self, batch: list[_Item]) -> tuple[Any, bool]:
+        """Start the call: (what to await, whether it answers one request bare)."""
+        first = batch[0]
+        if len(batch) == 1 and self._send_one is not None:
+            return first.context.run(self._send_one, first.request), True
+        now = time.monotonic()
+        left = [None if i.deadline is None else i.deadline - now for i in batch]
+        requests = [i.request for i in batch]
+        trace = _trace_of(first.context)
+        if trace is None:
+            return self._send(requests, left), False
+        from opentelemetry import context as otel
+
+        token = otel.attach(trace)
+        try:
+            return self._send(requests, left), False
+        finally:
+            otel.detach(token)
+
     def _record(self, size: int) -> None:
         stats = self.stats
         stats.calls += 1
         stats.items += size
         stats.largest = max(stats.largest, size)
         stats.sizes[size] = stats.sizes.get(size, 0) + 1
+
+
+def _trace_of(context: contextvars.Context) -> Any:
+    """The OpenTelemetry context current in `context` (None without OpenTelemetry)."""
+    try:
+        from opentelemetry import context as otel
+    except ImportError:  # pragma: no cover - tracing not installed
+        return None
+    return context.run(otel.get_current)
 
 
 def _cancel(response: Any) -> None:
@@ -237,6 +284,7 @@ class CallCounts:
     def __init__(self) -> None:
         self.calls = 0
         self.items = 0
+        self.lock = threading.Lock()  # sync methods count from Serve's and our threads
 
     def as_dict(self) -> dict[str, int]:
         return {"calls": self.calls, "items": self.items}
@@ -278,7 +326,9 @@ def accepts_merged_calls(methods: Iterable[str]) -> Callable[[type], type]:
 async def _run_merged(
     replica: Any, method: str, requests: list[Any], seconds_left: list[float | None]
 ) -> list[Any]:
-    _counts(replica).calls += 1
+    counts = _counts(replica)
+    with counts.lock:
+        counts.calls += 1
     bound = getattr(replica, method)
     token = _merged.set(True)  # the tasks below copy it: their items are not calls
     try:
@@ -312,10 +362,14 @@ def _replica_id() -> str:
         return "in-process"
 
 
+_CREATING = threading.Lock()
+
+
 def _counts(replica: Any) -> CallCounts:
     counts = replica.__dict__.get("_servegraph_calls")
     if counts is None:
-        counts = replica.__dict__["_servegraph_calls"] = CallCounts()
+        with _CREATING:
+            counts = replica.__dict__.setdefault("_servegraph_calls", CallCounts())
     return counts
 
 
@@ -339,6 +393,7 @@ def _counted(method: Callable[..., Any]) -> Callable[..., Any]:
 
 def _count(replica: Any) -> None:
     counts = _counts(replica)
-    counts.items += 1
-    if not _merged.get():
-        counts.calls += 1
+    with counts.lock:
+        counts.items += 1
+        if not _merged.get():
+            counts.calls += 1

@@ -245,3 +245,40 @@ async def test_a_handle_call_is_cancelled_off_the_event_loop() -> None:
         await call
     assert await asyncio.to_thread(done.wait, 30)
     assert cancelled_on and cancelled_on[0] != loop_thread
+
+
+async def test_a_lone_request_goes_as_its_own_call_in_its_callers_context() -> None:
+    import contextvars
+
+    caller: contextvars.ContextVar[str] = contextvars.ContextVar("caller", default="nobody")
+    seen: list[str] = []
+
+    async def alone(request: Text) -> Length:
+        return Length(n=len(request.text))
+
+    def send_one(request: Text) -> asyncio.Task[Length]:
+        seen.append(caller.get())  # Serve reads the trace and request context here
+        return asyncio.ensure_future(alone(request))
+
+    hop = Hop(Server())
+    merger = CallMerger("toy", hop, send_one=send_one)
+
+    async def as_caller(name: str) -> Length:
+        caller.set(name)
+        return await merger.submit(Text(text=name))
+
+    assert (await as_caller("ana")).n == 3
+    assert seen == ["ana"] and hop.calls == []  # no merged call for a lone request
+
+
+async def test_a_call_cancelled_under_its_items_is_a_503_for_each_not_their_cancellation() -> None:
+    def send(requests: list[Any], left: list[float | None]) -> asyncio.Future[Any]:
+        future = asyncio.get_running_loop().create_future()
+        future.cancel()  # as Serve does when it gives up assigning the request
+        return future
+
+    merger = CallMerger("toy", send)
+    results = await asyncio.gather(
+        *(merger.submit(Text(text="a")) for _ in range(3)), return_exceptions=True
+    )
+    assert all(isinstance(r, ServerUnavailableError) for r in results), results

@@ -75,18 +75,16 @@ def local_cluster(
     dashboard_port = dashboard_port or (free_port() if dashboard else None)
     metrics_port = metrics_port or free_port()
     _prepare_environment()
-    with _loopback_node():
-        context = ray.init(
-            address="local",
-            num_cpus=num_cpus or max(12, os.cpu_count() or 1),
-            include_dashboard=dashboard,
-            dashboard_host="127.0.0.1",
-            dashboard_port=dashboard_port,
-            namespace="servegraph",
-            log_to_driver=False,
-            _metrics_export_port=metrics_port,
-            _node_ip_address=LOOPBACK,
-        )
+    context = ray.init(
+        address="local",
+        num_cpus=num_cpus or max(12, os.cpu_count() or 1),
+        include_dashboard=dashboard,
+        dashboard_host="127.0.0.1",
+        dashboard_port=dashboard_port,
+        namespace="servegraph",
+        log_to_driver=False,
+        _metrics_export_port=metrics_port,
+    )
     try:
         serve.start(
             http_options={"host": "127.0.0.1", "port": http_port},
@@ -104,37 +102,6 @@ def local_cluster(
             serve.shutdown()
         finally:
             ray.shutdown()
-
-
-# The local cluster is one node on this machine, so its address is the loopback one.
-LOOPBACK = "127.0.0.1"
-
-
-@contextmanager
-def _loopback_node() -> Iterator[None]:
-    """While `ray.init` starts the local node, Ray keeps the loopback node address it is
-    given (`_node_ip_address`), as it does on macOS and Windows.
-
-    Why: Ray binds a node's own listeners (the Prometheus metrics export, which shows
-    per-key request counts, costs and pipeline names, unauthenticated; the dashboard
-    agent's HTTP and gRPC ports) where other machines reach them (every interface, or
-    the node's address) unless the node's address is a loopback one
-    (`reporter_agent.py`: `get_localhost_ip() if is_localhost(self._ip) else ""`). On
-    Linux `ray.init` turns a loopback `_node_ip_address` into the machine's routable
-    address (`services.resolve_ip_for_localhost`), unless multi-node clusters are off
-    (`ray_constants.ENABLE_RAY_CLUSTER`, read when the address is resolved): off for
-    this call only, so a cluster started later in this process (`simulated_cluster`) is
-    as Ray makes it. Clients on this machine still connect (`ray.init(address="auto")`
-    finds the node by its local raylet process, not by its address).
-    """
-    from ray._private import ray_constants
-
-    saved = ray_constants.ENABLE_RAY_CLUSTER
-    ray_constants.ENABLE_RAY_CLUSTER = False
-    try:
-        yield
-    finally:
-        ray_constants.ENABLE_RAY_CLUSTER = saved
 
 
 def _prepare_environment() -> None:

@@ -56,10 +56,11 @@ INGRESS_DEFAULTS: dict[str, Any] = {
     # Past that, the proxy itself answers 503 + Retry-After, the cheapest refusal there
     # is: under a burst of thousands, every request that reaches the ingress costs a
     # replica round trip, and on a small machine that CPU is what the admitted requests'
-    # deadlines need. The queue is short because a request's deadline starts only when
-    # the ingress sees it: at 64, 1,200 `triage` requests at a 20 s deadline had 503s
-    # waiting up to 33 s in it (p99; 5.9 s at 8), issue 23.
-    "max_queued_requests": 8,
+    # deadlines need. The queue is short, so a request waits there little before its
+    # deadline starts to run in the ingress. (8 refused ordinary bursts: the requests
+    # the proxy's router is still assigning count as queued, and 60 sent at once got
+    # 503s; issue 23.)
+    "max_queued_requests": 64,
     "backpressure_config": {"status_code": 503, "retry_after_s": 1},
 }
 

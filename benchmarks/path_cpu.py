@@ -320,11 +320,7 @@ def on_platform(seconds: float, warmup: float, ingress: str, handles: bool) -> l
     from servegraph.planner import plan_platform
 
     windows = []
-    if ingress == "haproxy":
-        os.environ["RAY_SERVE_ENABLE_HA_PROXY"] = "1"  # read by Serve as Ray starts
-    else:
-        os.environ.pop("RAY_SERVE_ENABLE_HA_PROXY", None)
-    with local_cluster(dashboard=False) as cluster:
+    with local_cluster(dashboard=False, ingress=ingress) as cluster:
         plan = plan_platform([], CATALOG, all_servers=True)
         plan.apps = [app for app in plan.apps if app.name in SERVERS]
         plan.deploy()

@@ -84,3 +84,15 @@ def _service(resource: Any) -> str:
         if attribute.key == "service.name":
             return attribute.value.string_value
     return ""
+
+
+def ingress_span() -> str:
+    """The name a request's first span starts with, on the local cluster's ingress:
+    Serve's proxy's `proxy_http_request`, or with HAProxy in front (which makes no span)
+    the pipeline ingress replica's own `replica_handle_request PipelineIngress ...`,
+    continuing the caller's `traceparent` all the same."""
+    from servegraph.settings import AppSettings
+
+    if AppSettings().ingress == "proxy":
+        return "proxy_http_request"
+    return "replica_handle_request PipelineIngress"

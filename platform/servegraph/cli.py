@@ -53,6 +53,13 @@ def main(argv: list[str] | None = None) -> int:
     run.add_argument("--port", type=int, default=8000)
     run.add_argument("--dashboard-port", type=int, default=8265)
     run.add_argument(
+        "--ingress",
+        choices=["proxy", "haproxy"],
+        default=None,
+        help="what answers HTTP: Serve's proxy actor, or HAProxy straight to the apps' "
+        "replicas (default SERVEGRAPH_INGRESS, else haproxy)",
+    )
+    run.add_argument(
         "--exit-after-start",
         action="store_true",
         help="deploy, run start-up hooks, print endpoints, then stop (for tests)",
@@ -353,7 +360,9 @@ def _render(args: argparse.Namespace) -> int:
 def _run(args: argparse.Namespace) -> int:
     stop = threading.Event()
     key_file = _local_admin_key()  # before the cluster, which would create it quietly
-    with _local_platform(args, http_port=args.port, dashboard_port=args.dashboard_port) as cluster:
+    with _local_platform(
+        args, http_port=args.port, dashboard_port=args.dashboard_port, ingress=args.ingress
+    ) as cluster:
         if cluster is None:
             return 1
         # After Ray started: its core worker installs a SIGTERM handler that aborts the

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import os
 import secrets
+import shutil
 import socket
 import tempfile
 from collections.abc import Iterator
@@ -17,6 +18,7 @@ from pathlib import Path
 from typing import Any
 
 from servegraph.auth import AuthSettings, ensure_local_admin_key
+from servegraph.settings import AppSettings
 from servegraph.tracing import serve_tracing_config, serve_tracing_env
 
 # Ray Serve's request-path settings, read by each Serve process (proxy, replicas) when it
@@ -55,6 +57,7 @@ def local_cluster(
     dashboard_port: int | None = None,
     num_cpus: int | None = None,
     metrics_port: int | None = None,
+    ingress: str | None = None,
 ) -> Iterator[LocalCluster]:
     """Start Ray and Serve on this machine; shut both down on exit.
 
@@ -65,6 +68,8 @@ def local_cluster(
             machine we advertise more logical CPUs than cores so every deployment (and an
             autoscaled extra replica) can be placed: they share the cores anyway.
         metrics_port: where Ray serves Prometheus metrics (a free one by default).
+        ingress: what answers HTTP, "proxy" (Serve's proxy actor) or "haproxy" (Serve's
+            HAProxy mode); default `SERVEGRAPH_INGRESS` (`AppSettings.ingress`).
 
     Tracing follows the standard `OTEL_*` variables (see `servegraph.tracing`).
     """
@@ -75,6 +80,7 @@ def local_cluster(
     dashboard_port = dashboard_port or (free_port() if dashboard else None)
     metrics_port = metrics_port or free_port()
     _prepare_environment()
+    ingress_env = _ingress_environment(ingress or AppSettings().ingress)
     context = ray.init(
         address="local",
         num_cpus=num_cpus or max(12, os.cpu_count() or 1),
@@ -102,6 +108,50 @@ def local_cluster(
             serve.shutdown()
         finally:
             ray.shutdown()
+            for name in ingress_env:
+                os.environ.pop(name, None)
+            if "RAY_SERVE_HAPROXY_SERVER_STATE_BASE" in ingress_env:
+                shutil.rmtree(ingress_env["RAY_SERVE_HAPROXY_SERVER_STATE_BASE"], True)
+
+
+def _ingress_environment(ingress: str) -> dict[str, str]:
+    """Set, before Ray starts, what Serve reads to put `ingress` in front of the apps;
+    what was set (unset, and HAProxy's private directory removed, when the cluster
+    stops).
+
+    Serve's HAProxy mode keeps its files under /tmp/haproxy-serve by default, readable by
+    every local user, with an admin socket of mode 666: any local user could re-point a
+    backend at its own port and read the callers' API keys. Here they live in a
+    directory only this user can enter. Its fixed ports (HAProxy's stats 8404 and
+    metrics 9101, which it binds on every interface, and the fallback proxy's 8500 and
+    9500) become free ones, so that two local clusters can run at once.
+
+    An ingress replica that stops drains for 5 s rather than Serve's 30: that period is
+    for an external load balancer (an ALB) to deregister it, where here the balancer is
+    Serve's own HAProxy, re-configured by Serve's controller as the replica leaves (and
+    a request refused by a stopped replica is re-dispatched by HAProxy, as nothing was
+    sent). An operator's own value wins."""
+    if ingress == "proxy":
+        return {}
+    if ingress != "haproxy":
+        raise ValueError(f"unknown ingress {ingress!r}: 'proxy' or 'haproxy'")
+    private = Path(tempfile.mkdtemp(prefix="servegraph-haproxy-"))  # mode 0700
+    env = {
+        "RAY_SERVE_ENABLE_HA_PROXY": "1",
+        "RAY_SERVE_HAPROXY_CONFIG_FILE_LOC": str(private / "haproxy.cfg"),
+        "RAY_SERVE_HAPROXY_SOCKET_PATH": str(private / "admin.sock"),
+        "RAY_SERVE_HAPROXY_METRICS_SOCKET_PATH": str(private / "metrics.sock"),
+        "RAY_SERVE_HAPROXY_SERVER_STATE_BASE": str(private),
+        "RAY_SERVE_HAPROXY_SERVER_STATE_FILE": str(private / "server-state"),
+        "RAY_SERVE_HAPROXY_STATS_PORT": str(free_port()),
+        "RAY_SERVE_HAPROXY_METRICS_PORT": str(free_port()),
+        "RAY_SERVE_FALLBACK_PROXY_HTTP_PORT": str(free_port()),
+        "RAY_SERVE_FALLBACK_PROXY_GRPC_PORT": str(free_port()),
+    }
+    if "RAY_SERVE_DIRECT_INGRESS_MIN_DRAINING_PERIOD_S" not in os.environ:
+        env["RAY_SERVE_DIRECT_INGRESS_MIN_DRAINING_PERIOD_S"] = "5"
+    os.environ.update(env)
+    return env
 
 
 def _prepare_environment() -> None:

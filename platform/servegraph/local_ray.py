@@ -114,6 +114,9 @@ def local_cluster(
                 shutil.rmtree(ingress_env["RAY_SERVE_HAPROXY_SERVER_STATE_BASE"], True)
 
 
+_SOCKET_PATH_MAX = 97  # HAProxy's limit on a Unix socket's path
+
+
 def _ingress_environment(ingress: str) -> dict[str, str]:
     """Set, before Ray starts, what Serve reads to put `ingress` in front of the apps;
     what was set (unset, and HAProxy's private directory removed, when the cluster
@@ -135,7 +138,11 @@ def _ingress_environment(ingress: str) -> dict[str, str]:
         return {}
     if ingress != "haproxy":
         raise ValueError(f"unknown ingress {ingress!r}: 'proxy' or 'haproxy'")
-    private = Path(tempfile.mkdtemp(prefix="servegraph-haproxy-"))  # mode 0700
+    # Mode 0700. Short: HAProxy's Unix socket paths are at most 97 characters, and
+    # Serve puts them under a 56-character node id here.
+    private = Path(tempfile.mkdtemp(prefix="sgh-", dir="/tmp" if Path("/tmp").is_dir() else None))
+    if len(str(private)) + len("/") + 56 + len("/metrics.sock") > _SOCKET_PATH_MAX:
+        raise RuntimeError(f"HAProxy's socket paths under {private} would be too long")
     env = {
         "RAY_SERVE_ENABLE_HA_PROXY": "1",
         "RAY_SERVE_HAPROXY_CONFIG_FILE_LOC": str(private / "haproxy.cfg"),

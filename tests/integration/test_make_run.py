@@ -89,3 +89,5 @@ def test_servegraph_run_serves_every_pipeline_until_stopped() -> None:
         reader.join(timeout=10)
     assert code == 0, "".join(lines[-40:])
     assert not private.exists()
+    with pytest.raises(httpx.ConnectError):  # HAProxy went with the platform
+        httpx.get(f"http://127.0.0.1:{port}/-/healthz", timeout=5)

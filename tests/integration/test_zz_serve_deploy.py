@@ -52,7 +52,8 @@ def test_generated_config_deploys_with_serve_deploy(
         assert {"rag", "rag_yaml", "rag_ingest", "triage"} <= listed
 
         # Tracing came with the config: a request's trace reaches the OTLP receiver
-        # from the proxy, the ingress and the model servers' replicas.
+        # from the ingress (Serve's proxy, or the ingress replica behind HAProxy), the
+        # pipeline's nodes and the model servers' replicas.
         assert config["tracing_config"]["enabled"]
         trace_id = secrets.token_hex(16)
         traced = client.post(

@@ -1,4 +1,5 @@
-"""What a local cluster's ingress setting puts in the environment Ray starts with."""
+"""What a local cluster's ingress setting puts in the environment Ray starts with, and
+that it leaves the environment as it found it."""
 
 from __future__ import annotations
 
@@ -13,8 +14,8 @@ from servegraph.local_ray import _ingress_environment
 
 def test_haproxy_files_are_private_and_its_ports_free(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.delenv("RAY_SERVE_DIRECT_INGRESS_MIN_DRAINING_PERIOD_S", raising=False)
-    env = _ingress_environment("haproxy")
-    try:
+    monkeypatch.setenv("RAY_SERVE_HAPROXY_STATS_PORT", "8404")  # an earlier value
+    with _ingress_environment("haproxy") as env:
         private = Path(env["RAY_SERVE_HAPROXY_SERVER_STATE_BASE"])
         assert stat.S_IMODE(private.stat().st_mode) == 0o700
         for name in ("CONFIG_FILE_LOC", "SOCKET_PATH", "METRICS_SOCKET_PATH"):
@@ -28,22 +29,41 @@ def test_haproxy_files_are_private_and_its_ports_free(monkeypatch: pytest.Monkey
         assert all(os.environ[name] == value for name, value in env.items())
         assert env["RAY_SERVE_ENABLE_HA_PROXY"] == "1"
         assert env["RAY_SERVE_DIRECT_INGRESS_MIN_DRAINING_PERIOD_S"] == "5"
-    finally:
-        for name in env:
-            os.environ.pop(name, None)
-        private.rmdir()
+    assert not private.exists()
+    assert os.environ["RAY_SERVE_HAPROXY_STATS_PORT"] == "8404"  # restored
+    assert "RAY_SERVE_ENABLE_HA_PROXY" not in os.environ
+    assert "RAY_SERVE_DIRECT_INGRESS_MIN_DRAINING_PERIOD_S" not in os.environ
 
 
 def test_an_operators_drain_period_wins(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("RAY_SERVE_DIRECT_INGRESS_MIN_DRAINING_PERIOD_S", "30")
-    env = _ingress_environment("haproxy")
-    for name in env:
-        os.environ.pop(name, None)
-    Path(env["RAY_SERVE_HAPROXY_SERVER_STATE_BASE"]).rmdir()
-    assert "RAY_SERVE_DIRECT_INGRESS_MIN_DRAINING_PERIOD_S" not in env
+    with _ingress_environment("haproxy") as env:
+        assert "RAY_SERVE_DIRECT_INGRESS_MIN_DRAINING_PERIOD_S" not in env
+        assert os.environ["RAY_SERVE_DIRECT_INGRESS_MIN_DRAINING_PERIOD_S"] == "30"
 
 
-def test_serves_proxy_needs_nothing_and_an_unknown_ingress_is_refused() -> None:
-    assert _ingress_environment("proxy") == {}
-    with pytest.raises(ValueError, match="'proxy' or 'haproxy'"):
-        _ingress_environment("nginx")
+def test_serves_proxy_sets_an_inherited_haproxy_switch_aside(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    monkeypatch.setenv("RAY_SERVE_ENABLE_HA_PROXY", "1")  # would start Serve's defaults
+    with _ingress_environment("proxy") as env:
+        assert env == {} and "RAY_SERVE_ENABLE_HA_PROXY" not in os.environ
+    assert os.environ["RAY_SERVE_ENABLE_HA_PROXY"] == "1"
+
+
+def test_a_failure_inside_leaves_nothing_behind(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.delenv("RAY_SERVE_ENABLE_HA_PROXY", raising=False)
+    seen: list[Path] = []
+    with (
+        pytest.raises(RuntimeError, match="Ray did not start"),
+        _ingress_environment("haproxy") as env,
+    ):
+        seen.append(Path(env["RAY_SERVE_HAPROXY_SERVER_STATE_BASE"]))
+        raise RuntimeError("Ray did not start")
+    (private,) = seen
+    assert not private.exists() and "RAY_SERVE_ENABLE_HA_PROXY" not in os.environ
+
+
+def test_an_unknown_ingress_is_refused() -> None:
+    with pytest.raises(ValueError, match="'proxy' or 'haproxy'"), _ingress_environment("nginx"):
+        pass

@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import os
 import secrets
-import shutil
 import socket
 import tempfile
 from collections.abc import Iterator
@@ -133,41 +132,42 @@ def _ingress_environment(ingress: str) -> Iterator[dict[str, str]]:
     if ingress not in ("proxy", "haproxy"):
         raise ValueError(f"unknown ingress {ingress!r}: 'proxy' or 'haproxy'")
     env: dict[str, str | None] = {"RAY_SERVE_ENABLE_HA_PROXY": None}  # None: unset
-    private: Path | None = None
-    if ingress == "haproxy":
-        # Mode 0700. Short: HAProxy's Unix socket paths are at most 97 characters,
-        # and Serve puts them under a 56-character node id here.
-        private = Path(
-            tempfile.mkdtemp(prefix="sgh-", dir="/tmp" if Path("/tmp").is_dir() else None)
-        )
-        if len(str(private)) + len("/") + 56 + len("/metrics.sock") > _SOCKET_PATH_MAX:
-            private.rmdir()
-            raise RuntimeError(f"HAProxy's socket paths under {private} would be too long")
-        env = {
-            "RAY_SERVE_ENABLE_HA_PROXY": "1",
-            "RAY_SERVE_HAPROXY_CONFIG_FILE_LOC": str(private / "haproxy.cfg"),
-            "RAY_SERVE_HAPROXY_SOCKET_PATH": str(private / "admin.sock"),
-            "RAY_SERVE_HAPROXY_METRICS_SOCKET_PATH": str(private / "metrics.sock"),
-            "RAY_SERVE_HAPROXY_SERVER_STATE_BASE": str(private),
-            "RAY_SERVE_HAPROXY_SERVER_STATE_FILE": str(private / "server-state"),
-            "RAY_SERVE_HAPROXY_STATS_PORT": str(free_port()),
-            "RAY_SERVE_HAPROXY_METRICS_PORT": str(free_port()),
-            "RAY_SERVE_FALLBACK_PROXY_HTTP_PORT": str(free_port()),
-            "RAY_SERVE_FALLBACK_PROXY_GRPC_PORT": str(free_port()),
-        }
-        if "RAY_SERVE_DIRECT_INGRESS_MIN_DRAINING_PERIOD_S" not in os.environ:
-            env["RAY_SERVE_DIRECT_INGRESS_MIN_DRAINING_PERIOD_S"] = "5"
-    before = {name: os.environ.get(name) for name in env}
-    try:
-        _set_environment(env)
-        yield {name: value for name, value in env.items() if value is not None}
-    finally:
-        _set_environment(before)
-        if private is not None:
-            shutil.rmtree(private, ignore_errors=True)
+    with ExitStack() as stack:
+        if ingress == "haproxy":
+            # Mode 0700. Short: HAProxy's Unix socket paths are at most 97 characters,
+            # and Serve puts them under a 56-character node id here.
+            folder = tempfile.TemporaryDirectory(
+                prefix="sgh-",
+                dir="/tmp" if Path("/tmp").is_dir() else None,
+                ignore_cleanup_errors=True,
+            )
+            private = Path(stack.enter_context(folder))
+            if len(str(private)) + len("/") + 56 + len("/metrics.sock") > _SOCKET_PATH_MAX:
+                raise RuntimeError(f"HAProxy's socket paths under {private} would be too long")
+            env = {
+                "RAY_SERVE_ENABLE_HA_PROXY": "1",
+                "RAY_SERVE_HAPROXY_CONFIG_FILE_LOC": str(private / "haproxy.cfg"),
+                "RAY_SERVE_HAPROXY_SOCKET_PATH": str(private / "admin.sock"),
+                "RAY_SERVE_HAPROXY_METRICS_SOCKET_PATH": str(private / "metrics.sock"),
+                "RAY_SERVE_HAPROXY_SERVER_STATE_BASE": str(private),
+                "RAY_SERVE_HAPROXY_SERVER_STATE_FILE": str(private / "server-state"),
+                "RAY_SERVE_HAPROXY_STATS_PORT": str(free_port()),
+                "RAY_SERVE_HAPROXY_METRICS_PORT": str(free_port()),
+                "RAY_SERVE_FALLBACK_PROXY_HTTP_PORT": str(free_port()),
+                "RAY_SERVE_FALLBACK_PROXY_GRPC_PORT": str(free_port()),
+            }
+            if "RAY_SERVE_DIRECT_INGRESS_MIN_DRAINING_PERIOD_S" not in os.environ:
+                env["RAY_SERVE_DIRECT_INGRESS_MIN_DRAINING_PERIOD_S"] = "5"
+        before = {name: os.environ.get(name) for name in env}
+        try:
+            _set_environment(env)
+            yield {name: value for name, value in env.items() if value is not None}
+        finally:
+            _set_environment(before)  # then the folder goes, as the stack unwinds
 
 
 def _set_environment(values: dict[str, str | None]) -> None:
+    """Set each variable to its value; None unsets it (as `os.environ.get` read it)."""
     for name, value in values.items():
         if value is None:
             os.environ.pop(name, None)
@@ -342,11 +342,7 @@ def _ray_token_auth() -> Iterator[Path]:
         try:
             yield token_file
         finally:
-            for name, value in saved.items():
-                if value is None:
-                    os.environ.pop(name, None)
-                else:
-                    os.environ[name] = value
+            _set_environment(saved)
             reload()
 
 

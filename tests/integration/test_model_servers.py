@@ -150,10 +150,10 @@ def _least_median_batch(path: str) -> int:
     busy model's batch holds a quarter of them. Over HTTP they reach it at the rate
     the ingress (Serve's proxy, or HAProxy) and the gateway pass them on (each spends
     milliseconds of CPU per request), which on a loaded 2-core machine is near the
-    model's own rate: how large
-    the batches get there measures the path's speed (`benchmarks.path_cpu` reports it),
-    and a test must not pass or fail by speed. What HTTP must show is that its callers
-    are batched together at all: the median item rides with company."""
+    model's own rate: how large the batches get there measures the path's speed
+    (`benchmarks.path_cpu` reports it), and a test must not pass or fail by speed.
+    What HTTP must show is that its callers are batched together at all: the median
+    item rides with company."""
     return CALLERS // 4 if path == "handle" else 2
 
 

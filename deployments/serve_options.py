@@ -18,6 +18,7 @@ from typing import Any
 from pydantic import BaseModel, Field
 
 from deployments.settings import ModelSettings
+from servegraph.server import graph_autoscaling
 
 # Every model server has a bounded queue at each caller (`max_queued_requests`): past it,
 # a call is refused at once (503 with Retry-After on the server's own HTTP routes; a
@@ -56,6 +57,22 @@ ENCODER_GPU: dict[str, Any] = {
     "ray_actor_options": {"num_cpus": 1, "num_gpus": 0.1},
     "autoscaling_config": {"min_replicas": 2, "max_replicas": 4, "target_ongoing_requests": 32},
 }
+
+
+def encoder_profiles(server: str, *, gpu_service_time_s: float) -> dict[str, dict[str, Any]]:
+    """An encoder's CPU and GPU profiles.
+
+    On the GPU profile (a cluster, where a replica adds capacity) the encoder is scaled
+    by the pipelines' arrivals (`servegraph.scaling`) within the bounds above, a call
+    costing a replica `gpu_service_time_s` at full load. On the CPU profile (one
+    machine) it keeps Serve's default policy, which waits 30 s of a long queue before a
+    second replica: on 2 cores a second replica adds no capacity and halves the batches,
+    so it is for a sustained queue only, never for a burst the ingress is refusing."""
+    gpu_scaling = graph_autoscaling(
+        server, service_time_s=gpu_service_time_s, **ENCODER_GPU["autoscaling_config"]
+    )
+    return {"cpu": ENCODER_CPU, "gpu": {**ENCODER_GPU, "autoscaling_config": gpu_scaling}}
+
 
 # A replica whose data lives on the local disk of the node it runs on is pinned to the
 # head node (Ray's `node:__internal_head__` resource): the head is never scaled down,

@@ -33,6 +33,11 @@ class LLMClient:
     """Calls the `LLMServer` deployment with a pipeline node's typed `ChatRequest`."""
 
     def __init__(self, handle: Any, model_id: str | None = None) -> None:
+        # Imported here, when the ingress makes its clients (`ServeInvoker.prepare`), not
+        # on the first request: it imports torch, over a second of the event loop's time.
+        from ray.serve.llm.openai_api_models import ChatCompletionRequest
+
+        self._request_model = ChatCompletionRequest
         self.model_id = model_id or LLMSettings().model_id
         # LLMServer.chat is an async generator: the handle must be a streaming one.
         self._handle = handle.options(stream=True)
@@ -128,8 +133,6 @@ class LLMClient:
             yield lines
 
     def _openai_request(self, request: ChatRequest, *, stream: bool = False) -> Any:
-        from ray.serve.llm.openai_api_models import ChatCompletionRequest
-
         body: dict[str, Any] = {
             "model": self.model_id,
             "messages": [m.model_dump() for m in request.messages],
@@ -159,7 +162,7 @@ class LLMClient:
                 "servegraph.llm.stream": stream,
             }
         )
-        return ChatCompletionRequest(**body)
+        return self._request_model(**body)
 
 
 class FieldStream:

@@ -31,6 +31,8 @@ class AdmissionGate:
         app: the ingress app.
         limits: pipeline name -> requests it may run at once in this replica.
         on_refused: called with the pipeline's name for each refusal (metrics).
+        on_arrival: called with the pipeline's name for each request, admitted or
+            refused (the demand that graph-aware scaling sizes the servers for).
     """
 
     def __init__(
@@ -38,11 +40,13 @@ class AdmissionGate:
         app: ASGIApp,
         limits: dict[str, int],
         on_refused: Callable[[str], None] | None = None,
+        on_arrival: Callable[[str], None] | None = None,
     ) -> None:
         self.app = app
         self.limits = limits
         self.in_flight = dict.fromkeys(limits, 0)
         self._on_refused = on_refused
+        self._on_arrival = on_arrival
 
     async def __call__(self, scope: Scope, receive: Any, send: Any) -> None:
         name = pipeline_of(scope) if scope["type"] == "http" else None
@@ -50,6 +54,8 @@ class AdmissionGate:
             await self.app(scope, receive, send)
             return
         assert name is not None
+        if self._on_arrival is not None:
+            self._on_arrival(name)
         if self.in_flight[name] >= self.limits[name]:
             if self._on_refused is not None:
                 self._on_refused(name)

@@ -7,7 +7,7 @@ import concurrent.futures
 import itertools
 import logging
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterable
 from typing import Any
 
 from pydantic import BaseModel, Field
@@ -70,6 +70,14 @@ class ServeInvoker:
         self._targets: dict[str, Any] = {}
         self._merge = merge if merge is not None else MergeSettings()
         self.mergers: dict[tuple[str, str], CallMerger] = {}
+
+    def prepare(self, servers: Iterable[str]) -> None:
+        """Make the handles (and clients) of `servers` now, when the ingress starts:
+        a client's first use may import much (the LLM's imports `ray.serve.llm`, and
+        with it torch: over a second), which on the first request would hold the
+        ingress's event loop, and every request in it, that long."""
+        for server in servers:
+            self._target(server)
 
     def _target(self, server: str) -> Any:
         if server not in self._targets:

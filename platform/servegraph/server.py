@@ -10,7 +10,8 @@ every replica loaded the model files its application was built with (`SameModel`
 (`accepts_merged_calls`), and what each request cost the replica (`metered`, `Meter`, `prices`;
 `allowance`, the most a call may cost when its request has a budget; `report_tokens`,
 the LLM tokens a call has used so far, for a client that sees them as a reply arrives,
-and `tokens_counted`, whether it should). Everything else
+and `tokens_counted`, whether it should), and the autoscaling that sizes a server by the
+pipelines' arrivals (`graph_autoscaling`). Everything else
 in the framework is private to it. Importing this module imports neither Ray nor a
 model.
 """
@@ -35,6 +36,7 @@ from servegraph.fingerprint import expected_env as expected_model_env
 from servegraph.fingerprint import with_expected_model as with_expected_model
 from servegraph.http import offline_docs as offline_docs
 from servegraph.merging import accepts_merged_calls as accepts_merged_calls
+from servegraph.scaling.settings import graph_autoscaling as graph_autoscaling
 from servegraph.tokens import counted as tokens_counted
 from servegraph.tokens import report as report_tokens
 from servegraph.tracing import annotate as annotate
@@ -53,6 +55,7 @@ __all__ = [
     "cancel_off_loop",
     "expected_model_env",
     "gateway_app",
+    "graph_autoscaling",
     "guard_endpoint",
     "metered",
     "offline_docs",

@@ -78,9 +78,15 @@ _ANSWER_MARGIN_S = 0.25
 
 
 def build_fastapi(
-    graphs: dict[str, Graph], catalog: Catalog, invoke: Any, metrics: Any = None
+    graphs: dict[str, Graph],
+    catalog: Catalog,
+    invoke: Any,
+    metrics: Any = None,
+    demand: Any = None,
 ) -> FastAPI:
-    """The ingress app: POST /<pipeline>, GET /<pipeline>/graph, GET / (the list)."""
+    """The ingress app: POST /<pipeline>, GET /<pipeline>/graph, GET / (the list).
+    `demand`: told of each arrival and each finished request's records
+    (`servegraph.scaling.board.Reporter`), for graph-aware scaling."""
     app = make_app(
         title="servegraph pipelines", description="One REST endpoint per pipeline graph."
     )
@@ -110,6 +116,7 @@ def build_fastapi(
         AdmissionGate,
         limits=limits,
         on_refused=(lambda name: metrics.record(name, 503, 0.0, [])) if metrics else None,
+        on_arrival=demand.arrived if demand is not None else None,
     )
     # Starlette runs the middleware added last first. Added last, so run first: the key
     # (401/403 before the body is read), then the body's size (413); only then the
@@ -126,7 +133,7 @@ def build_fastapi(
             invoke_stream=getattr(invoke, "stream", None),
             costs=costs,
         )
-        app.include_router(pipeline_router(runtime.compile(graph), runtime, metrics))
+        app.include_router(pipeline_router(runtime.compile(graph), runtime, metrics, demand))
     return app
 
 
@@ -173,7 +180,9 @@ def pipeline_scope(graph: Graph, catalog: Catalog) -> str:
     return f"{'write' if writes else 'invoke'}:{graph.name}"
 
 
-def pipeline_router(compiled: CompiledGraph, runtime: Runtime, metrics: Any) -> APIRouter:
+def pipeline_router(
+    compiled: CompiledGraph, runtime: Runtime, metrics: Any, demand: Any = None
+) -> APIRouter:
     """One pipeline's routes: POST /<name>, POST /<name>/stream, GET /<name>/graph(.mmd),
     each open only to a key with the pipeline's scope (`pipeline_scope`)."""
     graph = compiled.graph
@@ -231,6 +240,8 @@ def pipeline_router(compiled: CompiledGraph, runtime: Runtime, metrics: Any) -> 
                 metrics.record(graph.name, status, total_ms, records)
             except Exception:  # the metrics' loss, never the request's answer
                 logger.exception("recording the metrics of a %s request failed", graph.name)
+        if demand is not None:
+            demand.finished(graph.name, records)
         http.state.charged = True
         reserved, chars = reservation
         if status == 200 and chars:  # a whole run: all of its prompts
@@ -503,8 +514,11 @@ def ingress_app(args: IngressArgs | dict[str, Any]) -> Any:
         catalog: Catalog = resolve(args.catalog)
         graphs = load_graphs(args)  # compiled, so validated, by build_fastapi
         from servegraph.metrics import PipelineMetrics
+        from servegraph.scaling.board import Reporter
 
-        return build_fastapi(graphs, catalog, ServeInvoker(catalog), PipelineMetrics())
+        invoker = ServeInvoker(catalog)
+        invoker.prepare({call.server for g in graphs.values() for call in g.calls()})
+        return build_fastapi(graphs, catalog, invoker, PipelineMetrics(), Reporter(graphs))
 
     @serve.deployment(name="PipelineIngress")
     @serve.ingress(make_app)

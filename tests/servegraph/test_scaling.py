@@ -1,0 +1,285 @@
+"""Graph-aware scaling's arithmetic and its pieces, without Ray: calls per request from
+graphs (fan-out, switches, loops, servers shared by pipelines), blending with what
+requests did, arrival rates, replicas wanted, the policy Serve calls, and options
+refused at build time naming the field."""
+
+from __future__ import annotations
+
+import asyncio
+import math
+from dataclasses import dataclass
+from types import SimpleNamespace
+from typing import Any
+
+import pytest
+from pydantic import ValidationError
+
+from servegraph.graph import CallNode, Graph, LoopNode, ParallelNode, SwitchNode
+from servegraph.scaling import watch
+from servegraph.scaling.board import DemandBoard, Reporter
+from servegraph.scaling.demand import (
+    Arrivals,
+    CallMix,
+    Load,
+    call_paths,
+    prior_calls,
+    replicas_wanted,
+    server_loads,
+    servers_called,
+)
+from servegraph.scaling.policy import GraphAwarePolicy
+from servegraph.scaling.settings import POLICY_PATH, graph_autoscaling
+
+
+def _call(name: str, server: str) -> CallNode:
+    return CallNode(name=name, server=server, method="m")
+
+
+def _graph(name: str, *nodes: Any) -> Graph:
+    return Graph(name=name, input="x:In", output="x:Out", nodes=list(nodes), returns="input")
+
+
+def agent() -> Graph:
+    """classify, then a loop of at most 4 rounds: the LLM chooses, then one of three
+    tools (a search calls the embedder and the index in parallel; a lookup the
+    records); then the LLM drafts."""
+    search = _graph(
+        "search",
+        ParallelNode(
+            name="both",
+            branches={
+                "e": _graph("e", _call("embed", "embedder")),
+                "v": _graph("v", _call("find", "index")),
+            },
+        ),
+    )
+    tools = SwitchNode(
+        name="act",
+        on="choose",
+        cases={"search": search, "lookup": _graph("l", _call("find", "records"))},
+        default=_graph("none"),
+    )
+    body = _graph("round", _call("choose", "llm"), tools)
+    loop = LoopNode(name="work", body=body, until="x:done", max_iterations=4)
+    return _graph("agent", _call("classify", "classifier"), loop, _call("draft", "llm"))
+
+
+def test_calls_per_request_from_the_graph() -> None:
+    calls = prior_calls(agent())
+    # a loop counts half its rounds (2); a switch's three cases equally likely
+    assert calls["classifier"] == 1
+    assert calls["llm"] == 2 + 1
+    assert calls["embedder"] == pytest.approx(2 / 3)  # 2 rounds x 1/3 x 1
+    assert calls["index"] == pytest.approx(2 / 3)
+    assert calls["records"] == pytest.approx(2 / 3)
+
+
+def test_records_name_their_server_whatever_the_round() -> None:
+    paths = call_paths(agent())
+    assert paths["work/iter/act/search/both/branch[e]/embed"] == "embedder"
+    records = [
+        ("classify", "call", "ok"),
+        ("work/iter[0]/choose", "call", "ok"),
+        ("work/iter[0]/act/search/both/branch[e]/embed", "call", "error"),
+        ("work/iter[0]/act/search/both/branch[e]/embed", "call", "ok"),  # its retry: load too
+        ("work/iter[1]/choose", "call", "ok"),
+        ("draft", "call", "budget"),  # stopped before it ran: no call
+        ("work/iter[1]/pick", "function", "ok"),
+    ]
+    assert servers_called(paths, records) == {"classifier": 1, "llm": 2, "embedder": 2}
+
+
+def test_observed_calls_outweigh_the_prior_as_requests_come() -> None:
+    mix = CallMix({"llm": 3.0, "records": 2 / 3})
+    assert mix.per_request() == {"llm": 3.0, "records": pytest.approx(2 / 3)}
+    for _ in range(200):  # the loop always stops after one round, and looks nothing up
+        mix.observe(1, {"llm": 2})
+    seen = mix.per_request()
+    assert 2.0 < seen["llm"] < 2.1
+    assert seen["records"] < 0.07
+    mix.observe(0, {"llm": 100})  # no request: nothing to learn
+    assert mix.per_request() == seen
+
+
+def test_rates_follow_a_step_within_a_bucket_and_hold_over_the_long_window() -> None:
+    arrivals = Arrivals(bucket_s=0.25, keep_s=120)
+    for tick in range(40):  # 10 s at 4 requests/s
+        arrivals.add(1, tick * 0.25)
+    assert arrivals.rate(2, 10) == pytest.approx(4, rel=0.15)
+    arrivals.add(10, 10.1)  # the step: 10 more in this bucket
+    assert arrivals.rate(2, 10.1) > 8
+    assert arrivals.rate(0.25, 10.1) >= 40
+    later = 10.1 + 20  # nothing for 20 s
+    assert arrivals.rate(2, later) == 0
+    assert arrivals.rate(30, later) > 0
+    arrivals.add(1, 200)  # old buckets go
+    assert min(arrivals.buckets) >= math.floor((200 - 120) / 0.25)
+
+
+def test_a_server_shared_by_pipelines_sums_their_loads() -> None:
+    rates = {"rag": Load(10, 4), "agent": Load(2, 2)}
+    mixes = {"rag": {"embedder": 2, "llm": 1}, "agent": {"embedder": 0.5, "llm": 3}}
+    loads = server_loads(rates, mixes)
+    assert loads["embedder"] == Load(21, 9)
+    assert loads["llm"] == Load(16, 10)
+
+
+def test_replicas_wanted_from_load_and_from_the_queue() -> None:
+    # 100 calls/s at 20 ms each fills 2 replicas; at 80 % busy, 2.5
+    assert replicas_wanted(Load(100, 10), service_time_s=0.02, target_utilisation=0.8) == 2.5
+    # after a spike the long window holds capacity
+    assert replicas_wanted(Load(0, 50), service_time_s=0.02, target_utilisation=1) == 1.0
+    # a queue the prediction missed (calls from outside the pipelines) still counts
+    wanted = replicas_wanted(
+        Load(0, 0), service_time_s=0.02, target_utilisation=1, ongoing=96, target_ongoing=32
+    )
+    assert wanted == 3.0
+
+
+def test_the_board_turns_arrivals_into_every_servers_load_at_once() -> None:
+    now = [100.0]
+    board = DemandBoard(clock=lambda: now[0])
+    board.register("rag", {"embedder": 2.0, "index": 1.0, "llm": 1.0})
+    board.register("rag", {"embedder": 99.0})  # a second ingress replica: kept as first
+    for _ in range(8):  # 2 s at 20 requests/s, from two ingress replicas
+        board.report({"rag": 3}, {})
+        board.report({"rag": 2}, {})
+        now[0] += 0.25
+    loads = board.loads(2, 30)
+    assert loads["embedder"][0] == pytest.approx(40, rel=0.15)
+    assert loads["llm"][0] == pytest.approx(20, rel=0.15)
+    assert loads["index"][0] == loads["llm"][0]
+    board.report({}, {"rag": (100, {"embedder": 100, "index": 100, "llm": 100})})
+    assert board.mixes()["rag"]["embedder"] < 1.3  # re-ranking turned out rare
+
+
+def test_the_reporter_counts_and_hands_over_its_counts() -> None:
+    graph = agent()
+    reporter = Reporter({"agent": graph}, board=object())
+    reporter.arrived("agent")  # outside a loop: counted, no task
+    reporter.arrived("agent")
+
+    @dataclass
+    class Record:
+        node: str
+        kind: str
+        status: str
+
+    reporter.finished("agent", [Record("classify", "call", "ok"), Record("draft", "call", "ok")])
+    reporter.finished("unknown", [Record("classify", "call", "ok")])
+    arrived, finished = reporter.take()
+    assert arrived == {"agent": 2}
+    assert finished == {"agent": (1, {"classifier": 1, "llm": 1})}
+    assert reporter.take() == ({}, {})
+
+
+def test_the_reporter_sends_from_a_task_and_stops_when_idle() -> None:
+    sent: list[tuple[str, Any]] = []
+
+    class Board:
+        class _Method:
+            def __init__(self, name: str) -> None:
+                self.name = name
+
+            def remote(self, *args: Any) -> None:
+                sent.append((self.name, args))
+
+        register = _Method("register")
+        report = _Method("report")
+
+    async def main() -> None:
+        reporter = Reporter({"agent": agent()}, board=Board())
+        reporter.arrived("agent")
+        task = reporter._task
+        assert task is not None
+        await asyncio.wait_for(task, 5)  # reports once, then finds nothing and ends
+
+    asyncio.run(main())
+    assert [name for name, _ in sent] == ["register", "report"]
+    assert sent[1][1] == ({"agent": 1}, {})
+
+
+def _ctx(
+    ongoing: float = 0.0, *, replicas: int = 1, at: float = 0.0, state: dict | None = None
+) -> Any:
+    return SimpleNamespace(
+        total_num_requests=ongoing,
+        current_num_replicas=replicas,
+        current_time=at,
+        policy_state=state or {},
+        config=SimpleNamespace(target_ongoing_requests=32),
+    )
+
+
+class _Loads:
+    def __init__(self, loads: dict[str, Load]) -> None:
+        self.loads = loads
+
+    def load(self, server: str, short_s: float, long_s: float) -> Load:
+        assert (short_s, long_s) == (2.0, 30.0)
+        return self.loads.get(server, Load())
+
+
+def test_the_policy_obeys_the_prediction_at_once(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(watch, "_WATCHER", _Loads({"embedder": Load(300, 100)}))
+    embedder = GraphAwarePolicy(server="embedder", service_time_s=0.01, target_utilisation=0.5)
+    wanted, state = embedder(_ctx())
+    assert wanted == 6.0 and state["calls_per_s_short"] == 300
+
+
+def test_the_policy_obeys_a_queue_only_when_it_lasts(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(watch, "_WATCHER", _Loads({}))  # calls no pipeline predicts
+    llm = GraphAwarePolicy(server="llm", service_time_s=1.0, reactive_delay_s=30)
+    wanted, state = llm(_ctx(ongoing=96, at=100.0))
+    assert wanted == 1.0 and state["queue_above_since"] == 100.0  # held, not grown
+    wanted, state = llm(_ctx(ongoing=96, at=129.0, state=state))
+    assert wanted == 1.0
+    wanted, state = llm(_ctx(ongoing=96, at=130.0, state=state))
+    assert wanted == 3.0  # 96 ongoing at 32 each, asked for 30 s
+    # the queue passes: nothing grows; what runs is held while the queue still uses it
+    wanted, state = llm(_ctx(ongoing=40, replicas=3, at=131.0, state=state))
+    assert state["queue_above_since"] is None and wanted == 1.25
+    wanted, _ = llm(_ctx(ongoing=0, replicas=3, at=132.0, state=state))
+    assert wanted == 0.0  # Serve's downscale delay and bounds pace the fall
+
+
+def test_graph_autoscaling_is_a_serve_config_with_the_policy() -> None:
+    config = graph_autoscaling(
+        "embedder",
+        service_time_s=0.003,
+        min_replicas=1,
+        max_replicas=4,
+        target_ongoing_requests=32,
+        target_utilisation=0.6,
+        downscale_delay_s=60,
+    )
+    assert config["policy"]["policy_function"] == POLICY_PATH
+    assert config["policy"]["policy_kwargs"]["target_utilisation"] == 0.6
+    assert config["upscale_delay_s"] == 0 and config["downscale_delay_s"] == 60
+    from ray.serve.config import AutoscalingConfig  # Serve takes it as it is
+
+    assert AutoscalingConfig(**config).max_replicas == 4
+
+
+@pytest.mark.parametrize(
+    ("options", "field"),
+    [
+        ({"short_window_s": -1}, "short_window_s"),
+        ({"short_window_s": 10, "long_window_s": 5}, "long_window_s"),
+        ({"target_utilisation": 0}, "target_utilisation"),
+        ({"target_utilisation": 1.5}, "target_utilisation"),
+        ({"min_replicas": 4, "max_replicas": 2}, "max_replicas"),
+        ({"service_time_s": 0}, "service_time_s"),
+        ({"downscaling_factor": 2}, "downscaling_factor"),
+    ],
+)
+def test_an_option_out_of_range_is_refused_naming_it(options: dict[str, Any], field: str) -> None:
+    given: dict[str, Any] = {
+        "service_time_s": 0.003,
+        "min_replicas": 1,
+        "max_replicas": 4,
+        "target_ongoing_requests": 32,
+    } | options
+    with pytest.raises(ValidationError) as refused:
+        graph_autoscaling("embedder", **given)
+    assert field in str(refused.value)

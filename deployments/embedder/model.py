@@ -9,6 +9,7 @@ the two cannot drift. The classifier, its training and the benchmarks' raw basel
 
 from __future__ import annotations
 
+import time
 from collections.abc import Sequence
 from functools import cached_property
 from pathlib import Path
@@ -25,7 +26,7 @@ from deployments.embedder.contract import (
     EmbedResponse,
 )
 from deployments.settings import package_dir
-from servegraph.server import annotate
+from servegraph.server import annotate, simulated_curves, simulated_vector
 
 
 class EmbedderSettings(BaseSettings):
@@ -45,12 +46,19 @@ class SentenceEncoder:
     vectors, on the GPU where this process was given one."""
 
     def __init__(self, path: str | Path | None = None) -> None:
+        self.path = str(path or EmbedderSettings().model_dir)
+        self._simulated = simulated_curves()
+        if self._simulated is not None and self._simulated.encoder is not None:
+            # A benchmark's simulated model (`servegraph.simulated`): the load's time
+            # passes, the forward pass is a wait from the measured curve.
+            time.sleep(self._simulated.encoder.load_s)
+            self.dim = self._simulated.encoder.dim
+            return
         try:
             import torch
             from sentence_transformers import SentenceTransformer
         except ImportError as exc:  # pragma: no cover - install hint
             raise ImportError("sentence-transformers is missing: run `make install`") from exc
-        self.path = str(path or EmbedderSettings().model_dir)
         device = "cuda" if torch.cuda.is_available() else "cpu"
         self.model = SentenceTransformer(self.path, device=device)
         dim = self.model.get_embedding_dimension()
@@ -60,6 +68,11 @@ class SentenceEncoder:
 
     def encode(self, texts: Sequence[str], batch_size: int = 64) -> np.ndarray:
         """One row per text; `batch_size` texts per forward pass."""
+        if self._simulated is not None and self._simulated.encoder is not None:
+            curve = self._simulated.encoder
+            for start in range(0, len(texts), batch_size):
+                time.sleep(curve.seconds(len(texts[start : start + batch_size])))
+            return np.stack([simulated_vector(t, self.dim) for t in texts])
         vectors = self.model.encode(
             list(texts),
             batch_size=batch_size,

@@ -13,7 +13,7 @@ from typing import Any
 from deployments.llm.settings import LLMSettings
 from deployments.serve_options import SHED, ServerAppArgs, options_for
 from deployments.settings import ModelSettings
-from servegraph.server import expected_model_env
+from servegraph.server import SIMULATED_MODELS_ENV, expected_model_env, simulated_curves
 
 # vLLM batches continuously up to max_num_seqs=64; a bounded queue beyond that. A death
 # costs an engine restart (about a minute here): calls retried within their deadline
@@ -68,6 +68,20 @@ def engine_kwargs(settings: LLMSettings, *, gpu: bool = False) -> dict[str, Any]
     }
 
 
+def simulated_engine_env() -> dict[str, str]:
+    """Under a benchmark's simulated models (`servegraph.simulated`), the environment that
+    makes `ray.serve.llm` run the simulated engine in place of vLLM; else nothing."""
+    import os
+
+    curves = simulated_curves()
+    if curves is None or curves.llm is None:
+        return {}
+    return {
+        "RAYLLM_VLLM_ENGINE_CLS": "deployments.llm.simulated:SimulatedEngine",
+        SIMULATED_MODELS_ENV: os.environ[SIMULATED_MODELS_ENV],
+    }
+
+
 def llm_config(settings: LLMSettings | None = None, overrides: dict[str, Any] | None = None) -> Any:
     from ray.serve.llm import LLMConfig
 
@@ -96,6 +110,7 @@ def llm_config(settings: LLMSettings | None = None, overrides: dict[str, Any] | 
                 "HF_HUB_OFFLINE": "1",
                 "TRANSFORMERS_OFFLINE": "1",
                 **expected_model_env(settings.path),
+                **simulated_engine_env(),
             }
         },
         **extra,

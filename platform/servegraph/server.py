@@ -11,7 +11,10 @@ every replica loaded the model files its application was built with (`SameModel`
 `allowance`, the most a call may cost when its request has a budget; `report_tokens`,
 the LLM tokens a call has used so far, for a client that sees them as a reply arrives,
 and `tokens_counted`, whether it should), and the autoscaling that sizes a server by the
-pipelines' arrivals (`graph_autoscaling`). Everything else
+pipelines' arrivals (`graph_autoscaling`), and a benchmark's simulated models: the curves
+a forward pass waits instead of running (`simulated_curves`, None unless a benchmark
+asks), a simulated encoder's vector (`simulated_vector`) and a simulated LLM's
+guided-JSON reply (`simulated_json`). Everything else
 in the framework is private to it. Importing this module imports neither Ray nor a
 model.
 """
@@ -37,12 +40,17 @@ from servegraph.fingerprint import with_expected_model as with_expected_model
 from servegraph.http import offline_docs as offline_docs
 from servegraph.merging import accepts_merged_calls as accepts_merged_calls
 from servegraph.scaling.settings import graph_autoscaling as graph_autoscaling
+from servegraph.simulated import ENV as SIMULATED_MODELS_ENV
+from servegraph.simulated import curves as simulated_curves
+from servegraph.simulated import instance as simulated_json
+from servegraph.simulated import vector as simulated_vector
 from servegraph.tokens import counted as tokens_counted
 from servegraph.tokens import report as report_tokens
 from servegraph.tracing import annotate as annotate
 
 __all__ = [
     "CHARGE_ITEM",
+    "SIMULATED_MODELS_ENV",
     "BatchStats",
     "Batcher",
     "InvalidInputError",
@@ -62,6 +70,9 @@ __all__ = [
     "prices",
     "replica_resources",
     "report_tokens",
+    "simulated_curves",
+    "simulated_json",
+    "simulated_vector",
     "tokens_counted",
     "with_expected_model",
 ]

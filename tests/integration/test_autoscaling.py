@@ -76,3 +76,113 @@ def test_embedder_scales_out_under_load_and_back_in(model_servers: LocalCluster)
 
     serve.run(embedder_app(), name="embedder", route_prefix="/embedder")  # profile defaults
     wait_until_running(["embedder"])
+
+
+def target_replicas(app: str, deployment: str) -> int:
+    """The replicas Serve's controller is aiming for (`serve.status()` shows only the
+    running ones; the controller's details have the target)."""
+    from ray.serve.context import _get_global_client
+
+    client = _get_global_client()
+    assert client is not None, "not connected to Serve"
+    details = client.get_serve_details()
+    return int(details["applications"][app]["deployments"][deployment]["target_num_replicas"])
+
+
+def test_pipeline_arrivals_grow_every_server_they_call_in_one_decision(
+    pipelines: LocalCluster,
+) -> None:
+    """Graph-aware scaling (`servegraph.scaling`): four `triage` requests arriving grow
+    the classifier and the embedder, which triage calls, in the same decision, with the
+    callers'-queue rule switched off, so the growth is the prediction's (a call is said
+    to cost 2 s, so 4 requests in 2 s want more than one replica of each). Then scale-in,
+    under a stream of classifications, drops none of them."""
+    from deployments.classifier.server import app as classifier_app
+    from deployments.embedder.server import app as embedder_app
+    from servegraph.server import graph_autoscaling
+
+    servers = {"classifier": ("Classifier", classifier_app), "embedder": ("Embedder", embedder_app)}
+
+    def deploy(downscale_delay_s: float) -> None:
+        for name, (_, build) in servers.items():
+            scaling = graph_autoscaling(
+                name,
+                service_time_s=2.0,
+                min_replicas=1,
+                max_replicas=2,
+                target_ongoing_requests=32,
+                reactive_delay_s=600,
+                downscale_delay_s=downscale_delay_s,
+            )
+            args = {"overrides": {"autoscaling_config": scaling}}
+            serve.run(build(args), name=name, route_prefix=f"/{name}")
+        wait_until_running(list(servers))
+
+    def targets() -> tuple[int, ...]:
+        return tuple(target_replicas(app, d) for app, (d, _) in servers.items())
+
+    def running() -> tuple[int, ...]:
+        return tuple(running_replicas(app, d) for app, (d, _) in servers.items())
+
+    headers = client_headers() | {"X-Request-Timeout": "60"}
+    try:
+        deploy(downscale_delay_s=600)  # nothing shrinks until the test says
+        assert targets() == (1, 1)
+        polled: list[tuple[int, ...]] = []
+        with httpx.Client(headers=headers, base_url=pipelines.base_url, timeout=120) as client:
+            tickets = [
+                {"text": f"Where is my order {n}? It is late.", "email": "ana@example.com"}
+                for n in range(4)
+            ]
+            answers: list[httpx.Response] = []
+            senders = [
+                threading.Thread(
+                    target=lambda t=t: answers.append(client.post("/pipelines/triage", json=t))
+                )
+                for t in tickets
+            ]
+            for sender in senders:
+                sender.start()
+            deadline = time.monotonic() + 60
+            while time.monotonic() < deadline and (not polled or polled[-1] != (2, 2)):
+                polled.append(targets())
+                time.sleep(0.05)
+            for sender in senders:
+                sender.join(timeout=180)
+        assert polled[-1] == (2, 2), f"the servers did not grow: {polled[-5:]}"
+        mixed = [p for p in polled if len(set(p)) > 1]
+        assert not mixed, f"one server grew a decision before the other: {mixed[:3]}"
+        assert sorted({a.status_code for a in answers}) in ([200], [200, 504], [504])
+
+        deadline = time.monotonic() + 300  # two real model replicas starting on 2 cores
+        while time.monotonic() < deadline and running() != (2, 2):
+            time.sleep(1)
+        assert running() == (2, 2), "the new replicas never ran"
+
+        stop, classified = threading.Event(), []
+
+        def classify() -> None:
+            with httpx.Client(
+                headers=client_headers(), base_url=pipelines.base_url, timeout=60
+            ) as client:
+                ends = time.monotonic() + 120  # bounded even if the test fails
+                while not stop.is_set() and time.monotonic() < ends:
+                    reply = client.post("/classifier/classify", json={"text": "refund please"})
+                    classified.append(reply.status_code)
+
+        streams = [threading.Thread(target=classify, daemon=True) for _ in range(4)]
+        for stream in streams:
+            stream.start()
+        deploy(downscale_delay_s=0)  # the arrivals are long gone: shrink now
+        deadline = time.monotonic() + 120
+        while time.monotonic() < deadline and running() != (1, 1):
+            time.sleep(0.5)
+        stop.set()
+        for stream in streams:
+            stream.join(timeout=60)
+        assert running() == (1, 1), "the servers never shrank"
+        assert classified and set(classified) == {200}, f"scale-in failed calls: {classified}"
+    finally:
+        for name, (_, build) in servers.items():
+            serve.run(build(), name=name, route_prefix=f"/{name}")  # profile defaults
+        wait_until_running(list(servers))

@@ -179,3 +179,43 @@ def test_every_process_is_named_by_its_part_in_the_platform() -> None:
     assert platform_role("ray::ServeController") == "controller"
     assert platform_role("/usr/bin/python3 /usr/lib/raylet --foo") == "ray, other"
     assert platform_role("bash") is None
+
+
+def test_the_spike_schedule_steps_and_is_the_same_for_a_seed() -> None:
+    from benchmarks.spike import BASE_RATES, arrivals
+
+    first = arrivals(7, 10, step_at=60, hold=60, after=60)
+    assert [(s.pipeline, s.at) for s in first] == [
+        (s.pipeline, s.at) for s in arrivals(7, 10, step_at=60, hold=60, after=60)
+    ]
+    base = sum(1 for s in first if s.at < 60) / 60
+    spike = sum(1 for s in first if 60 <= s.at < 120) / 60
+    assert base == pytest.approx(sum(BASE_RATES.values()), rel=0.4)
+    assert 6 < spike / base < 15
+
+
+def test_the_spike_summary_reads_decisions_and_capacity_off_the_samples() -> None:
+    from benchmarks.spike import Sample, Sent, summarise
+    from servegraph.simulated import BatchCurve, Curves, DecodeCurve
+
+    servers = ("embedder", "classifier", "llm")
+
+    def sample(at: float, target: int, running: int) -> Sample:
+        return Sample(at, dict.fromkeys(servers, target), dict.fromkeys(servers, running))
+
+    samples = [sample(t, 1, 1) for t in range(0, 60)]
+    samples += [sample(60.5, 3, 1), sample(61, 3, 1), sample(75, 3, 3), sample(120, 3, 3)]
+    schedule = [Sent("rag", t, 0.5, 200) for t in range(0, 120)]
+    schedule += [Sent("triage", 70, 31, 504), Sent("triage", 71, 0.1, 503)]
+    curves = Curves(
+        measured_on="a test",
+        encoder=BatchCurve(batch_s={64: 0.2}, load_s=5),
+        llm=DecodeCurve(step_s={16: 0.05}, load_s=30),
+    )
+    out = summarise(schedule, samples, step_at=60, hold=60, curves=curves, factor=10)
+    assert out["servers"]["llm"]["first_decision_s"] == 0.5
+    assert out["servers"]["llm"]["capacity_ready_s"] == 15
+    assert out["pipelines"]["triage"]["deadline_misses"] == 1
+    assert out["pipelines"]["triage"]["shed"] == 1
+    assert out["pipelines"]["rag"]["p99_steady_s"] == 0.5
+    assert out["replica_seconds"] > 0 and out["oracle_replica_seconds"] > 0

@@ -1,0 +1,116 @@
+"""The curves the simulated models wait (`servegraph.simulated`), measured here on the
+real models: the sentence encoder's seconds per forward pass by batch size and its
+load; vLLM's seconds per decode step by sequences running, its prefill per prompt
+token, and its engine's start. Each point is the median of several runs.
+
+    .venv/bin/python -m benchmarks.calibrate [--out benchmarks/curves/cpu.json]
+"""
+
+from __future__ import annotations
+
+import argparse
+import gc
+import os
+import platform as stdlib_platform
+import statistics
+import time
+from pathlib import Path
+
+from servegraph.simulated import BatchCurve, Curves, DecodeCurve
+
+ROOT = Path(__file__).resolve().parent
+BATCHES = (1, 4, 16, 64)
+RUNNING = (1, 8, 32, 64)
+DECODE_TOKENS = 32
+REPLY_TOKENS = 64  # a reply's length when nothing stops it sooner: the pipelines' calls
+# ask for 60 (triage's choice) to 256 (rag's answer) and most end by stop sooner
+
+
+def encoder_curve(repeats: int = 5) -> BatchCurve:
+    from benchmarks.model_servers import TEXTS
+    from deployments.embedder.model import SentenceEncoder
+
+    started = time.perf_counter()
+    encoder = SentenceEncoder()
+    load_s = time.perf_counter() - started
+    encoder.encode(TEXTS[:64])  # warm
+    batch_s = {}
+    for n in BATCHES:
+        runs = []
+        for _ in range(repeats):
+            began = time.perf_counter()
+            encoder.encode(TEXTS[:n], batch_size=n)
+            runs.append(time.perf_counter() - began)
+        batch_s[n] = round(statistics.median(runs), 5)
+        print(f"[calibrate] encoder batch {n}: {batch_s[n] * 1000:.1f} ms", flush=True)
+    return BatchCurve(batch_s=batch_s, load_s=round(load_s, 2), dim=encoder.dim)
+
+
+def llm_curve(repeats: int = 3) -> DecodeCurve:
+    from vllm import LLM, SamplingParams
+
+    from benchmarks.model_servers import PROMPTS
+    from deployments.llm.server import engine_kwargs
+    from deployments.llm.settings import LLMSettings
+
+    settings = LLMSettings()
+    os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", str(settings.kv_cache_gib))
+    started = time.perf_counter()
+    llm = LLM(model=settings.path, **engine_kwargs(settings))
+    load_s = time.perf_counter() - started
+    prompts = [PROMPTS[i % len(PROMPTS)] + f" ({i})" for i in range(max(RUNNING))]
+    decode = SamplingParams(max_tokens=DECODE_TOKENS, temperature=0.0, ignore_eos=True)
+    first = SamplingParams(max_tokens=1, temperature=0.0)
+    llm.generate(prompts[:2], decode, use_tqdm=False)  # warm
+    step_s = {}
+    for running in RUNNING:
+        runs = []
+        for _ in range(repeats):
+            began = time.perf_counter()
+            llm.generate(prompts[:running], decode, use_tqdm=False)
+            prefill = time.perf_counter()
+            llm.generate(prompts[:running], first, use_tqdm=False)
+            ended = time.perf_counter()
+            # the whole generation less its prefill (a one-token run), per decode step
+            runs.append(((prefill - began) - (ended - prefill)) / (DECODE_TOKENS - 1))
+        step_s[running] = round(max(statistics.median(runs), 1e-4), 5)
+        print(f"[calibrate] llm step at {running} running: {step_s[running] * 1000:.1f} ms")
+    long_prompt = "Summarise this support history. " + "The customer wrote again. " * 120
+    tokens = len(llm.get_tokenizer().encode(long_prompt))
+    runs = []
+    for _ in range(repeats):
+        began = time.perf_counter()
+        llm.generate([long_prompt], first, use_tqdm=False)
+        runs.append(time.perf_counter() - began)
+    prefill_s = statistics.median(runs) / tokens
+    llm.llm_engine.engine_core.shutdown()  # its processes would poll on, taking CPU
+    del llm
+    gc.collect()
+    return DecodeCurve(
+        step_s=step_s,
+        prefill_s_per_token=round(prefill_s, 6),
+        reply_tokens=REPLY_TOKENS,
+        load_s=round(load_s, 2),
+    )
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--out", type=Path, default=ROOT / "curves" / "cpu.json")
+    args = parser.parse_args()
+    from deployments.llm.settings import LLMSettings
+
+    where = f"{stdlib_platform.machine()} {os.cpu_count()} CPUs, no GPU"
+    curves = Curves(
+        measured_on=f"{where}; all-MiniLM-L6-v2 and vLLM-CPU {LLMSettings().model_id}; "
+        f"benchmarks.calibrate on {time.strftime('%Y-%m-%d')}",
+        encoder=encoder_curve(),
+        llm=llm_curve(),
+    )
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    args.out.write_text(curves.model_dump_json(indent=1) + "\n")
+    print(f"[calibrate] wrote {args.out}")
+
+
+if __name__ == "__main__":
+    main()

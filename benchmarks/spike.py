@@ -56,7 +56,9 @@ SERVERS = {
     "classifier": ("classifier", "Classifier", 2, 4),
     "llm": ("llm", "LLMServer", 1, 4),
 }
-BASE_RATES = {"rag": 0.5, "triage": 0.4}  # requests per second before the step
+# Requests per second before the step: with the CPU curves, the LLM needs one replica
+# at the base rate and its maximum of four at ten times it.
+BASE_RATES = {"rag": 0.15, "triage": 0.08}
 LLM_TARGET_RUNNING = 16  # sequences a replica runs at its target utilisation
 ENCODER_ITEMS_PER_CALL = 4  # a pipeline's encoder call carries 1 (a question) to ~20
 # (a passage's sentences) texts: an estimate, until replicas report their busy time

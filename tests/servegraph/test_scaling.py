@@ -116,6 +116,18 @@ def test_rates_follow_a_step_within_a_bucket_and_hold_over_the_long_window() -> 
     assert min(arrivals.buckets) >= math.floor((200 - 120) / 0.25)
 
 
+def test_a_short_window_is_believed_only_with_enough_arrivals() -> None:
+    arrivals = Arrivals()
+    for t in range(0, 120, 4):  # a slow pipeline: one request every 4 s
+        arrivals.add(1, float(t))
+    arrivals.add(1, 120.5)  # two a second apart: chance, not a step
+    chance = arrivals.load(2, 30, 121.0)
+    assert chance.short == chance.long == pytest.approx(8 / 30, rel=0.1)
+    arrivals.add(3, 121.2)  # the fourth in the window: a step
+    step = arrivals.load(2, 30, 121.3)
+    assert step.short == pytest.approx(4 / 2) and step.short > step.long
+
+
 def test_a_server_shared_by_pipelines_sums_their_loads() -> None:
     rates = {"rag": Load(10, 4), "agent": Load(2, 2)}
     mixes = {"rag": {"embedder": 2, "llm": 1}, "agent": {"embedder": 0.5, "llm": 3}}

@@ -24,7 +24,6 @@ from servegraph.graph import Graph
 from servegraph.scaling.demand import (
     Arrivals,
     CallMix,
-    Load,
     call_paths,
     prior_calls,
     server_loads,
@@ -75,9 +74,7 @@ class DemandBoard:
     def loads(self, short_s: float, long_s: float) -> dict[str, tuple[float, float]]:
         """Each server's expected calls per second over the two windows."""
         now = self._clock()
-        rates = {
-            p: Load(a.rate(short_s, now), a.rate(long_s, now)) for p, a in self._arrivals.items()
-        }
+        rates = {p: a.load(short_s, long_s, now) for p, a in self._arrivals.items()}
         mixes = {p: m.per_request() for p, m in self._mixes.items()}
         return {s: (load.short, load.long) for s, load in server_loads(rates, mixes).items()}
 

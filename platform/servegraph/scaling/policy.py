@@ -61,9 +61,9 @@ class GraphAwarePolicy:
         lasting = since is not None and now - since >= o.reactive_delay_s
         wanted = max(predicted, queue) if lasting else predicted
         if not lasting:
-            # Below the prediction the queue never shrinks a server faster than it was
-            # asked to grow: hold what runs until the prediction falls (Serve's
-            # `downscale_delay_s` then paces the fall).
+            # A queue too short-lived to add replicas still keeps those it uses: the
+            # prediction falling never takes away replicas busy with calls (Serve's
+            # `downscale_delay_s` then paces what does go).
             wanted = max(wanted, min(queue, ctx.current_num_replicas))
         state = {
             "calls_per_s_short": load.short,

@@ -56,7 +56,8 @@ def llm_curve(repeats: int = 3) -> DecodeCurve:
     settings = LLMSettings()
     os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", str(settings.kv_cache_gib))
     started = time.perf_counter()
-    llm = LLM(model=settings.path, **engine_kwargs(settings))
+    # No prefix cache: the repeats reuse their prompts, and a cached prefill is not one
+    llm = LLM(model=settings.path, enable_prefix_caching=False, **engine_kwargs(settings))
     load_s = time.perf_counter() - started
     prompts = [PROMPTS[i % len(PROMPTS)] + f" ({i})" for i in range(max(RUNNING))]
     decode = SamplingParams(max_tokens=DECODE_TOKENS, temperature=0.0, ignore_eos=True)
@@ -99,8 +100,12 @@ def main() -> None:
     parser.add_argument("--out", type=Path, default=ROOT / "curves" / "cpu.json")
     args = parser.parse_args()
     from deployments.llm.settings import LLMSettings
+    from servegraph.simulated import ENV
 
-    where = f"{stdlib_platform.machine()} {os.cpu_count()} CPUs, no GPU"
+    if os.environ.get(ENV):
+        parser.error(f"{ENV} is set: this would measure the simulation; unset it")
+
+    where = f"{stdlib_platform.machine()} {os.cpu_count()} CPUs, vLLM on the CPU"
     curves = Curves(
         measured_on=f"{where}; all-MiniLM-L6-v2 and vLLM-CPU {LLMSettings().model_id}; "
         f"benchmarks.calibrate on {time.strftime('%Y-%m-%d')}",

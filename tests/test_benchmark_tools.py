@@ -192,6 +192,9 @@ def test_the_spike_schedule_steps_and_is_the_same_for_a_seed() -> None:
     spike = sum(1 for s in first if 60 <= s.at < 120) / 60
     assert base == pytest.approx(sum(BASE_RATES.values()), rel=0.4)
     assert 6 < spike / base < 15
+    for pipeline in BASE_RATES:  # the step is on time: no gap drawn at the base rate spans it
+        after_step = min(s.at for s in first if s.pipeline == pipeline and s.at >= 60)
+        assert after_step - 60 < 3
 
 
 def test_the_spike_summary_reads_decisions_and_capacity_off_the_samples() -> None:

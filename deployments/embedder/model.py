@@ -72,7 +72,8 @@ class SentenceEncoder:
             curve = self._simulated.encoder
             for start in range(0, len(texts), batch_size):
                 time.sleep(curve.seconds(len(texts[start : start + batch_size])))
-            return np.stack([simulated_vector(t, self.dim) for t in texts])
+            rows = [simulated_vector(t, self.dim) for t in texts]
+            return np.stack(rows) if rows else np.zeros((0, self.dim), dtype=np.float32)
         vectors = self.model.encode(
             list(texts),
             batch_size=batch_size,

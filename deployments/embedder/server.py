@@ -21,9 +21,10 @@ from deployments.embedder.model import Embedder, EmbedderSettings
 from deployments.serve_options import ServerAppArgs, encoder_profiles, server_app
 from servegraph.server import Batcher, BatchStats, SameModel, accepts_merged_calls, metered
 
-# On the GPU profile, a call costs a replica 0.15 ms at full load: the raw model at batch
-# 64 ran 6,543 items/s on an H200 (issue 22).
-PROFILES = encoder_profiles("embedder", gpu_service_time_s=0.00015)
+# On the GPU profile, a call costs a replica 0.6 ms at full load: the raw model at batch
+# 64 ran 6,543 items/s on an H200 (issue 22), and a pipeline's call carries 1 (a
+# question) to ~20 (a passage's sentences) texts: 4 on average, an estimate.
+PROFILES = encoder_profiles("embedder", gpu_service_time_s=0.0006)
 
 
 @serve.deployment(name="Embedder", health_check_period_s=10, health_check_timeout_s=30)

@@ -23,6 +23,8 @@ from ray.llm._internal.serve.core.engine.protocol import LLMEngine
 
 from servegraph.server import simulated_curves, simulated_json
 
+MAX_NUM_SEQS = 64  # as `engine_kwargs` gives vLLM
+
 
 class SimulatedEngine(LLMEngine):
     def __init__(self, llm_config: Any) -> None:  # the base's is abstract: not called
@@ -35,6 +37,9 @@ class SimulatedEngine(LLMEngine):
         self.curve = curves.llm
         self.model_id = llm_config.model_id
         self.running = 0
+        # vLLM runs at most `max_num_seqs` sequences (64, deployments.llm.server); the
+        # rest wait for a place, their prefill too
+        self._places = asyncio.Semaphore(MAX_NUM_SEQS)
 
     async def start(self) -> None:
         await asyncio.sleep(self.curve.load_s)
@@ -75,6 +80,7 @@ class SimulatedEngine(LLMEngine):
                 "total_tokens": prompt_tokens + done,
             }
 
+        await self._places.acquire()
         self.running += 1
         try:
             await asyncio.sleep(prompt_tokens * self.curve.prefill_s_per_token)
@@ -98,6 +104,7 @@ class SimulatedEngine(LLMEngine):
                     yield f"data: {json.dumps(chunk)}\n\n"
         finally:
             self.running -= 1
+            self._places.release()
         if request.stream:
             if options and options.include_usage:
                 tail = {"id": rid, "object": "chat.completion.chunk", "created": created}

@@ -77,7 +77,11 @@ class ServeInvoker:
         with it torch: over a second), which on the first request would hold the
         ingress's event loop, and every request in it, that long."""
         for server in servers:
-            self._target(server)
+            try:
+                self._target(server)
+            except Exception:  # not deployed yet (`serve deploy` builds apps in any
+                # order): made on its first call instead, as before
+                logger.warning("the handle of %r is made on its first call", server)
 
     def _target(self, server: str) -> Any:
         if server not in self._targets:

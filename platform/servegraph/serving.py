@@ -241,7 +241,10 @@ def pipeline_router(
             except Exception:  # the metrics' loss, never the request's answer
                 logger.exception("recording the metrics of a %s request failed", graph.name)
         if demand is not None:
-            demand.finished(graph.name, records)
+            try:
+                demand.finished(graph.name, records)
+            except Exception:  # scaling's loss, never the request's answer
+                logger.exception("counting the calls of a %s request failed", graph.name)
         http.state.charged = True
         reserved, chars = reservation
         if status == 200 and chars:  # a whole run: all of its prompts

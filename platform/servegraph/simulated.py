@@ -43,6 +43,8 @@ class BatchCurve(BaseModel):
         return self
 
     def seconds(self, n: int) -> float:
+        if n <= 0:
+            return 0.0
         sizes = sorted(self.batch_s)
         if n <= sizes[0]:
             return self.batch_s[sizes[0]] * n / sizes[0] if n < sizes[0] else self.batch_s[n]

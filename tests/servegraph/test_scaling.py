@@ -151,11 +151,10 @@ def test_replicas_wanted_from_load_and_from_the_queue() -> None:
 def test_the_board_turns_arrivals_into_every_servers_load_at_once() -> None:
     now = [100.0]
     board = DemandBoard(clock=lambda: now[0])
-    board.register("rag", {"embedder": 2.0, "index": 1.0, "llm": 1.0})
-    board.register("rag", {"embedder": 99.0})  # a second ingress replica: kept as first
+    prior = {"rag": {"embedder": 2.0, "index": 1.0, "llm": 1.0}}
     for _ in range(8):  # 2 s at 20 requests/s, from two ingress replicas
-        board.report({"rag": 3}, {})
-        board.report({"rag": 2}, {})
+        board.report({"rag": 3}, {}, prior)
+        board.report({"rag": 2}, {}, prior)
         now[0] += 0.25
     loads = board.loads(2, 30)
     assert loads["embedder"][0] == pytest.approx(40, rel=0.15)
@@ -163,6 +162,45 @@ def test_the_board_turns_arrivals_into_every_servers_load_at_once() -> None:
     assert loads["index"][0] == loads["llm"][0]
     board.report({}, {"rag": (100, {"embedder": 100, "index": 100, "llm": 100})})
     assert board.mixes()["rag"]["embedder"] < 1.3  # re-ranking turned out rare
+
+
+def test_a_restarted_board_has_the_priors_with_the_next_report() -> None:
+    board = DemandBoard(clock=lambda: 10.0)
+    board.report({"rag": 4}, {})  # no prior yet: nothing to multiply by
+    assert board.loads(2, 30) == {}
+    board.report({"rag": 4}, {}, {"rag": {"llm": 1.0}})
+    assert board.loads(2, 30)["llm"][0] > 0
+    board.report({}, {}, {"rag": {"llm": 2.0}})  # the graph was redeployed, changed
+    assert board.mixes()["rag"]["llm"] == 2.0
+
+
+def test_a_stale_snapshot_predicts_nothing() -> None:
+    now = [0.0]
+    watcher = watch._Watcher(clock=lambda: now[0])
+    watcher._thread = _Alive()  # no polling thread in a unit test
+    watcher.publish({(2.0, 30.0): {"llm": (5.0, 1.0)}})
+    assert watcher.load("llm", 2.0, 30.0) == Load(5.0, 1.0)
+    now[0] += watch.STALE_S + 0.1  # the board stopped answering
+    assert watcher.load("llm", 2.0, 30.0) == Load()
+
+
+def test_one_ticks_policies_read_one_snapshot() -> None:
+    now = [0.0]
+    watcher = watch._Watcher(clock=lambda: now[0])
+    watcher._thread = _Alive()
+    watcher.publish({(2.0, 30.0): {"llm": (1.0, 1.0), "embedder": (1.0, 1.0)}})
+    now[0] += 0.1  # a tick: the embedder's policy reads first
+    assert watcher.load("embedder", 2.0, 30.0) == Load(1.0, 1.0)
+    watcher.publish({(2.0, 30.0): {"llm": (9.0, 1.0), "embedder": (9.0, 1.0)}})
+    now[0] += 0.001  # the LLM's policy, the same tick: the same snapshot
+    assert watcher.load("llm", 2.0, 30.0) == Load(1.0, 1.0)
+    now[0] += 0.1  # the next tick sees the step, for both
+    assert watcher.load("llm", 2.0, 30.0) == watcher.load("embedder", 2.0, 30.0) == Load(9.0, 1.0)
+
+
+class _Alive:
+    def is_alive(self) -> bool:
+        return True
 
 
 def test_the_reporter_counts_and_hands_over_its_counts() -> None:
@@ -196,7 +234,6 @@ def test_the_reporter_sends_from_a_task_and_stops_when_idle() -> None:
             def remote(self, *args: Any) -> None:
                 sent.append((self.name, args))
 
-        register = _Method("register")
         report = _Method("report")
 
     async def main() -> None:
@@ -207,8 +244,10 @@ def test_the_reporter_sends_from_a_task_and_stops_when_idle() -> None:
         await asyncio.wait_for(task, 5)  # reports once, then finds nothing and ends
 
     asyncio.run(main())
-    assert [name for name, _ in sent] == ["register", "report"]
-    assert sent[1][1] == ({"agent": 1}, {})
+    assert [name for name, _ in sent] == ["report"]
+    arrived, finished, priors = sent[0][1]
+    assert (arrived, finished) == ({"agent": 1}, {})
+    assert priors == {"agent": prior_calls(agent())}
 
 
 def _ctx(

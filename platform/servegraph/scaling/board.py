@@ -51,21 +51,24 @@ class DemandBoard:
         self._arrivals: dict[str, Arrivals] = {}
         self._mixes: dict[str, CallMix] = {}
 
-    def register(self, pipeline: str, prior: dict[str, float]) -> None:
-        """A pipeline's calls per request as its graph says (kept if already known:
-        every ingress replica registers the same)."""
-        if pipeline not in self._mixes:
-            self._mixes[pipeline] = CallMix(dict(prior))
-
     def report(
         self,
         arrived: Mapping[str, int],
         finished: Mapping[str, tuple[int, dict[str, int]]],
+        priors: Mapping[str, dict[str, float]] | None = None,
     ) -> None:
         """From one ingress replica, since its last report: requests `arrived` per
-        pipeline (refused ones too: they are demand), and per pipeline the requests
-        `finished` with the calls they made to each server."""
+        pipeline (refused ones too: they are demand), per pipeline the requests
+        `finished` with the calls they made to each server, and the `priors` of its
+        pipelines (calls per request as their graphs say), sent with every report so
+        that a restarted board, or a redeployed graph, has them at once."""
         now = self._clock()
+        for pipeline, prior in (priors or {}).items():
+            mix = self._mixes.get(pipeline)
+            if mix is None:
+                self._mixes[pipeline] = CallMix(dict(prior))
+            elif mix.prior != prior:
+                mix.prior = dict(prior)
         for pipeline, n in arrived.items():
             self._arrivals.setdefault(pipeline, Arrivals()).add(n, now)
         for pipeline, (requests, calls) in finished.items():
@@ -116,7 +119,6 @@ class Reporter:
         self._priors = {name: prior_calls(g) for name, g in graphs.items()}
         self._paths = {name: call_paths(g) for name, g in graphs.items()}
         self._board = board
-        self._registered = False
         self._arrived: dict[str, int] = defaultdict(int)
         self._finished: dict[str, tuple[int, dict[str, int]]] = {}
         self._task: asyncio.Task[None] | None = None
@@ -151,24 +153,17 @@ class Reporter:
             await asyncio.sleep(FLUSH_S)
             arrived, finished = self.take()
             if not arrived and not finished:
-                # idle: the next arrival starts a new task, registering again (a
-                # restarted board has lost the graphs' priors)
-                self._registered = False
-                return
+                return  # idle: the next arrival starts a new task
             try:
+                if self._board is None:  # a GCS call: off the event loop
+                    self._board = await asyncio.to_thread(board_actor)
                 self._send(arrived, finished)
             except Exception as exc:  # scaling's loss, never a request's
                 self._board = None
-                self._registered = False
                 _log.warning("demand board unavailable (%s); arrivals not reported", exc)
+                await asyncio.sleep(5)  # finding the board again is a GCS call: not often
 
     def _send(
         self, arrived: dict[str, int], finished: dict[str, tuple[int, dict[str, int]]]
     ) -> None:
-        if self._board is None:
-            self._board = board_actor()
-        if not self._registered:
-            for name, prior in self._priors.items():
-                self._board.register.remote(name, prior)
-            self._registered = True
-        self._board.report.remote(arrived, finished)  # fire and forget: actor calls keep order
+        self._board.report.remote(arrived, finished, self._priors)  # fire and forget

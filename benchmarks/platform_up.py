@@ -3,7 +3,6 @@ pipeline deployed and RUNNING, the knowledge base ingested; stopped on exit."""
 
 from __future__ import annotations
 
-import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from typing import Any
@@ -12,19 +11,18 @@ from typing import Any
 @contextmanager
 def serving_everything(**cluster_options: Any) -> Iterator[Any]:
     """Yields the `LocalCluster` (options go to `servegraph.local_ray.local_cluster`)."""
-    from ray import serve
 
     from deployments.catalog import CATALOG
     from pipelines.rag.ingest import on_deploy
     from servegraph.discovery import discover
-    from servegraph.local_ray import local_cluster
+    from servegraph.local_ray import local_cluster, wait_until_running
     from servegraph.planner import plan_platform
 
     with local_cluster(**cluster_options) as cluster:
-        plan_platform(
+        plan = plan_platform(
             discover("pipelines"), CATALOG, packages=["pipelines"], all_servers=True
-        ).deploy()
-        while any(a.status != "RUNNING" for a in serve.status().applications.values()):
-            time.sleep(1)
+        )
+        plan.deploy()
+        wait_until_running([app.name for app in plan.apps], timeout_s=900)
         on_deploy(cluster.base_url)
         yield cluster

@@ -206,7 +206,12 @@ def platform(policy: str, curves_path: Path, workers: int) -> Iterator[Any]:
     from pipelines.rag.ingest import on_deploy
     from servegraph.capacity import HEAD_RESOURCE, node_types
     from servegraph.discovery import discover
-    from servegraph.local_ray import SimulatedNode, simulated_cluster
+    from servegraph.local_ray import (
+        SimulatedNode,
+        environment,
+        simulated_cluster,
+        wait_until_running,
+    )
     from servegraph.planner import plan_platform
 
     curves = Curves.model_validate_json(curves_path.read_text())
@@ -217,7 +222,7 @@ def platform(policy: str, curves_path: Path, workers: int) -> Iterator[Any]:
     def node(t: Any) -> SimulatedNode:
         return SimulatedNode(t.name, {k: v for k, v in t.resources.items() if k != HEAD_RESOURCE})
 
-    env = {
+    env: dict[str, str | None] = {
         "SERVEGRAPH_PROFILE": "gpu",
         "SERVEGRAPH_SIMULATED_MODELS": str(curves_path),
         "SERVEGRAPH_ROUTER_RESOURCES": json.dumps({HEAD_RESOURCE: 0.001}),
@@ -238,36 +243,9 @@ def platform(policy: str, curves_path: Path, workers: int) -> Iterator[Any]:
                 scaling = autoscaling(policy, app.name, times[app.name])
                 app.args.setdefault("overrides", {})["autoscaling_config"] = scaling
         plan.deploy()
-        wait_until_running([app.name for app in plan.apps])
+        wait_until_running([app.name for app in plan.apps], timeout_s=900)
         on_deploy(running.base_url)
         yield running
-
-
-@contextmanager
-def environment(values: dict[str, str]) -> Iterator[None]:
-    """`values` in the environment (the cluster's processes inherit it), then as before."""
-    before = {name: os.environ.get(name) for name in values}
-    os.environ.update(values)
-    try:
-        yield
-    finally:
-        for name, value in before.items():
-            if value is None:
-                os.environ.pop(name, None)
-            else:
-                os.environ[name] = value
-
-
-def wait_until_running(apps: list[str], timeout_s: float = 900) -> None:
-    from ray import serve
-
-    deadline = time.monotonic() + timeout_s
-    while time.monotonic() < deadline:
-        status = serve.status().applications
-        if all(name in status and status[name].status == "RUNNING" for name in apps):
-            return
-        time.sleep(1)
-    raise TimeoutError(f"not running after {timeout_s:g} s: {apps}")
 
 
 def p99(sent: list[Sent]) -> float | None:

@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import os
 import tempfile
-import time
 from collections.abc import Iterator
 
 import httpx
@@ -14,6 +13,7 @@ import pytest
 
 from servegraph.auth import client_headers
 from servegraph.local_ray import LocalCluster, local_cluster
+from servegraph.local_ray import wait_until_running as wait_until_running  # the tests' import
 from tests.otlp import OtlpReceiver
 
 SPANS_DIR = tempfile.mkdtemp(prefix="servegraph-test-spans-")
@@ -53,22 +53,6 @@ def model_servers(cluster: LocalCluster) -> LocalCluster:
     plan_platform([], CATALOG, all_servers=True).deploy()
     wait_until_running(["llm", "embedder", "classifier", "vector_index", "records"])
     return cluster
-
-
-def wait_until_running(apps: list[str], timeout_s: float = 600) -> None:
-    from ray import serve
-
-    deadline = time.monotonic() + timeout_s
-    while time.monotonic() < deadline:
-        status = serve.status().applications
-        states = {name: status[name].status if name in status else None for name in apps}
-        if all(s == "RUNNING" for s in states.values()):
-            return
-        failed = {n: status[n].message for n, s in states.items() if s == "DEPLOY_FAILED"}
-        if failed:
-            raise RuntimeError(f"deploy failed: {failed}")
-        time.sleep(1)
-    raise TimeoutError(f"applications not running after {timeout_s}s: {states}")
 
 
 @pytest.fixture(scope="session")

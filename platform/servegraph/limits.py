@@ -23,8 +23,10 @@ from __future__ import annotations
 import time
 from typing import Any
 
+from servegraph._actors import NAMESPACE, cluster_actor
+
 ACTOR_NAME = "servegraph-limiter"
-ACTOR_NAMESPACE = "servegraph"
+ACTOR_NAMESPACE = NAMESPACE
 
 
 class Limiter:
@@ -92,20 +94,7 @@ class Limiter:
 def shared_limiter() -> Any:
     """The cluster's one `Limiter`, as a detached actor (created by the first replica
     that needs it). Its methods return ObjectRefs, which the caller awaits."""
-    import ray
-
-    actor: Any = (
-        ray.remote(Limiter)
-        .options(
-            name=ACTOR_NAME,
-            namespace=ACTOR_NAMESPACE,
-            lifetime="detached",
-            get_if_exists=True,
-            num_cpus=0,
-            max_restarts=-1,
-        )
-        .remote()
-    )
+    actor: Any = cluster_actor(Limiter, ACTOR_NAME)
 
     class Remote:
         def admit(self, *args: Any) -> Any:

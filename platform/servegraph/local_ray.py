@@ -158,12 +158,41 @@ def _ingress_environment(ingress: str) -> Iterator[dict[str, str]]:
             }
             if "RAY_SERVE_DIRECT_INGRESS_MIN_DRAINING_PERIOD_S" not in os.environ:
                 env["RAY_SERVE_DIRECT_INGRESS_MIN_DRAINING_PERIOD_S"] = "5"
-        before = {name: os.environ.get(name) for name in env}
-        try:
-            _set_environment(env)
+        with environment(env):  # restored before the folder goes, as the stack unwinds
             yield {name: value for name, value in env.items() if value is not None}
-        finally:
-            _set_environment(before)  # then the folder goes, as the stack unwinds
+
+
+@contextmanager
+def environment(values: dict[str, str | None]) -> Iterator[None]:
+    """`values` in this process's environment (None unsets a variable), which a cluster
+    started meanwhile inherits; afterwards every variable named is as it was."""
+    before = {name: os.environ.get(name) for name in values}
+    try:
+        _set_environment(values)
+        yield
+    finally:
+        _set_environment(before)
+
+
+def wait_until_running(apps: list[str], timeout_s: float = 600) -> None:
+    """Wait, bounded, until every Serve application in `apps` is RUNNING; RuntimeError
+    naming any that failed to deploy, TimeoutError naming their states at the end."""
+    import time
+
+    from ray import serve
+
+    deadline = time.monotonic() + timeout_s
+    states: dict[str, Any] = {}
+    while time.monotonic() < deadline:
+        status = serve.status().applications
+        states = {name: status[name].status if name in status else None for name in apps}
+        if all(s == "RUNNING" for s in states.values()):
+            return
+        failed = {n: status[n].message for n, s in states.items() if s == "DEPLOY_FAILED"}
+        if failed:
+            raise RuntimeError(f"deploy failed: {failed}")
+        time.sleep(1)
+    raise TimeoutError(f"applications not running after {timeout_s}s: {states}")
 
 
 def _set_environment(values: dict[str, str | None]) -> None:

@@ -27,6 +27,24 @@ FAST_AUTOSCALING = {
 }
 
 
+def keep_calling(
+    base_url: str,
+    path: str,
+    body: dict,
+    stop: threading.Event,
+    answered: list[int] | None = None,
+    bound_s: float = 120,
+) -> None:
+    """POST `body` to `path` until `stop` is set (for at most `bound_s`, even if the
+    test fails), each answer's status into `answered`."""
+    with httpx.Client(headers=client_headers(), base_url=base_url, timeout=60) as client:
+        ends = time.monotonic() + bound_s
+        while not stop.is_set() and time.monotonic() < ends:
+            status = client.post(path, json=body).status_code
+            if answered is not None:
+                answered.append(status)
+
+
 def running_replicas(app: str, deployment: str) -> int:
     states = serve.status().applications[app].deployments[deployment].replica_states
     return int(states.get("RUNNING", 0))
@@ -43,15 +61,15 @@ def test_embedder_scales_out_under_load_and_back_in(model_servers: LocalCluster)
     wait_until_running(["embedder"])
     stop = threading.Event()
 
-    def load() -> None:
-        with httpx.Client(
-            headers=client_headers(), base_url=model_servers.base_url, timeout=60
-        ) as client:
-            deadline = time.monotonic() + 120  # bounded even if the test fails
-            while not stop.is_set() and time.monotonic() < deadline:
-                client.post("/embedder/embed", json={"texts": ["a support ticket"] * 32})
-
-    workers = [threading.Thread(target=load, daemon=True) for _ in range(12)]
+    body = {"texts": ["a support ticket"] * 32}
+    workers = [
+        threading.Thread(
+            target=keep_calling,
+            args=(model_servers.base_url, "/embedder/embed", body, stop),
+            daemon=True,
+        )
+        for _ in range(12)
+    ]
     classifier_counts, peak = [], 1
     try:
         for worker in workers:
@@ -174,16 +192,14 @@ def test_pipeline_arrivals_grow_every_server_they_call_in_one_decision(
         }[grown]
 
         stop, answered = threading.Event(), []
-
-        def call() -> None:
-            with httpx.Client(
-                headers=client_headers(), base_url=pipelines.base_url, timeout=60
-            ) as client:
-                ends = time.monotonic() + 300  # bounded even if the test fails
-                while not stop.is_set() and time.monotonic() < ends:
-                    answered.append(client.post(path, json=body).status_code)
-
-        streams = [threading.Thread(target=call, daemon=True) for _ in range(4)]
+        streams = [
+            threading.Thread(
+                target=keep_calling,
+                args=(pipelines.base_url, path, body, stop, answered, 300),
+                daemon=True,
+            )
+            for _ in range(4)
+        ]
         for stream in streams:
             stream.start()
         deadline = time.monotonic() + 240  # the window empties, then the delay

@@ -20,6 +20,7 @@ from collections import defaultdict
 from collections.abc import Callable, Iterable, Mapping
 from typing import Any
 
+from servegraph._actors import NAMESPACE, cluster_actor
 from servegraph.graph import Graph
 from servegraph.scaling.demand import (
     Arrivals,
@@ -31,7 +32,7 @@ from servegraph.scaling.demand import (
 )
 
 ACTOR_NAME = "servegraph-demand"
-ACTOR_NAMESPACE = "servegraph"
+ACTOR_NAMESPACE = NAMESPACE
 FLUSH_S = 0.25  # how often an ingress replica reports: a step reaches the board this soon
 
 _log = logging.getLogger("ray.serve")
@@ -88,20 +89,7 @@ class DemandBoard:
 
 def board_actor() -> Any:
     """The cluster's one `DemandBoard` (created by the first caller that needs it)."""
-    import ray
-
-    return (
-        ray.remote(DemandBoard)
-        .options(
-            name=ACTOR_NAME,
-            namespace=ACTOR_NAMESPACE,
-            lifetime="detached",
-            get_if_exists=True,
-            num_cpus=0,
-            max_restarts=-1,
-        )
-        .remote()
-    )
+    return cluster_actor(DemandBoard, ACTOR_NAME)
 
 
 class Reporter:

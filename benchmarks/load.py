@@ -38,17 +38,22 @@ class LoadResult:
     goodput_rps: float
     p50_ms: float
     p99_ms: float
+    # CPU-seconds this process spent while the load ran (the load generator's own cost,
+    # with whatever else the process did meanwhile, e.g. a Ray driver's threads): a figure
+    # whose client sat near a core's worth is the client's, not the platform's.
+    client_cpu_s: float = float("nan")
 
     def row(self) -> str:
         return (
             f"{self.target:44s} {self.rate_rps:6.1f} {self.throughput_rps:8.2f} "
-            f"{self.goodput_rps:8.2f} {self.p50_ms:9.0f} {self.p99_ms:9.0f}  {self.statuses}"
+            f"{self.goodput_rps:8.2f} {self.p50_ms:9.0f} {self.p99_ms:9.0f} "
+            f"{self.client_cpu_s:7.1f}  {self.statuses}"
         )
 
 
 HEADER = (
-    f"{'target':44s} {'rate':>6s} {'thru/s':>8s} {'good/s':>8s} {'p50 ms':>9s} {'p99 ms':>9s}"
-    "  statuses"
+    f"{'target':44s} {'rate':>6s} {'thru/s':>8s} {'good/s':>8s} {'p50 ms':>9s} {'p99 ms':>9s} "
+    f"{'cli CPU':>7s}  statuses"
 )
 
 
@@ -112,9 +117,9 @@ async def open_loop(
             if status == "200" and elapsed <= deadline_s:
                 good += 1
 
-        began = time.perf_counter()
+        began, cpu = time.perf_counter(), time.process_time()
         sent = await poisson(one, rate_rps=rate_rps, seconds=seconds, seed=seed)
-        elapsed = time.perf_counter() - began
+        elapsed, cpu = time.perf_counter() - began, time.process_time() - cpu
     answered = sum(n for s, n in statuses.items() if s.isdigit())
     return LoadResult(
         target=target or path,
@@ -126,6 +131,7 @@ async def open_loop(
         goodput_rps=good / elapsed,
         p50_ms=statistics.median(latencies) * 1000 if latencies else float("nan"),
         p99_ms=percentile(latencies, 0.99) * 1000,
+        client_cpu_s=cpu,
     )
 
 

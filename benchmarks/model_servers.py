@@ -19,6 +19,7 @@ from typing import Any
 import httpx
 
 from benchmarks import report
+from benchmarks.cpu import measured
 from benchmarks.report import Figure
 from deployments.classifier.model import TicketClassifier, trained_dir
 from deployments.embedder.model import SentenceEncoder
@@ -26,6 +27,7 @@ from deployments.llm.settings import LLMSettings
 from servegraph.auth import client_headers
 
 ITEMS = 640
+IDLE_WINDOW_S = 20.0
 LLM_REQUESTS, LLM_TOKENS = 32, 64
 TEXTS = [
     f"My order {10000 + i} has not arrived and tracking shows nothing, please help."
@@ -169,7 +171,17 @@ def on_serve() -> dict[str, float]:
                 after.median_since(before)
             )
             served[f"{name}_handle"] = asyncio.run(_handle_items(handle, method, request, 64))
-        served["llm"] = asyncio.run(_http_llm(cluster.base_url))
+        # Which processes spend the CPU the engine does not get (on 2 cores every other
+        # process's CPU comes out of the engine's): the platform at rest, then while the
+        # LLM generates. This process is the client.
+        with measured(clients={os.getpid()}) as idle:
+            time.sleep(IDLE_WINDOW_S)  # a window to measure, not a wait for a condition
+        with measured(clients={os.getpid()}) as generating:
+            served["llm"] = asyncio.run(_http_llm(cluster.base_url))
+        for title, window in (("at rest", idle[0]), ("LLM at 32 concurrent", generating[0])):
+            print(f"CPU by process, platform {title}, over {window.seconds:.0f} s:", flush=True)
+            for row in window.rows():
+                print(f"  {row}", flush=True)
         return served
 
 

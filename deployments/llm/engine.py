@@ -8,7 +8,8 @@
   (`LLMClient`, which sends no raw HTTP request) gets its charge as one more item after
   the engine's last one;
 - a call's allowance (what its request's budget had left, `servegraph.cost.allowance`):
-  the generation stops when the call's charge reaches it, and the charge item says so.
+  the generation stops when the call's charge reaches it, and the charge item says so;
+- the engine's CPU priority (`LLMSettings.cpu_nice`, `lower_cpu_priority`).
 
 Same class name, so the deployment keeps its name (`LLMServer:<model>`), which
 dashboards and alerts use.
@@ -16,17 +17,36 @@ dashboards and alerts use.
 
 from __future__ import annotations
 
+import os
 from collections.abc import AsyncIterator
 from typing import Any
 
 from ray.serve.llm.deployment import LLMServer as RayLLMServer
 
 from deployments.llm.client import STOPPED
+from deployments.llm.settings import LLMSettings
 from servegraph.server import CHARGE_ITEM, Meter, SameModel, prices, replica_resources
+
+
+def lower_cpu_priority(nice: int) -> int:
+    """Run this thread, and every process and thread it starts from now on, at CPU
+    priority `nice` (raised only: an unprivileged process cannot lower it again); return
+    the priority in force.
+
+    By hand because neither Ray nor vLLM offers it: Ray schedules by logical resources
+    and leaves the OS's priorities alone. On Linux a priority is a thread's, and new
+    threads and processes inherit their creator's: set on the thread that builds the
+    engine, it reaches vLLM's engine process and its compute threads, where the LLM's
+    CPU goes, while the replica's other threads keep theirs."""
+    current = os.getpriority(os.PRIO_PROCESS, 0)
+    if nice > current:
+        os.setpriority(os.PRIO_PROCESS, 0, nice)
+    return os.getpriority(os.PRIO_PROCESS, 0)
 
 
 class LLMServer(RayLLMServer):
     async def __init__(self, llm_config: Any, **kwargs: Any) -> None:  # type: ignore[misc]  # Serve awaits an async constructor, as ray.serve.llm's own
+        lower_cpu_priority(LLMSettings().cpu_nice)  # before the engine's process starts
         await super().__init__(llm_config, **kwargs)
         self._same_model = SameModel(llm_config.model_loading_config.model_source)
         self._meter = Meter(replica_resources())

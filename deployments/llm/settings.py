@@ -26,6 +26,17 @@ class LLMSettings(BaseSettings):
     )
     enforce_eager: bool = Field(True, description="Skip torch.compile (a 60 s start).")
     kv_cache_gib: int = Field(2, description="VLLM_CPU_KVCACHE_SPACE on CPU.")
+    cpu_nice: int = Field(
+        10,
+        ge=0,
+        le=19,
+        description=(
+            "The engine's CPU priority (Unix nice, 0-19; 0: the same as every other "
+            "process). The LLM's work is throughput work; the encoders' is latency work. "
+            "Where they share cores (a CPU machine, or a GPU node's host cores), the "
+            "kernel runs an encoder's forward pass first and the engine takes what is left."
+        ),
+    )
     engine_device: Literal["profile", "cpu"] = Field(
         "profile",
         description=(

@@ -3,13 +3,16 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import os
 from collections.abc import Awaitable, Callable
+from pathlib import Path
 
 import httpx
 import numpy as np
 import openai
+import psutil
 import pytest
 from ray import serve
 
@@ -62,6 +65,39 @@ def test_llm_streams_tokens(model_servers: LocalCluster) -> None:
         c.choices[0].delta.content for c in stream if c.choices and c.choices[0].delta.content
     ]
     assert len(pieces) > 3 and "Paris" in "".join(pieces)
+
+
+def _thread_nice(pid: int) -> dict[int, int]:
+    """Each thread's nice value (field 19 of /proc/PID/task/TID/stat; a thread's name,
+    field 2, is in parentheses and may hold spaces)."""
+    out = {}
+    for task in Path(f"/proc/{pid}/task").iterdir():
+        with contextlib.suppress(FileNotFoundError):
+            fields = task.joinpath("stat").read_text().rsplit(")", 1)[1].split()
+            out[int(task.name)] = int(fields[16])
+    return out
+
+
+def test_the_llm_engine_runs_below_the_encoders_cpu_priority(model_servers: LocalCluster) -> None:
+    """vLLM's processes and every one of their threads run at `cpu_nice` (10), so
+    where they share cores an encoder's forward pass goes first; the encoders' replicas
+    keep the default priority."""
+    from deployments.llm.settings import LLMSettings
+
+    engines, encoders = [], []
+    for proc in psutil.process_iter(["pid", "cmdline"]):
+        cmdline = " ".join(proc.info["cmdline"] or [])
+        if "EngineCore" in cmdline or "VLLM::" in cmdline:  # the engine and its workers
+            engines.append(proc.info["pid"])
+        elif "ServeReplica:embedder:Embedder" in cmdline or "ServeReplica:classifier:" in cmdline:
+            encoders.append(proc.info["pid"])
+    assert engines and encoders, (engines, encoders)
+    wanted = LLMSettings().cpu_nice
+    for pid in engines:
+        threads = _thread_nice(pid)
+        assert threads and set(threads.values()) == {wanted}, threads
+    for pid in encoders:
+        assert psutil.Process(pid).nice() == 0
 
 
 def test_llm_rejects_a_prompt_longer_than_the_context(http: httpx.Client) -> None:

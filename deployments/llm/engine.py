@@ -9,7 +9,8 @@
   the engine's last one;
 - a call's allowance (what its request's budget had left, `servegraph.cost.allowance`):
   the generation stops when the call's charge reaches it, and the charge item says so;
-- the engine's CPU priority (`LLMSettings.cpu_nice`, `lower_cpu_priority`).
+- the engine's CPU priority, below the other replicas' (`LLMSettings.cpu_nice_offset`,
+  `lower_cpu_priority`).
 
 Same class name, so the deployment keeps its name (`LLMServer:<model>`), which
 dashboards and alerts use.
@@ -28,25 +29,24 @@ from deployments.llm.settings import LLMSettings
 from servegraph.server import CHARGE_ITEM, Meter, SameModel, prices, replica_resources
 
 
-def lower_cpu_priority(nice: int) -> int:
-    """Run this thread, and every process and thread it starts from now on, at CPU
-    priority `nice` (raised only: an unprivileged process cannot lower it again); return
-    the priority in force.
+def lower_cpu_priority(offset: int) -> int:
+    """Run this thread, and every process and thread it starts from now on, `offset`
+    lower in CPU priority (Unix nice, capped at 19); return the priority in force.
 
-    By hand because neither Ray nor vLLM offers it: Ray schedules by logical resources
-    and leaves the OS's priorities alone. On Linux a priority is a thread's, and new
-    threads and processes inherit their creator's: set on the thread that builds the
-    engine, it reaches vLLM's engine process and its compute threads, where the LLM's
-    CPU goes, while the replica's other threads keep theirs."""
+    By hand because neither Ray nor vLLM offers it per deployment: Ray starts every
+    worker at one niceness (`worker_niceness`, 15) and leaves the rest to the OS. On
+    Linux a priority is a thread's, and new threads and processes inherit their
+    creator's: set on the thread that builds the engine, it reaches vLLM's engine
+    process and its compute threads, where the LLM's CPU goes, while the replica's other
+    threads keep theirs. An unprivileged process can never raise it back."""
     current = os.getpriority(os.PRIO_PROCESS, 0)
-    if nice > current:
-        os.setpriority(os.PRIO_PROCESS, 0, nice)
+    os.setpriority(os.PRIO_PROCESS, 0, min(current + max(offset, 0), 19))
     return os.getpriority(os.PRIO_PROCESS, 0)
 
 
 class LLMServer(RayLLMServer):
     async def __init__(self, llm_config: Any, **kwargs: Any) -> None:  # type: ignore[misc]  # Serve awaits an async constructor, as ray.serve.llm's own
-        lower_cpu_priority(LLMSettings().cpu_nice)  # before the engine's process starts
+        lower_cpu_priority(LLMSettings().cpu_nice_offset)  # before the engine's processes start
         await super().__init__(llm_config, **kwargs)
         self._same_model = SameModel(llm_config.model_loading_config.model_source)
         self._meter = Meter(replica_resources())

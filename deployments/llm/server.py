@@ -107,7 +107,7 @@ def llm_config(settings: LLMSettings | None = None, overrides: dict[str, Any] | 
         runtime_env={
             "env_vars": {
                 "VLLM_CPU_KVCACHE_SPACE": str(settings.kv_cache_gib),
-                "SERVEGRAPH_LLM_CPU_NICE": str(settings.cpu_nice),
+                "SERVEGRAPH_LLM_CPU_NICE_OFFSET": str(settings.cpu_nice_offset),
                 "HF_HUB_OFFLINE": "1",
                 "TRANSFORMERS_OFFLINE": "1",
                 **expected_model_env(settings.path),

@@ -26,15 +26,17 @@ class LLMSettings(BaseSettings):
     )
     enforce_eager: bool = Field(True, description="Skip torch.compile (a 60 s start).")
     kv_cache_gib: int = Field(2, description="VLLM_CPU_KVCACHE_SPACE on CPU.")
-    cpu_nice: int = Field(
-        10,
+    cpu_nice_offset: int = Field(
+        4,
         ge=0,
         le=19,
         description=(
-            "The engine's CPU priority (Unix nice, 0-19; 0: the same as every other "
-            "process). The LLM's work is throughput work; the encoders' is latency work. "
-            "Where they share cores (a CPU machine, or a GPU node's host cores), the "
-            "kernel runs an encoder's forward pass first and the engine takes what is left."
+            "How far below its replica's CPU priority the engine runs (Unix nice, capped "
+            "at 19; 0: the same). The LLM's work is throughput work; the encoders' is "
+            "latency work. Where they share cores (a CPU machine, or a GPU node's host "
+            "cores), the kernel runs an encoder's forward pass first and the engine takes "
+            "what is left. Ray starts its workers at nice 15 (its own control plane stays "
+            "at 0), so the engine runs at 19 by default."
         ),
     )
     engine_device: Literal["profile", "cpu"] = Field(

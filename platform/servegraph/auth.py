@@ -182,6 +182,9 @@ class KeyStore:
     def __init__(self, path: Path, cache_s: float = 2.0) -> None:
         self.path = Path(path)
         self.cache_s = cache_s
+        # The files `_version` stats on every request, as strings (`os.stat` on a str
+        # skips pathlib's per-call conversion).
+        self._watched = (str(self.path), str(self.path) + "-wal")
         self._lock = threading.Lock()
         self._loaded_at = -1e9
         self._records: dict[str, tuple[str, Caller]] = {}  # key id -> (secret hash, caller)
@@ -263,9 +266,9 @@ class KeyStore:
         """What changes when any process commits to the store: the database and its
         write-ahead log's modification times and sizes (one `stat` each, microseconds)."""
         stats = []
-        for path in (self.path, self.path.with_name(self.path.name + "-wal")):
+        for path in self._watched:
             try:
-                st = path.stat()
+                st = os.stat(path)
                 stats.append((st.st_mtime_ns, st.st_size))
             except FileNotFoundError:
                 stats.append((0, 0))
@@ -397,11 +400,27 @@ class Guard:
             self._usage = KeyUsageMetrics.create()
         return self._usage
 
-    async def check(self, key: str | None, scope: str | None, *, llm: bool = False) -> Caller:
+    async def check(
+        self,
+        key: str | None,
+        scope: str | None,
+        *,
+        llm: bool = False,
+        verified: tuple[str | None, Caller] | None = None,
+    ) -> Caller:
         """The caller, if its key (None: none was sent) is valid, has `scope` (None: any
         key will do) and is within its limits (for a request that will use the LLM,
-        `llm`: its token budget too); else AuthError."""
-        caller = self.authenticate(key, scope)
+        `llm`: its token budget too); else AuthError. `verified`: the key and caller
+        `KeyBeforeBody` found for this request, used when it is the same key and allows
+        `scope` (one look-up per request, not two)."""
+        if (
+            verified is not None
+            and verified[0] == key
+            and (scope is None or verified[1].allows(scope))
+        ):
+            caller = verified[1]
+        else:
+            caller = self.authenticate(key, scope)
         if caller.limited:
             wait_s = await self._limit(
                 "admit", caller.name, caller.requests_per_s, caller.tokens_per_min if llm else None
@@ -518,7 +537,10 @@ def require(scope: str | None, *, llm: bool = False, http_exception: bool = Fals
     ) -> Caller:
         try:
             caller = await Guard.here().check(
-                credentials.credentials if credentials else None, scope, llm=llm
+                credentials.credentials if credentials else None,
+                scope,
+                llm=llm,
+                verified=getattr(request.state, _VERIFIED, None),
             )
         except AuthError as exc:
             if not http_exception:
@@ -533,6 +555,9 @@ def require(scope: str | None, *, llm: bool = False, http_exception: bool = Fals
 
 
 _REQUIRES = "servegraph_requires"  # on a `require` dependency: (its scope, http_exception)
+# On a request's state (the ASGI scope's "state", which Starlette's `request.state`
+# reads): the key and caller `KeyBeforeBody` verified, for `require` to reuse.
+_VERIFIED = "servegraph_verified"
 
 
 class KeyBeforeBody:
@@ -565,11 +590,12 @@ class KeyBeforeBody:
                 key = _bearer_key(scope)
                 for needed, http_exception in requires:
                     try:
-                        Guard.here().authenticate(key, needed)
+                        caller = Guard.here().authenticate(key, needed)
                     except AuthError as exc:
                         body = {"detail": exc.body()} if http_exception else exc.body()
                         await _answer(send, exc.status, body, exc.headers)
                         return
+                scope.setdefault("state", {})[_VERIFIED] = (key, caller)
         await self.app(scope, receive, send)
 
     def _route_requires(self, scope: dict[str, Any]) -> list[tuple[str | None, bool]]:

@@ -10,7 +10,7 @@
 - a call's allowance (what its request's budget had left, `servegraph.cost.allowance`):
   the generation stops when the call's charge reaches it, and the charge item says so;
 - the engine's CPU priority, below the other replicas' (`LLMSettings.cpu_nice_offset`,
-  `lower_cpu_priority`).
+  `lower_engine_priority`).
 
 Same class name, so the deployment keeps its name (`LLMServer:<model>`), which
 dashboards and alerts use.
@@ -18,6 +18,7 @@ dashboards and alerts use.
 
 from __future__ import annotations
 
+import contextlib
 import os
 from collections.abc import AsyncIterator
 from typing import Any
@@ -29,25 +30,36 @@ from deployments.llm.settings import LLMSettings
 from servegraph.server import CHARGE_ITEM, Meter, SameModel, prices, replica_resources
 
 
-def lower_cpu_priority(offset: int) -> int:
-    """Run this thread, and every process and thread it starts from now on, `offset`
-    lower in CPU priority (Unix nice, capped at 19); return the priority in force.
+def lower_engine_priority(offset: int) -> list[int]:
+    """Run every process this one started (vLLM's engine and its workers), each of
+    their threads, `offset` lower in CPU priority than this process (Unix nice, capped
+    at 19); this process's own threads keep theirs. The processes' pids.
 
     By hand because neither Ray nor vLLM offers it per deployment: Ray starts every
     worker at one niceness (`worker_niceness`, 15) and leaves the rest to the OS. On
-    Linux a priority is a thread's, and new threads and processes inherit their
-    creator's: set on the thread that builds the engine, it reaches vLLM's engine
-    process and its compute threads, where the LLM's CPU goes, while the replica's other
-    threads keep theirs. An unprivileged process can never raise it back."""
-    current = os.getpriority(os.PRIO_PROCESS, 0)
-    os.setpriority(os.PRIO_PROCESS, 0, min(current + max(offset, 0), 19))
-    return os.getpriority(os.PRIO_PROCESS, 0)
+    Linux a priority is a thread's, so each thread of each process is set, and the
+    threads and processes they start later inherit it. Called once the engine runs,
+    not before: the replica's own thread that builds the engine is its event loop too
+    (`RAY_SERVE_RUN_USER_CODE_IN_SEPARATE_THREAD=0`), which answers every request."""
+    import psutil
+
+    wanted = min(os.getpriority(os.PRIO_PROCESS, 0) + max(offset, 0), 19)
+    lowered = []
+    for child in psutil.Process().children(recursive=True):
+        try:
+            for thread in child.threads():
+                with contextlib.suppress(ProcessLookupError):  # a thread that ended
+                    os.setpriority(os.PRIO_PROCESS, thread.id, wanted)
+            lowered.append(child.pid)
+        except psutil.NoSuchProcess:
+            continue
+    return lowered
 
 
 class LLMServer(RayLLMServer):
     async def __init__(self, llm_config: Any, **kwargs: Any) -> None:  # type: ignore[misc]  # Serve awaits an async constructor, as ray.serve.llm's own
-        lower_cpu_priority(LLMSettings().cpu_nice_offset)  # before the engine's processes start
         await super().__init__(llm_config, **kwargs)
+        lower_engine_priority(LLMSettings().cpu_nice_offset)  # the engine runs now
         self._same_model = SameModel(llm_config.model_loading_config.model_source)
         self._meter = Meter(replica_resources())
 

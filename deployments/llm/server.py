@@ -97,6 +97,8 @@ def llm_config(settings: LLMSettings | None = None, overrides: dict[str, Any] | 
         # The GPU share is the placement group's, so Ray places the engine on a GPU node
         # whichever device the engine then runs on (a CPU engine keeps the same ask).
         extra["placement_group_config"] = {"bundles": [{"GPU": GPU_FRACTION, "CPU": 1}]}
+    # A GPU engine's CPU work is its scheduler, which keeps the GPU fed: not lowered.
+    nice_offset = 0 if gpu_engine else settings.cpu_nice_offset
     from deployments.llm.engine import LLMServer
 
     return LLMConfig(
@@ -107,7 +109,7 @@ def llm_config(settings: LLMSettings | None = None, overrides: dict[str, Any] | 
         runtime_env={
             "env_vars": {
                 "VLLM_CPU_KVCACHE_SPACE": str(settings.kv_cache_gib),
-                "SERVEGRAPH_LLM_CPU_NICE_OFFSET": str(settings.cpu_nice_offset),
+                "SERVEGRAPH_LLM_CPU_NICE_OFFSET": str(nice_offset),
                 "HF_HUB_OFFLINE": "1",
                 "TRANSFORMERS_OFFLINE": "1",
                 **expected_model_env(settings.path),

@@ -31,12 +31,12 @@ class LLMSettings(BaseSettings):
         ge=0,
         le=19,
         description=(
-            "How far below its replica's CPU priority the engine runs (Unix nice, capped "
-            "at 19; 0: the same). The LLM's work is throughput work; the encoders' is "
-            "latency work. Where they share cores (a CPU machine, or a GPU node's host "
-            "cores), the kernel runs an encoder's forward pass first and the engine takes "
-            "what is left. Ray starts its workers at nice 15 (its own control plane stays "
-            "at 0), so the engine runs at 19 by default."
+            "How far below its replica's CPU priority a CPU engine runs (Unix nice, "
+            "capped at 19; 0: the same; a GPU engine keeps its replica's). The LLM's work "
+            "is throughput work; the encoders' is latency work. Where they share cores, "
+            "the kernel runs an encoder's forward pass first and the engine takes what is "
+            "left. Ray starts its workers at nice 15 (its own control plane stays at 0), "
+            "so the engine runs at 19 by default."
         ),
     )
     engine_device: Literal["profile", "cpu"] = Field(

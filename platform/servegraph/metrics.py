@@ -5,12 +5,15 @@ the Ray dashboard and on Ray's Prometheus endpoint (names gain a ``ray_`` prefix
 from __future__ import annotations
 
 import asyncio
+import logging
 import re
 import threading
 from typing import Any
 
 from servegraph.cost import prices
 from servegraph.runtime import NodeRecord
+
+logger = logging.getLogger("ray.serve")
 
 # _TAGS: Ray annotates `tag_keys` as Tuple[str], a 1-tuple; it takes any number.
 _LATENCY_MS = [1.0, 2, 5, 10, 25, 50, 100, 250, 500, 1000, 2500, 5000, 10000, 30000, 60000]
@@ -39,6 +42,8 @@ class Coalesced:
         return _CoalescedCounter(counter, self)
 
     def add(self, counter: Any, value: float, tags: dict[str, str] | None) -> None:
+        if not value > 0:  # Ray's counters refuse them; summed, one would cost the others
+            return
         series = (counter, tuple(sorted(tags.items())) if tags else ())
         with self._lock:
             self._pending[series] = self._pending.get(series, 0.0) + value
@@ -54,7 +59,10 @@ class Coalesced:
         with self._lock:
             pending, self._pending, self._scheduled = self._pending, {}, False
         for (counter, tags), value in pending.items():
-            counter.inc(value, tags=dict(tags) or None)
+            try:
+                counter.inc(value, tags=dict(tags) or None)
+            except Exception:  # one series refused (a tag Ray rejects): not the others
+                logger.exception("a coalesced metric was refused; its count is dropped")
 
 
 class _CoalescedCounter:

@@ -1,30 +1,48 @@
-"""The LLM engine's CPU priority (`deployments.llm.engine.lower_cpu_priority`): set on
-the thread that builds the engine, `offset` below its priority, it reaches the processes
-that thread starts, stops at 19, and leaves the process's other threads alone. Run in
-a thread of its own, since a priority once lowered cannot be raised again."""
+"""The LLM engine's CPU priority (`deployments.llm.engine.lower_engine_priority`): every
+process the replica started, each of their threads, runs `offset` below the replica
+(capped at 19), and the replica's own threads keep theirs. A child process stands in for
+vLLM's engine; Linux only (a priority is a thread's there)."""
 
 from __future__ import annotations
 
 import os
 import subprocess
 import sys
-import threading
+from pathlib import Path
 
-from deployments.llm.engine import lower_cpu_priority
+import pytest
+
+from deployments.llm.engine import lower_engine_priority
+
+pytestmark = pytest.mark.skipif(sys.platform != "linux", reason="per-thread priorities")
+
+ENGINE = """
+import threading, time
+threading.Thread(target=time.sleep, args=(60,), daemon=True).start()
+print("ready", flush=True)
+time.sleep(60)
+"""
 
 
-def test_the_priority_reaches_the_engines_process_and_stops_at_19() -> None:
+def nice_of_threads(pid: int) -> set[int]:
+    """Each thread's nice value (field 19 of /proc/PID/task/TID/stat; the name, field 2,
+    is in parentheses and may hold spaces)."""
+    return {
+        int(task.joinpath("stat").read_text().rsplit(")", 1)[1].split()[16])
+        for task in Path(f"/proc/{pid}/task").iterdir()
+    }
+
+
+def test_the_engines_processes_run_below_the_replica_and_the_replica_keeps_its_own() -> None:
     base = os.getpriority(os.PRIO_PROCESS, 0)
-    seen: dict[str, int] = {}
-
-    def build_engine() -> None:
-        seen["set"] = lower_cpu_priority(3)
-        seen["capped"] = lower_cpu_priority(40)
-        child = [sys.executable, "-c", "import os; print(os.getpriority(os.PRIO_PROCESS, 0))"]
-        seen["child"] = int(subprocess.run(child, capture_output=True, text=True).stdout)
-
-    thread = threading.Thread(target=build_engine)
-    thread.start()
-    thread.join()
-    assert seen == {"set": base + 3, "capped": 19, "child": 19}
-    assert os.getpriority(os.PRIO_PROCESS, 0) == base  # this thread: untouched
+    engine = subprocess.Popen([sys.executable, "-c", ENGINE], stdout=subprocess.PIPE, text=True)
+    try:
+        assert engine.stdout is not None and engine.stdout.readline() == "ready\n"
+        assert len(list(Path(f"/proc/{engine.pid}/task").iterdir())) == 2  # and its thread
+        assert engine.pid in lower_engine_priority(3)
+        assert nice_of_threads(engine.pid) == {min(base + 3, 19)}
+        assert lower_engine_priority(40) and nice_of_threads(engine.pid) == {19}
+        assert nice_of_threads(os.getpid()) == {base}  # the replica's threads: untouched
+    finally:
+        engine.kill()
+        engine.wait()

@@ -78,26 +78,29 @@ def _thread_nice(pid: int) -> dict[int, int]:
     return out
 
 
-def test_the_llm_engine_runs_below_the_encoders_cpu_priority(model_servers: LocalCluster) -> None:
-    """vLLM's processes and every one of their threads run `cpu_nice_offset` (4) below
-    the other replicas' priority (Ray's workers': nice 15), so where they share cores
+def test_the_llm_engine_runs_below_its_replicas_cpu_priority(model_servers: LocalCluster) -> None:
+    """The processes the LLM's replica started (vLLM's engine and its workers), every
+    thread of them, run `cpu_nice_offset` (4) below the replica, which answers requests
+    at Ray's workers' priority (nice 15) like the encoders, so where they share cores
     an encoder's forward pass goes first."""
     from deployments.llm.settings import LLMSettings
 
-    engines, encoders = [], []
-    for proc in psutil.process_iter(["pid", "cmdline"]):
-        cmdline = " ".join(proc.info["cmdline"] or [])
-        if "EngineCore" in cmdline or "VLLM::" in cmdline:  # the engine and its workers
-            engines.append(proc.info["pid"])
-        elif "ServeReplica:embedder:Embedder" in cmdline or "ServeReplica:classifier:" in cmdline:
-            encoders.append(proc.info["pid"])
-    assert engines and encoders, (engines, encoders)
-    (workers,) = {psutil.Process(pid).nice() for pid in encoders}
-    wanted = min(workers + LLMSettings().cpu_nice_offset, 19)
-    assert wanted > workers
-    for pid in engines:
-        threads = _thread_nice(pid)
-        assert threads and set(threads.values()) == {wanted}, threads
+    replicas = [
+        proc
+        for proc in psutil.process_iter(["cmdline"])
+        if "ServeReplica:llm:LLMServer" in " ".join(proc.info["cmdline"] or [])
+    ]
+    assert replicas, "no LLM replica process"
+    for replica in replicas:
+        own = _thread_nice(replica.pid)
+        (replica_nice,) = set(own.values())  # the replica's threads: all at one priority
+        engine = replica.children(recursive=True)
+        assert any("EngineCore" in " ".join(p.cmdline()) for p in engine), engine
+        wanted = min(replica_nice + LLMSettings().cpu_nice_offset, 19)
+        assert wanted > replica_nice
+        for process in engine:
+            threads = _thread_nice(process.pid)
+            assert threads and set(threads.values()) == {wanted}, (process, threads)
 
 
 def test_llm_rejects_a_prompt_longer_than_the_context(http: httpx.Client) -> None:

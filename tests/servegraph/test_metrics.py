@@ -57,3 +57,19 @@ def test_without_an_event_loop_each_increment_is_handed_on_at_once() -> None:
     coalesced.inc(2.0, tags={"pipeline": "rag"})
     coalesced.inc()
     assert counter.calls == [(2.0, {"pipeline": "rag"}), (1.0, None)]
+
+
+class Refusing(Counter):
+    def inc(self, value: float = 1.0, tags: dict[str, str] | None = None) -> None:
+        raise ValueError("a tag Ray rejects")
+
+
+async def test_a_refused_series_costs_no_other_and_nothing_is_zero() -> None:
+    coalesced = Coalesced(every_s=0.01)
+    good, bad = Counter(), Refusing()
+    coalesced.counter(bad).inc(tags={"x": "y"})
+    coalesced.counter(good).inc(0.0)  # Ray's counters refuse a zero: never handed on
+    coalesced.counter(good).inc(float("nan"))
+    coalesced.counter(good).inc(2.0)
+    await until(lambda: good.calls)
+    assert good.calls == [(2.0, None)]

@@ -43,7 +43,9 @@ def lower_engine_priority(offset: int) -> list[int]:
     (`RAY_SERVE_RUN_USER_CODE_IN_SEPARATE_THREAD=0`), which answers every request."""
     import psutil
 
-    wanted = min(os.getpriority(os.PRIO_PROCESS, 0) + max(offset, 0), 19)
+    # This process's priority is its main thread's (tid = pid): the one `ps` shows, and
+    # Ray's `worker_niceness`; threads its core started earlier may differ.
+    wanted = min(os.getpriority(os.PRIO_PROCESS, os.getpid()) + max(offset, 0), 19)
     lowered = []
     for child in psutil.Process().children(recursive=True):
         try:

@@ -5,7 +5,6 @@ figure comes with the process that saturated first and the load generator's own 
 
 from __future__ import annotations
 
-import os
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
@@ -25,26 +24,6 @@ def snapshot() -> Snapshot:
         except (psutil.NoSuchProcess, psutil.AccessDenied):
             continue
     return taken
-
-
-def level_with_the_platform() -> int:
-    """Run this thread, a load generator's, at the CPU priority of the Ray workers it
-    measures (Ray starts them at nice 15; a driver stays at 0), so that on a small
-    machine the client does not take the CPU ahead of the platform it is timing; the
-    priority now in force. It cannot be undone: call it after any phase measured on
-    the raw model or the monolith, which run at the client's own priority."""
-    worker = None
-    for proc in psutil.process_iter(["cmdline"]):
-        if "ServeController" in " ".join(proc.info["cmdline"] or []):
-            try:
-                worker = proc.nice()
-                break
-            except (psutil.NoSuchProcess, psutil.AccessDenied):
-                continue
-    current = os.getpriority(os.PRIO_PROCESS, 0)
-    if worker is not None and worker > current:
-        os.setpriority(os.PRIO_PROCESS, 0, worker)
-    return os.getpriority(os.PRIO_PROCESS, 0)
 
 
 def platform_role(cmdline: str) -> str | None:

@@ -19,7 +19,7 @@ from typing import Any
 import httpx
 
 from benchmarks import report
-from benchmarks.cpu import level_with_the_platform, measured
+from benchmarks.cpu import measured
 from benchmarks.report import Figure
 from deployments.classifier.model import TicketClassifier, trained_dir
 from deployments.embedder.model import SentenceEncoder
@@ -154,7 +154,6 @@ def on_serve() -> dict[str, float]:
         while serve.status().applications["llm"].status != "RUNNING":
             time.sleep(1)
         deploy_s = time.perf_counter() - started
-        print(f"client at nice {level_with_the_platform()}, as the platform's workers", flush=True)
         served: dict[str, float] = {"deploy_all_s": deploy_s}
         from deployments.classifier.contract import ClassifyRequest
         from deployments.embedder.contract import EmbedOneRequest

@@ -28,7 +28,6 @@ from pathlib import Path
 import httpx
 
 from benchmarks import report
-from benchmarks.cpu import level_with_the_platform
 from benchmarks.load import HEADER, LoadResult, open_loop
 from benchmarks.pipelines import QUESTIONS
 from benchmarks.report import Figure
@@ -222,7 +221,6 @@ def on_platform(documents: list[Document]) -> dict[str, object]:
     from benchmarks.platform_up import serving_everything
 
     with serving_everything(dashboard=False) as cluster:
-        print(f"client at nice {level_with_the_platform()}, as the platform's workers", flush=True)
         base = cluster.base_url
         httpx.post(
             f"{base}/pipelines/rag", json=rag_body(0), timeout=120, headers=client_headers()

@@ -96,15 +96,19 @@ def test_embedder_scales_out_under_load_and_back_in(model_servers: LocalCluster)
     wait_until_running(["embedder"])
 
 
-def target_replicas(app: str, deployment: str) -> int:
-    """The replicas Serve's controller is aiming for (`serve.status()` shows only the
-    running ones; the controller's details have the target)."""
+def target_replicas(*deployments: tuple[str, str]) -> tuple[int, ...]:
+    """The replicas Serve's controller is aiming for, for each (app, deployment), all
+    from one snapshot of the controller's details (`serve.status()` shows only the
+    running ones): two reads could fall either side of one decision."""
     from ray.serve.context import _get_global_client
 
     client = _get_global_client()
     assert client is not None, "not connected to Serve"
-    details = client.get_serve_details()
-    return int(details["applications"][app]["deployments"][deployment]["target_num_replicas"])
+    apps = client.get_serve_details()["applications"]
+    return tuple(
+        int(apps[app]["deployments"][deployment]["target_num_replicas"])
+        for app, deployment in deployments
+    )
 
 
 def test_pipeline_arrivals_grow_every_server_they_call_in_one_decision(
@@ -140,7 +144,7 @@ def test_pipeline_arrivals_grow_every_server_they_call_in_one_decision(
     wait_until_running(list(servers))
 
     def targets() -> tuple[int, ...]:
-        return tuple(target_replicas(app, d) for app, (d, _) in servers.items())
+        return target_replicas(*((app, d) for app, (d, _) in servers.items()))
 
     def running() -> tuple[int, ...]:
         return tuple(running_replicas(app, d) for app, (d, _) in servers.items())

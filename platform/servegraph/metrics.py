@@ -83,10 +83,12 @@ class PipelineMetrics:
         from ray.serve import metrics
 
         coalesced = Coalesced()
-        self.requests = metrics.Counter(
-            "servegraph_pipeline_requests",
-            description="Pipeline requests by outcome.",
-            tag_keys=("pipeline", "status"),  # type: ignore[arg-type]  # see _TAGS
+        self.requests = coalesced.counter(
+            metrics.Counter(
+                "servegraph_pipeline_requests",
+                description="Pipeline requests by outcome.",
+                tag_keys=("pipeline", "status"),  # type: ignore[arg-type]  # see _TAGS
+            )
         )
         self.latency = metrics.Histogram(
             "servegraph_pipeline_latency_ms",
@@ -100,33 +102,41 @@ class PipelineMetrics:
             boundaries=_LATENCY_MS,
             tag_keys=("pipeline", "node", "kind"),  # type: ignore[arg-type]
         )
-        self.node_errors = metrics.Counter(
-            "servegraph_node_errors",
-            description="Failed node attempts.",
-            tag_keys=("pipeline", "node"),  # type: ignore[arg-type]
+        self.node_errors = coalesced.counter(
+            metrics.Counter(
+                "servegraph_node_errors",
+                description="Failed node attempts.",
+                tag_keys=("pipeline", "node"),  # type: ignore[arg-type]
+            )
         )
-        self.llm_tokens = metrics.Counter(
-            "servegraph_llm_tokens",
-            description="LLM tokens; rate() gives tokens/s.",
-            tag_keys=("pipeline", "direction"),  # type: ignore[arg-type]
+        self.llm_tokens = coalesced.counter(
+            metrics.Counter(
+                "servegraph_llm_tokens",
+                description="LLM tokens; rate() gives tokens/s.",
+                tag_keys=("pipeline", "direction"),  # type: ignore[arg-type]
+            )
         )
-        self.resource_seconds = metrics.Counter(
-            "servegraph_node_resource_seconds",
-            description="Model-server resource-seconds charged to requests (servegraph.cost).",
-            tag_keys=("pipeline", "node", "resource"),  # type: ignore[arg-type]
+        self.resource_seconds = coalesced.counter(
+            metrics.Counter(
+                "servegraph_node_resource_seconds",
+                description="Model-server resource-seconds charged to requests (servegraph.cost).",
+                tag_keys=("pipeline", "node", "resource"),  # type: ignore[arg-type]
+            )
         )
-        self.usd = metrics.Counter(
-            "servegraph_node_cost_usd",
-            description="What the charged resource-seconds cost, by the price table.",
-            tag_keys=("pipeline", "node"),  # type: ignore[arg-type]
+        self.usd = coalesced.counter(
+            metrics.Counter(
+                "servegraph_node_cost_usd",
+                description="What the charged resource-seconds cost, by the price table.",
+                tag_keys=("pipeline", "node"),  # type: ignore[arg-type]
+            )
         )
-        self.joules = metrics.Counter(
-            "servegraph_node_energy_joules",
-            description="The charged resource-seconds' energy, by the power table.",
-            tag_keys=("pipeline", "node"),  # type: ignore[arg-type]
+        self.joules = coalesced.counter(
+            metrics.Counter(
+                "servegraph_node_energy_joules",
+                description="The charged resource-seconds' energy, by the power table.",
+                tag_keys=("pipeline", "node"),  # type: ignore[arg-type]
+            )
         )
-        for name in ("requests", "node_errors", "llm_tokens", "resource_seconds", "usd", "joules"):
-            setattr(self, name, coalesced.counter(getattr(self, name)))
         self.prices = prices()
 
     def record(
@@ -196,24 +206,28 @@ class KeyUsageMetrics:
     def __init__(self) -> None:
         from ray.serve import metrics
 
-        self.requests = metrics.Counter(
-            "servegraph_key_requests",
-            description="Requests per API key name, by HTTP status.",
-            tag_keys=("key", "status"),  # type: ignore[arg-type]  # see _TAGS
-        )
-        self.tokens = metrics.Counter(
-            "servegraph_key_llm_tokens",
-            description="LLM tokens per API key name; rate() gives tokens/s.",
-            tag_keys=("key", "direction"),  # type: ignore[arg-type]
-        )
-        self.usd = metrics.Counter(
-            "servegraph_key_cost_usd",
-            description="What the key's pipeline requests cost (servegraph.cost).",
-            tag_keys=("key",),
-        )
         coalesced = Coalesced()
-        for name in ("requests", "tokens", "usd"):
-            setattr(self, name, coalesced.counter(getattr(self, name)))
+        self.requests = coalesced.counter(
+            metrics.Counter(
+                "servegraph_key_requests",
+                description="Requests per API key name, by HTTP status.",
+                tag_keys=("key", "status"),  # type: ignore[arg-type]  # see _TAGS
+            )
+        )
+        self.tokens = coalesced.counter(
+            metrics.Counter(
+                "servegraph_key_llm_tokens",
+                description="LLM tokens per API key name; rate() gives tokens/s.",
+                tag_keys=("key", "direction"),  # type: ignore[arg-type]
+            )
+        )
+        self.usd = coalesced.counter(
+            metrics.Counter(
+                "servegraph_key_cost_usd",
+                description="What the key's pipeline requests cost (servegraph.cost).",
+                tag_keys=("key",),
+            )
+        )
 
     @classmethod
     def create(cls) -> KeyUsageMetrics | _NoMetrics:

@@ -8,11 +8,11 @@ from __future__ import annotations
 import os
 import subprocess
 import sys
-from pathlib import Path
 
 import pytest
 
 from deployments.llm.engine import lower_engine_priority
+from tests.procs import thread_nice
 
 pytestmark = pytest.mark.skipif(sys.platform != "linux", reason="per-thread priorities")
 
@@ -24,25 +24,16 @@ time.sleep(60)
 """
 
 
-def nice_of_threads(pid: int) -> set[int]:
-    """Each thread's nice value (field 19 of /proc/PID/task/TID/stat; the name, field 2,
-    is in parentheses and may hold spaces)."""
-    return {
-        int(task.joinpath("stat").read_text().rsplit(")", 1)[1].split()[16])
-        for task in Path(f"/proc/{pid}/task").iterdir()
-    }
-
-
 def test_the_engines_processes_run_below_the_replica_and_the_replica_keeps_its_own() -> None:
     base = os.getpriority(os.PRIO_PROCESS, 0)
     engine = subprocess.Popen([sys.executable, "-c", ENGINE], stdout=subprocess.PIPE, text=True)
     try:
         assert engine.stdout is not None and engine.stdout.readline() == "ready\n"
-        assert len(list(Path(f"/proc/{engine.pid}/task").iterdir())) == 2  # and its thread
+        assert len(thread_nice(engine.pid)) == 2  # its main thread and the one it started
         assert engine.pid in lower_engine_priority(3)
-        assert nice_of_threads(engine.pid) == {min(base + 3, 19)}
-        assert lower_engine_priority(40) and nice_of_threads(engine.pid) == {19}
-        assert nice_of_threads(os.getpid()) == {base}  # the replica's threads: untouched
+        assert set(thread_nice(engine.pid).values()) == {min(base + 3, 19)}
+        assert lower_engine_priority(40) and set(thread_nice(engine.pid).values()) == {19}
+        assert set(thread_nice(os.getpid()).values()) == {base}  # the replica's threads: untouched
     finally:
         engine.kill()
         engine.wait()

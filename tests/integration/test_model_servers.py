@@ -3,11 +3,9 @@
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import json
 import os
 from collections.abc import Awaitable, Callable
-from pathlib import Path
 
 import httpx
 import numpy as np
@@ -22,6 +20,7 @@ from deployments.fields import MAX_BATCH
 from deployments.llm.contract import ChatRequest, Message
 from servegraph.auth import client_headers
 from servegraph.local_ray import LocalCluster
+from tests.procs import thread_nice
 
 pytestmark = pytest.mark.integration
 
@@ -67,17 +66,6 @@ def test_llm_streams_tokens(model_servers: LocalCluster) -> None:
     assert len(pieces) > 3 and "Paris" in "".join(pieces)
 
 
-def _thread_nice(pid: int) -> dict[int, int]:
-    """Each thread's nice value (field 19 of /proc/PID/task/TID/stat; a thread's name,
-    field 2, is in parentheses and may hold spaces)."""
-    out = {}
-    for task in Path(f"/proc/{pid}/task").iterdir():
-        with contextlib.suppress(FileNotFoundError):
-            fields = task.joinpath("stat").read_text().rsplit(")", 1)[1].split()
-            out[int(task.name)] = int(fields[16])
-    return out
-
-
 def test_the_llm_engine_runs_below_its_replicas_cpu_priority(model_servers: LocalCluster) -> None:
     """The processes the LLM's replica started (vLLM's engine and its workers), every
     thread of them, run `cpu_nice_offset` (4) below the replica, which answers requests
@@ -92,13 +80,13 @@ def test_the_llm_engine_runs_below_its_replicas_cpu_priority(model_servers: Loca
     ]
     assert replicas, "no LLM replica process"
     for replica in replicas:
-        replica_nice = _thread_nice(replica.pid)[replica.pid]  # its main thread's
+        replica_nice = thread_nice(replica.pid)[replica.pid]  # its main thread's
         engine = replica.children(recursive=True)
         assert any("EngineCore" in " ".join(p.cmdline()) for p in engine), engine
         wanted = min(replica_nice + LLMSettings().cpu_nice_offset, 19)
         assert wanted > replica_nice
         for process in engine:
-            threads = _thread_nice(process.pid)
+            threads = thread_nice(process.pid)
             assert threads and set(threads.values()) == {wanted}, (process, threads)
 
 

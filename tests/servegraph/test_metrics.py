@@ -5,9 +5,9 @@ record what they are given, as the subject is the summing, not Ray's export."""
 
 from __future__ import annotations
 
-import asyncio
 from typing import Any
 
+from benchmarks.traffic import until
 from servegraph.metrics import Coalesced
 
 
@@ -19,14 +19,6 @@ class Counter:
         self.calls.append((value, tags))
 
 
-async def until(done: Any, timeout_s: float = 10.0) -> None:
-    """Wait for `done()`, the flush being the event loop's; bounded."""
-    deadline = asyncio.get_running_loop().time() + timeout_s
-    while not done() and asyncio.get_running_loop().time() < deadline:
-        await asyncio.sleep(0.01)
-    assert done()
-
-
 async def test_increments_are_summed_per_series_and_handed_on_once() -> None:
     coalesced = Coalesced(every_s=0.05)
     requests, tokens = Counter(), Counter()
@@ -36,7 +28,7 @@ async def test_increments_are_summed_per_series_and_handed_on_once() -> None:
         summed.inc(3.5, tags={"key": "a", "direction": "output"})
     counted.inc(tags={"status": "200", "key": "b"})
     assert requests.calls == [] and tokens.calls == []  # nothing per request
-    await until(lambda: requests.calls and tokens.calls)
+    await until(lambda: requests.calls and tokens.calls, 10, "the flush")
     assert sorted(requests.calls, key=repr) == sorted(
         [
             (75.0, {"key": "a", "status": "200"}),
@@ -47,7 +39,7 @@ async def test_increments_are_summed_per_series_and_handed_on_once() -> None:
     )
     assert tokens.calls == [(350.0, {"direction": "output", "key": "a"})]
     counted.inc(tags={"key": "a", "status": "200"})  # the next second's series start anew
-    await until(lambda: len(requests.calls) == 4)
+    await until(lambda: len(requests.calls) == 4, 10, "the next flush")
     assert requests.calls[-1] == (1.0, {"key": "a", "status": "200"})
 
 
@@ -71,5 +63,5 @@ async def test_a_refused_series_costs_no_other_and_nothing_is_zero() -> None:
     coalesced.counter(good).inc(0.0)  # Ray's counters refuse a zero: never handed on
     coalesced.counter(good).inc(float("nan"))
     coalesced.counter(good).inc(2.0)
-    await until(lambda: good.calls)
+    await until(lambda: good.calls, 10, "the flush")
     assert good.calls == [(2.0, None)]

@@ -48,13 +48,13 @@ def test_the_schema_check_can_fail() -> None:
         validate_config(prepare_config(config))
 
 
-def test_cluster_nodes_start_with_the_request_path_settings_local_ray_uses() -> None:
-    from servegraph.local_ray import SERVE_REQUEST_PATH_ENV
+def test_cluster_nodes_start_with_the_ray_settings_local_ray_uses() -> None:
+    from servegraph.local_ray import RAY_ENV
 
     config = yaml.safe_load((ROOT / "cluster.yaml").read_text())
     for commands in (config["head_start_ray_commands"], config["worker_start_ray_commands"]):
         started = " ".join(commands)
-        for name, value in SERVE_REQUEST_PATH_ENV.items():
+        for name, value in RAY_ENV.items():
             assert f"{name}={value}" in started, name
 
 

@@ -24,6 +24,7 @@ BENCHMARKS = [
     "eval_pipelines",
     "batch",
     "cost",
+    "cold_start",
 ]
 
 

@@ -104,6 +104,8 @@ def llm_config(settings: LLMSettings | None = None, overrides: dict[str, Any] | 
     return LLMConfig(
         model_loading_config={"model_id": settings.model_id, "model_source": settings.path},
         server_cls=LLMServer,
+        # Skips the per-node download task for a model folder already on the node.
+        callback_config={"callback_class": "deployments.llm.engine:PreparedWeights"},
         engine_kwargs=engine,
         deployment_config=options_for(PROFILES, profile, overrides),
         runtime_env={

@@ -1,6 +1,6 @@
 """The graph-aware autoscaling policy: the class Serve's controller instantiates once
 per model server (`autoscaling_config.policy`, Ray's custom-policy hook) and calls
-every control-loop tick (0.1 s).
+every control-loop tick (0.25 s here, `servegraph.local_ray.RAY_AT_REST_ENV`).
 
 Each call reads the server's expected load from the demand board's latest snapshot,
 which a thread in the controller refreshes (`servegraph.scaling.watch`): the control

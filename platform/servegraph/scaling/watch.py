@@ -21,9 +21,10 @@ POLL_S = 0.2
 # prediction is nothing, and Serve's own rule in the policy carries on alone, rather
 # than a spike's loads holding replicas for ever.
 STALE_S = 2.0
-# Every server's policy in one control-loop tick (0.1 s apart; the calls of one tick
-# within milliseconds) reads the same snapshot, even if a fresher one arrives between
-# two of them: so the servers a step concerns grow in the same decision.
+# Every server's policy in one control-loop tick (0.25 s apart here,
+# `servegraph.local_ray.RAY_AT_REST_ENV`; the calls of one tick within milliseconds)
+# reads the same snapshot, even if a fresher one arrives between two of them: so the
+# servers a step concerns grow in the same decision.
 TICK_S = 0.05
 WARN_EVERY_S = 60.0
 

@@ -4,10 +4,12 @@ that Ray, Serve and vLLM write as the replica starts.
 
     .venv/bin/python -m benchmarks.cold_start [--servers llm,embedder,classifier]
 
-One local cluster; the servers start one after another, each while the ones before it
-run at rest, as a replica added by autoscaling starts on a running platform. A stage is
-the time between two milestones found in the logs; a milestone a start did not pass
-(vLLM's stages, for an encoder) is left out, so the stages always add up to the whole.
+One local cluster; the servers are deployed one after another, each while the ones
+before it run at rest. A deploy's first replica goes through the same start as a
+replica that autoscaling adds. A stage is the time between two milestones found in the
+logs; a milestone a start did not pass (vLLM's stages, for an encoder) is left out, so
+the stages always add up to the whole. vLLM's log lines carry whole seconds: a stage
+that starts or ends at one of them is within a second.
 """
 
 from __future__ import annotations
@@ -19,6 +21,7 @@ import glob
 import json
 import os
 import re
+import threading
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -40,14 +43,17 @@ class Milestone:
 
 
 MILESTONES = [
-    Milestone("Serve decides to add a replica", "controller", r"Adding 1 replica to {deployment}"),
+    Milestone(
+        "Serve decides to add a replica", "controller", r"Adding \d+ replicas? to {deployment}"
+    ),
     Milestone("worker process starts", "core", r"Constructing CoreWorkerProcess"),
     # The replica actor's creation task unpickles the deployment's class: its imports.
     Milestone("actor created: the replica's imports", "core", r"Actor creation task finished"),
     # vLLM's, in ray.serve.llm's order; an encoder passes none of them
     Milestone("engine configuration", "replica", r"Running tasks to download model files"),
+    # ...unless the download task is skipped: then this stage is the configuration too
     Milestone(
-        "node initialisation (ray.serve.llm's download task, where it runs)",
+        "engine configuration and node initialisation (the download task, where it runs)",
         "replica",
         r"Using executor class",
     ),
@@ -66,17 +72,17 @@ MILESTONES = [
     ),
 ]
 
-_STAMPS = [  # how each log writes its time
-    (re.compile(r"(\d{4}-\d\d-\d\d \d\d:\d\d:\d\d,\d{3})"), "%Y-%m-%d %H:%M:%S,%f"),
-    (re.compile(r"INFO (\d\d-\d\d \d\d:\d\d:\d\d) "), "%m-%d %H:%M:%S"),  # vLLM: no year
+_STAMPS = [  # how each log writes its time; vLLM's has no year (this one's is put in front)
+    (re.compile(r"(\d{4}-\d\d-\d\d \d\d:\d\d:\d\d,\d{3})"), "%Y-%m-%d %H:%M:%S,%f", False),
+    (re.compile(r"INFO (\d\d-\d\d \d\d:\d\d:\d\d) "), "%Y-%m-%d %H:%M:%S", True),
 ]
 
 
 def _stamp(line: str) -> dt.datetime | None:
-    for pattern, fmt in _STAMPS:
+    for pattern, fmt, yearless in _STAMPS:
         if match := pattern.search(line):
-            stamp = dt.datetime.strptime(match.group(1), fmt)
-            return stamp if stamp.year > 1900 else stamp.replace(year=dt.date.today().year)
+            text = f"{dt.date.today().year}-{match.group(1)}" if yearless else match.group(1)
+            return dt.datetime.strptime(text, fmt)
     return None
 
 
@@ -115,15 +121,18 @@ def breakdown(
     names = {"deployment": re.escape(f"Deployment(name='{deployment}', app='{app}')")}
     names["replica"] = re.escape(f"Replica(id='{replica_id}'")
     stages: dict[str, float] = {}
+    seen: set[str] = set()
     previous: dt.datetime | None = None
     for milestone in MILESTONES:
         stamp = _first(sources[milestone.source], milestone.pattern.format(**names), since)
         if stamp is None:
             continue
+        seen.add(milestone.label)
         if previous is not None:
             stages[milestone.label] = (stamp - previous).total_seconds()
         previous = stamp
-    assert previous is not None, "the controller's decision is always logged"
+    if previous is None or MILESTONES[0].label not in seen:
+        raise RuntimeError(f"Serve's decision to add {app}/{deployment}'s replica is not logged")
     stages["first request answered"] = (answered - previous).total_seconds()
     return stages
 
@@ -169,14 +178,17 @@ def main() -> None:
         for server in args.servers.split(","):
             spec = CATALOG[server]
             since = dt.datetime.now().replace(microsecond=0)
-            serve.run(
-                resolve(spec.app_builder)(None),
-                name=spec.name,
-                route_prefix=spec.route_prefix,
-                blocking=False,
+            # `serve.run` waits for RUNNING (polling once a second) even with
+            # blocking=False: in a thread, so the first answer is timed, not that poll.
+            deploying = threading.Thread(
+                target=serve.run,
+                args=(resolve(spec.app_builder)(None),),
+                kwargs={"name": spec.name, "route_prefix": spec.route_prefix},
             )
+            deploying.start()
             asyncio.run(first_answer(cluster.base_url, server))
             answered = dt.datetime.now()
+            deploying.join()
             stages = breakdown(logs, spec.name, deployment_name(spec), since, answered)
             results[server] = {"total_s": sum(stages.values()), "stages_s": stages}
             print(f"{server}: {sum(stages.values()):.1f} s from the decision to the first answer")

@@ -60,16 +60,19 @@ def lower_engine_priority(offset: int) -> list[int]:
 
 
 class PreparedWeights(CallbackBase):
-    """`ray.serve.llm`'s start-up hook (its `callback_config`): skips the node
-    initialisation when the model is a folder already on this node.
+    """`ray.serve.llm`'s start-up hook (the public `LLMConfig.callback_config`; the base
+    class lives in `ray.llm._internal`): skips the node initialisation when the model is
+    a folder already on this node.
 
     That initialisation runs one Ray task per node of the engine's placement group to
     download the model's files. Each task is a fresh worker process that imports torch
-    and vLLM, about 12 s of a 60 s LLM replica start on this machine (issue 25), and
-    for a prepared folder (`deployments.llm.prepare`, or a configured path) it downloads
-    nothing and returns the path it was given. A model named by a hub id or a bucket,
-    or an engine spread over other nodes, is initialised as before. The engine finds a
-    missing folder on its own, naming it."""
+    and vLLM: 11.6 s of a 64.9 s LLM replica start on this machine (issue 25,
+    `benchmarks.cold_start`). For a prepared folder (`deployments.llm.prepare`, or a
+    configured path) it downloads nothing and returns the path it was given; its one
+    other effect, the torch cache's `kernels` folder (Ray's workaround for a torch bug),
+    is made here. A model named by a hub id or a bucket, or an engine spread over other
+    nodes, is initialised as before. The engine finds a missing folder on its own,
+    naming it."""
 
     async def on_before_node_init(self) -> None:
         import ray
@@ -78,10 +81,18 @@ class PreparedWeights(CallbackBase):
         source = getattr(self.llm_config.model_loading_config, "model_source", None)
         if not (isinstance(source, str) and os.path.isfile(os.path.join(source, "config.json"))):
             return
+        if self.ctx.placement_group is None:  # Ray's own path always has one
+            return
         here = ray.get_runtime_context().get_node_id()
         nodes = ray.util.placement_group_table(self.ctx.placement_group)["bundles_to_node_id"]
-        if set(nodes.values()) == {here}:
-            self.ctx.run_init_node = False
+        if set(nodes.values()) != {here}:
+            return
+        import torch.hub
+
+        # As ray.serve.llm's download step does, with the same torch function
+        kernels = os.path.join(torch.hub._get_torch_home(), "kernels")
+        os.makedirs(kernels, exist_ok=True)
+        self.ctx.run_init_node = False
 
 
 class LLMServer(RayLLMServer):

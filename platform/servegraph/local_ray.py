@@ -44,8 +44,8 @@ RAY_AT_REST_ENV = {
     # metrics API once a second rather than ten times, in every replica and router.
     "RAY_SERVE_METRICS_EXPORT_INTERVAL_MS": "1000",
     # The controller's loop (deployment states, health checks, autoscaling decisions)
-    # four times a second rather than ten: a decision may come 0.15 s later on average,
-    # against replica starts of tens of seconds.
+    # four times a second rather than ten: a decision may come up to 0.15 s later (0.075 s
+    # on average), against replica starts of tens of seconds.
     "RAY_SERVE_CONTROL_LOOP_INTERVAL_S": "0.25",
     # Ray's log monitor looks for new log files every 5 s rather than on each of its
     # ten passes a second (it still reads new lines ten times a second).

@@ -149,7 +149,8 @@ async def first_answer(base_url: str, server: str) -> None:
             {"model": LLMSettings().model_id, "prompt": "Hello", "max_tokens": 4},
         ),
     }[server]
-    async with httpx.AsyncClient(headers=client_headers(), base_url=base_url, timeout=60) as c:
+    # A request that reaches the LLM's ingress before its engine runs waits there for it
+    async with httpx.AsyncClient(headers=client_headers(), base_url=base_url, timeout=600) as c:
         for _ in range(600):  # the app answers 404/503 until its route is up
             response = await c.post(route, json=body)
             if response.status_code == 200:

@@ -66,7 +66,7 @@ class PreparedWeights(CallbackBase):
 
     That initialisation runs one Ray task per node of the engine's placement group to
     download the model's files. Each task is a fresh worker process that imports torch
-    and vLLM: 11.6 s of a 64.9 s LLM replica start on this machine (issue 25,
+    and vLLM: 11.6-12.2 s of a 59-65 s LLM replica start on this machine (issue 25,
     `benchmarks.cold_start`). For a prepared folder (`deployments.llm.prepare`, or a
     configured path) it downloads nothing and returns the path it was given; its one
     other effect, the torch cache's `kernels` folder (Ray's workaround for a torch bug),

@@ -65,6 +65,16 @@ class Coalesced:
                 logger.exception("a coalesced metric was refused; its count is dropped")
 
 
+def _counter(
+    coalesced: Coalesced, name: str, description: str, *tag_keys: str
+) -> _CoalescedCounter:
+    """A Ray Serve counter (this replica's), incremented through `coalesced`."""
+    from ray.serve import metrics
+
+    counter = metrics.Counter(name, description=description, tag_keys=tag_keys)  # type: ignore[arg-type]  # see _TAGS
+    return coalesced.counter(counter)
+
+
 class _CoalescedCounter:
     """A Ray counter's `inc`, through `Coalesced`."""
 
@@ -83,12 +93,12 @@ class PipelineMetrics:
         from ray.serve import metrics
 
         coalesced = Coalesced()
-        self.requests = coalesced.counter(
-            metrics.Counter(
-                "servegraph_pipeline_requests",
-                description="Pipeline requests by outcome.",
-                tag_keys=("pipeline", "status"),  # type: ignore[arg-type]  # see _TAGS
-            )
+        self.requests = _counter(
+            coalesced,
+            "servegraph_pipeline_requests",
+            "Pipeline requests by outcome.",
+            "pipeline",
+            "status",
         )
         self.latency = metrics.Histogram(
             "servegraph_pipeline_latency_ms",
@@ -102,40 +112,41 @@ class PipelineMetrics:
             boundaries=_LATENCY_MS,
             tag_keys=("pipeline", "node", "kind"),  # type: ignore[arg-type]
         )
-        self.node_errors = coalesced.counter(
-            metrics.Counter(
-                "servegraph_node_errors",
-                description="Failed node attempts.",
-                tag_keys=("pipeline", "node"),  # type: ignore[arg-type]
-            )
+        self.node_errors = _counter(
+            coalesced,
+            "servegraph_node_errors",
+            "Failed node attempts.",
+            "pipeline",
+            "node",
         )
-        self.llm_tokens = coalesced.counter(
-            metrics.Counter(
-                "servegraph_llm_tokens",
-                description="LLM tokens; rate() gives tokens/s.",
-                tag_keys=("pipeline", "direction"),  # type: ignore[arg-type]
-            )
+        self.llm_tokens = _counter(
+            coalesced,
+            "servegraph_llm_tokens",
+            "LLM tokens; rate() gives tokens/s.",
+            "pipeline",
+            "direction",
         )
-        self.resource_seconds = coalesced.counter(
-            metrics.Counter(
-                "servegraph_node_resource_seconds",
-                description="Model-server resource-seconds charged to requests (servegraph.cost).",
-                tag_keys=("pipeline", "node", "resource"),  # type: ignore[arg-type]
-            )
+        self.resource_seconds = _counter(
+            coalesced,
+            "servegraph_node_resource_seconds",
+            "Model-server resource-seconds charged to requests (servegraph.cost).",
+            "pipeline",
+            "node",
+            "resource",
         )
-        self.usd = coalesced.counter(
-            metrics.Counter(
-                "servegraph_node_cost_usd",
-                description="What the charged resource-seconds cost, by the price table.",
-                tag_keys=("pipeline", "node"),  # type: ignore[arg-type]
-            )
+        self.usd = _counter(
+            coalesced,
+            "servegraph_node_cost_usd",
+            "What the charged resource-seconds cost, by the price table.",
+            "pipeline",
+            "node",
         )
-        self.joules = coalesced.counter(
-            metrics.Counter(
-                "servegraph_node_energy_joules",
-                description="The charged resource-seconds' energy, by the power table.",
-                tag_keys=("pipeline", "node"),  # type: ignore[arg-type]
-            )
+        self.joules = _counter(
+            coalesced,
+            "servegraph_node_energy_joules",
+            "The charged resource-seconds' energy, by the power table.",
+            "pipeline",
+            "node",
         )
         self.prices = prices()
 
@@ -204,29 +215,26 @@ class KeyUsageMetrics:
     status, and LLM tokens by direction."""
 
     def __init__(self) -> None:
-        from ray.serve import metrics
-
         coalesced = Coalesced()
-        self.requests = coalesced.counter(
-            metrics.Counter(
-                "servegraph_key_requests",
-                description="Requests per API key name, by HTTP status.",
-                tag_keys=("key", "status"),  # type: ignore[arg-type]  # see _TAGS
-            )
+        self.requests = _counter(
+            coalesced,
+            "servegraph_key_requests",
+            "Requests per API key name, by HTTP status.",
+            "key",
+            "status",
         )
-        self.tokens = coalesced.counter(
-            metrics.Counter(
-                "servegraph_key_llm_tokens",
-                description="LLM tokens per API key name; rate() gives tokens/s.",
-                tag_keys=("key", "direction"),  # type: ignore[arg-type]
-            )
+        self.tokens = _counter(
+            coalesced,
+            "servegraph_key_llm_tokens",
+            "LLM tokens per API key name; rate() gives tokens/s.",
+            "key",
+            "direction",
         )
-        self.usd = coalesced.counter(
-            metrics.Counter(
-                "servegraph_key_cost_usd",
-                description="What the key's pipeline requests cost (servegraph.cost).",
-                tag_keys=("key",),
-            )
+        self.usd = _counter(
+            coalesced,
+            "servegraph_key_cost_usd",
+            "What the key's pipeline requests cost (servegraph.cost).",
+            "key",
         )
 
     @classmethod

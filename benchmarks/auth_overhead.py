@@ -1,4 +1,4 @@
-"""Per-request cost of the API-key check (`servegraph.auth`), in process (no Ray): the
+"""Per-request cost of the API-key check (`servegraph.security`), in process (no Ray): the
 pipeline ingress app with a trivial toy server over ASGI, 64 concurrent callers, keys off
 vs an admin key vs a limited key (in-process buckets). A real request costs milliseconds
 to seconds of model work; this isolates the check.
@@ -17,9 +17,10 @@ from pathlib import Path
 import httpx
 
 from servegraph import Pipeline
-from servegraph.auth import AuthSettings, Guard, KeyStore
-from servegraph.limits import Limiter
-from servegraph.serving import build_fastapi
+from servegraph.security.guard import Guard
+from servegraph.security.keys import AuthSettings, KeyStore
+from servegraph.security.limits import Limiter
+from servegraph.serving.ingress import build_fastapi
 from tests.servegraph import toy
 from tests.servegraph.test_http_stream import ToyInvoker
 

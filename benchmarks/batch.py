@@ -80,9 +80,9 @@ async def prepare(rows: list[dict]) -> list[Prepared]:
     """Each row's LLM prompt and embedded sentences, as the batch's graph made them: the
     rag graph up to its `prompt` node, on the deployed encoders and index."""
     from deployments.catalog import CATALOG
-    from servegraph.discovery import discover
-    from servegraph.handles import ServeInvoker
-    from servegraph.runtime import Runtime
+    from servegraph.engine.runtime import Runtime
+    from servegraph.lang.discovery import discover
+    from servegraph.serving.handles import ServeInvoker
 
     graph = discover("pipelines")["rag"]
     names = [node.name for node in graph.nodes]

@@ -1,4 +1,4 @@
-"""The curves the simulated models wait (`servegraph.simulated`), measured here on the
+"""The curves the simulated models wait (`servegraph.deploy.simulated`), measured here on the
 real models: the sentence encoder's seconds per forward pass by batch size and its
 load; vLLM's seconds per decode step by sequences running, its prefill per prompt
 token, and its engine's start. Each point is the median of several runs.
@@ -16,7 +16,7 @@ import statistics
 import time
 from pathlib import Path
 
-from servegraph.simulated import BatchCurve, Curves, DecodeCurve
+from servegraph.deploy.simulated import BatchCurve, Curves, DecodeCurve
 
 ROOT = Path(__file__).resolve().parent
 BATCHES = (1, 4, 16, 64)
@@ -100,7 +100,7 @@ def main() -> None:
     parser.add_argument("--out", type=Path, default=ROOT / "curves" / "cpu.json")
     args = parser.parse_args()
     from deployments.llm.settings import LLMSettings
-    from servegraph.simulated import ENV
+    from servegraph.deploy.simulated import ENV
 
     if os.environ.get(ENV):
         parser.error(f"{ENV} is set: this would measure the simulation; unset it")

@@ -30,7 +30,7 @@ import httpx
 
 from benchmarks import report
 from benchmarks.report import Figure
-from servegraph.auth import client_headers
+from servegraph.security.client import client_headers
 
 SERVERS = ("embedder", "classifier", "llm")
 
@@ -169,9 +169,9 @@ def main() -> None:
     from ray import serve
 
     from deployments.catalog import CATALOG
-    from servegraph.graph import resolve
-    from servegraph.handles import deployment_name
-    from servegraph.local_ray import local_cluster
+    from servegraph.deploy.local_ray import local_cluster
+    from servegraph.lang.graph import resolve
+    from servegraph.serving.handles import deployment_name
 
     results: dict[str, Any] = {}
     with local_cluster(dashboard=False) as cluster:

@@ -38,7 +38,7 @@ async def per_thousand(base_url: str, path: str, bodies: list[dict], n: int) -> 
 
     import httpx
 
-    from servegraph.auth import client_headers
+    from servegraph.security.client import client_headers
 
     usages: list[dict[str, Any]] = []
     gate = asyncio.Semaphore(8)
@@ -67,9 +67,9 @@ async def attributed(
     meter reports itself (`meter_stats`), also how much of the window the replica had
     a call in flight, and the CPU-seconds its process actually used (psutil)."""
     from deployments.catalog import CATALOG
-    from servegraph.gateway import method_graph
-    from servegraph.handles import ServeInvoker
-    from servegraph.runtime import NodeRecord, Runtime
+    from servegraph.engine.runtime import NodeRecord, Runtime
+    from servegraph.serving.gateway import method_graph
+    from servegraph.serving.handles import ServeInvoker
 
     runtime = Runtime(CATALOG, ServeInvoker(CATALOG))
     graph = runtime.compile(method_graph(CATALOG[server], method))
@@ -110,7 +110,7 @@ def _replica(server: str) -> dict[str, Any]:
     from ray import serve
 
     from deployments.catalog import CATALOG
-    from servegraph.handles import deployment_name
+    from servegraph.serving.handles import deployment_name
 
     name = deployment_name(CATALOG[server])
     details = serve.context._get_global_client().get_serve_details()
@@ -125,7 +125,7 @@ async def _busy_s(server: str) -> float:
     from ray import serve
 
     from deployments.catalog import CATALOG
-    from servegraph.handles import deployment_name
+    from servegraph.serving.handles import deployment_name
 
     handle = serve.get_deployment_handle(deployment_name(CATALOG[server]), app_name=server)
     try:
@@ -145,9 +145,9 @@ def _replica_cpus(server: str) -> float:
     """The CPUs one replica of `server` holds (its placement group's, or its actor's),
     as the capacity check reads them from the built application."""
     from deployments.catalog import CATALOG
-    from servegraph.capacity import asks_of
-    from servegraph.handles import deployment_name
-    from servegraph.planner import plan_platform
+    from servegraph.deploy.capacity.inputs import asks_of
+    from servegraph.deploy.planner import plan_platform
+    from servegraph.serving.handles import deployment_name
 
     name = deployment_name(CATALOG[server])
     (ask,) = [
@@ -162,7 +162,7 @@ async def budgets(base_url: str, mean_usd: float) -> dict[str, dict[str, float]]
 
     import httpx
 
-    from servegraph.auth import client_headers
+    from servegraph.security.client import client_headers
 
     outcomes: dict[str, dict[str, float]] = {}
     async with httpx.AsyncClient(base_url=base_url, headers=client_headers(), timeout=300) as c:
@@ -194,7 +194,7 @@ async def budgets(base_url: str, mean_usd: float) -> dict[str, dict[str, float]]
 
 def meter_overhead_us(in_flight: int = 64, rounds: int = 20_000) -> float:
     """One start/stop pair's cost (µs) with `in_flight` other requests on the meter."""
-    from servegraph.cost import Meter
+    from servegraph.cost.metering import Meter
 
     meter = Meter({"cpu": 2.0, "gpu": 0.0, "gib": 0.0})
     others = [meter.start() for _ in range(in_flight)]
@@ -210,7 +210,7 @@ def meter_overhead_us(in_flight: int = 64, rounds: int = 20_000) -> float:
 async def embed_one_p50_ms(base_url: str) -> float:
     import httpx
 
-    from servegraph.auth import client_headers
+    from servegraph.security.client import client_headers
 
     times = []
     async with httpx.AsyncClient(base_url=base_url, headers=client_headers(), timeout=60) as c:
@@ -303,7 +303,7 @@ def main() -> None:
 async def _query_vector() -> list[float]:
     from deployments.catalog import CATALOG
     from deployments.embedder.contract import EmbedOneRequest
-    from servegraph.handles import ServeInvoker
+    from servegraph.serving.handles import ServeInvoker
 
     embedding = await ServeInvoker(CATALOG)(
         "embedder", "embed_one", EmbedOneRequest(text="refunds")

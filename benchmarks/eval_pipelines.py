@@ -39,7 +39,7 @@ from pathlib import Path
 from typing import Any
 
 from benchmarks import report
-from servegraph.auth import client_headers
+from servegraph.security.client import client_headers
 
 ROOT = Path(__file__).resolve().parents[1]
 DATA = {
@@ -210,7 +210,7 @@ def in_process() -> Iterator[tuple[Ask, Callable[[list[Any]], None], Callable[[]
     from deployments.vector_index.contract import DeleteRequest
     from pipelines.rag.ingest import knowledge_base
     from servegraph import InProcessRuntime
-    from servegraph.discovery import discover
+    from servegraph.lang.discovery import discover
 
     graphs = discover()
     with tempfile.TemporaryDirectory() as index:

@@ -15,9 +15,9 @@ from benchmarks import report
 from benchmarks.report import Figure
 from benchmarks.trivial import CATALOG, Echo, chain, raw_chain_app
 from servegraph import InProcessRuntime
-from servegraph.auth import client_headers
-from servegraph.local_ray import local_cluster
-from servegraph.planner import plan_platform
+from servegraph.deploy.local_ray import local_cluster
+from servegraph.deploy.planner import plan_platform
+from servegraph.security.client import client_headers
 
 N = 10
 REPEATS = 200

@@ -24,7 +24,7 @@ from dataclasses import asdict, dataclass
 
 import httpx
 
-from servegraph.auth import client_headers
+from servegraph.security.client import client_headers
 
 
 @dataclass

@@ -24,7 +24,7 @@ from benchmarks.report import Figure
 from deployments.classifier.model import TicketClassifier, trained_dir
 from deployments.embedder.model import SentenceEncoder
 from deployments.llm.settings import LLMSettings
-from servegraph.auth import client_headers
+from servegraph.security.client import client_headers
 
 ITEMS = 640
 IDLE_WINDOW_S = 20.0
@@ -145,8 +145,8 @@ def on_serve() -> dict[str, float]:
     from ray import serve
 
     from deployments.catalog import CATALOG
-    from servegraph.local_ray import local_cluster
-    from servegraph.planner import plan_platform
+    from servegraph.deploy.local_ray import local_cluster
+    from servegraph.deploy.planner import plan_platform
 
     with local_cluster(dashboard=False) as cluster:
         started = time.perf_counter()

@@ -7,9 +7,9 @@ callers, side by side with the raw model in one run.
 1. Raw: the model in this process at batch 64 (items/s), and its CPU per item at each
    batch size (the forward pass's share of a replica's CPU).
 2. The two servers alone on a fresh local Ray (no LLM, no pipelines), called
-   - by handle, as pipelines call them (`servegraph.handles.ServeInvoker`), from two
+   - by handle, as pipelines call them (`servegraph.serving.handles.ServeInvoker`), from two
      client actors with 32 callers each: once with calls merged before the hop
-     (`servegraph.merging`), once one handle call per item (as before it);
+     (`servegraph.serving.merging`), once one handle call per item (as before it);
    - over HTTP (ingress -> gateway -> replica) from `wrk` (Debian's package: a C load
      generator, 2 threads, 64 connections), once through Serve's proxy actor and once,
      on a second fresh cluster, through Serve's HAProxy mode (`--ingress`).
@@ -153,7 +153,7 @@ def _client_actor_class() -> Any:
 
         def __init__(self, merged: bool) -> None:
             from deployments.catalog import CATALOG
-            from servegraph.handles import MergeSettings, ServeInvoker
+            from servegraph.serving.handles import MergeSettings, ServeInvoker
 
             self.invoke = ServeInvoker(CATALOG, MergeSettings(enabled=merged))
 
@@ -247,7 +247,7 @@ end
 def over_http(server: str, base_url: str, seconds: float, warmup: float, ingress: str) -> Window:
     from ray import serve
 
-    from servegraph.auth import client_headers
+    from servegraph.security.client import client_headers
 
     deployment, method, _ = SERVERS[server]
     url = f"{base_url}/{server}/{method}"
@@ -316,8 +316,8 @@ def on_platform(seconds: float, warmup: float, ingress: str, handles: bool) -> l
     from ray import serve
 
     from deployments.catalog import CATALOG
-    from servegraph.local_ray import local_cluster
-    from servegraph.planner import plan_platform
+    from servegraph.deploy.local_ray import local_cluster
+    from servegraph.deploy.planner import plan_platform
 
     windows = []
     with local_cluster(dashboard=False, ingress=ingress) as cluster:

@@ -10,13 +10,13 @@ from typing import Any
 
 @contextmanager
 def serving_everything(**cluster_options: Any) -> Iterator[Any]:
-    """Yields the `LocalCluster` (options go to `servegraph.local_ray.local_cluster`)."""
+    """Yields the `LocalCluster` (options go to `servegraph.deploy.local_ray.local_cluster`)."""
 
     from deployments.catalog import CATALOG
     from pipelines.rag.ingest import on_deploy
-    from servegraph.discovery import discover
-    from servegraph.local_ray import local_cluster, wait_until_running
-    from servegraph.planner import plan_platform
+    from servegraph.deploy.local_ray import local_cluster, wait_until_running
+    from servegraph.deploy.planner import plan_platform
+    from servegraph.lang.discovery import discover
 
     with local_cluster(**cluster_options) as cluster:
         plan = plan_platform(

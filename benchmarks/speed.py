@@ -33,8 +33,8 @@ from benchmarks.pipelines import QUESTIONS
 from benchmarks.report import Figure
 from pipelines.rag.ingest import chunk_documents
 from pipelines.rag.models import Document
-from servegraph.auth import client_headers
-from servegraph.local_ray import free_port
+from servegraph.deploy.local_ray import free_port
+from servegraph.security.client import client_headers
 
 TICKETS = [
     "I was charged twice for my order, please refund one payment.",

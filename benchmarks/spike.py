@@ -5,7 +5,7 @@ A mix of `rag` and `triage` arrives open-loop (Poisson, seeded) at a base rate; 
 `--step-at` seconds it steps to `--step` times that, held for `--hold` seconds, then
 returns. The platform runs on a simulated cluster shaped like `cluster.yaml` (a head
 and GPU workers, logical GPUs) with the GPU profile's placement and simulated models
-(`servegraph.simulated`, curves measured here by `benchmarks.calibrate`): every
+(`servegraph.deploy.simulated`, curves measured here by `benchmarks.calibrate`): every
 deployment, batcher, handle, retry and autoscaler is real, only the forward passes
 and model loads are waits. Policies:
 
@@ -14,7 +14,7 @@ and model loads are waits. Policies:
   scaling (the bounds are the benchmark's, for all three policies: the LLM from 1 to 4);
 - `tuned`: the best reactive per-deployment settings found (0.5 s metric pushes, no
   upscale delay, a 2 s look-back, a lower LLM target);
-- `graph`: graph-aware (`servegraph.scaling`): every server sized from the pipelines'
+- `graph`: graph-aware (`servegraph.deploy.scaling`): every server sized from the pipelines'
   arrivals in the same tick.
 
     .venv/bin/python -m benchmarks.spike --policy graph --seed 1 --step 10 --json out.json
@@ -44,7 +44,7 @@ from typing import Any
 
 import numpy as np
 
-from servegraph.simulated import Curves
+from servegraph.deploy.simulated import Curves
 
 ROOT = Path(__file__).resolve().parents[1]
 CURVES = ROOT / "benchmarks" / "curves" / "cpu.json"
@@ -83,7 +83,7 @@ def service_times(curves: Curves) -> dict[str, float]:
 
 
 def autoscaling(policy: str, server: str, service_time_s: float) -> dict[str, Any]:
-    from servegraph.scaling.settings import graph_autoscaling
+    from servegraph.deploy.scaling.settings import graph_autoscaling
 
     _, _, low, high = SERVERS[server]
     target = 8 if server == "llm" else 32
@@ -154,7 +154,7 @@ async def send_all(base_url: str, schedule: list[Sent], started: float) -> float
     seconds."""
     import httpx
 
-    from servegraph.auth import client_headers
+    from servegraph.security.client import client_headers
 
     headers = client_headers() | {"X-Request-Timeout": str(DEADLINE_S)}
     limits = httpx.Limits(max_connections=2000, max_keepalive_connections=200)
@@ -204,15 +204,15 @@ def sample_replicas(stop: threading.Event, out: list[Sample], started: float) ->
 def platform(policy: str, curves_path: Path, workers: int) -> Iterator[Any]:
     from deployments.catalog import CATALOG
     from pipelines.rag.ingest import on_deploy
-    from servegraph.capacity import HEAD_RESOURCE, node_types
-    from servegraph.discovery import discover
-    from servegraph.local_ray import (
+    from servegraph.deploy.capacity.inputs import HEAD_RESOURCE, node_types
+    from servegraph.deploy.local_ray import (
         SimulatedNode,
         environment,
         simulated_cluster,
         wait_until_running,
     )
-    from servegraph.planner import plan_platform
+    from servegraph.deploy.planner import plan_platform
+    from servegraph.lang.discovery import discover
 
     curves = Curves.model_validate_json(curves_path.read_text())
     types = node_types(ROOT / "cluster.yaml")
@@ -323,8 +323,8 @@ def oracle(curves: Curves, factor: float, step_at: float, hold: float, end: floa
     """The replica-seconds of a scaler that knew the step in advance: each server's
     replicas for the base load, and for the spike's load from a replica start before the
     step until its end, at the same utilisation target."""
-    from servegraph.discovery import discover
-    from servegraph.scaling.demand import prior_calls
+    from servegraph.deploy.scaling.demand import prior_calls
+    from servegraph.lang.discovery import discover
 
     mixes = {name: prior_calls(g) for name, g in discover("pipelines").items()}
     times = service_times(curves)

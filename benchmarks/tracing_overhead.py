@@ -19,7 +19,7 @@ import httpx
 
 from benchmarks.graph_overhead import LocalEcho, per_call
 from benchmarks.trivial import CATALOG, chain
-from servegraph.auth import client_headers
+from servegraph.security.client import client_headers
 from tests.otlp import OtlpReceiver
 
 N, REQUESTS = 10, 300
@@ -31,8 +31,8 @@ def p50(fn, n: int) -> float:
 
 
 def on_serve(receiver: OtlpReceiver | None) -> float:
-    from servegraph.local_ray import local_cluster
-    from servegraph.planner import plan_platform
+    from servegraph.deploy.local_ray import local_cluster
+    from servegraph.deploy.planner import plan_platform
 
     os.environ["OTEL_TRACES_EXPORTER"] = "otlp" if receiver else "none"
     if receiver:
@@ -94,7 +94,7 @@ def in_process(tracing: bool) -> float:
     from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
 
     from servegraph import InProcessRuntime
-    from servegraph.tracing import node_hook
+    from servegraph.telemetry.tracing import node_hook
 
     if tracing and not isinstance(trace.get_tracer_provider(), TracerProvider):
         provider = TracerProvider()

@@ -10,7 +10,7 @@ from typing import Any
 
 import httpx
 
-from servegraph.auth import client_headers
+from servegraph.security.client import client_headers
 
 
 @dataclass

@@ -45,7 +45,7 @@ def digest(path: Path) -> str:
 
 def main() -> None:
     from deployments.catalog import CATALOG
-    from servegraph.graph import resolve
+    from servegraph.server import resolve
 
     for spec in CATALOG.values():
         if spec.prepare:

@@ -6,7 +6,7 @@ Each server's CPU and GPU defaults live with its deployment (`PROFILES` in
 never by code changes. Serve calls a server's builder (`app(args)`) with the `args` of
 its config entry: deployment option overrides (replicas, autoscaling, resources) on top
 of the profile, and constructor arguments. A pipeline's per-node `deployment=`
-overrides arrive the same way (see `servegraph.planner`).
+overrides arrive the same way (see `servegraph.deploy.planner`).
 """
 
 from __future__ import annotations
@@ -27,7 +27,7 @@ SHED = {"backpressure_config": {"status_code": 503, "retry_after_s": 1}}
 
 # Replicas, and why a single replica death stays invisible to pipelines: every catalog
 # method is idempotent, so the pipeline ingress repeats a call whose replica died
-# (servegraph.handles.ServeInvoker) within the request's deadline. On the CPU profile
+# (servegraph.serving.handles.ServeInvoker) within the request's deadline. On the CPU profile
 # one replica of each encoder is enough: the retry waits for the restarted replica (a
 # MiniLM replica restarts in seconds, well inside the 60 s default deadline), and a
 # second resting replica would halve batch sizes on 2 cores. On the GPU profile the
@@ -63,7 +63,7 @@ def encoder_profiles(server: str, *, gpu_service_time_s: float) -> dict[str, dic
     """An encoder's CPU and GPU profiles.
 
     On the GPU profile (a cluster, where a replica adds capacity) the encoder is scaled
-    by the pipelines' arrivals (`servegraph.scaling`) within the bounds above, a call
+    by the pipelines' arrivals (`servegraph.deploy.scaling`) within the bounds above, a call
     costing a replica `gpu_service_time_s` at full load. On the CPU profile (one
     machine) it keeps Serve's default policy, which waits 30 s of a long queue before a
     second replica: on 2 cores a second replica adds no capacity and halves the batches,

@@ -11,9 +11,11 @@ from collections.abc import Iterator
 import httpx
 import pytest
 
-from servegraph.auth import client_headers
-from servegraph.local_ray import LocalCluster, local_cluster
-from servegraph.local_ray import wait_until_running as wait_until_running  # the tests' import
+from servegraph.deploy.local_ray import LocalCluster, local_cluster
+from servegraph.deploy.local_ray import (
+    wait_until_running as wait_until_running,  # the tests' import
+)
+from servegraph.security.client import client_headers
 from tests.otlp import OtlpReceiver
 
 SPANS_DIR = tempfile.mkdtemp(prefix="servegraph-test-spans-")
@@ -48,7 +50,7 @@ def cluster(otlp: OtlpReceiver) -> Iterator[LocalCluster]:
 def model_servers(cluster: LocalCluster) -> LocalCluster:
     """Every model server deployed, healthy, and the ingress (no pipelines yet)."""
     from deployments.catalog import CATALOG
-    from servegraph.planner import plan_platform
+    from servegraph.deploy.planner import plan_platform
 
     plan_platform([], CATALOG, all_servers=True).deploy()
     wait_until_running(["llm", "embedder", "classifier", "vector_index", "records"])
@@ -68,9 +70,9 @@ def pipelines(model_servers: LocalCluster) -> LocalCluster:
     """Every pipeline in `pipelines/` behind the ingress, knowledge base ingested."""
     from deployments.catalog import CATALOG
     from pipelines.rag.ingest import on_deploy
-    from servegraph.discovery import discover
-    from servegraph.planner import plan_platform
-    from servegraph.serving import INGRESS_APP
+    from servegraph.deploy.planner import plan_platform
+    from servegraph.lang.discovery import discover
+    from servegraph.serving.ingress import INGRESS_APP
 
     plan = plan_platform(discover("pipelines"), CATALOG, packages=["pipelines"])
     plan.apps = [app for app in plan.apps if app.name == INGRESS_APP]  # servers are up

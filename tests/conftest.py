@@ -14,7 +14,7 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 
 # API keys are on in every test, as in production: the session has its own key store,
-# and an admin key every client of the suite sends (`servegraph.auth.client_headers`).
+# and an admin key every client of the suite sends (`servegraph.security.client.client_headers`).
 # The cluster's replicas inherit both settings. Tests of the keys themselves make more.
 AUTH_DIR = Path(tempfile.mkdtemp(prefix="servegraph-test-auth-"))
 os.environ["SERVEGRAPH_AUTH_KEYS"] = str(AUTH_DIR / "keys.sqlite3")
@@ -22,7 +22,7 @@ os.environ.pop("SERVEGRAPH_AUTH_UNSAFE_DISABLED", None)
 
 
 def _admin_key() -> str:
-    from servegraph.auth import KeyStore
+    from servegraph.security.keys import KeyStore
 
     return KeyStore(AUTH_DIR / "keys.sqlite3").ensure_local_admin(AUTH_DIR / "local-admin.key")[0]
 

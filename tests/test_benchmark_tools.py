@@ -199,7 +199,7 @@ def test_the_spike_schedule_steps_and_is_the_same_for_a_seed() -> None:
 
 def test_the_spike_summary_reads_decisions_and_capacity_off_the_samples() -> None:
     from benchmarks.spike import Sample, Sent, summarise
-    from servegraph.simulated import BatchCurve, Curves, DecodeCurve
+    from servegraph.deploy.simulated import BatchCurve, Curves, DecodeCurve
 
     servers = ("embedder", "classifier", "llm")
 

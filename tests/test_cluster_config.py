@@ -49,7 +49,7 @@ def test_the_schema_check_can_fail() -> None:
 
 
 def test_cluster_nodes_start_with_the_ray_settings_local_ray_uses() -> None:
-    from servegraph.local_ray import RAY_ENV
+    from servegraph.deploy.local_ray import RAY_ENV
 
     config = yaml.safe_load((ROOT / "cluster.yaml").read_text())
     for commands in (config["head_start_ray_commands"], config["worker_start_ray_commands"]):
@@ -86,7 +86,7 @@ def _without_auth(config: dict, key: str) -> dict:
 
 
 def test_every_node_of_cluster_yaml_starts_ray_with_token_auth_and_no_token_in_the_file() -> None:
-    from servegraph.capacity import _ray_starts, ray_auth_problems
+    from servegraph.deploy.capacity.inputs import _ray_starts, ray_auth_problems
 
     assert ray_auth_problems(ROOT / "cluster.yaml") == []
     text = (ROOT / "cluster.yaml").read_text()
@@ -141,7 +141,7 @@ def test_token_auth_counts_where_the_shell_gives_it_to_ray_start(tmp_path: Path)
     """Set in the command before `ray start` (exported, or as its prefix), or exported
     from ~/.bashrc by the node's setup: token auth. Set to another mode, set after `ray
     start`, or a shell variable never exported: refused."""
-    from servegraph.capacity import ray_auth_problems
+    from servegraph.deploy.capacity.inputs import ray_auth_problems
 
     def problems(head_start: str, setup: list[str] | None = None) -> list[str]:
         config = yaml.safe_load((ROOT / "cluster.yaml").read_text())
@@ -182,7 +182,7 @@ def test_the_simulated_clusters_ray_processes_get_token_auth_and_the_env_comes_b
         from ray._raylet import (
             AuthenticationMode, AuthenticationTokenLoader, get_authentication_mode,
         )
-        from servegraph.local_ray import _ray_token_auth
+        from servegraph.deploy.local_ray import _ray_token_auth
 
         with _ray_token_auth() as token_file:
             assert os.environ["RAY_AUTH_MODE"] == "token"

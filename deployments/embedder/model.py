@@ -49,7 +49,7 @@ class SentenceEncoder:
         self.path = str(path or EmbedderSettings().model_dir)
         self._simulated = simulated_curves()
         if self._simulated is not None and self._simulated.encoder is not None:
-            # A benchmark's simulated model (`servegraph.simulated`): the load's time
+            # A benchmark's simulated model (`servegraph.deploy.simulated`): the load's time
             # passes, the forward pass is a wait from the measured curve.
             time.sleep(self._simulated.encoder.load_s)
             self.dim = self._simulated.encoder.dim

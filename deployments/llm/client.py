@@ -61,7 +61,7 @@ class LLMClient:
                 response = item
         except asyncio.CancelledError:
             # Serve does not cancel a child call when only its awaiting task is
-            # cancelled (servegraph.handles.cancel_when_abandoned): abort the generation.
+            # cancelled (servegraph.serving.handles.cancel_when_abandoned): abort the generation.
             cancel_off_loop(stream)
             raise
         reply = _to_chat_response(response, self.model_id)

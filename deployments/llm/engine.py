@@ -3,11 +3,11 @@
 - the check that the replica loaded the model files its application was built with
   (`servegraph.server.SameModel`);
 - the request's cost: the replica's time shared among the requests in flight, which
-  under continuous batching is a split by tokens processed (`servegraph.cost.Meter`),
+  under continuous batching is a split by tokens processed (`servegraph.cost.metering.Meter`),
   over every request the engine serves (the OpenAI routes' too). A pipeline's call
   (`LLMClient`, which sends no raw HTTP request) gets its charge as one more item after
   the engine's last one;
-- a call's allowance (what its request's budget had left, `servegraph.cost.allowance`):
+- a call's allowance (what its request's budget had left, `servegraph.cost.budget.allowance`):
   the generation stops when the call's charge reaches it, and the charge item says so;
 - the engine's CPU priority, below the other replicas' (`LLMSettings.cpu_nice_offset`,
   `lower_engine_priority`).

@@ -1,5 +1,5 @@
 """`ray.serve.llm`'s OpenAI ingress with the platform's API-key check on every route
-(the `llm` scope; `servegraph.auth`): its FastAPI app is built inside `ray.serve.llm`,
+(the `llm` scope; `servegraph.security`): its FastAPI app is built inside `ray.serve.llm`,
 so each route is wrapped (`guard_endpoint`) instead of the app getting a dependency.
 The wrapped routes take the same bodies, so the official `openai` client works with its
 `api_key` unchanged. The routes that run the model are metered for the key's LLM token
@@ -54,9 +54,9 @@ for _route in ROUTES + METERED + UNMETERED:
 
 def docs_as_configured(app: FastAPI) -> FastAPI:
     """The OpenAI app's docs pages as every other app of the platform has them
-    (`servegraph.http.make_app`): offline, or, with SERVEGRAPH_AUTH_OPEN_DOCS=false,
+    (`servegraph.serving.http.make_app`): offline, or, with SERVEGRAPH_AUTH_OPEN_DOCS=false,
     none at all: no /docs, /redoc or /openapi.json (each a 404)."""
-    from servegraph.auth import AuthSettings
+    from servegraph.server import AuthSettings
 
     if AuthSettings().open_docs:
         return offline_docs(app)

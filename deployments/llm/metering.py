@@ -1,8 +1,8 @@
 """What a request to the OpenAI routes spends of its key's LLM token budget
-(`servegraph.auth.guard_endpoint` asks an `OpenAIMeter` for each request):
+(`servegraph.security.endpoints.guard_endpoint` asks an `OpenAIMeter` for each request):
 
 - before the call, the most it may spend, reserved from the budget: its prompt's
-  estimate (`servegraph.tokens.PromptEstimate`: characters / 4, plus what recent prompts
+  estimate (`servegraph.engine.tokens.PromptEstimate`: characters / 4, plus what recent prompts
   of the route needed beyond that, e.g. the chat template's) plus its output's bound
   (`max_completion_tokens` or `max_tokens`, else what the context leaves; times `n`);
 - a streamed chat or completion always asks the engine for its usage on every chunk
@@ -22,7 +22,7 @@ from typing import Any, get_args
 
 from pydantic import BaseModel
 
-from servegraph.tokens import CHARS_PER_TOKEN, PromptEstimate
+from servegraph.server import CHARS_PER_TOKEN, PromptEstimate
 
 # The request fields that are the prompt, on whichever route has them.
 PROMPT_FIELDS = ("messages", "prompt", "suffix", "input", "text_1", "text_2", "tools", "tokens")
@@ -32,7 +32,7 @@ _ESTIMATES: dict[str, PromptEstimate] = {}  # per route: what its prompts need b
 
 
 class OpenAIMeter:
-    """One request to an OpenAI route, metered (`servegraph.auth.TokenMeter`)."""
+    """One request to an OpenAI route, metered (`servegraph.security.endpoints.TokenMeter`)."""
 
     def __init__(self, route: str, body: Any, context_tokens: int) -> None:
         self.route = route

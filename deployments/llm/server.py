@@ -69,7 +69,7 @@ def engine_kwargs(settings: LLMSettings, *, gpu: bool = False) -> dict[str, Any]
 
 
 def simulated_engine_env() -> dict[str, str]:
-    """Under a benchmark's simulated models (`servegraph.simulated`), the environment that
+    """Under a benchmark's simulated models (`servegraph.deploy.simulated`), the environment that
     makes `ray.serve.llm` run the simulated engine in place of vLLM; else nothing."""
     import os
 
@@ -128,7 +128,7 @@ def app(args: ServerAppArgs | dict[str, Any] | None = None) -> Any:
     from ray.serve.llm import build_openai_app
 
     from deployments.llm.ingress import GuardedIngress, offline_docs_during_build
-    from servegraph.settings import router_actor_options
+    from servegraph.server import router_actor_options
 
     overrides = ServerAppArgs.of(args).overrides
     routed = router_actor_options()

@@ -1,4 +1,4 @@
-"""A simulated LLM engine for benchmarks (`servegraph.simulated`): `ray.serve.llm`'s
+"""A simulated LLM engine for benchmarks (`servegraph.deploy.simulated`): `ray.serve.llm`'s
 `LLMServer` runs it in place of vLLM (its `RAYLLM_VLLM_ENGINE_CLS` hook), so the
 deployment, its ingress, the pipelines' client, metering and shedding are the real
 ones. A reply takes the prefill's time for its prompt, then one decode step per token,

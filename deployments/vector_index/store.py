@@ -24,7 +24,7 @@ from typing import Any, Literal
 import numpy as np
 
 from deployments.vector_index._rwlock import ReadWriteLock
-from servegraph.errors import InvalidInputError
+from servegraph import InvalidInputError
 
 IndexType = Literal["flat", "ivf", "hnsw"]
 _SCHEMA = """

@@ -18,7 +18,7 @@ from deployments.embedder.contract import EmbedResponse
 from deployments.vector_index.contract import AddResponse, IndexItem
 from pipelines.rag.models import Document, IngestedDocument, IngestRequest, IngestResponse
 from servegraph import Pipeline
-from servegraph.auth import client_headers
+from servegraph.security.client import client_headers
 
 KB_DIR = Path(__file__).parent / "kb"
 

@@ -2,16 +2,16 @@
 
 Describe a pipeline as a graph (`Pipeline`), check it (`validate`), compile it once
 (`compile`: validated, imports resolved), run it in-process (`InProcessRuntime`) and
-deploy it onto Ray Serve (`servegraph.planner` plans the applications,
-`servegraph.serving` is the ingress). Importing this package never imports Ray or loads
+deploy it onto Ray Serve (`servegraph.deploy.planner` plans the applications,
+`servegraph.serving.ingress` is the ingress). Importing this package never imports Ray or loads
 a model.
 """
 
-from servegraph.catalog import Catalog as Catalog
-from servegraph.catalog import MethodContract as MethodContract
-from servegraph.catalog import ServerSpec as ServerSpec
-from servegraph.compiled import CompiledGraph as CompiledGraph
-from servegraph.compiled import compile as compile
+from servegraph.engine.runtime import InProcessRuntime as InProcessRuntime
+from servegraph.engine.runtime import NodeRecord as NodeRecord
+from servegraph.engine.runtime import RunEvent as RunEvent
+from servegraph.engine.runtime import RunResult as RunResult
+from servegraph.engine.runtime import Runtime as Runtime
 from servegraph.errors import BudgetExceededError as BudgetExceededError
 from servegraph.errors import CatalogError as CatalogError
 from servegraph.errors import GraphValidationError as GraphValidationError
@@ -23,22 +23,22 @@ from servegraph.errors import OverloadedError as OverloadedError
 from servegraph.errors import PipelineRuntimeError as PipelineRuntimeError
 from servegraph.errors import Problem as Problem
 from servegraph.errors import ServegraphError as ServegraphError
-from servegraph.graph import DeploymentOverrides as DeploymentOverrides
-from servegraph.graph import Graph as Graph
-from servegraph.graph import Pipeline as Pipeline
-from servegraph.graph import Ref as Ref
-from servegraph.render import to_mermaid as to_mermaid
-from servegraph.render import to_text as to_text
-from servegraph.runtime import InProcessRuntime as InProcessRuntime
-from servegraph.runtime import NodeRecord as NodeRecord
-from servegraph.runtime import RunEvent as RunEvent
-from servegraph.runtime import RunResult as RunResult
-from servegraph.runtime import Runtime as Runtime
-from servegraph.serialize import from_yaml as from_yaml
-from servegraph.serialize import load_yaml as load_yaml
-from servegraph.serialize import to_yaml as to_yaml
-from servegraph.validation import check as check
-from servegraph.validation import validate as validate
+from servegraph.lang.catalog import Catalog as Catalog
+from servegraph.lang.catalog import MethodContract as MethodContract
+from servegraph.lang.catalog import ServerSpec as ServerSpec
+from servegraph.lang.compiled import CompiledGraph as CompiledGraph
+from servegraph.lang.compiled import compile as compile
+from servegraph.lang.graph import DeploymentOverrides as DeploymentOverrides
+from servegraph.lang.graph import Graph as Graph
+from servegraph.lang.graph import Pipeline as Pipeline
+from servegraph.lang.graph import Ref as Ref
+from servegraph.lang.render import to_mermaid as to_mermaid
+from servegraph.lang.render import to_text as to_text
+from servegraph.lang.serialize import from_yaml as from_yaml
+from servegraph.lang.serialize import load_yaml as load_yaml
+from servegraph.lang.serialize import to_yaml as to_yaml
+from servegraph.lang.validation import check as check
+from servegraph.lang.validation import validate as validate
 
 __all__ = [
     "BudgetExceededError",

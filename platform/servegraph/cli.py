@@ -16,20 +16,18 @@ servegraph cost       cost and energy per 1,000 requests, per pipeline and node
 from __future__ import annotations
 
 import argparse
-import contextlib
 import importlib
 import json
-import pkgutil
 import signal
 import sys
 import threading
 import time
-from collections.abc import Iterator
 from typing import Any
 
 import yaml
 from rich.console import Console
 
+from servegraph.deploy.local_platform import feasible, local_platform, plan_package
 from servegraph.settings import AppSettings
 
 console = Console()
@@ -169,7 +167,7 @@ def _keys_parser(commands: Any) -> None:
 def _observe(args: argparse.Namespace) -> int:
     from pathlib import Path
 
-    from servegraph.observe import RAY_SERVICE_DISCOVERY, prometheus
+    from servegraph.telemetry.observe import RAY_SERVICE_DISCOVERY, prometheus
 
     discovery = Path(args.service_discovery) if args.service_discovery else RAY_SERVICE_DISCOVERY
     if not discovery.exists():
@@ -192,7 +190,7 @@ def _observe(args: argparse.Namespace) -> int:
 
 
 def _keys(args: argparse.Namespace) -> int:
-    from servegraph.auth import AuthSettings, KeyStore
+    from servegraph.security.keys import AuthSettings, KeyStore
 
     store = KeyStore(AuthSettings().store_path)
     if args.action == "create":
@@ -223,24 +221,10 @@ def _keys(args: argparse.Namespace) -> int:
     return 1
 
 
-def _plan(package: str, catalog: str) -> Any:
-    from servegraph.discovery import discover
-    from servegraph.graph import resolve
-    from servegraph.planner import plan_platform
-
-    return plan_platform(
-        discover(package),
-        resolve(catalog),
-        catalog_path=catalog,
-        packages=[package],
-        all_servers=True,
-    )
-
-
 def _check(args: argparse.Namespace) -> int:
     if not _ray_authenticated(args.cluster):
         return 1
-    verdict_ok = _feasible(_plan_for(args), args.cluster)
+    verdict_ok = feasible(_plan_for(args), args.cluster, console)
     return 0 if verdict_ok else 1
 
 
@@ -249,7 +233,7 @@ def _ray_authenticated(cluster: str) -> bool:
     run without token authentication (anyone reaching its ports could run code)."""
     from pathlib import Path
 
-    from servegraph.capacity import ray_auth_problems
+    from servegraph.deploy.capacity.inputs import ray_auth_problems
 
     problems = ray_auth_problems(Path(cluster))
     for problem in problems:
@@ -271,46 +255,13 @@ def _plan_for(args: argparse.Namespace) -> Any:
     import os
     from pathlib import Path
 
-    from servegraph.capacity import cluster_env
+    from servegraph.deploy.capacity.inputs import cluster_env
 
     if getattr(args, "cluster", None):
         os.environ.update(cluster_env(Path(args.cluster)))
     if getattr(args, "profile", None):
         os.environ["SERVEGRAPH_PROFILE"] = args.profile
-    return _plan(args.package, args.catalog)
-
-
-def _feasible(plan: Any, cluster: str | None, *, quiet: bool = False) -> bool:
-    """Print what fits where on `cluster` (None: the running Ray cluster); False when a
-    deployment can never be placed or the plan does not fit at its minimum replicas."""
-    from pathlib import Path
-
-    from servegraph.capacity import asks_of, check, node_types, report, running_node_types
-
-    with console.status(f"packing the plan onto {cluster or 'this Ray cluster'}"):
-        types = node_types(Path(cluster)) if cluster else running_node_types()
-        verdict = check(asks_of(plan), types)
-    if quiet and verdict.ok:
-        at_max = (
-            "also at max_replicas"
-            if verdict.fits_max
-            else f"at max_replicas {len(verdict.unplaced['max'])} replica(s) would wait"
-        )
-        console.print(f"capacity: every deployment fits at min_replicas ({at_max})")
-    else:
-        console.print(report(verdict, types), markup=False, highlight=False)
-    if not verdict.ok:
-        console.print(
-            "[red]this plan cannot be placed: Ray Serve would leave those replicas pending "
-            "with no explanation. Give the node types more resources or workers, or the "
-            "deployments smaller asks (PROFILES, or a node's deployment= overrides).[/red]"
-        )
-    elif not verdict.fits_max and not quiet:
-        console.print(
-            "[yellow]fits at min_replicas, not at max_replicas: "
-            "autoscaling will stop short[/yellow]"
-        )
-    return verdict.ok
+    return plan_package(args.package, args.catalog)
 
 
 def _build(args: argparse.Namespace) -> int:
@@ -318,7 +269,7 @@ def _build(args: argparse.Namespace) -> int:
         return 1
     env = {"SERVEGRAPH_PROFILE": args.profile} if args.profile else None
     plan = _plan_for(args)
-    if args.cluster and not _feasible(plan, args.cluster):
+    if args.cluster and not feasible(plan, args.cluster, console):
         return 1
     config = plan.serve_config(host=args.host, port=args.port, env=env)
     text = yaml.safe_dump(config, sort_keys=False)
@@ -332,10 +283,10 @@ def _build(args: argparse.Namespace) -> int:
 
 
 def _validate(args: argparse.Namespace) -> int:
-    from servegraph.discovery import discover
     from servegraph.errors import GraphValidationError
-    from servegraph.graph import resolve
-    from servegraph.validation import validate
+    from servegraph.lang.discovery import discover
+    from servegraph.lang.graph import resolve
+    from servegraph.lang.validation import validate
 
     failed = 0
     for name, graph in discover(args.package).items():
@@ -349,8 +300,8 @@ def _validate(args: argparse.Namespace) -> int:
 
 
 def _render(args: argparse.Namespace) -> int:
-    from servegraph.discovery import discover
-    from servegraph.render import to_mermaid, to_text
+    from servegraph.lang.discovery import discover
+    from servegraph.lang.render import to_mermaid, to_text
 
     graph = discover(args.package)[args.name]
     print(to_mermaid(graph) if args.mermaid else to_text(graph))
@@ -377,49 +328,23 @@ def _run(args: argparse.Namespace) -> int:
     return 0
 
 
-@contextlib.contextmanager
-def _local_platform(args: argparse.Namespace, **cluster_options: Any) -> Iterator[Any]:
-    """A local Ray with every pipeline deployed and its start-up hooks run (None when
-    the plan cannot be placed); Serve and Ray shut down on exit."""
-    from servegraph.local_ray import local_cluster
-
-    plan = _plan(args.package, args.catalog)
-    _quiet_driver_logs()
-    with console.status("starting a local Ray cluster"):
-        cluster_cm = local_cluster(**cluster_options)
-        cluster = cluster_cm.__enter__()
-    _quiet_driver_logs()  # again: starting Ray resets its loggers
-    try:
-        console.print(f"Ray's and every replica's logs: {_logs_dir()} (replicas: serve/)")
-        if not _feasible(plan, None, quiet=True):
-            yield None
-            return
-        started = time.perf_counter()
-        with console.status("deploying model servers and pipelines (the LLM takes ~1 min)"):
-            plan.deploy()
-            _wait_running([app.name for app in plan.apps])
-        console.print(f"all applications RUNNING after {time.perf_counter() - started:.0f}s")
-        for module in _modules(args.package):
-            hook = getattr(module, "on_deploy", None)
-            if hook is not None:
-                hook(cluster.base_url)
-        yield cluster
-    finally:
-        with console.status("shutting down Serve and Ray"):
-            cluster_cm.__exit__(None, None, None)
+def _local_platform(args: argparse.Namespace, **cluster_options: Any) -> Any:
+    """`servegraph.deploy.local_platform.local_platform` for this command's package and
+    catalog (a name the batch test replaces)."""
+    return local_platform(args.package, args.catalog, console, **cluster_options)
 
 
 def _cost(args: argparse.Namespace) -> int:
     from rich.table import Table
 
-    from servegraph.cost import per_thousand
-    from servegraph.observe import Prometheus
+    from servegraph.cost.report import per_thousand
+    from servegraph.telemetry.observe import Prometheus
 
     rows = per_thousand(Prometheus(args.prometheus).query, args.window)
     if not rows:
         console.print(f"no pipeline requests in the last {args.window} at {args.prometheus}")
         return 1
-    table = Table(title=f"per 1,000 requests, last {args.window} (servegraph.cost.Prices)")
+    table = Table(title=f"per 1,000 requests, last {args.window} (servegraph.cost.prices.Prices)")
     for column in ("pipeline", "node", "requests", "USD / 1,000", "Wh / 1,000"):
         table.add_column(column, justify="left" if column in ("pipeline", "node") else "right")
     for row in rows:
@@ -492,55 +417,10 @@ def _batch(args: argparse.Namespace) -> int:
     return 0 if not report.failed else 2
 
 
-def _wait_running(apps: list[str], timeout_s: float = 900) -> None:
-    from ray import serve
-
-    deadline = time.monotonic() + timeout_s
-    while time.monotonic() < deadline:
-        status = serve.status().applications
-        failed = {
-            n: status[n].message
-            for n in apps
-            if n in status and status[n].status == "DEPLOY_FAILED"
-        }
-        if failed:
-            raise RuntimeError(f"deploy failed: {failed}")
-        if all(n in status and status[n].status == "RUNNING" for n in apps):
-            return
-        time.sleep(1)
-    raise TimeoutError(f"not RUNNING after {timeout_s}s: {apps}")
-
-
-def _modules(package: str) -> list[Any]:
-    root = importlib.import_module(package)
-    return [
-        importlib.import_module(i.name)
-        for i in pkgutil.walk_packages(root.__path__, prefix=f"{package}.")
-    ]
-
-
-def _quiet_driver_logs() -> None:
-    """This console is for people: the platform's own progress lines. Ray's and Serve's
-    driver-side INFO lines (JSON, one per deployment step) and each HTTP call of the
-    start-up hooks go to Ray's log files only; warnings and errors still show."""
-    import logging
-
-    for name in ("ray", "ray.serve", "ray.data", "httpx", "httpcore"):
-        logging.getLogger(name).setLevel(logging.WARNING)
-    logging.getLogger("vllm").setLevel(logging.ERROR)  # import-time notes (Triton on CPU)
-
-
-def _logs_dir() -> str:
-    import ray
-
-    node = ray._private.worker._global_node  # the session folder of this cluster
-    return str(node.get_logs_dir_path()) if node is not None else "/tmp/ray/session_latest/logs"
-
-
 def _local_admin_key() -> str | None:
     """Create the local user's admin key once (idempotent); the file that holds it, for
     the curl examples. None when auth is off (SERVEGRAPH_AUTH_UNSAFE_DISABLED)."""
-    from servegraph.auth import ensure_local_admin_key
+    from servegraph.security.client import ensure_local_admin_key
 
     local = ensure_local_admin_key()
     if local is None:
@@ -559,7 +439,7 @@ def _local_admin_key() -> str | None:
 
 
 def _print_endpoints(cluster: Any, package: str, key_file: str | None = None) -> None:
-    from servegraph.discovery import discover
+    from servegraph.lang.discovery import discover
 
     auth = f' -H "authorization: Bearer $(cat {key_file})"' if key_file else ""
     base = cluster.base_url

@@ -80,15 +80,15 @@ def batch(
     Needs a Ray connection with the pipeline's model servers deployed (`servegraph batch`
     starts a local platform when given no address). `concurrency` is how many rows run
     at once in all; `max_cost_usd` each row's maximum cost (a row over it is an error
-    row with status 402; see `servegraph.cost.Budget`); `on_progress(done, total)` is
+    row with status 402; see `servegraph.cost.budget.Budget`); `on_progress(done, total)` is
     called after every row written.
     """
     import ray
 
-    from servegraph.catalog import Catalog
-    from servegraph.compiled import compile as compile_graph
-    from servegraph.discovery import discover
-    from servegraph.graph import resolve
+    from servegraph.lang.catalog import Catalog
+    from servegraph.lang.compiled import compile as compile_graph
+    from servegraph.lang.discovery import discover
+    from servegraph.lang.graph import resolve
     from servegraph.settings import AppSettings
 
     settings = AppSettings()
@@ -234,12 +234,12 @@ class _Runner:
     def __init__(
         self, pipeline: str, package: str, catalog: str, max_cost_usd: float | None = None
     ) -> None:
-        from servegraph import tracing
-        from servegraph.compiled import compile as compile_graph
-        from servegraph.discovery import discover
-        from servegraph.graph import resolve
-        from servegraph.handles import ServeInvoker
-        from servegraph.runtime import Runtime
+        from servegraph.engine.runtime import Runtime
+        from servegraph.lang.compiled import compile as compile_graph
+        from servegraph.lang.discovery import discover
+        from servegraph.lang.graph import resolve
+        from servegraph.serving.handles import ServeInvoker
+        from servegraph.telemetry import tracing
 
         cat = resolve(catalog)
         invoker = ServeInvoker(cat)
@@ -266,11 +266,11 @@ class _Runner:
         )
 
     async def _one(self, row_id: str, line: int, body: dict[str, Any]) -> dict[str, Any]:
-        from servegraph.cost import Budget
+        from servegraph.cost.budget import Budget
+        from servegraph.engine.runtime import NodeRecord
         from servegraph.errors import PipelineRuntimeError
-        from servegraph.http import runtime_error_body
-        from servegraph.runtime import NodeRecord
-        from servegraph.serving import usage_of
+        from servegraph.serving.http import runtime_error_body
+        from servegraph.serving.ingress import usage_of
 
         records: list[NodeRecord] = []
         started = time.perf_counter()

@@ -14,47 +14,58 @@ and `tokens_counted`, whether it should), and the autoscaling that sizes a serve
 pipelines' arrivals (`graph_autoscaling`), and a benchmark's simulated models: the curves
 a forward pass waits instead of running (`simulated_curves`, None unless a benchmark
 asks), a simulated encoder's vector (`simulated_vector`) and a simulated LLM's
-guided-JSON reply (`simulated_json`). Everything else
-in the framework is private to it. Importing this module imports neither Ray nor a
-model.
+guided-JSON reply (`simulated_json`). The LLM server also takes the platform's settings
+(`AuthSettings` for its docs pages, `router_actor_options` for its router's placement),
+its prompt-size estimate (`PromptEstimate`, `CHARS_PER_TOKEN`), and `resolve` (an
+import path's object) for the set-up steps. Everything else in the framework is private
+to it, and `tests/test_import_rules.py` holds model servers to this module and
+`servegraph`. Importing this module imports neither Ray nor a model.
 """
 
 from __future__ import annotations
 
 from typing import Any
 
-from servegraph.auth import guard_endpoint as guard_endpoint
-from servegraph.batching import Batcher as Batcher
-from servegraph.batching import BatchStats as BatchStats
-from servegraph.cost import CHARGE_ITEM as CHARGE_ITEM
-from servegraph.cost import Meter as Meter
-from servegraph.cost import allowance as allowance
-from servegraph.cost import attach as attach_charge
-from servegraph.cost import metered as metered
-from servegraph.cost import prices as prices
-from servegraph.cost import replica_resources as replica_resources
+from servegraph.cost.budget import allowance as allowance
+from servegraph.cost.metering import CHARGE_ITEM as CHARGE_ITEM
+from servegraph.cost.metering import Meter as Meter
+from servegraph.cost.metering import attach as attach_charge
+from servegraph.cost.metering import metered as metered
+from servegraph.cost.metering import replica_resources as replica_resources
+from servegraph.cost.prices import prices as prices
+from servegraph.deploy.fingerprint import SameModel as SameModel
+from servegraph.deploy.fingerprint import expected_env as expected_model_env
+from servegraph.deploy.fingerprint import with_expected_model as with_expected_model
+from servegraph.deploy.scaling.settings import graph_autoscaling as graph_autoscaling
+from servegraph.deploy.simulated import ENV as SIMULATED_MODELS_ENV
+from servegraph.deploy.simulated import curves as simulated_curves
+from servegraph.deploy.simulated import instance as simulated_json
+from servegraph.deploy.simulated import vector as simulated_vector
+from servegraph.engine.tokens import CHARS_PER_TOKEN as CHARS_PER_TOKEN
+from servegraph.engine.tokens import PromptEstimate as PromptEstimate
+from servegraph.engine.tokens import counted as tokens_counted
+from servegraph.engine.tokens import report as report_tokens
 from servegraph.errors import InvalidInputError as InvalidInputError
-from servegraph.fingerprint import SameModel as SameModel
-from servegraph.fingerprint import expected_env as expected_model_env
-from servegraph.fingerprint import with_expected_model as with_expected_model
-from servegraph.http import offline_docs as offline_docs
-from servegraph.merging import accepts_merged_calls as accepts_merged_calls
-from servegraph.scaling.settings import graph_autoscaling as graph_autoscaling
-from servegraph.simulated import ENV as SIMULATED_MODELS_ENV
-from servegraph.simulated import curves as simulated_curves
-from servegraph.simulated import instance as simulated_json
-from servegraph.simulated import vector as simulated_vector
-from servegraph.tokens import counted as tokens_counted
-from servegraph.tokens import report as report_tokens
-from servegraph.tracing import annotate as annotate
+from servegraph.lang.graph import resolve as resolve
+from servegraph.security.endpoints import guard_endpoint as guard_endpoint
+from servegraph.security.keys import AuthSettings as AuthSettings
+from servegraph.serving.batching import Batcher as Batcher
+from servegraph.serving.batching import BatchStats as BatchStats
+from servegraph.serving.http import offline_docs as offline_docs
+from servegraph.serving.merging import accepts_merged_calls as accepts_merged_calls
+from servegraph.settings import router_actor_options as router_actor_options
+from servegraph.telemetry.tracing import annotate as annotate
 
 __all__ = [
     "CHARGE_ITEM",
+    "CHARS_PER_TOKEN",
     "SIMULATED_MODELS_ENV",
+    "AuthSettings",
     "BatchStats",
     "Batcher",
     "InvalidInputError",
     "Meter",
+    "PromptEstimate",
     "SameModel",
     "accepts_merged_calls",
     "allowance",
@@ -70,6 +81,8 @@ __all__ = [
     "prices",
     "replica_resources",
     "report_tokens",
+    "resolve",
+    "router_actor_options",
     "simulated_curves",
     "simulated_json",
     "simulated_vector",
@@ -80,16 +93,16 @@ __all__ = [
 
 def cancel_off_loop(response: Any) -> None:
     """Cancel a Serve handle call (a `DeploymentResponse` or a streaming one) from a
-    thread, never blocking the event loop (`servegraph.handles.cancel_off_loop`)."""
-    from servegraph.handles import cancel_off_loop as cancel  # imports Ray: only when used
+    thread, never blocking the event loop (`servegraph.serving.handles.cancel_off_loop`)."""
+    from servegraph.serving.handles import cancel_off_loop as cancel  # imports Ray: only when used
 
     cancel(response)
 
 
 def gateway_app(server: str, model: Any, catalog_path: str | None = None) -> Any:
     """The Serve application of model server `server`: its REST surface (a gateway
-    deployment, `servegraph.gateway`) in front of `model`, the bound model deployment
+    deployment, `servegraph.serving.gateway`) in front of `model`, the bound model deployment
     that pipelines call by handle."""
-    from servegraph.gateway import gateway_app as build  # imports Ray: only when building
+    from servegraph.serving.gateway import gateway_app as build  # imports Ray: only when building
 
     return build(server, model, catalog_path)

@@ -18,8 +18,8 @@ from pydantic import BaseModel
 import deployments
 from deployments.catalog import CATALOG
 from servegraph import Catalog, InProcessRuntime, Pipeline, validate
-from servegraph.graph import resolve
-from servegraph.planner import plan_platform
+from servegraph.deploy.planner import plan_platform
+from servegraph.lang.graph import resolve
 from tests.deployments.test_contracts import check, served_class
 
 FOLDER = {

@@ -14,8 +14,8 @@ from collections.abc import AsyncIterator
 import pytest
 
 from deployments.catalog import CATALOG
-from servegraph.catalog import MethodContract, ServerSpec
-from servegraph.graph import resolve
+from servegraph.lang.catalog import MethodContract, ServerSpec
+from servegraph.lang.graph import resolve
 
 
 def served_class(spec: ServerSpec) -> type:

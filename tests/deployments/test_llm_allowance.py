@@ -12,7 +12,8 @@ import pytest
 
 from deployments.llm.client import STOPPED
 from deployments.llm.engine import LLMServer
-from servegraph.cost import CHARGE_ITEM, Meter, prices
+from servegraph.cost.metering import CHARGE_ITEM, Meter
+from servegraph.cost.prices import prices
 
 
 class Clock:

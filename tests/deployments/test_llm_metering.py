@@ -22,10 +22,12 @@ from deployments.llm import metering
 from deployments.llm.client import LLMClient
 from deployments.llm.contract import ChatRequest, ChatResponse, Message
 from deployments.llm.ingress import METERED, UNMETERED
-from servegraph.auth import AuthSettings, Guard, KeyStore, guard_endpoint
-from servegraph.cost import CHARGE_ITEM
-from servegraph.limits import Limiter
-from servegraph.tokens import Incurred, counting
+from servegraph.cost.metering import CHARGE_ITEM
+from servegraph.engine.tokens import Incurred, counting
+from servegraph.security.endpoints import guard_endpoint
+from servegraph.security.guard import Guard
+from servegraph.security.keys import AuthSettings, KeyStore
+from servegraph.security.limits import Limiter
 
 PROMPT = "word " * 1600  # 8,000 characters: 2,000 tokens by the estimate
 

@@ -5,8 +5,8 @@ from __future__ import annotations
 import httpx
 import pytest
 
-from servegraph.auth import client_headers
-from servegraph.local_ray import LocalCluster
+from servegraph.deploy.local_ray import LocalCluster
+from servegraph.security.client import client_headers
 
 pytestmark = pytest.mark.integration
 

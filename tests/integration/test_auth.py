@@ -18,8 +18,8 @@ import httpx
 import openai
 import pytest
 
-from servegraph.auth import AuthSettings, KeyStore
-from servegraph.local_ray import LocalCluster
+from servegraph.deploy.local_ray import LocalCluster
+from servegraph.security.keys import AuthSettings, KeyStore
 from tests._cluster import SPANS_DIR, wait_until_running
 
 pytestmark = pytest.mark.integration
@@ -112,9 +112,9 @@ def test_a_keys_rate_limit_is_shared_by_two_ingress_replicas(pipelines: LocalClu
     from ray import serve
 
     from deployments.catalog import CATALOG
-    from servegraph.discovery import discover
-    from servegraph.planner import plan_platform
-    from servegraph.serving import INGRESS_APP
+    from servegraph.deploy.planner import plan_platform
+    from servegraph.lang.discovery import discover
+    from servegraph.serving.ingress import INGRESS_APP
 
     def deploy_ingress(**deployment: object) -> None:
         plan = plan_platform(
@@ -234,7 +234,7 @@ def test_a_killed_limiter_never_turns_requests_into_errors(pipelines: LocalClust
     answered, admitted while it is away, limited again once it is back."""
     import ray
 
-    from servegraph.limits import ACTOR_NAME, ACTOR_NAMESPACE
+    from servegraph.security.limits import ACTOR_NAME, ACTOR_NAMESPACE
 
     key = store().create("it-limiter-fault", ["invoke:*"], requests_per_s=1000)
 

@@ -10,8 +10,8 @@ import httpx
 import pytest
 from ray import serve
 
-from servegraph.auth import client_headers
-from servegraph.local_ray import LocalCluster
+from servegraph.deploy.local_ray import LocalCluster
+from servegraph.security.client import client_headers
 from tests._cluster import wait_until_running
 
 pytestmark = pytest.mark.integration
@@ -114,7 +114,7 @@ def target_replicas(*deployments: tuple[str, str]) -> tuple[int, ...]:
 def test_pipeline_arrivals_grow_every_server_they_call_in_one_decision(
     pipelines: LocalCluster,
 ) -> None:
-    """Graph-aware scaling (`servegraph.scaling`): four `triage` requests arriving grow
+    """Graph-aware scaling (`servegraph.deploy.scaling`): four `triage` requests arriving grow
     the classifier and the embedder, which triage calls, in the same decision, with the
     callers'-queue rule switched off, so the growth is the prediction's. A call is said
     to cost 30 s, so 4 requests want more than one replica of each as long as they are

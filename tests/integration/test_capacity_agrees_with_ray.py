@@ -28,7 +28,8 @@ from dataclasses import dataclass
 
 import pytest
 
-from servegraph.capacity import Ask, NodeType, check
+from servegraph.deploy.capacity.inputs import Ask, NodeType
+from servegraph.deploy.capacity.search import check
 
 pytestmark = pytest.mark.own_cluster
 

@@ -11,14 +11,14 @@ import statistics
 import httpx
 import pytest
 
-from servegraph.local_ray import LocalCluster
+from servegraph.deploy.local_ray import LocalCluster
 
 pytestmark = pytest.mark.integration
 
 
 @pytest.fixture(scope="module")
 def client(pipelines: LocalCluster) -> httpx.Client:
-    from servegraph.auth import client_headers
+    from servegraph.security.client import client_headers
 
     with httpx.Client(base_url=pipelines.base_url, headers=client_headers(), timeout=180) as client:
         yield client
@@ -49,9 +49,9 @@ def test_two_requests_served_at_once_are_each_charged_about_half_of_one_alone(
     pipelines: LocalCluster,
 ) -> None:
     from deployments.catalog import CATALOG
-    from servegraph.gateway import method_graph
-    from servegraph.handles import ServeInvoker
-    from servegraph.runtime import NodeRecord, Runtime
+    from servegraph.engine.runtime import NodeRecord, Runtime
+    from servegraph.serving.gateway import method_graph
+    from servegraph.serving.handles import ServeInvoker
 
     runtime = Runtime(CATALOG, ServeInvoker(CATALOG))
     graph = runtime.compile(method_graph(CATALOG["embedder"], "embed_one"))
@@ -87,7 +87,7 @@ def test_a_maximum_cost_stops_before_the_node_it_cannot_afford_or_lowers_max_tok
     room for the encoders but not the LLM's full reply, each is stopped at a node or has
     its max_tokens lowered, and writes no more than that; with room to spare, none is
     touched."""
-    from servegraph.auth import client_headers
+    from servegraph.security.client import client_headers
 
     question = {"question": "How long do refunds take after a return?"}
     for _ in range(3):  # the ingress learns what each call costs from every request

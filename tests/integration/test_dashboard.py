@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from servegraph.local_ray import LocalCluster
+from servegraph.deploy.local_ray import LocalCluster
 
 pytestmark = pytest.mark.integration
 

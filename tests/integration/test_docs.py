@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-from servegraph.local_ray import LocalCluster
+from servegraph.deploy.local_ray import LocalCluster
 
 pytestmark = pytest.mark.integration
 

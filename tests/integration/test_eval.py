@@ -8,7 +8,7 @@ from __future__ import annotations
 import pytest
 
 from benchmarks.eval_pipelines import Scores, evaluate, over_http
-from servegraph.local_ray import LocalCluster
+from servegraph.deploy.local_ray import LocalCluster
 
 pytestmark = pytest.mark.integration
 

@@ -21,8 +21,8 @@ from pathlib import Path
 import httpx
 import pytest
 
-from servegraph.auth import client_headers
-from servegraph.local_ray import free_port
+from servegraph.deploy.local_ray import free_port
+from servegraph.security.client import client_headers
 
 pytestmark = pytest.mark.own_cluster
 

@@ -12,7 +12,7 @@ from typing import Any
 from ray import serve
 
 from benchmarks.traffic import callers, one_document
-from servegraph.local_ray import LocalCluster
+from servegraph.deploy.local_ray import LocalCluster
 
 CALLERS, PER_CALLER = 64, 3
 

@@ -18,8 +18,8 @@ from deployments.classifier.contract import ClassifyRequest
 from deployments.embedder.contract import EmbedOneRequest
 from deployments.fields import MAX_BATCH
 from deployments.llm.contract import ChatRequest, Message
-from servegraph.auth import client_headers
-from servegraph.local_ray import LocalCluster
+from servegraph.deploy.local_ray import LocalCluster
+from servegraph.security.client import client_headers
 from tests.procs import thread_nice
 
 pytestmark = pytest.mark.integration

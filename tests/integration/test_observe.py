@@ -14,10 +14,10 @@ from pathlib import Path
 import httpx
 import pytest
 
-from servegraph.auth import client_headers
-from servegraph.cost import per_thousand
-from servegraph.local_ray import LocalCluster, free_port
-from servegraph.observe import prometheus
+from servegraph.cost.report import per_thousand
+from servegraph.deploy.local_ray import LocalCluster, free_port
+from servegraph.security.client import client_headers
+from servegraph.telemetry.observe import prometheus
 
 pytestmark = pytest.mark.integration
 ROOT = Path(__file__).resolve().parents[2]

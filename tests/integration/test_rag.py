@@ -8,8 +8,8 @@ import httpx
 import pytest
 
 from pipelines.evidence import sentences
-from servegraph.auth import client_headers
-from servegraph.local_ray import LocalCluster
+from servegraph.deploy.local_ray import LocalCluster
+from servegraph.security.client import client_headers
 from tests.sse import sse_events
 
 pytestmark = pytest.mark.integration

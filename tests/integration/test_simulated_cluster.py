@@ -1,6 +1,6 @@
 """The whole platform on a simulated multi-node cluster shaped like `cluster.yaml` (issue 16).
 
-Several raylets on this machine (`servegraph.local_ray.simulated_cluster`): the head type
+Several raylets on this machine (`servegraph.deploy.local_ray.simulated_cluster`): the head type
 and two of its GPU worker type (of `max_workers: 4`), each with the resources
 `cluster.yaml` declares, one logical GPU per worker included. The platform deploys with
 the GPU profile's asks (`SERVEGRAPH_PROFILE=gpu`), so Ray's placement is the real one:
@@ -31,9 +31,9 @@ import httpx
 import pytest
 
 from benchmarks.traffic import Answer, callers, one_document, until
-from servegraph.auth import client_headers
-from servegraph.capacity import HEAD_RESOURCE, NodeType, node_types
-from servegraph.local_ray import SimulatedCluster, SimulatedNode, simulated_cluster
+from servegraph.deploy.capacity.inputs import HEAD_RESOURCE, NodeType, node_types
+from servegraph.deploy.local_ray import SimulatedCluster, SimulatedNode, simulated_cluster
+from servegraph.security.client import client_headers
 from tests._cluster import wait_until_running
 
 pytestmark = pytest.mark.own_cluster
@@ -87,9 +87,10 @@ def test_ray_on_the_simulated_cluster_refuses_callers_without_its_token() -> Non
 def sim() -> Iterator[SimulatedCluster]:
     from deployments.catalog import CATALOG
     from pipelines.rag.ingest import on_deploy
-    from servegraph.capacity import asks_of, check, running_node_types
-    from servegraph.discovery import discover
-    from servegraph.planner import plan_platform
+    from servegraph.deploy.capacity.inputs import asks_of, running_node_types
+    from servegraph.deploy.capacity.search import check
+    from servegraph.deploy.planner import plan_platform
+    from servegraph.lang.discovery import discover
 
     head, workers = shape()
     with pytest.MonkeyPatch.context() as env:

@@ -16,8 +16,9 @@ import httpx
 import openai
 import pytest
 
-from servegraph.auth import AuthSettings, KeyStore, client_headers
-from servegraph.local_ray import LocalCluster
+from servegraph.deploy.local_ray import LocalCluster
+from servegraph.security.client import client_headers
+from servegraph.security.keys import AuthSettings, KeyStore
 
 pytestmark = pytest.mark.integration
 QUESTION = {"question": "How long do refunds take after a return?"}
@@ -141,7 +142,7 @@ def test_twenty_requests_at_once_on_a_key_with_one_answer_left_overspend_one_res
 ) -> None:
     import ray
 
-    from servegraph.limits import ACTOR_NAME, ACTOR_NAMESPACE
+    from servegraph.security.limits import ACTOR_NAME, ACTOR_NAMESPACE
 
     per_min = 120  # refills 2 tokens a second: little during the burst
     key = store().create("it-crowd", ["llm"], tokens_per_min=per_min)

@@ -11,8 +11,8 @@ from pathlib import Path
 import httpx
 import pytest
 
-from servegraph.auth import client_headers
-from servegraph.local_ray import LocalCluster
+from servegraph.deploy.local_ray import LocalCluster
+from servegraph.security.client import client_headers
 from tests._cluster import SPANS_DIR
 from tests.otlp import OtlpReceiver, ingress_span
 from tests.sse import sse_events

@@ -13,8 +13,8 @@ import httpx
 import pytest
 import yaml
 
-from servegraph.auth import client_headers
-from servegraph.local_ray import LocalCluster
+from servegraph.deploy.local_ray import LocalCluster
+from servegraph.security.client import client_headers
 from tests._cluster import wait_until_running
 from tests.otlp import OtlpReceiver, ingress_span
 
@@ -25,8 +25,8 @@ def test_generated_config_deploys_with_serve_deploy(
     pipelines: LocalCluster, tmp_path: Path, otlp: OtlpReceiver
 ) -> None:
     from deployments.catalog import CATALOG
-    from servegraph.discovery import discover
-    from servegraph.planner import plan_platform
+    from servegraph.deploy.planner import plan_platform
+    from servegraph.lang.discovery import discover
 
     plan = plan_platform(discover("pipelines"), CATALOG, packages=["pipelines"], all_servers=True)
     # The apps are built in Serve's controller, not here: hand it this session's index.

@@ -18,7 +18,7 @@ from deployments.vector_index.model import VectorIndex
 from pipelines import evidence
 from pipelines.rag.ingest import knowledge_base
 from servegraph import InProcessRuntime
-from servegraph.discovery import discover
+from servegraph.lang.discovery import discover
 
 DIM = 256
 

@@ -17,9 +17,9 @@ def main(port: int) -> None:
     from ray import serve
 
     from deployments.catalog import CATALOG
-    from servegraph.discovery import discover
-    from servegraph.local_ray import local_cluster
-    from servegraph.planner import plan_platform
+    from servegraph.deploy.local_ray import local_cluster
+    from servegraph.deploy.planner import plan_platform
+    from servegraph.lang.discovery import discover
 
     stop = threading.Event()
     signal.signal(signal.SIGTERM, lambda *_: stop.set())

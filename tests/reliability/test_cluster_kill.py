@@ -21,8 +21,8 @@ import psutil
 import pytest
 
 from benchmarks.traffic import callers, one_document
-from servegraph.auth import client_headers
-from servegraph.local_ray import LocalCluster, free_port
+from servegraph.deploy.local_ray import LocalCluster, free_port
+from servegraph.security.client import client_headers
 
 pytestmark = pytest.mark.reliability
 

@@ -11,8 +11,8 @@ import httpx
 import pytest
 
 from benchmarks.traffic import callers
-from servegraph.auth import client_headers
-from servegraph.local_ray import LocalCluster
+from servegraph.deploy.local_ray import LocalCluster
+from servegraph.security.client import client_headers
 
 pytestmark = pytest.mark.reliability
 

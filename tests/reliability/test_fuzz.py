@@ -21,8 +21,8 @@ from hypothesis import HealthCheck, Phase
 from schemathesis.checks import response_schema_conformance, status_code_conformance
 from schemathesis.generation import GenerationMode
 
-from servegraph.auth import client_headers
-from servegraph.local_ray import LocalCluster
+from servegraph.deploy.local_ray import LocalCluster
+from servegraph.security.client import client_headers
 
 pytestmark = pytest.mark.reliability
 

@@ -17,8 +17,8 @@ from collections import Counter
 import pytest
 
 from benchmarks.traffic import burst
-from servegraph.auth import client_headers
-from servegraph.local_ray import LocalCluster
+from servegraph.deploy.local_ray import LocalCluster
+from servegraph.security.client import client_headers
 
 pytestmark = pytest.mark.reliability
 

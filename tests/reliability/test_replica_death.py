@@ -11,8 +11,8 @@ import httpx
 import pytest
 
 from benchmarks.traffic import Answer, kill_under_load
-from servegraph.auth import client_headers
-from servegraph.local_ray import LocalCluster
+from servegraph.deploy.local_ray import LocalCluster
+from servegraph.security.client import client_headers
 
 pytestmark = pytest.mark.reliability
 
@@ -45,7 +45,7 @@ def test_killing_a_replica_under_pipeline_load_loses_no_request(
         body,
         app=app,
         deployment=deployment,
-        n=64,  # the callers' calls to the server are merged (servegraph.merging)
+        n=64,  # the callers' calls to the server are merged (servegraph.serving.merging)
         before=64,
         after=64,
         headers={"X-Request-Timeout": "60"},

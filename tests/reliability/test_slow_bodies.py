@@ -18,8 +18,8 @@ from contextlib import ExitStack, contextmanager
 import httpx
 import pytest
 
-from servegraph.auth import client_headers
-from servegraph.local_ray import LocalCluster
+from servegraph.deploy.local_ray import LocalCluster
+from servegraph.security.client import client_headers
 
 pytestmark = pytest.mark.reliability
 

@@ -10,9 +10,9 @@ import httpx
 import pytest
 
 from servegraph import Pipeline
-from servegraph.admission import pipeline_of
-from servegraph.auth import client_headers
-from servegraph.serving import build_fastapi
+from servegraph.security.client import client_headers
+from servegraph.serving.admission import pipeline_of
+from servegraph.serving.ingress import build_fastapi
 from tests.servegraph import toy
 from tests.servegraph.test_http_stream import ToyInvoker
 

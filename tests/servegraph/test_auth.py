@@ -1,6 +1,7 @@
-"""API keys, scopes and limits (`servegraph.auth`, `servegraph.limits`) without Ray: the
-key store on a real SQLite file shared by several "replicas", the FastAPI check on a
-real app over ASGI with many callers at once, and the token buckets on a fake clock."""
+"""API keys, scopes and limits (`servegraph.security`, `servegraph.security.limits`)
+without Ray: the key store on a real SQLite file shared by several "replicas", the
+FastAPI check on a real app over ASGI with many callers at once, and the token buckets
+on a fake clock."""
 
 from __future__ import annotations
 
@@ -15,11 +16,13 @@ from fastapi.responses import JSONResponse
 
 from deployments.catalog import CATALOG
 from deployments.llm.metering import meter
-from servegraph.auth import AuthSettings, Guard, KeyStore, guard_endpoint
-from servegraph.discovery import discover
-from servegraph.gateway import build_gateway
-from servegraph.limits import Limiter
-from servegraph.serving import pipeline_scope
+from servegraph.lang.discovery import discover
+from servegraph.security.endpoints import guard_endpoint
+from servegraph.security.guard import Guard
+from servegraph.security.keys import AuthSettings, KeyStore
+from servegraph.security.limits import Limiter
+from servegraph.serving.gateway import build_gateway
+from servegraph.serving.ingress import pipeline_scope
 
 
 class Clock:
@@ -127,8 +130,8 @@ def test_token_budgets_go_into_debt_and_refill() -> None:
 def app_with(scope: str | None) -> FastAPI:
     from fastapi import Depends
 
-    from servegraph.auth import require
-    from servegraph.http import install_error_handlers
+    from servegraph.security.endpoints import require
+    from servegraph.serving.http import install_error_handlers
 
     app = FastAPI()
     install_error_handlers(app)
@@ -244,7 +247,7 @@ async def test_when_the_shared_limiter_cannot_answer_requests_are_admitted(
 
     # Dead now, and still dead when the guard looks the actor up again.
     guard._limiter = DeadActor()
-    monkeypatch.setattr("servegraph.limits.shared_limiter", DeadActor)
+    monkeypatch.setattr("servegraph.security.limits.shared_limiter", DeadActor)
     key = store.create("during-restart", ["invoke:*"], requests_per_s=1)
     async with client(app_with(None), key) as c:
         answers = await asyncio.gather(*(c.get("/thing") for _ in range(16)))
@@ -253,7 +256,7 @@ async def test_when_the_shared_limiter_cannot_answer_requests_are_admitted(
 
 def test_every_keyed_route_documents_401_403_and_429() -> None:
     """What the fuzzer checks on the cluster: no answer a route's OpenAPI leaves out."""
-    from servegraph.serving import build_fastapi
+    from servegraph.serving.ingress import build_fastapi
 
     apps = {
         "ingress": build_fastapi(discover("pipelines"), CATALOG, invoke=None),

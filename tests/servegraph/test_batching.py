@@ -1,4 +1,4 @@
-"""The dynamic batcher every model server uses (`servegraph.batching`), without Ray or a
+"""The dynamic batcher every model server uses (`servegraph.serving.batching`), without Ray or a
 model: a batch function that records what it was given. Many concurrent callers, as in
 serving: the point is what batches they form."""
 
@@ -8,7 +8,7 @@ import asyncio
 
 import pytest
 
-from servegraph.batching import Batcher, BatchStats
+from servegraph.serving.batching import Batcher, BatchStats
 
 pytestmark = pytest.mark.unit
 

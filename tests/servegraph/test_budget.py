@@ -1,4 +1,4 @@
-"""A request's maximum cost (`servegraph.cost.Budget`): the runtime stops before a call
+"""A request's maximum cost (`servegraph.cost.budget.Budget`): the runtime stops before a call
 whose estimated cost does not fit what is left, naming the node and the amounts, and
 lowers the LLM's max_tokens to what is left buys. Toy servers charge exact, known
 amounts, so every figure here is arithmetic."""
@@ -23,9 +23,12 @@ from servegraph import (
     Pipeline,
     ServerSpec,
 )
-from servegraph.cost import Budget, CostModel, Estimate, allowance, attach, prices
-from servegraph.http import runtime_error_body
-from servegraph.runtime import NodeRecord, _tokens_within
+from servegraph.cost.budget import Budget, CostModel, Estimate, allowance
+from servegraph.cost.metering import attach
+from servegraph.cost.prices import prices
+from servegraph.engine.ledger import tokens_within
+from servegraph.engine.runtime import NodeRecord
+from servegraph.serving.http import runtime_error_body
 
 CPU_S_PER_USD = 1 / prices().usd({"cpu_s": 1.0})
 EMBED_USD = 1e-5  # what one embed call costs
@@ -393,7 +396,7 @@ async def test_a_calls_allowance_is_a_number_at_least_zero_or_no_limit(
 def test_what_is_left_buys_a_token_count_whatever_the_numbers(
     usd: float, per_token: float, tokens: int
 ) -> None:
-    assert _tokens_within(usd, per_token, 100) == tokens
+    assert tokens_within(usd, per_token, 100) == tokens
 
 
 def test_the_error_pickles_and_its_body_names_the_node_and_amounts() -> None:
@@ -424,8 +427,8 @@ class Invoker:
 def test_the_ingress_takes_the_maximum_from_a_header_and_answers_402() -> None:
     from fastapi.testclient import TestClient
 
-    from servegraph.auth import client_headers
-    from servegraph.serving import build_fastapi
+    from servegraph.security.client import client_headers
+    from servegraph.serving.ingress import build_fastapi
 
     model = Model()
     servers = {"embedder": Embedder(), "model": model}
@@ -465,8 +468,8 @@ def test_the_maximum_cost_header_is_a_finite_number_up_to_its_bound(path: str) -
     OpenAPI): past it, or not a finite number above 0, a 422 naming the header."""
     from fastapi.testclient import TestClient
 
-    from servegraph.auth import client_headers
-    from servegraph.serving import MAX_COST_USD, build_fastapi
+    from servegraph.security.client import client_headers
+    from servegraph.serving.ingress import MAX_COST_USD, build_fastapi
 
     model = Model()
     servers = {"embedder": Embedder(), "model": model}

@@ -1,4 +1,4 @@
-"""The pre-deploy feasibility check (`servegraph.capacity`, `servegraph check`): the
+"""The pre-deploy feasibility check (`servegraph.deploy.capacity`, `servegraph check`): the
 platform's real GPU plan against cluster.yaml, GPU fragmentation, what can never be
 placed, and the command's exit code. No Ray: plans are built as Serve builds them."""
 
@@ -9,8 +9,10 @@ from pathlib import Path
 import pytest
 import yaml
 
-from servegraph.capacity import HEAD_RESOURCE, Ask, NodeType, check, node_types, report
 from servegraph.cli import main
+from servegraph.deploy.capacity.inputs import HEAD_RESOURCE, Ask, NodeType, node_types
+from servegraph.deploy.capacity.report import report
+from servegraph.deploy.capacity.search import check
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -93,9 +95,9 @@ def test_max_replicas_that_overflow_still_fit_at_min() -> None:
 
 def test_the_platforms_gpu_plan_fits_cluster_yaml(monkeypatch: pytest.MonkeyPatch) -> None:
     from deployments.catalog import CATALOG
-    from servegraph.capacity import asks_of, cluster_env
-    from servegraph.discovery import discover
-    from servegraph.planner import plan_platform
+    from servegraph.deploy.capacity.inputs import asks_of, cluster_env
+    from servegraph.deploy.planner import plan_platform
+    from servegraph.lang.discovery import discover
 
     # As the cluster's nodes build it: the placement settings its head exports.
     env = cluster_env(ROOT / "cluster.yaml")

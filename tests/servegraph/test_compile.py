@@ -34,8 +34,8 @@ async def test_a_compiled_graph_runs_with_no_validation_or_import(monkeypatch) -
     def forbidden(*args, **kwargs):
         raise AssertionError("validated or imported while running a compiled graph")
 
-    monkeypatch.setattr("servegraph.compiled.validate", forbidden)
-    monkeypatch.setattr("servegraph.compiled.resolve", forbidden)
+    monkeypatch.setattr("servegraph.lang.compiled.validate", forbidden)
+    monkeypatch.setattr("servegraph.lang.compiled.resolve", forbidden)
     runtime = InProcessRuntime(toy.CATALOG, toy.servers())
     for _ in range(3):
         assert await runtime.run(compiled, {"text": "my invoice"}) == "MY INVOICE"

@@ -9,9 +9,10 @@ import pickle
 import pytest
 from pydantic import BaseModel
 
-from servegraph.cost import Meter, Prices, attach, charge_of, metered, total
-from servegraph.runtime import NodeRecord
-from servegraph.serving import usage_of
+from servegraph.cost.metering import Meter, attach, charge_of, metered, total
+from servegraph.cost.prices import Prices
+from servegraph.engine.runtime import NodeRecord
+from servegraph.serving.ingress import usage_of
 
 
 class Clock:

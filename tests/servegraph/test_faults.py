@@ -19,11 +19,11 @@ from servegraph import (
     Pipeline,
     ServerSpec,
 )
+from servegraph.engine.runtime import Runtime
 from servegraph.errors import ServerUnavailableError
-from servegraph.handles import ServeInvoker
-from servegraph.http import retry_after
-from servegraph.runtime import Runtime
-from servegraph.serving import run_deadline
+from servegraph.serving.handles import ServeInvoker
+from servegraph.serving.http import retry_after
+from servegraph.serving.ingress import run_deadline
 from tests.servegraph import toy
 
 CATALOG = Catalog(

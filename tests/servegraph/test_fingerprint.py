@@ -1,4 +1,4 @@
-"""Same model everywhere (`servegraph.fingerprint`): what a builder expects, what a
+"""Same model everywhere (`servegraph.deploy.fingerprint`): what a builder expects, what a
 replica loaded, and the failed check that names both nodes."""
 
 from __future__ import annotations
@@ -7,7 +7,13 @@ from pathlib import Path
 
 import pytest
 
-from servegraph.fingerprint import ENV, SameModel, expected_env, fingerprint, with_expected_model
+from servegraph.deploy.fingerprint import (
+    ENV,
+    SameModel,
+    expected_env,
+    fingerprint,
+    with_expected_model,
+)
 
 
 def model(tmp_path: Path, weights: bytes = b"\x00\x01") -> Path:
@@ -29,7 +35,7 @@ def test_the_fingerprint_follows_the_bytes_not_the_place(tmp_path: Path) -> None
 def test_a_replica_with_other_files_fails_naming_both_nodes(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    from servegraph import fingerprint as module
+    from servegraph.deploy import fingerprint as module
 
     monkeypatch.setattr(module, "this_node", lambda: "head-node")
     monkeypatch.setenv(ENV, expected_env(model(tmp_path / "built"))[ENV])

@@ -10,9 +10,9 @@ from ray.exceptions import ActorDiedError
 from ray.serve.exceptions import BackPressureError
 
 from servegraph import Catalog, InvalidInputError, MethodContract, ServerSpec
-from servegraph.auth import client_headers
-from servegraph.gateway import build_gateway, method_graph
-from servegraph.handles import ServeInvoker
+from servegraph.security.client import client_headers
+from servegraph.serving.gateway import build_gateway, method_graph
+from servegraph.serving.handles import ServeInvoker
 from tests.servegraph import toy
 
 SPEC = ServerSpec(
@@ -99,7 +99,7 @@ async def test_bad_input_from_the_replica_is_a_422_naming_the_field() -> None:
 async def test_reads_are_retried_and_a_lost_replica_is_a_503_not_a_500(
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
-    monkeypatch.setattr("servegraph.handles._REPLICA_RETRY_BACKOFF_S", (0.001, 0.001))
+    monkeypatch.setattr("servegraph.serving.handles._REPLICA_RETRY_BACKOFF_S", (0.001, 0.001))
     async with client(Replica(dies=1)) as gw:
         assert (await gw.get("/info")).json() == {"text": "about"}
     async with client(Replica(dies=10_000)) as gw:

@@ -11,8 +11,8 @@ from fastapi.testclient import TestClient
 from pydantic import BaseModel
 
 from servegraph import Pipeline
-from servegraph.auth import client_headers
-from servegraph.serving import build_fastapi
+from servegraph.security.client import client_headers
+from servegraph.serving.ingress import build_fastapi
 from tests.servegraph import toy
 from tests.sse import sse_events
 

@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from servegraph.local_ray import _ingress_environment
+from servegraph.deploy.local_ray import _ingress_environment
 
 
 def test_haproxy_files_are_private_and_its_ports_free(monkeypatch: pytest.MonkeyPatch) -> None:

@@ -19,20 +19,14 @@ from fastapi import FastAPI
 from deployments.catalog import CATALOG as PLATFORM
 from pipelines.rag.models import MAX_REQUEST_CHARS, IngestRequest
 from servegraph import Pipeline
-from servegraph.admission import AdmissionGate
-from servegraph.auth import (
-    UNAUTHORIZED,
-    AuthError,
-    AuthSettings,
-    Guard,
-    KeyBeforeBody,
-    KeyStore,
-    UsageMiddleware,
-)
-from servegraph.gateway import build_gateway
-from servegraph.http import BodyLimit
-from servegraph.limits import Limiter
-from servegraph.serving import build_fastapi
+from servegraph.security.endpoints import KeyBeforeBody, UsageMiddleware
+from servegraph.security.guard import Guard
+from servegraph.security.keys import UNAUTHORIZED, AuthError, AuthSettings, KeyStore
+from servegraph.security.limits import Limiter
+from servegraph.serving.admission import AdmissionGate
+from servegraph.serving.gateway import build_gateway
+from servegraph.serving.http import BodyLimit
+from servegraph.serving.ingress import build_fastapi
 from servegraph.settings import AppSettings
 from tests.servegraph import toy
 from tests.servegraph.test_http_stream import ToyInvoker

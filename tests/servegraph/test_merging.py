@@ -1,4 +1,4 @@
-"""Batch before the hop (`servegraph.merging`): concurrent calls merged into one call and
+"""Batch before the hop (`servegraph.serving.merging`): concurrent calls merged into one call and
 split again keep each item's own result, error, cancellation and deadline. The server
 side is the real `accepts_merged_calls` on a plain class; the hop is a task in this
 process standing in for the handle call."""
@@ -14,7 +14,7 @@ import pytest
 from pydantic import BaseModel
 
 from servegraph.errors import InvalidInputError, ServerUnavailableError
-from servegraph.merging import CallMerger, ItemError, accepts_merged_calls
+from servegraph.serving.merging import CallMerger, ItemError, accepts_merged_calls
 
 
 class Text(BaseModel):
@@ -224,7 +224,7 @@ async def test_a_handle_call_is_cancelled_off_the_event_loop() -> None:
     then calls `ray.cancel`): it must never run on the loop that answers requests."""
     import threading
 
-    from servegraph.handles import cancel_when_abandoned
+    from servegraph.serving.handles import cancel_when_abandoned
 
     loop_thread = threading.get_ident()
     cancelled_on: list[int] = []

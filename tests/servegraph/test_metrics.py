@@ -1,4 +1,4 @@
-"""Counters coalesced in the replica (`servegraph.metrics.Coalesced`): increments of one
+"""Counters coalesced in the replica (`servegraph.telemetry.metrics.Coalesced`): increments of one
 series are summed and reach Ray's counter as one `inc` within `every_s` of the first,
 every series apart; with no event loop to wait on, at once. No Ray: the counters here
 record what they are given, as the subject is the summing, not Ray's export."""
@@ -8,7 +8,7 @@ from __future__ import annotations
 from typing import Any
 
 from benchmarks.traffic import until
-from servegraph.metrics import Coalesced
+from servegraph.telemetry.metrics import Coalesced
 
 
 class Counter:

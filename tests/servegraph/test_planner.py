@@ -7,7 +7,7 @@ from __future__ import annotations
 import pytest
 
 from servegraph import GraphValidationError, Pipeline
-from servegraph.planner import plan_platform
+from servegraph.deploy.planner import plan_platform
 from tests.servegraph import toy
 
 

@@ -14,10 +14,9 @@ from typing import Any
 import pytest
 from pydantic import ValidationError
 
-from servegraph.graph import CallNode, Graph, LoopNode, ParallelNode, SwitchNode
-from servegraph.scaling import watch
-from servegraph.scaling.board import DemandBoard, Reporter
-from servegraph.scaling.demand import (
+from servegraph.deploy.scaling import watch
+from servegraph.deploy.scaling.board import DemandBoard, Reporter
+from servegraph.deploy.scaling.demand import (
     Arrivals,
     CallMix,
     Load,
@@ -27,8 +26,9 @@ from servegraph.scaling.demand import (
     server_loads,
     servers_called,
 )
-from servegraph.scaling.policy import GraphAwarePolicy
-from servegraph.scaling.settings import POLICY_PATH, graph_autoscaling
+from servegraph.deploy.scaling.policy import GraphAwarePolicy
+from servegraph.deploy.scaling.settings import POLICY_PATH, graph_autoscaling
+from servegraph.lang.graph import CallNode, Graph, LoopNode, ParallelNode, SwitchNode
 
 
 def _call(name: str, server: str) -> CallNode:

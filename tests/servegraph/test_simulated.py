@@ -1,4 +1,4 @@
-"""A benchmark's simulated models (`servegraph.simulated`): the curves' arithmetic, an
+"""A benchmark's simulated models (`servegraph.deploy.simulated`): the curves' arithmetic, an
 encoder that waits instead of loading and running a model, and an LLM engine whose
 replies the pipelines' client reads as it reads vLLM's."""
 
@@ -13,8 +13,8 @@ from types import SimpleNamespace
 import numpy as np
 import pytest
 
-from servegraph import simulated
-from servegraph.simulated import BatchCurve, Curves, DecodeCurve
+from servegraph.deploy import simulated
+from servegraph.deploy.simulated import BatchCurve, Curves, DecodeCurve
 
 CURVES = Curves(
     measured_on="a test",
@@ -63,7 +63,7 @@ def test_a_guided_reply_is_an_instance_of_its_schema() -> None:
 
     from pydantic import BaseModel, Field
 
-    from servegraph.simulated import instance
+    from servegraph.deploy.simulated import instance
 
     class Step(BaseModel):
         tool: Literal["search_kb", "lookup_order"]

@@ -1,4 +1,4 @@
-"""The streamed route's hold-back rule (`servegraph.sse.hold_until_progress`): events
+"""The streamed route's hold-back rule (`servegraph.serving.sse.hold_until_progress`): events
 are kept back until the run makes progress, so a run that fails at once is answered
 with its own status instead of a 200 stream holding an error."""
 
@@ -9,9 +9,9 @@ from types import SimpleNamespace
 
 import pytest
 
+from servegraph.engine.runtime import RunEvent
 from servegraph.errors import OverloadedError
-from servegraph.runtime import RunEvent
-from servegraph.sse import encode, hold_until_progress
+from servegraph.serving.sse import encode, hold_until_progress
 
 
 def attempt(status: str) -> RunEvent:

@@ -9,7 +9,7 @@ import pytest
 
 from servegraph import InProcessRuntime, NodeFailedError, Pipeline, RunEvent
 from servegraph.errors import GraphValidationError
-from servegraph.validation import validate
+from servegraph.lang.validation import validate
 from tests.servegraph import toy
 
 

@@ -22,11 +22,13 @@ from pydantic import BaseModel
 from deployments.llm import metering
 from deployments.llm.contract import ChatChunk, ChatRequest, ChatResponse, Message, Usage
 from servegraph import Catalog, InProcessRuntime, MethodContract, Pipeline, ServerSpec
-from servegraph.auth import AuthSettings, Caller, Guard, KeyStore, guard_endpoint
-from servegraph.limits import Limiter
+from servegraph.engine.tokens import PromptEstimate, Tally, most_output_tokens
+from servegraph.security.endpoints import guard_endpoint
+from servegraph.security.guard import Guard
+from servegraph.security.keys import AuthSettings, Caller, KeyStore
+from servegraph.security.limits import Limiter
 from servegraph.server import report_tokens
-from servegraph.serving import build_fastapi
-from servegraph.tokens import PromptEstimate, Tally, most_output_tokens
+from servegraph.serving.ingress import build_fastapi
 
 PROMPT_TOKENS = 50  # what the fake LLM reports for every prompt
 MAX_TOKENS = 30  # what the pipeline asks the fake LLM for

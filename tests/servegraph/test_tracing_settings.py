@@ -7,7 +7,7 @@ import pytest
 from opentelemetry.sdk.trace.export import BatchSpanProcessor, SimpleSpanProcessor
 from pydantic import ValidationError
 
-from servegraph.tracing import TracingSettings, serve_tracing_env, span_processors
+from servegraph.telemetry.tracing import TracingSettings, serve_tracing_env, span_processors
 
 
 def test_off_by_default_and_off_installs_nothing(monkeypatch: pytest.MonkeyPatch) -> None:
@@ -32,7 +32,10 @@ def test_several_exporters_each_get_a_processor(monkeypatch: pytest.MonkeyPatch,
     otlp_processor.shutdown()
     file_processor.shutdown()
     env = serve_tracing_env()
-    assert env["RAY_SERVE_TRACING_EXPORTER_IMPORT_PATH"] == "servegraph.tracing:span_processors"
+    assert (
+        env["RAY_SERVE_TRACING_EXPORTER_IMPORT_PATH"]
+        == "servegraph.telemetry.tracing:span_processors"
+    )
     assert env["OTEL_SERVICE_NAME"]
 
 

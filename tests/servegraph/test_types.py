@@ -4,7 +4,7 @@ from typing import Annotated, Any
 
 from pydantic import StringConstraints
 
-from servegraph._types import compatible
+from servegraph.lang._types import compatible
 from tests.servegraph import toy
 
 Email = Annotated[str, StringConstraints(pattern=r".+@.+")]

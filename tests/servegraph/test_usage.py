@@ -6,7 +6,7 @@ from __future__ import annotations
 from pydantic import BaseModel
 
 from servegraph import Catalog, InProcessRuntime, MethodContract, Pipeline, ServerSpec
-from servegraph.runtime import NodeRecord
+from servegraph.engine.runtime import NodeRecord
 
 
 class Prompt(BaseModel):

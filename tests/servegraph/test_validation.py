@@ -3,7 +3,7 @@ from __future__ import annotations
 import pytest
 
 from servegraph import GraphValidationError, Pipeline, Ref, validate
-from servegraph.graph import CallNode, FunctionNode
+from servegraph.lang.graph import CallNode, FunctionNode
 from tests.servegraph import toy
 
 

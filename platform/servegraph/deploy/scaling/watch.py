@@ -1,0 +1,101 @@
+"""The demand board's latest loads, kept fresh in the process that asks (Serve's
+controller) by a daemon thread, so a policy reads them without waiting on an actor.
+
+A module of its own because Serve pickles the policy's module by value to ship it to
+the controller, and this module's state (a lock, a thread) cannot be pickled: the
+policy refers to it by import path instead.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import threading
+import time
+from collections.abc import Callable
+
+from servegraph.deploy.scaling.demand import Load
+
+POLL_S = 0.2
+# A snapshot older than this is not used: with the board gone (or a call hanging) the
+# prediction is nothing, and Serve's own rule in the policy carries on alone, rather
+# than a spike's loads holding replicas for ever.
+STALE_S = 2.0
+# Every server's policy in one control-loop tick (0.25 s apart here,
+# `servegraph.deploy.local_ray.RAY_AT_REST_ENV`; the calls of one tick within milliseconds)
+# reads the same snapshot, even if a fresher one arrives between two of them: so the
+# servers a step concerns grow in the same decision.
+TICK_S = 0.05
+WARN_EVERY_S = 60.0
+
+_log = logging.getLogger("ray.serve")
+
+
+class _Watcher:
+    """The board's latest loads for each (short, long) window pair asked for, kept
+    fresh by a daemon thread (one per process: the controller's), restarted if it ever
+    ends."""
+
+    def __init__(self, clock: Callable[[], float] = time.monotonic) -> None:
+        self._clock = clock
+        self._lock = threading.Lock()
+        self._windows: set[tuple[float, float]] = set()
+        self._loads: dict[tuple[float, float], dict[str, tuple[float, float]]] = {}
+        self._at = -math.inf  # when `_loads` was fetched
+        self._thread: threading.Thread | None = None
+        self._warned = -math.inf
+        self._read: tuple[dict[tuple[float, float], dict[str, tuple[float, float]]], float]
+        self._read, self._read_at = ({}, -math.inf), -math.inf
+
+    def load(self, server: str, short_s: float, long_s: float) -> Load:
+        with self._lock:
+            self._windows.add((short_s, long_s))
+            if self._thread is None or not self._thread.is_alive():
+                self._thread = threading.Thread(
+                    target=self._poll, name="servegraph-demand", daemon=True
+                )
+                self._thread.start()
+            now = self._clock()
+            if now - self._read_at > TICK_S:  # the first read of a control-loop tick
+                self._read, self._read_at = (self._loads, self._at), now
+            loads, at = self._read
+            if now - at > STALE_S:
+                return Load()
+            short, long = loads.get((short_s, long_s), {}).get(server, (0.0, 0.0))
+        return Load(short, long)
+
+    def publish(self, loads: dict[tuple[float, float], dict[str, tuple[float, float]]]) -> None:
+        with self._lock:
+            self._loads, self._at = loads, self._clock()
+
+    def _poll(self) -> None:
+        import ray
+
+        from servegraph.deploy.scaling.board import ACTOR_NAME, ACTOR_NAMESPACE
+
+        board = None
+        while True:
+            try:
+                if board is None:
+                    board = ray.get_actor(ACTOR_NAME, namespace=ACTOR_NAMESPACE)
+                with self._lock:
+                    windows = list(self._windows)
+                refs = [board.loads.remote(s, lo) for s, lo in windows]
+                answers: list[dict[str, tuple[float, float]]] = ray.get(refs, timeout=5)
+                self.publish(dict(zip(windows, answers, strict=True)))
+            except ValueError:
+                pass  # no board yet: no ingress has reported
+            except Exception as exc:
+                board = None
+                if self._clock() - self._warned > WARN_EVERY_S:
+                    self._warned = self._clock()
+                    _log.warning("demand board unavailable (%s)", type(exc).__name__)
+            time.sleep(POLL_S)
+
+
+_WATCHER = _Watcher()
+
+
+def shared() -> _Watcher:
+    """This process's watcher."""
+    return _WATCHER

@@ -1,0 +1,467 @@
+"""The pipeline graph: a light, serialisable description of a DAG of nodes.
+
+A `Graph` is data only: node kinds, names, wiring (refs) and options, with Python
+objects referred to by import path ("package.module:name"). It dumps to YAML and loads
+back equal, and nothing in it loads a model. `Pipeline` is the Python builder that
+reads like the pipeline it describes::
+
+    rag = Pipeline("rag", input=Question, output=Answer)
+    emb = rag.call("embed", "embedder", "embed_one", text=rag.input.question)
+    hits = rag.call("retrieve", "vector_index", "search", vector=emb.vector, k=rag.input.k)
+    prompt = rag.function("prompt", build_prompt, question=rag.input.question, hits=hits.hits)
+    reply = rag.call("generate", "llm", "chat", messages=prompt.messages, temperature=0.0)
+    rag.returns(answer=reply.text, hits=hits.hits)
+
+Refs name a value: ``input`` (the request), ``input.field``, ``node`` (a node's
+output) or ``node.field.sub``. Values that are not refs become constant params.
+"""
+
+from __future__ import annotations
+
+import importlib
+import inspect
+from functools import lru_cache
+from typing import Annotated, Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, SerializerFunctionWrapHandler, model_serializer
+
+INPUT = "input"
+
+
+# --------------------------------------------------------------------------- specs
+
+
+class DeploymentOverrides(BaseModel):
+    """Serve deployment options a pipeline asks of a model server, over its defaults."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    num_replicas: int | None = Field(None, ge=1, description="Fixed replica count.")
+    autoscaling_config: dict[str, Any] | None = Field(
+        None, description="Serve autoscaling_config (min_replicas, max_replicas, ...)."
+    )
+    ray_actor_options: dict[str, Any] | None = Field(
+        None, description="Resources per replica, e.g. {'num_cpus': 1, 'num_gpus': 0.25}."
+    )
+    max_ongoing_requests: int | None = Field(None, ge=1)
+
+
+class _NodeBase(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=False)
+
+    name: str = Field(description="Unique within its graph; names the node in errors.")
+    inputs: dict[str, str] = Field(
+        default_factory=dict, description="Port name -> ref ('input.x', 'node', 'node.y')."
+    )
+    params: dict[str, Any] = Field(default_factory=dict, description="Port name -> constant.")
+    timeout_s: float | None = Field(None, gt=0, description="Per-attempt time limit.")
+    retries: int = Field(0, ge=0, description="Extra attempts; only for idempotent nodes.")
+    idempotent: bool = Field(False, description="Safe to run twice with the same input.")
+    fallback: FallbackSpec | None = Field(
+        None, description="Run instead, with the same inputs, when this node fails."
+    )
+
+    def references(self) -> list[str]:
+        """The refs this node reads ('input.x', 'node', 'node.y')."""
+        return list(self.inputs.values())
+
+    def dependencies(self) -> set[str]:
+        """Names (nodes or 'input') this node reads from."""
+        return {ref.split(".", 1)[0] for ref in self.references()}
+
+    def children(self) -> list[tuple[str, Graph]]:
+        """The node's sub-graphs with their labels (case, branch, "body"), for the walks
+        over a graph (planning, rendering); none for a call or a function."""
+        return []
+
+    def imports(self) -> dict[str, str]:
+        """The functions this node runs, by import path, keyed as the compiled graph
+        holds them (`CompiledGraph.functions`): the node's name, or name.role."""
+        if self.fallback and self.fallback.function:
+            return {f"{self.name}.fallback": self.fallback.function}
+        return {}
+
+    def describe(self) -> str:
+        """A few words on what the node does, for renderings ("call llm.chat")."""
+        raise NotImplementedError  # every kind says
+
+    @model_serializer(mode="wrap")
+    def _kind_first(self, handler: SerializerFunctionWrapHandler) -> dict[str, Any]:
+        # `kind` is the union's discriminator: keep it even when dumping without defaults.
+        return {"kind": self.kind, **handler(self)}  # type: ignore[attr-defined]  # every kind has one
+
+
+class FallbackSpec(BaseModel):
+    """What runs when a node fails: a function or a model server method, same inputs."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    function: str | None = None
+    server: str | None = None
+    method: str | None = None
+
+
+class CallNode(_NodeBase):
+    """Call a method of a model server (a Serve deployment, through its handle)."""
+
+    kind: Literal["call"] = "call"
+    server: str
+    method: str
+    deployment: DeploymentOverrides | None = None
+    stream: bool = Field(
+        False,
+        description="Forward the method's chunks (e.g. LLM tokens) to a streaming request.",
+    )
+
+    def describe(self) -> str:
+        return f"call {self.server}.{self.method}"
+
+
+class FunctionNode(_NodeBase):
+    """Run a plain Python function (sync or async), referred to by import path."""
+
+    kind: Literal["function"] = "function"
+    function: str
+
+    def imports(self) -> dict[str, str]:
+        return {**super().imports(), self.name: self.function}
+
+    def describe(self) -> str:
+        return f"function {self.function.split(':')[-1]}"
+
+
+class SwitchNode(_NodeBase):
+    """Run one of several sub-graphs, chosen by the value of `on` (compared as text)."""
+
+    kind: Literal["switch"] = "switch"
+    on: str
+    cases: dict[str, Graph]
+    default: Graph | None = None
+
+    def references(self) -> list[str]:
+        return [*super().references(), self.on]
+
+    def children(self) -> list[tuple[str, Graph]]:
+        return [*self.cases.items(), *([("default", self.default)] if self.default else [])]
+
+    def describe(self) -> str:
+        return f"switch on {self.on}"
+
+
+class ParallelNode(_NodeBase):
+    """Fan out: run every branch concurrently on the same inputs, then join."""
+
+    kind: Literal["parallel"] = "parallel"
+    branches: dict[str, Graph]
+    join: str | None = Field(
+        None,
+        description="Function taking each branch's output by branch name; "
+        "without it the output is a dict of branch name -> output.",
+    )
+
+    def children(self) -> list[tuple[str, Graph]]:
+        return list(self.branches.items())
+
+    def imports(self) -> dict[str, str]:
+        join = {f"{self.name}.join": self.join} if self.join else {}
+        return {**super().imports(), **join}
+
+    def describe(self) -> str:
+        return f"parallel x{len(self.branches)}"
+
+
+class LoopNode(_NodeBase):
+    """Repeat a sub-graph, feeding its output back as its input, until `until` holds."""
+
+    kind: Literal["loop"] = "loop"
+    body: Graph
+    until: str = Field(description="Function state -> bool, by import path.")
+    max_iterations: int = Field(ge=1, le=1000)
+
+    def children(self) -> list[tuple[str, Graph]]:
+        return [("body", self.body)]
+
+    def imports(self) -> dict[str, str]:
+        return {**super().imports(), f"{self.name}.until": self.until}
+
+    def describe(self) -> str:
+        return f"loop ≤{self.max_iterations}"
+
+
+Node = Annotated[
+    CallNode | FunctionNode | SwitchNode | ParallelNode | LoopNode, Field(discriminator="kind")
+]
+
+
+class Graph(BaseModel):
+    """A pipeline (or a sub-graph of one): typed input, nodes, and what it returns."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    name: str
+    description: str = ""
+    input: str = Field(description="Import path of the input pydantic model.")
+    output: str = Field(description="Import path of the output type.")
+    nodes: list[Node] = Field(default_factory=list)
+    returns: str | dict[str, str] = Field(
+        description="A ref to return, or output field -> ref to build the output model."
+    )
+    deadline_s: float | None = Field(
+        None,
+        gt=0,
+        le=600,
+        description="Default request deadline when the caller sends no X-Request-Timeout "
+        "(else the platform's 60 s): an agent's several LLM steps may need more than a lookup.",
+    )
+    max_in_flight: int | None = Field(
+        None,
+        ge=1,
+        le=100_000,
+        description="Requests of this pipeline one ingress replica runs at once; past it, "
+        "503 + Retry-After at once, before any work (else the platform's 256). Size it to "
+        "what the pipeline's slowest model server can take, so doomed work is not admitted.",
+    )
+
+    def calls(self) -> list[CallNode]:
+        """Every model-server call the graph may make, its sub-graphs' and fallbacks'
+        included (a fallback call as a node named `<node>.fallback`)."""
+        found: list[CallNode] = []
+        for node in self.nodes:
+            if isinstance(node, CallNode):
+                found.append(node)
+            if node.fallback and node.fallback.server:
+                found.append(
+                    CallNode(
+                        name=f"{node.name}.fallback",
+                        server=node.fallback.server,
+                        method=node.fallback.method or "",
+                    )
+                )
+            for _, sub in node.children():
+                found += sub.calls()
+        return found
+
+    def returns_refs(self) -> list[str]:
+        """The refs the graph's output is built from."""
+        return [self.returns] if isinstance(self.returns, str) else list(self.returns.values())
+
+    def node(self, name: str) -> Node:
+        for node in self.nodes:
+            if node.name == name:
+                return node
+        raise KeyError(name)
+
+
+_NodeBase.model_rebuild()
+for _model in (CallNode, FunctionNode, SwitchNode, ParallelNode, LoopNode, Graph):
+    _model.model_rebuild()
+
+
+# --------------------------------------------------------------------------- import paths
+
+
+def import_path(obj: Any) -> str:
+    """The "module:qualname" path a Graph stores for a class or function."""
+    if isinstance(obj, str):
+        return obj
+    return f"{obj.__module__}:{obj.__qualname__}"
+
+
+@lru_cache(maxsize=1024)
+def resolve(path: str) -> Any:
+    """Import "module:qualname" (or "module.qualname") and return the object."""
+    module_name, _, qualname = path.partition(":")
+    if not qualname:
+        module_name, _, qualname = path.rpartition(".")
+    obj: Any = importlib.import_module(module_name)
+    for part in qualname.split("."):
+        obj = getattr(obj, part)
+    return obj
+
+
+# --------------------------------------------------------------------------- builder
+
+
+class Ref:
+    """A value in the graph: the request, a node's output, or a field of either."""
+
+    __slots__ = ("path",)
+
+    def __init__(self, path: str) -> None:
+        self.path = path
+
+    def __getattr__(self, field: str) -> Ref:
+        if field.startswith("_"):
+            raise AttributeError(field)
+        return Ref(f"{self.path}.{field}")
+
+    def __repr__(self) -> str:
+        return f"Ref({self.path!r})"
+
+
+class Pipeline:
+    """Builds a `Graph` in Python. Each node method returns a `Ref` to its output.
+
+    Args:
+        name: the pipeline's name; its REST route is ``/pipelines/<name>``.
+        input: pydantic model of the request.
+        output: type of the response (usually a pydantic model).
+        description: shown in OpenAPI and the rendered graph.
+        deadline_s: the default request deadline (else 60 s).
+        max_in_flight: requests one ingress replica runs at once (else 256); past it,
+            503 + Retry-After before any work (`servegraph.serving.admission`).
+    """
+
+    def __init__(
+        self,
+        name: str,
+        *,
+        input: type[BaseModel],
+        output: type,
+        description: str = "",
+        deadline_s: float | None = None,
+        max_in_flight: int | None = None,
+    ) -> None:
+        self.name = name
+        self.deadline_s = deadline_s
+        self.max_in_flight = max_in_flight
+        self.input = Ref(INPUT)
+        self._input_type = input
+        self._output_type = output
+        self._description = description or (inspect.getdoc(input) or "")
+        self._nodes: list[Any] = []
+        self._returns: str | dict[str, str] | None = None
+
+    # Node kinds ------------------------------------------------------------
+
+    def call(
+        self,
+        name: str,
+        server: str,
+        method: str,
+        *,
+        deployment: DeploymentOverrides | dict[str, Any] | None = None,
+        stream: bool = False,
+        **ports: Any,
+    ) -> Ref:
+        """Call `server.method` with a request built from `ports`.
+
+        With `stream=True`, a request run as a stream (`/<pipeline>/stream`) gets the
+        method's chunks as they come; the node's output is the complete response either way.
+        """
+        options, ports = _split_options(ports)
+        overrides = DeploymentOverrides.model_validate(deployment) if deployment else None
+        return self._add(
+            CallNode(
+                name=name,
+                server=server,
+                method=method,
+                deployment=overrides,
+                stream=stream,
+                **_wire(ports),
+                **options,
+            )
+        )
+
+    def function(self, name: str, fn: Any, **ports: Any) -> Ref:
+        """Run `fn(**ports)`; `fn` must be importable (module level)."""
+        options, ports = _split_options(ports)
+        return self._add(
+            FunctionNode(name=name, function=import_path(fn), **_wire(ports), **options)
+        )
+
+    def switch(
+        self,
+        name: str,
+        on: Ref,
+        cases: dict[str, Pipeline],
+        *,
+        default: Pipeline | None = None,
+        **ports: Any,
+    ) -> Ref:
+        """Route to the case whose key equals `str(on)`; each case gets `ports` as input."""
+        options, ports = _split_options(ports)
+        return self._add(
+            SwitchNode(
+                name=name,
+                on=on.path,
+                cases={key: case.build() for key, case in cases.items()},
+                default=default.build() if default else None,
+                **_wire(ports),
+                **options,
+            )
+        )
+
+    def parallel(
+        self, name: str, branches: dict[str, Pipeline], *, join: Any = None, **ports: Any
+    ) -> Ref:
+        """Run every branch concurrently on `ports`; `join(**outputs)` combines them."""
+        options, ports = _split_options(ports)
+        return self._add(
+            ParallelNode(
+                name=name,
+                branches={k: b.build() for k, b in branches.items()},
+                join=import_path(join) if join else None,
+                **_wire(ports),
+                **options,
+            )
+        )
+
+    def loop(
+        self, name: str, body: Pipeline, *, until: Any, max_iterations: int, **ports: Any
+    ) -> Ref:
+        """Run `body` on `ports`, then on its own output, until `until(state)` is true."""
+        options, ports = _split_options(ports)
+        return self._add(
+            LoopNode(
+                name=name,
+                body=body.build(),
+                until=import_path(until),
+                max_iterations=max_iterations,
+                **_wire(ports),
+                **options,
+            )
+        )
+
+    def returns(self, ref: Ref | None = None, **fields: Ref) -> None:
+        """Declare the output: one ref, or output-model fields from refs."""
+        if ref is not None and fields:
+            raise ValueError("returns() takes one ref or field=ref pairs, not both")
+        self._returns = ref.path if ref is not None else {k: v.path for k, v in fields.items()}
+
+    def build(self) -> Graph:
+        """The `Graph` spec (not yet validated: see `servegraph.validate`)."""
+        return Graph(
+            name=self.name,
+            description=self._description,
+            input=import_path(self._input_type),
+            output=import_path(self._output_type),
+            nodes=list(self._nodes),
+            returns=self._returns if self._returns is not None else {},
+            deadline_s=self.deadline_s,
+            max_in_flight=self.max_in_flight,
+        )
+
+    def _add(self, node: Any) -> Ref:
+        self._nodes.append(node)
+        return Ref(node.name)
+
+
+_OPTION_NAMES = ("timeout_s", "retries", "idempotent", "fallback")
+
+
+def _split_options(ports: dict[str, Any]) -> tuple[dict[str, Any], dict[str, Any]]:
+    options = {k: ports.pop(k) for k in _OPTION_NAMES if k in ports}
+    fallback = options.get("fallback")
+    if fallback is not None and not isinstance(fallback, FallbackSpec):
+        if isinstance(fallback, tuple):
+            options["fallback"] = FallbackSpec(server=fallback[0], method=fallback[1])
+        else:
+            options["fallback"] = FallbackSpec(function=import_path(fallback))
+    return options, ports
+
+
+def _wire(ports: dict[str, Any]) -> dict[str, dict[str, Any]]:
+    inputs = {k: v.path for k, v in ports.items() if isinstance(v, Ref)}
+    params = {k: v for k, v in ports.items() if not isinstance(v, Ref)}
+    return {"inputs": inputs, "params": params}

@@ -1,0 +1,241 @@
+"""Reaching model servers on Ray Serve: deployment handles, created once and reused, and
+the two faults turned into answers on the way (a full queue, a replica that died).
+Used by the pipeline ingress and by every model server's gateway."""
+
+import asyncio
+import concurrent.futures
+import itertools
+import logging
+import time
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterable
+from typing import Any
+
+from pydantic import BaseModel, Field
+from pydantic_settings import BaseSettings, SettingsConfigDict
+from ray import serve
+from ray.exceptions import RayActorError
+from ray.serve.exceptions import BackPressureError
+from ray.serve.handle import DeploymentHandle
+
+from servegraph.engine.runtime import time_left
+from servegraph.errors import ServerUnavailableError
+from servegraph.lang.catalog import Catalog, ServerSpec
+from servegraph.lang.graph import resolve
+from servegraph.serving.merging import MERGED_METHOD, CallMerger
+
+logger = logging.getLogger("ray.serve")
+
+
+def deployment_name(spec: ServerSpec) -> str:
+    """A spec's deployment name; "module:function" names are computed at run time."""
+    return resolve(spec.deployment)() if ":" in spec.deployment else spec.deployment
+
+
+class MergeSettings(BaseSettings):
+    """How concurrent calls to a model server are merged before the hop
+    (`servegraph.serving.merging`); read from `SERVEGRAPH_MERGE_*`."""
+
+    model_config = SettingsConfigDict(env_prefix="SERVEGRAPH_MERGE_", extra="ignore")
+
+    enabled: bool = Field(True, description="Merge calls to servers that accept it.")
+    max_items: int = Field(64, ge=1, le=4096, description="The most requests one call carries.")
+    max_calls: int = Field(
+        4, ge=1, le=256, description="Merged calls in flight per server method and process."
+    )
+    max_pending: int = Field(
+        1024, ge=1, description="Requests waiting to be sent past which a call is refused (503)."
+    )
+
+
+class ServeInvoker:
+    """Reaches model servers through Serve deployment handles (created once, reused).
+
+    Concurrent calls to the same method of a server that accepts merged calls
+    (`ServerSpec.merged_calls`) travel as one handle call (`servegraph.serving.merging`); each
+    keeps its own result, error, deadline, cancellation and retry.
+
+    Two faults are turned into answers here, not bare errors:
+
+    - a full queue (Serve's `BackPressureError`, from the server's bounded
+      `max_queued_requests`) fails at once as `ServerUnavailableError` (503, with the
+      server's Retry-After), so overload is shed rather than queued without bound;
+    - a replica that dies mid-call (`RayActorError`) is retried, for idempotent methods,
+      with capped exponential backoff until the node's deadline: Serve routes the retry
+      to a live replica, or waits for the restarted one. Serve itself retries only
+      requests that no replica had accepted yet.
+    """
+
+    def __init__(self, catalog: Catalog, merge: MergeSettings | None = None) -> None:
+        self._catalog = catalog
+        self._targets: dict[str, Any] = {}
+        self._merge = merge if merge is not None else MergeSettings()
+        self.mergers: dict[tuple[str, str], CallMerger] = {}
+
+    def prepare(self, servers: Iterable[str]) -> None:
+        """Make the handles (and clients) of `servers` now, when the ingress starts:
+        a client's first use may import much (the LLM's imports `ray.serve.llm`, and
+        with it torch: over a second), which on the first request would hold the
+        ingress's event loop, and every request in it, that long."""
+        for server in servers:
+            try:
+                self._target(server)
+            except Exception:  # not deployed yet (`serve deploy` builds apps in any
+                # order): made on its first call instead, as before
+                logger.warning("the handle of %r is made on its first call", server)
+
+    def _target(self, server: str) -> Any:
+        if server not in self._targets:
+            spec = self._catalog[server]
+            handle = serve.get_deployment_handle(deployment_name(spec), app_name=spec.name)
+            self._targets[server] = resolve(spec.client)(handle) if spec.client else handle
+        return self._targets[server]
+
+    async def __call__(self, server: str, method: str, request: BaseModel) -> Any:
+        target = self._target(server)
+        call: Callable[[], Awaitable[Any]]
+        if not isinstance(target, DeploymentHandle):
+            call = lambda: getattr(target, method)(request)  # noqa: E731
+        elif (merger := self._merger(server, method, target)) is not None:
+            left = time_left()
+            deadline = None if left is None else time.monotonic() + left
+            call = lambda: merger.submit(request, deadline)  # noqa: E731
+        else:
+            bound = getattr(target, method)
+            call = lambda: cancel_when_abandoned(bound.remote(request))  # noqa: E731
+        idempotent = self._catalog.contract(server, method).idempotent
+        return await _retrying(server, call, lambda attempt: idempotent)
+
+    def _merger(self, server: str, method: str, handle: DeploymentHandle) -> CallMerger | None:
+        """The merger of calls to `server.method`, where the server accepts them."""
+        if not (self._merge.enabled and self._catalog[server].merged_calls):
+            return None
+        key = (server, method)
+        if key not in self.mergers:
+            merged, alone = getattr(handle, MERGED_METHOD), getattr(handle, method)
+            self.mergers[key] = CallMerger(
+                server,
+                lambda requests, left: merged.remote(method, requests, left),
+                send_one=alone.remote,
+                cancel=cancel_off_loop,
+                max_items=self._merge.max_items,
+                max_calls=self._merge.max_calls,
+                max_pending=self._merge.max_pending,
+            )
+        return self.mergers[key]
+
+    async def read(self, server: str, method: str) -> Any:
+        """An argument-less method (a gateway's GET route), retried like a call."""
+        bound = getattr(self._target(server), method)
+        return await _retrying(
+            server,
+            lambda: cancel_when_abandoned(bound.remote()),
+            lambda attempt: attempt < _READ_RETRIES,
+            f"gave up after {_READ_RETRIES} retries",
+        )
+
+    async def stream(self, server: str, method: str, request: BaseModel) -> AsyncIterator[Any]:
+        """Iterate a streaming method: a generator on the replica, or the client's own.
+        A stream whose replica died before its first item is started again."""
+        target = self._target(server)
+        idempotent = any(  # `method` is a contract's streaming twin
+            c.idempotent
+            for c in self._catalog[server].methods.values()
+            if c.stream_method == method
+        )
+        for attempt in itertools.count():
+            started = False
+            try:
+                if isinstance(target, DeploymentHandle):
+                    items = getattr(target.options(stream=True), method).remote(request)
+                else:
+                    items = getattr(target, method)(request)
+                try:
+                    async for item in items:
+                        started = True
+                        yield item
+                except (asyncio.CancelledError, GeneratorExit):
+                    if isinstance(target, DeploymentHandle):
+                        cancel_off_loop(items)  # see cancel_when_abandoned
+                    raise
+                return
+            except BackPressureError as exc:
+                raise _overloaded(server, exc) from exc
+            except RayActorError as exc:
+                await _before_retry(server, exc, attempt, idempotent and not started)
+
+
+_REPLICA_RETRY_BACKOFF_S = (0.05, 2.0)  # first and largest wait between retries
+_READ_RETRIES = 8  # a read has no node deadline: about 10 s of backoff in all
+
+
+async def cancel_when_abandoned(response: Any) -> Any:
+    """Await a handle call; if the awaiting task is cancelled (a deadline, a client gone),
+    cancel the call on its replica too. Serve cancels a child call by itself only when
+    the parent request is cancelled, not when its awaiting task is: without this, the
+    work of a request answered 504 would run on, the LLM's generation included."""
+    try:
+        return await response
+    except asyncio.CancelledError:
+        cancel_off_loop(response)
+        raise
+
+
+# Two threads: cancels are rare but can each take a while under overload.
+_CANCELLER = concurrent.futures.ThreadPoolExecutor(2, thread_name_prefix="servegraph-cancel")
+
+
+def cancel_off_loop(response: Any) -> None:
+    """Cancel a handle call from a thread, never on the event loop. Serve's
+    `DeploymentResponse.cancel()` is synchronous: it waits for the router (on its own
+    loop) to settle the request's assignment and then calls `ray.cancel`. Called on the
+    ingress's event loop for each of 128 requests timing out together, it held the loop
+    for seconds, so every 504 left 6-10 s after its deadline (issue 23's overload burst,
+    the ingress's access log) and requests waited in the replica before its app saw
+    them. Fire and forget: a cancel is best effort in Serve too."""
+    _CANCELLER.submit(response.cancel)
+
+
+async def _retrying(
+    server: str,
+    call: Callable[[], Awaitable[Any]],
+    may_retry: Callable[[int], bool],
+    why_not: str = "the call is not safe to repeat",
+) -> Any:
+    """`call()`, repeated past replica deaths while `may_retry(attempt)`; a full queue
+    fails at once."""
+    for attempt in itertools.count():
+        try:
+            return await call()
+        except BackPressureError as exc:
+            raise _overloaded(server, exc) from exc
+        except RayActorError as exc:
+            await _before_retry(server, exc, attempt, may_retry(attempt), why_not)
+    raise AssertionError("unreachable")
+
+
+def _overloaded(server: str, exc: BackPressureError) -> ServerUnavailableError:
+    return ServerUnavailableError(
+        server, f"its queue is full: {exc}", getattr(exc, "_retry_after_s", None) or 1.0
+    )
+
+
+async def _before_retry(
+    server: str,
+    exc: BaseException,
+    attempt: int,
+    may_retry: bool,
+    why_not: str = "the call is not safe to repeat",
+) -> None:
+    """Wait before repeating a call whose replica died, or raise if it must not be."""
+    cause = f"its replica died mid-call ({type(exc).__name__})"
+    if not may_retry:
+        raise ServerUnavailableError(server, f"{cause}; {why_not}") from exc
+    first, largest = _REPLICA_RETRY_BACKOFF_S
+    delay = min(largest, first * 2**attempt)
+    left = time_left()
+    if left is not None and left <= delay:
+        raise ServerUnavailableError(
+            server, f"{cause}; retried {attempt} time(s), no replica answered in time"
+        ) from exc
+    logger.warning("%s: %s; retrying in %.2fs (attempt %d)", server, cause, delay, attempt + 1)
+    await asyncio.sleep(delay)

@@ -1,0 +1,576 @@
+"""The pipeline ingress on Ray Serve: one REST route per pipeline (plain and streamed),
+calling model servers through their handles (`servegraph.serving.handles`).
+
+The ingress's FastAPI app is built on the replica (`serve.ingress` with a builder),
+from the pipelines it discovers there, so its routes and OpenAPI schemas come from the
+graphs and nothing unpicklable travels from the driver.
+"""
+
+# No `from __future__ import annotations` here: FastAPI must see the real pipeline input
+# model on each route function, and a closure variable cannot be resolved from a string.
+import asyncio
+import json
+import logging
+import time
+from collections.abc import AsyncIterator, Awaitable, Callable
+from dataclasses import dataclass
+from typing import Any
+
+from fastapi import APIRouter, Depends, FastAPI, Header, Request, Response
+from fastapi.encoders import jsonable_encoder
+from fastapi.responses import PlainTextResponse
+from fastapi.sse import EventSourceResponse
+from pydantic import BaseModel, Field
+from ray import serve
+
+from servegraph.cost.budget import Budget, CostModel
+from servegraph.cost.metering import total as total_charge
+from servegraph.cost.prices import prices
+from servegraph.engine import tokens
+from servegraph.engine.runtime import NodeRecord, Runtime, default_deadline
+from servegraph.errors import PipelineRuntimeError
+from servegraph.lang.catalog import Catalog
+from servegraph.lang.compiled import CompiledGraph
+from servegraph.lang.discovery import discover
+from servegraph.lang.graph import Graph, resolve
+from servegraph.lang.render import to_mermaid, to_text
+from servegraph.lang.serialize import to_yaml
+from servegraph.security.endpoints import RESPONSES, require
+from servegraph.security.guard import Guard
+from servegraph.security.keys import AuthError, Caller
+from servegraph.serving import sse
+from servegraph.serving.admission import DEFAULT_MAX_IN_FLIGHT, AdmissionGate
+from servegraph.serving.handles import ServeInvoker
+from servegraph.serving.http import (
+    BudgetErrorBody,
+    ErrorBody,
+    install_error_handlers,
+    install_request_checks,
+    make_app,
+    runtime_error_body,
+)
+from servegraph.settings import AppSettings, router_actor_options
+from servegraph.telemetry import tracing
+
+logger = logging.getLogger("ray.serve")
+
+INGRESS_APP = "pipelines"
+INGRESS_PREFIX = "/pipelines"
+INGRESS_DEFAULTS: dict[str, Any] = {
+    # The ingress only awaits model servers, so one replica holds many requests at once
+    # (with Serve's default of 5 the LLM's continuous batching never sees more than five
+    # pipelines' calls). Each pipeline also has its own limit at the door
+    # (`Pipeline(max_in_flight=)`, servegraph.serving.admission).
+    "max_ongoing_requests": 256,
+    # Past that, the proxy itself answers 503 + Retry-After, the cheapest refusal there
+    # is: under a burst of thousands, every request that reaches the ingress costs a
+    # replica round trip, and on a small machine that CPU is what the admitted requests'
+    # deadlines need. The queue is short, so a request waits there little before its
+    # deadline starts to run in the ingress. (8 refused ordinary bursts: the requests
+    # the proxy's router is still assigning count as queued, and 60 sent at once got
+    # 503s; issue 23.)
+    "max_queued_requests": 64,
+    "backpressure_config": {"status_code": 503, "retry_after_s": 1},
+}
+
+# The largest maximum cost a caller may send (x-servegraph-max-cost-usd), in USD: far
+# beyond what any request spends (a `rag` request costs about $1.5e-05), so a budget
+# this large runs like none, and small enough that the runtime's arithmetic on it stays
+# finite (it is checked there too: `servegraph.engine.runtime`). Past it, or not a finite
+# number: 422 naming the header and the bound.
+MAX_COST_USD = 1e6
+
+# A deadline the caller names is answered a little before it runs out, so the 504
+# (which names the node) reaches the caller before the caller's own timer fires, and
+# before Serve's proxy, which enforces `x-request-timeout-seconds` too, answers a bare 408.
+_ANSWER_MARGIN_S = 0.25
+
+
+def build_fastapi(
+    graphs: dict[str, Graph],
+    catalog: Catalog,
+    invoke: Any,
+    metrics: Any = None,
+    demand: Any = None,
+) -> FastAPI:
+    """The ingress app: POST /<pipeline>, GET /<pipeline>/graph, GET / (the list).
+    `demand`: told of each arrival and each finished request's records
+    (`servegraph.deploy.scaling.board.Reporter`), for graph-aware scaling."""
+    app = make_app(
+        title="servegraph pipelines", description="One REST endpoint per pipeline graph."
+    )
+    install_error_handlers(app)
+
+    @app.get(
+        "/",
+        summary="List the pipelines",
+        dependencies=[Depends(require(None))],
+        responses=RESPONSES,
+    )
+    async def list_pipelines() -> dict[str, Any]:
+        return {
+            "pipelines": [
+                {
+                    "name": name,
+                    "description": g.description,
+                    "route": f"{INGRESS_PREFIX}/{name}",
+                    "graph": f"{INGRESS_PREFIX}/{name}/graph",
+                }
+                for name, g in graphs.items()
+            ]
+        }
+
+    limits = {name: g.max_in_flight or DEFAULT_MAX_IN_FLIGHT for name, g in graphs.items()}
+    app.add_middleware(
+        AdmissionGate,
+        limits=limits,
+        on_refused=(lambda name: metrics.record(name, 503, 0.0, [])) if metrics else None,
+        on_arrival=demand.arrived if demand is not None else None,
+    )
+    # Starlette runs the middleware added last first. Added last, so run first: the key
+    # (401/403 before the body is read), then the body's size (413); only then the
+    # admission gate, which so never counts a request without a valid key (a caller
+    # without one cannot hold a pipeline's places with slow bodies), and innermost the
+    # key's usage (install_error_handlers). Nothing may be added after this.
+    install_request_checks(app)
+    costs = CostModel()  # one for all: each model server costs the same whoever calls
+    for graph in graphs.values():
+        runtime = Runtime(
+            catalog,
+            invoke,
+            node_hook=tracing.node_hook(graph.name),
+            invoke_stream=getattr(invoke, "stream", None),
+            costs=costs,
+        )
+        app.include_router(pipeline_router(runtime.compile(graph), runtime, metrics, demand))
+    return app
+
+
+_ERROR_RESPONSES: dict[int | str, dict[str, Any]] = {
+    408: {
+        "description": "Ray Serve's proxy gave up: `x-request-timeout-seconds` ran out before "
+        "the platform could answer (a deadline shorter than the hop to the ingress)",
+        "content": {"text/plain": {"schema": {"type": "string"}}},
+    },
+    **RESPONSES,
+    402: {
+        "description": "The request's maximum cost (`x-servegraph-max-cost-usd`) does not "
+        "cover the next node: names the node, its estimated cost and what was left",
+        "model": BudgetErrorBody,
+    },
+    422: {"description": "Invalid field (names the field and the fix)"},
+    502: {"description": "A node failed (names the node)", "model": ErrorBody},
+    503: {
+        "description": "A model server is full or restarting (names the node); retry after "
+        "the Retry-After header's seconds",
+        "model": ErrorBody,
+    },
+    504: {"description": "A node ran past the deadline (names the node)", "model": ErrorBody},
+}
+
+_STREAM_DESCRIPTION = """Run the pipeline as Server-Sent Events, in order:
+
+- `node`: a node attempt ended: `{node, kind, attempt, status, wall_ms, error, usage}`
+- `chunk`: a chunk of a streaming node, e.g. LLM text: `{node, text, ...}`
+- `usage`: what the request cost (as the `x-servegraph-usage` header of the plain route)
+- `result`: the pipeline's output, exactly as the plain route returns it
+- `error`, instead of `usage` and `result`, when the run fails after the stream began:
+  `{status, error, node, detail}`, status being what the plain route would answer.
+
+A run that fails before any progress (a chunk, or a node that succeeded) answers with
+that status and a JSON body instead, as the plain route does.
+The response carries `x-trace-id`; the whole stream is one trace."""
+
+
+def pipeline_scope(graph: Graph, catalog: Catalog) -> str:
+    """The scope a key needs to run `graph`: `write:<name>` when it calls a method that
+    writes (`MethodContract.writes`), else `invoke:<name>`."""
+    writes = any(catalog.contract(c.server, c.method).writes for c in graph.calls())
+    return f"{'write' if writes else 'invoke'}:{graph.name}"
+
+
+@dataclass(frozen=True)
+class _RunOptions:
+    """What a run request's headers ask: its deadline and its maximum cost."""
+
+    deadline_s: float
+    budget: Budget | None
+
+
+@dataclass
+class _Account:
+    """One request's accounting from its start to its answer: its node records, the
+    LLM tokens its calls spent (`spent`) and what was reserved for them on the key."""
+
+    started: float
+    records: list[NodeRecord]
+    http: Request
+    caller: Caller
+    spent: tokens.Tally
+    reserved: int = 0
+    chars: int = 0  # the request's size, for the prompt estimate (LLM pipelines only)
+
+
+def _run_options(graph: Graph) -> Callable[..., Awaitable[_RunOptions]]:
+    """The headers both run routes take, as one FastAPI dependency (a 422 names a bad
+    one): the run's deadline and its maximum cost."""
+    deadline_doc = (
+        f"Deadline for the whole request, in seconds (default {default_deadline(graph):g}); "
+        "a 504 naming the node answers just before it runs out."
+    )
+    serve_deadline_doc = "Ray Serve's own deadline header; the same as X-Request-Timeout."
+    budget_doc = (
+        "The most this request may cost, in USD (the price table's, as the usage reports "
+        "it): the run stops with 402 before a node whose estimated cost does not fit what "
+        "is left, and the LLM's max_tokens is lowered to what is left buys. A finite "
+        f"number above 0 and at most {MAX_COST_USD:g} (more than any request spends); "
+        "else 422 naming this header."
+    )
+
+    async def run_options(  # async: FastAPI runs a sync dependency in a thread
+        x_request_timeout: float | None = Header(
+            None, gt=0, le=600, allow_inf_nan=False, description=deadline_doc
+        ),
+        x_request_timeout_seconds: float | None = Header(
+            None, gt=0, le=600, allow_inf_nan=False, description=serve_deadline_doc
+        ),
+        x_servegraph_max_cost_usd: float | None = Header(
+            None, gt=0, le=MAX_COST_USD, allow_inf_nan=False, description=budget_doc
+        ),
+    ) -> _RunOptions:
+        deadline_s = run_deadline(graph, x_request_timeout, x_request_timeout_seconds)
+        budget = Budget(x_servegraph_max_cost_usd) if x_servegraph_max_cost_usd else None
+        return _RunOptions(deadline_s, budget)
+
+    return run_options
+
+
+class _Accounting:
+    """One pipeline's request accounting, shared by its plain and streamed routes:
+    `open` before a run, `close` after it, whatever its outcome."""
+
+    def __init__(
+        self, graph: Graph, catalog: Catalog, metrics: Any, demand: Any, uses_llm: bool
+    ) -> None:
+        self.graph, self.catalog = graph, catalog
+        self.metrics, self.demand, self.uses_llm = metrics, demand, uses_llm
+        self.prompts = tokens.PromptEstimate()  # what the LLM's prompts add to a request
+
+    async def open(self, request: BaseModel, http: Request, caller: Caller) -> _Account:
+        """Before the run: the most LLM tokens it may spend (its LLM calls' max_tokens,
+        and its prompts as estimated from the request and recent runs' prompts) reserved
+        from the key's token budget (`Guard.reserve`; 429 when it is spent)."""
+        run = _Account(time.perf_counter(), [], http, caller, tokens.Tally())
+        if not self.uses_llm:
+            return run
+        run.chars = len(request.model_dump_json())
+        most = self.prompts(run.chars) + tokens.most_output_tokens(
+            self.graph, self.catalog, request
+        )
+        try:
+            run.reserved = await Guard.here().reserve(caller, most)
+        except AuthError:
+            http.state.charged = True  # its 429 is on the key's usage already
+            raise
+        return run
+
+    async def close(self, run: _Account, status: int) -> float:
+        """Record a request's outcome in the metrics and on its key: its LLM tokens, every
+        call's as far as it got, charged in place of its reservation. Return its wall
+        time in ms."""
+        name = self.graph.name
+        total_ms = (time.perf_counter() - run.started) * 1000
+        used = run.spent.totals()
+        if self.metrics is not None:
+            try:
+                self.metrics.record(name, status, total_ms, run.records)
+            except Exception:  # the metrics' loss, never the request's answer
+                logger.exception("recording the metrics of a %s request failed", name)
+        if self.demand is not None:
+            try:
+                self.demand.finished(name, run.records)
+            except Exception:  # scaling's loss, never the request's answer
+                logger.exception("counting the calls of a %s request failed", name)
+        run.http.state.charged = True
+        if status == 200 and run.chars:  # a whole run: all of its prompts
+            self.prompts.observe(run.chars, used["input"])
+        usd = prices().usd(total_charge([r.charge for r in run.records if r.charge]))
+        await Guard.here().charge(run.caller, status, used, usd, reserved=run.reserved)
+        return total_ms
+
+
+def pipeline_router(
+    compiled: CompiledGraph, runtime: Runtime, metrics: Any, demand: Any = None
+) -> APIRouter:
+    """One pipeline's routes: POST /<name>, POST /<name>/stream, GET /<name>/graph(.mmd),
+    each open only to a key with the pipeline's scope (`pipeline_scope`)."""
+    graph = compiled.graph
+    uses_llm = any(runtime.catalog.contract(c.server, c.method).usage for c in graph.calls())
+    guard = require(pipeline_scope(graph, runtime.catalog), llm=uses_llm)
+    # One check per request: FastAPI runs a dependency the router and a route share once.
+    router = APIRouter(dependencies=[Depends(guard)])
+    input_model = compiled.input
+    output_type = compiled.output
+    run_options = _run_options(graph)
+    books = _Accounting(graph, runtime.catalog, metrics, demand, uses_llm)
+
+    async def run_pipeline(
+        request: input_model,  # type: ignore[valid-type]
+        response: Response,
+        http: Request,
+        caller: Caller = Depends(guard),  # noqa: B008  # FastAPI's way
+        options: _RunOptions = Depends(run_options),  # noqa: B008
+    ) -> Any:
+        run = await books.open(request, http, caller)
+        status = 200
+        try:
+            result = await runtime.execute(
+                compiled,
+                request,
+                records=run.records,
+                deadline_s=options.deadline_s,
+                budget=options.budget,
+                tally=run.spent,
+            )
+        except Exception as exc:
+            status = _status_of(exc)
+            raise
+        except asyncio.CancelledError:
+            status = 499  # the client went away; the run is cancelled with it
+            raise
+        finally:
+            total_ms = await books.close(run, status)
+        response.headers.update(_usage_headers(run.records, total_ms, options.budget))
+        return result.output
+
+    async def stream_pipeline(
+        request: input_model,  # type: ignore[valid-type]
+        http: Request,
+        caller: Caller = Depends(guard),  # noqa: B008  # FastAPI's way
+        options: _RunOptions = Depends(run_options),  # noqa: B008
+    ) -> Response:
+        run = await books.open(request, http, caller)
+        events = runtime.stream(
+            compiled,
+            request,
+            records=run.records,
+            deadline_s=options.deadline_s,
+            budget=options.budget,
+            tally=run.spent,
+        )
+        try:  # a run failing before any progress is answered with its own status
+            held = await sse.hold_until_progress(events)
+        except Exception as exc:
+            await books.close(run, _status_of(exc))
+            raise
+        except asyncio.CancelledError:
+            await events.aclose()
+            await books.close(run, 499)
+            raise
+
+        async def body() -> AsyncIterator[bytes]:
+            status = 200
+            try:
+                for event in held[:-1]:
+                    yield sse.encode(event.kind, sse.event_data(event))
+                event = held[-1]
+                while event.kind != "result":
+                    yield sse.encode(event.kind, sse.event_data(event))
+                    event = await anext(events)
+                total_ms = (time.perf_counter() - run.started) * 1000
+                yield sse.encode("usage", usage_of(run.records, total_ms, options.budget))
+                yield sse.encode("result", jsonable_encoder(event.data.output))
+            except PipelineRuntimeError as exc:
+                status = exc.status_code
+                yield sse.encode("error", {"status": status, **runtime_error_body(exc)})
+            except (asyncio.CancelledError, GeneratorExit):
+                status = 499  # the client went away; the run is cancelled with the stream
+                raise
+            except Exception as exc:
+                status = 500
+                error = {"status": 500, "error": type(exc).__name__, "detail": str(exc)}
+                yield sse.encode("error", error)
+            finally:
+                await events.aclose()
+                await books.close(run, status)
+
+        headers = {"cache-control": "no-cache"}
+        if trace_id := tracing.current_trace_id():
+            headers["x-trace-id"] = trace_id
+        return EventSourceResponse(body(), headers=headers)
+
+    router.add_api_route(
+        f"/{graph.name}",
+        run_pipeline,
+        methods=["POST"],
+        response_model=output_type,
+        summary=graph.description or f"Run the {graph.name} pipeline",
+        name=f"run_{graph.name}",
+        operation_id=f"run_{graph.name}",
+        responses=_ERROR_RESPONSES,
+    )
+    router.add_api_route(
+        f"/{graph.name}/stream",
+        stream_pipeline,
+        methods=["POST"],
+        summary=f"Run the {graph.name} pipeline, streaming its progress and output (SSE)",
+        description=_STREAM_DESCRIPTION,
+        name=f"stream_{graph.name}",
+        operation_id=f"stream_{graph.name}",
+        responses={
+            200: {"content": {"text/event-stream": {}}, "description": "The event stream"},
+            **_ERROR_RESPONSES,
+        },
+    )
+
+    async def show_graph() -> dict[str, str]:
+        return {
+            "name": graph.name,
+            "mermaid": to_mermaid(graph),
+            "text": to_text(graph),
+            "yaml": to_yaml(graph),
+        }
+
+    async def show_mermaid() -> PlainTextResponse:
+        return PlainTextResponse(to_mermaid(graph))
+
+    router.add_api_route(
+        f"/{graph.name}/graph",
+        show_graph,
+        methods=["GET"],
+        summary=f"The {graph.name} graph",
+        operation_id=f"graph_{graph.name}",
+        responses=RESPONSES,
+    )
+    router.add_api_route(
+        f"/{graph.name}/graph.mmd",
+        show_mermaid,
+        methods=["GET"],
+        summary=f"The {graph.name} graph as Mermaid",
+        operation_id=f"mermaid_{graph.name}",
+        responses=RESPONSES,
+    )
+    return router
+
+
+def run_deadline(graph: Graph, *given: float | None) -> float:
+    """The run's deadline in seconds: the tightest the caller gave (either header),
+    less a margin so the answer leaves in time; else the pipeline's default."""
+    named = [d for d in given if d is not None]
+    if not named:
+        return default_deadline(graph)
+    deadline = min(named)
+    return deadline - min(_ANSWER_MARGIN_S, deadline * 0.1)
+
+
+def _status_of(exc: BaseException) -> int:
+    return exc.status_code if isinstance(exc, PipelineRuntimeError) else 500
+
+
+def _tokens(records: list[NodeRecord]) -> dict[str, int]:
+    """The request's LLM tokens by direction."""
+    tokens = {"input": 0, "output": 0}
+    for record in records:
+        for direction, n in (record.usage or {}).items():
+            tokens[direction] += n
+    return tokens
+
+
+def usage_of(
+    records: list[NodeRecord], total_ms: float, budget: Budget | None = None
+) -> dict[str, Any]:
+    """What the request cost: LLM tokens, wall time per node (retries summed), and the
+    model servers' resource-seconds per node and in all, priced (USD) and turned into
+    energy (joules) by `servegraph.cost.prices.Prices`; with a maximum cost, `budget`: the
+    maximum and the nodes whose output tokens were lowered to fit it."""
+    tokens = _tokens(records)
+    tables = prices()
+    nodes_ms: dict[str, float] = {}
+    charges: dict[str, dict[str, float]] = {}
+    for record in records:
+        nodes_ms[record.node] = round(nodes_ms.get(record.node, 0.0) + record.wall_ms, 2)
+        if record.charge:
+            charges[record.node] = total_charge([charges.get(record.node, {}), record.charge])
+    spent = total_charge(list(charges.values()))
+    return {
+        "llm_input_tokens": tokens["input"],
+        "llm_output_tokens": tokens["output"],
+        "total_ms": round(total_ms, 2),
+        "nodes_ms": nodes_ms,
+        "resource_s": {kind: round(v, 6) for kind, v in spent.items()},
+        "usd": round(tables.usd(spent), 9),
+        "joules": round(tables.joules(spent), 4),
+        "nodes_usd": {node: round(tables.usd(c), 9) for node, c in charges.items()},
+        **({"budget": budget.report()} if budget is not None else {}),
+    }
+
+
+def _usage_headers(
+    records: list[NodeRecord], total_ms: float, budget: Budget | None
+) -> dict[str, str]:
+    """The usage as x-servegraph-usage, the same timings as Server-Timing (shown by
+    browsers and `curl -v`), and the trace id."""
+    usage = usage_of(records, total_ms, budget)
+    nodes_ms: dict[str, float] = usage["nodes_ms"]
+    timing = [f"{_token(node)};dur={ms:.1f}" for node, ms in list(nodes_ms.items())[-20:]]
+    headers = {
+        "x-servegraph-usage": json.dumps(usage, separators=(",", ":")),
+        "server-timing": ", ".join([*timing, f"total;dur={total_ms:.1f}"]),
+    }
+    trace_id = tracing.current_trace_id()
+    if trace_id:
+        headers["x-trace-id"] = trace_id
+    return headers
+
+
+def _token(name: str) -> str:
+    return "".join(c if c.isalnum() or c in "-_." else "_" for c in name)
+
+
+class IngressArgs(BaseModel):
+    """What the ingress needs to rebuild everything on its replica."""
+
+    catalog: str = Field(default_factory=lambda: AppSettings().catalog)
+    packages: list[str] = Field(default_factory=lambda: [AppSettings().pipelines])
+    names: list[str] | None = None
+    graphs_yaml: list[str] = []
+    deployment: dict[str, Any] = {}
+
+
+def load_graphs(args: IngressArgs) -> dict[str, Graph]:
+    from servegraph.lang.serialize import from_yaml
+
+    graphs: dict[str, Graph] = {}
+    for package in args.packages:
+        graphs.update(discover(package))
+    for text in args.graphs_yaml:
+        graph = from_yaml(text)
+        graphs[graph.name] = graph
+    if args.names is not None:
+        graphs = {n: g for n, g in graphs.items() if n in args.names}
+    return graphs
+
+
+def ingress_app(args: IngressArgs | dict[str, Any]) -> Any:
+    """Serve application builder for the pipelines ingress (also a `serve deploy` target)."""
+    args = IngressArgs.model_validate(args)
+
+    def make_app() -> FastAPI:
+        catalog: Catalog = resolve(args.catalog)
+        graphs = load_graphs(args)  # compiled, so validated, by build_fastapi
+        from servegraph.deploy.scaling.board import Reporter
+        from servegraph.telemetry.metrics import PipelineMetrics
+
+        invoker = ServeInvoker(catalog)
+        invoker.prepare({call.server for g in graphs.values() for call in g.calls()})
+        return build_fastapi(graphs, catalog, invoker, PipelineMetrics(), Reporter(graphs))
+
+    @serve.deployment(name="PipelineIngress")
+    @serve.ingress(make_app)
+    class PipelineIngress:
+        """Runs every pipeline; model work happens in the model servers' replicas."""
+
+    routed = router_actor_options()
+    placement = {"ray_actor_options": routed} if routed else {}
+    deployment = PipelineIngress.options(**(INGRESS_DEFAULTS | placement | args.deployment))  # type: ignore[attr-defined]  # a @serve.deployment class is a Deployment
+    return deployment.bind()

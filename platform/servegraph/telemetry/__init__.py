@@ -1,0 +1,3 @@
+"""Telemetry: Prometheus metrics, OpenTelemetry tracing and the Prometheus the operators
+run (`servegraph observe`). Imports Ray only inside functions.
+"""

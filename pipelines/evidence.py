@@ -15,9 +15,9 @@ wrong claim made of the passage's own words.
 from __future__ import annotations
 
 import re
-from collections.abc import Sequence
 
 import numpy as np
+from numpy.typing import ArrayLike
 
 # Words that say nothing about support: a reply made only of these is not grounded.
 _STOPWORDS = """a about after again all also am an and any are as at be because been before
@@ -112,11 +112,13 @@ def is_repetitive(text: str) -> bool:
     return len(set(trigrams)) < 0.6 * len(trigrams)
 
 
-def ranked(vector: Sequence[float], vectors: Sequence[Sequence[float]]) -> list[float]:
-    """Cosine similarity of each of `vectors` to `vector` (all L2-normalised)."""
-    if not len(vectors):
+def ranked(vector: ArrayLike, vectors: ArrayLike) -> list[float]:
+    """Cosine similarity of each of `vectors` to `vector` (all L2-normalised): lists or
+    the encoders' arrays."""
+    matrix = np.asarray(vectors, dtype=np.float32)
+    if not matrix.size:
         return []
-    return [float(s) for s in np.asarray(vectors, dtype=np.float32) @ np.asarray(vector)]
+    return [float(s) for s in matrix @ np.asarray(vector)]
 
 
 def supported_sentences(

@@ -4,17 +4,23 @@
 """
 
 from deployments.classifier import contract as c
-from servegraph import MethodContract, ServerSpec
+from servegraph import Method, Server, ServerSpec
 from servegraph.server import BatchStats
 
+
+class ClassifierMethods(Server, name="classifier"):
+    """The classifier's methods, typed: a pipeline calls ``classifier.<method>(<fields>)``
+    (`servegraph.lang.calls`); `SERVER` takes its contracts from here."""
+
+    classify = Method(c.ClassifyRequest, c.Classification, idempotent=True)
+    classify_batch = Method(c.ClassifyBatchRequest, c.ClassifyBatchResponse, idempotent=True)
+
+
+classifier = ClassifierMethods()
+
 SERVER = ServerSpec(
-    name="classifier",
-    methods={
-        "classify": MethodContract(c.ClassifyRequest, c.Classification, idempotent=True),
-        "classify_batch": MethodContract(
-            c.ClassifyBatchRequest, c.ClassifyBatchResponse, idempotent=True
-        ),
-    },
+    name=ClassifierMethods.name,
+    methods=ClassifierMethods.contracts(),
     app_builder="deployments.classifier.server:app",
     deployment="Classifier",
     serve_class="deployments.classifier.server:ClassifierDeployment",

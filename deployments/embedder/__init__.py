@@ -4,15 +4,23 @@
 """
 
 from deployments.embedder import contract as c
-from servegraph import MethodContract, ServerSpec
+from servegraph import Method, Server, ServerSpec
 from servegraph.server import BatchStats
 
+
+class EmbedderMethods(Server, name="embedder"):
+    """The embedder's methods, typed: a pipeline calls ``embedder.<method>(<fields>)``
+    (`servegraph.lang.calls`); `SERVER` takes its contracts from here."""
+
+    embed = Method(c.EmbedRequest, c.EmbedResponse, idempotent=True)
+    embed_one = Method(c.EmbedOneRequest, c.Embedding, idempotent=True)
+
+
+embedder = EmbedderMethods()
+
 SERVER = ServerSpec(
-    name="embedder",
-    methods={
-        "embed": MethodContract(c.EmbedRequest, c.EmbedResponse, idempotent=True),
-        "embed_one": MethodContract(c.EmbedOneRequest, c.Embedding, idempotent=True),
-    },
+    name=EmbedderMethods.name,
+    methods=EmbedderMethods.contracts(),
     app_builder="deployments.embedder.server:app",
     deployment="Embedder",
     serve_class="deployments.embedder.server:EmbedderDeployment",

@@ -4,22 +4,30 @@
 """
 
 from deployments.llm import contract as c
-from servegraph import MethodContract, ServerSpec
+from servegraph import Method, Server, ServerSpec
+
+
+class LLMMethods(Server, name="llm"):
+    """The llm's methods, typed: a pipeline calls ``llm.<method>(<fields>)``
+    (`servegraph.lang.calls`); `SERVER` takes its contracts from here."""
+
+    # No side effect: a chat whose replica died is asked again.
+    chat = Method(
+        c.ChatRequest,
+        c.ChatResponse,
+        chunk=c.ChatChunk,
+        stream_method="chat_stream",
+        usage="usage",
+        budget_field="max_tokens",
+        idempotent=True,
+    )
+
+
+llm = LLMMethods()
 
 SERVER = ServerSpec(
-    name="llm",
-    methods={
-        # No side effect: a chat whose replica died is asked again.
-        "chat": MethodContract(
-            c.ChatRequest,
-            c.ChatResponse,
-            chunk=c.ChatChunk,
-            stream_method="chat_stream",
-            usage="usage",
-            budget_field="max_tokens",
-            idempotent=True,
-        )
-    },
+    name=LLMMethods.name,
+    methods=LLMMethods.contracts(),
     app_builder="deployments.llm.server:app",
     deployment="deployments.llm.server:configured_deployment_name",  # depends on the model
     client="deployments.llm.client:LLMClient",  # the engine takes OpenAI requests

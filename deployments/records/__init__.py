@@ -5,14 +5,22 @@ from the support database (SQLite on the head node's disk, built from `seed.sql`
 """
 
 from deployments.records import contract as c
-from servegraph import MethodContract, ServerSpec
+from servegraph import Method, Server, ServerSpec
+
+
+class RecordsMethods(Server, name="records"):
+    """The records's methods, typed: a pipeline calls ``records.<method>(<fields>)``
+    (`servegraph.lang.calls`); `SERVER` takes its contracts from here."""
+
+    lookup_order = Method(c.LookupRequest, c.Lookup, idempotent=True)
+    lookup_account = Method(c.LookupRequest, c.Lookup, idempotent=True)
+
+
+records = RecordsMethods()
 
 SERVER = ServerSpec(
-    name="records",
-    methods={
-        "lookup_order": MethodContract(c.LookupRequest, c.Lookup, idempotent=True),
-        "lookup_account": MethodContract(c.LookupRequest, c.Lookup, idempotent=True),
-    },
+    name=RecordsMethods.name,
+    methods=RecordsMethods.contracts(),
     app_builder="deployments.records.server:app",
     deployment="SupportRecords",
     serve_class="deployments.records.server:SupportRecordsDeployment",

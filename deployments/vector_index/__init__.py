@@ -4,17 +4,25 @@
 """
 
 from deployments.vector_index import contract as c
-from servegraph import MethodContract, ServerSpec
+from servegraph import Method, Server, ServerSpec
+
+
+class VectorIndexMethods(Server, name="vector_index"):
+    """The vector index's methods, typed: a pipeline calls ``vector_index.<method>(<fields>)``
+    (`servegraph.lang.calls`); `SERVER` takes its contracts from here."""
+
+    # Upserts by id, replaces by filter: repeating it changes nothing more.
+    add = Method(c.AddRequest, c.AddResponse, writes=True, idempotent=True)
+    search = Method(c.SearchRequest, c.SearchResponse, idempotent=True)
+    delete = Method(c.DeleteRequest, c.DeleteResponse, writes=True, idempotent=True)
+    count = Method(c.CountRequest, c.CountResponse, idempotent=True)
+
+
+vector_index = VectorIndexMethods()
 
 SERVER = ServerSpec(
-    name="vector_index",
-    methods={
-        # Upserts by id, replaces by filter: repeating it changes nothing more.
-        "add": MethodContract(c.AddRequest, c.AddResponse, writes=True, idempotent=True),
-        "search": MethodContract(c.SearchRequest, c.SearchResponse, idempotent=True),
-        "delete": MethodContract(c.DeleteRequest, c.DeleteResponse, writes=True, idempotent=True),
-        "count": MethodContract(c.CountRequest, c.CountResponse, idempotent=True),
-    },
+    name=VectorIndexMethods.name,
+    methods=VectorIndexMethods.contracts(),
     app_builder="deployments.vector_index.server:app",
     deployment="VectorIndex",
     serve_class="deployments.vector_index.server:VectorIndexDeployment",

@@ -37,8 +37,11 @@ from __future__ import annotations
 
 from pydantic_core import from_json
 
+from deployments.classifier import classifier
 from deployments.embedder.contract import Embedding, EmbedResponse
+from deployments.llm import llm
 from deployments.llm.contract import ChatResponse
+from deployments.records import records
 from deployments.records.contract import EMAIL, ORDER_NUMBER, Lookup
 from deployments.vector_index.contract import Hit
 from pipelines import evidence
@@ -54,7 +57,7 @@ from pipelines.agent.models import (
     TriageResult,
 )
 from pipelines.rag.qa import rank, retrieve_ranked
-from servegraph import Pipeline
+from servegraph import Method, Pipeline
 
 MAX_STEPS = 4
 TEAM_TOOLS = {
@@ -118,7 +121,7 @@ def build_pipeline() -> Pipeline:
         # One LLM call at a time per request, and the LLM takes 64 running + 64 queued.
         max_in_flight=128,
     )
-    label = p.call("classify", "classifier", "classify", text=p.input.text)
+    label = p.call("classify", classifier.classify(text=p.input.text))
     route = p.switch(
         "route",
         on=label.label,
@@ -139,12 +142,7 @@ def build_pipeline() -> Pipeline:
     )
     brief = p.function("brief", brief_writer, state=work)
     draft = p.call(
-        "draft",
-        "llm",
-        "chat",
-        messages=brief.messages,
-        json_schema=brief.schema,
-        max_tokens=160,
+        "draft", llm.chat(messages=brief.messages, json_schema=brief.schema, max_tokens=160)
     )
     p.returns(p.function("finish", finish, route=route, state=work, draft=draft))
     return p
@@ -164,7 +162,7 @@ def agent_step() -> Pipeline:
     step = Pipeline("agent_step", input=AgentState, output=AgentState)
     prompt = step.function("plan", plan, state=step.input)
     reply = step.call(
-        "choose", "llm", "chat", messages=prompt.messages, json_schema=prompt.schema, max_tokens=60
+        "choose", llm.chat(messages=prompt.messages, json_schema=prompt.schema, max_tokens=60)
     )
     call = step.function("parse", parse, reply=reply, state=step.input)
     observation = step.switch(
@@ -172,8 +170,8 @@ def agent_step() -> Pipeline:
         on=call.tool,
         cases={
             "search_kb": search_case(),
-            "lookup_order": lookup_case("lookup_order", order_observation),
-            "lookup_account": lookup_case("lookup_account", account_observation),
+            "lookup_order": lookup_case(records.lookup_order, order_observation),
+            "lookup_account": lookup_case(records.lookup_account, account_observation),
             "final_answer": tool_case(final_answer),
         },
         default=tool_case(invalid_call),
@@ -196,11 +194,11 @@ def search_case() -> Pipeline:
     return case
 
 
-def lookup_case(method: str, observe) -> Pipeline:
+def lookup_case(method: Method[..., Lookup], observe) -> Pipeline:
     """A look-up in the support records server, with the key the argument holds, for
     the ticket's customer (the server answers only with their records)."""
-    case = Pipeline(method, input=ToolInput, output=Observation)
-    found = case.call("find", "records", method, text=case.input.argument, email=case.input.email)
+    case = Pipeline(method.name, input=ToolInput, output=Observation)
+    found = case.call("find", method(text=case.input.argument, email=case.input.email))
     case.returns(case.function("observe", observe, found=found))
     return case
 

@@ -14,7 +14,9 @@ from pathlib import Path
 import httpx
 from tqdm import tqdm
 
+from deployments.embedder import embedder
 from deployments.embedder.contract import EmbedResponse
+from deployments.vector_index import vector_index
 from deployments.vector_index.contract import AddResponse, IndexItem
 from pipelines.rag.models import Document, IngestedDocument, IngestRequest, IngestResponse
 from servegraph import Pipeline
@@ -35,15 +37,12 @@ def build_pipeline() -> Pipeline:
     chunks = p.function(
         "chunk", chunk_documents, documents=p.input.documents, chunk_chars=p.input.chunk_chars
     )
-    vectors = p.call("embed", "embedder", "embed", texts=chunks.texts)
+    vectors = p.call("embed", embedder.embed(texts=chunks.texts))
     items = p.function("items", to_items, chunks=chunks, embedded=vectors)
     # Upserts by id and replaces by doc_id: safe to repeat.
     added = p.call(
         "index",
-        "vector_index",
-        "add",
-        items=items,
-        replace=chunks.doc_filters,
+        vector_index.add(items=items, replace=chunks.doc_filters),
         idempotent=True,
         retries=2,
     )

@@ -30,8 +30,11 @@ from collections.abc import Callable
 
 from pydantic_core import from_json
 
+from deployments.embedder import embedder
 from deployments.embedder.contract import Embedding, EmbedResponse
+from deployments.llm import llm
 from deployments.llm.contract import ChatResponse
+from deployments.vector_index import vector_index
 from deployments.vector_index.contract import Hit
 from pipelines import evidence
 from pipelines.rag.models import Passage, RagAnswer, RagQuery, Ranked, Sentence
@@ -72,13 +75,13 @@ def build_pipeline() -> Pipeline:
     )
     reply = rag.call(
         "generate",
-        "llm",
-        "chat",
-        messages=prompt.messages,
-        json_schema=prompt.schema,
-        max_tokens=rag.input.max_tokens,
+        llm.chat(
+            messages=prompt.messages,
+            json_schema=prompt.schema,
+            max_tokens=rag.input.max_tokens,
+            stream_field="answer",
+        ),
         stream=True,  # POST /pipelines/rag/stream sends the answer's text as it is written
-        stream_field="answer",
     )
     rag.returns(rag.function("answer", make_answer, reply=reply, ranked=ranked))
     return rag
@@ -94,19 +97,15 @@ def retrieve_ranked(
     """Add embed ─► retrieve ─► split ─► embed_sentences ─► rank to `p`: the passages
     closest to `question`, re-ranked by their sentences (`ranker` gets the same inputs
     as `rank`). Shared by `rag` and the triage agent's `search_kb`."""
-    query = p.call("embed", "embedder", "embed_one", text=question)
+    query = p.call("embed", embedder.embed_one(text=question))
     found = p.call(
         "retrieve",
-        "vector_index",
-        "search",
-        vector=query.vector,
-        k=k,
-        filter=filter,
+        vector_index.search(vector=query.vector, k=k, filter=filter),
         idempotent=True,
         retries=1,
     )
     split = p.function("split", split_passages, question=question, hits=found.hits)
-    vectors = p.call("embed_sentences", "embedder", "embed", texts=split.texts)
+    vectors = p.call("embed_sentences", embedder.embed(texts=split.texts))
     return p.function(
         "rank",
         ranker or rank,

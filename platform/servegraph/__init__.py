@@ -23,6 +23,8 @@ from servegraph.errors import OverloadedError as OverloadedError
 from servegraph.errors import PipelineRuntimeError as PipelineRuntimeError
 from servegraph.errors import Problem as Problem
 from servegraph.errors import ServegraphError as ServegraphError
+from servegraph.lang.calls import Method as Method
+from servegraph.lang.calls import Server as Server
 from servegraph.lang.catalog import Catalog as Catalog
 from servegraph.lang.catalog import MethodContract as MethodContract
 from servegraph.lang.catalog import ServerSpec as ServerSpec
@@ -50,6 +52,7 @@ __all__ = [
     "GraphValidationError",
     "InProcessRuntime",
     "InvalidInputError",
+    "Method",
     "MethodContract",
     "NodeFailedError",
     "NodeInputError",
@@ -64,6 +67,7 @@ __all__ = [
     "RunResult",
     "Runtime",
     "ServegraphError",
+    "Server",
     "ServerSpec",
     "check",
     "compile",

@@ -25,11 +25,18 @@ from tests.deployments.test_contracts import check, served_class
 FOLDER = {
     "__init__.py": """
         from deployments.reranker import contract as c
-        from servegraph import MethodContract, ServerSpec
+        from servegraph import Method, Server, ServerSpec
+
+
+        class RerankerMethods(Server, name="reranker"):
+            rerank = Method(c.RerankRequest, c.RerankResponse, idempotent=True)
+
+
+        reranker = RerankerMethods()
 
         SERVER = ServerSpec(
-            name="reranker",
-            methods={"rerank": MethodContract(c.RerankRequest, c.RerankResponse, idempotent=True)},
+            name=RerankerMethods.name,
+            methods=RerankerMethods.contracts(),
             app_builder="deployments.reranker.server:app",
             deployment="Reranker",
             serve_class="deployments.reranker.server:RerankerDeployment",
@@ -108,7 +115,7 @@ class Query(BaseModel):
 
 def reranked(reranker: ModuleType) -> Pipeline:
     p = Pipeline("reranked", input=Query, output=reranker.contract.RerankResponse)
-    p.returns(p.call("rerank", "reranker", "rerank", query=p.input.query, texts=p.input.texts))
+    p.returns(p.call("rerank", reranker.reranker.rerank(query=p.input.query, texts=p.input.texts)))
     return p
 
 

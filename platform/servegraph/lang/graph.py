@@ -6,14 +6,16 @@ back equal, and nothing in it loads a model. `Pipeline` is the Python builder th
 reads like the pipeline it describes::
 
     rag = Pipeline("rag", input=Question, output=Answer)
-    emb = rag.call("embed", "embedder", "embed_one", text=rag.input.question)
-    hits = rag.call("retrieve", "vector_index", "search", vector=emb.vector, k=rag.input.k)
+    emb = rag.call("embed", embedder.embed_one(text=rag.input.question))
+    hits = rag.call("retrieve", vector_index.search(vector=emb.vector, k=rag.input.k))
     prompt = rag.function("prompt", build_prompt, question=rag.input.question, hits=hits.hits)
-    reply = rag.call("generate", "llm", "chat", messages=prompt.messages, temperature=0.0)
+    reply = rag.call("generate", llm.chat(messages=prompt.messages, temperature=0.0))
     rag.returns(answer=reply.text, hits=hits.hits)
 
 Refs name a value: ``input`` (the request), ``input.field``, ``node`` (a node's
-output) or ``node.field.sub``. Values that are not refs become constant params.
+output) or ``node.field.sub``. Values that are not refs become constant params. A call
+names its server's method as a typed object (`servegraph.lang.calls`) or by strings
+(``rag.call("embed", "embedder", "embed_one", text=...)``); both build the same node.
 """
 
 from __future__ import annotations
@@ -21,11 +23,15 @@ from __future__ import annotations
 import importlib
 import inspect
 from functools import lru_cache
-from typing import Annotated, Any, Literal
+from typing import TYPE_CHECKING, Annotated, Any, Literal, TypeVar, overload
 
 from pydantic import BaseModel, ConfigDict, Field, SerializerFunctionWrapHandler, model_serializer
 
+if TYPE_CHECKING:
+    from servegraph.lang.calls import Bound
+
 INPUT = "input"
+_R = TypeVar("_R", bound=BaseModel)
 
 
 # --------------------------------------------------------------------------- specs
@@ -334,22 +340,68 @@ class Pipeline:
 
     # Node kinds ------------------------------------------------------------
 
+    @overload
     def call(
         self,
         name: str,
-        server: str,
+        target: Bound[_R],
+        /,
+        *,
+        deployment: DeploymentOverrides | dict[str, Any] | None = None,
+        stream: bool = False,
+        timeout_s: float | None = None,
+        retries: int = 0,
+        idempotent: bool = False,
+        fallback: Any = None,
+    ) -> _R: ...
+
+    @overload
+    def call(
+        self,
+        name: str,
+        target: str,
         method: str,
+        /,
         *,
         deployment: DeploymentOverrides | dict[str, Any] | None = None,
         stream: bool = False,
         **ports: Any,
-    ) -> Ref:
-        """Call `server.method` with a request built from `ports`.
+    ) -> Ref: ...
+
+    def call(
+        self,
+        name: str,
+        target: Any,
+        method: str | None = None,
+        /,
+        *,
+        deployment: DeploymentOverrides | dict[str, Any] | None = None,
+        stream: bool = False,
+        **ports: Any,
+    ) -> Any:
+        """Call a model server's method with a request built from its ports: a typed
+        `Bound` (``embedder.embed_one(text=...)``, `servegraph.lang.calls`), whose
+        output is typed as the method's response, or `server` and `method` by name with
+        the ports as keyword arguments. The other keyword arguments are the node's
+        options (`timeout_s`, `retries`, `idempotent`, `fallback`).
 
         With `stream=True`, a request run as a stream (`/<pipeline>/stream`) gets the
         method's chunks as they come; the node's output is the complete response either way.
         """
-        options, ports = _split_options(ports)
+        from servegraph.lang.calls import Bound
+
+        if isinstance(target, Bound):
+            if method is not None:
+                raise TypeError(f"{name}: a typed call names its method already")
+            options, extra = _split_options(ports)
+            if extra:
+                raise TypeError(f"{name}: the request's fields go in the method call: {extra}")
+            server, method, ports = target.server, target.method, dict(target.ports)
+        elif isinstance(target, str) and isinstance(method, str):
+            server = target
+            options, ports = _split_options(ports)
+        else:
+            raise TypeError(f"{name}: call(name, server.method(...)) or call(name, server, method)")
         overrides = DeploymentOverrides.model_validate(deployment) if deployment else None
         return self._add(
             CallNode(
@@ -373,7 +425,7 @@ class Pipeline:
     def switch(
         self,
         name: str,
-        on: Ref,
+        on: Any,
         cases: dict[str, Pipeline],
         *,
         default: Pipeline | None = None,
@@ -384,7 +436,7 @@ class Pipeline:
         return self._add(
             SwitchNode(
                 name=name,
-                on=on.path,
+                on=_path(on, name),
                 cases={key: case.build() for key, case in cases.items()},
                 default=default.build() if default else None,
                 **_wire(ports),
@@ -423,11 +475,16 @@ class Pipeline:
             )
         )
 
-    def returns(self, ref: Ref | None = None, **fields: Ref) -> None:
-        """Declare the output: one ref, or output-model fields from refs."""
+    def returns(self, ref: Any = None, **fields: Any) -> None:
+        """Declare the output: one ref, or output-model fields from refs (a typed call's
+        output is one: statically its response, a `Ref` when the graph is built)."""
         if ref is not None and fields:
             raise ValueError("returns() takes one ref or field=ref pairs, not both")
-        self._returns = ref.path if ref is not None else {k: v.path for k, v in fields.items()}
+        self._returns = (
+            _path(ref, "returns")
+            if ref is not None
+            else {k: _path(v, f"returns.{k}") for k, v in fields.items()}
+        )
 
     def build(self) -> Graph:
         """The `Graph` spec (not yet validated: see `servegraph.validate`)."""
@@ -450,11 +507,21 @@ class Pipeline:
 _OPTION_NAMES = ("timeout_s", "retries", "idempotent", "fallback")
 
 
+def _path(ref: Any, where: str) -> str:
+    if not isinstance(ref, Ref):
+        raise TypeError(f"{where}: expected a reference to a value in the graph, got {ref!r}")
+    return ref.path
+
+
 def _split_options(ports: dict[str, Any]) -> tuple[dict[str, Any], dict[str, Any]]:
     options = {k: ports.pop(k) for k in _OPTION_NAMES if k in ports}
     fallback = options.get("fallback")
     if fallback is not None and not isinstance(fallback, FallbackSpec):
-        if isinstance(fallback, tuple):
+        from servegraph.lang.calls import Method
+
+        if isinstance(fallback, Method):  # a typed server method: `fallback=llm.chat`
+            options["fallback"] = FallbackSpec(server=fallback.server, method=fallback.name)
+        elif isinstance(fallback, tuple):
             options["fallback"] = FallbackSpec(server=fallback[0], method=fallback[1])
         else:
             options["fallback"] = FallbackSpec(function=import_path(fallback))

@@ -390,16 +390,15 @@ class Pipeline:
         """
         from servegraph.lang.calls import Bound
 
+        options, ports = _split_options(ports)
         if isinstance(target, Bound):
             if method is not None:
                 raise TypeError(f"{name}: a typed call names its method already")
-            options, extra = _split_options(ports)
-            if extra:
-                raise TypeError(f"{name}: the request's fields go in the method call: {extra}")
+            if ports:
+                raise TypeError(f"{name}: the request's fields go in the method call: {ports}")
             server, method, ports = target.server, target.method, dict(target.ports)
         elif isinstance(target, str) and isinstance(method, str):
             server = target
-            options, ports = _split_options(ports)
         else:
             raise TypeError(f"{name}: call(name, server.method(...)) or call(name, server, method)")
         overrides = DeploymentOverrides.model_validate(deployment) if deployment else None

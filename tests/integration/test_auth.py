@@ -6,6 +6,7 @@ and no key ever reaches a log file, a span or a metric."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import os
 import re
 import subprocess
@@ -249,3 +250,52 @@ def test_a_killed_limiter_never_turns_requests_into_errors(pipelines: LocalClust
     ray.kill(ray.get_actor(ACTOR_NAME, namespace=ACTOR_NAMESPACE), no_restart=False)
     assert set(asyncio.run(burst())) == {200}
     assert set(asyncio.run(burst())) == {200}
+
+
+def test_nothing_the_local_platform_runs_listens_beyond_this_machine(
+    pipelines: LocalCluster,
+) -> None:
+    """Every server of the running platform listens on the loopback only: Ray's (the GCS,
+    the raylet, each worker, the dashboard agent, the Prometheus exporter with per-key
+    counts and costs) and Serve's proxy. Two exceptions, both Ray's own, with no host
+    setting: each Serve replica's server for calls between deployments binds every
+    interface, and refuses a call without the cluster's Ray token; HAProxy, when it is
+    the ingress, binds its stats page and metrics on every interface (README)."""
+    import ipaddress
+    from urllib.parse import urlparse
+
+    import grpc
+    import psutil
+
+    listening: dict[tuple[str, int], str] = {}
+    for proc in psutil.Process().children(recursive=True):
+        with contextlib.suppress(psutil.NoSuchProcess, psutil.AccessDenied):
+            name = proc.name()
+            for conn in proc.net_connections(kind="inet"):
+                if conn.status == psutil.CONN_LISTEN and name != "haproxy":
+                    listening[(conn.laddr.ip, conn.laddr.port)] = name
+
+    def loopback(ip: str) -> bool:
+        address = ipaddress.ip_address(ip)
+        if isinstance(address, ipaddress.IPv6Address) and address.ipv4_mapped:
+            address = address.ipv4_mapped
+        return address.is_loopback
+
+    def refuses_without_ray_token(port: int) -> bool:
+        with grpc.insecure_channel(f"127.0.0.1:{port}") as channel:
+            call = channel.unary_unary("/ray.serve.ASGIService/HandleRequest")
+            try:
+                call(b"", timeout=10)
+            except grpc.RpcError as error:
+                return error.code() == grpc.StatusCode.UNAUTHENTICATED
+            return False
+
+    assert urlparse(pipelines.metrics_url).port in {port for _, port in listening}
+    assert len(listening) > 10, listening  # Ray's servers, each worker's, Serve's
+    exposed = {(ip, port): name for (ip, port), name in listening.items() if not loopback(ip)}
+    replicas = {port for (_, port), name in exposed.items() if name.startswith("ray::ServeReplica")}
+    assert replicas, exposed  # each replica's server, which Ray binds on every interface
+    others = {f"{ip}:{port}": name for (ip, port), name in exposed.items() if port not in replicas}
+    assert not others, others
+    open_ = {port: exposed for port in replicas if not refuses_without_ray_token(port)}
+    assert not open_, open_

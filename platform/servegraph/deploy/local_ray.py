@@ -106,16 +106,17 @@ def local_cluster(
     _prepare_environment()
     with ExitStack() as stack:
         stack.enter_context(_ingress_environment(ingress or AppSettings().ingress))
-        context = ray.init(
-            address="local",
-            num_cpus=num_cpus or max(12, os.cpu_count() or 1),
-            include_dashboard=dashboard,
-            dashboard_host="127.0.0.1",
-            dashboard_port=dashboard_port,
-            namespace="servegraph",
-            log_to_driver=False,
-            _metrics_export_port=metrics_port,
-        )
+        with _loopback_only():
+            context = ray.init(
+                address="local",
+                num_cpus=num_cpus or max(12, os.cpu_count() or 1),
+                include_dashboard=dashboard,
+                dashboard_host="127.0.0.1",
+                dashboard_port=dashboard_port,
+                namespace="servegraph",
+                log_to_driver=False,
+                _metrics_export_port=metrics_port,
+            )
         stack.callback(ray.shutdown)
         serve.start(
             http_options={"host": "127.0.0.1", "port": http_port},
@@ -129,6 +130,36 @@ def local_cluster(
             http_port=http_port,
             metrics_url=f"http://127.0.0.1:{metrics_port}/metrics",
         )
+
+
+# Ray's switch for its one-machine mode (the only mode it has on Windows and macOS).
+_ONE_MACHINE_ENV = "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"
+
+
+@contextmanager
+def _loopback_only() -> Iterator[None]:
+    """While Ray starts: its one-machine mode, in which every server Ray runs (the GCS,
+    the raylet and its workers, the dashboard agent, the Prometheus exporter on
+    `metrics_port` with per-key request counts and costs, the autoscaler's and the
+    dashboard's metrics) listens on 127.0.0.1 instead of on every interface.
+
+    A local platform is one machine: nothing outside it needs Ray, and Ray offers no
+    host setting for those servers; it binds them to the node's IP, which is 127.0.0.1 in
+    this mode only (`ray.init(_node_ip_address="127.0.0.1")` is turned back into the
+    machine's outward address). The mode is an environment variable that each process
+    reads when it imports Ray: set for the processes `ray.init` starts (the raylet starts
+    every later worker with its own environment), and in this process's copy, as this
+    process may have imported Ray already. Both are as before on exit, so that a cluster
+    started later from this process (`ray start`, `serve deploy`) is not affected."""
+    from ray._private import ray_constants
+
+    before = ray_constants.ENABLE_RAY_CLUSTER
+    ray_constants.ENABLE_RAY_CLUSTER = False
+    try:
+        with environment({_ONE_MACHINE_ENV: "0"}):
+            yield
+    finally:
+        ray_constants.ENABLE_RAY_CLUSTER = before
 
 
 _SOCKET_PATH_MAX = 97  # HAProxy's limit on a Unix socket's path

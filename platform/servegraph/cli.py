@@ -400,9 +400,9 @@ def _batch(args: argparse.Namespace) -> int:
             )
 
     if args.address:
-        import ray
+        from servegraph.deploy.local_ray import attach
 
-        ray.init(address=args.address, namespace="servegraph", log_to_driver=False)
+        attach(args.address)
         report = run()
     else:
         with _local_platform(args, dashboard=False) as cluster:

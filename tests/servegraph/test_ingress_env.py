@@ -1,5 +1,5 @@
-"""What a local cluster's ingress setting puts in the environment Ray starts with, and
-that it leaves the environment as it found it."""
+"""What a local cluster's settings put in the environment Ray starts with (the ingress,
+Ray's one-machine mode), and that they leave the environment as they found it."""
 
 from __future__ import annotations
 
@@ -9,6 +9,7 @@ from pathlib import Path
 
 import pytest
 
+from servegraph.deploy import local_ray
 from servegraph.deploy.local_ray import _ingress_environment
 
 
@@ -67,3 +68,38 @@ def test_a_failure_inside_leaves_nothing_behind(monkeypatch: pytest.MonkeyPatch)
 def test_an_unknown_ingress_is_refused() -> None:
     with pytest.raises(ValueError, match="'proxy' or 'haproxy'"), _ingress_environment("nginx"):
         pass
+
+
+@pytest.mark.parametrize(
+    ("address", "one_machine"),
+    [
+        ("127.0.0.1:6379", True),
+        ("localhost:6379", True),
+        ("[::1]:6379", True),
+        ("10.0.0.5:6379", False),
+        ("head.internal:6379", False),
+    ],
+)
+def test_a_loopback_address_is_attached_in_rays_one_machine_mode(
+    monkeypatch: pytest.MonkeyPatch, address: str, one_machine: bool
+) -> None:
+    """A local platform's GCS listens on 127.0.0.1 only: a process outside Ray's
+    one-machine mode would turn that address into the machine's outward one and wait
+    for ever. The mode is on only while `ray.init` runs."""
+    import ray
+    from ray._private import ray_constants
+
+    monkeypatch.delenv("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", raising=False)
+    seen: list[tuple[bool, str | None]] = []
+
+    def init(**kwargs: object) -> None:
+        assert kwargs["address"] == address
+        seen.append(
+            (ray_constants.ENABLE_RAY_CLUSTER, os.environ.get("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"))
+        )
+
+    monkeypatch.setattr(ray, "init", init)
+    local_ray.attach(address)
+    assert seen == ([(False, "0")] if one_machine else [(True, None)])
+    assert ray_constants.ENABLE_RAY_CLUSTER
+    assert "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER" not in os.environ

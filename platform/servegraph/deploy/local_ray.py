@@ -11,7 +11,7 @@ import secrets
 import socket
 import tempfile
 from collections.abc import Iterator
-from contextlib import ExitStack, contextmanager
+from contextlib import ExitStack, contextmanager, nullcontext
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -150,7 +150,8 @@ def _loopback_only() -> Iterator[None]:
     reads when it imports Ray: set for the processes `ray.init` starts (the raylet starts
     every later worker with its own environment), and in this process's copy, as this
     process may have imported Ray already. Both are as before on exit, so that a cluster
-    started later from this process (`ray start`, `serve deploy`) is not affected."""
+    started later from this process (`ray start`, `serve deploy`) is not affected.
+    Another process attaches in the same mode (`attach`)."""
     from ray._private import ray_constants
 
     before = ray_constants.ENABLE_RAY_CLUSTER
@@ -160,6 +161,29 @@ def _loopback_only() -> Iterator[None]:
             yield
     finally:
         ray_constants.ENABLE_RAY_CLUSTER = before
+
+
+def attach(address: str) -> None:
+    """`ray.init` onto a running cluster at `address` (its GCS, host:port), from a
+    process that did not start it (`servegraph batch --address`).
+
+    A local platform's GCS listens on 127.0.0.1 only (`_loopback_only`), and a process
+    outside Ray's one-machine mode turns a loopback address into the machine's outward
+    one and waits for ever for a GCS there. So an address on the loopback is attached
+    in that mode, which also reaches a cluster whose nodes listen on every interface (a
+    head node attached from itself): Ray finds the node to join by the raylets running
+    on this machine, not by its address."""
+    import ipaddress
+
+    import ray
+
+    host = address.rpartition(":")[0].strip("[]") or address
+    try:
+        loopback = host == "localhost" or ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        loopback = False
+    with _loopback_only() if loopback else nullcontext():
+        ray.init(address=address, namespace="servegraph", log_to_driver=False)
 
 
 _SOCKET_PATH_MAX = 97  # HAProxy's limit on a Unix socket's path

@@ -444,6 +444,11 @@ def _print_endpoints(cluster: Any, package: str, key_file: str | None = None) ->
     auth = f' -H "authorization: Bearer $(cat {key_file})"' if key_file else ""
     base = cluster.base_url
     console.print(f"\n[bold]Ray dashboard[/bold]: {cluster.dashboard_url}")
+    if cluster.gcs_address:
+        console.print(
+            f"[bold]Ray[/bold]: {cluster.gcs_address}  (servegraph batch ... --address "
+            f"{cluster.gcs_address})"
+        )
     console.print(f"[bold]OpenAPI[/bold]: {base}/pipelines/docs")
     console.print(f"[bold]OpenAI-compatible LLM[/bold]: {base}/v1  (e.g. {base}/v1/models)")
     for name, graph in discover(package).items():

@@ -76,6 +76,7 @@ def test_an_unknown_ingress_is_refused() -> None:
         ("127.0.0.1:6379", True),
         ("localhost:6379", True),
         ("[::1]:6379", True),
+        ("auto", True),  # RAY_ADDRESS below, as `ray.init` looks it up
         ("10.0.0.5:6379", False),
         ("head.internal:6379", False),
     ],
@@ -90,16 +91,17 @@ def test_a_loopback_address_is_attached_in_rays_one_machine_mode(
     from ray._private import ray_constants
 
     monkeypatch.delenv("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", raising=False)
-    seen: list[tuple[bool, str | None]] = []
+    monkeypatch.setenv("RAY_ADDRESS", "127.0.0.1:41234" if address == "auto" else "")
+    before = ray_constants.ENABLE_RAY_CLUSTER  # True on Linux, False on macOS
+    seen: list[tuple[str, bool, str | None]] = []
 
     def init(**kwargs: object) -> None:
-        assert kwargs["address"] == address
-        seen.append(
-            (ray_constants.ENABLE_RAY_CLUSTER, os.environ.get("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"))
-        )
+        mode = os.environ.get("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER")
+        seen.append((str(kwargs["address"]), ray_constants.ENABLE_RAY_CLUSTER, mode))
 
     monkeypatch.setattr(ray, "init", init)
     local_ray.attach(address)
-    assert seen == ([(False, "0")] if one_machine else [(True, None)])
-    assert ray_constants.ENABLE_RAY_CLUSTER
+    expected = "127.0.0.1:41234" if address == "auto" else address
+    assert seen == [(expected, False, "0") if one_machine else (expected, before, None)]
+    assert before == ray_constants.ENABLE_RAY_CLUSTER
     assert "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER" not in os.environ

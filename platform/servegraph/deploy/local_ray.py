@@ -76,6 +76,7 @@ class LocalCluster:
     dashboard_url: str | None
     http_port: int
     metrics_url: str
+    gcs_address: str = ""  # Ray's address, on 127.0.0.1: `servegraph batch --address`
 
 
 @contextmanager
@@ -134,6 +135,7 @@ def local_cluster(
             dashboard_url=f"http://{dashboard_url}" if dashboard_url else None,
             http_port=http_port,
             metrics_url=f"http://127.0.0.1:{metrics_port}/metrics",
+            gcs_address=ray.get_runtime_context().gcs_address,
         )
 
 
@@ -177,11 +179,14 @@ def attach(address: str) -> None:
     one and waits for ever for a GCS there. So an address on the loopback is attached
     in that mode, which also reaches a cluster whose nodes listen on every interface (a
     head node attached from itself): Ray finds the node to join by the raylets running
-    on this machine, not by its address."""
+    on this machine, not by its address. `auto` (or RAY_ADDRESS) is looked up first,
+    as `ray.init` would."""
     import ipaddress
 
     import ray
+    from ray._private.services import get_ray_address_from_environment
 
+    address = get_ray_address_from_environment(address, None) or address
     host = address.rpartition(":")[0].strip("[]") or address
     try:
         loopback = host == "localhost" or ipaddress.ip_address(host).is_loopback

@@ -1,5 +1,7 @@
 """The support records server: order and account look-ups for the triage agent's tools,
-from the support database (SQLite on the head node's disk, built from `seed.sql`).
+and the actions a support agent takes on an order (refund, cancel), each applied once
+per idempotency key; the support database is SQLite on the head node's disk, built from
+`seed.sql`.
 
 `SERVER` is its catalog entry. Importing this package imports only pydantic models.
 """
@@ -14,6 +16,21 @@ class RecordsMethods(Server, name="records"):
 
     lookup_order = Method(c.LookupRequest, c.Lookup, idempotent=True)
     lookup_account = Method(c.LookupRequest, c.Lookup, idempotent=True)
+    # Writes, applied once per idempotency key (a run's own, `servegraph.lang.catalog`).
+    refund_order = Method(
+        c.RefundRequest,
+        c.ActionResult,
+        writes=True,
+        idempotent=True,
+        idempotency_field="idempotency_key",
+    )
+    cancel_order = Method(
+        c.CancelRequest,
+        c.ActionResult,
+        writes=True,
+        idempotent=True,
+        idempotency_field="idempotency_key",
+    )
 
 
 records = RecordsMethods()
@@ -28,5 +45,5 @@ SERVER = ServerSpec(
     in_process="deployments.records.model:SupportRecords",
     prepare="deployments.records.model:prepare",
     route_prefix="/records",
-    description="order and account look-ups (SQLite on the head node)",
+    description="order and account look-ups, refunds and cancellations (SQLite on the head node)",
 )

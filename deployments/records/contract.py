@@ -11,7 +11,8 @@ order numbers cannot be enumerated across customers.
 from __future__ import annotations
 
 import re
-from typing import Annotated
+from decimal import Decimal
+from typing import Annotated, Literal
 
 from pydantic import BaseModel, Field, StringConstraints
 
@@ -45,3 +46,56 @@ class LookupRequest(BaseModel):
 class Lookup(BaseModel):
     message: str = Field(description="What was found, or why nothing was, in one line.")
     record: dict[str, str] | None = Field(None, description="The row found, if any.")
+
+
+MAX_REFUND_USD = Decimal("10000")  # above any order this shop sells; a typo's bound
+
+
+class ActionRequest(BaseModel):
+    """A change to one order, made for the customer who owns it."""
+
+    text: NonEmptyText = Field(description="Text holding the order number (five digits).")
+    email: CustomerEmail = Field(
+        description=(
+            "The customer the action is made for, as the calling application "
+            "authenticated them: only an order this customer owns is changed."
+        )
+    )
+    reason: str = Field("", max_length=500, description="Why, in the customer's words.")
+    idempotency_key: str = Field(
+        "",
+        max_length=200,
+        description=(
+            "Applies the action once per key: a repeat with the same key answers the "
+            "first outcome (`replayed`) and changes nothing. A pipeline's run fills it "
+            "(its run id and the node); a direct caller sends its own, one per intended "
+            "action. Empty: no protection against a repeat."
+        ),
+    )
+
+
+class RefundRequest(ActionRequest):
+    amount: Decimal | None = Field(
+        None,
+        gt=0,
+        le=MAX_REFUND_USD,
+        max_digits=12,
+        decimal_places=2,
+        description="USD to refund; the order's total by default, never more than it.",
+    )
+
+
+class CancelRequest(ActionRequest):
+    pass
+
+
+class ActionResult(BaseModel):
+    outcome: Literal["done", "refused"] = Field(
+        description="`done`: the change was made; `refused`: a check failed (`message`)."
+    )
+    message: str = Field(description="What happened, or why not, in one line.")
+    order: str | None = Field(None, description="The order's number, when one was found.")
+    amount: str | None = Field(None, description="The refunded amount (USD), when refunded.")
+    replayed: bool = Field(
+        False, description="The first outcome under this idempotency key, answered again."
+    )

@@ -316,3 +316,52 @@ def test_bad_input_gets_422_naming_the_field(
     assert response.status_code == 422, response.text
     detail = response.json()["detail"]
     assert any(d["field"] == field and d["fix"] for d in detail), detail
+
+
+# -- support records ----------------------------------------------------------------
+
+
+def test_records_apply_fifty_concurrent_repeats_of_a_refund_once(
+    model_servers: LocalCluster,
+) -> None:
+    """Through the records' own route (gateway, merged calls, the replica's threads):
+    fifty repeats of one refund at once, under one idempotency key, change the data
+    once and all answer its outcome; the key reused for another amount is a 422. (The
+    order may have been refunded by an earlier run of the suite on this machine's
+    database: then the one outcome is that refusal, still made once.)"""
+    import secrets
+    import sqlite3
+
+    from deployments.records.model import database
+
+    key = f"suite-{secrets.token_hex(8)}"
+    body = {"text": "Refund order 14550", "email": "ana@example.com", "amount": "1.00"}
+
+    async def fifty() -> list[httpx.Response]:
+        async with httpx.AsyncClient(
+            headers=client_headers(), base_url=model_servers.base_url, timeout=120
+        ) as client:
+            return await asyncio.gather(
+                *(
+                    client.post("/records/refund_order", json=body | {"idempotency_key": key})
+                    for _ in range(50)
+                )
+            )
+
+    answers = asyncio.run(fifty())
+    assert [a.status_code for a in answers] == [200] * 50, answers[0].text
+    outcomes = [a.json() for a in answers]
+    assert sum(not o["replayed"] for o in outcomes) == 1
+    assert len({(o["outcome"], o["message"]) for o in outcomes}) == 1, outcomes[0]
+    with sqlite3.connect(database()) as db:
+        applied = db.execute("SELECT COUNT(*) FROM applied_actions WHERE key = ?", (key,))
+        assert applied.fetchone()[0] == 1
+        refunded = db.execute("SELECT COUNT(*) FROM refunds WHERE order_id = '14550'")
+        assert refunded.fetchone()[0] == 1
+    other = httpx.post(
+        f"{model_servers.base_url}/records/refund_order",
+        json=body | {"amount": "2.00", "idempotency_key": key},
+        headers=client_headers(),
+        timeout=60,
+    )
+    assert other.status_code == 422 and "idempotency_key" in other.text, other.text

@@ -1,13 +1,18 @@
 from __future__ import annotations
 
 import pytest
+from pydantic import BaseModel
 
 from servegraph import (
+    Catalog,
+    CatalogError,
     InProcessRuntime,
+    MethodContract,
     NodeFailedError,
     NodeInputError,
     NodeTimeoutError,
     Pipeline,
+    ServerSpec,
 )
 from tests.servegraph import toy
 
@@ -185,3 +190,55 @@ async def test_a_failure_cancels_waiting_branches_cleanly() -> None:
         await asyncio.sleep(0.01)
     assert not [t for t in asyncio.all_tasks() if t is not this]
     assert not problems, problems
+
+
+class _Write(BaseModel):
+    text: str
+    key: str = ""
+
+
+class _KeyedWrites:
+    """A write that fails the first attempt of node `first`; records every key."""
+
+    def __init__(self, fail: bool = True) -> None:
+        self.keys: list[str] = []
+        self.fail = fail
+
+    async def put(self, request: _Write) -> toy.Echo:
+        self.keys.append(request.key)
+        if self.fail and request.key.endswith("/first"):
+            self.fail = False
+            raise ConnectionError("replica died mid-call")
+        return toy.Echo(text=request.text)
+
+
+async def test_a_writes_idempotency_key_is_the_run_and_the_node_on_every_attempt() -> None:
+    contract = MethodContract(
+        _Write, toy.Echo, writes=True, idempotent=True, idempotency_field="key"
+    )
+    catalog = Catalog([ServerSpec("store", {"put": contract}, "x:y", "S", "/s")])
+    p = Pipeline("writes", input=toy.Text, output=str)
+    first = p.call("first", "store", "put", text=p.input.text, idempotent=True, retries=1)
+    second = p.call("second", "store", "put", text=first.text)
+    mine = p.call("mine", "store", "put", text=p.input.text, key="callers-own")
+    p.returns(p.function("join", toy.join_two, upper=second.text, lower=mine.text))
+    store = _KeyedWrites()
+    result = await InProcessRuntime(catalog, {"store": store}).execute(
+        p.build(), {"text": "hi"}, run_id="run-1"
+    )
+    assert result.run_id == "run-1"
+    # Both attempts of `first` carry one key; each node its own; a key the pipeline
+    # set is kept.
+    assert sorted(store.keys) == sorted(
+        ["run-1/first", "run-1/first", "run-1/second", "callers-own"]
+    )
+    other = _KeyedWrites(fail=False)
+    again = await InProcessRuntime(catalog, {"store": other}).execute(p.build(), {"text": "hi"})
+    assert len(again.run_id) == 32 and f"{again.run_id}/first" in other.keys
+
+
+def test_an_idempotency_field_is_for_a_write_made_safe_to_repeat() -> None:
+    with pytest.raises(CatalogError, match="not a field of _Write"):
+        MethodContract(_Write, toy.Echo, writes=True, idempotent=True, idempotency_field="k")
+    with pytest.raises(CatalogError, match="`writes=True`"):
+        MethodContract(_Write, toy.Echo, idempotent=True, idempotency_field="key")

@@ -14,6 +14,7 @@ import asyncio
 import contextvars
 import inspect
 import time
+import uuid
 from collections.abc import AsyncGenerator, AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass, field
 from typing import Any, Literal, Protocol, assert_never
@@ -97,6 +98,7 @@ class NodeRecord:
 class RunResult:
     output: Any
     nodes: list[NodeRecord] = field(default_factory=list)
+    run_id: str = ""
 
 
 @dataclass
@@ -162,6 +164,7 @@ class Runtime:
         on_event: Callable[[RunEvent], None] | None = None,
         budget: Budget | None = None,
         tally: Tally | None = None,
+        run_id: str | None = None,
     ) -> RunResult:
         """Run `graph`, returning its output and a record of every node attempt.
 
@@ -179,12 +182,16 @@ class Runtime:
         given, is the request's maximum cost; the run adds to it what it spends.
         `tally`, when given, counts the run's LLM tokens as its calls incur them, those
         of calls that fail, time out or are cancelled included (`servegraph.engine.tokens`).
+        `run_id` names the run (a new one by default): the idempotency keys of its
+        writes are made of it (`MethodContract.idempotency_field`), so a run repeated
+        under the same id applies each of its writes once.
         """
         compiled = self.compile(graph)  # a plain Graph is compiled on every call
         deadline_s = deadline_s or default_deadline(compiled.graph)
         run = _Run(self, time.monotonic() + deadline_s, records, on_event, budget, tally)
+        run.run_id = run_id or uuid.uuid4().hex
         output = await run.graph(compiled, _coerce(compiled.input, request, INPUT), "")
-        return RunResult(output, run.records)
+        return RunResult(output, run.records, run.run_id)
 
     async def stream(
         self,
@@ -272,6 +279,7 @@ class _Run:
         self.streamed: set[str] = set()  # nodes that already sent chunks to the caller
         self.tally = tally if tally is not None else Tally()
         self.incurred: dict[str, Incurred] = {}  # each node's latest call: its LLM tokens
+        self.run_id = ""  # set by `Runtime.execute`
 
     async def graph(self, compiled: CompiledGraph, request: BaseModel, prefix: str) -> Any:
         graph = compiled.graph
@@ -476,6 +484,7 @@ class _Run:
 
     async def _call(self, server: str, method: str, args: dict[str, Any], qualified: str) -> Any:
         contract = self.rt.catalog.contract(server, method)
+        args = self._keyed(contract, args, qualified)
         request, reserved = await self.ledger.afford(qualified, server, method, contract, args)
         response = None
         incurred = self._incurring(qualified, contract)
@@ -496,6 +505,7 @@ class _Run:
         assert self.on_event is not None and self.rt._invoke_stream is not None
         contract = self.rt.catalog.contract(node.server, node.method)
         assert contract.stream_method is not None and contract.chunk is not None
+        args = self._keyed(contract, args, qualified)
         request, reserved = await self.ledger.afford(
             qualified, node.server, node.method, contract, args
         )
@@ -529,6 +539,17 @@ class _Run:
             return await _maybe_await(compiled.functions[f"{node.name}.fallback"](**args))
         assert fallback.server and fallback.method
         return await self._call(fallback.server, fallback.method, args, qualified)
+
+    def _keyed(
+        self, contract: MethodContract, args: dict[str, Any], qualified: str
+    ) -> dict[str, Any]:
+        """`args` with the write's idempotency key, where the method takes one and the
+        pipeline left it empty: the run's id and the node's qualified name, the same for
+        every attempt of this node in this run and different for each loop iteration."""
+        name = contract.idempotency_field
+        if name is None or args.get(name):
+            return args
+        return {**args, name: f"{self.run_id}/{qualified}"}
 
     def _remaining(self) -> float:
         return self.deadline - time.monotonic()

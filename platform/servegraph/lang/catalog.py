@@ -48,8 +48,27 @@ class MethodContract:
     """Safe to run twice with the same request (no side effect, or an upsert): when a
     replica dies mid-call, the platform repeats the call on another replica, or on the
     restarted one, within the request's deadline. A non-idempotent call fails with 503."""
+    idempotency_field: str | None = None
+    """The request's field that carries an idempotency key (a write applied once per
+    key, the key recorded by the server in the same transaction as the change, and the
+    first outcome answered again to a repeat). A run fills it, where the pipeline left
+    it empty, with a key made of the run's id and the node's name (`run_id/node`, a
+    loop's iteration included), so a call repeated after a replica died, or by a
+    node's retry, changes the data once. A caller of the server's own route sends its
+    own key. Needs `writes` and `idempotent` (a repeat with the key is safe)."""
 
     def __post_init__(self) -> None:
+        if self.idempotency_field is not None:
+            if self.idempotency_field not in self.request.model_fields:
+                raise CatalogError(
+                    f"`idempotency_field` {self.idempotency_field!r} is not a field of "
+                    f"{self.request.__name__}"
+                )
+            if not (self.writes and self.idempotent):
+                raise CatalogError(
+                    "an `idempotency_field` is for a write (`writes=True`) made safe to "
+                    "repeat by its key (`idempotent=True`)"
+                )
         if (self.chunk is None) != (self.stream_method is None):
             raise CatalogError("a streaming method needs both `chunk` and `stream_method`")
         if self.budget_field is not None:

@@ -7,11 +7,16 @@ deploy it onto Ray Serve (`servegraph.deploy.planner` plans the applications,
 a model.
 """
 
+from servegraph.engine.runtime import Checkpoints as Checkpoints
 from servegraph.engine.runtime import InProcessRuntime as InProcessRuntime
+from servegraph.engine.runtime import MemoryCheckpoints as MemoryCheckpoints
 from servegraph.engine.runtime import NodeRecord as NodeRecord
+from servegraph.engine.runtime import Pending as Pending
 from servegraph.engine.runtime import RunEvent as RunEvent
 from servegraph.engine.runtime import RunResult as RunResult
 from servegraph.engine.runtime import Runtime as Runtime
+from servegraph.engine.runtime import RunWaiting as RunWaiting
+from servegraph.engine.runtime import Verdict as Verdict
 from servegraph.errors import BudgetExceededError as BudgetExceededError
 from servegraph.errors import CatalogError as CatalogError
 from servegraph.errors import GraphValidationError as GraphValidationError
@@ -30,6 +35,7 @@ from servegraph.lang.catalog import MethodContract as MethodContract
 from servegraph.lang.catalog import ServerSpec as ServerSpec
 from servegraph.lang.compiled import CompiledGraph as CompiledGraph
 from servegraph.lang.compiled import compile as compile
+from servegraph.lang.graph import Decision as Decision
 from servegraph.lang.graph import DeploymentOverrides as DeploymentOverrides
 from servegraph.lang.graph import Graph as Graph
 from servegraph.lang.graph import Pipeline as Pipeline
@@ -46,12 +52,15 @@ __all__ = [
     "BudgetExceededError",
     "Catalog",
     "CatalogError",
+    "Checkpoints",
     "CompiledGraph",
+    "Decision",
     "DeploymentOverrides",
     "Graph",
     "GraphValidationError",
     "InProcessRuntime",
     "InvalidInputError",
+    "MemoryCheckpoints",
     "Method",
     "MethodContract",
     "NodeFailedError",
@@ -59,16 +68,19 @@ __all__ = [
     "NodeRecord",
     "NodeTimeoutError",
     "OverloadedError",
+    "Pending",
     "Pipeline",
     "PipelineRuntimeError",
     "Problem",
     "Ref",
     "RunEvent",
     "RunResult",
+    "RunWaiting",
     "Runtime",
     "ServegraphError",
     "Server",
     "ServerSpec",
+    "Verdict",
     "check",
     "compile",
     "from_yaml",

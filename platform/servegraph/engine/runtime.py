@@ -15,7 +15,7 @@ import contextvars
 import inspect
 import time
 import uuid
-from collections.abc import AsyncGenerator, AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncGenerator, AsyncIterator, Awaitable, Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any, Literal, Protocol, assert_never
 
@@ -42,7 +42,9 @@ from servegraph.lang.compiled import CompiledGraph
 from servegraph.lang.compiled import compile as compile_graph
 from servegraph.lang.graph import (
     INPUT,
+    ApprovalNode,
     CallNode,
+    Decision,
     FunctionNode,
     Graph,
     LoopNode,
@@ -92,6 +94,64 @@ class NodeRecord:
     usage: dict[str, int] | None = None  # LLM tokens: {"input": n, "output": m}, a failed
     # call's as far as it got
     charge: dict[str, float] | None = None  # the model server's resource-seconds
+
+
+@dataclass(frozen=True)
+class Pending:
+    """What a waiting run awaits: an approval node's proposed action, for a person."""
+
+    node: str  # qualified: a loop's iteration, a switch's case included
+    server: str
+    method: str
+    arguments: dict[str, Any]  # the action's request as JSON, without its idempotency key
+    summary: str
+    scope: str | None  # the key scope that may decide (None: `approve:<pipeline>`)
+    expires_s: float | None
+
+
+@dataclass(frozen=True)
+class Verdict:
+    """A person's decision on a waiting approval (or its expiry), for the run to resume
+    with. `arguments`, with "approve", replace the proposed ones field by field."""
+
+    decision: Literal["approve", "reject", "expire"]
+    by: str | None = None  # the deciding key's name
+    reason: str = ""
+    arguments: dict[str, Any] | None = None
+
+
+class RunWaiting(Exception):  # not a failure: the run stopped to wait
+    """The run stopped at an approval node with no decision yet: what it awaits. Every
+    node that finished is checkpointed; the run resumes by running again under the same
+    `run_id`, with the same checkpoints and the decision (`Runtime.execute`)."""
+
+    def __init__(self, run_id: str, pending: Pending, records: list[NodeRecord]) -> None:
+        super().__init__(f"run {run_id} waits for a decision at {pending.node}")
+        self.run_id = run_id
+        self.pending = pending
+        self.records = records
+
+
+class Checkpoints(Protocol):
+    """Where a run's finished nodes are kept, by run id and qualified node name."""
+
+    def get(self, run_id: str, node: str) -> tuple[bool, Any]: ...
+
+    def put(self, run_id: str, node: str, value: Any) -> None: ...
+
+
+class MemoryCheckpoints:
+    """Checkpoints in this process's memory: for tests and in-process runs."""
+
+    def __init__(self) -> None:
+        self.values: dict[tuple[str, str], Any] = {}
+
+    def get(self, run_id: str, node: str) -> tuple[bool, Any]:
+        key = (run_id, node)
+        return (True, self.values[key]) if key in self.values else (False, None)
+
+    def put(self, run_id: str, node: str, value: Any) -> None:
+        self.values[(run_id, node)] = value
 
 
 @dataclass
@@ -165,6 +225,8 @@ class Runtime:
         budget: Budget | None = None,
         tally: Tally | None = None,
         run_id: str | None = None,
+        checkpoints: Checkpoints | None = None,
+        decisions: Mapping[str, Verdict] | None = None,
     ) -> RunResult:
         """Run `graph`, returning its output and a record of every node attempt.
 
@@ -185,11 +247,17 @@ class Runtime:
         `run_id` names the run (a new one by default): the idempotency keys of its
         writes are made of it (`MethodContract.idempotency_field`), so a run repeated
         under the same id applies each of its writes once.
+
+        `checkpoints`, when given, keeps each call's and function's output as it
+        finishes, and a node found there is not run again: a run repeated under the
+        same id resumes where it stopped. An approval node without a decision in
+        `decisions` (by its qualified name) stops the run: `RunWaiting`.
         """
         compiled = self.compile(graph)  # a plain Graph is compiled on every call
         deadline_s = deadline_s or default_deadline(compiled.graph)
         run = _Run(self, time.monotonic() + deadline_s, records, on_event, budget, tally)
         run.run_id = run_id or uuid.uuid4().hex
+        run.checkpoints, run.decisions = checkpoints, decisions or {}
         output = await run.graph(compiled, _coerce(compiled.input, request, INPUT), "")
         return RunResult(output, run.records, run.run_id)
 
@@ -279,7 +347,9 @@ class _Run:
         self.streamed: set[str] = set()  # nodes that already sent chunks to the caller
         self.tally = tally if tally is not None else Tally()
         self.incurred: dict[str, Incurred] = {}  # each node's latest call: its LLM tokens
-        self.run_id = ""  # set by `Runtime.execute`
+        self.run_id = ""  # set by `Runtime.execute`, with the two below
+        self.checkpoints: Checkpoints | None = None
+        self.decisions: Mapping[str, Verdict] = {}
 
     async def graph(self, compiled: CompiledGraph, request: BaseModel, prefix: str) -> Any:
         graph = compiled.graph
@@ -322,7 +392,27 @@ class _Run:
     async def node(
         self, node: Node, compiled: CompiledGraph, values: dict[str, Any], prefix: str
     ) -> Any:
+        """The node's output: from the run's checkpoints when it finished before (a
+        call, a function, a decided approval; the others are made of those), else run,
+        and checkpointed."""
         qualified = f"{prefix}{node.name}"
+        kept = self.checkpoints is not None and isinstance(
+            node, CallNode | FunctionNode | ApprovalNode
+        )
+        if kept:
+            assert self.checkpoints is not None
+            found, output = self.checkpoints.get(self.run_id, qualified)
+            if found:
+                return output
+        output = await self._run_node(node, compiled, values, qualified)
+        if kept:
+            assert self.checkpoints is not None
+            self.checkpoints.put(self.run_id, qualified, output)
+        return output
+
+    async def _run_node(
+        self, node: Node, compiled: CompiledGraph, values: dict[str, Any], qualified: str
+    ) -> Any:
         args = {**node.params, **{port: _lookup(values, ref) for port, ref in node.inputs.items()}}
         attempts = 1 + (node.retries if node.idempotent else 0)
         error: PipelineRuntimeError | None = None
@@ -413,7 +503,7 @@ class _Run:
                 else ("the request deadline")
             )
             raise NodeTimeoutError(qualified, f"ran past {which} ({limit:.3g}s)") from None
-        except PipelineRuntimeError:
+        except (PipelineRuntimeError, RunWaiting):
             raise
         except ServerUnavailableError as exc:
             raise OverloadedError(qualified, str(exc), exc.retry_after_s) from exc
@@ -465,7 +555,56 @@ class _Run:
             return await _maybe_await(compiled.functions[f"{node.name}.join"](**by_branch))
         if isinstance(node, LoopNode):
             return await self._loop(node, compiled, qualified, args)
+        if isinstance(node, ApprovalNode):
+            return await self._approval(node, qualified, args, values)
         assert_never(node)  # a new node kind must say how it runs
+
+    async def _approval(
+        self, node: ApprovalNode, qualified: str, args: dict[str, Any], values: dict[str, Any]
+    ) -> Decision:
+        """Stop for a person (`RunWaiting`), or carry out their decision: approved, the
+        action runs, under the key of this run and node, so it is applied once however
+        often the decision is carried out."""
+        contract = self.rt.catalog.contract(node.server, node.method)
+        key = contract.idempotency_field
+        proposed = _coerce(contract.request, args, qualified).model_dump(
+            mode="json", exclude={key} if key else None
+        )
+        verdict = self.decisions.get(qualified)
+        if verdict is None:
+            summary = str(_lookup(values, node.summary))
+            raise RunWaiting(
+                self.run_id,
+                Pending(
+                    qualified,
+                    node.server,
+                    node.method,
+                    proposed,
+                    summary,
+                    node.scope,
+                    node.expires_s,
+                ),
+                self.records,
+            )
+        if verdict.decision != "approve":
+            outcome: Literal["rejected", "expired"] = (
+                "rejected" if verdict.decision == "reject" else "expired"
+            )
+            return Decision(
+                decision=outcome, by=verdict.by, reason=verdict.reason, arguments=proposed
+            )
+        edits = {k: v for k, v in (verdict.arguments or {}).items() if k != key}
+        arguments = _coerce(contract.request, {**proposed, **edits}, qualified).model_dump(
+            mode="json", exclude={key} if key else None
+        )
+        response = await self._call(node.server, node.method, dict(arguments), qualified)
+        return Decision(
+            decision="approved",
+            by=verdict.by,
+            reason=verdict.reason,
+            arguments=arguments,
+            result=response.model_dump(mode="json"),
+        )
 
     async def _loop(
         self, node: LoopNode, compiled: CompiledGraph, qualified: str, args: dict[str, Any]

@@ -194,8 +194,57 @@ class LoopNode(_NodeBase):
         return f"loop ≤{self.max_iterations}"
 
 
+MAX_APPROVAL_S = 30 * 24 * 3600.0
+
+
+class ApprovalNode(_NodeBase):
+    """Stop the run until a person decides on an action: a write of a model server
+    (`server.method`, with the request its ports build, applied once under the run's
+    key for this node). Approved (the arguments perhaps edited), the action runs and
+    the node's output is the `Decision` with its result; rejected, or not decided
+    within `expires_s`, the action does not run and the `Decision` says so. While the
+    run waits, it is a resource a decision resumes (`servegraph.engine.runtime`)."""
+
+    kind: Literal["approval"] = "approval"
+    server: str
+    method: str
+    summary: str = Field(description="Ref to the text the person reads before deciding.")
+    scope: str | None = Field(
+        None,
+        pattern=r"^approve:[\w.-]+$",
+        description="The key scope that may decide (else `approve:<pipeline>`).",
+    )
+    expires_s: float | None = Field(
+        None,
+        gt=0,
+        le=MAX_APPROVAL_S,
+        description="Undecided this long after the run stopped: the action expires.",
+    )
+
+    def references(self) -> list[str]:
+        return [*super().references(), self.summary]
+
+    def describe(self) -> str:
+        return f"approval of {self.server}.{self.method}"
+
+
+class Decision(BaseModel):
+    """An approval node's output: what was decided, by whom, and what the action gave."""
+
+    decision: Literal["approved", "rejected", "expired"]
+    by: str | None = Field(None, description="The name of the key that decided.")
+    reason: str = Field("", description="Why, as the person wrote it (a rejection's).")
+    arguments: dict[str, Any] = Field(
+        default_factory=dict, description="The action's request, as run (or proposed)."
+    )
+    result: dict[str, Any] | None = Field(
+        None, description="The action's response, when it was approved and ran."
+    )
+
+
 Node = Annotated[
-    CallNode | FunctionNode | SwitchNode | ParallelNode | LoopNode, Field(discriminator="kind")
+    CallNode | FunctionNode | SwitchNode | ParallelNode | LoopNode | ApprovalNode,
+    Field(discriminator="kind"),
 ]
 
 
@@ -235,6 +284,8 @@ class Graph(BaseModel):
         for node in self.nodes:
             if isinstance(node, CallNode):
                 found.append(node)
+            if isinstance(node, ApprovalNode):  # its action, once approved
+                found.append(CallNode(name=node.name, server=node.server, method=node.method))
             if node.fallback and node.fallback.server:
                 found.append(
                     CallNode(
@@ -259,7 +310,7 @@ class Graph(BaseModel):
 
 
 _NodeBase.model_rebuild()
-for _model in (CallNode, FunctionNode, SwitchNode, ParallelNode, LoopNode, Graph):
+for _model in (CallNode, FunctionNode, SwitchNode, ParallelNode, LoopNode, ApprovalNode, Graph):
     _model.model_rebuild()
 
 
@@ -473,6 +524,36 @@ class Pipeline:
                 **options,
             )
         )
+
+    def approval(
+        self,
+        name: str,
+        action: Bound[Any],
+        /,
+        *,
+        summary: Any,
+        scope: str | None = None,
+        expires_s: float | None = None,
+        timeout_s: float | None = None,
+    ) -> Decision:
+        """Stop the run until a person approves or rejects `action` (a typed write,
+        ``records.refund_order(text=..., email=...)``), reading `summary` (a ref to
+        text); the output is the `Decision` (statically; a `Ref` when built)."""
+        from servegraph.lang.calls import Bound
+
+        if not isinstance(action, Bound):
+            raise TypeError(f"{name}: the action is a typed call, server.method(...)")
+        node = ApprovalNode(
+            name=name,
+            server=action.server,
+            method=action.method,
+            summary=_path(summary, f"{name}.summary"),
+            scope=scope,
+            expires_s=expires_s,
+            timeout_s=timeout_s,
+            **_wire(dict(action.ports)),
+        )
+        return self._add(node)  # type: ignore[return-value]  # a Ref, typed as its value
 
     def returns(self, ref: Any = None, **fields: Any) -> None:
         """Declare the output: one ref, or output-model fields from refs (a typed call's

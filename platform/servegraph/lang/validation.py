@@ -16,7 +16,9 @@ from servegraph.lang._types import compatible, describe, field_type, function_po
 from servegraph.lang.catalog import Catalog
 from servegraph.lang.graph import (
     INPUT,
+    ApprovalNode,
     CallNode,
+    Decision,
     FunctionNode,
     Graph,
     LoopNode,
@@ -133,7 +135,26 @@ class _Checker:
             return self._parallel_contract(node)
         if isinstance(node, LoopNode):
             return self._loop_contract(node)
+        if isinstance(node, ApprovalNode):
+            return self._approval_contract(node)
         assert_never(node)  # a new node kind must say what it takes and gives
+
+    def _approval_contract(self, node: ApprovalNode) -> tuple[Any, Ports]:
+        """An approval's action is a write applied once per key (the run's, for this
+        node): a `writes` method with an `idempotency_field`; its ports are the action
+        request's fields. The summary the person reads is text."""
+        try:
+            contract = self.catalog.contract(node.server, node.method)
+        except CatalogError as exc:
+            self._problem(node.name, str(exc), "name a server and method from the catalog")
+            return Decision, {}
+        if not (contract.writes and contract.idempotency_field):
+            self._problem(
+                node.name,
+                f"{node.server}.{node.method} is not a write applied once per key",
+                "approve a method whose contract has writes=True and an idempotency_field",
+            )
+        return Decision, model_ports(contract.request)
 
     def _subgraph(self, node: Node, label: str, graph: Graph) -> tuple[Any, Ports]:
         self.problems += check(graph, self.catalog, f"{self.prefix}{node.name}/{label}/")
@@ -269,6 +290,15 @@ class _Checker:
                 )
         if isinstance(node, SwitchNode):
             self._ref_type(node.name, "on", node.on, types, known)
+        if isinstance(node, ApprovalNode):
+            summary = self._ref_type(node.name, "summary", node.summary, types, known)
+            if summary is not None and not compatible(summary, str):
+                self._problem(
+                    node.name,
+                    f"the summary {node.summary!r} is {describe(summary)}, not text",
+                    "wire a str (write it in a function node)",
+                    "summary",
+                )
 
     def _unknown_port(self, node: Node, port: str, ports: Ports) -> None:
         self._problem(node.name, "no such input port", f"use one of {sorted(ports)}", port)

@@ -1,0 +1,178 @@
+"""The approval node, in process on the real support records (SQLite): a run stops for
+a person, resumes from its checkpoints with their decision (approve, approve with
+edited arguments, reject, expire), and the approved action is applied once however
+often the decision is carried out. No Ray."""
+
+from __future__ import annotations
+
+import sqlite3
+from decimal import Decimal
+
+import pytest
+from pydantic import BaseModel
+
+from deployments.records import SERVER, records
+from deployments.records.contract import ActionResult, Lookup, LookupRequest
+from deployments.records.model import SupportRecords
+from servegraph import (
+    Catalog,
+    Decision,
+    GraphValidationError,
+    InProcessRuntime,
+    MemoryCheckpoints,
+    NodeInputError,
+    Pipeline,
+    RunWaiting,
+    Verdict,
+    from_yaml,
+    to_text,
+    to_yaml,
+    validate,
+)
+
+CATALOG = Catalog([SERVER])
+TICKET = {"text": "Please refund order 12345, it arrived broken", "email": "ana@example.com"}
+
+
+class Ticket(BaseModel):
+    text: str
+    email: str
+
+
+def summarize(found: str) -> str:
+    return f"Refund asked for: {found}"
+
+
+def reply(decision: Decision) -> str:
+    if decision.decision != "approved" or decision.result is None:
+        return f"not refunded ({decision.decision}: {decision.reason})"
+    return ActionResult.model_validate(decision.result).message
+
+
+def refunds() -> Pipeline:
+    p = Pipeline("refunds", input=Ticket, output=str)
+    found = p.call("look", records.lookup_order(text=p.input.text, email=p.input.email))
+    summary = p.function("summary", summarize, found=found.message)
+    decision = p.approval(
+        "approve",
+        records.refund_order(text=p.input.text, email=p.input.email, reason="arrived broken"),
+        summary=summary,
+        expires_s=3600,
+    )
+    p.returns(p.function("reply", reply, decision=decision))
+    return p
+
+
+class Counted(SupportRecords):
+    """The real records, counting look-ups (a resumed run must not repeat them)."""
+
+    lookups = 0
+
+    async def lookup_order(self, request: LookupRequest) -> Lookup:
+        self.lookups += 1
+        return await super().lookup_order(request)
+
+
+@pytest.fixture
+def shop(tmp_path, monkeypatch) -> Counted:
+    monkeypatch.setenv("SERVEGRAPH_HOME", str(tmp_path))  # the real seed, built here
+    return Counted()
+
+
+def refunded(shop: SupportRecords) -> list[tuple[str, str]]:
+    with sqlite3.connect(shop.path) as db:
+        return db.execute("SELECT order_id, amount FROM refunds").fetchall()
+
+
+async def stopped(runtime: InProcessRuntime, checkpoints: MemoryCheckpoints) -> RunWaiting:
+    with pytest.raises(RunWaiting) as waiting:
+        await runtime.execute(refunds().build(), TICKET, run_id="r1", checkpoints=checkpoints)
+    return waiting.value
+
+
+async def test_a_run_stops_at_the_approval_with_what_it_proposes(shop) -> None:
+    runtime = InProcessRuntime(CATALOG, {"records": shop})
+    waiting = await stopped(runtime, MemoryCheckpoints())
+    pending = waiting.pending
+    assert waiting.run_id == "r1" and pending.node == "approve"
+    assert (pending.server, pending.method, pending.expires_s) == ("records", "refund_order", 3600)
+    assert pending.arguments == TICKET | {"reason": "arrived broken", "amount": None}
+    assert pending.summary.startswith("Refund asked for: order 12345: Nimbus headphones")
+    assert refunded(shop) == []  # nothing applied before the decision
+
+
+async def test_approved_the_run_resumes_past_finished_nodes_and_acts_once(shop) -> None:
+    runtime = InProcessRuntime(CATALOG, {"records": shop})
+    checkpoints = MemoryCheckpoints()
+    await stopped(runtime, checkpoints)
+    before = dict(checkpoints.values)
+    decided = {"approve": Verdict("approve", by="support-lead")}
+    result = await runtime.execute(
+        refunds().build(), TICKET, run_id="r1", checkpoints=checkpoints, decisions=decided
+    )
+    assert result.output == "order 12345 refunded $89.90"
+    assert shop.lookups == 1  # the look-up ran before the stop only
+    assert refunded(shop) == [("12345", "89.90")]
+    decision = checkpoints.values[("r1", "approve")]
+    assert (decision.decision, decision.by) == ("approved", "support-lead")
+    # The decision carried out again, from the checkpoints of before it (a crash
+    # between the action and its checkpoint): the action answers its first outcome.
+    again = await runtime.execute(
+        refunds().build(), TICKET, run_id="r1", checkpoints=_copy(before), decisions=decided
+    )
+    assert again.output == "order 12345 refunded $89.90"
+    assert refunded(shop) == [("12345", "89.90")]
+
+
+async def test_approved_with_edited_arguments_or_rejected_or_expired(shop) -> None:
+    runtime = InProcessRuntime(CATALOG, {"records": shop})
+    build = refunds().build()
+
+    async def decide(run_id: str, verdict: Verdict) -> str:
+        checkpoints = MemoryCheckpoints()
+        with pytest.raises(RunWaiting):
+            await runtime.execute(build, TICKET, run_id=run_id, checkpoints=checkpoints)
+        done = await runtime.execute(
+            build, TICKET, run_id=run_id, checkpoints=checkpoints, decisions={"approve": verdict}
+        )
+        return str(done.output)
+
+    rejected = Verdict("reject", by="lead", reason="customer keeps the item")
+    assert await decide("no", rejected) == "not refunded (rejected: customer keeps the item)"
+    assert await decide("late", Verdict("expire")) == "not refunded (expired: )"
+    assert refunded(shop) == []
+    with pytest.raises(NodeInputError) as bad:
+        await decide("bad", Verdict("approve", arguments={"amount": "-5"}))
+    assert "amount" in str(bad.value)
+    edited = Verdict("approve", arguments={"amount": str(Decimal("10.00")), "idempotency_key": "x"})
+    assert await decide("part", edited) == "order 12345 refunded $10.00"
+    assert refunded(shop) == [("12345", "10.00")]
+
+
+def test_an_approval_is_validated_like_every_node() -> None:
+    p = Pipeline("reads", input=Ticket, output=str)
+    found = p.call("look", records.lookup_order(text=p.input.text, email=p.input.email))
+    decision = p.approval(
+        "approve",
+        records.lookup_order(text=p.input.text, email=p.input.email),
+        summary=found,  # a Lookup, not text
+    )
+    p.returns(p.function("reply", reply, decision=decision))
+    with pytest.raises(GraphValidationError) as invalid:
+        validate(p.build(), CATALOG)
+    text = str(invalid.value)
+    assert "records.lookup_order is not a write applied once per key" in text
+    assert "the summary 'look' is Lookup, not text" in text
+
+
+def test_an_approval_round_trips_through_yaml_and_renders() -> None:
+    graph = validate(refunds().build(), CATALOG)
+    assert from_yaml(to_yaml(graph)) == graph
+    assert "approval of records.refund_order" in to_text(graph)
+    assert any(c.server == "records" and c.method == "refund_order" for c in graph.calls())
+
+
+def _copy(checkpoints: dict) -> MemoryCheckpoints:
+    copy = MemoryCheckpoints()
+    copy.values.update(checkpoints)
+    return copy

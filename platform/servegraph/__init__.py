@@ -7,9 +7,10 @@ deploy it onto Ray Serve (`servegraph.deploy.planner` plans the applications,
 a model.
 """
 
-from servegraph.engine.runtime import Checkpoints as Checkpoints
+from servegraph.engine.checkpoints import Checkpoints as Checkpoints
+from servegraph.engine.checkpoints import MemoryCheckpoints as MemoryCheckpoints
+from servegraph.engine.checkpoints import SqliteCheckpoints as SqliteCheckpoints
 from servegraph.engine.runtime import InProcessRuntime as InProcessRuntime
-from servegraph.engine.runtime import MemoryCheckpoints as MemoryCheckpoints
 from servegraph.engine.runtime import NodeRecord as NodeRecord
 from servegraph.engine.runtime import Pending as Pending
 from servegraph.engine.runtime import RunEvent as RunEvent
@@ -80,6 +81,7 @@ __all__ = [
     "ServegraphError",
     "Server",
     "ServerSpec",
+    "SqliteCheckpoints",
     "Verdict",
     "check",
     "compile",

@@ -176,3 +176,33 @@ def _copy(checkpoints: dict) -> MemoryCheckpoints:
     copy = MemoryCheckpoints()
     copy.values.update(checkpoints)
     return copy
+
+
+async def test_a_run_stopped_on_one_replica_resumes_on_another_from_sqlite(shop, tmp_path) -> None:
+    """Two runtimes (two ingress replicas), one checkpoint file: the second resumes
+    the run the first stopped, with every checkpoint read back as its node's type."""
+    from servegraph import SqliteCheckpoints
+
+    path = tmp_path / "runs" / "checkpoints.sqlite3"
+    first = InProcessRuntime(CATALOG, {"records": shop})
+    with pytest.raises(RunWaiting):
+        await first.execute(
+            refunds().build(), TICKET, run_id="r9", checkpoints=SqliteCheckpoints(path)
+        )
+    other = Counted(shop.path)
+    second = InProcessRuntime(CATALOG, {"records": other})
+    store = SqliteCheckpoints(path)
+    found, lookup = store.get("r9", "look", Lookup)
+    assert found and isinstance(lookup, Lookup) and lookup.record["id"] == "12345"
+    result = await second.execute(
+        refunds().build(),
+        TICKET,
+        run_id="r9",
+        checkpoints=store,
+        decisions={"approve": Verdict("approve", by="lead")},
+    )
+    assert result.output == "order 12345 refunded $89.90" and other.lookups == 0
+    found, decision = store.get("r9", "approve", Decision)
+    assert found and decision.decision == "approved" and decision.result["amount"] == "89.90"
+    store.put("r9", "approve", decision.model_copy(update={"by": "someone else"}), Decision)
+    assert store.get("r9", "approve", Decision)[1].by == "lead"  # the first one stays

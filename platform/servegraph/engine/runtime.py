@@ -25,6 +25,7 @@ from servegraph._fields import field_errors
 from servegraph.cost.budget import Budget, CostModel
 from servegraph.cost.metering import charge_of
 from servegraph.engine import tokens
+from servegraph.engine.checkpoints import Checkpoints
 from servegraph.engine.ledger import Ledger, usage_of
 from servegraph.engine.tokens import Incurred, Tally
 from servegraph.errors import (
@@ -37,6 +38,7 @@ from servegraph.errors import (
     PipelineRuntimeError,
     ServerUnavailableError,
 )
+from servegraph.lang._types import function_ports
 from servegraph.lang.catalog import Catalog, MethodContract
 from servegraph.lang.compiled import CompiledGraph
 from servegraph.lang.compiled import compile as compile_graph
@@ -130,28 +132,6 @@ class RunWaiting(Exception):  # not a failure: the run stopped to wait
         self.run_id = run_id
         self.pending = pending
         self.records = records
-
-
-class Checkpoints(Protocol):
-    """Where a run's finished nodes are kept, by run id and qualified node name."""
-
-    def get(self, run_id: str, node: str) -> tuple[bool, Any]: ...
-
-    def put(self, run_id: str, node: str, value: Any) -> None: ...
-
-
-class MemoryCheckpoints:
-    """Checkpoints in this process's memory: for tests and in-process runs."""
-
-    def __init__(self) -> None:
-        self.values: dict[tuple[str, str], Any] = {}
-
-    def get(self, run_id: str, node: str) -> tuple[bool, Any]:
-        key = (run_id, node)
-        return (True, self.values[key]) if key in self.values else (False, None)
-
-    def put(self, run_id: str, node: str, value: Any) -> None:
-        self.values[(run_id, node)] = value
 
 
 @dataclass
@@ -399,16 +379,25 @@ class _Run:
         kept = self.checkpoints is not None and isinstance(
             node, CallNode | FunctionNode | ApprovalNode
         )
-        if kept:
-            assert self.checkpoints is not None
-            found, output = self.checkpoints.get(self.run_id, qualified)
-            if found:
-                return output
+        if not kept:
+            return await self._run_node(node, compiled, values, qualified)
+        assert self.checkpoints is not None
+        kind = self._output_type(node, compiled)
+        found, output = await asyncio.to_thread(self.checkpoints.get, self.run_id, qualified, kind)
+        if found:
+            return output
         output = await self._run_node(node, compiled, values, qualified)
-        if kept:
-            assert self.checkpoints is not None
-            self.checkpoints.put(self.run_id, qualified, output)
+        await asyncio.to_thread(self.checkpoints.put, self.run_id, qualified, output, kind)
         return output
+
+    def _output_type(self, node: Node, compiled: CompiledGraph) -> Any:
+        """What a checkpointed node gives, for a durable store to read it back as: a
+        call's response model, a function's return annotation (else Any), a Decision."""
+        if isinstance(node, CallNode):
+            return self.rt.catalog.contract(node.server, node.method).response
+        if isinstance(node, FunctionNode):
+            return function_ports(compiled.functions[node.name])[1]
+        return Decision
 
     async def _run_node(
         self, node: Node, compiled: CompiledGraph, values: dict[str, Any], qualified: str

@@ -5,6 +5,8 @@ them down, so no module of the framework names the application itself."""
 
 from __future__ import annotations
 
+import os
+from pathlib import Path
 from typing import Annotated, Any, Literal
 
 from pydantic import Field
@@ -53,6 +55,14 @@ class AppSettings(BaseSettings):
             'figures ("HAProxy in front, as an option").'
         ),
     )
+    runs: Path | None = Field(
+        None,
+        description=(
+            "The runs of pipelines with an approval node and their checkpoints (SQLite), "
+            "opened by every ingress replica: on the head node's disk, or storage every "
+            "node mounts. Default $SERVEGRAPH_HOME/runs/runs.sqlite3."
+        ),
+    )
     router_resources: dict[str, float] = Field(
         default_factory=dict,
         description=(
@@ -62,6 +72,12 @@ class AppSettings(BaseSettings):
             "the head, so losing a worker never loses a request in flight in a router."
         ),
     )
+
+    @property
+    def runs_path(self) -> Path:
+        if self.runs:
+            return self.runs
+        return Path(os.environ.get("SERVEGRAPH_HOME", "var")).resolve() / "runs" / "runs.sqlite3"
 
 
 def router_actor_options() -> dict[str, Any]:

@@ -304,6 +304,7 @@ def _prepare_environment() -> None:
     # Every replica reads the one key store: name it absolutely, for every process. The
     # local user's admin key exists from here on, for local clients (`client_headers`).
     os.environ.setdefault("SERVEGRAPH_AUTH_KEYS", str(AuthSettings().store_path))
+    os.environ.setdefault("SERVEGRAPH_RUNS", str(AppSettings().runs_path))  # the same, for runs
     ensure_local_admin_key()
 
 

@@ -250,8 +250,10 @@ class Runtime:
         records: list[NodeRecord] | None = None,
         budget: Budget | None = None,
         tally: Tally | None = None,
+        **execute: Any,
     ) -> AsyncGenerator[RunEvent, None]:
         """Run `graph` as a stream: its events as they happen, then the "result" event.
+        `execute`: `execute`'s other arguments (a run id, checkpoints, decisions).
 
         Raises what `execute` raises, after the events that came before the failure.
         Closing the iterator early cancels the run.
@@ -266,6 +268,7 @@ class Runtime:
                 on_event=queue.put_nowait,
                 budget=budget,
                 tally=tally,
+                **execute,
             )
         )
         next_event: asyncio.Future[RunEvent] | None = None

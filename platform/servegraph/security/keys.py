@@ -27,7 +27,7 @@ from servegraph.errors import ServegraphError
 
 _log = logging.getLogger(__name__)
 KEY_PATTERN = re.compile(r"^sg_([0-9a-f]{12})_([A-Za-z0-9_-]{43})$")
-SCOPE_PATTERN = re.compile(r"^(admin|llm|(invoke|write):(\*|[A-Za-z0-9_.-]+))$")
+SCOPE_PATTERN = re.compile(r"^(admin|llm|(invoke|write|approve):(\*|[A-Za-z0-9_.-]+))$")
 LOCAL_ADMIN = "local-admin"
 _DUMMY_HASH = hashlib.sha256(b"servegraph: no such key").hexdigest()
 _LAST_USED_EVERY_S = 60.0  # how often one replica records a key's last use
@@ -103,7 +103,7 @@ class KeySpec(BaseModel):
             if not SCOPE_PATTERN.match(scope):
                 raise ValueError(
                     f"unknown scope {scope!r}: use admin, llm, invoke:<pipeline>, "
-                    "invoke:*, write:<pipeline> or write:*"
+                    "invoke:*, write:<pipeline>, write:*, approve:<pipeline> or approve:*"
                 )
         return scopes
 

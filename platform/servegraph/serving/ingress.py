@@ -12,13 +12,14 @@ import asyncio
 import json
 import logging
 import time
+import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass
 from typing import Any
 
 from fastapi import APIRouter, Depends, FastAPI, Header, Request, Response
 from fastapi.encoders import jsonable_encoder
-from fastapi.responses import PlainTextResponse
+from fastapi.responses import JSONResponse, PlainTextResponse
 from fastapi.sse import EventSourceResponse
 from pydantic import BaseModel, Field
 from ray import serve
@@ -27,7 +28,7 @@ from servegraph.cost.budget import Budget, CostModel
 from servegraph.cost.metering import total as total_charge
 from servegraph.cost.prices import prices
 from servegraph.engine import tokens
-from servegraph.engine.runtime import NodeRecord, Runtime, default_deadline
+from servegraph.engine.runtime import NodeRecord, Runtime, RunWaiting, default_deadline
 from servegraph.errors import PipelineRuntimeError
 from servegraph.lang.catalog import Catalog
 from servegraph.lang.compiled import CompiledGraph
@@ -49,6 +50,7 @@ from servegraph.serving.http import (
     make_app,
     runtime_error_body,
 )
+from servegraph.serving.runs import Runs, RunStore, has_approval, runs_router
 from servegraph.settings import AppSettings, router_actor_options
 from servegraph.telemetry import tracing
 
@@ -134,6 +136,7 @@ def build_fastapi(
     # key's usage (install_error_handlers). Nothing may be added after this.
     install_request_checks(app)
     costs = CostModel()  # one for all: each model server costs the same whoever calls
+    store = RunStore(AppSettings().runs_path) if any(map(has_approval, graphs.values())) else None
     for graph in graphs.values():
         runtime = Runtime(
             catalog,
@@ -142,7 +145,11 @@ def build_fastapi(
             invoke_stream=getattr(invoke, "stream", None),
             costs=costs,
         )
-        app.include_router(pipeline_router(runtime.compile(graph), runtime, metrics, demand))
+        compiled = runtime.compile(graph)
+        runs = Runs(compiled, runtime, store) if store and has_approval(graph) else None
+        app.include_router(pipeline_router(compiled, runtime, metrics, demand, runs))
+        if runs is not None:
+            app.include_router(runs_router(runs, pipeline_scope(graph, catalog)))
     return app
 
 
@@ -176,6 +183,9 @@ _STREAM_DESCRIPTION = """Run the pipeline as Server-Sent Events, in order:
 - `result`: the pipeline's output, exactly as the plain route returns it
 - `error`, instead of `usage` and `result`, when the run fails after the stream began:
   `{status, error, node, detail}`, status being what the plain route would answer.
+- `waiting`, instead of `usage` and `result`, when the run stops for a person's
+  decision (a pipeline with an approval node): `{run_id, status, awaiting}`, what the
+  plain route answers with 202.
 
 A run that fails before any progress (a chunk, or a node that succeeded) answers with
 that status and a JSON body instead, as the plain route does.
@@ -300,10 +310,16 @@ class _Accounting:
 
 
 def pipeline_router(
-    compiled: CompiledGraph, runtime: Runtime, metrics: Any, demand: Any = None
+    compiled: CompiledGraph,
+    runtime: Runtime,
+    metrics: Any,
+    demand: Any = None,
+    runs: Runs | None = None,
 ) -> APIRouter:
     """One pipeline's routes: POST /<name>, POST /<name>/stream, GET /<name>/graph(.mmd),
-    each open only to a key with the pipeline's scope (`pipeline_scope`)."""
+    each open only to a key with the pipeline's scope (`pipeline_scope`). With `runs`
+    (a pipeline with an approval node), every run is recorded there, and one that stops
+    for a decision is answered 202 with its `run_id` (`servegraph.serving.runs`)."""
     graph = compiled.graph
     uses_llm = any(runtime.catalog.contract(c.server, c.method).usage for c in graph.calls())
     guard = require(pipeline_scope(graph, runtime.catalog), llm=uses_llm)
@@ -324,14 +340,31 @@ def pipeline_router(
         run = await books.open(request, http, caller)
         status = 200
         try:
-            result = await runtime.execute(
-                compiled,
-                request,
-                records=run.records,
-                deadline_s=options.deadline_s,
-                budget=options.budget,
-                tally=run.spent,
-            )
+            if runs is None:
+                result = await runtime.execute(
+                    compiled,
+                    request,
+                    records=run.records,
+                    deadline_s=options.deadline_s,
+                    budget=options.budget,
+                    tally=run.spent,
+                )
+            else:
+                run_id = uuid.uuid4().hex
+                outcome = await runs.start(
+                    request,
+                    caller,
+                    run_id=run_id,
+                    records=run.records,
+                    deadline_s=options.deadline_s,
+                    budget=options.budget,
+                    tally=run.spent,
+                )
+                if isinstance(outcome, Response):  # stopped for a decision: 202
+                    status = outcome.status_code
+                    return outcome
+                result = outcome
+                response.headers["x-servegraph-run-id"] = run_id
         except Exception as exc:
             status = _status_of(exc)
             raise
@@ -350,6 +383,7 @@ def pipeline_router(
         options: _RunOptions = Depends(run_options),  # noqa: B008
     ) -> Response:
         run = await books.open(request, http, caller)
+        recorded = await runs.begin(request, caller) if runs is not None else {}
         events = runtime.stream(
             compiled,
             request,
@@ -357,10 +391,17 @@ def pipeline_router(
             deadline_s=options.deadline_s,
             budget=options.budget,
             tally=run.spent,
+            **recorded,
         )
         try:  # a run failing before any progress is answered with its own status
             held = await sse.hold_until_progress(events)
+        except RunWaiting as stop:  # stopped for a decision before any progress
+            assert runs is not None
+            await books.close(run, 202)
+            return JSONResponse(await runs.stopped(recorded["run_id"], stop.pending), 202)
         except Exception as exc:
+            if runs is not None and isinstance(exc, PipelineRuntimeError):
+                await runs.ended(recorded["run_id"], failure=runtime_error_body(exc))
             await books.close(run, _status_of(exc))
             raise
         except asyncio.CancelledError:
@@ -379,9 +420,17 @@ def pipeline_router(
                     event = await anext(events)
                 total_ms = (time.perf_counter() - run.started) * 1000
                 yield sse.encode("usage", usage_of(run.records, total_ms, options.budget))
+                if runs is not None:
+                    await runs.ended(recorded["run_id"], event.data.output)
                 yield sse.encode("result", jsonable_encoder(event.data.output))
+            except RunWaiting as stop:  # the stream ends with what the run waits for
+                assert runs is not None
+                status = 202
+                yield sse.encode("waiting", await runs.stopped(recorded["run_id"], stop.pending))
             except PipelineRuntimeError as exc:
                 status = exc.status_code
+                if runs is not None:
+                    await runs.ended(recorded["run_id"], failure=runtime_error_body(exc))
                 yield sse.encode("error", {"status": status, **runtime_error_body(exc)})
             except (asyncio.CancelledError, GeneratorExit):
                 status = 499  # the client went away; the run is cancelled with the stream

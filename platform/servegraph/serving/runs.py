@@ -1,0 +1,402 @@
+"""Runs as resources, for pipelines with an approval node: where each run is, what it
+awaits, and the decisions that resume it, on any ingress replica.
+
+A run of such a pipeline is recorded in a SQLite file every ingress replica opens (the
+same place as its checkpoints, `servegraph.engine.checkpoints.SqliteCheckpoints`):
+created when it starts, `waiting` when it stops at an approval (the proposed action,
+the summary, who may decide, until when), `running` again once a decision is claimed,
+then `finished`, `rejected`, `expired` or `failed`. A decision is claimed in one
+transaction that moves the run from `waiting` to `running`, so of any number of
+decisions sent at once on one run exactly one is carried out; the others get 409
+naming the run's state. An expired approval is resolved when the run is next read or
+decided: the run resumes with the expiry and finishes with whatever the pipeline does
+then (a hand-off reply).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import sqlite3
+import time
+import uuid
+from contextlib import closing
+from dataclasses import asdict
+from pathlib import Path
+from typing import Any, Literal
+
+from fastapi import APIRouter, Depends, Query
+from fastapi.encoders import jsonable_encoder
+from fastapi.responses import JSONResponse
+from pydantic import BaseModel, Field, ValidationError
+
+from servegraph._fields import field_errors
+from servegraph.engine.checkpoints import SqliteCheckpoints
+from servegraph.engine.runtime import Pending, RunResult, Runtime, RunWaiting, Verdict
+from servegraph.errors import PipelineRuntimeError
+from servegraph.lang.compiled import CompiledGraph
+from servegraph.lang.graph import ApprovalNode, Graph
+from servegraph.security.endpoints import RESPONSES, require
+from servegraph.security.keys import AuthError, Caller
+from servegraph.serving.http import runtime_error_body
+
+Status = Literal["running", "waiting", "finished", "rejected", "expired", "failed"]
+
+
+def has_approval(graph: Graph) -> bool:
+    """Whether any node of `graph`, or of its sub-graphs, is an approval."""
+    return any(
+        isinstance(node, ApprovalNode) or any(has_approval(sub) for _, sub in node.children())
+        for node in graph.nodes
+    )
+
+
+class RunStore:
+    """The runs of every pipeline, with their checkpoints, in one SQLite file."""
+
+    def __init__(self, path: Path | str) -> None:
+        self.checkpoints = SqliteCheckpoints(path)  # creates the file (WAL)
+        self.path = Path(path)
+        with closing(self._connect()) as db, db:
+            db.execute(
+                "CREATE TABLE IF NOT EXISTS runs (run_id TEXT PRIMARY KEY, "
+                "pipeline TEXT NOT NULL, status TEXT NOT NULL, request TEXT NOT NULL, "
+                "awaiting TEXT, decisions TEXT NOT NULL DEFAULT '[]', output TEXT, "
+                "error TEXT, started_by TEXT, created REAL NOT NULL, updated REAL NOT NULL, "
+                "expires REAL)"
+            )
+            db.execute("CREATE INDEX IF NOT EXISTS runs_by_status ON runs (pipeline, status)")
+
+    def create(self, run_id: str, pipeline: str, request: str, started_by: str | None) -> None:
+        now = time.time()
+        with closing(self._connect()) as db, db:
+            db.execute(
+                "INSERT INTO runs (run_id, pipeline, status, request, started_by, created, "
+                "updated) VALUES (?, ?, 'running', ?, ?, ?, ?)",
+                (run_id, pipeline, request, started_by, now, now),
+            )
+
+    def waiting(self, run_id: str, pending: Pending) -> None:
+        now = time.time()
+        expires = now + pending.expires_s if pending.expires_s else None
+        self._update(
+            run_id, status="waiting", awaiting=json.dumps(asdict(pending)), expires=expires
+        )
+
+    def ended(self, run_id: str, status: Status, output: Any = None, error: Any = None) -> None:
+        self._update(
+            run_id,
+            status=status,
+            awaiting=None,
+            expires=None,
+            output=None if output is None else json.dumps(jsonable_encoder(output)),
+            error=None if error is None else json.dumps(error),
+        )
+
+    def claim(self, run_id: str, node: str, verdict: Verdict) -> tuple[bool, dict[str, Any]]:
+        """Move a run waiting at `node` to running with `verdict`, in one transaction:
+        (True, the run) for the one claim that did, (False, the run as it is) else."""
+        with closing(self._connect()) as db:
+            db.isolation_level = None
+            db.execute("BEGIN IMMEDIATE")
+            try:
+                row = db.execute("SELECT * FROM runs WHERE run_id = ?", (run_id,)).fetchone()
+                run = _run(row)
+                if run["status"] != "waiting" or run["awaiting"]["node"] != node:
+                    db.execute("ROLLBACK")
+                    return False, run
+                decisions = [*run["decisions"], {"node": node, **asdict(verdict)}]
+                db.execute(
+                    "UPDATE runs SET status = 'running', awaiting = NULL, expires = NULL, "
+                    "decisions = ?, updated = ? WHERE run_id = ?",
+                    (json.dumps(decisions), time.time(), run_id),
+                )
+                db.execute("COMMIT")
+            except BaseException:
+                if db.in_transaction:
+                    db.execute("ROLLBACK")
+                raise
+        return True, run | {"status": "running", "decisions": decisions}
+
+    def get(self, run_id: str) -> dict[str, Any] | None:
+        with closing(self._connect()) as db:
+            row = db.execute("SELECT * FROM runs WHERE run_id = ?", (run_id,)).fetchone()
+        return _run(row) if row else None
+
+    def find(self, pipeline: str, status: str | None, limit: int, offset: int) -> list[dict]:
+        where, params = "pipeline = ?", [pipeline]
+        if status:
+            where, params = f"{where} AND status = ?", [*params, status]
+        with closing(self._connect()) as db:
+            rows = db.execute(
+                f"SELECT * FROM runs WHERE {where} ORDER BY created LIMIT ? OFFSET ?",
+                (*params, limit, offset),
+            ).fetchall()
+        return [_run(row) for row in rows]
+
+    def nodes_done(self, run_id: str) -> list[str]:
+        with closing(self._connect()) as db:
+            rows = db.execute(
+                "SELECT node FROM checkpoints WHERE run_id = ? ORDER BY at", (run_id,)
+            ).fetchall()
+        return [row[0] for row in rows]
+
+    def _update(self, run_id: str, **fields: Any) -> None:
+        names = ", ".join(f"{name} = ?" for name in fields)
+        with closing(self._connect()) as db, db:
+            db.execute(
+                f"UPDATE runs SET {names}, updated = ? WHERE run_id = ?",
+                (*fields.values(), time.time(), run_id),
+            )
+
+    def _connect(self) -> sqlite3.Connection:
+        db = sqlite3.connect(self.path, timeout=30)
+        db.row_factory = sqlite3.Row
+        return db
+
+
+def _run(row: sqlite3.Row) -> dict[str, Any]:
+    run = dict(row)
+    for name in ("request", "awaiting", "decisions", "output", "error"):
+        if run[name] is not None:
+            run[name] = json.loads(run[name])
+    return run
+
+
+class DecisionBody(BaseModel):
+    """A person's decision on a run waiting for approval."""
+
+    decision: Literal["approve", "reject"]
+    reason: str = Field("", max_length=2000, description="Why (kept with the run).")
+    arguments: dict[str, Any] | None = Field(
+        None,
+        description="With approve: fields of the proposed action to change (checked "
+        "against the action's contract: 422 naming a field it breaks).",
+    )
+
+
+class RunView(BaseModel):
+    """A run of a pipeline with an approval node."""
+
+    run_id: str
+    pipeline: str
+    status: Status
+    awaiting: dict[str, Any] | None = Field(
+        None, description="What the run waits for: the proposed action, its summary, scope."
+    )
+    expires: float | None = Field(None, description="When the approval expires (epoch s).")
+    decisions: list[dict[str, Any]] = Field(
+        default_factory=list, description="Each decision: node, decision, by (key name), reason."
+    )
+    nodes_done: list[str] = Field(default_factory=list)
+    output: Any = None
+    error: Any = None
+    started_by: str | None = None
+    created: float
+    updated: float
+
+
+class Runs:
+    """Starting, resuming and reading one pipeline's runs (`runs_router` serves them)."""
+
+    def __init__(self, compiled: CompiledGraph, runtime: Runtime, store: RunStore) -> None:
+        self.compiled, self.runtime, self.store = compiled, runtime, store
+        self.name = compiled.graph.name
+
+    async def start(
+        self, request: BaseModel, caller: Caller | None, **execute: Any
+    ) -> RunResult | JSONResponse:
+        """Run the pipeline as a recorded run: its result, or a 202 for a stop."""
+        run_id = execute.pop("run_id")
+        await asyncio.to_thread(
+            self.store.create,
+            run_id,
+            self.name,
+            request.model_dump_json(),
+            caller.name if caller else None,
+        )
+        return await self._go(run_id, request, [], execute)
+
+    async def begin(self, request: BaseModel, caller: Caller | None) -> dict[str, Any]:
+        """Record a new run (for a streamed one); what `Runtime.stream` runs it with."""
+        run_id = uuid.uuid4().hex
+        await asyncio.to_thread(
+            self.store.create,
+            run_id,
+            self.name,
+            request.model_dump_json(),
+            caller.name if caller else None,
+        )
+        return {"run_id": run_id, "checkpoints": self.store.checkpoints}
+
+    async def stopped(self, run_id: str, pending: Pending) -> dict[str, Any]:
+        """Record the stop; the body a caller gets for it (202, or a `waiting` event)."""
+        await asyncio.to_thread(self.store.waiting, run_id, pending)
+        return {"run_id": run_id, "status": "waiting", "awaiting": asdict(pending)}
+
+    async def ended(self, run_id: str, output: Any = None, failure: Any = None) -> None:
+        status: Status = "failed" if failure is not None else "finished"
+        await asyncio.to_thread(self.store.ended, run_id, status, output, failure)
+
+    async def decide(self, run_id: str, body: DecisionBody, caller: Caller) -> Any:
+        found = await asyncio.to_thread(self.store.get, run_id)
+        if found is None or found["pipeline"] != self.name:
+            return _not_found(run_id, self.name)
+        run = found
+        needed = (run["awaiting"] or {}).get("scope") or f"approve:{self.name}"
+        if not caller.allows(needed):  # the approval's own scope, else the pipeline's
+            raise AuthError(403, f"deciding on this run needs the scope {needed}")
+        if run["status"] == "waiting" and _expired(run):
+            await self._expire(run)
+            return _conflict(run_id, "expired", "the approval expired before the decision")
+        if run["status"] != "waiting":
+            return _conflict(run_id, run["status"], "the run is not waiting for a decision")
+        awaiting = run["awaiting"]
+        if body.decision == "approve" and body.arguments:  # checked before it is claimed
+            contract = self.runtime.catalog.contract(awaiting["server"], awaiting["method"])
+            try:
+                contract.request.model_validate(awaiting["arguments"] | body.arguments)
+            except ValidationError as exc:
+                errors = field_errors([dict(e) for e in exc.errors()])
+                return JSONResponse({"error": "invalid request", "detail": errors}, 422)
+        node = awaiting["node"]
+        verdict = Verdict(body.decision, caller.name, body.reason, body.arguments)
+        claimed, run = await asyncio.to_thread(self.store.claim, run_id, node, verdict)
+        if not claimed:
+            return _conflict(run_id, run["status"], "another decision came first")
+        request = self.compiled.input.model_validate(run["request"])
+        outcome = await self._go(run_id, request, run["decisions"], {})
+        if isinstance(outcome, JSONResponse):
+            return outcome  # waiting again, at a later approval
+        now = await asyncio.to_thread(self.store.get, run_id)
+        ended = now if now is not None else run
+        answer = {"run_id": run_id, "status": ended["status"], "output": outcome.output}
+        return JSONResponse(jsonable_encoder(answer))
+
+    async def view(self, run_id: str) -> RunView | JSONResponse:
+        found = await asyncio.to_thread(self.store.get, run_id)
+        if found is None or found["pipeline"] != self.name:
+            return _not_found(run_id, self.name)
+        run = found
+        if run["status"] == "waiting" and _expired(run):
+            await self._expire(run)
+            now = await asyncio.to_thread(self.store.get, run_id)
+            run = now if now is not None else run
+        done = await asyncio.to_thread(self.store.nodes_done, run_id)
+        return RunView(**run, nodes_done=done)
+
+    async def _expire(self, run: dict[str, Any]) -> None:
+        verdict = Verdict("expire", reason="the approval expired")
+        claimed, run = await asyncio.to_thread(
+            self.store.claim, run["run_id"], run["awaiting"]["node"], verdict
+        )
+        if claimed:
+            request = self.compiled.input.model_validate(run["request"])
+            await self._go(run["run_id"], request, run["decisions"], {}, expired=True)
+
+    async def _go(
+        self,
+        run_id: str,
+        request: BaseModel,
+        decisions: list[dict[str, Any]],
+        execute: dict[str, Any],
+        expired: bool = False,
+    ) -> RunResult | JSONResponse:
+        verdicts = {
+            d["node"]: Verdict(d["decision"], d["by"], d["reason"], d["arguments"])
+            for d in decisions
+        }
+        try:
+            result = await self.runtime.execute(
+                self.compiled,
+                request,
+                run_id=run_id,
+                checkpoints=self.store.checkpoints,
+                decisions=verdicts,
+                **execute,
+            )
+        except RunWaiting as stop:
+            body = await self.stopped(run_id, stop.pending)
+            return JSONResponse(body, status_code=202, headers={"x-servegraph-run-id": run_id})
+        except PipelineRuntimeError as exc:
+            failure = runtime_error_body(exc)
+            await asyncio.to_thread(self.store.ended, run_id, "failed", None, failure)
+            raise
+        last = list(verdicts.values())[-1].decision if verdicts else None
+        status: Status = "expired" if expired else "rejected" if last == "reject" else "finished"
+        await asyncio.to_thread(self.store.ended, run_id, status, result.output)
+        return result
+
+
+def runs_router(runs: Runs, run_scope: str) -> APIRouter:
+    """GET /<name>/runs/<id> (the pipeline's scope or the approvers'), GET /<name>/runs
+    (`approve:<name>`) and POST /<name>/runs/<id>/decision (the approval node's `scope`,
+    else `approve:<name>`)."""
+    name = runs.name
+    approve = f"approve:{name}"
+    router = APIRouter()
+
+    async def show_run(run_id: str, caller: Caller = Depends(require(None))) -> Any:  # noqa: B008
+        if not (caller.allows(run_scope) or caller.allows(approve)):
+            raise AuthError(403, f"this key has neither the scope {run_scope} nor {approve}")
+        return await runs.view(run_id)
+
+    async def list_runs(
+        status: Status | None = Query(None, description="Only runs in this state."),  # noqa: B008
+        limit: int = Query(50, ge=1, le=500),
+        offset: int = Query(0, ge=0),
+    ) -> dict[str, Any]:
+        found = await asyncio.to_thread(runs.store.find, name, status, limit, offset)
+        return {"runs": [RunView(**run) for run in found], "limit": limit, "offset": offset}
+
+    async def decide(
+        run_id: str,
+        body: DecisionBody,
+        caller: Caller = Depends(require(None)),  # noqa: B008  # its scope: the approval's
+    ) -> Any:
+        return await runs.decide(run_id, body, caller)
+
+    conflict: dict[int | str, dict[str, Any]] = {
+        409: {"description": "The run is not waiting (names its state)"}
+    }
+    router.add_api_route(
+        f"/{name}/runs/{{run_id}}",
+        show_run,
+        methods=["GET"],
+        response_model=RunView,
+        summary=f"A run of {name}: where it is, what it awaits, its output",
+        operation_id=f"run_of_{name}",
+        responses={**RESPONSES, 404: {"description": "No such run of this pipeline"}},
+    )
+    router.add_api_route(
+        f"/{name}/runs",
+        list_runs,
+        methods=["GET"],
+        dependencies=[Depends(require(approve))],
+        summary=f"Runs of {name}, e.g. those waiting for approval (?status=waiting)",
+        operation_id=f"runs_of_{name}",
+        responses=RESPONSES,
+    )
+    router.add_api_route(
+        f"/{name}/runs/{{run_id}}/decision",
+        decide,
+        methods=["POST"],
+        summary=f"Approve or reject what a run of {name} waits for",
+        operation_id=f"decide_{name}",
+        responses={**RESPONSES, 404: {"description": "No such run"}, **conflict},
+    )
+    return router
+
+
+def _expired(run: dict[str, Any]) -> bool:
+    return run["expires"] is not None and run["expires"] <= time.time()
+
+
+def _not_found(run_id: str, pipeline: str) -> JSONResponse:
+    detail = f"no run {run_id} of {pipeline}"
+    return JSONResponse({"error": "RunNotFound", "detail": detail}, status_code=404)
+
+
+def _conflict(run_id: str, status: str, detail: str) -> JSONResponse:
+    body = {"error": "RunConflict", "run_id": run_id, "status": status, "detail": detail}
+    return JSONResponse(body, status_code=409)

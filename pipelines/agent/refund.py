@@ -63,9 +63,10 @@ def build_pipeline() -> Pipeline:
     summary = p.function("brief", brief, found=found, text=p.input.text)
     decision = p.approval(
         "approve",
-        records.refund_order(text=p.input.text, email=p.input.email, reason=p.input.text),
+        records.refund_order(text=p.input.text, email=p.input.email),
         summary=summary,
         expires_s=APPROVAL_EXPIRES_S,
+        editable=["amount", "reason"],  # a partial refund; never the order or the customer
     )
     p.returns(p.function("reply", reply, decision=decision))
     return p

@@ -105,6 +105,11 @@ def test_a_rejected_run_hands_off_and_bad_requests_are_named(client: httpx.Clien
         json={"decision": "approve", "arguments": {"amount": "-1"}},
     )
     assert bad.status_code == 422 and "amount" in bad.text, bad.text
+    other = client.post(
+        f"/pipelines/refund/runs/{waiting}/decision",
+        json={"decision": "approve", "arguments": {"email": "sam@example.com"}},
+    )
+    assert other.status_code == 422 and "arguments.email" in other.text, other.text
     # A broken edit uses up no decision: the run still waits.
     assert client.get(f"/pipelines/refund/runs/{waiting}").json()["status"] == "waiting"
 

@@ -58,6 +58,7 @@ def refunds() -> Pipeline:
         records.refund_order(text=p.input.text, email=p.input.email, reason="arrived broken"),
         summary=summary,
         expires_s=3600,
+        editable=["amount"],
     )
     p.returns(p.function("reply", reply, decision=decision))
     return p
@@ -144,7 +145,12 @@ async def test_approved_with_edited_arguments_or_rejected_or_expired(shop) -> No
     with pytest.raises(NodeInputError) as bad:
         await decide("bad", Verdict("approve", arguments={"amount": "-5"}))
     assert "amount" in str(bad.value)
-    edited = Verdict("approve", arguments={"amount": str(Decimal("10.00")), "idempotency_key": "x"})
+    # Only what the approval lets the person change: never the customer, nor the key.
+    for field in ("email", "idempotency_key"):
+        with pytest.raises(NodeInputError) as widened:
+            await decide(f"wide-{field}", Verdict("approve", arguments={field: "x"}))
+        assert widened.value.problems[0]["field"] == field
+    edited = Verdict("approve", arguments={"amount": str(Decimal("10.00"))})
     assert await decide("part", edited) == "order 12345 refunded $10.00"
     assert refunded(shop) == [("12345", "10.00")]
 
@@ -156,6 +162,7 @@ def test_an_approval_is_validated_like_every_node() -> None:
         "approve",
         records.lookup_order(text=p.input.text, email=p.input.email),
         summary=found,  # a Lookup, not text
+        editable=["nope"],
     )
     p.returns(p.function("reply", reply, decision=decision))
     with pytest.raises(GraphValidationError) as invalid:
@@ -163,6 +170,7 @@ def test_an_approval_is_validated_like_every_node() -> None:
     text = str(invalid.value)
     assert "records.lookup_order is not a write applied once per key" in text
     assert "the summary 'look' is Lookup, not text" in text
+    assert "'nope' is not an editable field of LookupRequest" in text
 
 
 def test_an_approval_round_trips_through_yaml_and_renders() -> None:

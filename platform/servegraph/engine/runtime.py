@@ -109,6 +109,7 @@ class Pending:
     summary: str
     scope: str | None  # the key scope that may decide (None: `approve:<pipeline>`)
     expires_s: float | None
+    editable: list[str] = field(default_factory=list)  # what the person may change
 
 
 @dataclass(frozen=True)
@@ -575,6 +576,7 @@ class _Run:
                     summary,
                     node.scope,
                     node.expires_s,
+                    list(node.editable),
                 ),
                 self.records,
             )
@@ -585,7 +587,21 @@ class _Run:
             return Decision(
                 decision=outcome, by=verdict.by, reason=verdict.reason, arguments=proposed
             )
-        edits = {k: v for k, v in (verdict.arguments or {}).items() if k != key}
+        edits = dict(verdict.arguments or {})
+        refused = sorted(set(edits) - set(node.editable))
+        if refused:  # what runs is what the person read, but for what they may change
+            raise NodeInputError(
+                qualified,
+                f"{refused} may not be changed when approving",
+                problems=[
+                    {
+                        "field": name,
+                        "error": "not editable at this approval",
+                        "fix": f"change only {node.editable or 'nothing'}; reject instead",
+                    }
+                    for name in refused
+                ],
+            )
         arguments = _coerce(contract.request, {**proposed, **edits}, qualified).model_dump(
             mode="json", exclude={key} if key else None
         )

@@ -220,6 +220,11 @@ class ApprovalNode(_NodeBase):
         le=MAX_APPROVAL_S,
         description="Undecided this long after the run stopped: the action expires.",
     )
+    editable: list[str] = Field(
+        default_factory=list,
+        description="The action's fields a person may change when approving (none by "
+        "default: what runs is what they read); any other edit is refused.",
+    )
 
     def references(self) -> list[str]:
         return [*super().references(), self.summary]
@@ -534,11 +539,13 @@ class Pipeline:
         summary: Any,
         scope: str | None = None,
         expires_s: float | None = None,
+        editable: list[str] | None = None,
         timeout_s: float | None = None,
     ) -> Decision:
         """Stop the run until a person approves or rejects `action` (a typed write,
         ``records.refund_order(text=..., email=...)``), reading `summary` (a ref to
-        text); the output is the `Decision` (statically; a `Ref` when built)."""
+        text); the output is the `Decision` (statically; a `Ref` when built). Only the
+        `editable` fields of the action may be changed by the person approving."""
         from servegraph.lang.calls import Bound
 
         if not isinstance(action, Bound):
@@ -550,6 +557,7 @@ class Pipeline:
             summary=_path(summary, f"{name}.summary"),
             scope=scope,
             expires_s=expires_s,
+            editable=list(editable or []),
             timeout_s=timeout_s,
             **_wire(dict(action.ports)),
         )

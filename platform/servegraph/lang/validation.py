@@ -154,6 +154,14 @@ class _Checker:
                 f"{node.server}.{node.method} is not a write applied once per key",
                 "approve a method whose contract has writes=True and an idempotency_field",
             )
+        for name in node.editable:
+            if name not in contract.request.model_fields or name == contract.idempotency_field:
+                self._problem(
+                    node.name,
+                    f"{name!r} is not an editable field of {contract.request.__name__}",
+                    f"name fields of the action's request: {sorted(contract.request.model_fields)}",
+                    "editable",
+                )
         return Decision, model_ports(contract.request)
 
     def _subgraph(self, node: Node, label: str, graph: Graph) -> tuple[Any, Ports]:

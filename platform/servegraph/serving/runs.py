@@ -102,7 +102,8 @@ class RunStore:
             try:
                 row = db.execute("SELECT * FROM runs WHERE run_id = ?", (run_id,)).fetchone()
                 run = _run(row)
-                if run["status"] != "waiting" or run["awaiting"]["node"] != node:
+                late = verdict.decision != "expire" and _expired(run)
+                if run["status"] != "waiting" or run["awaiting"]["node"] != node or late:
                     db.execute("ROLLBACK")
                     return False, run
                 decisions = [*run["decisions"], {"node": node, **asdict(verdict)}]
@@ -253,19 +254,39 @@ class Runs:
             return _conflict(run_id, run["status"], "the run is not waiting for a decision")
         awaiting = run["awaiting"]
         if body.decision == "approve" and body.arguments:  # checked before it is claimed
+            refused = sorted(set(body.arguments) - set(awaiting.get("editable") or []))
+            if refused:  # what runs is what the person read, but for what they may change
+                editable = awaiting.get("editable") or "nothing"
+                errors = [
+                    {
+                        "field": f"arguments.{name}",
+                        "error": "not editable at this approval",
+                        "fix": f"change only {editable}; reject instead",
+                    }
+                    for name in refused
+                ]
+                return JSONResponse({"error": "invalid request", "detail": errors}, 422)
             contract = self.runtime.catalog.contract(awaiting["server"], awaiting["method"])
             try:
                 contract.request.model_validate(awaiting["arguments"] | body.arguments)
             except ValidationError as exc:
                 errors = field_errors([dict(e) for e in exc.errors()])
                 return JSONResponse({"error": "invalid request", "detail": errors}, 422)
+        # The stored request is read back before the claim: a claimed run must resume.
+        request = self.compiled.input.model_validate(run["request"])
         node = awaiting["node"]
         verdict = Verdict(body.decision, caller.name, body.reason, body.arguments)
         claimed, run = await asyncio.to_thread(self.store.claim, run_id, node, verdict)
         if not claimed:
+            if run["status"] == "waiting" and _expired(run):
+                await self._expire(run)
+                return _conflict(run_id, "expired", "the approval expired before the decision")
             return _conflict(run_id, run["status"], "another decision came first")
-        request = self.compiled.input.model_validate(run["request"])
-        outcome = await self._go(run_id, request, run["decisions"], {})
+        # Shielded: a caller who hangs up does not stop a claimed run halfway; it ends
+        # recorded, whatever happens (`_go`).
+        outcome = await asyncio.shield(
+            asyncio.ensure_future(self._go(run_id, request, run["decisions"], {}))
+        )
         if isinstance(outcome, JSONResponse):
             return outcome  # waiting again, at a later approval
         now = await asyncio.to_thread(self.store.get, run_id)
@@ -322,10 +343,24 @@ class Runs:
             failure = runtime_error_body(exc)
             await asyncio.to_thread(self.store.ended, run_id, "failed", None, failure)
             raise
+        except Exception as exc:  # recorded too: a run never stays `running` for this
+            failure = {"error": type(exc).__name__, "detail": str(exc)}
+            await asyncio.to_thread(self.store.ended, run_id, "failed", None, failure)
+            raise
         last = list(verdicts.values())[-1].decision if verdicts else None
         status: Status = "expired" if expired else "rejected" if last == "reject" else "finished"
         await asyncio.to_thread(self.store.ended, run_id, status, result.output)
         return result
+
+
+def _approval_scopes(graph: Graph) -> set[str]:
+    found = set()
+    for node in graph.nodes:
+        if isinstance(node, ApprovalNode) and node.scope:
+            found.add(node.scope)
+        for _, sub in node.children():
+            found |= _approval_scopes(sub)
+    return found
 
 
 def runs_router(runs: Runs, run_scope: str) -> APIRouter:
@@ -334,6 +369,10 @@ def runs_router(runs: Runs, run_scope: str) -> APIRouter:
     else `approve:<name>`)."""
     name = runs.name
     approve = f"approve:{name}"
+    own = _approval_scopes(runs.compiled.graph)
+    # Checked before the body is read, where every approval decides by `approve:<name>`;
+    # where one names its own scope, any key's body is read and the run's scope checked.
+    decider = require(None if own else approve)
     router = APIRouter()
 
     async def show_run(run_id: str, caller: Caller = Depends(require(None))) -> Any:  # noqa: B008
@@ -352,7 +391,7 @@ def runs_router(runs: Runs, run_scope: str) -> APIRouter:
     async def decide(
         run_id: str,
         body: DecisionBody,
-        caller: Caller = Depends(require(None)),  # noqa: B008  # its scope: the approval's
+        caller: Caller = Depends(decider),  # noqa: B008  # FastAPI's way
     ) -> Any:
         return await runs.decide(run_id, body, caller)
 

@@ -76,7 +76,24 @@ class RunStore:
                 (run_id, pipeline, request, started_by, now, now),
             )
 
-    def waiting(self, run_id: str, pending: Pending) -> None:
+    def waiting(self, run_id: str, pending: Pending, again: bool = False) -> None:
+        """The run waits for `pending`; `again`: once more, after its last decision's
+        action failed for a passing reason (that decision is dropped; the expiry stays)."""
+        if again:
+            with closing(self._connect()) as db, db:
+                row = db.execute("SELECT * FROM runs WHERE run_id = ?", (run_id,)).fetchone()
+                run = _run(row)
+                db.execute(
+                    "UPDATE runs SET status = 'waiting', awaiting = ?, decisions = ?, "
+                    "updated = ? WHERE run_id = ?",
+                    (
+                        json.dumps(asdict(pending)),
+                        json.dumps(run["decisions"][:-1]),
+                        time.time(),
+                        run_id,
+                    ),
+                )
+            return
         now = time.time()
         expires = now + pending.expires_s if pending.expires_s else None
         self._update(
@@ -108,7 +125,7 @@ class RunStore:
                     return False, run
                 decisions = [*run["decisions"], {"node": node, **asdict(verdict)}]
                 db.execute(
-                    "UPDATE runs SET status = 'running', awaiting = NULL, expires = NULL, "
+                    "UPDATE runs SET status = 'running', awaiting = NULL, "
                     "decisions = ?, updated = ? WHERE run_id = ?",
                     (json.dumps(decisions), time.time(), run_id),
                 )
@@ -248,7 +265,7 @@ class Runs:
         if not caller.allows(needed):  # the approval's own scope, else the pipeline's
             raise AuthError(403, f"deciding on this run needs the scope {needed}")
         if run["status"] == "waiting" and _expired(run):
-            await self._expire(run)
+            await self.expire(run)
             return _conflict(run_id, "expired", "the approval expired before the decision")
         if run["status"] != "waiting":
             return _conflict(run_id, run["status"], "the run is not waiting for a decision")
@@ -279,13 +296,15 @@ class Runs:
         claimed, run = await asyncio.to_thread(self.store.claim, run_id, node, verdict)
         if not claimed:
             if run["status"] == "waiting" and _expired(run):
-                await self._expire(run)
+                await self.expire(run)
                 return _conflict(run_id, "expired", "the approval expired before the decision")
             return _conflict(run_id, run["status"], "another decision came first")
         # Shielded: a caller who hangs up does not stop a claimed run halfway; it ends
         # recorded, whatever happens (`_go`).
         outcome = await asyncio.shield(
-            asyncio.ensure_future(self._go(run_id, request, run["decisions"], {}))
+            asyncio.ensure_future(
+                self._go(run_id, request, run["decisions"], {}, retry=Pending(**awaiting))
+            )
         )
         if isinstance(outcome, JSONResponse):
             return outcome  # waiting again, at a later approval
@@ -294,19 +313,32 @@ class Runs:
         answer = {"run_id": run_id, "status": ended["status"], "output": outcome.output}
         return JSONResponse(jsonable_encoder(answer))
 
-    async def view(self, run_id: str) -> RunView | JSONResponse:
+    async def view(self, run_id: str, starter: Caller | None = None) -> RunView | JSONResponse:
+        """The run; with `starter`, only if that key started it (else 404, as for none)."""
         found = await asyncio.to_thread(self.store.get, run_id)
         if found is None or found["pipeline"] != self.name:
             return _not_found(run_id, self.name)
+        if starter is not None and found["started_by"] != starter.name:
+            return _not_found(run_id, self.name)
         run = found
         if run["status"] == "waiting" and _expired(run):
-            await self._expire(run)
+            await self.expire(run)
             now = await asyncio.to_thread(self.store.get, run_id)
             run = now if now is not None else run
         done = await asyncio.to_thread(self.store.nodes_done, run_id)
         return RunView(**run, nodes_done=done)
 
-    async def _expire(self, run: dict[str, Any]) -> None:
+    async def listed(self, status: str | None, limit: int, offset: int) -> list[RunView]:
+        """A page of the pipeline's runs (in `status`), expired approvals resolved first."""
+        found = await asyncio.to_thread(self.store.find, self.name, status, limit, offset)
+        late = [run for run in found if run["status"] == "waiting" and _expired(run)]
+        for run in late:
+            await self.expire(run)
+        if late:
+            found = await asyncio.to_thread(self.store.find, self.name, status, limit, offset)
+        return [RunView(**run) for run in found]
+
+    async def expire(self, run: dict[str, Any]) -> None:
         verdict = Verdict("expire", reason="the approval expired")
         claimed, run = await asyncio.to_thread(
             self.store.claim, run["run_id"], run["awaiting"]["node"], verdict
@@ -322,7 +354,12 @@ class Runs:
         decisions: list[dict[str, Any]],
         execute: dict[str, Any],
         expired: bool = False,
+        retry: Pending | None = None,
     ) -> RunResult | JSONResponse:
+        """Run (or resume) and record how it ended. `retry`: what the run waited for
+        before this decision: when its action could not be made for a passing reason (the
+        server full, a deadline), the run waits for it again, its decision not used up
+        (the action's key makes a second try apply once), and the caller gets the error."""
         verdicts = {
             d["node"]: Verdict(d["decision"], d["by"], d["reason"], d["arguments"])
             for d in decisions
@@ -340,6 +377,9 @@ class Runs:
             body = await self.stopped(run_id, stop.pending)
             return JSONResponse(body, status_code=202, headers={"x-servegraph-run-id": run_id})
         except PipelineRuntimeError as exc:
+            if retry is not None and exc.node == retry.node and exc.status_code in (503, 504):
+                await asyncio.to_thread(self.store.waiting, run_id, retry, True)
+                raise
             failure = runtime_error_body(exc)
             await asyncio.to_thread(self.store.ended, run_id, "failed", None, failure)
             raise
@@ -376,17 +416,20 @@ def runs_router(runs: Runs, run_scope: str) -> APIRouter:
     router = APIRouter()
 
     async def show_run(run_id: str, caller: Caller = Depends(require(None))) -> Any:  # noqa: B008
-        if not (caller.allows(run_scope) or caller.allows(approve)):
+        """The key that started the run, or one that may decide (it holds a customer's
+        request: no other caller of the pipeline reads it)."""
+        deciders = {approve, *own}
+        if not (caller.allows(run_scope) or any(map(caller.allows, deciders))):
             raise AuthError(403, f"this key has neither the scope {run_scope} nor {approve}")
-        return await runs.view(run_id)
+        return await runs.view(run_id, None if any(map(caller.allows, deciders)) else caller)
 
     async def list_runs(
         status: Status | None = Query(None, description="Only runs in this state."),  # noqa: B008
         limit: int = Query(50, ge=1, le=500),
         offset: int = Query(0, ge=0),
     ) -> dict[str, Any]:
-        found = await asyncio.to_thread(runs.store.find, name, status, limit, offset)
-        return {"runs": [RunView(**run) for run in found], "limit": limit, "offset": offset}
+        found = await runs.listed(status, limit, offset)
+        return {"runs": found, "limit": limit, "offset": offset}
 
     async def decide(
         run_id: str,

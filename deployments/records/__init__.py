@@ -17,20 +17,8 @@ class RecordsMethods(Server, name="records"):
     lookup_order = Method(c.LookupRequest, c.Lookup, idempotent=True)
     lookup_account = Method(c.LookupRequest, c.Lookup, idempotent=True)
     # Writes, applied once per idempotency key (a run's own, `servegraph.lang.catalog`).
-    refund_order = Method(
-        c.RefundRequest,
-        c.ActionResult,
-        writes=True,
-        idempotent=True,
-        idempotency_field="idempotency_key",
-    )
-    cancel_order = Method(
-        c.CancelRequest,
-        c.ActionResult,
-        writes=True,
-        idempotent=True,
-        idempotency_field="idempotency_key",
-    )
+    refund_order = Method(c.RefundRequest, c.ActionResult, **c.APPLIED_ONCE)
+    cancel_order = Method(c.CancelRequest, c.ActionResult, **c.APPLIED_ONCE)
 
 
 records = RecordsMethods()

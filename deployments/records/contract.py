@@ -48,6 +48,9 @@ class Lookup(BaseModel):
     record: dict[str, str] | None = Field(None, description="The row found, if any.")
 
 
+# The contract of an action: a write, safe to repeat because the server applies it once
+# per `idempotency_key` (`servegraph.lang.catalog.MethodContract.idempotency_field`).
+APPLIED_ONCE = {"writes": True, "idempotent": True, "idempotency_field": "idempotency_key"}
 MAX_REFUND_USD = Decimal("10000")  # above any order this shop sells; a typo's bound
 
 

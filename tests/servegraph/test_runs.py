@@ -6,7 +6,6 @@ and a run is read only by the key that started it or one that may decide. No Ray
 from __future__ import annotations
 
 import json
-import uuid
 
 import pytest
 from fastapi.responses import JSONResponse
@@ -47,9 +46,10 @@ def runs(tmp_path, monkeypatch) -> Runs:
 
 async def waiting(runs: Runs) -> str:
     request = runs.compiled.input.model_validate(TICKET)
-    started = await runs.start(request, STARTER, run_id=uuid.uuid4().hex)
+    run_id, started = await runs.start(request, STARTER)
     assert isinstance(started, JSONResponse) and started.status_code == 202
-    return json.loads(started.body)["run_id"]
+    assert json.loads(started.body)["run_id"] == run_id
+    return run_id
 
 
 async def test_a_decision_whose_action_fails_for_a_passing_reason_is_not_used_up(runs) -> None:

@@ -560,9 +560,13 @@ class _Run:
         often the decision is carried out."""
         contract = self.rt.catalog.contract(node.server, node.method)
         key = contract.idempotency_field
-        proposed = _coerce(contract.request, args, qualified).model_dump(
-            mode="json", exclude={key} if key else None
-        )
+
+        def action(fields: dict[str, Any]) -> dict[str, Any]:
+            """The action's request, checked, as JSON without its key (the run's)."""
+            request = _coerce(contract.request, fields, qualified)
+            return request.model_dump(mode="json", exclude={key} if key else None)
+
+        proposed = action(args)
         verdict = self.decisions.get(qualified)
         if verdict is None:
             summary = str(_lookup(values, node.summary))
@@ -602,9 +606,7 @@ class _Run:
                     for name in refused
                 ],
             )
-        arguments = _coerce(contract.request, {**proposed, **edits}, qualified).model_dump(
-            mode="json", exclude={key} if key else None
-        )
+        arguments = action({**proposed, **edits})
         response = await self._call(node.server, node.method, dict(arguments), qualified)
         return Decision(
             decision="approved",

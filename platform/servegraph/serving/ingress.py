@@ -12,7 +12,6 @@ import asyncio
 import json
 import logging
 import time
-import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass
 from typing import Any
@@ -341,25 +340,9 @@ def pipeline_router(
         status = 200
         try:
             if runs is None:
-                result = await runtime.execute(
-                    compiled,
-                    request,
-                    records=run.records,
-                    deadline_s=options.deadline_s,
-                    budget=options.budget,
-                    tally=run.spent,
-                )
+                result = await runtime.execute(compiled, request, **_execution(run, options))
             else:
-                run_id = uuid.uuid4().hex
-                outcome = await runs.start(
-                    request,
-                    caller,
-                    run_id=run_id,
-                    records=run.records,
-                    deadline_s=options.deadline_s,
-                    budget=options.budget,
-                    tally=run.spent,
-                )
+                run_id, outcome = await runs.start(request, caller, **_execution(run, options))
                 if isinstance(outcome, Response):  # stopped for a decision: 202
                     status = outcome.status_code
                     return outcome
@@ -384,15 +367,7 @@ def pipeline_router(
     ) -> Response:
         run = await books.open(request, http, caller)
         recorded = await runs.begin(request, caller) if runs is not None else {}
-        events = runtime.stream(
-            compiled,
-            request,
-            records=run.records,
-            deadline_s=options.deadline_s,
-            budget=options.budget,
-            tally=run.spent,
-            **recorded,
-        )
+        events = runtime.stream(compiled, request, **_execution(run, options), **recorded)
         try:  # a run failing before any progress is answered with its own status
             held = await sse.hold_until_progress(events)
         except RunWaiting as stop:  # stopped for a decision before any progress
@@ -500,6 +475,17 @@ def pipeline_router(
         responses=RESPONSES,
     )
     return router
+
+
+def _execution(run: _Account, options: _RunOptions) -> dict[str, Any]:
+    """What a request's run is executed with (`Runtime.execute`, `Runtime.stream`): its
+    records and token tally (its books), its deadline and its maximum cost."""
+    return {
+        "records": run.records,
+        "deadline_s": options.deadline_s,
+        "budget": options.budget,
+        "tally": run.spent,
+    }
 
 
 def run_deadline(graph: Graph, *given: float | None) -> float:

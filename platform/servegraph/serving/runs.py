@@ -20,6 +20,7 @@ import json
 import sqlite3
 import time
 import uuid
+from collections.abc import Iterator
 from contextlib import closing
 from dataclasses import asdict
 from pathlib import Path
@@ -43,12 +44,17 @@ from servegraph.serving.http import runtime_error_body
 Status = Literal["running", "waiting", "finished", "rejected", "expired", "failed"]
 
 
+def approvals(graph: Graph) -> Iterator[ApprovalNode]:
+    """Every approval node of `graph` and of its sub-graphs."""
+    for node in graph.nodes:
+        if isinstance(node, ApprovalNode):
+            yield node
+        for _, sub in node.children():
+            yield from approvals(sub)
+
+
 def has_approval(graph: Graph) -> bool:
-    """Whether any node of `graph`, or of its sub-graphs, is an approval."""
-    return any(
-        isinstance(node, ApprovalNode) or any(has_approval(sub) for _, sub in node.children())
-        for node in graph.nodes
-    )
+    return any(approvals(graph))
 
 
 class RunStore:
@@ -223,17 +229,11 @@ class Runs:
 
     async def start(
         self, request: BaseModel, caller: Caller | None, **execute: Any
-    ) -> RunResult | JSONResponse:
-        """Run the pipeline as a recorded run: its result, or a 202 for a stop."""
-        run_id = execute.pop("run_id")
-        await asyncio.to_thread(
-            self.store.create,
-            run_id,
-            self.name,
-            request.model_dump_json(),
-            caller.name if caller else None,
-        )
-        return await self._go(run_id, request, [], execute)
+    ) -> tuple[str, RunResult | JSONResponse]:
+        """Run the pipeline as a recorded run: its id, and its result or a 202 for a
+        stop. `execute`: `Runtime.execute`'s arguments but the run's own."""
+        run_id = (await self.begin(request, caller))["run_id"]
+        return run_id, await self._go(run_id, request, [], execute)
 
     async def begin(self, request: BaseModel, caller: Caller | None) -> dict[str, Any]:
         """Record a new run (for a streamed one); what `Runtime.stream` runs it with."""
@@ -393,23 +393,13 @@ class Runs:
         return result
 
 
-def _approval_scopes(graph: Graph) -> set[str]:
-    found = set()
-    for node in graph.nodes:
-        if isinstance(node, ApprovalNode) and node.scope:
-            found.add(node.scope)
-        for _, sub in node.children():
-            found |= _approval_scopes(sub)
-    return found
-
-
 def runs_router(runs: Runs, run_scope: str) -> APIRouter:
     """GET /<name>/runs/<id> (the pipeline's scope or the approvers'), GET /<name>/runs
     (`approve:<name>`) and POST /<name>/runs/<id>/decision (the approval node's `scope`,
     else `approve:<name>`)."""
     name = runs.name
     approve = f"approve:{name}"
-    own = _approval_scopes(runs.compiled.graph)
+    own = {node.scope for node in approvals(runs.compiled.graph) if node.scope}
     # Checked before the body is read, where every approval decides by `approve:<name>`;
     # where one names its own scope, any key's body is read and the run's scope checked.
     decider = require(None if own else approve)

@@ -215,7 +215,7 @@ def test_usage_is_exported_per_key_name_and_no_key_is_ever_written_down(
     )
     assert all(any(f'status="{s}"' in line for line in requests) for s in statuses), requests
 
-    secrets = [key, key.rsplit("_", 1)[1], bogus, bogus.rsplit("_", 1)[1]]
+    secrets = [key, key.split("_", 2)[2], bogus, bogus.split("_", 2)[2]]
     logs = Path(ray._private.worker._global_node.get_logs_dir_path())
     places = [*logs.rglob("*"), *Path(SPANS_DIR).glob("*")]
     searched = 0

@@ -32,7 +32,7 @@ def prepare() -> None:
         model = AutoModelForCausalLM.from_pretrained(source, gguf_file=GGUF_FILE)
         # The weights are dequantised on load; without these transformers refuses to
         # save ("quantized with GGUF and is not serializable").
-        model.hf_quantizer = None  # type: ignore[assignment]
+        model.hf_quantizer = None
         model.config.quantization_config = None
         if hasattr(model.config, "quantization_config"):
             del model.config.quantization_config

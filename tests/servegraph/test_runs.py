@@ -5,7 +5,10 @@ and a run is read only by the key that started it or one that may decide. No Ray
 
 from __future__ import annotations
 
+import asyncio
 import json
+import time
+from contextlib import closing
 
 import pytest
 from fastapi.responses import JSONResponse
@@ -16,7 +19,7 @@ from pipelines.agent.refund import build_pipeline
 from servegraph import InProcessRuntime, OverloadedError
 from servegraph.errors import ServerUnavailableError
 from servegraph.security.keys import Caller
-from servegraph.serving.runs import DecisionBody, Runs, RunStore
+from servegraph.serving.runs import DecisionBody, Keeper, Runs, RunStore
 from tests.servegraph.test_approval import CATALOG
 
 TICKET = {"text": "Please refund order 14550, it never came.", "email": "ana@example.com"}
@@ -78,3 +81,90 @@ async def test_expired_approvals_are_resolved_and_runs_read_by_their_starter_or_
     assert (await runs.view(run_id, STARTER)).status == "expired"
     other = Caller("another-app", frozenset({"write:refund"}))
     assert (await runs.view(run_id, other)).status_code == 404
+
+
+class Slow(SupportRecords):
+    """The real records; `lookup_order` counts its calls and, while `hold` is set,
+    waits there until the caller goes away (a replica dying, a caller hanging up)."""
+
+    looked = 0
+    hold = True
+
+    async def lookup_order(self, request):  # type: ignore[no-untyped-def]
+        Slow.looked += 1
+        while Slow.hold:
+            await asyncio.sleep(0.01)
+        return await super().lookup_order(request)
+
+
+def replica(path, records: SupportRecords) -> Runs:
+    """An ingress replica's `Runs` of `refund` over the shared run store at `path`."""
+    runtime = InProcessRuntime(CATALOG, {"records": records})
+    return Runs(runtime.compile(build_pipeline().build()), runtime, RunStore(path))
+
+
+def lapse(store: RunStore, run_id: str) -> None:
+    """The run's lease runs out (its owner stopped renewing it: died, or let it go)."""
+    with closing(store._connect()) as db, db:
+        db.execute("UPDATE runs SET lease = ? WHERE run_id = ?", (time.time() - 1, run_id))
+
+
+async def test_a_run_its_replica_stopped_executing_is_adopted_once_and_resumed_past_its_checkpoints(
+    tmp_path, monkeypatch
+) -> None:
+    """Replica A's caller hangs up during `look` (the run is cancelled with the request,
+    left `running`). While A renews nothing for it, neither of two replicas sweeping at
+    once adopts a run whose lease holds; once it lapses, exactly one does and runs it
+    to the approval; a node finished before (checkpointed) is not run again."""
+    monkeypatch.setenv("SERVEGRAPH_HOME", str(tmp_path))
+    Slow.looked, Slow.hold = 0, True
+    path = tmp_path / "runs.sqlite3"
+    a, b, c = (replica(path, Slow()) for _ in range(3))
+    request = a.compiled.input.model_validate(TICKET)
+    started = asyncio.create_task(a.start(request, STARTER))
+    while Slow.looked == 0:  # the run is inside `look`
+        await asyncio.sleep(0.01)
+    (run_id,) = a.store.active
+    started.cancel()  # the caller hung up
+    with pytest.raises(asyncio.CancelledError):
+        await started
+    assert a.store.active == set() and a.store.get(run_id)["status"] == "running"
+
+    keepers = [Keeper(b.store, [b]), Keeper(c.store, [c])]
+    assert await asyncio.gather(*(k.tick() for k in keepers)) == [[], []]  # the lease holds
+    lapse(a.store, run_id)
+    Slow.hold = False
+    adopted = await asyncio.gather(*(k.tick() for k in keepers))
+    assert sorted(adopted, key=len) == [[], [run_id]]
+    await asyncio.gather(*(t for k in keepers for t in list(k.resuming)))
+    run = a.store.get(run_id)
+    assert run["status"] == "waiting" and run["awaiting"]["node"] == "approve"
+    assert Slow.looked == 2 and run["adopted"] == 1  # A's attempt, cancelled; the adopter's
+    # The adopter's decision is taken by any replica; the first replica, whose run was
+    # adopted, writes nothing more to it.
+    a.store.ended(run_id, "failed", error={"detail": "late write of a replica that let go"})
+    assert a.store.get(run_id)["status"] == "waiting"
+    done = await c.decide(run_id, DecisionBody(decision="approve"), APPROVER)
+    assert json.loads(done.body)["output"]["outcome"] == "refunded"
+    assert Slow.looked == 2  # `look` was checkpointed: the resume did not call it again
+
+
+async def test_a_replica_that_keeps_executing_a_run_keeps_it(tmp_path, monkeypatch) -> None:
+    """A's lease is renewed each round, so another replica never adopts a run A is
+    still executing, even when the lease's first term has run out."""
+    monkeypatch.setenv("SERVEGRAPH_HOME", str(tmp_path))
+    Slow.looked, Slow.hold = 0, True
+    path = tmp_path / "runs.sqlite3"
+    a, b = replica(path, Slow()), replica(path, Slow())
+    request = a.compiled.input.model_validate(TICKET)
+    started = asyncio.create_task(a.start(request, STARTER))
+    while Slow.looked == 0:
+        await asyncio.sleep(0.01)
+    (run_id,) = a.store.active
+    lapse(a.store, run_id)
+    assert await Keeper(a.store, [a]).tick() == []  # A renews, and adopts nothing of its own
+    assert await Keeper(b.store, [b]).tick() == []
+    Slow.hold = False
+    run_id_again, outcome = await started
+    assert run_id_again == run_id and isinstance(outcome, JSONResponse)
+    assert a.store.get(run_id)["status"] == "waiting" and Slow.looked == 1

@@ -13,6 +13,7 @@ import json
 import logging
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
+from contextlib import asynccontextmanager
 from dataclasses import dataclass
 from typing import Any
 
@@ -49,7 +50,7 @@ from servegraph.serving.http import (
     make_app,
     runtime_error_body,
 )
-from servegraph.serving.runs import Runs, RunStore, has_approval, runs_router
+from servegraph.serving.runs import Keeper, Runs, RunStore, has_approval, runs_router
 from servegraph.settings import AppSettings, router_actor_options
 from servegraph.telemetry import tracing
 
@@ -97,8 +98,26 @@ def build_fastapi(
     """The ingress app: POST /<pipeline>, GET /<pipeline>/graph, GET / (the list).
     `demand`: told of each arrival and each finished request's records
     (`servegraph.deploy.scaling.board.Reporter`), for graph-aware scaling."""
+    store = RunStore(AppSettings().runs_path) if any(map(has_approval, graphs.values())) else None
+    recorded: list[Runs] = []
+
+    @asynccontextmanager
+    async def lifespan(_: FastAPI) -> AsyncIterator[None]:
+        """With runs to record, this replica keeps its runs' leases and adopts those
+        of replicas that died (`servegraph.serving.runs.Keeper`) while it serves."""
+        if store is None:
+            yield
+            return
+        keeping = asyncio.create_task(Keeper(store, recorded).keep())
+        try:
+            yield
+        finally:
+            keeping.cancel()
+
     app = make_app(
-        title="servegraph pipelines", description="One REST endpoint per pipeline graph."
+        title="servegraph pipelines",
+        description="One REST endpoint per pipeline graph.",
+        lifespan=lifespan,
     )
     install_error_handlers(app)
 
@@ -135,7 +154,6 @@ def build_fastapi(
     # key's usage (install_error_handlers). Nothing may be added after this.
     install_request_checks(app)
     costs = CostModel()  # one for all: each model server costs the same whoever calls
-    store = RunStore(AppSettings().runs_path) if any(map(has_approval, graphs.values())) else None
     for graph in graphs.values():
         runtime = Runtime(
             catalog,
@@ -148,6 +166,7 @@ def build_fastapi(
         runs = Runs(compiled, runtime, store) if store and has_approval(graph) else None
         app.include_router(pipeline_router(compiled, runtime, metrics, demand, runs))
         if runs is not None:
+            recorded.append(runs)
             app.include_router(runs_router(runs, pipeline_scope(graph, catalog)))
     return app
 
@@ -189,6 +208,13 @@ _STREAM_DESCRIPTION = """Run the pipeline as Server-Sent Events, in order:
 A run that fails before any progress (a chunk, or a node that succeeded) answers with
 that status and a JSON body instead, as the plain route does.
 The response carries `x-trace-id`; the whole stream is one trace."""
+
+
+def _failure(exc: Exception) -> dict[str, Any]:
+    """How a run that failed with `exc` is recorded."""
+    if isinstance(exc, PipelineRuntimeError):
+        return runtime_error_body(exc)
+    return {"error": type(exc).__name__, "detail": str(exc)}
 
 
 def pipeline_scope(graph: Graph, catalog: Catalog) -> str:
@@ -375,12 +401,14 @@ def pipeline_router(
             await books.close(run, 202)
             return JSONResponse(await runs.stopped(recorded["run_id"], stop.pending), 202)
         except Exception as exc:
-            if runs is not None and isinstance(exc, PipelineRuntimeError):
-                await runs.ended(recorded["run_id"], failure=runtime_error_body(exc))
+            if runs is not None:
+                await runs.ended(recorded["run_id"], failure=_failure(exc))
             await books.close(run, _status_of(exc))
             raise
         except asyncio.CancelledError:
             await events.aclose()
+            if runs is not None:  # left running: adopted and finished by a Keeper
+                runs.release(recorded["run_id"])
             await books.close(run, 499)
             raise
 
@@ -412,10 +440,14 @@ def pipeline_router(
                 raise
             except Exception as exc:
                 status = 500
+                if runs is not None:
+                    await runs.ended(recorded["run_id"], failure=_failure(exc))
                 error = {"status": 500, "error": type(exc).__name__, "detail": str(exc)}
                 yield sse.encode("error", error)
             finally:
                 await events.aclose()
+                if runs is not None:  # a run left running is adopted by a Keeper
+                    runs.release(recorded["run_id"])
                 await books.close(run, status)
 
         headers = {"cache-control": "no-cache"}

@@ -11,12 +11,19 @@ decisions sent at once on one run exactly one is carried out; the others get 409
 naming the run's state. An expired approval is resolved when the run is next read or
 decided: the run resumes with the expiry and finishes with whatever the pipeline does
 then (a hand-off reply).
+
+A run that is `running` belongs to the ingress replica executing it, which renews its
+lease every few seconds (`Keeper`). A run whose lease lapses (its replica died, or its
+caller hung up and the run was cancelled with the request) is adopted by a replica's
+`Keeper` and resumed from its checkpoints: the nodes done are not run again, and its
+actions, keyed by the run and the node, apply once however often they are sent.
 """
 
 from __future__ import annotations
 
 import asyncio
 import json
+import logging
 import sqlite3
 import time
 import uuid
@@ -41,6 +48,8 @@ from servegraph.security.endpoints import RESPONSES, require
 from servegraph.security.keys import AuthError, Caller
 from servegraph.serving.http import runtime_error_body
 
+log = logging.getLogger(__name__)
+
 Status = Literal["running", "waiting", "finished", "rejected", "expired", "failed"]
 
 
@@ -57,12 +66,24 @@ def has_approval(graph: Graph) -> bool:
     return any(approvals(graph))
 
 
-class RunStore:
-    """The runs of every pipeline, with their checkpoints, in one SQLite file."""
+# How long a `running` run stays its replica's without a renewal: the replica renews
+# every third of it, so a run is adopted elsewhere this long (and at most a third more)
+# after its replica died. Long enough that a replica whose event loop is busy for a
+# few seconds keeps its runs.
+LEASE_S = 10.0
 
-    def __init__(self, path: Path | str) -> None:
+
+class RunStore:
+    """The runs of every pipeline, with their checkpoints, in one SQLite file; this
+    process's view of it (`owner`: the id its runs are leased under; `active`: the runs
+    it executes now, whose leases it renews)."""
+
+    def __init__(self, path: Path | str, lease_s: float = LEASE_S) -> None:
         self.checkpoints = SqliteCheckpoints(path)  # creates the file (WAL)
         self.path = Path(path)
+        self.lease_s = lease_s
+        self.owner = uuid.uuid4().hex
+        self.active: set[str] = set()
         with closing(self._connect()) as db, db:
             db.execute(
                 "CREATE TABLE IF NOT EXISTS runs (run_id TEXT PRIMARY KEY, "
@@ -72,14 +93,26 @@ class RunStore:
                 "expires REAL)"
             )
             db.execute("CREATE INDEX IF NOT EXISTS runs_by_status ON runs (pipeline, status)")
+            columns = {row[1] for row in db.execute("PRAGMA table_info(runs)")}
+            for column in (
+                "owner TEXT",
+                "lease REAL",
+                "adopted INTEGER NOT NULL DEFAULT 0",
+            ):  # files written before leases
+                if column.split()[0] not in columns:
+                    try:
+                        db.execute(f"ALTER TABLE runs ADD COLUMN {column}")
+                    except sqlite3.OperationalError as exc:  # another replica added it
+                        if "duplicate column" not in str(exc):
+                            raise
 
     def create(self, run_id: str, pipeline: str, request: str, started_by: str | None) -> None:
         now = time.time()
         with closing(self._connect()) as db, db:
             db.execute(
                 "INSERT INTO runs (run_id, pipeline, status, request, started_by, created, "
-                "updated) VALUES (?, ?, 'running', ?, ?, ?, ?)",
-                (run_id, pipeline, request, started_by, now, now),
+                "updated, owner, lease) VALUES (?, ?, 'running', ?, ?, ?, ?, ?, ?)",
+                (run_id, pipeline, request, started_by, now, now, self.owner, now + self.lease_s),
             )
 
     def waiting(self, run_id: str, pending: Pending, again: bool = False) -> None:
@@ -91,12 +124,13 @@ class RunStore:
                 run = _run(row)
                 db.execute(
                     "UPDATE runs SET status = 'waiting', awaiting = ?, decisions = ?, "
-                    "updated = ? WHERE run_id = ?",
+                    "updated = ? WHERE run_id = ? AND owner = ?",
                     (
                         json.dumps(asdict(pending)),
                         json.dumps(run["decisions"][:-1]),
                         time.time(),
                         run_id,
+                        self.owner,
                     ),
                 )
             return
@@ -130,10 +164,11 @@ class RunStore:
                     db.execute("ROLLBACK")
                     return False, run
                 decisions = [*run["decisions"], {"node": node, **asdict(verdict)}]
+                now = time.time()
                 db.execute(
-                    "UPDATE runs SET status = 'running', awaiting = NULL, "
-                    "decisions = ?, updated = ? WHERE run_id = ?",
-                    (json.dumps(decisions), time.time(), run_id),
+                    "UPDATE runs SET status = 'running', awaiting = NULL, decisions = ?, "
+                    "updated = ?, owner = ?, lease = ? WHERE run_id = ?",
+                    (json.dumps(decisions), now, self.owner, now + self.lease_s, run_id),
                 )
                 db.execute("COMMIT")
             except BaseException:
@@ -158,6 +193,51 @@ class RunStore:
             ).fetchall()
         return [_run(row) for row in rows]
 
+    def renew(self) -> int:
+        """Extend the leases of the runs this process executes; how many it holds."""
+        ids = list(self.active)
+        held = 0
+        for start in range(0, len(ids), 500):  # SQLite's bound on a statement's values
+            chunk = ids[start : start + 500]
+            marks = ", ".join("?" * len(chunk))
+            with closing(self._connect()) as db, db:
+                held += db.execute(
+                    f"UPDATE runs SET lease = ? WHERE owner = ? AND status = 'running' "
+                    f"AND run_id IN ({marks})",
+                    (time.time() + self.lease_s, self.owner, *chunk),
+                ).rowcount
+        return held
+
+    def adopt(self, pipelines: list[str], limit: int = 16) -> list[dict[str, Any]]:
+        """Take over up to `limit` running runs of `pipelines` whose lease lapsed (their
+        replica died, or stopped executing them), in one transaction: two replicas
+        sweeping at once never adopt the same run."""
+        if not pipelines:
+            return []
+        marks = ", ".join("?" * len(pipelines))
+        with closing(self._connect()) as db:
+            db.isolation_level = None
+            db.execute("BEGIN IMMEDIATE")
+            try:
+                now = time.time()
+                rows = db.execute(
+                    f"SELECT * FROM runs WHERE pipeline IN ({marks}) AND status = 'running' "
+                    "AND (lease IS NULL OR lease < ?) ORDER BY updated LIMIT ?",
+                    (*pipelines, now, limit),
+                ).fetchall()
+                for row in rows:
+                    db.execute(
+                        "UPDATE runs SET owner = ?, lease = ?, adopted = adopted + 1 "
+                        "WHERE run_id = ?",
+                        (self.owner, now + self.lease_s, row["run_id"]),
+                    )
+                db.execute("COMMIT")
+            except BaseException:
+                if db.in_transaction:
+                    db.execute("ROLLBACK")
+                raise
+        return [_run(row) | {"owner": self.owner, "adopted": row["adopted"] + 1} for row in rows]
+
     def nodes_done(self, run_id: str) -> list[str]:
         with closing(self._connect()) as db:
             rows = db.execute(
@@ -166,11 +246,13 @@ class RunStore:
         return [row[0] for row in rows]
 
     def _update(self, run_id: str, **fields: Any) -> None:
+        """Written by the run's owner only: a replica whose run was adopted elsewhere
+        (its lease lapsed) leaves the run to its new owner."""
         names = ", ".join(f"{name} = ?" for name in fields)
         with closing(self._connect()) as db, db:
             db.execute(
-                f"UPDATE runs SET {names}, updated = ? WHERE run_id = ?",
-                (*fields.values(), time.time(), run_id),
+                f"UPDATE runs SET {names}, updated = ? WHERE run_id = ? AND owner = ?",
+                (*fields.values(), time.time(), run_id, self.owner),
             )
 
     def _connect(self) -> sqlite3.Connection:
@@ -213,6 +295,9 @@ class RunView(BaseModel):
         default_factory=list, description="Each decision: node, decision, by (key name), reason."
     )
     nodes_done: list[str] = Field(default_factory=list)
+    adopted: int = Field(
+        0, description="Times a replica took the run over after its own stopped executing it."
+    )
     output: Any = None
     error: Any = None
     started_by: str | None = None
@@ -238,6 +323,7 @@ class Runs:
     async def begin(self, request: BaseModel, caller: Caller | None) -> dict[str, Any]:
         """Record a new run (for a streamed one); what `Runtime.stream` runs it with."""
         run_id = uuid.uuid4().hex
+        self.store.active.add(run_id)  # its lease renewed until `release`
         await asyncio.to_thread(
             self.store.create,
             run_id,
@@ -247,14 +333,33 @@ class Runs:
         )
         return {"run_id": run_id, "checkpoints": self.store.checkpoints}
 
+    def release(self, run_id: str) -> None:
+        """This replica no longer executes the run: its lease is not renewed, so a run
+        left `running` (its stream's caller hung up) is adopted and finished by a
+        `Keeper`."""
+        self.store.active.discard(run_id)
+
     async def stopped(self, run_id: str, pending: Pending) -> dict[str, Any]:
         """Record the stop; the body a caller gets for it (202, or a `waiting` event)."""
         await asyncio.to_thread(self.store.waiting, run_id, pending)
+        self.release(run_id)
         return {"run_id": run_id, "status": "waiting", "awaiting": asdict(pending)}
 
     async def ended(self, run_id: str, output: Any = None, failure: Any = None) -> None:
         status: Status = "failed" if failure is not None else "finished"
         await asyncio.to_thread(self.store.ended, run_id, status, output, failure)
+        self.release(run_id)
+
+    async def resume(self, run: dict[str, Any]) -> RunResult | JSONResponse | None:
+        """Go on with a run adopted from a replica that stopped executing it
+        (`RunStore.adopt`), from its checkpoints and with its decisions; recorded as it
+        ends (None when it failed: recorded too)."""
+        try:
+            request = self.compiled.input.model_validate(run["request"])
+            return await self._go(run["run_id"], request, run["decisions"], {})
+        except Exception:  # recorded by `_go`; nobody waits on an adopted run
+            log.warning("adopted run %s of %s failed", run["run_id"], self.name, exc_info=True)
+            return None
 
     async def decide(self, run_id: str, body: DecisionBody, caller: Caller) -> Any:
         found = await asyncio.to_thread(self.store.get, run_id)
@@ -345,7 +450,7 @@ class Runs:
         )
         if claimed:
             request = self.compiled.input.model_validate(run["request"])
-            await self._go(run["run_id"], request, run["decisions"], {}, expired=True)
+            await self._go(run["run_id"], request, run["decisions"], {})
 
     async def _go(
         self,
@@ -353,7 +458,6 @@ class Runs:
         request: BaseModel,
         decisions: list[dict[str, Any]],
         execute: dict[str, Any],
-        expired: bool = False,
         retry: Pending | None = None,
     ) -> RunResult | JSONResponse:
         """Run (or resume) and record how it ended. `retry`: what the run waited for
@@ -364,6 +468,7 @@ class Runs:
             d["node"]: Verdict(d["decision"], d["by"], d["reason"], d["arguments"])
             for d in decisions
         }
+        self.store.active.add(run_id)
         try:
             result = await self.runtime.execute(
                 self.compiled,
@@ -387,10 +492,43 @@ class Runs:
             failure = {"error": type(exc).__name__, "detail": str(exc)}
             await asyncio.to_thread(self.store.ended, run_id, "failed", None, failure)
             raise
+        finally:  # ended, stopped, or cancelled with its caller: then adopted elsewhere
+            self.release(run_id)
         last = list(verdicts.values())[-1].decision if verdicts else None
-        status: Status = "expired" if expired else "rejected" if last == "reject" else "finished"
+        status: Status = "expired" if last == "expire" else "finished"
+        status = "rejected" if last == "reject" else status
         await asyncio.to_thread(self.store.ended, run_id, status, result.output)
         return result
+
+
+class Keeper:
+    """One per ingress replica: renews the leases of the runs it executes and adopts
+    the runs whose lease lapsed, resuming each in the background (`Runs.resume`)."""
+
+    def __init__(self, store: RunStore, runs: list[Runs]) -> None:
+        self.store = store
+        self.runs = {r.name: r for r in runs}
+        self.resuming: set[asyncio.Task[Any]] = set()  # held: the loop keeps weak refs
+
+    async def tick(self) -> list[str]:
+        """One round: renew, then adopt and start resuming; the adopted runs' ids."""
+        await asyncio.to_thread(self.store.renew)
+        adopted = await asyncio.to_thread(self.store.adopt, list(self.runs))
+        for run in adopted:
+            log.info("adopting run %s of %s (its lease lapsed)", run["run_id"], run["pipeline"])
+            task = asyncio.create_task(self.runs[run["pipeline"]].resume(run))
+            self.resuming.add(task)
+            task.add_done_callback(self.resuming.discard)
+        return [run["run_id"] for run in adopted]
+
+    async def keep(self) -> None:
+        """Rounds every third of a lease until cancelled (the replica's shutdown)."""
+        while True:
+            try:
+                await self.tick()
+            except Exception:  # a locked or unreadable store: the next round tries again
+                log.warning("keeping runs failed; trying again", exc_info=True)
+            await asyncio.sleep(self.store.lease_s / 3)
 
 
 def runs_router(runs: Runs, run_scope: str) -> APIRouter:

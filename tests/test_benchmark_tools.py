@@ -222,3 +222,16 @@ def test_the_spike_summary_reads_decisions_and_capacity_off_the_samples() -> Non
     assert out["pipelines"]["triage"]["shed"] == 1
     assert out["pipelines"]["rag"]["p99_steady_s"] == 0.5
     assert out["replica_seconds"] > 0 and out["oracle_replica_seconds"] > 0
+
+
+def test_the_runs_benchmark_measures_on_a_few_runs(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """`benchmarks.runs` at a small size (no Ray): every figure a number, one of the 50
+    decisions at once carried out."""
+    from benchmarks.runs import measure
+
+    monkeypatch.setenv("SERVEGRAPH_HOME", str(tmp_path))
+    figures = {f.name: f for f in asyncio.run(measure(5, tmp_path))}
+    assert figures["50 decisions at once on one run: carried out"].platform == 1
+    assert all(f.platform > 0 for f in figures.values())

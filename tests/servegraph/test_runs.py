@@ -97,6 +97,16 @@ class Slow(SupportRecords):
         return await super().lookup_order(request)
 
 
+async def inside_look() -> None:
+    """Until a run is inside `look` (bounded)."""
+
+    async def looked() -> None:
+        while Slow.looked == 0:
+            await asyncio.sleep(0.01)
+
+    await asyncio.wait_for(looked(), 30)
+
+
 def replica(path, records: SupportRecords) -> Runs:
     """An ingress replica's `Runs` of `refund` over the shared run store at `path`."""
     runtime = InProcessRuntime(CATALOG, {"records": records})
@@ -122,13 +132,12 @@ async def test_a_run_its_replica_stopped_executing_is_adopted_once_and_resumed_p
     a, b, c = (replica(path, Slow()) for _ in range(3))
     request = a.compiled.input.model_validate(TICKET)
     started = asyncio.create_task(a.start(request, STARTER))
-    while Slow.looked == 0:  # the run is inside `look`
-        await asyncio.sleep(0.01)
+    await inside_look()
     (run_id,) = a.store.active
     started.cancel()  # the caller hung up
     with pytest.raises(asyncio.CancelledError):
         await started
-    assert a.store.active == set() and a.store.get(run_id)["status"] == "running"
+    assert a.store.active == {} and a.store.get(run_id)["status"] == "running"
 
     keepers = [Keeper(b.store, [b]), Keeper(c.store, [c])]
     assert await asyncio.gather(*(k.tick() for k in keepers)) == [[], []]  # the lease holds
@@ -158,8 +167,7 @@ async def test_a_replica_that_keeps_executing_a_run_keeps_it(tmp_path, monkeypat
     a, b = replica(path, Slow()), replica(path, Slow())
     request = a.compiled.input.model_validate(TICKET)
     started = asyncio.create_task(a.start(request, STARTER))
-    while Slow.looked == 0:
-        await asyncio.sleep(0.01)
+    await inside_look()
     (run_id,) = a.store.active
     lapse(a.store, run_id)
     assert await Keeper(a.store, [a]).tick() == []  # A renews, and adopts nothing of its own
@@ -168,3 +176,22 @@ async def test_a_replica_that_keeps_executing_a_run_keeps_it(tmp_path, monkeypat
     run_id_again, outcome = await started
     assert run_id_again == run_id and isinstance(outcome, JSONResponse)
     assert a.store.get(run_id)["status"] == "waiting" and Slow.looked == 1
+
+
+async def test_a_run_whose_request_ended_without_letting_it_go_is_adopted(
+    tmp_path, monkeypatch
+) -> None:
+    """A lease is renewed only while the task that holds the run runs: a request that
+    recorded its run and ended any other way (its response never sent) lets it go."""
+    monkeypatch.setenv("SERVEGRAPH_HOME", str(tmp_path))
+    path = tmp_path / "runs.sqlite3"
+    a, b = replica(path, SupportRecords()), replica(path, SupportRecords())
+    request = a.compiled.input.model_validate(TICKET)
+    recorded = await asyncio.create_task(a.begin(request, STARTER))  # its task has ended
+    run_id = recorded["run_id"]
+    assert a.store.renew() == 0 and a.store.active == {}
+    lapse(a.store, run_id)
+    keeper = Keeper(b.store, [b])
+    assert await keeper.tick() == [run_id]
+    await asyncio.gather(*keeper.resuming)
+    assert b.store.get(run_id)["status"] == "waiting"

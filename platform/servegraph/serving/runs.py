@@ -71,19 +71,24 @@ def has_approval(graph: Graph) -> bool:
 # after its replica died. Long enough that a replica whose event loop is busy for a
 # few seconds keeps its runs.
 LEASE_S = 10.0
+# A run whose replicas keep dying on it (it crashes them, or cannot be resumed) is
+# recorded failed after this many takeovers, not passed on forever.
+MAX_ADOPTIONS = 3
 
 
 class RunStore:
     """The runs of every pipeline, with their checkpoints, in one SQLite file; this
     process's view of it (`owner`: the id its runs are leased under; `active`: the runs
-    it executes now, whose leases it renews)."""
+    it executes now, each with the task executing it: a lease is renewed only while
+    that task runs, so a run whose request ended without releasing it, however it
+    ended, is still adopted)."""
 
     def __init__(self, path: Path | str, lease_s: float = LEASE_S) -> None:
         self.checkpoints = SqliteCheckpoints(path)  # creates the file (WAL)
         self.path = Path(path)
         self.lease_s = lease_s
         self.owner = uuid.uuid4().hex
-        self.active: set[str] = set()
+        self.active: dict[str, asyncio.Task[Any] | None] = {}
         with closing(self._connect()) as db, db:
             db.execute(
                 "CREATE TABLE IF NOT EXISTS runs (run_id TEXT PRIMARY KEY, "
@@ -193,14 +198,26 @@ class RunStore:
             ).fetchall()
         return [_run(row) for row in rows]
 
+    def hold(self, run_id: str) -> None:
+        """This process executes the run, in the current task."""
+        try:
+            self.active[run_id] = asyncio.current_task()
+        except RuntimeError:  # no running loop: held until released
+            self.active[run_id] = None
+
     def renew(self) -> int:
-        """Extend the leases of the runs this process executes; how many it holds."""
+        """Extend the leases of the runs this process executes; how many it holds. A
+        run whose task ended is let go. Its busy timeout is a third of a lease, so a
+        renewal stuck behind a writer is retried rather than outlived by the lease."""
+        for run_id, task in list(self.active.items()):
+            if task is not None and task.done():
+                self.active.pop(run_id, None)
         ids = list(self.active)
         held = 0
         for start in range(0, len(ids), 500):  # SQLite's bound on a statement's values
             chunk = ids[start : start + 500]
             marks = ", ".join("?" * len(chunk))
-            with closing(self._connect()) as db, db:
+            with closing(self._connect(timeout=self.lease_s / 3)) as db, db:
                 held += db.execute(
                     f"UPDATE runs SET lease = ? WHERE owner = ? AND status = 'running' "
                     f"AND run_id IN ({marks})",
@@ -215,16 +232,30 @@ class RunStore:
         if not pipelines:
             return []
         marks = ", ".join("?" * len(pipelines))
+        # A row written before leases has none: its lease is taken to run from its
+        # last update, so the runs an older replica still executes are not taken at once.
+        lapsed = (
+            f"pipeline IN ({marks}) AND status = 'running' AND COALESCE(lease, updated + ?) < ?"
+        )
+        given_up = json.dumps(
+            {"error": "RunLost", "detail": f"taken over {MAX_ADOPTIONS} times, never ended"}
+        )
         with closing(self._connect()) as db:
             db.isolation_level = None
             db.execute("BEGIN IMMEDIATE")
             try:
                 now = time.time()
+                db.execute(
+                    f"UPDATE runs SET status = 'failed', error = ?, updated = ? WHERE {lapsed} "
+                    "AND adopted >= ?",
+                    (given_up, now, *pipelines, self.lease_s, now, MAX_ADOPTIONS),
+                )
                 rows = db.execute(
-                    f"SELECT * FROM runs WHERE pipeline IN ({marks}) AND status = 'running' "
-                    "AND (lease IS NULL OR lease < ?) ORDER BY updated LIMIT ?",
-                    (*pipelines, now, limit),
+                    f"SELECT * FROM runs WHERE {lapsed} ORDER BY updated LIMIT ?",
+                    (*pipelines, self.lease_s, now, limit),
                 ).fetchall()
+                # Never one this process executes (its renewal was late): one execution.
+                rows = [row for row in rows if row["run_id"] not in self.active]
                 for row in rows:
                     db.execute(
                         "UPDATE runs SET owner = ?, lease = ?, adopted = adopted + 1 "
@@ -255,8 +286,8 @@ class RunStore:
                 (*fields.values(), time.time(), run_id, self.owner),
             )
 
-    def _connect(self) -> sqlite3.Connection:
-        db = sqlite3.connect(self.path, timeout=30)
+    def _connect(self, timeout: float = 30) -> sqlite3.Connection:
+        db = sqlite3.connect(self.path, timeout=timeout)
         db.row_factory = sqlite3.Row
         return db
 
@@ -323,21 +354,25 @@ class Runs:
     async def begin(self, request: BaseModel, caller: Caller | None) -> dict[str, Any]:
         """Record a new run (for a streamed one); what `Runtime.stream` runs it with."""
         run_id = uuid.uuid4().hex
-        self.store.active.add(run_id)  # its lease renewed until `release`
-        await asyncio.to_thread(
-            self.store.create,
-            run_id,
-            self.name,
-            request.model_dump_json(),
-            caller.name if caller else None,
-        )
+        self.store.hold(run_id)  # renewed while this request's task runs
+        try:
+            await asyncio.to_thread(
+                self.store.create,
+                run_id,
+                self.name,
+                request.model_dump_json(),
+                caller.name if caller else None,
+            )
+        except BaseException:
+            self.release(run_id)
+            raise
         return {"run_id": run_id, "checkpoints": self.store.checkpoints}
 
     def release(self, run_id: str) -> None:
         """This replica no longer executes the run: its lease is not renewed, so a run
         left `running` (its stream's caller hung up) is adopted and finished by a
         `Keeper`."""
-        self.store.active.discard(run_id)
+        self.store.active.pop(run_id, None)
 
     async def stopped(self, run_id: str, pending: Pending) -> dict[str, Any]:
         """Record the stop; the body a caller gets for it (202, or a `waiting` event)."""
@@ -356,6 +391,11 @@ class Runs:
         ends (None when it failed: recorded too)."""
         try:
             request = self.compiled.input.model_validate(run["request"])
+        except ValidationError as exc:  # the pipeline's input changed since it started
+            failure = {"error": "RunNotResumable", "detail": str(exc)}
+            await asyncio.to_thread(self.store.ended, run["run_id"], "failed", None, failure)
+            return None
+        try:
             return await self._go(run["run_id"], request, run["decisions"], {})
         except Exception:  # recorded by `_go`; nobody waits on an adopted run
             log.warning("adopted run %s of %s failed", run["run_id"], self.name, exc_info=True)
@@ -468,7 +508,7 @@ class Runs:
             d["node"]: Verdict(d["decision"], d["by"], d["reason"], d["arguments"])
             for d in decisions
         }
-        self.store.active.add(run_id)
+        self.store.hold(run_id)
         try:
             result = await self.runtime.execute(
                 self.compiled,
@@ -492,13 +532,14 @@ class Runs:
             failure = {"error": type(exc).__name__, "detail": str(exc)}
             await asyncio.to_thread(self.store.ended, run_id, "failed", None, failure)
             raise
+        else:  # recorded before the lease is let go: a finished run is never adopted
+            last = list(verdicts.values())[-1].decision if verdicts else None
+            status: Status = "expired" if last == "expire" else "finished"
+            status = "rejected" if last == "reject" else status
+            await asyncio.to_thread(self.store.ended, run_id, status, result.output)
+            return result
         finally:  # ended, stopped, or cancelled with its caller: then adopted elsewhere
             self.release(run_id)
-        last = list(verdicts.values())[-1].decision if verdicts else None
-        status: Status = "expired" if last == "expire" else "finished"
-        status = "rejected" if last == "reject" else status
-        await asyncio.to_thread(self.store.ended, run_id, status, result.output)
-        return result
 
 
 class Keeper:

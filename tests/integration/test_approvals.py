@@ -49,7 +49,9 @@ def test_a_run_waits_and_one_of_twenty_decisions_at_once_is_carried_out(
     run_id = waiting_run(client)
     shown = client.get(f"/pipelines/refund/runs/{run_id}").json()
     assert shown["status"] == "waiting" and shown["nodes_done"] == ["look", "brief"]
-    listed = client.get("/pipelines/refund/runs", params={"status": "waiting", "limit": 500}).json()["runs"]
+    listed = client.get(
+        "/pipelines/refund/runs", params={"status": "waiting", "limit": 500}
+    ).json()["runs"]
     assert run_id in {r["run_id"] for r in listed}
 
     # A key that may run the pipeline may not decide.

@@ -115,11 +115,13 @@ def test_runs_whose_ingress_is_killed_are_adopted_and_reach_their_approval(
     replied = [a for a in answers if isinstance(a, httpx.Response)]
     acknowledged = [a.json()["run_id"] for a in replied if a.status_code == 202]
     assert set(acknowledged) <= set(runs)  # nothing acknowledged is lost
-    # The calls the kill cut get an error (Serve's proxy's 500, or the connection's);
+    # The calls the kill cut get an error (a 502 naming the lost replica, or the
+    # connection's);
     # each of their runs is recorded and adopted like the rest.
     others = Counter(a.status_code for a in replied if a.status_code != 202)
     others.update(a for a in answers if isinstance(a, str))
     sample = [a.text[:200] for a in replied if a.status_code != 202][:2]
+    assert 500 not in others, sample  # the proxy's answer names the lost replica: 502
     print(f"runs: {len(runs)}, cut by the kill and adopted: {len(cut)}, others: {others} {sample}")
 
     # An adopted run is decided like any other.

@@ -37,6 +37,11 @@ SERVE_REQUEST_PATH_ENV = {
     # to the process's stderr (which Ray writes to the worker's .err file). Serve's proxy
     # refusing 1,000 requests at once: 0.81 -> 0.71 CPU-s (four bursts each, issue 23).
     "RAY_SERVE_LOG_TO_STDERR": "0",
+    # A request whose replica dies before answering gets a 502 naming what happened,
+    # not the bare 500 Serve's proxy leaves to uvicorn (`servegraph.serving.proxy_answers`).
+    "RAY_SERVE_HTTP_PROXY_CALLBACK_IMPORT_PATH": (
+        "servegraph.serving.proxy_answers:proxy_middlewares"
+    ),
 }
 
 # What Ray spends at rest, when no request comes: on a 2-core machine every other

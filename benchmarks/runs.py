@@ -31,7 +31,7 @@ from servegraph.serving.runs import DecisionBody, Runs, RunStore
 from tests.servegraph.test_approval import CATALOG
 
 APPROVER = Caller("lead", frozenset({"approve:refund"}))
-STARTER = Caller("support-app", frozenset({"write:refund"}))
+STARTER = Caller("support-app", frozenset({"invoke:refund"}))
 
 
 class Timed(SupportRecords):

@@ -56,7 +56,7 @@ def test_a_run_waits_and_one_of_twenty_decisions_at_once_is_carried_out(
 
     # A key that may run the pipeline may not decide.
     writer = KeyStore(AuthSettings().store_path).create(
-        f"it-refunds-{secrets.token_hex(4)}", ["write:refund"]
+        f"it-refunds-{secrets.token_hex(4)}", ["invoke:refund"]
     )
     refused = client.post(
         f"/pipelines/refund/runs/{run_id}/decision",

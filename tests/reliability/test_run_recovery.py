@@ -41,7 +41,7 @@ def test_runs_whose_ingress_is_killed_are_adopted_and_reach_their_approval(
     pipelines: LocalCluster,
 ) -> None:
     starter = f"it-recovery-{secrets.token_hex(4)}"
-    key = KeyStore(AuthSettings().store_path).create(starter, ["write:refund"])
+    key = KeyStore(AuthSettings().store_path).create(starter, ["invoke:refund"])
     dashboard = str(pipelines.dashboard_url)
     answers: list[httpx.Response | str] = []
     stop = asyncio.Event()

@@ -226,6 +226,8 @@ def test_a_pipeline_that_writes_needs_the_write_scope() -> None:
     assert pipeline_scope(graphs["rag_ingest"], CATALOG) == "write:rag_ingest"
     assert pipeline_scope(graphs["rag"], CATALOG) == "invoke:rag"
     assert pipeline_scope(graphs["triage"], CATALOG) == "invoke:triage"
+    # A write an approval proposes is carried out by a person holding approve:refund.
+    assert pipeline_scope(graphs["refund"], CATALOG) == "invoke:refund"
 
 
 async def test_a_model_servers_rest_surface_is_admin_only(guard: Guard, store: KeyStore) -> None:

@@ -24,7 +24,7 @@ from tests.servegraph.test_approval import CATALOG
 
 TICKET = {"text": "Please refund order 14550, it never came.", "email": "ana@example.com"}
 APPROVER = Caller("lead", frozenset({"approve:refund"}))
-STARTER = Caller("support-app", frozenset({"write:refund"}))
+STARTER = Caller("support-app", frozenset({"invoke:refund"}))
 
 
 class Busy(SupportRecords):
@@ -79,7 +79,7 @@ async def test_expired_approvals_are_resolved_and_runs_read_by_their_starter_or_
     assert refused.status_code == 409 and json.loads(refused.body)["status"] == "expired"
 
     assert (await runs.view(run_id, STARTER)).status == "expired"
-    other = Caller("another-app", frozenset({"write:refund"}))
+    other = Caller("another-app", frozenset({"invoke:refund"}))
     assert (await runs.view(run_id, other)).status_code == 404
 
 

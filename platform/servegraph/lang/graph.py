@@ -282,14 +282,15 @@ class Graph(BaseModel):
         "what the pipeline's slowest model server can take, so doomed work is not admitted.",
     )
 
-    def calls(self) -> list[CallNode]:
+    def calls(self, actions: bool = True) -> list[CallNode]:
         """Every model-server call the graph may make, its sub-graphs' and fallbacks'
-        included (a fallback call as a node named `<node>.fallback`)."""
+        included (a fallback call as a node named `<node>.fallback`); with `actions`,
+        the actions its approval nodes carry out once a person approves."""
         found: list[CallNode] = []
         for node in self.nodes:
             if isinstance(node, CallNode):
                 found.append(node)
-            if isinstance(node, ApprovalNode):  # its action, once approved
+            if isinstance(node, ApprovalNode) and actions:  # its action, once approved
                 found.append(CallNode(name=node.name, server=node.server, method=node.method))
             if node.fallback and node.fallback.server:
                 found.append(
@@ -300,7 +301,7 @@ class Graph(BaseModel):
                     )
                 )
             for _, sub in node.children():
-                found += sub.calls()
+                found += sub.calls(actions)
         return found
 
     def returns_refs(self) -> list[str]:

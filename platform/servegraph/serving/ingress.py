@@ -219,8 +219,10 @@ def _failure(exc: Exception) -> dict[str, Any]:
 
 def pipeline_scope(graph: Graph, catalog: Catalog) -> str:
     """The scope a key needs to run `graph`: `write:<name>` when it calls a method that
-    writes (`MethodContract.writes`), else `invoke:<name>`."""
-    writes = any(catalog.contract(c.server, c.method).writes for c in graph.calls())
+    writes (`MethodContract.writes`), else `invoke:<name>`. A write an approval node
+    proposes is not the caller's: a person with `approve:<name>` carries it out."""
+    calls = graph.calls(actions=False)
+    writes = any(catalog.contract(c.server, c.method).writes for c in calls)
     return f"{'write' if writes else 'invoke'}:{graph.name}"
 
 

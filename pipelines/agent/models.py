@@ -76,6 +76,34 @@ class Observation(BaseModel):
     must_say: str = ""
 
 
+class Proposal(BaseModel):
+    """The action a ticket asks for, when the look-up found the customer's order."""
+
+    action: Literal["refund", "cancel", "none"]
+    text: str = Field(description="The ticket (the records server reads its order number).")
+    email: str = Field("", description="The customer the action is made for.")
+    summary: str = Field("", description="What the person deciding reads.")
+    reason: str = Field("", max_length=500, description="Why, in the customer's words.")
+
+
+class ActionOutcome(BaseModel):
+    """What became of the action the ticket asked for."""
+
+    action: Literal["refund", "cancel"]
+    outcome: Literal["done", "refused", "handed_off"] = Field(
+        description="done: approved and made; refused: approved, but a check of the shop's "
+        "failed (`message`); handed_off: rejected by the person, or not decided in time."
+    )
+    message: str = ""
+    by: str | None = Field(None, description="The key that decided (its name).")
+
+
+class Acted(BaseModel):
+    """The action step's output: what became of the action, None when none was asked."""
+
+    outcome: ActionOutcome | None = None
+
+
 class TriageResult(BaseModel):
     team: str
     label: str
@@ -96,6 +124,11 @@ class TriageResult(BaseModel):
         )
     )
     steps: list[Step]
+    action: ActionOutcome | None = Field(
+        None,
+        description="The refund or cancellation the ticket asked for, once a person "
+        "decided (a run that proposes one answers 202 and waits: `servegraph.serving.runs`).",
+    )
 
 
 EXAMPLES = {

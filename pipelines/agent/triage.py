@@ -7,7 +7,9 @@
         lookup_order | lookup_account (the support records server) | final_answer |
         default: the invalid call is fed back)
         ─► record
-    ─► brief ─► draft (LLM, guided JSON: {reply}) ─► finish
+    ─► brief ─► draft (LLM, guided JSON: {reply}) ─► propose ─► act_on (switch on the
+    action the ticket asks for: refund | cancel = an approval of records.refund_order |
+    records.cancel_order, then its outcome; default: none) ─► finish
 
 A 135M model's syntax is guaranteed by guided decoding; its *choices* are weak, so the
 graph carries them:
@@ -31,9 +33,19 @@ graph carries them:
   of the help article closest to the question). `finish` checks the draft: it must state
   what the look-ups found and invent no numbers; otherwise the reply is written from the
   facts themselves. `drafted` says which.
+- **It acts only with a person's approval.** A ticket that asks for a refund or a
+  cancellation ("refund", "money back", "cancel"), whose order the look-up found for
+  this customer, proposes `records.refund_order` or `records.cancel_order` at an
+  approval node: the request answers 202 with the run's id and waits for a key with
+  `approve:triage` (`servegraph.serving.runs`); the person may change a refund's
+  `amount` and `reason`. The reply then says what became of it: done, refused by the
+  shop's checks and why, or handed off (rejected, or not decided within a day). A
+  ticket that asks for no action runs as before.
 """
 
 from __future__ import annotations
+
+import re
 
 from pydantic_core import from_json
 
@@ -42,12 +54,15 @@ from deployments.embedder.contract import Embedding, EmbedResponse
 from deployments.llm import llm
 from deployments.llm.contract import ChatResponse
 from deployments.records import records
-from deployments.records.contract import EMAIL, ORDER_NUMBER, Lookup
+from deployments.records.contract import EMAIL, ORDER_NUMBER, ActionResult, Lookup
 from deployments.vector_index.contract import Hit
 from pipelines import evidence
 from pipelines.agent.models import (
+    Acted,
+    ActionOutcome,
     AgentState,
     Observation,
+    Proposal,
     Route,
     RouteInput,
     Step,
@@ -57,7 +72,7 @@ from pipelines.agent.models import (
     TriageResult,
 )
 from pipelines.rag.qa import rank, retrieve_ranked
-from servegraph import Method, Pipeline
+from servegraph import Decision, Method, Pipeline
 
 MAX_STEPS = 4
 TEAM_TOOLS = {
@@ -108,6 +123,18 @@ ASK_FOR_EMAIL = (
     "the email address of your account; we have passed your ticket to our {team} team."
 )
 LOOKUPS = ("lookup_order", "lookup_account")
+# What a ticket says when it asks for an action ("cancelled", a state, does not ask).
+ASKS = {
+    "refund": re.compile(r"\b(refund|money back|reimburse)", re.IGNORECASE),
+    "cancel": re.compile(r"\bcancel(lation)?\b", re.IGNORECASE),
+}
+APPROVAL_EXPIRES_S = 24 * 3600.0
+ACTED = {
+    "done": "Done: {message}.",
+    "refused": "Sorry, we could not do it: {message}.",
+    "handed_off": "A member of our {team} team will look at your {action} request and "
+    "write to you.",
+}
 
 
 def build_pipeline() -> Pipeline:
@@ -144,8 +171,89 @@ def build_pipeline() -> Pipeline:
     draft = p.call(
         "draft", llm.chat(messages=brief.messages, json_schema=brief.schema, max_tokens=160)
     )
-    p.returns(p.function("finish", finish, route=route, state=work, draft=draft))
+    proposal = p.function("propose", propose, state=work)
+    acted = p.switch(
+        "act_on",
+        on=proposal.action,
+        cases={"refund": action_case("refund"), "cancel": action_case("cancel")},
+        default=no_action_case(),
+        action=proposal.action,
+        text=proposal.text,
+        email=proposal.email,
+        summary=proposal.summary,
+        reason=proposal.reason,
+    )
+    p.returns(p.function("finish", finish, route=route, state=work, draft=draft, acted=acted))
     return p
+
+
+def action_case(action: str) -> Pipeline:
+    """A person decides on the action; it is made once, under the run's key."""
+    case = Pipeline(f"ask_{action}", input=Proposal, output=Acted)
+    method = records.refund_order if action == "refund" else records.cancel_order
+    decision = case.approval(
+        "approve",
+        method(text=case.input.text, email=case.input.email, reason=case.input.reason),
+        summary=case.input.summary,
+        expires_s=APPROVAL_EXPIRES_S,
+        # A partial refund; never the order or the customer.
+        editable=["amount", "reason"] if action == "refund" else ["reason"],
+    )
+    case.returns(case.function("outcome", outcome_of, decision=decision, action=action))
+    return case
+
+
+def no_action_case() -> Pipeline:
+    case = Pipeline("no_action", input=Proposal, output=Acted)
+    case.returns(case.function("nothing", nothing, proposal=case.input))
+    return case
+
+
+def nothing(proposal: Proposal) -> Acted:
+    return Acted()
+
+
+def propose(state: AgentState) -> Proposal:
+    """The action the ticket asks for, if the order look-up found the order for this
+    customer (a refund is asked before a cancellation when a ticket says both)."""
+    order = next((s for s in state.steps if s.valid and s.tool == "lookup_order" and s.facts), None)
+    asked = next((action for action, words in ASKS.items() if words.search(state.ticket)), None)
+    if order is None or asked is None or not state.email:
+        return Proposal(action="none", text=state.ticket)
+    f = order.facts
+    summary = (
+        f"{asked.capitalize()} of order {f['id']} ({f['product']}, {f['total']}, "
+        f"{f['status']}) asked by {state.email}. Ticket: {state.ticket}"
+    )
+    return Proposal(
+        action=asked,
+        text=f"order {f['id']}: {state.ticket}",
+        email=state.email,
+        summary=summary,
+        reason=state.ticket[:500],
+    )
+
+
+def outcome_of(decision: Decision, action: str) -> Acted:
+    if decision.decision == "approved" and decision.result is not None:
+        done = ActionResult.model_validate(decision.result)
+        outcome = "done" if done.outcome == "done" else "refused"
+        return Acted(
+            outcome=ActionOutcome(
+                action=action,
+                outcome=outcome,
+                message=done.message,
+                by=decision.by,
+            )
+        )
+    return Acted(
+        outcome=ActionOutcome(
+            action=action,
+            outcome="handed_off",
+            message=decision.reason or decision.decision,
+            by=decision.by,
+        )
+    )
 
 
 def team_case(team: str) -> Pipeline:
@@ -412,7 +520,7 @@ def asks_without_email(state: AgentState) -> bool:
     return bool(order or account)
 
 
-def finish(route: Route, state: AgentState, draft: ChatResponse) -> TriageResult:
+def finish(route: Route, state: AgentState, draft: ChatResponse, acted: Acted) -> TriageResult:
     steps = found(state)
     reply, drafted = checked_draft(draft, state, steps), "llm"
     if missing := not_found(state):
@@ -424,6 +532,9 @@ def finish(route: Route, state: AgentState, draft: ChatResponse) -> TriageResult
         reply, drafted = HANDOFF.format(team=route.team), "handoff"
     elif not reply:
         reply, drafted = from_facts(steps), "facts"
+    if (done := acted.outcome) is not None:  # what became of the action comes last
+        said = ACTED[done.outcome].format(message=done.message, action=done.action, team=route.team)
+        reply = f"{reply} {said}"
     return TriageResult(
         team=route.team,
         label=route.label,
@@ -432,6 +543,7 @@ def finish(route: Route, state: AgentState, draft: ChatResponse) -> TriageResult
         drafted=drafted,
         completed=state.done,
         steps=state.steps,
+        action=acted.outcome,
     )
 
 

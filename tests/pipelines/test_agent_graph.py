@@ -279,3 +279,89 @@ async def test_without_an_email_or_a_key_in_the_ticket_the_articles_answer() -> 
     )
     assert [s.tool for s in result.steps] == ["search_kb"]
     assert result.drafted == "facts" and "2.4 GHz" in result.reply
+
+
+async def test_a_ticket_asking_for_a_refund_of_its_order_waits_for_approval_then_acts_once() -> (
+    None
+):
+    """The look-up found the customer's order and the ticket asks for a refund: the run
+    stops at the approval with what the person reads; approved, the refund is made and
+    the reply says so; the nodes before the stop (the LLM's too) are not run again."""
+    from servegraph import MemoryCheckpoints, RunWaiting, Verdict
+
+    ticket = {"text": "Please refund order 14550, it never came.", "email": "ana@example.com"}
+    llm = ScriptedLLM([call("lookup_order", "14550"), call("final_answer"), draft("")])
+    rt = runtime("billing", llm)
+    graph, checkpoints = build_pipeline().build(), MemoryCheckpoints()
+    with pytest.raises(RunWaiting) as stop:
+        await rt.execute(graph, ticket, run_id="t1", checkpoints=checkpoints)
+    pending = stop.value.pending
+    assert (pending.node, pending.method) == ("act_on/case[refund]/approve", "refund_order")
+    assert pending.summary.startswith(
+        "Refund of order 14550 (Terra backpack, $49.00, delayed in customs) asked by ana@"
+    )
+    assert pending.arguments["text"].startswith("order 14550:")
+    assert pending.editable == ["amount", "reason"]
+
+    decided = {pending.node: Verdict("approve", by="support-lead")}
+    result = await rt.execute(
+        graph, ticket, run_id="t1", checkpoints=checkpoints, decisions=decided
+    )
+    acted = result.output.action
+    assert (acted.action, acted.outcome, acted.by) == ("refund", "done", "support-lead")
+    assert result.output.reply.endswith("Done: order 14550 refunded $49.00.")
+    assert llm.replies == [] and len(llm.requests) == 3  # nothing asked again
+    assert [a for a in rt.servers["records"].asked if a[0] == "lookup_order"] == [
+        ("lookup_order", "14550", "ana@example.com")
+    ]
+
+
+@pytest.mark.parametrize(
+    ("ticket", "decision", "said"),
+    [
+        (
+            "Cancel my order 12345 please.",
+            "approve",
+            "Sorry, we could not do it: order 12345 cannot be cancelled: it is in transit.",
+        ),
+        (
+            "I want my money back for order 12345.",
+            "reject",
+            "A member of our billing team will look at your refund request",
+        ),
+    ],
+    ids=["cancel refused by the shop", "refund rejected"],
+)
+async def test_the_reply_says_what_became_of_the_action(ticket, decision, said) -> None:
+    from servegraph import MemoryCheckpoints, RunWaiting, Verdict
+
+    request = {"text": ticket, "email": "ana@example.com"}
+    replies = [call("lookup_order", "12345"), call("final_answer"), draft("")]
+    rt = runtime("billing", ScriptedLLM(replies))
+    graph, checkpoints = build_pipeline().build(), MemoryCheckpoints()
+    with pytest.raises(RunWaiting) as stop:
+        await rt.execute(graph, request, run_id="t2", checkpoints=checkpoints)
+    decided = {stop.value.pending.node: Verdict(decision, by="lead", reason="not this time")}
+    result = await rt.execute(
+        graph, request, run_id="t2", checkpoints=checkpoints, decisions=decided
+    )
+    assert said in result.output.reply, result.output.reply
+
+
+@pytest.mark.parametrize(
+    ("ticket", "email"),
+    [
+        ("I think I paid twice for order 14550, can you check?", "ana@example.com"),
+        ("Please refund order 10234.", "ana@example.com"),  # another customer's order
+        ("Please refund order 14550.", None),  # no customer to act for
+        ("My subscription was cancelled, why?", "kim@example.com"),  # a state, not a request
+    ],
+)
+async def test_no_action_is_proposed_without_a_request_and_the_customers_order(
+    ticket, email
+) -> None:
+    replies = [call("lookup_order", "14550"), call("final_answer"), draft("")] * 2
+    result = await runtime("billing", ScriptedLLM(replies)).run(
+        build_pipeline().build(), {"text": ticket, "email": email}
+    )
+    assert result.action is None

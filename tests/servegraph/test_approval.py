@@ -5,6 +5,7 @@ often the decision is carried out. No Ray."""
 
 from __future__ import annotations
 
+import asyncio
 import sqlite3
 from decimal import Decimal
 
@@ -214,3 +215,39 @@ async def test_a_run_stopped_on_one_replica_resumes_on_another_from_sqlite(shop,
     assert found and decision.decision == "approved" and decision.result["amount"] == "89.90"
     store.put("r9", "approve", decision.model_copy(update={"by": "someone else"}), Decision)
     assert store.get("r9", "approve", Decision)[1].by == "lead"  # the first one stays
+
+
+SLOW_RUNS: list[str] = []
+
+
+async def slow(text: str) -> str:
+    await asyncio.sleep(0.2)  # still running when the approval stops the run
+    SLOW_RUNS.append(text)
+    return text.upper()
+
+
+def both(decision: Decision, shout: str) -> str:
+    return f"{reply(decision)} / {shout[:6]}"
+
+
+async def test_a_stop_lets_the_nodes_that_do_not_wait_on_it_finish_and_be_kept(shop) -> None:
+    """A node running beside the approval (a draft, say) is not cut off by the stop:
+    it ends and is checkpointed, so the resumed run does not do it again."""
+    SLOW_RUNS.clear()
+    p = Pipeline("beside", input=Ticket, output=str)
+    shout = p.function("shout", slow, text=p.input.text)
+    decision = p.approval(
+        "approve",
+        records.refund_order(text=p.input.text, email=p.input.email),
+        summary=p.input.text,
+    )
+    p.returns(p.function("both", both, decision=decision, shout=shout))
+    runtime, checkpoints = InProcessRuntime(CATALOG, {"records": shop}), MemoryCheckpoints()
+    with pytest.raises(RunWaiting):
+        await runtime.execute(p.build(), TICKET, run_id="b1", checkpoints=checkpoints)
+    assert checkpoints.values[("b1", "shout")] == TICKET["text"].upper()
+    decided = {"approve": Verdict("approve", by="lead")}
+    result = await runtime.execute(
+        p.build(), TICKET, run_id="b1", checkpoints=checkpoints, decisions=decided
+    )
+    assert result.output == "order 12345 refunded $89.90 / PLEASE" and len(SLOW_RUNS) == 1

@@ -358,10 +358,24 @@ class _Run:
                 raise
 
         # Every node starts at once and waits only on its own inputs, so independent
-        # branches overlap; the first failure cancels the rest.
+        # branches overlap; the first failure cancels the rest. A stop for a person's
+        # decision does not: the nodes that do not wait on it run to their end (and are
+        # checkpointed), so a run resumes with nothing to do again but what follows the
+        # decision (the nodes that wait on it stop with it).
         tasks = [asyncio.ensure_future(run_node(node)) for node in graph.nodes]
+        stop: RunWaiting | None = None
         try:
-            await asyncio.gather(*tasks)
+            pending: set[asyncio.Future[None]] = set(tasks)
+            while pending:
+                done, pending = await asyncio.wait(pending, return_when=asyncio.FIRST_EXCEPTION)
+                for task in done:
+                    failure = task.exception()
+                    if isinstance(failure, RunWaiting):
+                        stop = stop or failure
+                    elif failure is not None:
+                        raise failure
+            if stop is not None:
+                raise stop
         finally:
             for task in tasks:
                 task.cancel()

@@ -50,7 +50,7 @@ from servegraph.serving.http import (
     make_app,
     runtime_error_body,
 )
-from servegraph.serving.runs import Keeper, Runs, RunStore, has_approval, runs_router
+from servegraph.serving.runs import Keeper, Runs, RunStore, Waiting, has_approval, runs_router
 from servegraph.settings import AppSettings, router_actor_options
 from servegraph.telemetry import tracing
 
@@ -457,6 +457,14 @@ def pipeline_router(
             headers["x-trace-id"] = trace_id
         return EventSourceResponse(body(), headers=headers)
 
+    waits: dict[int | str, dict[str, Any]] = {}
+    if runs is not None:
+        waits[202] = {
+            "description": "The run stopped for a person's decision (an approval node): its "
+            "`run_id` (also the `x-servegraph-run-id` header) and what it awaits; read it at "
+            f"GET /{graph.name}/runs/<run_id>",
+            "model": Waiting,
+        }
     router.add_api_route(
         f"/{graph.name}",
         run_pipeline,
@@ -465,7 +473,7 @@ def pipeline_router(
         summary=graph.description or f"Run the {graph.name} pipeline",
         name=f"run_{graph.name}",
         operation_id=f"run_{graph.name}",
-        responses=_ERROR_RESPONSES,
+        responses={**waits, **_ERROR_RESPONSES},
     )
     router.add_api_route(
         f"/{graph.name}/stream",

@@ -312,6 +312,18 @@ class DecisionBody(BaseModel):
     )
 
 
+class Waiting(BaseModel):
+    """A run stopped for a person's decision (the 202's body, the `waiting` event's)."""
+
+    run_id: str
+    status: Literal["waiting"]
+    awaiting: dict[str, Any] = Field(
+        description="The approval node, the proposed action (server, method, arguments), "
+        "the summary for the person, the scope that may decide, the expiry, the fields "
+        "the person may change."
+    )
+
+
 class RunView(BaseModel):
     """A run of a pipeline with an approval node."""
 

@@ -214,9 +214,18 @@ def nothing(proposal: Proposal) -> Acted:
 
 
 def propose(state: AgentState) -> Proposal:
-    """The action the ticket asks for, if the order look-up found the order for this
-    customer (a refund is asked before a cancellation when a ticket says both)."""
-    order = next((s for s in state.steps if s.valid and s.tool == "lookup_order" and s.facts), None)
+    """The action the ticket asks for, if the order look-up found the order the ticket
+    names for this customer (a refund is asked before a cancellation when a ticket
+    says both)."""
+    named = set(ORDER_NUMBER.findall(state.ticket))  # an order the ticket itself names
+    order = next(
+        (
+            s
+            for s in state.steps
+            if s.valid and s.tool == "lookup_order" and s.facts.get("id") in named
+        ),
+        None,
+    )
     asked = next((action for action, words in ASKS.items() if words.search(state.ticket)), None)
     if order is None or asked is None or not state.email:
         return Proposal(action="none", text=state.ticket)

@@ -87,3 +87,26 @@ def test_malformed_tickets_get_422_naming_the_field(
     response = client.post("/pipelines/triage", json=body)
     assert response.status_code == 422, response.text
     assert any(d["field"] == field for d in response.json()["detail"]), response.text
+
+
+def test_a_refund_ticket_waits_for_a_person_and_the_reply_says_what_became_of_it(
+    client: httpx.Client,
+) -> None:
+    """On the real models: the ticket names the customer's order and asks for a refund,
+    so the run stops at the approval (202) with what the person reads; approved, the
+    refund is made (or refused by the shop's checks, when an earlier test of the
+    session refunded this order), and the reply ends saying so."""
+    ticket = {"text": "Please refund order 14550, it never came.", "email": "ana@example.com"}
+    started = client.post("/pipelines/triage", json=ticket)
+    assert started.status_code == 202, started.text
+    awaiting = started.json()["awaiting"]
+    assert (awaiting["node"], awaiting["method"]) == ("act_on/case[refund]/approve", "refund_order")
+    assert awaiting["summary"].startswith("Refund of order 14550 (Terra backpack, $49.00")
+    run_id = started.json()["run_id"]
+    done = client.post(f"/pipelines/triage/runs/{run_id}/decision", json={"decision": "approve"})
+    assert done.status_code == 200, done.text
+    output = done.json()["output"]
+    acted = output["action"]
+    assert acted["action"] == "refund" and acted["outcome"] in ("done", "refused"), acted
+    said = "Done: order 14550 refunded" if acted["outcome"] == "done" else "Sorry, we could not"
+    assert said in output["reply"] and output["steps"][0]["tool"] == "lookup_order", output

@@ -53,6 +53,8 @@ def test_a_run_waits_and_one_of_twenty_decisions_at_once_is_carried_out(
         "/pipelines/refund/runs", params={"status": "waiting", "limit": 500}
     ).json()["runs"]
     assert run_id in {r["run_id"] for r in listed}
+    documented = client.get("/pipelines/openapi.json").json()["paths"]["/refund"]["post"]
+    assert "202" in documented["responses"]  # the stop, with its run's id
 
     # A key that may run the pipeline may not decide.
     writer = KeyStore(AuthSettings().store_path).create(

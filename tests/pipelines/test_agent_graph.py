@@ -355,6 +355,7 @@ async def test_the_reply_says_what_became_of_the_action(ticket, decision, said) 
         ("Please refund order 10234.", "ana@example.com"),  # another customer's order
         ("Please refund order 14550.", None),  # no customer to act for
         ("My subscription was cancelled, why?", "kim@example.com"),  # a state, not a request
+        ("I was charged twice, please refund one payment.", "ana@example.com"),  # no order
     ],
 )
 async def test_no_action_is_proposed_without_a_request_and_the_customers_order(

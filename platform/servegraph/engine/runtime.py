@@ -333,6 +333,7 @@ class _Run:
         self.incurred: dict[str, Incurred] = {}  # each node's latest call: its LLM tokens
         self.run_id = ""  # set by `Runtime.execute`, with the two below
         self.checkpoints: Checkpoints | None = None
+        self._kept: set[str] | None = None  # the checkpointed nodes, when the store says
         self.decisions: Mapping[str, Verdict] = {}
 
     async def graph(self, compiled: CompiledGraph, request: BaseModel, prefix: str) -> Any:
@@ -401,9 +402,15 @@ class _Run:
             return await self._run_node(node, compiled, values, qualified)
         assert self.checkpoints is not None
         kind = self._output_type(node, compiled)
-        found, output = await asyncio.to_thread(self.checkpoints.get, self.run_id, qualified, kind)
-        if found:
-            return output
+        if self._kept is None and hasattr(self.checkpoints, "done"):
+            # What the run finished before, read once: a new run reads nothing more.
+            self._kept = await asyncio.to_thread(self.checkpoints.done, self.run_id)
+        if self._kept is None or qualified in self._kept:
+            found, output = await asyncio.to_thread(
+                self.checkpoints.get, self.run_id, qualified, kind
+            )
+            if found:
+                return output
         output = await self._run_node(node, compiled, values, qualified)
         await asyncio.to_thread(self.checkpoints.put, self.run_id, qualified, output, kind)
         return output

@@ -125,7 +125,7 @@ ASK_FOR_EMAIL = (
 LOOKUPS = ("lookup_order", "lookup_account")
 # What a ticket says when it asks for an action ("cancelled", a state, does not ask).
 ASKS = {
-    "refund": re.compile(r"\b(refund|money back|reimburse)", re.IGNORECASE),
+    "refund": re.compile(r"\b(refund|money back|reimburse)\b", re.IGNORECASE),
     "cancel": re.compile(r"\bcancel(lation)?\b", re.IGNORECASE),
 }
 APPROVAL_EXPIRES_S = 24 * 3600.0
@@ -227,7 +227,9 @@ def propose(state: AgentState) -> Proposal:
         None,
     )
     asked = next((action for action, words in ASKS.items() if words.search(state.ticket)), None)
-    if order is None or asked is None or not state.email:
+    if order is None or asked is None or not state.email or len(named) != 1:
+        # Nothing asked, no order found, no customer, or several orders named: which one
+        # is meant is a person's call, not the agent's (the ticket is handed off as is).
         return Proposal(action="none", text=state.ticket)
     f = order.facts
     summary = (

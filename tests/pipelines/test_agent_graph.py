@@ -356,6 +356,8 @@ async def test_the_reply_says_what_became_of_the_action(ticket, decision, said) 
         ("Please refund order 14550.", None),  # no customer to act for
         ("My subscription was cancelled, why?", "kim@example.com"),  # a state, not a request
         ("I was charged twice, please refund one payment.", "ana@example.com"),  # no order
+        ("Is order 14550 refundable?", "ana@example.com"),  # a question, not a request
+        ("Refund 14550 or 12345, whichever shipped.", "ana@example.com"),  # which one?
     ],
 )
 async def test_no_action_is_proposed_without_a_request_and_the_customers_order(

@@ -251,3 +251,42 @@ async def test_a_stop_lets_the_nodes_that_do_not_wait_on_it_finish_and_be_kept(s
         p.build(), TICKET, run_id="b1", checkpoints=checkpoints, decisions=decided
     )
     assert result.output == "order 12345 refunded $89.90 / PLEASE" and len(SLOW_RUNS) == 1
+
+
+async def test_an_approval_is_carried_out_only_for_the_proposal_the_person_read(shop) -> None:
+    """Resumed with another proposal than the decision was made on (its checkpoints
+    lost, a node run again), the run stops for a decision on it; nothing is applied."""
+    runtime, checkpoints = InProcessRuntime(CATALOG, {"records": shop}), MemoryCheckpoints()
+    waiting = await stopped(runtime, checkpoints)
+    read = waiting.pending.arguments | {"text": "Please refund order 14550"}
+    decided = {"approve": Verdict("approve", by="lead", seen=read)}
+    with pytest.raises(RunWaiting) as again:
+        await runtime.execute(
+            refunds().build(), TICKET, run_id="r1", checkpoints=checkpoints, decisions=decided
+        )
+    assert again.value.pending.arguments == waiting.pending.arguments
+    assert refunded(shop) == []
+    decided = {"approve": Verdict("approve", by="lead", seen=waiting.pending.arguments)}
+    result = await runtime.execute(
+        refunds().build(), TICKET, run_id="r1", checkpoints=checkpoints, decisions=decided
+    )
+    assert result.output == "order 12345 refunded $89.90"
+
+
+async def fail_later(text: str) -> str:
+    await asyncio.sleep(0.1)  # after the approval stopped the run
+    raise RuntimeError("the draft's server fell over")
+
+
+async def test_a_node_failing_beside_a_stop_leaves_the_stop_to_the_caller(shop) -> None:
+    p = Pipeline("beside_failing", input=Ticket, output=str)
+    shout = p.function("shout", fail_later, text=p.input.text)
+    decision = p.approval(
+        "approve",
+        records.refund_order(text=p.input.text, email=p.input.email),
+        summary=p.input.text,
+    )
+    p.returns(p.function("both", both, decision=decision, shout=shout))
+    runtime = InProcessRuntime(CATALOG, {"records": shop})
+    with pytest.raises(RunWaiting):
+        await runtime.execute(p.build(), TICKET, run_id="f1", checkpoints=MemoryCheckpoints())

@@ -47,7 +47,7 @@ class MemoryCheckpoints:
         self.values[(run_id, node)] = value
 
     def done(self, run_id: str) -> set[str]:
-        return {node for run, node in self.values if run == run_id}
+        return {node for run, node in list(self.values) if run == run_id}
 
 
 class SqliteCheckpoints:

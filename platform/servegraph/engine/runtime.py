@@ -121,6 +121,10 @@ class Verdict:
     by: str | None = None  # the deciding key's name
     reason: str = ""
     arguments: dict[str, Any] | None = None
+    # The proposed arguments the person read (`Pending.arguments`): an approval is
+    # carried out only for those; a run that resumes with another proposal (its
+    # checkpoints lost, or a node run again) stops for a decision on it.
+    seen: dict[str, Any] | None = None
 
 
 class RunWaiting(Exception):  # not a failure: the run stopped to wait
@@ -366,15 +370,20 @@ class _Run:
         tasks = [asyncio.ensure_future(run_node(node)) for node in graph.nodes]
         stop: RunWaiting | None = None
         try:
+            order: dict[asyncio.Future[None], int] = {task: n for n, task in enumerate(tasks)}
             pending: set[asyncio.Future[None]] = set(tasks)
             while pending:
                 done, pending = await asyncio.wait(pending, return_when=asyncio.FIRST_EXCEPTION)
-                for task in done:
+                for task in sorted(done, key=order.__getitem__):  # the graph's order
+                    if task.cancelled():
+                        raise asyncio.CancelledError
                     failure = task.exception()
                     if isinstance(failure, RunWaiting):
                         stop = stop or failure
-                    elif failure is not None:
+                    elif failure is not None and stop is None:
                         raise failure
+                    # A node failing beside a stop is not checkpointed: it runs again
+                    # when the run resumes, and the stop is what the caller hears.
             if stop is not None:
                 raise stop
         finally:
@@ -589,6 +598,8 @@ class _Run:
 
         proposed = action(args)
         verdict = self.decisions.get(qualified)
+        if verdict is not None and verdict.seen is not None and verdict.seen != proposed:
+            verdict = None  # decided on another proposal than this: decided again
         if verdict is None:
             summary = str(_lookup(values, node.summary))
             raise RunWaiting(

@@ -449,7 +449,9 @@ class Runs:
         # The stored request is read back before the claim: a claimed run must resume.
         request = self.compiled.input.model_validate(run["request"])
         node = awaiting["node"]
-        verdict = Verdict(body.decision, caller.name, body.reason, body.arguments)
+        verdict = Verdict(
+            body.decision, caller.name, body.reason, body.arguments, awaiting["arguments"]
+        )
         claimed, run = await asyncio.to_thread(self.store.claim, run_id, node, verdict)
         if not claimed:
             if run["status"] == "waiting" and _expired(run):
@@ -517,7 +519,7 @@ class Runs:
         server full, a deadline), the run waits for it again, its decision not used up
         (the action's key makes a second try apply once), and the caller gets the error."""
         verdicts = {
-            d["node"]: Verdict(d["decision"], d["by"], d["reason"], d["arguments"])
+            d["node"]: Verdict(d["decision"], d["by"], d["reason"], d["arguments"], d.get("seen"))
             for d in decisions
         }
         self.store.hold(run_id)

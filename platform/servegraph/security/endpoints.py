@@ -104,7 +104,7 @@ class KeyBeforeBody:
                         caller = Guard.here().authenticate(key, needed)
                     except AuthError as exc:
                         body = {"detail": exc.body()} if http_exception else exc.body()
-                        await _answer(send, exc.status, body, exc.headers)
+                        await json_answer(send, exc.status, body, exc.headers)
                         return
                 scope.setdefault("state", {})[_VERIFIED] = (key, caller)
         await self.app(scope, receive, send)
@@ -142,7 +142,9 @@ def _bearer_key(scope: dict[str, Any]) -> str | None:
     return credentials
 
 
-async def _answer(send: Any, status: int, body: dict[str, Any], headers: dict[str, str]) -> None:
+async def json_answer(
+    send: Any, status: int, body: dict[str, Any], headers: dict[str, str]
+) -> None:
     """A JSON answer sent straight from an ASGI middleware."""
     content = json.dumps(body, separators=(",", ":")).encode()
     raw = [

@@ -11,10 +11,12 @@ Written by hand because Serve has no setting for the status it gives a lost repl
 
 from __future__ import annotations
 
-import json
+from contextlib import suppress
 from typing import Any
 
 from starlette.middleware import Middleware
+
+from servegraph.security.endpoints import json_answer
 
 LOST = {
     "error": "ReplicaLost",
@@ -58,17 +60,8 @@ class AnswerLostReplicas:
 
 
 async def _lost(send: Any) -> None:
-    body = json.dumps(LOST).encode()
-    headers = [
-        (b"content-type", b"application/json"),
-        (b"content-length", str(len(body)).encode()),
-        (b"retry-after", str(RETRY_AFTER_S).encode()),
-    ]
-    try:
-        await send({"type": "http.response.start", "status": 502, "headers": headers})
-        await send({"type": "http.response.body", "body": body})
-    except OSError:  # the caller went away too
-        pass
+    with suppress(OSError):  # the caller went away too
+        await json_answer(send, 502, LOST, {"retry-after": str(RETRY_AFTER_S)})
 
 
 def proxy_middlewares() -> list[Middleware]:

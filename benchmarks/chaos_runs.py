@@ -45,8 +45,8 @@ import psutil
 
 from benchmarks import cpu
 from benchmarks.report import Figure, save
+from benchmarks.traffic import TAG, kill_all, tagged
 
-TAG = "SERVEGRAPH_CHAOS_TAG"
 # (order, its customer, what the ticket asks): the seed's orders (deployments/records).
 ASKS = [
     ("12345", "ana@example.com", "Please refund order {n}, it never came."),
@@ -97,19 +97,9 @@ class Platform:
                 raise RuntimeError("the platform did not start:\n" + "".join(lines[-30:]))
         return time.monotonic() - started
 
-    def processes(self) -> list[psutil.Process]:
-        found = []
-        for proc in psutil.process_iter():
-            try:
-                if proc.environ().get(TAG) == self.tag:
-                    found.append(proc)
-            except (psutil.NoSuchProcess, psutil.AccessDenied, psutil.ZombieProcess):
-                continue
-        return found
-
     def kill_replica(self, title: str) -> int:
         """SIGKILL the replica whose process title holds `title`; its pid."""
-        for proc in self.processes():
+        for proc in tagged(self.tag):
             try:
                 if title in " ".join(proc.cmdline()):
                     proc.send_signal(signal.SIGKILL)
@@ -119,19 +109,7 @@ class Platform:
         raise RuntimeError(f"no live replica {title}")
 
     def kill_all(self) -> int:
-        killed = 0
-        for _ in range(50):  # bounded: a process forked while killing is caught next round
-            procs = self.processes()
-            if not procs:
-                return killed
-            for proc in procs:
-                try:
-                    proc.send_signal(signal.SIGKILL)
-                    killed += 1
-                except psutil.NoSuchProcess:
-                    pass
-            psutil.wait_procs(procs, timeout=5)
-        raise RuntimeError("processes survive SIGKILL")
+        return kill_all(self.tag)
 
     def stop(self) -> None:
         if self.child is not None and self.child.poll() is None:
@@ -170,6 +148,18 @@ def store_rows(path: Path, sql: str, *params: Any) -> list[sqlite3.Row]:
     with closing(sqlite3.connect(path, timeout=30)) as db:
         db.row_factory = sqlite3.Row
         return db.execute(sql, params).fetchall()
+
+
+def settled(runs_db: Path) -> list[str]:
+    """Once no run is `running` (adopted ones resumed; bounded at 300 s), the ids of
+    the runs waiting for a decision."""
+    deadline = time.monotonic() + 300
+    while time.monotonic() < deadline and store_rows(
+        runs_db, "SELECT 1 FROM runs WHERE status = 'running'"
+    ):
+        time.sleep(1)
+    rows = store_rows(runs_db, "SELECT run_id FROM runs WHERE status = 'waiting'")
+    return [r["run_id"] for r in rows]
 
 
 def main() -> None:
@@ -233,16 +223,8 @@ def main() -> None:
             started_answers, start_s = asyncio.run(start_all())
         runs_db = home / "runs" / "runs.sqlite3"
         # Runs the ingress kill cut off (their callers got an error and retried) are
-        # adopted by the restarted replica: wait until none is running.
-        deadline = time.monotonic() + 300
-        while time.monotonic() < deadline and store_rows(
-            runs_db, "SELECT 1 FROM runs WHERE status = 'running'"
-        ):
-            time.sleep(1)
-        waiting = [
-            r["run_id"]
-            for r in store_rows(runs_db, "SELECT run_id FROM runs WHERE status = 'waiting'")
-        ]
+        # adopted by the restarted replica.
+        waiting = settled(runs_db)
         statuses_after_start = Counter(
             r["status"] for r in store_rows(runs_db, "SELECT status FROM runs")
         )
@@ -280,15 +262,7 @@ def main() -> None:
         decided = Counter(asyncio.run(decide_all(waiting, chaos=True)))
         rounds = 0
         while rounds < 5:  # decisions the kills cut off: the run still waits
-            deadline = time.monotonic() + 300
-            while time.monotonic() < deadline and store_rows(
-                runs_db, "SELECT 1 FROM runs WHERE status = 'running'"
-            ):
-                time.sleep(1)
-            left = [
-                r["run_id"]
-                for r in store_rows(runs_db, "SELECT run_id FROM runs WHERE status = 'waiting'")
-            ]
+            left = settled(runs_db)
             if not left:
                 break
             rounds += 1

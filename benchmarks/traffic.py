@@ -277,3 +277,43 @@ def kill_under_load(
 
     back = asyncio.run(run())
     return KillRun(answers, back)
+
+
+# Every process of a platform started for a kill test carries this variable (its
+# children inherit it), so a kill reaches that platform's processes and nothing else.
+TAG = "SERVEGRAPH_CHAOS_TAG"
+
+
+def tagged(tag: str) -> list[Any]:
+    """The live processes whose environment carries `TAG=tag` (psutil processes)."""
+    import psutil
+
+    found = []
+    for proc in psutil.process_iter():
+        try:
+            if proc.environ().get(TAG) == tag:
+                found.append(proc)
+        except (psutil.NoSuchProcess, psutil.AccessDenied, psutil.ZombieProcess):
+            continue
+    return found
+
+
+def kill_all(tag: str) -> int:
+    """SIGKILL every process of the tagged tree, until none is left; how many."""
+    import signal
+
+    import psutil
+
+    killed = 0
+    for _ in range(50):  # bounded: a process forked while killing is caught next round
+        procs = tagged(tag)
+        if not procs:
+            return killed
+        for proc in procs:
+            try:
+                proc.send_signal(signal.SIGKILL)
+                killed += 1
+            except psutil.NoSuchProcess:
+                pass
+        psutil.wait_procs(procs, timeout=5)
+    raise RuntimeError(f"processes tagged {tag} survive SIGKILL")

@@ -17,16 +17,13 @@ import uuid
 from pathlib import Path
 
 import httpx
-import psutil
 import pytest
 
-from benchmarks.traffic import callers, one_document
+from benchmarks.traffic import TAG, callers, kill_all, one_document
 from servegraph.deploy.local_ray import LocalCluster, free_port
 from servegraph.security.client import client_headers
 
 pytestmark = pytest.mark.reliability
-
-TAG = "SERVEGRAPH_CHAOS_TAG"
 
 
 def start(index: Path, tag: str) -> tuple[subprocess.Popen, str]:
@@ -51,34 +48,6 @@ def start(index: Path, tag: str) -> tuple[subprocess.Popen, str]:
             break
     child.kill()
     raise RuntimeError(f"the ingest platform did not start (exit {child.poll()})")
-
-
-def tagged(tag: str) -> list[psutil.Process]:
-    found = []
-    for proc in psutil.process_iter():
-        try:
-            if proc.environ().get(TAG) == tag:
-                found.append(proc)
-        except (psutil.NoSuchProcess, psutil.AccessDenied, psutil.ZombieProcess):
-            continue
-    return found
-
-
-def kill_all(tag: str) -> int:
-    """SIGKILL every process of the tagged tree, until none is left; how many."""
-    killed = 0
-    for _ in range(50):  # bounded: a process forked while killing is caught next round
-        procs = tagged(tag)
-        if not procs:
-            return killed
-        for proc in procs:
-            try:
-                proc.send_signal(signal.SIGKILL)
-                killed += 1
-            except psutil.NoSuchProcess:
-                pass
-        psutil.wait_procs(procs, timeout=5)
-    raise RuntimeError(f"processes tagged {tag} survive SIGKILL")
 
 
 def test_kill_9_of_the_whole_cluster_mid_ingest_loses_no_acknowledged_document(

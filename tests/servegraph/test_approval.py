@@ -8,6 +8,7 @@ from __future__ import annotations
 import asyncio
 import sqlite3
 from decimal import Decimal
+from typing import Any
 
 import pytest
 from pydantic import BaseModel
@@ -230,18 +231,24 @@ def both(decision: Decision, shout: str) -> str:
     return f"{reply(decision)} / {shout[:6]}"
 
 
-async def test_a_stop_lets_the_nodes_that_do_not_wait_on_it_finish_and_be_kept(shop) -> None:
-    """A node running beside the approval (a draft, say) is not cut off by the stop:
-    it ends and is checkpointed, so the resumed run does not do it again."""
-    SLOW_RUNS.clear()
+def beside(shouting: Any) -> Pipeline:
+    """An approval with `shouting` (a node that does not wait on it) running beside it."""
     p = Pipeline("beside", input=Ticket, output=str)
-    shout = p.function("shout", slow, text=p.input.text)
+    shout = p.function("shout", shouting, text=p.input.text)
     decision = p.approval(
         "approve",
         records.refund_order(text=p.input.text, email=p.input.email),
         summary=p.input.text,
     )
     p.returns(p.function("both", both, decision=decision, shout=shout))
+    return p
+
+
+async def test_a_stop_lets_the_nodes_that_do_not_wait_on_it_finish_and_be_kept(shop) -> None:
+    """A node running beside the approval (a draft, say) is not cut off by the stop:
+    it ends and is checkpointed, so the resumed run does not do it again."""
+    SLOW_RUNS.clear()
+    p = beside(slow)
     runtime, checkpoints = InProcessRuntime(CATALOG, {"records": shop}), MemoryCheckpoints()
     with pytest.raises(RunWaiting):
         await runtime.execute(p.build(), TICKET, run_id="b1", checkpoints=checkpoints)
@@ -279,14 +286,7 @@ async def fail_later(text: str) -> str:
 
 
 async def test_a_node_failing_beside_a_stop_leaves_the_stop_to_the_caller(shop) -> None:
-    p = Pipeline("beside_failing", input=Ticket, output=str)
-    shout = p.function("shout", fail_later, text=p.input.text)
-    decision = p.approval(
-        "approve",
-        records.refund_order(text=p.input.text, email=p.input.email),
-        summary=p.input.text,
-    )
-    p.returns(p.function("both", both, decision=decision, shout=shout))
+    p = beside(fail_later)
     runtime = InProcessRuntime(CATALOG, {"records": shop})
     with pytest.raises(RunWaiting):
         await runtime.execute(p.build(), TICKET, run_id="f1", checkpoints=MemoryCheckpoints())

@@ -50,7 +50,15 @@ from servegraph.serving.http import (
     make_app,
     runtime_error_body,
 )
-from servegraph.serving.runs import Keeper, Runs, RunStore, Waiting, has_approval, runs_router
+from servegraph.serving.runs import (
+    Keeper,
+    Runs,
+    RunStore,
+    Waiting,
+    failure_of,
+    has_approval,
+    runs_router,
+)
 from servegraph.settings import AppSettings, router_actor_options
 from servegraph.telemetry import tracing
 
@@ -208,13 +216,6 @@ _STREAM_DESCRIPTION = """Run the pipeline as Server-Sent Events, in order:
 A run that fails before any progress (a chunk, or a node that succeeded) answers with
 that status and a JSON body instead, as the plain route does.
 The response carries `x-trace-id`; the whole stream is one trace."""
-
-
-def _failure(exc: Exception) -> dict[str, Any]:
-    """How a run that failed with `exc` is recorded."""
-    if isinstance(exc, PipelineRuntimeError):
-        return runtime_error_body(exc)
-    return {"error": type(exc).__name__, "detail": str(exc)}
 
 
 def pipeline_scope(graph: Graph, catalog: Catalog) -> str:
@@ -404,7 +405,7 @@ def pipeline_router(
             return JSONResponse(await runs.stopped(recorded["run_id"], stop.pending), 202)
         except Exception as exc:
             if runs is not None:
-                await runs.ended(recorded["run_id"], failure=_failure(exc))
+                await runs.ended(recorded["run_id"], failure=failure_of(exc))
             await books.close(run, _status_of(exc))
             raise
         except asyncio.CancelledError:
@@ -443,7 +444,7 @@ def pipeline_router(
             except Exception as exc:
                 status = 500
                 if runs is not None:
-                    await runs.ended(recorded["run_id"], failure=_failure(exc))
+                    await runs.ended(recorded["run_id"], failure=failure_of(exc))
                 error = {"status": 500, "error": type(exc).__name__, "detail": str(exc)}
                 yield sse.encode("error", error)
             finally:

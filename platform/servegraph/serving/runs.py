@@ -535,16 +535,16 @@ class Runs:
         except RunWaiting as stop:
             body = await self.stopped(run_id, stop.pending)
             return JSONResponse(body, status_code=202, headers={"x-servegraph-run-id": run_id})
-        except PipelineRuntimeError as exc:
-            if retry is not None and exc.node == retry.node and exc.status_code in (503, 504):
+        except Exception as exc:  # recorded: a run never stays `running` for this
+            if (
+                retry is not None
+                and isinstance(exc, PipelineRuntimeError)
+                and exc.node == retry.node
+                and exc.status_code in (503, 504)
+            ):
                 await asyncio.to_thread(self.store.waiting, run_id, retry, True)
                 raise
-            failure = runtime_error_body(exc)
-            await asyncio.to_thread(self.store.ended, run_id, "failed", None, failure)
-            raise
-        except Exception as exc:  # recorded too: a run never stays `running` for this
-            failure = {"error": type(exc).__name__, "detail": str(exc)}
-            await asyncio.to_thread(self.store.ended, run_id, "failed", None, failure)
+            await asyncio.to_thread(self.store.ended, run_id, "failed", None, failure_of(exc))
             raise
         else:  # recorded before the lease is let go: a finished run is never adopted
             last = list(verdicts.values())[-1].decision if verdicts else None
@@ -651,6 +651,14 @@ def runs_router(runs: Runs, run_scope: str) -> APIRouter:
         responses={**RESPONSES, 404: {"description": "No such run"}, **conflict},
     )
     return router
+
+
+def failure_of(exc: Exception) -> dict[str, Any]:
+    """How a run that failed with `exc` is recorded: a node's failure as its HTTP
+    body names it, anything else by its type and message."""
+    if isinstance(exc, PipelineRuntimeError):
+        return runtime_error_body(exc)
+    return {"error": type(exc).__name__, "detail": str(exc)}
 
 
 def _expired(run: dict[str, Any]) -> bool:

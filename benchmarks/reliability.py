@@ -20,7 +20,7 @@ from collections import Counter
 from typing import Any
 
 from benchmarks import cpu
-from benchmarks.traffic import Answer, callers, kill_under_load, raw_burst
+from benchmarks.traffic import Answer, callers, kill_under_load, proxy_gating, raw_burst
 
 BURST, BURST_DEADLINE_S, MARGIN_S = 1200, 20, 5
 
@@ -41,13 +41,37 @@ def summary(answers: list[Answer], deadline_s: float | None = None) -> dict[str,
     out["p99_s_by_status"] = {
         s: round(sorted(v)[min(len(v) - 1, int(len(v) * 0.99))], 2) for s, v in by_status.items()
     }
+    written: dict[int, list[float]] = {}
+    for a in answers:
+        if a.since_written is not None:
+            written.setdefault(a.status, []).append(a.since_written)
+    if written:  # the same, from when each request was written (the client's delay out)
+        out["p50_s_by_status_since_written"] = {
+            s: round(statistics.median(v), 2) for s, v in written.items()
+        }
+        out["p99_s_by_status_since_written"] = {
+            s: round(sorted(v)[min(len(v) - 1, int(len(v) * 0.99))], 2) for s, v in written.items()
+        }
     if deadline_s is not None:
         out["later_than_deadline_plus_5s"] = sum(
             1 for a in answers if a.seconds > deadline_s + MARGIN_S
         )
     shed = [a for a in answers if a.status == 503]
     out["503_with_retry_after"] = sum(1 for a in shed if a.headers and "retry-after" in a.headers)
+    out["503_refused_by"] = dict(Counter(_refused_by(a.body) for a in shed))
     return out
+
+
+def _refused_by(body: Any) -> str:
+    """Which part of the platform a 503's body says refused it."""
+    if not isinstance(body, dict):
+        return "serve"  # Serve's own backpressure answer, plain text
+    detail = str(body.get("detail", ""))
+    if "this proxy" in detail:
+        return "proxy front door"
+    if "ingress replica" in detail:
+        return "ingress"
+    return str(body.get("node", "?"))
 
 
 def llm_running(metrics_url: str) -> float | None:
@@ -65,6 +89,7 @@ def overload(base_url: str, metrics_url: str) -> dict[str, Any]:
         {"text": f"My invoice {n} shows a charge I do not recognise.", "email": "ana@example.com"}
         for n in range(BURST)
     ]
+    proxy_gating(base_url)
     with cpu.measured() as used:
         answers, client_cpu_s = asyncio.run(
             raw_burst(

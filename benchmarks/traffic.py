@@ -19,6 +19,10 @@ class Answer:
     seconds: float
     headers: httpx.Headers | None
     body: Any
+    # From the moment this request was written to its socket (`raw_burst` only): a
+    # burst's requests are all started at once, but one client process connects and
+    # writes them one after another, so `seconds` includes that client's own delay.
+    since_written: float | None = None
 
 
 async def burst(
@@ -61,10 +65,12 @@ async def raw_burst(
     client_timeout_s: float = 60,
 ) -> tuple[list[Answer], float]:
     """`burst`, from a load generator that is not the limit: each request written as
-    bytes on its own asyncio connection and its answer read to the end of the
-    connection, with no HTTP library in between (httpx spends milliseconds of CPU per
-    request, which at 1,200 at once on a 2-core machine delays the answers it times).
-    Returns the answers, in order, and the CPU seconds this process spent."""
+    bytes on its own non-blocking socket and its answer read to the end of the
+    connection, by one thread with a selector, with no HTTP library in between. (httpx
+    spends milliseconds of CPU per request, and even asyncio's streams a few hundred
+    microseconds: at 1,200 at once on a 2-core machine the client then takes a core
+    for most of a second and writes its last requests late.) Returns the answers, in
+    order, and the CPU seconds this process spent."""
     import json as json_module
     from urllib.parse import urlsplit
 
@@ -80,19 +86,10 @@ async def raw_burst(
         lines.append(f"content-length: {len(payload)}")
         return ("\r\n".join(lines) + "\r\n\r\n").encode() + payload
 
-    async def one(data: bytes, started: float) -> Answer:
-        try:
-            async with asyncio.timeout(client_timeout_s):
-                reader, writer = await asyncio.open_connection(host, port)
-                try:
-                    writer.write(data)
-                    raw = await reader.read(-1)
-                finally:
-                    writer.close()
-        except (OSError, TimeoutError):
-            return Answer(0, time.monotonic() - started, None, None)
-        seconds = time.monotonic() - started
-        top, _, text = raw.partition(b"\r\n\r\n")
+    def answer(started: float, sent: _Sent) -> Answer:
+        if sent.done is None or sent.written is None or not sent.raw:
+            return Answer(0, (sent.done or time.monotonic()) - started, None, None)
+        top, _, text = sent.raw.partition(b"\r\n\r\n")
         status_line, *header_lines = top.decode("latin-1").split("\r\n")
         parsed = httpx.Headers([tuple(x.split(": ", 1)) for x in header_lines if ": " in x])
         if parsed.get("transfer-encoding") == "chunked":
@@ -101,12 +98,71 @@ async def raw_burst(
             body: Any = json_module.loads(text)
         except ValueError:
             body = text.decode("utf-8", "replace")
-        return Answer(int(status_line.split(" ", 2)[1]), seconds, parsed, body)
+        status = int(status_line.split(" ", 2)[1])
+        seconds, since_written = sent.done - started, sent.done - sent.written
+        return Answer(status, seconds, parsed, body, since_written=since_written)
 
     datas = [request(b) for b in bodies]
     cpu, started = time.process_time(), time.monotonic()
-    answers = await asyncio.gather(*(one(d, started) for d in datas))
-    return list(answers), time.process_time() - cpu
+    # A thread: the caller's event loop stays free (a test's server may run on it).
+    sent = await asyncio.to_thread(_fire, (host, port), datas, client_timeout_s)
+    return [answer(started, s) for s in sent], time.process_time() - cpu
+
+
+@dataclass
+class _Sent:
+    data: bytes
+    written: float | None = None  # when its last byte was written
+    done: float | None = None  # when the server closed the connection (or it failed)
+    raw: bytes = b""
+
+
+def _fire(address: tuple[str, int], datas: list[bytes], timeout_s: float) -> list[_Sent]:
+    """Connects once per request at once, writes each as soon as its connection is up,
+    and reads each answer until the server closes; every socket non-blocking, one
+    selector. A connection that fails, or is still open after `timeout_s`, ends with
+    no answer."""
+    import selectors
+    import socket
+
+    selector = selectors.DefaultSelector()
+    sent = [_Sent(d) for d in datas]
+    chunks: dict[int, list[bytes]] = {}
+    for i in range(len(sent)):
+        sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+        sock.setblocking(False)
+        sock.connect_ex(address)
+        selector.register(sock, selectors.EVENT_WRITE, i)
+    deadline = time.monotonic() + timeout_s
+    while selector.get_map() and time.monotonic() < deadline:
+        for key, _ in selector.select(timeout=max(0.0, deadline - time.monotonic())):
+            sock, i = key.fileobj, key.data
+            assert isinstance(sock, socket.socket)
+            one = sent[i]
+            try:
+                if one.written is None:
+                    if sock.getsockopt(socket.SOL_SOCKET, socket.SO_ERROR):
+                        raise OSError("connect failed")
+                    n = sock.send(one.data)
+                    one.data = one.data[n:]
+                    if not one.data:
+                        one.written = time.monotonic()
+                        selector.modify(sock, selectors.EVENT_READ, i)
+                    continue
+                chunk = sock.recv(65536)
+                if chunk:
+                    chunks.setdefault(i, []).append(chunk)
+                    continue
+                one.raw = b"".join(chunks.pop(i, []))
+            except OSError:
+                one.raw = b""
+            one.done = time.monotonic()
+            selector.unregister(sock)
+            sock.close()
+    for key in list(selector.get_map().values()):  # past the timeout: no answer
+        selector.unregister(key.fileobj)
+        key.fileobj.close()  # type: ignore[union-attr]
+    return sent
 
 
 def _unchunk(data: bytes) -> bytes:
@@ -211,6 +267,18 @@ async def until(condition: Any, timeout_s: float, what: str) -> None:
         if time.monotonic() > deadline:
             raise TimeoutError(what)
         await asyncio.sleep(0.2)
+
+
+def proxy_gating(base_url: str, timeout_s: float = 30) -> None:
+    """Wait, bounded, until the proxy at `base_url` has read the ingress's admission
+    limits (`servegraph.serving.proxy_answers.FrontDoor`, `GET /-/admission`): a burst
+    sent sooner after a deploy is not yet refused at the proxy."""
+
+    def gating() -> bool:
+        answer = httpx.get(f"{base_url}/-/admission", timeout=10)
+        return bool(answer.json()["pipelines_gated"])
+
+    asyncio.run(until(gating, timeout_s, "the proxy never read the admission limits"))
 
 
 @dataclass

@@ -163,6 +163,7 @@ def test_the_raw_burst_client_reads_every_answer_with_its_status_and_headers() -
     assert [a.body for a in answers] == [{"n": i} for i in range(20)]
     assert all(a.headers["retry-after"] == "1" for a in answers if a.status == 503)
     assert cpu >= 0 and refused[0].status == 0
+    assert all(a.since_written is not None and 0 <= a.since_written <= a.seconds for a in answers)
 
 
 def test_every_process_is_named_by_its_part_in_the_platform() -> None:

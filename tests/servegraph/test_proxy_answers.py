@@ -1,8 +1,12 @@
-"""The middleware Serve's proxy runs (`servegraph.serving.proxy_answers`): a request
+"""The middlewares Serve's proxy runs (`servegraph.serving.proxy_answers`): a request
 whose replica died before answering gets a 502 naming it, with Retry-After, never the
-bare 500 uvicorn gives an app that answered nothing; other answers pass untouched."""
+bare 500 uvicorn gives an app that answered nothing; other answers pass untouched. And
+the front door: a pipeline's requests past what the ingress admits are refused in the
+proxy, at once, with the ingress's 503 + Retry-After."""
 
 from __future__ import annotations
+
+import asyncio
 
 import httpx
 import pytest
@@ -10,7 +14,11 @@ from starlette.applications import Starlette
 from starlette.responses import PlainTextResponse, StreamingResponse
 from starlette.routing import Route
 
-from servegraph.serving.proxy_answers import AnswerLostReplicas, proxy_middlewares
+from servegraph import Pipeline
+from servegraph.serving.admission import pipeline_below
+from servegraph.serving.ingress import admitted_in_all
+from servegraph.serving.proxy_answers import AnswerLostReplicas, FrontDoor, proxy_middlewares
+from tests.servegraph import toy
 
 
 async def lost(scope, receive, send) -> None:  # type: ignore[no-untyped-def]
@@ -54,4 +62,102 @@ async def test_answers_and_started_streams_pass_untouched() -> None:
         assert (ok.status_code, ok.text) == (201, "fine")
         with pytest.raises(RuntimeError, match="mid-stream"):  # started: left as it is
             await client.get("/stream")
-    assert [m.cls for m in proxy_middlewares()] == [AnswerLostReplicas]
+    assert [m.cls for m in proxy_middlewares()] == [AnswerLostReplicas, FrontDoor]
+
+
+async def test_the_front_door_refuses_past_the_ingress_limit_before_the_proxy_works() -> None:
+    entered, release = [], asyncio.Event()
+
+    async def proxy(scope, receive, send) -> None:  # type: ignore[no-untyped-def]
+        """Serve's proxy, holding every request until released."""
+        entered.append(scope["path"])
+        await release.wait()
+        await PlainTextResponse("ran")(scope, receive, send)
+
+    refused: list[str] = []
+    door = FrontDoor(proxy, limits={"small": 1}, on_refused=refused.append, prefix="/pipelines")
+    transport = httpx.ASGITransport(app=door)
+    async with httpx.AsyncClient(transport=transport, base_url="http://proxy") as client:
+        held = asyncio.ensure_future(client.post("/pipelines/small", json={}))
+        for _ in range(1_000):  # bounded wait until it is inside the proxy
+            if entered:
+                break
+            await asyncio.sleep(0.01)
+        turned = await asyncio.gather(
+            client.post("/pipelines/small", json={}),
+            client.post("/pipelines/small/stream", json={}),
+        )
+        passed = asyncio.ensure_future(client.post("/pipelines/other", json={}))
+        elsewhere = asyncio.ensure_future(client.post("/small", json={}))  # not the ingress
+        graph = asyncio.ensure_future(client.get("/pipelines/small/graph"))
+        gating = await client.get("/-/admission")
+        for _ in range(1_000):
+            if len(entered) == 4:
+                break
+            await asyncio.sleep(0.01)
+        release.set()
+        others = await asyncio.gather(held, passed, elsewhere, graph)
+        again = await client.post("/pipelines/small", json={})  # the count came back down
+    for answer in turned:
+        assert answer.status_code == 503 and answer.headers["retry-after"] == "1"
+        assert answer.json()["node"] == "(admission)" and "this proxy" in answer.json()["detail"]
+    assert refused == ["small", "small"]
+    assert gating.json() == {"prefix": "/pipelines", "pipelines_gated": 1, "in_flight": 1}
+    assert [a.status_code for a in [*others, again]] == [200] * 5
+    assert entered.count("/pipelines/small") == 2  # the refused never reached the proxy
+
+
+@pytest.mark.parametrize(
+    ("prefix", "method", "path", "name"),
+    [
+        ("/pipelines", "POST", "/pipelines/rag", "rag"),
+        ("/pipelines", "POST", "/pipelines/rag/stream", "rag"),
+        ("/pipelines", "GET", "/pipelines/rag", None),
+        ("/pipelines", "POST", "/pipelines/rag/runs", None),
+        ("/pipelines", "POST", "/pipelinesx/rag", None),
+        ("/pipelines", "POST", "/rag", None),
+        ("", "POST", "/pipelines/rag", None),  # not published yet: nothing gated
+    ],
+)
+def test_the_pipeline_a_request_to_the_proxy_runs(
+    prefix: str, method: str, path: str, name: str | None
+) -> None:
+    assert pipeline_below(prefix, {"method": method, "path": path}) == name
+
+
+def test_the_proxy_admits_what_all_the_ingress_replicas_admit() -> None:
+    p = Pipeline("small", input=toy.Sleep, output=toy.Echo, max_in_flight=8)
+    p.returns(p.call("hold", "flaky", "sleep", seconds=p.input.seconds))
+    graphs = {"small": p.build()}
+    assert admitted_in_all(graphs, {}) == {"small": 8}
+    assert admitted_in_all(graphs, {"num_replicas": 3}) == {"small": 24}
+    scaled = {"num_replicas": "auto", "autoscaling_config": {"max_replicas": 4}}
+    assert admitted_in_all(graphs, scaled) == {"small": 32}
+    # no known most: the proxy gates nothing rather than refuse what replicas could run
+    assert admitted_in_all(graphs, {"num_replicas": "auto"}) == {}
+
+
+async def test_refusals_that_arrive_with_an_admitted_request_are_answered_before_it_runs() -> None:
+    """Serve's proxy spends milliseconds on an admitted request and the front door a
+    fraction of one on a refusal: in a burst, the refusals go first."""
+    events: list[str] = []
+
+    async def proxy(scope, receive, send) -> None:  # type: ignore[no-untyped-def]
+        events.append("proxied")
+        await PlainTextResponse("ran")(scope, receive, send)
+
+    door = FrontDoor(proxy, limits={"small": 1}, prefix="/pipelines")
+
+    async def call() -> None:
+        async def receive() -> dict:
+            return {"type": "http.request", "body": b"{}", "more_body": False}
+
+        async def send(message: dict) -> None:
+            if message["type"] == "http.response.start":
+                events.append(str(message["status"]))
+
+        scope = {"type": "http", "method": "POST", "path": "/pipelines/small", "headers": []}
+        await door(scope, receive, send)
+
+    await asyncio.gather(call(), call(), call())  # arrived in the same turn of the loop
+    assert events == ["503", "503", "proxied", "200"]

@@ -8,19 +8,33 @@ deadline timers of the admitted requests fire late. Refusing at the door costs l
 so what is admitted is answered on time; and each pipeline gets its own share of the
 ingress (Serve's `max_ongoing_requests`/`max_queued_requests` on the ingress bound all
 pipelines together, and refuse at the proxy before the ingress sees the request).
+
+The same gate runs a second time in front of Serve's proxy (`servegraph.serving.
+proxy_answers.FrontDoor`), with each pipeline's limit times the ingress's replicas, as
+the ingress publishes them (`publish_limits`): there a refusal costs well under a
+millisecond of the proxy's CPU, where one that reaches the ingress costs both processes
+several (issue 23's burst: 1,072 refusals took 2-6 s to reach the callers).
 """
 
 from __future__ import annotations
 
 import json
-from collections.abc import Callable
+import logging
+import threading
+import time
+from collections import defaultdict
+from collections.abc import Callable, Iterator, Mapping
 from typing import Any
+
+from servegraph.security.endpoints import json_answer
 
 Scope = dict[str, Any]
 ASGIApp = Callable[..., Any]
 
 DEFAULT_MAX_IN_FLIGHT = 256
 RETRY_AFTER_S = 1
+
+_log = logging.getLogger("ray.serve")
 
 
 class AdmissionGate:
@@ -29,43 +43,58 @@ class AdmissionGate:
 
     Args:
         app: the ingress app.
-        limits: pipeline name -> requests it may run at once in this replica.
+        limits: pipeline name -> requests it may run at once through this gate (read
+            on each request: a mapping that changes is followed).
         on_refused: called with the pipeline's name for each refusal (metrics).
         on_arrival: called with the pipeline's name for each request, admitted or
             refused (the demand that graph-aware scaling sizes the servers for).
+        pipeline: the pipeline a request runs, or None (not gated).
+        where: what the refusal says holds the limit.
     """
 
     def __init__(
         self,
         app: ASGIApp,
-        limits: dict[str, int],
+        limits: Mapping[str, int],
         on_refused: Callable[[str], None] | None = None,
         on_arrival: Callable[[str], None] | None = None,
+        pipeline: Callable[[Scope], str | None] | None = None,
+        where: str = "this ingress replica",
     ) -> None:
         self.app = app
         self.limits = limits
-        self.in_flight = dict.fromkeys(limits, 0)
+        self.in_flight: dict[str, int] = defaultdict(int, dict.fromkeys(limits, 0))
         self._on_refused = on_refused
         self._on_arrival = on_arrival
+        self._pipeline = pipeline or pipeline_of
+        self._where = where
 
     async def __call__(self, scope: Scope, receive: Any, send: Any) -> None:
-        name = pipeline_of(scope) if scope["type"] == "http" else None
-        if name not in self.limits:
+        name = self._pipeline(scope) if scope["type"] == "http" else None
+        limit = self.limits.get(name) if name is not None else None
+        if limit is None:
             await self.app(scope, receive, send)
             return
         assert name is not None
         if self._on_arrival is not None:
             self._on_arrival(name)
-        if self.in_flight[name] >= self.limits[name]:
+        if self.in_flight[name] >= limit:
             if self._on_refused is not None:
-                self._on_refused(name)
-            await _refuse(send, name, self.limits[name])
+                try:
+                    self._on_refused(name)
+                except Exception:  # counting it failed: the caller still gets the 503
+                    _log.exception("a refusal of %r was not counted", name)
+            await _refuse(send, name, limit, self._where)
             return
         self.in_flight[name] += 1
         try:
-            await self.app(scope, receive, send)
+            await self.admitted(scope, receive, send)
         finally:
             self.in_flight[name] -= 1
+
+    async def admitted(self, scope: Scope, receive: Any, send: Any) -> None:
+        """Runs a request the gate let through."""
+        await self.app(scope, receive, send)
 
 
 def pipeline_of(scope: Scope) -> str | None:
@@ -83,24 +112,88 @@ def pipeline_of(scope: Scope) -> str | None:
     return None
 
 
-async def _refuse(send: Any, name: str, limit: int) -> None:
-    body = json.dumps(
-        {
-            "error": "OverloadedError",
-            "node": "(admission)",
-            "detail": f"pipeline {name!r} already runs {limit} requests in this ingress "
-            f"replica, its max_in_flight; retry after {RETRY_AFTER_S}s",
-        }
-    ).encode()
-    await send(
-        {
-            "type": "http.response.start",
-            "status": 503,
-            "headers": [
-                (b"content-type", b"application/json"),
-                (b"content-length", str(len(body)).encode()),
-                (b"retry-after", str(RETRY_AFTER_S).encode()),
-            ],
-        }
-    )
-    await send({"type": "http.response.body", "body": body})
+async def _refuse(send: Any, name: str, limit: int, where: str) -> None:
+    body = {
+        "error": "OverloadedError",
+        "node": "(admission)",
+        "detail": f"pipeline {name!r} already runs {limit} requests in {where}, its "
+        f"max_in_flight; retry after {RETRY_AFTER_S}s",
+    }
+    await json_answer(send, 503, body, {"retry-after": str(RETRY_AFTER_S)})
+
+
+# Where the ingress publishes its limits for the proxies: Ray's internal key-value store
+# (in the GCS, so it outlives the ingress replica and is there for a proxy started
+# later). By hand because Serve has no setting that a proxy reads per route; the store
+# is the one Serve itself keeps its own state in.
+_KV_KEY = b"admission-limits"
+_KV_NAMESPACE = b"servegraph"
+REFRESH_S = 0.5  # how soon a proxy follows a (re)deployed ingress's limits (a GCS read each)
+
+
+def publish_limits(prefix: str, limits: Mapping[str, int]) -> None:
+    """In the ingress (a Ray worker), mounted at `prefix`: each pipeline's limit across
+    all its replicas."""
+    from ray.experimental import internal_kv
+
+    data = json.dumps({"prefix": prefix, "limits": dict(limits)}, sort_keys=True).encode()
+    internal_kv._internal_kv_put(_KV_KEY, data, overwrite=True, namespace=_KV_NAMESPACE)
+
+
+class PublishedLimits(Mapping[str, int]):
+    """In a proxy: the limits the ingress published, read every `REFRESH_S` by a daemon
+    thread (a GCS call, kept off the proxy's event loop) once `start`ed. Empty until the
+    ingress has published, and a failed read keeps the last table: without a table the
+    proxy gates nothing and the ingress's own gate still holds."""
+
+    def __init__(self, refresh_s: float = REFRESH_S) -> None:
+        self._table: dict[str, int] = {}
+        self.prefix = ""  # where the ingress is mounted ("": not published yet)
+        self._refresh_s = refresh_s
+        self._started = False
+        self._lock = threading.Lock()
+
+    def start(self) -> None:
+        with self._lock:
+            if self._started:
+                return
+            self._started = True
+        threading.Thread(target=self._reading, name="admission-limits", daemon=True).start()
+
+    def _reading(self) -> None:
+        from ray.experimental import internal_kv
+
+        failed = False
+        while True:
+            try:
+                data = internal_kv._internal_kv_get(_KV_KEY, namespace=_KV_NAMESPACE)
+                published = json.loads(data) if data else {}
+                self.prefix = published.get("prefix", "")
+                self._table = {str(k): int(v) for k, v in published.get("limits", {}).items()}
+                failed = False
+            except Exception as exc:  # the GCS restarting: keep the last table
+                if not failed:
+                    _log.warning("admission limits not read (%s); keeping the last", exc)
+                failed = True
+            time.sleep(self._refresh_s)
+
+    def __getitem__(self, name: str) -> int:
+        return self._table[name]
+
+    def get(self, name: str, default: Any = None) -> Any:
+        return self._table.get(name, default)
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self._table)
+
+    def __len__(self) -> int:
+        return len(self._table)
+
+
+def pipeline_below(prefix: str, scope: Scope) -> str | None:
+    """The pipeline a request to the ingress mounted at `prefix` runs, from a scope that
+    is not yet below the mount point (Serve's proxy sees the whole path)."""
+    path: str = scope.get("path", "")
+    if not prefix or not path.startswith(prefix + "/"):
+        return None
+    return pipeline_of({"method": scope.get("method"), "path": path[len(prefix) :]})

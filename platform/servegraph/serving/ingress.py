@@ -40,7 +40,7 @@ from servegraph.security.endpoints import RESPONSES, require
 from servegraph.security.guard import Guard
 from servegraph.security.keys import AuthError, Caller
 from servegraph.serving import sse
-from servegraph.serving.admission import DEFAULT_MAX_IN_FLIGHT, AdmissionGate
+from servegraph.serving.admission import DEFAULT_MAX_IN_FLIGHT, AdmissionGate, publish_limits
 from servegraph.serving.handles import ServeInvoker
 from servegraph.serving.http import (
     BudgetErrorBody,
@@ -641,6 +641,11 @@ def ingress_app(args: IngressArgs | dict[str, Any]) -> Any:
 
         invoker = ServeInvoker(catalog)
         invoker.prepare({call.server for g in graphs.values() for call in g.calls()})
+        if serve.get_replica_context().app_name == INGRESS_APP:  # mounted at INGRESS_PREFIX
+            try:
+                publish_limits(INGRESS_PREFIX, admitted_in_all(graphs, options))
+            except Exception as exc:  # the proxies keep their last table; this gate holds
+                logger.warning("admission limits not published to the proxies: %s", exc)
         return build_fastapi(graphs, catalog, invoker, PipelineMetrics(), Reporter(graphs))
 
     @serve.deployment(name="PipelineIngress")
@@ -650,5 +655,26 @@ def ingress_app(args: IngressArgs | dict[str, Any]) -> Any:
 
     routed = router_actor_options()
     placement = {"ray_actor_options": routed} if routed else {}
-    deployment = PipelineIngress.options(**(INGRESS_DEFAULTS | placement | args.deployment))  # type: ignore[attr-defined]  # a @serve.deployment class is a Deployment
+    options = INGRESS_DEFAULTS | placement | args.deployment
+    deployment = PipelineIngress.options(**options)  # type: ignore[attr-defined]  # a @serve.deployment class is a Deployment
     return deployment.bind()
+
+
+def admitted_in_all(graphs: dict[str, Graph], options: dict[str, Any]) -> dict[str, int]:
+    """Each pipeline's requests in flight that the ingress admits over all its replicas
+    (the most it may have, with autoscaling): what Serve's proxy lets through
+    (`servegraph.serving.proxy_answers.FrontDoor`). Empty (nothing gated at the proxy)
+    when the most replicas is not known."""
+    scaling = options.get("autoscaling_config")
+    replicas = options.get("num_replicas", 1)
+    if scaling or not isinstance(replicas, int):  # autoscaled: the most it may have
+        replicas = (
+            scaling.get("max_replicas")
+            if isinstance(scaling, dict)
+            else getattr(scaling, "max_replicas", None)
+        )
+        if not isinstance(replicas, int):
+            return {}
+    return {
+        name: (g.max_in_flight or DEFAULT_MAX_IN_FLIGHT) * replicas for name, g in graphs.items()
+    }

@@ -1,22 +1,33 @@
-"""What Serve's HTTP proxy answers when the replica serving a request dies before
-answering (`kill -9`, a crash, its node lost): Serve's proxy sends nothing for it
-(`ray.serve._private.http_util.send_http_response_on_exception` answers only 408, 429
-and 503), so uvicorn answers a bare `500 Internal Server Error`. This middleware, put
-on the proxy through Serve's own hook (`RAY_SERVE_HTTP_PROXY_CALLBACK_IMPORT_PATH`,
-set by `servegraph.deploy.local_ray.SERVE_REQUEST_PATH_ENV` and cluster.yaml), answers
-a 502 that says what happened and what the caller can do instead.
+"""What Serve's HTTP proxy answers itself, through Serve's own hook for middlewares on
+the proxy (`RAY_SERVE_HTTP_PROXY_CALLBACK_IMPORT_PATH`, set by
+`servegraph.deploy.local_ray.SERVE_REQUEST_PATH_ENV` and cluster.yaml):
 
-Written by hand because Serve has no setting for the status it gives a lost replica.
+- `FrontDoor`: a pipeline's requests past what the ingress admits are refused here, at
+  once, with the ingress's own 503 + Retry-After (`servegraph.serving.admission`).
+  Serve's own refusal (`max_queued_requests`) comes only after its router has tried to
+  place the request, and a refusal by the ingress's gate after a replica round trip; in
+  a burst of 1,200 on 2 cores those took 2-6 s to reach the callers (issue 23).
+- `AnswerLostReplicas`: when the replica serving a request dies before
+    answering (`kill -9`, a crash, its node lost): Serve's proxy sends nothing for it
+  (`ray.serve._private.http_util.send_http_response_on_exception` answers only 408,
+  429 and 503), so uvicorn answers a bare `500 Internal Server Error`. This answers a
+  502 that says what happened and what the caller can do instead.
+
+Written by hand because Serve has neither a per-route limit in its proxy nor a setting
+for the status it gives a lost replica.
 """
 
 from __future__ import annotations
 
+import asyncio
+from collections.abc import Callable, Mapping
 from contextlib import suppress
 from typing import Any
 
 from starlette.middleware import Middleware
 
 from servegraph.security.endpoints import json_answer
+from servegraph.serving.admission import AdmissionGate, PublishedLimits, pipeline_below
 
 LOST = {
     "error": "ReplicaLost",
@@ -28,6 +39,7 @@ LOST = {
     "decision)",
 }
 RETRY_AFTER_S = 1
+ADMISSION_PATH = "/-/admission"  # GET on a proxy: what its front door admits
 
 
 class AnswerLostReplicas:
@@ -64,6 +76,81 @@ async def _lost(send: Any) -> None:
         await json_answer(send, 502, LOST, {"retry-after": str(RETRY_AFTER_S)})
 
 
+class FrontDoor(AdmissionGate):
+    """The admission gate in front of Serve's proxy: in flight through this proxy, each
+    pipeline gets what the ingress admits in all (its `max_in_flight` times the
+    ingress's replicas, as published), and no more. Each refusal is counted where the
+    ingress counts its own (`servegraph_pipeline_requests{status="503"}`) and reported
+    to the demand board as an arrival, as the ingress does, so graph-aware scaling
+    sees the demand it turned away. With several proxies each admits that much: the
+    ingress's gate still holds the total.
+
+    Args:
+        app: Serve's proxy app.
+        limits: default: what the ingress published (`PublishedLimits`), with the
+            counting above; given (tests), only `on_refused` is called.
+        prefix: where the ingress is mounted, with `limits` given.
+    """
+
+    def __init__(
+        self,
+        app: Any,
+        limits: Mapping[str, int] | None = None,
+        on_refused: Callable[[str], None] | None = None,
+        prefix: str = "",
+    ) -> None:
+        if limits is None:
+            published = PublishedLimits()
+            published.start()
+            limits, mount = published, (lambda: published.prefix)
+            on_refused = on_refused or _counted_refusals()
+        else:
+            mount = lambda: prefix  # noqa: E731
+        self._mount = mount
+        super().__init__(
+            app,
+            limits,
+            on_refused=on_refused,
+            pipeline=lambda scope: pipeline_below(mount(), scope),
+            where="this proxy (max_in_flight times the ingress's replicas)",
+        )
+
+    async def __call__(self, scope: dict[str, Any], receive: Any, send: Any) -> None:
+        if scope["type"] == "http" and scope.get("path") == ADMISSION_PATH:
+            # Whether this proxy gates yet, beside Serve's own /-/routes and /-/healthz;
+            # no key is asked here, so it names no pipeline.
+            table = {
+                "prefix": self._mount(),
+                "pipelines_gated": len(self.limits),
+                "in_flight": sum(self.in_flight.values()),
+            }
+            await json_answer(send, 200, table, {})
+            return
+        await super().__call__(scope, receive, send)
+
+    async def admitted(self, scope: dict[str, Any], receive: Any, send: Any) -> None:
+        # Refusals first: an admitted request waits one turn of the event loop before
+        # Serve's proxy spends its milliseconds on it, so the requests of a burst that
+        # arrived with it and are refused are answered before that (each refusal costs
+        # a fraction of a millisecond).
+        await asyncio.sleep(0)
+        await self.app(scope, receive, send)
+
+
+def _counted_refusals() -> Callable[[str], None]:
+    from servegraph.deploy.scaling.board import Reporter
+    from servegraph.telemetry.metrics import ProxyRefusals
+
+    refusals, demand = ProxyRefusals(), Reporter({})
+
+    def refused(pipeline: str) -> None:
+        refusals.refused(pipeline)
+        demand.arrived(pipeline)
+
+    return refused
+
+
 def proxy_middlewares() -> list[Middleware]:
-    """Serve's proxy callback: the middlewares it puts around its ASGI app."""
-    return [Middleware(AnswerLostReplicas)]
+    """Serve's proxy callback: the middlewares it puts around its ASGI app (the last
+    outermost: the front door refuses before anything else runs)."""
+    return [Middleware(AnswerLostReplicas), Middleware(FrontDoor)]

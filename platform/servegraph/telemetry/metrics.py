@@ -86,6 +86,31 @@ class _CoalescedCounter:
         self._coalesced.add(self._counter, value, tags)
 
 
+class ProxyRefusals:
+    """In Serve's proxy (`servegraph.serving.proxy_answers.FrontDoor`): the pipeline
+    requests it refused, in the ingress's own series (`servegraph_pipeline_requests`,
+    status 503, the same tag keys) with `deployment="proxy"`, so the dashboards and
+    alerts count them with the rest. Not a Serve metric: the proxy is no replica."""
+
+    def __init__(self) -> None:
+        import ray
+        from ray.util import metrics
+
+        counter = metrics.Counter(
+            "servegraph_pipeline_requests",
+            description="Pipeline requests by outcome.",
+            tag_keys=("deployment", "replica", "application", "pipeline", "status"),
+        )
+        node = ray.get_runtime_context().get_node_id()[:8]
+        counter.set_default_tags(
+            {"deployment": "proxy", "replica": f"proxy-{node}", "application": "pipelines"}
+        )
+        self._requests = Coalesced().counter(counter)
+
+    def refused(self, pipeline: str) -> None:
+        self._requests.inc(tags={"pipeline": pipeline, "status": "503"})
+
+
 class PipelineMetrics:
     """Requests, errors, latency per pipeline and node; LLM tokens. Create in a replica."""
 

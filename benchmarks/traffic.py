@@ -122,46 +122,59 @@ def _fire(address: tuple[str, int], datas: list[bytes], timeout_s: float) -> lis
     and reads each answer until the server closes; every socket non-blocking, one
     selector. A connection that fails, or is still open after `timeout_s`, ends with
     no answer."""
+    import errno
     import selectors
     import socket
 
-    selector = selectors.DefaultSelector()
     sent = [_Sent(d) for d in datas]
     chunks: dict[int, list[bytes]] = {}
-    for i in range(len(sent)):
-        sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
-        sock.setblocking(False)
-        sock.connect_ex(address)
-        selector.register(sock, selectors.EVENT_WRITE, i)
-    deadline = time.monotonic() + timeout_s
-    while selector.get_map() and time.monotonic() < deadline:
-        for key, _ in selector.select(timeout=max(0.0, deadline - time.monotonic())):
-            sock, i = key.fileobj, key.data
-            assert isinstance(sock, socket.socket)
-            one = sent[i]
-            try:
-                if one.written is None:
-                    if sock.getsockopt(socket.SOL_SOCKET, socket.SO_ERROR):
-                        raise OSError("connect failed")
-                    n = sock.send(one.data)
-                    one.data = one.data[n:]
-                    if not one.data:
-                        one.written = time.monotonic()
-                        selector.modify(sock, selectors.EVENT_READ, i)
-                    continue
-                chunk = sock.recv(65536)
-                if chunk:
-                    chunks.setdefault(i, []).append(chunk)
-                    continue
-                one.raw = b"".join(chunks.pop(i, []))
-            except OSError:
-                one.raw = b""
-            one.done = time.monotonic()
+    with selectors.DefaultSelector() as selector:
+
+        def end(sock: socket.socket, one: _Sent, raw: bytes) -> None:
+            one.raw, one.done = raw, time.monotonic()
             selector.unregister(sock)
             sock.close()
-    for key in list(selector.get_map().values()):  # past the timeout: no answer
-        selector.unregister(key.fileobj)
-        key.fileobj.close()  # type: ignore[union-attr]
+
+        try:
+            for i, one in enumerate(sent):
+                try:
+                    sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+                except OSError:  # out of file descriptors: this one gets no answer
+                    one.done = time.monotonic()
+                    continue
+                sock.setblocking(False)
+                selector.register(sock, selectors.EVENT_WRITE, i)
+                if sock.connect_ex(address) not in (0, errno.EINPROGRESS):
+                    end(sock, one, b"")  # refused at once: no answer
+            deadline = time.monotonic() + timeout_s
+            while selector.get_map() and time.monotonic() < deadline:
+                for key, _ in selector.select(timeout=max(0.0, deadline - time.monotonic())):
+                    sock, i = key.fileobj, key.data
+                    assert isinstance(sock, socket.socket)
+                    one = sent[i]
+                    try:
+                        if one.written is None:
+                            if sock.getsockopt(socket.SOL_SOCKET, socket.SO_ERROR):
+                                raise ConnectionError("connect failed")
+                            one.data = one.data[sock.send(one.data) :]
+                            if not one.data:
+                                one.written = time.monotonic()
+                                selector.modify(sock, selectors.EVENT_READ, i)
+                            continue
+                        chunk = sock.recv(65536)
+                    except (BlockingIOError, InterruptedError):
+                        continue  # not ready after all: the selector asks again
+                    except OSError:
+                        end(sock, one, b"")
+                        continue
+                    if chunk:
+                        chunks.setdefault(i, []).append(chunk)
+                    else:
+                        end(sock, one, b"".join(chunks.pop(i, [])))
+        finally:  # past the timeout, or failed: no answer, and no socket left open
+            for key in list(selector.get_map().values()):
+                selector.unregister(key.fileobj)
+                key.fileobj.close()  # type: ignore[union-attr]
     return sent
 
 
@@ -275,8 +288,10 @@ def proxy_gating(base_url: str, timeout_s: float = 30) -> None:
     sent sooner after a deploy is not yet refused at the proxy."""
 
     def gating() -> bool:
-        answer = httpx.get(f"{base_url}/-/admission", timeout=10)
-        return bool(answer.json()["pipelines_gated"])
+        try:
+            return bool(httpx.get(f"{base_url}/-/admission", timeout=10).json()["gating"])
+        except (httpx.HTTPError, ValueError, KeyError):  # not up yet: ask again
+            return False
 
     asyncio.run(until(gating, timeout_s, "the proxy never read the admission limits"))
 

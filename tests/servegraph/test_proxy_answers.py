@@ -15,9 +15,15 @@ from starlette.responses import PlainTextResponse, StreamingResponse
 from starlette.routing import Route
 
 from servegraph import Pipeline
-from servegraph.serving.admission import pipeline_below
+from servegraph.security.client import client_headers
+from servegraph.serving.admission import PublishedLimits, pipeline_below
 from servegraph.serving.ingress import admitted_in_all
-from servegraph.serving.proxy_answers import AnswerLostReplicas, FrontDoor, proxy_middlewares
+from servegraph.serving.proxy_answers import (
+    AnswerLostReplicas,
+    FrontDoor,
+    _keyed,
+    proxy_middlewares,
+)
 from tests.servegraph import toy
 
 
@@ -102,7 +108,7 @@ async def test_the_front_door_refuses_past_the_ingress_limit_before_the_proxy_wo
         assert answer.status_code == 503 and answer.headers["retry-after"] == "1"
         assert answer.json()["node"] == "(admission)" and "this proxy" in answer.json()["detail"]
     assert refused == ["small", "small"]
-    assert gating.json() == {"prefix": "/pipelines", "pipelines_gated": 1, "in_flight": 1}
+    assert gating.json() == {"gating": True}
     assert [a.status_code for a in [*others, again]] == [200] * 5
     assert entered.count("/pipelines/small") == 2  # the refused never reached the proxy
 
@@ -161,3 +167,31 @@ async def test_refusals_that_arrive_with_an_admitted_request_are_answered_before
 
     await asyncio.gather(call(), call(), call())  # arrived in the same turn of the loop
     assert events == ["503", "503", "proxied", "200"]
+
+
+def test_the_front_door_counts_only_keys_the_ingress_would_admit() -> None:
+    """A request without a valid key, or whose key lacks the pipeline's scope, passes
+    uncounted (the ingress answers it 401 or 403): it holds none of the places."""
+    published = PublishedLimits()
+    published.take(
+        {
+            "prefix": "/pipelines",
+            "limits": {"rag": 8, "secret": 8},
+            "scopes": {"rag": "invoke:rag", "secret": "admin"},
+            "at": 1.0,
+        }
+    )
+    counts = _keyed(published)
+
+    def scope(authorization: str | None) -> dict:
+        headers = [(b"authorization", authorization.encode())] if authorization else []
+        return {"type": "http", "method": "POST", "path": "/pipelines/rag", "headers": headers}
+
+    key = client_headers()["authorization"]
+    assert counts(scope(key), "rag")
+    assert not counts(scope(None), "rag")
+    assert not counts(scope("Bearer sg_nothere_000000000000"), "rag")
+    assert not counts(scope(key.replace("Bearer", "Basic")), "rag")
+    assert published.prefix == "/pipelines" and published["rag"] == 8
+    published.take({})  # stale, or nothing published: nothing gated
+    assert not published and published.prefix == ""

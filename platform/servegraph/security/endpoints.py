@@ -98,7 +98,7 @@ class KeyBeforeBody:
         if scope["type"] == "http":
             requires = self._route_requires(scope)
             if requires:
-                key = _bearer_key(scope)
+                key = bearer_key(scope)
                 for needed, http_exception in requires:
                     try:
                         caller = Guard.here().authenticate(key, needed)
@@ -133,7 +133,7 @@ class KeyBeforeBody:
         return []
 
 
-def _bearer_key(scope: dict[str, Any]) -> str | None:
+def bearer_key(scope: dict[str, Any]) -> str | None:
     """The key an Authorization header carries, read as `HTTPBearer` reads it."""
     authorization = Headers(scope=scope).get("authorization")
     scheme, credentials = get_authorization_scheme_param(authorization)

@@ -50,6 +50,8 @@ class AdmissionGate:
             refused (the demand that graph-aware scaling sizes the servers for).
         pipeline: the pipeline a request runs, or None (not gated).
         where: what the refusal says holds the limit.
+        counts: whether a request of a pipeline is counted at all (default: all);
+            one that is not passes untouched.
     """
 
     def __init__(
@@ -60,6 +62,7 @@ class AdmissionGate:
         on_arrival: Callable[[str], None] | None = None,
         pipeline: Callable[[Scope], str | None] | None = None,
         where: str = "this ingress replica",
+        counts: Callable[[Scope, str], bool] | None = None,
     ) -> None:
         self.app = app
         self.limits = limits
@@ -68,14 +71,14 @@ class AdmissionGate:
         self._on_arrival = on_arrival
         self._pipeline = pipeline or pipeline_of
         self._where = where
+        self._counts = counts
 
     async def __call__(self, scope: Scope, receive: Any, send: Any) -> None:
         name = self._pipeline(scope) if scope["type"] == "http" else None
         limit = self.limits.get(name) if name is not None else None
-        if limit is None:
+        if name is None or limit is None or (self._counts and not self._counts(scope, name)):
             await self.app(scope, receive, send)
             return
-        assert name is not None
         if self._on_arrival is not None:
             self._on_arrival(name)
         if self.in_flight[name] >= limit:
@@ -123,32 +126,60 @@ async def _refuse(send: Any, name: str, limit: int, where: str) -> None:
 
 
 # Where the ingress publishes its limits for the proxies: Ray's internal key-value store
-# (in the GCS, so it outlives the ingress replica and is there for a proxy started
-# later). By hand because Serve has no setting that a proxy reads per route; the store
-# is the one Serve itself keeps its own state in.
+# (in the GCS, where Serve keeps its own state, and there for a proxy started later).
+# By hand because Serve has no per-route limit that a proxy reads. Each ingress replica
+# publishes again every PUBLISH_S (a redeploy or a change of its replicas is followed);
+# a table older than STALE_S (the app deleted, the GCS's store lost) gates nothing.
 _KV_KEY = b"admission-limits"
 _KV_NAMESPACE = b"servegraph"
-REFRESH_S = 0.5  # how soon a proxy follows a (re)deployed ingress's limits (a GCS read each)
+REFRESH_S = 0.5  # how soon a proxy follows a published table (a GCS read each)
+PUBLISH_S = 5.0
+STALE_S = 30.0
 
 
-def publish_limits(prefix: str, limits: Mapping[str, int]) -> None:
+def publish_limits(prefix: str, limits: Mapping[str, int], scopes: Mapping[str, str]) -> None:
     """In the ingress (a Ray worker), mounted at `prefix`: each pipeline's limit across
-    all its replicas."""
+    all its replicas, and the scope a key needs to run it."""
     from ray.experimental import internal_kv
 
-    data = json.dumps({"prefix": prefix, "limits": dict(limits)}, sort_keys=True).encode()
+    table = {"prefix": prefix, "limits": dict(limits), "scopes": dict(scopes), "at": time.time()}
+    data = json.dumps(table, sort_keys=True).encode()
     internal_kv._internal_kv_put(_KV_KEY, data, overwrite=True, namespace=_KV_NAMESPACE)
+
+
+def publishing(table: Callable[[], tuple[str, Mapping[str, int], Mapping[str, str]]]) -> None:
+    """Publishes `table()` now and every `PUBLISH_S` from a daemon thread (GCS calls,
+    off the replica's event loop); a failed publication is logged, never raised."""
+
+    def publish() -> bool:
+        try:
+            publish_limits(*table())
+            return True
+        except Exception as exc:  # the proxies keep the last table until it goes stale
+            _log.warning("admission limits not published to the proxies: %s", exc)
+            return False
+
+    def again() -> None:
+        while True:
+            time.sleep(PUBLISH_S)
+            publish()
+
+    publish()
+    threading.Thread(target=again, name="admission-publish", daemon=True).start()
 
 
 class PublishedLimits(Mapping[str, int]):
     """In a proxy: the limits the ingress published, read every `REFRESH_S` by a daemon
     thread (a GCS call, kept off the proxy's event loop) once `start`ed. Empty until the
-    ingress has published, and a failed read keeps the last table: without a table the
-    proxy gates nothing and the ingress's own gate still holds."""
+    ingress has published, and when what it published is older than `STALE_S`: without
+    a table the proxy gates nothing and the ingress's own gate still holds. A failed
+    read keeps the last table until it goes stale."""
 
     def __init__(self, refresh_s: float = REFRESH_S) -> None:
         self._table: dict[str, int] = {}
-        self.prefix = ""  # where the ingress is mounted ("": not published yet)
+        self.scopes: dict[str, str] = {}
+        self.prefix = ""  # where the ingress is mounted ("": nothing published)
+        self._at = 0.0
         self._refresh_s = refresh_s
         self._started = False
         self._lock = threading.Lock()
@@ -167,15 +198,22 @@ class PublishedLimits(Mapping[str, int]):
         while True:
             try:
                 data = internal_kv._internal_kv_get(_KV_KEY, namespace=_KV_NAMESPACE)
-                published = json.loads(data) if data else {}
-                self.prefix = published.get("prefix", "")
-                self._table = {str(k): int(v) for k, v in published.get("limits", {}).items()}
+                self.take(json.loads(data) if data else {})
                 failed = False
             except Exception as exc:  # the GCS restarting: keep the last table
                 if not failed:
                     _log.warning("admission limits not read (%s); keeping the last", exc)
                 failed = True
+            if time.time() - self._at > STALE_S:
+                self.take({})
             time.sleep(self._refresh_s)
+
+    def take(self, published: Mapping[str, Any]) -> None:
+        """Follow a published table (`{}`: none)."""
+        self._at = float(published.get("at", 0.0))
+        self.scopes = {str(k): str(v) for k, v in published.get("scopes", {}).items()}
+        self._table = {str(k): int(v) for k, v in published.get("limits", {}).items()}
+        self.prefix = str(published.get("prefix", "")) if self._table else ""
 
     def __getitem__(self, name: str) -> int:
         return self._table[name]

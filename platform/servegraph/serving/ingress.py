@@ -40,7 +40,7 @@ from servegraph.security.endpoints import RESPONSES, require
 from servegraph.security.guard import Guard
 from servegraph.security.keys import AuthError, Caller
 from servegraph.serving import sse
-from servegraph.serving.admission import DEFAULT_MAX_IN_FLIGHT, AdmissionGate, publish_limits
+from servegraph.serving.admission import DEFAULT_MAX_IN_FLIGHT, AdmissionGate, publishing
 from servegraph.serving.handles import ServeInvoker
 from servegraph.serving.http import (
     BudgetErrorBody,
@@ -641,11 +641,18 @@ def ingress_app(args: IngressArgs | dict[str, Any]) -> Any:
 
         invoker = ServeInvoker(catalog)
         invoker.prepare({call.server for g in graphs.values() for call in g.calls()})
-        if serve.get_replica_context().app_name == INGRESS_APP:  # mounted at INGRESS_PREFIX
-            try:
-                publish_limits(INGRESS_PREFIX, admitted_in_all(graphs, options))
-            except Exception as exc:  # the proxies keep their last table; this gate holds
-                logger.warning("admission limits not published to the proxies: %s", exc)
+        context = serve.get_replica_context()
+        if context.app_name == INGRESS_APP:  # mounted at INGRESS_PREFIX
+
+            def table() -> tuple[str, dict[str, int], dict[str, str]]:
+                # the replicas as now configured (a config's override of the builder's
+                # options, a lightweight update), else what the builder was given
+                config = getattr(serve.get_replica_context(), "_deployment_config", None)
+                now = options if config is None else _options_of(config)
+                scopes = {n: pipeline_scope(g, catalog) for n, g in graphs.items()}
+                return INGRESS_PREFIX, admitted_in_all(graphs, now), scopes
+
+            publishing(table)
         return build_fastapi(graphs, catalog, invoker, PipelineMetrics(), Reporter(graphs))
 
     @serve.deployment(name="PipelineIngress")
@@ -658,6 +665,14 @@ def ingress_app(args: IngressArgs | dict[str, Any]) -> Any:
     options = INGRESS_DEFAULTS | placement | args.deployment
     deployment = PipelineIngress.options(**options)  # type: ignore[attr-defined]  # a @serve.deployment class is a Deployment
     return deployment.bind()
+
+
+def _options_of(config: Any) -> dict[str, Any]:
+    """The replica options of a Serve `DeploymentConfig`."""
+    return {
+        "num_replicas": config.num_replicas,
+        "autoscaling_config": config.autoscaling_config,
+    }
 
 
 def admitted_in_all(graphs: dict[str, Graph], options: dict[str, Any]) -> dict[str, int]:

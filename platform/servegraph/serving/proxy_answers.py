@@ -20,13 +20,14 @@ for the status it gives a lost replica.
 from __future__ import annotations
 
 import asyncio
+import logging
 from collections.abc import Callable, Mapping
 from contextlib import suppress
 from typing import Any
 
 from starlette.middleware import Middleware
 
-from servegraph.security.endpoints import json_answer
+from servegraph.security.endpoints import bearer_key, json_answer
 from servegraph.serving.admission import AdmissionGate, PublishedLimits, pipeline_below
 
 LOST = {
@@ -39,7 +40,9 @@ LOST = {
     "decision)",
 }
 RETRY_AFTER_S = 1
-ADMISSION_PATH = "/-/admission"  # GET on a proxy: what its front door admits
+ADMISSION_PATH = "/-/admission"  # GET on a proxy: whether its front door gates
+
+_log = logging.getLogger("ray.serve")
 
 
 class AnswerLostReplicas:
@@ -79,16 +82,24 @@ async def _lost(send: Any) -> None:
 class FrontDoor(AdmissionGate):
     """The admission gate in front of Serve's proxy: in flight through this proxy, each
     pipeline gets what the ingress admits in all (its `max_in_flight` times the
-    ingress's replicas, as published), and no more. Each refusal is counted where the
+    ingress's replicas, as published), and no more. Only a request whose key is valid
+    and has the pipeline's scope is counted (as at the ingress, where the key is
+    checked before the gate); any other passes to the ingress, which answers 401 or
+    403, so a caller without a key holds no place. Each refusal is counted where the
     ingress counts its own (`servegraph_pipeline_requests{status="503"}`) and reported
-    to the demand board as an arrival, as the ingress does, so graph-aware scaling
-    sees the demand it turned away. With several proxies each admits that much: the
+    to the demand board as an arrival, as the ingress does, so graph-aware scaling sees
+    the demand it turned away. With several proxies each admits that much: the
     ingress's gate still holds the total.
+
+    Serve also installs its proxy's middlewares on each replica's own HTTP server when
+    replicas take HTTP directly (`RAY_SERVE_ENABLE_HA_PROXY`): there, and if anything
+    here fails to set up, it passes everything through.
 
     Args:
         app: Serve's proxy app.
         limits: default: what the ingress published (`PublishedLimits`), with the
-            counting above; given (tests), only `on_refused` is called.
+            counting above; given (tests), every request is counted and only
+            `on_refused` is called.
         prefix: where the ingress is mounted, with `limits` given.
     """
 
@@ -99,13 +110,19 @@ class FrontDoor(AdmissionGate):
         on_refused: Callable[[str], None] | None = None,
         prefix: str = "",
     ) -> None:
+        counts = None
+        mount: Callable[[], str] = lambda: prefix  # noqa: E731
         if limits is None:
-            published = PublishedLimits()
-            published.start()
-            limits, mount = published, (lambda: published.prefix)
-            on_refused = on_refused or _counted_refusals()
-        else:
-            mount = lambda: prefix  # noqa: E731
+            limits = {}
+            try:
+                if not _in_a_replica():
+                    published = PublishedLimits()
+                    on_refused = on_refused or _counted_refusals()
+                    counts = _keyed(published)
+                    published.start()
+                    limits, mount = published, (lambda: published.prefix)
+            except Exception:  # never the proxy's start: the ingress's gate still holds
+                _log.exception("the proxy's admission gate is off")
         self._mount = mount
         super().__init__(
             app,
@@ -113,18 +130,13 @@ class FrontDoor(AdmissionGate):
             on_refused=on_refused,
             pipeline=lambda scope: pipeline_below(mount(), scope),
             where="this proxy (max_in_flight times the ingress's replicas)",
+            counts=counts,
         )
 
     async def __call__(self, scope: dict[str, Any], receive: Any, send: Any) -> None:
         if scope["type"] == "http" and scope.get("path") == ADMISSION_PATH:
-            # Whether this proxy gates yet, beside Serve's own /-/routes and /-/healthz;
-            # no key is asked here, so it names no pipeline.
-            table = {
-                "prefix": self._mount(),
-                "pipelines_gated": len(self.limits),
-                "in_flight": sum(self.in_flight.values()),
-            }
-            await json_answer(send, 200, table, {})
+            # Whether this proxy gates; asked without a key, so it says nothing more.
+            await json_answer(send, 200, {"gating": bool(self.limits)}, {})
             return
         await super().__call__(scope, receive, send)
 
@@ -135,6 +147,35 @@ class FrontDoor(AdmissionGate):
         # a fraction of a millisecond).
         await asyncio.sleep(0)
         await self.app(scope, receive, send)
+
+
+def _in_a_replica() -> bool:
+    from ray.serve.context import _get_internal_replica_context
+
+    return _get_internal_replica_context() is not None
+
+
+def _keyed(published: PublishedLimits) -> Callable[[dict[str, Any], str], bool]:
+    """Whether a request's key is valid and has the pipeline's published scope: the
+    replicas' own check (`Guard`, the same key store), without the limits or the
+    usage records, which the ingress keeps."""
+    from servegraph.security.guard import Guard
+
+    guard = Guard.here()
+
+    def counts(scope: dict[str, Any], pipeline: str) -> bool:
+        if guard.settings.unsafe_disabled:
+            return True
+        key = bearer_key(scope)
+        try:
+            caller = guard.store.verify(key) if key else None
+        except Exception:  # the key store unreadable here: the ingress decides
+            _log.exception("the proxy could not check a key; the request passes uncounted")
+            return False
+        needed = published.scopes.get(pipeline)
+        return caller is not None and (needed is None or caller.allows(needed))
+
+    return counts
 
 
 def _counted_refusals() -> Callable[[str], None]:

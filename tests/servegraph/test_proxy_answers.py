@@ -14,17 +14,14 @@ from starlette.applications import Starlette
 from starlette.responses import PlainTextResponse, StreamingResponse
 from starlette.routing import Route
 
-from servegraph import Pipeline
 from servegraph.security.client import client_headers
 from servegraph.serving.admission import PublishedLimits, pipeline_below
-from servegraph.serving.ingress import admitted_in_all
 from servegraph.serving.proxy_answers import (
     AnswerLostReplicas,
     FrontDoor,
     _keyed,
     proxy_middlewares,
 )
-from tests.servegraph import toy
 
 
 async def lost(scope, receive, send) -> None:  # type: ignore[no-untyped-def]
@@ -131,16 +128,31 @@ def test_the_pipeline_a_request_to_the_proxy_runs(
     assert pipeline_below(prefix, {"method": method, "path": path}) == name
 
 
-def test_the_proxy_admits_what_all_the_ingress_replicas_admit() -> None:
-    p = Pipeline("small", input=toy.Sleep, output=toy.Echo, max_in_flight=8)
-    p.returns(p.call("hold", "flaky", "sleep", seconds=p.input.seconds))
-    graphs = {"small": p.build()}
-    assert admitted_in_all(graphs, {}) == {"small": 8}
-    assert admitted_in_all(graphs, {"num_replicas": 3}) == {"small": 24}
-    scaled = {"num_replicas": "auto", "autoscaling_config": {"max_replicas": 4}}
-    assert admitted_in_all(graphs, scaled) == {"small": 32}
-    # no known most: the proxy gates nothing rather than refuse what replicas could run
-    assert admitted_in_all(graphs, {"num_replicas": "auto"}) == {}
+def test_the_proxy_admits_what_the_live_ingress_replicas_published_in_all() -> None:
+    """Each ingress replica publishes its own limits every few seconds; a proxy sums the
+    entries it has seen change lately by its own clock, and forgets the long gone."""
+    from servegraph.serving.admission import FORGET_S, STALE_S
+
+    def entry(at: float, rag: int = 8) -> dict:
+        return {
+            "prefix": "/pipelines",
+            "limits": {"rag": rag},
+            "scopes": {"rag": "invoke:rag"},
+            "at": at,
+        }
+
+    published = PublishedLimits()
+    assert published.take({"a": entry(1.0), "b": entry(2.0)}, now=100.0) == []
+    assert dict(published) == {"rag": 16} and published.prefix == "/pipelines"
+    # b keeps publishing, a has stopped (its replica gone): a no longer counts
+    published.take({"a": entry(1.0), "b": entry(7.0)}, now=100.0 + STALE_S / 2)
+    published.take({"a": entry(1.0), "b": entry(12.0, rag=4)}, now=100.0 + STALE_S + 1)
+    assert dict(published) == {"rag": 4} and published.scopes == {"rag": "invoke:rag"}
+    # a's clock may read anything: only whether its entry changes matters here
+    gone = published.take({"a": entry(1.0), "b": entry(-5.0)}, now=100.0 + FORGET_S + 1)
+    assert gone == ["a"] and dict(published) == {"rag": 8}
+    published.take({}, now=100.0 + FORGET_S + 2)  # none live: nothing gated
+    assert not published and published.prefix == ""
 
 
 async def test_refusals_that_arrive_with_an_admitted_request_are_answered_before_it_runs() -> None:
@@ -173,14 +185,9 @@ def test_the_front_door_counts_only_keys_the_ingress_would_admit() -> None:
     """A request without a valid key, or whose key lacks the pipeline's scope, passes
     uncounted (the ingress answers it 401 or 403): it holds none of the places."""
     published = PublishedLimits()
-    published.take(
-        {
-            "prefix": "/pipelines",
-            "limits": {"rag": 8, "secret": 8},
-            "scopes": {"rag": "invoke:rag", "secret": "admin"},
-            "at": 1.0,
-        }
-    )
+    scopes = {"rag": "invoke:rag", "secret": "admin"}
+    table = {"prefix": "/pipelines", "limits": {"rag": 8, "secret": 8}, "scopes": scopes}
+    published.take({"replica": table | {"at": 1.0}}, now=0.0)
     counts = _keyed(published)
 
     def scope(authorization: str | None) -> dict:
@@ -192,6 +199,4 @@ def test_the_front_door_counts_only_keys_the_ingress_would_admit() -> None:
     assert not counts(scope(None), "rag")
     assert not counts(scope("Bearer sg_nothere_000000000000"), "rag")
     assert not counts(scope(key.replace("Bearer", "Basic")), "rag")
-    assert published.prefix == "/pipelines" and published["rag"] == 8
-    published.take({})  # stale, or nothing published: nothing gated
-    assert not published and published.prefix == ""
+    assert not counts(scope(key), "unpublished")  # no scope known: the ingress decides

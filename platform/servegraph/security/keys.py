@@ -206,15 +206,23 @@ class KeyStore:
         with self._db() as db:
             return db.execute("DELETE FROM keys WHERE name = ?", (name,)).rowcount > 0
 
-    def verify(self, key: str) -> Caller | None:
-        """The caller a key belongs to, or None (malformed, unknown or revoked)."""
+    def verify(self, key: str, *, refresh: bool = True, touch: bool = True) -> Caller | None:
+        """The caller a key belongs to, or None (malformed, unknown or revoked).
+
+        Args:
+            refresh: re-read the store first if it changed (`refresh`); without, the
+                keys as last read (a caller that refreshes from a thread of its own).
+            touch: record the key's last use (a write to the store, once a minute).
+        """
         match = KEY_PATTERN.match(key)
         key_id, secret = match.groups() if match else ("", key)
-        self._refresh()
+        if refresh:
+            self.refresh()
         stored, caller = self._records.get(key_id, (_DUMMY_HASH, None))
         if not hmac.compare_digest(_sha256(secret), stored) or caller is None:
             return None
-        self._touch(key_id)
+        if touch:
+            self._touch(key_id)
         return caller
 
     def _version(self) -> tuple[tuple[int, int], ...]:
@@ -229,7 +237,7 @@ class KeyStore:
                 stats.append((0, 0))
         return tuple(stats)
 
-    def _refresh(self) -> None:
+    def refresh(self) -> None:
         """Re-read the keys when the store changed (a key created or revoked by any
         process is seen by the next request), and at least every `cache_s`, for
         filesystems whose modification times lag (NFS)."""

@@ -10,14 +10,15 @@ ingress (Serve's `max_ongoing_requests`/`max_queued_requests` on the ingress bou
 pipelines together, and refuse at the proxy before the ingress sees the request).
 
 The same gate runs a second time in front of Serve's proxy (`servegraph.serving.
-proxy_answers.FrontDoor`), with each pipeline's limit times the ingress's replicas, as
-the ingress publishes them (`publish_limits`): there a refusal costs well under a
-millisecond of the proxy's CPU, where one that reaches the ingress costs both processes
-several (issue 23's burst: 1,072 refusals took 2-6 s to reach the callers).
+proxy_answers.FrontDoor`), with each pipeline's limit summed over the ingress replicas
+now running, as each publishes its own (`publish_limits`): there a refusal costs a
+fraction of a millisecond of the proxy's CPU, where one that reaches the ingress costs
+both processes several (issue 23's burst: 1,072 refusals took 2-6 s to reach callers).
 """
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import threading
@@ -126,38 +127,43 @@ async def _refuse(send: Any, name: str, limit: int, where: str) -> None:
 
 
 # Where the ingress publishes its limits for the proxies: Ray's internal key-value store
-# (in the GCS, where Serve keeps its own state, and there for a proxy started later).
-# By hand because Serve has no per-route limit that a proxy reads. Each ingress replica
-# publishes again every PUBLISH_S (a redeploy or a change of its replicas is followed);
-# a table older than STALE_S (the app deleted, the GCS's store lost) gates nothing.
-_KV_KEY = b"admission-limits"
+# (in the GCS, where Serve keeps its own state, and there for a proxy started later),
+# one entry per ingress replica. By hand because Serve has no per-route limit that a
+# proxy reads. Each replica publishes again every PUBLISH_S; a proxy sums the entries
+# it has seen change within STALE_S by its own clock (the replicas now running, whatever
+# their configuration says or their clocks read) and forgets the rest.
+_KV_PREFIX = b"admission/"
 _KV_NAMESPACE = b"servegraph"
-REFRESH_S = 0.5  # how soon a proxy follows a published table (a GCS read each)
+REFRESH_S = 0.5  # how soon a proxy follows a published table (GCS reads)
 PUBLISH_S = 5.0
-STALE_S = 30.0
+STALE_S = 15.0
+FORGET_S = 300.0  # an entry unchanged this long (its replica gone) is deleted
 
 
-def publish_limits(prefix: str, limits: Mapping[str, int], scopes: Mapping[str, str]) -> None:
-    """In the ingress (a Ray worker), mounted at `prefix`: each pipeline's limit across
-    all its replicas, and the scope a key needs to run it."""
+def publish_limits(
+    replica: str, prefix: str, limits: Mapping[str, int], scopes: Mapping[str, str]
+) -> None:
+    """In an ingress replica (a Ray worker) mounted at `prefix`: each pipeline's limit
+    in this replica, and the scope a key needs to run it."""
     from ray.experimental import internal_kv
 
     table = {"prefix": prefix, "limits": dict(limits), "scopes": dict(scopes), "at": time.time()}
     data = json.dumps(table, sort_keys=True).encode()
-    internal_kv._internal_kv_put(_KV_KEY, data, overwrite=True, namespace=_KV_NAMESPACE)
+    key = _KV_PREFIX + replica.encode()
+    internal_kv._internal_kv_put(key, data, overwrite=True, namespace=_KV_NAMESPACE)
 
 
-def publishing(table: Callable[[], tuple[str, Mapping[str, int], Mapping[str, str]]]) -> None:
-    """Publishes `table()` now and every `PUBLISH_S` from a daemon thread (GCS calls,
-    off the replica's event loop); a failed publication is logged, never raised."""
+def publishing(
+    replica: str, prefix: str, limits: Mapping[str, int], scopes: Mapping[str, str]
+) -> None:
+    """Publishes now and every `PUBLISH_S` from a daemon thread (GCS calls, off the
+    replica's event loop); a failed publication is logged, never raised."""
 
-    def publish() -> bool:
+    def publish() -> None:
         try:
-            publish_limits(*table())
-            return True
-        except Exception as exc:  # the proxies keep the last table until it goes stale
+            publish_limits(replica, prefix, limits, scopes)
+        except Exception as exc:  # the proxies keep the last entry until it goes stale
             _log.warning("admission limits not published to the proxies: %s", exc)
-            return False
 
     def again() -> None:
         while True:
@@ -169,18 +175,21 @@ def publishing(table: Callable[[], tuple[str, Mapping[str, int], Mapping[str, st
 
 
 class PublishedLimits(Mapping[str, int]):
-    """In a proxy: the limits the ingress published, read every `REFRESH_S` by a daemon
-    thread (a GCS call, kept off the proxy's event loop) once `start`ed. Empty until the
-    ingress has published, and when what it published is older than `STALE_S`: without
-    a table the proxy gates nothing and the ingress's own gate still holds. A failed
-    read keeps the last table until it goes stale."""
+    """In a proxy: the sum over the live ingress replicas of each pipeline's limit, as
+    they published it, read every `REFRESH_S` by a daemon thread (GCS calls, kept off
+    the proxy's event loop) once `start`ed, which also runs `also` each time (the key
+    store's refresh). Empty until an ingress replica has published, and when none is
+    live: without a table the proxy gates nothing and the ingress's own gate holds."""
 
-    def __init__(self, refresh_s: float = REFRESH_S) -> None:
+    def __init__(
+        self, refresh_s: float = REFRESH_S, also: Callable[[], None] | None = None
+    ) -> None:
         self._table: dict[str, int] = {}
         self.scopes: dict[str, str] = {}
-        self.prefix = ""  # where the ingress is mounted ("": nothing published)
-        self._at = 0.0
+        self.prefix = ""  # where the ingress is mounted ("": nothing live)
+        self._seen: dict[str, tuple[float, float]] = {}  # entry -> (its "at", when it changed)
         self._refresh_s = refresh_s
+        self._also = also
         self._started = False
         self._lock = threading.Lock()
 
@@ -197,23 +206,48 @@ class PublishedLimits(Mapping[str, int]):
         failed = False
         while True:
             try:
-                data = internal_kv._internal_kv_get(_KV_KEY, namespace=_KV_NAMESPACE)
-                self.take(json.loads(data) if data else {})
+                entries = {}
+                for key in internal_kv._internal_kv_list(_KV_PREFIX, namespace=_KV_NAMESPACE):
+                    data = internal_kv._internal_kv_get(key, namespace=_KV_NAMESPACE)
+                    if data:
+                        entries[key.decode()] = json.loads(data)
+                for gone in self.take(entries, time.monotonic()):
+                    internal_kv._internal_kv_del(gone.encode(), namespace=_KV_NAMESPACE)
                 failed = False
             except Exception as exc:  # the GCS restarting: keep the last table
                 if not failed:
                     _log.warning("admission limits not read (%s); keeping the last", exc)
                 failed = True
-            if time.time() - self._at > STALE_S:
-                self.take({})
+            if self._also is not None:
+                with contextlib.suppress(Exception):  # its own failures are its own
+                    self._also()
             time.sleep(self._refresh_s)
 
-    def take(self, published: Mapping[str, Any]) -> None:
-        """Follow a published table (`{}`: none)."""
-        self._at = float(published.get("at", 0.0))
-        self.scopes = {str(k): str(v) for k, v in published.get("scopes", {}).items()}
-        self._table = {str(k): int(v) for k, v in published.get("limits", {}).items()}
-        self.prefix = str(published.get("prefix", "")) if self._table else ""
+    def take(self, entries: Mapping[str, Mapping[str, Any]], now: float) -> list[str]:
+        """Follow the published entries, read at `now` (this process's monotonic clock);
+        the entries to forget."""
+        live: list[Mapping[str, Any]] = []
+        forget = []
+        for key, entry in entries.items():
+            at = float(entry.get("at", 0.0))
+            seen = self._seen.get(key)
+            if seen is None or seen[0] != at:
+                seen = self._seen[key] = (at, now)
+            if now - seen[1] <= STALE_S:
+                live.append(entry)
+            elif now - seen[1] > FORGET_S:
+                forget.append(key)
+        for key in [k for k in self._seen if k not in entries]:
+            del self._seen[key]
+        table: dict[str, int] = {}
+        scopes: dict[str, str] = {}
+        for entry in live:
+            for name, limit in entry.get("limits", {}).items():
+                table[str(name)] = table.get(str(name), 0) + int(limit)
+            scopes.update({str(k): str(v) for k, v in entry.get("scopes", {}).items()})
+        self.scopes, self._table = scopes, table
+        self.prefix = str(live[0].get("prefix", "")) if live else ""
+        return forget
 
     def __getitem__(self, name: str) -> int:
         return self._table[name]

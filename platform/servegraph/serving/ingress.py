@@ -148,10 +148,9 @@ def build_fastapi(
             ]
         }
 
-    limits = {name: g.max_in_flight or DEFAULT_MAX_IN_FLIGHT for name, g in graphs.items()}
     app.add_middleware(
         AdmissionGate,
-        limits=limits,
+        limits=admission_limits(graphs),
         on_refused=(lambda name: metrics.record(name, 503, 0.0, [])) if metrics else None,
         on_arrival=demand.arrived if demand is not None else None,
     )
@@ -643,16 +642,12 @@ def ingress_app(args: IngressArgs | dict[str, Any]) -> Any:
         invoker.prepare({call.server for g in graphs.values() for call in g.calls()})
         context = serve.get_replica_context()
         if context.app_name == INGRESS_APP:  # mounted at INGRESS_PREFIX
-
-            def table() -> tuple[str, dict[str, int], dict[str, str]]:
-                # the replicas as now configured (a config's override of the builder's
-                # options, a lightweight update), else what the builder was given
-                config = getattr(serve.get_replica_context(), "_deployment_config", None)
-                now = options if config is None else _options_of(config)
-                scopes = {n: pipeline_scope(g, catalog) for n, g in graphs.items()}
-                return INGRESS_PREFIX, admitted_in_all(graphs, now), scopes
-
-            publishing(table)
+            publishing(
+                context.replica_tag,
+                INGRESS_PREFIX,
+                admission_limits(graphs),
+                {n: pipeline_scope(g, catalog) for n, g in graphs.items()},
+            )
         return build_fastapi(graphs, catalog, invoker, PipelineMetrics(), Reporter(graphs))
 
     @serve.deployment(name="PipelineIngress")
@@ -662,34 +657,12 @@ def ingress_app(args: IngressArgs | dict[str, Any]) -> Any:
 
     routed = router_actor_options()
     placement = {"ray_actor_options": routed} if routed else {}
-    options = INGRESS_DEFAULTS | placement | args.deployment
-    deployment = PipelineIngress.options(**options)  # type: ignore[attr-defined]  # a @serve.deployment class is a Deployment
+    deployment = PipelineIngress.options(**(INGRESS_DEFAULTS | placement | args.deployment))  # type: ignore[attr-defined]  # a @serve.deployment class is a Deployment
     return deployment.bind()
 
 
-def _options_of(config: Any) -> dict[str, Any]:
-    """The replica options of a Serve `DeploymentConfig`."""
-    return {
-        "num_replicas": config.num_replicas,
-        "autoscaling_config": config.autoscaling_config,
-    }
-
-
-def admitted_in_all(graphs: dict[str, Graph], options: dict[str, Any]) -> dict[str, int]:
-    """Each pipeline's requests in flight that the ingress admits over all its replicas
-    (the most it may have, with autoscaling): what Serve's proxy lets through
-    (`servegraph.serving.proxy_answers.FrontDoor`). Empty (nothing gated at the proxy)
-    when the most replicas is not known."""
-    scaling = options.get("autoscaling_config")
-    replicas = options.get("num_replicas", 1)
-    if scaling or not isinstance(replicas, int):  # autoscaled: the most it may have
-        replicas = (
-            scaling.get("max_replicas")
-            if isinstance(scaling, dict)
-            else getattr(scaling, "max_replicas", None)
-        )
-        if not isinstance(replicas, int):
-            return {}
-    return {
-        name: (g.max_in_flight or DEFAULT_MAX_IN_FLIGHT) * replicas for name, g in graphs.items()
-    }
+def admission_limits(graphs: dict[str, Graph]) -> dict[str, int]:
+    """Each pipeline's requests in flight that one ingress replica admits (its gate's
+    limits, and what the replica publishes for Serve's proxies:
+    `servegraph.serving.proxy_answers.FrontDoor`)."""
+    return {name: g.max_in_flight or DEFAULT_MAX_IN_FLIGHT for name, g in graphs.items()}

@@ -81,19 +81,19 @@ async def _lost(send: Any) -> None:
 
 class FrontDoor(AdmissionGate):
     """The admission gate in front of Serve's proxy: in flight through this proxy, each
-    pipeline gets what the ingress admits in all (its `max_in_flight` times the
-    ingress's replicas, as published), and no more. Only a request whose key is valid
-    and has the pipeline's scope is counted (as at the ingress, where the key is
-    checked before the gate); any other passes to the ingress, which answers 401 or
-    403, so a caller without a key holds no place. Each refusal is counted where the
-    ingress counts its own (`servegraph_pipeline_requests{status="503"}`) and reported
-    to the demand board as an arrival, as the ingress does, so graph-aware scaling sees
-    the demand it turned away. With several proxies each admits that much: the
-    ingress's gate still holds the total.
+    pipeline gets what the ingress admits in all (the sum of its `max_in_flight` over
+    the ingress replicas now running, as they publish it), and no more. Only a request
+    whose key is valid and has the pipeline's scope is counted (as at the ingress,
+    where the key is checked before the gate); any other passes to the ingress, which
+    answers 401 or 403, so a caller without a key holds no place. Each refusal is
+    counted where the ingress counts its own (`servegraph_pipeline_requests{status=
+    "503"}`) and reported to the demand board as an arrival, as the ingress does, so
+    graph-aware scaling sees the demand it turned away. With several proxies each
+    admits that much: the ingress's gate still holds the total.
 
     Serve also installs its proxy's middlewares on each replica's own HTTP server when
-    replicas take HTTP directly (`RAY_SERVE_ENABLE_HA_PROXY`): there, and if anything
-    here fails to set up, it passes everything through.
+    replicas take HTTP directly (`RAY_SERVE_ENABLE_DIRECT_INGRESS`, which HAProxy mode
+    sets): there, and if anything here fails to set up, it passes everything through.
 
     Args:
         app: Serve's proxy app.
@@ -116,7 +116,10 @@ class FrontDoor(AdmissionGate):
             limits = {}
             try:
                 if not _in_a_replica():
-                    published = PublishedLimits()
+                    from servegraph.security.guard import Guard
+
+                    store = Guard.here().store
+                    published = PublishedLimits(also=store.refresh)
                     on_refused = on_refused or _counted_refusals()
                     counts = _keyed(published)
                     published.start()
@@ -157,23 +160,31 @@ def _in_a_replica() -> bool:
 
 def _keyed(published: PublishedLimits) -> Callable[[dict[str, Any], str], bool]:
     """Whether a request's key is valid and has the pipeline's published scope: the
-    replicas' own check (`Guard`, the same key store), without the limits or the
-    usage records, which the ingress keeps."""
+    replicas' own check (`Guard`, the same key store), on the keys as last read (the
+    limits' reading thread re-reads the store, off the proxy's event loop), recording
+    nothing (the ingress keeps the keys' last use, limits and usage)."""
     from servegraph.security.guard import Guard
 
     guard = Guard.here()
+    failing = False
 
     def counts(scope: dict[str, Any], pipeline: str) -> bool:
+        nonlocal failing
         if guard.settings.unsafe_disabled:
             return True
-        key = bearer_key(scope)
-        try:
-            caller = guard.store.verify(key) if key else None
-        except Exception:  # the key store unreadable here: the ingress decides
-            _log.exception("the proxy could not check a key; the request passes uncounted")
-            return False
         needed = published.scopes.get(pipeline)
-        return caller is not None and (needed is None or caller.allows(needed))
+        key = bearer_key(scope)
+        if needed is None or key is None:
+            return False
+        try:
+            caller = guard.store.verify(key, refresh=False, touch=False)
+        except Exception:  # the key store unreadable here: the ingress decides
+            if not failing:
+                _log.exception("the proxy cannot check keys; requests pass uncounted")
+            failing = True
+            return False
+        failing = False
+        return caller is not None and caller.allows(needed)
 
     return counts
 

@@ -132,7 +132,7 @@ class FrontDoor(AdmissionGate):
             limits,
             on_refused=on_refused,
             pipeline=lambda scope: pipeline_below(mount(), scope),
-            where="this proxy (max_in_flight times the ingress's replicas)",
+            where="this proxy (summed over the ingress's replicas)",
             counts=counts,
         )
 

@@ -15,6 +15,7 @@ from starlette.responses import PlainTextResponse, StreamingResponse
 from starlette.routing import Route
 
 from servegraph.security.client import client_headers
+from servegraph.security.guard import Guard
 from servegraph.serving.admission import PublishedLimits, pipeline_below
 from servegraph.serving.proxy_answers import (
     AnswerLostReplicas,
@@ -189,6 +190,7 @@ def test_the_front_door_counts_only_keys_the_ingress_would_admit() -> None:
     table = {"prefix": "/pipelines", "limits": {"rag": 8, "secret": 8}, "scopes": scopes}
     published.take({"replica": table | {"at": 1.0}}, now=0.0)
     counts = _keyed(published)
+    Guard.here().store.refresh()  # what the limits' reading thread does (`also`)
 
     def scope(authorization: str | None) -> dict:
         headers = [(b"authorization", authorization.encode())] if authorization else []

@@ -33,25 +33,10 @@ def summary(answers: list[Answer], deadline_s: float | None = None) -> dict[str,
     if deadline_s is not None:
         within = sum(1 for a in answers if a.status and a.seconds <= deadline_s + MARGIN_S)
         out["answered_within_deadline_plus_5s"] = round(within / len(answers), 4)
-    by_status: dict[int, list[float]] = {}
-    for a in answers:
-        by_status.setdefault(a.status, []).append(a.seconds)
-    out["p50_s_by_status"] = {s: round(statistics.median(v), 2) for s, v in by_status.items()}
+    out |= _by_status(answers, lambda a: a.seconds, "")
     out["max_s"] = round(max(a.seconds for a in answers), 2) if answers else None
-    out["p99_s_by_status"] = {
-        s: round(sorted(v)[min(len(v) - 1, int(len(v) * 0.99))], 2) for s, v in by_status.items()
-    }
-    written: dict[int, list[float]] = {}
-    for a in answers:
-        if a.since_written is not None:
-            written.setdefault(a.status, []).append(a.since_written)
-    if written:  # the same, from when each request was written (the client's delay out)
-        out["p50_s_by_status_since_written"] = {
-            s: round(statistics.median(v), 2) for s, v in written.items()
-        }
-        out["p99_s_by_status_since_written"] = {
-            s: round(sorted(v)[min(len(v) - 1, int(len(v) * 0.99))], 2) for s, v in written.items()
-        }
+    # the same, from when each request was written (the client's own delay left out)
+    out |= _by_status(answers, lambda a: a.since_written, "_since_written")
     if deadline_s is not None:
         out["later_than_deadline_plus_5s"] = sum(
             1 for a in answers if a.seconds > deadline_s + MARGIN_S
@@ -60,6 +45,25 @@ def summary(answers: list[Answer], deadline_s: float | None = None) -> dict[str,
     out["503_with_retry_after"] = sum(1 for a in shed if a.headers and "retry-after" in a.headers)
     out["503_refused_by"] = dict(Counter(_refused_by(a.body) for a in shed))
     return out
+
+
+def _by_status(answers: list[Answer], seconds: Any, suffix: str) -> dict[str, Any]:
+    """p50 and p99 of `seconds(answer)` per status (answers it gives None left out)."""
+    by_status: dict[int, list[float]] = {}
+    for a in answers:
+        if (value := seconds(a)) is not None:
+            by_status.setdefault(a.status, []).append(value)
+    if not by_status:
+        return {}
+    return {
+        f"p50_s_by_status{suffix}": {
+            s: round(statistics.median(v), 2) for s, v in by_status.items()
+        },
+        f"p99_s_by_status{suffix}": {
+            s: round(sorted(v)[min(len(v) - 1, int(len(v) * 0.99))], 2)
+            for s, v in by_status.items()
+        },
+    }
 
 
 def _refused_by(body: Any) -> str:

@@ -189,7 +189,7 @@ def test_the_front_door_counts_only_keys_the_ingress_would_admit() -> None:
     scopes = {"rag": "invoke:rag", "secret": "admin"}
     table = {"prefix": "/pipelines", "limits": {"rag": 8, "secret": 8}, "scopes": scopes}
     published.take({"replica": table | {"at": 1.0}}, now=0.0)
-    counts = _keyed(published)
+    counts = _keyed(published, Guard.here())
     Guard.here().store.refresh()  # what the limits' reading thread does (`also`)
 
     def scope(authorization: str | None) -> dict:

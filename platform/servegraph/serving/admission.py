@@ -190,14 +190,8 @@ class PublishedLimits(Mapping[str, int]):
         self._seen: dict[str, tuple[float, float]] = {}  # entry -> (its "at", when it changed)
         self._refresh_s = refresh_s
         self._also = also
-        self._started = False
-        self._lock = threading.Lock()
 
     def start(self) -> None:
-        with self._lock:
-            if self._started:
-                return
-            self._started = True
         threading.Thread(target=self._reading, name="admission-limits", daemon=True).start()
 
     def _reading(self) -> None:

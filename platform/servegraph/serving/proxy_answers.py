@@ -7,8 +7,8 @@ the proxy (`RAY_SERVE_HTTP_PROXY_CALLBACK_IMPORT_PATH`, set by
   Serve's own refusal (`max_queued_requests`) comes only after its router has tried to
   place the request, and a refusal by the ingress's gate after a replica round trip; in
   a burst of 1,200 on 2 cores those took 2-6 s to reach the callers (issue 23).
-- `AnswerLostReplicas`: when the replica serving a request dies before
-    answering (`kill -9`, a crash, its node lost): Serve's proxy sends nothing for it
+- `AnswerLostReplicas`: when the replica serving a request dies before answering
+  (`kill -9`, a crash, its node lost), Serve's proxy sends nothing for it
   (`ray.serve._private.http_util.send_http_response_on_exception` answers only 408,
   429 and 503), so uvicorn answers a bare `500 Internal Server Error`. This answers a
   502 that says what happened and what the caller can do instead.
@@ -28,6 +28,7 @@ from typing import Any
 from starlette.middleware import Middleware
 
 from servegraph.security.endpoints import bearer_key, json_answer
+from servegraph.security.guard import Guard
 from servegraph.serving.admission import AdmissionGate, PublishedLimits, pipeline_below
 
 LOST = {
@@ -116,17 +117,14 @@ class FrontDoor(AdmissionGate):
             limits = {}
             try:
                 if not _in_a_replica():
-                    from servegraph.security.guard import Guard
-
-                    store = Guard.here().store
-                    published = PublishedLimits(also=store.refresh)
+                    guard = Guard.here()
+                    published = PublishedLimits(also=guard.store.refresh)
                     on_refused = on_refused or _counted_refusals()
-                    counts = _keyed(published)
+                    counts = _keyed(published, guard)
                     published.start()
                     limits, mount = published, (lambda: published.prefix)
             except Exception:  # never the proxy's start: the ingress's gate still holds
                 _log.exception("the proxy's admission gate is off")
-        self._mount = mount
         super().__init__(
             app,
             limits,
@@ -158,14 +156,12 @@ def _in_a_replica() -> bool:
     return _get_internal_replica_context() is not None
 
 
-def _keyed(published: PublishedLimits) -> Callable[[dict[str, Any], str], bool]:
+def _keyed(published: PublishedLimits, guard: Guard) -> Callable[[dict[str, Any], str], bool]:
     """Whether a request's key is valid and has the pipeline's published scope: the
     replicas' own check (`Guard`, the same key store), on the keys as last read (the
     limits' reading thread re-reads the store, off the proxy's event loop), recording
-    nothing (the ingress keeps the keys' last use, limits and usage)."""
-    from servegraph.security.guard import Guard
-
-    guard = Guard.here()
+    nothing (the ingress keeps the keys' last use, limits and usage). `guard`: this
+    process's `Guard`."""
     failing = False
 
     def counts(scope: dict[str, Any], pipeline: str) -> bool:

@@ -125,18 +125,20 @@ def test_a_keys_rate_limit_is_shared_by_two_ingress_replicas(pipelines: LocalClu
         plan.deploy()
         wait_until_running([INGRESS_APP])
 
-    def replicas() -> int:
+    def replicas() -> dict[str, int]:
         app = serve.status().applications[INGRESS_APP]
-        return app.deployments["PipelineIngress"].replica_states.get("RUNNING", 0)
+        return dict(app.deployments["PipelineIngress"].replica_states)
 
     # One request per 100 s: a bucket of one. Limited per replica, two replicas would
     # admit two.
     key = store().create("it-limited", ["invoke:*"], requests_per_s=0.01)
     deploy_ingress(num_replicas=2)
     try:
+        # `serve.run` replaces the replicas (a new code version): wait until the old one
+        # has gone too, or the burst may land on it as it stops, its usage unexported.
         deadline = time.monotonic() + 120
-        while replicas() != 2:
-            assert time.monotonic() < deadline, "the second ingress replica did not start"
+        while replicas() != {"RUNNING": 2}:
+            assert time.monotonic() < deadline, f"two ingress replicas did not settle: {replicas()}"
             time.sleep(0.5)
 
         async def burst() -> list[httpx.Response]:
@@ -154,20 +156,25 @@ def test_a_keys_rate_limit_is_shared_by_two_ingress_replicas(pipelines: LocalClu
             r'servegraph_key_requests(_total)?\{[^}]*key="it-limited"',
             enough=lambda found: len(replicas_of(found)) >= 2,
         )
+        # Serve's own count of each replica's requests, to tell "one replica answered
+        # them all" from "a replica's usage was not exported" if the above fails.
+        served = wait_for_series(
+            pipelines,
+            r"serve_deployment_request_counter(_total)?\{[^}]*PipelineIngress",
+            timeout_s=1,
+        )
     finally:
         deploy_ingress()
         # Back to one replica, the old ones gone: a later test's requests (and their
         # metrics) must not land on a replica that is shutting down.
         deadline = time.monotonic() + 120
-        while serve.status().applications[INGRESS_APP].deployments[
-            "PipelineIngress"
-        ].replica_states != {"RUNNING": 1}:
+        while replicas() != {"RUNNING": 1}:
             assert time.monotonic() < deadline, "the ingress did not return to one replica"
             time.sleep(0.5)
     statuses = [a.status_code for a in answers]
     assert statuses.count(200) == 1 and statuses.count(429) == 59, statuses
     assert all(int(a.headers["retry-after"]) >= 1 for a in answers if a.status_code == 429)
-    assert len(replicas_of(series)) == 2, series
+    assert len(replicas_of(series)) == 2, (series, served)
 
 
 def replicas_of(series: list[str]) -> set[str]:

@@ -28,6 +28,9 @@ SERVER = ServerSpec(
     in_process="deployments.classifier.model:Classifier",
     prepare="deployments.classifier.training:prepare",
     route_prefix="/classifier",
+    # A replica's start on the 2-core machine (README, "A replica's cold start"): a call
+    # to this server scaled to zero that cannot wait this long is refused at once.
+    cold_start_s=9.2,
     reads={"info": ("info", c.ClassifierInfo), "stats": ("batch_stats", BatchStats)},
     description="support-ticket category classifier, dynamically batched",
 )

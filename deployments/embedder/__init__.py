@@ -27,6 +27,9 @@ SERVER = ServerSpec(
     merged_calls=True,
     in_process="deployments.embedder.model:Embedder",
     route_prefix="/embedder",
+    # A replica's start on the 2-core machine (README, "A replica's cold start"): a call
+    # to this server scaled to zero that cannot wait this long is refused at once.
+    cold_start_s=9.4,
     reads={"info": ("info", c.EmbedderInfo), "stats": ("batch_stats", BatchStats)},
     description="all-MiniLM-L6-v2 sentence embeddings, dynamically batched",
 )

@@ -34,5 +34,8 @@ SERVER = ServerSpec(
     in_process="deployments.llm.in_process:InProcessLLM",
     prepare="deployments.llm.prepare:prepare",
     route_prefix="/",
+    # A replica's start on the 2-core machine (README, "A replica's cold start"): a call
+    # to this server scaled to zero that cannot wait this long is refused at once.
+    cold_start_s=43.7,
     description="vLLM via ray.serve.llm; OpenAI routes at /v1",
 )

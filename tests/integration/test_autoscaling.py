@@ -1,5 +1,6 @@
-"""Autoscaling really scales: the embedder grows under load and shrinks after, while the
-classifier, another deployment, stays where it was."""
+"""Autoscaling really scales: the embedder grows under load and shrinks after, down to
+zero, while the classifier, another deployment, stays where it was; at zero, a call
+that its cold start cannot fit is refused at once and one that it can waits for it."""
 
 from __future__ import annotations
 
@@ -18,6 +19,7 @@ pytestmark = pytest.mark.integration
 
 FAST_AUTOSCALING = {
     "min_replicas": 1,
+    "initial_replicas": 1,
     "max_replicas": 2,
     "target_ongoing_requests": 2,
     "upscale_delay_s": 0.5,
@@ -50,11 +52,13 @@ def running_replicas(app: str, deployment: str) -> int:
     return int(states.get("RUNNING", 0))
 
 
-def test_embedder_scales_out_under_load_and_back_in(model_servers: LocalCluster) -> None:
+def test_embedder_scales_out_under_load_and_back_in_to_zero(model_servers: LocalCluster) -> None:
+    from deployments.embedder import SERVER
     from deployments.embedder.server import app as embedder_app
 
+    to_zero = FAST_AUTOSCALING | {"min_replicas": 0, "downscale_to_zero_delay_s": 3}
     serve.run(
-        embedder_app({"overrides": {"autoscaling_config": FAST_AUTOSCALING}}),
+        embedder_app({"overrides": {"autoscaling_config": to_zero}}),
         name="embedder",
         route_prefix="/embedder",
     )
@@ -86,11 +90,25 @@ def test_embedder_scales_out_under_load_and_back_in(model_servers: LocalCluster)
     assert peak == 2, "the embedder never scaled out under sustained load"
 
     deadline = time.monotonic() + 90
-    while time.monotonic() < deadline and running_replicas("embedder", "Embedder") > 1:
+    while time.monotonic() < deadline and running_replicas("embedder", "Embedder") > 0:
         classifier_counts.append(running_replicas("classifier", "Classifier"))
         time.sleep(0.5)
-    assert running_replicas("embedder", "Embedder") == 1, "the embedder never scaled back in"
+    assert running_replicas("embedder", "Embedder") == 0, "the embedder never scaled to zero"
     assert set(classifier_counts) == {1}, "the classifier moved while only the embedder was loaded"
+
+    assert SERVER.cold_start_s is not None
+    with httpx.Client(
+        headers=client_headers(), base_url=model_servers.base_url, timeout=120
+    ) as client:
+        short = client.post("/embedder/embed", json=body, headers={"x-request-timeout": "2"})
+        assert short.status_code == 503, short.text
+        assert "scaled to zero" in short.text
+        assert int(short.headers["retry-after"]) >= SERVER.cold_start_s
+        # The refusal asked for a replica; a caller who can wait for it gets an answer.
+        started = time.monotonic()
+        waited = client.post("/embedder/embed", json=body, headers={"x-request-timeout": "90"})
+        assert waited.status_code == 200, waited.text
+    print(f"the call at zero was answered after {time.monotonic() - started:.1f} s")
 
     serve.run(embedder_app(), name="embedder", route_prefix="/embedder")  # profile defaults
     wait_until_running(["embedder"])

@@ -5,6 +5,7 @@ the deadline; a caller's deadline header is answered just before it runs out."""
 from __future__ import annotations
 
 import time
+from types import SimpleNamespace
 from typing import Any
 
 import pytest
@@ -21,7 +22,7 @@ from servegraph import (
 )
 from servegraph.engine.runtime import Runtime
 from servegraph.errors import ServerUnavailableError
-from servegraph.serving.handles import ServeInvoker
+from servegraph.serving.handles import RunningReplicas, ServeInvoker
 from servegraph.serving.http import retry_after
 from servegraph.serving.ingress import run_deadline
 from tests.servegraph import toy
@@ -168,3 +169,65 @@ async def test_a_stream_whose_replica_died_before_its_first_chunk_is_started_aga
         item async for item in serve_invoker.stream("writer", "write_stream", toy.Text(text="x"))
     ]
     assert items == [toy.Piece(text="x"), toy.Echo(text="x")] and server.calls == 2
+
+
+def _status(state: str | None) -> Any:
+    """Serve's status as `serve.status()` gives it, for a server "cold" (deployment C)
+    with one replica in `state` (None: none)."""
+    states = {state: 1} if state else {}
+    deployments = {"C": SimpleNamespace(replica_states=states)}
+    return SimpleNamespace(applications={"cold": SimpleNamespace(deployments=deployments)})
+
+
+COLD = Catalog(
+    [
+        ServerSpec(
+            "cold",
+            {"echo": MethodContract(toy.Text, toy.Echo, idempotent=True)},
+            "x:y",
+            "C",
+            "/c",
+            cold_start_s=10.0,
+        )
+    ]
+)
+
+
+@pytest.mark.parametrize(
+    ("state", "deadline_s", "refused"),
+    [(None, 2.0, True), (None, 30.0, False), ("RUNNING", 2.0, False), ("STARTING", 2.0, False)],
+)
+async def test_a_server_at_zero_refuses_at_once_a_call_its_cold_start_cannot_fit(
+    monkeypatch: pytest.MonkeyPatch, state: str | None, deadline_s: float, refused: bool
+) -> None:
+    """Scaled to zero with 2 s left and a 10 s start: a 503 naming the node at once, with
+    the start as Retry-After, and a replica asked for; with 30 s left the call waits for
+    the start (Serve's queue: here the stand-in answers); a replica running, or starting
+    (maybe nearly ready): the call goes on."""
+    woken: list[str] = []
+    monkeypatch.setattr(ServeInvoker, "_wake", lambda self, server: woken.append(server))
+    serve_invoker = ServeInvoker(
+        COLD, replicas=RunningReplicas(COLD, status=lambda: _status(state))
+    )
+    serve_invoker._targets["cold"] = DiesFirst(dies=0)
+    runtime = Runtime(COLD, serve_invoker)
+    started = time.monotonic()
+    if not refused:
+        answer = await runtime.run(echo_graph("cold"), {"text": "hi"}, deadline_s=deadline_s)
+        assert answer.text == "hi" and woken == []
+        return
+    with pytest.raises(OverloadedError) as info:
+        await runtime.run(echo_graph("cold"), {"text": "hi"}, deadline_s=deadline_s)
+    assert time.monotonic() - started < 1.0
+    assert info.value.node == "say" and info.value.status_code == 503
+    assert "scaled to zero" in info.value.detail and "x-request-timeout" in info.value.detail
+    assert retry_after(info.value) == {"Retry-After": "10"}
+    assert woken == ["cold"]
+
+
+async def test_replicas_unknown_after_a_failed_read_never_refuse() -> None:
+    def broken() -> Any:
+        raise ConnectionError("controller restarting")
+
+    replicas = RunningReplicas(COLD, status=broken)
+    assert await replicas.live("cold") is None

@@ -105,6 +105,11 @@ class ServerSpec:
         merged_calls: the Serve class accepts merged calls
             (`servegraph.serving.merging.accepts_merged_calls`): concurrent calls from one
             process to one of its methods then travel as one handle call.
+        cold_start_s: seconds from the decision to start a replica to its first answer
+            (`benchmarks.cold_start`). A call to a server with no replica running (scaled
+            to zero) whose deadline leaves less than this is refused at once (503 with
+            this as Retry-After) rather than left to wait past its deadline
+            (`servegraph.serving.handles`). None: never refused for it.
     """
 
     name: str
@@ -121,6 +126,7 @@ class ServerSpec:
     """Argument-less GET routes of the server's REST surface: route -> (deployment
     method, response model), e.g. ``{"stats": ("batch_stats", BatchStats)}``."""
     merged_calls: bool = False
+    cold_start_s: float | None = None
 
 
 @dataclass

@@ -2,8 +2,11 @@
 the two faults turned into answers on the way (a full queue, a replica that died).
 Used by the pipeline ingress and by every model server's gateway."""
 
+from __future__ import annotations
+
 import asyncio
 import concurrent.futures
+import contextlib
 import itertools
 import logging
 import time
@@ -65,11 +68,18 @@ class ServeInvoker:
       requests that no replica had accepted yet.
     """
 
-    def __init__(self, catalog: Catalog, merge: MergeSettings | None = None) -> None:
+    def __init__(
+        self,
+        catalog: Catalog,
+        merge: MergeSettings | None = None,
+        replicas: RunningReplicas | None = None,
+    ) -> None:
         self._catalog = catalog
         self._targets: dict[str, Any] = {}
         self._merge = merge if merge is not None else MergeSettings()
         self.mergers: dict[tuple[str, str], CallMerger] = {}
+        self.replicas = replicas if replicas is not None else RunningReplicas(catalog)
+        self._wakes: set[Any] = set()  # wake-up calls in flight, held until answered
 
     def prepare(self, servers: Iterable[str]) -> None:
         """Make the handles (and clients) of `servers` now, when the ingress starts:
@@ -91,6 +101,7 @@ class ServeInvoker:
         return self._targets[server]
 
     async def __call__(self, server: str, method: str, request: BaseModel) -> Any:
+        await self._startable_in_time(server)
         target = self._target(server)
         call: Callable[[], Awaitable[Any]]
         if not isinstance(target, DeploymentHandle):
@@ -123,6 +134,50 @@ class ServeInvoker:
             )
         return self.mergers[key]
 
+    async def _startable_in_time(self, server: str) -> None:
+        """Refuse a call to `server` at once (503, Retry-After its cold start) when no
+        replica of it runs or is starting (scaled to zero) and the request's deadline
+        leaves less than its `cold_start_s`: Serve's router would hold the call until a
+        replica starts, and the caller would get a 504 after waiting out the whole
+        deadline for nothing. A replica already starting may be nearly ready (Serve
+        does not say since when), so calls then wait for it. The refused call still asks
+        for a replica (`_wake`), so the next one finds it starting or running. A call
+        that fits waits in Serve's queue for the start, which the queued call itself asks
+        for."""
+        cold_start_s = self._catalog[server].cold_start_s
+        left = time_left()
+        if cold_start_s is None or left is None or left >= cold_start_s:
+            return
+        if await self.replicas.live(server) != 0:
+            return
+        self._wake(server)
+        raise ServerUnavailableError(
+            server,
+            f"no replica is running (scaled to zero) and one takes about {cold_start_s:g} s "
+            f"to start, more than the {max(left, 0.0):.1f} s left before this request's "
+            "deadline; retry after the Retry-After header's seconds, or with a longer "
+            "x-request-timeout",
+            cold_start_s,
+        )
+
+    def _wake(self, server: str) -> None:
+        """Ask Serve for a replica of `server` without doing any work on it: a health
+        check call waits in the router's queue, which is what Serve's autoscaling (its
+        default policy and `GraphAwarePolicy` alike) starts a replica from. One at a
+        time per server; fire and forget."""
+        if server in self._wakes:
+            return
+        spec = self._catalog[server]
+        try:
+            handle = serve.get_deployment_handle(deployment_name(spec), app_name=spec.name)
+            response = handle.check_health.remote()
+        except Exception:  # the refusal stands; the next call asks again
+            logger.warning("could not ask for a replica of %r", server, exc_info=True)
+            return
+        self._wakes.add(server)
+        future = asyncio.ensure_future(_settled(response))
+        future.add_done_callback(lambda _: self._wakes.discard(server))
+
     async def read(self, server: str, method: str) -> Any:
         """An argument-less method (a gateway's GET route), retried like a call."""
         bound = getattr(self._target(server), method)
@@ -136,6 +191,7 @@ class ServeInvoker:
     async def stream(self, server: str, method: str, request: BaseModel) -> AsyncIterator[Any]:
         """Iterate a streaming method: a generator on the replica, or the client's own.
         A stream whose replica died before its first item is started again."""
+        await self._startable_in_time(server)
         target = self._target(server)
         idempotent = any(  # `method` is a contract's streaming twin
             c.idempotent
@@ -163,6 +219,78 @@ class ServeInvoker:
             except RayActorError as exc:
                 await _before_retry(server, exc, attempt, idempotent and not started)
 
+
+async def _settled(response: Any) -> None:
+    """Await a fire-and-forget call, its outcome (or failure) dropped."""
+    with contextlib.suppress(Exception):
+        await response
+
+
+class RunningReplicas:
+    """How many replicas of each model server run or start, as Serve's controller says
+    (`serve.status()`, Serve's public status API), for the servers that have a
+    `cold_start_s`.
+
+    Read from a thread, never on the event loop, and only when a call needs it (a
+    deadline shorter than a cold start): a reading at most `fresh_s` old is used as it
+    is; one up to `stale_s` old is used while a new one is read in the background; an
+    older one (the server idle that long: it may have gone to zero since) is read again
+    before the call goes on. A failed read counts as "unknown" (the call is never
+    refused on it).
+
+    By hand rather than from the handle's router, which knows its replicas: Serve
+    offers no public way to ask it.
+    """
+
+    def __init__(
+        self,
+        catalog: Catalog,
+        fresh_s: float = 1.0,
+        stale_s: float = 5.0,
+        status: Callable[[], Any] | None = None,
+    ) -> None:
+        self._catalog = catalog
+        self.fresh_s, self.stale_s = fresh_s, stale_s
+        self._status = status or serve.status
+        self._counts: dict[str, int] = {}
+        self._read_at = -float("inf")
+        self._reading: asyncio.Future[None] | None = None
+
+    async def live(self, server: str) -> int | None:
+        """`server`'s replicas running or starting; None when unknown."""
+        age = time.monotonic() - self._read_at
+        if age > self.fresh_s:
+            if self._reading is None:
+                self._reading = asyncio.ensure_future(self._read())
+            if age > self.stale_s:
+                await asyncio.shield(self._reading)
+        return self._counts.get(server)
+
+    async def _read(self) -> None:
+        try:
+            self._counts = await asyncio.get_running_loop().run_in_executor(None, self._read_counts)
+        except Exception as exc:  # unknown until the next read: never a refusal
+            logger.warning("could not read the model servers' replicas: %s", exc)
+            self._counts = {}
+        finally:
+            self._read_at, self._reading = time.monotonic(), None
+
+    def _read_counts(self) -> dict[str, int]:
+        apps = self._status().applications
+        counts: dict[str, int] = {}
+        for server, spec in self._catalog.items():
+            app = apps.get(spec.name)
+            if spec.cold_start_s is None or app is None:
+                continue
+            deployment = app.deployments.get(deployment_name(spec))
+            states = deployment.replica_states if deployment is not None else {}
+            counts[server] = sum(n for state, n in states.items() if state in _LIVE)
+        return counts
+
+
+# Replica states that will answer, now or once started: a replica in any of them means
+# the server is not at zero (a restarting one is on its way; its start has begun).
+_LIVE = frozenset({"RUNNING", "STARTING", "UPDATING", "RECOVERING"})
 
 _REPLICA_RETRY_BACKOFF_S = (0.05, 2.0)  # first and largest wait between retries
 _READ_RETRIES = 8  # a read has no node deadline: about 10 s of backoff in all

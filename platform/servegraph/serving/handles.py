@@ -253,11 +253,15 @@ class RunningReplicas:
         self.fresh_s, self.stale_s = fresh_s, stale_s
         self._status = status or serve.status
         self._counts: dict[str, int] = {}
+        self._asked: set[str] = set()  # only these are read: a gateway asks of its own server
         self._read_at = -float("inf")
         self._reading: asyncio.Future[None] | None = None
 
     async def live(self, server: str) -> int | None:
         """`server`'s replicas running or starting; None when unknown."""
+        if server not in self._asked:
+            self._asked.add(server)
+            self._read_at = -float("inf")  # read it now
         age = time.monotonic() - self._read_at
         if age > self.fresh_s:
             if self._reading is None:
@@ -278,7 +282,8 @@ class RunningReplicas:
     def _read_counts(self) -> dict[str, int]:
         apps = self._status().applications
         counts: dict[str, int] = {}
-        for server, spec in self._catalog.items():
+        for server in list(self._asked):
+            spec = self._catalog[server]
             app = apps.get(spec.name)
             if spec.cold_start_s is None or app is None:
                 continue

@@ -88,7 +88,7 @@ async def test_the_front_door_refuses_past_the_ingress_limit_before_the_proxy_wo
                 break
             await asyncio.sleep(0.01)
         turned = await asyncio.gather(
-            client.post("/pipelines/small", json={}),
+            client.post("/pipelines/small", json={}, headers={"x-request-id": "mine-1"}),
             client.post("/pipelines/small/stream", json={}),
         )
         passed = asyncio.ensure_future(client.post("/pipelines/other", json={}))
@@ -105,6 +105,10 @@ async def test_the_front_door_refuses_past_the_ingress_limit_before_the_proxy_wo
     for answer in turned:
         assert answer.status_code == 503 and answer.headers["retry-after"] == "1"
         assert answer.json()["node"] == "(admission)" and "this proxy" in answer.json()["detail"]
+    # Each refusal has a request id, as Serve's proxy gives every answer: the caller's own,
+    # or a new one.
+    assert turned[0].headers["x-request-id"] == "mine-1"
+    assert len(turned[1].headers["x-request-id"]) == 36
     assert refused == ["small", "small"]
     assert gating.json() == {"gating": True}
     assert [a.status_code for a in [*others, again]] == [200] * 5

@@ -88,7 +88,7 @@ class AdmissionGate:
                     self._on_refused(name)
                 except Exception:  # counting it failed: the caller still gets the 503
                     _log.exception("a refusal of %r was not counted", name)
-            await _refuse(send, name, limit, self._where)
+            await _refuse(send, name, limit, self._where, self.refusal_headers(scope))
             return
         self.in_flight[name] += 1
         try:
@@ -99,6 +99,11 @@ class AdmissionGate:
     async def admitted(self, scope: Scope, receive: Any, send: Any) -> None:
         """Runs a request the gate let through."""
         await self.app(scope, receive, send)
+
+    def refusal_headers(self, scope: Scope) -> dict[str, str]:
+        """Headers a refusal carries besides Retry-After (none here: in the ingress, the
+        request id is set by Serve's proxy on the way back)."""
+        return {}
 
 
 def pipeline_of(scope: Scope) -> str | None:
@@ -116,14 +121,14 @@ def pipeline_of(scope: Scope) -> str | None:
     return None
 
 
-async def _refuse(send: Any, name: str, limit: int, where: str) -> None:
+async def _refuse(send: Any, name: str, limit: int, where: str, headers: Mapping[str, str]) -> None:
     body = {
         "error": "OverloadedError",
         "node": "(admission)",
         "detail": f"pipeline {name!r} already runs {limit} requests in {where}, its "
         f"max_in_flight; retry after {RETRY_AFTER_S}s",
     }
-    await json_answer(send, 503, body, {"retry-after": str(RETRY_AFTER_S)})
+    await json_answer(send, 503, body, {"retry-after": str(RETRY_AFTER_S), **headers})
 
 
 # Where the ingress publishes its limits for the proxies: Ray's internal key-value store

@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import uuid
 from collections.abc import Callable, Mapping
 from contextlib import suppress
 from typing import Any
@@ -133,6 +134,15 @@ class FrontDoor(AdmissionGate):
             where="this proxy (summed over the ingress's replicas)",
             counts=counts,
         )
+
+    def refusal_headers(self, scope: dict[str, Any]) -> dict[str, str]:
+        """The request id, as every answer through Serve's proxy carries it: the caller's
+        `x-request-id`, or a new one. The front door answers outside Serve's own
+        `RequestIdMiddleware` (Serve puts that innermost), so it sets it itself."""
+        for name, value in scope.get("headers", ()):
+            if name == b"x-request-id":
+                return {"x-request-id": value.decode("latin-1")}
+        return {"x-request-id": str(uuid.uuid4())}
 
     async def __call__(self, scope: dict[str, Any], receive: Any, send: Any) -> None:
         if scope["type"] == "http" and scope.get("path") == ADMISSION_PATH:

@@ -231,3 +231,34 @@ async def test_replicas_unknown_after_a_failed_read_never_refuse() -> None:
 
     replicas = RunningReplicas(COLD, status=broken)
     assert await replicas.live("cold") is None
+
+
+async def test_a_server_called_lately_and_running_is_not_read_again() -> None:
+    reads: list[int] = []
+
+    def status() -> Any:
+        reads.append(1)
+        return _status("RUNNING")
+
+    replicas = RunningReplicas(COLD, status=status)
+    assert [await replicas.live("cold") for _ in range(50)] == [1] * 50
+    assert len(reads) == 1  # the controller is asked once, not per call
+
+
+async def test_a_slow_controller_is_unknown_after_a_bounded_wait() -> None:
+    import threading
+
+    release = threading.Event()
+
+    def slow() -> Any:
+        release.wait(10)
+        return _status(None)
+
+    replicas = RunningReplicas(COLD, wait_s=0.05, status=slow)
+    started = time.monotonic()
+    try:
+        assert await replicas.live("cold") is None
+        assert await replicas.live("cold") is None  # no second wait on the same read
+        assert time.monotonic() - started < 1.0
+    finally:
+        release.set()

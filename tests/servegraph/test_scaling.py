@@ -294,15 +294,6 @@ def test_the_policy_obeys_a_queue_only_when_it_lasts(monkeypatch: pytest.MonkeyP
     assert wanted == 0.0  # Serve's downscale delay and bounds pace the fall
 
 
-def test_the_policy_starts_a_server_at_zero_when_a_call_waits(
-    monkeypatch: pytest.MonkeyPatch,
-) -> None:
-    monkeypatch.setattr(watch, "_WATCHER", _Loads({}))  # no pipeline arrivals
-    llm = GraphAwarePolicy(server="llm", service_time_s=1.0, reactive_delay_s=30)
-    assert llm(_ctx(ongoing=0, replicas=0))[0] == 0.0  # idle at zero stays there
-    assert llm(_ctx(ongoing=1, replicas=0))[0] == 1.0  # at once, not after 30 s
-
-
 def test_graph_autoscaling_is_a_serve_config_with_the_policy() -> None:
     config = graph_autoscaling(
         "embedder",

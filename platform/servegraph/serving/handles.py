@@ -7,6 +7,7 @@ from __future__ import annotations
 import asyncio
 import concurrent.futures
 import contextlib
+import contextvars
 import itertools
 import logging
 import time
@@ -79,7 +80,8 @@ class ServeInvoker:
         self._merge = merge if merge is not None else MergeSettings()
         self.mergers: dict[tuple[str, str], CallMerger] = {}
         self.replicas = replicas if replicas is not None else RunningReplicas(catalog)
-        self._wakes: set[Any] = set()  # wake-up calls in flight, held until answered
+        self._waking: set[str] = set()  # servers asked for a replica, not yet answered
+        self._wakes: set[asyncio.Future[None]] = set()
 
     def prepare(self, servers: Iterable[str]) -> None:
         """Make the handles (and clients) of `servers` now, when the ingress starts:
@@ -154,29 +156,37 @@ class ServeInvoker:
         raise ServerUnavailableError(
             server,
             f"no replica is running (scaled to zero) and one takes about {cold_start_s:g} s "
-            f"to start, more than the {max(left, 0.0):.1f} s left before this request's "
-            "deadline; retry after the Retry-After header's seconds, or with a longer "
-            "x-request-timeout",
+            f"to start, more than the {max(left, 0.0):.1f} s left before this call's "
+            "deadline (the request's x-request-timeout, or its node's timeout); retry "
+            "after the Retry-After header's seconds, or with a longer deadline",
             cold_start_s,
         )
 
     def _wake(self, server: str) -> None:
         """Ask Serve for a replica of `server` without doing any work on it: a health
-        check call waits in the router's queue, which is what Serve's autoscaling (its
-        default policy and `GraphAwarePolicy` alike) starts a replica from. One at a
-        time per server; fire and forget."""
-        if server in self._wakes:
+        check call waits in the router's queue, and Serve's autoscaling starts one
+        replica at once for a call waiting at zero (whatever the policy: its wrapper
+        does it before asking the policy). One at a time per server; fire and forget.
+        Sent outside this request's Serve context, so that the request ending (its
+        answer, a client gone) does not cancel it as its child."""
+        if server in self._waking:
             return
         spec = self._catalog[server]
         try:
             handle = serve.get_deployment_handle(deployment_name(spec), app_name=spec.name)
-            response = handle.check_health.remote()
+            response = contextvars.Context().run(handle.check_health.remote)
         except Exception:  # the refusal stands; the next call asks again
             logger.warning("could not ask for a replica of %r", server, exc_info=True)
             return
-        self._wakes.add(server)
-        future = asyncio.ensure_future(_settled(response))
-        future.add_done_callback(lambda _: self._wakes.discard(server))
+        self._waking.add(server)
+        task = asyncio.ensure_future(_settled(response))
+        self._wakes.add(task)  # held until done: asyncio keeps only weak references
+
+        def done(task: asyncio.Future[None]) -> None:
+            self._wakes.discard(task)
+            self._waking.discard(server)
+
+        task.add_done_callback(done)
 
     async def read(self, server: str, method: str) -> Any:
         """An argument-less method (a gateway's GET route), retried like a call."""
@@ -232,11 +242,19 @@ class RunningReplicas:
     `cold_start_s`.
 
     Read from a thread, never on the event loop, and only when a call needs it (a
-    deadline shorter than a cold start): a reading at most `fresh_s` old is used as it
-    is; one up to `stale_s` old is used while a new one is read in the background; an
-    older one (the server idle that long: it may have gone to zero since) is read again
-    before the call goes on. A failed read counts as "unknown" (the call is never
-    refused on it).
+    deadline shorter than the server's cold start) and the count may have changed:
+
+    - this process has not asked of the server for `idle_s` (or never has): it may
+      have gone to zero since, as a server does only after a stretch without calls
+      (Serve's `downscale_to_zero_delay_s`). The call waits for the read, at most
+      `wait_s`; a slower read counts as "unknown";
+    - the last read found it at zero: read again in the background, at most every
+      `fresh_s`, to see its replica start.
+
+    A server this process keeps calling, last seen with a replica, is not read again,
+    so the controller is not asked once a second for servers that never go to zero
+    (every profile's `min_replicas` is 1 or more today). A failed or slow read is
+    "unknown", and a call is never refused on it.
 
     By hand rather than from the handle's router, which knows its replicas: Serve
     offers no public way to ask it.
@@ -246,56 +264,76 @@ class RunningReplicas:
         self,
         catalog: Catalog,
         fresh_s: float = 1.0,
-        stale_s: float = 5.0,
+        idle_s: float = 5.0,
+        wait_s: float = 0.25,
         status: Callable[[], Any] | None = None,
     ) -> None:
         self._catalog = catalog
-        self.fresh_s, self.stale_s = fresh_s, stale_s
+        self.fresh_s, self.idle_s, self.wait_s = fresh_s, idle_s, wait_s
         self._status = status or serve.status
         self._counts: dict[str, int] = {}
-        self._asked: set[str] = set()  # only these are read: a gateway asks of its own server
-        self._read_at = -float("inf")
+        self._asked: dict[str, float] = {}  # server -> when last asked of (monotonic)
+        self._read_at: dict[str, float] = {}  # server -> when a read that covered it ended
         self._reading: asyncio.Future[None] | None = None
+        self._reading_since = 0.0
 
     async def live(self, server: str) -> int | None:
         """`server`'s replicas running or starting; None when unknown."""
-        if server not in self._asked:
-            self._asked.add(server)
-            self._read_at = -float("inf")  # read it now
-        age = time.monotonic() - self._read_at
-        if age > self.fresh_s:
-            if self._reading is None:
-                self._reading = asyncio.ensure_future(self._read())
-            if age > self.stale_s:
-                await asyncio.shield(self._reading)
-        return self._counts.get(server)
+        now = time.monotonic()
+        asked, self._asked[server] = self._asked.get(server), now
+        known = self._counts.get(server)
+        if asked is not None and now - asked <= self.idle_s and known:
+            return known  # called lately and running: it has not gone to zero since
+        if now - self._read_at.get(server, -float("inf")) <= self.fresh_s:
+            return known
+        if self._reading is None:
+            self._reading, self._reading_since = asyncio.ensure_future(self._read()), now
+        elif now - self._reading_since > self.wait_s:
+            return None  # the controller is slow to answer: unknown, no wait
+        if known == 0 and asked is not None and now - asked <= self.idle_s:
+            return 0  # at zero a moment ago: refused on that, while a new read runs
+        try:
+            await asyncio.wait_for(asyncio.shield(self._reading), self.wait_s)
+        except TimeoutError:
+            return None
+        return self._counts.get(server) if server in self._read_at else None
 
     async def _read(self) -> None:
+        servers = list(self._asked)
         try:
-            self._counts = await asyncio.get_running_loop().run_in_executor(None, self._read_counts)
+            counts = await asyncio.get_running_loop().run_in_executor(
+                None, self._read_counts, servers
+            )
         except Exception as exc:  # unknown until the next read: never a refusal
             logger.warning("could not read the model servers' replicas: %s", exc)
-            self._counts = {}
+            counts = {}
         finally:
-            self._read_at, self._reading = time.monotonic(), None
+            self._reading = None
+        now = time.monotonic()
+        for server in servers:
+            self._read_at[server] = now
+            if server in counts:
+                self._counts[server] = counts[server]
+            else:
+                self._counts.pop(server, None)
 
-    def _read_counts(self) -> dict[str, int]:
+    def _read_counts(self, servers: list[str]) -> dict[str, int]:
         apps = self._status().applications
         counts: dict[str, int] = {}
-        for server in list(self._asked):
+        for server in servers:
             spec = self._catalog[server]
             app = apps.get(spec.name)
-            if spec.cold_start_s is None or app is None:
-                continue
-            deployment = app.deployments.get(deployment_name(spec))
-            states = deployment.replica_states if deployment is not None else {}
+            deployment = app.deployments.get(deployment_name(spec)) if app else None
+            if spec.cold_start_s is None or deployment is None:
+                continue  # unknown (not deployed yet, or being built): never refused
+            states = deployment.replica_states
             counts[server] = sum(n for state, n in states.items() if state in _LIVE)
         return counts
 
 
 # Replica states that will answer, now or once started: a replica in any of them means
 # the server is not at zero (a restarting one is on its way; its start has begun).
-_LIVE = frozenset({"RUNNING", "STARTING", "UPDATING", "RECOVERING"})
+_LIVE = frozenset({"RUNNING", "STARTING", "UPDATING", "RECOVERING", "PENDING_MIGRATION"})
 
 _REPLICA_RETRY_BACKOFF_S = (0.05, 2.0)  # first and largest wait between retries
 _READ_RETRIES = 8  # a read has no node deadline: about 10 s of backoff in all

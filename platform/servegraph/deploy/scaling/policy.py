@@ -65,11 +65,6 @@ class GraphAwarePolicy:
             # prediction falling never takes away replicas busy with calls (Serve's
             # `downscale_delay_s` then paces what does go).
             wanted = max(wanted, min(queue, ctx.current_num_replicas))
-        if ctx.current_num_replicas == 0 and queue > 0:
-            # Scaled to zero (`min_replicas=0`) and a call waits: one replica at once, as
-            # Serve's default policy does, whatever predicted it (a server's own REST
-            # callers; `ServeInvoker._wake`).
-            wanted = max(wanted, 1.0)
         state = {
             "calls_per_s_short": load.short,
             "calls_per_s_long": load.long,

@@ -129,10 +129,11 @@ def test_a_keys_rate_limit_is_shared_by_two_ingress_replicas(pipelines: LocalClu
         app = serve.status().applications[INGRESS_APP]
         return dict(app.deployments["PipelineIngress"].replica_states)
 
-    # One request per 100 s: a bucket of one. Limited per replica, two replicas would
+    # One request per 1,000 s: a bucket of one. Limited per replica, two replicas would
     # admit two.
-    key = store().create("it-limited", ["invoke:*"], requests_per_s=0.01)
+    key = store().create("it-limited", ["invoke:*"], requests_per_s=0.001)
     deploy_ingress(num_replicas=2)
+    answers: list[httpx.Response] = []
     try:
         # `serve.run` replaces the replicas (a new code version): wait until the old one
         # has gone too, or the burst may land on it as it stops, its usage unexported.
@@ -149,13 +150,21 @@ def test_a_keys_rate_limit_is_shared_by_two_ingress_replicas(pipelines: LocalClu
                     *(client.get("/pipelines/rag/graph") for _ in range(60))
                 )
 
-        answers = asyncio.run(burst())
-        # Both replicas answered: each exports its own series of the key's requests.
-        series = wait_for_series(
-            pipelines,
-            r'servegraph_key_requests(_total)?\{[^}]*key="it-limited"',
-            enough=lambda found: len(replicas_of(found)) >= 2,
-        )
+        # Both replicas must answer some: each exports its own series of the key's
+        # requests. Serve's router may send a whole burst to one replica (seen in a
+        # full run: all 60 to the replica started 2 s before, none to the other), so
+        # burst again, bounded, until both have.
+        deadline = time.monotonic() + 120
+        while True:
+            answers += asyncio.run(burst())
+            series = wait_for_series(
+                pipelines,
+                r'servegraph_key_requests(_total)?\{[^}]*key="it-limited"',
+                enough=lambda found: len(replicas_of(found)) >= 2,
+                timeout_s=15,
+            )
+            if len(replicas_of(series)) >= 2 or time.monotonic() > deadline:
+                break
         # Serve's own count of each replica's requests, to tell "one replica answered
         # them all" from "a replica's usage was not exported" if the above fails.
         served = wait_for_series(
@@ -172,7 +181,7 @@ def test_a_keys_rate_limit_is_shared_by_two_ingress_replicas(pipelines: LocalClu
             assert time.monotonic() < deadline, "the ingress did not return to one replica"
             time.sleep(0.5)
     statuses = [a.status_code for a in answers]
-    assert statuses.count(200) == 1 and statuses.count(429) == 59, statuses
+    assert statuses.count(200) == 1 and statuses.count(429) == len(answers) - 1, statuses
     assert all(int(a.headers["retry-after"]) >= 1 for a in answers if a.status_code == 429)
     assert len(replicas_of(series)) == 2, (series, served)
 

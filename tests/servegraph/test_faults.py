@@ -262,3 +262,30 @@ async def test_a_slow_controller_is_unknown_after_a_bounded_wait() -> None:
         assert time.monotonic() - started < 1.0
     finally:
         release.set()
+
+
+async def test_at_zero_calls_are_refused_on_the_last_count_while_a_new_read_runs() -> None:
+    import asyncio
+    import threading
+
+    release, reads = threading.Event(), []
+
+    def status() -> Any:
+        reads.append(1)
+        if len(reads) > 1:
+            release.wait(10)  # the second read hangs: the controller is slow
+        return _status(None)
+
+    replicas = RunningReplicas(COLD, fresh_s=0.0, wait_s=0.05, status=status)
+    try:
+        assert await replicas.live("cold") == 0
+        assert await replicas.live("cold") == 0  # and a second read starts
+        for _ in range(500):  # bounded wait until it runs (in the executor's thread)
+            if len(reads) == 2:
+                break
+            await asyncio.sleep(0.01)
+        assert [await replicas.live("cold") for _ in range(3)] == [0, 0, 0]
+        await asyncio.sleep(0.05)
+        assert len(reads) == 2  # one read in flight, not one per call
+    finally:
+        release.set()

@@ -288,10 +288,10 @@ class RunningReplicas:
             return known
         if self._reading is None:
             self._reading, self._reading_since = asyncio.ensure_future(self._read()), now
-        elif now - self._reading_since > self.wait_s:
-            return None  # the controller is slow to answer: unknown, no wait
         if known == 0 and asked is not None and now - asked <= self.idle_s:
             return 0  # at zero a moment ago: refused on that, while a new read runs
+        if now - self._reading_since > self.wait_s:
+            return None  # the controller is slow to answer: unknown, no wait
         try:
             await asyncio.wait_for(asyncio.shield(self._reading), self.wait_s)
         except TimeoutError:

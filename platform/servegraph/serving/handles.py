@@ -150,7 +150,7 @@ class ServeInvoker:
         left = time_left()
         if cold_start_s is None or left is None or left >= cold_start_s:
             return
-        if await self.replicas.live(server) != 0:
+        if await self.replicas.live(server, left) != 0:
             return
         self._wake(server)
         raise ServerUnavailableError(
@@ -247,7 +247,7 @@ class RunningReplicas:
     - this process has not asked of the server for `idle_s` (or never has): it may
       have gone to zero since, as a server does only after a stretch without calls
       (Serve's `downscale_to_zero_delay_s`). The call waits for the read, at most
-      `wait_s`; a slower read counts as "unknown";
+      `wait_s` or half the time it has left; a slower read counts as "unknown";
     - the last read found it at zero: read again in the background, at most every
       `fresh_s`, to see its replica start.
 
@@ -265,7 +265,7 @@ class RunningReplicas:
         catalog: Catalog,
         fresh_s: float = 1.0,
         idle_s: float = 5.0,
-        wait_s: float = 0.25,
+        wait_s: float = 1.0,
         status: Callable[[], Any] | None = None,
     ) -> None:
         self._catalog = catalog
@@ -277,8 +277,9 @@ class RunningReplicas:
         self._reading: asyncio.Future[None] | None = None
         self._reading_since = 0.0
 
-    async def live(self, server: str) -> int | None:
-        """`server`'s replicas running or starting; None when unknown."""
+    async def live(self, server: str, left_s: float | None = None) -> int | None:
+        """`server`'s replicas running or starting; None when unknown. `left_s`: the
+        time the call has left (it waits at most half of it for a read)."""
         now = time.monotonic()
         asked, self._asked[server] = self._asked.get(server), now
         known = self._counts.get(server)
@@ -292,8 +293,9 @@ class RunningReplicas:
             return 0  # at zero a moment ago: refused on that, while a new read runs
         if now - self._reading_since > self.wait_s:
             return None  # the controller is slow to answer: unknown, no wait
+        wait_s = self.wait_s if left_s is None else min(self.wait_s, max(left_s, 0.0) / 2)
         try:
-            await asyncio.wait_for(asyncio.shield(self._reading), self.wait_s)
+            await asyncio.wait_for(asyncio.shield(self._reading), wait_s)
         except TimeoutError:
             return None
         return self._counts.get(server) if server in self._read_at else None

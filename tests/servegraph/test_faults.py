@@ -287,5 +287,10 @@ async def test_at_zero_calls_are_refused_on_the_last_count_while_a_new_read_runs
         assert [await replicas.live("cold") for _ in range(3)] == [0, 0, 0]
         await asyncio.sleep(0.05)
         assert len(reads) == 2  # one read in flight, not one per call
+        # The zero grows old while the read hangs: past `idle_s` it is no longer
+        # believed, and the call is not refused on it ("unknown").
+        replicas.idle_s = 0.1
+        await asyncio.sleep(0.15)
+        assert await replicas.live("cold") is None
     finally:
         release.set()

@@ -152,6 +152,7 @@ class ServeInvoker:
             return
         if await self.replicas.live(server, left) != 0:
             return
+        left = time_left() or 0.0  # after the read
         self._wake(server)
         raise ServerUnavailableError(
             server,
@@ -289,11 +290,16 @@ class RunningReplicas:
             return known
         if self._reading is None:
             self._reading, self._reading_since = asyncio.ensure_future(self._read()), now
-        if known == 0 and asked is not None and now - asked <= self.idle_s:
+        read_age = now - self._read_at.get(server, -float("inf"))
+        if known == 0 and read_age <= self.idle_s:
             return 0  # at zero a moment ago: refused on that, while a new read runs
-        if now - self._reading_since > self.wait_s:
-            return None  # the controller is slow to answer: unknown, no wait
-        wait_s = self.wait_s if left_s is None else min(self.wait_s, max(left_s, 0.0) / 2)
+        # Wait for the read no longer than `wait_s` from its start, nor than half of
+        # what the call has left; a read slower than that is "unknown".
+        wait_s = self.wait_s - (now - self._reading_since)
+        if left_s is not None:
+            wait_s = min(wait_s, max(left_s, 0.0) / 2)
+        if wait_s <= 0:
+            return None
         try:
             await asyncio.wait_for(asyncio.shield(self._reading), wait_s)
         except TimeoutError:

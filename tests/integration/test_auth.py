@@ -129,18 +129,21 @@ def test_a_keys_rate_limit_is_shared_by_two_ingress_replicas(pipelines: LocalClu
         app = serve.status().applications[INGRESS_APP]
         return dict(app.deployments["PipelineIngress"].replica_states)
 
+    def settle(running: int) -> None:
+        """Wait, bounded, until exactly `running` replicas run, none starting or
+        stopping (`serve.run` replaces them: a new code version)."""
+        deadline = time.monotonic() + 120
+        while replicas() != {"RUNNING": running}:
+            assert time.monotonic() < deadline, f"the ingress did not settle: {replicas()}"
+            time.sleep(0.5)
+
     # One request per 1,000 s: a bucket of one. Limited per replica, two replicas would
     # admit two.
     key = store().create("it-limited", ["invoke:*"], requests_per_s=0.001)
     deploy_ingress(num_replicas=2)
     answers: list[httpx.Response] = []
     try:
-        # `serve.run` replaces the replicas (a new code version): wait until the old one
-        # has gone too, or the burst may land on it as it stops, its usage unexported.
-        deadline = time.monotonic() + 120
-        while replicas() != {"RUNNING": 2}:
-            assert time.monotonic() < deadline, f"two ingress replicas did not settle: {replicas()}"
-            time.sleep(0.5)
+        settle(2)
 
         async def burst() -> list[httpx.Response]:
             async with httpx.AsyncClient(
@@ -176,10 +179,7 @@ def test_a_keys_rate_limit_is_shared_by_two_ingress_replicas(pipelines: LocalClu
         deploy_ingress()
         # Back to one replica, the old ones gone: a later test's requests (and their
         # metrics) must not land on a replica that is shutting down.
-        deadline = time.monotonic() + 120
-        while replicas() != {"RUNNING": 1}:
-            assert time.monotonic() < deadline, "the ingress did not return to one replica"
-            time.sleep(0.5)
+        settle(1)
     statuses = [a.status_code for a in answers]
     assert statuses.count(200) == 1 and statuses.count(429) == len(answers) - 1, statuses
     assert all(int(a.headers["retry-after"]) >= 1 for a in answers if a.status_code == 429)

@@ -35,6 +35,11 @@ def deployment_name(spec: ServerSpec) -> str:
     return resolve(spec.deployment)() if ":" in spec.deployment else spec.deployment
 
 
+def _handle(spec: ServerSpec) -> DeploymentHandle:
+    """The plain Serve handle of a server's deployment (Serve caches them)."""
+    return serve.get_deployment_handle(deployment_name(spec), app_name=spec.name)
+
+
 class MergeSettings(BaseSettings):
     """How concurrent calls to a model server are merged before the hop
     (`servegraph.serving.merging`); read from `SERVEGRAPH_MERGE_*`."""
@@ -98,7 +103,7 @@ class ServeInvoker:
     def _target(self, server: str) -> Any:
         if server not in self._targets:
             spec = self._catalog[server]
-            handle = serve.get_deployment_handle(deployment_name(spec), app_name=spec.name)
+            handle = _handle(spec)
             self._targets[server] = resolve(spec.client)(handle) if spec.client else handle
         return self._targets[server]
 
@@ -172,9 +177,8 @@ class ServeInvoker:
         answer, a client gone) does not cancel it as its child."""
         if server in self._waking:
             return
-        spec = self._catalog[server]
         try:
-            handle = serve.get_deployment_handle(deployment_name(spec), app_name=spec.name)
+            handle = _handle(self._catalog[server])
             response = contextvars.Context().run(handle.check_health.remote)
         except Exception:  # the refusal stands; the next call asks again
             logger.warning("could not ask for a replica of %r", server, exc_info=True)

@@ -18,17 +18,29 @@ dashboards and alerts use.
 
 from __future__ import annotations
 
-import contextlib
-import os
-from collections.abc import AsyncIterator
-from typing import Any
+from deployments.llm import forkserver
 
-from ray.llm._internal.common.callbacks.base import CallbackBase
-from ray.serve.llm.deployment import LLMServer as RayLLMServer
+# First, in a replica that asked for it: vLLM's engine core imports in the forkserver
+# while this process imports what follows (`deployments.llm.forkserver`).
+forkserver.start_early()
 
-from deployments.llm.client import STOPPED
-from deployments.llm.settings import LLMSettings
-from servegraph.server import CHARGE_ITEM, Meter, SameModel, prices, replica_resources
+import contextlib  # noqa: E402
+import os  # noqa: E402
+from collections.abc import AsyncIterator  # noqa: E402
+from typing import Any  # noqa: E402
+
+from ray.llm._internal.common.callbacks.base import CallbackBase  # noqa: E402
+from ray.serve.llm.deployment import LLMServer as RayLLMServer  # noqa: E402
+
+from deployments.llm.client import STOPPED  # noqa: E402
+from deployments.llm.settings import LLMSettings  # noqa: E402
+from servegraph.server import (  # noqa: E402
+    CHARGE_ITEM,
+    Meter,
+    SameModel,
+    prices,
+    replica_resources,
+)
 
 
 def lower_engine_priority(offset: int) -> list[int]:
@@ -97,6 +109,7 @@ class PreparedWeights(CallbackBase):
 
 class LLMServer(RayLLMServer):
     async def __init__(self, llm_config: Any, **kwargs: Any) -> None:  # type: ignore[misc]  # Serve awaits an async constructor, as ray.serve.llm's own
+        forkserver.use_for_engine_core()  # where start_early started the server
         await super().__init__(llm_config, **kwargs)
         lower_engine_priority(LLMSettings().cpu_nice_offset)  # the engine runs now
         self._same_model = SameModel(llm_config.model_loading_config.model_source)

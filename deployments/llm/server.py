@@ -82,6 +82,17 @@ def simulated_engine_env() -> dict[str, str]:
     }
 
 
+def engine_forkserver_env(settings: LLMSettings, *, gpu_engine: bool) -> dict[str, str]:
+    """The replica's ask for its engine core forked from a preloaded server
+    (`deployments.llm.forkserver`): a real engine on CPU only. A GPU engine keeps
+    ray.serve.llm's start (untested here), and a simulated one starts no engine core."""
+    if gpu_engine or not settings.engine_forkserver or simulated_engine_env():
+        return {}
+    from deployments.llm.forkserver import ENV
+
+    return {ENV: "1"}
+
+
 def llm_config(settings: LLMSettings | None = None, overrides: dict[str, Any] | None = None) -> Any:
     from ray.serve.llm import LLMConfig
 
@@ -116,6 +127,7 @@ def llm_config(settings: LLMSettings | None = None, overrides: dict[str, Any] | 
                 "TRANSFORMERS_OFFLINE": "1",
                 **expected_model_env(settings.path),
                 **simulated_engine_env(),
+                **engine_forkserver_env(settings, gpu_engine=gpu_engine),
             }
         },
         **extra,

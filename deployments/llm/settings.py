@@ -39,6 +39,15 @@ class LLMSettings(BaseSettings):
             "so the engine runs at 19 by default."
         ),
     )
+    engine_forkserver: bool = Field(
+        True,
+        description=(
+            "Fork a CPU engine's core process from a server that imports vLLM while the "
+            "replica does, rather than spawning it after (`deployments.llm.forkserver`): "
+            "about 9 s off a replica's start here. A GPU engine starts as ray.serve.llm "
+            "starts it."
+        ),
+    )
     engine_device: Literal["profile", "cpu"] = Field(
         "profile",
         description=(

@@ -90,6 +90,34 @@ def test_the_llm_engine_runs_below_its_replicas_cpu_priority(model_servers: Loca
             assert threads and set(threads.values()) == {wanted}, (process, threads)
 
 
+def test_the_llm_engine_core_is_forked_from_the_replicas_preloaded_server(
+    model_servers: LocalCluster,
+) -> None:
+    """On CPU the engine core is forked from the forkserver the replica started before
+    its own imports (`deployments.llm.forkserver`), not spawned by the replica; its
+    model worker is spawned by the core, as vLLM does it."""
+    replicas = [
+        proc
+        for proc in psutil.process_iter(["cmdline"])
+        if "ServeReplica:llm:LLMServer" in " ".join(proc.info["cmdline"] or [])
+    ]
+    assert replicas, "no LLM replica process"
+    for replica in replicas:
+        cores = [
+            p for p in replica.children(recursive=True) if "EngineCore" in " ".join(p.cmdline())
+        ]
+        assert cores, replica.children(recursive=True)
+        for core in cores:
+            server = core.parent()
+            assert server is not None and server.pid != replica.pid
+            assert "forkserver" in " ".join(server.cmdline()), server.cmdline()
+            assert server.parent() == replica
+            # started by the core itself (a fork from the server would be the server's)
+            assert any("VLLM::Worker" in " ".join(w.cmdline()) for w in core.children()), [
+                w.cmdline() for w in core.children()
+            ]
+
+
 def test_llm_rejects_a_prompt_longer_than_the_context(http: httpx.Client) -> None:
     response = http.post(
         "/v1/chat/completions",

@@ -1,0 +1,128 @@
+"""vLLM's engine core, forked from a server that imported vLLM while the replica did.
+
+An LLM replica on CPU is three Python processes, each importing torch and vLLM (9-10 s
+each on this machine, issue 25's `benchmarks.cold_start`): the replica, vLLM's engine
+core and its model worker, one after the other. vLLM starts both children with `spawn`
+inside a Ray actor (forking a process that runs Ray's threads is unsafe), so each
+imports everything again once the process before it has finished.
+
+Here the replica starts Python's `forkserver` the moment its own module is imported
+(before its heavy imports), preloading the engine core's modules, so that the two
+imports run side by side, and vLLM's engine core is forked from that server. The server
+is a fresh interpreter that runs no thread of Ray's or of anyone else's, so its forks
+are safe. A forked process has read its environment already, in the server; so the
+core takes its requester's whole environment as it was at `start()` (what vLLM sets
+before starting it: the worker's start method, Ray's address, `LD_PRELOAD`), which it
+passes on to the processes it starts.
+
+The model worker is still spawned by the core, as vLLM does it: on CPU vLLM puts
+torch's OpenMP runtime in the worker's `LD_PRELOAD` and its cores in the OpenMP
+settings, which only a fresh process reads (a forked worker would run unpinned).
+
+By hand because neither library offers it: vLLM has a `forkserver` start method with
+preloading (`VLLM_WORKER_MULTIPROC_METHOD=forkserver`, its API server's), but forces
+`spawn` in a Ray actor without a way out, and `ray.serve.llm` has no start-up hook
+before the engine core starts. So `use_for_engine_core` replaces the function vLLM's
+engine-core launcher asks for its process context (`vllm.v1.engine.utils.get_mp_context`)
+by one that calls vLLM's own (which still sets what it sets for the processes it starts)
+and returns the server's. Where vLLM no longer has it, the engine starts as before,
+with a warning.
+
+Only for a CPU engine, and only in the replica (`ENV` set in its runtime environment by
+`deployments.llm.server`); `SERVEGRAPH_LLM_ENGINE_FORKSERVER=false` turns it off.
+This module imports nothing heavy: the server and its children import it too.
+"""
+
+from __future__ import annotations
+
+import logging
+import multiprocessing.context
+import multiprocessing.forkserver
+import os
+from typing import Any
+
+ENV = "SERVEGRAPH_LLM_FORKSERVER"
+# What the engine core's process imports before it runs (its target's module and the
+# executor it starts the worker with): the imports the fork skips.
+PRELOAD = [
+    "deployments.llm.forkserver",
+    "vllm.v1.engine.core",
+    "vllm.v1.executor.multiproc_executor",
+]
+
+_log = logging.getLogger(__name__)
+_started = False
+
+
+class EnvironProcess(multiprocessing.context.ForkServerProcess):
+    """A forkserver process that runs with its requester's environment at `start()`."""
+
+    _requester_environ: dict[str, str] | None = None
+
+    def start(self) -> None:
+        self._requester_environ = dict(os.environ)
+        super().start()
+
+    def run(self) -> None:
+        if self._requester_environ is not None:
+            _become(self._requester_environ)
+        super().run()
+
+
+def _become(environ: dict[str, str]) -> None:
+    """Make this process's environment `environ`, changing only what differs: emptied
+    and filled again, it leaves `setproctitle` (vLLM names its processes with it:
+    `VLLM::EngineCore`) no room for a title."""
+    for name in set(os.environ) - set(environ):
+        del os.environ[name]
+    for name, value in environ.items():
+        if os.environ.get(name) != value:
+            os.environ[name] = value
+
+
+class EnvironForkServerContext(multiprocessing.context.ForkServerContext):
+    Process = EnvironProcess
+
+
+def start_early() -> bool:
+    """Start the forkserver, preloading vLLM's engine core, when this process is an
+    LLM replica that asked for it (`ENV`); whether it did. Returns at once: the server
+    imports on its own."""
+    global _started
+    if _started or os.environ.get(ENV) != "1":
+        return _started
+    try:
+        multiprocessing.forkserver.set_forkserver_preload(PRELOAD)
+        multiprocessing.forkserver.ensure_running()
+    except Exception as exc:  # the engine then starts as before
+        _log.warning("engine forkserver not started (%s); the engine core is spawned", exc)
+        return False
+    _started = True
+    return True
+
+
+def use_for_engine_core() -> bool:
+    """Make vLLM fork its engine core from the server (`start_early`, which must have
+    run): replace `vllm.v1.engine.utils.get_mp_context` by one that calls it, then
+    returns the server's context. Whether the core will be forked."""
+    if not _started:
+        return False
+    try:
+        import vllm.v1.engine.utils as engine_utils
+    except ImportError:
+        return False
+    vllm_context = getattr(engine_utils, "get_mp_context", None)
+    if vllm_context is None:
+        _log.warning("vLLM has no engine_utils.get_mp_context: the engine core is spawned")
+        return False
+    if getattr(vllm_context, "_servegraph", False):
+        return True
+    context = EnvironForkServerContext()
+
+    def get_mp_context() -> Any:
+        vllm_context()  # vLLM's own, for what it sets in the environment
+        return context
+
+    get_mp_context._servegraph = True  # type: ignore[attr-defined]
+    setattr(engine_utils, "get_mp_context", get_mp_context)  # noqa: B010  # untyped module
+    return True

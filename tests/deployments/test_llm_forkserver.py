@@ -1,0 +1,115 @@
+"""The LLM engine core's start from a preloaded forkserver (`deployments.llm.forkserver`):
+started only where the replica asked for it, a forked process runs with its requester's
+environment as it was at `start()` (not the server's, from when it started), and vLLM's
+context function is replaced by one that still runs vLLM's own. A real forkserver; a
+stand-in module for vLLM's (importing vLLM takes 10 s)."""
+
+from __future__ import annotations
+
+import multiprocessing
+import multiprocessing.forkserver
+import os
+import sys
+import types
+from collections.abc import Iterator
+from typing import Any
+
+import pytest
+
+from deployments.llm import forkserver
+
+pytestmark = pytest.mark.skipif(sys.platform != "linux", reason="Python's forkserver")
+
+
+@pytest.fixture
+def server(monkeypatch: pytest.MonkeyPatch) -> Iterator[None]:
+    """A forkserver of this test's own (the module's preload, light here), stopped after."""
+    monkeypatch.setenv(forkserver.ENV, "1")
+    monkeypatch.setattr(forkserver, "PRELOAD", ["deployments.llm.forkserver"])
+    monkeypatch.setattr(forkserver, "_started", False)
+    assert forkserver.start_early()
+    yield
+    multiprocessing.forkserver._forkserver._stop()  # type: ignore[attr-defined]
+
+
+def _report(queue: Any, name: str) -> None:
+    queue.put((os.environ.get(name), os.getppid()))
+
+
+def _titled(queue: Any) -> None:
+    import psutil
+    import setproctitle
+
+    setproctitle.setproctitle("VLLM::EngineCore")
+    queue.put(psutil.Process().name())
+
+
+def test_a_forked_process_can_still_name_itself_as_vllm_does(server: None) -> None:
+    """Its environment is changed in place where it differs: emptied and filled again,
+    it would leave `setproctitle` no room, and the engine core would go unnamed."""
+    context = forkserver.EnvironForkServerContext()
+    queue = context.Queue()
+    process = context.Process(target=_titled, args=(queue,))
+    process.start()
+    assert queue.get(timeout=30) == "VLLM::EngineCore"
+    process.join(timeout=30)
+
+
+def test_nothing_starts_where_the_replica_did_not_ask(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.delenv(forkserver.ENV, raising=False)
+    monkeypatch.setattr(forkserver, "_started", False)
+    assert not forkserver.start_early()
+    assert not forkserver.use_for_engine_core()
+
+
+def test_a_forked_process_runs_with_its_requesters_environment_at_start(
+    server: None, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # Set after the server started: a plain forkserver child would not see it
+    monkeypatch.setenv("SERVEGRAPH_TEST_LATE", "set after the server started")
+    context = forkserver.EnvironForkServerContext()
+    queue = context.Queue()
+    process = context.Process(target=_report, args=(queue, "SERVEGRAPH_TEST_LATE"))
+    process.start()
+    value, parent = queue.get(timeout=30)
+    process.join(timeout=30)
+    assert process.exitcode == 0
+    assert value == "set after the server started"
+    assert parent != os.getpid()  # forked by the server, not by this process
+
+
+def test_vllms_context_function_is_replaced_by_one_that_still_runs_it(
+    server: None, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    called = []
+
+    def vllm_get_mp_context() -> Any:  # vLLM's sets the environment, then answers spawn
+        called.append(True)
+        os.environ["SERVEGRAPH_TEST_VLLM_SET"] = "spawn"
+        return multiprocessing.get_context("spawn")
+
+    utils = types.ModuleType("vllm.v1.engine.utils")
+    utils.get_mp_context = vllm_get_mp_context  # type: ignore[attr-defined]
+    for name in ("vllm", "vllm.v1", "vllm.v1.engine"):
+        monkeypatch.setitem(sys.modules, name, types.ModuleType(name))
+    monkeypatch.setitem(sys.modules, "vllm.v1.engine.utils", utils)
+    monkeypatch.delenv("SERVEGRAPH_TEST_VLLM_SET", raising=False)
+
+    assert forkserver.use_for_engine_core()
+    assert forkserver.use_for_engine_core()  # a second replica start: not wrapped twice
+    context = utils.get_mp_context()  # type: ignore[attr-defined]
+    assert called == [True]
+    assert isinstance(context, forkserver.EnvironForkServerContext)
+    queue = context.Queue()
+    process = context.Process(target=_report, args=(queue, "SERVEGRAPH_TEST_VLLM_SET"))
+    process.start()
+    assert queue.get(timeout=30)[0] == "spawn"  # what vLLM set reaches the engine core
+    process.join(timeout=30)
+
+
+def test_without_vllms_function_the_engine_core_is_spawned_as_before(
+    server: None, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    for name in ("vllm", "vllm.v1", "vllm.v1.engine", "vllm.v1.engine.utils"):
+        monkeypatch.setitem(sys.modules, name, types.ModuleType(name))
+    assert not forkserver.use_for_engine_core()

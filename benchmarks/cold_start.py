@@ -28,12 +28,14 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import datetime as dt
 import glob
 import json
 import os
 import re
 import threading
+import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -193,17 +195,35 @@ async def first_answer(base_url: str, server: str) -> None:
 async def added_replica(
     base_url: str, server: str, logs: Path, app: str, deployment: str, since: dt.datetime
 ) -> None:
-    """Keep four requests at a time in flight at the server until Serve's autoscaler
-    (two ongoing requests per replica wanted, no upscale delay) has added a replica
-    and started it."""
+    """Keep four requests in flight at the server until Serve's autoscaler (two
+    ongoing requests per replica wanted, no upscale delay) has added a replica and
+    started it; at most `ADDED_WITHIN_S`."""
     route, body = _request(server)
-    async with httpx.AsyncClient(headers=client_headers(), base_url=base_url, timeout=600) as c:
-        for _ in range(3000):  # bounded: an LLM replica starts in under a minute here
-            if started_replica(logs, app, deployment, since) is not None:
-                return
-            await asyncio.gather(*(c.post(route, json=body) for _ in range(4)))
-    raise RuntimeError(f"{app}/{deployment} was not given a second replica")
+    done = asyncio.Event()
 
+    async def caller(c: httpx.AsyncClient) -> None:
+        while not done.is_set():
+            with contextlib.suppress(httpx.HTTPError):  # a refusal is load all the same
+                await c.post(route, json=body)
+
+    async with httpx.AsyncClient(headers=client_headers(), base_url=base_url, timeout=600) as c:
+        callers = [asyncio.create_task(caller(c)) for _ in range(4)]
+        try:
+            deadline = time.monotonic() + ADDED_WITHIN_S
+            while time.monotonic() < deadline:
+                if started_replica(logs, app, deployment, since) is not None:
+                    return
+                await asyncio.sleep(0.5)
+            raise RuntimeError(f"{app}/{deployment} had no second replica in {ADDED_WITHIN_S} s")
+        finally:
+            done.set()
+            for task in callers:
+                task.cancel()
+            await asyncio.gather(*callers, return_exceptions=True)
+
+
+# An LLM replica added under load starts in about a minute here
+ADDED_WITHIN_S = 600.0
 
 # Each server's autoscaling for both starts: one replica at rest, a second one asked for
 # as soon as a load of four requests at a time is reported
@@ -219,7 +239,8 @@ AUTOSCALED = {
 
 
 def _print(server: str, start: str, stages: dict[str, float]) -> None:
-    print(f"{server}, {start}: {sum(stages.values()):.1f} s from the decision to the first answer")
+    end = "its first answer" if "first request answered" in stages else "its start"
+    print(f"{server}, {start}: {sum(stages.values()):.1f} s from the decision to {end}")
     for label, seconds in stages.items():
         print(f"  {seconds:6.1f} s  {label}", flush=True)
 
@@ -259,7 +280,7 @@ def main() -> None:
             stages = breakdown(logs, spec.name, name, since, answered)
             results[server] = {"total_s": sum(stages.values()), "stages_s": stages}
             _print(server, "deployed", stages)
-            since = dt.datetime.now()
+            since = dt.datetime.now()  # not truncated: the deployed start ended this second
             asyncio.run(added_replica(cluster.base_url, server, logs, spec.name, name, since))
             stages = breakdown(logs, spec.name, name, since, None)
             results[server]["added"] = {"total_s": sum(stages.values()), "stages_s": stages}
@@ -270,17 +291,20 @@ def main() -> None:
         "cold_start",
         [
             Figure(
-                f"{server} replica {start}: Serve's decision to its first answer",
+                f"{server} replica {start}: Serve's decision to its {end}",
                 figures["total_s"],
                 None,
                 "s",
                 # The LLM's: half its start before the node initialisation was skipped
-                # (64.9 s on 2026-12-05), the issue's target
-                "<= 32.5" if server == "llm" else "-",
+                # (64.9 s on 2026-12-05), the issue's target, for the start it measured
+                "<= 32.5" if server == "llm" and start == "deployed" else "-",
                 higher_is_better=False,
             )
             for server, result in results.items()
-            for start, figures in (("deployed", result), ("added", result["added"]))
+            for start, end, figures in (
+                ("deployed", "first answer", result),
+                ("added", "start", result["added"]),
+            )
         ],
     )
     if args.json:

@@ -13,7 +13,12 @@ is a fresh interpreter that runs no thread of Ray's or of anyone else's, so its 
 are safe. A forked process has read its environment already, in the server; so the
 core takes its requester's whole environment as it was at `start()` (what vLLM sets
 before starting it: the worker's start method, Ray's address, `LD_PRELOAD`), which it
-passes on to the processes it starts.
+passes on to the processes it starts. What only an `exec` applies does not reach the
+core itself: vLLM's `LD_PRELOAD` (tcmalloc, torch's OpenMP; the core schedules, the
+worker computes) and its `numactl` wrapper where NUMA binding is asked for.
+
+Ray kills a dead worker's children, not their children: the core, the server's child,
+watches its replica itself and stops when the replica is gone (`_end_with_requester`).
 
 The model worker is still spawned by the core, as vLLM does it: on CPU vLLM puts
 torch's OpenMP runtime in the worker's `LD_PRELOAD` and its cores in the OpenMP
@@ -54,8 +59,13 @@ _log = logging.getLogger(__name__)
 _started = False
 
 
+# After its requester is gone, how long a process has to stop on SIGTERM before SIGKILL
+ORPHAN_GRACE_S = 10.0
+
+
 class EnvironProcess(multiprocessing.context.ForkServerProcess):
-    """A forkserver process that runs with its requester's environment at `start()`."""
+    """A forkserver process that runs with its requester's environment at `start()`,
+    and ends when its requester does."""
 
     _requester_environ: dict[str, str] | None = None
 
@@ -66,7 +76,36 @@ class EnvironProcess(multiprocessing.context.ForkServerProcess):
     def run(self) -> None:
         if self._requester_environ is not None:
             _become(self._requester_environ)
+        _end_with_requester()
         super().run()
+
+
+def _end_with_requester() -> None:
+    """Stop this process when its requester's end of the start-up pipe closes: the
+    requester exited, was killed, or dropped the process.
+
+    A spawned engine core is its replica's child, and Ray kills a worker's children
+    when the worker exits; a forked one is the server's child, which Ray does not reach
+    (its kill is not recursive), and vLLM's core does not watch its parent. So this
+    thread does: SIGTERM (vLLM's handler shuts the engine down and its worker with it),
+    then SIGKILL if the process is still there after `ORPHAN_GRACE_S`.
+    `multiprocessing.forkserver` keeps that pipe's write end open in the requester for
+    this purpose (the process's `parent_process().sentinel`)."""
+    import signal
+    import threading
+    from multiprocessing.connection import wait
+
+    parent = multiprocessing.parent_process()
+    if parent is None or parent.sentinel is None:
+        return
+
+    def watch() -> None:
+        wait([parent.sentinel])
+        os.kill(os.getpid(), signal.SIGTERM)
+        threading.Event().wait(ORPHAN_GRACE_S)  # the grace, then the end either way
+        os.kill(os.getpid(), signal.SIGKILL)
+
+    threading.Thread(target=watch, name="servegraph-orphan-watch", daemon=True).start()
 
 
 def _become(environ: dict[str, str]) -> None:
@@ -89,8 +128,10 @@ def start_early() -> bool:
     LLM replica that asked for it (`ENV`); whether it did. Returns at once: the server
     imports on its own."""
     global _started
-    if _started or os.environ.get(ENV) != "1":
+    if _started or os.environ.pop(ENV, None) != "1":  # not passed on to the children
         return _started
+    if not _in_an_actor():  # e.g. ray.serve.llm's download task, which has its env
+        return False
     try:
         multiprocessing.forkserver.set_forkserver_preload(PRELOAD)
         multiprocessing.forkserver.ensure_running()
@@ -99,6 +140,18 @@ def start_early() -> bool:
         return False
     _started = True
     return True
+
+
+def _in_an_actor() -> bool:
+    import sys
+
+    ray = sys.modules.get("ray")  # a replica has imported it before its deployment
+    if ray is None:
+        return False
+    try:
+        return ray.get_runtime_context().get_actor_id() is not None
+    except Exception:  # Ray not initialised in this process
+        return False
 
 
 def use_for_engine_core() -> bool:

@@ -23,13 +23,24 @@ pytestmark = pytest.mark.skipif(sys.platform != "linux", reason="Python's forkse
 
 @pytest.fixture
 def server(monkeypatch: pytest.MonkeyPatch) -> Iterator[None]:
-    """A forkserver of this test's own (the module's preload, light here), stopped after."""
+    """A forkserver of this test's own (the module's preload, light here), stopped after
+    (its children first: none of them outlives the test)."""
+    fs: Any = multiprocessing.forkserver._forkserver  # type: ignore[attr-defined]
+    monkeypatch.setattr(fs, "_preload_modules", fs._preload_modules)
     monkeypatch.setenv(forkserver.ENV, "1")
     monkeypatch.setattr(forkserver, "PRELOAD", ["deployments.llm.forkserver"])
     monkeypatch.setattr(forkserver, "_started", False)
+    monkeypatch.setattr(forkserver, "_in_an_actor", lambda: True)
     assert forkserver.start_early()
+    assert forkserver.ENV not in os.environ  # not passed on to what the replica starts
     yield
-    multiprocessing.forkserver._forkserver._stop()  # type: ignore[attr-defined]
+    import psutil
+
+    children = psutil.Process(fs._forkserver_pid).children(recursive=True)
+    for child in children:
+        child.kill()
+    psutil.wait_procs(children, timeout=30)
+    fs._stop()  # the server exits once its alive pipe closes
 
 
 def _report(queue: Any, name: str) -> None:
@@ -53,6 +64,7 @@ def test_a_forked_process_can_still_name_itself_as_vllm_does(server: None) -> No
     process.start()
     assert queue.get(timeout=30) == "VLLM::EngineCore"
     process.join(timeout=30)
+    assert process.exitcode == 0
 
 
 def test_nothing_starts_where_the_replica_did_not_ask(monkeypatch: pytest.MonkeyPatch) -> None:
@@ -60,6 +72,51 @@ def test_nothing_starts_where_the_replica_did_not_ask(monkeypatch: pytest.Monkey
     monkeypatch.setattr(forkserver, "_started", False)
     assert not forkserver.start_early()
     assert not forkserver.use_for_engine_core()
+
+
+def test_nothing_starts_outside_an_actor_even_with_the_replicas_environment(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """ray.serve.llm's download task runs with the replica's runtime environment."""
+    monkeypatch.setenv(forkserver.ENV, "1")
+    monkeypatch.setattr(forkserver, "_started", False)
+    assert not forkserver.start_early()  # this test process is no Ray actor
+    assert not forkserver.use_for_engine_core()
+
+
+REQUESTER = """
+import os, sys, time
+from deployments.llm import forkserver
+forkserver._in_an_actor = lambda: True
+os.environ[forkserver.ENV] = "1"
+forkserver.PRELOAD[:] = ["deployments.llm.forkserver"]
+assert forkserver.start_early()
+core = forkserver.EnvironForkServerContext().Process(target=time.sleep, args=(120,))
+core.start()
+print(core.pid, flush=True)
+time.sleep(120)
+"""
+
+
+def test_a_forked_process_ends_when_its_requester_is_killed() -> None:
+    """Ray kills a dead worker's children, not their children: the engine core, the
+    server's child, watches its replica itself (here `kill -9` of the requester)."""
+    import subprocess
+
+    import psutil
+
+    requester = subprocess.Popen([sys.executable, "-c", REQUESTER], stdout=subprocess.PIPE)
+    try:
+        assert requester.stdout is not None
+        core = psutil.Process(int(requester.stdout.readline()))
+        assert core.is_running() and core.ppid() != requester.pid  # the server's child
+    finally:
+        requester.kill()
+        requester.wait()
+    gone, alive = psutil.wait_procs([core], timeout=forkserver.ORPHAN_GRACE_S + 20)
+    for process in alive:
+        process.kill()
+    assert gone and not alive
 
 
 def test_a_forked_process_runs_with_its_requesters_environment_at_start(
@@ -93,7 +150,7 @@ def test_vllms_context_function_is_replaced_by_one_that_still_runs_it(
     for name in ("vllm", "vllm.v1", "vllm.v1.engine"):
         monkeypatch.setitem(sys.modules, name, types.ModuleType(name))
     monkeypatch.setitem(sys.modules, "vllm.v1.engine.utils", utils)
-    monkeypatch.delenv("SERVEGRAPH_TEST_VLLM_SET", raising=False)
+    monkeypatch.setenv("SERVEGRAPH_TEST_VLLM_SET", "before vLLM's")  # restored after
 
     assert forkserver.use_for_engine_core()
     assert forkserver.use_for_engine_core()  # a second replica start: not wrapped twice
@@ -105,6 +162,7 @@ def test_vllms_context_function_is_replaced_by_one_that_still_runs_it(
     process.start()
     assert queue.get(timeout=30)[0] == "spawn"  # what vLLM set reaches the engine core
     process.join(timeout=30)
+    assert process.exitcode == 0
 
 
 def test_without_vllms_function_the_engine_core_is_spawned_as_before(

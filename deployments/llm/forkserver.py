@@ -55,12 +55,11 @@ PRELOAD = [
     "vllm.v1.executor.multiproc_executor",
 ]
 
-_log = logging.getLogger(__name__)
-_started = False
-
-
 # After its requester is gone, how long a process has to stop on SIGTERM before SIGKILL
 ORPHAN_GRACE_S = 10.0
+
+_log = logging.getLogger(__name__)
+_started = False
 
 
 class EnvironProcess(multiprocessing.context.ForkServerProcess):

@@ -44,8 +44,9 @@ class LLMSettings(BaseSettings):
         description=(
             "Fork a CPU engine's core process from a server that imports vLLM while the "
             "replica does, rather than spawning it after (`deployments.llm.forkserver`): "
-            "about 9 s off a replica's start here. A GPU engine starts as ray.serve.llm "
-            "starts it."
+            "4.5 s off a replica's start here (the core's 9 s, less the replica's own "
+            "imports slowed by the server's beside them). A GPU engine starts as "
+            "ray.serve.llm starts it."
         ),
     )
     engine_device: Literal["profile", "cpu"] = Field(

@@ -47,26 +47,6 @@ def _report(queue: Any, name: str) -> None:
     queue.put((os.environ.get(name), os.getppid()))
 
 
-def _titled(queue: Any) -> None:
-    import psutil
-    import setproctitle
-
-    setproctitle.setproctitle("VLLM::EngineCore")
-    queue.put(psutil.Process().name())
-
-
-def test_a_forked_process_can_still_name_itself_as_vllm_does(server: None) -> None:
-    """Its environment is changed in place where it differs: emptied and filled again,
-    it would leave `setproctitle` no room, and the engine core would go unnamed."""
-    context = forkserver.EnvironForkServerContext()
-    queue = context.Queue()
-    process = context.Process(target=_titled, args=(queue,))
-    process.start()
-    assert queue.get(timeout=30) == "VLLM::EngineCore"
-    process.join(timeout=30)
-    assert process.exitcode == 0
-
-
 def test_nothing_starts_where_the_replica_did_not_ask(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.delenv(forkserver.ENV, raising=False)
     monkeypatch.setattr(forkserver, "_started", False)

@@ -33,7 +33,7 @@ from servegraph.deploy.capacity.search import check
 
 pytestmark = pytest.mark.own_cluster
 
-SHAPES = 8
+SHAPES = 6
 PLANS_PER_SHAPE = 25
 ROLE = "role_head"  # a custom resource, as cluster.yaml's head has node:__internal_head__
 

@@ -66,6 +66,17 @@ def test_llm_streams_tokens(model_servers: LocalCluster) -> None:
     assert len(pieces) > 3 and "Paris" in "".join(pieces)
 
 
+def llm_replicas() -> list[psutil.Process]:
+    """The LLM engine replicas' processes on this machine (at least one)."""
+    replicas = [
+        proc
+        for proc in psutil.process_iter(["cmdline"])
+        if "ServeReplica:llm:LLMServer" in " ".join(proc.info["cmdline"] or [])
+    ]
+    assert replicas, "no LLM replica process"
+    return replicas
+
+
 def test_the_llm_engine_runs_below_its_replicas_cpu_priority(model_servers: LocalCluster) -> None:
     """The processes the LLM's replica started (vLLM's engine and its workers), every
     thread of them, run `cpu_nice_offset` (4) below the replica, which answers requests
@@ -73,12 +84,7 @@ def test_the_llm_engine_runs_below_its_replicas_cpu_priority(model_servers: Loca
     an encoder's forward pass goes first."""
     from deployments.llm.settings import LLMSettings
 
-    replicas = [
-        proc
-        for proc in psutil.process_iter(["cmdline"])
-        if "ServeReplica:llm:LLMServer" in " ".join(proc.info["cmdline"] or [])
-    ]
-    assert replicas, "no LLM replica process"
+    replicas = llm_replicas()
     for replica in replicas:
         replica_nice = thread_nice(replica.pid)[replica.pid]  # its main thread's
         engine = replica.children(recursive=True)
@@ -96,12 +102,7 @@ def test_the_llm_engine_core_is_forked_from_the_replicas_preloaded_server(
     """On CPU the engine core is forked from the forkserver the replica started before
     its own imports (`deployments.llm.forkserver`), not spawned by the replica; its
     model worker is spawned by the core, as vLLM does it."""
-    replicas = [
-        proc
-        for proc in psutil.process_iter(["cmdline"])
-        if "ServeReplica:llm:LLMServer" in " ".join(proc.info["cmdline"] or [])
-    ]
-    assert replicas, "no LLM replica process"
+    replicas = llm_replicas()
     for replica in replicas:
         cores = [
             p for p in replica.children(recursive=True) if "EngineCore" in " ".join(p.cmdline())

@@ -8,7 +8,8 @@ an encoder's 0.1 GPU and the LLM's 0.6 GPU placement group can only land on a wo
 Only the engines differ from a GPU cluster: the encoders find no CUDA and run on the
 CPU, and vLLM runs on the CPU while its placement group keeps the GPU share
 (`SERVEGRAPH_LLM_ENGINE_DEVICE=cpu`). Ray runs with token authentication, as on
-`cluster.yaml`'s nodes (issue 24).
+`cluster.yaml`'s nodes (issue 24). It is deployed as on a real cluster: the plan's
+Serve config handed to `serve deploy` through the dashboard.
 
 These tests run first in the session (tests/conftest.py orders them), before the
 session's own cluster starts: this machine holds one platform's models at a time.
@@ -19,7 +20,10 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import json
+import secrets
 import shutil
+import subprocess
+import sys
 import tempfile
 import time
 import uuid
@@ -29,12 +33,14 @@ from pathlib import Path
 
 import httpx
 import pytest
+import yaml
 
 from benchmarks.traffic import Answer, callers, one_document, until
 from servegraph.deploy.capacity.inputs import HEAD_RESOURCE, NodeType, node_types
 from servegraph.deploy.local_ray import SimulatedCluster, SimulatedNode, simulated_cluster
 from servegraph.security.client import client_headers
 from tests._cluster import wait_until_running
+from tests.otlp import OtlpReceiver, ingress_span
 
 pytestmark = pytest.mark.own_cluster
 
@@ -57,34 +63,13 @@ def _node(node_type: NodeType) -> SimulatedNode:
     return SimulatedNode(node_type.name, resources)
 
 
-def test_ray_on_the_simulated_cluster_refuses_callers_without_its_token() -> None:
-    """Ray's control plane runs with token authentication, as on `cluster.yaml`'s nodes
-    (issue 24): the dashboard's job API, where a submitted job runs any code as the Ray
-    user, answers 401 without the token and 403 with a wrong one, and works with it.
-    First in this file, on a head of its own with the full dashboard, before `sim`
-    starts (one cluster at a time: the token is this process's)."""
-    head, _ = shape()
-    with simulated_cluster(head, [], dashboard=True) as running:
-        assert running.dashboard_url, "the dashboard did not start"
-        jobs = f"{running.dashboard_url}/api/jobs/"
-        submission = {"entrypoint": "echo not-authenticated"}
-        wrong = {"authorization": "Bearer " + "0" * 64}
-        with httpx.Client(timeout=30) as client:
-            assert client.post(jobs, json=submission).status_code == 401
-            assert client.post(jobs, json=submission, headers=wrong).status_code == 403
-            assert client.get(jobs).status_code == 401
-            assert client.get(jobs, headers=wrong).status_code == 403
-
-            def listed() -> bool:  # the job module may still be starting: 5xx until then
-                return client.get(jobs, headers=running.auth_headers()).status_code == 200
-
-            _wait_for(listed, 60)
-            answer = client.get(jobs, headers=running.auth_headers()).json()
-        assert not [job for job in answer if job.get("type") == "SUBMISSION"], answer
-
-
 @pytest.fixture(scope="module")
-def sim() -> Iterator[SimulatedCluster]:
+def sim(otlp: OtlpReceiver, tmp_path_factory: pytest.TempPathFactory) -> Iterator[SimulatedCluster]:
+    """The platform deployed as an operator deploys it onto a cluster: the plan written
+    as a Serve config and handed to `serve deploy` through the dashboard, once the
+    capacity check says it fits. Tracing is on, exported over OTLP to the suite's
+    receiver, with the exporter's settings in the nodes' environment as `cluster.yaml`
+    sets them."""
     from deployments.catalog import CATALOG
     from pipelines.rag.ingest import on_deploy
     from servegraph.deploy.capacity.inputs import asks_of, running_node_types
@@ -93,22 +78,111 @@ def sim() -> Iterator[SimulatedCluster]:
     from servegraph.lang.discovery import discover
 
     head, workers = shape()
+    settings = {
+        "SERVEGRAPH_PROFILE": "gpu",
+        "SERVEGRAPH_LLM_ENGINE_DEVICE": "cpu",
+        "SERVEGRAPH_ROUTER_RESOURCES": json.dumps({HEAD_RESOURCE: 0.001}),
+        "SERVEGRAPH_INDEX_PATH": tempfile.mkdtemp(prefix="servegraph-sim-index-"),
+    }
     with pytest.MonkeyPatch.context() as env:
-        env.setenv("SERVEGRAPH_PROFILE", "gpu")
-        env.setenv("SERVEGRAPH_LLM_ENGINE_DEVICE", "cpu")
-        env.setenv("SERVEGRAPH_ROUTER_RESOURCES", json.dumps({HEAD_RESOURCE: 0.001}))
-        env.setenv("SERVEGRAPH_INDEX_PATH", tempfile.mkdtemp(prefix="servegraph-sim-index-"))
-        env.setenv("OTEL_TRACES_EXPORTER", "none")
-        with simulated_cluster(head, workers) as running:
+        for name, value in settings.items():
+            env.setenv(name, value)
+        env.setenv("OTEL_TRACES_EXPORTER", "otlp")
+        env.setenv("OTEL_EXPORTER_OTLP_PROTOCOL", "http/protobuf")
+        env.setenv("OTEL_EXPORTER_OTLP_ENDPOINT", otlp.url)
+        env.setenv("OTEL_EXPORTER_OTLP_HEADERS", f"x-collector-token={otlp.token}")
+        with simulated_cluster(head, workers, dashboard=True) as running:
+            assert running.dashboard_url, "the dashboard did not start"
             plan = plan_platform(
                 discover("pipelines"), CATALOG, packages=["pipelines"], all_servers=True
             )
             verdict = check(asks_of(plan), running_node_types())
             assert verdict.ok, verdict.never or verdict.unplaced
-            plan.deploy()
-            wait_until_running([app.name for app in plan.apps])
+            config = plan.serve_config(port=running.http_port, env=settings)
+            assert config["tracing_config"]["enabled"]
+            path = tmp_path_factory.mktemp("serve-config") / "serve.yaml"
+            path.write_text(yaml.safe_dump(config, sort_keys=False))
+            serve_deploy(path, running.dashboard_url)
+            wait_until_running([app["name"] for app in config["applications"]])
             on_deploy(running.base_url)
             yield running
+
+
+def serve_deploy(config: Path, dashboard_url: str) -> None:
+    """`serve deploy CONFIG -a DASHBOARD`, as an operator types it (the token comes from
+    this process's RAY_AUTH_TOKEN_PATH, as on a node). The dashboard's Serve module may
+    still be starting when the cluster is up: retried, bounded, until it takes the
+    config."""
+    command = [str(Path(sys.executable).with_name("serve")), "deploy", str(config)]
+    deadline = time.monotonic() + 120
+    while True:
+        done = subprocess.run(
+            [*command, "-a", dashboard_url], capture_output=True, text=True, timeout=120
+        )
+        if done.returncode == 0:
+            return
+        assert time.monotonic() < deadline, done.stdout + done.stderr
+        time.sleep(1)
+
+
+def test_ray_on_the_simulated_cluster_refuses_callers_without_its_token(
+    sim: SimulatedCluster,
+) -> None:
+    """Ray's control plane runs with token authentication, as on `cluster.yaml`'s nodes
+    (issue 24): the dashboard's job API, where a submitted job runs any code as the Ray
+    user, answers 401 without the token and 403 with a wrong one, and works with it."""
+    assert sim.dashboard_url
+    jobs = f"{sim.dashboard_url}/api/jobs/"
+    submission = {"entrypoint": "echo not-authenticated"}
+    wrong = {"authorization": "Bearer " + "0" * 64}
+    with httpx.Client(timeout=30) as client:
+        assert client.post(jobs, json=submission).status_code == 401
+        assert client.post(jobs, json=submission, headers=wrong).status_code == 403
+        assert client.get(jobs).status_code == 401
+        assert client.get(jobs, headers=wrong).status_code == 403
+
+        def listed() -> bool:  # the job module may still be starting: 5xx until then
+            return client.get(jobs, headers=sim.auth_headers()).status_code == 200
+
+        _wait_for(listed, 60)
+        answer = client.get(jobs, headers=sim.auth_headers()).json()
+    assert not [job for job in answer if job.get("type") == "SUBMISSION"], answer
+
+
+def test_what_serve_deploy_built_serves_every_pipeline_and_traces_a_request(
+    sim: SimulatedCluster, otlp: OtlpReceiver
+) -> None:
+    """What `serve deploy` built from the generated config (the fixture) answers: the
+    YAML pipeline with the shipped knowledge base, every pipeline listed; and a
+    request's trace reaches the OTLP receiver from the proxy, the pipeline's nodes and a
+    model server's replica: tracing came with the config."""
+    with httpx.Client(headers=client_headers(), base_url=sim.base_url, timeout=180) as client:
+        body = client.post(
+            "/pipelines/rag_yaml",
+            json={"question": "How long is the reset link for a password valid?"},
+        ).json()
+        assert any("30 minutes" in p["text"] for p in body["passages"]), body
+        listed = {p["name"] for p in client.get("/pipelines/").json()["pipelines"]}
+        assert {"rag", "rag_yaml", "rag_ingest", "triage"} <= listed
+
+        trace_id = secrets.token_hex(16)
+        traced = client.post(
+            "/pipelines/rag",
+            json={"question": "How long do refunds take?"},
+            headers={"traceparent": f"00-{trace_id}-{secrets.token_hex(8)}-01"},
+        )
+        assert traced.is_success and traced.headers["x-trace-id"] == trace_id
+    wanted = {"node embed", "node retrieve", "node generate"}
+
+    def complete(spans: list[dict]) -> bool:
+        named = {s["name"] for s in spans}
+        names = {n.split(" PipelineIngress")[0] for n in named}
+        replica = any(n.startswith("replica_handle_request Embedder") for n in names)
+        return wanted <= names and replica and any(n.startswith(ingress_span()) for n in named)
+
+    spans = otlp.trace(trace_id, until=complete)
+    assert complete(spans), sorted({s["name"] for s in spans})
+    assert otlp.refused == 0  # every export carried the collector's token
 
 
 @dataclass(frozen=True)

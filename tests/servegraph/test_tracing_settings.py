@@ -27,7 +27,7 @@ def test_several_exporters_each_get_a_processor(monkeypatch: pytest.MonkeyPatch,
     assert isinstance(otlp_processor, BatchSpanProcessor)
     # The exporter read the standard variables itself (that the headers reach a
     # collector is tested against a receiver that refuses exports without them:
-    # tests/integration/test_tracing.py, test_zz_serve_deploy.py).
+    # tests/integration/test_tracing.py, test_simulated_cluster.py).
     assert otlp_processor.span_exporter._endpoint == "https://collector.example:4318/v1/traces"
     otlp_processor.shutdown()
     file_processor.shutdown()

@@ -253,12 +253,23 @@ Node = Annotated[
 ]
 
 
+# A version is a short token that can travel in a header and a metric's label.
+VERSION_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9._-]{0,31}$"
+DEFAULT_VERSION = "v1"
+
+
 class Graph(BaseModel):
     """A pipeline (or a sub-graph of one): typed input, nodes, and what it returns."""
 
     model_config = ConfigDict(extra="forbid")
 
     name: str
+    version: str = Field(
+        DEFAULT_VERSION,
+        pattern=VERSION_PATTERN,
+        description="Which version of the pipeline this graph is: several versions of one "
+        "name are served side by side, on the same route (`servegraph.serving.traffic`).",
+    )
     description: str = ""
     input: str = Field(description="Import path of the input pydantic model.")
     output: str = Field(description="Import path of the output type.")
@@ -373,6 +384,8 @@ class Pipeline:
         deadline_s: the default request deadline (else 60 s).
         max_in_flight: requests one ingress replica runs at once (else 256); past it,
             503 + Retry-After before any work (`servegraph.serving.admission`).
+        version: which version of the pipeline this is (else "v1"); versions of one
+            name are served side by side on its route (`servegraph.serving.traffic`).
     """
 
     def __init__(
@@ -384,8 +397,10 @@ class Pipeline:
         description: str = "",
         deadline_s: float | None = None,
         max_in_flight: int | None = None,
+        version: str = DEFAULT_VERSION,
     ) -> None:
         self.name = name
+        self.version = version
         self.deadline_s = deadline_s
         self.max_in_flight = max_in_flight
         self.input = Ref(INPUT)
@@ -579,6 +594,7 @@ class Pipeline:
         """The `Graph` spec (not yet validated: see `servegraph.validate`)."""
         return Graph(
             name=self.name,
+            version=self.version,
             description=self._description,
             input=import_path(self._input_type),
             output=import_path(self._output_type),

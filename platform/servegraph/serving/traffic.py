@@ -1,0 +1,191 @@
+"""Which version of a pipeline answers a request (issue 28): weights between the
+versions served, sticky per caller, a shadow share, and a pin by header.
+
+Arithmetic and a table only; no Ray, no clock. The ingress asks `route` for each
+request; the table of splits lives in one cluster actor (`Board`, shared by every
+ingress replica, kept in a file so a restart keeps it).
+
+Stickiness: a caller (its key's name, or the session header it sends) is hashed with
+the pipeline's name to a point in [0, 1), and the versions share that interval in
+natural order (v1 first), each as wide as its weight. So a caller stays on one version
+while the weights stand, and when a candidate's weight grows, the callers it had keep
+it: its interval only widens (v2 at 10 % holds [0.9, 1); at 25 %, [0.75, 1)).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import random
+import tempfile
+from collections.abc import Collection, Mapping
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from pydantic import BaseModel, ConfigDict, Field, model_validator
+
+from servegraph.lang.discovery import default_version, version_order
+
+VERSION_HEADER = "x-pipeline-version"  # pins a request's version; names the one that answered
+SESSION_HEADER = "x-session-id"  # what a request sticks by when sent (else its key's name)
+
+
+class TrafficSplit(BaseModel):
+    """How one pipeline's requests are shared among its versions."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    weights: dict[str, int] = Field(
+        description="Version -> percent of requests it answers; whole percents summing "
+        "to 100. A version served but not named here answers none (unless pinned)."
+    )
+    shadow: str | None = Field(
+        None,
+        description="A version that also runs a share of the requests (`shadow_percent`): "
+        "its answer is recorded and compared, never returned, and the caller never waits "
+        "for it.",
+    )
+    shadow_percent: float = Field(0.0, ge=0, le=100)
+    sticky: bool = Field(
+        True, description="A caller (its session header, else its key) keeps one version."
+    )
+
+    @model_validator(mode="after")
+    def _adds_up(self) -> TrafficSplit:
+        if not self.weights:
+            raise ValueError("weights: name at least one version, e.g. {'v1': 100}")
+        for version, weight in self.weights.items():
+            if not 0 <= weight <= 100:
+                raise ValueError(f"weights.{version}: {weight} is not a percent in 0..100")
+        if (total := sum(self.weights.values())) != 100:
+            raise ValueError(
+                f"weights: they sum to {total}; make them sum to 100 (given {dict(self.weights)})"
+            )
+        if self.shadow_percent > 0 and self.shadow is None:
+            raise ValueError("shadow: name the version that runs the shadow_percent share")
+        return self
+
+    def problems(self, served: Collection[str]) -> list[str]:
+        """What this split names that the pipeline does not serve, field by field."""
+        known = ", ".join(sorted(served, key=version_order))
+        found = [
+            f"weights.{v}: no version {v!r} is served (served: {known})"
+            for v in self.weights
+            if v not in served
+        ]
+        if self.shadow is not None and self.shadow not in served:
+            found.append(f"shadow: no version {self.shadow!r} is served (served: {known})")
+        return found
+
+
+def default_split(served: Collection[str]) -> TrafficSplit:
+    """Every request to the default version (the oldest): what a pipeline serves
+    before anyone sets its traffic."""
+    return TrafficSplit(weights={default_version(served): 100})
+
+
+class UnknownVersion(LookupError):
+    """A request pinned a version the pipeline does not serve (answered 404)."""
+
+    def __init__(self, pipeline: str, asked: str, served: Collection[str]) -> None:
+        self.served = sorted(served, key=version_order)
+        super().__init__(
+            f"pipeline {pipeline!r} serves no version {asked!r}; it serves "
+            f"{', '.join(self.served)} (send one of them in X-Pipeline-Version, or none)"
+        )
+
+
+@dataclass(frozen=True)
+class Route:
+    """Where one request goes: the version that answers it and, maybe, a shadow."""
+
+    version: str
+    shadow: str | None = None
+    pinned: bool = False
+
+
+def point(pipeline: str, caller: str) -> float:
+    """A caller's fixed place in [0, 1) for one pipeline."""
+    digest = hashlib.sha256(f"{pipeline}\0{caller}".encode()).digest()
+    return int.from_bytes(digest[:8], "big") / 2**64
+
+
+def route(
+    pipeline: str,
+    split: TrafficSplit,
+    served: Collection[str],
+    *,
+    caller: str | None = None,
+    pinned: str | None = None,
+    rng: random.Random | None = None,
+) -> Route:
+    """The version that answers one request of `pipeline`, and its shadow if it has one.
+
+    Raises:
+        UnknownVersion: `pinned` names a version not served.
+    """
+    draw = (rng or random).random
+    if pinned:
+        if pinned not in served:
+            raise UnknownVersion(pipeline, pinned, served)
+        return Route(pinned, pinned=True)  # a pinned request is the caller's test: no shadow
+    at = point(pipeline, caller) if split.sticky and caller else draw()
+    version = _at(split.weights, at)
+    shadow = None
+    if split.shadow and split.shadow != version and draw() * 100 < split.shadow_percent:
+        shadow = split.shadow
+    return Route(version, shadow)
+
+
+def _at(weights: Mapping[str, int], at: float) -> str:
+    start = 0.0
+    ordered = [v for v in sorted(weights, key=version_order) if weights[v] > 0]
+    for version in ordered:
+        start += weights[version] / 100
+        if at < start:
+            return version
+    return ordered[-1]  # at = 1 - epsilon with rounding in the sum
+
+
+class Board:
+    """Every pipeline's split, one table for the whole cluster (in a `cluster_actor`):
+    ingress replicas read it (`table`, with the revision they hold, so an unchanged
+    table costs nothing), operators write it (`set`). Kept in `path` (written whole,
+    then renamed into place), so a restart of the actor, or of the cluster, keeps it."""
+
+    def __init__(self, path: str | os.PathLike[str] | None = None) -> None:
+        self._path = Path(path) if path else None
+        self._splits: dict[str, dict[str, Any]] = {}
+        self._revision = 0
+        if self._path is not None and self._path.exists():
+            saved = json.loads(self._path.read_text())
+            self._splits, self._revision = saved["splits"], int(saved["revision"])
+
+    def set(self, pipeline: str, split: dict[str, Any] | None) -> int:
+        """Set (None: clear) one pipeline's split; returns the new revision."""
+        if split is None:
+            self._splits.pop(pipeline, None)
+        else:
+            self._splits[pipeline] = TrafficSplit.model_validate(split).model_dump()
+        self._revision += 1
+        self._save()
+        return self._revision
+
+    def table(self, known: int = -1) -> tuple[int, dict[str, dict[str, Any]] | None]:
+        """(revision, every split), or (revision, None) when `known` is the revision."""
+        if known == self._revision:
+            return self._revision, None
+        return self._revision, dict(self._splits)
+
+    def _save(self) -> None:
+        if self._path is None:
+            return
+        self._path.parent.mkdir(parents=True, exist_ok=True)
+        text = json.dumps({"revision": self._revision, "splits": self._splits}, indent=1)
+        with tempfile.NamedTemporaryFile(
+            "w", dir=self._path.parent, prefix=".traffic-", delete=False
+        ) as out:
+            out.write(text)
+        os.replace(out.name, self._path)

@@ -19,6 +19,8 @@ os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 AUTH_DIR = Path(tempfile.mkdtemp(prefix="servegraph-test-auth-"))
 os.environ["SERVEGRAPH_AUTH_KEYS"] = str(AUTH_DIR / "keys.sqlite3")
 os.environ.pop("SERVEGRAPH_AUTH_UNSAFE_DISABLED", None)
+# The session's traffic splits between pipeline versions, never a previous session's.
+os.environ["SERVEGRAPH_TRAFFIC"] = str(AUTH_DIR / "traffic.json")
 
 
 def _admin_key() -> str:

@@ -113,6 +113,22 @@ def main(argv: list[str] | None = None) -> int:
     render.add_argument("name")
     render.add_argument("--mermaid", action="store_true")
     _keys_parser(commands)
+    traffic = commands.add_parser(
+        "traffic",
+        help="show or set how a pipeline's requests are shared among its versions",
+        description="Without --weights or --clear: show the split. Applies on every "
+        "ingress replica within a second; no model server is redeployed.",
+    )
+    traffic.add_argument("pipeline")
+    traffic.add_argument("--weights", help="VERSION=PERCENT,... summing to 100, e.g. v1=90,v2=10")
+    traffic.add_argument(
+        "--shadow", help="VERSION=PERCENT: that share of requests also runs on VERSION"
+    )
+    traffic.add_argument(
+        "--not-sticky", action="store_true", help="each request draws (else a caller keeps one)"
+    )
+    traffic.add_argument("--clear", action="store_true", help="all traffic to the default")
+    traffic.add_argument("--url", default="http://127.0.0.1:8000", help="the platform's HTTP")
     observe = commands.add_parser(
         "observe", help="Prometheus (Debian's package) on the running platform, with alerts"
     )
@@ -134,6 +150,7 @@ def main(argv: list[str] | None = None) -> int:
         "check": _check,
         "batch": _batch,
         "cost": _cost,
+        "traffic": _traffic,
     }
     return commands_by_name[args.command](args)
 
@@ -358,6 +375,55 @@ def _cost(args: argparse.Namespace) -> int:
         for node, usd in row.nodes_usd_per_1000.items():
             table.add_row("", node, "", f"{usd:.5f}", "")
     console.print(table)
+    return 0
+
+
+def _traffic(args: argparse.Namespace) -> int:
+    import httpx
+    from rich.table import Table
+
+    from servegraph.security.client import client_headers
+
+    def pairs(text: str, option: str) -> dict[str, float]:
+        try:
+            return {
+                version.strip(): float(percent)
+                for version, percent in (item.split("=", 1) for item in text.split(","))
+            }
+        except ValueError:
+            raise SystemExit(f"{option}: write VERSION=PERCENT[,...], e.g. v1=90,v2=10") from None
+
+    url = f"{args.url.rstrip('/')}/pipelines/{args.pipeline}/traffic"
+    with httpx.Client(headers=client_headers(), timeout=30) as client:
+        if args.clear:
+            answer = client.delete(url)
+        elif args.weights:
+            split: dict[str, Any] = {
+                "weights": {v: round(p) for v, p in pairs(args.weights, "--weights").items()},
+                "sticky": not args.not_sticky,
+            }
+            if args.shadow:
+                ((version, percent),) = pairs(args.shadow, "--shadow").items()
+                split |= {"shadow": version, "shadow_percent": percent}
+            answer = client.put(url, json=split)
+        else:
+            answer = client.get(url)
+    if answer.status_code != 200:
+        body = answer.json() if answer.headers.get("content-type") == "application/json" else {}
+        details = body.get("detail")
+        for item in details if isinstance(details, list) else [body or {"error": answer.text}]:
+            console.print(f"[red]{answer.status_code}[/red] {item}", highlight=False)
+        return 2
+    shown = answer.json()
+    split = shown["split"]
+    table = Table(title=f"{shown['pipeline']}: traffic (revision {shown['revision']})")
+    for column in ("version", "weight %", "shadow %"):
+        table.add_column(column, justify="left" if column == "version" else "right")
+    for version in shown["versions"]:
+        shadow = split["shadow_percent"] if split.get("shadow") == version else 0
+        table.add_row(version, str(split["weights"].get(version, 0)), f"{shadow:g}")
+    console.print(table)
+    console.print(f"sticky per caller: {'yes' if split['sticky'] else 'no'}", highlight=False)
     return 0
 
 

@@ -63,6 +63,14 @@ class AppSettings(BaseSettings):
             "node mounts. Default $SERVEGRAPH_HOME/runs/runs.sqlite3."
         ),
     )
+    traffic: Path | None = Field(
+        None,
+        description=(
+            "The traffic splits between pipeline versions (JSON), kept by the cluster's "
+            "traffic board so a restart keeps them: on the head node's disk. Default "
+            "$SERVEGRAPH_HOME/traffic/traffic.json."
+        ),
+    )
     router_resources: dict[str, float] = Field(
         default_factory=dict,
         description=(
@@ -78,6 +86,13 @@ class AppSettings(BaseSettings):
         if self.runs:
             return self.runs
         return Path(os.environ.get("SERVEGRAPH_HOME", "var")).resolve() / "runs" / "runs.sqlite3"
+
+    @property
+    def traffic_path(self) -> Path:
+        if self.traffic:
+            return self.traffic
+        home = Path(os.environ.get("SERVEGRAPH_HOME", "var")).resolve()
+        return home / "traffic" / "traffic.json"
 
 
 def router_actor_options() -> dict[str, Any]:

@@ -310,6 +310,7 @@ def _prepare_environment() -> None:
     # local user's admin key exists from here on, for local clients (`client_headers`).
     os.environ.setdefault("SERVEGRAPH_AUTH_KEYS", str(AuthSettings().store_path))
     os.environ.setdefault("SERVEGRAPH_RUNS", str(AppSettings().runs_path))  # the same, for runs
+    os.environ.setdefault("SERVEGRAPH_TRAFFIC", str(AppSettings().traffic_path))  # and traffic
     ensure_local_admin_key()
 
 

@@ -120,6 +120,19 @@ def plan_platform(
             for different deployment options.
     """
     graph_list = list(graphs.values()) if isinstance(graphs, dict) else list(graphs)
+    if packages is not None:  # the ingress serves every version found there: plan them all
+        from servegraph.lang.discovery import discover_versions
+
+        given = {(g.name, g.version) for g in graph_list}
+        names = {name for name, _ in given}
+        graph_list += [
+            g
+            for package in packages
+            for name, versions in discover_versions(package).items()
+            if name in names
+            for g in versions.values()
+            if (g.name, g.version) not in given
+        ]
     for graph in graph_list:
         validate(graph, catalog)
     overrides = _server_overrides(graph_list)
@@ -139,7 +152,7 @@ def plan_platform(
         "deployment": ingress_deployment or {},
     }
     if packages is not None:
-        ingress_args |= {"packages": packages, "names": [g.name for g in graph_list]}
+        ingress_args |= {"packages": packages, "names": sorted({g.name for g in graph_list})}
     else:
         ingress_args |= {"packages": [], "graphs_yaml": [to_yaml(g) for g in graph_list]}
     from servegraph.serving.ingress import INGRESS_APP, INGRESS_PREFIX

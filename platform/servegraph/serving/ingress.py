@@ -12,7 +12,7 @@ import asyncio
 import json
 import logging
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
 from typing import Any
@@ -32,7 +32,7 @@ from servegraph.engine.runtime import NodeRecord, Runtime, RunWaiting, default_d
 from servegraph.errors import PipelineRuntimeError
 from servegraph.lang.catalog import Catalog
 from servegraph.lang.compiled import CompiledGraph
-from servegraph.lang.discovery import discover
+from servegraph.lang.discovery import collect, default_version, discover_versions, version_order
 from servegraph.lang.graph import Graph, resolve
 from servegraph.lang.render import to_mermaid, to_text
 from servegraph.lang.serialize import to_yaml
@@ -58,6 +58,15 @@ from servegraph.serving.runs import (
     failure_of,
     has_approval,
     runs_router,
+)
+from servegraph.serving.traffic import VERSION_HEADER, Route, TrafficView
+from servegraph.serving.versions import (
+    ActorBoard,
+    Shadows,
+    install_unknown_version_handler,
+    primary_ended,
+    traffic_router,
+    version_picker,
 )
 from servegraph.settings import AppSettings, router_actor_options
 from servegraph.telemetry import tracing
@@ -102,25 +111,38 @@ def build_fastapi(
     invoke: Any,
     metrics: Any = None,
     demand: Any = None,
+    versions: dict[str, dict[str, Graph]] | None = None,
+    board: Any = None,
 ) -> FastAPI:
     """The ingress app: POST /<pipeline>, GET /<pipeline>/graph, GET / (the list).
     `demand`: told of each arrival and each finished request's records
-    (`servegraph.deploy.scaling.board.Reporter`), for graph-aware scaling."""
-    store = RunStore(AppSettings().runs_path) if any(map(has_approval, graphs.values())) else None
+    (`servegraph.deploy.scaling.board.Reporter`), for graph-aware scaling.
+
+    `versions`: every version of each pipeline (name -> version -> graph; default: the
+    one in `graphs`), served side by side on its route; `board`: where the traffic
+    splits between them are kept (`servegraph.serving.versions.ActorBoard` on Ray; None:
+    each pipeline's default version answers, unless a request pins another)."""
+    versions = versions or {name: {g.version: g} for name, g in graphs.items()}
+    every = [g for served in versions.values() for g in served.values()]
+    store = RunStore(AppSettings().runs_path) if any(map(has_approval, every)) else None
     recorded: list[Runs] = []
+    traffic = TrafficView({name: list(v) for name, v in versions.items()}, board)
 
     @asynccontextmanager
     async def lifespan(_: FastAPI) -> AsyncIterator[None]:
-        """With runs to record, this replica keeps its runs' leases and adopts those
-        of replicas that died (`servegraph.serving.runs.Keeper`) while it serves."""
-        if store is None:
-            yield
-            return
-        keeping = asyncio.create_task(Keeper(store, recorded).keep())
+        """While it serves, this replica follows the traffic board, and with runs to
+        record it keeps its runs' leases and adopts those of replicas that died
+        (`servegraph.serving.runs.Keeper`)."""
+        tasks = []
+        if board is not None:
+            tasks.append(asyncio.create_task(traffic.keep()))
+        if store is not None:
+            tasks.append(asyncio.create_task(Keeper(store, recorded).keep()))
         try:
             yield
         finally:
-            keeping.cancel()
+            for task in tasks:
+                task.cancel()
 
     app = make_app(
         title="servegraph pipelines",
@@ -128,6 +150,7 @@ def build_fastapi(
         lifespan=lifespan,
     )
     install_error_handlers(app)
+    install_unknown_version_handler(app)
 
     @app.get(
         "/",
@@ -143,6 +166,7 @@ def build_fastapi(
                     "description": g.description,
                     "route": f"{INGRESS_PREFIX}/{name}",
                     "graph": f"{INGRESS_PREFIX}/{name}/graph",
+                    "versions": sorted(versions[name], key=version_order),
                 }
                 for name, g in graphs.items()
             ]
@@ -169,12 +193,24 @@ def build_fastapi(
             invoke_stream=getattr(invoke, "stream", None),
             costs=costs,
         )
-        compiled = runtime.compile(graph)
+        served = {v: runtime.compile(g) for v, g in versions[graph.name].items()}
+        compiled = served[graph.version]
         runs = Runs(compiled, runtime, store) if store and has_approval(graph) else None
-        app.include_router(pipeline_router(compiled, runtime, metrics, demand, runs))
+        if runs is not None and len(served) > 1:
+            raise ValueError(
+                f"pipeline {graph.name!r} has an approval node and {len(served)} versions: "
+                "serving versions of a pipeline whose runs wait for a person is not "
+                "supported yet; serve one version"
+            )
+        shadows = Shadows(graph.name, runtime, served, metrics)
+        app.include_router(
+            pipeline_router(compiled, runtime, metrics, demand, runs, served, traffic, shadows)
+        )
+        scope = pipeline_scope(graph, catalog)
+        app.include_router(traffic_router(graph.name, scope, list(served), traffic, board, shadows))
         if runs is not None:
             recorded.append(runs)
-            app.include_router(runs_router(runs, pipeline_scope(graph, catalog)))
+            app.include_router(runs_router(runs, scope))
     return app
 
 
@@ -228,10 +264,16 @@ def pipeline_scope(graph: Graph, catalog: Catalog) -> str:
 
 @dataclass(frozen=True)
 class _RunOptions:
-    """What a run request's headers ask: its deadline and its maximum cost."""
+    """What a run request's headers ask: its deadline (as the caller gave it, in either
+    header) and its maximum cost."""
 
-    deadline_s: float
+    timeouts: tuple[float | None, float | None]
     budget: Budget | None
+
+    def deadline_for(self, graph: Graph) -> float:
+        """The run's deadline on `graph` (the version that runs it: its own default
+        applies when the caller named none)."""
+        return run_deadline(graph, *self.timeouts)
 
 
 @dataclass
@@ -246,6 +288,7 @@ class _Account:
     spent: tokens.Tally
     reserved: int = 0
     chars: int = 0  # the request's size, for the prompt estimate (LLM pipelines only)
+    version: str = ""  # the pipeline's version that runs it
 
 
 def _run_options(graph: Graph) -> Callable[..., Awaitable[_RunOptions]]:
@@ -275,9 +318,8 @@ def _run_options(graph: Graph) -> Callable[..., Awaitable[_RunOptions]]:
             None, gt=0, le=MAX_COST_USD, allow_inf_nan=False, description=budget_doc
         ),
     ) -> _RunOptions:
-        deadline_s = run_deadline(graph, x_request_timeout, x_request_timeout_seconds)
         budget = Budget(x_servegraph_max_cost_usd) if x_servegraph_max_cost_usd else None
-        return _RunOptions(deadline_s, budget)
+        return _RunOptions((x_request_timeout, x_request_timeout_seconds), budget)
 
     return run_options
 
@@ -293,11 +335,13 @@ class _Accounting:
         self.metrics, self.demand, self.uses_llm = metrics, demand, uses_llm
         self.prompts = tokens.PromptEstimate()  # what the LLM's prompts add to a request
 
-    async def open(self, request: BaseModel, http: Request, caller: Caller) -> _Account:
+    async def open(
+        self, request: BaseModel, http: Request, caller: Caller, version: str = ""
+    ) -> _Account:
         """Before the run: the most LLM tokens it may spend (its LLM calls' max_tokens,
         and its prompts as estimated from the request and recent runs' prompts) reserved
         from the key's token budget (`Guard.reserve`; 429 when it is spent)."""
-        run = _Account(time.perf_counter(), [], http, caller, tokens.Tally())
+        run = _Account(time.perf_counter(), [], http, caller, tokens.Tally(), version=version)
         if not self.uses_llm:
             return run
         run.chars = len(request.model_dump_json())
@@ -321,6 +365,11 @@ class _Accounting:
         if self.metrics is not None:
             try:
                 self.metrics.record(name, status, total_ms, run.records)
+                if run.version:
+                    role = "primary"
+                    self.metrics.record_version(
+                        name, run.version, role, status, total_ms, run.records
+                    )
             except Exception:  # the metrics' loss, never the request's answer
                 logger.exception("recording the metrics of a %s request failed", name)
         if self.demand is not None:
@@ -342,14 +391,26 @@ def pipeline_router(
     metrics: Any,
     demand: Any = None,
     runs: Runs | None = None,
+    served: Mapping[str, CompiledGraph] | None = None,
+    traffic: TrafficView | None = None,
+    shadows: Shadows | None = None,
 ) -> APIRouter:
     """One pipeline's routes: POST /<name>, POST /<name>/stream, GET /<name>/graph(.mmd),
     each open only to a key with the pipeline's scope (`pipeline_scope`). With `runs`
     (a pipeline with an approval node), every run is recorded there, and one that stops
-    for a decision is answered 202 with its `run_id` (`servegraph.serving.runs`)."""
+    for a decision is answered 202 with its `run_id` (`servegraph.serving.runs`).
+
+    `served`: every version of the pipeline (`compiled` is its default); each request
+    runs the one `traffic` chooses (`servegraph.serving.versions.version_picker`), and
+    its answer names it in X-Pipeline-Version. `shadows` runs a split's shadow share."""
     graph = compiled.graph
-    uses_llm = any(runtime.catalog.contract(c.server, c.method).usage for c in graph.calls())
+    served = served or {graph.version: compiled}
+    every = [c.graph for c in served.values()]
+    uses_llm = any(
+        runtime.catalog.contract(c.server, c.method).usage for g in every for c in g.calls()
+    )
     guard = require(pipeline_scope(graph, runtime.catalog), llm=uses_llm)
+    pick_version = version_picker(graph.name, served, traffic, guard)
     # One check per request: FastAPI runs a dependency the router and a route share once.
     router = APIRouter(dependencies=[Depends(guard)])
     input_model = compiled.input
@@ -363,19 +424,24 @@ def pipeline_router(
         http: Request,
         caller: Caller = Depends(guard),  # noqa: B008  # FastAPI's way
         options: _RunOptions = Depends(run_options),  # noqa: B008
+        chosen: Route = Depends(pick_version),  # noqa: B008
     ) -> Any:
-        run = await books.open(request, http, caller)
-        status = 200
+        target = served[chosen.version]
+        run = await books.open(request, http, caller, chosen.version)
+        execution = _execution(run, options, target.graph)
+        shadow = shadows.start(chosen, request, execution["deadline_s"]) if shadows else None
+        status, output = 200, None
         try:
             if runs is None:
-                result = await runtime.execute(compiled, request, **_execution(run, options))
+                result = await runtime.execute(target, request, **execution)
             else:
-                run_id, outcome = await runs.start(request, caller, **_execution(run, options))
+                run_id, outcome = await runs.start(request, caller, **execution)
                 if isinstance(outcome, Response):  # stopped for a decision: 202
                     status = outcome.status_code
                     return outcome
                 result = outcome
                 response.headers["x-servegraph-run-id"] = run_id
+            output = result.output
         except Exception as exc:
             status = _status_of(exc)
             raise
@@ -384,38 +450,45 @@ def pipeline_router(
             raise
         finally:
             total_ms = await books.close(run, status)
-        response.headers.update(_usage_headers(run.records, total_ms, options.budget))
-        return result.output
+            primary_ended(shadow, status, total_ms, output)
+        response.headers.update(
+            _usage_headers(run.records, total_ms, options.budget, chosen.version)
+        )
+        return output
 
     async def stream_pipeline(
         request: input_model,  # type: ignore[valid-type]
         http: Request,
         caller: Caller = Depends(guard),  # noqa: B008  # FastAPI's way
         options: _RunOptions = Depends(run_options),  # noqa: B008
+        chosen: Route = Depends(pick_version),  # noqa: B008
     ) -> Response:
-        run = await books.open(request, http, caller)
+        target = served[chosen.version]
+        run = await books.open(request, http, caller, chosen.version)
+        execution = _execution(run, options, target.graph)
         recorded = await runs.begin(request, caller) if runs is not None else {}
-        events = runtime.stream(compiled, request, **_execution(run, options), **recorded)
+        shadow = shadows.start(chosen, request, execution["deadline_s"]) if shadows else None
+        events = runtime.stream(target, request, **execution, **recorded)
         try:  # a run failing before any progress is answered with its own status
             held = await sse.hold_until_progress(events)
         except RunWaiting as stop:  # stopped for a decision before any progress
             assert runs is not None
-            await books.close(run, 202)
+            primary_ended(shadow, 202, await books.close(run, 202), None)
             return JSONResponse(await runs.stopped(recorded["run_id"], stop.pending), 202)
         except Exception as exc:
             if runs is not None:
                 await runs.ended(recorded["run_id"], failure=failure_of(exc))
-            await books.close(run, _status_of(exc))
+            primary_ended(shadow, _status_of(exc), await books.close(run, _status_of(exc)), None)
             raise
         except asyncio.CancelledError:
             await events.aclose()
             if runs is not None:  # left running: adopted and finished by a Keeper
                 runs.release(recorded["run_id"])
-            await books.close(run, 499)
+            primary_ended(shadow, 499, await books.close(run, 499), None)
             raise
 
         async def body() -> AsyncIterator[bytes]:
-            status = 200
+            status, output = 200, None
             try:
                 for event in held[:-1]:
                     yield sse.encode(event.kind, sse.event_data(event))
@@ -424,10 +497,12 @@ def pipeline_router(
                     yield sse.encode(event.kind, sse.event_data(event))
                     event = await anext(events)
                 total_ms = (time.perf_counter() - run.started) * 1000
-                yield sse.encode("usage", usage_of(run.records, total_ms, options.budget))
+                usage = usage_of(run.records, total_ms, options.budget, chosen.version)
+                yield sse.encode("usage", usage)
                 if runs is not None:
                     await runs.ended(recorded["run_id"], event.data.output)
-                yield sse.encode("result", jsonable_encoder(event.data.output))
+                output = event.data.output
+                yield sse.encode("result", jsonable_encoder(output))
             except RunWaiting as stop:  # the stream ends with what the run waits for
                 assert runs is not None
                 status = 202
@@ -450,9 +525,9 @@ def pipeline_router(
                 await events.aclose()
                 if runs is not None:  # a run left running is adopted by a Keeper
                     runs.release(recorded["run_id"])
-                await books.close(run, status)
+                primary_ended(shadow, status, await books.close(run, status), output)
 
-        headers = {"cache-control": "no-cache"}
+        headers = {"cache-control": "no-cache", VERSION_HEADER: chosen.version}
         if trace_id := tracing.current_trace_id():
             headers["x-trace-id"] = trace_id
         return EventSourceResponse(body(), headers=headers)
@@ -519,12 +594,13 @@ def pipeline_router(
     return router
 
 
-def _execution(run: _Account, options: _RunOptions) -> dict[str, Any]:
-    """What a request's run is executed with (`Runtime.execute`, `Runtime.stream`): its
-    records and token tally (its books), its deadline and its maximum cost."""
+def _execution(run: _Account, options: _RunOptions, graph: Graph) -> dict[str, Any]:
+    """What a request's run on `graph` is executed with (`Runtime.execute`,
+    `Runtime.stream`): its records and token tally (its books), its deadline and its
+    maximum cost."""
     return {
         "records": run.records,
-        "deadline_s": options.deadline_s,
+        "deadline_s": options.deadline_for(graph),
         "budget": options.budget,
         "tally": run.spent,
     }
@@ -554,7 +630,10 @@ def _tokens(records: list[NodeRecord]) -> dict[str, int]:
 
 
 def usage_of(
-    records: list[NodeRecord], total_ms: float, budget: Budget | None = None
+    records: list[NodeRecord],
+    total_ms: float,
+    budget: Budget | None = None,
+    version: str | None = None,
 ) -> dict[str, Any]:
     """What the request cost: LLM tokens, wall time per node (retries summed), and the
     model servers' resource-seconds per node and in all, priced (USD) and turned into
@@ -579,20 +658,22 @@ def usage_of(
         "joules": round(tables.joules(spent), 4),
         "nodes_usd": {node: round(tables.usd(c), 9) for node, c in charges.items()},
         **({"budget": budget.report()} if budget is not None else {}),
+        **({"version": version} if version else {}),
     }
 
 
 def _usage_headers(
-    records: list[NodeRecord], total_ms: float, budget: Budget | None
+    records: list[NodeRecord], total_ms: float, budget: Budget | None, version: str
 ) -> dict[str, str]:
     """The usage as x-servegraph-usage, the same timings as Server-Timing (shown by
-    browsers and `curl -v`), and the trace id."""
-    usage = usage_of(records, total_ms, budget)
+    browsers and `curl -v`), the version that answered, and the trace id."""
+    usage = usage_of(records, total_ms, budget, version)
     nodes_ms: dict[str, float] = usage["nodes_ms"]
     timing = [f"{_token(node)};dur={ms:.1f}" for node, ms in list(nodes_ms.items())[-20:]]
     headers = {
         "x-servegraph-usage": json.dumps(usage, separators=(",", ":")),
         "server-timing": ", ".join([*timing, f"total;dur={total_ms:.1f}"]),
+        VERSION_HEADER: version,
     }
     trace_id = tracing.current_trace_id()
     if trace_id:
@@ -614,15 +695,17 @@ class IngressArgs(BaseModel):
     deployment: dict[str, Any] = {}
 
 
-def load_graphs(args: IngressArgs) -> dict[str, Graph]:
+def load_graphs(args: IngressArgs) -> dict[str, dict[str, Graph]]:
+    """Every version of every pipeline the ingress serves: name -> version -> graph."""
     from servegraph.lang.serialize import from_yaml
 
-    graphs: dict[str, Graph] = {}
+    graphs: dict[str, dict[str, Graph]] = {}
     for package in args.packages:
-        graphs.update(discover(package))
-    for text in args.graphs_yaml:
-        graph = from_yaml(text)
-        graphs[graph.name] = graph
+        graphs.update(discover_versions(package))
+    carried = collect(
+        (from_yaml(text), f"graphs_yaml[{n}]") for n, text in enumerate(args.graphs_yaml)
+    )
+    graphs.update(carried)
     if args.names is not None:
         graphs = {n: g for n, g in graphs.items() if n in args.names}
     return graphs
@@ -634,12 +717,14 @@ def ingress_app(args: IngressArgs | dict[str, Any]) -> Any:
 
     def make_app() -> FastAPI:
         catalog: Catalog = resolve(args.catalog)
-        graphs = load_graphs(args)  # compiled, so validated, by build_fastapi
+        versions = load_graphs(args)  # compiled, so validated, by build_fastapi
+        graphs = {name: v[default_version(v)] for name, v in versions.items()}
         from servegraph.deploy.scaling.board import Reporter
         from servegraph.telemetry.metrics import PipelineMetrics
 
         invoker = ServeInvoker(catalog)
-        invoker.prepare({call.server for g in graphs.values() for call in g.calls()})
+        every = [g for served in versions.values() for g in served.values()]
+        invoker.prepare({call.server for g in every for call in g.calls()})
         context = serve.get_replica_context()
         if context.app_name == INGRESS_APP:  # mounted at INGRESS_PREFIX
             publishing(
@@ -648,7 +733,15 @@ def ingress_app(args: IngressArgs | dict[str, Any]) -> Any:
                 admission_limits(graphs),
                 {n: pipeline_scope(g, catalog) for n, g in graphs.items()},
             )
-        return build_fastapi(graphs, catalog, invoker, PipelineMetrics(), Reporter(graphs))
+        return build_fastapi(
+            graphs,
+            catalog,
+            invoker,
+            PipelineMetrics(),
+            Reporter(graphs, versions=versions),
+            versions,
+            ActorBoard(),
+        )
 
     @serve.deployment(name="PipelineIngress")
     @serve.ingress(make_app)

@@ -14,8 +14,10 @@ it: its interval only widens (v2 at 10 % holds [0.9, 1); at 25 %, [0.75, 1)).
 
 from __future__ import annotations
 
+import asyncio
 import hashlib
 import json
+import logging
 import os
 import random
 import tempfile
@@ -28,6 +30,10 @@ from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from servegraph.lang.discovery import default_version, version_order
 
+logger = logging.getLogger("ray.serve")
+
+BOARD_ACTOR = "servegraph-traffic"
+REFRESH_S = 0.5  # how often an ingress replica asks the board for a newer table
 VERSION_HEADER = "x-pipeline-version"  # pins a request's version; names the one that answered
 SESSION_HEADER = "x-session-id"  # what a request sticks by when sent (else its key's name)
 
@@ -156,10 +162,14 @@ class Board:
     then renamed into place), so a restart of the actor, or of the cluster, keeps it."""
 
     def __init__(self, path: str | os.PathLike[str] | None = None) -> None:
-        self._path = Path(path) if path else None
+        if path is None:  # in the cluster's actor: where the settings say
+            from servegraph.settings import AppSettings
+
+            path = AppSettings().traffic_path
+        self._path = Path(path)
         self._splits: dict[str, dict[str, Any]] = {}
         self._revision = 0
-        if self._path is not None and self._path.exists():
+        if self._path.exists():
             saved = json.loads(self._path.read_text())
             self._splits, self._revision = saved["splits"], int(saved["revision"])
 
@@ -180,8 +190,6 @@ class Board:
         return self._revision, dict(self._splits)
 
     def _save(self) -> None:
-        if self._path is None:
-            return
         self._path.parent.mkdir(parents=True, exist_ok=True)
         text = json.dumps({"revision": self._revision, "splits": self._splits}, indent=1)
         with tempfile.NamedTemporaryFile(
@@ -189,3 +197,98 @@ class Board:
         ) as out:
             out.write(text)
         os.replace(out.name, self._path)
+
+
+def board() -> Any:
+    """The cluster's traffic board (a `Board` in a `cluster_actor`)."""
+    from servegraph._actors import cluster_actor
+
+    return cluster_actor(Board, BOARD_ACTOR)
+
+
+class TrafficView:
+    """An ingress replica's copy of the board's table, for the pipelines it serves
+    (`served`: pipeline -> its versions; `board`: the board, with async methods:
+    `servegraph.serving.versions.ActorBoard`). `split` answers from memory, never waiting
+    on the board; `keep` refreshes the copy every `REFRESH_S` while the replica runs,
+    so a change reaches every replica within about that.
+
+    A split the board holds that names a version this replica does not serve (the
+    versions were redeployed since) is not used: the pipeline's default split answers
+    until the split is set again, and the replica says so in its log, once."""
+
+    def __init__(self, served: Mapping[str, Collection[str]], board: Any = None) -> None:
+        self.served = {name: frozenset(versions) for name, versions in served.items()}
+        self._board = board  # async table(known) -> (revision, table or None)
+        self._revision = -1
+        self._splits: dict[str, TrafficSplit] = {}
+        self._defaults = {name: default_split(v) for name, v in self.served.items()}
+        self._warned: set[tuple[int, str]] = set()
+
+    @property
+    def revision(self) -> int:
+        return self._revision
+
+    def split(self, pipeline: str) -> TrafficSplit:
+        return self._splits.get(pipeline) or self._defaults[pipeline]
+
+    def apply(self, revision: int, table: Mapping[str, Mapping[str, Any]]) -> None:
+        """Take a table read from the board."""
+        splits: dict[str, TrafficSplit] = {}
+        for pipeline, raw in table.items():
+            if pipeline not in self.served:
+                continue
+            split = TrafficSplit.model_validate(raw)
+            if problems := split.problems(self.served[pipeline]):
+                if (revision, pipeline) not in self._warned:
+                    self._warned.add((revision, pipeline))
+                    logger.warning(
+                        "traffic split of %s not used here (%s); its default answers",
+                        pipeline,
+                        "; ".join(problems),
+                    )
+                continue
+            splits[pipeline] = split
+        self._splits, self._revision = splits, revision
+
+    async def refresh(self) -> None:
+        if self._board is None:
+            return
+        revision, table = await self._board.table(self._revision)
+        if table is not None:
+            self.apply(revision, table)
+
+    async def keep(self) -> None:
+        """Refresh every `REFRESH_S` until cancelled; a failed read keeps the last table
+        (the board is restarted by Ray if it died)."""
+        while True:
+            try:
+                await self.refresh()
+            except asyncio.CancelledError:
+                raise
+            except Exception:
+                logger.warning("reading the traffic board failed; keeping the last table")
+            await asyncio.sleep(REFRESH_S)
+
+
+def agreement(primary: Any, shadow: Any) -> float:
+    """How alike two versions' answers to one request are, in [0, 1]: 1 when equal;
+    else the overlap of their words (Jaccard, over every string in the answers, so an
+    answer's text and its citations both count). No label is needed: what it measures is
+    change, which a rollout weighs with the answer signals."""
+    if primary == shadow:
+        return 1.0
+    a, b = _words(primary), _words(shadow)
+    if not a and not b:
+        return 0.0
+    return len(a & b) / len(a | b)
+
+
+def _words(value: Any) -> set[str]:
+    if isinstance(value, str):
+        return {w.strip(".,;:!?()[]\"'").lower() for w in value.split()} - {""}
+    if isinstance(value, Mapping):
+        return set().union(*(_words(v) for v in value.values())) if value else set()
+    if isinstance(value, list | tuple):
+        return set().union(*(_words(v) for v in value)) if value else set()
+    return {str(value)} if value is not None else set()

@@ -173,7 +173,58 @@ class PipelineMetrics:
             "pipeline",
             "node",
         )
+        # Per version of a pipeline (issue 28), as a rollout compares them: `role` is
+        # "primary" for the version that answered the caller, "shadow" for one that ran
+        # beside it. (Series of their own: the requests above keep their labels, which
+        # Serve's proxies count too, before a version is chosen.)
+        self.version_requests = _counter(
+            coalesced,
+            "servegraph_version_requests",
+            "Pipeline requests by version, role (primary or shadow) and outcome.",
+            "pipeline",
+            "version",
+            "role",
+            "status",
+        )
+        self.version_latency = metrics.Histogram(
+            "servegraph_version_latency_ms",
+            description="Pipeline request latency by version and role.",
+            boundaries=_LATENCY_MS,
+            tag_keys=("pipeline", "version", "role"),  # type: ignore[arg-type]  # see _TAGS
+        )
+        self.version_usd = _counter(
+            coalesced,
+            "servegraph_version_cost_usd",
+            "What a version's requests cost, by the price table.",
+            "pipeline",
+            "version",
+            "role",
+        )
+        self.shadow_agreement = metrics.Histogram(
+            "servegraph_shadow_agreement",
+            description="How alike a shadow's answer was to the primary's (1: the same).",
+            boundaries=[0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9, 0.99],
+            tag_keys=("pipeline", "version"),  # type: ignore[arg-type]  # see _TAGS
+        )
         self.prices = prices()
+
+    def record_version(
+        self,
+        pipeline: str,
+        version: str,
+        role: str,
+        status: int,
+        total_ms: float,
+        records: list[NodeRecord],
+    ) -> None:
+        tags = {"pipeline": pipeline, "version": version, "role": role}
+        self.version_requests.inc(tags={**tags, "status": str(status)})
+        self.version_latency.observe(total_ms, tags=tags)
+        if usd := sum(self.prices.usd(r.charge) for r in records if r.charge):
+            self.version_usd.inc(usd, tags=tags)
+
+    def record_agreement(self, pipeline: str, version: str, agreement: float) -> None:
+        self.shadow_agreement.observe(agreement, tags={"pipeline": pipeline, "version": version})
 
     def record(
         self, pipeline: str, status: int, total_ms: float, records: list[NodeRecord]

@@ -98,14 +98,25 @@ class Reporter:
     arrival, so the count is never in the request's way).
 
     Args:
-        graphs: the pipelines this ingress runs.
+        graphs: the pipelines this ingress runs (each at its default version, whose
+            calls are the prior).
         board: a `DemandBoard` actor handle; default: the cluster's, found when first
             needed.
+        versions: every version of each pipeline (name -> version -> graph): a
+            request's calls are counted whichever version ran it.
     """
 
-    def __init__(self, graphs: Mapping[str, Graph], board: Any = None) -> None:
+    def __init__(
+        self,
+        graphs: Mapping[str, Graph],
+        board: Any = None,
+        versions: Mapping[str, Mapping[str, Graph]] | None = None,
+    ) -> None:
         self._priors = {name: prior_calls(g) for name, g in graphs.items()}
         self._paths = {name: call_paths(g) for name, g in graphs.items()}
+        for name, served in (versions or {}).items():
+            for graph in served.values():
+                self._paths.setdefault(name, {}).update(call_paths(graph))
         self._board = board
         self._arrived: dict[str, int] = defaultdict(int)
         self._finished: dict[str, tuple[int, dict[str, int]]] = {}

@@ -1,0 +1,256 @@
+"""What must hold across several ingress replicas, on an ingress of two (deployed once
+for this module, then put back): a key's rate limit is one limit, not one per replica;
+and a traffic split between a pipeline's versions reaches every replica, while
+callers keep calling and none of their requests fails."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+
+import httpx
+import pytest
+import yaml
+
+from servegraph.deploy.local_ray import LocalCluster
+from servegraph.security.client import client_headers
+from tests._cluster import wait_until_running
+from tests.integration.test_auth import bearer, replicas_of, store, wait_for_series
+
+pytestmark = pytest.mark.integration
+
+# A pipeline at two versions, as YAML: one embedder call each, so that twenty callers
+# cost this machine little. v2 is the candidate.
+PROBE = {
+    "name": "versions_probe",
+    "description": "A pipeline served at two versions (test_ingress_replicas).",
+    "input": "pipelines.rag.models:RagQuery",
+    "output": "deployments.embedder.contract:Embedding",
+    "nodes": [
+        {
+            "kind": "call",
+            "name": "embed",
+            "inputs": {"text": "input.question"},
+            "server": "embedder",
+            "method": "embed_one",
+        }
+    ],
+    "returns": "embed",
+}
+
+
+def probe(version: str) -> str:
+    return yaml.safe_dump({**PROBE, "version": version})
+
+
+def version_series(**labels: str) -> str:
+    """A pattern for the probe's `servegraph_version_requests` lines with `labels`, in
+    whatever order the exporter writes them."""
+    wanted = {"pipeline": "versions_probe", **labels}
+    return r"servegraph_version_requests(_total)?\{" + "".join(
+        rf'(?=[^}}]*{name}="{value}")' for name, value in wanted.items()
+    )
+
+
+def replica_states() -> dict[str, int]:
+    from ray import serve
+
+    from servegraph.serving.ingress import INGRESS_APP
+
+    app = serve.status().applications[INGRESS_APP]
+    return dict(app.deployments["PipelineIngress"].replica_states)
+
+
+def settle(running: int) -> None:
+    """Wait, bounded, until exactly `running` replicas run, none starting or stopping
+    (a redeploy replaces them: a new code version)."""
+    deadline = time.monotonic() + 120
+    while replica_states() != {"RUNNING": running}:
+        assert time.monotonic() < deadline, f"the ingress did not settle: {replica_states()}"
+        time.sleep(0.5)
+
+
+@pytest.fixture(scope="module")
+def two_replicas(pipelines: LocalCluster) -> Iterator[LocalCluster]:
+    from deployments.catalog import CATALOG
+    from servegraph.deploy.planner import plan_platform
+    from servegraph.lang.discovery import discover
+    from servegraph.lang.serialize import from_yaml
+    from servegraph.serving.ingress import INGRESS_APP
+
+    def deploy(graphs: list, packages: list[str] | None, **deployment: object) -> None:
+        plan = plan_platform(graphs, CATALOG, packages=packages, ingress_deployment=deployment)
+        plan.apps = [app for app in plan.apps if app.name == INGRESS_APP]
+        plan.deploy()
+        wait_until_running([INGRESS_APP])
+
+    shipped = list(discover("pipelines").values())
+    # The graphs travel as YAML (no package), the probe's two versions with them.
+    deploy([*shipped, from_yaml(probe("v1")), from_yaml(probe("v2"))], None, num_replicas=2)
+    try:
+        settle(2)
+        yield pipelines
+    finally:
+        deploy(shipped, ["pipelines"])
+        # Back to one replica, the old ones gone: a later test's requests (and their
+        # metrics) must not land on a replica that is shutting down.
+        settle(1)
+
+
+def test_a_keys_rate_limit_is_shared_by_two_ingress_replicas(two_replicas: LocalCluster) -> None:
+    # One request per 1,000 s: a bucket of one. Limited per replica, two replicas would
+    # admit two.
+    key = store().create("it-limited", ["invoke:*"], requests_per_s=0.001)
+    answers: list[httpx.Response] = []
+
+    async def burst() -> list[httpx.Response]:
+        async with httpx.AsyncClient(
+            base_url=two_replicas.base_url, timeout=60, headers=bearer(key)
+        ) as client:
+            return await asyncio.gather(*(client.get("/pipelines/rag/graph") for _ in range(60)))
+
+    # Both replicas must answer some: each exports its own series of the key's
+    # requests. Serve's router may send a whole burst to one replica (seen in a full
+    # run: all 60 to the replica started 2 s before, none to the other), so burst
+    # again, bounded, until both have.
+    deadline = time.monotonic() + 120
+    while True:
+        answers += asyncio.run(burst())
+        series = wait_for_series(
+            two_replicas,
+            r'servegraph_key_requests(_total)?\{[^}]*key="it-limited"',
+            enough=lambda found: len(replicas_of(found)) >= 2,
+            timeout_s=15,
+        )
+        if len(replicas_of(series)) >= 2 or time.monotonic() > deadline:
+            break
+    # Serve's own count of each replica's requests, to tell "one replica answered them
+    # all" from "a replica's usage was not exported" if the above fails.
+    served = wait_for_series(
+        two_replicas,
+        r"serve_deployment_request_counter(_total)?\{[^}]*PipelineIngress",
+        timeout_s=1,
+    )
+    statuses = [a.status_code for a in answers]
+    assert statuses.count(200) == 1 and statuses.count(429) == len(answers) - 1, statuses
+    assert all(int(a.headers["retry-after"]) >= 1 for a in answers if a.status_code == 429)
+    assert len(replicas_of(series)) == 2, (series, served)
+
+
+def test_a_traffic_split_reaches_every_replica_under_load_and_fails_no_request(
+    two_replicas: LocalCluster,
+) -> None:
+    """Twenty callers call the probe while its traffic moves from v1 to v2; the move is
+    seen on both replicas (each exports its own series of v2's requests), no request
+    fails, and every answer names its version. Then a shadow share, and a pin."""
+    route = "/pipelines/versions_probe"
+    traffic = f"{route}/traffic"
+
+    def traffic_cli(*args: str) -> subprocess.CompletedProcess[str]:
+        """`servegraph traffic versions_probe ...` as an operator types it."""
+        command = [sys.executable, "-m", "servegraph.cli", "traffic", "versions_probe"]
+        return subprocess.run(
+            [*command, *args, "--url", two_replicas.base_url],
+            capture_output=True,
+            text=True,
+            timeout=60,
+            env={**os.environ, "COLUMNS": "200"},
+        )
+
+    wrong = traffic_cli("--weights", "v1=50,v2=20")
+    assert wrong.returncode == 2 and "sum to 70" in wrong.stdout, wrong.stdout + wrong.stderr
+    unknown = traffic_cli("--weights", "v1=50,v3=50")
+    assert unknown.returncode == 2 and "weights.v3" in unknown.stdout, unknown.stdout
+    answers: list[tuple[float, float, int, str]] = []  # (sent, received, status, version)
+
+    async def call(client: httpx.AsyncClient, n: int) -> None:
+        sent = time.monotonic()
+        answer = await client.post(route, json={"question": f"question {n}"})
+        version = answer.headers.get("x-pipeline-version", "")
+        answers.append((sent, time.monotonic(), answer.status_code, version))
+
+    async def scenario() -> float:
+        stop = asyncio.Event()
+        async with httpx.AsyncClient(
+            base_url=two_replicas.base_url, headers=client_headers(), timeout=60
+        ) as client:
+
+            async def caller(k: int) -> None:
+                n = 0
+                while not stop.is_set() and n < 2_000:  # bounded
+                    await call(client, k * 10_000 + n)
+                    n += 1
+
+            callers = [asyncio.create_task(caller(k)) for k in range(20)]
+            try:
+                while len(answers) < 100:  # bounded by the callers' own bound
+                    await asyncio.sleep(0.05)
+                moved = await asyncio.to_thread(traffic_cli, "--weights", "v1=0,v2=100")
+                assert moved.returncode == 0, moved.stdout + moved.stderr
+                acknowledged = time.monotonic()
+                # Until 200 requests sent after the move have all been answered by v2.
+                deadline = acknowledged + 60
+                while time.monotonic() < deadline:
+                    later = [a for a in answers if a[0] > acknowledged + 1.0]
+                    if len(later) >= 200 and all(a[3] == "v2" for a in later[-200:]):
+                        break
+                    await asyncio.sleep(0.05)
+            finally:
+                stop.set()
+                await asyncio.gather(*callers)
+        return acknowledged
+
+    acknowledged = asyncio.run(scenario())
+    statuses = {a[2] for a in answers}
+    assert statuses == {200}, statuses
+    assert all(a[3] in ("v1", "v2") for a in answers)
+    before = [a for a in answers if a[1] < acknowledged]
+    assert before and all(a[3] == "v1" for a in before)  # the default, until moved
+    late_v1 = [a[0] - acknowledged for a in answers if a[3] == "v1" and a[0] > acknowledged]
+    print(
+        f"\n{len(answers)} requests, all 200; the last v1 answer was sent "
+        f"{max(late_v1, default=0.0):.2f} s after the move was acknowledged"
+    )
+    series = wait_for_series(
+        two_replicas,
+        version_series(role="primary", version="v2"),
+        enough=lambda found: len(replicas_of(found)) >= 2,
+        timeout_s=30,
+    )
+    assert len(replicas_of(series)) == 2, series
+
+    with httpx.Client(
+        base_url=two_replicas.base_url, headers=client_headers(), timeout=60
+    ) as client:
+        shadowed = {"weights": {"v1": 100}, "shadow": "v2", "shadow_percent": 100}
+        assert client.put(traffic, json=shadowed).status_code == 200
+        # The replica that took the PUT applies it at once, the other at its next read
+        # of the board (`REFRESH_S`): until then it still answers with v2.
+        versions: list[str] = []
+        deadline = time.monotonic() + 30
+        while versions[-10:] != ["v1"] * 10 and time.monotonic() < deadline:
+            answer = client.post(route, json={"question": f"shadowed {len(versions)}"})
+            assert answer.status_code == 200, answer.text
+            versions.append(answer.headers["x-pipeline-version"])
+        assert versions[-10:] == ["v1"] * 10, versions
+        shadows = wait_for_series(
+            two_replicas,
+            version_series(role="shadow", status="200", version="v2"),
+            timeout_s=30,
+        )
+        assert shadows, "no shadow run was recorded"
+        pinned = client.post(
+            route, json={"question": "pinned"}, headers={"x-pipeline-version": "v2"}
+        )
+        assert pinned.status_code == 200, pinned.text
+        assert pinned.headers["x-pipeline-version"] == "v2"
+        unknown = client.post(
+            route, json={"question": "pinned"}, headers={"x-pipeline-version": "v7"}
+        )
+        assert unknown.status_code == 404 and unknown.json()["versions"] == ["v1", "v2"]
+    shown = traffic_cli("--clear")
+    assert shown.returncode == 0 and "v1" in shown.stdout and "100" in shown.stdout, shown.stdout

@@ -26,6 +26,7 @@ BENCHMARKS = [
     "cost",
     "cold_start",
     "runs",
+    "versions",
     "chaos_runs",  # its own platform, killed three times: about 20 minutes
 ]
 

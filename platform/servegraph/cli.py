@@ -384,26 +384,35 @@ def _traffic(args: argparse.Namespace) -> int:
 
     from servegraph.security.client import client_headers
 
-    def pairs(text: str, option: str) -> dict[str, float]:
+    def pairs(text: str, option: str) -> dict[str, int]:
         try:
             return {
-                version.strip(): float(percent)
+                version.strip(): int(percent)
                 for version, percent in (item.split("=", 1) for item in text.split(","))
             }
         except ValueError:
-            raise SystemExit(f"{option}: write VERSION=PERCENT[,...], e.g. v1=90,v2=10") from None
+            raise SystemExit(
+                f"{option}: write VERSION=PERCENT[,...] with whole percents, e.g. v1=90,v2=10"
+            ) from None
 
+    if args.clear and (args.weights or args.shadow):
+        raise SystemExit("--clear: give it alone (it sends all traffic to the default)")
+    if args.shadow and not args.weights:
+        raise SystemExit("--shadow: give --weights too (the split the shadow runs beside)")
     url = f"{args.url.rstrip('/')}/pipelines/{args.pipeline}/traffic"
     with httpx.Client(headers=client_headers(), timeout=30) as client:
         if args.clear:
             answer = client.delete(url)
         elif args.weights:
             split: dict[str, Any] = {
-                "weights": {v: round(p) for v, p in pairs(args.weights, "--weights").items()},
+                "weights": pairs(args.weights, "--weights"),
                 "sticky": not args.not_sticky,
             }
             if args.shadow:
-                ((version, percent),) = pairs(args.shadow, "--shadow").items()
+                shadowed = pairs(args.shadow, "--shadow")
+                if len(shadowed) != 1:
+                    raise SystemExit("--shadow: one VERSION=PERCENT, e.g. v2=100")
+                ((version, percent),) = shadowed.items()
                 split |= {"shadow": version, "shadow_percent": percent}
             answer = client.put(url, json=split)
         else:

@@ -173,7 +173,7 @@ def test_a_traffic_split_reaches_every_replica_under_load_and_fails_no_request(
         version = answer.headers.get("x-pipeline-version", "")
         answers.append((sent, time.monotonic(), answer.status_code, version))
 
-    async def scenario() -> float:
+    async def scenario() -> tuple[float, float]:
         stop = asyncio.Event()
         async with httpx.AsyncClient(
             base_url=two_replicas.base_url, headers=client_headers(), timeout=60
@@ -187,29 +187,35 @@ def test_a_traffic_split_reaches_every_replica_under_load_and_fails_no_request(
 
             callers = [asyncio.create_task(caller(k)) for k in range(20)]
             try:
-                while len(answers) < 100:  # bounded by the callers' own bound
+                deadline = time.monotonic() + 60
+                while len(answers) < 100 and time.monotonic() < deadline:
                     await asyncio.sleep(0.05)
+                assert len(answers) >= 100, f"the callers made {len(answers)} calls in 60 s"
+                asked = time.monotonic()
                 moved = await asyncio.to_thread(traffic_cli, "--weights", "v1=0,v2=100")
                 assert moved.returncode == 0, moved.stdout + moved.stderr
                 acknowledged = time.monotonic()
-                # Until 200 requests sent after the move have all been answered by v2.
+                # Until the last 200 requests sent after the move were all answered by
+                # v2: every replica has it (bounded).
                 deadline = acknowledged + 60
                 while time.monotonic() < deadline:
-                    later = [a for a in answers if a[0] > acknowledged + 1.0]
+                    later = [a for a in answers if a[0] > acknowledged]
                     if len(later) >= 200 and all(a[3] == "v2" for a in later[-200:]):
                         break
                     await asyncio.sleep(0.05)
             finally:
                 stop.set()
                 await asyncio.gather(*callers)
-        return acknowledged
+        return asked, acknowledged
 
-    acknowledged = asyncio.run(scenario())
+    asked, acknowledged = asyncio.run(scenario())
     statuses = {a[2] for a in answers}
     assert statuses == {200}, statuses
     assert all(a[3] in ("v1", "v2") for a in answers)
-    before = [a for a in answers if a[1] < acknowledged]
+    before = [a for a in answers if a[1] < asked]
     assert before and all(a[3] == "v1" for a in before)  # the default, until moved
+    later = [a for a in answers if a[0] > acknowledged]
+    assert len(later) >= 200 and all(a[3] == "v2" for a in later[-200:]), later[-200:]
     late_v1 = [a[0] - acknowledged for a in answers if a[3] == "v1" and a[0] > acknowledged]
     print(
         f"\n{len(answers)} requests, all 200; the last v1 answer was sent "

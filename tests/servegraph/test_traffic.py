@@ -18,6 +18,7 @@ from servegraph.serving.traffic import (
     Board,
     TrafficSplit,
     UnknownVersion,
+    agreement,
     default_split,
     point,
     route,
@@ -128,16 +129,16 @@ def test_the_default_version_is_the_oldest_in_natural_order() -> None:
 def test_the_board_keeps_its_table_in_its_file_across_a_restart(tmp_path: Path) -> None:
     path = tmp_path / "traffic.json"
     board = Board(path)
-    assert board.table() == (0, {})
+    assert board.table()[1] == {}
     revision = board.set("rag", {"weights": {"v1": 90, "v2": 10}})
     assert board.table(revision) == (revision, None)  # nothing new for who has it
     with pytest.raises(ValidationError):
         board.set("rag", {"weights": {"v1": 90}})
     again = Board(path)
-    assert again.table()[0] == revision
+    assert again.table()[0] >= revision  # never behind: replicas take its table again
     assert again.table()[1] == {"rag": TrafficSplit(weights={"v1": 90, "v2": 10}).model_dump()}
     cleared = again.set("rag", None)
-    assert Board(path).table() == (cleared, {})
+    assert Board(path).table()[1] == {} and Board(path).table()[0] > cleared
 
 
 def _qa(version: str, output: type = Answer) -> Graph:
@@ -167,3 +168,26 @@ def test_the_shipped_pipelines_each_have_their_default_version() -> None:
     graphs = discover("pipelines")
     assert {"rag", "triage"} <= set(graphs)
     assert all(g.version == "v1" for g in graphs.values())
+
+
+def test_a_board_without_its_file_starts_past_every_revision_given_before(tmp_path: Path) -> None:
+    old = Board(tmp_path / "a.json")
+    given = old.set("rag", {"weights": {"v1": 100}})
+    assert Board(tmp_path / "b.json").table()[0] > given
+
+
+def test_an_unreadable_file_is_set_aside_and_a_bad_split_dropped(tmp_path: Path) -> None:
+    path = tmp_path / "traffic.json"
+    path.write_text("{not json")
+    assert Board(path).table()[1] == {}
+    assert [p.name.split("-")[0] for p in tmp_path.iterdir()] == ["traffic.json.unreadable"]
+    path.write_text(
+        '{"revision": 7, "splits": {"rag": {"weights": {"v1": 100}}, "bad": {"weights": {}}}}'
+    )
+    assert Board(path).table()[1] == {"rag": TrafficSplit(weights={"v1": 100}).model_dump()}
+
+
+def test_agreement_is_one_for_the_same_answer_and_the_word_overlap_otherwise() -> None:
+    assert agreement({"answer": "Refunds take 5 days."}, {"answer": "Refunds take 5 days."}) == 1
+    assert agreement("refunds take 5 days", "refunds take 7 days") == 3 / 5
+    assert agreement({"a": ["x"]}, {"a": ["y"]}) == 0.0

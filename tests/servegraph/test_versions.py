@@ -15,7 +15,7 @@ from pathlib import Path
 import httpx
 import pytest
 
-from servegraph import Pipeline
+from servegraph import Catalog, MethodContract, Pipeline, ServerSpec
 from servegraph.lang.graph import Graph
 from servegraph.security.client import client_headers
 from servegraph.security.keys import KeyStore
@@ -108,6 +108,7 @@ async def test_an_admin_sets_the_split_and_a_wrong_one_is_refused_naming_the_fie
 
     bad_sum = await client.put("/say/traffic", json={"weights": {"v1": 50, "v2": 20}})
     assert bad_sum.status_code == 422 and "sum to 70" in bad_sum.text
+    assert bad_sum.json()["detail"][0]["field"] == "weights"
     unknown = await client.put("/say/traffic", json={"weights": {"v1": 50, "v3": 50}})
     assert unknown.status_code == 422
     assert unknown.json()["detail"][0]["field"] == "weights.v3"
@@ -133,8 +134,12 @@ async def test_a_shadow_runs_beside_the_primary_and_the_caller_never_waits_for_i
     split = {"weights": {"v1": 100}, "shadow": "v2", "shadow_percent": 100}
     assert (await client.put("/say/traffic", json=split)).status_code == 200
     answer = await client.post("/say", json={"text": "Hello There"})
-    # Answered by v1 while v2's server still holds the shadow's call.
+    # Answered by v1 while v2's server holds the shadow's call (or before it got there).
     assert answer.status_code == 200 and answer.json() == "hello there"
+    for _ in range(1_000):  # bounded: until the shadow's call is in the held server
+        if held.entered == 1:
+            break
+        await asyncio.sleep(0.01)
     assert held.entered == 1
     shadows = (await client.get("/say/shadow")).json()
     assert shadows["running"] == 1 and shadows["recent"] == []
@@ -174,3 +179,72 @@ async def test_a_split_set_elsewhere_reaches_a_replica_by_its_refresh(tmp_path: 
         assert view.split("say").weights == {"v1": 100}
     finally:
         keeping.cancel()
+
+
+WRITING = Catalog(
+    [
+        *toy.CATALOG.values(),
+        ServerSpec(
+            "notes", {"keep": MethodContract(toy.Text, toy.Echo, writes=True)}, "x:y", "N", "/n"
+        ),
+    ]
+)
+
+
+class Notes:
+    def __init__(self) -> None:
+        self.kept: list[str] = []
+
+    async def keep(self, request: toy.Text) -> toy.Echo:
+        self.kept.append(request.text)
+        return toy.Echo(text=request.text)
+
+
+def noted(version: str) -> Graph:
+    """v1 reads (the writer echoes); v2 writes a note, then v3 fails its call once."""
+    p = Pipeline("noted", input=toy.Text, output=str, version=version)
+    server, method = {"v1": ("writer", "write"), "v2": ("notes", "keep"), "v3": ("flaky", "echo")}[
+        version
+    ]
+    said = p.call("said", server, method, text=p.input.text)
+    p.returns(p.function("loud", toy.shout, text=said.text))
+    return p.build()
+
+
+async def test_a_version_that_writes_needs_the_write_scope_and_may_not_be_a_shadow(
+    tmp_path: Path,
+) -> None:
+    notes = Notes()
+    versions = {"noted": {v: noted(v) for v in ("v1", "v2", "v3")}}
+    app = build_fastapi(
+        {"noted": versions["noted"]["v1"]},
+        WRITING,
+        ToyInvoker(toy.servers(notes=notes, flaky=toy.Flaky(failures=5))),
+        versions=versions,
+        board=LocalBoard(Board(tmp_path / "traffic.json")),
+    )
+    store = KeyStore(Path(os.environ["SERVEGRAPH_AUTH_KEYS"]))
+    key = store.create("noted-reader", ["invoke:noted"])
+    async with httpx.AsyncClient(
+        headers=client_headers(), transport=httpx.ASGITransport(app=app), base_url="http://i"
+    ) as client:
+        # Any request may run v2 (its weight, a pin): the route asks for write:noted.
+        reader = {"authorization": f"Bearer {key}"}
+        refused = await client.post("/noted", json={"text": "hi"}, headers=reader)
+        assert refused.status_code == 403 and "write:noted" in refused.text
+        shadowing = {"weights": {"v1": 100}, "shadow": "v2", "shadow_percent": 100}
+        answer = await client.put("/noted/traffic", json=shadowing)
+        assert answer.status_code == 422 and answer.json()["detail"][0]["field"] == "shadow"
+        assert "said" in answer.json()["detail"][0]["error"] and notes.kept == []
+        # A failed answer names its version too (v3's call fails, without retries: 502).
+        failed = await client.post(
+            "/noted", json={"text": "hi"}, headers={"x-pipeline-version": "v3"}
+        )
+        assert failed.status_code == 502 and failed.headers["x-pipeline-version"] == "v3"
+
+
+def test_a_view_never_goes_back_to_an_older_table() -> None:
+    view = TrafficView({"say": ["v1", "v2"]})
+    view.apply(10, {"say": {"weights": {"v1": 0, "v2": 100}}})
+    view.apply(9, {"say": {"weights": {"v1": 100}}})  # a read that started before
+    assert view.split("say").weights == {"v1": 0, "v2": 100} and view.revision == 10

@@ -125,6 +125,13 @@ def offline_docs(app: FastAPI) -> FastAPI:
     return app
 
 
+def _version(request: Request) -> dict[str, str]:
+    """The pipeline version that ran a request which failed (none before it was chosen):
+    a failed answer names its version as a successful one does."""
+    version = getattr(request.state, "pipeline_version", None)
+    return {"x-pipeline-version": version} if version else {}
+
+
 def install_error_handlers(app: FastAPI) -> None:
     """Map request, auth and runtime errors onto 4xx/5xx bodies that name the field,
     scope or node, document the 422 body as it really is (FastAPI documents its own
@@ -146,11 +153,11 @@ def install_error_handlers(app: FastAPI) -> None:
         )
 
     @app.exception_handler(PipelineRuntimeError)
-    async def _runtime(_: Request, exc: PipelineRuntimeError) -> JSONResponse:
+    async def _runtime(request: Request, exc: PipelineRuntimeError) -> JSONResponse:
         return JSONResponse(
             runtime_error_body(exc),
             status_code=exc.status_code,
-            headers=retry_after(exc),
+            headers=(retry_after(exc) or {}) | _version(request),
         )
 
     @app.exception_handler(AuthError)
@@ -158,11 +165,11 @@ def install_error_handlers(app: FastAPI) -> None:
         return JSONResponse(exc.body(), status_code=exc.status, headers=exc.headers)
 
     @app.exception_handler(ServerUnavailableError)
-    async def _unavailable(_: Request, exc: ServerUnavailableError) -> JSONResponse:
+    async def _unavailable(request: Request, exc: ServerUnavailableError) -> JSONResponse:
         return JSONResponse(
             _unavailable_body(exc),
             status_code=503,
-            headers=_retry_after_header(exc.retry_after_s),
+            headers=_retry_after_header(exc.retry_after_s) | _version(request),
         )
 
 

@@ -12,7 +12,7 @@ import asyncio
 import json
 import logging
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Mapping
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
 from typing import Any
@@ -127,6 +127,7 @@ def build_fastapi(
     store = RunStore(AppSettings().runs_path) if any(map(has_approval, every)) else None
     recorded: list[Runs] = []
     traffic = TrafficView({name: list(v) for name, v in versions.items()}, board)
+    every_shadow: list[Shadows] = []
 
     @asynccontextmanager
     async def lifespan(_: FastAPI) -> AsyncIterator[None]:
@@ -143,6 +144,9 @@ def build_fastapi(
         finally:
             for task in tasks:
                 task.cancel()
+            for shadows in every_shadow:  # nobody waits for them: end them with the replica
+                for running in list(shadows.running):
+                    running.cancel()
 
     app = make_app(
         title="servegraph pipelines",
@@ -203,11 +207,15 @@ def build_fastapi(
                 "supported yet; serve one version"
             )
         shadows = Shadows(graph.name, runtime, served, metrics)
+        every_shadow.append(shadows)
         app.include_router(
             pipeline_router(compiled, runtime, metrics, demand, runs, served, traffic, shadows)
         )
-        scope = pipeline_scope(graph, catalog)
-        app.include_router(traffic_router(graph.name, scope, list(served), traffic, board, shadows))
+        scope = versions_scope(versions[graph.name].values(), catalog)
+        writers = {v: w for v, g in versions[graph.name].items() if (w := writer(g, catalog))}
+        app.include_router(
+            traffic_router(graph.name, scope, list(served), traffic, board, shadows, writers)
+        )
         if runs is not None:
             recorded.append(runs)
             app.include_router(runs_router(runs, scope))
@@ -257,9 +265,20 @@ def pipeline_scope(graph: Graph, catalog: Catalog) -> str:
     """The scope a key needs to run `graph`: `write:<name>` when it calls a method that
     writes (`MethodContract.writes`), else `invoke:<name>`. A write an approval node
     proposes is not the caller's: a person with `approve:<name>` carries it out."""
+    return f"{'write' if writer(graph, catalog) else 'invoke'}:{graph.name}"
+
+
+def writer(graph: Graph, catalog: Catalog) -> str | None:
+    """The first node of `graph` whose call writes, or None."""
     calls = graph.calls(actions=False)
-    writes = any(catalog.contract(c.server, c.method).writes for c in calls)
-    return f"{'write' if writes else 'invoke'}:{graph.name}"
+    return next((c.name for c in calls if catalog.contract(c.server, c.method).writes), None)
+
+
+def versions_scope(graphs: Iterable[Graph], catalog: Catalog) -> str:
+    """The scope a key needs to run a pipeline whose versions are `graphs`: the
+    strictest of theirs, as a request may run any of them (its weight, a pin)."""
+    scopes = {pipeline_scope(g, catalog) for g in graphs}
+    return max(scopes, key=lambda scope: scope.startswith("write:"))
 
 
 @dataclass(frozen=True)
@@ -336,18 +355,20 @@ class _Accounting:
         self.prompts = tokens.PromptEstimate()  # what the LLM's prompts add to a request
 
     async def open(
-        self, request: BaseModel, http: Request, caller: Caller, version: str = ""
+        self, request: BaseModel, http: Request, caller: Caller, graph: Graph | None = None
     ) -> _Account:
-        """Before the run: the most LLM tokens it may spend (its LLM calls' max_tokens,
-        and its prompts as estimated from the request and recent runs' prompts) reserved
-        from the key's token budget (`Guard.reserve`; 429 when it is spent)."""
-        run = _Account(time.perf_counter(), [], http, caller, tokens.Tally(), version=version)
+        """Before the run on `graph` (a version of the pipeline; default: its default):
+        the most LLM tokens it may spend (its LLM calls' max_tokens, and its prompts as
+        estimated from the request and recent runs' prompts) reserved from the key's
+        token budget (`Guard.reserve`; 429 when it is spent)."""
+        graph = graph or self.graph
+        run = _Account(time.perf_counter(), [], http, caller, tokens.Tally())
+        run.version = graph.version
+        http.state.pipeline_version = graph.version  # for the error answers' header too
         if not self.uses_llm:
             return run
         run.chars = len(request.model_dump_json())
-        most = self.prompts(run.chars) + tokens.most_output_tokens(
-            self.graph, self.catalog, request
-        )
+        most = self.prompts(run.chars) + tokens.most_output_tokens(graph, self.catalog, request)
         try:
             run.reserved = await Guard.here().reserve(caller, most)
         except AuthError:
@@ -374,7 +395,7 @@ class _Accounting:
                 logger.exception("recording the metrics of a %s request failed", name)
         if self.demand is not None:
             try:
-                self.demand.finished(name, run.records)
+                self.demand.finished(name, run.records, run.version)
             except Exception:  # scaling's loss, never the request's answer
                 logger.exception("counting the calls of a %s request failed", name)
         run.http.state.charged = True
@@ -409,7 +430,7 @@ def pipeline_router(
     uses_llm = any(
         runtime.catalog.contract(c.server, c.method).usage for g in every for c in g.calls()
     )
-    guard = require(pipeline_scope(graph, runtime.catalog), llm=uses_llm)
+    guard = require(versions_scope(every, runtime.catalog), llm=uses_llm)
     pick_version = version_picker(graph.name, served, traffic, guard)
     # One check per request: FastAPI runs a dependency the router and a route share once.
     router = APIRouter(dependencies=[Depends(guard)])
@@ -427,7 +448,7 @@ def pipeline_router(
         chosen: Route = Depends(pick_version),  # noqa: B008
     ) -> Any:
         target = served[chosen.version]
-        run = await books.open(request, http, caller, chosen.version)
+        run = await books.open(request, http, caller, target.graph)
         execution = _execution(run, options, target.graph)
         shadow = shadows.start(chosen, request, execution["deadline_s"]) if shadows else None
         status, output = 200, None
@@ -449,8 +470,10 @@ def pipeline_router(
             status = 499  # the client went away; the run is cancelled with it
             raise
         finally:
-            total_ms = await books.close(run, status)
-            primary_ended(shadow, status, total_ms, output)
+            try:
+                total_ms = await books.close(run, status)
+            finally:
+                primary_ended(shadow, status, (time.perf_counter() - run.started) * 1000, output)
         response.headers.update(
             _usage_headers(run.records, total_ms, options.budget, chosen.version)
         )
@@ -464,7 +487,7 @@ def pipeline_router(
         chosen: Route = Depends(pick_version),  # noqa: B008
     ) -> Response:
         target = served[chosen.version]
-        run = await books.open(request, http, caller, chosen.version)
+        run = await books.open(request, http, caller, target.graph)
         execution = _execution(run, options, target.graph)
         recorded = await runs.begin(request, caller) if runs is not None else {}
         shadow = shadows.start(chosen, request, execution["deadline_s"]) if shadows else None
@@ -473,18 +496,21 @@ def pipeline_router(
             held = await sse.hold_until_progress(events)
         except RunWaiting as stop:  # stopped for a decision before any progress
             assert runs is not None
-            primary_ended(shadow, 202, await books.close(run, 202), None)
+            _ended(shadow, run, 202)
+            await books.close(run, 202)
             return JSONResponse(await runs.stopped(recorded["run_id"], stop.pending), 202)
         except Exception as exc:
+            _ended(shadow, run, _status_of(exc))
             if runs is not None:
                 await runs.ended(recorded["run_id"], failure=failure_of(exc))
-            primary_ended(shadow, _status_of(exc), await books.close(run, _status_of(exc)), None)
+            await books.close(run, _status_of(exc))
             raise
         except asyncio.CancelledError:
+            _ended(shadow, run, 499)
             await events.aclose()
             if runs is not None:  # left running: adopted and finished by a Keeper
                 runs.release(recorded["run_id"])
-            primary_ended(shadow, 499, await books.close(run, 499), None)
+            await books.close(run, 499)
             raise
 
         async def body() -> AsyncIterator[bytes]:
@@ -522,10 +548,11 @@ def pipeline_router(
                 error = {"status": 500, "error": type(exc).__name__, "detail": str(exc)}
                 yield sse.encode("error", error)
             finally:
+                _ended(shadow, run, status, output)
                 await events.aclose()
                 if runs is not None:  # a run left running is adopted by a Keeper
                     runs.release(recorded["run_id"])
-                primary_ended(shadow, status, await books.close(run, status), output)
+                await books.close(run, status)
 
         headers = {"cache-control": "no-cache", VERSION_HEADER: chosen.version}
         if trace_id := tracing.current_trace_id():
@@ -592,6 +619,12 @@ def pipeline_router(
         responses=RESPONSES,
     )
     return router
+
+
+def _ended(shadow: Any, run: _Account, status: int, output: Any = None) -> None:
+    """Hand the primary's outcome to its shadow (if any) before anything else that
+    could raise on the way out."""
+    primary_ended(shadow, status, (time.perf_counter() - run.started) * 1000, output)
 
 
 def _execution(run: _Account, options: _RunOptions, graph: Graph) -> dict[str, Any]:
@@ -731,7 +764,7 @@ def ingress_app(args: IngressArgs | dict[str, Any]) -> Any:
                 context.replica_tag,
                 INGRESS_PREFIX,
                 admission_limits(graphs),
-                {n: pipeline_scope(g, catalog) for n, g in graphs.items()},
+                {n: versions_scope(v.values(), catalog) for n, v in versions.items()},
             )
         return build_fastapi(
             graphs,

@@ -21,12 +21,13 @@ import logging
 import os
 import random
 import tempfile
+import time
 from collections.abc import Collection, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from pydantic import BaseModel, ConfigDict, Field, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from servegraph.lang.discovery import default_version, version_order
 
@@ -58,17 +59,21 @@ class TrafficSplit(BaseModel):
         True, description="A caller (its session header, else its key) keeps one version."
     )
 
-    @model_validator(mode="after")
-    def _adds_up(self) -> TrafficSplit:
-        if not self.weights:
-            raise ValueError("weights: name at least one version, e.g. {'v1': 100}")
-        for version, weight in self.weights.items():
+    @field_validator("weights")
+    @classmethod
+    def _adds_up(cls, weights: dict[str, int]) -> dict[str, int]:
+        # A field's validator: a 422 names `weights` as the field.
+        if not weights:
+            raise ValueError("name at least one version, e.g. {'v1': 100}")
+        for version, weight in weights.items():
             if not 0 <= weight <= 100:
                 raise ValueError(f"weights.{version}: {weight} is not a percent in 0..100")
-        if (total := sum(self.weights.values())) != 100:
-            raise ValueError(
-                f"weights: they sum to {total}; make them sum to 100 (given {dict(self.weights)})"
-            )
+        if (total := sum(weights.values())) != 100:
+            raise ValueError(f"they sum to {total}; make them sum to 100 (given {weights})")
+        return weights
+
+    @model_validator(mode="after")
+    def _shadow_named(self) -> TrafficSplit:
         if self.shadow_percent > 0 and self.shadow is None:
             raise ValueError("shadow: name the version that runs the shadow_percent share")
         return self
@@ -168,10 +173,33 @@ class Board:
             path = AppSettings().traffic_path
         self._path = Path(path)
         self._splits: dict[str, dict[str, Any]] = {}
-        self._revision = 0
+        # Revisions follow the clock (microseconds since 1970, or one more than the last
+        # when that is later), so a board that starts without its file starts past any
+        # revision an earlier one gave out, and no replica takes its table for one it
+        # already holds.
+        self._revision = _now_us()
         if self._path.exists():
+            self._load()
+
+    def _load(self) -> None:
+        """The saved table; a file that cannot be read is set aside (never lost, never
+        in the way) and the board starts empty, all traffic to the defaults, saying so."""
+        try:
             saved = json.loads(self._path.read_text())
-            self._splits, self._revision = saved["splits"], int(saved["revision"])
+            splits, revision = dict(saved["splits"]), int(saved["revision"])
+        except (OSError, ValueError, KeyError, TypeError) as exc:
+            aside = self._path.with_name(f"{self._path.name}.unreadable-{time.time_ns()}")
+            os.replace(self._path, aside)
+            logger.error(
+                "traffic board: %s unreadable (%s); set aside as %s", self._path, exc, aside
+            )
+            return
+        for pipeline, split in splits.items():
+            try:
+                self._splits[pipeline] = TrafficSplit.model_validate(split).model_dump()
+            except ValidationError as exc:
+                logger.error("traffic board: the saved split of %s is invalid: %s", pipeline, exc)
+        self._revision = max(self._revision, revision)
 
     def set(self, pipeline: str, split: dict[str, Any] | None) -> int:
         """Set (None: clear) one pipeline's split; returns the new revision."""
@@ -179,7 +207,7 @@ class Board:
             self._splits.pop(pipeline, None)
         else:
             self._splits[pipeline] = TrafficSplit.model_validate(split).model_dump()
-        self._revision += 1
+        self._revision = max(self._revision + 1, _now_us())
         self._save()
         return self._revision
 
@@ -196,7 +224,13 @@ class Board:
             "w", dir=self._path.parent, prefix=".traffic-", delete=False
         ) as out:
             out.write(text)
+            out.flush()
+            os.fsync(out.fileno())  # whole on disk before it takes the name
         os.replace(out.name, self._path)
+
+
+def _now_us() -> int:
+    return time.time_ns() // 1_000
 
 
 def board() -> Any:
@@ -223,7 +257,7 @@ class TrafficView:
         self._revision = -1
         self._splits: dict[str, TrafficSplit] = {}
         self._defaults = {name: default_split(v) for name, v in self.served.items()}
-        self._warned: set[tuple[int, str]] = set()
+        self._warned: dict[str, int] = {}  # pipeline -> the revision last warned about
 
     @property
     def revision(self) -> int:
@@ -233,15 +267,22 @@ class TrafficView:
         return self._splits.get(pipeline) or self._defaults[pipeline]
 
     def apply(self, revision: int, table: Mapping[str, Mapping[str, Any]]) -> None:
-        """Take a table read from the board."""
+        """Take a table read from the board, unless this view holds a newer one (reads
+        run side by side: a route's own read after a change, and `keep`'s)."""
+        if revision <= self._revision:
+            return
         splits: dict[str, TrafficSplit] = {}
         for pipeline, raw in table.items():
             if pipeline not in self.served:
                 continue
-            split = TrafficSplit.model_validate(raw)
+            try:
+                split = TrafficSplit.model_validate(raw)
+            except ValidationError:  # the board validates what it takes: not expected
+                logger.exception("traffic split of %s unreadable; its default answers", pipeline)
+                continue
             if problems := split.problems(self.served[pipeline]):
-                if (revision, pipeline) not in self._warned:
-                    self._warned.add((revision, pipeline))
+                if self._warned.get(pipeline) != revision:
+                    self._warned[pipeline] = revision
                     logger.warning(
                         "traffic split of %s not used here (%s); its default answers",
                         pipeline,

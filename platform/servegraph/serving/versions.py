@@ -8,6 +8,7 @@ on one ingress replica.
 
 # No `from __future__ import annotations`: FastAPI reads the route functions' types.
 import asyncio
+import contextvars
 import logging
 import time
 from collections import deque
@@ -20,7 +21,7 @@ from fastapi.encoders import jsonable_encoder
 from fastapi.responses import JSONResponse
 
 from servegraph.engine import tokens
-from servegraph.engine.runtime import NodeRecord, Runtime
+from servegraph.engine.runtime import NodeRecord, Runtime, default_deadline
 from servegraph.errors import PipelineRuntimeError
 from servegraph.lang.compiled import CompiledGraph
 from servegraph.lang.discovery import version_order
@@ -39,10 +40,12 @@ from servegraph.serving.traffic import (
 
 logger = logging.getLogger("ray.serve")
 
-# Shadow runs one ingress replica keeps going at once: past it a request gets no
-# shadow (and the count of skipped shadows says so), so the shadow's work never
-# queues without bound behind the primaries it is meant to be measured against.
+# Shadow runs of one pipeline that one ingress replica keeps going at once: past it a
+# request gets no shadow (and the count of skipped shadows says so), so the shadow's
+# work never queues without bound behind the primaries it is meant to be measured
+# against.
 MAX_SHADOWS = 32
+BOARD_TIMEOUT_S = 5.0  # a read or write of the traffic board, before it is given up
 RECENT_SHADOWS = 200  # comparisons a replica keeps to show (GET /<name>/shadow)
 
 PIN_DOC = (
@@ -70,7 +73,7 @@ def version_picker(
 
     async def pick_version(
         caller: Caller = Depends(guard),  # noqa: B008  # FastAPI's way
-        x_pipeline_version: str | None = Header(None, max_length=32, description=PIN_DOC),
+        x_pipeline_version: str | None = Header(None, max_length=200, description=PIN_DOC),
         x_session_id: str | None = Header(None, max_length=200, description=SESSION_DOC),
     ) -> Route:
         split = traffic.split(name) if traffic is not None else default_split(versions)
@@ -120,7 +123,12 @@ class Shadows:
             return None
         loop = asyncio.get_running_loop()
         primary: asyncio.Future[tuple[int, float, Any]] = loop.create_future()
-        task = loop.create_task(self._run(chosen, request, deadline_s, primary))
+        # Not the caller's context: the shadow is its own trace, and nothing of the
+        # request's (its key's checks, its span) runs on in it.
+        deadline_s = min(deadline_s, default_deadline(self.served[chosen.shadow].graph))
+        task = loop.create_task(
+            self._run(chosen, request, deadline_s, primary), context=contextvars.Context()
+        )
         self.running.add(task)
         task.add_done_callback(self.running.discard)
         return primary
@@ -158,11 +166,11 @@ class Shadows:
             primary_status, primary_ms, primary_output = await asyncio.wait_for(
                 asyncio.shield(primary), timeout=deadline_s + 5
             )
-        except (TimeoutError, asyncio.CancelledError):
+        except TimeoutError:
             return
         alike = None
         if status == 200 and primary_status == 200:
-            alike = agreement(primary_output, output)
+            alike = agreement(jsonable_encoder(primary_output), output)
             if self.metrics is not None:
                 self.metrics.record_agreement(self.name, chosen.shadow, alike)
         self.recent.append(
@@ -177,7 +185,7 @@ def primary_ended(
 ) -> None:
     """Hand the primary's outcome to its shadow, if it has one still waiting."""
     if future is not None and not future.done():
-        future.set_result((status, ms, jsonable_encoder(output) if status == 200 else None))
+        future.set_result((status, ms, output if status == 200 else None))  # encoded there
 
 
 class LocalBoard:
@@ -207,22 +215,54 @@ class ActorBoard:
         return self._handle
 
     async def table(self, known: int) -> tuple[int, dict[str, dict[str, Any]] | None]:
-        revision, table = await self._board().table.remote(known)
+        call = self._board().table.remote(known)
+        revision, table = await asyncio.wait_for(call, BOARD_TIMEOUT_S)
         return revision, table
 
     async def set(self, pipeline: str, split: dict[str, Any] | None) -> int:
-        revision: int = await self._board().set.remote(pipeline, split)
+        call = self._board().set.remote(pipeline, split)
+        revision: int = await asyncio.wait_for(call, BOARD_TIMEOUT_S)
         return revision
 
 
 def traffic_router(
-    name: str, scope: str, versions: list[str], view: TrafficView, board: Any, shadows: Shadows
+    name: str,
+    scope: str,
+    versions: list[str],
+    view: TrafficView,
+    board: Any,
+    shadows: Shadows,
+    writers: Mapping[str, str] | None = None,
 ) -> APIRouter:
     """GET /<name>/traffic (the pipeline's scope), PUT and DELETE /<name>/traffic
     (admin): the split between its versions, as every ingress replica applies it; and
-    GET /<name>/shadow: this replica's recent shadow comparisons."""
+    GET /<name>/shadow: this replica's recent shadow comparisons. `writers`: the
+    versions whose runs write (version -> the node that does), which may not be a
+    shadow: a shadow would do each write again."""
     router = APIRouter()
     ordered = sorted(versions, key=version_order)
+    writers = writers or {}
+
+    def refused(problems: list[tuple[str, str, str]]) -> JSONResponse:
+        detail = [{"field": f, "error": e, "fix": fix} for f, e, fix in problems]
+        return JSONResponse({"error": "invalid request", "detail": detail}, status_code=422)
+
+    async def changed(split: dict[str, Any] | None) -> Any:
+        """Write to the board, then read back here; 503 when the board does not answer."""
+        try:
+            revision = await board.set(name, split)
+        except Exception as exc:  # unreachable or restarting: nothing was changed here
+            logger.warning("the traffic board did not take %s's split: %r", name, exc)
+            return JSONResponse(
+                {"error": "the traffic board did not answer; nothing changed", "detail": repr(exc)},
+                status_code=503,
+                headers={"retry-after": "1"},
+            )
+        try:
+            await view.refresh()
+        except Exception:  # taken all the same: `keep` reads it within REFRESH_S
+            logger.warning("reading the traffic board back failed", exc_info=True)
+        return shown(revision)
 
     def shown(revision: int) -> dict[str, Any]:
         split = view.split(name)
@@ -234,33 +274,33 @@ def traffic_router(
         }
 
     async def read(_: Caller = Depends(require(scope))) -> dict[str, Any]:  # noqa: B008
-        await view.refresh()
+        try:
+            await view.refresh()
+        except Exception:  # this replica's copy, as it serves
+            logger.warning("reading the traffic board failed", exc_info=True)
         return shown(view.revision)
 
     async def write(split: TrafficSplit, _: Caller = Depends(require("admin"))) -> Any:  # noqa: B008
-        if problems := split.problems(versions):
-            return JSONResponse(
-                {
-                    "error": "invalid request",
-                    "detail": [
-                        {
-                            "field": p.split(": ", 1)[0],
-                            "error": p.split(": ", 1)[1],
-                            "fix": f"name a version served: {', '.join(ordered)}",
-                        }
-                        for p in problems
-                    ],
-                },
-                status_code=422,
+        served = ", ".join(ordered)
+        problems = [
+            (p.split(": ", 1)[0], p.split(": ", 1)[1], f"name a version served: {served}")
+            for p in split.problems(versions)
+        ]
+        if split.shadow is not None and split.shadow in writers and split.shadow_percent > 0:
+            problems.append(
+                (
+                    "shadow",
+                    f"version {split.shadow!r} writes ({writers[split.shadow]}): a shadow "
+                    "would do each of its writes again",
+                    "send it a weight instead, or shadow a version that only reads",
+                )
             )
-        revision = await board.set(name, split.model_dump())
-        await view.refresh()
-        return shown(revision)
+        if problems:
+            return refused(problems)
+        return await changed(split.model_dump())
 
-    async def clear(_: Caller = Depends(require("admin"))) -> dict[str, Any]:  # noqa: B008
-        revision = await board.set(name, None)
-        await view.refresh()
-        return shown(revision)
+    async def clear(_: Caller = Depends(require("admin"))) -> Any:  # noqa: B008
+        return await changed(None)
 
     async def recent(_: Caller = Depends(require(scope))) -> dict[str, Any]:  # noqa: B008
         return {

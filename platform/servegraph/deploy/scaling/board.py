@@ -114,9 +114,11 @@ class Reporter:
     ) -> None:
         self._priors = {name: prior_calls(g) for name, g in graphs.items()}
         self._paths = {name: call_paths(g) for name, g in graphs.items()}
-        for name, served in (versions or {}).items():
-            for graph in served.values():
-                self._paths.setdefault(name, {}).update(call_paths(graph))
+        self._version_paths = {
+            (name, version): call_paths(graph)
+            for name, served in (versions or {}).items()
+            for version, graph in served.items()
+        }
         self._board = board
         self._arrived: dict[str, int] = defaultdict(int)
         self._finished: dict[str, tuple[int, dict[str, int]]] = {}
@@ -129,9 +131,10 @@ class Reporter:
             with contextlib.suppress(RuntimeError):
                 self._task = asyncio.get_running_loop().create_task(self._flushing())
 
-    def finished(self, pipeline: str, records: Iterable[Any]) -> None:
-        """A request of `pipeline` ended; `records` are its `NodeRecord`s."""
-        paths = self._paths.get(pipeline)
+    def finished(self, pipeline: str, records: Iterable[Any], version: str = "") -> None:
+        """A request of `pipeline` (run by its `version`) ended; `records` are its
+        `NodeRecord`s."""
+        paths = self._version_paths.get((pipeline, version)) or self._paths.get(pipeline)
         if paths is None:
             return
         made = servers_called(paths, ((r.node, r.kind, r.status) for r in records))

@@ -40,8 +40,10 @@ class PlatformPlan:
 
         `serve.run` waits for its application to be RUNNING even with `blocking=False`,
         so one call per application started them one after the other: the LLM's ~40 s,
-        then each encoder's ~10 s, and so on (100 s for the whole platform here).
-        `serve.run_many` hands them over together and their replicas start side by side.
+        then each encoder's ~10 s, and so on (100 s for the whole platform on this
+        2-core machine). `serve.run_many` hands them over together and their replicas
+        start side by side (93 s here: on 2 cores the starts share the CPU, and the
+        LLM's is the longest; more cores gain more).
         """
         from ray import serve
 

@@ -147,6 +147,7 @@ def build_pipeline() -> Pipeline:
         deadline_s=180,
         # One LLM call at a time per request, and the LLM takes 64 running + 64 queued.
         max_in_flight=128,
+        signals=triage_signals,
     )
     label = p.call("classify", classifier.classify(text=p.input.text))
     route = p.switch(
@@ -601,3 +602,16 @@ def fact_lines(steps: list[Step]) -> list[str]:
 def from_facts(steps: list[Step]) -> str:
     """A reply stating the facts found, for when the LLM's draft did not."""
     return " ".join(["Thanks for contacting us.", *fact_lines(steps)])
+
+
+def triage_signals(result: TriageResult) -> dict[str, float]:
+    """What a triage answer says about its quality without a label, compared across
+    versions (issue 28): the tools it used, whether it handed the ticket off, whether
+    the LLM's draft was kept (else the tool results were stated), whether the loop
+    ended before its step limit."""
+    return {
+        "tools": sum(step.valid for step in result.steps),
+        "handoff": result.drafted == "handoff",
+        "draft_kept": result.drafted == "llm",
+        "completed": result.completed,
+    }

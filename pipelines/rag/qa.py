@@ -64,6 +64,7 @@ def build_pipeline() -> Pipeline:
         description="Answer a question from the knowledge base, citing sources.",
         # The LLM takes 64 running + 64 queued; more would only wait to be refused.
         max_in_flight=128,
+        signals=answer_signals,
     )
     ranked = retrieve_ranked(rag, rag.input.question, k=rag.input.k, filter=rag.input.filter)
     prompt = rag.function(
@@ -85,6 +86,20 @@ def build_pipeline() -> Pipeline:
     )
     rag.returns(rag.function("answer", make_answer, reply=reply, ranked=ranked))
     return rag
+
+
+def answer_signals(answer: RagAnswer) -> dict[str, float]:
+    """What a rag answer says about its quality without a label, compared across
+    versions (issue 28): which path produced it (the LLM's answer kept by the evidence
+    check, or the extractive one in its place, or nothing found), its citations, and
+    whether the LLM's reply was cut at max_tokens."""
+    return {
+        "generated": answer.method == "generated",
+        "extractive": answer.method == "extractive",
+        "no_sources": answer.method == "no_sources",
+        "citations": len(answer.citations),
+        "truncated": answer.truncated,
+    }
 
 
 def retrieve_ranked(

@@ -8,9 +8,10 @@ from typing import Any
 NAMESPACE = "servegraph"
 
 
-def cluster_actor(cls: type, name: str) -> Any:
+def cluster_actor(cls: type, name: str, **options: Any) -> Any:
     """The handle of the cluster's one actor of `cls` named `name` (created now if no
-    process has yet). It asks for no CPU: it answers at once, never computes."""
+    process has yet). It asks for no CPU: it answers at once, never computes.
+    `options`: more of Ray's actor options (e.g. `resources`, to place it)."""
     import ray
 
     return (
@@ -22,6 +23,7 @@ def cluster_actor(cls: type, name: str) -> Any:
             get_if_exists=True,
             num_cpus=0,
             max_restarts=-1,
+            **options,
         )
         .remote()
     )

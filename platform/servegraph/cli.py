@@ -129,6 +129,14 @@ def main(argv: list[str] | None = None) -> int:
     )
     traffic.add_argument("--clear", action="store_true", help="all traffic to the default")
     traffic.add_argument("--url", default="http://127.0.0.1:8000", help="the platform's HTTP")
+    versions = commands.add_parser(
+        "versions",
+        help="a pipeline's versions side by side, from Prometheus: latency, errors, cost, "
+        "answer signals, shadow agreement",
+    )
+    versions.add_argument("pipeline")
+    versions.add_argument("--prometheus", default="http://127.0.0.1:9090", help="`make observe`'s")
+    versions.add_argument("--window", default="15m", help="PromQL duration, e.g. 5m, 1h")
     observe = commands.add_parser(
         "observe", help="Prometheus (Debian's package) on the running platform, with alerts"
     )
@@ -151,6 +159,7 @@ def main(argv: list[str] | None = None) -> int:
         "batch": _batch,
         "cost": _cost,
         "traffic": _traffic,
+        "versions": _versions,
     }
     return commands_by_name[args.command](args)
 
@@ -433,6 +442,49 @@ def _traffic(args: argparse.Namespace) -> int:
         table.add_row(version, str(split["weights"].get(version, 0)), f"{shadow:g}")
     console.print(table)
     console.print(f"sticky per caller: {'yes' if split['sticky'] else 'no'}", highlight=False)
+    return 0
+
+
+def _versions(args: argparse.Namespace) -> int:
+    from rich.table import Table
+
+    from servegraph.lang.discovery import version_order
+    from servegraph.telemetry.observe import Prometheus
+    from servegraph.telemetry.versions import compare
+
+    rows = compare(Prometheus(args.prometheus).query, args.pipeline, args.window)
+    if not rows:
+        console.print(f"no {args.pipeline} requests in the last {args.window} at {args.prometheus}")
+        return 1
+    rows.sort(key=lambda r: (r.role != "primary", version_order(r.version)))
+
+    def ms(value: float | None) -> str:
+        return f"{value:.0f}" if value is not None else "-"
+
+    table = Table(title=f"{args.pipeline}: its versions, last {args.window}")
+    table.add_column("figure")
+    for row in rows:
+        table.add_column(f"{row.version} ({row.role})", justify="right")
+    figures: list[tuple[str, list[str]]] = [
+        ("requests", [f"{r.requests:.0f}" for r in rows]),
+        ("p50 ms", [ms(r.p50_ms) for r in rows]),
+        ("p99 ms", [ms(r.p99_ms) for r in rows]),
+        ("errors %", [f"{100 * r.error_share:.2f}" for r in rows]),
+        ("deadline misses %", [f"{100 * r.deadline_miss_share:.2f}" for r in rows]),
+        ("refused (503) %", [f"{100 * r.refused_share:.2f}" for r in rows]),
+        (
+            "USD / request",
+            [f"{r.usd_per_request:.2e}" if r.usd_per_request is not None else "-" for r in rows],
+        ),
+    ]
+    for name in sorted({s for r in rows for s in r.signals}):
+        means = [f"{r.signals[name]:.3f}" if name in r.signals else "-" for r in rows]
+        figures.append((f"signal: {name}", means))
+    agreements = [f"{r.agreement:.3f}" if r.agreement is not None else "-" for r in rows]
+    figures.append(("agreement with the primary", agreements))
+    for figure, values in figures:
+        table.add_row(figure, *values)
+    console.print(table)
     return 0
 
 

@@ -18,6 +18,7 @@ from servegraph.cost.report import per_thousand
 from servegraph.deploy.local_ray import LocalCluster, free_port
 from servegraph.security.client import client_headers
 from servegraph.telemetry.observe import prometheus
+from servegraph.telemetry.versions import compare
 
 pytestmark = pytest.mark.integration
 ROOT = Path(__file__).resolve().parents[2]
@@ -89,8 +90,28 @@ def test_prometheus_scrapes_every_node_loads_the_alerts_and_charts_every_panel(
             timeout=60,
             env={**os.environ, "COLUMNS": "200"},
         )
+        # `servegraph versions`: the same requests per version (rag has one, v1), with
+        # the 504 among them and its answers' signals.
+        rows: list = []
+        deadline = time.monotonic() + 60
+        while time.monotonic() < deadline and not (
+            rows and rows[0].deadline_miss_share > 0 and rows[0].signals
+        ):
+            rows = compare(prom.query, "rag", "30m")
+            time.sleep(1)
+        compared = subprocess.run(
+            [CLI, "versions", "rag", "--prometheus", prom.url, "--window", "30m"],
+            capture_output=True,
+            text=True,
+            timeout=60,
+            env={**os.environ, "COLUMNS": "200"},
+        )
     assert not empty, f"panels without data after load: {empty}"
     assert costs["rag"].usd_per_1000 > 0 and costs["triage"].wh_per_1000 > 0, costs
     assert costs["rag"].nodes_usd_per_1000["generate"] > costs["rag"].nodes_usd_per_1000["embed"]
     assert printed.returncode == 0 and "rag" in printed.stdout and "generate" in printed.stdout
+    (v1,) = rows
+    assert (v1.version, v1.role) == ("v1", "primary") and v1.requests >= 2, v1
+    assert v1.p99_ms and v1.deadline_miss_share > 0 and "citations" in v1.signals, v1
+    assert compared.returncode == 0 and "signal: citations" in compared.stdout, compared.stdout
     print(f"{len(queries)} panel queries returned data; {len(targets)} targets up")

@@ -123,3 +123,25 @@ def test_the_answer_is_bounded_to_leave_room_for_closing_the_json() -> None:
         assert schema["properties"]["answer"]["maxLength"] == answer_chars(max_tokens)
     assert answer_chars(160) < 160 * 4  # fewer characters than 160 tokens of English
     assert answer_chars(512) > answer_chars(160) >= answer_chars(16) == 40
+
+
+def test_the_answer_signals_say_which_path_answered_and_how_much_it_cites() -> None:
+    from pipelines.rag.models import Passage, RagAnswer
+    from pipelines.rag.qa import answer_signals
+
+    passage = Passage(n=1, id="kb/d0#0", doc_id="kb/d0", title="T0", text=REFUNDS, score=0.5)
+    answer = RagAnswer(
+        answer="Refunds are issued within 7 business days [1].",
+        citations=[1],
+        cited=[passage],
+        passages=[passage],
+        method="generated",
+        usage=Usage(input_tokens=10, output_tokens=5),
+    )
+    assert answer_signals(answer) == {
+        "generated": True,
+        "extractive": False,
+        "no_sources": False,
+        "citations": 1,
+        "truncated": False,
+    }

@@ -248,3 +248,74 @@ def test_a_view_never_goes_back_to_an_older_table() -> None:
     view.apply(10, {"say": {"weights": {"v1": 0, "v2": 100}}})
     view.apply(9, {"say": {"weights": {"v1": 100}}})  # a read that started before
     assert view.split("say").weights == {"v1": 0, "v2": 100} and view.revision == 10
+
+
+class Recorded:
+    """The ingress's metrics, as calls (the subject: what is recorded per version)."""
+
+    def __init__(self) -> None:
+        self.signals: list[tuple[str, str, dict[str, float]]] = []
+
+    def record(self, *args: object) -> None: ...
+
+    def record_version(self, *args: object) -> None: ...
+
+    def record_agreement(self, *args: object) -> None: ...
+
+    def record_signals(self, pipeline: str, version: str, role: str, signals: dict) -> None:
+        self.signals.append((version, role, signals))
+
+
+def loudness(text: str) -> dict[str, float]:
+    if text == "BREAK":
+        raise ValueError("a signal function's own bug")
+    return {"upper": float(text.isupper()), "words": float(len(text.split()))}
+
+
+def signalled(version: str) -> Graph:
+    p = Pipeline("sig", input=toy.Text, output=str, version=version, signals=loudness)
+    said = p.call("said", "writer", "write", text=p.input.text)
+    p.returns(p.function("loud", toy.shout if version == "v2" else toy.whisper, text=said.text))
+    return p.build()
+
+
+async def test_each_answers_signals_are_recorded_for_its_version_and_role(tmp_path: Path) -> None:
+    metrics = Recorded()
+    versions = {"sig": {v: signalled(v) for v in ("v1", "v2")}}
+    app = build_fastapi(
+        {"sig": versions["sig"]["v1"]},
+        toy.CATALOG,
+        ToyInvoker(toy.servers()),
+        metrics,
+        versions=versions,
+        board=LocalBoard(Board(tmp_path / "traffic.json")),
+    )
+    async with httpx.AsyncClient(
+        headers=client_headers(), transport=httpx.ASGITransport(app=app), base_url="http://i"
+    ) as client:
+        split = {"weights": {"v1": 100}, "shadow": "v2", "shadow_percent": 100}
+        assert (await client.put("/sig/traffic", json=split)).status_code == 200
+        assert (await client.post("/sig", json={"text": "Two Words"})).status_code == 200
+        for _ in range(1_000):  # bounded: until the shadow's signals are in
+            if len(metrics.signals) == 2:
+                break
+            await asyncio.sleep(0.01)
+        assert sorted(metrics.signals) == [
+            ("v1", "primary", {"upper": 0.0, "words": 2.0}),
+            ("v2", "shadow", {"upper": 1.0, "words": 2.0}),
+        ]
+        # A signal function that raises is its own loss, never the answer's.
+        broken = await client.post(
+            "/sig", json={"text": "break"}, headers={"x-pipeline-version": "v2"}
+        )
+        assert broken.status_code == 200 and broken.json() == "BREAK"
+
+
+def test_a_signals_function_that_cannot_be_imported_is_a_validation_problem() -> None:
+    from servegraph.errors import GraphValidationError
+    from servegraph.lang.validation import validate
+
+    graph = signalled("v1").model_copy(update={"signals": "nowhere.at_all:signals"})
+    with pytest.raises(GraphValidationError) as refused:
+        validate(graph, toy.CATALOG)
+    assert "[signals]" in str(refused.value) and "nowhere.at_all" in str(refused.value)

@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import importlib
 import inspect
+from collections.abc import Callable, Mapping
 from functools import lru_cache
 from typing import TYPE_CHECKING, Annotated, Any, Literal, TypeVar, overload
 
@@ -292,6 +293,13 @@ class Graph(BaseModel):
         "503 + Retry-After at once, before any work (else the platform's 256). Size it to "
         "what the pipeline's slowest model server can take, so doomed work is not admitted.",
     )
+    signals: str | None = Field(
+        None,
+        description="Import path of a function from the pipeline's output to "
+        "{signal: number}: what an answer says about its quality without a label (for "
+        "`rag`, whether the LLM's answer was kept, its citations), recorded per version "
+        "so that versions can be compared on live traffic.",
+    )
 
     def calls(self, actions: bool = True) -> list[CallNode]:
         """Every model-server call the graph may make, its sub-graphs' and fallbacks'
@@ -386,6 +394,8 @@ class Pipeline:
             503 + Retry-After before any work (`servegraph.serving.admission`).
         version: which version of the pipeline this is (else "v1"); versions of one
             name are served side by side on its route (`servegraph.serving.traffic`).
+        signals: a function from the output to {signal: number}, the answer's quality
+            signals that need no label, recorded per version (`servegraph.serving.versions`).
     """
 
     def __init__(
@@ -398,9 +408,11 @@ class Pipeline:
         deadline_s: float | None = None,
         max_in_flight: int | None = None,
         version: str = DEFAULT_VERSION,
+        signals: Callable[[Any], Mapping[str, float]] | None = None,
     ) -> None:
         self.name = name
         self.version = version
+        self.signals = import_path(signals) if signals else None
         self.deadline_s = deadline_s
         self.max_in_flight = max_in_flight
         self.input = Ref(INPUT)
@@ -595,6 +607,7 @@ class Pipeline:
         return Graph(
             name=self.name,
             version=self.version,
+            signals=self.signals,
             description=self._description,
             input=import_path(self._input_type),
             output=import_path(self._output_type),

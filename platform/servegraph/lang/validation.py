@@ -59,6 +59,14 @@ class _Checker:
     def run(self) -> list[Problem]:
         input_type = self._import(self.graph.input, "input", "input type", model=True)
         output_type = self._import(self.graph.output, "output", "output type")
+        if self.graph.signals is not None:
+            signals = self._import(self.graph.signals, "signals", "answer-signals function")
+            if signals is not None and not callable(signals):
+                self._problem(
+                    "signals",
+                    f"{self.graph.signals!r} is not callable",
+                    "name a function from the output to {signal: number}",
+                )
         self._check_names()
         known = set(self.names) | {INPUT}
         types: dict[str, Any] = {INPUT: input_type or Any}

@@ -63,6 +63,7 @@ from servegraph.serving.traffic import VERSION_HEADER, Route, TrafficView
 from servegraph.serving.versions import (
     ActorBoard,
     Shadows,
+    Signals,
     install_unknown_version_handler,
     primary_ended,
     traffic_router,
@@ -206,10 +207,13 @@ def build_fastapi(
                 "serving versions of a pipeline whose runs wait for a person is not "
                 "supported yet; serve one version"
             )
-        shadows = Shadows(graph.name, runtime, served, metrics)
+        signals = Signals(graph.name, served, metrics)
+        shadows = Shadows(graph.name, runtime, served, metrics, signals)
         every_shadow.append(shadows)
         app.include_router(
-            pipeline_router(compiled, runtime, metrics, demand, runs, served, traffic, shadows)
+            pipeline_router(
+                compiled, runtime, metrics, demand, runs, served, traffic, shadows, signals
+            )
         )
         scope = versions_scope(versions[graph.name].values(), catalog)
         writers = {v: w for v, g in versions[graph.name].items() if (w := writer(g, catalog))}
@@ -415,6 +419,7 @@ def pipeline_router(
     served: Mapping[str, CompiledGraph] | None = None,
     traffic: TrafficView | None = None,
     shadows: Shadows | None = None,
+    signals: Signals | None = None,
 ) -> APIRouter:
     """One pipeline's routes: POST /<name>, POST /<name>/stream, GET /<name>/graph(.mmd),
     each open only to a key with the pipeline's scope (`pipeline_scope`). With `runs`
@@ -423,7 +428,8 @@ def pipeline_router(
 
     `served`: every version of the pipeline (`compiled` is its default); each request
     runs the one `traffic` chooses (`servegraph.serving.versions.version_picker`), and
-    its answer names it in X-Pipeline-Version. `shadows` runs a split's shadow share."""
+    its answer names it in X-Pipeline-Version. `shadows` runs a split's shadow share;
+    `signals` records each answer's quality signals for its version."""
     graph = compiled.graph
     served = served or {graph.version: compiled}
     every = [c.graph for c in served.values()]
@@ -477,6 +483,8 @@ def pipeline_router(
         response.headers.update(
             _usage_headers(run.records, total_ms, options.budget, chosen.version)
         )
+        if signals is not None and status == 200:
+            signals.record(chosen.version, "primary", output)
         return output
 
     async def stream_pipeline(
@@ -528,6 +536,8 @@ def pipeline_router(
                 if runs is not None:
                     await runs.ended(recorded["run_id"], event.data.output)
                 output = event.data.output
+                if signals is not None:
+                    signals.record(chosen.version, "primary", output)
                 yield sse.encode("result", jsonable_encoder(output))
             except RunWaiting as stop:  # the stream ends with what the run waits for
                 assert runs is not None

@@ -234,10 +234,13 @@ def _now_us() -> int:
 
 
 def board() -> Any:
-    """The cluster's traffic board (a `Board` in a `cluster_actor`)."""
+    """The cluster's traffic board (a `Board` in a `cluster_actor`), placed where the
+    request routers are (`SERVEGRAPH_ROUTER_RESOURCES`: on a cluster, the head, whose
+    disk holds its file)."""
     from servegraph._actors import cluster_actor
+    from servegraph.settings import router_actor_options
 
-    return cluster_actor(Board, BOARD_ACTOR)
+    return cluster_actor(Board, BOARD_ACTOR, **router_actor_options())
 
 
 class TrafficView:

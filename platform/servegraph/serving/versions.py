@@ -84,6 +84,32 @@ def version_picker(
     return pick_version
 
 
+class Signals:
+    """Each version's answer signals (`Graph.signals`), read from an answer and
+    recorded per version and role. Reading them never fails a request: a signal
+    function that raises is logged, and the answer goes out all the same."""
+
+    def __init__(self, name: str, served: Mapping[str, CompiledGraph], metrics: Any) -> None:
+        from servegraph.lang.graph import resolve
+
+        self.name, self.metrics = name, metrics
+        self.readers: dict[str, Callable[[Any], Mapping[str, float]]] = {
+            v: resolve(c.graph.signals) for v, c in served.items() if c.graph.signals
+        }
+
+    def record(self, version: str, role: str, output: Any) -> dict[str, float]:
+        reader = self.readers.get(version)
+        if reader is None or self.metrics is None:
+            return {}
+        try:
+            signals = {k: float(v) for k, v in reader(output).items()}
+            self.metrics.record_signals(self.name, version, role, signals)
+        except Exception:
+            logger.exception("reading the answer signals of %s at %s failed", self.name, version)
+            return {}
+        return signals
+
+
 @dataclass
 class ShadowRecord:
     """One shadowed request, as `GET /<name>/shadow` shows it."""
@@ -104,9 +130,15 @@ class Shadows:
     agreement of the two answers, and the recent ones in memory)."""
 
     def __init__(
-        self, name: str, runtime: Runtime, served: Mapping[str, CompiledGraph], metrics: Any
+        self,
+        name: str,
+        runtime: Runtime,
+        served: Mapping[str, CompiledGraph],
+        metrics: Any,
+        signals: Signals | None = None,
     ) -> None:
         self.name, self.runtime, self.served, self.metrics = name, runtime, served, metrics
+        self.signals = signals
         self.running: set[asyncio.Task[None]] = set()
         self.recent: deque[ShadowRecord] = deque(maxlen=RECENT_SHADOWS)
         self.skipped = 0
@@ -151,6 +183,8 @@ class Shadows:
                 records=records,
                 tally=tokens.Tally(),
             )
+            if self.signals is not None:
+                self.signals.record(chosen.shadow, "shadow", result.output)
             output = jsonable_encoder(result.output)
         except PipelineRuntimeError as exc:
             status = exc.status_code

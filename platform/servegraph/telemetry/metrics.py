@@ -200,6 +200,16 @@ class PipelineMetrics:
             "version",
             "role",
         )
+        self.version_signals = _counter(
+            coalesced,
+            "servegraph_version_signal",
+            "The sum of an answer signal over a version's answers (Graph.signals): its "
+            "mean is this rate over the rate of the version's 200s.",
+            "pipeline",
+            "version",
+            "role",
+            "signal",
+        )
         self.shadow_agreement = metrics.Histogram(
             "servegraph_shadow_agreement",
             description="How alike a shadow's answer was to the primary's (1: the same).",
@@ -222,6 +232,14 @@ class PipelineMetrics:
         self.version_latency.observe(total_ms, tags=tags)
         if usd := sum(self.prices.usd(r.charge) for r in records if r.charge):
             self.version_usd.inc(usd, tags=tags)
+
+    def record_signals(
+        self, pipeline: str, version: str, role: str, signals: dict[str, float]
+    ) -> None:
+        tags = {"pipeline": pipeline, "version": version, "role": role}
+        for signal, value in signals.items():
+            if value:  # a counter takes no zero; a mean's zeros are the 200s without it
+                self.version_signals.inc(value, tags={**tags, "signal": signal})
 
     def record_agreement(self, pipeline: str, version: str, agreement: float) -> None:
         self.shadow_agreement.observe(agreement, tags={"pipeline": pipeline, "version": version})

@@ -39,7 +39,9 @@ from servegraph.security.client import client_headers
 
 PROBE = {
     "name": "versions_probe",
-    "description": "One embedder call, served at two versions (benchmarks.versions).",
+    "description": "One embedder call, served at two versions (benchmarks.versions, "
+    "tests/integration/test_ingress_replicas.py): cheap enough that many callers cost "
+    "this machine little.",
     "input": "pipelines.rag.models:RagQuery",
     "output": "deployments.embedder.contract:Embedding",
     "nodes": [
@@ -61,6 +63,11 @@ QUESTIONS = [
 ]
 
 
+def probe(version: str) -> str:
+    """The probe pipeline at `version`, as YAML."""
+    return yaml.safe_dump({**PROBE, "version": version})
+
+
 def graphs() -> list[Any]:
     """The shipped pipelines, the probe at v1 and v2, and `rag` at v2 (its own graph)."""
     from servegraph.lang.discovery import discover
@@ -68,7 +75,7 @@ def graphs() -> list[Any]:
 
     shipped = discover("pipelines")
     rag_v2 = shipped["rag"].model_copy(update={"version": "v2"})
-    probes = [from_yaml(yaml.safe_dump({**PROBE, "version": v})) for v in ("v1", "v2")]
+    probes = [from_yaml(probe(v)) for v in ("v1", "v2")]
     return [*shipped.values(), rag_v2, *probes]
 
 

@@ -85,14 +85,18 @@ class AppSettings(BaseSettings):
     def runs_path(self) -> Path:
         if self.runs:
             return self.runs
-        return Path(os.environ.get("SERVEGRAPH_HOME", "var")).resolve() / "runs" / "runs.sqlite3"
+        return home() / "runs" / "runs.sqlite3"
 
     @property
     def traffic_path(self) -> Path:
         if self.traffic:
             return self.traffic
-        home = Path(os.environ.get("SERVEGRAPH_HOME", "var")).resolve()
-        return home / "traffic" / "traffic.json"
+        return home() / "traffic" / "traffic.json"
+
+
+def home() -> Path:
+    """Where the platform keeps its state by default: $SERVEGRAPH_HOME, else ./var."""
+    return Path(os.environ.get("SERVEGRAPH_HOME", "var")).resolve()
 
 
 def router_actor_options() -> dict[str, Any]:

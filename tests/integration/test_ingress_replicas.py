@@ -14,37 +14,14 @@ from collections.abc import Iterator
 
 import httpx
 import pytest
-import yaml
 
+from benchmarks.versions import probe
 from servegraph.deploy.local_ray import LocalCluster
 from servegraph.security.client import client_headers
 from tests._cluster import wait_until_running
 from tests.integration.test_auth import bearer, replicas_of, store, wait_for_series
 
 pytestmark = pytest.mark.integration
-
-# A pipeline at two versions, as YAML: one embedder call each, so that twenty callers
-# cost this machine little. v2 is the candidate.
-PROBE = {
-    "name": "versions_probe",
-    "description": "A pipeline served at two versions (test_ingress_replicas).",
-    "input": "pipelines.rag.models:RagQuery",
-    "output": "deployments.embedder.contract:Embedding",
-    "nodes": [
-        {
-            "kind": "call",
-            "name": "embed",
-            "inputs": {"text": "input.question"},
-            "server": "embedder",
-            "method": "embed_one",
-        }
-    ],
-    "returns": "embed",
-}
-
-
-def probe(version: str) -> str:
-    return yaml.safe_dump({**PROBE, "version": version})
 
 
 def version_series(**labels: str) -> str:

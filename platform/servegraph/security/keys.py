@@ -24,6 +24,7 @@ from pydantic import BaseModel, Field, field_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from servegraph.errors import ServegraphError
+from servegraph.settings import home
 
 _log = logging.getLogger(__name__)
 KEY_PATTERN = re.compile(r"^sg_([0-9a-f]{12})_([A-Za-z0-9_-]{43})$")
@@ -53,8 +54,7 @@ class AuthSettings(BaseSettings):
     def store_path(self) -> Path:
         if self.keys:
             return self.keys
-        home = Path(os.environ.get("SERVEGRAPH_HOME", "var")).resolve()
-        return home / "auth" / "keys.sqlite3"
+        return home() / "auth" / "keys.sqlite3"
 
     @property
     def local_key_file(self) -> Path:

@@ -366,8 +366,7 @@ class _Accounting:
         estimated from the request and recent runs' prompts) reserved from the key's
         token budget (`Guard.reserve`; 429 when it is spent)."""
         graph = graph or self.graph
-        run = _Account(time.perf_counter(), [], http, caller, tokens.Tally())
-        run.version = graph.version
+        run = _Account(time.perf_counter(), [], http, caller, tokens.Tally(), version=graph.version)
         http.state.pipeline_version = graph.version  # for the error answers' header too
         if not self.uses_llm:
             return run
@@ -479,7 +478,7 @@ def pipeline_router(
             try:
                 total_ms = await books.close(run, status)
             finally:
-                primary_ended(shadow, status, (time.perf_counter() - run.started) * 1000, output)
+                _ended(shadow, run, status, output)
         response.headers.update(
             _usage_headers(run.records, total_ms, options.budget, chosen.version)
         )

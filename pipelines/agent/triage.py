@@ -46,6 +46,7 @@ graph carries them:
 from __future__ import annotations
 
 import re
+from typing import TypedDict
 
 from pydantic_core import from_json
 
@@ -604,14 +605,21 @@ def from_facts(steps: list[Step]) -> str:
     return " ".join(["Thanks for contacting us.", *fact_lines(steps)])
 
 
-def triage_signals(result: TriageResult) -> dict[str, float]:
+class TriageSignals(TypedDict):
+    tools: float
+    handoff: float
+    draft_kept: float
+    completed: float
+
+
+def triage_signals(result: TriageResult) -> TriageSignals:
     """What a triage answer says about its quality without a label, compared across
     versions (issue 28): the tools it used, whether it handed the ticket off, whether
     the LLM's draft was kept (else the tool results were stated), whether the loop
     ended before its step limit."""
     return {
-        "tools": sum(step.valid for step in result.steps),
-        "handoff": result.drafted == "handoff",
-        "draft_kept": result.drafted == "llm",
-        "completed": result.completed,
+        "tools": float(sum(step.valid for step in result.steps)),
+        "handoff": float(result.drafted == "handoff"),
+        "draft_kept": float(result.drafted == "llm"),
+        "completed": float(result.completed),
     }

@@ -27,6 +27,7 @@ holds the checked answer (the extractive one, if the streamed text failed its ch
 from __future__ import annotations
 
 from collections.abc import Callable
+from typing import TypedDict
 
 from pydantic_core import from_json
 
@@ -56,7 +57,9 @@ MAX_SENTENCES = 2
 NOTHING_FOUND = "The knowledge base has no passage about this question."
 
 
-def build_pipeline() -> Pipeline:
+def build_pipeline(version: str = "v1", prompt_passages: int = 0) -> Pipeline:
+    """`rag` at `version`; `prompt_passages` > 0 shows the LLM at most that many of the
+    relevant passages (`pipelines.rag.v2`), else all of them."""
     rag = Pipeline(
         "rag",
         input=RagQuery,
@@ -65,6 +68,7 @@ def build_pipeline() -> Pipeline:
         # The LLM takes 64 running + 64 queued; more would only wait to be refused.
         max_in_flight=128,
         signals=answer_signals,
+        version=version,
     )
     ranked = retrieve_ranked(rag, rag.input.question, k=rag.input.k, filter=rag.input.filter)
     prompt = rag.function(
@@ -73,6 +77,7 @@ def build_pipeline() -> Pipeline:
         question=rag.input.question,
         ranked=ranked,
         max_tokens=rag.input.max_tokens,
+        **({"max_passages": prompt_passages} if prompt_passages else {}),
     )
     reply = rag.call(
         "generate",
@@ -88,17 +93,30 @@ def build_pipeline() -> Pipeline:
     return rag
 
 
-def answer_signals(answer: RagAnswer) -> dict[str, float]:
+class AnswerSignals(TypedDict):
+    generated: float
+    extractive: float
+    no_sources: float
+    citations: float
+    cited_relevance: float
+    truncated: float
+
+
+def answer_signals(answer: RagAnswer) -> AnswerSignals:
     """What a rag answer says about its quality without a label, compared across
     versions (issue 28): which path produced it (the LLM's answer kept by the evidence
-    check, or the extractive one in its place, or nothing found), its citations, and
-    whether the LLM's reply was cut at max_tokens."""
+    check, or the extractive one in its place, or nothing found), its citations and how
+    relevant to the question the cited passages are (their best sentence's similarity
+    to it, the re-ranking's score; 0 when none is cited), and whether the LLM's reply
+    was cut at max_tokens."""
+    cited = [p.relevance for p in answer.cited]
     return {
-        "generated": answer.method == "generated",
-        "extractive": answer.method == "extractive",
-        "no_sources": answer.method == "no_sources",
-        "citations": len(answer.citations),
-        "truncated": answer.truncated,
+        "generated": float(answer.method == "generated"),
+        "extractive": float(answer.method == "extractive"),
+        "no_sources": float(answer.method == "no_sources"),
+        "citations": float(len(answer.citations)),
+        "cited_relevance": sum(cited) / len(cited) if cited else 0.0,
+        "truncated": float(answer.truncated),
     }
 
 
@@ -200,10 +218,15 @@ def answer_chars(max_tokens: int) -> int:
     return max(40, int((max_tokens - _JSON_TOKENS) * _CHARS_PER_TOKEN))
 
 
-def build_prompt(question: str, ranked: Ranked, max_tokens: int = 160) -> dict:
-    """Messages with the relevant passages, best first, and the JSON schema the reply
-    must follow: the answer, bounded, then citations of those passages only."""
+def build_prompt(
+    question: str, ranked: Ranked, max_tokens: int = 160, max_passages: int = 0
+) -> dict:
+    """Messages with the relevant passages, best first (at most `max_passages` when > 0),
+    and the JSON schema the reply must follow: the answer, bounded, then citations of
+    those passages only."""
     shown = [p for p in ranked.passages if p.n in ranked.relevant]
+    if max_passages > 0:
+        shown = shown[:max_passages]
     sources = "\n\n".join(f"[{p.n}] {p.title}\n{p.text}" for p in shown) or "(none)"
     schema = {
         "type": "object",

@@ -129,7 +129,9 @@ def test_the_answer_signals_say_which_path_answered_and_how_much_it_cites() -> N
     from pipelines.rag.models import Passage, RagAnswer
     from pipelines.rag.qa import answer_signals
 
-    passage = Passage(n=1, id="kb/d0#0", doc_id="kb/d0", title="T0", text=REFUNDS, score=0.5)
+    passage = Passage(
+        n=1, id="kb/d0#0", doc_id="kb/d0", title="T0", text=REFUNDS, score=0.5, relevance=0.62
+    )
     answer = RagAnswer(
         answer="Refunds are issued within 7 business days [1].",
         citations=[1],
@@ -139,9 +141,12 @@ def test_the_answer_signals_say_which_path_answered_and_how_much_it_cites() -> N
         usage=Usage(input_tokens=10, output_tokens=5),
     )
     assert answer_signals(answer) == {
-        "generated": True,
-        "extractive": False,
-        "no_sources": False,
-        "citations": 1,
-        "truncated": False,
+        "generated": 1.0,
+        "extractive": 0.0,
+        "no_sources": 0.0,
+        "citations": 1.0,
+        "cited_relevance": 0.62,
+        "truncated": 0.0,
     }
+    nothing = answer.model_copy(update={"citations": [], "cited": [], "method": "no_sources"})
+    assert answer_signals(nothing)["cited_relevance"] == 0.0

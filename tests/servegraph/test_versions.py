@@ -11,6 +11,7 @@ import json
 import os
 from collections.abc import AsyncIterator
 from pathlib import Path
+from typing import TypedDict
 
 import httpx
 import pytest
@@ -266,7 +267,12 @@ class Recorded:
         self.signals.append((version, role, signals))
 
 
-def loudness(text: str) -> dict[str, float]:
+class Loudness(TypedDict):
+    upper: float
+    words: float
+
+
+def loudness(text: str) -> Loudness:
     if text == "BREAK":
         raise ValueError("a signal function's own bug")
     return {"upper": float(text.isupper()), "words": float(len(text.split()))}
@@ -300,6 +306,8 @@ async def test_each_answers_signals_are_recorded_for_its_version_and_role(tmp_pa
             if len(metrics.signals) == 2:
                 break
             await asyncio.sleep(0.01)
+        shown = (await client.get("/sig/traffic")).json()
+        assert shown["signals"] == {"v1": ["upper", "words"], "v2": ["upper", "words"]}
         assert sorted(metrics.signals) == [
             ("v1", "primary", {"upper": 0.0, "words": 2.0}),
             ("v2", "shadow", {"upper": 1.0, "words": 2.0}),
@@ -319,3 +327,20 @@ def test_a_signals_function_that_cannot_be_imported_is_a_validation_problem() ->
     with pytest.raises(GraphValidationError) as refused:
         validate(graph, toy.CATALOG)
     assert "[signals]" in str(refused.value) and "nowhere.at_all" in str(refused.value)
+
+
+def untyped(text: str) -> dict[str, float]:
+    return {"upper": float(text.isupper())}
+
+
+def test_a_signals_function_must_declare_its_signals() -> None:
+    """A rollout's gates name signals before any answer is read: the function's return
+    is a TypedDict that names them."""
+    from servegraph.errors import GraphValidationError
+    from servegraph.lang.validation import validate
+
+    graph = signalled("v1").model_copy(update={"signals": f"{__name__}:untyped"})
+    with pytest.raises(GraphValidationError) as refused:
+        validate(graph, toy.CATALOG)
+    assert "does not declare its signals" in str(refused.value)
+    assert "TypedDict" in str(refused.value)

@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import importlib
 import inspect
+import typing
 from collections.abc import Callable, Mapping
 from functools import lru_cache
 from typing import TYPE_CHECKING, Annotated, Any, Literal, TypeVar, overload
@@ -349,6 +350,19 @@ def import_path(obj: Any) -> str:
     return f"{obj.__module__}:{obj.__qualname__}"
 
 
+def signal_names(function: Callable[..., Any]) -> tuple[str, ...] | None:
+    """The signals a `Graph.signals` function declares: the keys of the TypedDict its
+    return is annotated with, so a rollout's gates can be checked against them before
+    any answer is read. None when the return is not a TypedDict."""
+    try:
+        returned = typing.get_type_hints(function).get("return")
+    except Exception:  # an annotation that does not resolve declares nothing
+        return None
+    if returned is None or not typing.is_typeddict(returned):
+        return None
+    return tuple(typing.get_type_hints(returned))
+
+
 @lru_cache(maxsize=1024)
 def resolve(path: str) -> Any:
     """Import "module:qualname" (or "module.qualname") and return the object."""
@@ -408,7 +422,7 @@ class Pipeline:
         deadline_s: float | None = None,
         max_in_flight: int | None = None,
         version: str = DEFAULT_VERSION,
-        signals: Callable[[Any], Mapping[str, float]] | None = None,
+        signals: Callable[[Any], Mapping[str, object]] | None = None,
     ) -> None:
         self.name = name
         self.version = version

@@ -26,6 +26,7 @@ from servegraph.lang.graph import (
     ParallelNode,
     SwitchNode,
     resolve,
+    signal_names,
 )
 
 Ports = dict[str, tuple[Any, bool]]
@@ -66,6 +67,13 @@ class _Checker:
                     "signals",
                     f"{self.graph.signals!r} is not callable",
                     "name a function from the output to {signal: number}",
+                )
+            elif signals is not None and signal_names(signals) is None:
+                self._problem(
+                    "signals",
+                    f"{self.graph.signals!r} does not declare its signals",
+                    "annotate its return with a TypedDict naming each signal (a "
+                    "rollout's gates are checked against those names)",
                 )
         self._check_names()
         known = set(self.names) | {INPUT}

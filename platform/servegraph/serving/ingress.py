@@ -218,7 +218,9 @@ def build_fastapi(
         scope = versions_scope(versions[graph.name].values(), catalog)
         writers = {v: w for v, g in versions[graph.name].items() if (w := writer(g, catalog))}
         app.include_router(
-            traffic_router(graph.name, scope, list(served), traffic, board, shadows, writers)
+            traffic_router(
+                graph.name, scope, list(served), traffic, board, shadows, writers, signals.names
+            )
         )
         if runs is not None:
             recorded.append(runs)

@@ -90,12 +90,14 @@ class Signals:
     function that raises is logged, and the answer goes out all the same."""
 
     def __init__(self, name: str, served: Mapping[str, CompiledGraph], metrics: Any) -> None:
-        from servegraph.lang.graph import resolve
+        from servegraph.lang.graph import resolve, signal_names
 
         self.name, self.metrics = name, metrics
-        self.readers: dict[str, Callable[[Any], Mapping[str, float]]] = {
+        self.readers: dict[str, Callable[[Any], Mapping[str, Any]]] = {
             v: resolve(c.graph.signals) for v, c in served.items() if c.graph.signals
         }
+        # What each version declares (its TypedDict), for a rollout's gates to name.
+        self.names = {v: list(signal_names(r) or ()) for v, r in self.readers.items()}
 
     def record(self, version: str, role: str, output: Any) -> dict[str, float]:
         reader = self.readers.get(version)
@@ -267,12 +269,14 @@ def traffic_router(
     board: Any,
     shadows: Shadows,
     writers: Mapping[str, str] | None = None,
+    signals: Mapping[str, list[str]] | None = None,
 ) -> APIRouter:
     """GET /<name>/traffic (the pipeline's scope), PUT and DELETE /<name>/traffic
     (admin): the split between its versions, as every ingress replica applies it; and
     GET /<name>/shadow: this replica's recent shadow comparisons. `writers`: the
     versions whose runs write (version -> the node that does), which may not be a
-    shadow: a shadow would do each write again."""
+    shadow: a shadow would do each write again. `signals`: the answer signals each version
+    declares, shown with the split (what a rollout's gates may name)."""
     router = APIRouter()
     ordered = sorted(versions, key=version_order)
     writers = writers or {}
@@ -305,6 +309,7 @@ def traffic_router(
             "versions": ordered,
             "split": split.model_dump(),
             "revision": revision,
+            "signals": {v: list((signals or {}).get(v, [])) for v in ordered},
         }
 
     async def read(_: Caller = Depends(require(scope))) -> dict[str, Any]:  # noqa: B008

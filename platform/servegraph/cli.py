@@ -11,6 +11,10 @@ servegraph check      will the plan fit a cluster? (`--cluster cluster.yaml`; re
                       one whose Ray would start without token authentication)
 servegraph batch      run a pipeline over a dataset on Ray Data (rows in, results out)
 servegraph cost       cost and energy per 1,000 requests, per pipeline and node
+servegraph traffic    show or set how a pipeline's requests are shared among its versions
+servegraph versions   a pipeline's versions side by side (latency, errors, cost, signals)
+servegraph rollout    move a pipeline to a new version step by step, gated; `rollout
+                      status N` shows where it is, `rollout abort N` rolls it back
 """
 
 from __future__ import annotations
@@ -137,6 +141,7 @@ def main(argv: list[str] | None = None) -> int:
     versions.add_argument("pipeline")
     versions.add_argument("--prometheus", default="http://127.0.0.1:9090", help="`make observe`'s")
     versions.add_argument("--window", default="15m", help="PromQL duration, e.g. 5m, 1h")
+    _rollout_parser(commands)
     observe = commands.add_parser(
         "observe", help="Prometheus (Debian's package) on the running platform, with alerts"
     )
@@ -160,8 +165,56 @@ def main(argv: list[str] | None = None) -> int:
         "cost": _cost,
         "traffic": _traffic,
         "versions": _versions,
+        "rollout": _rollout,
     }
     return commands_by_name[args.command](args)
+
+
+def _rollout_parser(commands: Any) -> None:
+    from servegraph.serving.rollout import DEFAULT_GATES, DEFAULT_STEPS, FIGURES
+
+    rollout = commands.add_parser(
+        "rollout",
+        help="move a pipeline's traffic to a version step by step; roll back at the first "
+        "failed gate",
+        description="servegraph rollout PIPELINE --to VERSION [options]: start (or resume) "
+        "a rollout and drive it to its end. servegraph rollout status PIPELINE: where it "
+        "is. servegraph rollout abort PIPELINE: all traffic back to the current version. "
+        "Gates compare the candidate with the current version over each step, from "
+        "Prometheus: FIGURE<=BOUND or FIGURE>=BOUND, the bound a ratio (1.2x), a "
+        f"difference (+0.01) or a value; figures: {', '.join(FIGURES)} and the "
+        "pipeline's answer signals (`servegraph traffic PIPELINE` lists them). Exit "
+        "status: 0 promoted, 1 rolled back, 3 aborted, 2 bad options.",
+    )
+    rollout.add_argument("words", nargs="+", metavar="[status|abort] PIPELINE")
+    rollout.add_argument("--to", help="the candidate version")
+    rollout.add_argument(
+        "--steps",
+        default=",".join(map(str, DEFAULT_STEPS)),
+        help="the candidate's percent at each step, the last 100 (promotion)",
+    )
+    rollout.add_argument("--hold", default="10m", help="how long each step is held (90s, 10m)")
+    rollout.add_argument(
+        "--max-hold",
+        default=None,
+        help="then roll back if still no verdict (default 3 times --hold)",
+    )
+    rollout.add_argument(
+        "--gate",
+        action="append",
+        default=None,
+        help=f"repeat for each gate (default {' '.join(DEFAULT_GATES)})",
+    )
+    rollout.add_argument(
+        "--min-requests",
+        type=int,
+        default=20,
+        help="each version's requests in a step before its gates are judged",
+    )
+    rollout.add_argument("--interval", default="30s", help="how often the step is checked")
+    rollout.add_argument("--not-sticky", action="store_true", help="each request draws")
+    rollout.add_argument("--url", default="http://127.0.0.1:8000", help="the platform's HTTP")
+    rollout.add_argument("--prometheus", default="http://127.0.0.1:9090", help="`make observe`'s")
 
 
 def _keys_parser(commands: Any) -> None:
@@ -442,6 +495,9 @@ def _traffic(args: argparse.Namespace) -> int:
         table.add_row(version, str(split["weights"].get(version, 0)), f"{shadow:g}")
     console.print(table)
     console.print(f"sticky per caller: {'yes' if split['sticky'] else 'no'}", highlight=False)
+    for version, names in (shown.get("signals") or {}).items():
+        if names:  # what a rollout's gates may name besides the figures
+            console.print(f"{version} answer signals: {', '.join(names)}", highlight=False)
     return 0
 
 
@@ -486,6 +542,193 @@ def _versions(args: argparse.Namespace) -> int:
         table.add_row(figure, *values)
     console.print(table)
     return 0
+
+
+def _rollout(args: argparse.Namespace) -> int:
+    import httpx
+
+    from servegraph.serving.rollout import Refused
+
+    try:
+        return _drive_rollout(args)
+    except (httpx.HTTPError, Refused) as exc:
+        console.print(f"[red]the platform at {args.url}[/red]: {exc}", highlight=False)
+        return 2
+
+
+def _drive_rollout(args: argparse.Namespace) -> int:
+    from servegraph.security.client import client_headers
+    from servegraph.serving import rollout as ro
+    from servegraph.settings import home
+
+    store = ro.Rollouts(home() / "rollouts")
+    words = args.words
+    action = words[0] if len(words) == 2 and words[0] in ("status", "abort") else "run"
+    if (action == "run" and len(words) != 1) or len(words) > 2:
+        raise SystemExit("servegraph rollout [status|abort] PIPELINE: one pipeline")
+    pipeline = words[-1]
+    state = store.load(pipeline)
+    if action == "status":
+        if state is None:
+            console.print(f"no rollout of {pipeline} recorded in {store.directory}")
+            return 1
+        _show_rollout(state)
+        return 0
+    traffic = ro.HttpTraffic(args.url, pipeline, client_headers())
+    if action == "abort":
+        if state is None or state.finished:
+            console.print(f"no rollout of {pipeline} is running")
+            return 1
+        # Moving the split is the abort: a driver still running sees a split it did not
+        # set and stops; with none running, the state is ended here.
+        traffic.set(state.weights(0), state.sticky)
+        try:
+            with store.driving(pipeline):
+                state.status, state.ended = "aborted", time.time()
+                state.reason = f"aborted by `servegraph rollout abort`; {state.current} has all"
+                store.save(state)
+        except ro.Busy:
+            pass
+        console.print(f"{pipeline}: all traffic back to {state.current}")
+        return 3
+    try:
+        shown = traffic.shown()
+        served, signals = shown["versions"], shown.get("signals", {})
+        if state is not None and not state.finished:
+            if args.to and args.to != state.candidate:
+                raise ro.RolloutError(
+                    "--to",
+                    f"a rollout of {pipeline} to {state.candidate} is under way",
+                    f"resume it (leave out --to), or `servegraph rollout abort {pipeline}`",
+                )
+            console.print(
+                f"resuming the rollout of {pipeline} to {state.candidate} at "
+                f"{state.steps[state.step]} %",
+                highlight=False,
+            )
+        else:
+            if not args.to:
+                raise ro.RolloutError("--to", "no candidate", f"name one of {', '.join(served)}")
+            if args.to not in served:
+                raise ro.RolloutError(
+                    "--to", f"{args.to!r} is not served", f"name one of {', '.join(served)}"
+                )
+            hold = ro.parse_duration(args.hold, "--hold")
+            weights = shown["split"]["weights"]
+            state = ro.RolloutState(
+                pipeline=pipeline,
+                current=ro.current_version(weights, served, args.to),
+                candidate=args.to,
+                steps=ro.parse_steps(args.steps),
+                hold_s=hold,
+                max_hold_s=ro.parse_duration(args.max_hold, "--max-hold")
+                if args.max_hold
+                else 3 * hold,
+                gates=args.gate or list(ro.DEFAULT_GATES),
+                min_requests=args.min_requests,
+                sticky=not args.not_sticky,
+            )
+        names = set(signals.get(state.current, [])) & set(signals.get(state.candidate, []))
+        driver = ro.Driver(
+            state,
+            store,
+            traffic,
+            ro.prometheus_figures(args.prometheus),
+            names,
+            interval_s=ro.parse_duration(args.interval, "--interval"),
+            say=_say_rollout,
+        )
+    except ro.RolloutError as exc:
+        console.print(f"[red]{exc.field}[/red]: {exc.error}; {exc.fix}", highlight=False)
+        return 2
+    try:
+        with store.driving(pipeline):
+            store.save(state)
+            console.print(
+                f"{pipeline}: {state.current} -> {state.candidate}, steps "
+                f"{', '.join(f'{p} %' for p in state.steps)}, each held {state.hold_s:.0f} s; "
+                f"gates: {', '.join(state.gates)}",
+                highlight=False,
+            )
+            final = driver.run()
+    except ro.Busy as exc:
+        console.print(f"[red]{exc}[/red]; `servegraph rollout status {pipeline}`")
+        return 2
+    return {"promoted": 0, "rolled_back": 1}.get(final.status, 3)
+
+
+def _say_rollout(event: Any) -> None:
+    """A rollout's console: each check as the two versions side by side with the gates,
+    and the end."""
+    from rich.table import Table
+
+    from servegraph.serving.rollout import Check, number
+
+    if not isinstance(event, Check):
+        colour = {"promoted": "green", "rolled_back": "red"}.get(event.status, "yellow")
+        console.print(
+            f"[bold {colour}]{event.pipeline}: {event.status.replace('_', ' ')}[/bold {colour}]"
+            f": {event.reason}",
+            highlight=False,
+        )
+        return
+    state, step = event.state, event.step
+    table = Table(
+        title=f"{state.pipeline}: step {state.step + 1} of {len(state.steps)}, "
+        f"{state.candidate} at {step.percent} %, held {event.held_s:.0f} of "
+        f"{state.hold_s:.0f} s",
+        title_justify="left",
+    )
+    for column in ("gate", f"{state.current} (current)", f"{state.candidate}", "limit", ""):
+        table.add_column(column, justify="left" if column in ("gate", "") else "right")
+    requests = [f"{step.requests.get(v, 0):.0f}" for v in (state.current, state.candidate)]
+    table.add_row(
+        "requests", *requests, f">= {state.min_requests}", "" if event.enough else "waiting"
+    )
+    for verdict in event.verdicts:
+        result = {True: "[green]pass[/green]", False: "[red]FAIL[/red]", None: "no figure"}[
+            verdict.passed
+        ]
+        table.add_row(
+            verdict.gate,
+            number(verdict.current),
+            number(verdict.candidate),
+            number(verdict.limit),
+            result if event.enough else "waiting",
+        )
+    console.print(table)
+    if event.note:
+        console.print(f"[yellow]{event.note}[/yellow]", highlight=False)
+
+
+def _show_rollout(state: Any) -> None:
+    from datetime import UTC, datetime
+
+    from rich.table import Table
+
+    def at(t: float | None) -> str:
+        return datetime.fromtimestamp(t, UTC).strftime("%H:%M:%S") if t else "-"
+
+    console.print(
+        f"{state.pipeline}: {state.current} -> {state.candidate}, {state.status.replace('_', ' ')}"
+        + (f" ({state.reason})" if state.reason else ""),
+        highlight=False,
+    )
+    table = Table(title=f"gates: {', '.join(state.gates)}", title_justify="left")
+    for column in ("step", "started (UTC)", "ended", "outcome", "requests", "gates"):
+        table.add_column(column)
+    for step in state.history:
+        requests = ", ".join(f"{v} {n:.0f}" for v, n in step.requests.items())
+        gates = "; ".join(
+            f"{v.gate} {'pass' if v.passed else 'FAIL' if v.passed is False else '-'}"
+            for v in step.verdicts
+        )
+        table.add_row(
+            f"{step.percent} %", at(step.started), at(step.ended), step.outcome, requests, gates
+        )
+    for percent in state.steps[len(state.history) :]:
+        table.add_row(f"{percent} %", "-", "-", "to come", "", "")
+    console.print(table)
 
 
 def _batch(args: argparse.Namespace) -> int:

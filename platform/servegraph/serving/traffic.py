@@ -20,7 +20,6 @@ import json
 import logging
 import os
 import random
-import tempfile
 import time
 from collections.abc import Collection, Mapping
 from dataclasses import dataclass
@@ -29,6 +28,7 @@ from typing import Any
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
+from servegraph._files import write_atomically
 from servegraph.lang.discovery import default_version, version_order
 
 logger = logging.getLogger("ray.serve")
@@ -218,15 +218,8 @@ class Board:
         return self._revision, dict(self._splits)
 
     def _save(self) -> None:
-        self._path.parent.mkdir(parents=True, exist_ok=True)
         text = json.dumps({"revision": self._revision, "splits": self._splits}, indent=1)
-        with tempfile.NamedTemporaryFile(
-            "w", dir=self._path.parent, prefix=".traffic-", delete=False
-        ) as out:
-            out.write(text)
-            out.flush()
-            os.fsync(out.fileno())  # whole on disk before it takes the name
-        os.replace(out.name, self._path)
+        write_atomically(self._path, text)
 
 
 def _now_us() -> int:

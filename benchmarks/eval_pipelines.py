@@ -4,6 +4,7 @@
     .venv/bin/python -m benchmarks.eval_pipelines --url http://127.0.0.1:8000   # `make run`'s
     .venv/bin/python -m benchmarks.eval_pipelines --in-process    # no Ray: the raw models
     .venv/bin/python -m benchmarks.eval_pipelines --split dev     # the part used for tuning
+    .venv/bin/python -m benchmarks.eval_pipelines --url ... --version rag=v2   # one version
 
 Data sets (JSON lines, each row with `split`: `dev` for tuning, `heldout` never looked
 at while tuning):
@@ -180,17 +181,28 @@ async def evaluate_triage(ask: Ask, tickets: list[dict[str, Any]], concurrency: 
 
 
 @contextmanager
-def over_http(url: str) -> Iterator[tuple[Ask, Callable[[list[Any]], None], Callable[[], None]]]:
-    """(ask, ingest, forget_pydoc) against a deployed platform."""
+def over_http(
+    url: str, versions: dict[str, str] | None = None
+) -> Iterator[tuple[Ask, Callable[[list[Any]], None], Callable[[], None]]]:
+    """(ask, ingest, forget_pydoc) against a deployed platform; `versions` pins those
+    pipelines' requests to a version (`X-Pipeline-Version`), else the split decides."""
     import httpx
 
     from pipelines.rag.ingest import ingest
 
+    versions = versions or {}
+
     async def ask(pipeline: str, body: dict[str, Any]) -> dict[str, Any]:
+        headers = DEADLINE | (
+            {"x-pipeline-version": versions[pipeline]} if pipeline in versions else {}
+        )
         async with httpx.AsyncClient(headers=client_headers(), base_url=url, timeout=330) as client:
-            response = await client.post(f"/pipelines/{pipeline}", json=body, headers=DEADLINE)
+            response = await client.post(f"/pipelines/{pipeline}", json=body, headers=headers)
         if response.status_code != 200:
             raise RuntimeError(f"{response.status_code}: {response.text[:300]}")
+        answered = response.headers.get("x-pipeline-version")
+        if pipeline in versions and answered != versions[pipeline]:
+            raise RuntimeError(f"{pipeline} answered by {answered}, not {versions[pipeline]}")
         return response.json()
 
     def forget_pydoc() -> None:
@@ -202,17 +214,23 @@ def over_http(url: str) -> Iterator[tuple[Ask, Callable[[list[Any]], None], Call
 
 
 @contextmanager
-def in_process() -> Iterator[tuple[Ask, Callable[[list[Any]], None], Callable[[], None]]]:
-    """(ask, ingest, forget_pydoc) on the raw models in this process, no Ray."""
+def in_process(
+    versions: dict[str, str] | None = None,
+) -> Iterator[tuple[Ask, Callable[[list[Any]], None], Callable[[], None]]]:
+    """(ask, ingest, forget_pydoc) on the raw models in this process, no Ray; `versions`
+    picks those pipelines' versions, else their default."""
     import tempfile
 
     from deployments.catalog import CATALOG
     from deployments.vector_index.contract import DeleteRequest
     from pipelines.rag.ingest import knowledge_base
     from servegraph import InProcessRuntime
-    from servegraph.lang.discovery import discover
+    from servegraph.lang.discovery import default_version, discover_versions
 
-    graphs = discover()
+    graphs = {
+        name: found[(versions or {}).get(name) or default_version(found)]
+        for name, found in discover_versions().items()
+    }
     with tempfile.TemporaryDirectory() as index:
         servers = CATALOG.in_process_servers(
             options={"vector_index": {"path": Path(index) / "index"}}
@@ -239,11 +257,13 @@ def in_process() -> Iterator[tuple[Ask, Callable[[list[Any]], None], Callable[[]
 
 
 @contextmanager
-def own_cluster() -> Iterator[tuple[Ask, Callable[[list[Any]], None], Callable[[], None]]]:
+def own_cluster(
+    versions: dict[str, str] | None = None,
+) -> Iterator[tuple[Ask, Callable[[list[Any]], None], Callable[[], None]]]:
     """The whole platform on a fresh local Ray, stopped on exit."""
     from benchmarks.platform_up import serving_everything
 
-    with serving_everything() as cluster, over_http(cluster.base_url) as target:
+    with serving_everything() as cluster, over_http(cluster.base_url, versions) as target:
         yield target
 
 
@@ -357,8 +377,26 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--in-process", action="store_true", help="no Ray: the raw models")
     parser.add_argument("--concurrency", type=int, default=4)
     parser.add_argument("--limit", type=int, help="only N rows of each data set, evenly spaced")
+    parser.add_argument(
+        "--version",
+        action="append",
+        default=[],
+        metavar="PIPELINE=VERSION",
+        help="score that version of the pipeline (repeat for several); else its default, or "
+        "over HTTP whatever its traffic split sends",
+    )
     args = parser.parse_args(argv)
-    target = in_process() if args.in_process else over_http(args.url) if args.url else own_cluster()
+    try:
+        versions = dict(item.split("=", 1) for item in args.version)
+    except ValueError:
+        parser.error("--version: write PIPELINE=VERSION, e.g. rag=v2")
+    target = (
+        in_process(versions)
+        if args.in_process
+        else over_http(args.url, versions)
+        if args.url
+        else own_cluster(versions)
+    )
     with target as (ask, ingest, forget_pydoc):
         results = evaluate(ask, ingest, forget_pydoc, args.split, args.concurrency, args.limit)
     print(summary(results))
@@ -366,7 +404,8 @@ def main(argv: list[str] | None = None) -> int:
         for error in scores.errors:
             print(f"{name} failed: {error}", file=sys.stderr)
     if args.split == "heldout" and not args.limit:
-        report.save("eval_pipelines", figures(results, args.split))
+        pinned = "".join(f"_{p}_{v}" for p, v in sorted(versions.items()))
+        report.save(f"eval_pipelines{pinned}", figures(results, args.split))
     return 0
 
 

@@ -8,8 +8,12 @@ two ingress replicas, in one run:
 2. **weight change** under 20 concurrent callers: from the change's acknowledgement to
    the last request the old version still answered; failed requests;
 3. **shadow at 100 %**: `rag` at a fixed open-loop rate, without and then with every
-   request shadowed on v2 (the same graph at another version, so the shadow doubles
-   the model servers' work): the primary's p50/p99 both ways, and the CPU by process.
+   request shadowed on v2 (the shipped candidate, `pipelines/rag/v2.py`: the shadow
+   doubles the model servers' work): the primary's p50/p99 both ways, and the CPU by
+   process;
+4. **rollouts** to three worse candidates (`benchmarks.rollout`): an injected fault, a
+   version twice as slow, and `rag` with worse answers; at which step each rolled back
+   and on which gate.
 
 Each figure comes with the load generator's own CPU. The probe pipeline of 1 and 2 is
 one embedder call, so the callers, not the LLM, set their pace.
@@ -69,14 +73,13 @@ def probe(version: str) -> str:
 
 
 def graphs() -> list[Any]:
-    """The shipped pipelines, the probe at v1 and v2, and `rag` at v2 (its own graph)."""
-    from servegraph.lang.discovery import discover
+    """Every shipped pipeline at every version (`rag` at v1 and v2), and the probe at v1
+    and v2."""
+    from servegraph.lang.discovery import discover_versions
     from servegraph.lang.serialize import from_yaml
 
-    shipped = discover("pipelines")
-    rag_v2 = shipped["rag"].model_copy(update={"version": "v2"})
-    probes = [from_yaml(probe(v)) for v in ("v1", "v2")]
-    return [*shipped.values(), rag_v2, *probes]
+    shipped = [g for versions in discover_versions("pipelines").values() for g in versions.values()]
+    return [*shipped, *(from_yaml(probe(v)) for v in ("v1", "v2"))]
 
 
 async def split_shares(base_url: str, sticky: bool) -> dict[str, Any]:
@@ -245,6 +248,7 @@ def main() -> None:
     parser.add_argument("--seconds", type=float, default=90, help="each phase of part 3")
     args = parser.parse_args()
 
+    from benchmarks.rollout import candidates, prometheus_on_the_cluster, rollouts
     from deployments.catalog import CATALOG
     from pipelines.rag.ingest import on_deploy
     from servegraph.deploy.local_ray import local_cluster, wait_until_running
@@ -253,7 +257,10 @@ def main() -> None:
     results: dict[str, Any] = {}
     with local_cluster(dashboard=False) as cluster:
         plan = plan_platform(
-            graphs(), CATALOG, all_servers=True, ingress_deployment={"num_replicas": 2}
+            [*graphs(), *candidates()],
+            CATALOG,
+            all_servers=True,
+            ingress_deployment={"num_replicas": 2},
         )
         plan.deploy()
         wait_until_running([app.name for app in plan.apps], timeout_s=900)
@@ -270,6 +277,8 @@ def main() -> None:
         results["weight_change"]["cpu"] = used[0].rows()
         print(f"weight change: {json.dumps(results['weight_change'], indent=1)}", flush=True)
         results["shadow"] = shadow_cost(cluster.base_url, args.rate, args.seconds)
+        with prometheus_on_the_cluster() as prometheus_url:
+            results["rollouts"] = rollouts(cluster.base_url, prometheus_url)
     results["machine"] = {"cpus": psutil.cpu_count()}
     if args.json:
         args.json.write_text(json.dumps(results, indent=1))
@@ -309,6 +318,21 @@ def main() -> None:
             ),
             report.Figure(
                 "weight change: failed requests", change["failed"], None, "", "<= 0", False
+            ),
+            *(
+                report.Figure(
+                    f"rollout to a candidate with {what}: rolled back at (percent)",
+                    results["rollouts"][name]["rolled_back_at_percent"] or 100,
+                    None,
+                    "%",
+                    f"<= {limit}",
+                    higher_is_better=False,
+                )
+                for name, what, limit in (
+                    ("fault", "a node failing 20 % of calls", 1),
+                    ("slower", "twice the model work", 1),
+                    ("worse_answers", "worse answers (no sources in the prompt)", 25),
+                )
             ),
             report.Figure(
                 "shadow at 100 %: rag primary p99, shadowed / alone",

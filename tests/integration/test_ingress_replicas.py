@@ -1,7 +1,9 @@
 """What must hold across several ingress replicas, on an ingress of two (deployed once
 for this module, then put back): a key's rate limit is one limit, not one per replica;
-and a traffic split between a pipeline's versions reaches every replica, while
-callers keep calling and none of their requests fails."""
+a traffic split between a pipeline's versions reaches every replica, while callers
+keep calling and none of their requests fails; and a rollout to a version with an
+injected fault, judged from a real Prometheus, rolls back at its first step naming
+the gate."""
 
 from __future__ import annotations
 
@@ -11,10 +13,12 @@ import subprocess
 import sys
 import time
 from collections.abc import Iterator
+from pathlib import Path
 
 import httpx
 import pytest
 
+from benchmarks.rollout import faulty_probe, probe_load, prometheus_on_the_cluster
 from benchmarks.versions import probe
 from servegraph.deploy.local_ray import LocalCluster
 from servegraph.security.client import client_headers
@@ -66,8 +70,10 @@ def two_replicas(pipelines: LocalCluster) -> Iterator[LocalCluster]:
         wait_until_running([INGRESS_APP])
 
     shipped = list(discover("pipelines").values())
-    # The graphs travel as YAML (no package), the probe's two versions with them.
-    deploy([*shipped, from_yaml(probe("v1")), from_yaml(probe("v2"))], None, num_replicas=2)
+    # The graphs travel as YAML (no package), the probe's versions with them: v3 fails
+    # a fifth of its calls.
+    probes = [from_yaml(probe("v1")), from_yaml(probe("v2")), faulty_probe()]
+    deploy([*shipped, *probes], None, num_replicas=2)
     try:
         settle(2)
         yield pipelines
@@ -140,8 +146,8 @@ def test_a_traffic_split_reaches_every_replica_under_load_and_fails_no_request(
 
     wrong = traffic_cli("--weights", "v1=50,v2=20")
     assert wrong.returncode == 2 and "sum to 70" in wrong.stdout, wrong.stdout + wrong.stderr
-    unknown = traffic_cli("--weights", "v1=50,v3=50")
-    assert unknown.returncode == 2 and "weights.v3" in unknown.stdout, unknown.stdout
+    unknown = traffic_cli("--weights", "v1=50,v7=50")
+    assert unknown.returncode == 2 and "weights.v7" in unknown.stdout, unknown.stdout
     answers: list[tuple[float, float, int, str]] = []  # (sent, received, status, version)
 
     async def call(client: httpx.AsyncClient, n: int) -> None:
@@ -234,6 +240,65 @@ def test_a_traffic_split_reaches_every_replica_under_load_and_fails_no_request(
         unknown = client.post(
             route, json={"question": "pinned"}, headers={"x-pipeline-version": "v7"}
         )
-        assert unknown.status_code == 404 and unknown.json()["versions"] == ["v1", "v2"]
+        assert unknown.status_code == 404 and unknown.json()["versions"] == ["v1", "v2", "v3"]
     shown = traffic_cli("--clear")
     assert shown.returncode == 0 and "v1" in shown.stdout and "100" in shown.stdout, shown.stdout
+
+
+def test_a_rollout_to_a_faulty_version_rolls_back_at_its_first_step_naming_the_gate(
+    two_replicas: LocalCluster, tmp_path: Path
+) -> None:
+    """`servegraph rollout` as an operator runs it, under ten callers, against a real
+    Prometheus: v3 fails a fifth of its calls, so the error gate fails at the first
+    step (5 %) once each version has ten requests in Prometheus; the split goes back
+    to v1, and `rollout status` says which step failed and why."""
+
+    def rollout(*args: str) -> subprocess.CompletedProcess[str]:
+        command = [sys.executable, "-m", "servegraph.cli", "rollout", *args]
+        return subprocess.run(
+            command,
+            capture_output=True,
+            text=True,
+            timeout=600,
+            env={**os.environ, "COLUMNS": "200", "SERVEGRAPH_HOME": str(tmp_path)},
+        )
+
+    url = ["--url", two_replicas.base_url]
+    wrong = rollout("versions_probe", "--to", "v3", "--gate", "helpfulness>=0.9x", *url)
+    assert wrong.returncode == 2 and "--gate" in wrong.stdout, wrong.stdout + wrong.stderr
+    assert "'helpfulness' is neither a figure nor an answer signal" in wrong.stdout
+    with prometheus_on_the_cluster() as prometheus, probe_load(two_replicas.base_url, 10):
+        ran = rollout(
+            "versions_probe",
+            "--to",
+            "v3",
+            "--steps",
+            "5,50,100",
+            "--hold",
+            "60s",
+            "--max-hold",
+            "240s",
+            "--interval",
+            "2s",
+            "--min-requests",
+            "10",
+            "--gate",
+            "errors<=+0.05",
+            "--prometheus",
+            prometheus,
+            *url,
+        )
+    said = ran.stdout + ran.stderr
+    assert ran.returncode == 1, said
+    assert "versions_probe: rolled back: gate errors<=+0.05: v3 " in said, said
+    assert "at 5 %" in said and "FAIL" in said, said
+    with httpx.Client(
+        base_url=two_replicas.base_url, headers=client_headers(), timeout=60
+    ) as client:
+        split = client.get("/pipelines/versions_probe/traffic").json()["split"]
+    assert {v: w for v, w in split["weights"].items() if w} == {"v1": 100}, split
+    status = rollout("status", "versions_probe")
+    assert status.returncode == 0 and "rolled back" in status.stdout, status.stdout
+    assert "5 %" in status.stdout and "failed" in status.stdout, status.stdout
+    assert "to come" in status.stdout  # 50 % and 100 % never started
+    print(f"\n{said}")

@@ -53,11 +53,13 @@ def test_two_pipelines_asking_one_server_for_different_options_are_refused() -> 
 
 
 def test_the_ingress_rediscovers_packaged_graphs_and_carries_others_as_yaml() -> None:
-    graph = toy.rag().build()
+    # A name the package does not define: its versions there (rag's v2) are planned too,
+    # and the shipped ones call the real catalog's servers, not the toy's.
+    graph = toy.rag().build().model_copy(update={"name": "toy_rag"})
     packaged = apps(plan_platform([graph], toy.CATALOG, packages=["pipelines"]))["pipelines"]
-    assert packaged["packages"] == ["pipelines"] and packaged["names"] == ["rag"]
+    assert packaged["packages"] == ["pipelines"] and packaged["names"] == ["toy_rag"]
     carried = apps(plan_platform([graph], toy.CATALOG))["pipelines"]
-    assert carried["packages"] == [] and "name: rag" in carried["graphs_yaml"][0]
+    assert carried["packages"] == [] and "name: toy_rag" in carried["graphs_yaml"][0]
 
 
 def test_where_the_catalog_lives_is_configured_not_hard_wired(monkeypatch) -> None:

@@ -390,6 +390,14 @@ def main(argv: list[str] | None = None) -> int:
         versions = dict(item.split("=", 1) for item in args.version)
     except ValueError:
         parser.error("--version: write PIPELINE=VERSION, e.g. rag=v2")
+    if versions:
+        from servegraph.lang.discovery import discover_versions
+
+        served = discover_versions()
+        for pipeline, version in versions.items():
+            if version not in served.get(pipeline, {}):
+                known = ", ".join(f"{p}={v}" for p, vs in served.items() for v in vs)
+                parser.error(f"--version {pipeline}={version}: not defined here; one of {known}")
     target = (
         in_process(versions)
         if args.in_process

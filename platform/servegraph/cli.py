@@ -184,16 +184,18 @@ def _rollout_parser(commands: Any) -> None:
         "Prometheus: FIGURE<=BOUND or FIGURE>=BOUND, the bound a ratio (1.2x), a "
         f"difference (+0.01) or a value; figures: {', '.join(FIGURES)} and the "
         "pipeline's answer signals (`servegraph traffic PIPELINE` lists them). Exit "
-        "status: 0 promoted, 1 rolled back, 3 aborted, 2 bad options.",
+        "status: 0 promoted, 1 rolled back, 3 aborted, 2 bad options or the platform "
+        "did not answer. A rollout under way keeps its options: rerun it without them "
+        "to resume it.",
     )
     rollout.add_argument("words", nargs="+", metavar="[status|abort] PIPELINE")
     rollout.add_argument("--to", help="the candidate version")
     rollout.add_argument(
         "--steps",
-        default=",".join(map(str, DEFAULT_STEPS)),
-        help="the candidate's percent at each step, the last 100 (promotion)",
+        help="the candidate's percent at each step, the last 100 (promotion); default "
+        + ",".join(map(str, DEFAULT_STEPS)),
     )
-    rollout.add_argument("--hold", default="10m", help="how long each step is held (90s, 10m)")
+    rollout.add_argument("--hold", help="how long each step is held (90s, 10m; default 10m)")
     rollout.add_argument(
         "--max-hold",
         default=None,
@@ -208,8 +210,7 @@ def _rollout_parser(commands: Any) -> None:
     rollout.add_argument(
         "--min-requests",
         type=int,
-        default=20,
-        help="each version's requests in a step before its gates are judged",
+        help="each version's requests in a step before its gates are judged (default 20)",
     )
     rollout.add_argument("--interval", default="30s", help="how often the step is checked")
     rollout.add_argument("--not-sticky", action="store_true", help="each request draws")
@@ -563,86 +564,35 @@ def _drive_rollout(args: argparse.Namespace) -> int:
 
     store = ro.Rollouts(home() / "rollouts")
     words = args.words
-    action = words[0] if len(words) == 2 and words[0] in ("status", "abort") else "run"
-    if (action == "run" and len(words) != 1) or len(words) > 2:
-        raise SystemExit("servegraph rollout [status|abort] PIPELINE: one pipeline")
+    action = words[0] if words[0] in ("status", "abort") else "run"
+    if len(words) != (1 if action == "run" else 2):
+        console.print("servegraph rollout [status|abort] PIPELINE: one pipeline")
+        return 2
     pipeline = words[-1]
-    state = store.load(pipeline)
     if action == "status":
-        if state is None:
+        shown = store.load(pipeline)
+        if shown is None:
             console.print(f"no rollout of {pipeline} recorded in {store.directory}")
             return 1
-        _show_rollout(state)
+        _show_rollout(shown)
         return 0
     traffic = ro.HttpTraffic(args.url, pipeline, client_headers())
     if action == "abort":
-        if state is None or state.finished:
-            console.print(f"no rollout of {pipeline} is running")
-            return 1
-        # Moving the split is the abort: a driver still running sees a split it did not
-        # set and stops; with none running, the state is ended here.
-        traffic.set(state.weights(0), state.sticky)
-        try:
-            with store.driving(pipeline):
-                state.status, state.ended = "aborted", time.time()
-                state.reason = f"aborted by `servegraph rollout abort`; {state.current} has all"
-                store.save(state)
-        except ro.Busy:
-            pass
-        console.print(f"{pipeline}: all traffic back to {state.current}")
-        return 3
+        return _abort_rollout(store, traffic, pipeline)
     try:
-        shown = traffic.shown()
-        served, signals = shown["versions"], shown.get("signals", {})
-        if state is not None and not state.finished:
-            if args.to and args.to != state.candidate:
-                raise ro.RolloutError(
-                    "--to",
-                    f"a rollout of {pipeline} to {state.candidate} is under way",
-                    f"resume it (leave out --to), or `servegraph rollout abort {pipeline}`",
-                )
-            console.print(
-                f"resuming the rollout of {pipeline} to {state.candidate} at "
-                f"{state.steps[state.step]} %",
-                highlight=False,
+        with store.driving(pipeline):  # the state is read and written under the lock
+            state = _rollout_state(store.load(pipeline), pipeline, traffic, args)
+            signals = traffic.shown().get("signals", {})
+            names = set(signals.get(state.current, [])) & set(signals.get(state.candidate, []))
+            driver = ro.Driver(
+                state,
+                store,
+                traffic,
+                ro.prometheus_figures(args.prometheus),
+                names,
+                interval_s=ro.parse_duration(args.interval, "--interval"),
+                say=_say_rollout,
             )
-        else:
-            if not args.to:
-                raise ro.RolloutError("--to", "no candidate", f"name one of {', '.join(served)}")
-            if args.to not in served:
-                raise ro.RolloutError(
-                    "--to", f"{args.to!r} is not served", f"name one of {', '.join(served)}"
-                )
-            hold = ro.parse_duration(args.hold, "--hold")
-            weights = shown["split"]["weights"]
-            state = ro.RolloutState(
-                pipeline=pipeline,
-                current=ro.current_version(weights, served, args.to),
-                candidate=args.to,
-                steps=ro.parse_steps(args.steps),
-                hold_s=hold,
-                max_hold_s=ro.parse_duration(args.max_hold, "--max-hold")
-                if args.max_hold
-                else 3 * hold,
-                gates=args.gate or list(ro.DEFAULT_GATES),
-                min_requests=args.min_requests,
-                sticky=not args.not_sticky,
-            )
-        names = set(signals.get(state.current, [])) & set(signals.get(state.candidate, []))
-        driver = ro.Driver(
-            state,
-            store,
-            traffic,
-            ro.prometheus_figures(args.prometheus),
-            names,
-            interval_s=ro.parse_duration(args.interval, "--interval"),
-            say=_say_rollout,
-        )
-    except ro.RolloutError as exc:
-        console.print(f"[red]{exc.field}[/red]: {exc.error}; {exc.fix}", highlight=False)
-        return 2
-    try:
-        with store.driving(pipeline):
             store.save(state)
             console.print(
                 f"{pipeline}: {state.current} -> {state.candidate}, steps "
@@ -650,11 +600,108 @@ def _drive_rollout(args: argparse.Namespace) -> int:
                 f"gates: {', '.join(state.gates)}",
                 highlight=False,
             )
-            final = driver.run()
+            try:
+                final = driver.run()
+            except Exception as exc:
+                percent = state.history[-1].percent if state.history else 0
+                console.print(
+                    f"[red]the rollout of {pipeline} stopped[/red] ({exc}); it was "
+                    f"{state.status.replace('_', ' ')} with {state.candidate} at up to "
+                    f"{percent} %, and the split may still say so; `servegraph rollout "
+                    f"{pipeline}` resumes it",
+                    highlight=False,
+                )
+                return 2
+    except ro.RolloutError as exc:
+        console.print(f"[red]{exc.field}[/red]: {exc.error}; {exc.fix}", highlight=False)
+        return 2
     except ro.Busy as exc:
         console.print(f"[red]{exc}[/red]; `servegraph rollout status {pipeline}`")
         return 2
     return {"promoted": 0, "rolled_back": 1}.get(final.status, 3)
+
+
+def _rollout_state(saved: Any, pipeline: str, traffic: Any, args: argparse.Namespace) -> Any:
+    """The rollout to drive: the one under way (resumed), or a new one from the options."""
+    from servegraph.serving import rollout as ro
+
+    options = {
+        "--steps": args.steps,
+        "--hold": args.hold,
+        "--max-hold": args.max_hold,
+        "--gate": args.gate,
+        "--min-requests": args.min_requests,
+        "--not-sticky": args.not_sticky or None,
+    }
+    if saved is not None and not saved.finished:
+        if args.to and args.to != saved.candidate:
+            raise ro.RolloutError(
+                "--to",
+                f"a rollout of {pipeline} to {saved.candidate} is under way",
+                f"resume it (leave out --to), or `servegraph rollout abort {pipeline}`",
+            )
+        given = [option for option, value in options.items() if value is not None]
+        if given:
+            raise ro.RolloutError(
+                given[0],
+                f"the rollout of {pipeline} under way keeps the options it started with",
+                f"leave out {', '.join(given)} to resume it, or abort it and start again",
+            )
+        console.print(
+            f"resuming the rollout of {pipeline} to {saved.candidate} at "
+            f"{saved.steps[saved.step]} %",
+            highlight=False,
+        )
+        return saved
+    shown = traffic.shown()
+    served = shown["versions"]
+    if not args.to or args.to not in served:
+        error = "no candidate" if not args.to else f"{args.to!r} is not served"
+        raise ro.RolloutError("--to", error, f"name one of {', '.join(served)}")
+    hold = ro.parse_duration(args.hold or "10m", "--hold")
+    max_hold = ro.parse_duration(args.max_hold, "--max-hold") if args.max_hold else 3 * hold
+    if max_hold < hold:
+        raise ro.RolloutError("--max-hold", "shorter than --hold", "give at least the hold")
+    if args.min_requests is not None and args.min_requests < 1:
+        raise ro.RolloutError("--min-requests", "below 1", "judge gates on 1 request or more")
+    return ro.RolloutState(
+        pipeline=pipeline,
+        current=ro.current_version(shown["split"]["weights"], served, args.to),
+        candidate=args.to,
+        steps=ro.parse_steps(args.steps or ",".join(map(str, ro.DEFAULT_STEPS))),
+        hold_s=hold,
+        max_hold_s=max_hold,
+        gates=args.gate or list(ro.DEFAULT_GATES),
+        min_requests=args.min_requests or 20,
+        sticky=not args.not_sticky,
+    )
+
+
+def _abort_rollout(store: Any, traffic: Any, pipeline: str) -> int:
+    """All traffic back to the current version. Moving the split is the abort: a driver
+    still running sees a split it did not set and stops; with none running, the state is
+    ended here (under the lock, read again there)."""
+    from servegraph.serving import rollout as ro
+
+    state = store.load(pipeline)
+    if state is None or state.finished:
+        console.print(f"no rollout of {pipeline} is under way")
+        return 2
+    try:
+        traffic.set(state.weights(0), state.sticky)
+        console.print(f"{pipeline}: all traffic back to {state.current}", highlight=False)
+    except ro.Refused as exc:  # e.g. the candidate is gone: end the rollout all the same
+        console.print(f"[yellow]the split was not moved[/yellow]: {exc}", highlight=False)
+    try:
+        with store.driving(pipeline):
+            state = store.load(pipeline)
+            if state is not None and not state.finished:
+                state.status, state.ended = "aborted", time.time()
+                state.reason = f"aborted by `servegraph rollout abort`; {state.current} has all"
+                store.save(state)
+    except ro.Busy:
+        pass  # its driver stops at its next check
+    return 3
 
 
 def _say_rollout(event: Any) -> None:

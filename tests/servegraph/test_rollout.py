@@ -61,9 +61,14 @@ def test_gates_read_as_ratios_differences_or_values() -> None:
     assert generated.passed is False and generated.candidate == 0.0
     # No figure yet (a p99 of too few samples, no answer read): no verdict either way.
     assert Gate.parse("p99<=1.2x", SIGNALS).check(current, row("v2", p99_ms=None)).passed is None
-    assert (
-        Gate.parse("generated>=0.9x", SIGNALS).check(current, row("v2", signals={})).passed is None
-    )
+    unanswered = row("v2", error_share=1.0, signals={})
+    assert Gate.parse("generated>=0.9x", SIGNALS).check(current, unanswered).passed is None
+    # Answers read, but no signal counter ever added to: every signal was 0, judged so.
+    zeros = Gate.parse("generated>=0.9x", SIGNALS).check(current, row("v2", signals={}))
+    assert zeros.passed is False and zeros.candidate == 0.0
+    # No priced call in the pipeline: no cost series, a cost of 0 on both sides.
+    free = Gate.parse("cost<=1.25x", SIGNALS)
+    assert free.check(row("v1", usd_per_request=None), row("v2", usd_per_request=None)).passed
 
 
 @pytest.mark.parametrize(
@@ -83,7 +88,7 @@ def test_a_wrong_gate_is_an_error_naming_the_option_and_the_fix(text: str, said:
 
 def test_steps_durations_and_the_current_version_are_checked() -> None:
     assert parse_steps("1,5,25,50,100") == [1, 5, 25, 50, 100]
-    for wrong in ("5,1,100", "1,5,50", "0,100", "a,100"):
+    for wrong in ("5,1,100", "1,5,50", "0,100", "a,100", "100"):
         with pytest.raises(RolloutError) as refused:
             parse_steps(wrong)
         assert refused.value.field == "--steps"
@@ -169,12 +174,12 @@ def test_a_rollout_holds_each_step_and_promotes_when_every_gate_passes(tmp_path:
 
     rollout, split, _clock, said = driver(tmp_path, figures)
     final = rollout.run()
-    assert final.status == "promoted" and split.now == {"v1": 0, "v2": 100}
+    assert final.status == "promoted" and split.now == {"v2": 100}
     assert split.sets == [
         {"v1": 99, "v2": 1},
         {"v1": 95, "v2": 5},
         {"v1": 75, "v2": 25},
-        {"v1": 0, "v2": 100},
+        {"v2": 100},  # the versions with traffic only: v1 may be taken away next
     ]
     assert [s.outcome for s in final.history] == ["passed"] * 4
     # Each step held its 60 s, checked every 10 s over the step (plus the metrics' lag).
@@ -193,8 +198,8 @@ def test_the_first_failed_gate_rolls_back_at_once_naming_it_with_both_figures(
 
     rollout, split, _clock, _said = driver(tmp_path, figures)
     final = rollout.run()
-    assert final.status == "rolled_back" and split.now == {"v1": 100, "v2": 0}
-    assert split.sets == [{"v1": 99, "v2": 1}, {"v1": 100, "v2": 0}]
+    assert final.status == "rolled_back" and split.now == {"v1": 100}
+    assert split.sets == [{"v1": 99, "v2": 1}, {"v1": 100}]
     assert final.reason == "gate errors<=+0.01: v2 0.2 against v1 0 (limit 0.01) at 1 %"
     assert [s.outcome for s in final.history] == ["failed"]
     assert final.ended == final.history[0].started  # at the first check, not after the hold
@@ -209,7 +214,7 @@ def test_a_step_without_enough_requests_waits_then_rolls_back_saying_so(tmp_path
 
     rollout, split, _, said = driver(tmp_path, figures)
     final = rollout.run()
-    assert final.status == "rolled_back" and split.now == {"v1": 100, "v2": 0}
+    assert final.status == "rolled_back" and split.now == {"v1": 100}
     assert final.reason is not None and "fewer than 20" in final.reason
     assert "v2 19" in final.reason and "in 180 s at 1 %" in final.reason
     assert not any(c.enough for c in said if isinstance(c, Check))
@@ -292,7 +297,7 @@ def test_a_split_the_platform_does_not_take_at_once_is_retried(tmp_path: Path) -
 
     rollout, split, _, _ = driver(tmp_path, figures, Split(failures=3))
     final = rollout.run()
-    assert final.status == "rolled_back" and split.now == {"v1": 100, "v2": 0}
+    assert final.status == "rolled_back" and split.now == {"v1": 100}
 
 
 def test_prometheus_down_means_no_verdict_never_a_wrong_one(tmp_path: Path) -> None:
@@ -364,3 +369,36 @@ def test_the_cli_shows_a_rollout_and_says_what_is_wrong_without_a_traceback(
     shown = capsys.readouterr().out
     assert "v1 -> v2, rolled back (gate errors<=+0.01" in shown
     assert "5 %" in shown and "failed" in shown and "to come" in shown and "v2 25" in shown
+
+    # A rollout under way keeps its options; one pipeline per command.
+    Rollouts(tmp_path / "rollouts").save(state(history=[Step(percent=1, started=0)]))
+    assert main(["rollout", "rag", "--hold", "1h", "--url", closed]) == 2
+    assert main(["rollout", "status"]) == 2
+    said = capsys.readouterr().out
+    assert "--hold" in said and "keeps the options it started with" in said
+    assert "one pipeline" in said
+
+
+def test_a_resumed_driver_does_not_undo_a_rollback_made_while_it_was_down(tmp_path: Path) -> None:
+    def figures(pipeline: str, window_s: int) -> list[VersionFigures]:
+        return [row("v1"), row("v2")]
+
+    died = state(history=[Step(percent=1, started=999_990, applied=True)])
+    split = Split()  # {"v1": 100}: an operator took the traffic back meanwhile
+    made, split, _, _ = driver(tmp_path, figures, split, died)
+    final = made.run()
+    assert final.status == "aborted" and split.sets == [] and split.now == {"v1": 100}
+
+
+def test_a_split_moved_during_a_check_is_not_undone_by_the_next_step(tmp_path: Path) -> None:
+    split = Split()
+
+    def figures(pipeline: str, window_s: int) -> list[VersionFigures]:
+        if window_s >= 80:  # the step's last check: an abort lands while it reads
+            split.now = {"v1": 100}
+        return [row("v1"), row("v2")]
+
+    made, split, _, _ = driver(tmp_path, figures, split)
+    final = made.run()
+    assert final.status == "aborted" and split.now == {"v1": 100}
+    assert split.sets == [{"v1": 99, "v2": 1}]  # never moved on to 5 %

@@ -110,12 +110,17 @@ class Gate:
     def value(self, row: VersionFigures | None) -> float | None:
         if row is None:
             return None
+        answered = row.requests * (
+            1 - row.error_share - row.deadline_miss_share - row.refused_share
+        )
         if self.figure in FIGURES:
             value: float | None = getattr(row, FIGURES[self.figure][0])
+            if value is None and self.figure == "cost" and row.requests > 0:
+                return 0.0  # nothing priced was called: no cost series at all
             return value
-        if not row.signals:  # no answer read yet
+        if not row.signals and answered <= 0:  # no answer read yet
             return None
-        return row.signals.get(self.figure, 0.0)  # a signal never recorded stayed at 0
+        return row.signals.get(self.figure, 0.0)  # a counter never added to stays unseen
 
     def check(self, current: VersionFigures | None, candidate: VersionFigures | None) -> Verdict:
         now, new = self.value(current), self.value(candidate)
@@ -164,6 +169,8 @@ def parse_steps(text: str) -> list[int]:
         raise RolloutError("--steps", f"{text!r} is not a list of percents", fix) from None
     if not steps or steps[-1] != 100:
         raise RolloutError("--steps", "the last step must be 100 (the promotion)", fix)
+    if len(steps) < 2:
+        raise RolloutError("--steps", "no step is gated before the promotion", fix)
     if any(s <= 0 for s in steps) or any(b <= a for a, b in itertools.pairwise(steps)):
         raise RolloutError("--steps", f"{text!r} does not rise from above 0", fix)
     return steps
@@ -185,6 +192,7 @@ class Step(BaseModel):
     started: float  # wall clock, so a resumed driver counts the hold already served
     ended: float | None = None
     outcome: Literal["holding", "passed", "failed"] = "holding"
+    applied: bool = False  # the split was moved to this step's (recorded once it was)
     requests: dict[str, float] = Field(default_factory=dict)  # per version, last check
     verdicts: list[Verdict] = Field(default_factory=list)  # the last check's
 
@@ -211,7 +219,10 @@ class RolloutState(BaseModel):
         return self.status in ("promoted", "rolled_back", "aborted")
 
     def weights(self, percent: int) -> dict[str, int]:
-        return {self.current: 100 - percent, self.candidate: percent}
+        """The split at `percent`, naming only the versions with traffic: a rollback
+        still goes through when the candidate is no longer served."""
+        split = {self.current: 100 - percent, self.candidate: percent}
+        return {v: w for v, w in split.items() if w}
 
 
 class Busy(RuntimeError):
@@ -316,6 +327,9 @@ class Driver:
                 self._set(self.state.weights(0))
                 self._end("rolled_back")
             elif self.state.steps[self.state.step] == 100:
+                last = self.state.history[-1].percent
+                if not self._still_ours(self.state.weights(last)):
+                    break
                 self._set(self.state.weights(100))
                 now = self.clock()
                 self.state.history.append(
@@ -328,17 +342,20 @@ class Driver:
 
     def _resume(self) -> None:
         """A driver started on a step already holding (the last one died): the split is
-        this step's, or the step before's when it died between recording the step and
-        moving the split (moved now); anything else was someone else's change."""
+        this step's when it was applied; when the driver died between recording the step
+        and moving the split, it is the step before's (the first step: any), moved now.
+        Anything else was someone else's change: stop."""
         state = self.state
         if state.finished or state.status != "running" or not state.history:
             return
         step = state.history[-1]
         if step.outcome != "holding" or step.percent != state.steps[state.step]:
             return
-        before = state.steps[state.step - 1] if state.step > 0 else 0
-        if self._still_ours(state.weights(step.percent), also=state.weights(before)):
-            self._set(state.weights(step.percent))
+        if step.applied:
+            self._still_ours(state.weights(step.percent))
+            return
+        if state.step == 0 or self._still_ours(state.weights(state.steps[state.step - 1])):
+            self._move(step)
 
     def check(self) -> bool:
         """One look at the current step; True when the step ended (passed or failed)."""
@@ -346,10 +363,14 @@ class Driver:
         percent = state.steps[state.step]
         step = state.history[-1] if state.history else None
         if step is None or step.percent != percent or step.outcome != "holding":
+            # Moving on: only from the split this rollout set (an abort, or an operator's
+            # change, during the last check's figures is not undone).
+            if step is not None and not self._still_ours(state.weights(step.percent)):
+                return True
             step = Step(percent=percent, started=self.clock())
             state.history.append(step)
             self.store.save(state)  # the step is recorded before the split moves
-            self._set(state.weights(percent))
+            self._move(step)
         elif not self._still_ours(state.weights(percent)):
             return True
         held = self.clock() - step.started
@@ -400,21 +421,15 @@ class Driver:
         self.store.save(state)  # held long enough but waiting for figures: hold on
         return False
 
-    def _still_ours(
-        self, weights: Mapping[str, int], also: Mapping[str, int] | None = None
-    ) -> bool:
-        """Whether the split is still the one this rollout set (or `also`); if not, stop
-        here."""
+    def _still_ours(self, weights: Mapping[str, int]) -> bool:
+        """Whether the split is still the one this rollout set; if not, stop here."""
         try:
             found = self.traffic.weights()
         except Exception as exc:  # cannot tell: carry on, the next check asks again
             logger.warning("rollout of %s: reading the split failed: %r", self.state.pipeline, exc)
             return True
         wanted = {v: w for v, w in weights.items() if w}
-        if {v: w for v, w in found.items() if w} in (
-            wanted,
-            {v: w for v, w in (also or {}).items() if w},
-        ):
+        if {v: w for v, w in found.items() if w} == wanted:
             return True
         self._end(
             "aborted",
@@ -422,6 +437,11 @@ class Driver:
             f"{wanted}); left as it is",
         )
         return False
+
+    def _move(self, step: Step) -> None:
+        self._set(self.state.weights(step.percent))
+        step.applied = True
+        self.store.save(self.state)
 
     def _roll_back(self, reason: str) -> None:
         self.state.status, self.state.reason = "rolling_back", reason

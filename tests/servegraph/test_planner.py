@@ -50,6 +50,14 @@ def test_two_pipelines_asking_one_server_for_different_options_are_refused() -> 
     text = str(error.value)
     assert "other.classify" in text and "one.classify" in text
     assert "give the shared model server one set of deployment options" in text
+    # Two versions of one pipeline share its servers too, and are told apart by version.
+    v2 = one.model_copy(
+        update={"version": "v2", "nodes": [n.model_copy(deep=True) for n in one.nodes]}
+    )
+    v2.nodes[0].deployment.num_replicas = 3
+    with pytest.raises(GraphValidationError) as error:
+        plan_platform([one, v2], toy.CATALOG)
+    assert "one v2.classify" in str(error.value) and "one v1.classify" in str(error.value)
 
 
 def test_the_ingress_rediscovers_packaged_graphs_and_carries_others_as_yaml() -> None:

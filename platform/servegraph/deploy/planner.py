@@ -173,7 +173,9 @@ def _server_overrides(graphs: list[Graph]) -> dict[str, dict[str, Any]]:
             if node.deployment is None:
                 continue
             options = node.deployment.model_dump(exclude_none=True)
-            where = f"{graph.name}.{node.name}"
+            # The version too, when the pipeline has several: both may be "rag.generate".
+            several = sum(g.name == graph.name for g in graphs) > 1
+            where = f"{graph.name}{f' {graph.version}' if several else ''}.{node.name}"
             if node.server in chosen and chosen[node.server][1] != options:
                 problems.append(
                     Problem(

@@ -27,6 +27,7 @@ BENCHMARKS = [
     "cold_start",
     "runs",
     "versions",
+    "tenants",
     "chaos_runs",  # its own platform, killed three times: about 20 minutes
 ]
 

@@ -5,6 +5,12 @@ commits (WAL journal, synchronous=FULL), which gives atomic, crash-safe writes w
 a hand-rolled log; FAISS is rebuilt from SQLite when the store opens, so an index file
 can never be half-written or disagree with the data.
 
+Tenants: every item belongs to one tenant (`DEFAULT_TENANT` unless told), ids are unique
+per tenant, and each tenant has a FAISS index of its own, as Weaviate keeps a shard per
+tenant: every method takes the tenant and touches only its rows and its index, so a
+search for one tenant never scores another's vectors, and its cost does not grow with
+the other tenants' data.
+
 Concurrency: Ray Serve runs a deployment's sync methods in a thread pool, so calls do
 interleave. Writes are serialised under the write side of a readers-writer lock, which
 also covers the FAISS update that follows the commit; searches share the read side and
@@ -15,6 +21,7 @@ connection, which in WAL mode sees the last committed state).
 from __future__ import annotations
 
 import json
+import re
 import sqlite3
 import threading
 from collections.abc import Callable, Iterable, Sequence
@@ -27,16 +34,36 @@ from deployments.vector_index._rwlock import ReadWriteLock
 from servegraph import InvalidInputError
 
 IndexType = Literal["flat", "ivf", "hnsw"]
-_SCHEMA = """
-CREATE TABLE IF NOT EXISTS items (
+DEFAULT_TENANT = "default"
+TENANT_PATTERN = r"^[a-z0-9][a-z0-9_-]{0,62}$"
+_ITEMS = """
+CREATE TABLE IF NOT EXISTS {name} (
     row INTEGER PRIMARY KEY,
-    id TEXT NOT NULL UNIQUE,
+    tenant TEXT NOT NULL DEFAULT 'default',
+    id TEXT NOT NULL,
     text TEXT NOT NULL,
     metadata TEXT NOT NULL,
-    vector BLOB NOT NULL
+    vector BLOB NOT NULL,
+    UNIQUE (tenant, id)
 );
+"""
+_SCHEMA = (
+    _ITEMS.format(name="items")
+    + """
 CREATE TABLE IF NOT EXISTS settings (key TEXT PRIMARY KEY, value TEXT NOT NULL);
 """
+)
+
+
+def check_tenant(tenant: str) -> str:
+    """`tenant`, or a 422 naming the field: lower-case letters, digits, `-` and `_`."""
+    if not isinstance(tenant, str) or re.fullmatch(TENANT_PATTERN, tenant) is None:
+        raise InvalidInputError(
+            "tenant",
+            f"{str(tenant)[:80]!r} is not a tenant name",
+            "use 1 to 63 lower-case letters, digits, '-' or '_', starting with a letter or digit",
+        )
+    return tenant
 
 
 def _as_matrix(vectors: list[Any], field: str) -> np.ndarray:
@@ -95,29 +122,36 @@ class VectorStore:
         self._db = sqlite3.connect(self._file, isolation_level=None, check_same_thread=False)
         self._db.execute("PRAGMA journal_mode=WAL")
         self._db.execute("PRAGMA synchronous=FULL")
+        self._migrate()
         self._db.executescript(_SCHEMA)
         row = self._db.execute("SELECT value FROM settings WHERE key='dim'").fetchone()
         self.dim: int | None = int(row[0]) if row else None
-        self._index: Any = None
+        self._indexes: dict[str, Any] = {}  # tenant -> its FAISS index
         self._rebuild()
 
     # -- writes ----------------------------------------------------------------
 
     def add(
-        self, items: Sequence[dict[str, Any]], replace: Sequence[dict[str, Any]] = ()
+        self,
+        items: Sequence[dict[str, Any]],
+        replace: Sequence[dict[str, Any]] = (),
+        tenant: str = DEFAULT_TENANT,
     ) -> tuple[list[str], int, int]:
-        """Insert or replace items ({id, text, vector, metadata}) in one transaction.
+        """Insert or replace `tenant`'s items ({id, text, vector, metadata}) in one
+        transaction.
 
         Args:
-            items: the items; an existing id is replaced.
-            replace: metadata filters; every item matching any of them is deleted in the
-                same transaction (e.g. ``[{"doc_id": "a"}]`` to replace a document's
-                chunks: readers see the old version or the new one, never a mix, and a
-                failed write leaves the old version whole).
+            items: the items; an existing id of the tenant is replaced.
+            replace: metadata filters; every item of the tenant matching any of them is
+                deleted in the same transaction (e.g. ``[{"doc_id": "a"}]`` to replace a
+                document's chunks: readers see the old version or the new one, never a
+                mix, and a failed write leaves the old version whole).
 
         Returns:
-            The ids written, how many existing items were removed, and the new count.
+            The ids written, how many existing items were removed, and the tenant's new
+            count.
         """
+        check_tenant(tenant)
         vectors = _as_matrix([item["vector"] for item in items], "items")
         ids = [item["id"] for item in items]
         if len(set(ids)) != len(ids):
@@ -128,16 +162,18 @@ class VectorStore:
                 if self.dim is None:
                     self.dim = int(vectors.shape[1])
                     self._db.execute("INSERT INTO settings VALUES ('dim', ?)", (str(self.dim),))
-                removed = set(self._rows_for_ids(self._db, ids))
+                removed = set(self._rows_for_ids(self._db, ids, tenant))
                 for match in replace:
                     if match:
-                        removed |= set(self._rows_matching(self._db, match))
+                        removed |= set(self._rows_matching(self._db, match, tenant))
                 self._db.executemany("DELETE FROM items WHERE row = ?", [(r,) for r in removed])
                 rows = []
                 for item, vector in zip(items, vectors, strict=True):
                     cursor = self._db.execute(
-                        "INSERT INTO items (id, text, metadata, vector) VALUES (?, ?, ?, ?)",
+                        "INSERT INTO items (tenant, id, text, metadata, vector) "
+                        "VALUES (?, ?, ?, ?, ?)",
                         (
+                            tenant,
                             item["id"],
                             item["text"],
                             json.dumps(item.get("metadata") or {}),
@@ -148,11 +184,11 @@ class VectorStore:
 
             # Committed, so acknowledged; FAISS follows (and is rebuilt from SQLite on open).
             def update() -> None:
-                self._remove_from_index(sorted(removed))
-                self._add_to_index(np.asarray(rows, dtype=np.int64), vectors)
+                self._remove_from_index(tenant, sorted(removed))
+                self._add_to_index(tenant, np.asarray(rows, dtype=np.int64), vectors)
 
             self._follow(update)
-            count = self._count(self._db)
+            count = self._count(self._db, tenant)
         return ids, len(removed), count
 
     def delete(
@@ -160,45 +196,55 @@ class VectorStore:
         ids: Iterable[str] = (),
         where: dict[str, Any] | None = None,
         any_of: Sequence[dict[str, Any]] = (),
+        tenant: str = DEFAULT_TENANT,
     ) -> tuple[int, int]:
-        """Delete by id, by metadata match, or by any of several matches.
+        """Delete `tenant`'s items by id, by metadata match, or by any of several
+        matches.
 
         Returns:
-            How many items were deleted, and the count after.
+            How many items were deleted, and the tenant's count after.
         """
+        check_tenant(tenant)
         with self._lock.writing():
-            rows = set(self._rows_for_ids(self._db, list(ids)))
+            rows = set(self._rows_for_ids(self._db, list(ids), tenant))
             for match in [where, *any_of]:
                 if match:
-                    rows |= set(self._rows_matching(self._db, match))
+                    rows |= set(self._rows_matching(self._db, match, tenant))
             if rows:
                 with self._transaction():
                     self._db.executemany("DELETE FROM items WHERE row = ?", [(r,) for r in rows])
-                self._follow(lambda: self._remove_from_index(sorted(rows)))
-            return len(rows), self._count(self._db)
+                self._follow(lambda: self._remove_from_index(tenant, sorted(rows)))
+            return len(rows), self._count(self._db, tenant)
 
     # -- reads -----------------------------------------------------------------
 
     def search(
-        self, vector: Sequence[float] | np.ndarray, k: int = 5, where: dict[str, Any] | None = None
+        self,
+        vector: Sequence[float] | np.ndarray,
+        k: int = 5,
+        where: dict[str, Any] | None = None,
+        tenant: str = DEFAULT_TENANT,
     ) -> list[dict[str, Any]]:
-        """Top-k items by inner product, optionally only those whose metadata matches."""
+        """`tenant`'s top-k items by inner product, optionally only those whose metadata
+        matches; only the tenant's own index is searched."""
+        check_tenant(tenant)
         query = _as_matrix([vector], "vector")
         with self._lock.reading():
             self._check_dim(query.shape[1], "vector")
-            if self._index is None or self._index.ntotal == 0:
+            index = self._indexes.get(tenant)
+            if index is None or index.ntotal == 0:
                 return []
             db = self._reader()
             faiss = _faiss()
             params = None
             if where:
-                allowed = self._rows_matching(db, where)
+                allowed = self._rows_matching(db, where, tenant)
                 if not allowed:
                     return []
                 selector = faiss.IDSelectorBatch(np.asarray(allowed, dtype=np.int64))
-                params = self._search_params(selector)
+                params = self._search_params(index, selector)
                 k = min(k, len(allowed))
-            scores, rows = self._index.search(query, min(k, self._index.ntotal), params=params)
+            scores, rows = index.search(query, min(k, index.ntotal), params=params)
             found = [(int(r), float(s)) for r, s in zip(rows[0], scores[0], strict=True) if r >= 0]
             if not found:
                 return []
@@ -206,8 +252,9 @@ class VectorStore:
             records = {
                 row: (item_id, text, metadata)
                 for row, item_id, text, metadata in db.execute(
-                    f"SELECT row, id, text, metadata FROM items WHERE row IN ({marks})",
-                    [r for r, _ in found],
+                    "SELECT row, id, text, metadata FROM items "
+                    f"WHERE tenant = ? AND row IN ({marks})",
+                    [tenant, *(r for r, _ in found)],
                 )
             }
         return [
@@ -221,11 +268,20 @@ class VectorStore:
             if r in records
         ]
 
-    def count(self, where: dict[str, Any] | None = None) -> int:
-        """How many items, or how many whose metadata matches `where`."""
+    def count(self, where: dict[str, Any] | None = None, tenant: str = DEFAULT_TENANT) -> int:
+        """How many items `tenant` has, or how many whose metadata matches `where`."""
+        check_tenant(tenant)
         with self._lock.reading():
             db = self._reader()
-            return len(self._rows_matching(db, where)) if where else self._count(db)
+            if where:
+                return len(self._rows_matching(db, where, tenant))
+            return self._count(db, tenant)
+
+    def tenants(self) -> dict[str, int]:
+        """Every tenant with items, and how many each has."""
+        with self._lock.reading():
+            found = self._reader().execute("SELECT tenant, COUNT(*) FROM items GROUP BY tenant")
+            return {tenant: int(n) for tenant, n in found}
 
     def close(self) -> None:
         with self._lock.writing():
@@ -257,8 +313,25 @@ class VectorStore:
         return db
 
     @staticmethod
-    def _count(db: sqlite3.Connection) -> int:
-        return int(db.execute("SELECT COUNT(*) FROM items").fetchone()[0])
+    def _count(db: sqlite3.Connection, tenant: str) -> int:
+        found = db.execute("SELECT COUNT(*) FROM items WHERE tenant = ?", (tenant,))
+        return int(found.fetchone()[0])
+
+    def _migrate(self) -> None:
+        """A store written before tenants (`id` unique across all): its items become the
+        default tenant's, their rows (FAISS ids) kept, in one transaction."""
+        columns = [c[1] for c in self._db.execute("PRAGMA table_info(items)")]
+        if not columns or "tenant" in columns:
+            return
+        with self._transaction():
+            self._db.execute(_ITEMS.format(name="items_tenanted"))
+            self._db.execute(
+                "INSERT INTO items_tenanted (row, tenant, id, text, metadata, vector) "
+                "SELECT row, ?, id, text, metadata, vector FROM items",
+                (DEFAULT_TENANT,),
+            )
+            self._db.execute("DROP TABLE items")
+            self._db.execute("ALTER TABLE items_tenanted RENAME TO items")
 
     def _check_dim(self, dim: int, field: str) -> None:
         if self.dim is not None and dim != self.dim:
@@ -269,19 +342,22 @@ class VectorStore:
             )
 
     @staticmethod
-    def _rows_for_ids(db: sqlite3.Connection, ids: list[str]) -> list[int]:
+    def _rows_for_ids(db: sqlite3.Connection, ids: list[str], tenant: str) -> list[int]:
         rows: list[int] = []
         for start in range(0, len(ids), 500):
             chunk = ids[start : start + 500]
             marks = ",".join("?" * len(chunk))
             rows += [
-                r for (r,) in db.execute(f"SELECT row FROM items WHERE id IN ({marks})", chunk)
+                r
+                for (r,) in db.execute(
+                    f"SELECT row FROM items WHERE tenant = ? AND id IN ({marks})", [tenant, *chunk]
+                )
             ]
         return rows
 
     @staticmethod
-    def _rows_matching(db: sqlite3.Connection, where: dict[str, Any]) -> list[int]:
-        clauses, args = [], []
+    def _rows_matching(db: sqlite3.Connection, where: dict[str, Any], tenant: str) -> list[int]:
+        clauses, args = ["tenant = ?"], list[Any]([tenant])
         for key, value in where.items():
             clauses.append("json_extract(metadata, ?) = ?")
             args += [f'$."{key}"', int(value) if isinstance(value, bool) else value]
@@ -312,35 +388,46 @@ class VectorStore:
         except Exception:
             self._rebuild()
 
-    def _rebuild(self) -> None:
+    def _rebuild(self, only: str | None = None) -> None:
+        """Every tenant's FAISS index (or `only` that tenant's) from SQLite, the truth."""
         if self.dim is None:
-            self._index = None
+            self._indexes = {}
             return
-        rows, blobs = [], []
-        for row, blob in self._db.execute("SELECT row, vector FROM items ORDER BY row"):
+        found: dict[str, tuple[list[int], list[np.ndarray]]] = {}
+        sql = "SELECT tenant, row, vector FROM items"
+        args: tuple[str, ...] = ()
+        if only is not None:
+            sql, args = sql + " WHERE tenant = ?", (only,)
+        for tenant, row, blob in self._db.execute(sql + " ORDER BY row", args):
+            rows, blobs = found.setdefault(tenant, ([], []))
             rows.append(row)
             blobs.append(np.frombuffer(blob, dtype=np.float32))
-        vectors = np.vstack(blobs) if blobs else np.zeros((0, self.dim), dtype=np.float32)
-        self._index = self._new_index(vectors)
-        if rows:
-            self._index.add_with_ids(vectors, np.asarray(rows, dtype=np.int64))
+        if only is None:
+            self._indexes = {}
+        else:
+            self._indexes.pop(only, None)
+        for tenant, (rows, blobs) in found.items():
+            vectors = np.vstack(blobs)
+            index = self._new_index(vectors)
+            index.add_with_ids(vectors, np.asarray(rows, dtype=np.int64))
+            self._indexes[tenant] = index
 
-    def _add_to_index(self, rows: np.ndarray, vectors: np.ndarray) -> None:
-        if self._index is None:
-            self._index = self._new_index(vectors)
-        self._index.add_with_ids(vectors, rows)
+    def _add_to_index(self, tenant: str, rows: np.ndarray, vectors: np.ndarray) -> None:
+        if tenant not in self._indexes:
+            self._indexes[tenant] = self._new_index(vectors)
+        self._indexes[tenant].add_with_ids(vectors, rows)
 
-    def _remove_from_index(self, rows: Sequence[int]) -> None:
-        if not rows or self._index is None:
+    def _remove_from_index(self, tenant: str, rows: Sequence[int]) -> None:
+        if not rows or tenant not in self._indexes:
             return
         if self.index_type == "hnsw":  # HNSW cannot remove vectors: rebuild from SQLite
-            self._rebuild()
+            self._rebuild(tenant)
         else:
-            self._index.remove_ids(np.asarray(rows, dtype=np.int64))
+            self._indexes[tenant].remove_ids(np.asarray(rows, dtype=np.int64))
 
-    def _search_params(self, selector: Any) -> Any:
+    def _search_params(self, index: Any, selector: Any) -> Any:
         faiss = _faiss()
-        if self.index_type == "ivf" and isinstance(self._index, faiss.IndexIVF):
+        if self.index_type == "ivf" and isinstance(index, faiss.IndexIVF):
             return faiss.SearchParametersIVF(sel=selector, nprobe=self._nprobe)
         if self.index_type == "hnsw":
             return faiss.SearchParametersHNSW(sel=selector)

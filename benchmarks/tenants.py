@@ -4,7 +4,7 @@ of N vectors, then with ten tenants of N each; the same queries against one tena
 data both ways, p50 and p99, in one run. Each tenant has a FAISS index of its own, so
 the other nine should cost nothing but memory.
 
-    .venv/bin/python -m benchmarks.tenants [--vectors 10000] [--queries 2000] [--index flat]
+    .venv/bin/python -m benchmarks.tenants [--vectors 10000] [--queries 5000] [--index flat]
 """
 
 from __future__ import annotations
@@ -53,7 +53,7 @@ def pct(values: list[float], q: float) -> float:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--vectors", type=int, default=10_000, help="per tenant")
-    parser.add_argument("--queries", type=int, default=2_000)
+    parser.add_argument("--queries", type=int, default=5_000)
     parser.add_argument("--tenants", type=int, default=10)
     parser.add_argument("--index", default="flat", choices=["flat", "ivf", "hnsw"])
     args = parser.parse_args()

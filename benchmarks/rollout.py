@@ -29,8 +29,8 @@ import tempfile
 import threading
 import time
 import uuid
-from collections.abc import Iterator
-from contextlib import contextmanager
+from collections.abc import Callable, Coroutine, Iterator
+from contextlib import AbstractContextManager, contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -123,14 +123,36 @@ def candidates() -> list[Any]:
     ]
 
 
+Statuses = dict[str, int]  # "<version> <status>" -> answers
+
+
+def _count(statuses: Statuses, answer: httpx.Response) -> None:
+    key = f"{answer.headers.get('x-pipeline-version', '?')} {answer.status_code}"
+    statuses[key] = statuses.get(key, 0) + 1
+
+
 @contextmanager
-def probe_load(base_url: str, callers: int = 20) -> Iterator[dict[str, int]]:
+def _in_background(
+    load: Callable[[threading.Event, Statuses], Coroutine[Any, Any, None]], join_s: float
+) -> Iterator[Statuses]:
+    """Run `load(stop, statuses)` on an event loop of its own thread until the block
+    exits; then stop it and wait for its requests (at most `join_s`)."""
+    statuses: Statuses = {}
+    stop = threading.Event()
+    thread = threading.Thread(target=asyncio.run, args=(load(stop, statuses),), daemon=True)
+    thread.start()
+    try:
+        yield statuses
+    finally:
+        stop.set()
+        thread.join(timeout=join_s)
+
+
+def probe_load(base_url: str, callers: int = 20) -> AbstractContextManager[Statuses]:
     """`callers` closed-loop callers of the probe (each request a new session) until the
     block exits: the statuses they saw."""
-    statuses: dict[str, int] = {}
-    stop = threading.Event()
 
-    async def run() -> None:
+    async def run(stop: threading.Event, statuses: Statuses) -> None:
         async with httpx.AsyncClient(
             base_url=base_url, headers=client_headers(), timeout=60
         ) as client:
@@ -143,28 +165,18 @@ def probe_load(base_url: str, callers: int = 20) -> Iterator[dict[str, int]]:
                         json={"question": QUESTIONS[n % len(QUESTIONS)]},
                         headers={"x-session-id": uuid.uuid4().hex},
                     )
-                    key = f"{answer.headers.get('x-pipeline-version', '?')} {answer.status_code}"
-                    statuses[key] = statuses.get(key, 0) + 1
+                    _count(statuses, answer)
                     n += 1
 
             await asyncio.gather(*(caller(k) for k in range(callers)))
 
-    thread = threading.Thread(target=asyncio.run, args=(run(),), daemon=True)
-    thread.start()
-    try:
-        yield statuses
-    finally:
-        stop.set()
-        thread.join(timeout=120)
+    return _in_background(run, join_s=120)
 
 
-@contextmanager
-def rag_load(base_url: str, rate: float) -> Iterator[dict[str, int]]:
+def rag_load(base_url: str, rate: float) -> AbstractContextManager[Statuses]:
     """`rag` at Poisson arrivals of `rate`/s (each a new session) until the block exits."""
-    statuses: dict[str, int] = {}
-    stop = threading.Event()
 
-    async def run() -> None:
+    async def run(stop: threading.Event, statuses: Statuses) -> None:
         rng = random.Random(28)
         async with httpx.AsyncClient(
             base_url=base_url, headers=client_headers(), timeout=120
@@ -176,8 +188,7 @@ def rag_load(base_url: str, rate: float) -> Iterator[dict[str, int]]:
                     json={"question": QUESTIONS[n % len(QUESTIONS)], "max_tokens": 48},
                     headers={"x-session-id": uuid.uuid4().hex, "x-request-timeout": "60"},
                 )
-                key = f"{answer.headers.get('x-pipeline-version', '?')} {answer.status_code}"
-                statuses[key] = statuses.get(key, 0) + 1
+                _count(statuses, answer)
 
             tasks, n = [], 0
             while not stop.is_set() and n < 10_000:
@@ -186,13 +197,7 @@ def rag_load(base_url: str, rate: float) -> Iterator[dict[str, int]]:
                 await asyncio.sleep(rng.expovariate(rate))
             await asyncio.gather(*tasks)
 
-    thread = threading.Thread(target=asyncio.run, args=(run(),), daemon=True)
-    thread.start()
-    try:
-        yield statuses
-    finally:
-        stop.set()
-        thread.join(timeout=300)
+    return _in_background(run, join_s=300)
 
 
 def roll_out(
@@ -336,13 +341,11 @@ def prometheus_on_the_cluster() -> Iterator[str]:
             yield prom.url
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--json", type=Path, default=None)
-    parser.add_argument("--rag-rate", type=float, default=0.5)
-    parser.add_argument("--rag-hold", type=float, default=240)
-    args = parser.parse_args()
-
+@contextmanager
+def platform_with_candidates() -> Iterator[Any]:
+    """A local platform for `benchmarks.versions` and this: every shipped pipeline at every
+    version, the probe at v1 and v2, the worse candidates; two ingress replicas; the
+    knowledge base ingested. Yields the `LocalCluster`."""
     from benchmarks.versions import graphs
     from deployments.catalog import CATALOG
     from pipelines.rag.ingest import on_deploy
@@ -359,8 +362,17 @@ def main() -> None:
         plan.deploy()
         wait_until_running([app.name for app in plan.apps], timeout_s=900)
         on_deploy(cluster.base_url)
-        with prometheus_on_the_cluster() as prometheus_url:
-            results = rollouts(cluster.base_url, prometheus_url, args.rag_rate, args.rag_hold)
+        yield cluster
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--json", type=Path, default=None)
+    parser.add_argument("--rag-rate", type=float, default=0.5)
+    parser.add_argument("--rag-hold", type=float, default=240)
+    args = parser.parse_args()
+    with platform_with_candidates() as cluster, prometheus_on_the_cluster() as prometheus_url:
+        results = rollouts(cluster.base_url, prometheus_url, args.rag_rate, args.rag_hold)
     if args.json:
         args.json.write_text(json.dumps(results, indent=1))
 

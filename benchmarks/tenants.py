@@ -17,6 +17,7 @@ from pathlib import Path
 import numpy as np
 
 from benchmarks import report
+from benchmarks.load import percentile
 from deployments.vector_index.store import VectorStore
 
 DIM = 384  # all-MiniLM-L6-v2's
@@ -45,11 +46,6 @@ def timed(store: VectorStore, queries: np.ndarray, tenant: str, k: int) -> list[
     return took
 
 
-def pct(values: list[float], q: float) -> float:
-    ordered = sorted(values)
-    return ordered[min(len(ordered) - 1, int(q * len(ordered)))]
-
-
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--vectors", type=int, default=10_000, help="per tenant")
@@ -68,7 +64,7 @@ def main() -> None:
                 fill(store, f"t{n}", data[n])
             timed(store, queries[:200], "t0", 5)  # warm
             took = timed(store, queries, "t0", 5)
-            results[label] = (pct(took, 0.5) * 1e3, pct(took, 0.99) * 1e3)
+            results[label] = (percentile(took, 0.5) * 1e3, percentile(took, 0.99) * 1e3)
             print(
                 f"{label}: {tenants * args.vectors} vectors; t0's search p50 "
                 f"{results[label][0]:.3f} ms, p99 {results[label][1]:.3f} ms",

@@ -248,23 +248,10 @@ def main() -> None:
     parser.add_argument("--seconds", type=float, default=90, help="each phase of part 3")
     args = parser.parse_args()
 
-    from benchmarks.rollout import candidates, prometheus_on_the_cluster, rollouts
-    from deployments.catalog import CATALOG
-    from pipelines.rag.ingest import on_deploy
-    from servegraph.deploy.local_ray import local_cluster, wait_until_running
-    from servegraph.deploy.planner import plan_platform
+    from benchmarks.rollout import platform_with_candidates, prometheus_on_the_cluster, rollouts
 
     results: dict[str, Any] = {}
-    with local_cluster(dashboard=False) as cluster:
-        plan = plan_platform(
-            [*graphs(), *candidates()],
-            CATALOG,
-            all_servers=True,
-            ingress_deployment={"num_replicas": 2},
-        )
-        plan.deploy()
-        wait_until_running([app.name for app in plan.apps], timeout_s=900)
-        on_deploy(cluster.base_url)
+    with platform_with_candidates() as cluster:
         me = {os.getpid()}
         for name, sticky in (("split", True), ("split_drawn", False)):
             with cpu.measured(clients=me) as used:

@@ -20,12 +20,14 @@ servegraph rollout    move a pipeline to a new version step by step, gated; `rol
 from __future__ import annotations
 
 import argparse
+import functools
 import importlib
 import json
 import signal
 import sys
 import threading
 import time
+from collections.abc import Callable
 from typing import Any
 
 import yaml
@@ -581,8 +583,9 @@ def _drive_rollout(args: argparse.Namespace) -> int:
         return _abort_rollout(store, traffic, pipeline)
     try:
         with store.driving(pipeline):  # the state is read and written under the lock
-            state = _rollout_state(store.load(pipeline), pipeline, traffic, args)
-            signals = traffic.shown().get("signals", {})
+            split = functools.cache(traffic.shown)  # asked once, only when needed
+            state = _rollout_state(store.load(pipeline), pipeline, split, args)
+            signals = split().get("signals", {})
             names = set(signals.get(state.current, [])) & set(signals.get(state.candidate, []))
             driver = ro.Driver(
                 state,
@@ -621,8 +624,11 @@ def _drive_rollout(args: argparse.Namespace) -> int:
     return {"promoted": 0, "rolled_back": 1}.get(final.status, 3)
 
 
-def _rollout_state(saved: Any, pipeline: str, traffic: Any, args: argparse.Namespace) -> Any:
-    """The rollout to drive: the one under way (resumed), or a new one from the options."""
+def _rollout_state(
+    saved: Any, pipeline: str, split: Callable[[], dict[str, Any]], args: argparse.Namespace
+) -> Any:
+    """The rollout to drive: the one under way (resumed), or a new one from the options
+    and the pipeline's traffic (`split()`: `GET /pipelines/<name>/traffic`)."""
     from servegraph.serving import rollout as ro
 
     options = {
@@ -653,7 +659,7 @@ def _rollout_state(saved: Any, pipeline: str, traffic: Any, args: argparse.Names
             highlight=False,
         )
         return saved
-    shown = traffic.shown()
+    shown = split()
     served = shown["versions"]
     if not args.to or args.to not in served:
         error = "no candidate" if not args.to else f"{args.to!r} is not served"

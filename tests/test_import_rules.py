@@ -2,9 +2,9 @@
 
 Read from the source with `ast`, so a rule holds for imports inside functions too. A
 family is a subpackage of `servegraph` (`lang`, `engine`, `cost`, `serving`, `deploy`,
-`security`, `telemetry`); the leaves (`errors`, `settings`, `_fields`, `_actors`, `_files`) and
-the entry points (`servegraph` itself, `server`, `cli`, `offline`) are modules of their
-own.
+`security`, `telemetry`); the leaves (`errors`, `settings`, `tenants`, `_fields`,
+`_actors`, `_files`) and the entry points (`servegraph` itself, `server`, `cli`,
+`offline`) are modules of their own.
 """
 
 from __future__ import annotations
@@ -18,7 +18,7 @@ import pytest
 ROOT = Path(__file__).resolve().parent.parent
 PACKAGE = ROOT / "platform" / "servegraph"
 
-LEAVES = {"errors", "settings", "_fields", "_actors", "_files"}
+LEAVES = {"errors", "settings", "tenants", "_fields", "_actors", "_files"}
 ENTRY_POINTS = {"servegraph", "server", "cli", "offline"}
 # What each family may import from the framework (its own modules always). The order
 # is the layering: the graph language at the bottom, the Serve request path and
@@ -27,13 +27,14 @@ ENTRY_POINTS = {"servegraph", "server", "cli", "offline"}
 MAY_IMPORT: dict[str, set[str]] = {
     "lang": {"errors", "settings"},
     "cost": set(),
-    "engine": {"lang", "cost", "errors", "_fields"},
-    "telemetry": {"cost", "engine", "errors", "settings"},
-    "security": {"telemetry", "errors", "settings", "_actors"},
+    "engine": {"lang", "cost", "errors", "tenants", "_fields"},
+    "telemetry": {"cost", "engine", "errors", "settings", "tenants"},
+    "security": {"telemetry", "errors", "settings", "tenants", "_actors"},
     "serving": {"lang", "engine", "cost", "security", "telemetry", "deploy", *LEAVES},
     "deploy": {"lang", "engine", "cost", "security", "telemetry", "serving", *LEAVES},
     "errors": set(),
     "settings": set(),
+    "tenants": {"errors"},
     "_fields": set(),
     "_actors": set(),
     "_files": set(),

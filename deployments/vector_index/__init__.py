@@ -12,10 +12,13 @@ class VectorIndexMethods(Server, name="vector_index"):
     (`servegraph.lang.calls`); `SERVER` takes its contracts from here."""
 
     # Upserts by id, replaces by filter: repeating it changes nothing more.
-    add = Method(c.AddRequest, c.AddResponse, writes=True, idempotent=True)
-    search = Method(c.SearchRequest, c.SearchResponse, idempotent=True)
-    delete = Method(c.DeleteRequest, c.DeleteResponse, writes=True, idempotent=True)
-    count = Method(c.CountRequest, c.CountResponse, idempotent=True)
+    # Every method reads or writes one tenant's items: the platform sets `tenant`.
+    add = Method(c.AddRequest, c.AddResponse, writes=True, idempotent=True, tenant_field="tenant")
+    search = Method(c.SearchRequest, c.SearchResponse, idempotent=True, tenant_field="tenant")
+    delete = Method(
+        c.DeleteRequest, c.DeleteResponse, writes=True, idempotent=True, tenant_field="tenant"
+    )
+    count = Method(c.CountRequest, c.CountResponse, idempotent=True, tenant_field="tenant")
 
 
 vector_index = VectorIndexMethods()

@@ -7,6 +7,18 @@ from typing import Annotated, Literal
 from pydantic import BaseModel, Field, StringConstraints
 
 from deployments.fields import MAX_BATCH, MAX_TEXT_CHARS, Metadata, MetadataValue, Vector
+from servegraph import DEFAULT_TENANT, TENANT_PATTERN
+
+# Whose items a call reads or writes: set by the platform on every call to the tenant of
+# the request's key (`MethodContract.tenant_field`), never by a pipeline.
+Tenant = Annotated[
+    str,
+    Field(
+        pattern=TENANT_PATTERN,
+        description="Whose items: set by the platform to the tenant of the request's key "
+        "(an admin key acts for another with the X-Servegraph-Tenant header).",
+    ),
+]
 
 
 class IndexItem(BaseModel):
@@ -17,6 +29,7 @@ class IndexItem(BaseModel):
 
 
 class AddRequest(BaseModel):
+    tenant: Tenant = DEFAULT_TENANT
     items: list[IndexItem] = Field(min_length=1, max_length=MAX_BATCH)
     replace: list[Metadata] = Field(
         default_factory=list,
@@ -36,6 +49,7 @@ class AddResponse(BaseModel):
 
 
 class SearchRequest(BaseModel):
+    tenant: Tenant = DEFAULT_TENANT
     vector: Vector
     k: int = Field(5, ge=1, le=100)
     filter: Metadata | None = Field(
@@ -55,6 +69,7 @@ class SearchResponse(BaseModel):
 
 
 class DeleteRequest(BaseModel):
+    tenant: Tenant = DEFAULT_TENANT
     ids: list[str] = Field(default_factory=list, max_length=100_000)
     filter: Metadata | None = Field(
         None, description="Also delete every item whose metadata matches."
@@ -72,6 +87,7 @@ class DeleteResponse(BaseModel):
 
 
 class CountRequest(BaseModel):
+    tenant: Tenant = DEFAULT_TENANT
     filter: Metadata | None = Field(
         None, description="Count only items whose metadata has every one of these key/values."
     )
@@ -82,7 +98,8 @@ class CountResponse(BaseModel):
 
 
 class IndexStats(BaseModel):
-    count: int
+    count: int = Field(description="Items, every tenant's.")
+    tenants: dict[str, int] = Field(default_factory=dict, description="Items per tenant.")
     dim: int | None
     index_type: Literal["flat", "ivf", "hnsw"]
     path: str

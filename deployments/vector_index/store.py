@@ -9,7 +9,9 @@ Tenants: every item belongs to one tenant (`DEFAULT_TENANT` unless told), ids ar
 per tenant, and each tenant has a FAISS index of its own, as Weaviate keeps a shard per
 tenant: every method takes the tenant and touches only its rows and its index, so a
 search for one tenant never scores another's vectors, and its cost does not grow with
-the other tenants' data.
+the other tenants' data. A tenant may be held to limits (`TenantLimits`: vectors,
+documents): a write that would take it past one is refused whole, in its transaction
+(`QuotaExceededError`, 429).
 
 Concurrency: Ray Serve runs a deployment's sync methods in a thread pool, so calls do
 interleave. Writes are serialised under the write side of a readers-writer lock, which
@@ -21,21 +23,19 @@ connection, which in WAL mode sees the last committed state).
 from __future__ import annotations
 
 import json
-import re
 import sqlite3
 import threading
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
 
 import numpy as np
 
 from deployments.vector_index._rwlock import ReadWriteLock
-from servegraph import InvalidInputError
+from servegraph import DEFAULT_TENANT, InvalidInputError, QuotaExceededError, check_tenant
 
 IndexType = Literal["flat", "ivf", "hnsw"]
-DEFAULT_TENANT = "default"
-TENANT_PATTERN = r"^[a-z0-9][a-z0-9_-]{0,62}$"
 _ITEMS = """
 CREATE TABLE IF NOT EXISTS {name} (
     row INTEGER PRIMARY KEY,
@@ -55,15 +55,13 @@ CREATE TABLE IF NOT EXISTS settings (key TEXT PRIMARY KEY, value TEXT NOT NULL);
 )
 
 
-def check_tenant(tenant: str) -> str:
-    """`tenant`, or a 422 naming the field: lower-case letters, digits, `-` and `_`."""
-    if not isinstance(tenant, str) or re.fullmatch(TENANT_PATTERN, tenant) is None:
-        raise InvalidInputError(
-            "tenant",
-            f"{str(tenant)[:80]!r} is not a tenant name",
-            "use 1 to 63 lower-case letters, digits, '-' or '_', starting with a letter or digit",
-        )
-    return tenant
+@dataclass(frozen=True)
+class TenantLimits:
+    """What one tenant may hold; None: no limit. A document is the items sharing a
+    `doc_id` in their metadata (an item without one is a document of its own)."""
+
+    max_vectors: int | None = None
+    max_documents: int | None = None
 
 
 def _as_matrix(vectors: list[Any], field: str) -> np.ndarray:
@@ -100,6 +98,7 @@ class VectorStore:
         index_type: "flat" (exact inner product), "ivf" (inverted lists, trained on
             the data when it opens) or "hnsw" (graph; deletes rebuild it).
         nlist: IVF lists; nprobe: IVF lists probed per search; hnsw_m: HNSW degree.
+        limits: each tenant's limits, by name; a tenant not named has `default_limits`.
     """
 
     def __init__(
@@ -109,8 +108,12 @@ class VectorStore:
         nlist: int = 64,
         nprobe: int = 8,
         hnsw_m: int = 32,
+        limits: Mapping[str, TenantLimits] | None = None,
+        default_limits: TenantLimits | None = None,
     ) -> None:
         self.path = Path(path)
+        self.limits = dict(limits or {})
+        self.default_limits = default_limits or TenantLimits()
         self.path.mkdir(parents=True, exist_ok=True)
         self.index_type = index_type
         self._nlist, self._nprobe, self._hnsw_m = nlist, nprobe, hnsw_m
@@ -158,10 +161,10 @@ class VectorStore:
             raise InvalidInputError("items.id", "duplicate ids in one request", "send each id once")
         with self._lock.writing():
             self._check_dim(vectors.shape[1], "items.vector")
+            dim = int(vectors.shape[1])
             with self._transaction():
                 if self.dim is None:
-                    self.dim = int(vectors.shape[1])
-                    self._db.execute("INSERT INTO settings VALUES ('dim', ?)", (str(self.dim),))
+                    self._db.execute("INSERT INTO settings VALUES ('dim', ?)", (str(dim),))
                 removed = set(self._rows_for_ids(self._db, ids, tenant))
                 for match in replace:
                     if match:
@@ -181,6 +184,8 @@ class VectorStore:
                         ),
                     )
                     rows.append(cursor.lastrowid)
+                self._within_limits(tenant)  # else rolled back: nothing of it written
+            self.dim = dim
 
             # Committed, so acknowledged; FAISS follows (and is rebuilt from SQLite on open).
             def update() -> None:
@@ -277,6 +282,15 @@ class VectorStore:
                 return len(self._rows_matching(db, where, tenant))
             return self._count(db, tenant)
 
+    def limits_of(self, tenant: str) -> TenantLimits:
+        return self.limits.get(tenant, self.default_limits)
+
+    def documents(self, tenant: str = DEFAULT_TENANT) -> int:
+        """How many documents `tenant` has (`TenantLimits`)."""
+        check_tenant(tenant)
+        with self._lock.reading():
+            return self._documents(self._reader(), tenant)
+
     def tenants(self) -> dict[str, int]:
         """Every tenant with items, and how many each has."""
         with self._lock.reading():
@@ -311,6 +325,28 @@ class VectorStore:
             self._readers.db = db
             self._reader_dbs.append(db)
         return db
+
+    def _within_limits(self, tenant: str) -> None:
+        """Raise QuotaExceededError if `tenant` now holds more than its limits allow
+        (inside the write's transaction, which the raise rolls back)."""
+        limits = self.limits_of(tenant)
+        if limits.max_vectors is not None:
+            vectors = self._count(self._db, tenant)
+            if vectors > limits.max_vectors:
+                raise QuotaExceededError("max_vectors", tenant, limits.max_vectors, vectors)
+        if limits.max_documents is not None:
+            documents = self._documents(self._db, tenant)
+            if documents > limits.max_documents:
+                raise QuotaExceededError("max_documents", tenant, limits.max_documents, documents)
+
+    @staticmethod
+    def _documents(db: sqlite3.Connection, tenant: str) -> int:
+        found = db.execute(
+            "SELECT COUNT(DISTINCT COALESCE(json_extract(metadata, '$.doc_id'), "
+            "'item:' || id)) FROM items WHERE tenant = ?",
+            (tenant,),
+        )
+        return int(found.fetchone()[0])
 
     @staticmethod
     def _count(db: sqlite3.Connection, tenant: str) -> int:

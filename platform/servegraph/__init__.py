@@ -24,10 +24,12 @@ from servegraph.errors import GraphValidationError as GraphValidationError
 from servegraph.errors import InvalidInputError as InvalidInputError
 from servegraph.errors import NodeFailedError as NodeFailedError
 from servegraph.errors import NodeInputError as NodeInputError
+from servegraph.errors import NodeQuotaError as NodeQuotaError
 from servegraph.errors import NodeTimeoutError as NodeTimeoutError
 from servegraph.errors import OverloadedError as OverloadedError
 from servegraph.errors import PipelineRuntimeError as PipelineRuntimeError
 from servegraph.errors import Problem as Problem
+from servegraph.errors import QuotaExceededError as QuotaExceededError
 from servegraph.errors import ServegraphError as ServegraphError
 from servegraph.lang.calls import Method as Method
 from servegraph.lang.calls import Server as Server
@@ -48,8 +50,13 @@ from servegraph.lang.serialize import load_yaml as load_yaml
 from servegraph.lang.serialize import to_yaml as to_yaml
 from servegraph.lang.validation import check as check
 from servegraph.lang.validation import validate as validate
+from servegraph.tenants import DEFAULT_TENANT as DEFAULT_TENANT
+from servegraph.tenants import TENANT_PATTERN as TENANT_PATTERN
+from servegraph.tenants import check_tenant as check_tenant
 
 __all__ = [
+    "DEFAULT_TENANT",
+    "TENANT_PATTERN",
     "BudgetExceededError",
     "Catalog",
     "CatalogError",
@@ -66,6 +73,7 @@ __all__ = [
     "MethodContract",
     "NodeFailedError",
     "NodeInputError",
+    "NodeQuotaError",
     "NodeRecord",
     "NodeTimeoutError",
     "OverloadedError",
@@ -73,6 +81,7 @@ __all__ = [
     "Pipeline",
     "PipelineRuntimeError",
     "Problem",
+    "QuotaExceededError",
     "Ref",
     "RunEvent",
     "RunResult",
@@ -84,6 +93,7 @@ __all__ = [
     "SqliteCheckpoints",
     "Verdict",
     "check",
+    "check_tenant",
     "compile",
     "from_yaml",
     "load_yaml",

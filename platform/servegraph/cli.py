@@ -241,7 +241,15 @@ def _keys_parser(commands: Any) -> None:
     create.add_argument(
         "--tokens-per-min", type=int, default=None, help="LLM tokens (input + output) per minute"
     )
-    actions.add_parser("list", help="names, scopes, limits, created, last used (never the key)")
+    create.add_argument(
+        "--tenant",
+        default="default",
+        help="whose documents the key reads and writes (default: the default tenant); "
+        "an admin key may act for any tenant with the X-Servegraph-Tenant header",
+    )
+    actions.add_parser(
+        "list", help="names, tenants, scopes, limits, created, last used (never the key)"
+    )
     revoke = actions.add_parser("revoke", help="revoke a key by name")
     revoke.add_argument("name")
 
@@ -277,8 +285,10 @@ def _keys(args: argparse.Namespace) -> int:
     store = KeyStore(AuthSettings().store_path)
     if args.action == "create":
         try:
-            key = store.create(args.name, args.scope, args.rps, args.tokens_per_min)
-        except ValueError as exc:  # a taken name, an unknown scope
+            key = store.create(
+                args.name, args.scope, args.rps, args.tokens_per_min, tenant=args.tenant
+            )
+        except ValueError as exc:  # a taken name, an unknown scope, a bad tenant name
             console.print(str(exc), style="red", markup=False)
             return 2
         console.print(f"created key {args.name!r}; it is shown only now:", highlight=False)
@@ -288,7 +298,8 @@ def _keys(args: argparse.Namespace) -> int:
         for spec in store.list():
             used = time.strftime("%Y-%m-%d %H:%M", time.localtime(spec.last_used or 0))
             console.print(
-                f"{spec.name}  scopes={','.join(spec.scopes)}  rps={spec.requests_per_s or '-'}  "
+                f"{spec.name}  tenant={spec.tenant}  scopes={','.join(spec.scopes)}  "
+                f"rps={spec.requests_per_s or '-'}  "
                 f"tokens/min={spec.tokens_per_min or '-'}  "
                 f"created={time.strftime('%Y-%m-%d %H:%M', time.localtime(spec.created))}  "
                 f"last used={used if spec.last_used else 'never'}",

@@ -9,12 +9,15 @@ and pickles across Ray actors (so a replica's error reaches the ingress intact):
     ├── InvalidInputError         a model server rejects a request field (422)
     ├── ServerUnavailableError    an invoker could not reach a model server now (queue
     │                             full, replica gone); the runtime names the node (503)
+    ├── QuotaExceededError        a write would take a tenant past one of its limits;
+    │                             the runtime names the node (429)
     └── PipelineRuntimeError      a request failed while running; carries the node's name
         ├── NodeFailedError        a node raised and no fallback was declared (502)
         ├── NodeInputError         a node got input its contract rejects (422)
         ├── NodeTimeoutError       a node ran past its timeout or the request deadline (504)
         ├── OverloadedError        a model server could not take the call now (503)
-        └── BudgetExceededError    the next node would cost more than the request has left (402)
+        ├── BudgetExceededError    the next node would cost more than the request has left (402)
+        └── NodeQuotaError         a node's write would take the tenant past a limit (429)
 """
 
 from __future__ import annotations
@@ -91,6 +94,28 @@ class ServerUnavailableError(ServegraphError):
 
     def __reduce__(self):
         return (type(self), (self.server, self.reason, self.retry_after_s))
+
+
+class QuotaExceededError(ServegraphError):
+    """A write a model server refuses because it would take a tenant past one of its
+    limits (`limit`, e.g. "max_documents"): nothing of it was applied. Raised by the
+    server; the runtime re-raises it as `NodeQuotaError` naming the node (429)."""
+
+    status_code = 429
+
+    def __init__(self, limit: str, tenant: str, allowed: int, after: int) -> None:
+        self.limit = limit
+        self.tenant = tenant
+        self.allowed = allowed
+        self.after = after
+        super().__init__(
+            f"tenant {tenant!r} is limited to {limit} = {allowed}; this write would make "
+            f"it {after}. Nothing was written; fix: delete some, or ask an operator to raise "
+            f"the tenant's {limit}"
+        )
+
+    def __reduce__(self):
+        return (type(self), (self.limit, self.tenant, self.allowed, self.after))
 
 
 class PipelineRuntimeError(ServegraphError):
@@ -181,3 +206,17 @@ class BudgetExceededError(PipelineRuntimeError):
     def __reduce__(self):
         args = (self.node, self.estimate_usd, self.left_usd, self.max_usd, self.spent_usd)
         return (type(self), args)
+
+
+class NodeQuotaError(PipelineRuntimeError):
+    """A node's write was refused: it would take the tenant past `limit` (429). Not
+    retried (the limit does not move by waiting) and not hidden by a fallback."""
+
+    status_code = 429
+
+    def __init__(self, node: str, detail: str, limit: str) -> None:
+        self.limit = limit
+        super().__init__(node, detail)
+
+    def __reduce__(self):
+        return (type(self), (self.node, self.detail, self.limit))

@@ -1,7 +1,7 @@
-"""Tenants in the durable FAISS store (issue 29, part 1), on real FAISS and SQLite: ids
-unique per tenant, every read and write scoped to one tenant's rows and its own FAISS
-index, a store written before tenants carried over as the default tenant's, and the
-tenants kept apart under concurrent writers and readers."""
+"""Tenants in the durable FAISS store, on real FAISS and SQLite: ids unique per tenant,
+every read and write scoped to one tenant's rows and its own FAISS index, a store
+written before tenants carried over as the default tenant's, the tenants kept apart
+under concurrent writers and readers, and each tenant's limits."""
 
 from __future__ import annotations
 
@@ -13,8 +13,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from deployments.vector_index.store import DEFAULT_TENANT, VectorStore
-from servegraph.errors import InvalidInputError
+from deployments.vector_index.store import DEFAULT_TENANT, TenantLimits, VectorStore
+from servegraph.errors import InvalidInputError, QuotaExceededError
 from tests.deployments.test_vector_store import doc, vec
 
 
@@ -120,3 +120,43 @@ def test_tenants_stay_apart_under_concurrent_writers_and_readers(tmp_path: Path)
             r.result()
     assert not crossed
     assert store.tenants() == dict.fromkeys(tenants, 5)
+
+
+def test_a_write_past_a_tenants_limit_is_refused_whole_and_others_are_not_held(
+    tmp_path: Path,
+) -> None:
+    store = VectorStore(
+        tmp_path,
+        limits={"acme": TenantLimits(max_vectors=5, max_documents=2)},
+        default_limits=TenantLimits(max_documents=1),
+    )
+    store.add(doc("a", 1, 2), tenant="acme")
+    store.add(doc("b", 1, 2), tenant="acme")
+    with pytest.raises(QuotaExceededError) as refused:  # a third document
+        store.add(doc("c", 1, 1), tenant="acme")
+    assert (refused.value.limit, refused.value.allowed, refused.value.after) == (
+        "max_documents",
+        2,
+        3,
+    )
+    assert "max_documents = 2" in str(refused.value) and "Nothing was written" in str(refused.value)
+    # Replacing a document in place stays within the documents; six vectors do not.
+    store.add(doc("b", 2, 3), [{"doc_id": "b"}], tenant="acme")
+    with pytest.raises(QuotaExceededError, match="max_vectors"):
+        store.add(doc("b", 3, 4), [{"doc_id": "b"}], tenant="acme")
+    assert store.count(tenant="acme") == 5 and store.documents("acme") == 2
+    assert {h["metadata"]["version"] for h in store.search(vec(1), k=9, tenant="acme")} == {1, 2}
+    # Every other tenant has the default limit: one document each, its own.
+    store.add(doc("a", 1, 3), tenant="globex")
+    with pytest.raises(QuotaExceededError, match="'globex'"):
+        store.add([{**doc("z", 1, 1)[0], "metadata": {}}], tenant="globex")  # no doc_id: one
+    assert store.tenants() == {"acme": 5, "globex": 3}
+
+
+def test_a_first_write_refused_by_a_limit_leaves_the_store_empty(tmp_path: Path) -> None:
+    store = VectorStore(tmp_path, default_limits=TenantLimits(max_vectors=0))
+    with pytest.raises(QuotaExceededError):
+        store.add(doc("a", 1, 1))
+    assert store.dim is None and store.tenants() == {}
+    store.close()
+    assert VectorStore(tmp_path).dim is None  # nothing of it on disk either

@@ -136,7 +136,7 @@ def test_pipeline_arrivals_grow_every_server_they_call_in_one_decision(
     the classifier and the embedder, which triage calls, in the same decision, with the
     callers'-queue rule switched off, so the growth is the prediction's. A call is said
     to cost 20 s, so 4 requests want more than one replica of each as long as they are
-    in the 60 s window (long enough for the new replica to start: 2-16 s here). When
+    in the 40 s window (long enough for the new replica to start: 2-16 s here). When
     they leave it, the servers shrink, and a stream of calls to the one that grew loses
     none."""
     from deployments.classifier.server import app as classifier_app
@@ -151,7 +151,7 @@ def test_pipeline_arrivals_grow_every_server_they_call_in_one_decision(
             min_replicas=1,
             max_replicas=2,
             target_ongoing_requests=32,
-            long_window_s=60,
+            long_window_s=40,
             reactive_delay_s=600,
             downscale_delay_s=5,
         )
@@ -170,7 +170,7 @@ def test_pipeline_arrivals_grow_every_server_they_call_in_one_decision(
 
     headers = client_headers() | {"X-Request-Timeout": "60"}
     try:
-        # Triage requests of earlier tests may still be in the 60 s window
+        # Triage requests of earlier tests may still be in the 40 s window
         deadline = time.monotonic() + 180
         while time.monotonic() < deadline and targets() != (1, 1):
             time.sleep(0.5)

@@ -45,7 +45,9 @@ class Usage:
     def __init__(self) -> None:
         self.seen: list[tuple[str, int]] = []
 
-    def record(self, key: str, status: int, tokens: object = None, usd: float = 0.0) -> None:
+    def record(
+        self, key: str, status: int, tokens: object = None, usd: float = 0.0, tenant: str = ""
+    ) -> None:
         self.seen.append((key, status))
 
 

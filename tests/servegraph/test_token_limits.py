@@ -47,11 +47,18 @@ class Usage_:
 
     def __init__(self) -> None:
         self.seen: list[tuple[str, int, dict[str, int] | None]] = []
+        self.tenants: list[str] = []
 
     def record(
-        self, key: str, status: int, tokens: dict[str, int] | None = None, usd: float = 0.0
+        self,
+        key: str,
+        status: int,
+        tokens: dict[str, int] | None = None,
+        usd: float = 0.0,
+        tenant: str = "default",
     ) -> None:
         self.seen.append((key, status, tokens))
+        self.tenants.append(tenant)
 
 
 class SharedLimiter:

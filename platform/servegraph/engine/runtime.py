@@ -33,9 +33,11 @@ from servegraph.errors import (
     InvalidInputError,
     NodeFailedError,
     NodeInputError,
+    NodeQuotaError,
     NodeTimeoutError,
     OverloadedError,
     PipelineRuntimeError,
+    QuotaExceededError,
     ServerUnavailableError,
 )
 from servegraph.lang._types import function_ports
@@ -54,6 +56,7 @@ from servegraph.lang.graph import (
     ParallelNode,
     SwitchNode,
 )
+from servegraph.tenants import DEFAULT_TENANT, check_tenant
 
 DEFAULT_DEADLINE_S = 60.0
 _RETRY_BACKOFF_S = 0.05
@@ -212,6 +215,7 @@ class Runtime:
         run_id: str | None = None,
         checkpoints: Checkpoints | None = None,
         decisions: Mapping[str, Verdict] | None = None,
+        tenant: str | None = None,
     ) -> RunResult:
         """Run `graph`, returning its output and a record of every node attempt.
 
@@ -237,12 +241,16 @@ class Runtime:
         finishes, and a node found there is not run again: a run repeated under the
         same id resumes where it stopped. An approval node without a decision in
         `decisions` (by its qualified name) stops the run: `RunWaiting`.
+
+        `tenant`: whose data the run's calls read and write (`servegraph.tenants`; default
+        the default tenant): set on every call whose contract has a `tenant_field`.
         """
         compiled = self.compile(graph)  # a plain Graph is compiled on every call
         deadline_s = deadline_s or default_deadline(compiled.graph)
         run = _Run(self, time.monotonic() + deadline_s, records, on_event, budget, tally)
         run.run_id = run_id or uuid.uuid4().hex
         run.checkpoints, run.decisions = checkpoints, decisions or {}
+        run.tenant = check_tenant(tenant) if tenant is not None else DEFAULT_TENANT
         output = await run.graph(compiled, _coerce(compiled.input, request, INPUT), "")
         return RunResult(output, run.records, run.run_id)
 
@@ -339,6 +347,7 @@ class _Run:
         self.checkpoints: Checkpoints | None = None
         self._kept: set[str] | None = None  # the checkpointed nodes, when the store says
         self.decisions: Mapping[str, Verdict] = {}
+        self.tenant = DEFAULT_TENANT
 
     async def graph(self, compiled: CompiledGraph, request: BaseModel, prefix: str) -> Any:
         graph = compiled.graph
@@ -452,10 +461,12 @@ class _Run:
                 raise
             except PipelineRuntimeError as exc:
                 error = exc
-                if isinstance(exc, NodeInputError | OverloadedError | BudgetExceededError):
+                if isinstance(
+                    exc, NodeInputError | OverloadedError | BudgetExceededError | NodeQuotaError
+                ):
                     # Bad input is bad on every attempt; a full server is answered at
                     # once (the caller gets 503 + Retry-After), never retried into; and
-                    # a budget does not grow.
+                    # a budget or a tenant's limit does not grow.
                     attempts = attempt
                 if qualified in self.streamed:
                     attempts = attempt  # a retry would send the caller its chunks twice
@@ -483,8 +494,8 @@ class _Run:
                 break
             await asyncio.sleep(_RETRY_BACKOFF_S * 2 ** (attempt - 1))
         assert error is not None
-        if node.fallback is None or isinstance(error, BudgetExceededError):
-            raise error  # a budget stop is the caller's answer, not a fault to hide
+        if node.fallback is None or isinstance(error, BudgetExceededError | NodeQuotaError):
+            raise error  # a budget or quota stop is the caller's answer, not a fault to hide
         started = time.perf_counter()
         output = await self._guard(node, qualified, self._fallback(node, compiled, qualified, args))
         self._record(node, qualified, attempts, "fallback", started)
@@ -530,6 +541,8 @@ class _Run:
             raise
         except ServerUnavailableError as exc:
             raise OverloadedError(qualified, str(exc), exc.retry_after_s) from exc
+        except QuotaExceededError as exc:
+            raise NodeQuotaError(qualified, str(exc), exc.limit) from exc
         except (InvalidInputError, ValidationError) as exc:
             raise _input_error(qualified, exc) from exc
         except Exception as exc:
@@ -589,12 +602,13 @@ class _Run:
         action runs, under the key of this run and node, so it is applied once however
         often the decision is carried out."""
         contract = self.rt.catalog.contract(node.server, node.method)
-        key = contract.idempotency_field
+        platforms = {f for f in (contract.idempotency_field, contract.tenant_field) if f}
 
         def action(fields: dict[str, Any]) -> dict[str, Any]:
-            """The action's request, checked, as JSON without its key (the run's)."""
+            """The action's request, checked, as JSON without what the run sets (its
+            key, its tenant)."""
             request = _coerce(contract.request, fields, qualified)
-            return request.model_dump(mode="json", exclude={key} if key else None)
+            return request.model_dump(mode="json", exclude=platforms or None)
 
         proposed = action(args)
         verdict = self.decisions.get(qualified)
@@ -665,7 +679,7 @@ class _Run:
 
     async def _call(self, server: str, method: str, args: dict[str, Any], qualified: str) -> Any:
         contract = self.rt.catalog.contract(server, method)
-        args = self._keyed(contract, args, qualified)
+        args = self._tenanted(contract, self._keyed(contract, args, qualified))
         request, reserved = await self.ledger.afford(qualified, server, method, contract, args)
         response = None
         incurred = self._incurring(qualified, contract)
@@ -686,7 +700,7 @@ class _Run:
         assert self.on_event is not None and self.rt._invoke_stream is not None
         contract = self.rt.catalog.contract(node.server, node.method)
         assert contract.stream_method is not None and contract.chunk is not None
-        args = self._keyed(contract, args, qualified)
+        args = self._tenanted(contract, self._keyed(contract, args, qualified))
         request, reserved = await self.ledger.afford(
             qualified, node.server, node.method, contract, args
         )
@@ -731,6 +745,12 @@ class _Run:
         if name is None or args.get(name):
             return args
         return {**args, name: f"{self.run_id}/{qualified}"}
+
+    def _tenanted(self, contract: MethodContract, args: dict[str, Any]) -> dict[str, Any]:
+        """`args` with the run's tenant in the contract's `tenant_field`, over any value
+        the pipeline wired there."""
+        name = contract.tenant_field
+        return args if name is None else {**args, name: self.tenant}
 
     def _remaining(self) -> float:
         return self.deadline - time.monotonic()

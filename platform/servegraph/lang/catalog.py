@@ -56,8 +56,18 @@ class MethodContract:
     loop's iteration included), so a call repeated after a replica died, or by a
     node's retry, changes the data once. A caller of the server's own route sends its
     own key. Needs `writes` and `idempotent` (a repeat with the key is safe)."""
+    tenant_field: str | None = None
+    """The request's field that names the tenant whose data the call reads or writes
+    (`servegraph.tenants`). A run sets it on every call to the tenant it runs for (the
+    request key's, or the one an admin key acts for), over whatever the pipeline wired:
+    no pipeline can reach another tenant's data, or forget to say whose it reads. The
+    server applies it in its own store."""
 
     def __post_init__(self) -> None:
+        if self.tenant_field is not None and self.tenant_field not in self.request.model_fields:
+            raise CatalogError(
+                f"`tenant_field` {self.tenant_field!r} is not a field of {self.request.__name__}"
+            )
         if self.idempotency_field is not None:
             if self.idempotency_field not in self.request.model_fields:
                 raise CatalogError(

@@ -132,6 +132,7 @@ class _Checker:
             except CatalogError as exc:
                 self._problem(node.name, str(exc), "name a server and method from the catalog")
                 return Any, {}
+            self._platforms_tenant(node, contract)
             if node.stream and contract.stream_method is None:
                 self._problem(
                     node.name,
@@ -155,6 +156,20 @@ class _Checker:
             return self._approval_contract(node)
         assert_never(node)  # a new node kind must say what it takes and gives
 
+    def _platforms_tenant(self, node: CallNode | ApprovalNode, contract: Any) -> None:
+        """A call may not wire its contract's `tenant_field`: the run sets it from the
+        request's key (`servegraph.tenants`), over anything wired."""
+        name = contract.tenant_field
+        if name is not None and (name in node.inputs or name in node.params):
+            self._problem(
+                node.name,
+                f"{node.server}.{node.method}'s {name!r} is set by the platform, to the "
+                "tenant of the request's key",
+                f"remove {name!r} from the call; an admin key acts for another tenant with "
+                "the X-Servegraph-Tenant header",
+                name,
+            )
+
     def _approval_contract(self, node: ApprovalNode) -> tuple[Any, Ports]:
         """An approval's action is a write applied once per key (the run's, for this
         node): a `writes` method with an `idempotency_field`; its ports are the action
@@ -170,8 +185,12 @@ class _Checker:
                 f"{node.server}.{node.method} is not a write applied once per key",
                 "approve a method whose contract has writes=True and an idempotency_field",
             )
+        self._platforms_tenant(node, contract)
         for name in node.editable:
-            if name not in contract.request.model_fields or name == contract.idempotency_field:
+            if name not in contract.request.model_fields or name in (
+                contract.idempotency_field,
+                contract.tenant_field,
+            ):
                 self._problem(
                     node.name,
                     f"{name!r} is not an editable field of {contract.request.__name__}",

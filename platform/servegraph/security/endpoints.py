@@ -241,7 +241,7 @@ def guard_endpoint(
     async def guarded(*args: Any, servegraph_caller: Caller, **kwargs: Any) -> Any:
         guard, caller = Guard.here(), servegraph_caller
         if refuse_token_limited and caller.tokens_per_min is not None:
-            guard.usage.record(caller.name, 403)
+            guard.usage.record(caller.name, 403, tenant=caller.tenant)
             detail = (
                 "this route's LLM tokens cannot be counted, so it is not open to keys with "
                 "an LLM token limit; use a key without one"

@@ -98,7 +98,7 @@ class Guard:
         if caller is None:
             raise unauthorized()
         if scope is not None and not caller.allows(scope):
-            self.usage.record(caller.name, 403)
+            self.usage.record(caller.name, 403, tenant=caller.tenant)
             raise AuthError(403, f"this key lacks the scope {scope!r}; create a key that has it")
         return caller
 
@@ -121,7 +121,7 @@ class Guard:
     def _over_limit(self, caller: Caller, limit: str, wait_s: float) -> AuthError:
         """A 429 for `caller`, over `limit` for `wait_s` more seconds (counted on its
         usage)."""
-        self.usage.record(caller.name, 429)
+        self.usage.record(caller.name, 429, tenant=caller.tenant)
         return AuthError(
             429,
             f"key {caller.name!r} is over {limit}; retry after the Retry-After header's seconds",
@@ -135,18 +135,19 @@ class Guard:
         tokens: dict[str, int],
         usd: float = 0.0,
         reserved: int = 0,
+        tenant: str | None = None,
     ) -> None:
         """When a request ends, however it ended: its usage (and cost) on the key's
         metrics, and its LLM tokens on the key's token budget in place of the tokens it
         `reserve`d (a refund of what it did not use, or a charge for what it used
-        beyond them).
+        beyond them). `tenant`: the one the request ran for (default: the key's).
 
         Safe in the `finally` of a request being cancelled (a client that hung up): the
         budget's update runs to its end in a task of its own, as an ASGI server keeps
         cancelling every await of a response whose client is gone."""
         if caller is ANONYMOUS:
             return
-        self.usage.record(caller.name, status, tokens, usd)
+        self.usage.record(caller.name, status, tokens, usd, tenant=tenant or caller.tenant)
         spent = sum(tokens.values())
         if caller.tokens_per_min is not None and (spent or reserved):
             await _outliving(

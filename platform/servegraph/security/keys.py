@@ -25,6 +25,7 @@ from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from servegraph.errors import ServegraphError
 from servegraph.settings import home
+from servegraph.tenants import DEFAULT_TENANT, TENANT_HEADER, TENANT_PATTERN, TENANT_RULE
 
 _log = logging.getLogger(__name__)
 KEY_PATTERN = re.compile(r"^sg_([0-9a-f]{12})_([A-Za-z0-9_-]{43})$")
@@ -91,6 +92,12 @@ class KeySpec(BaseModel):
 
     name: str = Field(pattern=r"^[A-Za-z0-9_.-]{1,64}$")
     scopes: list[str] = Field(min_length=1)
+    tenant: str = Field(
+        DEFAULT_TENANT,
+        pattern=TENANT_PATTERN,
+        description=f"Whose documents the key reads and writes ({TENANT_RULE}); keys "
+        "made before tenants are the default tenant's.",
+    )
     requests_per_s: float | None = Field(None, gt=0, description="None: no limit.")
     tokens_per_min: int | None = Field(None, gt=0, description="LLM tokens; None: no limit.")
     created: float = Field(default_factory=time.time)
@@ -116,12 +123,28 @@ class Caller:
     scopes: frozenset[str]
     requests_per_s: float | None = None
     tokens_per_min: int | None = None
+    tenant: str = DEFAULT_TENANT
 
     def allows(self, scope: str) -> bool:
         if "admin" in self.scopes or scope in self.scopes:
             return True
         kind, _, _ = scope.partition(":")
         return f"{kind}:*" in self.scopes
+
+    def acting_for(self, tenant: str | None) -> str:
+        """The tenant a request of this key runs for: its own, or `tenant` (the
+        X-Servegraph-Tenant header) where it names another and the key is an admin;
+        else AuthError 403 naming the scope."""
+        if tenant is None or tenant == self.tenant:
+            return self.tenant
+        if "admin" in self.scopes:
+            return tenant
+        raise AuthError(
+            403,
+            f"acting for tenant {tenant!r} needs the scope 'admin'; this key is tenant "
+            f"{self.tenant!r}'s: leave out the {TENANT_HEADER} header, or use a key of "
+            "that tenant",
+        )
 
     @property
     def limited(self) -> bool:
@@ -167,10 +190,16 @@ class KeyStore:
         scopes: list[str],
         requests_per_s: float | None = None,
         tokens_per_min: int | None = None,
+        tenant: str = DEFAULT_TENANT,
     ) -> str:
-        """A new key; returned once, stored only as a hash. Raises if `name` is taken."""
+        """A new key of `tenant`; returned once, stored only as a hash. Raises if `name`
+        is taken."""
         spec = KeySpec(
-            name=name, scopes=scopes, requests_per_s=requests_per_s, tokens_per_min=tokens_per_min
+            name=name,
+            scopes=scopes,
+            requests_per_s=requests_per_s,
+            tokens_per_min=tokens_per_min,
+            tenant=tenant,
         )
         key_id, secret = secrets.token_hex(6), secrets.token_urlsafe(32)
         with self._db() as db:
@@ -264,6 +293,7 @@ class KeyStore:
                             frozenset(spec.scopes),
                             spec.requests_per_s,
                             spec.tokens_per_min,
+                            spec.tenant,
                         ),
                     )
             self._records, self._loaded_at, self._seen = records, time.monotonic(), version

@@ -13,14 +13,16 @@ JSON body. The model deployment keeps its name, so pipelines call it by handle d
 # No `from __future__ import annotations`: FastAPI must see each route's real models.
 from typing import Any
 
-from fastapi import APIRouter, Depends, FastAPI, Header
+from fastapi import APIRouter, Depends, FastAPI, Header, Request
 from ray import serve
 
 from servegraph.engine.runtime import Runtime
+from servegraph.errors import InvalidInputError
 from servegraph.lang.catalog import Catalog, ServerSpec
 from servegraph.lang.compiled import CompiledGraph
 from servegraph.lang.graph import Graph, Pipeline, resolve
 from servegraph.security.endpoints import RESPONSES, require
+from servegraph.security.keys import Caller
 from servegraph.serving.http import (
     ErrorBody,
     install_error_handlers,
@@ -28,6 +30,7 @@ from servegraph.serving.http import (
     make_app,
 )
 from servegraph.settings import AppSettings, router_actor_options
+from servegraph.tenants import TENANT_HEADER, TENANT_PATTERN
 
 GATEWAY_DEFAULTS: dict[str, Any] = {
     "max_ongoing_requests": 512,
@@ -48,7 +51,11 @@ def method_graph(spec: ServerSpec, method: str) -> Graph:
     response out."""
     contract = spec.methods[method]
     p = Pipeline(f"{spec.name}.{method}", input=contract.request, output=contract.response)
-    fields = {name: getattr(p.input, name) for name in contract.request.model_fields}
+    fields = {
+        name: getattr(p.input, name)
+        for name in contract.request.model_fields
+        if name != contract.tenant_field  # the run sets it (`servegraph.tenants`)
+    }
     p.returns(p.call(method, spec.name, method, idempotent=contract.idempotent, **fields))
     return p.build()
 
@@ -65,7 +72,7 @@ def build_gateway(spec: ServerSpec, catalog: Catalog, invoke: Any) -> FastAPI:
     runtime = Runtime(catalog, invoke)
     for method, contract in spec.methods.items():
         compiled = runtime.compile(method_graph(spec, method))  # once, not per request
-        _add_method(routes, runtime, compiled, method, contract.response)
+        _add_method(routes, runtime, compiled, method, contract.response, contract.tenant_field)
     for route, (method, response) in spec.reads.items():
         _add_read(routes, invoke, spec.name, route, method, response)
     app.include_router(routes)
@@ -73,17 +80,33 @@ def build_gateway(spec: ServerSpec, catalog: Catalog, invoke: Any) -> FastAPI:
 
 
 def _add_method(
-    app: APIRouter, runtime: Runtime, compiled: CompiledGraph, method: str, response: Any
+    app: APIRouter,
+    runtime: Runtime,
+    compiled: CompiledGraph,
+    method: str,
+    response: Any,
+    tenant_field: str | None,
 ) -> None:
     request_model = compiled.input
 
     async def call(
         request: request_model,  # type: ignore[valid-type]
+        http: Request,
         x_request_timeout: float | None = Header(
             None, gt=0, le=600, description="Deadline in seconds (default 60)."
         ),
+        x_servegraph_tenant: str | None = Header(
+            None,
+            pattern=TENANT_PATTERN,
+            description="The tenant whose items the call reads or writes (default: the "
+            "key's). The body's `tenant`, where the method has one, says the same.",
+        ),
     ) -> Any:
-        return await runtime.run(compiled, request, deadline_s=x_request_timeout)
+        tenant = _tenant_asked(request, tenant_field, x_servegraph_tenant)
+        caller: Caller = http.state.caller  # set by the routes' key check
+        return await runtime.run(
+            compiled, request, deadline_s=x_request_timeout, tenant=caller.acting_for(tenant)
+        )
 
     app.add_api_route(
         f"/{method}",
@@ -94,6 +117,19 @@ def _add_method(
         summary=method.replace("_", " "),
         responses=_ERRORS,
     )
+
+
+def _tenant_asked(request: Any, field: str | None, header: str | None) -> str | None:
+    """The tenant a call to a server's own route asks for: the header's, or the body's
+    (where the method has a tenant field and the body sets it); 422 if they differ."""
+    body = getattr(request, field) if field and field in request.model_fields_set else None
+    if header is not None and body is not None and header != body:
+        raise InvalidInputError(
+            field or "tenant",
+            f"the body names tenant {body!r}, the {TENANT_HEADER} header {header!r}",
+            "name one tenant, in either",
+        )
+    return header if header is not None else body
 
 
 def _add_read(

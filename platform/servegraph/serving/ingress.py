@@ -71,6 +71,7 @@ from servegraph.serving.versions import (
 )
 from servegraph.settings import AppSettings, router_actor_options
 from servegraph.telemetry import tracing
+from servegraph.tenants import DEFAULT_TENANT, TENANT_PATTERN
 
 logger = logging.getLogger("ray.serve")
 
@@ -294,6 +295,7 @@ class _RunOptions:
 
     timeouts: tuple[float | None, float | None]
     budget: Budget | None
+    tenant: str | None = None  # the one an admin key acts for (X-Servegraph-Tenant)
 
     def deadline_for(self, graph: Graph) -> float:
         """The run's deadline on `graph` (the version that runs it: its own default
@@ -314,6 +316,7 @@ class _Account:
     reserved: int = 0
     chars: int = 0  # the request's size, for the prompt estimate (LLM pipelines only)
     version: str = ""  # the pipeline's version that runs it
+    tenant: str = DEFAULT_TENANT  # whose data it reads and writes
 
 
 def _run_options(graph: Graph) -> Callable[..., Awaitable[_RunOptions]]:
@@ -331,6 +334,10 @@ def _run_options(graph: Graph) -> Callable[..., Awaitable[_RunOptions]]:
         f"number above 0 and at most {MAX_COST_USD:g} (more than any request spends); "
         "else 422 naming this header."
     )
+    tenant_doc = (
+        "The tenant whose documents the run reads and writes, for an `admin` key (any "
+        "other key runs for its own tenant; naming another is a 403). Default: the key's."
+    )
 
     async def run_options(  # async: FastAPI runs a sync dependency in a thread
         x_request_timeout: float | None = Header(
@@ -342,9 +349,14 @@ def _run_options(graph: Graph) -> Callable[..., Awaitable[_RunOptions]]:
         x_servegraph_max_cost_usd: float | None = Header(
             None, gt=0, le=MAX_COST_USD, allow_inf_nan=False, description=budget_doc
         ),
+        x_servegraph_tenant: str | None = Header(
+            None, pattern=TENANT_PATTERN, description=tenant_doc
+        ),
     ) -> _RunOptions:
         budget = Budget(x_servegraph_max_cost_usd) if x_servegraph_max_cost_usd else None
-        return _RunOptions((x_request_timeout, x_request_timeout_seconds), budget)
+        return _RunOptions(
+            (x_request_timeout, x_request_timeout_seconds), budget, x_servegraph_tenant
+        )
 
     return run_options
 
@@ -361,14 +373,28 @@ class _Accounting:
         self.prompts = tokens.PromptEstimate()  # what the LLM's prompts add to a request
 
     async def open(
-        self, request: BaseModel, http: Request, caller: Caller, graph: Graph | None = None
+        self,
+        request: BaseModel,
+        http: Request,
+        caller: Caller,
+        graph: Graph | None = None,
+        tenant: str | None = None,
     ) -> _Account:
         """Before the run on `graph` (a version of the pipeline; default: its default):
         the most LLM tokens it may spend (its LLM calls' max_tokens, and its prompts as
         estimated from the request and recent runs' prompts) reserved from the key's
-        token budget (`Guard.reserve`; 429 when it is spent)."""
+        token budget (`Guard.reserve`; 429 when it is spent). `tenant`: the one an admin
+        key asks to act for (`Caller.acting_for`: 403 for another key)."""
         graph = graph or self.graph
-        run = _Account(time.perf_counter(), [], http, caller, tokens.Tally(), version=graph.version)
+        run = _Account(
+            time.perf_counter(),
+            [],
+            http,
+            caller,
+            tokens.Tally(),
+            version=graph.version,
+            tenant=caller.acting_for(tenant),
+        )
         http.state.pipeline_version = graph.version  # for the error answers' header too
         if not self.uses_llm:
             return run
@@ -407,7 +433,9 @@ class _Accounting:
         if status == 200 and run.chars:  # a whole run: all of its prompts
             self.prompts.observe(run.chars, used["input"])
         usd = prices().usd(total_charge([r.charge for r in run.records if r.charge]))
-        await Guard.here().charge(run.caller, status, used, usd, reserved=run.reserved)
+        await Guard.here().charge(
+            run.caller, status, used, usd, reserved=run.reserved, tenant=run.tenant
+        )
         return total_ms
 
 
@@ -455,9 +483,9 @@ def pipeline_router(
         chosen: Route = Depends(pick_version),  # noqa: B008
     ) -> Any:
         target = served[chosen.version]
-        run = await books.open(request, http, caller, target.graph)
+        run = await books.open(request, http, caller, target.graph, options.tenant)
         execution = _execution(run, options, target.graph)
-        shadow = shadows.start(chosen, request, execution["deadline_s"]) if shadows else None
+        shadow = shadows.start(chosen, request, execution) if shadows else None
         status, output = 200, None
         try:
             if runs is None:
@@ -496,10 +524,10 @@ def pipeline_router(
         chosen: Route = Depends(pick_version),  # noqa: B008
     ) -> Response:
         target = served[chosen.version]
-        run = await books.open(request, http, caller, target.graph)
+        run = await books.open(request, http, caller, target.graph, options.tenant)
         execution = _execution(run, options, target.graph)
-        recorded = await runs.begin(request, caller) if runs is not None else {}
-        shadow = shadows.start(chosen, request, execution["deadline_s"]) if shadows else None
+        recorded = await runs.begin(request, caller, run.tenant) if runs is not None else {}
+        shadow = shadows.start(chosen, request, execution) if shadows else None
         events = runtime.stream(target, request, **execution, **recorded)
         try:  # a run failing before any progress is answered with its own status
             held = await sse.hold_until_progress(events)
@@ -641,12 +669,13 @@ def _ended(shadow: Any, run: _Account, status: int, output: Any = None) -> None:
 def _execution(run: _Account, options: _RunOptions, graph: Graph) -> dict[str, Any]:
     """What a request's run on `graph` is executed with (`Runtime.execute`,
     `Runtime.stream`): its records and token tally (its books), its deadline and its
-    maximum cost."""
+    maximum cost, and the tenant it runs for."""
     return {
         "records": run.records,
         "deadline_s": options.deadline_for(graph),
         "budget": options.budget,
         "tally": run.spent,
+        "tenant": run.tenant,
     }
 
 

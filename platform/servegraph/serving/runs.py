@@ -22,6 +22,7 @@ actions, keyed by the run and the node, apply once however often they are sent.
 from __future__ import annotations
 
 import asyncio
+import functools
 import json
 import logging
 import sqlite3
@@ -47,6 +48,7 @@ from servegraph.lang.graph import ApprovalNode, Graph
 from servegraph.security.endpoints import RESPONSES, require
 from servegraph.security.keys import AuthError, Caller
 from servegraph.serving.http import runtime_error_body
+from servegraph.tenants import DEFAULT_TENANT
 
 log = logging.getLogger(__name__)
 
@@ -103,7 +105,8 @@ class RunStore:
                 "owner TEXT",
                 "lease REAL",
                 "adopted INTEGER NOT NULL DEFAULT 0",
-            ):  # files written before leases
+                f"tenant TEXT NOT NULL DEFAULT '{DEFAULT_TENANT}'",
+            ):  # files written before leases, or before tenants
                 if column.split()[0] not in columns:
                     try:
                         db.execute(f"ALTER TABLE runs ADD COLUMN {column}")
@@ -111,13 +114,30 @@ class RunStore:
                         if "duplicate column" not in str(exc):
                             raise
 
-    def create(self, run_id: str, pipeline: str, request: str, started_by: str | None) -> None:
+    def create(
+        self,
+        run_id: str,
+        pipeline: str,
+        request: str,
+        started_by: str | None,
+        tenant: str = DEFAULT_TENANT,
+    ) -> None:
         now = time.time()
         with closing(self._connect()) as db, db:
             db.execute(
                 "INSERT INTO runs (run_id, pipeline, status, request, started_by, created, "
-                "updated, owner, lease) VALUES (?, ?, 'running', ?, ?, ?, ?, ?, ?)",
-                (run_id, pipeline, request, started_by, now, now, self.owner, now + self.lease_s),
+                "updated, owner, lease, tenant) VALUES (?, ?, 'running', ?, ?, ?, ?, ?, ?, ?)",
+                (
+                    run_id,
+                    pipeline,
+                    request,
+                    started_by,
+                    now,
+                    now,
+                    self.owner,
+                    now + self.lease_s,
+                    tenant,
+                ),
             )
 
     def waiting(self, run_id: str, pending: Pending, again: bool = False) -> None:
@@ -187,8 +207,13 @@ class RunStore:
             row = db.execute("SELECT * FROM runs WHERE run_id = ?", (run_id,)).fetchone()
         return _run(row) if row else None
 
-    def find(self, pipeline: str, status: str | None, limit: int, offset: int) -> list[dict]:
+    def find(
+        self, pipeline: str, status: str | None, limit: int, offset: int, tenant: str | None = None
+    ) -> list[dict]:
+        """A page of `pipeline`'s runs, in `status` and of `tenant` where given."""
         where, params = "pipeline = ?", [pipeline]
+        if tenant is not None:
+            where, params = f"{where} AND tenant = ?", [*params, tenant]
         if status:
             where, params = f"{where} AND status = ?", [*params, status]
         with closing(self._connect()) as db:
@@ -292,6 +317,16 @@ class RunStore:
         return db
 
 
+def _for(run: dict[str, Any]) -> dict[str, Any]:
+    """What a recorded run is resumed with: its tenant's data (`Runtime.execute`)."""
+    return {"tenant": run.get("tenant") or DEFAULT_TENANT}
+
+
+def _sees(caller: Caller, run: dict[str, Any]) -> bool:
+    """Whether `caller` may see or decide `run`: one of its tenant's, or any for admin."""
+    return caller.allows("admin") or (run.get("tenant") or DEFAULT_TENANT) == caller.tenant
+
+
 def _run(row: sqlite3.Row) -> dict[str, Any]:
     run = dict(row)
     for name in ("request", "awaiting", "decisions", "output", "error"):
@@ -344,6 +379,7 @@ class RunView(BaseModel):
     output: Any = None
     error: Any = None
     started_by: str | None = None
+    tenant: str = Field(DEFAULT_TENANT, description="Whose data the run reads and writes.")
     created: float
     updated: float
 
@@ -359,12 +395,16 @@ class Runs:
         self, request: BaseModel, caller: Caller | None, **execute: Any
     ) -> tuple[str, RunResult | JSONResponse]:
         """Run the pipeline as a recorded run: its id, and its result or a 202 for a
-        stop. `execute`: `Runtime.execute`'s arguments but the run's own."""
-        run_id = (await self.begin(request, caller))["run_id"]
+        stop. `execute`: `Runtime.execute`'s arguments but the run's own (its `tenant`
+        is recorded with the run: every resumption runs for it)."""
+        run_id = (await self.begin(request, caller, execute.get("tenant")))["run_id"]
         return run_id, await self._go(run_id, request, [], execute)
 
-    async def begin(self, request: BaseModel, caller: Caller | None) -> dict[str, Any]:
-        """Record a new run (for a streamed one); what `Runtime.stream` runs it with."""
+    async def begin(
+        self, request: BaseModel, caller: Caller | None, tenant: str | None = None
+    ) -> dict[str, Any]:
+        """Record a new run (for a streamed one) for `tenant` (default: the default
+        tenant); what `Runtime.stream` runs it with."""
         run_id = uuid.uuid4().hex
         self.store.hold(run_id)  # renewed while this request's task runs
         try:
@@ -374,6 +414,7 @@ class Runs:
                 self.name,
                 request.model_dump_json(),
                 caller.name if caller else None,
+                tenant or DEFAULT_TENANT,
             )
         except BaseException:
             self.release(run_id)
@@ -408,14 +449,14 @@ class Runs:
             await asyncio.to_thread(self.store.ended, run["run_id"], "failed", None, failure)
             return None
         try:
-            return await self._go(run["run_id"], request, run["decisions"], {})
+            return await self._go(run["run_id"], request, run["decisions"], _for(run))
         except Exception:  # recorded by `_go`; nobody waits on an adopted run
             log.warning("adopted run %s of %s failed", run["run_id"], self.name, exc_info=True)
             return None
 
     async def decide(self, run_id: str, body: DecisionBody, caller: Caller) -> Any:
         found = await asyncio.to_thread(self.store.get, run_id)
-        if found is None or found["pipeline"] != self.name:
+        if found is None or found["pipeline"] != self.name or not _sees(caller, found):
             return _not_found(run_id, self.name)
         run = found
         needed = (run["awaiting"] or {}).get("scope") or f"approve:{self.name}"
@@ -462,7 +503,7 @@ class Runs:
         # recorded, whatever happens (`_go`).
         outcome = await asyncio.shield(
             asyncio.ensure_future(
-                self._go(run_id, request, run["decisions"], {}, retry=Pending(**awaiting))
+                self._go(run_id, request, run["decisions"], _for(run), retry=Pending(**awaiting))
             )
         )
         if isinstance(outcome, JSONResponse):
@@ -472,10 +513,15 @@ class Runs:
         answer = {"run_id": run_id, "status": ended["status"], "output": outcome.output}
         return JSONResponse(jsonable_encoder(answer))
 
-    async def view(self, run_id: str, starter: Caller | None = None) -> RunView | JSONResponse:
-        """The run; with `starter`, only if that key started it (else 404, as for none)."""
+    async def view(
+        self, run_id: str, starter: Caller | None = None, reader: Caller | None = None
+    ) -> RunView | JSONResponse:
+        """The run; with `starter`, only if that key started it, with `reader`, only if
+        it is of that key's tenant or the key is an admin (else 404, as for none)."""
         found = await asyncio.to_thread(self.store.get, run_id)
         if found is None or found["pipeline"] != self.name:
+            return _not_found(run_id, self.name)
+        if reader is not None and not _sees(reader, found):
             return _not_found(run_id, self.name)
         if starter is not None and found["started_by"] != starter.name:
             return _not_found(run_id, self.name)
@@ -487,14 +533,19 @@ class Runs:
         done = await asyncio.to_thread(self.store.nodes_done, run_id)
         return RunView(**run, nodes_done=done)
 
-    async def listed(self, status: str | None, limit: int, offset: int) -> list[RunView]:
-        """A page of the pipeline's runs (in `status`), expired approvals resolved first."""
-        found = await asyncio.to_thread(self.store.find, self.name, status, limit, offset)
+    async def listed(
+        self, status: str | None, limit: int, offset: int, reader: Caller | None = None
+    ) -> list[RunView]:
+        """A page of the pipeline's runs (in `status`; with `reader`, those it may see:
+        its tenant's, every tenant's for an admin), expired approvals resolved first."""
+        tenant = None if reader is None or reader.allows("admin") else reader.tenant
+        find = functools.partial(self.store.find, self.name, status, limit, offset, tenant)
+        found = await asyncio.to_thread(find)
         late = [run for run in found if run["status"] == "waiting" and _expired(run)]
         for run in late:
             await self.expire(run)
         if late:
-            found = await asyncio.to_thread(self.store.find, self.name, status, limit, offset)
+            found = await asyncio.to_thread(find)
         return [RunView(**run) for run in found]
 
     async def expire(self, run: dict[str, Any]) -> None:
@@ -504,7 +555,7 @@ class Runs:
         )
         if claimed:
             request = self.compiled.input.model_validate(run["request"])
-            await self._go(run["run_id"], request, run["decisions"], {})
+            await self._go(run["run_id"], request, run["decisions"], _for(run))
 
     async def _go(
         self,
@@ -604,14 +655,16 @@ def runs_router(runs: Runs, run_scope: str) -> APIRouter:
         deciders = {approve, *own}
         if not (caller.allows(run_scope) or any(map(caller.allows, deciders))):
             raise AuthError(403, f"this key has neither the scope {run_scope} nor {approve}")
-        return await runs.view(run_id, None if any(map(caller.allows, deciders)) else caller)
+        starter = None if any(map(caller.allows, deciders)) else caller
+        return await runs.view(run_id, starter, reader=caller)
 
     async def list_runs(
         status: Status | None = Query(None, description="Only runs in this state."),  # noqa: B008
         limit: int = Query(50, ge=1, le=500),
         offset: int = Query(0, ge=0),
+        caller: Caller = Depends(require(approve)),  # noqa: B008  # FastAPI's way
     ) -> dict[str, Any]:
-        found = await runs.listed(status, limit, offset)
+        found = await runs.listed(status, limit, offset, reader=caller)
         return {"runs": found, "limit": limit, "offset": offset}
 
     async def decide(
@@ -637,7 +690,6 @@ def runs_router(runs: Runs, run_scope: str) -> APIRouter:
         f"/{name}/runs",
         list_runs,
         methods=["GET"],
-        dependencies=[Depends(require(approve))],
         summary=f"Runs of {name}, e.g. those waiting for approval (?status=waiting)",
         operation_id=f"runs_of_{name}",
         responses=RESPONSES,

@@ -146,10 +146,11 @@ class Shadows:
         self.skipped = 0
 
     def start(
-        self, chosen: Route, request: Any, deadline_s: float
+        self, chosen: Route, request: Any, execution: dict[str, Any]
     ) -> "asyncio.Future[tuple[int, float, Any]] | None":
-        """Start `chosen.shadow` on `request`, if it has one and there is room; returns
-        the future the primary's (status, ms, output) goes into when it ends."""
+        """Start `chosen.shadow` on `request`, if it has one and there is room, with the
+        primary's deadline and for its tenant (`execution`: what the primary runs with);
+        returns the future the primary's (status, ms, output) goes into when it ends."""
         if chosen.shadow is None:
             return None
         if len(self.running) >= MAX_SHADOWS:
@@ -159,9 +160,12 @@ class Shadows:
         primary: asyncio.Future[tuple[int, float, Any]] = loop.create_future()
         # Not the caller's context: the shadow is its own trace, and nothing of the
         # request's (its key's checks, its span) runs on in it.
-        deadline_s = min(deadline_s, default_deadline(self.served[chosen.shadow].graph))
+        deadline_s = min(
+            execution["deadline_s"], default_deadline(self.served[chosen.shadow].graph)
+        )
         task = loop.create_task(
-            self._run(chosen, request, deadline_s, primary), context=contextvars.Context()
+            self._run(chosen, request, deadline_s, execution["tenant"], primary),
+            context=contextvars.Context(),
         )
         self.running.add(task)
         task.add_done_callback(self.running.discard)
@@ -172,6 +176,7 @@ class Shadows:
         chosen: Route,
         request: Any,
         deadline_s: float,
+        tenant: str,
         primary: "asyncio.Future[tuple[int, float, Any]]",
     ) -> None:
         assert chosen.shadow is not None
@@ -184,6 +189,7 @@ class Shadows:
                 deadline_s=deadline_s,
                 records=records,
                 tally=tokens.Tally(),
+                tenant=tenant,
             )
             if self.signals is not None:
                 self.signals.record(chosen.shadow, "shadow", result.output)

@@ -12,6 +12,7 @@ from typing import Any
 
 from servegraph.cost.prices import prices
 from servegraph.engine.runtime import NodeRecord
+from servegraph.tenants import DEFAULT_TENANT
 
 logger = logging.getLogger("ray.serve")
 
@@ -305,30 +306,34 @@ def _server_histogram(name: str, description: str, boundaries: list[float], serv
 
 
 class KeyUsageMetrics:
-    """Usage per API key, labelled with the key's name (never the key): requests by
-    status, and LLM tokens by direction."""
+    """Usage per API key, labelled with the key's name (never the key) and the tenant
+    the request ran for (`servegraph.tenants`; an admin key acting for another tenant
+    counts there): requests by status, LLM tokens by direction, cost."""
 
     def __init__(self) -> None:
         coalesced = Coalesced()
         self.requests = _counter(
             coalesced,
             "servegraph_key_requests",
-            "Requests per API key name, by HTTP status.",
+            "Requests per API key name and tenant, by HTTP status.",
             "key",
+            "tenant",
             "status",
         )
         self.tokens = _counter(
             coalesced,
             "servegraph_key_llm_tokens",
-            "LLM tokens per API key name; rate() gives tokens/s.",
+            "LLM tokens per API key name and tenant; rate() gives tokens/s.",
             "key",
+            "tenant",
             "direction",
         )
         self.usd = _counter(
             coalesced,
             "servegraph_key_cost_usd",
-            "What the key's pipeline requests cost (servegraph.cost).",
+            "What the key's pipeline requests cost (servegraph.cost), per tenant.",
             "key",
+            "tenant",
         )
 
     @classmethod
@@ -339,18 +344,29 @@ class KeyUsageMetrics:
             return _NoMetrics()
 
     def record(
-        self, key: str, status: int, tokens: dict[str, int] | None = None, usd: float = 0.0
+        self,
+        key: str,
+        status: int,
+        tokens: dict[str, int] | None = None,
+        usd: float = 0.0,
+        tenant: str = DEFAULT_TENANT,
     ) -> None:
-        self.requests.inc(tags={"key": key, "status": str(status)})
+        who = {"key": key, "tenant": tenant}
+        self.requests.inc(tags={**who, "status": str(status)})
         for direction, n in (tokens or {}).items():
             if n:
-                self.tokens.inc(n, tags={"key": key, "direction": direction})
+                self.tokens.inc(n, tags={**who, "direction": direction})
         if usd > 0:
-            self.usd.inc(usd, tags={"key": key})
+            self.usd.inc(usd, tags=who)
 
 
 class _NoMetrics:
     def record(
-        self, key: str, status: int, tokens: dict[str, int] | None = None, usd: float = 0.0
+        self,
+        key: str,
+        status: int,
+        tokens: dict[str, int] | None = None,
+        usd: float = 0.0,
+        tenant: str = DEFAULT_TENANT,
     ) -> None:
         pass

@@ -28,6 +28,7 @@ BENCHMARKS = [
     "runs",
     "versions",
     "tenants",
+    "tenant_fuzz",
     "chaos_runs",  # its own platform, killed three times: about 20 minutes
 ]
 

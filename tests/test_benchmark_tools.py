@@ -236,3 +236,31 @@ def test_the_runs_benchmark_measures_on_a_few_runs(
     figures = {f.name: f for f in asyncio.run(measure(5, tmp_path))}
     assert figures["50 decisions at once on one run: carried out"].platform == 1
     assert all(f.platform > 0 for f in figures.values())
+
+
+def test_the_tenant_fuzz_finds_a_store_that_searches_every_tenant(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """`benchmarks.tenant_fuzz` on a few cases: nothing found on the real store, and on
+    one whose search ignores the tenant, the reads across tenants are found."""
+    import sys
+
+    from benchmarks import tenant_fuzz
+    from deployments.vector_index.store import VectorStore
+
+    monkeypatch.setenv("SERVEGRAPH_HOME", str(tmp_path))
+    monkeypatch.setattr(sys, "argv", ["tenant_fuzz", "--cases", "12"])
+    tenant_fuzz.main()
+    (crossed, errors) = report.load("tenant_fuzz")
+    assert crossed.platform == 0 and errors.platform == 0
+
+    search = VectorStore.search
+
+    def every_tenants(self: VectorStore, vector, k=5, where=None, tenant="default"):  # type: ignore[no-untyped-def]
+        hits = [h for t in list(self._indexes) for h in search(self, vector, k, where, t)]
+        return sorted(hits, key=lambda h: -h["score"])[:k]
+
+    monkeypatch.setattr(VectorStore, "search", every_tenants)
+    tenant_fuzz.main()
+    (crossed, _) = report.load("tenant_fuzz")
+    assert crossed.platform > 0

@@ -16,8 +16,11 @@ MAX_DOCUMENT_CHARS = 200_000
 MAX_REQUEST_CHARS = 1_000_000
 
 
+DocumentId = Annotated[str, StringConstraints(min_length=1, max_length=200, pattern=r"^[\w.\-/]+$")]
+
+
 class Document(BaseModel):
-    id: Annotated[str, StringConstraints(min_length=1, max_length=200, pattern=r"^[\w.\-/]+$")]
+    id: DocumentId
     text: Annotated[Text, StringConstraints(max_length=MAX_DOCUMENT_CHARS)] = Field(
         description="Plain text or Markdown."
     )
@@ -52,6 +55,37 @@ class IngestResponse(BaseModel):
     chunks: int
     replaced: int = Field(description="Old chunks removed because a document was re-ingested.")
     index_count: int
+
+
+class DeleteRequest(BaseModel):
+    """Documents to delete by id, with every chunk of each."""
+
+    ids: list[DocumentId] = Field(min_length=1, max_length=1000)
+
+
+class DeleteResponse(BaseModel):
+    deleted: int = Field(description="Chunks removed (0 for an id the tenant does not have).")
+    index_count: int = Field(description="The tenant's chunks left in the index.")
+
+
+class SearchQuery(BaseModel):
+    question: Annotated[Text, StringConstraints(max_length=2000)]
+    k: int = Field(5, ge=1, le=50, description="Chunks to return.")
+    filter: Metadata | None = Field(
+        None, description="Only chunks whose metadata matches, e.g. {'category': 'billing'}."
+    )
+
+
+class Found(BaseModel):
+    id: str = Field(description="The chunk's id: <document id>#<n>.")
+    doc_id: str
+    title: str
+    text: str
+    score: float = Field(description="Cosine similarity to the question.")
+
+
+class SearchResults(BaseModel):
+    results: list[Found] = Field(description="Most similar first.")
 
 
 class RagQuery(BaseModel):
@@ -112,6 +146,8 @@ class RagAnswer(BaseModel):
 
 EXAMPLES = {
     "rag": {"question": "How long do refunds take after a return?", "k": 4},
+    "rag_search": {"question": "refund after a return", "k": 3},
+    "rag_delete": {"ids": ["faq-hours"]},
     "rag_ingest": {
         "documents": [
             {

@@ -146,3 +146,69 @@ def test_graph_picture_and_openapi_are_served(client: httpx.Client) -> None:
     assert "/rag" in spec["paths"] or "/pipelines/rag" in spec["paths"]
     listed = client.get("/pipelines/").json()["pipelines"]
     assert {"rag", "rag_ingest", "rag_yaml"} <= {p["name"] for p in listed}
+
+
+def test_two_tenants_keys_each_ingest_and_ask_only_their_own_documents(
+    pipelines: LocalCluster,
+) -> None:
+    """Two teams' keys on the running platform, at once: each ingests a document under
+    the same id, and each one's `rag` answers and `rag_search` results come from its own
+    documents only (not the other's, not the default tenant's knowledge base); one
+    team's `rag_delete` of that id leaves the other's document."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    from servegraph.security.keys import AuthSettings, KeyStore
+
+    store = KeyStore(AuthSettings().store_path)
+    facts = {
+        "acme": "Acme loyalty points expire after 18 months of inactivity.",
+        "globex": "Globex loyalty points never expire while the account is open.",
+    }
+
+    def team(tenant: str) -> dict:
+        scopes = ["write:rag_ingest", "write:rag_delete", "invoke:rag", "invoke:rag_search"]
+        key = store.create(f"{tenant}-team", scopes, tenant=tenant)
+        headers = {"authorization": f"Bearer {key}"}
+        with httpx.Client(base_url=pipelines.base_url, headers=headers, timeout=180) as client:
+            doc = {"id": "policy/loyalty", "text": f"# Loyalty\n\n{facts[tenant]}"}
+            ingested = client.post("/pipelines/rag_ingest", json={"documents": [doc]})
+            assert ingested.status_code == 200, ingested.text
+            assert ingested.json()["index_count"] == 1  # its own documents only
+            other = "globex" if tenant == "acme" else "acme"
+            refused = client.post(
+                "/pipelines/rag",
+                json={"question": "Do loyalty points expire?"},
+                headers={"X-Servegraph-Tenant": other},
+            )
+            assert refused.status_code == 403, refused.text
+            answer = client.post(
+                "/pipelines/rag", json={"question": "Do loyalty points expire?", "max_tokens": 48}
+            )
+            assert answer.status_code == 200, answer.text
+            found = client.post("/pipelines/rag_search", json={"question": "refunds", "k": 10})
+            assert found.status_code == 200, found.text
+            assert [r["text"] for r in found.json()["results"]] == [f"# Loyalty\n\n{facts[tenant]}"]
+            return {"headers": headers, **answer.json()}
+
+    with ThreadPoolExecutor(max_workers=2) as pool:
+        answers = dict(zip(facts, pool.map(team, facts), strict=True))
+    for tenant, body in answers.items():
+        assert body["passages"], body
+        assert {p["doc_id"] for p in body["passages"]} == {"policy/loyalty"}, body
+        assert all(facts[tenant] in p["text"] for p in body["passages"]), body
+
+    def call(tenant: str, route: str, body: dict) -> dict:
+        headers = answers[tenant]["headers"]
+        answer = httpx.post(
+            f"{pipelines.base_url}/pipelines/{route}", json=body, headers=headers, timeout=60
+        )
+        assert answer.status_code == 200, answer.text
+        return answer.json()
+
+    assert call("acme", "rag_delete", {"ids": ["policy/loyalty"]}) == {
+        "deleted": 1,
+        "index_count": 0,
+    }
+    assert call("acme", "rag_search", {"question": "loyalty"}) == {"results": []}
+    (kept,) = call("globex", "rag_search", {"question": "loyalty"})["results"]
+    assert kept["doc_id"] == "policy/loyalty" and facts["globex"] in kept["text"]

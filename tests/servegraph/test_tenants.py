@@ -240,3 +240,18 @@ def test_the_limits_come_from_the_settings(monkeypatch: pytest.MonkeyPatch) -> N
     monkeypatch.setenv("SERVEGRAPH_INDEX_TENANT_LIMITS", '{"Acme": {}}')
     with pytest.raises(ValueError, match="tenant_limits"):
         IndexSettings().limits()
+
+
+def test_keys_create_gives_a_key_its_tenant_and_list_shows_it(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    from servegraph.cli import main
+
+    monkeypatch.setenv("SERVEGRAPH_AUTH_KEYS", str(tmp_path / "cli-keys.sqlite3"))
+    assert main(["keys", "create", "--name", "acme-app", "--tenant", "acme", "--scope", "llm"]) == 0
+    key = capsys.readouterr().out.split()[-1]
+    assert KeyStore(tmp_path / "cli-keys.sqlite3").verify(key).tenant == "acme"
+    assert main(["keys", "create", "--name", "bad", "--tenant", "Acme!", "--scope", "llm"]) == 2
+    assert "tenant" in capsys.readouterr().out
+    assert main(["keys", "list"]) == 0
+    assert "acme-app  tenant=acme  scopes=llm" in capsys.readouterr().out

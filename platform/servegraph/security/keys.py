@@ -141,9 +141,9 @@ class Caller:
             return tenant
         raise AuthError(
             403,
-            f"acting for tenant {tenant!r} needs the scope 'admin'; this key is tenant "
-            f"{self.tenant!r}'s: leave out the {TENANT_HEADER} header, or use a key of "
-            "that tenant",
+            f"acting for tenant {tenant!r} needs the scope 'admin'; this key belongs to "
+            f"tenant {self.tenant!r}: leave out the {TENANT_HEADER} header, or use a key "
+            "of that tenant",
         )
 
     @property

@@ -33,6 +33,7 @@ from typing import Any, Literal
 import numpy as np
 
 from deployments.vector_index._rwlock import ReadWriteLock
+from deployments.vector_index.answers import Answers, Found
 from servegraph import DEFAULT_TENANT, InvalidInputError, QuotaExceededError, check_tenant
 
 IndexType = Literal["flat", "ivf", "hnsw"]
@@ -44,6 +45,7 @@ CREATE TABLE IF NOT EXISTS {name} (
     text TEXT NOT NULL,
     metadata TEXT NOT NULL,
     vector BLOB NOT NULL,
+    seq INTEGER NOT NULL DEFAULT 0,
     UNIQUE (tenant, id)
 );
 """
@@ -99,6 +101,7 @@ class VectorStore:
             the data when it opens) or "hnsw" (graph; deletes rebuild it).
         nlist: IVF lists; nprobe: IVF lists probed per search; hnsw_m: HNSW degree.
         limits: each tenant's limits, by name; a tenant not named has `default_limits`.
+        max_answers: the answer cache's bound (`deployments.vector_index.answers`).
     """
 
     def __init__(
@@ -110,6 +113,7 @@ class VectorStore:
         hnsw_m: int = 32,
         limits: Mapping[str, TenantLimits] | None = None,
         default_limits: TenantLimits | None = None,
+        max_answers: int = 10_000,
     ) -> None:
         self.path = Path(path)
         self.limits = dict(limits or {})
@@ -129,8 +133,11 @@ class VectorStore:
         self._db.executescript(_SCHEMA)
         row = self._db.execute("SELECT value FROM settings WHERE key='dim'").fetchone()
         self.dim: int | None = int(row[0]) if row else None
+        row = self._db.execute("SELECT value FROM settings WHERE key='seq'").fetchone()
+        self.seq = int(row[0]) if row else 0  # the last write's number; items keep theirs
         self._indexes: dict[str, Any] = {}  # tenant -> its FAISS index
         self._rebuild()
+        self.answers = Answers(self._db, max_answers)
 
     # -- writes ----------------------------------------------------------------
 
@@ -161,7 +168,7 @@ class VectorStore:
             raise InvalidInputError("items.id", "duplicate ids in one request", "send each id once")
         with self._lock.writing():
             self._check_dim(vectors.shape[1], "items.vector")
-            dim = int(vectors.shape[1])
+            dim, seq = int(vectors.shape[1]), self.seq + 1
             with self._transaction():
                 if self.dim is None:
                     self._db.execute("INSERT INTO settings VALUES ('dim', ?)", (str(dim),))
@@ -169,23 +176,27 @@ class VectorStore:
                 for match in replace:
                     if match:
                         removed |= set(self._rows_matching(self._db, match, tenant))
+                touched = [*ids, *self._ids_of(removed)]
                 self._db.executemany("DELETE FROM items WHERE row = ?", [(r,) for r in removed])
                 rows = []
                 for item, vector in zip(items, vectors, strict=True):
                     cursor = self._db.execute(
-                        "INSERT INTO items (tenant, id, text, metadata, vector) "
-                        "VALUES (?, ?, ?, ?, ?)",
+                        "INSERT INTO items (tenant, id, text, metadata, vector, seq) "
+                        "VALUES (?, ?, ?, ?, ?, ?)",
                         (
                             tenant,
                             item["id"],
                             item["text"],
                             json.dumps(item.get("metadata") or {}),
                             vector.tobytes(),
+                            seq,
                         ),
                     )
                     rows.append(cursor.lastrowid)
                 self._within_limits(tenant)  # else rolled back: nothing of it written
+                stale = self._written(seq, tenant, touched)
             self.dim = dim
+            self._committed(seq, stale)
 
             # Committed, so acknowledged; FAISS follows (and is rebuilt from SQLite on open).
             def update() -> None:
@@ -216,8 +227,12 @@ class VectorStore:
                 if match:
                     rows |= set(self._rows_matching(self._db, match, tenant))
             if rows:
+                seq = self.seq + 1
                 with self._transaction():
+                    touched = self._ids_of(rows)
                     self._db.executemany("DELETE FROM items WHERE row = ?", [(r,) for r in rows])
+                    stale = self._written(seq, tenant, touched)
+                self._committed(seq, stale)
                 self._follow(lambda: self._remove_from_index(tenant, sorted(rows)))
             return len(rows), self._count(self._db, tenant)
 
@@ -282,6 +297,45 @@ class VectorStore:
                 return len(self._rows_matching(db, where, tenant))
             return self._count(db, tenant)
 
+    # -- the answer cache (`deployments.vector_index.answers`) ------------------
+
+    def cached(
+        self, vector: Sequence[float] | np.ndarray, scope: str, threshold: float, tenant: str
+    ) -> tuple[Found | None, int]:
+        """`tenant`'s cached answer for `scope` closest to the question `vector`, if at
+        least `threshold` similar; and the store's write number now, which a run
+        answering the question instead gives back to `cache` (`since`)."""
+        check_tenant(tenant)
+        query = _as_matrix([vector], "vector")[0]
+        with self._lock.reading():
+            return self.answers.find(self._reader(), tenant, scope, query, threshold), self.seq
+
+    def cache(
+        self,
+        vector: Sequence[float] | np.ndarray,
+        scope: str,
+        question: str,
+        answer: Any,
+        cost_usd: float,
+        sources: Sequence[str],
+        since: int,
+        tenant: str,
+    ) -> tuple[int | None, str]:
+        """Cache `tenant`'s `answer` to `question` for `scope`, built from the chunks
+        `sources` by a run that began at write number `since` (`cached`'s): (its entry,
+        "stored"), or (None, why not) when one of the chunks changed since."""
+        check_tenant(tenant)
+        query = _as_matrix([vector], "vector")[0]
+        with self._lock.writing():
+            with self._transaction():
+                entry, why, evicted = self.answers.put(
+                    self._db, tenant, scope, question, query, answer, cost_usd, sources, since
+                )
+            self.answers.dropped(evicted)
+            if entry is not None:
+                self.answers.stored(entry, tenant, scope, query)
+        return entry, why
+
     def limits_of(self, tenant: str) -> TenantLimits:
         return self.limits.get(tenant, self.default_limits)
 
@@ -326,6 +380,31 @@ class VectorStore:
             self._reader_dbs.append(db)
         return db
 
+    def _ids_of(self, rows: Iterable[int]) -> list[str]:
+        """The ids of the writer's `rows` (before they are deleted)."""
+        rows = list(rows)
+        ids: list[str] = []
+        for start in range(0, len(rows), 500):
+            chunk = rows[start : start + 500]
+            marks = ",".join("?" * len(chunk))
+            ids += [
+                i
+                for (i,) in self._db.execute(f"SELECT id FROM items WHERE row IN ({marks})", chunk)
+            ]
+        return ids
+
+    def _written(self, seq: int, tenant: str, touched: Sequence[str]) -> set[int]:
+        """In a write's transaction: its number recorded, and the cached answers built
+        from a chunk it `touched` deleted (`Answers.forget`): those, for `_committed`."""
+        self._db.execute("INSERT OR REPLACE INTO settings VALUES ('seq', ?)", (str(seq),))
+        return self.answers.forget(self._db, tenant, touched)
+
+    def _committed(self, seq: int, stale: set[int]) -> None:
+        """After a write's commit, before it is acknowledged (under the write lock): its
+        number is the store's, and its stale answers are gone from memory."""
+        self.seq = seq
+        self.answers.dropped(stale)
+
     def _within_limits(self, tenant: str) -> None:
         """Raise QuotaExceededError if `tenant` now holds more than its limits allow
         (inside the write's transaction, which the raise rolls back)."""
@@ -355,8 +434,11 @@ class VectorStore:
 
     def _migrate(self) -> None:
         """A store written before tenants (`id` unique across all): its items become the
-        default tenant's, their rows (FAISS ids) kept, in one transaction."""
+        default tenant's, their rows (FAISS ids) kept, in one transaction. One written
+        before write numbers: its items get number 0 (older than any answer's run)."""
         columns = [c[1] for c in self._db.execute("PRAGMA table_info(items)")]
+        if "tenant" in columns and "seq" not in columns:
+            self._db.execute("ALTER TABLE items ADD COLUMN seq INTEGER NOT NULL DEFAULT 0")
         if not columns or "tenant" in columns:
             return
         with self._transaction():

@@ -19,6 +19,9 @@ os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 AUTH_DIR = Path(tempfile.mkdtemp(prefix="servegraph-test-auth-"))
 os.environ["SERVEGRAPH_AUTH_KEYS"] = str(AUTH_DIR / "keys.sqlite3")
 os.environ.pop("SERVEGRAPH_AUTH_UNSAFE_DISABLED", None)
+# The answer cache is on for one tenant's keys only: every other test's request runs its
+# graph, as it asserts (tokens, spans, costs); the cache's own tests use that tenant.
+os.environ["SERVEGRAPH_ANSWER_CACHE_TENANTS"] = '["cached"]'
 # The session's traffic splits between pipeline versions, never a previous session's.
 os.environ["SERVEGRAPH_TRAFFIC"] = str(AUTH_DIR / "traffic.json")
 

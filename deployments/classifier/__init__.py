@@ -26,6 +26,7 @@ SERVER = ServerSpec(
     serve_class="deployments.classifier.server:ClassifierDeployment",
     merged_calls=True,
     in_process="deployments.classifier.model:Classifier",
+    models="deployments.classifier.model:model_folders",
     prepare="deployments.classifier.training:prepare",
     route_prefix="/classifier",
     # A replica's start on the 2-core machine (README, "A replica's cold start"): a call

@@ -21,7 +21,7 @@ from deployments.classifier.contract import (
     ClassifyBatchResponse,
     ClassifyRequest,
 )
-from deployments.embedder.model import SentenceEncoder
+from deployments.embedder.model import EmbedderSettings, SentenceEncoder
 from deployments.settings import ModelSettings
 from servegraph.server import annotate
 
@@ -31,6 +31,11 @@ HEAD_FILE = "head.pkl"
 def trained_dir() -> Path:
     """Where set-up trains the head (`deployments.classifier.training`)."""
     return ModelSettings().models_dir / "ticket-classifier"
+
+
+def model_folders() -> list[Path]:
+    """The model files the classifier loads (`ServerSpec.models`): its head, its encoder."""
+    return [trained_dir(), EmbedderSettings().model_dir]
 
 
 class TicketClassifier:

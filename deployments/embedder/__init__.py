@@ -26,6 +26,7 @@ SERVER = ServerSpec(
     serve_class="deployments.embedder.server:EmbedderDeployment",
     merged_calls=True,
     in_process="deployments.embedder.model:Embedder",
+    models="deployments.embedder.model:model_folders",
     route_prefix="/embedder",
     # A replica's start on the 2-core machine (README, "A replica's cold start"): a call
     # to this server scaled to zero that cannot wait this long is refused at once.

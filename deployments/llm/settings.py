@@ -67,3 +67,8 @@ class LLMSettings(BaseSettings):
     @property
     def path(self) -> str:
         return self.source or str(self.converted_dir)
+
+
+def model_folders() -> list[str]:
+    """The model files the LLM engine loads (`ServerSpec.models`)."""
+    return [LLMSettings().path]

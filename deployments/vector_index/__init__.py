@@ -19,6 +19,13 @@ class VectorIndexMethods(Server, name="vector_index"):
         c.DeleteRequest, c.DeleteResponse, writes=True, idempotent=True, tenant_field="tenant"
     )
     count = Method(c.CountRequest, c.CountResponse, idempotent=True, tenant_field="tenant")
+    # The answer cache (`deployments.vector_index.answers`), the platform's to call.
+    answers_get = Method(
+        c.AnswersGetRequest, c.AnswersGetResponse, idempotent=True, tenant_field="tenant"
+    )
+    answers_put = Method(
+        c.AnswersPutRequest, c.AnswersPutResponse, writes=True, tenant_field="tenant"
+    )
 
 
 vector_index = VectorIndexMethods()

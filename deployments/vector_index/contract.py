@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import Annotated, Literal
+from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, Field, StringConstraints
 
@@ -97,9 +97,59 @@ class CountResponse(BaseModel):
     count: int
 
 
+Scope = Annotated[str, StringConstraints(min_length=1, max_length=512)]
+
+
+class AnswersGetRequest(BaseModel):
+    """Look a question up in the answer cache (`deployments.vector_index.answers`)."""
+
+    tenant: Tenant = DEFAULT_TENANT
+    vector: Vector = Field(description="The question's embedding.")
+    scope: Scope = Field(
+        description="What an answer must have been made by: pipeline, version, models."
+    )
+    threshold: float = Field(gt=0, le=1, description="The least similarity to reuse one.")
+
+
+class CachedAnswer(BaseModel):
+    question: str = Field(description="The question it answered.")
+    answer: dict[str, Any]
+    similarity: float
+    cost_usd: float = Field(description="What making it cost.")
+    created: float = Field(description="When it was made (epoch s).")
+
+
+class AnswersGetResponse(BaseModel):
+    hit: CachedAnswer | None
+    since: int = Field(
+        description="The store's write number now: an answer made instead "
+        "is stored with it (`answers_put`), and refused if a chunk it used changed after."
+    )
+
+
+class AnswersPutRequest(BaseModel):
+    tenant: Tenant = DEFAULT_TENANT
+    vector: Vector
+    scope: Scope
+    question: str = Field(max_length=MAX_TEXT_CHARS)
+    answer: dict[str, Any]
+    cost_usd: float = Field(0.0, ge=0)
+    sources: list[Annotated[str, StringConstraints(min_length=1, max_length=512)]] = Field(
+        max_length=1000, description="Ids of the chunks the answer was built from."
+    )
+    since: int = Field(ge=0, description="`answers_get`'s `since`, when the run began.")
+
+
+class AnswersPutResponse(BaseModel):
+    stored: bool
+    reason: str = Field(description="'stored', or why not.")
+    entries: int = Field(description="Answers the cache holds now, every tenant's.")
+
+
 class IndexStats(BaseModel):
     count: int = Field(description="Items, every tenant's.")
     tenants: dict[str, int] = Field(default_factory=dict, description="Items per tenant.")
+    answers: int = Field(0, description="Answers in the answer cache, every tenant's.")
     dim: int | None
     index_type: Literal["flat", "ivf", "hnsw"]
     path: str

@@ -15,6 +15,11 @@ from deployments.settings import ModelSettings
 from deployments.vector_index.contract import (
     AddRequest,
     AddResponse,
+    AnswersGetRequest,
+    AnswersGetResponse,
+    AnswersPutRequest,
+    AnswersPutResponse,
+    CachedAnswer,
     CountRequest,
     CountResponse,
     DeleteRequest,
@@ -48,6 +53,9 @@ class IndexSettings(BaseSettings):
     )
     max_documents_per_tenant: int | None = Field(
         None, ge=0, description="The most documents (distinct doc_ids) a tenant may hold."
+    )
+    max_answers: int = Field(
+        10_000, ge=1, description="Answers the answer cache keeps (least recently used go)."
     )
     tenant_limits: dict[str, TenantLimitsModel] = Field(
         default_factory=dict,
@@ -99,6 +107,7 @@ class VectorIndex:
             index_type,
             limits=limits,
             default_limits=default,
+            max_answers=settings.max_answers,
             **index_options,
         )
 
@@ -129,11 +138,42 @@ class VectorIndex:
     def count(self, request: CountRequest) -> CountResponse:
         return CountResponse(count=self._store.count(request.filter, request.tenant))
 
+    def answers_get(self, request: AnswersGetRequest) -> AnswersGetResponse:
+        found, since = self._store.cached(
+            request.vector, request.scope, request.threshold, request.tenant
+        )
+        if found is None:
+            return AnswersGetResponse(hit=None, since=since)
+        hit = CachedAnswer(
+            question=found.question,
+            answer=found.answer,
+            similarity=found.similarity,
+            cost_usd=found.cost_usd,
+            created=found.created,
+        )
+        return AnswersGetResponse(hit=hit, since=since)
+
+    def answers_put(self, request: AnswersPutRequest) -> AnswersPutResponse:
+        entry, why = self._store.cache(
+            request.vector,
+            request.scope,
+            request.question,
+            request.answer,
+            request.cost_usd,
+            request.sources,
+            request.since,
+            request.tenant,
+        )
+        return AnswersPutResponse(
+            stored=entry is not None, reason=why, entries=len(self._store.answers)
+        )
+
     def stats(self) -> IndexStats:
         tenants = self._store.tenants()
         return IndexStats(
             count=sum(tenants.values()),
             tenants=tenants,
+            answers=len(self._store.answers),
             dim=self._store.dim,
             index_type=self._store.index_type,
             path=str(self._store.path),

@@ -39,7 +39,7 @@ from deployments.vector_index import vector_index
 from deployments.vector_index.contract import Hit
 from pipelines import evidence
 from pipelines.rag.models import Passage, RagAnswer, RagQuery, Ranked, Sentence
-from servegraph import Pipeline, Ref
+from servegraph import AnswerCache, Pipeline, Ref
 
 SYSTEM = (
     "You are a support assistant. Answer the question using only the numbered "
@@ -55,6 +55,9 @@ MIN_SUPPORT = 0.6
 EXTRACTIVE_SENTENCES = 2
 MAX_SENTENCES = 2
 NOTHING_FOUND = "The knowledge base has no passage about this question."
+# Two questions share a cached answer from this similarity (all-MiniLM-L6-v2 cosine):
+# tuned on labelled pairs (pipelines/rag/eval/cache_pairs.jsonl, benchmarks.cache).
+CACHE_THRESHOLD = 0.95
 
 
 def build_pipeline(version: str = "v1", prompt_passages: int = 0) -> Pipeline:
@@ -69,6 +72,14 @@ def build_pipeline(version: str = "v1", prompt_passages: int = 0) -> Pipeline:
         max_in_flight=128,
         signals=answer_signals,
         version=version,
+        # A repeated question (in other words too) is answered from the cache, until a
+        # passage the answer was built from is written (`servegraph.serving.answer_cache`).
+        cache=AnswerCache(
+            question="question",
+            sources="passages.id",
+            threshold=CACHE_THRESHOLD,
+            cacheable="pipelines.rag.qa:cacheable",
+        ),
     )
     ranked = retrieve_ranked(rag, rag.input.question, k=rag.input.k, filter=rag.input.filter)
     prompt = rag.function(
@@ -91,6 +102,12 @@ def build_pipeline(version: str = "v1", prompt_passages: int = 0) -> Pipeline:
     )
     rag.returns(rag.function("answer", make_answer, reply=reply, ranked=ranked))
     return rag
+
+
+def cacheable(answer: RagAnswer) -> bool:
+    """Whether an answer may be kept: not one that found nothing (no passage to forget
+    it by when a document about the question is ingested), nor one cut short."""
+    return answer.method != "no_sources" and bool(answer.passages) and not answer.truncated
 
 
 class AnswerSignals(TypedDict):

@@ -38,6 +38,7 @@ from servegraph.lang.catalog import MethodContract as MethodContract
 from servegraph.lang.catalog import ServerSpec as ServerSpec
 from servegraph.lang.compiled import CompiledGraph as CompiledGraph
 from servegraph.lang.compiled import compile as compile
+from servegraph.lang.graph import AnswerCache as AnswerCache
 from servegraph.lang.graph import Decision as Decision
 from servegraph.lang.graph import DeploymentOverrides as DeploymentOverrides
 from servegraph.lang.graph import Graph as Graph
@@ -57,6 +58,7 @@ from servegraph.tenants import check_tenant as check_tenant
 __all__ = [
     "DEFAULT_TENANT",
     "TENANT_PATTERN",
+    "AnswerCache",
     "BudgetExceededError",
     "Catalog",
     "CatalogError",

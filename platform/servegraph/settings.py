@@ -43,6 +43,15 @@ class AppSettings(BaseSettings):
             "'{\"/pipelines/rag_ingest\": 16777216}'."
         ),
     )
+    answer_cache_tenants: list[str] = Field(
+        default_factory=lambda: ["*"],
+        description=(
+            "The tenants whose requests use the answer cache of the pipelines that "
+            'declare one, as JSON: ["*"] (every tenant, the default), [] (nobody: the '
+            'cache off), or names (["acme", "globex"]): a team may want every answer made '
+            "afresh."
+        ),
+    )
     ingress: Literal["proxy", "haproxy"] = Field(
         "proxy",
         description=(

@@ -137,6 +137,10 @@ class ServerSpec:
     method, response model), e.g. ``{"stats": ("batch_stats", BatchStats)}``."""
     merged_calls: bool = False
     cold_start_s: float | None = None
+    models: str | None = None
+    """Import path of a function of no arguments returning the folders of the model files
+    the server loads (by default): answers cached from a pipeline that calls it are kept
+    for those files only (`servegraph.serving.answer_cache`)."""
 
 
 @dataclass

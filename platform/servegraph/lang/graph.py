@@ -260,6 +260,39 @@ VERSION_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9._-]{0,31}$"
 DEFAULT_VERSION = "v1"
 
 
+class AnswerCache(BaseModel):
+    """A pipeline's semantic answer cache (`servegraph.serving.answer_cache`): a request
+    whose question is close enough to one answered before, by the same tenant, pipeline
+    version and models, gets that answer without running the graph; the answer is
+    forgotten the moment a chunk it was built from is written.
+
+    The platform embeds the `question` field with `embed` and keeps the answers in
+    `store` (a server with `answers_get` and `answers_put`: the vector index, where the
+    chunks are, so a write and the answers it makes stale go in one transaction)."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    question: str = Field(description="The input field holding the question's text.")
+    sources: str = Field(
+        description="Where the output lists the chunks the answer was built from: "
+        "'<list field>.<id field>' (rag: 'passages.id')."
+    )
+    threshold: float = Field(
+        0.95,
+        gt=0,
+        le=1,
+        description="The least similarity (cosine) of two questions for one answer to "
+        "serve both; tuned on labelled pairs (`pipelines/rag/eval/cache_pairs.jsonl`).",
+    )
+    embed: str = Field("embedder.embed_one", description="server.method: {text} -> {vector}.")
+    store: str = Field("vector_index", description="The server keeping the answers.")
+    cacheable: str | None = Field(
+        None,
+        description="Import path of a function from the output to bool: whether this "
+        "answer may be kept (e.g. not one that found nothing). Default: every answer.",
+    )
+
+
 class Graph(BaseModel):
     """A pipeline (or a sub-graph of one): typed input, nodes, and what it returns."""
 
@@ -300,6 +333,9 @@ class Graph(BaseModel):
         "{signal: number}: what an answer says about its quality without a label (for "
         "`rag`, whether the LLM's answer was kept, its citations), recorded per version "
         "so that versions can be compared on live traffic.",
+    )
+    cache: AnswerCache | None = Field(
+        None, description="Answer repeated questions from a cache (`AnswerCache`)."
     )
 
     def calls(self, actions: bool = True) -> list[CallNode]:
@@ -410,6 +446,8 @@ class Pipeline:
             name are served side by side on its route (`servegraph.serving.traffic`).
         signals: a function from the output to {signal: number}, the answer's quality
             signals that need no label, recorded per version (`servegraph.serving.versions`).
+        cache: answer repeated questions from a semantic cache that forgets an answer
+            when a chunk it was built from changes (`AnswerCache`).
     """
 
     def __init__(
@@ -423,8 +461,10 @@ class Pipeline:
         max_in_flight: int | None = None,
         version: str = DEFAULT_VERSION,
         signals: Callable[[Any], Mapping[str, object]] | None = None,
+        cache: AnswerCache | None = None,
     ) -> None:
         self.name = name
+        self.cache = cache
         self.version = version
         self.signals = import_path(signals) if signals else None
         self.deadline_s = deadline_s
@@ -629,6 +669,7 @@ class Pipeline:
             returns=self._returns if self._returns is not None else {},
             deadline_s=self.deadline_s,
             max_in_flight=self.max_in_flight,
+            cache=self.cache,
         )
 
     def _add(self, node: Any) -> Ref:

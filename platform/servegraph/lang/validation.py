@@ -7,6 +7,7 @@
 from __future__ import annotations
 
 import inspect
+import typing
 from typing import Any, assert_never
 
 from pydantic import BaseModel, TypeAdapter, ValidationError
@@ -16,6 +17,7 @@ from servegraph.lang._types import compatible, describe, field_type, function_po
 from servegraph.lang.catalog import Catalog
 from servegraph.lang.graph import (
     INPUT,
+    AnswerCache,
     ApprovalNode,
     CallNode,
     Decision,
@@ -75,6 +77,8 @@ class _Checker:
                     "annotate its return with a TypedDict naming each signal (a "
                     "rollout's gates are checked against those names)",
                 )
+        if self.graph.cache is not None:
+            self._check_cache(self.graph.cache, input_type, output_type)
         self._check_names()
         known = set(self.names) | {INPUT}
         types: dict[str, Any] = {INPUT: input_type or Any}
@@ -88,6 +92,47 @@ class _Checker:
         self._check_cycles()
         self._check_reachable()
         return self.problems
+
+    def _check_cache(self, cache: AnswerCache, input_type: Any, output_type: Any) -> None:
+        """The question is a text field of the input, the sources a list of objects'
+        ids in the output, the embedder and the store servers the catalog has."""
+        fields = getattr(input_type, "model_fields", {})
+        if cache.question not in fields or fields[cache.question].annotation is not str:
+            self._problem(
+                "cache",
+                f"the question field {cache.question!r} is not a str field of the input",
+                f"name one of the input's text fields: {sorted(fields)}",
+                "question",
+            )
+        listed, _, key = cache.sources.partition(".")
+        outputs = getattr(output_type, "model_fields", {})
+        items = typing.get_args(outputs[listed].annotation) if listed in outputs else ()
+        if not key or len(items) != 1 or key not in getattr(items[0], "model_fields", {}):
+            self._problem(
+                "cache",
+                f"sources {cache.sources!r} is not '<list field>.<id field>' of the output",
+                "name the output's list of what the answer was built from, and their id "
+                "field (rag: 'passages.id')",
+                "sources",
+            )
+        server, _, method = cache.embed.partition(".")
+        for port, (name, methods) in {
+            "embed": (server, [method]),
+            "store": (cache.store, ["answers_get", "answers_put"]),
+        }.items():
+            for wanted in methods:
+                try:
+                    self.catalog.contract(name, wanted)
+                except CatalogError as exc:
+                    self._problem(
+                        "cache", str(exc), "name a server and method from the catalog", port
+                    )
+        if cache.cacheable is not None:
+            check = self._import(cache.cacheable, "cache", "cacheable function")
+            if check is not None and not callable(check):
+                self._problem(
+                    "cache", f"{cache.cacheable!r} is not callable", "name a function", "cacheable"
+                )
 
     # -- helpers ---------------------------------------------------------------
 

@@ -28,7 +28,13 @@ from servegraph.cost.budget import Budget, CostModel
 from servegraph.cost.metering import total as total_charge
 from servegraph.cost.prices import prices
 from servegraph.engine import tokens
-from servegraph.engine.runtime import NodeRecord, Runtime, RunWaiting, default_deadline
+from servegraph.engine.runtime import (
+    NodeRecord,
+    RunResult,
+    Runtime,
+    RunWaiting,
+    default_deadline,
+)
 from servegraph.errors import PipelineRuntimeError
 from servegraph.lang.catalog import Catalog
 from servegraph.lang.compiled import CompiledGraph
@@ -41,6 +47,7 @@ from servegraph.security.guard import Guard
 from servegraph.security.keys import AuthError, Caller
 from servegraph.serving import sse
 from servegraph.serving.admission import DEFAULT_MAX_IN_FLIGHT, AdmissionGate, publishing
+from servegraph.serving.answer_cache import Lookup, ServedCache, cache_control, usage_part
 from servegraph.serving.handles import ServeInvoker
 from servegraph.serving.http import (
     BudgetErrorBody,
@@ -473,6 +480,42 @@ def pipeline_router(
     output_type = compiled.output
     run_options = _run_options(graph)
     books = _Accounting(graph, runtime.catalog, metrics, demand, uses_llm)
+    caches = {
+        version: ServedCache(c.graph, runtime, runtime.catalog)
+        for version, c in served.items()
+        if c.graph.cache is not None and runs is None
+    }
+    caching = set(AppSettings().answer_cache_tenants)  # who uses them
+
+    async def cached(
+        version: str, request: BaseModel, http: Request, run: _Account, execution: dict
+    ) -> Lookup | None:
+        """The request's lookup in its version's answer cache, as its Cache-Control
+        lets it (`servegraph.serving.answer_cache`); what is left of its deadline goes
+        to the run. None: no cache, not for the request's tenant
+        (`AppSettings.answer_cache_tenants`), no-cache with no-store, or the lookup
+        failed (the request is answered without the cache)."""
+        cache = caches.get(version)
+        look, keep = cache_control(http.headers.get("cache-control"))
+        if cache is None or not (look or keep) or not caching & {"*", run.tenant}:
+            return None
+        began = time.perf_counter()
+        try:
+            lookup = await cache.find(
+                request, deadline_s=execution["deadline_s"], records=run.records, tenant=run.tenant
+            )
+        except PipelineRuntimeError as exc:
+            logger.warning("the answer cache of %s failed (%s); answering without", version, exc)
+            return None
+        spent = time.perf_counter() - began
+        execution["deadline_s"] = max(execution["deadline_s"] - spent, 0.001)
+        lookup.keep = keep
+        if not look:
+            lookup.output, lookup.result = None, "bypass"
+        if metrics is not None:
+            saved = lookup.saved_usd if lookup.hit else 0.0
+            metrics.record_cache(graph.name, version, run.tenant, lookup.result, saved)
+        return lookup
 
     async def run_pipeline(
         request: input_model,  # type: ignore[valid-type]
@@ -486,10 +529,16 @@ def pipeline_router(
         run = await books.open(request, http, caller, target.graph, options.tenant)
         execution = _execution(run, options, target.graph)
         shadow = shadows.start(chosen, request, execution) if shadows else None
-        status, output = 200, None
+        status, output, lookup = 200, None, None
         try:
             if runs is None:
-                result = await runtime.execute(target, request, **execution)
+                lookup = await cached(chosen.version, request, http, run, execution)
+                if lookup is not None and lookup.hit:
+                    result = RunResult(lookup.output, run.records, "")
+                else:
+                    result = await runtime.execute(target, request, **execution)
+                    if lookup is not None and lookup.keep:
+                        caches[chosen.version].keep(lookup, result.output, run.records, run.tenant)
             else:
                 run_id, outcome = await runs.start(request, caller, **execution)
                 if isinstance(outcome, Response):  # stopped for a decision: 202
@@ -510,7 +559,9 @@ def pipeline_router(
             finally:
                 _ended(shadow, run, status, output)
         response.headers.update(
-            _usage_headers(run.records, total_ms, options.budget, chosen.version)
+            _usage_headers(
+                run.records, total_ms, options.budget, chosen.version, usage_part(lookup)
+            )
         )
         if signals is not None and status == 200:
             signals.record(chosen.version, "primary", output)
@@ -528,6 +579,26 @@ def pipeline_router(
         execution = _execution(run, options, target.graph)
         recorded = await runs.begin(request, caller, run.tenant) if runs is not None else {}
         shadow = shadows.start(chosen, request, execution) if shadows else None
+        lookup = None
+        if runs is None:
+            try:
+                lookup = await cached(chosen.version, request, http, run, execution)
+            except BaseException as exc:
+                status = 499 if isinstance(exc, asyncio.CancelledError) else _status_of(exc)
+                _ended(shadow, run, status)
+                await books.close(run, status)
+                raise
+        if lookup is not None and lookup.hit:
+            _ended(shadow, run, 200, lookup.output)
+            total_ms = await books.close(run, 200)
+            if signals is not None:
+                signals.record(chosen.version, "primary", lookup.output)
+            usage = usage_of(run.records, total_ms, options.budget, chosen.version)
+            hit = [
+                sse.encode("usage", usage | usage_part(lookup)),
+                sse.encode("result", jsonable_encoder(lookup.output)),
+            ]
+            return EventSourceResponse(_replay(hit), headers=_stream_headers(chosen.version))
         events = runtime.stream(target, request, **execution, **recorded)
         try:  # a run failing before any progress is answered with its own status
             held = await sse.hold_until_progress(events)
@@ -561,12 +632,14 @@ def pipeline_router(
                     event = await anext(events)
                 total_ms = (time.perf_counter() - run.started) * 1000
                 usage = usage_of(run.records, total_ms, options.budget, chosen.version)
-                yield sse.encode("usage", usage)
+                yield sse.encode("usage", usage | usage_part(lookup))
                 if runs is not None:
                     await runs.ended(recorded["run_id"], event.data.output)
                 output = event.data.output
                 if signals is not None:
                     signals.record(chosen.version, "primary", output)
+                if lookup is not None and lookup.keep:
+                    caches[chosen.version].keep(lookup, output, run.records, run.tenant)
                 yield sse.encode("result", jsonable_encoder(output))
             except RunWaiting as stop:  # the stream ends with what the run waits for
                 assert runs is not None
@@ -593,10 +666,7 @@ def pipeline_router(
                     runs.release(recorded["run_id"])
                 await books.close(run, status)
 
-        headers = {"cache-control": "no-cache", VERSION_HEADER: chosen.version}
-        if trace_id := tracing.current_trace_id():
-            headers["x-trace-id"] = trace_id
-        return EventSourceResponse(body(), headers=headers)
+        return EventSourceResponse(body(), headers=_stream_headers(chosen.version))
 
     waits: dict[int | str, dict[str, Any]] = {}
     if runs is not None:
@@ -736,11 +806,16 @@ def usage_of(
 
 
 def _usage_headers(
-    records: list[NodeRecord], total_ms: float, budget: Budget | None, version: str
+    records: list[NodeRecord],
+    total_ms: float,
+    budget: Budget | None,
+    version: str,
+    cache: dict[str, Any] | None = None,
 ) -> dict[str, str]:
     """The usage as x-servegraph-usage, the same timings as Server-Timing (shown by
-    browsers and `curl -v`), the version that answered, and the trace id."""
-    usage = usage_of(records, total_ms, budget, version)
+    browsers and `curl -v`), the version that answered, and the trace id; with `cache`,
+    what the answer cache did (its part of the usage, and X-Servegraph-Cache)."""
+    usage = usage_of(records, total_ms, budget, version) | (cache or {})
     nodes_ms: dict[str, float] = usage["nodes_ms"]
     timing = [f"{_token(node)};dur={ms:.1f}" for node, ms in list(nodes_ms.items())[-20:]]
     headers = {
@@ -748,10 +823,24 @@ def _usage_headers(
         "server-timing": ", ".join([*timing, f"total;dur={total_ms:.1f}"]),
         VERSION_HEADER: version,
     }
+    if cache:
+        headers["x-servegraph-cache"] = cache["cache"]
     trace_id = tracing.current_trace_id()
     if trace_id:
         headers["x-trace-id"] = trace_id
     return headers
+
+
+def _stream_headers(version: str) -> dict[str, str]:
+    headers = {"cache-control": "no-cache", VERSION_HEADER: version}
+    if trace_id := tracing.current_trace_id():
+        headers["x-trace-id"] = trace_id
+    return headers
+
+
+async def _replay(events: list[bytes]) -> AsyncIterator[bytes]:
+    for event in events:
+        yield event
 
 
 def _token(name: str) -> str:

@@ -211,6 +211,24 @@ class PipelineMetrics:
             "role",
             "signal",
         )
+        self.cache_lookups = _counter(
+            coalesced,
+            "servegraph_cache_lookups",
+            "Answer-cache lookups by result (hit, miss; bypass: Cache-Control: no-cache), "
+            "per tenant: the hit rate is hits over hits and misses.",
+            "pipeline",
+            "version",
+            "tenant",
+            "result",
+        )
+        self.cache_saved_usd = _counter(
+            coalesced,
+            "servegraph_cache_saved_usd",
+            "What the answers served from the cache had cost to make: the cost avoided.",
+            "pipeline",
+            "version",
+            "tenant",
+        )
         self.shadow_agreement = metrics.Histogram(
             "servegraph_shadow_agreement",
             description="How alike a shadow's answer was to the primary's (1: the same).",
@@ -241,6 +259,14 @@ class PipelineMetrics:
         for signal, value in signals.items():
             if value:  # a counter takes no zero; a mean's zeros are the 200s without it
                 self.version_signals.inc(value, tags={**tags, "signal": signal})
+
+    def record_cache(
+        self, pipeline: str, version: str, tenant: str, result: str, saved_usd: float = 0.0
+    ) -> None:
+        tags = {"pipeline": pipeline, "version": version, "tenant": tenant}
+        self.cache_lookups.inc(tags={**tags, "result": result})
+        if saved_usd > 0:
+            self.cache_saved_usd.inc(saved_usd, tags=tags)
 
     def record_agreement(self, pipeline: str, version: str, agreement: float) -> None:
         self.shadow_agreement.observe(agreement, tags={"pipeline": pipeline, "version": version})

@@ -135,7 +135,7 @@ class AnswersPutRequest(BaseModel):
     answer: dict[str, Any]
     cost_usd: float = Field(0.0, ge=0)
     sources: list[Annotated[str, StringConstraints(min_length=1, max_length=512)]] = Field(
-        max_length=1000, description="Ids of the chunks the answer was built from."
+        min_length=1, max_length=1000, description="Ids of the chunks the answer was built from."
     )
     since: int = Field(ge=0, description="`answers_get`'s `since`, when the run began.")
 

@@ -308,6 +308,7 @@ class VectorStore:
         check_tenant(tenant)
         query = _as_matrix([vector], "vector")[0]
         with self._lock.reading():
+            self._check_dim(query.shape[0], "vector")
             return self.answers.find(self._reader(), tenant, scope, query, threshold), self.seq
 
     def cache(
@@ -326,7 +327,15 @@ class VectorStore:
         "stored"), or (None, why not) when one of the chunks changed since."""
         check_tenant(tenant)
         query = _as_matrix([vector], "vector")[0]
+        if not sources:
+            raise InvalidInputError(
+                "sources",
+                "an answer built from no chunk could never be forgotten by a write",
+                "send the ids of the chunks the answer was built from; keep no answer "
+                "that found nothing",
+            )
         with self._lock.writing():
+            self._check_dim(query.shape[0], "vector")
             with self._transaction():
                 entry, why, evicted = self.answers.put(
                     self._db, tenant, scope, question, query, answer, cost_usd, sources, since

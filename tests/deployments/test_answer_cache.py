@@ -161,3 +161,19 @@ def test_no_answer_built_on_an_old_version_is_served_after_the_write_returned(
             future.result()
     assert not stale, stale[:5]
     assert hits[0] > 0  # the cache answered some: the race was run, not avoided
+
+
+def test_a_vector_of_another_size_or_an_answer_of_no_chunk_is_refused(tmp_path: Path) -> None:
+    from servegraph.errors import InvalidInputError
+
+    store = VectorStore(tmp_path)
+    store.add(doc("a", 1, 1))
+    _, since = store.cached(vec(1), SCOPE, 0.9, "default")
+    with pytest.raises(InvalidInputError) as refused:
+        store.cached(vec(1, dim=8), SCOPE, 0.9, "default")
+    assert refused.value.field == "vector"
+    with pytest.raises(InvalidInputError, match="sources"):
+        store.cache(vec(1), SCOPE, "q", {}, 0.0, [], since, "default")
+    with pytest.raises(InvalidInputError):
+        store.cache(vec(1, dim=8), SCOPE, "q", {}, 0.0, ["a#0"], since, "default")
+    assert len(store.answers) == 0

@@ -29,6 +29,7 @@ BENCHMARKS = [
     "versions",
     "tenants",
     "tenant_fuzz",
+    "cache",
     "chaos_runs",  # its own platform, killed three times: about 20 minutes
 ]
 

@@ -19,7 +19,11 @@ Never stale, by construction, because both sides are the store's own transaction
   after `since`. So a write racing the run either removed the entry (it was stored
   first) or kept it from being stored.
 
-Bounded: at most `max_entries`; a new entry past it replaces the least recently used.
+What it does not do: forget an answer when a document it did not use is added, though a
+fresh run might now retrieve it. A lookup's `max_age_s` bounds how long that can last.
+
+Bounded: at most `max_entries` per tenant; a tenant's new entry past it replaces that
+tenant's least recently used, so one tenant's questions never push out another's.
 Every entry survives a restart (SQLite); which were used recently does not (they start
 again from their creation times).
 """
@@ -125,9 +129,10 @@ class Answers:
         scope: str,
         vector: np.ndarray,
         threshold: float,
+        max_age_s: float | None = None,
     ) -> Found | None:
         """The entry of `tenant` and `scope` whose question is most similar to
-        `vector`, if at least `threshold`."""
+        `vector`, if at least `threshold` (and made less than `max_age_s` ago)."""
         group = self._groups.get((tenant, scope))
         best = group.best(vector) if group is not None else None
         if best is None or best[1] < threshold:
@@ -138,6 +143,8 @@ class Answers:
         ).fetchone()
         if row is None:  # gone between the two reads (cannot under the read lock)
             return None
+        if max_age_s is not None and row[3] < time.time() - max_age_s:
+            return None  # made anew, and kept in its place
         self._used[entry] = time.time()
         question, answer, cost_usd, created = row
         return Found(entry, question, json.loads(answer), similarity, cost_usd, created)
@@ -190,9 +197,10 @@ class Answers:
         if unchanged != len(sources):
             return None, "a chunk it was built from changed or went while it ran", set()
         evicted = set()
-        if len(self._where) >= self.max_entries:
-            by_use = sorted(self._used, key=self._used.__getitem__)
-            evicted = set(by_use[: len(self._where) - self.max_entries + 1])
+        own = [e for e, (t, _) in self._where.items() if t == tenant]
+        if len(own) >= self.max_entries:
+            by_use = sorted(own, key=self._used.__getitem__)
+            evicted = set(by_use[: len(own) - self.max_entries + 1])
             self._delete(db, evicted)
         entry = db.execute(
             "INSERT INTO answers (tenant, scope, question, vector, answer, cost_usd, created) "

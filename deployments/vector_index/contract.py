@@ -2,9 +2,10 @@
 
 from __future__ import annotations
 
+import json
 from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, Field, StringConstraints
+from pydantic import BaseModel, Field, StringConstraints, field_validator
 
 from deployments.fields import MAX_BATCH, MAX_TEXT_CHARS, Metadata, MetadataValue, Vector
 from servegraph import DEFAULT_TENANT, TENANT_PATTERN
@@ -98,6 +99,7 @@ class CountResponse(BaseModel):
 
 
 Scope = Annotated[str, StringConstraints(min_length=1, max_length=512)]
+MAX_ANSWER_BYTES = 256 * 1024
 
 
 class AnswersGetRequest(BaseModel):
@@ -109,6 +111,7 @@ class AnswersGetRequest(BaseModel):
         description="What an answer must have been made by: pipeline, version, models."
     )
     threshold: float = Field(gt=0, le=1, description="The least similarity to reuse one.")
+    max_age_s: float = Field(86_400, gt=0, description="The oldest answer to reuse, seconds.")
 
 
 class CachedAnswer(BaseModel):
@@ -132,12 +135,19 @@ class AnswersPutRequest(BaseModel):
     vector: Vector
     scope: Scope
     question: str = Field(max_length=MAX_TEXT_CHARS)
-    answer: dict[str, Any]
+    answer: dict[str, Any] = Field(description="The answer, as JSON: at most 256 KiB.")
     cost_usd: float = Field(0.0, ge=0)
     sources: list[Annotated[str, StringConstraints(min_length=1, max_length=512)]] = Field(
         min_length=1, max_length=1000, description="Ids of the chunks the answer was built from."
     )
     since: int = Field(ge=0, description="`answers_get`'s `since`, when the run began.")
+
+    @field_validator("answer")
+    @classmethod
+    def _bounded(cls, answer: dict[str, Any]) -> dict[str, Any]:
+        if len(json.dumps(answer)) > MAX_ANSWER_BYTES:
+            raise ValueError(f"an answer is kept up to {MAX_ANSWER_BYTES} bytes of JSON")
+        return answer
 
 
 class AnswersPutResponse(BaseModel):

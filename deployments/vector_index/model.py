@@ -55,7 +55,10 @@ class IndexSettings(BaseSettings):
         None, ge=0, description="The most documents (distinct doc_ids) a tenant may hold."
     )
     max_answers: int = Field(
-        10_000, ge=1, description="Answers the answer cache keeps (least recently used go)."
+        10_000,
+        ge=1,
+        description="Answers the answer cache keeps per tenant (its least recently used "
+        "go first: one tenant's questions never push out another's).",
     )
     tenant_limits: dict[str, TenantLimitsModel] = Field(
         default_factory=dict,
@@ -140,7 +143,7 @@ class VectorIndex:
 
     def answers_get(self, request: AnswersGetRequest) -> AnswersGetResponse:
         found, since = self._store.cached(
-            request.vector, request.scope, request.threshold, request.tenant
+            request.vector, request.scope, request.threshold, request.tenant, request.max_age_s
         )
         if found is None:
             return AnswersGetResponse(hit=None, since=since)

@@ -101,7 +101,7 @@ class VectorStore:
             the data when it opens) or "hnsw" (graph; deletes rebuild it).
         nlist: IVF lists; nprobe: IVF lists probed per search; hnsw_m: HNSW degree.
         limits: each tenant's limits, by name; a tenant not named has `default_limits`.
-        max_answers: the answer cache's bound (`deployments.vector_index.answers`).
+        max_answers: the answer cache's bound per tenant (`deployments.vector_index.answers`).
     """
 
     def __init__(
@@ -300,16 +300,23 @@ class VectorStore:
     # -- the answer cache (`deployments.vector_index.answers`) ------------------
 
     def cached(
-        self, vector: Sequence[float] | np.ndarray, scope: str, threshold: float, tenant: str
+        self,
+        vector: Sequence[float] | np.ndarray,
+        scope: str,
+        threshold: float,
+        tenant: str,
+        max_age_s: float | None = None,
     ) -> tuple[Found | None, int]:
         """`tenant`'s cached answer for `scope` closest to the question `vector`, if at
-        least `threshold` similar; and the store's write number now, which a run
-        answering the question instead gives back to `cache` (`since`)."""
+        least `threshold` similar (and younger than `max_age_s`); and the store's write
+        number now, which a run answering the question instead gives back to `cache`
+        (`since`)."""
         check_tenant(tenant)
         query = _as_matrix([vector], "vector")[0]
         with self._lock.reading():
             self._check_dim(query.shape[0], "vector")
-            return self.answers.find(self._reader(), tenant, scope, query, threshold), self.seq
+            found = self.answers.find(self._reader(), tenant, scope, query, threshold, max_age_s)
+            return found, self.seq
 
     def cache(
         self,

@@ -5,7 +5,8 @@ writes documents carries the tenant of the request's key in the field its contra
 pipeline wired, so no pipeline can read another tenant's documents or forget to say
 whose it reads. The vector index applies it in its own store (one FAISS index per
 tenant, ids unique per tenant). An `admin` key may act for a named tenant
-(`X-Servegraph-Tenant`); any other key acts for its own.
+(`X-Servegraph-Tenant`); any other key acts for its own. (The support records `triage`
+reads are one shop's customers, not split by tenant: their methods name no tenant.)
 """
 
 from __future__ import annotations

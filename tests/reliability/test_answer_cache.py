@@ -85,6 +85,6 @@ def test_a_cached_answer_is_forgotten_by_a_write_and_outlives_the_ingress(
             time.sleep(0.5)
         assert answer.headers["x-servegraph-cache"] == "hit"
 
-    raced = race(pipelines.base_url, key, seconds=10, writers=2, readers=4)
+    raced = race(pipelines.base_url, key, seconds=15, writers=2, readers=4, pause_s=(3, 6))
     assert raced["stale"] == 0, raced["examples"]
     assert raced["writes"] > 0 and raced["hit"] + raced["miss"] > 0, raced

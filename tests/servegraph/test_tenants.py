@@ -255,3 +255,19 @@ def test_keys_create_gives_a_key_its_tenant_and_list_shows_it(
     assert "tenant" in capsys.readouterr().out
     assert main(["keys", "list"]) == 0
     assert "acme-app  tenant=acme  scopes=llm" in capsys.readouterr().out
+
+
+def test_a_cache_on_a_pipeline_that_writes_or_on_a_store_without_tenants_is_refused() -> None:
+    from servegraph import AnswerCache
+
+    p = Pipeline(
+        "cached_note",
+        input=Note,
+        output=AddResponse,
+        cache=AnswerCache(question="text", sources="ids.id"),
+    )
+    made = p.function("items", items, doc_id=p.input.doc_id, text=p.input.text, seed=p.input.seed)
+    p.returns(p.call("index", vector_index.add(items=made)))
+    found = {(problem.port, problem.message.split(":")[0]) for problem in check(p.build(), CATALOG)}
+    assert ("cache", "node 'index' writes (vector_index.add)") in found
+    assert any(port == "sources" for port, _ in found)  # AddResponse has no list `ids`

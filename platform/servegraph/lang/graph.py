@@ -284,6 +284,14 @@ class AnswerCache(BaseModel):
         description="The least similarity (cosine) of two questions for one answer to "
         "serve both; tuned on labelled pairs (`pipelines/rag/eval/cache_pairs.jsonl`).",
     )
+    max_age_s: float = Field(
+        86_400,
+        gt=0,
+        le=30 * 86_400,
+        description="The oldest answer reused, in seconds (a day): an answer is forgotten "
+        "when a chunk it was built from changes, not when a document it did not use is "
+        "added; this bounds how long a newer, better source can go unread.",
+    )
     embed: str = Field("embedder.embed_one", description="server.method: {text} -> {vector}.")
     store: str = Field("vector_index", description="The server keeping the answers.")
     cacheable: str | None = Field(

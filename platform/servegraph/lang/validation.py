@@ -116,17 +116,48 @@ class _Checker:
                 "sources",
             )
         server, _, method = cache.embed.partition(".")
-        for port, (name, methods) in {
-            "embed": (server, [method]),
-            "store": (cache.store, ["answers_get", "answers_put"]),
-        }.items():
-            for wanted in methods:
-                try:
-                    self.catalog.contract(name, wanted)
-                except CatalogError as exc:
-                    self._problem(
-                        "cache", str(exc), "name a server and method from the catalog", port
-                    )
+        try:
+            embed = self.catalog.contract(server, method)
+        except CatalogError as exc:
+            self._problem("cache", str(exc), "name a server and method from the catalog", "embed")
+        else:
+            if "text" not in embed.request.model_fields or (
+                "vector" not in embed.response.model_fields
+            ):
+                self._problem(
+                    "cache",
+                    f"{cache.embed} does not take `text` and answer a `vector`",
+                    "name a method embedding one text, as embedder.embed_one",
+                    "embed",
+                )
+        for wanted in ("answers_get", "answers_put"):
+            try:
+                kept = self.catalog.contract(cache.store, wanted)
+            except CatalogError as exc:
+                fix = "name the server keeping the answers (vector_index)"
+                self._problem("cache", str(exc), fix, "store")
+                continue
+            if kept.tenant_field is None:
+                self._problem(
+                    "cache",
+                    f"{cache.store}.{wanted} takes no tenant: tenants would share answers",
+                    "keep answers in a server whose answers methods name a tenant_field",
+                    "store",
+                )
+        for call in self.graph.calls():
+            try:
+                contract = self.catalog.contract(call.server, call.method)
+            except CatalogError:
+                continue  # named by the node's own problem
+            if contract.writes:
+                self._problem(
+                    "cache",
+                    f"node {call.name!r} writes ({call.server}.{call.method}): a cached "
+                    "answer would skip the write",
+                    "cache only pipelines that read; remove `cache`",
+                    "cache",
+                )
+                break
         if cache.cacheable is not None:
             check = self._import(cache.cacheable, "cache", "cacheable function")
             if check is not None and not callable(check):

@@ -46,6 +46,7 @@ class LookupInput(BaseModel):
     question: str
     scope: str
     threshold: float
+    max_age_s: float
 
 
 class Looked(BaseModel):
@@ -122,7 +123,12 @@ class ServedCache:
         scope = f"{self.scope}|{hashlib.sha256(rest.encode()).hexdigest()[:16]}"
         looked = await self.runtime.run(
             self.lookup_graph,
-            LookupInput(question=question, scope=scope, threshold=self.spec.threshold),
+            LookupInput(
+                question=question,
+                scope=scope,
+                threshold=self.spec.threshold,
+                max_age_s=self.spec.max_age_s,
+            ),
             deadline_s=deadline_s,
             records=records,
             tenant=tenant,
@@ -151,7 +157,13 @@ class ServedCache:
         """Keep `output`, the answer the graph made after `lookup` missed, in the
         background (the caller has its answer already): what it cost, what it was built
         from, and the write number the run began at (the store refuses it if one of its
-        chunks changed since)."""
+        chunks changed since). Never raises: an answer not kept is a later miss."""
+        try:
+            self._send(lookup, output, records, tenant)
+        except Exception:
+            logger.warning("an answer of %s could not be kept", self.scope, exc_info=True)
+
+    def _send(self, lookup: Lookup, output: Any, records: list[NodeRecord], tenant: str) -> None:
         if lookup.vector is None or (self.cacheable is not None and not self.cacheable(output)):
             return
         answer = self.output.dump_python(output, mode="json")
@@ -180,13 +192,25 @@ class ServedCache:
 
 def models_of(graph: Graph, catalog: Catalog) -> str:
     """The identity of the model files the servers `graph` calls load, as this node
-    has them (`ServerSpec.models`)."""
+    has them (`ServerSpec.models`), read when the ingress starts; "unknown" where this
+    node cannot say (answers are then kept under that, until it can)."""
     folders = []
-    for server in sorted({call.server for call in graph.calls()}):
-        spec = catalog[server]
-        if spec.models:
-            folders += [str(f) for f in resolve(spec.models)()]
+    try:
+        for server in sorted({call.server for call in graph.calls()}):
+            spec = catalog[server]
+            if spec.models:
+                folders += [str(f) for f in resolve(spec.models)()]
+    except Exception as exc:  # a model package missing on this node
+        logger.warning("the model files of %s are unknown here: %s", graph.name, exc)
+        return "unknown"
     return identity(*folders) if folders else "no-models"
+
+
+def lookup_deadline(deadline_s: float) -> float:
+    """The share of a request's deadline its lookup may take: a quarter, at most 2 s
+    (an embedding and a search, milliseconds when the servers keep up); the run gets
+    the rest, whether the lookup answered or not."""
+    return min(deadline_s / 4, 2.0)
 
 
 def _lookup_graph(name: str, spec: AnswerCache) -> Graph:
@@ -200,6 +224,7 @@ def _lookup_graph(name: str, spec: AnswerCache) -> Graph:
         vector=embedded.vector,
         scope=p.input.scope,
         threshold=p.input.threshold,
+        max_age_s=p.input.max_age_s,
         idempotent=True,
     )
     p.returns(found=found, embedded=embedded)

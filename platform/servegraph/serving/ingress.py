@@ -47,7 +47,13 @@ from servegraph.security.guard import Guard
 from servegraph.security.keys import AuthError, Caller
 from servegraph.serving import sse
 from servegraph.serving.admission import DEFAULT_MAX_IN_FLIGHT, AdmissionGate, publishing
-from servegraph.serving.answer_cache import Lookup, ServedCache, cache_control, usage_part
+from servegraph.serving.answer_cache import (
+    Lookup,
+    ServedCache,
+    cache_control,
+    lookup_deadline,
+    usage_part,
+)
 from servegraph.serving.handles import ServeInvoker
 from servegraph.serving.http import (
     BudgetErrorBody,
@@ -480,12 +486,12 @@ def pipeline_router(
     output_type = compiled.output
     run_options = _run_options(graph)
     books = _Accounting(graph, runtime.catalog, metrics, demand, uses_llm)
+    caching = set(AppSettings().answer_cache_tenants)  # who uses the answer caches
     caches = {
         version: ServedCache(c.graph, runtime, runtime.catalog)
         for version, c in served.items()
-        if c.graph.cache is not None and runs is None
+        if c.graph.cache is not None and runs is None and caching
     }
-    caching = set(AppSettings().answer_cache_tenants)  # who uses them
 
     async def cached(
         version: str, request: BaseModel, http: Request, run: _Account, execution: dict
@@ -502,13 +508,17 @@ def pipeline_router(
         began = time.perf_counter()
         try:
             lookup = await cache.find(
-                request, deadline_s=execution["deadline_s"], records=run.records, tenant=run.tenant
+                request,
+                deadline_s=lookup_deadline(execution["deadline_s"]),
+                records=run.records,
+                tenant=run.tenant,
             )
         except PipelineRuntimeError as exc:
             logger.warning("the answer cache of %s failed (%s); answering without", version, exc)
             return None
-        spent = time.perf_counter() - began
-        execution["deadline_s"] = max(execution["deadline_s"] - spent, 0.001)
+        finally:  # what the lookup took is the run's no longer, answered or not
+            spent = time.perf_counter() - began
+            execution["deadline_s"] = max(execution["deadline_s"] - spent, 0.001)
         lookup.keep = keep
         if not look:
             lookup.output, lookup.result = None, "bypass"
@@ -598,7 +608,8 @@ def pipeline_router(
                 sse.encode("usage", usage | usage_part(lookup)),
                 sse.encode("result", jsonable_encoder(lookup.output)),
             ]
-            return EventSourceResponse(_replay(hit), headers=_stream_headers(chosen.version))
+            headers = _stream_headers(chosen.version) | {"x-servegraph-cache": "hit"}
+            return EventSourceResponse(_replay(hit), headers=headers)
         events = runtime.stream(target, request, **execution, **recorded)
         try:  # a run failing before any progress is answered with its own status
             held = await sse.hold_until_progress(events)
@@ -666,7 +677,10 @@ def pipeline_router(
                     runs.release(recorded["run_id"])
                 await books.close(run, status)
 
-        return EventSourceResponse(body(), headers=_stream_headers(chosen.version))
+        headers = _stream_headers(chosen.version)
+        if lookup is not None:
+            headers["x-servegraph-cache"] = lookup.result
+        return EventSourceResponse(body(), headers=headers)
 
     waits: dict[int | str, dict[str, Any]] = {}
     if runs is not None:

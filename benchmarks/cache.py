@@ -185,33 +185,53 @@ def replay(base_url: str, key: str, requests: list[tuple[int, str]]) -> dict[str
 
 def hits_alone(base_url: str, key: str, questions: list[str], n: int = 200) -> dict[str, Any]:
     """`n` hits one after another, nothing else running: the hit path's own latency,
-    by hop (the client's view, the ingress's total, its two nodes)."""
-    took, total, embed, lookup = [], [], [], []
+    by hop (the client's view, the ingress's total, its nodes), and every process's
+    CPU per hit (`benchmarks.cpu`): who spends the time. Asks only questions the
+    cache holds: each is asked once first, and skipped if that was not a hit."""
+    import os
+
+    from benchmarks import cpu
+
     headers = {"authorization": f"Bearer {key}"}
+    took: list[float] = []
+    nodes: dict[str, list[float]] = {}
+    total: list[float] = []
     with httpx.Client(base_url=base_url, headers=headers, timeout=60) as client:
-        for i in range(n):
-            body = {"question": questions[i % len(questions)], "max_tokens": 64}
+
+        def ask(question: str) -> tuple[httpx.Response, float]:
+            body = {"question": question, "max_tokens": 64}
             began = time.perf_counter()
             answer = client.post("/pipelines/rag", json=body)
-            took.append(time.perf_counter() - began)
-            if answer.headers.get("x-servegraph-cache") != "hit":
-                continue
-            usage = json.loads(answer.headers["x-servegraph-usage"])
-            total.append(usage["total_ms"])
-            embed.append(usage["nodes_ms"]["cache_embed"])
-            lookup.append(usage["nodes_ms"]["cache_lookup"])
+            return answer, time.perf_counter() - began
+
+        held = [q for q in questions if ask(q)[0].headers.get("x-servegraph-cache") == "hit"]
+        with cpu.measured(clients={os.getpid()}) as spent:
+            for i in range(n):
+                answer, seconds = ask(held[i % len(held)])
+                took.append(seconds)
+                usage = json.loads(answer.headers["x-servegraph-usage"])
+                total.append(usage["total_ms"])
+                for node, ms in usage["nodes_ms"].items():
+                    nodes.setdefault(node, []).append(ms)
+    window = spent[0]
 
     def p(values: list[float], q: float, scale: float = 1.0) -> float:
         return round(percentile(values, q) * scale, 2) if values else float("nan")
 
     return {
-        "hits": len(total),
+        "hits": len(took),
+        "questions": len(held),
         "client_p50_ms": p(took, 0.5, 1000),
         "client_p99_ms": p(took, 0.99, 1000),
         "ingress_p50_ms": p(total, 0.5),
         "ingress_p99_ms": p(total, 0.99),
-        "cache_embed_p50_ms": p(embed, 0.5),
-        "cache_lookup_p50_ms": p(lookup, 0.5),
+        "node_p50_ms": {node: p(ms, 0.5) for node, ms in nodes.items()},
+        "node_calls": {node: len(ms) for node, ms in nodes.items()},
+        "cpu_ms_per_hit": {
+            role: round(seconds / max(len(took), 1) * 1000, 2)
+            for role, seconds in sorted(window.cpu_s.items(), key=lambda kv: -kv[1])
+        },
+        "busiest_process_share": {r: round(b, 2) for r, b in window.busiest.items()},
     }
 
 

@@ -5,7 +5,9 @@ An entry is one pipeline answer: the question's embedding, the answer, what it c
 `scope` it is valid for (pipeline, version, model fingerprints: an answer is reused
 only by the same) and the ids of the chunks it was built from. A question is answered
 from an entry of its tenant and scope whose question is at least `threshold` similar
-(inner product of normalised embeddings).
+(inner product of normalised embeddings), or, before anything is embedded, from one
+whose question has the same `exact` key (its words, as the caller normalises them:
+the same question retyped costs one lookup, no embedding).
 
 Never stale, by construction, because both sides are the store's own transactions:
 
@@ -48,8 +50,10 @@ CREATE TABLE IF NOT EXISTS answers (
     vector BLOB NOT NULL,
     answer TEXT NOT NULL,
     cost_usd REAL NOT NULL,
-    created REAL NOT NULL
+    created REAL NOT NULL,
+    exact TEXT NOT NULL DEFAULT ''
 );
+CREATE INDEX IF NOT EXISTS answers_by_exact ON answers (tenant, scope, exact);
 CREATE TABLE IF NOT EXISTS answer_sources (
     entry INTEGER NOT NULL,
     tenant TEXT NOT NULL,
@@ -108,6 +112,9 @@ class Answers:
 
     def __init__(self, db: sqlite3.Connection, max_entries: int) -> None:
         self.max_entries = max_entries
+        columns = {c[1] for c in db.execute("PRAGMA table_info(answers)")}
+        if columns and "exact" not in columns:  # kept before exact keys: none have one
+            db.execute("ALTER TABLE answers ADD COLUMN exact TEXT NOT NULL DEFAULT ''")
         db.executescript(SCHEMA)
         self._groups: dict[tuple[str, str], _Group] = {}
         self._where: dict[int, tuple[str, str]] = {}  # entry -> its group
@@ -121,6 +128,26 @@ class Answers:
         return len(self._where)
 
     # -- under the read lock ---------------------------------------------------
+
+    def find_exact(
+        self,
+        db: sqlite3.Connection,
+        tenant: str,
+        scope: str,
+        exact: str,
+        max_age_s: float | None = None,
+    ) -> Found | None:
+        """The newest entry of `tenant` and `scope` whose question's key is `exact`."""
+        row = db.execute(
+            "SELECT entry, question, answer, cost_usd, created FROM answers "
+            "WHERE tenant = ? AND scope = ? AND exact = ? ORDER BY entry DESC LIMIT 1",
+            (tenant, scope, exact),
+        ).fetchone()
+        if row is None or (max_age_s is not None and row[4] < time.time() - max_age_s):
+            return None
+        entry, question, answer, cost_usd, created = row
+        self._used[entry] = time.time()
+        return Found(entry, question, json.loads(answer), 1.0, cost_usd, created)
 
     def find(
         self,
@@ -181,6 +208,7 @@ class Answers:
         cost_usd: float,
         sources: Sequence[str],
         since: int,
+        exact: str = "",
     ) -> tuple[int | None, str, set[int]]:
         """Store an answer built from `sources` by a run that began at write sequence
         `since`: (its entry, "stored", entries evicted for room), or (None, why not,
@@ -203,8 +231,9 @@ class Answers:
             evicted = set(by_use[: len(own) - self.max_entries + 1])
             self._delete(db, evicted)
         entry = db.execute(
-            "INSERT INTO answers (tenant, scope, question, vector, answer, cost_usd, created) "
-            "VALUES (?, ?, ?, ?, ?, ?, ?)",
+            "INSERT INTO answers "
+            "(tenant, scope, question, vector, answer, cost_usd, created, exact) "
+            "VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
             (
                 tenant,
                 scope,
@@ -213,6 +242,7 @@ class Answers:
                 json.dumps(answer),
                 cost_usd,
                 time.time(),
+                exact,
             ),
         ).lastrowid
         assert entry is not None

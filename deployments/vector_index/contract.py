@@ -106,7 +106,12 @@ class AnswersGetRequest(BaseModel):
     """Look a question up in the answer cache (`deployments.vector_index.answers`)."""
 
     tenant: Tenant = DEFAULT_TENANT
-    vector: Vector = Field(description="The question's embedding.")
+    vector: Vector | None = Field(
+        None, description="The question's embedding; none: look the exact key up only."
+    )
+    exact: Annotated[str, StringConstraints(max_length=128)] | None = Field(
+        None, description="The question's key as retyped (its words): tried first."
+    )
     scope: Scope = Field(
         description="What an answer must have been made by: pipeline, version, models."
     )
@@ -141,6 +146,7 @@ class AnswersPutRequest(BaseModel):
         min_length=1, max_length=1000, description="Ids of the chunks the answer was built from."
     )
     since: int = Field(ge=0, description="`answers_get`'s `since`, when the run began.")
+    exact: Annotated[str, StringConstraints(max_length=128)] = ""
 
     @field_validator("answer")
     @classmethod

@@ -143,7 +143,12 @@ class VectorIndex:
 
     def answers_get(self, request: AnswersGetRequest) -> AnswersGetResponse:
         found, since = self._store.cached(
-            request.vector, request.scope, request.threshold, request.tenant, request.max_age_s
+            request.vector,
+            request.scope,
+            request.threshold,
+            request.tenant,
+            request.max_age_s,
+            request.exact,
         )
         if found is None:
             return AnswersGetResponse(hit=None, since=since)
@@ -166,6 +171,7 @@ class VectorIndex:
             request.sources,
             request.since,
             request.tenant,
+            request.exact,
         )
         return AnswersPutResponse(
             stored=entry is not None, reason=why, entries=len(self._store.answers)

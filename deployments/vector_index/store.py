@@ -301,21 +301,26 @@ class VectorStore:
 
     def cached(
         self,
-        vector: Sequence[float] | np.ndarray,
+        vector: Sequence[float] | np.ndarray | None,
         scope: str,
         threshold: float,
         tenant: str,
         max_age_s: float | None = None,
+        exact: str | None = None,
     ) -> tuple[Found | None, int]:
-        """`tenant`'s cached answer for `scope` closest to the question `vector`, if at
-        least `threshold` similar (and younger than `max_age_s`); and the store's write
-        number now, which a run answering the question instead gives back to `cache`
-        (`since`)."""
+        """`tenant`'s cached answer for `scope` whose question has the key `exact`, or
+        else is closest to the question `vector` and at least `threshold` similar (and
+        younger than `max_age_s`); and the store's write number now, which a run
+        answering the question instead gives back to `cache` (`since`)."""
         check_tenant(tenant)
-        query = _as_matrix([vector], "vector")[0]
+        query = None if vector is None else _as_matrix([vector], "vector")[0]
         with self._lock.reading():
-            self._check_dim(query.shape[0], "vector")
-            found = self.answers.find(self._reader(), tenant, scope, query, threshold, max_age_s)
+            db, found = self._reader(), None
+            if exact:
+                found = self.answers.find_exact(db, tenant, scope, exact, max_age_s)
+            if found is None and query is not None:
+                self._check_dim(query.shape[0], "vector")
+                found = self.answers.find(db, tenant, scope, query, threshold, max_age_s)
             return found, self.seq
 
     def cache(
@@ -328,6 +333,7 @@ class VectorStore:
         sources: Sequence[str],
         since: int,
         tenant: str,
+        exact: str = "",
     ) -> tuple[int | None, str]:
         """Cache `tenant`'s `answer` to `question` for `scope`, built from the chunks
         `sources` by a run that began at write number `since` (`cached`'s): (its entry,
@@ -345,7 +351,16 @@ class VectorStore:
             self._check_dim(query.shape[0], "vector")
             with self._transaction():
                 entry, why, evicted = self.answers.put(
-                    self._db, tenant, scope, question, query, answer, cost_usd, sources, since
+                    self._db,
+                    tenant,
+                    scope,
+                    question,
+                    query,
+                    answer,
+                    cost_usd,
+                    sources,
+                    since,
+                    exact,
                 )
             self.answers.dropped(evicted)
             if entry is not None:

@@ -177,3 +177,18 @@ def test_a_vector_of_another_size_or_an_answer_of_no_chunk_is_refused(tmp_path: 
     with pytest.raises(InvalidInputError):
         store.cache(vec(1, dim=8), SCOPE, "q", {}, 0.0, ["a#0"], since, "default")
     assert len(store.answers) == 0
+
+
+def test_an_exact_key_finds_the_answer_without_a_vector_and_a_write_forgets_it(
+    tmp_path: Path,
+) -> None:
+    store = VectorStore(tmp_path)
+    store.add(doc("a", 1, 1))
+    _, since = store.cached(vec(1), SCOPE, 0.9, "default")
+    store.cache(vec(1), SCOPE, "q", {"n": 1}, 0.0, ["a#0"], since, "default", exact="k1")
+    hit, _ = store.cached(None, SCOPE, 0.99, "default", exact="k1")
+    assert hit is not None and hit.answer == {"n": 1} and hit.similarity == 1.0
+    assert store.cached(None, SCOPE, 0.99, "default", exact="k2")[0] is None
+    assert store.cached(None, SCOPE, 0.99, "acme", exact="k1")[0] is None
+    store.add(doc("a", 2, 1))
+    assert store.cached(None, SCOPE, 0.99, "default", exact="k1")[0] is None

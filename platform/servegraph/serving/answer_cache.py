@@ -25,6 +25,8 @@ from __future__ import annotations
 import asyncio
 import hashlib
 import logging
+import re
+import time
 from dataclasses import dataclass
 from typing import Any
 
@@ -44,6 +46,7 @@ _KEEPING: set[asyncio.Task[Any]] = set()  # held until done: asyncio keeps weak 
 
 class LookupInput(BaseModel):
     question: str
+    exact: str
     scope: str
     threshold: float
     max_age_s: float
@@ -58,6 +61,7 @@ class Looked(BaseModel):
 
 class KeepInput(BaseModel):
     vector: Any
+    exact: str
     scope: str
     question: str
     answer: dict[str, Any]
@@ -80,6 +84,7 @@ class Lookup:
     vector: Any = None
     since: int = 0
     scope: str = ""  # what an answer kept from this request is for
+    exact: str = ""  # the question's exact key (`exact_key`)
 
     @property
     def hit(self) -> bool:
@@ -100,6 +105,7 @@ class ServedCache:
         assert spec is not None
         self.spec, self.runtime = spec, runtime
         self.scope = f"{graph.name}@{graph.version}#{models_of(graph, catalog)}"
+        self.exact_graph = runtime.compile(_exact_graph(graph.name, spec))
         self.lookup_graph = runtime.compile(_lookup_graph(graph.name, spec))
         self.keep_graph = runtime.compile(_keep_graph(graph.name, spec))
         self.output = TypeAdapter(resolve(graph.output))
@@ -114,44 +120,55 @@ class ServedCache:
         deadline_s: float,
         records: list[NodeRecord],
         tenant: str,
+        reuse: bool = True,
     ) -> Lookup:
-        """Look the request's question up; its nodes go into `records`. Its other
-        fields (rag's `k`, `filter`, `max_tokens`) are part of what must match: an
-        answer is reused only for a request that differs by the question's wording."""
+        """Look the request's question up; its nodes go into `records`. First by its
+        exact key (`cache_exact`: the same words, one call, no embedding), then by its
+        embedding (`cache_embed`, `cache_lookup`). Its other fields (rag's `k`,
+        `filter`, `max_tokens`) are part of what must match: an answer is reused only
+        for a request that differs by the question's wording. Without `reuse` (the
+        caller's no-cache) nothing found is used, but the miss is looked up all the
+        same, for what keeping the new answer needs."""
         question = str(getattr(request, self.spec.question))
         rest = request.model_dump_json(exclude={self.spec.question})
         scope = f"{self.scope}|{hashlib.sha256(rest.encode()).hexdigest()[:16]}"
-        looked = await self.runtime.run(
-            self.lookup_graph,
-            LookupInput(
-                question=question,
-                scope=scope,
-                threshold=self.spec.threshold,
-                max_age_s=self.spec.max_age_s,
-            ),
-            deadline_s=deadline_s,
-            records=records,
-            tenant=tenant,
-        )
-        found = looked.found
-        vector = looked.embedded.vector
-        miss = Lookup(question=question, vector=vector, since=found.since, scope=scope)
-        if found.hit is None:
-            return miss
-        try:
-            output = self.output.validate_python(found.hit.answer)
-        except ValueError:  # kept by an output type since changed: answered anew
-            return miss
-        return Lookup(
-            output,
-            "hit",
-            similarity=found.hit.similarity,
-            saved_usd=found.hit.cost_usd,
+        asked = LookupInput(
             question=question,
-            vector=vector,
-            since=found.since,
+            exact=exact_key(question),
             scope=scope,
+            threshold=self.spec.threshold,
+            max_age_s=self.spec.max_age_s,
         )
+        began = time.monotonic()
+        if reuse:
+            found = await self.runtime.run(
+                self.exact_graph, asked, deadline_s=deadline_s, records=records, tenant=tenant
+            )
+            hit = self._answer(found.hit)
+            if hit is not None:
+                return Lookup(hit, "hit", similarity=1.0, saved_usd=found.hit.cost_usd)
+        left = max(deadline_s - (time.monotonic() - began), 0.001)
+        looked = await self.runtime.run(
+            self.lookup_graph, asked, deadline_s=left, records=records, tenant=tenant
+        )
+        found, vector = looked.found, looked.embedded.vector
+        miss = Lookup(
+            question=question, vector=vector, since=found.since, scope=scope, exact=asked.exact
+        )
+        hit = self._answer(found.hit) if reuse else None
+        if hit is None:
+            return miss
+        return Lookup(hit, "hit", similarity=found.hit.similarity, saved_usd=found.hit.cost_usd)
+
+    def _answer(self, hit: Any) -> Any:
+        """A found entry's answer as the pipeline's output, or None (none found, or kept
+        by an output type since changed: answered anew)."""
+        if hit is None:
+            return None
+        try:
+            return self.output.validate_python(hit.answer)
+        except ValueError:
+            return None
 
     def keep(self, lookup: Lookup, output: Any, records: list[NodeRecord], tenant: str) -> None:
         """Keep `output`, the answer the graph made after `lookup` missed, in the
@@ -172,6 +189,7 @@ class ServedCache:
         usd = prices().usd(total_charge([r.charge for r in records if r.charge]))
         keep = KeepInput(
             vector=lookup.vector,
+            exact=lookup.exact,
             scope=lookup.scope,
             question=lookup.question,
             answer=answer,
@@ -213,6 +231,21 @@ def lookup_deadline(deadline_s: float) -> float:
     return min(deadline_s / 4, 2.0)
 
 
+def exact_key(question: str) -> str:
+    """A question's key as retyped: its words, lower-cased, whatever the punctuation
+    and spacing between them."""
+    words = " ".join(re.findall(r"\w+", question.lower()))
+    return hashlib.sha256(words.encode()).hexdigest()[:32]
+
+
+def _exact_graph(name: str, spec: AnswerCache) -> Graph:
+    p = Pipeline(f"{name}.cache_exact", input=LookupInput, output=Any)
+    fields = ("exact", "scope", "threshold", "max_age_s")
+    ports = {f: getattr(p.input, f) for f in fields}
+    p.returns(p.call("cache_exact", spec.store, "answers_get", idempotent=True, **ports))
+    return p.build()
+
+
 def _lookup_graph(name: str, spec: AnswerCache) -> Graph:
     server, _, method = spec.embed.partition(".")
     p = Pipeline(f"{name}.cache_lookup", input=LookupInput, output=Looked)
@@ -222,6 +255,7 @@ def _lookup_graph(name: str, spec: AnswerCache) -> Graph:
         spec.store,
         "answers_get",
         vector=embedded.vector,
+        exact=p.input.exact,
         scope=p.input.scope,
         threshold=p.input.threshold,
         max_age_s=p.input.max_age_s,

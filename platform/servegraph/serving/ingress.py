@@ -512,6 +512,7 @@ def pipeline_router(
                 deadline_s=lookup_deadline(execution["deadline_s"]),
                 records=run.records,
                 tenant=run.tenant,
+                reuse=look,
             )
         except PipelineRuntimeError as exc:
             logger.warning("the answer cache of %s failed (%s); answering without", version, exc)
@@ -521,7 +522,7 @@ def pipeline_router(
             execution["deadline_s"] = max(execution["deadline_s"] - spent, 0.001)
         lookup.keep = keep
         if not look:
-            lookup.output, lookup.result = None, "bypass"
+            lookup.result = "bypass"
         if metrics is not None:
             saved = lookup.saved_usd if lookup.hit else 0.0
             metrics.record_cache(graph.name, version, run.tenant, lookup.result, saved)

@@ -389,6 +389,12 @@ def main() -> None:
     parser.add_argument("--requests", type=int, default=300)
     parser.add_argument("--race-s", type=float, default=150)
     parser.add_argument("--json", type=Path, default=None)
+    parser.add_argument(
+        "--ingress",
+        choices=["proxy", "haproxy"],
+        default=None,
+        help="what answers HTTP (default SERVEGRAPH_INGRESS: Serve's proxy)",
+    )
     args = parser.parse_args()
 
     rows = pairs()
@@ -404,7 +410,8 @@ def main() -> None:
         )
 
     requests = workload(args.requests)
-    with serving_everything(dashboard=False) as cluster, tenant_key() as key:
+    platform = serving_everything(dashboard=False, ingress=args.ingress)
+    with platform as cluster, tenant_key() as key:
         ingest_knowledge_base(cluster.base_url, key)
         replayed = judge_replay(requests, replay(cluster.base_url, key, requests))
         print(json.dumps(replayed, indent=1), flush=True)

@@ -26,27 +26,10 @@ from servegraph.cost.metering import CHARGE_ITEM
 from servegraph.engine.tokens import Incurred, counting
 from servegraph.security.endpoints import guard_endpoint
 from servegraph.security.guard import Guard
-from servegraph.security.keys import AuthSettings, KeyStore
-from servegraph.security.limits import Limiter
+from servegraph.security.keys import KeyStore
+from tests.auth_fakes import guard_on
 
 PROMPT = "word " * 1600  # 8,000 characters: 2,000 tokens by the estimate
-
-
-class Usage:
-    def __init__(self) -> None:
-        self.seen: list[tuple[str, int, dict[str, int] | None]] = []
-        self.tenants: list[str] = []
-
-    def record(
-        self,
-        key: str,
-        status: int,
-        tokens: dict[str, int] | None = None,
-        usd: float = 0.0,
-        tenant: str = "default",
-    ) -> None:
-        self.seen.append((key, status, tokens))
-        self.tenants.append(tenant)
 
 
 @pytest.fixture
@@ -56,12 +39,9 @@ def store(tmp_path: Path) -> KeyStore:
 
 @pytest.fixture
 def guard(store: KeyStore) -> Iterator[Guard]:
-    settings = AuthSettings(keys=store.path, cache_s=0)
-    previous = Guard._here
-    Guard._here = Guard(settings, limiter=Limiter(clock=lambda: 0.0), usage=Usage())
     metering._ESTIMATES.clear()
-    yield Guard._here
-    Guard._here = previous
+    with guard_on(store.path) as guard:
+        yield guard
 
 
 def chunk(content: str | None, usage: tuple[int, int] | None, index: int = 0) -> str:

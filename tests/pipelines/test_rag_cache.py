@@ -21,9 +21,9 @@ from deployments.catalog import CATALOG
 from deployments.vector_index.model import VectorIndex
 from pipelines.rag.ingest import knowledge_base
 from servegraph.lang.discovery import discover
-from servegraph.security.guard import Guard
-from servegraph.security.keys import AuthSettings, KeyStore
+from servegraph.security.keys import KeyStore
 from servegraph.serving.ingress import build_fastapi
+from tests.auth_fakes import guard_on
 from tests.pipelines.test_rag_graph import ScriptedLLM, WordEmbedder
 from tests.sse import sse_events
 
@@ -46,11 +46,9 @@ class Invoker:
 @pytest.fixture
 def keys(tmp_path: Path) -> Iterator[dict[str, str]]:
     store = KeyStore(tmp_path / "keys.sqlite3", cache_s=0)
-    previous = Guard._here
-    Guard._here = Guard(AuthSettings(keys=store.path, cache_s=0))
     scopes = ["invoke:rag", "write:rag_ingest"]
-    yield {t: store.create(f"{t}-app", scopes, tenant=t) for t in ("acme", "globex")}
-    Guard._here = previous
+    with guard_on(store.path):
+        yield {t: store.create(f"{t}-app", scopes, tenant=t) for t in ("acme", "globex")}
 
 
 @pytest.fixture

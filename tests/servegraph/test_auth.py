@@ -19,35 +19,11 @@ from deployments.llm.metering import meter
 from servegraph.lang.discovery import discover
 from servegraph.security.endpoints import guard_endpoint
 from servegraph.security.guard import Guard
-from servegraph.security.keys import AuthSettings, KeyStore
+from servegraph.security.keys import KeyStore
 from servegraph.security.limits import Limiter
 from servegraph.serving.gateway import build_gateway
 from servegraph.serving.ingress import pipeline_scope
-
-
-class Clock:
-    def __init__(self) -> None:
-        self.now = 0.0
-
-    def __call__(self) -> float:
-        return self.now
-
-
-class Usage:
-    def __init__(self) -> None:
-        self.seen: list[tuple[str, int, dict[str, int] | None]] = []
-        self.tenants: list[str] = []
-
-    def record(
-        self,
-        key: str,
-        status: int,
-        tokens: dict[str, int] | None = None,
-        usd: float = 0.0,
-        tenant: str = "default",
-    ) -> None:
-        self.seen.append((key, status, tokens))
-        self.tenants.append(tenant)
+from tests.auth_fakes import Clock, guard_on
 
 
 @pytest.fixture
@@ -58,11 +34,8 @@ def store(tmp_path: Path) -> KeyStore:
 @pytest.fixture
 def guard(store: KeyStore) -> Iterator[Guard]:
     """This process's Guard, on its own store, limiter (fake clock) and usage record."""
-    settings = AuthSettings(keys=store.path, cache_s=0)
-    previous = Guard._here
-    Guard._here = Guard(settings, limiter=Limiter(clock=Clock()), usage=Usage())
-    yield Guard._here
-    Guard._here = previous
+    with guard_on(store.path) as guard:
+        yield guard
 
 
 def test_a_key_is_stored_only_as_a_hash_and_listed_without_it(store: KeyStore) -> None:

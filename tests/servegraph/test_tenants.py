@@ -29,12 +29,11 @@ from deployments.vector_index.model import VectorIndex
 from deployments.vector_index.store import TenantLimits
 from servegraph import Pipeline, check
 from servegraph.security.guard import Guard
-from servegraph.security.keys import AuthSettings, Caller, KeySpec, KeyStore
-from servegraph.security.limits import Limiter
+from servegraph.security.keys import Caller, KeySpec, KeyStore
 from servegraph.serving.gateway import build_gateway
 from servegraph.serving.ingress import build_fastapi
 from servegraph.tenants import DEFAULT_TENANT
-from tests.servegraph.test_auth import Clock, Usage
+from tests.auth_fakes import guard_on
 
 
 class Note(BaseModel):
@@ -112,11 +111,8 @@ def store(tmp_path: Path) -> KeyStore:
 
 @pytest.fixture
 def guard(store: KeyStore) -> Iterator[Guard]:
-    previous = Guard._here
-    settings = AuthSettings(keys=store.path, cache_s=0)
-    Guard._here = Guard(settings, limiter=Limiter(clock=Clock()), usage=Usage())
-    yield Guard._here
-    Guard._here = previous
+    with guard_on(store.path) as guard:
+        yield guard
 
 
 @pytest.fixture

@@ -29,36 +29,10 @@ from servegraph.security.keys import AuthSettings, Caller, KeyStore
 from servegraph.security.limits import Limiter
 from servegraph.server import report_tokens
 from servegraph.serving.ingress import build_fastapi
+from tests.auth_fakes import Clock, KeyUsage, guard_on
 
 PROMPT_TOKENS = 50  # what the fake LLM reports for every prompt
 MAX_TOKENS = 30  # what the pipeline asks the fake LLM for
-
-
-class Clock:
-    def __init__(self) -> None:
-        self.now = 0.0
-
-    def __call__(self) -> float:
-        return self.now
-
-
-class Usage_:
-    """The key usage metrics, as a list."""
-
-    def __init__(self) -> None:
-        self.seen: list[tuple[str, int, dict[str, int] | None]] = []
-        self.tenants: list[str] = []
-
-    def record(
-        self,
-        key: str,
-        status: int,
-        tokens: dict[str, int] | None = None,
-        usd: float = 0.0,
-        tenant: str = "default",
-    ) -> None:
-        self.seen.append((key, status, tokens))
-        self.tenants.append(tenant)
 
 
 class SharedLimiter:
@@ -85,12 +59,9 @@ def store(tmp_path: Path) -> KeyStore:
 
 @pytest.fixture
 def guard(store: KeyStore) -> Iterator[Guard]:
-    settings = AuthSettings(keys=store.path, cache_s=0)
-    previous = Guard._here
-    Guard._here = Guard(settings, limiter=SharedLimiter(), usage=Usage_())
     metering._ESTIMATES.clear()  # each test learns its routes' prompts afresh
-    yield Guard._here
-    Guard._here = previous
+    with guard_on(store.path, limiter=SharedLimiter()) as guard:
+        yield guard
 
 
 def bucket(guard: Guard) -> Limiter:
@@ -147,7 +118,7 @@ async def test_the_guard_reserves_before_the_call_and_settles_after(tmp_path: Pa
 
     fake = FakeLimiter()
     settings = AuthSettings(keys=tmp_path / "keys.sqlite3", cache_s=0)
-    guard = Guard(settings, limiter=fake, usage=Usage_())
+    guard = Guard(settings, limiter=fake, usage=KeyUsage())
     limited = Caller("k", frozenset({"llm"}), tokens_per_min=600)
     reserved = await guard.reserve(limited, 130)
     await guard.charge(limited, 200, {"input": 100, "output": 7}, reserved=reserved)
@@ -176,7 +147,7 @@ async def test_a_charge_outlives_the_cancelled_request_that_makes_it(tmp_path: P
     cancelling its awaits: the budget's update still happens."""
     limiter = SharedLimiter()
     settings = AuthSettings(keys=tmp_path / "keys.sqlite3", cache_s=0)
-    guard = Guard(settings, limiter=limiter, usage=Usage_())
+    guard = Guard(settings, limiter=limiter, usage=KeyUsage())
     caller = Caller("k", frozenset({"llm"}), tokens_per_min=600)
     charging = asyncio.ensure_future(guard.charge(caller, 499, {"input": 70, "output": 5}))
     await asyncio.sleep(0)

@@ -24,9 +24,7 @@ own. After each case it checks:
 from __future__ import annotations
 
 import argparse
-import asyncio
 import hashlib
-import inspect
 import tempfile
 import time
 from collections import Counter
@@ -36,10 +34,10 @@ from typing import Any
 import hypothesis
 import schemathesis
 from hypothesis import HealthCheck, Phase
-from pydantic import BaseModel
 
 from benchmarks import report
 from deployments.catalog import CATALOG
+from servegraph.engine.runtime import InProcessServers
 from servegraph.lang.discovery import discover
 from servegraph.security.guard import Guard
 from servegraph.security.keys import AuthSettings, KeyStore
@@ -49,19 +47,6 @@ ROUTES = ("rag_ingest", "rag_search", "rag_delete")
 SHARED_IDS = [f"shared/{n}" for n in range(5)]
 MARKERS = {"acme": "acme-marker-7f3a", "globex": "globex-marker-91c2"}
 TENANT = "x-servegraph-tenant"
-
-
-class Invoker:
-    """The in-process servers, called as `ServeInvoker` calls handles."""
-
-    def __init__(self, servers: dict[str, Any]) -> None:
-        self.servers = servers
-
-    async def __call__(self, server: str, method: str, request: BaseModel) -> Any:
-        bound = getattr(self.servers[server], method)
-        if inspect.iscoroutinefunction(bound):
-            return await bound(request)
-        return await asyncio.to_thread(bound, request)
 
 
 def _pick(seed: str, n: int) -> int:
@@ -179,7 +164,9 @@ def main() -> None:
     )
     index = servers["vector_index"]._store
     every = discover("pipelines")
-    app = build_fastapi({r: every[r] for r in ROUTES}, CATALOG, Invoker(servers))
+    app = build_fastapi(
+        {r: every[r] for r in ROUTES}, CATALOG, InProcessServers(servers, threads=True)
+    )
     scopes = ["write:rag_ingest", "write:rag_delete", "invoke:rag_search"]
     keys = {t: keys_store.create(f"{t}-app", scopes, tenant=t) for t in MARKERS}
 

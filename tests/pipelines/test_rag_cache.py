@@ -15,11 +15,11 @@ from typing import Any
 
 import httpx
 import pytest
-from pydantic import BaseModel
 
 from deployments.catalog import CATALOG
 from deployments.vector_index.model import VectorIndex
 from pipelines.rag.ingest import knowledge_base
+from servegraph.engine.runtime import InProcessServers
 from servegraph.lang.discovery import discover
 from servegraph.security.keys import KeyStore
 from servegraph.serving.ingress import build_fastapi
@@ -28,19 +28,6 @@ from tests.pipelines.test_rag_graph import ScriptedLLM, WordEmbedder
 from tests.sse import sse_events
 
 QUESTION = {"question": "How long do refunds take after a return?"}
-
-
-class Invoker:
-    def __init__(self, servers: dict[str, Any]) -> None:
-        self.servers = servers
-
-    async def __call__(self, server: str, method: str, request: BaseModel) -> Any:
-        bound = getattr(self.servers[server], method)
-        result = bound(request)
-        return await result if asyncio.iscoroutine(result) else result
-
-    def stream(self, server: str, method: str, request: BaseModel) -> Any:
-        return getattr(self.servers[server], method)(request)
 
 
 @pytest.fixture
@@ -66,7 +53,7 @@ def platform(servers: dict[str, Any], monkeypatch: pytest.MonkeyPatch) -> Any:
     monkeypatch.setenv("SERVEGRAPH_ANSWER_CACHE_TENANTS", '["*"]')
     every = discover("pipelines")
     graphs = {name: every[name] for name in ("rag", "rag_ingest")}
-    invoker = Invoker(servers)
+    invoker = InProcessServers(servers)
     app = build_fastapi(graphs, CATALOG, invoker)
     return app
 

@@ -28,6 +28,7 @@ from deployments.vector_index.contract import (
 from deployments.vector_index.model import VectorIndex
 from deployments.vector_index.store import TenantLimits
 from servegraph import Pipeline, check
+from servegraph.engine.runtime import InProcessServers
 from servegraph.security.guard import Guard
 from servegraph.security.keys import Caller, KeySpec, KeyStore
 from servegraph.serving.gateway import build_gateway
@@ -94,16 +95,6 @@ def count_pipeline() -> Pipeline:
     return p
 
 
-class Invoker:
-    """The in-process servers, called as `ServeInvoker` calls handles."""
-
-    def __init__(self, servers: dict[str, Any]) -> None:
-        self.servers = servers
-
-    async def __call__(self, server: str, method: str, request: BaseModel) -> Any:
-        return await asyncio.to_thread(getattr(self.servers[server], method), request)
-
-
 @pytest.fixture
 def store(tmp_path: Path) -> KeyStore:
     return KeyStore(tmp_path / "keys.sqlite3", cache_s=0)
@@ -134,7 +125,8 @@ async def test_each_tenants_keys_read_and_write_only_their_tenants_documents(
     guard: Guard, store: KeyStore, index: VectorIndex
 ) -> None:
     graphs = {g.name: g.build() for g in (note_pipeline(), find_pipeline(), count_pipeline())}
-    app = build_fastapi(graphs, CATALOG, Invoker({"vector_index": index}))
+    invoker = InProcessServers({"vector_index": index}, threads=True)
+    app = build_fastapi(graphs, CATALOG, invoker)
     scopes = ["write:note", "invoke:find", "invoke:tally"]
     keys = {t: store.create(f"{t}-app", scopes, tenant=t) for t in ("acme", "globex")}
     admin = store.create("ops", ["admin"])  # the default tenant's
@@ -183,7 +175,9 @@ async def test_each_tenants_keys_read_and_write_only_their_tenants_documents(
 async def test_the_index_rest_surface_acts_for_the_tenant_the_admin_names(
     guard: Guard, store: KeyStore, index: VectorIndex
 ) -> None:
-    app = build_gateway(CATALOG["vector_index"], CATALOG, Invoker({"vector_index": index}))
+    app = build_gateway(
+        CATALOG["vector_index"], CATALOG, InProcessServers({"vector_index": index}, threads=True)
+    )
     admin = store.create("ops", ["admin"], tenant="ops")
     body = {"items": [item.model_dump(mode="json") for item in items("a", "acme's", 0)]}
     async with client(app, admin) as ops:

@@ -303,6 +303,32 @@ class Runtime:
                 next_event.cancel()  # still waiting when the consumer stopped early
 
 
+class InProcessServers:
+    """Model servers as plain Python objects, called as an invoker calls deployments
+    (`Invoker`, with `stream` the `StreamInvoker`): what `InProcessRuntime` runs on, and
+    what an ingress built in this process (`servegraph.serving.ingress.build_fastapi`)
+    can be given.
+
+    Args:
+        servers: server name -> the object serving its methods.
+        threads: run a synchronous method in a thread, as Serve runs one on its pool,
+            so that calls at once overlap; else in the caller's event loop.
+    """
+
+    def __init__(self, servers: dict[str, Any], threads: bool = False) -> None:
+        self.servers = servers
+        self.threads = threads
+
+    async def __call__(self, server: str, method: str, request: BaseModel) -> Any:
+        bound = getattr(self.servers[server], method)
+        if self.threads and not inspect.iscoroutinefunction(bound):
+            return await asyncio.to_thread(bound, request)
+        return await _maybe_await(bound(request))
+
+    def stream(self, server: str, method: str, request: BaseModel) -> AsyncIterator[Any]:
+        return getattr(self.servers[server], method)(request)
+
+
 class InProcessRuntime(Runtime):
     """The in-process runtime: model servers are plain Python objects, no Ray.
 
@@ -313,14 +339,8 @@ class InProcessRuntime(Runtime):
 
     def __init__(self, catalog: Catalog, servers: dict[str, Any], **kw: Any) -> None:
         self.servers = servers
-
-        async def invoke(server: str, method: str, request: BaseModel) -> Any:
-            return await _maybe_await(getattr(self.servers[server], method)(request))
-
-        def invoke_stream(server: str, method: str, request: BaseModel) -> AsyncIterator[Any]:
-            return getattr(self.servers[server], method)(request)
-
-        super().__init__(catalog, invoke, invoke_stream=invoke_stream, **kw)
+        invoker = InProcessServers(servers)
+        super().__init__(catalog, invoker, invoke_stream=invoker.stream, **kw)
 
 
 class _Run:

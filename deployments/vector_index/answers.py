@@ -225,10 +225,11 @@ class Answers:
         if unchanged != len(sources):
             return None, "a chunk it was built from changed or went while it ran", set()
         evicted = set()
-        own = [e for e, (t, _) in self._where.items() if t == tenant]
-        if len(own) >= self.max_entries:
+        held = sum(len(g.entries) for (t, _), g in self._groups.items() if t == tenant)
+        if held >= self.max_entries:  # the tenant's entries are listed only then
+            own = [e for (t, _), g in self._groups.items() if t == tenant for e in g.entries]
             by_use = sorted(own, key=self._used.__getitem__)
-            evicted = set(by_use[: len(own) - self.max_entries + 1])
+            evicted = set(by_use[: held - self.max_entries + 1])
             self._delete(db, evicted)
         entry = db.execute(
             "INSERT INTO answers "

@@ -480,7 +480,9 @@ class Pipeline:
         self.input = Ref(INPUT)
         self._input_type = input
         self._output_type = output
-        self._description = description or (inspect.getdoc(input) or "")
+        # The input model's own docstring, not one it inherits (pydantic's BaseModel's).
+        own = input.__dict__.get("__doc__") if isinstance(input, type) else None
+        self._description = description or (inspect.cleandoc(own) if own else "")
         self._nodes: list[Any] = []
         self._returns: str | dict[str, str] | None = None
 

@@ -99,6 +99,7 @@ class NodeRecord:
     usage: dict[str, int] | None = None  # LLM tokens: {"input": n, "output": m}, a failed
     # call's as far as it got
     charge: dict[str, float] | None = None  # the model server's resource-seconds
+    start_ms: float = 0.0  # when the attempt began, in ms since the run did (a waterfall's)
 
 
 @dataclass(frozen=True)
@@ -160,8 +161,10 @@ class RunEvent:
     data: Any
 
 
-NodeHook = Callable[[Node, str, int], Any]
-"""Called as hook(node, qualified_name, attempt); may return a context manager."""
+NodeHook = Callable[[Node, str, int, str], Any]
+"""Called as hook(node, qualified_name, attempt, role) around each attempt of a node
+(role "attempt") and around its fallback (role "fallback", with the last attempt's
+number); may return a context manager."""
 
 
 class Runtime:
@@ -216,6 +219,7 @@ class Runtime:
         checkpoints: Checkpoints | None = None,
         decisions: Mapping[str, Verdict] | None = None,
         tenant: str | None = None,
+        began: float | None = None,
     ) -> RunResult:
         """Run `graph`, returning its output and a record of every node attempt.
 
@@ -244,6 +248,9 @@ class Runtime:
 
         `tenant`: whose data the run's calls read and write (`servegraph.tenants`; default
         the default tenant): set on every call whose contract has a `tenant_field`.
+
+        `began`: the `time.perf_counter()` the records' `start_ms` count from (default:
+        when this run begins; an ingress gives its request's arrival).
         """
         compiled = self.compile(graph)  # a plain Graph is compiled on every call
         deadline_s = deadline_s or default_deadline(compiled.graph)
@@ -251,6 +258,8 @@ class Runtime:
         run.run_id = run_id or uuid.uuid4().hex
         run.checkpoints, run.decisions = checkpoints, decisions or {}
         run.tenant = check_tenant(tenant) if tenant is not None else DEFAULT_TENANT
+        if began is not None:
+            run.began = began
         output = await run.graph(compiled, _coerce(compiled.input, request, INPUT), "")
         return RunResult(output, run.records, run.run_id)
 
@@ -368,6 +377,7 @@ class _Run:
         self._kept: set[str] | None = None  # the checkpointed nodes, when the store says
         self.decisions: Mapping[str, Verdict] = {}
         self.tenant = DEFAULT_TENANT
+        self.began = time.perf_counter()  # the records' start_ms count from here
 
     async def graph(self, compiled: CompiledGraph, request: BaseModel, prefix: str) -> Any:
         graph = compiled.graph
@@ -517,7 +527,8 @@ class _Run:
         if node.fallback is None or isinstance(error, BudgetExceededError | NodeQuotaError):
             raise error  # a budget or quota stop is the caller's answer, not a fault to hide
         started = time.perf_counter()
-        output = await self._guard(node, qualified, self._fallback(node, compiled, qualified, args))
+        work = self._fallback(node, compiled, qualified, args)
+        output = await self._hooked(node, qualified, attempts, "fallback", work)
         self._record(node, qualified, attempts, "fallback", started)
         return output
 
@@ -530,15 +541,18 @@ class _Run:
         values: dict[str, Any],
         attempt: int,
     ) -> Any:
-        hook = self.rt._node_hook(node, qualified, attempt) if self.rt._node_hook else None
+        work = self._execute(node, compiled, qualified, args, values)
+        return await self._hooked(node, qualified, attempt, "attempt", work)
+
+    async def _hooked(
+        self, node: Node, qualified: str, attempt: int, role: str, work: Awaitable[Any]
+    ) -> Any:
+        """`work` guarded (`_guard`), inside the node hook's context (a span) if any."""
+        hook = self.rt._node_hook(node, qualified, attempt, role) if self.rt._node_hook else None
         if hook is None:
-            return await self._guard(
-                node, qualified, self._execute(node, compiled, qualified, args, values)
-            )
+            return await self._guard(node, qualified, work)
         with hook:
-            return await self._guard(
-                node, qualified, self._execute(node, compiled, qualified, args, values)
-            )
+            return await self._guard(node, qualified, work)
 
     async def _guard(self, node: Node, qualified: str, work: Awaitable[Any]) -> Any:
         """Apply the node's timeout (capped by the deadline) and name the node in errors."""
@@ -807,7 +821,10 @@ class _Run:
         charge: dict[str, float] | None = None,
     ) -> None:
         wall_ms = (time.perf_counter() - started) * 1000
-        record = NodeRecord(qualified, node.kind, attempt, status, wall_ms, error, usage, charge)
+        start_ms = round((started - self.began) * 1000, 3)
+        record = NodeRecord(
+            qualified, node.kind, attempt, status, wall_ms, error, usage, charge, start_ms
+        )
         self.records.append(record)
         if self.on_event is not None:
             self.on_event(RunEvent("node", qualified, record))

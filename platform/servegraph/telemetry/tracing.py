@@ -171,14 +171,16 @@ def node_hook(pipeline: str) -> Any:
 
     tracer = trace.get_tracer(TRACER_NAME)
 
-    def hook(node: Any, qualified: str, attempt: int) -> Any:
-        return _node_span(tracer, pipeline, node, qualified, attempt)
+    def hook(node: Any, qualified: str, attempt: int, role: str = "attempt") -> Any:
+        return _node_span(tracer, pipeline, node, qualified, attempt, role)
 
     return hook
 
 
 @contextmanager
-def _node_span(tracer: Any, pipeline: str, node: Any, qualified: str, attempt: int):
+def _node_span(
+    tracer: Any, pipeline: str, node: Any, qualified: str, attempt: int, role: str = "attempt"
+):
     from opentelemetry.trace import Status, StatusCode
 
     attributes = {
@@ -186,12 +188,12 @@ def _node_span(tracer: Any, pipeline: str, node: Any, qualified: str, attempt: i
         "servegraph.node.name": qualified,
         "servegraph.node.kind": node.kind,
         "servegraph.node.attempt": attempt,
+        "servegraph.node.role": role,  # "attempt", or "fallback": what ran when it failed
     }
     if getattr(node, "server", None):
         attributes["servegraph.server"] = f"{node.server}.{node.method}"
-    with tracer.start_as_current_span(
-        f"node {qualified}", attributes=attributes, record_exception=True
-    ) as span:
+    name = f"node {qualified}" if role == "attempt" else f"node {qualified} ({role})"
+    with tracer.start_as_current_span(name, attributes=attributes, record_exception=True) as span:
         try:
             yield span
         except BaseException as exc:

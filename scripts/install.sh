@@ -42,12 +42,15 @@ fi
 
 # Debian packages: Prometheus (and promtool) for `make observe` and the alert-rule
 # tests, chromium for the offline docs test, wrk for the benchmarks' HTTP load (a C load
-# generator that is not the limit, where a Python client would be). Installed from the distribution, never
-# downloaded from elsewhere.
+# generator that is not the limit, where a Python client would be), Graphviz's dot for
+# the console's drawings, chromium-driver for the console's browser tests (Selenium).
+# Installed from the distribution, never downloaded from elsewhere.
 missing=()
 command -v prometheus >/dev/null 2>&1 || missing+=(prometheus)
 command -v chromium >/dev/null 2>&1 || missing+=(chromium)
 command -v wrk >/dev/null 2>&1 || missing+=(wrk)
+command -v dot >/dev/null 2>&1 || missing+=(graphviz)
+command -v chromedriver >/dev/null 2>&1 || missing+=(chromium-driver)
 if [ ${#missing[@]} -gt 0 ]; then
   apt=(apt-get)
   [ "$(id -u)" = 0 ] || apt=(sudo -n apt-get)

@@ -10,6 +10,8 @@ from pathlib import Path
 
 import pytest
 
+from servegraph.deploy.local_ray import free_port
+
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 
@@ -24,6 +26,12 @@ os.environ.pop("SERVEGRAPH_AUTH_UNSAFE_DISABLED", None)
 os.environ["SERVEGRAPH_ANSWER_CACHE_TENANTS"] = '["cached"]'
 # The session's traffic splits between pipeline versions, never a previous session's.
 os.environ["SERVEGRAPH_TRAFFIC"] = str(AUTH_DIR / "traffic.json")
+
+
+# Where the console reads the model servers' history: a port of the session's own, where
+# the Prometheus of tests/integration/test_observe.py listens while it runs.
+PROMETHEUS_PORT = free_port()
+os.environ["SERVEGRAPH_PROMETHEUS_URL"] = f"http://127.0.0.1:{PROMETHEUS_PORT}"
 
 
 def _admin_key() -> str:

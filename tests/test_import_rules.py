@@ -2,7 +2,7 @@
 
 Read from the source with `ast`, so a rule holds for imports inside functions too. A
 family is a subpackage of `servegraph` (`lang`, `engine`, `cost`, `serving`, `deploy`,
-`security`, `telemetry`); the leaves (`errors`, `settings`, `tenants`, `_fields`,
+`security`, `telemetry`, `console`); the leaves (`errors`, `settings`, `tenants`, `_fields`,
 `_actors`, `_files`) and the entry points (`servegraph` itself, `server`, `cli`,
 `offline`) are modules of their own.
 """
@@ -30,7 +30,8 @@ MAY_IMPORT: dict[str, set[str]] = {
     "engine": {"lang", "cost", "errors", "tenants", "_fields"},
     "telemetry": {"cost", "engine", "errors", "settings", "tenants"},
     "security": {"telemetry", "errors", "settings", "tenants", "_actors"},
-    "serving": {"lang", "engine", "cost", "security", "telemetry", "deploy", *LEAVES},
+    "console": {"lang", "engine", "cost", "security", "telemetry", *LEAVES},
+    "serving": {"lang", "engine", "cost", "security", "telemetry", "deploy", "console", *LEAVES},
     "deploy": {"lang", "engine", "cost", "security", "telemetry", "serving", *LEAVES},
     "errors": set(),
     "settings": set(),

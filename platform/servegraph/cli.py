@@ -884,6 +884,7 @@ def _print_endpoints(cluster: Any, package: str, key_file: str | None = None) ->
             f"{cluster.gcs_address})"
         )
     console.print(f"[bold]OpenAPI[/bold]: {base}/pipelines/docs")
+    console.print(f"[bold]Console[/bold]: {base}/pipelines/console  (asks for a key once)")
     console.print(f"[bold]OpenAI-compatible LLM[/bold]: {base}/v1  (e.g. {base}/v1/models)")
     for name, graph in discover(package).items():
         example = getattr(importlib.import_module(graph.input.split(":")[0]), "EXAMPLES", {}).get(

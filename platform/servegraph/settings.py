@@ -64,6 +64,14 @@ class AppSettings(BaseSettings):
             'figures ("HAProxy in front, as an option").'
         ),
     )
+    prometheus_url: str = Field(
+        "http://127.0.0.1:9090",
+        description=(
+            "The Prometheus the console reads the model servers' history from (replicas, "
+            "queue, batch sizes): `make observe`'s by default. When none answers there, "
+            "the console says so and shows what Serve's controller reports now."
+        ),
+    )
     runs: Path | None = Field(
         None,
         description=(

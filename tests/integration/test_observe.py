@@ -15,7 +15,7 @@ import httpx
 import pytest
 
 from servegraph.cost.report import per_thousand
-from servegraph.deploy.local_ray import LocalCluster, free_port
+from servegraph.deploy.local_ray import LocalCluster
 from servegraph.security.client import client_headers
 from servegraph.telemetry.observe import prometheus
 from servegraph.telemetry.versions import compare
@@ -23,6 +23,8 @@ from servegraph.telemetry.versions import compare
 pytestmark = pytest.mark.integration
 ROOT = Path(__file__).resolve().parents[2]
 CLI = str(Path(sys.executable).with_name("servegraph"))
+# Where the console's replicas look for Prometheus (set by tests/conftest.py).
+PROMETHEUS_PORT = int(os.environ["SERVEGRAPH_PROMETHEUS_URL"].rsplit(":", 1)[1])
 
 
 def dashboard_queries() -> dict[str, str]:
@@ -57,7 +59,9 @@ def test_prometheus_scrapes_every_node_loads_the_alerts_and_charts_every_panel(
     discovery = Path(ray._private.worker._global_node.get_temp_dir_path())
     discovery /= "prom_metrics_service_discovery.json"
     with prometheus(
-        port=free_port(), rules=ROOT / "dashboards" / "alerts.yaml", service_discovery=discovery
+        port=PROMETHEUS_PORT,  # where the console's replicas look (tests/conftest.py)
+        rules=ROOT / "dashboards" / "alerts.yaml",
+        service_discovery=discovery,
     ) as prom:
         deadline = time.monotonic() + 120
         while not (targets := prom.targets()) or any(t["health"] != "up" for t in targets):
@@ -106,6 +110,9 @@ def test_prometheus_scrapes_every_node_loads_the_alerts_and_charts_every_panel(
             timeout=60,
             env={**os.environ, "COLUMNS": "200"},
         )
+        # The console's model servers, from this Prometheus: replicas, queue and batch
+        # sizes over the window for each deployment (its answer is kept 5 s).
+        servers = _console_servers(pipelines.base_url)
     assert not empty, f"panels without data after load: {empty}"
     assert costs["rag"].usd_per_1000 > 0 and costs["triage"].wh_per_1000 > 0, costs
     assert costs["rag"].nodes_usd_per_1000["generate"] > costs["rag"].nodes_usd_per_1000["embed"]
@@ -114,4 +121,22 @@ def test_prometheus_scrapes_every_node_loads_the_alerts_and_charts_every_panel(
     assert (v1.version, v1.role) == ("v1", "primary") and v1.requests >= 2, v1
     assert v1.p99_ms and v1.deadline_miss_share > 0 and "citations" in v1.signals, v1
     assert compared.returncode == 0 and "signal: citations" in compared.stdout, compared.stdout
+    assert servers["prometheus"]["available"], servers["prometheus"]
+    embedder = servers["prometheus"]["series"]["embedder/Embedder"]
+    assert embedder["replicas"][-1][1] >= 1 and "queued" in embedder, embedder.keys()
+    assert max(v for _, v in embedder["batch_size"]) >= 1, embedder
     print(f"{len(queries)} panel queries returned data; {len(targets)} targets up")
+
+
+def _console_servers(base_url: str) -> dict:
+    """The console's model servers once its Prometheus has the embedder's batch sizes."""
+    with httpx.Client(base_url=base_url, timeout=60, headers=client_headers()) as client:
+        deadline = time.monotonic() + 60
+        while True:
+            answer = client.get("/pipelines/console/api/servers", params={"window_s": 900})
+            answer.raise_for_status()
+            found = answer.json()
+            series = found["prometheus"].get("series", {}).get("embedder/Embedder", {})
+            if series.get("batch_size") or time.monotonic() > deadline:  # its first rate
+                return found
+            time.sleep(1)

@@ -121,6 +121,7 @@ class ServedCache:
         records: list[NodeRecord],
         tenant: str,
         reuse: bool = True,
+        began: float | None = None,
     ) -> Lookup:
         """Look the request's question up; its nodes go into `records`. First by its
         exact key (`cache_exact`: the same words, one call, no embedding), then by its
@@ -128,7 +129,8 @@ class ServedCache:
         `filter`, `max_tokens`) are part of what must match: an answer is reused only
         for a request that differs by the question's wording. Without `reuse` (the
         caller's no-cache) nothing found is used, but the miss is looked up all the
-        same, for what keeping the new answer needs."""
+        same, for what keeping the new answer needs. `began`: what the records' times
+        count from (`Runtime.execute`)."""
         question = str(getattr(request, self.spec.question))
         rest = request.model_dump_json(exclude={self.spec.question})
         scope = f"{self.scope}|{hashlib.sha256(rest.encode()).hexdigest()[:16]}"
@@ -139,17 +141,22 @@ class ServedCache:
             threshold=self.spec.threshold,
             max_age_s=self.spec.max_age_s,
         )
-        began = time.monotonic()
+        looking = time.monotonic()
         if reuse:
             found = await self.runtime.run(
-                self.exact_graph, asked, deadline_s=deadline_s, records=records, tenant=tenant
+                self.exact_graph,
+                asked,
+                deadline_s=deadline_s,
+                records=records,
+                tenant=tenant,
+                began=began,
             )
             hit = self._answer(found.hit)
             if hit is not None:
                 return Lookup(hit, "hit", similarity=1.0, saved_usd=found.hit.cost_usd)
-        left = max(deadline_s - (time.monotonic() - began), 0.001)
+        left = max(deadline_s - (time.monotonic() - looking), 0.001)
         looked = await self.runtime.run(
-            self.lookup_graph, asked, deadline_s=left, records=records, tenant=tenant
+            self.lookup_graph, asked, deadline_s=left, records=records, tenant=tenant, began=began
         )
         found, vector = looked.found, looked.embedded.vector
         miss = Lookup(

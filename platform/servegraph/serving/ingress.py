@@ -24,6 +24,8 @@ from fastapi.sse import EventSourceResponse
 from pydantic import BaseModel, Field
 from ray import serve
 
+from servegraph.console.recent import RecentRequests
+from servegraph.console.routes import install_console
 from servegraph.cost.budget import Budget, CostModel
 from servegraph.cost.metering import total as total_charge
 from servegraph.cost.prices import prices
@@ -204,6 +206,10 @@ def build_fastapi(
     # key's usage (install_error_handlers). Nothing may be added after this.
     install_request_checks(app)
     costs = CostModel()  # one for all: each model server costs the same whoever calls
+    recent = RecentRequests()  # this replica's last answers, for the console
+    scopes = {name: versions_scope(versions[name].values(), catalog) for name in graphs}
+    inputs = {name: resolve(g.input).model_json_schema() for name, g in graphs.items()}
+    install_console(app, graphs, scopes, inputs, recent, INGRESS_PREFIX)
     for graph in graphs.values():
         runtime = Runtime(
             catalog,
@@ -226,7 +232,7 @@ def build_fastapi(
         every_shadow.append(shadows)
         app.include_router(
             pipeline_router(
-                compiled, runtime, metrics, demand, runs, served, traffic, shadows, signals
+                compiled, runtime, metrics, demand, runs, served, traffic, shadows, signals, recent
             )
         )
         scope = versions_scope(versions[graph.name].values(), catalog)
@@ -266,7 +272,8 @@ _ERROR_RESPONSES: dict[int | str, dict[str, Any]] = {
 
 _STREAM_DESCRIPTION = """Run the pipeline as Server-Sent Events, in order:
 
-- `node`: a node attempt ended: `{node, kind, attempt, status, wall_ms, error, usage}`
+- `node`: a node attempt ended: `{node, kind, attempt, status, wall_ms, error, usage,
+  charge, start_ms}` (`start_ms`: when it began, in ms since the request arrived)
 - `chunk`: a chunk of a streaming node, e.g. LLM text: `{node, text, ...}`
 - `usage`: what the request cost (as the `x-servegraph-usage` header of the plain route)
 - `result`: the pipeline's output, exactly as the plain route returns it
@@ -330,6 +337,7 @@ class _Account:
     chars: int = 0  # the request's size, for the prompt estimate (LLM pipelines only)
     version: str = ""  # the pipeline's version that runs it
     tenant: str = DEFAULT_TENANT  # whose data it reads and writes
+    cache: str | None = None  # what the answer cache did: hit, miss, bypass
 
 
 def _run_options(graph: Graph) -> Callable[..., Awaitable[_RunOptions]]:
@@ -379,10 +387,17 @@ class _Accounting:
     `open` before a run, `close` after it, whatever its outcome."""
 
     def __init__(
-        self, graph: Graph, catalog: Catalog, metrics: Any, demand: Any, uses_llm: bool
+        self,
+        graph: Graph,
+        catalog: Catalog,
+        metrics: Any,
+        demand: Any,
+        uses_llm: bool,
+        recent: RecentRequests | None = None,
     ) -> None:
         self.graph, self.catalog = graph, catalog
         self.metrics, self.demand, self.uses_llm = metrics, demand, uses_llm
+        self.recent = recent  # the replica's recent requests, for the console
         self.prompts = tokens.PromptEstimate()  # what the LLM's prompts add to a request
 
     async def open(
@@ -445,6 +460,19 @@ class _Accounting:
         run.http.state.charged = True
         if status == 200 and run.chars:  # a whole run: all of its prompts
             self.prompts.observe(run.chars, used["input"])
+        if self.recent is not None:
+            self.recent.add(
+                name,
+                run.version,
+                status,
+                arrived=time.time() - total_ms / 1000,
+                total_ms=total_ms,
+                key=run.caller.name,
+                tenant=run.tenant,
+                records=run.records,
+                cache=run.cache,
+                trace_id=tracing.current_trace_id() if tracing.enabled_here() else None,
+            )
         usd = prices().usd(total_charge([r.charge for r in run.records if r.charge]))
         await Guard.here().charge(
             run.caller, status, used, usd, reserved=run.reserved, tenant=run.tenant
@@ -462,6 +490,7 @@ def pipeline_router(
     traffic: TrafficView | None = None,
     shadows: Shadows | None = None,
     signals: Signals | None = None,
+    recent: RecentRequests | None = None,
 ) -> APIRouter:
     """One pipeline's routes: POST /<name>, POST /<name>/stream, GET /<name>/graph(.mmd),
     each open only to a key with the pipeline's scope (`pipeline_scope`). With `runs`
@@ -485,7 +514,7 @@ def pipeline_router(
     input_model = compiled.input
     output_type = compiled.output
     run_options = _run_options(graph)
-    books = _Accounting(graph, runtime.catalog, metrics, demand, uses_llm)
+    books = _Accounting(graph, runtime.catalog, metrics, demand, uses_llm, recent)
     caching = set(AppSettings().answer_cache_tenants)  # who uses the answer caches
     caches = {
         version: ServedCache(c.graph, runtime, runtime.catalog)
@@ -513,6 +542,7 @@ def pipeline_router(
                 records=run.records,
                 tenant=run.tenant,
                 reuse=look,
+                began=run.started,
             )
         except PipelineRuntimeError as exc:
             logger.warning("the answer cache of %s failed (%s); answering without", version, exc)
@@ -523,6 +553,7 @@ def pipeline_router(
         lookup.keep = keep
         if not look:
             lookup.result = "bypass"
+        run.cache = lookup.result
         if metrics is not None:
             saved = lookup.saved_usd if lookup.hit else 0.0
             metrics.record_cache(graph.name, version, run.tenant, lookup.result, saved)
@@ -754,8 +785,10 @@ def _ended(shadow: Any, run: _Account, status: int, output: Any = None) -> None:
 def _execution(run: _Account, options: _RunOptions, graph: Graph) -> dict[str, Any]:
     """What a request's run on `graph` is executed with (`Runtime.execute`,
     `Runtime.stream`): its records and token tally (its books), its deadline and its
-    maximum cost, and the tenant it runs for."""
+    maximum cost, the tenant it runs for, and when it began (its records' times count
+    from the request's arrival)."""
     return {
+        "began": run.started,
         "records": run.records,
         "deadline_s": options.deadline_for(graph),
         "budget": options.budget,

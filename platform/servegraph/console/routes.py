@@ -1,0 +1,144 @@
+"""The console's routes, on the ingress app (so under its prefix: `/pipelines/console`).
+
+The page itself (`/console`, its script and style) is open: it holds nothing. What it
+shows comes from `/console/api/...`, open to any valid key (an operator without
+`invoke:<pipeline>` sees the pipeline's figures but cannot run it; the page says so
+with the 403 the run route answers). The page asks for the key once and keeps it in
+the tab's `sessionStorage`, sending it as the Authorization header: never in a URL, so
+never in a proxy's or the platform's access logs.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Annotated, Any
+
+from fastapi import APIRouter, Depends, FastAPI, Query
+from fastapi.staticfiles import StaticFiles
+from starlette.responses import FileResponse, Response
+
+from servegraph.console.drawing import DrawingError, svg
+from servegraph.console.recent import RecentRequests, figures
+from servegraph.console.servers import ModelServers
+from servegraph.errors import InvalidInputError
+from servegraph.lang.graph import Graph
+from servegraph.lang.render import to_text
+from servegraph.security.endpoints import require
+from servegraph.security.keys import Caller
+
+STATIC = Path(__file__).parent / "static"
+WINDOWS_S = (60, 300, 900, 3600)  # what the page offers: 1, 5, 15 and 60 minutes
+
+
+def install_console(
+    app: FastAPI,
+    graphs: Mapping[str, Graph],
+    scopes: Mapping[str, str],
+    inputs: Mapping[str, dict[str, Any]],
+    recent: RecentRequests,
+    prefix: str,
+) -> None:
+    """Add the console to the ingress `app` (mounted at `prefix`): the page, and the
+    API it reads. `scopes`: the key scope each pipeline's run needs; `inputs`: each
+    one's input JSON schema (the form is made from it)."""
+    app.mount("/console/static", StaticFiles(directory=STATIC), name="console-static")
+    app.include_router(_router(graphs, scopes, inputs, recent, prefix))
+
+
+def _router(
+    graphs: Mapping[str, Graph],
+    scopes: Mapping[str, str],
+    inputs: Mapping[str, dict[str, Any]],
+    recent: RecentRequests,
+    prefix: str,
+) -> APIRouter:
+    router = APIRouter(prefix="/console", include_in_schema=False)
+    any_key = require(None)  # in defaults, not Annotated: a local name in a string annotation
+    keyed = [Depends(any_key)]  # FastAPI runs a dependency a route and its parameter share once
+    servers = ModelServers()
+
+    def graph_of(name: str) -> Graph:
+        graph = graphs.get(name)
+        if graph is None:
+            raise InvalidInputError("pipeline", f"no pipeline {name!r}", f"one of {sorted(graphs)}")
+        return graph
+
+    @router.get("")
+    async def page() -> FileResponse:
+        return FileResponse(STATIC / "console.html", headers={"cache-control": "no-store"})
+
+    @router.get("/api/pipelines")
+    async def pipelines(
+        caller: Caller = Depends(any_key),  # noqa: B008
+        window_s: Annotated[int, Query(ge=10, le=86_400)] = 300,
+    ) -> dict[str, Any]:
+        now = time.time()
+        return {
+            "window_s": window_s,
+            "ring": recent.ring.maxlen,
+            "pipelines": [
+                {
+                    "name": name,
+                    "description": graph.description,
+                    "version": graph.version,
+                    "can_run": caller.allows(scopes[name]),
+                    "scope": scopes[name],
+                    "figures": figures(recent.window(name, window_s, now), window_s)["pipeline"],
+                }
+                for name, graph in graphs.items()
+            ],
+        }
+
+    @router.get("/api/pipelines/{name}")
+    async def pipeline(
+        name: str,
+        caller: Caller = Depends(any_key),  # noqa: B008
+        window_s: Annotated[int, Query(ge=10, le=86_400)] = 300,
+        limit: Annotated[int, Query(ge=1, le=1000)] = 1000,
+    ) -> dict[str, Any]:
+        graph = graph_of(name)
+        return {
+            "name": name,
+            "description": graph.description,
+            "version": graph.version,
+            "route": f"{prefix}/{name}",
+            "can_run": caller.allows(scopes[name]),
+            "scope": scopes[name],
+            "input_schema": inputs[name],
+            "servers": sorted({c.server for c in graph.calls()}),
+            "figures": figures(recent.window(name, window_s), window_s),
+            "recent": [r.summary() for r in recent.latest(name, limit)],
+        }
+
+    @router.get("/api/pipelines/{name}/graph.svg", dependencies=keyed)
+    async def drawing(name: str) -> Response:
+        graph = graph_of(name)
+        try:  # laid out once per graph (a cache), in a thread: dot is a process
+            picture = await asyncio.to_thread(svg, graph)
+        except DrawingError as exc:
+            return Response(
+                to_text(graph), media_type="text/plain", headers={"x-drawing-error": str(exc)}
+            )
+        return Response(picture, media_type="image/svg+xml")
+
+    @router.get("/api/requests/{request_id}", dependencies=keyed)
+    async def request_detail(request_id: str) -> dict[str, Any]:
+        found = recent.get(request_id)
+        if found is None:
+            raise InvalidInputError(
+                "request_id",
+                f"no request {request_id!r} among this replica's last {recent.ring.maxlen}",
+                "pick one from /console/api/pipelines/<name>'s recent list",
+            )
+        return found.detail()
+
+    @router.get("/api/servers", dependencies=keyed)
+    async def model_servers(
+        window_s: Annotated[int, Query(ge=60, le=86_400)] = 900,
+    ) -> dict[str, Any]:
+        return await servers.get(window_s)
+
+    return router

@@ -8,6 +8,7 @@ page; axe-core (run offline in the page) finds no serious violation. Screenshots
 
 from __future__ import annotations
 
+import contextlib
 import os
 import shutil
 import tempfile
@@ -114,7 +115,7 @@ def serious(driver: Any) -> list[str]:
 def drawn_in_page(driver: Any) -> tuple[set[str], set[tuple[str, str]]]:
     ids = driver.execute_script(
         "return [...document.querySelectorAll('#graph g.node, #graph g.edge')]"
-        ".map(g => [g.getAttribute('class'), g.id])"
+        ".map(g => [g.classList.contains('node') ? 'node' : 'edge', g.id])"
     )
     nodes = {i.removeprefix("node:") for kind, i in ids if kind == "node"}
     edges = {tuple(i.removeprefix("edge:").split("->")) for kind, i in ids if kind == "edge"}
@@ -122,6 +123,7 @@ def drawn_in_page(driver: Any) -> tuple[set[str], set[tuple[str, str]]]:
 
 
 def test_the_console_in_a_browser_offline(pipelines: LocalCluster, browser: Any) -> None:
+    from selenium.common.exceptions import TimeoutException
     from selenium.webdriver.common.by import By
 
     console = f"{pipelines.base_url}/pipelines/console"
@@ -152,10 +154,16 @@ def test_the_console_in_a_browser_offline(pipelines: LocalCluster, browser: Any)
 
     for name, graph in graphs.items():  # every graph, as compiled
         go(browser, f"{console}#/p/{name}")
-        wait(browser, lambda d: d.find_elements(By.CSS_SELECTOR, "#graph svg g.node"))
-        assert drawn_in_page(browser) == expected(graph), name
-        if name == "triage":
+        want = expected(graph)
+        with contextlib.suppress(TimeoutException):  # then the assertion shows the difference
+            wait(browser, lambda d, want=want: drawn_in_page(d) == want)
+        assert drawn_in_page(browser) == want, name
+        if name == "triage":  # the whole graph fitted to a wide window, for the README
+            browser.set_window_size(2400, 1500)
+            browser.find_element(By.ID, "fit").click()
             screenshot(browser, "triage")
+            browser.find_element(By.ID, "fit").click()
+            browser.set_window_size(1440, 1100)
 
     # Run rag from its form: the answer streams in, then its waterfall.
     go(browser, f"{console}#/p/rag")
@@ -189,6 +197,11 @@ def test_the_console_in_a_browser_offline(pipelines: LocalCluster, browser: Any)
         for e in browser.find_elements(By.CSS_SELECTOR, "#request-detail li.attempt")
     }
     assert {"embed", "retrieve"} <= opened, opened
+    # The embedder's call: the dynamic batch it rode in, as its replica noted it.
+    embed = browser.find_element(By.CSS_SELECTOR, '#request-detail li[data-node="embed"] .facts')
+    assert "batch of" in embed.text, embed.text
+    # The graph's call nodes: their model server's replicas now.
+    wait(browser, lambda d: "replicas 1" in d.find_element(By.ID, "node:embed").text)
     screenshot(browser, "rag-waterfall")
 
     # A key without invoke:rag: the figures, and the run refused in the page.

@@ -62,10 +62,14 @@ def drawn(picture: str) -> tuple[set[str], set[tuple[str, str]]]:
     """The nodes and edges an SVG drawing shows, by their ids."""
     root = ET.fromstring(picture)
     groups = list(root.iter(f"{SVG}g"))
-    nodes = {g.get("id", "").removeprefix("node:") for g in groups if g.get("class") == "node"}
+
+    def is_a(g: ET.Element, kind: str) -> bool:
+        return kind in g.get("class", "").split()
+
+    nodes = {g.get("id", "").removeprefix("node:") for g in groups if is_a(g, "node")}
     edges = set()
     for g in groups:
-        if g.get("class") == "edge":
+        if is_a(g, "edge"):
             a, b = g.get("id", "").removeprefix("edge:").split("->")
             edges.add((a, b))
     return nodes, edges
@@ -351,3 +355,43 @@ async def test_without_prometheus_the_servers_answer_says_so() -> None:
     assert answer["prometheus"]["available"] is False
     assert answer["prometheus"]["url"] == url and answer["prometheus"]["reason"]
     assert answer["available"] is False  # and no Ray here: Serve's status neither
+
+
+class BatchedEmbedder:
+    """The toy embedder behind the platform's dynamic batching, metered as a model
+    server is: a call's response carries the batch it rode in."""
+
+    def __init__(self) -> None:
+        from servegraph.server import Batcher
+
+        self._batches = Batcher(self._run, max_batch_size=8, wait_s=0.05, name="toy")
+
+    async def _run(self, texts: list[str]) -> list[list[float]]:
+        await asyncio.sleep(0.01)  # a forward pass: later arrivals queue meanwhile
+        return [[float(len(t)), 0.0] for t in texts]
+
+    async def embed(self, request: Any) -> Any:
+        from tests.servegraph.toy import Vector
+
+        return Vector(vector=await self._batches.one(request.text))
+
+
+async def test_a_call_s_record_carries_the_batch_it_rode_in() -> None:
+    from servegraph.cost.metering import Meter, metered
+    from servegraph.engine.runtime import InProcessRuntime
+    from tests.servegraph import toy
+
+    embedder = metered(["embed"])(BatchedEmbedder)()
+    embedder.__dict__["_servegraph_meter"] = Meter({"cpu": 1.0})  # a replica's, without Ray
+    runtime = InProcessRuntime(toy.CATALOG, toy.servers(embedder=embedder))
+    graph = runtime.compile(toy.rag().build())
+    results = await asyncio.gather(
+        *(runtime.execute(graph, {"question": f"q{n}", "k": 1}) for n in range(12))
+    )
+    calls = [r.call for result in results for r in result.nodes if r.node == "embed"]
+    assert len(calls) == 12 and all(c is not None for c in calls)
+    sizes = sorted(c["batch_size"] for c in calls if c)
+    assert max(sizes) > 1 and all(1 <= s <= 8 for s in sizes)  # merged, within the bound
+    assert all(c["queue_wait_ms"] >= 0 for c in calls if c)
+    # A call of a server that notes nothing has no such record.
+    assert all(r.call is None for result in results for r in result.nodes if r.node != "embed")

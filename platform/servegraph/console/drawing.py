@@ -8,8 +8,9 @@ branch or "body" (`servegraph.console.recent.drawn_name` maps a request's node r
 onto these). A switch, parallel or loop node is a box (a Graphviz cluster) holding its
 sub-graphs, each with its own input and output, and a header node the edges into the
 box reach. A loop's body has an edge from its output back to its input. Each edge's id
-is "edge:<from>-><to>". Each node but the inputs and outputs has two empty lines (ids
-"rate:<name>" and "more:<name>") that the page fills with its live figures.
+is "edge:<from>-><to>". Each node's class is its kind. Each node but the inputs and
+outputs has two more lines, and a call node a third, that the page fills with its live
+figures (and a call's model server's replicas and queue).
 """
 
 from __future__ import annotations
@@ -27,6 +28,7 @@ OUTPUT = "output"
 # the page writes the figures into the lines afterwards.
 _FIGURE_ROOM = "0000.0/s · p50 0000 ms · p99 0000 ms"
 _MORE_ROOM = "err 100% · miss 100% · $0.00e-00"
+_SERVER_ROOM = "replicas 000 · queued 0000"  # a call node's model server, now
 
 
 @dataclass
@@ -68,11 +70,12 @@ def _draw(graph: Graph, prefix: str, drawing: Drawing, indent: str, *, loop: boo
 
     def add_node(drawn: str, kind: str, label: str, *, ends: bool = False) -> None:
         drawing.nodes[drawn] = kind
-        attributes = {"id": f"node:{drawn}", "label": label, "tooltip": drawn}
+        attributes = {"id": f"node:{drawn}", "label": label, "tooltip": drawn, "class": kind}
         if ends:
             attributes |= {"shape": "oval", "fillcolor": "#e3e8ee"}
-        else:  # two lines for the page's figures, as wide as they will be
-            attributes["label"] = f"{label}\n{_FIGURE_ROOM}\n{_MORE_ROOM}"
+        else:  # lines for the page's figures, as wide as they will be
+            lines = [label, _FIGURE_ROOM, _MORE_ROOM, *([_SERVER_ROOM] if kind == "call" else [])]
+            attributes["label"] = "\n".join(lines)
         listed = ", ".join(f"{k}={_quote(v)}" for k, v in attributes.items())
         drawing.lines.append(f"{indent}{_quote(drawn)} [{listed}];")
 

@@ -40,6 +40,7 @@ class Attempt:
     error: str | None = None
     tokens: dict[str, int] | None = None
     usd: float = 0.0
+    call: dict[str, float] | None = None  # the model server's: batch_size, queue_wait_ms
 
 
 @dataclass(frozen=True)
@@ -84,6 +85,7 @@ def attempts_of(records: Sequence[NodeRecord], offset_ms: float) -> list[Attempt
             r.error,
             r.usage,
             usd(r.charge) if r.charge else 0.0,
+            r.call,
         )
         for r in records
     ]

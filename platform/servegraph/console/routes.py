@@ -20,11 +20,11 @@ from fastapi import APIRouter, Depends, FastAPI, Query
 from fastapi.staticfiles import StaticFiles
 from starlette.responses import FileResponse, Response
 
-from servegraph.console.drawing import DrawingError, svg
+from servegraph.console.drawing import DrawingError, svg, walk
 from servegraph.console.recent import RecentRequests, figures
 from servegraph.console.servers import ModelServers
 from servegraph.errors import InvalidInputError
-from servegraph.lang.graph import Graph
+from servegraph.lang.graph import CallNode, Graph
 from servegraph.lang.render import to_text
 from servegraph.security.endpoints import require
 from servegraph.security.keys import Caller
@@ -108,7 +108,8 @@ def _router(
             "can_run": caller.allows(scopes[name]),
             "scope": scopes[name],
             "input_schema": inputs[name],
-            "servers": sorted({c.server for c in graph.calls()}),
+            # Each call node's model server (by drawn name): the page shows its replicas.
+            "calls": {n: node.server for n, node in walk(graph) if isinstance(node, CallNode)},
             "figures": figures(recent.window(name, window_s), window_s),
             "recent": [r.summary() for r in recent.latest(name, limit)],
         }

@@ -1,9 +1,14 @@
 """What a replica spent on each request: its resources shared by processor sharing
 among the requests in flight (`Meter`, `metered`), in resource-seconds, carried back
-with the response (`attach`, `charge_of`). See `servegraph.cost` for the whole story."""
+with the response (`attach`, `charge_of`). See `servegraph.cost` for the whole story.
+
+A metered method may also note what its call did (`note`: the dynamic batch it rode in
+and how long it queued for it), carried back the same way (`facts_of`): what a
+request's waterfall shows of the call."""
 
 from __future__ import annotations
 
+import contextvars
 import functools
 import inspect
 import threading
@@ -17,6 +22,45 @@ OVERHEAD_GAP_S = 0.01  # shorter gaps between calls are Serve's per-request work
 # The item a streamed call's server yields last, carrying the call's charge.
 CHARGE_ITEM = "servegraph_charge"
 KINDS = ("cpu_s", "gpu_s", "gib_s")  # CPU-seconds, GPU-seconds, GiB-seconds
+
+
+_FACTS = "__servegraph_facts__"
+# What the metered call running in this context noted (`note`): a dict per call, set by
+# the metered wrapper; None outside one.
+_noted: contextvars.ContextVar[dict[str, float] | None] = contextvars.ContextVar(
+    "servegraph_noted", default=None
+)
+
+
+def note(**facts: float) -> None:
+    """Record facts about the metered call running here (e.g. batch_size,
+    queue_wait_ms), to travel back with its response; nothing outside a metered call."""
+    noted = _noted.get()
+    if noted is not None:
+        noted.update(facts)
+
+
+def facts_of(response: Any) -> dict[str, float] | None:
+    """What the call that made `response` noted, if anything."""
+    return getattr(response, _FACTS, None)
+
+
+# Module-level, as `_noted` is used only here: Ray pickles a deployment class's methods
+# (the metered wrappers) by value, with what they reference, and a ContextVar cannot be
+# pickled; a module's function is pickled by reference.
+def _start_noting() -> tuple[dict[str, float], contextvars.Token[dict[str, float] | None]]:
+    facts: dict[str, float] = {}
+    return facts, _noted.set(facts)
+
+
+def _stop_noting(token: contextvars.Token[dict[str, float] | None]) -> None:
+    _noted.reset(token)
+
+
+def _with_facts(response: Any, facts: dict[str, float]) -> Any:
+    if facts:  # on a response `attach` has just carried a charge with
+        object.__setattr__(response, _FACTS, facts)
+    return response
 
 
 def attach(response: Any, charge: dict[str, float]) -> Any:
@@ -158,11 +202,13 @@ def _metered_method(method: Callable[..., Any]) -> Callable[..., Any]:
         async def metered_async(self: Any, *args: Any, **kwargs: Any) -> Any:
             meter = _meter(self)
             ticket = meter.start()
+            facts, token = _start_noting()  # the method's awaits share this context
             try:
                 result = await method(self, *args, **kwargs)
             finally:
+                _stop_noting(token)
                 charge = meter.stop(ticket)
-            return attach(result, charge)
+            return _with_facts(attach(result, charge), facts)
 
         return metered_async
 

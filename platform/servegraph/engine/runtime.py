@@ -23,7 +23,7 @@ from pydantic import BaseModel, ValidationError
 
 from servegraph._fields import field_errors
 from servegraph.cost.budget import Budget, CostModel
-from servegraph.cost.metering import charge_of
+from servegraph.cost.metering import charge_of, facts_of
 from servegraph.engine import tokens
 from servegraph.engine.checkpoints import Checkpoints
 from servegraph.engine.ledger import Ledger, usage_of
@@ -100,6 +100,8 @@ class NodeRecord:
     # call's as far as it got
     charge: dict[str, float] | None = None  # the model server's resource-seconds
     start_ms: float = 0.0  # when the attempt began, in ms since the run did (a waterfall's)
+    call: dict[str, float] | None = None  # what the model server noted of the call: the
+    # dynamic batch it rode in and its wait (`servegraph.cost.metering.note`)
 
 
 @dataclass(frozen=True)
@@ -509,6 +511,7 @@ class _Run:
                     started,
                     usage=usage_of(self._usage_field(node), output),
                     charge=charge_of(output) if isinstance(node, CallNode) else None,
+                    call=facts_of(output) if isinstance(node, CallNode) else None,
                 )
                 return output
             status = (
@@ -819,11 +822,12 @@ class _Run:
         error: str | None = None,
         usage: dict[str, int] | None = None,
         charge: dict[str, float] | None = None,
+        call: dict[str, float] | None = None,
     ) -> None:
         wall_ms = (time.perf_counter() - started) * 1000
         start_ms = round((started - self.began) * 1000, 3)
         record = NodeRecord(
-            qualified, node.kind, attempt, status, wall_ms, error, usage, charge, start_ms
+            qualified, node.kind, attempt, status, wall_ms, error, usage, charge, start_ms, call
         )
         self.records.append(record)
         if self.on_event is not None:

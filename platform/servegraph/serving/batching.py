@@ -13,7 +13,8 @@ idle one waits at most `wait_s` for company.
 
 What Serve's batching also did, kept here: per-batch size and queue-wait metrics (a Serve
 metric and `stats()`), cancelled requests are skipped, an exception fails the batch's
-requests only. Each request's span records the largest batch it rode in and its wait.
+requests only. Each request's span records the largest batch it rode in and its wait, and
+so does its response (`servegraph.cost.metering.note`: a node record's `call`).
 """
 
 from __future__ import annotations
@@ -27,6 +28,7 @@ from typing import Generic, TypeVar
 
 from pydantic import BaseModel, Field
 
+from servegraph.cost.metering import note
 from servegraph.telemetry.metrics import batch_size_histogram, batch_wait_histogram
 from servegraph.telemetry.tracing import annotate
 
@@ -109,12 +111,9 @@ class Batcher(Generic[T, R]):
             for item in items:  # what has not run yet is skipped by the worker
                 item.future.cancel()
             raise
-        annotate(
-            **{
-                "servegraph.batch.size": max(r[1] for r in results),
-                "servegraph.batch.queue_wait_ms": max(r[2] for r in results),
-            }
-        )
+        size, wait_ms = max(r[1] for r in results), max(r[2] for r in results)
+        annotate(**{"servegraph.batch.size": size, "servegraph.batch.queue_wait_ms": wait_ms})
+        note(batch_size=size, queue_wait_ms=wait_ms)  # back with the response, for waterfalls
         return [r[0] for r in results]
 
     async def one(self, payload: T) -> R:

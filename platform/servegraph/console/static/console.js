@@ -159,7 +159,11 @@ async function pipeline(name, fresh) {
     await drawGraph(name);
     buildForm(data); // says so in the status when the key may not run it
   }
-  paintFigures(data.figures.nodes);
+  let servers = null;
+  try {
+    servers = await (await api(`servers?window_s=${Math.max(60, windowS())}`)).json();
+  } catch (_) { /* the figures without the servers' line */ }
+  paintFigures(data.figures.nodes, data.calls, servers);
   $("recent").tBodies[0].innerHTML = data.recent
     .map(
       (r) => `<tr><td><a href="#/p/${esc(name)}/r/${esc(r.id)}" data-request="${esc(r.id)}">
@@ -193,21 +197,39 @@ function colour(f) {
   return "#cfeccf";
 }
 
-function paintFigures(nodes) {
+function paintFigures(nodes, calls, servers) {
   for (const g of $("graph").querySelectorAll("g.node")) {
     const name = g.id.replace(/^node:/, "");
     const texts = g.querySelectorAll("text");
-    if (texts.length < 4) continue; // an input or output
+    if (texts.length < 4) continue; // an input or output: lines 3 and 4 are the figures
     const f = nodes[name];
     const shape = g.querySelector("path, polygon");
     if (shape) shape.setAttribute("fill", colour(f));
-    texts[texts.length - 2].textContent = f
+    texts[2].textContent = f
       ? `${rate(f.rate_per_s)} · p50 ${ms(f.p50_ms)} · p99 ${ms(f.p99_ms)}`
       : "no calls in the window";
-    texts[texts.length - 1].textContent = f
+    texts[3].textContent = f
       ? `err ${pct(f.error_share)} · miss ${pct(f.deadline_share)} · ${usd(f.mean_usd)}`
       : "";
+    if (g.classList.contains("call") && texts.length > 4) texts[4].textContent = serverLine(calls[name], servers);
   }
+}
+
+// A call node's model server now: its replicas (Serve's, its gateway aside) and what is
+// queued for it (Prometheus's latest, when one answers).
+function serverLine(server, servers) {
+  if (!server || !servers || !servers.available) return "";
+  const rows = servers.servers.filter((s) => s.application === server && s.deployment !== "Gateway");
+  const replicas = rows.reduce((n, s) => n + s.running, 0);
+  const prom = servers.prometheus;
+  let queued = "–";
+  if (prom.available) {
+    const last = rows
+      .map((s) => (prom.series[`${s.application}/${s.deployment}`] || {}).queued || [])
+      .map((points) => (points.length ? points[points.length - 1][1] : 0));
+    queued = String(last.reduce((a, b) => a + b, 0));
+  }
+  return `replicas ${replicas} · queued ${queued}`;
 }
 
 // ---------------------------------------------------------------- the form
@@ -361,6 +383,7 @@ function waterfall(attempts, total) {
       a.status,
       ms(a.wall_ms),
       tokens ? `${tokens.input} in / ${tokens.output} out tokens` : "",
+      a.call && a.call.batch_size ? `batch of ${a.call.batch_size}, queued ${ms(a.call.queue_wait_ms)}` : "",
       a.usd ? usd(a.usd) : "",
       a.error ? `error: ${a.error}` : "",
     ].filter(Boolean);

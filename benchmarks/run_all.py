@@ -30,6 +30,7 @@ BENCHMARKS = [
     "tenants",
     "tenant_fuzz",
     "cache",
+    "console",
     "chaos_runs",  # its own platform, killed three times: about 20 minutes
 ]
 

@@ -24,6 +24,7 @@ from servegraph.console.drawing import DrawingError, svg, walk
 from servegraph.console.recent import RecentRequests, figures
 from servegraph.console.servers import ModelServers
 from servegraph.errors import InvalidInputError
+from servegraph.lang.catalog import Catalog
 from servegraph.lang.graph import CallNode, Graph
 from servegraph.lang.render import to_text
 from servegraph.security.endpoints import require
@@ -36,6 +37,7 @@ WINDOWS_S = (60, 300, 900, 3600)  # what the page offers: 1, 5, 15 and 60 minute
 def install_console(
     app: FastAPI,
     graphs: Mapping[str, Graph],
+    catalog: Catalog,
     scopes: Mapping[str, str],
     inputs: Mapping[str, dict[str, Any]],
     recent: RecentRequests,
@@ -45,17 +47,26 @@ def install_console(
     API it reads. `scopes`: the key scope each pipeline's run needs; `inputs`: each
     one's input JSON schema (the form is made from it)."""
     app.mount("/console/static", StaticFiles(directory=STATIC), name="console-static")
-    app.include_router(_router(graphs, scopes, inputs, recent, prefix))
+    app.include_router(_router(graphs, catalog, scopes, inputs, recent, prefix))
 
 
 def _router(
     graphs: Mapping[str, Graph],
+    catalog: Catalog,
     scopes: Mapping[str, str],
     inputs: Mapping[str, dict[str, Any]],
     recent: RecentRequests,
     prefix: str,
 ) -> APIRouter:
     router = APIRouter(prefix="/console", include_in_schema=False)
+    calls = {
+        name: {
+            n: f"{node.server}/{catalog[node.server].deployment_name()}"
+            for n, node in walk(graph)
+            if isinstance(node, CallNode)
+        }
+        for name, graph in graphs.items()
+    }
     any_key = require(None)  # in defaults, not Annotated: a local name in a string annotation
     keyed = [Depends(any_key)]  # FastAPI runs a dependency a route and its parameter share once
     servers = ModelServers()
@@ -108,8 +119,9 @@ def _router(
             "can_run": caller.allows(scopes[name]),
             "scope": scopes[name],
             "input_schema": inputs[name],
-            # Each call node's model server (by drawn name): the page shows its replicas.
-            "calls": {n: node.server for n, node in walk(graph) if isinstance(node, CallNode)},
+            # Each call node's Serve deployment, "application/deployment" (by drawn
+            # name): the page shows its replicas and queue on the node.
+            "calls": calls[name],
             "figures": figures(recent.window(name, window_s), window_s),
             "recent": [r.summary() for r in recent.latest(name, limit)],
         }

@@ -142,6 +142,11 @@ class ServerSpec:
     the server loads (by default): answers cached from a pipeline that calls it are kept
     for those files only (`servegraph.serving.answer_cache`)."""
 
+    def deployment_name(self) -> str:
+        """The Serve deployment that handles its method calls; a "module:function"
+        `deployment` is computed at run time (the LLM's depends on its model)."""
+        return resolve(self.deployment)() if ":" in self.deployment else self.deployment
+
 
 @dataclass
 class Catalog(Mapping[str, ServerSpec]):

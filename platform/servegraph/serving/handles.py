@@ -31,8 +31,8 @@ logger = logging.getLogger("ray.serve")
 
 
 def deployment_name(spec: ServerSpec) -> str:
-    """A spec's deployment name; "module:function" names are computed at run time."""
-    return resolve(spec.deployment)() if ":" in spec.deployment else spec.deployment
+    """A spec's deployment name (`ServerSpec.deployment_name`)."""
+    return spec.deployment_name()
 
 
 def _handle(spec: ServerSpec) -> DeploymentHandle:

@@ -209,7 +209,7 @@ def build_fastapi(
     recent = RecentRequests()  # this replica's last answers, for the console
     scopes = {name: versions_scope(versions[name].values(), catalog) for name in graphs}
     inputs = {name: resolve(g.input).model_json_schema() for name, g in graphs.items()}
-    install_console(app, graphs, scopes, inputs, recent, INGRESS_PREFIX)
+    install_console(app, graphs, catalog, scopes, inputs, recent, INGRESS_PREFIX)
     for graph in graphs.values():
         runtime = Runtime(
             catalog,

@@ -215,21 +215,15 @@ function paintFigures(nodes, calls, servers) {
   }
 }
 
-// A call node's model server now: its replicas (Serve's, its gateway aside) and what is
-// queued for it (Prometheus's latest, when one answers).
-function serverLine(server, servers) {
-  if (!server || !servers || !servers.available) return "";
-  const rows = servers.servers.filter((s) => s.application === server && s.deployment !== "Gateway");
-  const replicas = rows.reduce((n, s) => n + s.running, 0);
+// A call node's model server now: its deployment's running replicas (Serve's) and what
+// is queued for it (Prometheus's latest, when one answers).
+function serverLine(deployment, servers) {
+  if (!deployment || !servers || !servers.available) return "";
+  const row = servers.servers.find((s) => `${s.application}/${s.deployment}` === deployment);
+  if (!row) return "";
   const prom = servers.prometheus;
-  let queued = "–";
-  if (prom.available) {
-    const last = rows
-      .map((s) => (prom.series[`${s.application}/${s.deployment}`] || {}).queued || [])
-      .map((points) => (points.length ? points[points.length - 1][1] : 0));
-    queued = String(last.reduce((a, b) => a + b, 0));
-  }
-  return `replicas ${replicas} · queued ${queued}`;
+  const queued = prom.available ? ((prom.series[deployment] || {}).queued || []).slice(-1)[0] : null;
+  return `replicas ${row.running} · queued ${queued ? queued[1] : prom.available ? 0 : "–"}`;
 }
 
 // ---------------------------------------------------------------- the form

@@ -283,6 +283,19 @@ async def test_the_console_api_under_many_requests_at_once(guard: Guard, store: 
     for secret in (runner, viewer):  # key names only, never keys
         assert secret not in everything
 
+    # Another tenant's key sees none of these requests, nor their figures; and theirs
+    # are not the default tenant's to see.
+    other = store.create("acme-ops", ["invoke:plain"], tenant="acme")
+    async with client(app, other) as c:
+        theirs = (await c.get("/console/api/pipelines/wobbly")).json()
+        assert theirs["recent"] == [] and theirs["figures"]["pipeline"]["count"] == 0
+        assert theirs["tenants"] == "acme"
+        assert (await c.get(f"/console/api/requests/{one['id']}")).status_code == 422
+        assert (await c.post("/plain", json={"text": "theirs"})).status_code == 200
+        assert len((await c.get("/console/api/pipelines/plain")).json()["recent"]) == 1
+    async with client(app, viewer) as c:
+        assert len((await c.get("/console/api/pipelines/plain")).json()["recent"]) == 40
+
 
 def test_the_page_needs_nothing_but_its_own_files() -> None:
     static = Path(tracing.__file__).parent.parent / "console" / "static"

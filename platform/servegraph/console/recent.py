@@ -130,17 +130,42 @@ class RecentRequests:
         self.ring.append(recent)  # deque.append: atomic, so the event loop and threads may add
         return recent
 
-    def latest(self, pipeline: str | None = None, limit: int = RECENT_REQUESTS) -> list[Recent]:
+    # `tenant` below: only that tenant's requests (a key that is not an admin sees its
+    # own tenant's, as with runs waiting for approval); None: every tenant's.
+
+    def latest(
+        self,
+        pipeline: str | None = None,
+        limit: int = RECENT_REQUESTS,
+        tenant: str | None = None,
+    ) -> list[Recent]:
         """The newest first, of one pipeline or of all."""
-        rows = [r for r in reversed(self.ring) if pipeline is None or r.pipeline == pipeline]
+        rows = [
+            r
+            for r in reversed(self.ring)
+            if (pipeline is None or r.pipeline == pipeline) and tenant in (None, r.tenant)
+        ]
         return rows[:limit]
 
-    def get(self, request_id: str) -> Recent | None:
-        return next((r for r in reversed(self.ring) if r.id == request_id), None)
+    def get(self, request_id: str, tenant: str | None = None) -> Recent | None:
+        return next(
+            (r for r in reversed(self.ring) if r.id == request_id and tenant in (None, r.tenant)),
+            None,
+        )
 
-    def window(self, pipeline: str, window_s: float, now: float | None = None) -> list[Recent]:
+    def window(
+        self,
+        pipeline: str,
+        window_s: float,
+        now: float | None = None,
+        tenant: str | None = None,
+    ) -> list[Recent]:
         since = (now if now is not None else time.time()) - window_s
-        return [r for r in self.ring if r.pipeline == pipeline and r.at >= since]
+        return [
+            r
+            for r in self.ring
+            if r.pipeline == pipeline and r.at >= since and tenant in (None, r.tenant)
+        ]
 
 
 # A qualified node name with its sub-graph labels ("case[refund]", "branch[web]",

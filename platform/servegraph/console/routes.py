@@ -3,9 +3,12 @@
 The page itself (`/console`, its script and style) is open: it holds nothing. What it
 shows comes from `/console/api/...`, open to any valid key (an operator without
 `invoke:<pipeline>` sees the pipeline's figures but cannot run it; the page says so
-with the 403 the run route answers). The page asks for the key once and keeps it in
-the tab's `sessionStorage`, sending it as the Authorization header: never in a URL, so
-never in a proxy's or the platform's access logs.
+with the 403 the run route answers). The recent requests and the figures drawn from
+them are an admin key's for every tenant, any other key's for its own tenant only.
+
+The page asks for the key once and keeps it in the tab's `sessionStorage`, sending it
+as the Authorization header: never in a URL, so never in a proxy's or the platform's
+access logs.
 """
 
 from __future__ import annotations
@@ -90,6 +93,7 @@ def _router(
         return {
             "window_s": window_s,
             "ring": recent.ring.maxlen,
+            "tenants": seen(caller) or "every tenant",
             "pipelines": [
                 {
                     "name": name,
@@ -97,7 +101,9 @@ def _router(
                     "version": graph.version,
                     "can_run": caller.allows(scopes[name]),
                     "scope": scopes[name],
-                    "figures": figures(recent.window(name, window_s, now), window_s)["pipeline"],
+                    "figures": figures(
+                        recent.window(name, window_s, now, tenant=seen(caller)), window_s
+                    )["pipeline"],
                 }
                 for name, graph in graphs.items()
             ],
@@ -122,8 +128,9 @@ def _router(
             # Each call node's Serve deployment, "application/deployment" (by drawn
             # name): the page shows its replicas and queue on the node.
             "calls": calls[name],
-            "figures": figures(recent.window(name, window_s), window_s),
-            "recent": [r.summary() for r in recent.latest(name, limit)],
+            "tenants": seen(caller) or "every tenant",
+            "figures": figures(recent.window(name, window_s, tenant=seen(caller)), window_s),
+            "recent": [r.summary() for r in recent.latest(name, limit, seen(caller))],
         }
 
     @router.get("/api/pipelines/{name}/graph.svg", dependencies=keyed)
@@ -137,9 +144,12 @@ def _router(
             )
         return Response(picture, media_type="image/svg+xml")
 
-    @router.get("/api/requests/{request_id}", dependencies=keyed)
-    async def request_detail(request_id: str) -> dict[str, Any]:
-        found = recent.get(request_id)
+    @router.get("/api/requests/{request_id}")
+    async def request_detail(
+        request_id: str,
+        caller: Caller = Depends(any_key),  # noqa: B008
+    ) -> dict[str, Any]:
+        found = recent.get(request_id, seen(caller))
         if found is None:
             raise InvalidInputError(
                 "request_id",
@@ -155,3 +165,9 @@ def _router(
         return await servers.get(window_s)
 
     return router
+
+
+def seen(caller: Caller) -> str | None:
+    """Whose requests `caller` sees: an admin key every tenant's (None), any other key its
+    own tenant's, as it sees only its tenant's runs and documents."""
+    return None if "admin" in caller.scopes else caller.tenant

@@ -61,8 +61,9 @@ async function home() {
   show("home");
   document.title = "servegraph console";
   const data = await (await api(`pipelines?window_s=${windowS()}`)).json();
+  const whose = data.tenants === "every tenant" ? "every tenant's" : `tenant ${data.tenants}'s`;
   $("home-note").textContent =
-    `From the last ${data.ring} requests this ingress replica answered, over ${data.window_s / 60} min.`;
+    `From the last ${data.ring} requests this ingress replica answered (${whose}), over ${data.window_s / 60} min.`;
   $("pipelines").tBodies[0].innerHTML = data.pipelines
     .map((p) => {
       const f = p.figures;

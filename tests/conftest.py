@@ -10,8 +10,6 @@ from pathlib import Path
 
 import pytest
 
-from servegraph.deploy.local_ray import free_port
-
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 
@@ -28,9 +26,11 @@ os.environ["SERVEGRAPH_ANSWER_CACHE_TENANTS"] = '["cached"]'
 os.environ["SERVEGRAPH_TRAFFIC"] = str(AUTH_DIR / "traffic.json")
 
 
-# Where the console reads the model servers' history: a port of the session's own, where
-# the Prometheus of tests/integration/test_observe.py listens while it runs.
-PROMETHEUS_PORT = free_port()
+# Where the console reads the model servers' history: where the Prometheus of
+# tests/integration/test_observe.py listens while it runs. A fixed port below the
+# ephemeral range (so no connection made meanwhile takes it, as one could take a port
+# picked free now and bound later) and below Ray's worker ports (10002 and up).
+PROMETHEUS_PORT = int(os.environ.get("SERVEGRAPH_TEST_PROMETHEUS_PORT", "9491"))
 os.environ["SERVEGRAPH_PROMETHEUS_URL"] = f"http://127.0.0.1:{PROMETHEUS_PORT}"
 
 

@@ -125,6 +125,7 @@ def record(node: str, status: str, wall_ms: float, attempt: int = 1) -> NodeReco
 
 def test_the_ring_keeps_the_newest_and_figures_count_only_the_window() -> None:
     ring = RecentRequests(size=10)
+    ring.started = 900.0  # the replica's start, on this test's clock
     for n in range(25):
         ring.add(
             "p",
@@ -134,18 +135,26 @@ def test_the_ring_keeps_the_newest_and_figures_count_only_the_window() -> None:
             total_ms=float(n),
             key="app",
             tenant="default",
-            records=[record("a", "timeout" if n % 5 == 0 else "ok", 2.0 * n)],
+            records=[
+                record("a", "timeout" if n % 5 == 0 else "ok", 2.0 * n),
+                *([record("a", "fallback", 1.0)] if n % 5 == 0 else []),
+            ],
         )
     kept = ring.latest("p")
     assert [r.total_ms for r in kept] == [float(n) for n in range(24, 14, -1)]
-    window = ring.window("p", 5, now=1024.0)  # arrived at 1019..1024
-    assert [r.total_ms for r in window] == [19.0, 20.0, 21.0, 22.0, 23.0, 24.0]
-    got = figures(window, 5)
-    assert got["pipeline"]["count"] == 6
-    assert got["pipeline"]["deadline_share"] == pytest.approx(1 / 6, abs=1e-4)  # n=20
-    assert got["pipeline"]["p50_ms"] == 21.0 and got["pipeline"]["p99_ms"] == 24.0
-    assert got["nodes"]["a"]["error_share"] == pytest.approx(1 / 6, abs=1e-4)
-    assert got["nodes"]["a"]["rate_per_s"] == pytest.approx(6 / 5)
+    window = ring.window("p", 5, now=1024.0)  # (1019, 1024]: the five arrived since
+    assert [r.total_ms for r in window] == [20.0, 21.0, 22.0, 23.0, 24.0]
+    got = figures(window, ring.covered(5, now=1024.0))
+    assert got["covered_s"] == 5.0
+    assert got["pipeline"]["count"] == 5
+    assert got["pipeline"]["deadline_share"] == 0.2  # n=20 answered 504
+    assert got["pipeline"]["p50_ms"] == 22.0 and got["pipeline"]["p99_ms"] == 24.0
+    node = got["nodes"]["a"]
+    # Its fallback is not an attempt: 5 attempts, one timed out, one fallback ran.
+    assert node["count"] == 5 and node["error_share"] == 0.2 and node["fallback_share"] == 0.2
+    assert node["rate_per_s"] == pytest.approx(1.0)
+    # The ring is full: 60 s asked, but it holds only what arrived since its oldest (1015).
+    assert ring.covered(60, now=1024.0) == pytest.approx(9.0)
 
 
 # --------------------------------------------------------------------------- the API
@@ -408,3 +417,25 @@ async def test_a_call_s_record_carries_the_batch_it_rode_in() -> None:
     assert all(c["queue_wait_ms"] >= 0 for c in calls if c)
     # A call of a server that notes nothing has no such record.
     assert all(r.call is None for result in results for r in result.nodes if r.node != "embed")
+
+
+async def test_the_console_s_bookkeeping_never_costs_a_request_its_answer(
+    guard: Guard, store: KeyStore, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    def broken(*args: Any, **kwargs: Any) -> None:
+        raise RuntimeError("the ring broke")
+
+    monkeypatch.setattr(RecentRequests, "add", broken)
+    app = build_fastapi({"plain": plain()}, CATALOG, InProcessServers({}))
+    key = store.create("runner", ["invoke:plain"])
+    async with client(app, key) as c:
+        answers = await asyncio.gather(*(c.post("/plain", json={"text": "x"}) for _ in range(5)))
+        assert [a.status_code for a in answers] == [200] * 5
+        # Only the page's windows are taken (each has its cached history of the servers).
+        odd = await c.get("/console/api/servers", params={"window_s": 61})
+        assert odd.status_code == 422 and "window_s" in odd.text
+    async with client(app) as anonymous:
+        page = await anonymous.get("/console")
+    policy = page.headers["content-security-policy"]
+    assert "default-src 'self'" in policy and "frame-ancestors 'none'" in policy
+    assert page.headers["x-content-type-options"] == "nosniff"

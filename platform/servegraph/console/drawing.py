@@ -142,13 +142,17 @@ def _svg(dot_source: str) -> str:
     dot = shutil.which("dot")
     if dot is None:
         raise DrawingError("Graphviz's `dot` is not installed: run `make install`")
-    done = subprocess.run(
-        [dot, "-Tsvg"], input=dot_source, capture_output=True, text=True, timeout=30
-    )
-    if done.returncode != 0:
+    try:
+        done = subprocess.run(
+            [dot, "-Tsvg"], input=dot_source, capture_output=True, text=True, timeout=30
+        )
+    except (OSError, subprocess.TimeoutExpired) as exc:
+        raise DrawingError(f"dot did not run: {type(exc).__name__}") from exc
+    start = done.stdout.find("<svg")
+    if done.returncode != 0 or start < 0:
         raise DrawingError(f"dot failed: {done.stderr.strip()[-500:]}")
     # The XML declaration and DOCTYPE go: the SVG is put inside the page.
-    return done.stdout[done.stdout.index("<svg") :]
+    return done.stdout[start:]
 
 
 def svg(graph: Graph) -> str:

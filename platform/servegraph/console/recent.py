@@ -16,13 +16,15 @@ import re
 import time
 from collections import deque
 from collections.abc import Iterable, Sequence
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, fields
 from typing import Any
 
 from servegraph.cost.prices import prices
 from servegraph.engine.runtime import NodeRecord
 
 RECENT_REQUESTS = 1000  # per ingress replica: what the console lists and figures from
+MAX_ATTEMPTS = 200  # kept per request (a long agent loop's first): the ring's memory bound
+MAX_ERROR_CHARS = 300  # of an attempt's error: its kind and start, not a whole traceback
 
 _ids = itertools.count(1)
 
@@ -61,9 +63,8 @@ class Recent:
     attempts: list[Attempt] = field(default_factory=list)
 
     def summary(self) -> dict[str, Any]:
-        """The listing's row: the request without its attempts."""
-        row = asdict(self)
-        del row["attempts"]
+        """The listing's row: the request without its attempts (not copied)."""
+        row = {f.name: getattr(self, f.name) for f in fields(self) if f.name != "attempts"}
         return row | {"nodes": len(self.attempts)}
 
     def detail(self) -> dict[str, Any]:
@@ -82,7 +83,7 @@ def attempts_of(records: Sequence[NodeRecord], offset_ms: float) -> list[Attempt
             r.status,
             round(offset_ms + r.start_ms, 3),
             round(r.wall_ms, 3),
-            r.error,
+            r.error[:MAX_ERROR_CHARS] if r.error else None,
             r.usage,
             usd(r.charge) if r.charge else 0.0,
             r.call,
@@ -96,6 +97,17 @@ class RecentRequests:
 
     def __init__(self, size: int = RECENT_REQUESTS) -> None:
         self.ring: deque[Recent] = deque(maxlen=size)
+        self.started = time.time()  # what the ring can cover begins here
+
+    def covered(self, window_s: float, now: float | None = None) -> float:
+        """How much of the last `window_s` the ring holds every request of: all of it,
+        unless this replica started since, or the ring is full and its oldest request
+        came later (at 10 requests/s, 1,000 cover 100 s). Rates divide by this."""
+        now = now if now is not None else time.time()
+        since = max(now - window_s, self.started)
+        if len(self.ring) == self.ring.maxlen and self.ring:
+            since = max(since, self.ring[0].at)
+        return max(now - since, 1e-3)
 
     def add(
         self,
@@ -112,7 +124,7 @@ class RecentRequests:
         cache: str | None = None,
         trace_id: str | None = None,
     ) -> Recent:
-        attempts = attempts_of(records, run_offset_ms)
+        attempts = attempts_of(records[:MAX_ATTEMPTS], run_offset_ms)
         recent = Recent(
             f"{int(arrived * 1000):x}-{next(_ids)}",
             pipeline,
@@ -164,7 +176,7 @@ class RecentRequests:
         return [
             r
             for r in self.ring
-            if r.pipeline == pipeline and r.at >= since and tenant in (None, r.tenant)
+            if r.pipeline == pipeline and r.at > since and tenant in (None, r.tenant)
         ]
 
 
@@ -190,7 +202,9 @@ def _quantile(sorted_values: Sequence[float], q: float) -> float:
     return sorted_values[index]
 
 
-def _figures(walls: list[float], failed: int, missed: int, usd: float, span_s: float) -> dict:
+def _figures(
+    walls: list[float], failed: int, missed: int, usd: float, span_s: float, fallbacks: int = 0
+) -> dict[str, Any]:
     walls.sort()
     n = len(walls)
     return {
@@ -200,6 +214,7 @@ def _figures(walls: list[float], failed: int, missed: int, usd: float, span_s: f
         "p99_ms": round(_quantile(walls, 0.99), 2) if n else None,
         "error_share": round(failed / n, 4) if n else None,
         "deadline_share": round(missed / n, 4) if n else None,
+        "fallback_share": round(fallbacks / n, 4) if n else None,
         "mean_usd": usd / n if n else None,
     }
 
@@ -207,11 +222,13 @@ def _figures(walls: list[float], failed: int, missed: int, usd: float, span_s: f
 _FAILED = {"error", "timeout", "budget", "cancelled"}
 
 
-def figures(requests: Iterable[Recent], window_s: float) -> dict[str, Any]:
-    """A pipeline's figures over `requests` (a window of the ring): the whole pipeline's
-    (rate of requests, p50/p99 of their wall time, the share answered 5xx and the share
-    that missed their deadline with 504, mean cost) and each drawn node's (its attempts:
-    the same, a failed attempt being one that erred, timed out or was stopped)."""
+def figures(requests: Iterable[Recent], span_s: float) -> dict[str, Any]:
+    """A pipeline's figures over `requests` (a window of the ring, covering `span_s`
+    seconds: `RecentRequests.covered`): the whole pipeline's (rate of requests, p50/p99
+    of their wall time, the share answered 5xx and the share that missed their deadline
+    with 504, mean cost) and each drawn node's (its attempts: the same, a failed attempt
+    being one that erred, timed out or was stopped; a fallback that ran is not an
+    attempt but counts in its `fallback_share`)."""
     requests = list(requests)
     walls = [r.total_ms for r in requests]
     whole = _figures(
@@ -219,20 +236,24 @@ def figures(requests: Iterable[Recent], window_s: float) -> dict[str, Any]:
         sum(r.status >= 500 for r in requests),
         sum(r.status == 504 for r in requests),
         sum(r.usd for r in requests),
-        window_s,
+        span_s,
     )
     by_node: dict[str, tuple[list[float], list[int]]] = {}
     node_usd: dict[str, float] = {}
+    names: dict[str, str] = {}  # qualified -> drawn: a loop repeats its nodes' names
     for request in requests:
         for a in request.attempts:
-            name = drawn_name(a.node)
-            node_walls, counts = by_node.setdefault(name, ([], [0, 0]))
+            name = names.get(a.node) or names.setdefault(a.node, drawn_name(a.node))
+            node_walls, counts = by_node.setdefault(name, ([], [0, 0, 0]))
+            node_usd[name] = node_usd.get(name, 0.0) + a.usd
+            if a.status == "fallback":
+                counts[2] += 1
+                continue
             node_walls.append(a.wall_ms)
             counts[0] += a.status in _FAILED
             counts[1] += a.status == "timeout"
-            node_usd[name] = node_usd.get(name, 0.0) + a.usd
     nodes = {
-        name: _figures(node_walls, failed, missed, node_usd[name], window_s)
-        for name, (node_walls, (failed, missed)) in by_node.items()
+        name: _figures(node_walls, failed, missed, node_usd[name], span_s, fallbacks)
+        for name, (node_walls, (failed, missed, fallbacks)) in by_node.items()
     }
-    return {"window_s": window_s, "pipeline": whole, "nodes": nodes}
+    return {"covered_s": round(span_s, 3), "pipeline": whole, "nodes": nodes}

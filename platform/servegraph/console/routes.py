@@ -21,7 +21,7 @@ from typing import Annotated, Any
 
 from fastapi import APIRouter, Depends, FastAPI, Query
 from fastapi.staticfiles import StaticFiles
-from starlette.responses import FileResponse, Response
+from starlette.responses import FileResponse, JSONResponse, Response
 
 from servegraph.console.drawing import DrawingError, svg, walk
 from servegraph.console.recent import RecentRequests, figures
@@ -34,7 +34,31 @@ from servegraph.security.endpoints import require
 from servegraph.security.keys import Caller
 
 STATIC = Path(__file__).parent / "static"
-WINDOWS_S = (60, 300, 900, 3600)  # what the page offers: 1, 5, 15 and 60 minutes
+# The page runs only its own script, from this origin, and no other site may frame it
+# (the key is in this origin's sessionStorage). Inline style attributes are allowed: the
+# waterfall's bars are placed with them (every value in them a number the page made).
+PAGE_HEADERS = {
+    "cache-control": "no-store",
+    "content-security-policy": "default-src 'self'; img-src 'self' data:; "
+    "style-src 'self' 'unsafe-inline'; frame-ancestors 'none'; base-uri 'none'; "
+    "form-action 'none'",
+    "x-content-type-options": "nosniff",
+    "referrer-policy": "no-referrer",
+}
+# The windows the page offers (1, 5, 15 and 60 minutes), and the only ones taken: each
+# has its cached answer of the model servers' history (`ModelServers`).
+WINDOWS_S = (60, 300, 900, 3600)
+
+
+def _window(
+    window_s: Annotated[int, Query(description=f"seconds: one of {WINDOWS_S}")] = 300,
+) -> int:
+    if window_s not in WINDOWS_S:
+        raise InvalidInputError("window_s", f"{window_s} is not a window", f"one of {WINDOWS_S}")
+    return window_s
+
+
+Window = Annotated[int, Depends(_window)]
 
 
 def install_console(
@@ -64,7 +88,7 @@ def _router(
     router = APIRouter(prefix="/console", include_in_schema=False)
     calls = {
         name: {
-            n: f"{node.server}/{catalog[node.server].deployment_name()}"
+            n: f"{node.server}/{_deployment(catalog, node.server)}"
             for n, node in walk(graph)
             if isinstance(node, CallNode)
         }
@@ -82,16 +106,17 @@ def _router(
 
     @router.get("")
     async def page() -> FileResponse:
-        return FileResponse(STATIC / "console.html", headers={"cache-control": "no-store"})
+        return FileResponse(STATIC / "console.html", headers=PAGE_HEADERS)
 
     @router.get("/api/pipelines")
     async def pipelines(
+        window_s: Window,
         caller: Caller = Depends(any_key),  # noqa: B008
-        window_s: Annotated[int, Query(ge=10, le=86_400)] = 300,
     ) -> dict[str, Any]:
         now = time.time()
         return {
             "window_s": window_s,
+            "covered_s": round(recent.covered(window_s, now), 3),
             "ring": recent.ring.maxlen,
             "tenants": seen(caller) or "every tenant",
             "pipelines": [
@@ -102,7 +127,8 @@ def _router(
                     "can_run": caller.allows(scopes[name]),
                     "scope": scopes[name],
                     "figures": figures(
-                        recent.window(name, window_s, now, tenant=seen(caller)), window_s
+                        recent.window(name, window_s, now, tenant=seen(caller)),
+                        recent.covered(window_s, now),
                     )["pipeline"],
                 }
                 for name, graph in graphs.items()
@@ -112,11 +138,12 @@ def _router(
     @router.get("/api/pipelines/{name}")
     async def pipeline(
         name: str,
+        window_s: Window,
         caller: Caller = Depends(any_key),  # noqa: B008
-        window_s: Annotated[int, Query(ge=10, le=86_400)] = 300,
         limit: Annotated[int, Query(ge=1, le=1000)] = 1000,
     ) -> dict[str, Any]:
         graph = graph_of(name)
+        now = time.time()
         return {
             "name": name,
             "description": graph.description,
@@ -129,7 +156,10 @@ def _router(
             # name): the page shows its replicas and queue on the node.
             "calls": calls[name],
             "tenants": seen(caller) or "every tenant",
-            "figures": figures(recent.window(name, window_s, tenant=seen(caller)), window_s),
+            "figures": figures(
+                recent.window(name, window_s, now, tenant=seen(caller)),
+                recent.covered(window_s, now),
+            ),
             "recent": [r.summary() for r in recent.latest(name, limit, seen(caller))],
         }
 
@@ -138,10 +168,8 @@ def _router(
         graph = graph_of(name)
         try:  # laid out once per graph (a cache), in a thread: dot is a process
             picture = await asyncio.to_thread(svg, graph)
-        except DrawingError as exc:
-            return Response(
-                to_text(graph), media_type="text/plain", headers={"x-drawing-error": str(exc)}
-            )
+        except DrawingError as exc:  # the page shows why, and the graph as text
+            return JSONResponse({"error": str(exc), "text": to_text(graph)}, status_code=200)
         return Response(picture, media_type="image/svg+xml")
 
     @router.get("/api/requests/{request_id}")
@@ -160,11 +188,20 @@ def _router(
 
     @router.get("/api/servers", dependencies=keyed)
     async def model_servers(
-        window_s: Annotated[int, Query(ge=60, le=86_400)] = 900,
+        window_s: Window,
     ) -> dict[str, Any]:
         return await servers.get(window_s)
 
     return router
+
+
+def _deployment(catalog: Catalog, server: str) -> str:
+    """The server's Serve deployment, or its name where that cannot be worked out here
+    (the console's loss: its node shows no replicas)."""
+    try:
+        return catalog[server].deployment_name()
+    except Exception:
+        return server
 
 
 def seen(caller: Caller) -> str | None:

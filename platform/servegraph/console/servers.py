@@ -36,22 +36,40 @@ SERIES = {
 }
 
 
+STATUS_TIMEOUT_S = 5.0  # Serve's controller, asked from a thread
+
+
 class ModelServers:
-    """What `/console/api/servers` answers, kept for `TTL_S` per window."""
+    """What `/console/api/servers` answers, kept for `TTL_S` per window (the caller
+    picks among a few: `servegraph.console.routes.Window`); callers arriving while it is
+    being asked wait for that one answer rather than asking again."""
 
     def __init__(self, prometheus_url: str | None = None) -> None:
         self.url = (prometheus_url or AppSettings().prometheus_url).rstrip("/")
+        self.shown_url = _without_userinfo(self.url)
         self.kept: dict[int, tuple[float, dict[str, Any]]] = {}
+        self.status: tuple[float, dict[str, Any]] = (0.0, {})
+        self.lock = asyncio.Lock()
 
     async def get(self, window_s: int) -> dict[str, Any]:
-        at, answer = self.kept.get(window_s, (0.0, {}))
+        async with self.lock:
+            at, answer = self.kept.get(window_s, (0.0, {}))
+            if time.monotonic() - at > TTL_S:
+                now, history = await asyncio.gather(self._status(), self.history(window_s))
+                answer = {**now, "prometheus": history}
+                self.kept[window_s] = (time.monotonic(), answer)
+            return answer
+
+    async def _status(self) -> dict[str, Any]:
+        at, status = self.status
         if time.monotonic() - at > TTL_S:
-            now, history = await asyncio.gather(
-                asyncio.to_thread(serve_status), self.history(window_s)
-            )
-            answer = {**now, "prometheus": history}
-            self.kept[window_s] = (time.monotonic(), answer)
-        return answer
+            try:
+                status = await asyncio.wait_for(asyncio.to_thread(serve_status), STATUS_TIMEOUT_S)
+            except TimeoutError:
+                status = {"available": False, "reason": "Serve's controller did not answer"}
+                status["servers"] = []
+            self.status = (time.monotonic(), status)
+        return status
 
     async def history(self, window_s: int) -> dict[str, Any]:
         """Each series over the window by deployment ("application/deployment"), and the
@@ -79,14 +97,14 @@ class ModelServers:
                     ]
                     series.setdefault(deployment, {})[name] = points
         except (httpx.HTTPError, KeyError, ValueError) as exc:
-            return {
+            return {  # the error's kind, not its text (which may hold the URL's userinfo)
                 "available": False,
-                "url": self.url,
-                "reason": f"{type(exc).__name__}: {exc}" if str(exc) else type(exc).__name__,
+                "url": self.shown_url,
+                "reason": type(exc).__name__,
             }
         return {
             "available": True,
-            "url": self.url,
+            "url": self.shown_url,
             "window_s": window_s,
             "series": series,
             "events": {d: scale_events(s.get("replicas", [])) for d, s in series.items()},
@@ -132,3 +150,9 @@ def serve_status() -> dict[str, Any]:
 def _text(state: Any) -> str:
     """An enum's value ("RUNNING"), as Serve's status enums print their class too."""
     return str(getattr(state, "value", state))
+
+
+def _without_userinfo(url: str) -> str:
+    """`url` without a user:password@ part, to show."""
+    parts = httpx.URL(url)
+    return str(parts.copy_with(username=None, password=None)) if parts.userinfo else url

@@ -460,23 +460,26 @@ class _Accounting:
         run.http.state.charged = True
         if status == 200 and run.chars:  # a whole run: all of its prompts
             self.prompts.observe(run.chars, used["input"])
-        if self.recent is not None:
-            self.recent.add(
-                name,
-                run.version,
-                status,
-                arrived=time.time() - total_ms / 1000,
-                total_ms=total_ms,
-                key=run.caller.name,
-                tenant=run.tenant,
-                records=run.records,
-                cache=run.cache,
-                trace_id=tracing.current_trace_id() if tracing.enabled_here() else None,
-            )
         usd = prices().usd(total_charge([r.charge for r in run.records if r.charge]))
         await Guard.here().charge(
             run.caller, status, used, usd, reserved=run.reserved, tenant=run.tenant
         )
+        if self.recent is not None:
+            try:
+                self.recent.add(
+                    name,
+                    run.version,
+                    status,
+                    arrived=time.time() - total_ms / 1000,
+                    total_ms=total_ms,
+                    key=run.caller.name,
+                    tenant=run.tenant,
+                    records=run.records,
+                    cache=run.cache,
+                    trace_id=tracing.current_trace_id() if tracing.enabled_here() else None,
+                )
+            except Exception:  # the console's loss, never the request's answer
+                logger.exception("keeping a %s request for the console failed", name)
         return total_ms
 
 

@@ -6,7 +6,13 @@ const BASE = location.pathname.replace(/\/+$/, "");
 const API = BASE + "/api";
 const KEY = "servegraph-console-key";
 const REFRESH_MS = 5000;
-const state = { timer: null, history: new Map(), shown: null };
+// `nav` counts navigations: an answer that comes back after a newer one began is dropped
+// (a slow page must not draw over the next); `run`: the form's run, aborted on leaving.
+const state = { timer: null, history: new Map(), shown: null, nav: 0, run: null };
+
+function stale(nav) {
+  return nav !== state.nav;
+}
 
 const $ = (id) => document.getElementById(id);
 const esc = (value) =>
@@ -57,13 +63,15 @@ function windowS() {
 
 // ---------------------------------------------------------------- home
 
-async function home() {
+async function home(nav) {
+  const data = await (await api(`pipelines?window_s=${windowS()}`)).json();
+  if (stale(nav)) return;
   show("home");
   document.title = "servegraph console";
-  const data = await (await api(`pipelines?window_s=${windowS()}`)).json();
   const whose = data.tenants === "every tenant" ? "every tenant's" : `tenant ${data.tenants}'s`;
   $("home-note").textContent =
-    `From the last ${data.ring} requests this ingress replica answered (${whose}), over ${data.window_s / 60} min.`;
+    `From the last ${data.ring} requests this ingress replica answered (${whose}): ` +
+    `${Math.round(data.covered_s)} s of the ${data.window_s / 60} min window are in it.`;
   $("pipelines").tBodies[0].innerHTML = data.pipelines
     .map((p) => {
       const f = p.figures;
@@ -74,11 +82,12 @@ async function home() {
         <td>${p.can_run ? "may run" : `figures only (needs ${esc(p.scope)})`}</td></tr>`;
     })
     .join("");
-  await servers();
+  await servers(nav);
 }
 
-async function servers() {
-  const data = await (await api(`servers?window_s=${Math.max(60, windowS())}`)).json();
+async function servers(nav) {
+  const data = await (await api(`servers?window_s=${windowS()}`)).json();
+  if (stale(nav)) return;
   const prom = data.prometheus;
   const notes = [];
   if (!data.available) notes.push(`Serve's status is not available here (${data.reason}).`);
@@ -141,29 +150,36 @@ function spark(series, name) {
 
 // ---------------------------------------------------------------- a pipeline
 
-async function pipeline(name, fresh) {
-  show("pipeline");
+async function pipeline(name, fresh, nav) {
   const data = await (await api(`pipelines/${encodeURIComponent(name)}?window_s=${windowS()}`)).json();
+  if (stale(nav)) return;
+  show("pipeline");
   document.title = `${name} · servegraph console`;
   $("p-title").textContent = `${name} (version ${data.version})`;
   $("p-description").textContent = data.description || "";
   const f = data.figures.pipeline;
   $("p-figures").textContent =
-    `${f.count} requests · ${rate(f.rate_per_s)} · p50 ${ms(f.p50_ms)} · p99 ${ms(f.p99_ms)} · ` +
+    `${f.count} requests in the last ${Math.round(data.figures.covered_s)} s (the ring's part of the window) · ` +
+    `${rate(f.rate_per_s)} · p50 ${ms(f.p50_ms)} · p99 ${ms(f.p99_ms)} · ` +
     `errors ${pct(f.error_share)} · deadline misses ${pct(f.deadline_share)} · mean ${usd(f.mean_usd)}`;
   if (fresh) {
-    state.shown = name;
     $("answer").textContent = "";
     $("run-waterfall").innerHTML = "";
     $("request-detail").innerHTML = "";
     $("run-status").textContent = "";
-    await drawGraph(name);
+    $("graph").innerHTML = "";
+    const picture = await drawing(name);
+    if (stale(nav)) return;
+    $("graph").innerHTML = picture;
+    $("graph").classList.toggle("fit", $("fit").checked);
     buildForm(data); // says so in the status when the key may not run it
+    state.shown = name; // drawn: refreshes only repaint it
   }
   let servers = null;
   try {
-    servers = await (await api(`servers?window_s=${Math.max(60, windowS())}`)).json();
+    servers = await (await api(`servers?window_s=${windowS()}`)).json();
   } catch (_) { /* the figures without the servers' line */ }
+  if (stale(nav)) return;
   paintFigures(data.figures.nodes, data.calls, servers);
   $("recent").tBodies[0].innerHTML = data.recent
     .map(
@@ -176,19 +192,17 @@ async function pipeline(name, fresh) {
     .join("");
 }
 
-async function drawGraph(name) {
+// The graph's drawing as HTML: the SVG (drawn at its own size, readable, the box
+// scrolling; "fit" shrinks it to the box), or why there is none and the graph as text.
+async function drawing(name) {
   const response = await api(`pipelines/${encodeURIComponent(name)}/graph.svg`);
   const text = await response.text();
-  if (response.headers.get("x-drawing-error")) {
-    $("graph").innerHTML = `<p class="error">${esc(response.headers.get("x-drawing-error"))}</p>
-      <pre>${esc(text)}</pre>`;
-    return;
+  if (!(response.headers.get("content-type") || "").startsWith("image/svg+xml")) {
+    const failed = JSON.parse(text); // {error, text}
+    return `<p class="error">${esc(failed.error)}</p><pre>${esc(failed.text)}</pre>`;
   }
-  $("graph").innerHTML = text;
-  const svg = $("graph").querySelector("svg");
-  svg.setAttribute("aria-hidden", "true"); // the figures are in the tables; the box is labelled
-  // Drawn at its own size (readable), the box scrolling; "fit" shrinks it to the box.
-  $("graph").classList.toggle("fit", $("fit").checked);
+  // Hidden from assistive technology: the figures are in the tables; the box is labelled.
+  return text.replace("<svg", '<svg aria-hidden="true"');
 }
 
 function colour(f) {
@@ -232,7 +246,7 @@ function serverLine(deployment, servers) {
 function fieldFor(name, schema, required, defs) {
   const spec = schema.$ref ? defs[schema.$ref.split("/").pop()] : schema;
   const type = spec.type || (spec.anyOf || []).map((s) => s.type).find((t) => t && t !== "null");
-  const id = `field-${name}`;
+  const id = esc(`field-${name}`);
   const label = `<label for="${id}">${esc(spec.title || name)}${required ? " *" : ""}</label>`;
   const help = spec.description ? `<div class="muted">${esc(spec.description)}</div>` : "";
   const value = spec.default !== undefined && spec.default !== null ? spec.default : "";
@@ -289,11 +303,6 @@ async function run(event) {
   event.preventDefault();
   const form = event.target;
   const answer = $("answer"), status = $("run-status");
-  answer.textContent = "";
-  answer.dataset.chunks = "0";
-  delete status.dataset.done;
-  status.textContent = "Running…";
-  const attempts = [];
   let body;
   try {
     body = formBody(form);
@@ -301,44 +310,59 @@ async function run(event) {
     status.textContent = `A field is not valid JSON: ${error.message}`;
     return;
   }
-  let response;
+  stopRun();
+  const controller = (state.run = new AbortController());
+  const button = form.querySelector("button[type=submit]");
+  button.disabled = true; // one run at a time in this panel
+  answer.textContent = "";
+  answer.dataset.chunks = "0";
+  delete status.dataset.done;
+  status.textContent = "Running…";
+  $("run-waterfall").innerHTML = "";
+  const attempts = [];
   try {
-    response = await api(`${form.dataset.route}/stream`, {
+    const response = await api(`${form.dataset.route}/stream`, {
       method: "POST",
       headers: { "content-type": "application/json", accept: "text/event-stream" },
       body: JSON.stringify(body),
+      signal: controller.signal,
     });
+    const cache = response.headers.get("x-servegraph-cache");
+    for await (const [kind, data] of events(response)) {
+      if (kind === "chunk" && typeof data.text === "string") {
+        answer.textContent += data.text;
+        answer.dataset.chunks = String(Number(answer.dataset.chunks || 0) + 1);
+      } else if (kind === "node") {
+        attempts.push(data);
+        $("run-waterfall").innerHTML = waterfall(attempts, null);
+      } else if (kind === "usage") {
+        status.textContent = `Done in ${ms(data.total_ms)}, ${usd(data.usd)}${cache ? ` (cache ${cache})` : ""}.`;
+      } else if (kind === "result") {
+        if (!answer.textContent) answer.textContent = JSON.stringify(data, null, 2);
+        status.dataset.done = "true";
+      } else if (kind === "error") {
+        status.textContent = `Failed: ${data.status} ${data.error} at ${data.node || "?"}: ${data.detail}`;
+      } else if (kind === "waiting") {
+        status.textContent = `Waiting for a person's decision (run ${data.run_id}).`;
+      }
+    }
   } catch (error) {
+    if (controller.signal.aborted) return; // left for another page: nothing to show
+    if (error.status === 401) return forgetKey("The key was refused (401).");
     status.textContent = describeError(error);
-    return;
-  }
-  const cache = response.headers.get("x-servegraph-cache");
-  for await (const [kind, data] of events(response)) {
-    if (kind === "chunk" && typeof data.text === "string") {
-      answer.textContent += data.text;
-      answer.dataset.chunks = String(Number(answer.dataset.chunks || 0) + 1);
-    }
-    else if (kind === "node") {
-      attempts.push(data);
-      $("run-waterfall").innerHTML = waterfall(attempts, null);
-    } else if (kind === "usage") {
-      status.textContent = `Done in ${ms(data.total_ms)}, ${usd(data.usd)}${cache ? ` (cache ${cache})` : ""}.`;
-    } else if (kind === "result") {
-      if (!answer.textContent) answer.textContent = JSON.stringify(data, null, 2);
-      status.dataset.done = "true";
-    } else if (kind === "error") {
-      status.textContent = `Failed: ${data.status} ${data.error} at ${data.node || "?"}: ${data.detail}`;
-    } else if (kind === "waiting") {
-      status.textContent = `Waiting for a person's decision (run ${data.run_id}).`;
-    }
+  } finally {
+    button.disabled = false;
+    if (state.run === controller) state.run = null;
   }
 }
 
+function stopRun() {
+  if (state.run) state.run.abort();
+  state.run = null;
+}
+
 function describeError(error) {
-  if (error.status === 401) {
-    sessionStorage.removeItem(KEY);
-    return "The key was refused (401): enter it again.";
-  }
+  if (error.status === 401) return "The key was refused (401): enter it again.";
   if (error.status === 403) return `Refused (403): ${error.body?.detail || error.message}`;
   if (error.status === 422) return `Refused (422): ${JSON.stringify(error.body?.detail || error.body)}`;
   return `Failed: ${error.message}`;
@@ -391,57 +415,83 @@ function waterfall(attempts, total) {
   return `<ol class="attempts" aria-label="Node attempts over ${esc(ms(end))}">${rows.join("")}</ol>`;
 }
 
-async function requestDetail(name, id) {
-  if (state.shown !== name) await pipeline(name, true);
+async function requestDetail(name, id, nav) {
+  if (state.shown !== name) await pipeline(name, true, nav);
   const panel = $("request-detail");
   try {
     const r = await (await api(`requests/${encodeURIComponent(id)}`)).json();
+    if (stale(nav)) return;
     panel.innerHTML = `<h3>Request ${esc(r.id)}: ${r.status}, ${ms(r.total_ms)}, ${usd(r.usd)},
       key ${esc(r.key)}, tenant ${esc(r.tenant)}${r.trace_id ? `, trace ${esc(r.trace_id)}` : ""}</h3>
       ${waterfall(r.attempts, r.total_ms)}`;
   } catch (error) {
-    panel.innerHTML = `<p class="error">${esc(describeError(error))}</p>`;
+    if (!stale(nav)) panel.innerHTML = `<p class="error">${esc(describeError(error))}</p>`;
   }
 }
 
 // ---------------------------------------------------------------- routing
 
-async function route() {
+function schedule(nav) {
   clearTimeout(state.timer);
+  if (!stale(nav)) state.timer = setTimeout(refresh, REFRESH_MS);
+}
+
+function leave() {
+  // A navigation: what the previous view was still doing is dropped.
+  state.nav += 1;
+  clearTimeout(state.timer);
+  $("page-error").textContent = "";
+  return state.nav;
+}
+
+async function route() {
+  const nav = leave();
   if (!key()) {
     askForKey();
     document.body.dataset.ready = "true";
     return;
   }
   const match = location.hash.match(/^#\/p\/([^/]+)(?:\/r\/(.+))?$/);
+  const name = match ? decodeURIComponent(match[1]) : null;
+  if (state.run && name !== state.shown) stopRun();
   try {
-    if (match && match[2]) await requestDetail(decodeURIComponent(match[1]), decodeURIComponent(match[2]));
-    else if (match) await pipeline(decodeURIComponent(match[1]), state.shown !== decodeURIComponent(match[1]));
+    if (match && match[2]) await requestDetail(name, decodeURIComponent(match[2]), nav);
+    else if (match) await pipeline(name, state.shown !== name, nav);
     else {
       state.shown = null;
-      await home();
+      await home(nav);
     }
+    if (stale(nav)) return;
     document.body.dataset.ready = "true";
     // Since the navigation began: the benchmark's time to interactive (the first view).
     if (window.consoleReadyMs === undefined) window.consoleReadyMs = performance.now();
   } catch (error) {
+    if (stale(nav)) return;
     if (error.status === 401) {
-      sessionStorage.removeItem(KEY);
-      askForKey("The key was refused (401).");
+      forgetKey("The key was refused (401).");
       document.body.dataset.ready = "true";
       return;
     }
-    $("main").insertAdjacentHTML("afterbegin", `<p class="error" role="alert">${esc(describeError(error))}</p>`);
+    $("page-error").textContent = describeError(error);
   }
-  state.timer = setTimeout(refresh, REFRESH_MS);
+  schedule(nav);
 }
 
 async function refresh() {
+  const nav = state.nav;
   try {
-    if (state.shown) await pipeline(state.shown, false);
-    else if (!$("home").hidden) await home();
+    if (state.shown) await pipeline(state.shown, false, nav);
+    else if (!$("home").hidden) await home(nav);
   } catch (_) { /* shown on the next navigation */ }
-  state.timer = setTimeout(refresh, REFRESH_MS);
+  schedule(nav);
+}
+
+function forgetKey(message) {
+  sessionStorage.removeItem(KEY);
+  leave();
+  stopRun();
+  state.shown = null; // another key may see and run other things: draw everything again
+  askForKey(message);
 }
 
 $("key-form").addEventListener("submit", (event) => {
@@ -451,11 +501,7 @@ $("key-form").addEventListener("submit", (event) => {
   state.shown = null; // another key may run other pipelines: draw the page again
   route();
 });
-$("forget").addEventListener("click", () => {
-  sessionStorage.removeItem(KEY);
-  state.shown = null;
-  askForKey();
-});
+$("forget").addEventListener("click", () => forgetKey());
 $("window").addEventListener("change", () => route());
 $("fit").addEventListener("change", () => $("graph").classList.toggle("fit", $("fit").checked));
 $("run-form").addEventListener("submit", run);

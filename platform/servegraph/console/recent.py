@@ -73,7 +73,8 @@ class Recent:
 
 def attempts_of(records: Sequence[NodeRecord], offset_ms: float) -> list[Attempt]:
     """A request's node records as its waterfall's attempts; `offset_ms`: how long after
-    the request arrived its run began (the records count from the run)."""
+    the request arrived the records' times begin (0 for the ingress's: its runs count
+    from the request's arrival, `Runtime.execute(began=)`)."""
     usd = prices().usd
     return [
         Attempt(

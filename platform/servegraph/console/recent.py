@@ -71,10 +71,9 @@ class Recent:
         return asdict(self)
 
 
-def attempts_of(records: Sequence[NodeRecord], offset_ms: float) -> list[Attempt]:
-    """A request's node records as its waterfall's attempts; `offset_ms`: how long after
-    the request arrived the records' times begin (0 for the ingress's: its runs count
-    from the request's arrival, `Runtime.execute(began=)`)."""
+def attempts_of(records: Sequence[NodeRecord]) -> list[Attempt]:
+    """A request's node records as its waterfall's attempts (the ingress's records count
+    from the request's arrival: `Runtime.execute(began=)`)."""
     usd = prices().usd
     return [
         Attempt(
@@ -82,7 +81,7 @@ def attempts_of(records: Sequence[NodeRecord], offset_ms: float) -> list[Attempt
             r.kind,
             r.attempt,
             r.status,
-            round(offset_ms + r.start_ms, 3),
+            round(r.start_ms, 3),
             round(r.wall_ms, 3),
             r.error[:MAX_ERROR_CHARS] if r.error else None,
             r.usage,
@@ -121,11 +120,10 @@ class RecentRequests:
         key: str,
         tenant: str,
         records: Sequence[NodeRecord],
-        run_offset_ms: float = 0.0,
         cache: str | None = None,
         trace_id: str | None = None,
     ) -> Recent:
-        attempts = attempts_of(records[:MAX_ATTEMPTS], run_offset_ms)
+        attempts = attempts_of(records[:MAX_ATTEMPTS])
         recent = Recent(
             f"{int(arrived * 1000):x}-{next(_ids)}",
             pipeline,

@@ -74,17 +74,6 @@ def install_console(
     API it reads. `scopes`: the key scope each pipeline's run needs; `inputs`: each
     one's input JSON schema (the form is made from it)."""
     app.mount("/console/static", StaticFiles(directory=STATIC), name="console-static")
-    app.include_router(_router(graphs, catalog, scopes, inputs, recent, prefix))
-
-
-def _router(
-    graphs: Mapping[str, Graph],
-    catalog: Catalog,
-    scopes: Mapping[str, str],
-    inputs: Mapping[str, dict[str, Any]],
-    recent: RecentRequests,
-    prefix: str,
-) -> APIRouter:
     router = APIRouter(prefix="/console", include_in_schema=False)
     calls = {
         name: {
@@ -114,9 +103,10 @@ def _router(
         caller: Caller = Depends(any_key),  # noqa: B008
     ) -> dict[str, Any]:
         now = time.time()
+        covered = recent.covered(window_s, now)
         return {
             "window_s": window_s,
-            "covered_s": round(recent.covered(window_s, now), 3),
+            "covered_s": round(covered, 3),
             "ring": recent.ring.maxlen,
             "tenants": seen(caller) or "every tenant",
             "pipelines": [
@@ -127,8 +117,7 @@ def _router(
                     "can_run": caller.allows(scopes[name]),
                     "scope": scopes[name],
                     "figures": figures(
-                        recent.window(name, window_s, now, tenant=seen(caller)),
-                        recent.covered(window_s, now),
+                        recent.window(name, window_s, now, tenant=seen(caller)), covered
                     )["pipeline"],
                 }
                 for name, graph in graphs.items()
@@ -192,7 +181,7 @@ def _router(
     ) -> dict[str, Any]:
         return await servers.get(window_s)
 
-    return router
+    app.include_router(router)
 
 
 def _deployment(catalog: Catalog, server: str) -> str:

@@ -1,5 +1,6 @@
 """What the fast tier's key tests share: a clock that moves when told, the key usage
-metrics as a list, and this process's `Guard` swapped for one on a test's own key store."""
+metrics as a list, this process's `Guard` swapped for one on a test's own key store,
+and an HTTP client of an app in this process sending a key."""
 
 from __future__ import annotations
 
@@ -7,6 +8,8 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
+
+import httpx
 
 from servegraph.security.guard import Guard
 from servegraph.security.keys import AuthSettings
@@ -57,3 +60,12 @@ def guard_on(keys: Path, limiter: Any = None, usage: Any = None) -> Iterator[Gua
         yield Guard._here
     finally:
         Guard._here = previous
+
+
+def asgi_client(app: Any, key: str | None = None, **headers: str) -> httpx.AsyncClient:
+    """A client of `app` over ASGI (no server), sending `key` as a bearer key if any."""
+    if key:
+        headers["authorization"] = f"Bearer {key}"
+    return httpx.AsyncClient(
+        transport=httpx.ASGITransport(app=app), base_url="http://app", headers=headers
+    )

@@ -9,7 +9,6 @@ import asyncio
 from collections.abc import Iterator
 from pathlib import Path
 
-import httpx
 import pytest
 from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse
@@ -23,19 +22,8 @@ from servegraph.security.keys import KeyStore
 from servegraph.security.limits import Limiter
 from servegraph.serving.gateway import build_gateway
 from servegraph.serving.ingress import pipeline_scope
-from tests.auth_fakes import Clock, guard_on
-
-
-@pytest.fixture
-def store(tmp_path: Path) -> KeyStore:
-    return KeyStore(tmp_path / "keys.sqlite3", cache_s=0)  # every check reads the file
-
-
-@pytest.fixture
-def guard(store: KeyStore) -> Iterator[Guard]:
-    """This process's Guard, on its own store, limiter (fake clock) and usage record."""
-    with guard_on(store.path) as guard:
-        yield guard
+from tests.auth_fakes import Clock
+from tests.auth_fakes import asgi_client as client
 
 
 def test_a_key_is_stored_only_as_a_hash_and_listed_without_it(store: KeyStore) -> None:
@@ -121,13 +109,6 @@ def app_with(scope: str | None) -> FastAPI:
         return {"ok": True}
 
     return app
-
-
-def client(app: FastAPI, key: str | None) -> httpx.AsyncClient:
-    headers = {"authorization": f"Bearer {key}"} if key else {}
-    return httpx.AsyncClient(
-        transport=httpx.ASGITransport(app=app), base_url="http://app", headers=headers
-    )
 
 
 async def test_no_key_and_bad_keys_get_the_same_401_a_missing_scope_a_403(

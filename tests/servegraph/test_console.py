@@ -12,7 +12,6 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
-import httpx
 import pytest
 from pydantic import BaseModel
 
@@ -28,7 +27,7 @@ from servegraph.security.guard import Guard
 from servegraph.security.keys import KeyStore
 from servegraph.serving.ingress import build_fastapi
 from servegraph.telemetry import tracing
-from tests.auth_fakes import guard_on
+from tests.auth_fakes import asgi_client as client
 
 PIPELINES = discover("pipelines")
 SVG = "{http://www.w3.org/2000/svg}"
@@ -204,24 +203,6 @@ def plain() -> Graph:
     p = Pipeline("plain", input=Ask, output=str)
     p.returns(p.function("echo", echo, text=p.input.text))
     return p.build()
-
-
-@pytest.fixture
-def store(tmp_path: Path) -> KeyStore:
-    return KeyStore(tmp_path / "keys.sqlite3", cache_s=0)
-
-
-@pytest.fixture
-def guard(store: KeyStore) -> Iterator[Guard]:
-    with guard_on(store.path) as guard:
-        yield guard
-
-
-def client(app: Any, key: str | None = None) -> httpx.AsyncClient:
-    headers = {"authorization": f"Bearer {key}"} if key else {}
-    return httpx.AsyncClient(
-        transport=httpx.ASGITransport(app=app), base_url="http://app", headers=headers
-    )
 
 
 async def test_the_console_api_under_many_requests_at_once(guard: Guard, store: KeyStore) -> None:

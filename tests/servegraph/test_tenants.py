@@ -8,11 +8,8 @@ too; and a pipeline that wires the tenant itself is refused when it is checked."
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Iterator
 from pathlib import Path
-from typing import Any
 
-import httpx
 import numpy as np
 import pytest
 from pydantic import BaseModel
@@ -34,7 +31,7 @@ from servegraph.security.keys import Caller, KeySpec, KeyStore
 from servegraph.serving.gateway import build_gateway
 from servegraph.serving.ingress import build_fastapi
 from servegraph.tenants import DEFAULT_TENANT
-from tests.auth_fakes import guard_on
+from tests.auth_fakes import asgi_client as client
 
 
 class Note(BaseModel):
@@ -96,29 +93,10 @@ def count_pipeline() -> Pipeline:
 
 
 @pytest.fixture
-def store(tmp_path: Path) -> KeyStore:
-    return KeyStore(tmp_path / "keys.sqlite3", cache_s=0)
-
-
-@pytest.fixture
-def guard(store: KeyStore) -> Iterator[Guard]:
-    with guard_on(store.path) as guard:
-        yield guard
-
-
-@pytest.fixture
 def index(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> VectorIndex:
     monkeypatch.setenv("SERVEGRAPH_INDEX_MAX_DOCUMENTS_PER_TENANT", "3")
     monkeypatch.setenv("SERVEGRAPH_INDEX_TENANT_LIMITS", '{"acme": {"max_documents": 4}}')
     return VectorIndex(tmp_path / "index")
-
-
-def client(app: Any, key: str, **headers: str) -> httpx.AsyncClient:
-    return httpx.AsyncClient(
-        transport=httpx.ASGITransport(app=app),
-        base_url="http://app",
-        headers={"authorization": f"Bearer {key}", **headers},
-    )
 
 
 async def test_each_tenants_keys_read_and_write_only_their_tenants_documents(

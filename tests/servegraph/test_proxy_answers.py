@@ -160,10 +160,9 @@ def test_the_proxy_admits_what_the_live_ingress_replicas_published_in_all() -> N
     assert not published and published.prefix == ""
 
 
-async def test_refusals_that_arrive_with_an_admitted_request_are_answered_before_it_runs() -> None:
-    """Serve's proxy spends milliseconds on an admitted request and the front door a
-    fraction of one on a refusal: in a burst, the refusals go first."""
-    events: list[str] = []
+def _bursting(events: list[str]):  # type: ignore[no-untyped-def]
+    """A front door admitting one `small` request, and a way to send it one, the
+    statuses it answers and the requests it passes to Serve's proxy noted in `events`."""
 
     async def proxy(scope, receive, send) -> None:  # type: ignore[no-untyped-def]
         events.append("proxied")
@@ -182,8 +181,48 @@ async def test_refusals_that_arrive_with_an_admitted_request_are_answered_before
         scope = {"type": "http", "method": "POST", "path": "/pipelines/small", "headers": []}
         await door(scope, receive, send)
 
+    return call
+
+
+async def _one_a_turn(call, n: int) -> None:  # type: ignore[no-untyped-def]
+    """`n` requests, one in each turn of the event loop (each refused, the place taken)."""
+    for _ in range(n):
+        await call()
+        await asyncio.sleep(0)
+
+
+async def test_refusals_that_arrive_with_an_admitted_request_are_answered_before_it_runs() -> None:
+    """Serve's proxy spends milliseconds on an admitted request and the front door a
+    fraction of one on a refusal: in a burst, the refusals go first."""
+    events: list[str] = []
+    call = _bursting(events)
     await asyncio.gather(call(), call(), call())  # arrived in the same turn of the loop
     assert events == ["503", "503", "proxied", "200"]
+
+
+async def test_an_admitted_request_waits_while_a_burst_is_refused_over_several_turns() -> None:
+    """A burst reaches the proxy over several turns of its event loop (accepted and
+    read in batches): the admitted request is routed once a turn passes with no
+    refusal, not interleaved with the burst's refusals."""
+    events: list[str] = []
+    call = _bursting(events)
+
+    await asyncio.gather(call(), _one_a_turn(call, 5))
+    assert events == ["503"] * 5 + ["proxied", "200"]
+
+
+async def test_an_admitted_request_yields_to_refusals_for_a_bounded_time(monkeypatch) -> None:  # type: ignore[no-untyped-def]
+    """Refusals that never stop (a flood that lasts) delay an admitted request by at
+    most `REFUSALS_FIRST_S`; here 0, so it is routed while they go on."""
+    from servegraph.serving import proxy_answers
+
+    monkeypatch.setattr(proxy_answers, "REFUSALS_FIRST_S", 0.0)
+    events: list[str] = []
+    call = _bursting(events)
+
+    await asyncio.gather(call(), _one_a_turn(call, 5))
+    # Routed in the turn after the first refusal, while the burst went on.
+    assert events[:3] == ["503", "proxied", "200"], events
 
 
 def test_the_front_door_counts_only_keys_the_ingress_would_admit() -> None:

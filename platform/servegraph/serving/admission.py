@@ -73,6 +73,7 @@ class AdmissionGate:
         self._pipeline = pipeline or pipeline_of
         self._where = where
         self._counts = counts
+        self.refused = 0  # refusals so far (`FrontDoor` lets them go first in a burst)
 
     async def __call__(self, scope: Scope, receive: Any, send: Any) -> None:
         name = self._pipeline(scope) if scope["type"] == "http" else None
@@ -83,6 +84,7 @@ class AdmissionGate:
         if self._on_arrival is not None:
             self._on_arrival(name)
         if self.in_flight[name] >= limit:
+            self.refused += 1
             if self._on_refused is not None:
                 try:
                     self._on_refused(name)

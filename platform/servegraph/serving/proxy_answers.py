@@ -42,6 +42,8 @@ LOST = {
     "decision)",
 }
 RETRY_AFTER_S = 1
+# How long an admitted request at most yields to the refusals of a burst (`admitted`).
+REFUSALS_FIRST_S = 0.5
 ADMISSION_PATH = "/-/admission"  # GET on a proxy: whether its front door gates
 
 _log = logging.getLogger("ray.serve")
@@ -152,11 +154,19 @@ class FrontDoor(AdmissionGate):
         await super().__call__(scope, receive, send)
 
     async def admitted(self, scope: dict[str, Any], receive: Any, send: Any) -> None:
-        # Refusals first: an admitted request waits one turn of the event loop before
-        # Serve's proxy spends its milliseconds on it, so the requests of a burst that
-        # arrived with it and are refused are answered before that (each refusal costs
-        # a fraction of a millisecond).
-        await asyncio.sleep(0)
+        # Refusals first. Serve's proxy spends milliseconds of CPU on each request it
+        # routes, a refusal a fraction of one: while a burst is being refused (a refusal
+        # in the last turn of the event loop), an admitted request yields its turn, so
+        # the refused callers of a burst are answered before the proxy routes the
+        # admitted ones, not interleaved with them. Bounded (`REFUSALS_FIRST_S`), so
+        # sustained refusals delay an admitted request by at most that much.
+        loop = asyncio.get_running_loop()
+        until = loop.time() + REFUSALS_FIRST_S
+        while True:
+            seen = self.refused
+            await asyncio.sleep(0)
+            if self.refused == seen or loop.time() >= until:
+                break
         await self.app(scope, receive, send)
 
 

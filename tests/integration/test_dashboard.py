@@ -28,7 +28,7 @@ def test_dashboard_shows_every_deployment_and_the_ingress_takes_many_requests(
     # Serve's default of 5 ongoing requests would queue the sixth pipeline request at
     # the proxy; the ingress only awaits model servers, so it takes many at once.
     ingress = deployments["PipelineIngress"]["deployment_config"]
-    assert ingress["max_ongoing_requests"] == 256 and ingress["max_queued_requests"] == 64
+    assert ingress["max_ongoing_requests"] == 256 and ingress["max_queued_requests"] == 256
     # Every deployment of the platform refuses past a bounded queue (503 + Retry-After)
     # rather than queueing without bound.
     ours = {"Embedder", "Classifier", "VectorIndex", "Gateway", "PipelineIngress"}

@@ -98,14 +98,14 @@ INGRESS_DEFAULTS: dict[str, Any] = {
     # pipelines' calls). Each pipeline also has its own limit at the door
     # (`Pipeline(max_in_flight=)`, servegraph.serving.admission).
     "max_ongoing_requests": 256,
-    # Past that, the proxy itself answers 503 + Retry-After, the cheapest refusal there
-    # is: under a burst of thousands, every request that reaches the ingress costs a
-    # replica round trip, and on a small machine that CPU is what the admitted requests'
-    # deadlines need. The queue is short, so a request waits there little before its
-    # deadline starts to run in the ingress. (8 refused ordinary bursts: the requests
-    # the proxy's router is still assigning count as queued, and 60 sent at once got
-    # 503s; issue 23.)
-    "max_queued_requests": 64,
+    # Past that, the proxy itself answers 503 + Retry-After. A pipeline's keyed requests
+    # past its `max_in_flight` are refused before this, by the proxy's front door
+    # (`servegraph.serving.proxy_answers.FrontDoor`); this bounds the rest (requests
+    # without a valid key, other routes). Serve's router counts as queued every request
+    # it has not yet assigned a replica, even while it only probes one, so a burst the
+    # front door admitted together (triage's 128) must fit: at 64, Serve refused 44-64
+    # of those 128 in 4 of 6 bursts of issue 23's 1,200 (at 8, bursts of 60 got 503s).
+    "max_queued_requests": 256,
     "backpressure_config": {"status_code": 503, "retry_after_s": 1},
 }
 

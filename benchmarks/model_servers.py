@@ -24,6 +24,7 @@ from benchmarks.report import Figure
 from deployments.classifier.model import TicketClassifier, trained_dir
 from deployments.embedder.model import SentenceEncoder
 from deployments.llm.settings import LLMSettings
+from servegraph._serve_status import serve_state
 from servegraph.security.client import client_headers
 
 ITEMS = 640
@@ -151,7 +152,7 @@ def on_serve() -> dict[str, float]:
     with local_cluster(dashboard=False) as cluster:
         started = time.perf_counter()
         plan_platform([], CATALOG, all_servers=True).deploy()
-        while serve.status().applications["llm"].status != "RUNNING":
+        while serve_state().applications["llm"].status != "RUNNING":
             time.sleep(1)
         deploy_s = time.perf_counter() - started
         served: dict[str, float] = {"deploy_all_s": deploy_s}

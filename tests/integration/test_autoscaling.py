@@ -11,6 +11,7 @@ import httpx
 import pytest
 from ray import serve
 
+from servegraph._serve_status import serve_details, serve_state
 from servegraph.deploy.local_ray import LocalCluster
 from servegraph.security.client import client_headers
 from tests._cluster import wait_until_running
@@ -48,7 +49,7 @@ def keep_calling(
 
 
 def running_replicas(app: str, deployment: str) -> int:
-    states = serve.status().applications[app].deployments[deployment].replica_states
+    states = serve_state().applications[app].deployments[deployment].replica_states
     return int(states.get("RUNNING", 0))
 
 
@@ -116,13 +117,9 @@ def test_embedder_scales_out_under_load_and_back_in_to_zero(model_servers: Local
 
 def target_replicas(*deployments: tuple[str, str]) -> tuple[int, ...]:
     """The replicas Serve's controller is aiming for, for each (app, deployment), all
-    from one snapshot of the controller's details (`serve.status()` shows only the
+    from one snapshot of the controller's details (`serve_state()` shows only the
     running ones): two reads could fall either side of one decision."""
-    from ray.serve.context import _get_global_client
-
-    client = _get_global_client()
-    assert client is not None, "not connected to Serve"
-    apps = client.get_serve_details()["applications"]
+    apps = serve_details()["applications"]
     return tuple(
         int(apps[app]["deployments"][deployment]["target_num_replicas"])
         for app, deployment in deployments

@@ -20,6 +20,7 @@ import pytest
 
 from benchmarks.rollout import faulty_probe, probe_load, prometheus_on_the_cluster
 from benchmarks.versions import probe
+from servegraph._serve_status import serve_state
 from servegraph.deploy.local_ray import LocalCluster
 from servegraph.security.client import client_headers
 from tests._cluster import wait_until_running
@@ -38,11 +39,10 @@ def version_series(**labels: str) -> str:
 
 
 def replica_states() -> dict[str, int]:
-    from ray import serve
 
     from servegraph.serving.ingress import INGRESS_APP
 
-    app = serve.status().applications[INGRESS_APP]
+    app = serve_state().applications[INGRESS_APP]
     return dict(app.deployments["PipelineIngress"].replica_states)
 
 

@@ -12,6 +12,7 @@ from typing import Any
 from ray import serve
 
 from benchmarks.traffic import callers, one_document
+from servegraph._serve_status import serve_state
 from servegraph.deploy.local_ray import LocalCluster
 
 CALLERS, PER_CALLER = 64, 3
@@ -20,7 +21,7 @@ CALLERS, PER_CALLER = 64, 3
 def counts(app: str, deployment: str) -> dict[str, dict[str, Any]]:
     """`call_counts()` of every running replica of `deployment`, by replica id: asked
     until every replica has answered (the router picks one per call)."""
-    status = serve.status().applications[app].deployments[deployment]
+    status = serve_state().applications[app].deployments[deployment]
     running = status.replica_states.get("RUNNING", 0)
     handle = serve.get_deployment_handle(deployment, app)
     seen: dict[str, dict[str, Any]] = {}

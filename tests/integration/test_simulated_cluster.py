@@ -36,6 +36,7 @@ import pytest
 import yaml
 
 from benchmarks.traffic import Answer, callers, one_document, until
+from servegraph._serve_status import serve_state
 from servegraph.deploy.capacity.inputs import HEAD_RESOURCE, NodeType, node_types
 from servegraph.deploy.local_ray import SimulatedCluster, SimulatedNode, simulated_cluster
 from servegraph.security.client import client_headers
@@ -372,9 +373,8 @@ def test_a_node_with_other_model_files_fails_its_replicas_health_check_naming_bo
 
 
 def _status_text(app_name: str) -> str:
-    from ray import serve
 
-    status = serve.status().applications.get(app_name)
+    status = serve_state().applications.get(app_name)
     if status is None:
         return ""
     return " ".join(

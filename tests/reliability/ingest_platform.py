@@ -12,9 +12,10 @@ import sys
 import threading
 import time
 
+from servegraph._serve_status import serve_state
+
 
 def main(port: int) -> None:
-    from ray import serve
 
     from deployments.catalog import CATALOG
     from servegraph.deploy.local_ray import local_cluster
@@ -27,7 +28,7 @@ def main(port: int) -> None:
     with local_cluster(http_port=port, dashboard=False) as cluster:
         plan_platform(graphs, CATALOG, packages=["pipelines"]).deploy()
         deadline = time.monotonic() + 600
-        while any(a.status != "RUNNING" for a in serve.status().applications.values()):
+        while any(a.status != "RUNNING" for a in serve_state().applications.values()):
             if time.monotonic() > deadline:
                 raise TimeoutError("the ingest platform did not start in 600 s")
             time.sleep(0.5)

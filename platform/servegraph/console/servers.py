@@ -1,5 +1,5 @@
 """The model servers as the console shows them: each Serve deployment's replicas now, as
-Serve's controller reports them (`serve.status()`), and over the window its replicas,
+Serve's controller reports them (`servegraph._serve_status`), and over the window its replicas,
 queue, requests in progress and batch sizes, with the scale events read from the
 replica series, from Prometheus (`AppSettings.prometheus_url`, `make observe`'s by
 default). When no Prometheus answers, the answer says so, with the reason, and the
@@ -19,6 +19,7 @@ from typing import Any
 
 import httpx
 
+from servegraph._serve_status import serve_state
 from servegraph.settings import AppSettings
 
 TTL_S = 5.0
@@ -124,32 +125,26 @@ def serve_status() -> dict[str, Any]:
     """Every deployment's state and replicas now, from Serve's controller."""
     try:
         import ray
-        from ray import serve
 
-        if not ray.is_initialized():  # serve.status() would start a Ray of its own
+        if not ray.is_initialized():  # Serve's client would start a Ray of its own
             raise RuntimeError("this process is not on Ray")
-        status = serve.status()
+        status = serve_state()
     except Exception as exc:  # not on Ray (an ingress built in a test), or the controller away
         return {"available": False, "reason": f"{type(exc).__name__}: {exc}", "servers": []}
     rows = []
     for app_name, app in status.applications.items():
         for name, deployment in app.deployments.items():
-            replicas = {_text(state): n for state, n in deployment.replica_states.items()}
+            replicas = dict(deployment.replica_states)
             rows.append(
                 {
                     "application": app_name,
                     "deployment": name,
-                    "status": _text(deployment.status),
+                    "status": deployment.status,
                     "replicas": replicas,
                     "running": replicas.get("RUNNING", 0),
                 }
             )
     return {"available": True, "at": time.time(), "servers": rows}
-
-
-def _text(state: Any) -> str:
-    """An enum's value ("RUNNING"), as Serve's status enums print their class too."""
-    return str(getattr(state, "value", state))
 
 
 def _without_userinfo(url: str) -> str:

@@ -73,7 +73,7 @@ def local_platform(
 ) -> Iterator[Any]:
     """A local Ray with every pipeline deployed and its start-up hooks run (None when
     the plan cannot be placed); Serve and Ray shut down on exit."""
-    from servegraph.deploy.local_ray import local_cluster
+    from servegraph.deploy.local_ray import local_cluster, wait_until_running
 
     plan = plan_package(package, catalog)
     quiet_driver_logs()
@@ -89,7 +89,7 @@ def local_platform(
         started = time.perf_counter()
         with console.status("deploying model servers and pipelines (the LLM takes ~1 min)"):
             plan.deploy()
-            wait_running([app.name for app in plan.apps])
+            wait_until_running([app.name for app in plan.apps], timeout_s=900)
         console.print(f"all applications RUNNING after {time.perf_counter() - started:.0f}s")
         for module in _modules(package):
             hook = getattr(module, "on_deploy", None)
@@ -99,25 +99,6 @@ def local_platform(
     finally:
         with console.status("shutting down Serve and Ray"):
             cluster_cm.__exit__(None, None, None)
-
-
-def wait_running(apps: list[str], timeout_s: float = 900) -> None:
-    from ray import serve
-
-    deadline = time.monotonic() + timeout_s
-    while time.monotonic() < deadline:
-        status = serve.status().applications
-        failed = {
-            n: status[n].message
-            for n in apps
-            if n in status and status[n].status == "DEPLOY_FAILED"
-        }
-        if failed:
-            raise RuntimeError(f"deploy failed: {failed}")
-        if all(n in status and status[n].status == "RUNNING" for n in apps):
-            return
-        time.sleep(1)
-    raise TimeoutError(f"not RUNNING after {timeout_s}s: {apps}")
 
 
 def _modules(package: str) -> list[Any]:

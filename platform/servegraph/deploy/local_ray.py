@@ -274,12 +274,12 @@ def wait_until_running(apps: list[str], timeout_s: float = 600) -> None:
     naming any that failed to deploy, TimeoutError naming their states at the end."""
     import time
 
-    from ray import serve
+    from servegraph._serve_status import serve_state
 
     deadline = time.monotonic() + timeout_s
     states: dict[str, Any] = {}
     while time.monotonic() < deadline:
-        status = serve.status().applications
+        status = serve_state().applications
         states = {name: status[name].status if name in status else None for name in apps}
         if all(s == "RUNNING" for s in states.values()):
             return

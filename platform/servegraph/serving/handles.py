@@ -21,6 +21,7 @@ from ray.exceptions import RayActorError
 from ray.serve.exceptions import BackPressureError
 from ray.serve.handle import DeploymentHandle
 
+from servegraph._serve_status import serve_state
 from servegraph.engine.runtime import time_left
 from servegraph.errors import ServerUnavailableError
 from servegraph.lang.catalog import Catalog, ServerSpec
@@ -243,7 +244,8 @@ async def _settled(response: Any) -> None:
 
 class RunningReplicas:
     """How many replicas of each model server run or start, as Serve's controller says
-    (`serve.status()`, Serve's public status API), for the servers that have a
+    (`servegraph._serve_status`: what `serve.status()` says, at a small part of its
+    CPU), for the servers that have a
     `cold_start_s`.
 
     Read from a thread, never on the event loop, and only when a call needs it (a
@@ -275,7 +277,7 @@ class RunningReplicas:
     ) -> None:
         self._catalog = catalog
         self.fresh_s, self.idle_s, self.wait_s = fresh_s, idle_s, wait_s
-        self._status = status or serve.status
+        self._status = status or serve_state
         self._counts: dict[str, int] = {}
         self._asked: dict[str, float] = {}  # server -> when last asked of (monotonic)
         self._read_at: dict[str, float] = {}  # server -> when a read that covered it ended

@@ -41,10 +41,14 @@ class ServeState:
 
 
 def serve_details() -> dict[str, Any]:
-    """The controller's details of every application (empty when Serve has not
-    started), as `serve.status()` receives them."""
+    """The controller's details of every application, as `serve.status()` receives
+    them: empty when this process is not on Ray (where `serve.status()` would start a
+    Ray of its own) or Serve has not started."""
+    import ray
     from ray.serve.context import _get_global_client
 
+    if not ray.is_initialized():
+        return {"applications": {}}
     client = _get_global_client(raise_if_no_controller_running=False)
     if client is None:
         return {"applications": {}}

@@ -120,6 +120,7 @@ def target_replicas(*deployments: tuple[str, str]) -> tuple[int, ...]:
     from one snapshot of the controller's details (`serve_state()` shows only the
     running ones): two reads could fall either side of one decision."""
     apps = serve_details()["applications"]
+    assert all(app in apps for app, _ in deployments), f"not deployed: {deployments}"
     return tuple(
         int(apps[app]["deployments"][deployment]["target_num_replicas"])
         for app, deployment in deployments

@@ -160,17 +160,18 @@ def test_the_proxy_admits_what_the_live_ingress_replicas_published_in_all() -> N
     assert not published and published.prefix == ""
 
 
-def _bursting(events: list[str]):  # type: ignore[no-untyped-def]
-    """A front door admitting one `small` request, and a way to send it one, the
-    statuses it answers and the requests it passes to Serve's proxy noted in `events`."""
+def _bursting(events: list[str], limits: dict[str, int] | None = None):  # type: ignore[no-untyped-def]
+    """A front door admitting one `small` request (or `limits`), and a way to send it
+    one (`call(pipeline)`), the statuses it answers and the requests it passes to
+    Serve's proxy noted in `events` ("proxied small")."""
 
     async def proxy(scope, receive, send) -> None:  # type: ignore[no-untyped-def]
-        events.append("proxied")
+        events.append(f"proxied {scope['path'].rsplit('/', 1)[-1]}")
         await PlainTextResponse("ran")(scope, receive, send)
 
-    door = FrontDoor(proxy, limits={"small": 1}, prefix="/pipelines")
+    door = FrontDoor(proxy, limits=limits or {"small": 1}, prefix="/pipelines")
 
-    async def call() -> None:
+    async def call(pipeline: str = "small") -> None:
         async def receive() -> dict:
             return {"type": "http.request", "body": b"{}", "more_body": False}
 
@@ -178,16 +179,18 @@ def _bursting(events: list[str]):  # type: ignore[no-untyped-def]
             if message["type"] == "http.response.start":
                 events.append(str(message["status"]))
 
-        scope = {"type": "http", "method": "POST", "path": "/pipelines/small", "headers": []}
+        path = f"/pipelines/{pipeline}"
+        scope = {"type": "http", "method": "POST", "path": path, "headers": []}
         await door(scope, receive, send)
 
+    call.door = door  # type: ignore[attr-defined]
     return call
 
 
-async def _one_a_turn(call, n: int) -> None:  # type: ignore[no-untyped-def]
+async def _one_a_turn(call, n: int, pipeline: str = "small") -> None:  # type: ignore[no-untyped-def]
     """`n` requests, one in each turn of the event loop (each refused, the place taken)."""
     for _ in range(n):
-        await call()
+        await call(pipeline)
         await asyncio.sleep(0)
 
 
@@ -197,7 +200,7 @@ async def test_refusals_that_arrive_with_an_admitted_request_are_answered_before
     events: list[str] = []
     call = _bursting(events)
     await asyncio.gather(call(), call(), call())  # arrived in the same turn of the loop
-    assert events == ["503", "503", "proxied", "200"]
+    assert events == ["503", "503", "proxied small", "200"]
 
 
 async def test_an_admitted_request_waits_while_a_burst_is_refused_over_several_turns() -> None:
@@ -208,7 +211,7 @@ async def test_an_admitted_request_waits_while_a_burst_is_refused_over_several_t
     call = _bursting(events)
 
     await asyncio.gather(call(), _one_a_turn(call, 5))
-    assert events == ["503"] * 5 + ["proxied", "200"]
+    assert events == ["503"] * 5 + ["proxied small", "200"]
 
 
 async def test_an_admitted_request_yields_to_refusals_for_a_bounded_time(monkeypatch) -> None:  # type: ignore[no-untyped-def]
@@ -222,7 +225,30 @@ async def test_an_admitted_request_yields_to_refusals_for_a_bounded_time(monkeyp
 
     await asyncio.gather(call(), _one_a_turn(call, 5))
     # Routed in the turn after the first refusal, while the burst went on.
-    assert events[:3] == ["503", "proxied", "200"], events
+    assert events[:3] == ["503", "proxied small", "200"], events
+
+
+async def test_an_admitted_request_does_not_wait_in_a_flood_older_than_the_bound() -> None:
+    """Refusals that have gone on for `REFUSALS_FIRST_S` are lasting overload, not a
+    burst: an admitted request arriving then is routed at once, its place not held
+    idle while the flood goes on."""
+    import time
+
+    from servegraph.serving.proxy_answers import REFUSALS_FIRST_S
+
+    events: list[str] = []
+    call = _bursting(events)
+    flood = call.door.refusals["small"]
+    flood.flood_since, flood.last_at = time.monotonic() - REFUSALS_FIRST_S, time.monotonic()
+    await asyncio.gather(call(), _one_a_turn(call, 5))
+    assert events[:3] == ["503", "proxied small", "200"], events
+
+
+async def test_another_pipelines_refusals_never_hold_an_admitted_request() -> None:
+    events: list[str] = []
+    call = _bursting(events, limits={"small": 1, "full": 0})
+    await asyncio.gather(call("small"), _one_a_turn(call, 5, "full"))
+    assert events[:3] == ["503", "proxied small", "200"], events
 
 
 def test_the_front_door_counts_only_keys_the_ingress_would_admit() -> None:

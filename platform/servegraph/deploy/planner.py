@@ -36,7 +36,7 @@ class PlatformPlan:
     def deploy(self) -> None:
         """Build and start every application on the Serve instance Ray is connected to,
         all in one request to Serve's controller, and return without waiting for their
-        replicas (`serve.status()` tells when they run).
+        replicas (`local_ray.wait_until_running` waits for them).
 
         `serve.run` waits for its application to be RUNNING even with `blocking=False`,
         so one call per application started them one after the other: the LLM's ~40 s,

@@ -21,10 +21,12 @@ from __future__ import annotations
 import contextlib
 import json
 import logging
+import math
 import threading
 import time
 from collections import defaultdict
 from collections.abc import Callable, Iterator, Mapping
+from dataclasses import dataclass
 from typing import Any
 
 from servegraph.security.endpoints import json_answer
@@ -73,7 +75,8 @@ class AdmissionGate:
         self._pipeline = pipeline or pipeline_of
         self._where = where
         self._counts = counts
-        self.refused = 0  # refusals so far (`FrontDoor` lets them go first in a burst)
+        # Each pipeline's refusals here (`FrontDoor` lets them go first in a burst).
+        self.refusals: dict[str, Refusals] = defaultdict(Refusals)
 
     async def __call__(self, scope: Scope, receive: Any, send: Any) -> None:
         name = self._pipeline(scope) if scope["type"] == "http" else None
@@ -84,7 +87,7 @@ class AdmissionGate:
         if self._on_arrival is not None:
             self._on_arrival(name)
         if self.in_flight[name] >= limit:
-            self.refused += 1
+            self.refusals[name].note(time.monotonic())
             if self._on_refused is not None:
                 try:
                     self._on_refused(name)
@@ -94,18 +97,39 @@ class AdmissionGate:
             return
         self.in_flight[name] += 1
         try:
-            await self.admitted(scope, receive, send)
+            await self.admitted(name, scope, receive, send)
         finally:
             self.in_flight[name] -= 1
 
-    async def admitted(self, scope: Scope, receive: Any, send: Any) -> None:
-        """Runs a request the gate let through."""
+    async def admitted(self, name: str, scope: Scope, receive: Any, send: Any) -> None:
+        """Runs a request of pipeline `name` the gate let through."""
         await self.app(scope, receive, send)
 
     def refusal_headers(self, scope: Scope) -> dict[str, str]:
         """Headers a refusal carries besides Retry-After (none here: in the ingress, the
         request id is set by Serve's proxy on the way back)."""
         return {}
+
+
+# Refusals this far apart (or further) are two floods, not one (`Refusals`): a burst's
+# come a fraction of a millisecond apart.
+FLOOD_GAP_S = 0.05
+
+
+@dataclass
+class Refusals:
+    """A pipeline's refusals at one gate: how many so far, and since when they have
+    come with no gap of `FLOOD_GAP_S` (the flood the last one belongs to)."""
+
+    count: int = 0
+    last_at: float = -math.inf
+    flood_since: float = -math.inf
+
+    def note(self, now: float) -> None:
+        if now - self.last_at > FLOOD_GAP_S:
+            self.flood_since = now
+        self.count += 1
+        self.last_at = now
 
 
 def pipeline_of(scope: Scope) -> str | None:

@@ -105,6 +105,8 @@ INGRESS_DEFAULTS: dict[str, Any] = {
     # it has not yet assigned a replica, even while it only probes one, so a burst the
     # front door admitted together (triage's 128) must fit: at 64, Serve refused 44-64
     # of those 128 in 4 of 6 bursts of issue 23's 1,200 (at 8, bursts of 60 got 503s).
+    # With HAProxy in front (no front door) the ingress's own gate (`AdmissionGate`,
+    # each pipeline's `max_in_flight`) is what refuses a pipeline's overload.
     "max_queued_requests": 256,
     "backpressure_config": {"status_code": 503, "retry_after_s": 1},
 }

@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import time
 import uuid
 from collections.abc import Callable, Mapping
 from contextlib import suppress
@@ -42,7 +43,7 @@ LOST = {
     "decision)",
 }
 RETRY_AFTER_S = 1
-# How long an admitted request at most yields to the refusals of a burst (`admitted`).
+# For how long into a flood of refusals an admitted request yields to them (`admitted`).
 REFUSALS_FIRST_S = 0.5
 ADMISSION_PATH = "/-/admission"  # GET on a proxy: whether its front door gates
 
@@ -153,19 +154,25 @@ class FrontDoor(AdmissionGate):
             return
         await super().__call__(scope, receive, send)
 
-    async def admitted(self, scope: dict[str, Any], receive: Any, send: Any) -> None:
+    async def admitted(self, name: str, scope: dict[str, Any], receive: Any, send: Any) -> None:
         # Refusals first. Serve's proxy spends milliseconds of CPU on each request it
-        # routes, a refusal a fraction of one: while a burst is being refused (a refusal
-        # in the last turn of the event loop), an admitted request yields its turn, so
-        # the refused callers of a burst are answered before the proxy routes the
-        # admitted ones, not interleaved with them. Bounded (`REFUSALS_FIRST_S`), so
-        # sustained refusals delay an admitted request by at most that much.
-        loop = asyncio.get_running_loop()
-        until = loop.time() + REFUSALS_FIRST_S
+        # routes, a refusal a fraction of one, and a burst reaches the proxy over several
+        # turns of its event loop (accepted and read in batches). So while this
+        # pipeline's requests are being refused (one in the last turn), an admitted one
+        # yields its turn: the refused callers of a burst are answered before the proxy
+        # routes the admitted ones, not interleaved with them. Only in a flood's first
+        # `REFUSALS_FIRST_S`: past that, refusals that go on are lasting overload, not a
+        # burst, and an admitted request holding its place idle would only cut the
+        # pipeline's throughput. Another pipeline's refusals never hold it. A turn-based
+        # yield (`sleep(0)`), not a timed one: a burst's refusals come in consecutive
+        # turns, and an idle loop ends the wait at once.
+        refusals = self.refusals[name]
         while True:
-            seen = self.refused
+            seen = refusals.count
             await asyncio.sleep(0)
-            if self.refused == seen or loop.time() >= until:
+            if refusals.count == seen:
+                break
+            if time.monotonic() >= refusals.flood_since + REFUSALS_FIRST_S:
                 break
         await self.app(scope, receive, send)
 

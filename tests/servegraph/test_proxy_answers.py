@@ -229,17 +229,17 @@ async def test_an_admitted_request_yields_to_refusals_for_a_bounded_time(monkeyp
 
 
 async def test_an_admitted_request_does_not_wait_in_a_flood_older_than_the_bound() -> None:
-    """Refusals that have gone on for `REFUSALS_FIRST_S` are lasting overload, not a
+    """Refusals that have gone on for `FLOOD_FIRST_S` are lasting overload, not a
     burst: an admitted request arriving then is routed at once, its place not held
     idle while the flood goes on."""
     import time
 
-    from servegraph.serving.proxy_answers import REFUSALS_FIRST_S
+    from servegraph.serving.proxy_answers import FLOOD_FIRST_S
 
     events: list[str] = []
     call = _bursting(events)
     flood = call.door.refusals["small"]
-    flood.flood_since, flood.last_at = time.monotonic() - REFUSALS_FIRST_S, time.monotonic()
+    flood.flood_since, flood.last_at = time.monotonic() - FLOOD_FIRST_S, time.monotonic()
     await asyncio.gather(call(), _one_a_turn(call, 5))
     assert events[:3] == ["503", "proxied small", "200"], events
 

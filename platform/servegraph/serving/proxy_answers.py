@@ -43,8 +43,11 @@ LOST = {
     "decision)",
 }
 RETRY_AFTER_S = 1
-# For how long into a flood of refusals an admitted request yields to them (`admitted`).
+# How long an admitted request at most yields to its pipeline's refusals (`admitted`),
+# and for how long into a flood of them it does: a flood older than that is lasting
+# overload, not a burst.
 REFUSALS_FIRST_S = 0.5
+FLOOD_FIRST_S = 2.0
 ADMISSION_PATH = "/-/admission"  # GET on a proxy: whether its front door gates
 
 _log = logging.getLogger("ray.serve")
@@ -160,19 +163,22 @@ class FrontDoor(AdmissionGate):
         # turns of its event loop (accepted and read in batches). So while this
         # pipeline's requests are being refused (one in the last turn), an admitted one
         # yields its turn: the refused callers of a burst are answered before the proxy
-        # routes the admitted ones, not interleaved with them. Only in a flood's first
-        # `REFUSALS_FIRST_S`: past that, refusals that go on are lasting overload, not a
-        # burst, and an admitted request holding its place idle would only cut the
-        # pipeline's throughput. Another pipeline's refusals never hold it. A turn-based
-        # yield (`sleep(0)`), not a timed one: a burst's refusals come in consecutive
-        # turns, and an idle loop ends the wait at once.
+        # routes the admitted ones, not interleaved with them. At most
+        # `REFUSALS_FIRST_S`, and only in a flood's first `FLOOD_FIRST_S`: refusals that
+        # go on longer are lasting overload, not a burst, and an admitted request holding
+        # its place idle would only cut the pipeline's throughput. Another pipeline's
+        # refusals never hold it. A turn-based yield (`sleep(0)`), not a timed one: a
+        # burst's refusals come in consecutive turns, and an idle loop ends the wait at
+        # once.
         refusals = self.refusals[name]
+        until = time.monotonic() + REFUSALS_FIRST_S
         while True:
             seen = refusals.count
             await asyncio.sleep(0)
-            if refusals.count == seen:
+            now = time.monotonic()
+            if refusals.count == seen or now >= until:
                 break
-            if time.monotonic() >= refusals.flood_since + REFUSALS_FIRST_S:
+            if now >= refusals.flood_since + FLOOD_FIRST_S:
                 break
         await self.app(scope, receive, send)
 

@@ -1,7 +1,7 @@
 """The model servers as the console shows them: each Serve deployment's replicas now, as
-Serve's controller reports them (`servegraph._serve_status`), and over the window its replicas,
-queue, requests in progress and batch sizes, with the scale events read from the
-replica series, from Prometheus (`AppSettings.prometheus_url`, `make observe`'s by
+Serve's controller reports them (`servegraph._serve_status`), and over the window its
+replicas, queue, requests in progress and batch sizes, with the scale events read from
+the replica series, from Prometheus (`AppSettings.prometheus_url`, `make observe`'s by
 default). When no Prometheus answers, the answer says so, with the reason, and the
 page says it rather than drawing empty charts.
 

@@ -245,8 +245,7 @@ async def _settled(response: Any) -> None:
 class RunningReplicas:
     """How many replicas of each model server run or start, as Serve's controller says
     (`servegraph._serve_status`: what `serve.status()` says, at a small part of its
-    CPU), for the servers that have a
-    `cold_start_s`.
+    CPU), for the servers that have a `cold_start_s`.
 
     Read from a thread, never on the event loop, and only when a call needs it (a
     deadline shorter than the server's cold start) and the count may have changed:

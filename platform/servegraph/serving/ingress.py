@@ -103,8 +103,9 @@ INGRESS_DEFAULTS: dict[str, Any] = {
     # (`servegraph.serving.proxy_answers.FrontDoor`); this bounds the rest (requests
     # without a valid key, other routes). Serve's router counts as queued every request
     # it has not yet assigned a replica, even while it only probes one, so a burst the
-    # front door admitted together (triage's 128) must fit: at 64, Serve refused 44-64
-    # of those 128 in 4 of 6 bursts of issue 23's 1,200 (at 8, bursts of 60 got 503s).
+    # front door admitted together (triage's 128) must fit: at 64, Serve refused 4-64
+    # of those 128 in 9 of 14 bursts of issue 23's 1,200, at 256 none in 22 (at 8,
+    # bursts of 60 got 503s).
     # With HAProxy in front (no front door) the ingress's own gate (`AdmissionGate`,
     # each pipeline's `max_in_flight`) is what refuses a pipeline's overload.
     "max_queued_requests": 256,

@@ -12,18 +12,16 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import signal
-import subprocess
-import sys
+import shutil
 import tempfile
-import threading
 import time
+import uuid
 from pathlib import Path
 from typing import Any
 
+from benchmarks.chaos_runs import Platform
 from benchmarks.reliability import overload_burst
 from benchmarks.traffic import proxy_gating
-from servegraph.deploy.local_ray import free_port
 
 KEPT = (
     "statuses",
@@ -40,47 +38,24 @@ SETTLE_S = 15  # between bursts: the 504s' LLM work is cancelled and its batch e
 
 
 def on_a_fresh_platform(bursts: int) -> list[dict[str, Any]]:
-    """`servegraph run` started, `bursts` bursts sent, then stopped with SIGTERM."""
-    port, dashboard = free_port(), free_port()
-    env = {
-        **os.environ,
-        "SERVEGRAPH_INDEX_PATH": tempfile.mkdtemp(prefix="servegraph-overload-"),
-        "PYTHONUNBUFFERED": "1",
-    }
-    command = [str(Path(sys.executable).with_name("servegraph")), "run"]
-    child = subprocess.Popen(
-        [*command, "--port", str(port), "--dashboard-port", str(dashboard)],
-        stdout=subprocess.PIPE,
-        stderr=subprocess.STDOUT,
-        text=True,
-        env=env,
-    )
-    serving = threading.Event()
-
-    def read() -> None:
-        assert child.stdout is not None
-        for line in child.stdout:
-            if "serving; Ctrl-C to stop" in line:
-                serving.set()
-
-    threading.Thread(target=read, daemon=True).start()
+    """`servegraph run` started (`benchmarks.chaos_runs.Platform`, on a fresh vector
+    index), `bursts` bursts sent, then stopped."""
+    index = Path(tempfile.mkdtemp(prefix="servegraph-overload-"))
+    os.environ["SERVEGRAPH_INDEX_PATH"] = str(index)  # the platform's process inherits it
+    platform = Platform(index, uuid.uuid4().hex)
     results = []
     try:
-        deadline = time.monotonic() + 900
-        while not serving.wait(1):
-            if child.poll() is not None or time.monotonic() > deadline:
-                raise RuntimeError("`servegraph run` did not come up")
-        base_url = f"http://127.0.0.1:{port}"
-        proxy_gating(base_url)
+        platform.start()
+        proxy_gating(platform.base_url)
         for n in range(bursts):
             if n:
                 time.sleep(SETTLE_S)
-            burst = overload_burst(base_url)
+            burst = overload_burst(platform.base_url)
             results.append({k: burst[k] for k in KEPT if k in burst})
             print(json.dumps({f"burst {n + 1}": results[-1]}), flush=True)
     finally:
-        child.send_signal(signal.SIGTERM)
-        child.wait(timeout=180)
+        platform.stop()
+        shutil.rmtree(index, ignore_errors=True)
     return results
 
 

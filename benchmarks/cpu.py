@@ -52,6 +52,10 @@ class Usage:
     seconds: float
     cpu_s: dict[str, float] = field(default_factory=dict)
     busiest: dict[str, float] = field(default_factory=dict)
+    idle_cores: float = 0.0  # the whole machine's idle time over the window, in cores
+    # time the hypervisor ran something else on this VM's cores, in cores: CPU this
+    # machine's processes wanted and did not get
+    steal_cores: float = 0.0
 
     def rows(self) -> list[str]:
         return [
@@ -90,8 +94,21 @@ def measured(
         return role(pid, cmdline) if role else platform_role(cmdline)
 
     out: list[Usage] = []
+    idle_before, steal_before = _idle_and_steal_s()
     before, started = snapshot(), time.perf_counter()
     try:
         yield out
     finally:
-        out.append(usage(before, snapshot(), time.perf_counter() - started, classify))
+        seconds = max(time.perf_counter() - started, 1e-9)
+        window = usage(before, snapshot(), seconds, classify)
+        idle, steal = _idle_and_steal_s()
+        window.idle_cores = (idle - idle_before) / seconds
+        window.steal_cores = (steal - steal_before) / seconds
+        out.append(window)
+
+
+def _idle_and_steal_s() -> tuple[float, float]:
+    """The whole machine's idle CPU seconds so far, all cores (iowait counted idle), and
+    its stolen ones (Linux's `steal`: a virtual machine's cores given to others)."""
+    times = psutil.cpu_times()
+    return times.idle + getattr(times, "iowait", 0.0), getattr(times, "steal", 0.0)

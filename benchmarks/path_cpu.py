@@ -83,6 +83,29 @@ def raw_curves(server: str, sizes: tuple[int, ...] = (1, 4, 16, 64)) -> dict[int
     return curves
 
 
+def raw_curves_as_replica(server: str) -> dict[int, dict[str, float]]:
+    """`raw_curves` in a process of its own with the encoder replicas' thread settings
+    (`deployments.serve_options.ENCODER_ACTOR`: OpenMP threads that sleep between
+    parallel regions rather than spin, as many threads as the replica's CPUs), so the
+    replica's forward pass is compared with the same forward pass."""
+    from deployments.serve_options import ENCODER_ACTOR
+
+    env = {
+        **os.environ,
+        **ENCODER_ACTOR["runtime_env"]["env_vars"],
+        "OMP_NUM_THREADS": str(int(ENCODER_ACTOR["num_cpus"])),
+    }
+    code = (
+        "import json, sys; from benchmarks.path_cpu import raw_curves; "
+        f"print(json.dumps(raw_curves({server!r})))"
+    )
+    done = subprocess.run(
+        [sys.executable, "-c", code], env=env, capture_output=True, text=True, check=True
+    )
+    curve = json.loads(done.stdout.strip().splitlines()[-1])
+    return {int(size): c for size, c in curve.items()}
+
+
 def forward_cpu_us(curve: dict[int, dict[str, float]], batch: float) -> float:
     """CPU-µs per item of the forward pass at `batch` items, between measured sizes."""
     sizes = sorted(curve)
@@ -94,6 +117,17 @@ def forward_cpu_us(curve: dict[int, dict[str, float]], batch: float) -> float:
             a, b = curve[low]["cpu_us_per_item"], curve[high]["cpu_us_per_item"]
             return a + t * (b - a)
     return curve[sizes[-1]]["cpu_us_per_item"]
+
+
+def raw_items_s(curve: dict[int, dict[str, float]], batch: float) -> float:
+    """The raw model's items/s at `batch` items, between measured sizes."""
+    sizes = sorted(curve)
+    low = max((n for n in sizes if n <= batch), default=sizes[0])
+    high = min((n for n in sizes if n >= batch), default=sizes[-1])
+    if high == low:
+        return curve[low]["items_s"]
+    t = (batch - low) / (high - low)
+    return curve[low]["items_s"] + t * (curve[high]["items_s"] - curve[low]["items_s"])
 
 
 # ------------------------------------------------------------------- per-process CPU
@@ -128,6 +162,21 @@ class Window:
     forward_us: float = 0.0  # the forward pass's CPU-µs per item at that batch size
     handle_calls: int = 0  # calls that reached the replica (a merged call counts once)
     errors: int = 0
+    idle_cores: float = 0.0  # the whole machine's idle CPU over the window, in cores
+    steal_cores: float = 0.0  # and the hypervisor's share of its cores (`cpu.Usage`)
+    # The model's own time (`BatchStats.run_s`) and the items it ran in it: its duty
+    # cycle (run_s / seconds; the rest it waited for items) and the forward pass's speed
+    # inside the replica (items / run_s), against the raw model's at that batch size.
+    model_run_s: float = 0.0
+    model_items: int = 0
+
+    @property
+    def duty(self) -> float:
+        return self.model_run_s / max(self.seconds, 1e-9)
+
+    @property
+    def forward_items_s(self) -> float:
+        return self.model_items / max(self.model_run_s, 1e-9)
 
     @property
     def items_s(self) -> float:
@@ -223,7 +272,11 @@ def by_handle(server: str, merged: bool, seconds: float, warmup: float) -> Windo
     )
     window.errors = sum(r[1] for r in results)
     window.handle_calls = calls
+    window.idle_cores = window_cpu.idle_cores
+    window.steal_cores = window_cpu.steal_cores
     window.batch_median_item = stats_after.median_since(stats_before)[1]
+    window.model_run_s = stats_after.run_s - stats_before.run_s
+    window.model_items = stats_after.items - stats_before.items
     return window
 
 
@@ -301,7 +354,11 @@ def over_http(server: str, base_url: str, seconds: float, warmup: float, ingress
     )
     window.errors = errors
     window.handle_calls = calls
+    window.idle_cores = window_cpu.idle_cores
+    window.steal_cores = window_cpu.steal_cores
     window.batch_median_item = stats_after.median_since(stats_before)[1]
+    window.model_run_s = stats_after.run_s - stats_before.run_s
+    window.model_items = stats_after.items - stats_before.items
     return window
 
 
@@ -351,16 +408,28 @@ def describe(w: Window) -> str:
         f"{w.server} {w.path}: {w.items_s:.1f} items/s ({w.errors} errors), "
         f"{w.handle_calls} handle calls for {w.items} items, median batch (per item) "
         f"{w.batch_median_item}; CPU per item: {roles}; forward pass {w.forward_us:.0f} µs, "
-        f"platform outside it {w.platform_us_outside_forward():.0f} µs"
+        f"platform outside it {w.platform_us_outside_forward():.0f} µs; "
+        f"machine idle {w.idle_cores * 100:.0f} % of a core, stolen "
+        f"{w.steal_cores * 100:.0f} %; the model ran "
+        f"{w.duty * 100:.0f} % of the window at {w.forward_items_s:.0f} items/s"
     )
 
 
-def table(windows: list[Window], raw: dict[str, dict[int, dict[str, float]]]) -> str:
+def table(
+    windows: list[Window],
+    raw: dict[str, dict[int, dict[str, float]]],
+    as_replica: dict[str, dict[int, dict[str, float]]],
+) -> str:
+    """One row per window. `raw`: the model in this process (OpenMP's defaults);
+    `as_replica`: with the replica's thread settings (`raw_curves_as_replica`)."""
     roles = ("client", "proxy", "gateway", "replica", "controller", "ray, other")
     head = (
-        "| server | path | items/s | / raw b64 | calls/item | batch | "
+        "| server | path | items/s | / raw b64 | / raw b64, replica's threads | calls/item "
+        + "| batch | "
         + " | ".join(f"{r} µs (core %)" for r in roles)
-        + " | forward µs | platform µs outside forward |"
+        + " | forward µs | platform µs outside forward | machine idle / stolen (% of a core) "
+        + "| model duty cycle | forward items/s: in the replica / raw, replica's threads, "
+        + "at its batch |"
     )
     rows = [head, "|" + "---|" * (head.count("|") - 1)]
     for w in windows:
@@ -368,12 +437,16 @@ def table(windows: list[Window], raw: dict[str, dict[int, dict[str, float]]]) ->
             f"{w.us_per_item(r):.0f} ({w.busiest.get(r, 0) * 100:.0f})" if r in w.cpu_s else "-"
             for r in roles
         ]
+        same_threads = raw_items_s(as_replica[w.server], w.batch_median_item)
         rows.append(
             f"| {w.server} | {w.path} | {w.items_s:.1f} | "
             f"{w.items_s / raw[w.server][64]['items_s']:.2f} | "
+            f"{w.items_s / as_replica[w.server][64]['items_s']:.2f} | "
             f"{w.handle_calls / max(w.items, 1):.3f} | {w.batch_median_item:g} | "
             + " | ".join(cells)
-            + f" | {w.forward_us:.0f} | {w.platform_us_outside_forward():.0f} |"
+            + f" | {w.forward_us:.0f} | {w.platform_us_outside_forward():.0f} "
+            + f"| {w.idle_cores * 100:.0f} / {w.steal_cores * 100:.0f} | {w.duty * 100:.0f} % "
+            + f"| {w.forward_items_s:.0f} / {same_threads:.0f} |"
         )
     return "\n".join(rows)
 
@@ -391,15 +464,17 @@ def main(argv: list[str] | None = None) -> None:
     )
     args = parser.parse_args(argv)
     raw = {server: raw_curves(server) for server in SERVERS}
-    for server, curve in raw.items():
-        print(
-            f"raw {server}: "
-            + ", ".join(
-                f"b{size} {c['items_s']:.0f}/s {c['cpu_us_per_item']:.0f} µs/item"
-                for size, c in curve.items()
-            ),
-            flush=True,
-        )
+    as_replica = {server: raw_curves_as_replica(server) for server in SERVERS}
+    for label, curves in (("raw", raw), ("raw, the replica's thread settings", as_replica)):
+        for server, curve in curves.items():
+            print(
+                f"{label} {server}: "
+                + ", ".join(
+                    f"b{size} {c['items_s']:.0f}/s {c['cpu_us_per_item']:.0f} µs/item"
+                    for size, c in curve.items()
+                ),
+                flush=True,
+            )
     ingresses = list(INGRESSES) if args.ingress == "both" else [args.ingress]
     windows = [
         w
@@ -408,10 +483,17 @@ def main(argv: list[str] | None = None) -> None:
     ]
     for w in windows:
         w.forward_us = forward_cpu_us(raw[w.server], w.batch_median_item)
-    print(table(windows, raw))
+    print(table(windows, raw, as_replica))
     if args.json:
         args.json.write_text(
-            json.dumps({"raw": raw, "windows": [asdict(w) for w in windows]}, indent=2)
+            json.dumps(
+                {
+                    "raw": raw,
+                    "raw_as_replica": as_replica,
+                    "windows": [asdict(w) for w in windows],
+                },
+                indent=2,
+            )
         )
     figures = []
     for w in windows:
@@ -422,6 +504,16 @@ def main(argv: list[str] | None = None) -> None:
                 raw[w.server][64]["items_s"],
                 "items/s",
                 ">= 0.6" if w.path.startswith("HTTP") else ">= 0.9",
+            )
+        )
+        figures.append(
+            Figure(
+                f"{w.server} items/s at 64 concurrent, {w.path}, platform / raw batch 64 "
+                "with the replica's thread settings",
+                w.items_s,
+                as_replica[w.server][64]["items_s"],
+                "items/s",
+                "",
             )
         )
         figures.append(

@@ -106,3 +106,33 @@ def test_median_batch_since_a_snapshot_counts_only_new_batches() -> None:
     assert after.median_since(before) == (30, 30)
     with pytest.raises(ValueError):
         before.median_since(before)
+
+
+async def test_run_s_counts_the_seconds_the_model_ran_failed_batches_too(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """`BatchStats.run_s` is the model's busy time (its duty cycle over a window): every
+    batch's run, a failing one included, and none of the waits between them."""
+    from servegraph.serving import batching
+
+    class Clock:  # the batcher's clock; each batch takes 0.25 s of it
+        now = batching.time.monotonic()
+
+        @classmethod
+        def monotonic(cls) -> float:
+            return cls.now
+
+    monkeypatch.setattr(batching, "time", Clock)
+
+    class Slow(Model):
+        async def __call__(self, items: list[int]) -> list[int]:
+            Clock.now += 0.25
+            return await super().__call__(items)
+
+    batcher = Batcher(Slow(), max_batch_size=4, wait_s=0.0)
+    assert await batcher.one(1) == 2
+    with pytest.raises(ValueError):
+        await batcher.one(-1)
+    Clock.now += 10.0  # idle: not the model's time
+    assert await batcher.submit([1, 2]) == [2, 4]
+    assert batcher.stats().run_s == pytest.approx(0.75)

@@ -43,6 +43,12 @@ class BatchStats(BaseModel):
     items: int
     max_batch_size: int
     histogram: dict[int, int] = Field(description="batch size -> number of batches")
+    run_s: float = Field(
+        0.0,
+        description="Seconds the model's batch function ran, all batches together: over a "
+        "window, its share of the window is the model's duty cycle (the rest is the model "
+        "waiting for items), and items over it the forward pass's own speed.",
+    )
 
     def median_since(self, before: BatchStats) -> tuple[int, int]:
         """The median batch size of the batches formed since `before`: per batch, and
@@ -95,6 +101,7 @@ class Batcher(Generic[T, R]):
         self._arrived: asyncio.Event | None = None
         self._worker: asyncio.Task[None] | None = None
         self._sizes: Counter[int] = Counter()
+        self._run_s = 0.0
         self._histogram = batch_size_histogram(name)
         self._waits = batch_wait_histogram(name)
 
@@ -126,6 +133,7 @@ class Batcher(Generic[T, R]):
             items=sum(size * n for size, n in self._sizes.items()),
             max_batch_size=max(self._sizes, default=0),
             histogram=dict(sorted(self._sizes.items())),
+            run_s=self._run_s,
         )
 
     def _wake(self, loop: asyncio.AbstractEventLoop) -> None:
@@ -175,7 +183,10 @@ class Batcher(Generic[T, R]):
         started = time.monotonic()
         self._record(len(batch))
         try:
-            results = list(await self._run([item.payload for item in batch]))
+            try:
+                results = list(await self._run([item.payload for item in batch]))
+            finally:
+                self._run_s += time.monotonic() - started
             if len(results) != len(batch):
                 raise RuntimeError(
                     f"batch function returned {len(results)} results for {len(batch)} items"

@@ -177,7 +177,15 @@ async def send_all(base_url: str, schedule: list[Sent], started: float) -> float
     return time.process_time() - cpu
 
 
-def sample_replicas(stop: threading.Event, out: list[Sample], started: float) -> None:
+# Replica targets are read every SAMPLE_S, and every FINE_SAMPLE_S from 2 s before the
+# step to 20 s after it, where the first decisions are timed (the controller answers a
+# read in milliseconds; reading that often all run long would load it for nothing).
+SAMPLE_S, FINE_SAMPLE_S = 0.5, 0.1
+
+
+def sample_replicas(
+    stop: threading.Event, out: list[Sample], started: float, step_at: float
+) -> None:
     from ray import serve
 
     client = serve.context._get_global_client()
@@ -197,7 +205,8 @@ def sample_replicas(stop: threading.Event, out: list[Sample], started: float) ->
             out.append(sample)
         except Exception as exc:  # a missed sample, not a dead sampler
             print(f"[spike] sample at {sample.at:.1f} s failed: {exc!r}", flush=True)
-        stop.wait(0.5)
+        fine = step_at - 2 <= time.monotonic() - started <= step_at + 20
+        stop.wait(FINE_SAMPLE_S if fine else SAMPLE_S)
 
 
 @contextmanager
@@ -414,7 +423,9 @@ def main() -> None:
     with platform(args.policy, args.curves.resolve(), args.workers) as running:
         stop = threading.Event()
         started = time.monotonic()
-        sampler = threading.Thread(target=sample_replicas, args=(stop, samples, started))
+        sampler = threading.Thread(
+            target=sample_replicas, args=(stop, samples, started, args.step_at)
+        )
         sampler.start()
         try:
             client_cpu_s = asyncio.run(send_all(running.base_url, schedule, started))

@@ -174,6 +174,30 @@ def test_a_restarted_board_has_the_priors_with_the_next_report() -> None:
     assert board.mixes()["rag"]["llm"] == 2.0
 
 
+def test_the_board_answers_a_long_poll_when_a_report_comes() -> None:
+    """`loads_after`: a caller that has seen the board's version waits for the next
+    report (or `wait_s`); any other version, a restarted board's, is answered at once."""
+    board = DemandBoard(clock=lambda: 10.0)
+    prior = {"rag": {"llm": 1.0}}
+    windows = [(2.0, 30.0)]
+
+    async def main() -> None:
+        version, loads = await board.loads_after(-1, 60, windows)  # first call: at once
+        assert version == 0 and loads == {(2.0, 30.0): {}}
+        waiting = asyncio.create_task(board.loads_after(version, 60, windows))
+        for _ in range(5):
+            await asyncio.sleep(0)
+        assert not waiting.done()  # nothing new: it waits
+        board.report({"rag": 4}, {}, prior)
+        version, loads = await asyncio.wait_for(waiting, 5)
+        assert version == 1 and loads[(2.0, 30.0)]["llm"][0] > 0
+        # nothing arrives within wait_s: the same version, answered after it
+        assert (await board.loads_after(version, 0.0, windows))[0] == 1
+        assert (await board.loads_after(57, 60, windows))[0] == 1  # a restarted board
+
+    asyncio.run(main())
+
+
 def test_a_stale_snapshot_predicts_nothing() -> None:
     now = [0.0]
     watcher = watch._Watcher(clock=lambda: now[0])

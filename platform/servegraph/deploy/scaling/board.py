@@ -7,7 +7,10 @@ Serve's autoscaling hooks do not carry it there. An application-level policy see
 its own application's deployments, and every model server is an application of its
 own (its own route); a replica's custom autoscaling metrics (`record_autoscaling_stats`)
 describe that replica, not its callers' callers. So the ingress reports here (a
-fire-and-forget call every `FLUSH_S`) and the policy reads here.
+fire-and-forget call every `FLUSH_S`) and the policy reads here, by long poll
+(`loads_after`): a report reaches the controller as soon as the board has it, and at
+rest the controller asks once every `LONG_POLL_S`. Serve's own controller-to-replica
+updates work the same way (`ray.serve._private.long_poll`).
 """
 
 from __future__ import annotations
@@ -33,7 +36,10 @@ from servegraph.lang.graph import Graph
 
 ACTOR_NAME = "servegraph-demand"
 ACTOR_NAMESPACE = NAMESPACE
-FLUSH_S = 0.25  # how often an ingress replica reports: a step reaches the board this soon
+# How often an ingress replica reports while requests arrive (an idle one sends nothing):
+# a step reaches the board this soon.
+FLUSH_S = 0.1
+LONG_POLL_S = 1.0  # the longest a `loads_after` waits for a report
 
 _log = logging.getLogger("ray.serve")
 
@@ -51,6 +57,8 @@ class DemandBoard:
         self._clock = clock
         self._arrivals: dict[str, Arrivals] = {}
         self._mixes: dict[str, CallMix] = {}
+        self.version = 0  # reports taken so far
+        self._reported: asyncio.Event | None = None  # made in the actor's event loop
 
     def report(
         self,
@@ -74,6 +82,9 @@ class DemandBoard:
             self._arrivals.setdefault(pipeline, Arrivals()).add(n, now)
         for pipeline, (requests, calls) in finished.items():
             self._mixes.setdefault(pipeline, CallMix({})).observe(requests, calls)
+        self.version += 1
+        if self._reported is not None:
+            self._reported.set()
 
     def loads(self, short_s: float, long_s: float) -> dict[str, tuple[float, float]]:
         """Each server's expected calls per second over the two windows."""
@@ -81,6 +92,22 @@ class DemandBoard:
         rates = {p: a.load(short_s, long_s, now) for p, a in self._arrivals.items()}
         mixes = {p: m.per_request() for p, m in self._mixes.items()}
         return {s: (load.short, load.long) for s, load in server_loads(rates, mixes).items()}
+
+    async def loads_after(
+        self, seen: int, wait_s: float, windows: list[tuple[float, float]]
+    ) -> tuple[int, dict[tuple[float, float], dict[str, tuple[float, float]]]]:
+        """A long poll: the board's version and each window pair's `loads`, once a report
+        newer than version `seen` came, or after `wait_s` without one. A `seen` other
+        than the board's own version (a first call, or a board restarted since) is
+        answered at once. (Ray runs an actor's plain methods on its event loop once it
+        has an async one, so `report` sets the event from the same thread.)"""
+        if seen == self.version:
+            if self._reported is None:
+                self._reported = asyncio.Event()
+            self._reported.clear()
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._reported.wait(), wait_s)
+        return self.version, {(s, lo): self.loads(s, lo) for s, lo in windows}
 
     def mixes(self) -> dict[str, dict[str, float]]:
         """Each pipeline's calls per request to each server, as now estimated."""

@@ -1,5 +1,7 @@
 """The demand board's latest loads, kept fresh in the process that asks (Serve's
 controller) by a daemon thread, so a policy reads them without waiting on an actor.
+The thread long-polls the board (`DemandBoard.loads_after`): each report the board takes
+reaches it within an actor call's time, and an idle board is asked once a second.
 
 A module of its own because Serve pickles the policy's module by value to ship it to
 the controller, and this module's state (a lock, a thread) cannot be pickled: the
@@ -13,10 +15,13 @@ import math
 import threading
 import time
 from collections.abc import Callable
+from typing import Any
 
 from servegraph.deploy.scaling.demand import Load
 
-POLL_S = 0.2
+# The least time between two reads of the board: while reports stream in (every
+# `FLUSH_S` from each ingress replica) the thread reads at most this often.
+MIN_GAP_S = 0.05
 # A snapshot older than this is not used: with the board gone (or a call hanging) the
 # prediction is nothing, and Serve's own rule in the policy carries on alone, rather
 # than a spike's loads holding replicas for ever.
@@ -71,26 +76,28 @@ class _Watcher:
     def _poll(self) -> None:
         import ray
 
-        from servegraph.deploy.scaling.board import ACTOR_NAME, ACTOR_NAMESPACE
+        from servegraph.deploy.scaling.board import ACTOR_NAME, ACTOR_NAMESPACE, LONG_POLL_S
 
-        board = None
+        board: Any = None
+        seen = -1
         while True:
             try:
                 if board is None:
                     board = ray.get_actor(ACTOR_NAME, namespace=ACTOR_NAMESPACE)
                 with self._lock:
                     windows = list(self._windows)
-                refs = [board.loads.remote(s, lo) for s, lo in windows]
-                answers: list[dict[str, tuple[float, float]]] = ray.get(refs, timeout=5)
-                self.publish(dict(zip(windows, answers, strict=True)))
+                ref = board.loads_after.remote(seen, LONG_POLL_S, windows)
+                seen, loads = ray.get(ref, timeout=LONG_POLL_S + 5)
+                self.publish(loads)
+                time.sleep(MIN_GAP_S)
             except ValueError:
-                pass  # no board yet: no ingress has reported
+                time.sleep(LONG_POLL_S)  # no board yet: no ingress has reported
             except Exception as exc:
-                board = None
+                board, seen = None, -1
                 if self._clock() - self._warned > WARN_EVERY_S:
                     self._warned = self._clock()
                     _log.warning("demand board unavailable (%s)", type(exc).__name__)
-            time.sleep(POLL_S)
+                time.sleep(LONG_POLL_S)
 
 
 _WATCHER = _Watcher()

@@ -163,13 +163,15 @@ class Arrivals:
     def _span(self, window_s: float) -> int:
         return max(1, math.ceil(window_s / self.bucket_s))
 
-    def load(self, short_s: float, long_s: float, now: float) -> Load:
+    def load(
+        self, short_s: float, long_s: float, now: float, min_arrivals: int = SHORT_MIN_ARRIVALS
+    ) -> Load:
         """The arrival rates over both windows. A short window holding fewer than
-        `SHORT_MIN_ARRIVALS` says nothing about a step (two requests a second apart are
-        what a slow pipeline's Poisson arrivals often do), so its rate counts only up to
-        the long window's: a step is believed once it has brought enough requests."""
+        `min_arrivals` says nothing about a step (two requests a second apart are what a
+        slow pipeline's Poisson arrivals often do), so its rate counts only up to the
+        long window's: a step is believed once it has brought enough requests."""
         short, long = self.rate(short_s, now), self.rate(long_s, now)
-        if self.count(short_s, now) < SHORT_MIN_ARRIVALS:
+        if self.count(short_s, now) < min_arrivals:
             short = min(short, long)
         return Load(short, long)
 

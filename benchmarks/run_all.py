@@ -25,6 +25,7 @@ BENCHMARKS = [
     "batch",
     "cost",
     "cold_start",
+    "spike_decisions",
     "runs",
     "versions",
     "tenants",

@@ -198,6 +198,26 @@ def test_the_spike_schedule_steps_and_is_the_same_for_a_seed() -> None:
         assert after_step - 60 < 3
 
 
+def test_the_decision_replay_decides_when_the_arrivals_show_a_step() -> None:
+    """`benchmarks.spike_decisions`: the LLM's first scale-up comes on the control-loop
+    tick after the ingress reported the arrival that made a step believable, and a
+    rule that needs fewer arrivals believes chance."""
+    from benchmarks.spike import Sent
+    from benchmarks.spike_decisions import per_pipeline, pooled, replay
+
+    mixes = {"rag": {"llm": 1.0}, "triage": {"llm": 3.0}}
+    steady = [Sent("rag", t) for t in range(0, 60, 10)]  # 0.1/s: one replica is plenty
+    step = [Sent("rag", 60.05 + 0.1 * n) for n in range(4)]  # then 4 within 0.4 s
+    schedule = steady + step
+    (first, by_short) = replay(schedule, per_pipeline(4), mixes, 0.7, start=30, end=70)[0]
+    assert by_short and first == pytest.approx(60.5)  # the 4th, reported at 60.4
+    assert replay(steady, per_pipeline(4), mixes, 0.7, start=30, end=70) == []
+    # two triage requests a second apart at a slow rate: chance, unless 2 is enough
+    pair = [*steady, Sent("triage", 40.0), Sent("triage", 41.0)]
+    assert replay(pair, pooled(4), mixes, 0.7, start=30, end=70) == []
+    assert replay(pair, per_pipeline(2), mixes, 0.7, start=30, end=70)
+
+
 def test_the_spike_summary_reads_decisions_and_capacity_off_the_samples() -> None:
     from benchmarks.spike import Sample, Sent, summarise
     from servegraph.deploy.simulated import BatchCurve, Curves, DecodeCurve

@@ -89,9 +89,9 @@ class DemandBoard:
     def loads(self, short_s: float, long_s: float) -> dict[str, tuple[float, float]]:
         """Each server's expected calls per second over the two windows."""
         now = self._clock()
-        rates = {p: a.load(short_s, long_s, now) for p, a in self._arrivals.items()}
         mixes = {p: m.per_request() for p, m in self._mixes.items()}
-        return {s: (load.short, load.long) for s, load in server_loads(rates, mixes).items()}
+        loads = server_loads(self._arrivals, mixes, short_s, long_s, now)
+        return {s: (load.short, load.long) for s, load in loads.items()}
 
     async def loads_after(
         self, seen: int, wait_s: float, windows: list[tuple[float, float]]

@@ -94,7 +94,8 @@ def measured(
         return role(pid, cmdline) if role else platform_role(cmdline)
 
     out: list[Usage] = []
-    idle_before, steal_before = _idle_and_steal_s()
+    # the machine's idle and stolen time over its own interval, snapshots included
+    machine_started, (idle_before, steal_before) = time.perf_counter(), _idle_and_steal_s()
     before, started = snapshot(), time.perf_counter()
     try:
         yield out
@@ -102,8 +103,9 @@ def measured(
         seconds = max(time.perf_counter() - started, 1e-9)
         window = usage(before, snapshot(), seconds, classify)
         idle, steal = _idle_and_steal_s()
-        window.idle_cores = (idle - idle_before) / seconds
-        window.steal_cores = (steal - steal_before) / seconds
+        machine_s = max(time.perf_counter() - machine_started, 1e-9)
+        window.idle_cores = (idle - idle_before) / machine_s
+        window.steal_cores = (steal - steal_before) / machine_s
         out.append(window)
 
 

@@ -99,9 +99,12 @@ def raw_curves_as_replica(server: str) -> dict[int, dict[str, float]]:
         "import json, sys; from benchmarks.path_cpu import raw_curves; "
         f"print(json.dumps(raw_curves({server!r})))"
     )
+    root = Path(__file__).resolve().parents[1]
     done = subprocess.run(
-        [sys.executable, "-c", code], env=env, capture_output=True, text=True, check=True
+        [sys.executable, "-c", code], env=env, cwd=root, capture_output=True, text=True
     )
+    if done.returncode:
+        raise RuntimeError(f"the raw {server} with the replica's threads failed:\n{done.stderr}")
     curve = json.loads(done.stdout.strip().splitlines()[-1])
     return {int(size): c for size, c in curve.items()}
 
@@ -168,11 +171,12 @@ class Window:
     # cycle (run_s / seconds; the rest it waited for items) and the forward pass's speed
     # inside the replica (items / run_s), against the raw model's at that batch size.
     model_run_s: float = 0.0
+    stats_s: float = 0.0  # the time between the two reads of the model's stats
     model_items: int = 0
 
     @property
     def duty(self) -> float:
-        return self.model_run_s / max(self.seconds, 1e-9)
+        return self.model_run_s / max(self.stats_s or self.seconds, 1e-9)
 
     @property
     def forward_items_s(self) -> float:
@@ -250,13 +254,13 @@ def by_handle(server: str, merged: bool, seconds: float, warmup: float) -> Windo
         ]
     )
     handle = serve.get_deployment_handle(deployment, server)
-    stats_before = handle.batch_stats.remote().result()
+    stats_before, stats_from = handle.batch_stats.remote().result(), time.perf_counter()
     calls_before = handle.call_counts.remote().result()["calls"]
     until = time.time() + seconds
     refs = [c.run.remote(server, method, field_name, per_client, until) for c in clients]
     with cpu.measured(path_role(server), pids) as used:
         results = ray.get(refs)
-    stats_after = handle.batch_stats.remote().result()
+    stats_after, stats_s = handle.batch_stats.remote().result(), time.perf_counter() - stats_from
     calls = handle.call_counts.remote().result()["calls"] - calls_before
     for client in clients:
         ray.kill(client)
@@ -276,6 +280,7 @@ def by_handle(server: str, merged: bool, seconds: float, warmup: float) -> Windo
     window.steal_cores = window_cpu.steal_cores
     window.batch_median_item = stats_after.median_since(stats_before)[1]
     window.model_run_s = stats_after.run_s - stats_before.run_s
+    window.stats_s = stats_s
     window.model_items = stats_after.items - stats_before.items
     return window
 
@@ -322,7 +327,7 @@ def over_http(server: str, base_url: str, seconds: float, warmup: float, ingress
 
     wrk(warmup).communicate()
     handle = serve.get_deployment_handle(deployment, server)
-    stats_before = handle.batch_stats.remote().result()
+    stats_before, stats_from = handle.batch_stats.remote().result(), time.perf_counter()
     calls_before = handle.call_counts.remote().result()["calls"]
     # wrk has exited (and been reaped) when the window's last snapshot is read, so its
     # CPU comes from this process's reaped children instead: only wrk ends meanwhile.
@@ -336,7 +341,7 @@ def over_http(server: str, base_url: str, seconds: float, warmup: float, ingress
     if line is None:
         raise RuntimeError(f"wrk said:\n{out}")
     requests, errors, duration_us, _ = (int(x) for x in line.split()[1:])
-    stats_after = handle.batch_stats.remote().result()
+    stats_after, stats_s = handle.batch_stats.remote().result(), time.perf_counter() - stats_from
     calls = handle.call_counts.remote().result()["calls"] - calls_before
     (window_cpu,) = used
     client_s = (children_after.ru_utime - children_before.ru_utime) + (
@@ -358,6 +363,7 @@ def over_http(server: str, base_url: str, seconds: float, warmup: float, ingress
     window.steal_cores = window_cpu.steal_cores
     window.batch_median_item = stats_after.median_since(stats_before)[1]
     window.model_run_s = stats_after.run_s - stats_before.run_s
+    window.stats_s = stats_s
     window.model_items = stats_after.items - stats_before.items
     return window
 

@@ -116,45 +116,24 @@ def test_rates_follow_a_step_within_a_bucket_and_hold_over_the_long_window() -> 
     assert min(arrivals.buckets) >= math.floor((200 - 120) / 0.25)
 
 
-def _every(gap_s: float, until: float, start: float = 0.0) -> Arrivals:
-    """One arrival every `gap_s` seconds from `start` to `until`."""
-    arrivals = Arrivals()
-    t = start
-    while t < until:
-        arrivals.add(1, t)
-        t += gap_s
-    return arrivals
-
-
 def test_a_short_window_is_believed_only_with_enough_arrivals() -> None:
-    mixes = {"triage": {"llm": 3.0}}
-    arrivals = {"triage": _every(4, 120)}  # a slow pipeline: one request every 4 s
-    arrivals["triage"].add(1, 120.5)  # two a second apart: chance, not a step
-    chance = server_loads(arrivals, mixes, 2, 30, 121.0)["llm"]
-    assert chance.short == chance.long == pytest.approx(3 * 8 / 30, rel=0.1)
-    arrivals["triage"].add(4, 121.2)  # the fifth in the window: a step
-    step = server_loads(arrivals, mixes, 2, 30, 121.3)["llm"]
-    assert step.short == pytest.approx(3 * 5 / 2) and step.short > step.long
-
-
-def test_the_pipelines_calling_a_server_are_counted_together_as_a_step() -> None:
-    mixes = {"rag": {"llm": 1.0, "embedder": 1.0}, "triage": {"llm": 1.0}}
-    arrivals = {"rag": _every(10, 120), "triage": _every(10, 120, start=5)}
-    arrivals["rag"].add(3, 120.3)  # 3 of rag and 2 of triage in the same half second
-    arrivals["triage"].add(2, 120.4)
-    loads = server_loads(arrivals, mixes, 2, 30, 120.5)
-    assert loads["llm"].short == pytest.approx(5 / 2)  # 5 together: a step
-    assert loads["embedder"].short == loads["embedder"].long  # rag's 3 alone: chance
+    arrivals = Arrivals()
+    for t in range(0, 120, 4):  # a slow pipeline: one request every 4 s
+        arrivals.add(1, float(t))
+    arrivals.add(1, 120.5)  # two a second apart: chance, not a step
+    chance = arrivals.load(2, 30, 121.0)
+    assert chance.short == chance.long == pytest.approx(8 / 30, rel=0.1)
+    arrivals.add(3, 121.2)  # the fourth in the window: a step
+    step = arrivals.load(2, 30, 121.3)
+    assert step.short == pytest.approx(4 / 2) and step.short > step.long
 
 
 def test_a_server_shared_by_pipelines_sums_their_loads() -> None:
-    arrivals = {"rag": _every(0.25, 60), "agent": _every(0.5, 60)}  # 4/s and 2/s
+    rates = {"rag": Load(10, 4), "agent": Load(2, 2)}
     mixes = {"rag": {"embedder": 2, "llm": 1}, "agent": {"embedder": 0.5, "llm": 3}}
-    loads = server_loads(arrivals, mixes, 2, 30, 59.99)
-    assert loads["embedder"].long == pytest.approx(4 * 2 + 2 * 0.5, rel=0.05)
-    assert loads["llm"].long == pytest.approx(4 * 1 + 2 * 3, rel=0.05)
-    assert loads["llm"].short == pytest.approx(loads["llm"].long, rel=0.1)
-    assert server_loads(arrivals, {"rag": {}}, 2, 30, 60) == {}
+    loads = server_loads(rates, mixes)
+    assert loads["embedder"] == Load(21, 9)
+    assert loads["llm"] == Load(16, 10)
 
 
 def test_replicas_wanted_from_load_and_from_the_queue() -> None:
@@ -379,3 +358,11 @@ def test_an_option_out_of_range_is_refused_naming_it(options: dict[str, Any], fi
     with pytest.raises(ValidationError) as refused:
         graph_autoscaling("embedder", **given)
     assert field in str(refused.value)
+
+
+def test_the_board_refreshes_the_snapshot_well_before_it_goes_stale() -> None:
+    """At rest the watcher's snapshot is refreshed every long poll; a controller slower
+    than that by the poll again still reads a snapshot it believes."""
+    from servegraph.deploy.scaling.board import LONG_POLL_S
+
+    assert LONG_POLL_S + watch.MIN_GAP_S <= watch.STALE_S / 2

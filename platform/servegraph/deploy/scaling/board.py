@@ -39,14 +39,17 @@ ACTOR_NAMESPACE = NAMESPACE
 # How often an ingress replica reports while requests arrive (an idle one sends nothing):
 # a step reaches the board this soon.
 FLUSH_S = 0.1
-LONG_POLL_S = 1.0  # the longest a `loads_after` waits for a report
+# The longest a `loads_after` waits for a report: a quarter of the watcher's STALE_S, so a
+# slow controller still refreshes its snapshot well before it is dropped as stale.
+LONG_POLL_S = 0.5
 
 _log = logging.getLogger("ray.serve")
 
 
 class DemandBoard:
     """Arrivals per pipeline (all ingress replicas together) and each pipeline's calls
-    per request; each server's expected load from them. Every method answers at once.
+    per request; each server's expected load from them. Every method answers at once
+    but `loads_after`, a long poll.
 
     Args:
         clock: seconds (the board's own: reports are timed on arrival here, so ingress
@@ -89,9 +92,9 @@ class DemandBoard:
     def loads(self, short_s: float, long_s: float) -> dict[str, tuple[float, float]]:
         """Each server's expected calls per second over the two windows."""
         now = self._clock()
+        rates = {p: a.load(short_s, long_s, now) for p, a in self._arrivals.items()}
         mixes = {p: m.per_request() for p, m in self._mixes.items()}
-        loads = server_loads(self._arrivals, mixes, short_s, long_s, now)
-        return {s: (load.short, load.long) for s, load in loads.items()}
+        return {s: (load.short, load.long) for s, load in server_loads(rates, mixes).items()}
 
     async def loads_after(
         self, seen: int, wait_s: float, windows: list[tuple[float, float]]

@@ -26,19 +26,12 @@ from servegraph.lang.graph import CallNode, Graph, LoopNode, ParallelNode, Switc
 # about 1 / (1 - DECAY) = 1,000 requests), so a change in the traffic's mix shows.
 PRIOR_WEIGHT = 20.0
 DECAY = 0.999
-# Arrivals a server's short window needs before its rate is believed above the long
-# window's, counting every pipeline that calls the server together: at a slow rate a few
-# arrivals close together are chance (at 0.23 requests/s, 4 in 2 s about twice an hour),
-# while a real step brings them within a second or two (at hundreds a second, within
-# milliseconds). Pooling the pipelines' arrivals shows a step in several of them sooner
-# than each pipeline's own count does. On the spike benchmark's arrivals replayed
-# through this arithmetic (`benchmarks.spike_decisions`, 5 seeds, 4 hours at the base
-# rate), 5 pooled arrivals decided 3.15 s after the step on average and the short
-# window never scaled up for nothing, where the rule before it (4 arrivals of one
-# pipeline) took 3.5 s and scaled up for nothing 0.75 times an hour; 4 pooled decided in
-# 2.15 s, and scaled up for nothing 4.25 times an hour. With no such rule the LLM asked
-# for 3 replicas at the base rate (`benchmarks.spike`).
-SHORT_MIN_ARRIVALS = 5
+# Arrivals a short window needs before its rate is believed above the long window's: at
+# a slow pipeline's rate, 2 arrivals in 2 s happen by chance every minute or so, and 4
+# about once an hour (Poisson at 0.25/s), while a real step brings them within a second
+# or two (at hundreds a second, within milliseconds). A benchmark found the LLM asked
+# for 3 replicas at a base rate of 0.23/s without this rule (benchmarks.spike).
+SHORT_MIN_ARRIVALS = 4
 
 
 def prior_calls(graph: Graph) -> dict[str, float]:
@@ -170,6 +163,18 @@ class Arrivals:
     def _span(self, window_s: float) -> int:
         return max(1, math.ceil(window_s / self.bucket_s))
 
+    def load(
+        self, short_s: float, long_s: float, now: float, min_arrivals: int = SHORT_MIN_ARRIVALS
+    ) -> Load:
+        """The arrival rates over both windows. A short window holding fewer than
+        `min_arrivals` says nothing about a step (two requests a second apart are what a
+        slow pipeline's Poisson arrivals often do), so its rate counts only up to the
+        long window's: a step is believed once it has brought enough requests."""
+        short, long = self.rate(short_s, now), self.rate(long_s, now)
+        if self.count(short_s, now) < min_arrivals:
+            short = min(short, long)
+        return Load(short, long)
+
 
 @dataclass(frozen=True)
 class Load:
@@ -184,28 +189,15 @@ class Load:
 
 
 def server_loads(
-    arrivals: Mapping[str, Arrivals],
-    mixes: Mapping[str, Mapping[str, float]],
-    short_s: float,
-    long_s: float,
-    now: float,
-    min_arrivals: int = SHORT_MIN_ARRIVALS,
+    rates: Mapping[str, Load], mixes: Mapping[str, Mapping[str, float]]
 ) -> dict[str, Load]:
-    """Each server's expected calls per second over both windows: the sum over the
-    pipelines that call it of their arrival rate (`arrivals`: pipeline -> Arrivals)
-    times their calls per request to it (`mixes`: pipeline -> server -> calls). A short
-    window holding fewer than `min_arrivals` of those pipelines' requests together says
-    nothing about a step, so its rate counts only up to the long window's."""
+    """Each server's expected calls per second: the sum over pipelines of the
+    pipeline's arrival rates (`rates`: pipeline -> Load of requests/s) times its calls
+    per request to the server (`mixes`: pipeline -> server -> calls)."""
     loads: dict[str, Load] = {}
-    for server in sorted({server for mix in mixes.values() for server in mix}):
-        callers = {p: mix[server] for p, mix in mixes.items() if mix.get(server) and p in arrivals}
-        if not callers:
-            continue
-        short = sum(arrivals[p].rate(short_s, now) * c for p, c in callers.items())
-        long = sum(arrivals[p].rate(long_s, now) * c for p, c in callers.items())
-        if sum(arrivals[p].count(short_s, now) for p in callers) < min_arrivals:
-            short = min(short, long)
-        loads[server] = Load(short, long)
+    for pipeline, rate in rates.items():
+        for server, calls in mixes.get(pipeline, {}).items():
+            loads[server] = loads.get(server, Load()) + Load(rate.short * calls, rate.long * calls)
     return loads
 
 

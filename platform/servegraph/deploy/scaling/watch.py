@@ -1,7 +1,7 @@
 """The demand board's latest loads, kept fresh in the process that asks (Serve's
 controller) by a daemon thread, so a policy reads them without waiting on an actor.
 The thread long-polls the board (`DemandBoard.loads_after`): each report the board takes
-reaches it within an actor call's time, and an idle board is asked once a second.
+reaches it within an actor call's time, and an idle board is asked twice a second.
 
 A module of its own because Serve pickles the policy's module by value to ship it to
 the controller, and this module's state (a lock, a thread) cannot be pickled: the
@@ -83,20 +83,28 @@ class _Watcher:
         while True:
             try:
                 if board is None:
-                    board = ray.get_actor(ACTOR_NAME, namespace=ACTOR_NAMESPACE)
-                with self._lock:
+                    try:
+                        board = ray.get_actor(ACTOR_NAME, namespace=ACTOR_NAMESPACE)
+                    except ValueError:  # no board yet: no ingress has reported
+                        time.sleep(LONG_POLL_S)
+                        continue
+                with self._lock:  # a pair asked for during a poll waits for the next one
                     windows = list(self._windows)
                 ref = board.loads_after.remote(seen, LONG_POLL_S, windows)
                 seen, loads = ray.get(ref, timeout=LONG_POLL_S + 5)
                 self.publish(loads)
                 time.sleep(MIN_GAP_S)
-            except ValueError:
-                time.sleep(LONG_POLL_S)  # no board yet: no ingress has reported
             except Exception as exc:
                 board, seen = None, -1
                 if self._clock() - self._warned > WARN_EVERY_S:
                     self._warned = self._clock()
-                    _log.warning("demand board unavailable (%s)", type(exc).__name__)
+                    hint = (
+                        ": a board started by an older servegraph (no loads_after) outlives "
+                        "a redeploy; restart Ray or ray.kill the 'servegraph-demand' actor"
+                        if isinstance(exc, AttributeError)
+                        else ""
+                    )
+                    _log.warning("demand board unavailable (%s)%s", type(exc).__name__, hint)
                 time.sleep(LONG_POLL_S)
 
 

@@ -36,11 +36,14 @@ import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from benchmarks import cpu, report
 from benchmarks.report import Figure
 from servegraph._serve_status import serve_state
+
+if TYPE_CHECKING:
+    from servegraph.serving.batching import BatchStats
 
 CONCURRENCY = 64
 CLIENT_ACTORS = 2
@@ -109,28 +112,18 @@ def raw_curves_as_replica(server: str) -> dict[int, dict[str, float]]:
     return {int(size): c for size, c in curve.items()}
 
 
-def forward_cpu_us(curve: dict[int, dict[str, float]], batch: float) -> float:
-    """CPU-µs per item of the forward pass at `batch` items, between measured sizes."""
+def between(curve: dict[int, dict[str, float]], batch: float, figure: str) -> float:
+    """A raw curve's `figure` ("items_s", "cpu_us_per_item") at `batch` items: linear
+    between the measured sizes, the nearest one outside them."""
     sizes = sorted(curve)
     if batch <= sizes[0]:
-        return curve[sizes[0]]["cpu_us_per_item"]
+        return curve[sizes[0]][figure]
     for low, high in itertools.pairwise(sizes):
         if batch <= high:
             t = (batch - low) / (high - low)
-            a, b = curve[low]["cpu_us_per_item"], curve[high]["cpu_us_per_item"]
+            a, b = curve[low][figure], curve[high][figure]
             return a + t * (b - a)
-    return curve[sizes[-1]]["cpu_us_per_item"]
-
-
-def raw_items_s(curve: dict[int, dict[str, float]], batch: float) -> float:
-    """The raw model's items/s at `batch` items, between measured sizes."""
-    sizes = sorted(curve)
-    low = max((n for n in sizes if n <= batch), default=sizes[0])
-    high = min((n for n in sizes if n >= batch), default=sizes[-1])
-    if high == low:
-        return curve[low]["items_s"]
-    t = (batch - low) / (high - low)
-    return curve[low]["items_s"] + t * (curve[high]["items_s"] - curve[low]["items_s"])
+    return curve[sizes[-1]][figure]
 
 
 # ------------------------------------------------------------------- per-process CPU
@@ -173,6 +166,16 @@ class Window:
     model_run_s: float = 0.0
     stats_s: float = 0.0  # the time between the two reads of the model's stats
     model_items: int = 0
+
+    def model_and_machine(
+        self, used: cpu.Usage, before: BatchStats, after: BatchStats, stats_s: float
+    ) -> None:
+        """The window's machine figures (`used`) and the model's, from its batch stats
+        read `stats_s` apart."""
+        self.idle_cores, self.steal_cores = used.idle_cores, used.steal_cores
+        self.batch_median_item = after.median_since(before)[1]
+        self.model_run_s, self.stats_s = after.run_s - before.run_s, stats_s
+        self.model_items = after.items - before.items
 
     @property
     def duty(self) -> float:
@@ -276,12 +279,7 @@ def by_handle(server: str, merged: bool, seconds: float, warmup: float) -> Windo
     )
     window.errors = sum(r[1] for r in results)
     window.handle_calls = calls
-    window.idle_cores = window_cpu.idle_cores
-    window.steal_cores = window_cpu.steal_cores
-    window.batch_median_item = stats_after.median_since(stats_before)[1]
-    window.model_run_s = stats_after.run_s - stats_before.run_s
-    window.stats_s = stats_s
-    window.model_items = stats_after.items - stats_before.items
+    window.model_and_machine(window_cpu, stats_before, stats_after, stats_s)
     return window
 
 
@@ -359,12 +357,7 @@ def over_http(server: str, base_url: str, seconds: float, warmup: float, ingress
     )
     window.errors = errors
     window.handle_calls = calls
-    window.idle_cores = window_cpu.idle_cores
-    window.steal_cores = window_cpu.steal_cores
-    window.batch_median_item = stats_after.median_since(stats_before)[1]
-    window.model_run_s = stats_after.run_s - stats_before.run_s
-    window.stats_s = stats_s
-    window.model_items = stats_after.items - stats_before.items
+    window.model_and_machine(window_cpu, stats_before, stats_after, stats_s)
     return window
 
 
@@ -443,7 +436,7 @@ def table(
             f"{w.us_per_item(r):.0f} ({w.busiest.get(r, 0) * 100:.0f})" if r in w.cpu_s else "-"
             for r in roles
         ]
-        same_threads = raw_items_s(as_replica[w.server], w.batch_median_item)
+        same_threads = between(as_replica[w.server], w.batch_median_item, "items_s")
         rows.append(
             f"| {w.server} | {w.path} | {w.items_s:.1f} | "
             f"{w.items_s / raw[w.server][64]['items_s']:.2f} | "
@@ -488,7 +481,7 @@ def main(argv: list[str] | None = None) -> None:
         for w in on_platform(args.seconds, args.warmup, ingress, handles=n == 0)
     ]
     for w in windows:
-        w.forward_us = forward_cpu_us(raw[w.server], w.batch_median_item)
+        w.forward_us = between(raw[w.server], w.batch_median_item, "cpu_us_per_item")
     print(table(windows, raw, as_replica))
     if args.json:
         args.json.write_text(

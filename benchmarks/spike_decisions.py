@@ -48,14 +48,19 @@ from servegraph.deploy.scaling.demand import (
     Arrivals,
     Load,
     prior_calls,
+    replicas_wanted,
     server_loads,
 )
+from servegraph.deploy.scaling.settings import Bounds, GraphScaling
 from servegraph.deploy.simulated import Curves
 
 SERVER = "llm"
 CONTROL_LOOP_S = 0.25  # Serve's controller loop here (`local_ray.RAY_AT_REST_ENV`)
-SHORT_S, LONG_S, UTILISATION = 2.0, 30.0, 0.7  # `GraphScaling`'s defaults
-DOWNSCALE_DELAY_S = 30.0  # `Bounds.downscale_delay_s`
+# the graph-aware policy's defaults
+SHORT_S = GraphScaling.model_fields["short_window_s"].default
+LONG_S = GraphScaling.model_fields["long_window_s"].default
+UTILISATION = GraphScaling.model_fields["target_utilisation"].default
+DOWNSCALE_DELAY_S = Bounds.model_fields["downscale_delay_s"].default
 
 Rule = Callable[[Mapping[str, Arrivals], Mapping[str, Mapping[str, float]], float], Load]
 
@@ -111,22 +116,22 @@ def replay(
     not have). With `first_only`, the first one; else all, each followed by the
     downscale delay."""
     arr = {pipeline: Arrivals() for pipeline in BASE_RATES}
-    pending: dict[str, int] = {}
     i, flush, tick = 0, 0.0, start
     ups: list[tuple[float, bool]] = []
+
+    def wanted(load: Load) -> int:
+        n = replicas_wanted(load, service_time_s=service_time_s, target_utilisation=UTILISATION)
+        return math.ceil(n - 1e-9)  # as Serve rounds it
+
     while tick < end:
         while flush <= tick:  # the ingress reports what arrived since its last report
             while i < len(schedule) and schedule[i].at <= flush:
-                pending[schedule[i].pipeline] = pending.get(schedule[i].pipeline, 0) + 1
+                arr[schedule[i].pipeline].add(1, flush)
                 i += 1
-            for pipeline, n in pending.items():
-                arr[pipeline].add(n, flush)
-            pending.clear()
             flush += FLUSH_S
         load = rule(arr, mixes, tick)
-        wanted = max(load.short, load.long) * service_time_s / UTILISATION
-        if math.ceil(wanted - 1e-9) > replicas:
-            by_short = math.ceil(load.long * service_time_s / UTILISATION - 1e-9) <= replicas
+        if wanted(load) > replicas:
+            by_short = wanted(Load(long=load.long)) <= replicas
             ups.append((tick, by_short))
             if first_only:
                 break

@@ -71,6 +71,14 @@ def lower_engine_priority(offset: int) -> list[int]:
     return lowered
 
 
+def _usage_stats_enabled() -> bool:
+    """Whether Ray's usage statistics are on in this process (Ray's own rule: its
+    environment variable, then its config file)."""
+    from ray._common.usage.usage_lib import usage_stats_enabled
+
+    return bool(usage_stats_enabled())
+
+
 class PreparedWeights(CallbackBase):
     """`ray.serve.llm`'s start-up hook (the public `LLMConfig.callback_config`; the base
     class lives in `ray.llm._internal`): skips the node initialisation when the model is
@@ -114,6 +122,25 @@ class LLMServer(RayLLMServer):
         lower_engine_priority(LLMSettings().cpu_nice_offset)  # the engine runs now
         self._same_model = SameModel(llm_config.model_loading_config.model_source)
         self._meter = Meter(replica_resources())
+
+    async def _start_engine(self) -> None:
+        """`ray.serve.llm`'s engine start, without its usage report where Ray's usage
+        statistics are off (as the platform runs Ray: `servegraph.deploy.local_ray`'s
+        `RAY_PRIVATE_ENV`, cluster.yaml).
+
+        Its report goes to an actor of its own on the head node, created by the first
+        replica (a worker process importing `ray.serve.llm`), which then asks Serve's
+        controller for its status; the replica's constructor waits for all of it. Left
+        out: 6.5 s of a 65 s LLM replica start on this machine (issue 25, py-spy),
+        for a report that goes nowhere with usage statistics off. The library's own
+        switch would be better; it has none (`ray.llm`'s `_start_engine` pushes it
+        unconditionally). Where the base no longer has this method, its own start runs."""
+        if _usage_stats_enabled() or not hasattr(RayLLMServer, "_start_engine"):
+            await super()._start_engine()
+            return
+        if self.engine is None:  # as the base says it
+            raise ValueError("Engine is not set")
+        await self.engine.start()
 
     async def check_health(self) -> None:
         await super().check_health()

@@ -71,3 +71,39 @@ def test_anything_else_is_initialised_as_before(
         "no placement group": (str(tmp_path / "model"), None),
     }[where]
     assert not _skips(source, monkeypatch, nodes)
+
+
+# ray.serve.llm's usage report at each replica's start (issue 25): sent only where Ray's
+# usage statistics are on; the engine starts either way.
+
+
+@pytest.mark.parametrize("usage_stats", ["0", "1"])
+def test_the_usage_report_is_sent_only_where_usage_statistics_are_on(
+    usage_stats: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from ray.llm._internal.serve.core.server import llm_server
+
+    from deployments.llm.engine import LLMServer
+
+    monkeypatch.setenv("RAY_USAGE_STATS_ENABLED", usage_stats)
+    reports: list[object] = []
+    monkeypatch.setattr(
+        llm_server, "push_telemetry_report_for_all_models", lambda all_models: reports.append(1)
+    )
+    started: list[bool] = []
+
+    async def start() -> None:
+        started.append(True)
+
+    server = LLMServer.__new__(LLMServer)  # its constructor starts a real engine
+    server.engine = SimpleNamespace(start=start)  # type: ignore[assignment]
+    server._llm_config = SimpleNamespace(model_id="m")  # type: ignore[assignment]
+    asyncio.run(server._start_engine())
+    assert started == [True]
+    assert len(reports) == (1 if usage_stats == "1" else 0)
+
+
+def test_the_platforms_ray_runs_with_usage_statistics_off() -> None:
+    from servegraph.deploy.local_ray import RAY_ENV
+
+    assert RAY_ENV["RAY_USAGE_STATS_ENABLED"] == "0"

@@ -64,7 +64,13 @@ RAY_AT_REST_ENV = {
     "LOG_NAME_UPDATE_INTERVAL_S": "5",
 }
 
-RAY_ENV = {**SERVE_REQUEST_PATH_ENV, **RAY_AT_REST_ENV}
+# On-premises and air-gapped: Ray's usage statistics, which Ray reports to its makers'
+# server (usage-stats.ray.io) unless told not to, are off. That also spares every LLM
+# replica's start `ray.serve.llm`'s usage report, which it sends to an actor of its own
+# on the head node, waiting for the answer (`deployments.llm.engine.LLMServer`).
+RAY_PRIVATE_ENV = {"RAY_USAGE_STATS_ENABLED": "0"}
+
+RAY_ENV = {**SERVE_REQUEST_PATH_ENV, **RAY_AT_REST_ENV, **RAY_PRIVATE_ENV}
 """What local_ray sets (unless the operator did) before Ray starts, and cluster.yaml's
 nodes export."""
 

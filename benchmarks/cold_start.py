@@ -9,9 +9,9 @@ rest (the one before deleted). Two starts per server:
 
 - *deployed*: the first replica of a fresh deploy, timed to its first answer. It
   shares the machine with what else the deploy starts (the server's ingress or
-  gateway) and, for the LLM, pays `ray.serve.llm`'s one-off usage-telemetry actor (a
-  process started on the head node the first time any LLM replica starts, about 3 s
-  here).
+  gateway). (Until 2026-12-07 the LLM's also paid `ray.serve.llm`'s usage report, an
+  actor started on the head node the first time any LLM replica starts: now skipped
+  where Ray's usage statistics are off, as the platform runs Ray.)
 - *added*: the second replica Serve's autoscaler adds to the running server (two
   ongoing requests per replica wanted, no upscale delay) under a load of four requests
   at a time, timed to its start (Serve's "started successfully"): which replica

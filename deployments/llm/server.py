@@ -124,6 +124,9 @@ def llm_config(settings: LLMSettings | None = None, overrides: dict[str, Any] | 
                 "VLLM_CPU_KVCACHE_SPACE": str(settings.kv_cache_gib),
                 "SERVEGRAPH_LLM_CPU_NICE_OFFSET": str(nice_offset),
                 "HF_HUB_OFFLINE": "1",
+                # vLLM's own usage report (sent from a GPU worker to vLLM's makers):
+                # nothing leaves an air-gapped site
+                "VLLM_NO_USAGE_STATS": "1",
                 "TRANSFORMERS_OFFLINE": "1",
                 **expected_model_env(settings.path),
                 **simulated_engine_env(),

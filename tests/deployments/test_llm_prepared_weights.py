@@ -77,10 +77,12 @@ def test_anything_else_is_initialised_as_before(
 # usage statistics are on; the engine starts either way.
 
 
-@pytest.mark.parametrize("usage_stats", ["0", "1"])
+@pytest.mark.parametrize("usage_stats", ["0", "1", "false"])
 def test_the_usage_report_is_sent_only_where_usage_statistics_are_on(
     usage_stats: str, monkeypatch: pytest.MonkeyPatch
 ) -> None:
+    """Off ("0"): the engine starts without the report; on, or a value Ray's rule
+    refuses ("false"): the engine starts and the report is sent, as before."""
     from ray.llm._internal.serve.core.server import llm_server
 
     from deployments.llm.engine import LLMServer
@@ -100,7 +102,26 @@ def test_the_usage_report_is_sent_only_where_usage_statistics_are_on(
     server._llm_config = SimpleNamespace(model_id="m")  # type: ignore[assignment]
     asyncio.run(server._start_engine())
     assert started == [True]
-    assert len(reports) == (1 if usage_stats == "1" else 0)
+    assert len(reports) == (0 if usage_stats == "0" else 1)
+
+
+def test_the_base_engine_start_does_no_more_than_the_override_keeps_or_leaves_out() -> None:
+    """`LLMServer._start_engine` restates ray.serve.llm's minus its usage report: a Ray
+    whose engine start does anything else fails here, not silently in production."""
+    from ray.serve.llm.deployment import LLMServer as RayLLMServer
+
+    names = set(RayLLMServer._start_engine.__code__.co_names)
+    assert names <= {
+        "engine",
+        "ValueError",
+        "start",
+        "push_telemetry_report_for_all_models",
+        "_llm_config",
+        "RAY_SERVE_LLM_ENABLE_DIRECT_STREAMING",
+        "record_extra_usage_tag",
+        "TagKey",
+        "LLM_SERVE_DIRECT_STREAMING_ENABLED",
+    }, names
 
 
 def test_the_platforms_ray_runs_with_usage_statistics_off() -> None:

@@ -65,9 +65,11 @@ RAY_AT_REST_ENV = {
 }
 
 # On-premises and air-gapped: Ray's usage statistics, which Ray reports to its makers'
-# server (usage-stats.ray.io) unless told not to, are off. That also spares every LLM
-# replica's start `ray.serve.llm`'s usage report, which it sends to an actor of its own
-# on the head node, waiting for the answer (`deployments.llm.engine.LLMServer`).
+# server (usage-stats.ray.io) unless told not to, are off. `ray.init`'s own local
+# cluster already turns them off (release wheels, whatever the operator set); this is
+# for the clusters started otherwise: `ray start` (cluster.yaml) and the simulated
+# cluster's nodes. It also spares an LLM replica's start `ray.serve.llm`'s usage report,
+# which waits on an actor of its own on the head node (`deployments.llm.engine.LLMServer`).
 RAY_PRIVATE_ENV = {"RAY_USAGE_STATS_ENABLED": "0"}
 
 RAY_ENV = {**SERVE_REQUEST_PATH_ENV, **RAY_AT_REST_ENV, **RAY_PRIVATE_ENV}

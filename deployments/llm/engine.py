@@ -141,9 +141,10 @@ class LLMServer(RayLLMServer):
         that goes nowhere with usage statistics off. Also left out: the base's
         direct-streaming usage tag, another usage-statistics entry. The library's own
         switch would be better; it has none (`ray.llm`'s `_start_engine` pushes it
-        unconditionally). Where the base no longer has this method, its own start runs;
-        a test holds the base's body to what this leaves out."""
-        if _usage_stats_enabled() or not hasattr(RayLLMServer, "_start_engine"):
+        unconditionally). Where the base no longer has this method, nothing calls this
+        one and the base's own start runs; a test holds the base's body to what this
+        leaves out."""
+        if _usage_stats_enabled():
             await super()._start_engine()
             return
         if self.engine is None:  # as the base says it

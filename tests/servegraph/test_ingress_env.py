@@ -92,6 +92,7 @@ def test_a_loopback_address_is_attached_in_rays_one_machine_mode(
 
     monkeypatch.delenv("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", raising=False)
     monkeypatch.setenv("RAY_ADDRESS", "127.0.0.1:41234" if address == "auto" else "")
+    monkeypatch.setenv("RAY_AUTH_MODE", "disabled")  # the token: the test below
     before = ray_constants.ENABLE_RAY_CLUSTER  # True on Linux, False on macOS
     seen: list[tuple[str, bool, str | None]] = []
 
@@ -105,3 +106,44 @@ def test_a_loopback_address_is_attached_in_rays_one_machine_mode(
     assert seen == [(expected, False, "0") if one_machine else (expected, before, None)]
     assert before == ray_constants.ENABLE_RAY_CLUSTER
     assert "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER" not in os.environ
+
+
+@pytest.mark.parametrize(
+    ("preset", "token", "mode"),
+    [
+        (None, True, "token"),  # a local platform's token, as `ray.init` left it
+        (None, False, None),  # no token at hand: nothing changes
+        ("disabled", True, "disabled"),  # the operator's choice wins
+    ],
+)
+def test_attach_sends_a_local_platforms_ray_token(
+    monkeypatch: pytest.MonkeyPatch,
+    tmp_path: Path,
+    preset: str | None,
+    token: bool,
+    mode: str | None,
+) -> None:
+    """`ray.init` starts a local platform's Ray with token authentication on (Ray 2.60),
+    its token in ~/.ray/auth_token; a process that joins it (`servegraph batch
+    --address`) sends that token, or Ray refuses it."""
+    import ray
+    from ray._raylet import AuthenticationTokenLoader, Config  # type: ignore[attr-defined]
+
+    monkeypatch.setenv("HOME", str(tmp_path))  # ~/.ray/auth_token: only the one made here
+    for name in ("RAY_AUTH_TOKEN", "RAY_AUTH_TOKEN_PATH", "RAY_AUTH_MODE"):
+        monkeypatch.delenv(name, raising=False)
+    if preset is not None:
+        monkeypatch.setenv("RAY_AUTH_MODE", preset)
+    if token:
+        (tmp_path / ".ray").mkdir()
+        (tmp_path / ".ray" / "auth_token").write_text("ab" * 32)
+    seen: list[str | None] = []
+    monkeypatch.setattr(ray, "init", lambda **_: seen.append(os.environ.get("RAY_AUTH_MODE")))
+    AuthenticationTokenLoader.instance().reset_cache()
+    try:
+        local_ray.attach("10.0.0.5:6379")
+    finally:
+        monkeypatch.undo()  # the environment first, then Ray's caches re-read it
+        Config.initialize("")
+        AuthenticationTokenLoader.instance().reset_cache()
+    assert seen == [mode]

@@ -193,12 +193,20 @@ def attach(address: str) -> None:
     in that mode, which also reaches a cluster whose nodes listen on every interface (a
     head node attached from itself): Ray finds the node to join by the raylets running
     on this machine, not by its address. `auto` (or RAY_ADDRESS) is looked up first,
-    as `ray.init` would."""
+    as `ray.init` would.
+
+    A local platform's Ray takes only callers with its token: `ray.init` turns Ray's token
+    authentication on for a new local cluster (Ray 2.60), with the token in
+    ~/.ray/auth_token, but a process that joins one sends no token unless RAY_AUTH_MODE
+    says so, and is refused. So where the operator set no RAY_AUTH_MODE and a token is at
+    hand (that file, or RAY_AUTH_TOKEN / RAY_AUTH_TOKEN_PATH), it is sent, as `ray.init`
+    does on the cluster it starts; a Ray without authentication ignores it."""
     import ipaddress
 
     import ray
     from ray._private.services import get_ray_address_from_environment
 
+    _token_auth_where_a_token_is()
     address = get_ray_address_from_environment(address, None) or address
     host = address.rpartition(":")[0].strip("[]") or address
     try:
@@ -207,6 +215,20 @@ def attach(address: str) -> None:
         loopback = False
     with _loopback_only() if loopback else nullcontext():
         ray.init(address=address, namespace="servegraph", log_to_driver=False)
+
+
+def _token_auth_where_a_token_is() -> None:
+    """RAY_AUTH_MODE=token for this process (and the Ray processes it starts), unless the
+    operator chose a mode, where a Ray token is at hand; Ray's own switch, which a new
+    local `ray.init` flips the same way."""
+    if "RAY_AUTH_MODE" in os.environ:
+        return
+    # As Ray's own `authentication_token_setup` imports it (the stub lacks it).
+    from ray._private.authentication.authentication_token_setup import _enable_token_auth
+    from ray._raylet import AuthenticationTokenLoader  # type: ignore[attr-defined]
+
+    if AuthenticationTokenLoader.instance().has_token(ignore_auth_mode=True):
+        _enable_token_auth()
 
 
 _SOCKET_PATH_MAX = 97  # HAProxy's limit on a Unix socket's path

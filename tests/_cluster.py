@@ -1,17 +1,26 @@
 """One real local Ray Serve cluster per test session, with the real model servers,
-shared by the integration and reliability tiers (a plugin of tests/conftest.py, so both
+started by `servegraph run` (`make run`'s command) and shared by the integration and
+reliability tiers (a plugin of tests/conftest.py, so both
 folders get the same session fixtures, not one cluster each)."""
 
 from __future__ import annotations
 
 import os
+import re
+import signal
+import subprocess
+import sys
 import tempfile
+import threading
+import time
 from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
 
 import httpx
 import pytest
 
-from servegraph.deploy.local_ray import LocalCluster, local_cluster
+from servegraph.deploy.local_ray import LocalCluster, free_port
 from servegraph.deploy.local_ray import (
     wait_until_running as wait_until_running,  # the tests' import
 )
@@ -29,8 +38,31 @@ def otlp() -> Iterator[OtlpReceiver]:
     receiver.close()
 
 
+@dataclass
+class RunningPlatform:
+    """The session's platform as `make run` starts it: `servegraph run` in a process of
+    its own, and what it printed."""
+
+    child: subprocess.Popen
+    lines: list[str]
+    cluster: LocalCluster
+
+    @property
+    def printed(self) -> str:
+        return "".join(self.lines)
+
+
 @pytest.fixture(scope="session")
-def cluster(otlp: OtlpReceiver) -> Iterator[LocalCluster]:
+def servegraph_run(otlp: OtlpReceiver) -> Iterator[RunningPlatform]:
+    """`make run`'s command, `servegraph run`, starts the session's platform: its own
+    local Ray, every model server and pipeline deployed, the knowledge base ingested. This
+    process then joins that Ray as a driver (`servegraph.deploy.local_ray.attach`, as
+    `servegraph batch --address` does), so tests deploy, call handles and read Serve's
+    state as before. One platform start serves both `make run`'s test and the rest of
+    the suite. At the end SIGTERM stops it, which must exit 0 and take the HTTP port with
+    it (checked here: a failure shows as an error of the last test)."""
+    from servegraph.deploy.local_ray import _prepare_environment, attach
+
     index_dir = tempfile.mkdtemp(prefix="servegraph-test-index-")
     os.environ["SERVEGRAPH_INDEX_PATH"] = index_dir
     # Every process of the cluster inherits these: spans go to files the tests read,
@@ -42,17 +74,82 @@ def cluster(otlp: OtlpReceiver) -> Iterator[LocalCluster]:
     os.environ["OTEL_EXPORTER_OTLP_PROTOCOL"] = "http/protobuf"
     os.environ["OTEL_EXPORTER_OTLP_ENDPOINT"] = otlp.url
     os.environ["OTEL_EXPORTER_OTLP_HEADERS"] = f"x-collector-token={otlp.token}"
-    with local_cluster() as running:
+    _prepare_environment()  # what the platform's processes get, in this driver too
+    port, dashboard = free_port(), free_port()
+    env = {
+        **os.environ,
+        "PYTHONUNBUFFERED": "1",  # its progress lines as they come, through the pipe
+        "COLUMNS": "200",  # rich wraps at 80 columns without a terminal
+    }
+    command = [str(Path(sys.executable).with_name("servegraph")), "run"]
+    child = subprocess.Popen(
+        [*command, "--port", str(port), "--dashboard-port", str(dashboard)],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+        env=env,
+    )
+    lines: list[str] = []
+    serving = threading.Event()
+
+    def read() -> None:
+        assert child.stdout is not None
+        for line in child.stdout:
+            lines.append(line)
+            if "serving; Ctrl-C to stop" in line:
+                serving.set()
+
+    reader = threading.Thread(target=read, daemon=True)
+    reader.start()
+    try:
+        deadline = time.monotonic() + 900
+        while not serving.wait(1):
+            assert child.poll() is None, "".join(lines[-40:])
+            assert time.monotonic() < deadline, "".join(lines[-40:])
+        found = re.search(r"^Ray: (\S+)", "".join(lines), re.MULTILINE)
+        assert found, "".join(lines)
+        attach(found.group(1))
+    except BaseException:
+        child.kill()
+        raise
+    import ray
+
+    metrics_port = ray.nodes()[0]["MetricsExportPort"]
+    running = RunningPlatform(
+        child,
+        lines,
+        LocalCluster(
+            base_url=f"http://127.0.0.1:{port}",
+            dashboard_url=f"http://127.0.0.1:{dashboard}",
+            http_port=port,
+            metrics_url=f"http://127.0.0.1:{metrics_port}/metrics",
+            gcs_address=found.group(1),
+        ),
+    )
+    try:
         yield running
+    finally:
+        ray.shutdown()
+        child.send_signal(signal.SIGTERM)
+        try:
+            code = child.wait(timeout=180)
+        except subprocess.TimeoutExpired:
+            child.kill()
+            raise
+        reader.join(timeout=10)
+    assert code == 0, "".join(lines[-40:])
+    with pytest.raises(httpx.ConnectError):  # Serve's proxy went with the platform
+        httpx.get(f"{running.cluster.base_url}/-/healthz", timeout=5)
+
+
+@pytest.fixture(scope="session")
+def cluster(servegraph_run: RunningPlatform) -> LocalCluster:
+    return servegraph_run.cluster
 
 
 @pytest.fixture(scope="session")
 def model_servers(cluster: LocalCluster) -> LocalCluster:
-    """Every model server deployed, healthy, and the ingress (no pipelines yet)."""
-    from deployments.catalog import CATALOG
-    from servegraph.deploy.planner import plan_platform
-
-    plan_platform([], CATALOG, all_servers=True).deploy()
+    """Every model server deployed, healthy, and the ingress."""
     wait_until_running(["llm", "embedder", "classifier", "vector_index", "records"])
     return cluster
 
@@ -67,16 +164,9 @@ def http(model_servers: LocalCluster) -> Iterator[httpx.Client]:
 
 @pytest.fixture(scope="session")
 def pipelines(model_servers: LocalCluster) -> LocalCluster:
-    """Every pipeline in `pipelines/` behind the ingress, knowledge base ingested."""
-    from deployments.catalog import CATALOG
-    from pipelines.rag.ingest import on_deploy
-    from servegraph.deploy.planner import plan_platform
-    from servegraph.lang.discovery import discover
+    """Every pipeline in `pipelines/` behind the ingress, knowledge base ingested
+    (`servegraph run` did both)."""
     from servegraph.serving.ingress import INGRESS_APP
 
-    plan = plan_platform(discover("pipelines"), CATALOG, packages=["pipelines"])
-    plan.apps = [app for app in plan.apps if app.name == INGRESS_APP]  # servers are up
-    plan.deploy()
     wait_until_running([INGRESS_APP])
-    on_deploy(model_servers.base_url)
     return model_servers

@@ -47,8 +47,9 @@ pytest_plugins = ["tests._cluster"]
 
 
 def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
-    # Tests with a Ray cluster of their own (the simulated multi-node cluster, `make
-    # run`) run before the session's shared cluster starts: each serves the whole
+    # Tests with a Ray cluster of their own (the simulated multi-node cluster, the
+    # capacity check against Ray's scheduler) run before the session's shared cluster
+    # (`servegraph run`, tests/_cluster.py) starts: the simulated cluster serves the whole
     # platform, and this machine holds one platform's models at a time.
     items.sort(key=lambda item: "own_cluster" not in item.keywords)
     for item in items:

@@ -3,13 +3,21 @@ ingestion, then a restart on the same index folder: no acknowledged document is 
 
 It runs a second, small platform (embedder, index, `rag_ingest`) in its own process
 tree, tagged by an environment variable that every process of that tree inherits, so
-the kill reaches all of them (GCS, raylet, proxy, replicas) and nothing else."""
+the kill reaches all of them (GCS, raylet, HAProxy and Serve's proxies, replicas) and
+nothing else.
+
+That platform answers HTTP with HAProxy (`ingress="haproxy"`): its files lie in a private
+directory (mode 0700), it checks keys behind HAProxy too, and a clean stop (SIGTERM) takes
+HAProxy and the directory with it. A `kill -9` leaves the directory behind (nothing of
+the platform runs to remove it): the test removes it."""
 
 from __future__ import annotations
 
 import asyncio
 import os
+import shutil
 import signal
+import stat
 import subprocess
 import sys
 import time
@@ -50,6 +58,17 @@ def start(index: Path, tag: str) -> tuple[subprocess.Popen, str]:
     raise RuntimeError(f"the ingest platform did not start (exit {child.poll()})")
 
 
+def haproxy_folder(base_url: str) -> Path:
+    """The private directory of the HAProxy that listens on `base_url`'s port."""
+    port = base_url.rsplit(":", 1)[1]
+    (folder,) = [
+        config.parent.parent
+        for config in Path("/tmp").glob("sgh-*/*/haproxy.cfg")
+        if f"bind 127.0.0.1:{port}\n" in config.read_text()
+    ]
+    return folder
+
+
 def test_kill_9_of_the_whole_cluster_mid_ingest_loses_no_acknowledged_document(
     pipelines: LocalCluster, tmp_path: Path
 ) -> None:
@@ -58,8 +77,10 @@ def test_kill_9_of_the_whole_cluster_mid_ingest_loses_no_acknowledged_document(
     tag, run = uuid.uuid4().hex, uuid.uuid4().hex[:8]
     index = tmp_path / "index"
     child, base_url = start(index, tag)
+    folders: list[Path] = []
     answers: list = []
     try:
+        folders.append(haproxy_folder(base_url))
 
         async def ingest_then_kill() -> int:
             stop = asyncio.Event()
@@ -87,11 +108,18 @@ def test_kill_9_of_the_whole_cluster_mid_ingest_loses_no_acknowledged_document(
     finally:
         kill_all(tag)
         child.wait(timeout=60)
+        for folder in folders:  # left by the kill
+            shutil.rmtree(folder, ignore_errors=True)
     acknowledged = [a.body["documents"][0]["id"] for a in answers if a.status == 200]
     assert killed > 3 and len(acknowledged) >= 60, (killed, len(acknowledged))
 
     child, base_url = start(index, tag)
+    folders, code = [], None
     try:
+        folders.append(haproxy_folder(base_url))
+        assert stat.S_IMODE(folders[0].stat().st_mode) == 0o700
+        keyless = httpx.post(f"{base_url}/pipelines/rag_ingest", json={}, timeout=30)
+        assert keyless.status_code == 401, keyless.text
         with httpx.Client(headers=client_headers(), base_url=base_url, timeout=60) as client:
             missing = [
                 doc_id
@@ -102,7 +130,13 @@ def test_kill_9_of_the_whole_cluster_mid_ingest_loses_no_acknowledged_document(
     finally:
         child.send_signal(signal.SIGTERM)
         try:
-            child.wait(timeout=120)
+            code = child.wait(timeout=120)
         finally:
             kill_all(tag)
+            left = [folder for folder in folders if folder.exists()]
+            for folder in left:
+                shutil.rmtree(folder, ignore_errors=True)
     assert not missing, f"{len(missing)} of {len(acknowledged)} acknowledged documents lost"
+    assert code == 0 and not left, (code, left)  # a clean stop takes HAProxy's files
+    with pytest.raises(httpx.ConnectError):  # and HAProxy with it
+        httpx.get(f"{base_url}/-/healthz", timeout=5)

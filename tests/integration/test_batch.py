@@ -5,6 +5,7 @@ that processes no row twice."""
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -74,10 +75,14 @@ def test_a_batch_run_interrupted_then_rerun_writes_every_row_once(
 def test_the_command_runs_the_readme_example_onto_a_running_cluster(
     pipelines: LocalCluster, tmp_path: Path
 ) -> None:
+    """As an operator runs it from another shell: the address `servegraph run` printed,
+    and none of this process's Ray settings (the Ray token it sends is found by the
+    command itself, `servegraph.deploy.local_ray.attach`)."""
     import ray
 
     answers = tmp_path / "answers.jsonl"
     address = ray.get_runtime_context().gcs_address
+    shell = {k: v for k, v in os.environ.items() if not k.startswith("RAY_AUTH_")}
     done = subprocess.run(
         [
             str(Path(sys.executable).with_name("servegraph")),
@@ -91,6 +96,7 @@ def test_the_command_runs_the_readme_example_onto_a_running_cluster(
         capture_output=True,
         text=True,
         timeout=600,
+        env=shell,
     )
     assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-2000:]
     assert "rows/s" in done.stdout and "0 failed, 0 invalid" in done.stdout, done.stdout

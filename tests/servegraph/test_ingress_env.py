@@ -109,29 +109,36 @@ def test_a_loopback_address_is_attached_in_rays_one_machine_mode(
 
 
 @pytest.mark.parametrize(
-    ("preset", "token", "mode"),
+    ("address", "preset", "token", "mode"),
     [
-        (None, True, "token"),  # a local platform's token, as `ray.init` left it
-        (None, False, None),  # no token at hand: nothing changes
-        ("disabled", True, "disabled"),  # the operator's choice wins
+        ("127.0.0.1:6379", None, True, "token"),  # a local platform's, as `ray.init` left it
+        ("auto", None, True, "token"),
+        ("127.0.0.1:6379", None, False, None),  # no token at hand: nothing changes
+        ("127.0.0.1:6379", "disabled", True, "disabled"),  # the operator's choice wins
+        ("10.0.0.5:6379", None, True, None),  # never sent to another machine
     ],
 )
 def test_attach_sends_a_local_platforms_ray_token(
     monkeypatch: pytest.MonkeyPatch,
     tmp_path: Path,
+    address: str,
     preset: str | None,
     token: bool,
     mode: str | None,
 ) -> None:
     """`ray.init` starts a local platform's Ray with token authentication on (Ray 2.60),
     its token in ~/.ray/auth_token; a process that joins it (`servegraph batch
-    --address`) sends that token, or Ray refuses it."""
+    --address`) sends that token, or Ray refuses it. Another machine's Ray never gets
+    it: the operator sets RAY_AUTH_MODE for that."""
     import ray
     from ray._raylet import AuthenticationTokenLoader, Config  # type: ignore[attr-defined]
 
+    before = os.environ.get("RAY_AUTH_MODE")
     monkeypatch.setenv("HOME", str(tmp_path))  # ~/.ray/auth_token: only the one made here
+    monkeypatch.setenv("RAY_ADDRESS", "127.0.0.1:41234" if address == "auto" else "")
     for name in ("RAY_AUTH_TOKEN", "RAY_AUTH_TOKEN_PATH", "RAY_AUTH_MODE"):
-        monkeypatch.delenv(name, raising=False)
+        monkeypatch.setenv(name, "")  # recorded, so that undo restores (or removes) it
+        monkeypatch.delenv(name)
     if preset is not None:
         monkeypatch.setenv("RAY_AUTH_MODE", preset)
     if token:
@@ -141,9 +148,10 @@ def test_attach_sends_a_local_platforms_ray_token(
     monkeypatch.setattr(ray, "init", lambda **_: seen.append(os.environ.get("RAY_AUTH_MODE")))
     AuthenticationTokenLoader.instance().reset_cache()
     try:
-        local_ray.attach("10.0.0.5:6379")
+        local_ray.attach(address)
     finally:
         monkeypatch.undo()  # the environment first, then Ray's caches re-read it
         Config.initialize("")
         AuthenticationTokenLoader.instance().reset_cache()
     assert seen == [mode]
+    assert os.environ.get("RAY_AUTH_MODE") == before  # nothing left for later tests

@@ -198,21 +198,26 @@ def attach(address: str) -> None:
     A local platform's Ray takes only callers with its token: `ray.init` turns Ray's token
     authentication on for a new local cluster (Ray 2.60), with the token in
     ~/.ray/auth_token, but a process that joins one sends no token unless RAY_AUTH_MODE
-    says so, and is refused. So where the operator set no RAY_AUTH_MODE and a token is at
-    hand (that file, or RAY_AUTH_TOKEN / RAY_AUTH_TOKEN_PATH), it is sent, as `ray.init`
-    does on the cluster it starts; a Ray without authentication ignores it."""
+    says so, and is refused. So for a Ray on this machine (an address on the loopback,
+    or `auto`), where the operator set no RAY_AUTH_MODE and a token is at hand (that
+    file, or RAY_AUTH_TOKEN / RAY_AUTH_TOKEN_PATH), the token is sent, as `ray.init`
+    does on the cluster it starts. Never to another machine's address: Ray's gRPC is not
+    encrypted, and that token also opens this machine's replicas (Ray switches token
+    mode on by itself only for `auto` too); the operator sets RAY_AUTH_MODE for that."""
     import ipaddress
 
     import ray
     from ray._private.services import get_ray_address_from_environment
 
-    _token_auth_where_a_token_is()
+    this_machine = address == "auto"
     address = get_ray_address_from_environment(address, None) or address
     host = address.rpartition(":")[0].strip("[]") or address
     try:
         loopback = host == "localhost" or ipaddress.ip_address(host).is_loopback
     except ValueError:
         loopback = False
+    if loopback or this_machine:
+        _token_auth_where_a_token_is()
     with _loopback_only() if loopback else nullcontext():
         ray.init(address=address, namespace="servegraph", log_to_driver=False)
 

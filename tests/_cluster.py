@@ -101,6 +101,8 @@ def servegraph_run(otlp: OtlpReceiver) -> Iterator[RunningPlatform]:
 
     reader = threading.Thread(target=read, daemon=True)
     reader.start()
+    import ray
+
     try:
         deadline = time.monotonic() + 900
         while not serving.wait(1):
@@ -109,34 +111,36 @@ def servegraph_run(otlp: OtlpReceiver) -> Iterator[RunningPlatform]:
         found = re.search(r"^Ray: (\S+)", "".join(lines), re.MULTILINE)
         assert found, "".join(lines)
         attach(found.group(1))
+        metrics_port = ray.nodes()[0]["MetricsExportPort"]
+        running = RunningPlatform(
+            child,
+            lines,
+            LocalCluster(
+                base_url=f"http://127.0.0.1:{port}",
+                dashboard_url=f"http://127.0.0.1:{dashboard}",
+                http_port=port,
+                metrics_url=f"http://127.0.0.1:{metrics_port}/metrics",
+                gcs_address=found.group(1),
+            ),
+        )
     except BaseException:
-        child.kill()
+        ray.shutdown()
+        child.kill()  # Ray's processes go with it (Ray ties them to their parent)
+        child.wait(timeout=60)
         raise
-    import ray
-
-    metrics_port = ray.nodes()[0]["MetricsExportPort"]
-    running = RunningPlatform(
-        child,
-        lines,
-        LocalCluster(
-            base_url=f"http://127.0.0.1:{port}",
-            dashboard_url=f"http://127.0.0.1:{dashboard}",
-            http_port=port,
-            metrics_url=f"http://127.0.0.1:{metrics_port}/metrics",
-            gcs_address=found.group(1),
-        ),
-    )
     try:
         yield running
     finally:
-        ray.shutdown()
-        child.send_signal(signal.SIGTERM)
         try:
-            code = child.wait(timeout=180)
-        except subprocess.TimeoutExpired:
-            child.kill()
-            raise
-        reader.join(timeout=10)
+            ray.shutdown()
+        finally:
+            child.send_signal(signal.SIGTERM)
+            try:
+                code = child.wait(timeout=180)
+            except subprocess.TimeoutExpired:
+                child.kill()
+                raise
+            reader.join(timeout=10)
     assert code == 0, "".join(lines[-40:])
     with pytest.raises(httpx.ConnectError):  # Serve's proxy went with the platform
         httpx.get(f"{running.cluster.base_url}/-/healthz", timeout=5)

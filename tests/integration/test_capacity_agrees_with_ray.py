@@ -101,7 +101,9 @@ def ray_says(asks: list[Ask], rng: random.Random, late: list[str]) -> str:
     # while no node has room for it in Ray's own view of what each node has free.
     _wait(lambda: _decided(groups), "every group placed, or waiting for want of room")
     states = [_state(group) for group in groups]
-    late.extend(a for a, b in zip(first, states, strict=True) if a != b)
+    late.extend(
+        a for a, b in zip(first, states, strict=True) if (a, b) == ("NO_RESOURCES", "FINISHED")
+    )
     for group in groups:
         remove_placement_group(group)
     _wait(lambda: _all_released(groups), "the groups removed and their resources freed")
@@ -119,18 +121,36 @@ def _state(group) -> str:
 
 
 def _decided(groups: list) -> bool:
-    from ray._private.state import available_resources_per_node
+    from ray._private.state import available_resources_per_node, total_resources_per_node
 
-    waiting = [g for g in groups if _state(g) == "NO_RESOURCES"]
-    if not waiting:
-        return all(_state(g) in {"FINISHED", "INFEASIBLE"} for g in groups)
-    free = list(available_resources_per_node().values())
+    states = [_state(g) for g in groups]
+    if not set(states) <= {"FINISHED", "NO_RESOURCES", "INFEASIBLE"}:
+        return False  # one is being placed
+    waiting = [g for g, state in zip(groups, states, strict=True) if state == "NO_RESOURCES"]
+    free, total = available_resources_per_node(), total_resources_per_node()
     return not any(
-        all(node.get(name, 0.0) >= amount for name, amount in bundle.items())
+        _surely_fits(bundle, free[node], total.get(node, {}))
         for group in waiting
         for bundle in group.bundle_specs
         for node in free
     )
+
+
+def _surely_fits(bundle: dict[str, float], free: dict[str, float], total: dict[str, float]) -> bool:
+    """Whether a node has room for `bundle` whatever is where, from Ray's per-node sums.
+    CPUs and custom resources divide freely; a GPU share must fit on one of the node's
+    GPUs, which the sum hides: a share under one GPU surely fits only where the free sum,
+    spread evenly, leaves that much on each GPU, and whole GPUs only where all are free."""
+    for name, amount in bundle.items():
+        have = free.get(name, 0.0)
+        if name != "GPU":
+            if have < amount:
+                return False
+            continue
+        gpus = total.get("GPU", 0.0)
+        if not gpus or (have / gpus < amount if amount < 1 else have < gpus or gpus < amount):
+            return False
+    return True
 
 
 def _all_released(groups: list) -> bool:

@@ -58,13 +58,15 @@ def start(index: Path, tag: str) -> tuple[subprocess.Popen, str]:
     raise RuntimeError(f"the ingest platform did not start (exit {child.poll()})")
 
 
-def haproxy_folder(base_url: str) -> Path:
-    """The private directory of the HAProxy that listens on `base_url`'s port."""
+def haproxy_folder(base_url: str, since: float) -> Path:
+    """The private directory of the HAProxy that listens on `base_url`'s port, made
+    after `since` (a folder an earlier run left may name the same port)."""
     port = base_url.rsplit(":", 1)[1]
     (folder,) = [
         config.parent.parent
         for config in Path("/tmp").glob("sgh-*/*/haproxy.cfg")
-        if f"bind 127.0.0.1:{port}\n" in config.read_text()
+        if config.parent.parent.stat().st_mtime >= since - 1
+        and f"bind 127.0.0.1:{port}\n" in config.read_text()
     ]
     return folder
 
@@ -76,11 +78,12 @@ def test_kill_9_of_the_whole_cluster_mid_ingest_loses_no_acknowledged_document(
     # under test is a separate one.
     tag, run = uuid.uuid4().hex, uuid.uuid4().hex[:8]
     index = tmp_path / "index"
+    started = time.time()
     child, base_url = start(index, tag)
     folders: list[Path] = []
     answers: list = []
     try:
-        folders.append(haproxy_folder(base_url))
+        folders.append(haproxy_folder(base_url, started))
 
         async def ingest_then_kill() -> int:
             stop = asyncio.Event()
@@ -113,10 +116,11 @@ def test_kill_9_of_the_whole_cluster_mid_ingest_loses_no_acknowledged_document(
     acknowledged = [a.body["documents"][0]["id"] for a in answers if a.status == 200]
     assert killed > 3 and len(acknowledged) >= 60, (killed, len(acknowledged))
 
+    started = time.time()
     child, base_url = start(index, tag)
     folders, code = [], None
     try:
-        folders.append(haproxy_folder(base_url))
+        folders.append(haproxy_folder(base_url, started))
         assert stat.S_IMODE(folders[0].stat().st_mode) == 0o700
         keyless = httpx.post(f"{base_url}/pipelines/rag_ingest", json={}, timeout=30)
         assert keyless.status_code == 401, keyless.text

@@ -34,20 +34,10 @@ else
   # scripts/uv_sources.py hands over the sources pip is configured with, or says it
   # cannot (then pip). Where uv cannot be installed, or its install fails, pip.
   uv=()
-  if "$VENV/bin/python" -m pip install -q uv \
-      && "$VENV/bin/python" scripts/uv_sources.py > "$VENV/.uv-sources"; then
-    mapfile -d '' sources < "$VENV/.uv-sources"
-    cert=()
-    uv=("$VENV/bin/uv" pip install --python "$VENV/bin/python" --compile-bytecode)
-    for ((i = 0; i < ${#sources[@]}; i++)); do
-      if [ "${sources[i]}" = --cert ]; then
-        cert=("SSL_CERT_FILE=${sources[i + 1]}")
-        i=$((i + 1))
-      else
-        uv+=("${sources[i]}")
-      fi
-    done
-    uv=(env "${cert[@]}" "${uv[@]}")
+  if "$VENV/bin/python" -m pip install -q uv && "$VENV/bin/python" scripts/uv_sources.py \
+      "$VENV/bin/uv" pip install --python "$VENV/bin/python" --compile-bytecode \
+      > "$VENV/.uv-command"; then
+    mapfile -d '' uv < "$VENV/.uv-command"
   else
     echo "[install] pip's configuration has settings uv is not given, or no uv: installing with pip"
   fi

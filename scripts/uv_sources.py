@@ -1,7 +1,8 @@
-"""uv's arguments for the package sources pip is configured with on this machine.
+"""The `uv pip install` command for the package sources pip is configured with here.
 
-    python scripts/uv_sources.py    # NUL-separated arguments for `uv pip install`; exit 3
-                                    # where pip's configuration has a setting uv is not given
+    python scripts/uv_sources.py UV pip install ...   # that command, NUL-separated, with
+        # the sources' arguments after it (and the certificate in its environment); exit 3
+        # where pip's configuration has a setting uv is not given
 
 uv reads no pip configuration (pip.conf, PIP_* variables). `scripts/install.sh` installs
 with uv only where this hands over everything pip's install would use: find-links,
@@ -26,7 +27,7 @@ LISTS = {
     "constraint": "--constraint",
     "trusted-host": "--allow-insecure-host",
 }
-SINGLE = {"index-url": "--index-url", "cert": "cert"}
+SINGLE = {"index-url", "cert"}  # one value: the first section in PRECEDENCE wins
 # Settings that change nothing about which packages are installed from where.
 HARMLESS = {
     "cache-dir",
@@ -45,9 +46,10 @@ PRECEDENCE = {":env:": 0, "install": 1, "global": 2}  # pip install: env, then i
 TRUE = {"1", "true", "yes", "on"}
 
 
-def uv_arguments(listed: str) -> list[str] | None:
-    """uv's arguments for `pip config list`'s output; None where uv would not be given
-    everything (a setting it has no counterpart for here)."""
+def uv_command(listed: str, command: list[str]) -> list[str] | None:
+    """`command` (uv's install) with the sources `pip config list`'s output names, run
+    by `env` with pip's certificate as uv reads it (SSL_CERT_FILE); None where uv would
+    not be given everything (a setting it has no counterpart for here)."""
     lists: dict[str, list[str]] = {}
     single: dict[str, tuple[int, str]] = {}
     no_index = False
@@ -68,29 +70,30 @@ def uv_arguments(listed: str) -> list[str] | None:
             no_index = no_index or value.strip().lower() in TRUE
         elif key not in HARMLESS:
             return None
-    arguments = ["--index-strategy", "unsafe-best-match"]
+    run = ["env"]
+    if "cert" in single:
+        run.append(f"SSL_CERT_FILE={single['cert'][1]}")
+    run += [*command, "--index-strategy", "unsafe-best-match"]
     if no_index:
-        arguments.append("--no-index")
+        run.append("--no-index")
     if "index-url" in single:
-        arguments += ["--index-url", single["index-url"][1]]
+        run += ["--index-url", single["index-url"][1]]
     for key, flag in LISTS.items():
         for item in lists.get(key, []):
-            arguments += [flag, item]
-    if "cert" in single:
-        arguments += ["--cert", single["cert"][1]]  # install.sh: SSL_CERT_FILE for uv
-    return arguments
+            run += [flag, item]
+    return run
 
 
-def main() -> int:
+def main(command: list[str]) -> int:
     listed = subprocess.run(
         [sys.executable, "-m", "pip", "config", "list"], capture_output=True, text=True
     ).stdout
-    arguments = uv_arguments(listed)
-    if arguments is None:
+    run = uv_command(listed, command)
+    if run is None:
         return 3
-    sys.stdout.write("".join(f"{argument}\0" for argument in arguments))
+    sys.stdout.write("".join(f"{argument}\0" for argument in run))
     return 0
 
 
 if __name__ == "__main__":
-    raise SystemExit(main())
+    raise SystemExit(main(sys.argv[1:]))

@@ -31,7 +31,12 @@ def test_this_machines_pip_configuration_is_handed_over_once_each() -> None:
             "download.index-url='https://elsewhere.example/simple'",  # not pip install's
         ]
     )
-    assert uv_sources().uv_arguments(listed) == [
+    assert uv_sources().uv_command(listed, ["uv", "pip", "install"]) == [
+        "env",
+        "SSL_CERT_FILE=/env/ca.crt",  # PIP_CERT wins over pip.conf, as in pip
+        "uv",
+        "pip",
+        "install",
         "--index-strategy",
         "unsafe-best-match",
         "--find-links",
@@ -42,8 +47,6 @@ def test_this_machines_pip_configuration_is_handed_over_once_each() -> None:
         "file:///opt/pypi-more/simple",
         "--constraint",
         "/etc/xdg/pip/constraints.txt",
-        "--cert",
-        "/env/ca.crt",  # PIP_CERT wins over pip.conf, as in pip
     ]
 
 
@@ -57,7 +60,9 @@ def test_values_written_over_several_lines_and_an_install_section() -> None:
             "global.no-index='true'",
         ]
     )
-    assert uv_sources().uv_arguments(listed) == [
+    assert uv_sources().uv_command(listed, ["uv"]) == [
+        "env",
+        "uv",
         "--index-strategy",
         "unsafe-best-match",
         "--no-index",
@@ -74,6 +79,6 @@ def test_values_written_over_several_lines_and_an_install_section() -> None:
 
 def test_a_setting_uv_is_not_given_keeps_the_install_on_pip() -> None:
     module = uv_sources()
-    assert module.uv_arguments("global.proxy='http://proxy.example:3128'") is None
-    assert module.uv_arguments("install.client-cert='/me.pem'") is None
-    assert module.uv_arguments("") == ["--index-strategy", "unsafe-best-match"]
+    assert module.uv_command("global.proxy='http://proxy.example:3128'", ["uv"]) is None
+    assert module.uv_command("install.client-cert='/me.pem'", ["uv"]) is None
+    assert module.uv_command("", ["uv"]) == ["env", "uv", "--index-strategy", "unsafe-best-match"]

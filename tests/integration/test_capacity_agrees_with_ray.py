@@ -36,6 +36,7 @@ pytestmark = pytest.mark.own_cluster
 SHAPES = 6
 PLANS_PER_SHAPE = 25
 ROLE = "role_head"  # a custom resource, as cluster.yaml's head has node:__internal_head__
+DECIDED = {"FINISHED", "NO_RESOURCES", "INFEASIBLE"}  # a group's states once Ray has decided
 
 
 @dataclass
@@ -93,7 +94,7 @@ def ray_says(asks: list[Ask], rng: random.Random, late: list[str]) -> str:
     for bundles in replicas:
         group = placement_group([dict(b) for b in bundles], strategy="PACK")
         groups.append(group)
-        _wait(lambda g=group: _state(g) in {"FINISHED", "NO_RESOURCES", "INFEASIBLE"}, "a decision")
+        _wait(lambda g=group: _state(g) in DECIDED, "a decision")
         first.append(_state(group))
     # A group Ray first left waiting (NO_RESOURCES) may still be placed once its view of
     # the nodes catches up (resources freed by the last plan's groups, or reserved by this
@@ -124,7 +125,7 @@ def _decided(groups: list) -> bool:
     from ray._private.state import available_resources_per_node, total_resources_per_node
 
     states = [_state(g) for g in groups]
-    if not set(states) <= {"FINISHED", "NO_RESOURCES", "INFEASIBLE"}:
+    if not set(states) <= DECIDED:
         return False  # one is being placed
     waiting = [g for g, state in zip(groups, states, strict=True) if state == "NO_RESOURCES"]
     free, total = available_resources_per_node(), total_resources_per_node()

@@ -14,15 +14,18 @@ are safe. A forked process has read its environment already, in the server; so t
 core takes its requester's whole environment as it was at `start()` (what vLLM sets
 before starting it: the worker's start method, Ray's address, `LD_PRELOAD`), which it
 passes on to the processes it starts. What only an `exec` applies does not reach the
-core itself: vLLM's `LD_PRELOAD` (tcmalloc, torch's OpenMP; the core schedules, the
-worker computes) and its `numactl` wrapper where NUMA binding is asked for.
+core itself, but the server's own (below): vLLM's `LD_PRELOAD` (tcmalloc, torch's
+OpenMP; the core schedules, the worker computes) and its `numactl` wrapper where NUMA
+binding is asked for.
 
 Ray kills a dead worker's children, not their children: the core, the server's child,
 watches its replica itself and stops when the replica is gone (`_end_with_requester`).
 
-The model worker is still spawned by the core, as vLLM does it: on CPU vLLM puts
-torch's OpenMP runtime in the worker's `LD_PRELOAD` and its cores in the OpenMP
-settings, which only a fresh process reads (a forked worker would run unpinned).
+The model worker is forked from the same server where the replica asked for it: the
+server then starts over with the settings vLLM gives the worker, which only a new
+process reads (torch's OpenMP runtime in its `LD_PRELOAD`, its cores in the OpenMP
+settings), and the core runs with them too, on its replica's CPUs
+(`deployments.llm.worker_server`). Otherwise the core spawns it, as vLLM does it.
 
 By hand because neither library offers it: vLLM has a `forkserver` start method with
 preloading (`VLLM_WORKER_MULTIPROC_METHOD=forkserver`, its API server's), but forces
@@ -47,10 +50,15 @@ import os
 from typing import Any
 
 ENV = "SERVEGRAPH_LLM_FORKSERVER"
+# The replica's ask for its model worker forked too (`deployments.llm.worker_server`)
+WORKER_ENV = "SERVEGRAPH_LLM_FORKSERVER_WORKER"
 # What the engine core's process imports before it runs (its target's module and the
 # executor it starts the worker with): the imports the fork skips.
 PRELOAD = [
     "deployments.llm.forkserver",
+    # Where the replica asked for its model worker forked too (WORKER_ENV), the server
+    # starts over with the worker's settings: first, before the heavy imports
+    "deployments.llm.worker_server",
     "vllm.v1.engine.core",
     "vllm.v1.executor.multiproc_executor",
 ]
@@ -75,8 +83,17 @@ class EnvironProcess(multiprocessing.context.ForkServerProcess):
     def run(self) -> None:
         if self._requester_environ is not None:
             _become(self._requester_environ)
+        self._place()
         _end_with_requester()
         super().run()
+
+    def _place(self) -> None:
+        """Before this process starts a thread: an engine core forked from a server that
+        started over with its worker's settings runs on its replica's CPUs and starts
+        its worker from the server (`worker_server.use_for_workers`)."""
+        from deployments.llm import worker_server
+
+        worker_server.use_for_workers()
 
 
 def _end_with_requester() -> None:
@@ -127,16 +144,25 @@ def start_early() -> bool:
     LLM replica that asked for it (`ENV`); whether it did. Returns at once: the server
     imports on its own."""
     global _started
-    if _started or os.environ.pop(ENV, None) != "1":  # not passed on to the children
+    worker = os.environ.pop(WORKER_ENV, None) == "1"  # neither passed on to the children
+    if _started or os.environ.pop(ENV, None) != "1":
         return _started
     if not _in_an_actor():  # e.g. ray.serve.llm's download task, which has its env
         return False
+    from deployments.llm import worker_server
+
+    if worker:  # for the server only, which takes it out
+        os.environ[worker_server.ENV] = "1"
     try:
-        multiprocessing.forkserver.set_forkserver_preload(PRELOAD)
+        multiprocessing.forkserver.set_forkserver_preload(
+            PRELOAD + worker_server.PRELOAD if worker else PRELOAD
+        )
         multiprocessing.forkserver.ensure_running()
     except Exception as exc:  # the engine then starts as before
         _log.warning("engine forkserver not started (%s); the engine core is spawned", exc)
         return False
+    finally:
+        os.environ.pop(worker_server.ENV, None)
     _started = True
     return True
 

@@ -84,13 +84,14 @@ def simulated_engine_env() -> dict[str, str]:
 
 def engine_forkserver_env(settings: LLMSettings, *, gpu_engine: bool) -> dict[str, str]:
     """The replica's ask for its engine core forked from a preloaded server
-    (`deployments.llm.forkserver`): a real engine on CPU only. A GPU engine keeps
+    (`deployments.llm.forkserver`), and its model worker from another
+    (`deployments.llm.worker_server`): a real engine on CPU only. A GPU engine keeps
     ray.serve.llm's start (untested here), and a simulated one starts no engine core."""
     if gpu_engine or not settings.engine_forkserver or simulated_engine_env():
         return {}
-    from deployments.llm.forkserver import ENV
+    from deployments.llm.forkserver import ENV, WORKER_ENV
 
-    return {ENV: "1"}
+    return {ENV: "1", **({WORKER_ENV: "1"} if settings.worker_forkserver else {})}
 
 
 def llm_config(settings: LLMSettings | None = None, overrides: dict[str, Any] | None = None) -> Any:

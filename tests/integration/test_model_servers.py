@@ -96,27 +96,31 @@ def test_the_llm_engine_runs_below_its_replicas_cpu_priority(model_servers: Loca
             assert threads and set(threads.values()) == {wanted}, (process, threads)
 
 
-def test_the_llm_engine_core_is_forked_from_the_replicas_preloaded_server(
+def test_the_llm_engine_core_and_its_worker_are_forked_from_preloaded_servers(
     model_servers: LocalCluster,
 ) -> None:
     """On CPU the engine core is forked from the forkserver the replica started before
-    its own imports (`deployments.llm.forkserver`), not spawned by the replica; its
-    model worker is spawned by the core, as vLLM does it."""
+    its own imports (`deployments.llm.forkserver`), not spawned by the replica; so is
+    its model worker, the server having started over with the worker's loader and
+    OpenMP settings (`deployments.llm.worker_server`), not spawned by the core: the
+    settings vLLM gave the worker were the ones the server computed."""
     replicas = llm_replicas()
     for replica in replicas:
-        cores = [
-            p for p in replica.children(recursive=True) if "EngineCore" in " ".join(p.cmdline())
-        ]
-        assert cores, replica.children(recursive=True)
+        engine = replica.children(recursive=True)
+        cores = [p for p in engine if "EngineCore" in " ".join(p.cmdline())]
+        assert cores, engine
         for core in cores:
             server = core.parent()
             assert server is not None and server.pid != replica.pid
             assert "forkserver" in " ".join(server.cmdline()), server.cmdline()
             assert server.parent() == replica
-            # started by the core itself (a fork from the server would be the server's)
-            assert any("VLLM::Worker" in " ".join(w.cmdline()) for w in core.children()), [
-                w.cmdline() for w in core.children()
-            ]
+            spawned = [w for w in core.children() if "VLLM::Worker" in " ".join(w.cmdline())]
+            assert not spawned, [w.cmdline() for w in spawned]
+            workers = [w for w in server.children() if "VLLM::Worker" in " ".join(w.cmdline())]
+            assert len(workers) == 1, [p.cmdline() for p in server.children()]
+            # The core runs on its replica's CPUs, the worker where vLLM bound it
+            assert core.cpu_affinity() == replica.cpu_affinity()
+            assert set(workers[0].cpu_affinity()) <= set(core.cpu_affinity())
 
 
 def test_llm_rejects_a_prompt_longer_than_the_context(http: httpx.Client) -> None:

@@ -1,0 +1,256 @@
+"""vLLM's model worker forked from a server started with its settings
+(`deployments.llm.worker_server`): forked where the settings vLLM gives the worker at its
+start are the server's, spawned where they differ; the engine core's server starts it
+only where the replica asked, and never fails on it. A real forkserver with a light
+preload; vLLM's own code for the settings vLLM computes."""
+
+from __future__ import annotations
+
+import multiprocessing.forkserver
+import os
+import sys
+import types
+from collections.abc import Iterator
+from typing import Any
+
+import pytest
+
+from deployments.llm import worker_server
+
+pytestmark = pytest.mark.skipif(sys.platform != "linux", reason="Python's forkserver")
+
+GOMP = "/venv/torch/lib/libgomp.so.1"
+IOMP = "/opt/intel/libiomp5.so"
+
+
+@pytest.mark.parametrize(
+    ("server", "worker", "differ"),
+    [
+        (
+            {"LD_PRELOAD": GOMP, "OMP_NUM_THREADS": "1"},
+            {"LD_PRELOAD": GOMP, "OMP_NUM_THREADS": "1"},
+            [],
+        ),
+        ({"LD_PRELOAD": GOMP}, {"LD_PRELOAD": f"/lib/tcmalloc.so:{GOMP}"}, ["LD_PRELOAD"]),
+        ({"OMP_NUM_THREADS": "1"}, {"OMP_NUM_THREADS": "2"}, ["OMP_NUM_THREADS"]),
+        ({}, {"GOMP_CPU_AFFINITY": "0"}, ["GOMP_CPU_AFFINITY"]),
+        # GNU's runtime reads no KMP_ setting; Intel's does
+        ({"LD_PRELOAD": GOMP}, {"LD_PRELOAD": GOMP, "KMP_INIT_AT_FORK": "FALSE"}, []),
+        ({"LD_PRELOAD": IOMP}, {"LD_PRELOAD": IOMP, "KMP_AFFINITY": "x"}, ["KMP_AFFINITY"]),
+        # a folder added to the search path after the server started (OpenCV's): kept
+        ({"LD_LIBRARY_PATH": "/a"}, {"LD_LIBRARY_PATH": "/cv2/libs:/a"}, []),
+        ({"LD_LIBRARY_PATH": ""}, {"LD_LIBRARY_PATH": "/cv2/libs"}, []),
+        # a folder the server searches that the worker would not
+        ({"LD_LIBRARY_PATH": "/a:/b"}, {"LD_LIBRARY_PATH": "/a"}, ["LD_LIBRARY_PATH"]),
+    ],
+)
+def test_the_settings_a_forked_worker_would_get_wrong(
+    server: dict[str, str], worker: dict[str, str], differ: list[str]
+) -> None:
+    assert worker_server.differences(server, worker) == differ
+
+
+def test_only_a_processs_start_time_settings_are_compared() -> None:
+    environ = {"LD_PRELOAD": GOMP, "OMP_NUM_THREADS": "1", "PATH": "/bin", "VLLM_X": "1"}
+    assert worker_server.exec_settings(environ) == {"LD_PRELOAD": GOMP, "OMP_NUM_THREADS": "1"}
+
+
+@pytest.fixture
+def started(monkeypatch: pytest.MonkeyPatch) -> Iterator[Any]:
+    """This process's forkserver (a light preload), as the engine core's server started
+    over with this process's settings: started on this machine's first CPU (as an
+    OpenMP runtime binds it), it records that and goes back to all of this process's.
+    Stopped after, its children first."""
+    fs: Any = multiprocessing.forkserver._forkserver  # type: ignore[attr-defined]
+    monkeypatch.setattr(fs, "_preload_modules", fs._preload_modules)
+    monkeypatch.setattr(fs, "ensure_running", fs.ensure_running)  # use_for_workers sets it
+    multiprocessing.forkserver.set_forkserver_preload(
+        ["deployments.llm.forkserver", "deployments.llm.worker_server"]
+    )
+    cpus = os.sched_getaffinity(0)
+    os.environ[worker_server.CPUS_ENV] = ",".join(map(str, sorted(cpus)))
+    try:
+        os.sched_setaffinity(0, {min(cpus)})
+        multiprocessing.forkserver.ensure_running()
+    finally:
+        os.sched_setaffinity(0, cpus)
+        del os.environ[worker_server.CPUS_ENV]
+    # This process is the engine core that asks it for its worker
+    monkeypatch.setattr(worker_server, "_settings", worker_server.exec_settings(os.environ))
+    yield fs
+    import psutil
+
+    children = psutil.Process(fs._forkserver_pid).children(recursive=True)
+    for child in children:
+        child.kill()
+    psutil.wait_procs(children, timeout=30)
+    fs._stop()
+
+
+def _report(queue: Any) -> None:
+    queue.put((os.getppid(), os.environ.get("SERVEGRAPH_TEST_LATE"), os.sched_getaffinity(0)))
+
+
+def _start_worker() -> tuple[int, str | None, set[int]]:
+    context = worker_server.WorkerContext()
+    queue = context.Queue()
+    process = context.Process(target=_report, args=(queue,), daemon=True)
+    process.start()
+    parent, late, cpus = queue.get(timeout=60)
+    process.join(timeout=30)
+    assert process.exitcode == 0
+    return parent, late, cpus
+
+
+def test_a_worker_with_the_servers_settings_is_forked_from_it(
+    started: Any, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv("SERVEGRAPH_TEST_LATE", "the core's, at start")
+    monkeypatch.setenv("KMP_INIT_AT_FORK", "FALSE")  # set by an import; GNU's runtime ignores it
+    parent, late, _ = _start_worker()
+    assert parent == started._forkserver_pid
+    assert late == "the core's, at start"  # the requester's environment, not the server's
+
+
+def test_a_forked_worker_runs_where_the_servers_openmp_runtime_bound_it(started: Any) -> None:
+    """The server went back to its replica's CPUs after its OpenMP runtime bound it: the
+    engine core forked from it runs there; the worker is bound back."""
+    import psutil
+
+    parent, _, cpus = _start_worker()  # once the server has imported its preload
+    assert parent == started._forkserver_pid
+    assert cpus == {min(os.sched_getaffinity(0))}
+    server = psutil.Process(started._forkserver_pid)
+    assert set(server.cpu_affinity()) == os.sched_getaffinity(0)
+
+
+def test_a_worker_vllm_gives_other_settings_is_spawned_as_vllm_does_it(
+    started: Any, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    monkeypatch.setenv("OMP_NUM_THREADS", "7")
+    parent, _, cpus = _start_worker()
+    assert parent == os.getpid()
+    assert cpus == os.sched_getaffinity(0)  # where its own OpenMP runtime binds it
+    assert "OMP_NUM_THREADS" in caplog.text
+
+
+def test_where_the_server_is_gone_the_worker_is_spawned(
+    started: Any, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    def gone(fds: list[int]) -> Any:
+        raise FileNotFoundError("/tmp/pymp-gone/listener")
+
+    monkeypatch.setattr(multiprocessing.forkserver, "connect_to_new_process", gone)
+    parent, _, _ = _start_worker()
+    assert parent == os.getpid()
+
+
+def test_vllms_context_function_is_replaced_by_one_that_still_runs_it(
+    started: Any, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    called = []
+
+    def vllm_get_mp_context() -> Any:
+        called.append(True)
+        return multiprocessing.get_context("spawn")
+
+    executor = types.ModuleType("vllm.v1.executor.multiproc_executor")
+    executor.get_mp_context = vllm_get_mp_context  # type: ignore[attr-defined]
+    for name in ("vllm", "vllm.v1", "vllm.v1.executor"):
+        monkeypatch.setitem(sys.modules, name, types.ModuleType(name))
+    sys.modules["vllm.v1.executor"].multiproc_executor = executor  # type: ignore[attr-defined]
+    monkeypatch.setitem(sys.modules, "vllm.v1.executor.multiproc_executor", executor)
+
+    assert worker_server.use_for_workers()
+    assert worker_server.use_for_workers()  # not wrapped twice
+    assert isinstance(executor.get_mp_context(), worker_server.WorkerContext)  # type: ignore[attr-defined]
+    assert called == [True]
+    started.ensure_running()  # the core's: checks nothing, starts nothing
+
+
+def test_nothing_is_prepared_where_the_replica_did_not_ask(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    monkeypatch.delenv(worker_server.ENV, raising=False)
+    monkeypatch.delenv(worker_server.CPUS_ENV, raising=False)
+    monkeypatch.setattr(worker_server, "_settings", None)
+    monkeypatch.setattr(os, "execve", _no_exec)
+    worker_server.prepare()
+    assert worker_server._settings is None
+    assert not worker_server.use_for_workers()  # an engine core whose server has none
+
+
+def _no_exec(*args: Any) -> None:
+    raise AssertionError(f"exec {args[:2]}")
+
+
+def test_the_server_starts_over_with_the_workers_settings(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    execs: list[tuple[str, list[str], dict[str, str]]] = []
+    monkeypatch.setenv(worker_server.ENV, "1")
+    monkeypatch.setattr(
+        worker_server, "predicted_settings", lambda: {"OMP_NUM_THREADS": "3", "LD_PRELOAD": GOMP}
+    )
+    monkeypatch.setattr(os, "execve", lambda path, argv, env: execs.append((path, argv, env)))
+    worker_server.prepare()
+    [(path, argv, env)] = execs
+    assert (path, argv) == (sys.executable, sys.orig_argv)  # the same command line
+    assert env["OMP_NUM_THREADS"] == "3" and env["LD_PRELOAD"] == GOMP
+    assert env[worker_server.CPUS_ENV] == ",".join(map(str, sorted(os.sched_getaffinity(0))))
+    assert worker_server.ENV not in env  # not a second time
+
+
+def test_started_over_the_server_records_its_settings_and_goes_back_to_its_cpus(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    cpus = os.sched_getaffinity(0)
+    monkeypatch.setattr(worker_server, "_settings", None)
+    monkeypatch.setattr(worker_server, "_bound", None)
+    monkeypatch.setenv(worker_server.CPUS_ENV, ",".join(map(str, sorted(cpus))))
+    monkeypatch.setenv("OMP_NUM_THREADS", "3")
+    monkeypatch.setattr(os, "execve", _no_exec)
+    try:
+        worker_server.prepare()
+    finally:
+        os.sched_setaffinity(0, cpus)
+    assert worker_server._settings is not None
+    assert worker_server._settings["OMP_NUM_THREADS"] == "3"
+    assert worker_server._bound == cpus
+    assert os.sched_getaffinity(0) == cpus
+    assert worker_server.CPUS_ENV not in os.environ  # not passed on
+
+
+def test_a_failure_to_compute_the_settings_never_fails_the_engine_cores_server(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """The forkserver's preload stops at any error but an ImportError."""
+
+    def fails() -> dict[str, str]:
+        raise RuntimeError("no CPU list")
+
+    monkeypatch.setenv(worker_server.ENV, "1")
+    monkeypatch.setattr(worker_server, "_settings", None)
+    monkeypatch.setattr(worker_server, "predicted_settings", fails)
+    monkeypatch.setattr(os, "execve", _no_exec)
+    worker_server.prepare()
+    assert worker_server._settings is None
+    assert worker_server.ENV not in os.environ  # not passed on
+
+
+def test_the_restated_preload_is_the_one_vllm_sets() -> None:
+    """`vllm_ld_preload` restates vLLM's CPU platform's rule: an engine configuration's
+    check sets `LD_PRELOAD` for the processes vLLM starts. Imports vLLM (about 5 s)."""
+    from vllm.config import VllmConfig
+
+    from deployments.llm import forkserver
+
+    before = dict(os.environ)
+    try:
+        os.environ.pop("LD_PRELOAD", None)
+        predicted = worker_server.vllm_ld_preload("")
+        VllmConfig()  # runs the platform's check
+        assert os.environ.get("LD_PRELOAD", "") == predicted
+        assert "libgomp" in predicted  # torch's, on this machine
+    finally:
+        forkserver._become(before)

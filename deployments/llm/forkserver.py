@@ -89,8 +89,8 @@ class EnvironProcess(multiprocessing.context.ForkServerProcess):
 
     def _place(self) -> None:
         """Before this process starts a thread: an engine core forked from a server that
-        started over with its worker's settings runs on its replica's CPUs and starts
-        its worker from the server (`worker_server.use_for_workers`)."""
+        started over with its worker's settings starts its worker from the server
+        (`worker_server.use_for_workers`)."""
         from deployments.llm import worker_server
 
         worker_server.use_for_workers()

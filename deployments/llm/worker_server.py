@@ -21,8 +21,10 @@ the replica is still importing): it imports what vLLM's computation of them need
 and vLLM's `OMPProcessManager`, the class that sets them for the worker), computes them
 with it, and `exec`s itself with them in its environment, keeping its socket and pipe.
 Started again, it records the CPUs its OpenMP runtime bound it to, goes back to its
-replica's CPUs (so the engine core, forked from it, runs where it did when spawned), and
-imports the core's and the worker's modules. When the core starts its worker, the
+replica's CPUs, imports the core's and the worker's modules, and goes back to the
+replica's CPUs once more (`deployments.llm.worker_server_settled`: an OpenMP runtime a
+wheel bundles, loaded by those imports, binds it again), so that the engine core forked
+from it runs where a spawned one did. When the core starts its worker, the
 settings vLLM gives the worker are compared with the server's (`differences`): all the
 same, the worker is forked from the server and bound back to the recorded CPUs; any
 different (another tensor-parallel size, a NUMA binding, a vLLM that computes them
@@ -66,8 +68,12 @@ ENV = "SERVEGRAPH_LLM_WORKER_SERVER"
 # Set by the server for itself as it starts over: the CPUs to go back to
 CPUS_ENV = "SERVEGRAPH_LLM_WORKER_SERVER_CPUS"
 # What the worker's process imports before it runs (its target's module and its class),
-# after the engine core's
-PRELOAD = ["vllm.v1.executor.multiproc_executor", "vllm.v1.worker.cpu_worker"]
+# after the engine core's; then the server goes back to its replica's CPUs
+PRELOAD = [
+    "vllm.v1.executor.multiproc_executor",
+    "vllm.v1.worker.cpu_worker",
+    "deployments.llm.worker_server_settled",
+]
 # The settings a process reads as it starts: the loader's, and the OpenMP runtime's
 # (GNU's, Intel's, LLVM's), read once as it loads
 EXEC_PREFIXES = ("LD_", "OMP_", "GOMP_", "KMP_")
@@ -109,6 +115,13 @@ def prepare() -> None:
         os.execve(sys.executable, sys.orig_argv, {**os.environ, **settings, CPUS_ENV: replica_cpus})
     except Exception as exc:
         _log.warning("model worker's settings not prepared (%s): the worker is spawned", exc)
+
+
+def settle() -> None:
+    """In the server started over, once its preload is imported
+    (`deployments.llm.worker_server_settled`): back on its replica's CPUs."""
+    if _replica_cpus is not None:
+        os.sched_setaffinity(0, _replica_cpus)
 
 
 def predicted_settings() -> dict[str, str]:
@@ -243,18 +256,10 @@ class WorkerContext(multiprocessing.context.ForkServerContext):
 
 def use_for_workers() -> bool:
     """In an engine core forked from a server started over with the worker's settings:
-    run on the replica's CPUs, and make vLLM's executor start its workers in
-    `WorkerContext`, by a function that still runs vLLM's own first (for what it sets in
-    the environment). Whether it did.
-
-    The CPUs again, though the server went back to them: a module the server imports
-    after that may load an OpenMP runtime of its own (a wheel's bundled copy), which
-    reads the worker's binding as it loads and binds the server's thread, and so the
-    forked core's, to the worker's cores (seen: the core on core 0 beside the worker)."""
+    make vLLM's executor start its workers in `WorkerContext`, by a function that still
+    runs vLLM's own first (for what it sets in the environment). Whether it did."""
     if _settings is None:
         return False
-    if _replica_cpus is not None:  # before the core starts a thread
-        os.sched_setaffinity(0, _replica_cpus)
     try:
         from vllm.v1.executor import multiproc_executor
     except ImportError:

@@ -76,7 +76,11 @@ MILESTONES = [
         "out",
         r"Initializing a V1 LLM engine",
     ),
-    Milestone("model worker process starts (spawn, imports)", "out", r"Starting to load model"),
+    Milestone(
+        "model worker process starts (forked, or spawned and imports)",
+        "out",
+        r"Starting to load model",
+    ),
     Milestone(
         "weights, KV cache, warm-up",
         "out",

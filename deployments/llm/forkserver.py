@@ -9,11 +9,12 @@ imports everything again once the process before it has finished.
 Here the replica starts Python's `forkserver` the moment its own module is imported
 (before its heavy imports), preloading the engine core's modules, so that the two
 imports run side by side, and vLLM's engine core is forked from that server. The server
-is a fresh interpreter that runs no thread of Ray's or of anyone else's, so its forks
-are safe. A forked process has read its environment already, in the server; so the
-core takes its requester's whole environment as it was at `start()` (what vLLM sets
-before starting it: the worker's start method, Ray's address, `LD_PRELOAD`), which it
-passes on to the processes it starts. What only an `exec` applies does not reach the
+is a fresh interpreter that runs no thread of Ray's, so its forks are safe (its imports
+start one native thread, jemalloc's, which is fork-aware: `worker_server.other_threads`).
+A forked process has read its environment already, in the server; so the core takes
+its requester's whole environment as it was at `start()` (what vLLM sets before
+starting it: the worker's start method, Ray's address, `LD_PRELOAD`), which it passes
+on to the processes it starts. What only an `exec` applies does not reach the
 core itself, but the server's own (below): vLLM's `LD_PRELOAD` (tcmalloc, torch's
 OpenMP; the core schedules, the worker computes) and its `numactl` wrapper where NUMA
 binding is asked for.
@@ -49,16 +50,11 @@ import multiprocessing.forkserver
 import os
 from typing import Any
 
-ENV = "SERVEGRAPH_LLM_FORKSERVER"
-# The replica's ask for its model worker forked too (`deployments.llm.worker_server`)
-WORKER_ENV = "SERVEGRAPH_LLM_FORKSERVER_WORKER"
+ENV = "SERVEGRAPH_LLM_FORKSERVER"  # "1": the engine core forked; "worker": its worker too
 # What the engine core's process imports before it runs (its target's module and the
 # executor it starts the worker with): the imports the fork skips.
 PRELOAD = [
     "deployments.llm.forkserver",
-    # Where the replica asked for its model worker forked too (WORKER_ENV), the server
-    # starts over with the worker's settings: first, before the heavy imports
-    "deployments.llm.worker_server",
     "vllm.v1.engine.core",
     "vllm.v1.executor.multiproc_executor",
 ]
@@ -75,9 +71,11 @@ class EnvironProcess(multiprocessing.context.ForkServerProcess):
     and ends when its requester does."""
 
     _requester_environ: dict[str, str] | None = None
+    _requester_cpus: set[int] | None = None
 
     def start(self) -> None:
         self._requester_environ = dict(os.environ)
+        self._requester_cpus = os.sched_getaffinity(0)
         super().start()
 
     def run(self) -> None:
@@ -88,9 +86,12 @@ class EnvironProcess(multiprocessing.context.ForkServerProcess):
         super().run()
 
     def _place(self) -> None:
-        """Before this process starts a thread: an engine core forked from a server that
-        started over with its worker's settings starts its worker from the server
+        """Before this process starts a thread: on its requester's CPUs (a spawned
+        engine core inherits them; the server's may differ), and where its server
+        started over with its worker's settings, starting its worker from the server
         (`worker_server.use_for_workers`)."""
+        if self._requester_cpus is not None:
+            os.sched_setaffinity(0, self._requester_cpus)
         from deployments.llm import worker_server
 
         worker_server.use_for_workers()
@@ -144,25 +145,22 @@ def start_early() -> bool:
     LLM replica that asked for it (`ENV`); whether it did. Returns at once: the server
     imports on its own."""
     global _started
-    worker = os.environ.pop(WORKER_ENV, None) == "1"  # neither passed on to the children
-    if _started or os.environ.pop(ENV, None) != "1":
+    asked = os.environ.pop(ENV, None)  # not passed on to the children
+    if _started or asked not in ("1", "worker"):
         return _started
     if not _in_an_actor():  # e.g. ray.serve.llm's download task, which has its env
         return False
     from deployments.llm import worker_server
 
-    if worker:  # for the server only, which takes it out
-        os.environ[worker_server.ENV] = "1"
+    # Where the worker is forked too, the server starts over with its settings first
+    # (before the heavy imports) and imports the worker's modules last
+    preload = [PRELOAD[0], worker_server.FIRST, *PRELOAD[1:], worker_server.LAST]
     try:
-        multiprocessing.forkserver.set_forkserver_preload(
-            PRELOAD + worker_server.PRELOAD if worker else PRELOAD
-        )
+        multiprocessing.forkserver.set_forkserver_preload(preload if asked == "worker" else PRELOAD)
         multiprocessing.forkserver.ensure_running()
     except Exception as exc:  # the engine then starts as before
         _log.warning("engine forkserver not started (%s); the engine core is spawned", exc)
         return False
-    finally:
-        os.environ.pop(worker_server.ENV, None)
     _started = True
     return True
 

@@ -89,9 +89,9 @@ def engine_forkserver_env(settings: LLMSettings, *, gpu_engine: bool) -> dict[st
     ray.serve.llm's start (untested here), and a simulated one starts no engine core."""
     if gpu_engine or not settings.engine_forkserver or simulated_engine_env():
         return {}
-    from deployments.llm.forkserver import ENV, WORKER_ENV
+    from deployments.llm.forkserver import ENV
 
-    return {ENV: "1", **({WORKER_ENV: "1"} if settings.worker_forkserver else {})}
+    return {ENV: "worker" if settings.worker_forkserver else "1"}
 
 
 def llm_config(settings: LLMSettings | None = None, overrides: dict[str, Any] | None = None) -> Any:

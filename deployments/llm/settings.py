@@ -52,11 +52,12 @@ class LLMSettings(BaseSettings):
     worker_forkserver: bool = Field(
         True,
         description=(
-            "With the engine core forked, fork vLLM's model worker too, from a second "
-            "server that imports its modules while the replica imports its own "
+            "With the engine core forked, fork vLLM's model worker from the same server, "
+            "which starts over with the worker's loader and OpenMP settings and imports "
+            "the worker's modules while the replica imports its own "
             "(`deployments.llm.worker_server`), rather than the core spawning it after. "
-            "Where vLLM gives the worker other loader or OpenMP settings than the server "
-            "started with, the worker is spawned as before."
+            "Where vLLM gives the worker other settings than the server started with, "
+            "the worker is spawned as before."
         ),
     )
     engine_device: Literal["profile", "cpu"] = Field(

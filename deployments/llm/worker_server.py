@@ -16,26 +16,32 @@ only a new process reads:
   `GOMP_CPU_AFFINITY`, `KMP_AFFINITY` or `OMP_PLACES`), which the OpenMP runtime reads
   once, as it loads (GNU's binds the process's first thread then).
 
-So the engine core's server starts over with them (`prepare`, first in its preload, while
-the replica is still importing): it imports what vLLM's computation of them needs (torch
-and vLLM's `OMPProcessManager`, the class that sets them for the worker), computes them
-with it, and `exec`s itself with them in its environment, keeping its socket and pipe.
-Started again, it records the CPUs its OpenMP runtime bound it to, goes back to its
-replica's CPUs, imports the core's and the worker's modules, and goes back to the
-replica's CPUs once more (`deployments.llm.worker_server_settled`: an OpenMP runtime a
-wheel bundles, loaded by those imports, binds it again), so that the engine core forked
-from it runs where a spawned one did. When the core starts its worker, the
+So the engine core's server starts over with them (`start_over`, first in its preload,
+while the replica is still importing): it imports what vLLM's computation of them needs
+(torch and vLLM's `OMPProcessManager`, the class that sets them for the worker),
+computes them with it, and `exec`s itself with them in its environment, keeping its pid,
+socket and pipe. Started again, it records the CPUs its OpenMP runtime bound it to and
+goes back to its replica's CPUs; last in its preload (`ready`) it imports the worker's
+modules, checks that it still runs one thread, and goes back to the replica's CPUs once
+more (an OpenMP runtime a wheel bundles, loaded by those imports, binds it again). The
+engine core forked from it runs on its replica's CPUs, as a spawned one did
+(`forkserver.EnvironProcess`), but with the worker's OpenMP runtime as the worker has
+it, thread count and binding: vLLM sets the core's torch threads to one once the worker
+is ready (the core schedules, the worker computes); a parallel region the core ran
+before that would run on the worker's cores. When the core starts its worker, the
 settings vLLM gives the worker are compared with the server's (`differences`): all the
 same, the worker is forked from the server and bound back to the recorded CPUs; any
 different (another tensor-parallel size, a NUMA binding, a vLLM that computes them
 otherwise), the worker is spawned, as vLLM does it, with a warning naming them. The fork
-is safe: the server runs no thread, and its OpenMP runtime has run no parallel region
-(vLLM's own rule for forking its workers, in `multiproc_executor`).
+is safe: the server runs no other thread but a fork-aware one (`other_threads`), and its
+OpenMP runtime has run no parallel region (vLLM's own rule for forking its workers, in
+`multiproc_executor`).
 
 One server for both processes: a server of the worker's own would import torch and vLLM
 a third time beside the replica's and the core's, and a start on 2 cores is bound by its
-CPU (a second server measured no faster at rest than the spawned worker, 2026-12-07).
-The first pass's import of torch before the `exec` is what this costs.
+CPU (a second server, tried first, moved that work rather than removing it: its starts
+at rest stayed within the spawned worker's range, 2026-12-07). The first pass's import
+of torch before the `exec` is what one server costs.
 
 The forked worker is the server's child: `forkserver.EnvironProcess` gives it the
 core's environment as it was at `start()` and ends it when the core ends.
@@ -62,18 +68,14 @@ from typing import Any
 
 from deployments.llm import forkserver
 
-# Set by `forkserver.start_early` for the engine core's server only: compute the worker's
-# settings and start over with them
-ENV = "SERVEGRAPH_LLM_WORKER_SERVER"
+# First and last in the engine core's server's preload where the replica asked for its
+# worker forked (`forkserver.start_early`): `start_over`, then `ready`
+FIRST = "deployments.llm.worker_server_start"
+LAST = "deployments.llm.worker_server_ready"
 # Set by the server for itself as it starts over: the CPUs to go back to
 CPUS_ENV = "SERVEGRAPH_LLM_WORKER_SERVER_CPUS"
-# What the worker's process imports before it runs (its target's module and its class),
-# after the engine core's; then the server goes back to its replica's CPUs
-PRELOAD = [
-    "vllm.v1.executor.multiproc_executor",
-    "vllm.v1.worker.cpu_worker",
-    "deployments.llm.worker_server_settled",
-]
+# What the worker's process imports before it runs: its target's module and its class
+WORKER_MODULES = ("vllm.v1.executor.multiproc_executor", "vllm.v1.worker.cpu_worker")
 # The settings a process reads as it starts: the loader's, and the OpenMP runtime's
 # (GNU's, Intel's, LLVM's), read once as it loads
 EXEC_PREFIXES = ("LD_", "OMP_", "GOMP_", "KMP_")
@@ -90,23 +92,23 @@ def exec_settings(environ: Mapping[str, str]) -> dict[str, str]:
     return {name: value for name, value in environ.items() if name.startswith(EXEC_PREFIXES)}
 
 
-def prepare() -> None:
-    """In the engine core's server, first in its preload: where `forkserver.start_early`
-    asked for it, compute the worker's settings with vLLM's code and `exec` this process
-    again with them; started over, record them and its OpenMP runtime's binding, and go
-    back to its replica's CPUs. Never raises: the server's preload stops at any error
-    but an ImportError, and without the settings the worker is spawned as before."""
+def start_over() -> None:
+    """First in the engine core's server's preload (`FIRST`): compute the worker's
+    settings with vLLM's code and `exec` this process again with them; started over,
+    record them and the CPUs its OpenMP runtime bound it to as it loaded, and go back to
+    its replica's CPUs. Never raises: the server's preload stops at any error but an
+    ImportError; without the settings the worker is spawned as before."""
     global _settings, _bound, _replica_cpus
-    cpus = os.environ.pop(CPUS_ENV, None)
-    if cpus is not None:  # started over
-        _settings = exec_settings(os.environ)
-        _bound = os.sched_getaffinity(0)
-        _replica_cpus = {int(cpu) for cpu in cpus.split(",")}
-        os.sched_setaffinity(0, _replica_cpus)
-        return
-    if os.environ.pop(ENV, None) != "1":
-        return
     try:
+        cpus = os.environ.pop(CPUS_ENV, None)
+        if cpus is not None:  # started over
+            _replica_cpus = {int(cpu) for cpu in cpus.split(",")}
+            _bound = os.sched_getaffinity(0)
+            _settings = exec_settings(os.environ)
+            os.sched_setaffinity(0, _replica_cpus)
+            return
+        if sys.version_info >= (3, 14):  # its forkserver reads a key before the preload
+            raise RuntimeError("Python 3.14's forkserver cannot start over in its preload")
         settings = predicted_settings()
         replica_cpus = ",".join(str(cpu) for cpu in sorted(os.sched_getaffinity(0)))
         for stream in (sys.stdout, sys.stderr):
@@ -114,14 +116,55 @@ def prepare() -> None:
         # The same command line, socket and pipes (passed to this process, inherited)
         os.execve(sys.executable, sys.orig_argv, {**os.environ, **settings, CPUS_ENV: replica_cpus})
     except Exception as exc:
+        _settings = None
         _log.warning("model worker's settings not prepared (%s): the worker is spawned", exc)
 
 
-def settle() -> None:
-    """In the server started over, once its preload is imported
-    (`deployments.llm.worker_server_settled`): back on its replica's CPUs."""
-    if _replica_cpus is not None:
+def ready() -> None:
+    """Last in the server's preload (`LAST`), started over: import the worker's modules,
+    check that no import left a thread running that a fork is not safe from
+    (`other_threads`: a fork copies only the thread that forks, so the engine core and
+    the worker would get that thread's locks or an OpenMP pool in a state no thread of
+    theirs can leave), and go back to the replica's CPUs once more: an
+    OpenMP runtime a wheel bundles (scikit-learn's, sentencepiece's), loaded by these
+    imports, reads the worker's binding as it loads and binds the server again (seen:
+    importing vLLM's engine core put the server on core 0). Never raises; on a failure
+    the worker is spawned as before."""
+    global _settings
+    if _settings is None or _replica_cpus is None:
+        return
+    try:
+        import importlib
+
+        for module in WORKER_MODULES:
+            importlib.import_module(module)
+        if others := other_threads():
+            raise RuntimeError(f"threads {others} run beside the one that forks")
         os.sched_setaffinity(0, _replica_cpus)
+    except Exception as exc:
+        _settings = None
+        _log.warning("model worker's server not ready (%s): the worker is spawned", exc)
+
+
+# Native threads that survive a fork by design. jemalloc's background purging thread,
+# started by the allocator a wheel bundles as vLLM's engine core's imports load it
+# (pyarrow's): its fork handlers hold its locks across the fork and rebuild its state in
+# the child. The engine core's server has run it since the core was first forked.
+FORK_SAFE_THREADS = frozenset({"jemalloc_bg_thd"})
+
+
+def other_threads() -> list[str]:
+    """The names of this process's threads, but the calling one's, that a fork would
+    leave in an unknown state (`FORK_SAFE_THREADS` left out)."""
+    import threading
+
+    me = threading.get_native_id()
+    names = []
+    for task in os.listdir("/proc/self/task"):
+        if int(task) != me:
+            with open(f"/proc/self/task/{task}/comm") as comm:
+                names.append(comm.read().strip())
+    return sorted(name for name in names if name not in FORK_SAFE_THREADS)
 
 
 def predicted_settings() -> dict[str, str]:
@@ -194,23 +237,21 @@ def differences(server: Mapping[str, str], worker: Mapping[str, str]) -> list[st
     """The settings read at a process's start (`exec_settings`) in which a worker started
     with `worker` would differ from one forked from a server started with `server`:
 
-    - `LD_PRELOAD`, and the settings of GNU's OpenMP runtime (`OMP_*`, `GOMP_*`): all;
-    - those of Intel's or LLVM's (`KMP_*`) where the preloaded runtime is one of theirs:
-      GNU's does not read them, and modules the replica imports set some for their own
-      reasons (scikit-learn and joblib: `KMP_DUPLICATE_LIB_OK`, `KMP_INIT_AT_FORK`);
+    - the loader's (`LD_*`) and those of GNU's OpenMP runtime (`OMP_*`, `GOMP_*`): all;
+    - those of Intel's or LLVM's (`KMP_*`) unless GNU's is the one preloaded: GNU's does
+      not read them, and modules the replica imports set some for their own reasons
+      (scikit-learn and joblib: `KMP_DUPLICATE_LIB_OK`, `KMP_INIT_AT_FORK`);
     - `LD_LIBRARY_PATH` where the server's has a folder the worker's lacks. A folder added
       after the server started is left out of the forked worker's library search, not of
       its processes' (its environment is the worker's): OpenCV adds its own for its
       processes as the replica imports it, and finds its libraries without it.
     """
     names = set(server) | set(worker)
-    preload = worker.get("LD_PRELOAD", "")
-    intel = "libiomp" in preload or "libomp" in preload
+    gnu = "libgomp" in worker.get("LD_PRELOAD", "")
     differ = [
         name
         for name in names
-        if (name == "LD_PRELOAD" or name.startswith(("OMP_", "GOMP_")))
-        or (name.startswith("KMP_") and intel)
+        if name != "LD_LIBRARY_PATH" and not (name.startswith("KMP_") and gnu)
         if server.get(name) != worker.get(name)
     ]
     search = worker.get("LD_LIBRARY_PATH", "").split(":")
@@ -232,7 +273,7 @@ class WorkerProcess(forkserver.EnvironProcess):
 
             try:
                 return popen_forkserver.Popen(process_obj)
-            except OSError as exc:  # the server is gone
+            except (OSError, EOFError) as exc:  # the server is gone
                 _log.warning("engine core's server unreachable (%s): model worker spawned", exc)
         elif _settings is not None:
             _log.warning(
@@ -279,12 +320,9 @@ def use_for_workers() -> bool:
     get_mp_context._servegraph = True  # type: ignore[attr-defined]
     setattr(multiproc_executor, "get_mp_context", get_mp_context)  # noqa: B010  # untyped module
     # The core asks the server it was forked from, whose address and pipe it inherited
-    # (`multiprocessing.forkserver` sets them in a forked child). It did not start that
-    # server and cannot wait on it, as `ensure_running` would: the server is its
+    # (`multiprocessing.forkserver` sets them in a forked child). It knows no pid of that
+    # server, so `ensure_running` would start a server of its own: the server is its
     # replica's, and outlives the core.
     server = multiprocessing.forkserver._forkserver
     server.ensure_running = lambda: None  # type: ignore[method-assign]
     return True
-
-
-prepare()  # in the engine core's server only (`ENV`, `CPUS_ENV`): its preload imports this

@@ -40,6 +40,9 @@ IOMP = "/opt/intel/libiomp5.so"
         # a folder added to the search path after the server started (OpenCV's): kept
         ({"LD_LIBRARY_PATH": "/a"}, {"LD_LIBRARY_PATH": "/cv2/libs:/a"}, []),
         ({"LD_LIBRARY_PATH": ""}, {"LD_LIBRARY_PATH": "/cv2/libs"}, []),
+        # the loader's, and Intel's or LLVM's runtime's where GNU's is not preloaded
+        ({}, {"LD_BIND_NOW": "1"}, ["LD_BIND_NOW"]),
+        ({}, {"KMP_AFFINITY": "x"}, ["KMP_AFFINITY"]),
         # a folder the server searches that the worker would not
         ({"LD_LIBRARY_PATH": "/a:/b"}, {"LD_LIBRARY_PATH": "/a"}, ["LD_LIBRARY_PATH"]),
     ],
@@ -65,7 +68,7 @@ def started(monkeypatch: pytest.MonkeyPatch) -> Iterator[Any]:
     monkeypatch.setattr(fs, "_preload_modules", fs._preload_modules)
     monkeypatch.setattr(fs, "ensure_running", fs.ensure_running)  # use_for_workers sets it
     multiprocessing.forkserver.set_forkserver_preload(
-        ["deployments.llm.forkserver", "deployments.llm.worker_server"]
+        ["deployments.llm.forkserver", worker_server.FIRST]
     )
     cpus = os.sched_getaffinity(0)
     os.environ[worker_server.CPUS_ENV] = ",".join(map(str, sorted(cpus)))
@@ -87,6 +90,46 @@ def started(monkeypatch: pytest.MonkeyPatch) -> Iterator[Any]:
     fs._stop()
 
 
+def test_the_server_really_starts_over_and_forks_the_worker(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """The whole path in a real server: the first pass `exec`s the same process (its pid,
+    socket and pipe kept) with the settings (a stub for vLLM's), the second imports the
+    preload again and gets ready; a worker with those settings is forked from it."""
+    import psutil
+
+    from tests.deployments.worker_settings_stub import STUB
+
+    fs: Any = multiprocessing.forkserver._forkserver  # type: ignore[attr-defined]
+    monkeypatch.setattr(fs, "_preload_modules", fs._preload_modules)
+    for name in STUB:
+        monkeypatch.delenv(name, raising=False)
+    multiprocessing.forkserver.set_forkserver_preload(
+        [
+            "deployments.llm.forkserver",
+            "tests.deployments.worker_settings_stub",
+            worker_server.FIRST,
+            worker_server.LAST,
+        ]
+    )
+    multiprocessing.forkserver.ensure_running()
+    try:
+        for name, value in STUB.items():  # this process is the engine core vLLM set them in
+            monkeypatch.setenv(name, value)
+        monkeypatch.setattr(worker_server, "_settings", worker_server.exec_settings(os.environ))
+        parent, _, _ = _start_worker()
+        assert parent == fs._forkserver_pid  # the process it started, the same pid
+        server = psutil.Process(fs._forkserver_pid)
+        # What the process was exec'd with (a `putenv` would not show here)
+        assert all(server.environ().get(name) == value for name, value in STUB.items())
+    finally:
+        children = psutil.Process(fs._forkserver_pid).children(recursive=True)
+        for child in children:
+            child.kill()
+        psutil.wait_procs(children, timeout=30)
+        fs._stop()
+
+
 def _report(queue: Any) -> None:
     queue.put((os.getppid(), os.environ.get("SERVEGRAPH_TEST_LATE"), os.sched_getaffinity(0)))
 
@@ -106,7 +149,9 @@ def test_a_worker_with_the_servers_settings_is_forked_from_it(
     started: Any, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     monkeypatch.setenv("SERVEGRAPH_TEST_LATE", "the core's, at start")
-    monkeypatch.setenv("KMP_INIT_AT_FORK", "FALSE")  # set by an import; GNU's runtime ignores it
+    # A folder added by an import after the server started (OpenCV's, for its processes)
+    search = os.environ.get("LD_LIBRARY_PATH")
+    monkeypatch.setenv("LD_LIBRARY_PATH", f"/opt/cv2/libs:{search}" if search else "/opt/cv2")
     parent, late, _ = _start_worker()
     assert parent == started._forkserver_pid
     assert late == "the core's, at start"  # the requester's environment, not the server's
@@ -168,15 +213,10 @@ def test_vllms_context_function_is_replaced_by_one_that_still_runs_it(
     started.ensure_running()  # the core's: checks nothing, starts nothing
 
 
-def test_nothing_is_prepared_where_the_replica_did_not_ask(
+def test_without_settings_the_core_starts_its_workers_as_vllm_does(
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
-    monkeypatch.delenv(worker_server.ENV, raising=False)
-    monkeypatch.delenv(worker_server.CPUS_ENV, raising=False)
     monkeypatch.setattr(worker_server, "_settings", None)
-    monkeypatch.setattr(os, "execve", _no_exec)
-    worker_server.prepare()
-    assert worker_server._settings is None
     assert not worker_server.use_for_workers()  # an engine core whose server has none
 
 
@@ -188,54 +228,105 @@ def test_the_server_starts_over_with_the_workers_settings(
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
     execs: list[tuple[str, list[str], dict[str, str]]] = []
-    monkeypatch.setenv(worker_server.ENV, "1")
+    monkeypatch.delenv(worker_server.CPUS_ENV, raising=False)
     monkeypatch.setattr(
         worker_server, "predicted_settings", lambda: {"OMP_NUM_THREADS": "3", "LD_PRELOAD": GOMP}
     )
     monkeypatch.setattr(os, "execve", lambda path, argv, env: execs.append((path, argv, env)))
-    worker_server.prepare()
+    worker_server.start_over()
     [(path, argv, env)] = execs
     assert (path, argv) == (sys.executable, sys.orig_argv)  # the same command line
     assert env["OMP_NUM_THREADS"] == "3" and env["LD_PRELOAD"] == GOMP
     assert env[worker_server.CPUS_ENV] == ",".join(map(str, sorted(os.sched_getaffinity(0))))
-    assert worker_server.ENV not in env  # not a second time
 
 
 def test_started_over_the_server_records_its_settings_and_goes_back_to_its_cpus(
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
     cpus = os.sched_getaffinity(0)
-    monkeypatch.setattr(worker_server, "_settings", None)
-    monkeypatch.setattr(worker_server, "_bound", None)
+    for name in ("_settings", "_bound", "_replica_cpus"):
+        monkeypatch.setattr(worker_server, name, None)
     monkeypatch.setenv(worker_server.CPUS_ENV, ",".join(map(str, sorted(cpus))))
     monkeypatch.setenv("OMP_NUM_THREADS", "3")
     monkeypatch.setattr(os, "execve", _no_exec)
     try:
-        worker_server.prepare()
+        os.sched_setaffinity(0, {min(cpus)})  # as its OpenMP runtime bound it
+        worker_server.start_over()
+        assert os.sched_getaffinity(0) == cpus
     finally:
         os.sched_setaffinity(0, cpus)
     assert worker_server._settings is not None
     assert worker_server._settings["OMP_NUM_THREADS"] == "3"
-    assert worker_server._bound == cpus
-    assert os.sched_getaffinity(0) == cpus
+    assert worker_server._bound == {min(cpus)}
     assert worker_server.CPUS_ENV not in os.environ  # not passed on
 
 
-def test_a_failure_to_compute_the_settings_never_fails_the_engine_cores_server(
+def test_once_its_preload_is_imported_the_server_is_back_on_its_replicas_cpus(
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
+    """An OpenMP runtime a wheel bundles binds the thread that loads it."""
+    cpus = os.sched_getaffinity(0)
+    monkeypatch.setattr(worker_server, "_settings", {})
+    monkeypatch.setattr(worker_server, "_replica_cpus", cpus)
+    monkeypatch.setattr(worker_server, "WORKER_MODULES", ("json",))
+    monkeypatch.setattr(worker_server, "other_threads", list)  # this process runs others
+    try:
+        os.sched_setaffinity(0, {min(cpus)})
+        worker_server.ready()
+        assert os.sched_getaffinity(0) == cpus
+    finally:
+        os.sched_setaffinity(0, cpus)
+    assert worker_server._settings == {}
+
+
+def test_threads_a_fork_is_not_safe_from_are_found_and_fork_aware_ones_left_out(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    import threading
+
+    before = worker_server.other_threads()
+    stop = threading.Event()
+    thread = threading.Thread(target=stop.wait, daemon=True)
+    thread.start()
+    try:
+        found = worker_server.other_threads()
+        assert len(found) == len(before) + 1
+        monkeypatch.setattr(
+            worker_server, "FORK_SAFE_THREADS", worker_server.FORK_SAFE_THREADS | set(found)
+        )
+        assert worker_server.other_threads() == []
+    finally:
+        stop.set()
+        thread.join()
+
+
+@pytest.mark.parametrize("failure", ["settings", "worker import", "a thread left"])
+def test_a_failure_never_fails_the_engine_cores_server_and_the_worker_is_spawned(
+    failure: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
     """The forkserver's preload stops at any error but an ImportError."""
+    import threading
 
-    def fails() -> dict[str, str]:
-        raise RuntimeError("no CPU list")
-
-    monkeypatch.setenv(worker_server.ENV, "1")
-    monkeypatch.setattr(worker_server, "_settings", None)
-    monkeypatch.setattr(worker_server, "predicted_settings", fails)
     monkeypatch.setattr(os, "execve", _no_exec)
-    worker_server.prepare()
+    monkeypatch.delenv(worker_server.CPUS_ENV, raising=False)
+    monkeypatch.setattr(worker_server, "_settings", {})
+    monkeypatch.setattr(worker_server, "_replica_cpus", os.sched_getaffinity(0))
+    monkeypatch.setattr(worker_server, "WORKER_MODULES", ("json",))
+    stop = threading.Event()
+    if failure == "settings":
+
+        def fails() -> dict[str, str]:
+            raise RuntimeError("no CPU list")
+
+        monkeypatch.setattr(worker_server, "predicted_settings", fails)
+        worker_server.start_over()
+    else:
+        if failure == "worker import":
+            monkeypatch.setattr(worker_server, "WORKER_MODULES", ("servegraph_no_such_module",))
+        threading.Thread(target=stop.wait, daemon=True).start()  # this process has others too
+        worker_server.ready()
+    stop.set()
     assert worker_server._settings is None
-    assert worker_server.ENV not in os.environ  # not passed on
 
 
 def test_the_restated_preload_is_the_one_vllm_sets() -> None:

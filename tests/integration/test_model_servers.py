@@ -118,9 +118,18 @@ def test_the_llm_engine_core_and_its_worker_are_forked_from_preloaded_servers(
             assert not spawned, [w.cmdline() for w in spawned]
             workers = [w for w in server.children() if "VLLM::Worker" in " ".join(w.cmdline())]
             assert len(workers) == 1, [p.cmdline() for p in server.children()]
-            # The core runs on its replica's CPUs, the worker where vLLM bound it
+            # The core runs on its replica's CPUs; the worker where vLLM's settings bind
+            # it, with the OpenMP runtime vLLM preloads (the server's, as it was exec'd)
             assert core.cpu_affinity() == replica.cpu_affinity()
-            assert set(workers[0].cpu_affinity()) <= set(core.cpu_affinity())
+            worker = workers[0]
+            started_with = worker.environ()
+            assert "libgomp" in started_with["LD_PRELOAD"]
+            mapped = {m.path for m in worker.memory_maps()}
+            for library in started_with["LD_PRELOAD"].split(":"):
+                assert os.path.realpath(library) in mapped, library
+            if "GOMP_CPU_AFFINITY" in started_with:
+                bound = {int(cpu) for cpu in started_with["GOMP_CPU_AFFINITY"].split()}
+                assert set(worker.cpu_affinity()) == bound
 
 
 def test_llm_rejects_a_prompt_longer_than_the_context(http: httpx.Client) -> None:

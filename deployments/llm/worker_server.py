@@ -22,9 +22,9 @@ while the replica is still importing): it imports what vLLM's computation of the
 computes them with it, and `exec`s itself with them in its environment, keeping its pid,
 socket and pipe. Started again, it records the CPUs its OpenMP runtime bound it to and
 goes back to its replica's CPUs; last in its preload (`ready`) it imports the worker's
-modules, checks that it still runs one thread, and goes back to the replica's CPUs once
-more (an OpenMP runtime a wheel bundles, loaded by those imports, binds it again). The
-engine core forked from it runs on its replica's CPUs, as a spawned one did
+modules, checks that it runs no thread a fork is unsafe from, and goes back to the
+replica's CPUs once more (an OpenMP runtime a wheel bundles, loaded by those imports,
+binds it again). The engine core forked from it runs on its replica's CPUs, as a spawned one did
 (`forkserver.EnvironProcess`), but with the worker's OpenMP runtime as the worker has
 it, thread count and binding: vLLM sets the core's torch threads to one once the worker
 is ready (the core schedules, the worker computes); a parallel region the core ran

@@ -345,3 +345,18 @@ def test_the_restated_preload_is_the_one_vllm_sets() -> None:
         assert "libgomp" in predicted  # torch's, on this machine
     finally:
         forkserver._become(before)
+
+
+def test_a_cpu_engines_replica_asks_for_its_worker_forked_unless_told_not_to(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    from deployments.llm.forkserver import ENV
+    from deployments.llm.server import engine_forkserver_env
+    from deployments.llm.settings import LLMSettings
+
+    for name in ("SERVEGRAPH_LLM_WORKER_FORKSERVER", "SERVEGRAPH_LLM_ENGINE_FORKSERVER"):
+        monkeypatch.delenv(name, raising=False)
+    assert engine_forkserver_env(LLMSettings(), gpu_engine=False) == {ENV: "worker"}
+    off = LLMSettings(worker_forkserver=False)
+    assert engine_forkserver_env(off, gpu_engine=False) == {ENV: "1"}  # the core only
+    assert engine_forkserver_env(LLMSettings(), gpu_engine=True) == {}  # ray.serve.llm's

@@ -187,18 +187,25 @@ def use_for_engine_core() -> bool:
         import vllm.v1.engine.utils as engine_utils
     except ImportError:
         return False
-    vllm_context = getattr(engine_utils, "get_mp_context", None)
+    return replace_context(engine_utils, EnvironForkServerContext(), "the engine core")
+
+
+def replace_context(module: Any, context: Any, starts: str) -> bool:
+    """Replace vLLM's `module.get_mp_context` (what vLLM asks for the context it starts
+    `starts` in) by a function that still calls vLLM's own first, for what it sets in
+    the environment, then returns `context`; once, however often it is asked. Whether
+    it did: where vLLM no longer has the function, it starts the process as before."""
+    vllm_context = getattr(module, "get_mp_context", None)
     if vllm_context is None:
-        _log.warning("vLLM has no engine_utils.get_mp_context: the engine core is spawned")
+        _log.warning("vLLM's %s has no get_mp_context: %s is spawned", module.__name__, starts)
         return False
     if getattr(vllm_context, "_servegraph", False):
         return True
-    context = EnvironForkServerContext()
 
     def get_mp_context() -> Any:
-        vllm_context()  # vLLM's own, for what it sets in the environment
+        vllm_context()
         return context
 
     get_mp_context._servegraph = True  # type: ignore[attr-defined]
-    setattr(engine_utils, "get_mp_context", get_mp_context)  # noqa: B010  # untyped module
+    setattr(module, "get_mp_context", get_mp_context)  # noqa: B010  # untyped module
     return True

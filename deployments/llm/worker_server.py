@@ -305,20 +305,8 @@ def use_for_workers() -> bool:
         from vllm.v1.executor import multiproc_executor
     except ImportError:
         return False
-    vllm_context = getattr(multiproc_executor, "get_mp_context", None)
-    if vllm_context is None:
-        _log.warning("vLLM's executor has no get_mp_context: the model worker is spawned")
+    if not forkserver.replace_context(multiproc_executor, WorkerContext(), "the model worker"):
         return False
-    if getattr(vllm_context, "_servegraph", False):
-        return True
-    context = WorkerContext()
-
-    def get_mp_context() -> Any:
-        vllm_context()
-        return context
-
-    get_mp_context._servegraph = True  # type: ignore[attr-defined]
-    setattr(multiproc_executor, "get_mp_context", get_mp_context)  # noqa: B010  # untyped module
     # The core asks the server it was forked from, whose address and pipe it inherited
     # (`multiprocessing.forkserver` sets them in a forked child). It knows no pid of that
     # server, so `ensure_running` would start a server of its own: the server is its

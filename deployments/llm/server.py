@@ -86,8 +86,8 @@ def engine_forkserver_env(settings: LLMSettings, *, gpu_engine: bool) -> dict[st
     """The replica's ask for its engine core forked from a preloaded server
     (`deployments.llm.forkserver`), and its model worker from the same server
     (`deployments.llm.worker_server`) where `worker_forkserver` asks: a real engine on
-    CPU only. A GPU engine keeps
-    ray.serve.llm's start (untested here), and a simulated one starts no engine core."""
+    CPU only. A GPU engine keeps ray.serve.llm's start (untested here), and a simulated
+    one starts no engine core."""
     if gpu_engine or not settings.engine_forkserver or simulated_engine_env():
         return {}
     from deployments.llm.forkserver import ENV

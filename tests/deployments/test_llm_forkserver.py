@@ -17,6 +17,7 @@ from typing import Any
 import pytest
 
 from deployments.llm import forkserver
+from tests.deployments import _forkservers
 
 pytestmark = pytest.mark.skipif(sys.platform != "linux", reason="Python's forkserver")
 
@@ -34,13 +35,7 @@ def server(monkeypatch: pytest.MonkeyPatch) -> Iterator[None]:
     assert forkserver.start_early()
     assert forkserver.ENV not in os.environ  # not passed on to what the replica starts
     yield
-    import psutil
-
-    children = psutil.Process(fs._forkserver_pid).children(recursive=True)
-    for child in children:
-        child.kill()
-    psutil.wait_procs(children, timeout=30)
-    fs._stop()  # the server exits once its alive pipe closes
+    _forkservers.stop(fs)
 
 
 def _report(queue: Any, name: str) -> None:

@@ -16,6 +16,7 @@ from typing import Any
 import pytest
 
 from deployments.llm import worker_server
+from tests.deployments import _forkservers
 
 pytestmark = pytest.mark.skipif(sys.platform != "linux", reason="Python's forkserver")
 
@@ -81,13 +82,7 @@ def started(monkeypatch: pytest.MonkeyPatch) -> Iterator[Any]:
     # This process is the engine core that asks it for its worker
     monkeypatch.setattr(worker_server, "_settings", worker_server.exec_settings(os.environ))
     yield fs
-    import psutil
-
-    children = psutil.Process(fs._forkserver_pid).children(recursive=True)
-    for child in children:
-        child.kill()
-    psutil.wait_procs(children, timeout=30)
-    fs._stop()
+    _forkservers.stop(fs)
 
 
 def test_the_server_really_starts_over_and_forks_the_worker(
@@ -123,11 +118,7 @@ def test_the_server_really_starts_over_and_forks_the_worker(
         # What the process was exec'd with (a `putenv` would not show here)
         assert all(server.environ().get(name) == value for name, value in STUB.items())
     finally:
-        children = psutil.Process(fs._forkserver_pid).children(recursive=True)
-        for child in children:
-            child.kill()
-        psutil.wait_procs(children, timeout=30)
-        fs._stop()
+        _forkservers.stop(fs)
 
 
 def _report(queue: Any) -> None:

@@ -210,6 +210,46 @@ def sample_replicas(
         stop.wait(FINE_SAMPLE_S if fine else SAMPLE_S)
 
 
+def sample_cpu(
+    stop: threading.Event, out: list[dict[str, Any]], started: float, bounds: list[float]
+) -> None:
+    """Every process's CPU over windows between `bounds` (seconds after `started`), by
+    its part in the platform (`benchmarks.cpu`): which process had the cores while the
+    new replicas started. This process is the load generator ("client")."""
+    from benchmarks import cpu
+
+    me = os.getpid()
+
+    def role(pid: int, cmdline: str) -> str:
+        if pid == me:
+            return "client"
+        return cpu.platform_role(cmdline) or "other"
+
+    before, at = cpu.snapshot(), time.monotonic()
+    idle_before, _ = cpu._idle_and_steal_s()
+    for bound in bounds[1:]:
+        left = None if math.isinf(bound) else max(0.0, started + bound - time.monotonic())
+        if stop.wait(left):
+            bound = time.monotonic() - started  # the run ended first: a shorter last window
+        after, now = cpu.snapshot(), time.monotonic()
+        idle, _ = cpu._idle_and_steal_s()
+        used = cpu.usage(before, after, now - at, role)
+        out.append(
+            {
+                "from_s": round(at - started, 1),
+                "to_s": round(now - started, 1),
+                "idle_cores": round((idle - idle_before) / max(now - at, 1e-9), 2),
+                "cpu_s": {
+                    k: round(v, 1) for k, v in sorted(used.cpu_s.items(), key=lambda kv: -kv[1])
+                },
+                "busiest_core_share": {k: round(v, 2) for k, v in used.busiest.items()},
+            }
+        )
+        before, at, idle_before = after, now, idle
+        if stop.is_set():
+            return
+
+
 @contextmanager
 def platform(policy: str, curves_path: Path, workers: int) -> Iterator[Any]:
     from deployments.catalog import CATALOG
@@ -427,12 +467,22 @@ def main() -> None:
         sampler = threading.Thread(
             target=sample_replicas, args=(stop, samples, started, args.step_at)
         )
+        # the CPU over the base phase, the spike's first 90 s in thirds (the replicas'
+        # starts), its rest and after
+        at = args.step_at
+        bounds = [0.0, at, at + 30, at + 60, at + 90, at + args.hold, math.inf]
+        cpu_windows: list[dict[str, Any]] = []
+        cpu_sampler = threading.Thread(
+            target=sample_cpu, args=(stop, cpu_windows, started, sorted(set(bounds)))
+        )
         sampler.start()
+        cpu_sampler.start()
         try:
             client_cpu_s = asyncio.run(send_all(running.base_url, schedule, started))
         finally:
             stop.set()
             sampler.join()
+            cpu_sampler.join()
     out = {
         "policy": args.policy,
         "seed": args.seed,
@@ -444,6 +494,7 @@ def main() -> None:
         **summarise(
             schedule, samples, step_at=args.step_at, hold=args.hold, curves=curves, factor=args.step
         ),
+        "cpu_windows": cpu_windows,
         "samples": [asdict(s) for s in samples],
     }
     args.json.write_text(json.dumps(out, indent=1))

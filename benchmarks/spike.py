@@ -82,7 +82,9 @@ def service_times(curves: Curves) -> dict[str, float]:
     }
 
 
-def autoscaling(policy: str, server: str, service_time_s: float) -> dict[str, Any]:
+def autoscaling(
+    policy: str, server: str, service_time_s: float, llm_spare: int = 0
+) -> dict[str, Any]:
     from servegraph.deploy.scaling.settings import graph_autoscaling
 
     _, _, low, high = SERVERS[server]
@@ -97,7 +99,8 @@ def autoscaling(policy: str, server: str, service_time_s: float) -> dict[str, An
             "downscale_delay_s": 30.0,
             "look_back_period_s": 2.0,
         }
-    return graph_autoscaling(server, service_time_s=service_time_s, **bounds)
+    spare = {"spare_replicas": llm_spare} if server == "llm" and llm_spare else {}
+    return graph_autoscaling(server, service_time_s=service_time_s, **bounds, **spare)
 
 
 TUNED_ENV = {  # Serve's metric pushes every 0.5 s instead of 10 (replicas and handles)
@@ -251,7 +254,7 @@ def sample_cpu(
 
 
 @contextmanager
-def platform(policy: str, curves_path: Path, workers: int) -> Iterator[Any]:
+def platform(policy: str, curves_path: Path, workers: int, llm_spare: int = 0) -> Iterator[Any]:
     from deployments.catalog import CATALOG
     from pipelines.rag.ingest import on_deploy
     from servegraph.deploy.capacity.inputs import HEAD_RESOURCE, node_types
@@ -290,7 +293,7 @@ def platform(policy: str, curves_path: Path, workers: int) -> Iterator[Any]:
         times = service_times(curves)
         for app in plan.apps:
             if app.name in SERVERS:
-                scaling = autoscaling(policy, app.name, times[app.name])
+                scaling = autoscaling(policy, app.name, times[app.name], llm_spare)
                 app.args.setdefault("overrides", {})["autoscaling_config"] = scaling
         plan.deploy()
         wait_until_running([app.name for app in plan.apps], timeout_s=900)
@@ -455,13 +458,21 @@ def main() -> None:
     parser.add_argument("--after", type=float, default=60.0)
     parser.add_argument("--workers", type=int, default=4, help="simulated GPU workers")
     parser.add_argument("--curves", type=Path, default=CURVES)
+    parser.add_argument(
+        "--llm-spare",
+        type=int,
+        default=0,
+        help="graph policy: LLM replicas kept beyond the prediction (spare_replicas)",
+    )
     parser.add_argument("--json", type=Path, default=Path("spike.json"))
     args = parser.parse_args()
     curves = Curves.model_validate_json(args.curves.read_text())
     schedule = arrivals(args.seed, args.step, args.step_at, args.hold, args.after)
     print(f"[spike] {args.policy}, seed {args.seed}: {len(schedule)} requests", flush=True)
     samples: list[Sample] = []
-    with platform(args.policy, args.curves.resolve(), args.workers) as running:
+    if args.llm_spare and args.policy != "graph":
+        parser.error("--llm-spare is the graph policy's")
+    with platform(args.policy, args.curves.resolve(), args.workers, args.llm_spare) as running:
         stop = threading.Event()
         started = time.monotonic()
         sampler = threading.Thread(
@@ -489,6 +500,7 @@ def main() -> None:
         "step": args.step,
         "step_at_s": args.step_at,
         "hold_s": args.hold,
+        "llm_spare_replicas": args.llm_spare,
         "curves": curves.measured_on,
         "client_cpu_s": round(client_cpu_s, 2),
         **summarise(
@@ -500,7 +512,9 @@ def main() -> None:
     args.json.write_text(json.dumps(out, indent=1))
     png = args.json.with_suffix(".png")
     try:
-        plot(png, schedule, samples, f"{args.policy}, seed {args.seed}, step x{args.step:g}")
+        spare = f", {args.llm_spare} spare LLM" if args.llm_spare else ""
+        title = f"{args.policy}{spare}, seed {args.seed}, step x{args.step:g}"
+        plot(png, schedule, samples, title)
         print(f"[spike] wrote {args.json} and {png}")
     except ImportError:
         print(f"[spike] wrote {args.json} (matplotlib missing: no PNG)")

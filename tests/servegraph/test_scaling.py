@@ -318,6 +318,30 @@ def test_the_policy_obeys_a_queue_only_when_it_lasts(monkeypatch: pytest.MonkeyP
     assert wanted == 0.0  # Serve's downscale delay and bounds pace the fall
 
 
+def test_spare_replicas_are_kept_beyond_the_prediction_while_pipelines_call(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """A warm reserve for a step: `spare_replicas` on top of what the arrivals need,
+    only while the server's pipelines send anything (an idle server keeps its minimum,
+    zero where it scales to zero)."""
+    monkeypatch.setattr(watch, "_WATCHER", _Loads({"llm": Load(1.0, 0.5)}))
+    llm = GraphAwarePolicy(server="llm", service_time_s=0.7, spare_replicas=1)
+    wanted, state = llm(_ctx())
+    assert wanted == pytest.approx(2.0) and state["spare"] == 1
+    assert GraphAwarePolicy(server="llm", service_time_s=0.7)(_ctx())[0] == pytest.approx(1.0)
+    monkeypatch.setattr(watch, "_WATCHER", _Loads({}))  # no arrivals in the long window
+    assert llm(_ctx())[0] == 0.0
+    with pytest.raises(ValueError, match="spare_replicas"):  # no room left for the load
+        graph_autoscaling(
+            "llm",
+            service_time_s=0.7,
+            min_replicas=1,
+            max_replicas=2,
+            target_ongoing_requests=8,
+            spare_replicas=2,
+        )
+
+
 def test_graph_autoscaling_is_a_serve_config_with_the_policy() -> None:
     config = graph_autoscaling(
         "embedder",
@@ -346,6 +370,7 @@ def test_graph_autoscaling_is_a_serve_config_with_the_policy() -> None:
         ({"min_replicas": 4, "max_replicas": 2}, "max_replicas"),
         ({"service_time_s": 0}, "service_time_s"),
         ({"downscaling_factor": 2}, "downscaling_factor"),
+        ({"spare_replicas": -1}, "spare_replicas"),
     ],
 )
 def test_an_option_out_of_range_is_refused_naming_it(options: dict[str, Any], field: str) -> None:

@@ -46,6 +46,10 @@ class GraphAwarePolicy:
         predicted = replicas_wanted(
             load, service_time_s=o.service_time_s, target_utilisation=o.target_utilisation
         )
+        if predicted > 0:
+            # The warm reserve: ready for a step while new replicas start. Only while
+            # the pipelines call: an idle server keeps its minimum (zero, if it may).
+            predicted += o.spare_replicas
         queue = replicas_wanted(
             Load(),
             service_time_s=o.service_time_s,
@@ -69,6 +73,7 @@ class GraphAwarePolicy:
             "calls_per_s_short": load.short,
             "calls_per_s_long": load.long,
             "predicted": predicted,
+            "spare": o.spare_replicas,
             "queue": queue,
             "queue_above_since": since,
         }

@@ -41,6 +41,16 @@ class GraphScaling(BaseModel):
         "the pipelines, or a service time set too low.",
     )
 
+    spare_replicas: int = Field(
+        0,
+        ge=0,
+        le=1000,
+        description="Replicas kept running beyond what the arrivals need, while the "
+        "server's pipelines send anything: a warm reserve that answers a step up while "
+        "the new replicas start. Worth its cost where a replica's start is long against "
+        "the callers' deadline (an LLM).",
+    )
+
     @model_validator(mode="after")
     def _windows(self) -> GraphScaling:
         if self.long_window_s < self.short_window_s:
@@ -96,6 +106,11 @@ def graph_autoscaling(
         target_ongoing_requests=target_ongoing_requests,
         **bound_fields,
     )
+    if policy.spare_replicas and policy.spare_replicas >= bounds.max_replicas:
+        raise ValueError(
+            f"spare_replicas ({policy.spare_replicas}) leaves no replica of max_replicas "
+            f"({bounds.max_replicas}) for the load; lower spare_replicas or raise max_replicas"
+        )
     return {
         **bounds.model_dump(),
         "policy": {"policy_function": POLICY_PATH, "policy_kwargs": policy.model_dump()},

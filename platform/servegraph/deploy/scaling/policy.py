@@ -46,10 +46,10 @@ class GraphAwarePolicy:
         predicted = replicas_wanted(
             load, service_time_s=o.service_time_s, target_utilisation=o.target_utilisation
         )
-        if predicted > 0:
-            # The warm reserve: ready for a step while new replicas start. Only while
-            # the pipelines call: an idle server keeps its minimum (zero, if it may).
-            predicted += o.spare_replicas
+        # The warm reserve, ready for a step while new replicas start: only while the
+        # pipelines call (an idle server keeps its minimum, zero if it may), and on top
+        # of a lasting queue too.
+        spare = o.spare_replicas if predicted > 0 else 0
         queue = replicas_wanted(
             Load(),
             service_time_s=o.service_time_s,
@@ -58,22 +58,23 @@ class GraphAwarePolicy:
             target_ongoing=ctx.config.target_ongoing_requests,
         )
         since = ctx.policy_state.get("queue_above_since")
-        if math.ceil(queue) > max(math.ceil(predicted), ctx.current_num_replicas):
+        if math.ceil(queue) > max(math.ceil(predicted + spare), ctx.current_num_replicas):
             since = now if since is None else since
         else:
             since = None
         lasting = since is not None and now - since >= o.reactive_delay_s
-        wanted = max(predicted, queue) if lasting else predicted
-        if not lasting:
+        if lasting:
+            wanted = max(predicted, queue) + spare
+        else:
             # A queue too short-lived to add replicas still keeps those it uses: the
             # prediction falling never takes away replicas busy with calls (Serve's
             # `downscale_delay_s` then paces what does go).
-            wanted = max(wanted, min(queue, ctx.current_num_replicas))
+            wanted = max(predicted + spare, min(queue, ctx.current_num_replicas))
         state = {
             "calls_per_s_short": load.short,
             "calls_per_s_long": load.long,
             "predicted": predicted,
-            "spare": o.spare_replicas,
+            "spare": spare,
             "queue": queue,
             "queue_above_since": since,
         }

@@ -106,12 +106,28 @@ def graph_autoscaling(
         target_ongoing_requests=target_ongoing_requests,
         **bound_fields,
     )
-    if policy.spare_replicas and policy.spare_replicas >= bounds.max_replicas:
-        raise ValueError(
-            f"spare_replicas ({policy.spare_replicas}) leaves no replica of max_replicas "
-            f"({bounds.max_replicas}) for the load; lower spare_replicas or raise max_replicas"
-        )
-    return {
+    config = {
         **bounds.model_dump(),
         "policy": {"policy_function": POLICY_PATH, "policy_kwargs": policy.model_dump()},
     }
+    check_graph_autoscaling(config)
+    return config
+
+
+def check_graph_autoscaling(config: dict[str, Any] | None) -> None:
+    """Refuse a Serve `autoscaling_config` whose graph-aware policy options are out of
+    range, naming the field (pydantic's ValidationError, or a ValueError for a reserve
+    that leaves no replica for the load); nothing for another policy. Server builders
+    call it on the options they deploy: a config written by hand (a profile, a YAML
+    override) is checked as `graph_autoscaling`'s is."""
+    policy = (config or {}).get("policy") or {}
+    if not isinstance(policy, dict) or policy.get("policy_function") != POLICY_PATH:
+        return
+    options = GraphScaling(**(policy.get("policy_kwargs") or {}))
+    assert config is not None
+    most = int(config.get("max_replicas", 1))  # Serve's default
+    if options.spare_replicas and options.spare_replicas >= most:
+        raise ValueError(
+            f"spare_replicas ({options.spare_replicas}) leaves no replica of max_replicas "
+            f"({most}) for the load; lower spare_replicas or raise max_replicas"
+        )

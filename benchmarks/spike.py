@@ -472,6 +472,8 @@ def main() -> None:
     samples: list[Sample] = []
     if args.llm_spare and args.policy != "graph":
         parser.error("--llm-spare is the graph policy's")
+    if not 0 <= args.llm_spare < SERVERS["llm"][3]:
+        parser.error(f"--llm-spare: from 0 to under the LLM's {SERVERS['llm'][3]} replicas")
     with platform(args.policy, args.curves.resolve(), args.workers, args.llm_spare) as running:
         stop = threading.Event()
         started = time.monotonic()

@@ -370,6 +370,7 @@ def test_a_reserve_that_leaves_no_replica_for_the_load_is_refused() -> None:
     with pytest.raises(ValidationError, match="target_utilisation"):
         check_graph_autoscaling(by_hand)
     check_graph_autoscaling({"min_replicas": 1, "max_replicas": 2})  # Serve's own policy
+    check_graph_autoscaling(None)  # a fixed replica count
 
 
 def test_graph_autoscaling_is_a_serve_config_with_the_policy() -> None:

@@ -114,17 +114,18 @@ def graph_autoscaling(
     return config
 
 
-def check_graph_autoscaling(config: dict[str, Any] | None) -> None:
+def check_graph_autoscaling(config: Any) -> None:
     """Refuse a Serve `autoscaling_config` whose graph-aware policy options are out of
     range, naming the field (pydantic's ValidationError, or a ValueError for a reserve
     that leaves no replica for the load); nothing for another policy. Server builders
     call it on the options they deploy: a config written by hand (a profile, a YAML
     override) is checked as `graph_autoscaling`'s is."""
-    policy = (config or {}).get("policy") or {}
+    if not isinstance(config, dict):  # none, or Serve's own AutoscalingConfig object
+        return
+    policy = config.get("policy") or {}
     if not isinstance(policy, dict) or policy.get("policy_function") != POLICY_PATH:
         return
     options = GraphScaling(**(policy.get("policy_kwargs") or {}))
-    assert config is not None
     most = int(config.get("max_replicas", 1))  # Serve's default
     if options.spare_replicas and options.spare_replicas >= most:
         raise ValueError(

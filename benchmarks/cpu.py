@@ -95,21 +95,21 @@ def measured(
 
     out: list[Usage] = []
     # the machine's idle and stolen time over its own interval, snapshots included
-    machine_started, (idle_before, steal_before) = time.perf_counter(), _idle_and_steal_s()
+    machine_started, (idle_before, steal_before) = time.perf_counter(), idle_and_steal_s()
     before, started = snapshot(), time.perf_counter()
     try:
         yield out
     finally:
         seconds = max(time.perf_counter() - started, 1e-9)
         window = usage(before, snapshot(), seconds, classify)
-        idle, steal = _idle_and_steal_s()
+        idle, steal = idle_and_steal_s()
         machine_s = max(time.perf_counter() - machine_started, 1e-9)
         window.idle_cores = (idle - idle_before) / machine_s
         window.steal_cores = (steal - steal_before) / machine_s
         out.append(window)
 
 
-def _idle_and_steal_s() -> tuple[float, float]:
+def idle_and_steal_s() -> tuple[float, float]:
     """The whole machine's idle CPU seconds so far, all cores (iowait counted idle), and
     its stolen ones (Linux's `steal`: a virtual machine's cores given to others)."""
     times = psutil.cpu_times()

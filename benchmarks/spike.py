@@ -230,12 +230,12 @@ def sample_cpu(
         return cpu.platform_role(cmdline) or "other"
 
     before, at = cpu.snapshot(), time.monotonic()
-    idle_before, _ = cpu._idle_and_steal_s()
+    idle_before, _ = cpu.idle_and_steal_s()
     for bound in bounds[1:]:
         left = None if math.isinf(bound) else max(0.0, started + bound - time.monotonic())
         ended = stop.wait(left)  # the run ended first: this window is the last, shorter
         after, now = cpu.snapshot(), time.monotonic()
-        idle, _ = cpu._idle_and_steal_s()
+        idle, _ = cpu.idle_and_steal_s()
         used = cpu.usage(before, after, now - at, role)
         out.append(
             {

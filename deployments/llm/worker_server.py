@@ -266,24 +266,26 @@ class WorkerProcess(forkserver.EnvironProcess):
 
     @staticmethod
     def _Popen(process_obj: Any) -> Any:  # multiprocessing's name
-        differ = differences(_settings or {}, exec_settings(os.environ))
+        from multiprocessing import popen_spawn_posix
+
+        if _settings is None:  # a core whose server has none never asks (`use_for_workers`)
+            return popen_spawn_posix.Popen(process_obj)
+        differ = differences(_settings, exec_settings(os.environ))
         wrapped = os.fsdecode(multiprocessing.spawn.get_executable()) != sys.executable
-        if _settings is not None and not differ and not wrapped:
+        if not differ and not wrapped:
             from multiprocessing import popen_forkserver
 
             try:
                 return popen_forkserver.Popen(process_obj)
             except (OSError, EOFError) as exc:  # the server is gone
                 _log.warning("engine core's server unreachable (%s): model worker spawned", exc)
-        elif _settings is not None:
+        else:
             _log.warning(
                 "model worker spawned: %s",
                 "vLLM starts it through a wrapper (NUMA binding)"
                 if wrapped
                 else f"vLLM gives it settings its server did not start with: {differ}",
             )
-        from multiprocessing import popen_spawn_posix
-
         return popen_spawn_posix.Popen(process_obj)
 
     def _place(self) -> None:

@@ -106,12 +106,11 @@ def graph_autoscaling(
         target_ongoing_requests=target_ongoing_requests,
         **bound_fields,
     )
-    config = {
+    _check_reserve(policy, bounds.max_replicas)
+    return {
         **bounds.model_dump(),
         "policy": {"policy_function": POLICY_PATH, "policy_kwargs": policy.model_dump()},
     }
-    check_graph_autoscaling(config)
-    return config
 
 
 def check_graph_autoscaling(config: Any) -> None:
@@ -126,9 +125,12 @@ def check_graph_autoscaling(config: Any) -> None:
     if not isinstance(policy, dict) or policy.get("policy_function") != POLICY_PATH:
         return
     options = GraphScaling(**(policy.get("policy_kwargs") or {}))
-    most = int(config.get("max_replicas", 1))  # Serve's default
-    if options.spare_replicas and options.spare_replicas >= most:
+    _check_reserve(options, int(config.get("max_replicas", 1)))  # Serve's default
+
+
+def _check_reserve(options: GraphScaling, max_replicas: int) -> None:
+    if options.spare_replicas and options.spare_replicas >= max_replicas:
         raise ValueError(
             f"spare_replicas ({options.spare_replicas}) leaves no replica of max_replicas "
-            f"({most}) for the load; lower spare_replicas or raise max_replicas"
+            f"({max_replicas}) for the load; lower spare_replicas or raise max_replicas"
         )

@@ -26,6 +26,13 @@ import httpx
 
 from servegraph.security.client import client_headers
 
+# What a benchmark of a pipeline's work sends: run the graph, keep nothing
+# (`servegraph.serving.answer_cache`). Benchmarks repeat a few questions, so with the
+# answer cache on (the default for every tenant) a repeated `rag` question would be
+# answered from the cache, and the figure would be the cache's, not the pipeline's;
+# `benchmarks.cache` measures the cache itself.
+UNCACHED = {"Cache-Control": "no-cache, no-store"}
+
 
 @dataclass
 class LoadResult:
@@ -91,14 +98,16 @@ async def open_loop(
     target: str | None = None,
     seed: int = 0,
     max_connections: int = 512,
+    headers: dict[str, str] | None = None,
 ) -> LoadResult:
     """Send `body_for(i)` at Poisson arrivals of `rate_rps` for `seconds`; wait for every
-    answer (or the client's give-up at deadline + 5 s); summarise."""
+    answer (or the client's give-up at deadline + 5 s); summarise. `headers` are sent
+    with every request, beside the deadline's."""
     latencies: list[float] = []
     good = 0
     statuses: Counter[str] = Counter()
     limits = httpx.Limits(max_connections=max_connections, max_keepalive_connections=64)
-    headers = {"X-Request-Timeout": f"{deadline_s:g}"}
+    headers = {**(headers or {}), "X-Request-Timeout": f"{deadline_s:g}"}
     async with httpx.AsyncClient(
         headers=client_headers(), base_url=base_url, timeout=deadline_s + 5, limits=limits
     ) as client:

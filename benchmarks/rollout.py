@@ -38,6 +38,7 @@ import httpx
 import yaml
 
 from benchmarks import cpu
+from benchmarks.load import UNCACHED
 from benchmarks.versions import PROBE, QUESTIONS
 from deployments.embedder.contract import Embedding
 from pipelines.rag.models import Ranked
@@ -186,7 +187,11 @@ def rag_load(base_url: str, rate: float) -> AbstractContextManager[Statuses]:
                 answer = await client.post(
                     "/pipelines/rag",
                     json={"question": QUESTIONS[n % len(QUESTIONS)], "max_tokens": 48},
-                    headers={"x-session-id": uuid.uuid4().hex, "x-request-timeout": "60"},
+                    headers={
+                        "x-session-id": uuid.uuid4().hex,
+                        "x-request-timeout": "60",
+                        **UNCACHED,  # each version's own answers, not the cache's
+                    },
                 )
                 _count(statuses, answer)
 

@@ -28,7 +28,7 @@ from pathlib import Path
 import httpx
 
 from benchmarks import report
-from benchmarks.load import HEADER, LoadResult, open_loop
+from benchmarks.load import HEADER, UNCACHED, LoadResult, open_loop
 from benchmarks.pipelines import QUESTIONS
 from benchmarks.report import Figure
 from pipelines.rag.ingest import chunk_documents
@@ -164,7 +164,7 @@ async def classifier_while_rag_busy(base_url: str) -> tuple[LoadResult, tuple[fl
     async def rag_caller(client: httpx.AsyncClient, n: int) -> None:
         i = n
         while not stop.is_set():
-            await client.post("/pipelines/rag", json=rag_body(i))
+            await client.post("/pipelines/rag", json=rag_body(i), headers=UNCACHED)
             i += BUSY_RAG_CALLERS
 
     async with httpx.AsyncClient(
@@ -249,6 +249,7 @@ def on_platform(documents: list[Document]) -> dict[str, object]:
                 seconds=RAG_SECONDS,
                 deadline_s=RAG_DEADLINE,
                 target="RAG, platform",
+                headers=UNCACHED,
             )
         )
         chunks_per_s, chunks = asyncio.run(ingest(base, documents))

@@ -340,3 +340,49 @@ def test_the_tenant_fuzz_finds_a_store_that_searches_every_tenant(
     tenant_fuzz.main()
     (crossed, _) = report.load("tenant_fuzz")
     assert crossed.platform > 0
+
+
+def test_benchmarks_of_a_pipelines_work_bypass_the_answer_cache() -> None:
+    """`UNCACHED` asks the cache for neither a lookup nor a keep, and `open_loop` sends it
+    with every request beside the deadline (to a real local HTTP server)."""
+    import http.server
+    import threading
+
+    from benchmarks.load import UNCACHED, open_loop
+    from servegraph.serving.answer_cache import cache_control
+
+    assert cache_control(UNCACHED["Cache-Control"]) == (False, False)
+
+    seen: list[dict[str, str]] = []
+
+    class Recorder(http.server.BaseHTTPRequestHandler):
+        def do_POST(self) -> None:
+            self.rfile.read(int(self.headers["Content-Length"]))
+            seen.append({k.lower(): v for k, v in self.headers.items()})
+            self.send_response(200)
+            self.send_header("Content-Length", "2")
+            self.end_headers()
+            self.wfile.write(b"{}")
+
+        def log_message(self, *_: object) -> None:
+            pass
+
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Recorder)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    try:
+        result = asyncio.run(
+            open_loop(
+                f"http://127.0.0.1:{server.server_address[1]}",
+                "/pipelines/rag",
+                lambda i: {"question": f"q{i}"},
+                rate_rps=200,
+                seconds=0.05,
+                deadline_s=5,
+                headers=UNCACHED,
+            )
+        )
+    finally:
+        server.shutdown()
+    assert result.sent == len(seen) > 0
+    assert all(h["cache-control"] == "no-cache, no-store" for h in seen)
+    assert all(h["x-request-timeout"] == "5" for h in seen)

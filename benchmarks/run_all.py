@@ -17,6 +17,7 @@ BENCHMARKS = [
     "model_servers",
     "path_cpu",
     "speed",
+    "rag_cpu",
     "graph_overhead",
     "pipelines",
     "tracing_overhead",

@@ -23,6 +23,7 @@ import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import Iterator
 from pathlib import Path
 
 import httpx
@@ -81,7 +82,10 @@ def raw_ingest(documents: list[Document]) -> float:
     return len(texts) / (time.perf_counter() - started)
 
 
-def on_monolith() -> LoadResult:
+@contextlib.contextmanager
+def running_monolith() -> Iterator[str]:
+    """`benchmarks.monolith` in a process of its own, answering: its base URL; then
+    stopped with every process it started."""
     port = free_port()
     server = subprocess.Popen(
         [sys.executable, "-m", "benchmarks.monolith", "--port", str(port)],
@@ -101,6 +105,13 @@ def on_monolith() -> LoadResult:
             if time.monotonic() > deadline:
                 raise TimeoutError("the monolith did not come up in 600 s")
             time.sleep(1)
+        yield base_url
+    finally:
+        stop_tree(server)
+
+
+def on_monolith() -> LoadResult:
+    with running_monolith() as base_url:
         httpx.post(f"{base_url}/rag", json=rag_body(0), timeout=120).raise_for_status()
         return asyncio.run(
             open_loop(
@@ -113,8 +124,6 @@ def on_monolith() -> LoadResult:
                 target="RAG, monolith",
             )
         )
-    finally:
-        stop_tree(server)
 
 
 def stop_tree(server: subprocess.Popen[bytes]) -> None:

@@ -386,3 +386,21 @@ def test_benchmarks_of_a_pipelines_work_bypass_the_answer_cache() -> None:
     assert result.sent == len(seen) > 0
     assert all(h["cache-control"] == "no-cache, no-store" for h in seen)
     assert all(h["x-request-timeout"] == "5" for h in seen)
+
+
+def test_the_rag_cpu_table_splits_the_llm_and_counts_per_answered_request() -> None:
+    from benchmarks.rag_cpu import Run, platform_role, table
+
+    assert platform_role(1, "VLLM::Worker") == "llm worker (forward pass)"
+    assert platform_role(1, "VLLM::EngineCore_DP0") == "llm engine core"
+    assert platform_role(1, "ray::ServeReplica:pipelines:PipelineIngress") == (
+        "pipelines:PipelineIngress"
+    )
+    platform = Run("platform", 4, 60.0, 20, {}, 120.0, {"llm worker (forward pass)": 40.0})
+    platform.cpu_s["proxy"] = 2.0
+    monolith = Run("monolith", 4, 60.0, 30, {}, 121.0, {"llm worker (forward pass)": 57.0})
+    text = table([platform, monolith])
+    assert "| answers/s | 0.333 | 0.500 |" in text
+    assert "| llm worker (forward pass) | 2000 | 1900 |" in text
+    assert "| proxy | 100 | - |" in text
+    assert "| all | 2100 | 1900 |" in text

@@ -44,8 +44,8 @@ async def per_thousand(base_url: str, path: str, bodies: list[dict], n: int) -> 
     usages: list[dict[str, Any]] = []
     gate = asyncio.Semaphore(8)
     # what making an answer costs: not the answer cache's hits (UNCACHED)
-    headers = client_headers() | UNCACHED
-    async with httpx.AsyncClient(base_url=base_url, headers=headers, timeout=300) as c:
+    every_request = client_headers() | UNCACHED
+    async with httpx.AsyncClient(base_url=base_url, headers=every_request, timeout=300) as c:
 
         async def one(i: int) -> None:
             async with gate:
@@ -169,8 +169,8 @@ async def budgets(base_url: str, mean_usd: float) -> dict[str, dict[str, float]]
 
     outcomes: dict[str, dict[str, float]] = {}
     # what making an answer costs: not the answer cache's hits (UNCACHED)
-    headers = client_headers() | UNCACHED
-    async with httpx.AsyncClient(base_url=base_url, headers=headers, timeout=300) as c:
+    every_request = client_headers() | UNCACHED
+    async with httpx.AsyncClient(base_url=base_url, headers=every_request, timeout=300) as c:
         for fraction in (0.05, 0.25, 0.5, 0.75, 1.0, 1.5):
             maximum = mean_usd * fraction
             headers = {"x-servegraph-max-cost-usd": repr(maximum)}

@@ -43,7 +43,7 @@ async def per_thousand(base_url: str, path: str, bodies: list[dict], n: int) -> 
 
     usages: list[dict[str, Any]] = []
     gate = asyncio.Semaphore(8)
-    # what making an answer costs: not the answer cache's hits (UNCACHED)
+    # what making an answer costs: neither the answer cache's hits nor its lookups (UNCACHED)
     every_request = client_headers() | UNCACHED
     async with httpx.AsyncClient(base_url=base_url, headers=every_request, timeout=300) as c:
 
@@ -168,7 +168,7 @@ async def budgets(base_url: str, mean_usd: float) -> dict[str, dict[str, float]]
     from servegraph.security.client import client_headers
 
     outcomes: dict[str, dict[str, float]] = {}
-    # what making an answer costs: not the answer cache's hits (UNCACHED)
+    # what making an answer costs: neither the answer cache's hits nor its lookups (UNCACHED)
     every_request = client_headers() | UNCACHED
     async with httpx.AsyncClient(base_url=base_url, headers=every_request, timeout=300) as c:
         for fraction in (0.05, 0.25, 0.5, 0.75, 1.0, 1.5):

@@ -107,7 +107,7 @@ async def open_loop(
     good = 0
     statuses: Counter[str] = Counter()
     limits = httpx.Limits(max_connections=max_connections, max_keepalive_connections=64)
-    headers = {**(headers or {}), "X-Request-Timeout": f"{deadline_s:g}"}
+    per_request = {**(headers or {}), "X-Request-Timeout": f"{deadline_s:g}"}
     async with httpx.AsyncClient(
         headers=client_headers(), base_url=base_url, timeout=deadline_s + 5, limits=limits
     ) as client:
@@ -116,7 +116,7 @@ async def open_loop(
             nonlocal good
             started = time.perf_counter()
             try:
-                response = await client.post(path, json=body_for(i), headers=headers)
+                response = await client.post(path, json=body_for(i), headers=per_request)
                 status = str(response.status_code)
             except httpx.HTTPError as exc:
                 status = type(exc).__name__

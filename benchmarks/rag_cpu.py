@@ -13,14 +13,17 @@ Serve replicas, its proxy, controller and Ray's daemons, and the LLM's engine sp
 vLLM's engine core (scheduling; it also busy-polls its queues while it waits, so its
 CPU grows with what is free) and its worker (the forward pass). Beside them: answers/s,
 the mean answer's length (the same questions, so a longer answer means more tokens),
-and the machine's idle CPU.
+and the machine's idle CPU. The window runs until the last caller's last answer, so a
+little past `--seconds`; requests that failed are reported, and their CPU is in the
+figures per answered request. On the platform's side the client is also Ray's driver.
 
 On a CPU machine the LLM's worker is the work: the ratio of answers/s is about the ratio
 of the worker's CPU per second, and everything else on the platform's side (at rest
 included: each replica's metric pushes and health checks) is CPU the worker did not get.
 
 `--pinned` adds an experiment, a third run: the platform again, with every one of its
-processes but the LLM's worker moved off the worker's cores (`sched_setaffinity` on each
+processes (found by role, `benchmarks.cpu.platform_role`, machine-wide) but the LLM's
+worker and this client moved off the worker's cores (`sched_setaffinity` on each
 thread, from this process, after the platform is up) for the measured window. vLLM binds
 its worker to all cores but one and leaves the rest to "other processes"; the monolith's
 few other processes fit there, the platform's do not, and at nice 19 the worker yields
@@ -32,6 +35,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import json
 import os
 import statistics
@@ -184,11 +188,13 @@ def off_the_llm_workers_cores() -> int:
         if process in workers or not platform_role(process.pid, cmdline):
             continue
         try:
-            for thread in process.threads():
+            threads = process.threads()
+        except psutil.Error:
+            continue  # ended meanwhile
+        for thread in threads:
+            with contextlib.suppress(OSError):  # a thread that ended meanwhile
                 os.sched_setaffinity(thread.id, rest)
-            moved += 1
-        except (psutil.Error, OSError):
-            pass  # a process that ended meanwhile
+        moved += 1
     print(f"moved {moved} processes to cores {sorted(rest)}; the LLM worker keeps {sorted(taken)}")
     return moved
 
@@ -213,12 +219,7 @@ def on_platform(callers: int, seconds: float, warmup: float, pinned: bool = Fals
 
 
 def on_monolith(callers: int, seconds: float, warmup: float) -> Run:
-    with running_monolith() as base_url:
-        root = next(
-            p.pid
-            for p in psutil.process_iter(["cmdline"])
-            if "benchmarks.monolith" in " ".join(p.info["cmdline"] or [])
-        )
+    with running_monolith() as (base_url, root):
         return measure(
             "monolith", base_url, "/rag", {}, monolith_role(root), callers, seconds, warmup
         )

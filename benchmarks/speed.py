@@ -83,9 +83,9 @@ def raw_ingest(documents: list[Document]) -> float:
 
 
 @contextlib.contextmanager
-def running_monolith() -> Iterator[str]:
-    """`benchmarks.monolith` in a process of its own, answering: its base URL; then
-    stopped with every process it started."""
+def running_monolith() -> Iterator[tuple[str, int]]:
+    """`benchmarks.monolith` in a process of its own, answering: its base URL and pid;
+    then stopped with every process it started."""
     port = free_port()
     server = subprocess.Popen(
         [sys.executable, "-m", "benchmarks.monolith", "--port", str(port)],
@@ -105,13 +105,13 @@ def running_monolith() -> Iterator[str]:
             if time.monotonic() > deadline:
                 raise TimeoutError("the monolith did not come up in 600 s")
             time.sleep(1)
-        yield base_url
+        yield base_url, server.pid
     finally:
         stop_tree(server)
 
 
 def on_monolith() -> LoadResult:
-    with running_monolith() as base_url:
+    with running_monolith() as (base_url, _):
         httpx.post(f"{base_url}/rag", json=rag_body(0), timeout=120).raise_for_status()
         return asyncio.run(
             open_loop(

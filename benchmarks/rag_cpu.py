@@ -40,21 +40,21 @@ import json
 import os
 import statistics
 import time
+from collections import Counter
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
-import httpx
 import psutil
 
-from benchmarks import cpu, report
+from benchmarks import cpu, report, traffic
 from benchmarks.load import UNCACHED
 from benchmarks.pipelines import QUESTIONS
 from benchmarks.report import Figure
 from benchmarks.speed import running_monolith
 from servegraph.security.client import client_headers
 
-DEADLINE_S = 300  # the work, not a deadline: every request is answered
+DEADLINE_S = 120  # the work, not a deadline: `callers`' client waits this long too
 
 
 @dataclass
@@ -103,33 +103,26 @@ def monolith_role(root: int) -> Callable[[int, str], str | None]:
     return role
 
 
-async def drive(
-    base_url: str, path: str, headers: dict[str, str], callers: int, seconds: float
+def drive(
+    base_url: str, path: str, headers: dict[str, str], n: int, seconds: float
 ) -> tuple[int, dict[str, int], list[int]]:
-    """`callers` closed-loop callers for `seconds`: (answered, failures by status, the
-    answers' lengths)."""
-    failed: dict[str, int] = {}
-    lengths: list[int] = []
-    ends = time.monotonic() + seconds
-    async with httpx.AsyncClient(base_url=base_url, headers=headers, timeout=DEADLINE_S) as c:
-
-        async def caller(k: int) -> None:
-            n = k
-            while time.monotonic() < ends:
-                question = QUESTIONS[n % len(QUESTIONS)]
-                n += callers
-                try:
-                    response = await c.post(path, json={"question": question})
-                except httpx.HTTPError as exc:
-                    failed[type(exc).__name__] = failed.get(type(exc).__name__, 0) + 1
-                    continue
-                if response.status_code == 200:
-                    lengths.append(len(response.json()["answer"]))
-                else:
-                    failed[str(response.status_code)] = failed.get(str(response.status_code), 0) + 1
-
-        await asyncio.gather(*(caller(k) for k in range(callers)))
-    return len(lengths), failed, lengths
+    """`n` closed-loop callers (`benchmarks.traffic.callers`) for `seconds`: (answered,
+    failures by status, 0 for none, the answers' lengths)."""
+    answers = asyncio.run(
+        traffic.callers(
+            base_url,
+            path,
+            lambda c, i: {"question": QUESTIONS[(c + i * n) % len(QUESTIONS)]},
+            n=n,
+            stop=asyncio.Event(),  # never set: `seconds` ends the run
+            max_requests=10_000,
+            max_seconds=seconds,
+            headers=headers,
+        )
+    )
+    lengths = [len(a.body["answer"]) for a in answers if a.status == 200]
+    failed = Counter(str(a.status) for a in answers if a.status != 200)
+    return len(lengths), dict(failed), lengths
 
 
 def measure(
@@ -142,7 +135,7 @@ def measure(
     seconds: float,
     warmup: float,
 ) -> Run:
-    asyncio.run(drive(base_url, path, headers, callers, warmup))
+    drive(base_url, path, headers, callers, warmup)
     client = os.getpid()
 
     def classify(pid: int, cmdline: str) -> str | None:
@@ -150,7 +143,7 @@ def measure(
 
     started = time.perf_counter()
     with cpu.measured(classify) as out:
-        answered, failed, lengths = asyncio.run(drive(base_url, path, headers, callers, seconds))
+        answered, failed, lengths = drive(base_url, path, headers, callers, seconds)
     # the window ends when the last caller's last request is answered
     window = out[0]
     run = Run(

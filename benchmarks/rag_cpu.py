@@ -21,21 +21,17 @@ On a CPU machine the LLM's worker is the work: the ratio of answers/s is about t
 of the worker's CPU per second, and everything else on the platform's side (at rest
 included: each replica's metric pushes and health checks) is CPU the worker did not get.
 
-`--pinned` adds an experiment, a third run: the platform again, with every one of its
-processes (found by role, `benchmarks.cpu.platform_role`, machine-wide) but the LLM's
-worker and this client moved off the worker's cores (`sched_setaffinity` on each
-thread, from this process, after the platform is up) for the measured window. vLLM binds
-its worker to all cores but one and leaves the rest to "other processes"; the monolith's
-few other processes fit there, the platform's do not, and at nice 19 the worker yields
-its core to them. The run shows what the worker's core to itself is worth. It is not how
-the platform runs: Ray's processes would need the partition from their start.
+`--partitions` runs the platform once per CPU partition named (`LLMSettings.cpu_partition`,
+`deployments.llm.partition`: `off`, `shared`, `exclusive`); by default once, in the
+shipped mode. vLLM binds its worker to all cores but one and leaves the rest to "other
+processes"; the monolith's few other processes fit there, the platform's do not unless
+the partition moves them, and at nice 19 the worker yields its core to them.
 """
 
 from __future__ import annotations
 
 import argparse
 import asyncio
-import contextlib
 import json
 import os
 import statistics
@@ -44,6 +40,7 @@ from collections import Counter
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
+from typing import get_args
 
 import psutil
 
@@ -52,8 +49,11 @@ from benchmarks.load import UNCACHED
 from benchmarks.pipelines import QUESTIONS
 from benchmarks.report import Figure
 from benchmarks.speed import running_monolith
+from deployments.llm.partition import Mode
+from deployments.llm.settings import LLMSettings
 from servegraph.security.client import client_headers
 
+PARTITION_ENV = "SERVEGRAPH_LLM_CPU_PARTITION"
 DEADLINE_S = 120  # the work, not a deadline: `callers`' client waits this long too
 
 
@@ -161,46 +161,14 @@ def measure(
     return run
 
 
-def off_the_llm_workers_cores() -> int:
-    """Move every platform process but vLLM's worker off the cores the worker is bound
-    to (each thread: Linux's affinity is per thread). The number of processes moved."""
-    workers = [
-        p
-        for p in psutil.process_iter(["cmdline"])
-        if "VLLM::Worker" in " ".join(p.info["cmdline"] or [])
-    ]
-    if not workers:
-        raise RuntimeError("no vLLM worker process: is the LLM deployed?")
-    taken = set().union(*(os.sched_getaffinity(p.pid) for p in workers))
-    rest = set(range(psutil.cpu_count() or 1)) - taken
-    if not rest:
-        raise RuntimeError(f"the LLM's worker is bound to every core ({sorted(taken)})")
-    moved = 0
-    for process in psutil.process_iter(["cmdline"]):
-        cmdline = " ".join(process.info["cmdline"] or [])
-        if process in workers or not platform_role(process.pid, cmdline):
-            continue
-        try:
-            threads = process.threads()
-        except psutil.Error:
-            continue  # ended meanwhile
-        for thread in threads:
-            with contextlib.suppress(OSError):  # a thread that ended meanwhile
-                os.sched_setaffinity(thread.id, rest)
-        moved += 1
-    print(f"moved {moved} processes to cores {sorted(rest)}; the LLM worker keeps {sorted(taken)}")
-    return moved
-
-
-def on_platform(callers: int, seconds: float, warmup: float, pinned: bool = False) -> Run:
+def on_platform(callers: int, seconds: float, warmup: float, partition: str) -> Run:
     from benchmarks.platform_up import serving_everything
 
+    os.environ[PARTITION_ENV] = partition  # the LLM's app is built in this process
     with serving_everything(dashboard=False) as cluster:
         headers = client_headers() | UNCACHED | {"X-Request-Timeout": str(DEADLINE_S)}
-        if pinned:
-            off_the_llm_workers_cores()
         return measure(
-            "platform, LLM worker's core to itself" if pinned else "platform",
+            f"platform, partition {partition}",
             cluster.base_url,
             "/pipelines/rag",
             headers,
@@ -256,20 +224,23 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--seconds", type=float, default=60.0, help="each steady window")
     parser.add_argument("--warmup", type=float, default=15.0)
     parser.add_argument(
-        "--pinned",
-        action="store_true",
-        help="also run the platform with its other processes off the LLM worker's cores",
+        "--partitions",
+        default=LLMSettings().cpu_partition,
+        help="the platform once per CPU partition named, comma-separated (off, shared, "
+        "exclusive; default: the shipped one); the first is the headline figure's",
     )
     parser.add_argument("--json", type=Path, help="write the runs here too")
     args = parser.parse_args(argv)
     if args.callers < 1 or args.seconds <= 0 or args.warmup < 0:
         parser.error("--callers must be at least 1, --seconds above 0, --warmup at least 0")
+    partitions = [p.strip() for p in args.partitions.split(",") if p.strip()]
+    if not partitions or set(partitions) - set(get_args(Mode)):
+        parser.error(f"--partitions: comma-separated, of {', '.join(get_args(Mode))}")
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     monolith = on_monolith(args.callers, args.seconds, args.warmup)
-    platform = on_platform(args.callers, args.seconds, args.warmup)
-    runs = [platform, monolith]
-    if args.pinned:
-        runs.insert(1, on_platform(args.callers, args.seconds, args.warmup, pinned=True))
+    runs = [on_platform(args.callers, args.seconds, args.warmup, p) for p in partitions]
+    platform = runs[0]
+    runs.append(monolith)
     print(table(runs))
     if args.json:
         args.json.write_text(json.dumps([asdict(run) for run in runs], indent=2))
@@ -278,7 +249,8 @@ def main(argv: list[str] | None = None) -> None:
         "rag_cpu",
         [
             Figure(
-                f"rag answers/s, {args.callers} closed-loop callers, platform / monolith",
+                f"rag answers/s, {args.callers} closed-loop callers, platform "
+                f"(partition {partitions[0]}) / monolith",
                 platform.per_s,
                 monolith.per_s,
                 "answers/s",

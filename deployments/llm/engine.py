@@ -10,7 +10,9 @@
 - a call's allowance (what its request's budget had left, `servegraph.cost.budget.allowance`):
   the generation stops when the call's charge reaches it, and the charge item says so;
 - the engine's CPU priority, below the other replicas' (`LLMSettings.cpu_nice_offset`,
-  `lower_engine_priority`).
+  `lower_engine_priority`);
+- the CPU partition of its node: the platform's processes off its model worker's cores
+  (`LLMSettings.cpu_partition`, `deployments.llm.partition`).
 
 Same class name, so the deployment keeps its name (`LLMServer:<model>`), which
 dashboards and alerts use.
@@ -18,14 +20,22 @@ dashboards and alerts use.
 
 from __future__ import annotations
 
-from deployments.llm import forkserver
+from deployments.llm import forkserver, partition
+from deployments.llm.settings import LLMSettings
+
+# The replica on every core of its node before its engine's processes start from it
+# (`deployments.llm.partition`): a replica started after a sweep inherits other cores.
+if forkserver.in_an_actor():
+    partition.prepare(LLMSettings().cpu_partition)
 
 # First, in a replica that asked for it: vLLM's engine core imports in the forkserver
 # while this process imports what follows (`deployments.llm.forkserver`).
 forkserver.start_early()
 
 import contextlib  # noqa: E402
+import math  # noqa: E402
 import os  # noqa: E402
+import time  # noqa: E402
 from collections.abc import AsyncIterator  # noqa: E402
 from typing import Any  # noqa: E402
 
@@ -33,7 +43,6 @@ from ray.llm._internal.common.callbacks.base import CallbackBase  # noqa: E402
 from ray.serve.llm.deployment import LLMServer as RayLLMServer  # noqa: E402
 
 from deployments.llm.client import STOPPED  # noqa: E402
-from deployments.llm.settings import LLMSettings  # noqa: E402
 from servegraph.server import (  # noqa: E402
     CHARGE_ITEM,
     Meter,
@@ -43,10 +52,11 @@ from servegraph.server import (  # noqa: E402
 )
 
 
-def lower_engine_priority(offset: int) -> list[int]:
-    """Run every process this one started (vLLM's engine and its workers), each of
-    their threads, `offset` lower in CPU priority than this process (Unix nice, capped
-    at 19); this process's own threads keep theirs. The processes' pids.
+def lower_engine_priority(offset: int, only: str | None = None) -> list[int]:
+    """Run every process this one started (vLLM's engine and its workers), or those
+    whose command line has `only`, each of their threads, `offset` lower in CPU priority
+    than this process (Unix nice, capped at 19); this process's own threads keep theirs.
+    The processes' pids.
 
     By hand because neither Ray nor vLLM offers it per deployment: Ray starts every
     worker at one niceness (`worker_niceness`, 15) and leaves the rest to the OS. On
@@ -62,6 +72,8 @@ def lower_engine_priority(offset: int) -> list[int]:
     lowered = []
     for child in psutil.Process().children(recursive=True):
         try:
+            if only is not None and only not in " ".join(child.cmdline()):
+                continue
             for thread in child.threads():
                 with contextlib.suppress(ProcessLookupError):  # a thread that ended
                     os.setpriority(os.PRIO_PROCESS, thread.id, wanted)
@@ -121,10 +133,23 @@ class PreparedWeights(CallbackBase):
 
 
 class LLMServer(RayLLMServer):
+    _last_request = -math.inf
+
     async def __init__(self, llm_config: Any, **kwargs: Any) -> None:  # type: ignore[misc]  # Serve awaits an async constructor, as ray.serve.llm's own
         forkserver.use_for_engine_core()  # where start_early started the server
         await super().__init__(llm_config, **kwargs)
-        lower_engine_priority(LLMSettings().cpu_nice_offset)  # the engine runs now
+        settings = LLMSettings()
+        self._partition: partition.Partition | None = None
+        if settings.cpu_partition != "off":
+            self._partition = partition.Partition(settings.cpu_partition, self._engine_busy)
+            if not self._partition.start():
+                self._partition = None
+        # the engine runs now; where the node is partitioned, its core keeps this replica's
+        # priority (`partition`'s docstring: lowered, it starved among the replicas)
+        lower_engine_priority(
+            settings.cpu_nice_offset,
+            only=partition.WORKER_TITLE if self._partition is not None else None,
+        )
         self._same_model = SameModel(llm_config.model_loading_config.model_source)
         self._meter = Meter(replica_resources())
 
@@ -157,13 +182,30 @@ class LLMServer(RayLLMServer):
 
     # Like ray.serve.llm's own, these return the stream (an async generator) from a
     # coroutine; Serve streams it to the caller.
+    def _engine_busy(self) -> bool:
+        """Whether vLLM's engine has requests: ray.serve.llm's engine holds vLLM's
+        client privately (`_engine_client`); where it no longer does, a request seen in
+        the last `partition.IDLE_S` (`_last_request`) stands for it."""
+        client = getattr(self.engine, "_engine_client", None)
+        count = getattr(client, "get_num_unfinished_requests", None)
+        if count is not None:
+            return bool(count())
+        return time.monotonic() - self._last_request < partition.IDLE_S
+
+    def _arrived(self) -> None:
+        self._last_request = time.monotonic()
+        if self._partition is not None:
+            self._partition.wake()
+
     async def chat(
         self, request: Any, raw_request_info: Any = None, allowance_usd: float | None = None
     ) -> Any:
+        self._arrived()
         stream = await super().chat(request, raw_request_info)
         return self._metered(stream, raw_request_info, allowance_usd)
 
     async def completions(self, request: Any, raw_request_info: Any = None) -> Any:
+        self._arrived()
         stream = await super().completions(request, raw_request_info)
         return self._metered(stream, raw_request_info)
 

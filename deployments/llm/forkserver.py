@@ -148,7 +148,7 @@ def start_early() -> bool:
     asked = os.environ.pop(ENV, None)  # not passed on to the children
     if _started or asked not in ("1", "worker"):
         return _started
-    if not _in_an_actor():  # e.g. ray.serve.llm's download task, which has its env
+    if not in_an_actor():  # e.g. ray.serve.llm's download task, which has its env
         return False
     from deployments.llm import worker_server
 
@@ -165,7 +165,7 @@ def start_early() -> bool:
     return True
 
 
-def _in_an_actor() -> bool:
+def in_an_actor() -> bool:
     import sys
 
     ray = sys.modules.get("ray")  # a replica has imported it before its deployment

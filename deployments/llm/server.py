@@ -112,6 +112,8 @@ def llm_config(settings: LLMSettings | None = None, overrides: dict[str, Any] | 
         extra["placement_group_config"] = {"bundles": [{"GPU": GPU_FRACTION, "CPU": 1}]}
     # A GPU engine's CPU work is its scheduler, which keeps the GPU fed: not lowered.
     nice_offset = 0 if gpu_engine else settings.cpu_nice_offset
+    # Only a vLLM engine on CPU binds a model worker to cores of its own
+    partition = "off" if gpu_engine or simulated_engine_env() else settings.cpu_partition
     from deployments.llm.engine import LLMServer
 
     return LLMConfig(
@@ -125,6 +127,7 @@ def llm_config(settings: LLMSettings | None = None, overrides: dict[str, Any] | 
             "env_vars": {
                 "VLLM_CPU_KVCACHE_SPACE": str(settings.kv_cache_gib),
                 "SERVEGRAPH_LLM_CPU_NICE_OFFSET": str(nice_offset),
+                "SERVEGRAPH_LLM_CPU_PARTITION": partition,
                 "HF_HUB_OFFLINE": "1",
                 # vLLM's own usage report (sent from a GPU worker to vLLM's makers):
                 # nothing leaves an air-gapped site

@@ -31,12 +31,25 @@ class LLMSettings(BaseSettings):
         ge=0,
         le=19,
         description=(
-            "How far below its replica's CPU priority a CPU engine runs (Unix nice, "
-            "capped at 19; 0: the same; a GPU engine keeps its replica's). The LLM's work "
-            "is throughput work; the encoders' is latency work. Where they share cores, "
-            "the kernel runs an encoder's forward pass first and the engine takes what is "
-            "left. Ray starts its workers at nice 15 (its own control plane stays at 0), "
-            "so the engine runs at 19 by default."
+            "How far below its replica's CPU priority a CPU engine's model worker runs, "
+            "and its engine core where the node is not partitioned (`cpu_partition`) "
+            "(Unix nice, capped at 19; 0: the same; a GPU engine keeps its replica's). "
+            "The LLM's work is throughput work; the encoders' is latency work. Where "
+            "they share cores, the kernel runs an encoder's forward pass first and the "
+            "worker takes what is left. Ray starts its workers at nice 15 (its own "
+            "control plane stays at 0), so the worker runs at 19 by default."
+        ),
+    )
+    cpu_partition: Literal["off", "shared", "exclusive"] = Field(
+        "exclusive",
+        description=(
+            "A CPU engine's node, partitioned once the engine runs "
+            "(`deployments.llm.partition`): the platform's own processes (Ray's, Serve's "
+            "proxy and controller, ingress, gateways, the engine core) off the cores vLLM "
+            "binds its model worker to. `exclusive`: the model servers' replicas too "
+            "while the engine has requests, on every core once it has been idle 5 s; "
+            "`shared`: the model servers' replicas on every core always; `off`: nothing "
+            "moves. A GPU or simulated engine is never partitioned."
         ),
     )
     engine_forkserver: bool = Field(

@@ -31,7 +31,7 @@ def server(monkeypatch: pytest.MonkeyPatch) -> Iterator[None]:
     monkeypatch.setenv(forkserver.ENV, "1")
     monkeypatch.setattr(forkserver, "PRELOAD", ["deployments.llm.forkserver"])
     monkeypatch.setattr(forkserver, "_started", False)
-    monkeypatch.setattr(forkserver, "_in_an_actor", lambda: True)
+    monkeypatch.setattr(forkserver, "in_an_actor", lambda: True)
     assert forkserver.start_early()
     assert forkserver.ENV not in os.environ  # not passed on to what the replica starts
     yield
@@ -62,7 +62,7 @@ def test_nothing_starts_outside_an_actor_even_with_the_replicas_environment(
 REQUESTER = """
 import os, sys, time
 from deployments.llm import forkserver
-forkserver._in_an_actor = lambda: True
+forkserver.in_an_actor = lambda: True
 os.environ[forkserver.ENV] = "1"
 forkserver.PRELOAD[:] = ["deployments.llm.forkserver"]
 assert forkserver.start_early()

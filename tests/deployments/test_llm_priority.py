@@ -37,3 +37,24 @@ def test_the_engines_processes_run_below_the_replica_and_the_replica_keeps_its_o
     finally:
         engine.kill()
         engine.wait()
+
+
+def test_only_the_processes_named_are_lowered_where_asked() -> None:
+    """On a partitioned node only vLLM's worker is lowered (`LLMServer.__init__`): its
+    engine core keeps the replica's priority."""
+    base = os.getpriority(os.PRIO_PROCESS, 0)
+    started = [
+        subprocess.Popen([sys.executable, "-c", ENGINE, name], stdout=subprocess.PIPE, text=True)
+        for name in ("VLLM::Worker", "EngineCore")
+    ]
+    try:
+        for process in started:
+            assert process.stdout is not None and process.stdout.readline() == "ready\n"
+        worker, core = started
+        assert lower_engine_priority(3, only="VLLM::Worker") == [worker.pid]
+        assert set(thread_nice(worker.pid).values()) == {min(base + 3, 19)}
+        assert set(thread_nice(core.pid).values()) == {base}
+    finally:
+        for process in started:
+            process.kill()
+            process.wait()

@@ -77,21 +77,27 @@ def llm_replicas() -> list[psutil.Process]:
     return replicas
 
 
-def test_the_llm_engine_runs_below_its_replicas_cpu_priority(model_servers: LocalCluster) -> None:
-    """The processes the LLM's replica started (vLLM's engine and its workers), every
-    thread of them, run `cpu_nice_offset` (4) below the replica, which answers requests
-    at Ray's workers' priority (nice 15) like the encoders, so where they share cores
-    an encoder's forward pass goes first."""
+def test_the_llm_worker_runs_below_its_replicas_cpu_priority(model_servers: LocalCluster) -> None:
+    """vLLM's model worker, every thread of it, runs `cpu_nice_offset` (4) below the
+    replica, which answers requests at Ray's workers' priority (nice 15) like the
+    encoders, so where they share cores an encoder's forward pass goes first. On the
+    partitioned node (`deployments.llm.partition`, on by default) the other processes
+    the replica started (the engine core, its forkserver) keep the replica's priority;
+    without a partition they are lowered too."""
+    from deployments.llm import partition
     from deployments.llm.settings import LLMSettings
 
-    replicas = llm_replicas()
-    for replica in replicas:
+    # (one core leaves nothing to partition: the replica then lowers every process)
+    partitioned = LLMSettings().cpu_partition != "off" and len(partition.node_cpus()) > 1
+    for replica in llm_replicas():
         replica_nice = thread_nice(replica.pid)[replica.pid]  # its main thread's
         engine = replica.children(recursive=True)
         assert any("EngineCore" in " ".join(p.cmdline()) for p in engine), engine
-        wanted = min(replica_nice + LLMSettings().cpu_nice_offset, 19)
-        assert wanted > replica_nice
+        lowered = min(replica_nice + LLMSettings().cpu_nice_offset, 19)
+        assert lowered > replica_nice
         for process in engine:
+            worker = "VLLM::Worker" in " ".join(process.cmdline())
+            wanted = lowered if worker or not partitioned else replica_nice
             threads = thread_nice(process.pid)
             assert threads and set(threads.values()) == {wanted}, (process, threads)
 
@@ -130,6 +136,82 @@ def test_the_llm_engine_core_and_its_worker_are_forked_from_preloaded_servers(
             if "GOMP_CPU_AFFINITY" in started_with:
                 bound = {int(cpu) for cpu in started_with["GOMP_CPU_AFFINITY"].split()}
                 assert set(worker.cpu_affinity()) == bound
+
+
+def test_the_llms_node_is_partitioned_off_its_model_workers_cores(
+    model_servers: LocalCluster,
+) -> None:
+    """`make run`'s CPU partition (`exclusive`, `deployments.llm.partition`): vLLM's
+    worker keeps the cores it is bound to; Ray's daemons, Serve's proxy and controller,
+    the gateways, the ingress and the LLM's own replica and engine core run on the
+    others; the model servers' replicas run on every core while the engine is idle and
+    on the others while it generates. Each placement is waited for, not timed (the
+    partition looks every `POLL_S`, widens `IDLE_S` after the last request, and sweeps
+    processes started since every `RESWEEP_S`)."""
+    import threading
+    import time
+
+    from deployments.llm import partition
+
+    everything = partition.node_cpus()
+    if len(everything) < 2:
+        pytest.skip("one core: nothing to partition")
+    (replica,) = llm_replicas()
+    workers = [
+        p
+        for p in replica.children(recursive=True)
+        if partition.WORKER_TITLE in " ".join(p.cmdline())
+    ]
+    assert workers
+    taken = set().union(*(set(w.cpu_affinity()) for w in workers))
+    rest = everything - taken
+    assert taken and rest
+    raylet = partition.raylet_of(replica)
+    assert raylet is not None
+    titles = partition.server_titles()
+
+    def misplaced(servers: set[int]) -> list[str]:
+        wrong = []
+        for process in partition.session_processes(raylet):
+            try:
+                cmdline = " ".join(process.cmdline())
+                if process not in workers and set(process.cpu_affinity()) != (
+                    servers if partition.is_server_replica(cmdline, titles) else rest
+                ):
+                    wrong.append(cmdline[:80])
+            except psutil.Error:
+                continue  # ended meanwhile
+        return wrong
+
+    def placed(servers: set[int], until: Callable[[], bool]) -> list[str]:
+        while (wrong := misplaced(servers)) and not until():
+            time.sleep(0.2)
+        return wrong
+
+    idle_deadline = time.monotonic() + partition.IDLE_S + 3 * partition.RESWEEP_S
+    assert not placed(everything, lambda: time.monotonic() > idle_deadline)
+    # A long generation (EOS ignored): the servers leave the worker's cores while it runs
+    done = threading.Event()
+    client = openai.OpenAI(
+        base_url=f"{model_servers.base_url}/v1", api_key=os.environ["SERVEGRAPH_API_KEY"]
+    )
+
+    def generate() -> None:
+        try:
+            client.completions.create(
+                model="smollm2-135m-instruct",
+                prompt="Once upon a time",
+                max_tokens=400,
+                extra_body={"ignore_eos": True},
+            )
+        finally:
+            done.set()
+
+    threading.Thread(target=generate, daemon=True).start()
+    assert not placed(rest, done.is_set), "the generation ended before the servers moved"
+    assert done.wait(120)
+    idle_deadline = time.monotonic() + partition.IDLE_S + 3 * partition.RESWEEP_S
+    assert not placed(everything, lambda: time.monotonic() > idle_deadline)
 
 
 def test_llm_rejects_a_prompt_longer_than_the_context(http: httpx.Client) -> None:

@@ -22,8 +22,8 @@ of the worker's CPU per second, and everything else on the platform's side (at r
 included: each replica's metric pushes and health checks) is CPU the worker did not get.
 
 `--partitions` runs the platform once per CPU partition named (`LLMSettings.cpu_partition`,
-`deployments.llm.partition`: `off`, `shared`, `exclusive`); by default once, in the
-shipped mode. vLLM binds its worker to all cores but one and leaves the rest to "other
+`deployments.llm.partition`: `off`, `shared`, `exclusive`); by default the shipped one
+(`off`), then the others. vLLM binds its worker to all cores but one and leaves the rest to "other
 processes"; the monolith's few other processes fit there, the platform's do not unless
 the partition moves them, and at nice 19 the worker yields its core to them.
 """
@@ -225,9 +225,10 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--warmup", type=float, default=15.0)
     parser.add_argument(
         "--partitions",
-        default=LLMSettings().cpu_partition,
+        default=",".join(dict.fromkeys([LLMSettings().cpu_partition, *get_args(Mode)])),
         help="the platform once per CPU partition named, comma-separated (off, shared, "
-        "exclusive; default: the shipped one); the first is the headline figure's",
+        "exclusive; default: the shipped one, then the others); the first is the "
+        "headline figure's",
     )
     parser.add_argument("--json", type=Path, help="write the runs here too")
     args = parser.parse_args(argv)

@@ -12,21 +12,34 @@ of its core instead of the monolith's 0.96: `rag` answered 0.73-0.76 of the mono
 requests per second. With every process but the worker moved off the worker's core, by
 hand, it answered as many (`benchmarks.rag_cpu`, 2026-12-07, README).
 
-So the LLM's replica, once its engine runs (`Partition.start`), moves every process of
-its Ray session on its node (the raylet and what it started, the session's daemons) off
-the cores its worker is bound to, each thread (Linux's affinity is a thread's), and does
-it again every `RESWEEP_S` for processes started since. Processes the raylet starts
-later inherit its cores, so a new replica starts on the others too. The model servers'
-replicas (each catalog server's serving deployment: the encoders' forward passes, the
-index's searches) are placed by the mode (`LLMSettings.cpu_partition`):
+So the LLM's replica (`Partition`, from its engine's start), while its engine has
+requests, keeps every process of its Ray session on its node (the raylet and what it
+started, the session's daemons), each thread (Linux's affinity is a thread's), off the
+cores its worker is bound to; a sweep every `RESWEEP_S` catches processes started
+since (those the raylet starts inherit its cores anyway). Once the engine has had no
+request for `IDLE_S`, every process is back on every core (`open`): the HTTP path of an
+encoder (Serve's proxy, its gateway) costs far more CPU than its forward pass, and
+confined to the cores vLLM leaves while the LLM idled, it answered the classifier's
+50 requests/s over HTTP at a p99 of 3.6 s. The model servers' replicas (each catalog
+server's serving deployment: the encoders' forward passes, the index's searches) are
+placed by the mode (`LLMSettings.cpu_partition`) while the engine has requests:
 
-- `exclusive` (the default): off the worker's cores while the engine has requests, on
-  every core once it has had none for `IDLE_S`. An encoder's batch on an idle LLM's
-  node has the whole node, as before; while the LLM generates, its worker has its cores
-  to itself.
-- `shared`: on every core always, the worker's included, where they run at a higher
-  priority than the worker (nice 15 against 19).
-- `off`: nothing moves (the platform before the partition).
+- `shared`: on every core, the worker's included, where they run at a higher priority
+  than the worker (nice 15 against 19);
+- `exclusive`: off the worker's cores too. The LLM's throughput first: on 2 cores the
+  classifier at 50 requests/s by handle beside 8 `rag` callers then had a p99 of 18 s,
+  its share of one core too small;
+- `off` (the default): nothing moves.
+
+Off by default, for what it costs the encoders (`benchmarks.speed`, same machine, one
+run each, 2026-12-07): the classifier at 50 requests/s by handle had a p99 of 235 ms
+with the LLM idle and 446 ms beside 8 `rag` callers without a partition, 548 and 719 ms
+with `shared`, 200 ms and 18 s with `exclusive` (first version). And vLLM's automatic
+binding leaves "other processes" one core whatever the node's size (all but the last
+on x86), so on a larger node a partition would put the whole platform on one core
+while the LLM generates: the worker's cores should be sized from the LLM's ask first
+(`VLLM_CPU_OMP_THREADS_BIND`, which the partition follows: it reads the worker's cores
+from the running worker).
 
 With a partition the engine core keeps its replica's priority and only the worker is
 lowered (`engine.lower_engine_priority`): the core schedules each of the worker's steps
@@ -35,12 +48,11 @@ cores with starved the worker it feeds.
 
 Measured (`benchmarks.rag_cpu`, 4 closed-loop `rag` callers, 2-core machine,
 2026-12-07, one run each), answers/s of the platform over the monolith's in the same
-run: no partition 0.70 (0.337 against 0.483); `shared` 0.73, and 0.82 with the engine
-core at its replica's priority; the model servers off the worker's cores (`exclusive`
-while busy) 0.87, and 0.98 (0.469 against 0.478) with the engine core at its replica's
-priority. In `shared` the embedder's forward passes (about a tenth of a core) land on
-the worker's core, where the scheduler sees the least weight, and take it from the
-worker.
+run: no partition 0.70-0.71; `shared` 0.73, and 0.82 with the engine core at its
+replica's priority; the model servers off the worker's cores too 0.87, and 0.87-0.98
+with the engine core at its replica's priority. In `shared` the embedder's forward
+passes (about a tenth of a core) land on the worker's core, where the scheduler sees
+the least weight, and take it from the worker.
 
 Where the partition cannot hold (the worker bound to every core of the node; a node
 with one core), nothing moves and the replica says so in its log.
@@ -72,6 +84,7 @@ from typing import Literal
 import psutil
 
 Mode = Literal["off", "shared", "exclusive"]
+Placement = Literal["open", "shared", "exclusive"]
 # vLLM's title for its model worker's process (`setproctitle`)
 WORKER_TITLE = "VLLM::Worker"
 RESWEEP_S = 10.0
@@ -183,10 +196,11 @@ def _set(process: psutil.Process, cpus: set[int]) -> bool:
     return True
 
 
-def sweep(servers_everywhere: bool, replica: psutil.Process | None = None) -> Sweep | None:
-    """Move the session's processes on this node off the cores of the LLM replica's
-    (`replica`, this process by default) model worker, and the model servers' replicas
-    with them unless `servers_everywhere` (then on every core). None where there is
+def sweep(placement: Placement, replica: psutil.Process | None = None) -> Sweep | None:
+    """Place the session's processes on this node against the cores of the LLM replica's
+    (`replica`, this process by default) model worker: `open`, every one on every core;
+    `shared`, the platform's own off the worker's cores and the model servers' replicas
+    on every core; `exclusive`, both off. The worker is not touched. None where there is
     nothing to do: no worker, or no core left beside it."""
     replica = replica or psutil.Process()
     workers = [p for p in replica.children(recursive=True) if WORKER_TITLE in _cmdline(p)]
@@ -203,7 +217,9 @@ def sweep(servers_everywhere: bool, replica: psutil.Process | None = None) -> Sw
     raylet = raylet_of(replica)
     if raylet is None:
         return None
-    titles = server_titles() if servers_everywhere else ()
+    if placement == "open":
+        rest = everything
+    titles = server_titles() if placement != "exclusive" else ()
     done = Sweep(taken, rest)
     keep = {w.pid for w in workers}
     for process in session_processes(raylet):
@@ -218,9 +234,9 @@ def sweep(servers_everywhere: bool, replica: psutil.Process | None = None) -> Sw
 
 class Partition:
     """The partition of the LLM replica's node, kept by a daemon thread of its own: a
-    sweep at `start`, then one whenever the model servers' place changes (`exclusive`:
-    off the worker's cores while the engine has requests, back on every core once it
-    has had none for `IDLE_S`) and every `RESWEEP_S` for processes started since.
+    sweep at `start`, then one whenever the placement changes (the mode's while the
+    engine has requests, `open` once it has had none for `IDLE_S`) and every
+    `RESWEEP_S` for processes started since.
     `busy` says whether the engine has requests (read from the thread); `wake` (a
     request arrived) makes the thread look at once rather than within `POLL_S`."""
 
@@ -237,7 +253,7 @@ class Partition:
         self._clock = clock
         self._last_busy = -math.inf
         self._last_sweep = -math.inf
-        self.narrow: bool | None = None  # the model servers off the worker's cores
+        self.placement: Placement | None = None  # the last sweep's
         self._wake = threading.Event()
         self._stop = threading.Event()
 
@@ -246,13 +262,15 @@ class Partition:
         now = self._clock()
         if self._busy():
             self._last_busy = now
-        narrow = self.mode == "exclusive" and now - self._last_busy < IDLE_S
-        if narrow == self.narrow and now - self._last_sweep < RESWEEP_S:
+        placement: Placement = (
+            "open" if now - self._last_busy >= IDLE_S or self.mode == "off" else self.mode
+        )
+        if placement == self.placement and now - self._last_sweep < RESWEEP_S:
             return None
-        done = sweep(servers_everywhere=not narrow, replica=self._replica)
+        done = sweep(placement, replica=self._replica)
         self._last_sweep = now
         if done is not None:
-            self.narrow = narrow
+            self.placement = placement
         return done
 
     def start(self) -> bool:
@@ -267,13 +285,10 @@ class Partition:
             )
             return False
         _log.info(
-            "CPU partition %r: the model worker on cores %s, the platform's %d processes "
-            "on %s, %d model servers' replicas on every core while the engine is idle",
+            "CPU partition %r: the model worker on cores %s; while the engine has "
+            "requests, the platform's processes on the others",
             self.mode,
             sorted(first.worker_cpus),
-            first.moved,
-            sorted(first.rest),
-            first.widened,
         )
         threading.Thread(target=self._run, name="cpu-partition", daemon=True).start()
         return True

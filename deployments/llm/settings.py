@@ -41,15 +41,16 @@ class LLMSettings(BaseSettings):
         ),
     )
     cpu_partition: Literal["off", "shared", "exclusive"] = Field(
-        "exclusive",
+        "off",
         description=(
-            "A CPU engine's node, partitioned once the engine runs "
-            "(`deployments.llm.partition`): the platform's own processes (Ray's, Serve's "
-            "proxy and controller, ingress, gateways, the engine core) off the cores vLLM "
-            "binds its model worker to. `exclusive`: the model servers' replicas too "
-            "while the engine has requests, on every core once it has been idle 5 s; "
-            "`shared`: the model servers' replicas on every core always; `off`: nothing "
-            "moves. A GPU or simulated engine is never partitioned."
+            "A CPU engine's node, partitioned while the engine has requests "
+            "(`deployments.llm.partition`; every process on every core again once it "
+            "has had none for 5 s): `shared` moves the platform's own processes (Ray's, "
+            "Serve's proxy and controller, ingress, gateways, the engine core) off the "
+            "cores vLLM binds its model worker to and leaves the model servers' replicas "
+            "on every core; `exclusive` moves those too; `off` (the default) moves "
+            "nothing. The LLM's throughput against the encoders' latency: README, "
+            "Benchmarks. A GPU or simulated engine is never partitioned."
         ),
     )
     engine_forkserver: bool = Field(

@@ -116,7 +116,7 @@ def test_a_sweep_moves_the_sessions_processes_and_can_leave_the_servers_on_every
 ) -> None:
     everything = partition.node_cpus()
     rest = everything - {0}
-    done = partition.sweep(servers_everywhere=True, replica=node.replica)
+    done = partition.sweep("shared", replica=node.replica)
     assert done is not None
     assert (done.worker_cpus, done.rest) == ({0}, rest)
     assert cpus(node.worker) == {0}
@@ -130,20 +130,18 @@ def test_a_sweep_moves_the_sessions_processes_and_can_leave_the_servers_on_every
 
 def test_a_sweep_moves_the_servers_replicas_too_or_widens_them_again(node: Node) -> None:
     rest = partition.node_cpus() - {0}
-    assert partition.sweep(servers_everywhere=False, replica=node.replica) is not None
+    assert partition.sweep("exclusive", replica=node.replica) is not None
     assert cpus(node.embedder) == rest and cpus(node.worker) == {0}
     # a later sweep widens a server replica again (or one the raylet started since)
-    assert partition.sweep(servers_everywhere=True, replica=node.replica) is not None
+    assert partition.sweep("shared", replica=node.replica) is not None
     assert cpus(node.embedder) == partition.node_cpus()
 
 
 def test_nothing_moves_without_a_worker_or_a_core_beside_it(node: Node) -> None:
     before = {p.pid: cpus(p) for p in (node.raylet, node.ingress, node.embedder)}
     os.sched_setaffinity(node.worker.pid, partition.node_cpus())  # the worker on every core
-    assert partition.sweep(servers_everywhere=True, replica=node.replica) is None
-    assert (
-        partition.sweep(servers_everywhere=False, replica=node.embedder) is None
-    )  # no worker under it
+    assert partition.sweep("shared", replica=node.replica) is None
+    assert partition.sweep("exclusive", replica=node.embedder) is None  # no worker under it
     assert {p.pid: cpus(p) for p in (node.raylet, node.ingress, node.embedder)} == before
 
 
@@ -156,29 +154,36 @@ def test_a_server_replica_is_known_by_its_deployment_under_any_application() -> 
     assert not partition.is_server_replica("ray::ServeController", titles)
 
 
-def test_exclusive_narrows_while_the_engine_is_busy_and_widens_once_idle(node: Node) -> None:
-    """The partition's decisions on a clock of the test's: the model servers on every
-    core at the start (idle), off the worker's cores from the first look that finds the
-    engine busy, back `IDLE_S` after the last, and swept again each `RESWEEP_S`."""
+def test_the_partition_holds_while_the_engine_is_busy_and_opens_once_idle(node: Node) -> None:
+    """The partition's decisions on a clock of the test's: every process on every core
+    at the start (the engine idle), the mode's placement from the first look that finds
+    the engine busy, every core again `IDLE_S` after the last, and a sweep each
+    `RESWEEP_S` for processes started since."""
     now, busy = [0.0], [False]
     kept = partition.Partition("exclusive", lambda: busy[0], node.replica, lambda: now[0])
     everything, rest = partition.node_cpus(), partition.node_cpus() - {0}
-    assert kept.step() is not None and cpus(node.embedder) == everything
+    partition.sweep("exclusive", replica=node.replica)  # as a replica before left it
+    assert kept.step() is not None and kept.placement == "open"
+    assert cpus(node.embedder) == cpus(node.ingress) == cpus(node.raylet) == everything
+    assert cpus(node.worker) == {0}
     assert kept.step() is None  # nothing changed
     busy[0], now[0] = True, 1.0
-    assert kept.step() is not None and kept.narrow and cpus(node.embedder) == rest
-    busy[0], now[0] = False, 1.0 + partition.IDLE_S - 0.1
-    assert kept.step() is None and cpus(node.embedder) == rest  # not idle long enough
-    now[0] = 1.0 + partition.IDLE_S
-    assert kept.step() is not None and not kept.narrow and cpus(node.embedder) == everything
+    assert kept.step() is not None and kept.placement == "exclusive"
+    assert cpus(node.embedder) == cpus(node.ingress) == rest
     os.sched_setaffinity(node.ingress.pid, everything)  # its main thread, as if started since
     assert kept.step() is None and os.sched_getaffinity(node.ingress.pid) == everything
     now[0] += partition.RESWEEP_S
     assert kept.step() is not None and cpus(node.ingress) == rest
+    busy[0], last = False, now[0]
+    now[0] = last + partition.IDLE_S - 0.1
+    assert kept.step() is None and cpus(node.embedder) == rest  # not idle long enough
+    now[0] = last + partition.IDLE_S
+    assert kept.step() is not None and kept.placement == "open"
+    assert cpus(node.embedder) == cpus(node.ingress) == everything
 
 
 def test_shared_leaves_the_servers_on_every_core_while_the_engine_is_busy(node: Node) -> None:
     kept = partition.Partition("shared", lambda: True, node.replica)
-    assert kept.step() is not None and not kept.narrow
+    assert kept.step() is not None and kept.placement == "shared"
     assert cpus(node.embedder) == partition.node_cpus()
     assert cpus(node.ingress) == partition.node_cpus() - {0}

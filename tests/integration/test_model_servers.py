@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import json
 import os
+import time
 from collections.abc import Awaitable, Callable
 
 import httpx
@@ -126,6 +127,10 @@ def test_the_llm_engine_core_and_its_worker_are_forked_from_preloaded_servers(
             assert len(workers) == 1, [p.cmdline() for p in server.children()]
             # The core runs on its replica's CPUs; the worker where vLLM's settings bind
             # it, with the OpenMP runtime vLLM preloads (the server's, as it was exec'd)
+            # (the CPU partition moves both, one after the other: waited for)
+            deadline = time.monotonic() + 10
+            while core.cpu_affinity() != replica.cpu_affinity() and time.monotonic() < deadline:
+                time.sleep(0.1)
             assert core.cpu_affinity() == replica.cpu_affinity()
             worker = workers[0]
             started_with = worker.environ()
@@ -138,19 +143,16 @@ def test_the_llm_engine_core_and_its_worker_are_forked_from_preloaded_servers(
                 assert set(worker.cpu_affinity()) == bound
 
 
-def test_the_llms_node_is_partitioned_off_its_model_workers_cores(
+def test_the_cpu_partition_places_the_sessions_processes_around_the_llm_worker(
     model_servers: LocalCluster,
 ) -> None:
-    """`make run`'s CPU partition (`exclusive`, `deployments.llm.partition`): vLLM's
-    worker keeps the cores it is bound to; Ray's daemons, Serve's proxy and controller,
-    the gateways, the ingress and the LLM's own replica and engine core run on the
-    others; the model servers' replicas run on every core while the engine is idle and
-    on the others while it generates. Each placement is waited for, not timed (the
-    partition looks every `POLL_S`, widens `IDLE_S` after the last request, and sweeps
-    processes started since every `RESWEEP_S`)."""
-    import threading
-    import time
-
+    """The CPU partition (`deployments.llm.partition`, off by default) on the session's
+    real platform, kept from this process for the LLM's replica (as the replica keeps
+    it where `SERVEGRAPH_LLM_CPU_PARTITION` asks), busy as this test says: `open`, every
+    process of the session on every core; `shared`, vLLM's worker keeps the cores it is
+    bound to, Ray's daemons, Serve's proxy and controller, the gateways, the ingress and
+    the LLM's own replica and engine core run on the others, the model servers'
+    replicas on every core; `exclusive`, those too on the others. Every core again after."""
     from deployments.llm import partition
 
     everything = partition.node_cpus()
@@ -163,55 +165,43 @@ def test_the_llms_node_is_partitioned_off_its_model_workers_cores(
         if partition.WORKER_TITLE in " ".join(p.cmdline())
     ]
     assert workers
-    taken = set().union(*(set(w.cpu_affinity()) for w in workers))
-    rest = everything - taken
-    assert taken and rest
+    bound = [set(w.cpu_affinity()) for w in workers]
+    rest = everything - set().union(*bound)
+    assert rest
     raylet = partition.raylet_of(replica)
     assert raylet is not None
     titles = partition.server_titles()
 
-    def misplaced(servers: set[int]) -> list[str]:
-        wrong = []
+    def misplaced(platform: set[int], servers: set[int]) -> list[str]:
+        wrong, found = [], set()
         for process in partition.session_processes(raylet):
             try:
                 cmdline = " ".join(process.cmdline())
+                server = partition.is_server_replica(cmdline, titles)
+                found.add(server)
                 if process not in workers and set(process.cpu_affinity()) != (
-                    servers if partition.is_server_replica(cmdline, titles) else rest
+                    servers if server else platform
                 ):
                     wrong.append(cmdline[:80])
             except psutil.Error:
                 continue  # ended meanwhile
+        assert found == {True, False}  # both kinds seen
         return wrong
 
-    def placed(servers: set[int], until: Callable[[], bool]) -> list[str]:
-        while (wrong := misplaced(servers)) and not until():
-            time.sleep(0.2)
-        return wrong
-
-    idle_deadline = time.monotonic() + partition.IDLE_S + 3 * partition.RESWEEP_S
-    assert not placed(everything, lambda: time.monotonic() > idle_deadline)
-    # A long generation (EOS ignored): the servers leave the worker's cores while it runs
-    done = threading.Event()
-    client = openai.OpenAI(
-        base_url=f"{model_servers.base_url}/v1", api_key=os.environ["SERVEGRAPH_API_KEY"]
-    )
-
-    def generate() -> None:
-        try:
-            client.completions.create(
-                model="smollm2-135m-instruct",
-                prompt="Once upon a time",
-                max_tokens=400,
-                extra_body={"ignore_eos": True},
-            )
-        finally:
-            done.set()
-
-    threading.Thread(target=generate, daemon=True).start()
-    assert not placed(rest, done.is_set), "the generation ended before the servers moved"
-    assert done.wait(120)
-    idle_deadline = time.monotonic() + partition.IDLE_S + 3 * partition.RESWEEP_S
-    assert not placed(everything, lambda: time.monotonic() > idle_deadline)
+    busy = [False]
+    try:
+        for mode, servers in (("shared", everything), ("exclusive", rest)):
+            busy[0] = False
+            kept = partition.Partition(mode, lambda: busy[0], replica=replica)
+            assert kept.step() is not None and kept.placement == "open"
+            assert not misplaced(everything, everything)
+            busy[0] = True
+            assert kept.step() is not None and kept.placement == mode
+            assert not misplaced(rest, servers)
+            assert [set(w.cpu_affinity()) for w in workers] == bound  # never moved
+    finally:
+        partition.sweep("open", replica=replica)
+    assert not misplaced(everything, everything)
 
 
 def test_llm_rejects_a_prompt_longer_than_the_context(http: httpx.Client) -> None:

@@ -20,13 +20,16 @@ dashboards and alerts use.
 
 from __future__ import annotations
 
+import os
+
 from deployments.llm import forkserver, partition
-from deployments.llm.settings import LLMSettings
 
 # The replica on every core of its node before its engine's processes start from it
 # (`deployments.llm.partition`): a replica started after a sweep inherits other cores.
+# (The variable `LLMSettings.cpu_partition` reads, read as is: its settings' imports
+# would delay the forkserver below.)
 if forkserver.in_an_actor():
-    partition.prepare(LLMSettings().cpu_partition)
+    partition.prepare(os.environ.get("SERVEGRAPH_LLM_CPU_PARTITION", "off"))
 
 # First, in a replica that asked for it: vLLM's engine core imports in the forkserver
 # while this process imports what follows (`deployments.llm.forkserver`).
@@ -34,7 +37,6 @@ forkserver.start_early()
 
 import contextlib  # noqa: E402
 import math  # noqa: E402
-import os  # noqa: E402
 import time  # noqa: E402
 from collections.abc import AsyncIterator  # noqa: E402
 from typing import Any  # noqa: E402
@@ -43,6 +45,7 @@ from ray.llm._internal.common.callbacks.base import CallbackBase  # noqa: E402
 from ray.serve.llm.deployment import LLMServer as RayLLMServer  # noqa: E402
 
 from deployments.llm.client import STOPPED  # noqa: E402
+from deployments.llm.settings import LLMSettings  # noqa: E402
 from servegraph.server import (  # noqa: E402
     CHARGE_ITEM,
     Meter,
@@ -50,6 +53,9 @@ from servegraph.server import (  # noqa: E402
     prices,
     replica_resources,
 )
+
+# How long an arriving request counts as the engine's before vLLM has it (`_engine_busy`)
+ARRIVING_S = 1.0
 
 
 def lower_engine_priority(offset: int, only: str | None = None) -> list[int]:
@@ -141,9 +147,8 @@ class LLMServer(RayLLMServer):
         settings = LLMSettings()
         self._partition: partition.Partition | None = None
         if settings.cpu_partition != "off":
-            self._partition = partition.Partition(settings.cpu_partition, self._engine_busy)
-            if not self._partition.start():
-                self._partition = None
+            kept = partition.Partition(settings.cpu_partition, self._engine_busy)
+            self._partition = kept if kept.start() else None
         # the engine runs now; where the node is partitioned, its core keeps this replica's
         # priority (`partition`'s docstring: lowered, it starved among the replicas)
         lower_engine_priority(
@@ -180,17 +185,27 @@ class LLMServer(RayLLMServer):
         await super().check_health()
         self._same_model.check()
 
-    # Like ray.serve.llm's own, these return the stream (an async generator) from a
-    # coroutine; Serve streams it to the caller.
+    async def __del__(self) -> None:
+        partition_ = getattr(self, "_partition", None)
+        if partition_ is not None:  # every process back on every core before it goes
+            partition_.stop()
+        await super().__del__()
+
     def _engine_busy(self) -> bool:
         """Whether vLLM's engine has requests: ray.serve.llm's engine holds vLLM's
         client privately (`_engine_client`); where it no longer does, a request seen in
-        the last `partition.IDLE_S` (`_last_request`) stands for it."""
+        the last `partition.IDLE_S` (`_last_request`) stands for it. A request that
+        arrived in the last `ARRIVING_S` counts too: the partition looks as it arrives,
+        before vLLM has it."""
+        since = time.monotonic() - self._last_request
         client = getattr(self.engine, "_engine_client", None)
         count = getattr(client, "get_num_unfinished_requests", None)
         if count is not None:
-            return bool(count())
-        return time.monotonic() - self._last_request < partition.IDLE_S
+            return since < ARRIVING_S or bool(count())
+        return since < partition.IDLE_S
+
+    # Like ray.serve.llm's own, these return the stream (an async generator) from a
+    # coroutine; Serve streams it to the caller.
 
     def _arrived(self) -> None:
         self._last_request = time.monotonic()

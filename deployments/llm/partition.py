@@ -55,7 +55,10 @@ passes (about a tenth of a core) land on the worker's core, where the scheduler 
 the least weight, and take it from the worker.
 
 Where the partition cannot hold (the worker bound to every core of the node; a node
-with one core), nothing moves and the replica says so in its log.
+with one core), nothing moves and the replica says so in its log. A replica leaving
+(`LLMServer.__del__`, `Partition.stop`) puts every process back on every core; one that
+died does not, and its successor's first sweep does (`open`, which needs no worker). No
+model worker is ever moved, another replica's included: vLLM binds its own.
 
 The replica starts on every core of its node (`prepare`, at its module's import), as it
 did before any partition: vLLM's automatic binding reads the cores its process may run
@@ -144,8 +147,9 @@ def is_server_replica(cmdline: str, titles: Iterable[str]) -> bool:
     if "ServeReplica:" not in cmdline:
         return False
     # "ServeReplica:<app>:<deployment>", with ".<method>" while one runs
-    name = cmdline.split("ServeReplica:", 1)[1].split()[0].split(".")[0]
-    return any(name.endswith(title) for title in titles)
+    name = cmdline.split("ServeReplica:", 1)[1].split()[0]
+    deployment = name.rpartition(":")[2].split(".")[0]
+    return f":{deployment}" in titles
 
 
 def session_processes(raylet: psutil.Process) -> list[psutil.Process]:
@@ -159,7 +163,11 @@ def session_processes(raylet: psutil.Process) -> list[psutil.Process]:
     session = _session_dir(_cmdline(raylet))
     if session:
         for process in psutil.process_iter():
-            if process.pid not in found and session in _cmdline(process):
+            # the folder itself or a path in it, not a session whose name starts alike
+            if process.pid not in found and any(
+                arg.split("=", 1)[-1] == session or session + "/" in arg
+                for arg in _cmdline(process).split()
+            ):
                 found[process.pid] = process
     return list(found.values())
 
@@ -198,34 +206,36 @@ def _set(process: psutil.Process, cpus: set[int]) -> bool:
 
 def sweep(placement: Placement, replica: psutil.Process | None = None) -> Sweep | None:
     """Place the session's processes on this node against the cores of the LLM replica's
-    (`replica`, this process by default) model worker: `open`, every one on every core;
+    (`replica`, this process by default) model worker: `open`, every one on every core
+    (also where the worker is gone: an engine that died leaves nothing partitioned);
     `shared`, the platform's own off the worker's cores and the model servers' replicas
-    on every core; `exclusive`, both off. The worker is not touched. None where there is
-    nothing to do: no worker, or no core left beside it."""
+    on every core; `exclusive`, both off. No model worker is touched, this replica's or
+    another's. None where there is nothing to do: no worker (but `open`), or no core
+    left beside it."""
     replica = replica or psutil.Process()
-    workers = [p for p in replica.children(recursive=True) if WORKER_TITLE in _cmdline(p)]
-    if not workers:
+    try:
+        children = replica.children(recursive=True)
+    except psutil.Error:  # the replica gone
         return None
+    workers = [p for p in children if WORKER_TITLE in _cmdline(p)]
     taken: set[int] = set()
     for worker in workers:
         with contextlib.suppress(psutil.Error, OSError):
             taken |= os.sched_getaffinity(worker.pid)
     everything = node_cpus()
-    rest = everything - taken
-    if not taken or not rest:
+    rest = everything if placement == "open" else everything - taken
+    if placement != "open" and (not taken or not rest):
         return None
     raylet = raylet_of(replica)
     if raylet is None:
         return None
-    if placement == "open":
-        rest = everything
     titles = server_titles() if placement != "exclusive" else ()
     done = Sweep(taken, rest)
-    keep = {w.pid for w in workers}
     for process in session_processes(raylet):
-        if process.pid in keep:
+        cmdline = _cmdline(process)
+        if WORKER_TITLE in cmdline:  # vLLM binds its workers itself
             continue
-        if titles and is_server_replica(_cmdline(process), titles):
+        if titles and is_server_replica(cmdline, titles):
             done.widened += _set(process, everything)
         else:
             done.moved += _set(process, rest)
@@ -238,7 +248,7 @@ class Partition:
     engine has requests, `open` once it has had none for `IDLE_S`) and every
     `RESWEEP_S` for processes started since.
     `busy` says whether the engine has requests (read from the thread); `wake` (a
-    request arrived) makes the thread look at once rather than within `POLL_S`."""
+    request arrived) makes the thread look again at once rather than within `POLL_S`."""
 
     def __init__(
         self,
@@ -274,8 +284,13 @@ class Partition:
         return done
 
     def start(self) -> bool:
-        """The first sweep, then the thread; whether the partition holds here."""
-        first = self.step()
+        """The first sweep, then the thread; whether the partition holds here. Never
+        raises: the replica serves without a partition rather than not at all."""
+        try:
+            first = self.step()
+        except Exception:
+            _log.exception("CPU partition %r not applied", self.mode)
+            return False
         if first is None:
             _log.warning(
                 "CPU partition %r not applied: no model worker found, or it is bound to "
@@ -297,8 +312,14 @@ class Partition:
         self._wake.set()
 
     def stop(self) -> None:
+        """End the thread and put every process back on every core (the replica is
+        leaving: its node is no longer the LLM's to partition)."""
         self._stop.set()
         self._wake.set()
+        try:
+            sweep("open", replica=self._replica)
+        except Exception:
+            _log.exception("CPU partition: the node not opened again")
 
     def _run(self) -> None:
         while not self._stop.is_set():

@@ -33,6 +33,8 @@ pytestmark = pytest.mark.skipif(
 )
 
 SLEEP = "import time; time.sleep(120)"
+# the core the stand-in worker is bound to, as vLLM binds its worker: one this test may use
+WORKER_CPU = min(os.sched_getaffinity(0))
 TWO_THREADS = "import threading, time; threading.Thread(target=time.sleep, args=(120,)).start()"
 
 
@@ -43,6 +45,7 @@ class Node:
     worker: psutil.Process
     embedder: psutil.Process
     ingress: psutil.Process
+    other_worker: psutil.Process  # another LLM replica's, bound by its own vLLM
     daemon: psutil.Process
     outsider: psutil.Process
 
@@ -63,11 +66,14 @@ def _titled(title: str, tag: str) -> psutil.Process:
 def node(tmp_path: Path) -> Iterator[Node]:
     tag = uuid.uuid4().hex  # this test's processes, apart from any other's (a last test's)
     session = tmp_path / "session_2026-12-07_00-00-00_000000_1"
-    (tmp_path / "replica.sh").write_text(f'(exec -a "VLLM::Worker:{tag}" sleep 120) &\nwait\n')
+    (tmp_path / "replica.sh").write_text(  # it outlives its worker, as a replica does
+        f'(exec -a "VLLM::Worker:{tag}" sleep 120) &\nsleep 120 &\nwait\n'
+    )
     (tmp_path / "raylet.sh").write_text(
         f'(exec -a "ray::ServeReplica:llm:LLMServer:{tag}" bash {tmp_path}/replica.sh) &\n'
         f'(exec -a "ray::ServeReplica:embedder:Embedder" {sys.executable} -c "{SLEEP}" {tag}) &\n'
         f'(exec -a "ray::ServeReplica:rag:Ingress" {sys.executable} -c "{TWO_THREADS}" {tag}) &\n'
+        f'(exec -a "VLLM::Worker:other:{tag}" sleep 120) &\n'
         "wait\n"
     )
     raylet_bin = tmp_path / "raylet"  # its process's name, as the raylet's
@@ -85,7 +91,9 @@ def node(tmp_path: Path) -> Iterator[Node]:
     ]
     try:
         worker = _titled(f"VLLM::Worker:{tag}", tag)
-        os.sched_setaffinity(worker.pid, {0})  # as vLLM binds its worker
+        os.sched_setaffinity(worker.pid, {WORKER_CPU})  # as vLLM binds its worker
+        other_worker = _titled(f"VLLM::Worker:other:{tag}", tag)
+        os.sched_setaffinity(other_worker.pid, {WORKER_CPU})
         ingress = _titled("ray::ServeReplica:rag:Ingress", tag)
         while len(ingress.threads()) < 2:  # its second thread, once it runs
             time.sleep(0.05)
@@ -95,6 +103,7 @@ def node(tmp_path: Path) -> Iterator[Node]:
             worker=worker,
             embedder=_titled("ray::ServeReplica:embedder:Embedder", tag),
             ingress=ingress,
+            other_worker=other_worker,
             daemon=psutil.Process(started[1].pid),
             outsider=psutil.Process(started[2].pid),
         )
@@ -115,23 +124,25 @@ def test_a_sweep_moves_the_sessions_processes_and_can_leave_the_servers_on_every
     node: Node,
 ) -> None:
     everything = partition.node_cpus()
-    rest = everything - {0}
+    rest = everything - {WORKER_CPU}
+    outsider = cpus(node.outsider)
     done = partition.sweep("shared", replica=node.replica)
     assert done is not None
-    assert (done.worker_cpus, done.rest) == ({0}, rest)
-    assert cpus(node.worker) == {0}
+    assert (done.worker_cpus, done.rest) == ({WORKER_CPU}, rest)
+    assert cpus(node.worker) == {WORKER_CPU}
     for moved in (node.raylet, node.replica, node.ingress, node.daemon):
         assert cpus(moved) == rest, moved.cmdline()
     assert len(node.ingress.threads()) == 2
     assert cpus(node.embedder) == everything
-    assert cpus(node.outsider) == everything
-    assert (done.moved, done.widened) == (4, 1)
+    assert cpus(node.outsider) == outsider  # of no session: untouched
+    assert cpus(node.other_worker) == {WORKER_CPU}  # another replica's worker: untouched
+    assert (done.moved, done.widened) == (5, 1)  # and the replica's other child
 
 
 def test_a_sweep_moves_the_servers_replicas_too_or_widens_them_again(node: Node) -> None:
-    rest = partition.node_cpus() - {0}
+    rest = partition.node_cpus() - {WORKER_CPU}
     assert partition.sweep("exclusive", replica=node.replica) is not None
-    assert cpus(node.embedder) == rest and cpus(node.worker) == {0}
+    assert cpus(node.embedder) == rest and cpus(node.worker) == {WORKER_CPU}
     # a later sweep widens a server replica again (or one the raylet started since)
     assert partition.sweep("shared", replica=node.replica) is not None
     assert cpus(node.embedder) == partition.node_cpus()
@@ -161,11 +172,11 @@ def test_the_partition_holds_while_the_engine_is_busy_and_opens_once_idle(node: 
     `RESWEEP_S` for processes started since."""
     now, busy = [0.0], [False]
     kept = partition.Partition("exclusive", lambda: busy[0], node.replica, lambda: now[0])
-    everything, rest = partition.node_cpus(), partition.node_cpus() - {0}
+    everything, rest = partition.node_cpus(), partition.node_cpus() - {WORKER_CPU}
     partition.sweep("exclusive", replica=node.replica)  # as a replica before left it
     assert kept.step() is not None and kept.placement == "open"
     assert cpus(node.embedder) == cpus(node.ingress) == cpus(node.raylet) == everything
-    assert cpus(node.worker) == {0}
+    assert cpus(node.worker) == {WORKER_CPU}
     assert kept.step() is None  # nothing changed
     busy[0], now[0] = True, 1.0
     assert kept.step() is not None and kept.placement == "exclusive"
@@ -186,4 +197,19 @@ def test_shared_leaves_the_servers_on_every_core_while_the_engine_is_busy(node: 
     kept = partition.Partition("shared", lambda: True, node.replica)
     assert kept.step() is not None and kept.placement == "shared"
     assert cpus(node.embedder) == partition.node_cpus()
-    assert cpus(node.ingress) == partition.node_cpus() - {0}
+    assert cpus(node.ingress) == partition.node_cpus() - {WORKER_CPU}
+
+
+def test_open_puts_everything_back_even_once_the_worker_is_gone(node: Node) -> None:
+    """An engine that died, or a replica leaving (`Partition.stop`), leaves nothing
+    partitioned: `open` needs no worker. Model workers stay where vLLM bound them."""
+    everything = partition.node_cpus()
+    assert partition.sweep("exclusive", replica=node.replica) is not None
+    node.worker.kill()
+    gone, _ = psutil.wait_procs([node.worker], timeout=10)
+    assert gone
+    assert partition.sweep("exclusive", replica=node.replica) is None  # nothing to keep off
+    assert partition.sweep("open", replica=node.replica) is not None
+    for process in (node.raylet, node.replica, node.ingress, node.embedder, node.daemon):
+        assert cpus(process) == everything, process.cmdline()
+    assert cpus(node.other_worker) == {WORKER_CPU}

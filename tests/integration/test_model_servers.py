@@ -82,7 +82,7 @@ def test_the_llm_worker_runs_below_its_replicas_cpu_priority(model_servers: Loca
     """vLLM's model worker, every thread of it, runs `cpu_nice_offset` (4) below the
     replica, which answers requests at Ray's workers' priority (nice 15) like the
     encoders, so where they share cores an encoder's forward pass goes first. On the
-    partitioned node (`deployments.llm.partition`, on by default) the other processes
+    partitioned node (`deployments.llm.partition`, off by default) the other processes
     the replica started (the engine core, its forkserver) keep the replica's priority;
     without a partition they are lowered too."""
     from deployments.llm import partition
@@ -154,10 +154,13 @@ def test_the_cpu_partition_places_the_sessions_processes_around_the_llm_worker(
     the LLM's own replica and engine core run on the others, the model servers'
     replicas on every core; `exclusive`, those too on the others. Every core again after."""
     from deployments.llm import partition
+    from deployments.llm.settings import LLMSettings
 
     everything = partition.node_cpus()
     if len(everything) < 2:
         pytest.skip("one core: nothing to partition")
+    if LLMSettings().cpu_partition != "off":
+        pytest.skip("the replica keeps its own partition: this test's would race it")
     (replica,) = llm_replicas()
     workers = [
         p

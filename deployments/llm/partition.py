@@ -92,7 +92,7 @@ Placement = Literal["open", "shared", "exclusive"]
 WORKER_TITLE = "VLLM::Worker"
 RESWEEP_S = 10.0
 # How often the partition's thread looks whether the engine has requests, and how long
-# the engine is idle before the model servers get its worker's cores back (`exclusive`)
+# the engine is idle before every process gets every core back (`open`)
 POLL_S = 0.5
 IDLE_S = 5.0
 
@@ -291,7 +291,7 @@ class Partition:
         except Exception:
             _log.exception("CPU partition %r not applied", self.mode)
             return False
-        if first is None:
+        if first is None or not first.worker_cpus or first.worker_cpus >= node_cpus():
             _log.warning(
                 "CPU partition %r not applied: no model worker found, or it is bound to "
                 "every core of the node (%s)",

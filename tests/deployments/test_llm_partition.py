@@ -152,6 +152,7 @@ def test_nothing_moves_without_a_worker_or_a_core_beside_it(node: Node) -> None:
     before = {p.pid: cpus(p) for p in (node.raylet, node.ingress, node.embedder)}
     os.sched_setaffinity(node.worker.pid, partition.node_cpus())  # the worker on every core
     assert partition.sweep("shared", replica=node.replica) is None
+    assert not partition.Partition("shared", lambda: True, node.replica).start()
     assert partition.sweep("exclusive", replica=node.embedder) is None  # no worker under it
     assert {p.pid: cpus(p) for p in (node.raylet, node.ingress, node.embedder)} == before
 

@@ -49,11 +49,11 @@ from benchmarks.load import UNCACHED
 from benchmarks.pipelines import QUESTIONS
 from benchmarks.report import Figure
 from benchmarks.speed import running_monolith
+from deployments.llm.partition import ENV as PARTITION_ENV
 from deployments.llm.partition import Mode
 from deployments.llm.settings import LLMSettings
 from servegraph.security.client import client_headers
 
-PARTITION_ENV = "SERVEGRAPH_LLM_CPU_PARTITION"
 DEADLINE_S = 120  # the work, not a deadline: `callers`' client waits this long too
 
 

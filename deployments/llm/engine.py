@@ -26,10 +26,9 @@ from deployments.llm import forkserver, partition
 
 # The replica on every core of its node before its engine's processes start from it
 # (`deployments.llm.partition`): a replica started after a sweep inherits other cores.
-# (The variable `LLMSettings.cpu_partition` reads, read as is: its settings' imports
-# would delay the forkserver below.)
+# (Its variable read as is: the settings' imports would delay the forkserver below.)
 if forkserver.in_an_actor():
-    partition.prepare(os.environ.get("SERVEGRAPH_LLM_CPU_PARTITION", "off"))
+    partition.prepare(os.environ.get(partition.ENV, "off"))
 
 # First, in a replica that asked for it: vLLM's engine core imports in the forkserver
 # while this process imports what follows (`deployments.llm.forkserver`).
@@ -204,14 +203,13 @@ class LLMServer(RayLLMServer):
             return since < ARRIVING_S or bool(count())
         return since < partition.IDLE_S
 
-    # Like ray.serve.llm's own, these return the stream (an async generator) from a
-    # coroutine; Serve streams it to the caller.
-
     def _arrived(self) -> None:
         self._last_request = time.monotonic()
         if self._partition is not None:
             self._partition.wake()
 
+    # Like ray.serve.llm's own, these return the stream (an async generator) from a
+    # coroutine; Serve streams it to the caller.
     async def chat(
         self, request: Any, raw_request_info: Any = None, allowance_usd: float | None = None
     ) -> Any:

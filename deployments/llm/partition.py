@@ -87,6 +87,8 @@ from typing import Literal
 import psutil
 
 Mode = Literal["off", "shared", "exclusive"]
+# The variable `LLMSettings.cpu_partition` reads, which the replica's runtime env sets
+ENV = "SERVEGRAPH_LLM_CPU_PARTITION"
 Placement = Literal["open", "shared", "exclusive"]
 # vLLM's title for its model worker's process (`setproctitle`)
 WORKER_TITLE = "VLLM::Worker"

@@ -115,6 +115,7 @@ def llm_config(settings: LLMSettings | None = None, overrides: dict[str, Any] | 
     # Only a vLLM engine on CPU binds a model worker to cores of its own
     partition = "off" if gpu_engine or simulated_engine_env() else settings.cpu_partition
     from deployments.llm.engine import LLMServer
+    from deployments.llm.partition import ENV as PARTITION_ENV
 
     return LLMConfig(
         model_loading_config={"model_id": settings.model_id, "model_source": settings.path},
@@ -127,7 +128,7 @@ def llm_config(settings: LLMSettings | None = None, overrides: dict[str, Any] | 
             "env_vars": {
                 "VLLM_CPU_KVCACHE_SPACE": str(settings.kv_cache_gib),
                 "SERVEGRAPH_LLM_CPU_NICE_OFFSET": str(nice_offset),
-                "SERVEGRAPH_LLM_CPU_PARTITION": partition,
+                PARTITION_ENV: partition,
                 "HF_HUB_OFFLINE": "1",
                 # vLLM's own usage report (sent from a GPU worker to vLLM's makers):
                 # nothing leaves an air-gapped site

@@ -159,6 +159,50 @@ async def test_a_charge_outlives_the_cancelled_request_that_makes_it(tmp_path: P
     assert limiter.limiter.balance("k", 600) == 600 - 75
 
 
+async def test_a_reservation_whose_client_hangs_up_while_it_is_taken_goes_back(
+    tmp_path: Path,
+) -> None:
+    """The request is cancelled while the limiter takes its reservation, so it will
+    never settle it: the guard gives it back once the limiter has answered. A refused
+    reservation took nothing and gives nothing back."""
+    from servegraph.security import guard as module
+
+    class ActorLimiter(SharedLimiter):
+        """As the Ray actor answers: a call, once sent, runs whether or not its caller
+        still awaits the answer (cancelling an ObjectRef's await cancels the wait)."""
+
+        def __getattr__(self, name: str) -> Callable[..., Any]:
+            call = super().__getattr__(name)
+            sent: set[asyncio.Future[Any]] = set()
+
+            def send(*args: Any) -> Any:
+                task = asyncio.ensure_future(call(*args))
+                sent.add(task)
+                task.add_done_callback(sent.discard)
+                return asyncio.shield(task)
+
+            return send
+
+    limiter = ActorLimiter()  # its clock stands still: no refill
+    settings = AuthSettings(keys=tmp_path / "keys.sqlite3", cache_s=0)
+    guard = Guard(settings, limiter=limiter, usage=KeyUsage())
+    caller = Caller("k", frozenset({"llm"}), tokens_per_min=600)
+
+    async def hang_up_while_reserving(tokens: int) -> None:
+        reserving = asyncio.ensure_future(guard.reserve(caller, tokens))
+        await asyncio.sleep(0)  # waiting for the limiter's answer
+        reserving.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await reserving
+        await until(lambda: not module._OUTLIVING, "the limiter's answer and any give-back")
+
+    await hang_up_while_reserving(500)  # taken, then given back
+    assert limiter.limiter.balance("k", 600) == 600
+    assert await guard.reserve(caller, 700) == 700  # a request that stays: into debt
+    await hang_up_while_reserving(100)  # refused: nothing to give back
+    assert limiter.limiter.balance("k", 600) == -100
+
+
 # -- an OpenAI route ------------------------------------------------------------------
 
 

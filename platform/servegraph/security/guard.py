@@ -111,7 +111,20 @@ class Guard:
         if caller is ANONYMOUS or caller.tokens_per_min is None:
             return 0
         tokens = max(int(tokens), 0)
-        wait_s = await self._limit("reserve", caller.name, tokens, caller.tokens_per_min)
+        name, per_min = caller.name, caller.tokens_per_min
+        asking = _hold(self._limit("reserve", name, tokens, per_min))
+        try:
+            wait_s = await asyncio.shield(asking)
+        except asyncio.CancelledError:
+            # The client hung up while the limiter answered. The limiter may take the
+            # tokens all the same, and the request will never settle them (it holds no
+            # reservation): once it has answered, what it took goes back.
+            def give_back(done: asyncio.Future[float]) -> None:
+                if not done.cancelled() and done.exception() is None and done.result() <= 0:
+                    _hold(self._limit("settle", name, tokens, 0, per_min))
+
+            asking.add_done_callback(give_back)
+            raise
         if wait_s > 0:
             raise self._over_limit(
                 caller, "its LLM token limit (its requests running now included)", wait_s
@@ -173,10 +186,15 @@ class Guard:
 _OUTLIVING: set[asyncio.Future[Any]] = set()  # held until done: asyncio keeps weak refs
 
 
-async def _outliving(work: Awaitable[Any]) -> Any:
-    """`work`'s result; if the awaiting task is cancelled, `work` still runs to its end
-    (in a task of its own, held until then)."""
+def _hold(work: Awaitable[Any]) -> asyncio.Future[Any]:
+    """`work` in a task of its own, held until it is done."""
     task = asyncio.ensure_future(work)
     _OUTLIVING.add(task)
     task.add_done_callback(_OUTLIVING.discard)
-    return await asyncio.shield(task)
+    return task
+
+
+async def _outliving(work: Awaitable[Any]) -> Any:
+    """`work`'s result; if the awaiting task is cancelled, `work` still runs to its end
+    (in a task of its own, held until then)."""
+    return await asyncio.shield(_hold(work))

@@ -183,7 +183,9 @@ def main() -> None:
 
 
 async def fill_platform(base: str, key: str, pipeline: str, requests: int) -> None:
-    headers = {"authorization": f"Bearer {key}"}
+    # Every request runs its graph and none is kept (a pipeline with an answer cache,
+    # such as rag, would otherwise fill the cache too): the ring holds real runs.
+    headers = {"authorization": f"Bearer {key}", "cache-control": "no-cache, no-store"}
     async with httpx.AsyncClient(base_url=base, headers=headers, timeout=120) as client:
         gate = asyncio.Semaphore(8)
 

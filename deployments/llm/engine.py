@@ -12,7 +12,9 @@
 - the engine's CPU priority, below the other replicas' (`LLMSettings.cpu_nice_offset`,
   `lower_engine_priority`);
 - the CPU partition of its node: the platform's processes off its model worker's cores
-  (`LLMSettings.cpu_partition`, `deployments.llm.partition`).
+  (`LLMSettings.cpu_partition`, `deployments.llm.partition`);
+- its engine's sockets in a folder of its own, which goes with it
+  (`deployments.llm.sockets`).
 
 Same class name, so the deployment keeps its name (`LLMServer:<model>`), which
 dashboards and alerts use.
@@ -21,14 +23,19 @@ dashboards and alerts use.
 from __future__ import annotations
 
 import os
+from pathlib import Path
 
-from deployments.llm import forkserver, partition
+from deployments.llm import forkserver, partition, sockets
 
 # The replica on every core of its node before its engine's processes start from it
 # (`deployments.llm.partition`): a replica started after a sweep inherits other cores.
 # (Its variable read as is: the settings' imports would delay the forkserver below.)
+# And its engine's sockets in a folder of its own (`deployments.llm.sockets`), which
+# the processes started below inherit.
+SOCKETS: Path | None = None
 if forkserver.in_an_actor():
     partition.prepare(os.environ.get(partition.ENV, "off"))
+    SOCKETS = sockets.private_folder()
 
 # First, in a replica that asked for it: vLLM's engine core imports in the forkserver
 # while this process imports what follows (`deployments.llm.forkserver`).
@@ -188,7 +195,10 @@ class LLMServer(RayLLMServer):
         partition_ = getattr(self, "_partition", None)
         if partition_ is not None:  # every process back on every core before it goes
             partition_.stop()
-        await super().__del__()
+        try:
+            await super().__del__()
+        finally:
+            sockets.remove(SOCKETS)
 
     def _engine_busy(self) -> bool:
         """Whether vLLM's engine has requests: ray.serve.llm's engine holds vLLM's

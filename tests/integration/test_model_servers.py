@@ -5,8 +5,10 @@ from __future__ import annotations
 import asyncio
 import json
 import os
+import tempfile
 import time
 from collections.abc import Awaitable, Callable
+from pathlib import Path
 
 import httpx
 import numpy as np
@@ -205,6 +207,28 @@ def test_the_cpu_partition_places_the_sessions_processes_around_the_llm_worker(
     finally:
         partition.sweep("open", replica=replica)
     assert not misplaced(everything, everything)
+
+
+def test_the_llm_engines_sockets_are_bound_in_its_replicas_own_folder(
+    model_servers: LocalCluster,
+) -> None:
+    """vLLM's ZMQ sockets (engine client, engine core, model worker) are files in the
+    replica's folder (`deployments.llm.sockets`), which goes with the replica, and none
+    in the temp folder itself, where a killed engine's would stay."""
+    from deployments.llm import sockets
+
+    temp = Path(tempfile.gettempdir())
+    for replica in llm_replicas():
+        folders = list(temp.glob(f"{sockets.PREFIX}{replica.pid}-*"))
+        assert len(folders) == 1, folders
+        bound = {
+            Path(conn.laddr)
+            for process in [replica, *replica.children(recursive=True)]
+            for conn in process.net_connections(kind="unix")
+            if conn.laddr
+        }
+        assert {path for path in bound if path.parent == folders[0]}, bound
+        assert not {path for path in bound if path.parent == temp}, bound
 
 
 def test_llm_rejects_a_prompt_longer_than_the_context(http: httpx.Client) -> None:

@@ -27,7 +27,7 @@ from servegraph.deploy.local_ray import (
 from servegraph.security.client import client_headers
 from tests.otlp import OtlpReceiver
 
-SPANS_DIR = tempfile.mkdtemp(prefix="servegraph-test-spans-")
+SPANS_DIR = tempfile.mkdtemp(prefix="servegraph-test-spans-")  # removed as pytest ends
 
 
 @pytest.fixture(scope="session")
@@ -53,7 +53,9 @@ class RunningPlatform:
 
 
 @pytest.fixture(scope="session")
-def servegraph_run(otlp: OtlpReceiver) -> Iterator[RunningPlatform]:
+def servegraph_run(
+    otlp: OtlpReceiver, tmp_path_factory: pytest.TempPathFactory
+) -> Iterator[RunningPlatform]:
     """`make run`'s command, `servegraph run`, starts the session's platform: its own
     local Ray, every model server and pipeline deployed, the knowledge base ingested. This
     process then joins that Ray as a driver (`servegraph.deploy.local_ray.attach`, as
@@ -63,8 +65,8 @@ def servegraph_run(otlp: OtlpReceiver) -> Iterator[RunningPlatform]:
     it (checked here: a failure shows as an error of the last test)."""
     from servegraph.deploy.local_ray import _prepare_environment, attach
 
-    index_dir = tempfile.mkdtemp(prefix="servegraph-test-index-")
-    os.environ["SERVEGRAPH_INDEX_PATH"] = index_dir
+    index_dir = tmp_path_factory.mktemp("index")  # pytest keeps the last 3 sessions'
+    os.environ["SERVEGRAPH_INDEX_PATH"] = str(index_dir)
     # Every process of the cluster inherits these: spans go to files the tests read,
     # and over OTLP to the receiver.
     # (The standard OpenTelemetry variables; the receiver, like an authenticated

@@ -5,6 +5,7 @@ Ray Serve cluster per session, started and stopped by the suite) and `reliabilit
 from __future__ import annotations
 
 import os
+import shutil
 import tempfile
 from pathlib import Path
 
@@ -44,6 +45,15 @@ os.environ["SERVEGRAPH_API_KEY"] = _admin_key()
 
 
 pytest_plugins = ["tests._cluster"]
+
+
+def pytest_unconfigure(config: pytest.Config) -> None:
+    """The session's folders made at import (the key store, the span files) go when it
+    ends, whichever tests ran."""
+    from tests._cluster import SPANS_DIR
+
+    for folder in (AUTH_DIR, Path(SPANS_DIR)):
+        shutil.rmtree(folder, ignore_errors=True)
 
 
 def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:

@@ -24,7 +24,6 @@ import secrets
 import shutil
 import subprocess
 import sys
-import tempfile
 import time
 import uuid
 from collections.abc import Callable, Iterator
@@ -83,7 +82,7 @@ def sim(otlp: OtlpReceiver, tmp_path_factory: pytest.TempPathFactory) -> Iterato
         "SERVEGRAPH_PROFILE": "gpu",
         "SERVEGRAPH_LLM_ENGINE_DEVICE": "cpu",
         "SERVEGRAPH_ROUTER_RESOURCES": json.dumps({HEAD_RESOURCE: 0.001}),
-        "SERVEGRAPH_INDEX_PATH": tempfile.mkdtemp(prefix="servegraph-sim-index-"),
+        "SERVEGRAPH_INDEX_PATH": str(tmp_path_factory.mktemp("sim-index")),
     }
     with pytest.MonkeyPatch.context() as env:
         for name, value in settings.items():

@@ -1,19 +1,23 @@
 """Where a replica's vLLM puts its ZMQ sockets: a folder of the replica's own, which it
-removes as it leaves and which the next replica removes if it could not.
+removes as it leaves and which the next replica on the node removes if it could not.
 
 vLLM binds the sockets between its engine client, its engine core and its model worker
 as files named by a uuid in `VLLM_RPC_BASE_PATH`, the temp folder by default. A socket's
 file goes when the process that bound it closes it; a process killed leaves it (Ray
 kills a replica's engine processes that do not exit in time; an operator or the kernel's
 OOM killer kills replicas). On this machine runs had left 1,232 of them in /tmp. So each
-replica's engine binds in a folder of its own (mode 0700, named by the replica's process
-id), removed when the replica leaves (`remove`), and a replica starting removes the
-folders of this user's replicas whose process has gone (`sweep`). An operator's own
-`VLLM_RPC_BASE_PATH` is left as it is.
+replica's engine binds in a folder of its own (mode 0700), removed when the replica
+leaves (`remove`). The replica holds a lock on a file in it while it lives, and a
+replica starting removes this user's folders whose lock nobody holds (`sweep`): a
+killed replica's lock goes with its process, whatever its process id or namespace.
+Tidying is best effort: a folder that cannot be made or swept leaves vLLM's default,
+never a replica that does not start. An operator's own `VLLM_RPC_BASE_PATH` stands.
 """
 
 from __future__ import annotations
 
+import fcntl
+import logging
 import os
 import shutil
 import tempfile
@@ -21,24 +25,38 @@ from pathlib import Path
 
 ENV = "VLLM_RPC_BASE_PATH"
 PREFIX = "servegraph-vllm-"
+LOCK = ".replica.lock"
 # A Unix socket's path is at most 107 bytes; vLLM adds "/" and a 36-character uuid.
 _SOCKET_PATH_MAX = 107
+
+_log = logging.getLogger(__name__)
+_held: list[int] = []  # the lock files' descriptors of this process's folders
 
 
 def private_folder(base: Path | None = None) -> Path | None:
     """Point this process's vLLM (and the processes it starts, which inherit the
-    environment) at a new folder of its own under `base` (the temp folder), after
-    sweeping the folders of replicas that have gone; the folder, or None where the
-    operator set `VLLM_RPC_BASE_PATH` or the folder's path would be too long for a
-    socket (vLLM's default then stands)."""
+    environment) at a new folder of its own under `base` (the temp folder), locked
+    while this process lives, after sweeping the folders of replicas that have gone;
+    the folder, or None where the operator set `VLLM_RPC_BASE_PATH`, the folder's path
+    would be too long for a socket, or it could not be made (vLLM's default stands)."""
     if os.environ.get(ENV):
         return None
     base = Path(base or tempfile.gettempdir())
-    sweep(base)
-    folder = Path(tempfile.mkdtemp(prefix=f"{PREFIX}{os.getpid()}-", dir=base))
-    if len(str(folder)) + 1 + 36 > _SOCKET_PATH_MAX:
-        folder.rmdir()
+    try:
+        sweep(base)
+    except Exception:  # tidying, never a reason not to start
+        _log.warning("sweeping %s for gone replicas' socket folders failed", base, exc_info=True)
+    try:
+        folder = Path(tempfile.mkdtemp(prefix=f"{PREFIX}{os.getpid()}-", dir=base))
+        if len(str(folder)) + 1 + 36 > _SOCKET_PATH_MAX:
+            folder.rmdir()
+            return None
+        lock = os.open(folder / LOCK, os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW, 0o600)
+        fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except OSError:
+        _log.warning("no socket folder of its own under %s; vLLM's default", base, exc_info=True)
         return None
+    _held.append(lock)
     os.environ[ENV] = str(folder)
     return folder
 
@@ -50,28 +68,32 @@ def remove(folder: Path | None) -> None:
 
 
 def sweep(base: Path) -> list[Path]:
-    """Remove the socket folders under `base` of this user's replicas whose process is
-    gone; the folders removed. A folder whose process id is alive is kept, whichever
-    process that now is (a reused id keeps a leftover until a later sweep)."""
+    """Remove this user's socket folders under `base` whose replica has gone (nobody
+    holds the lock in it); the folders removed. A folder with no lock file yet (its
+    replica is making it) is kept."""
     removed = []
     for folder in base.glob(f"{PREFIX}*"):
-        pid = folder.name.removeprefix(PREFIX).split("-", 1)[0]
         try:
-            if not pid.isdigit() or _alive(int(pid)) or folder.lstat().st_uid != os.getuid():
+            if folder.is_symlink() or folder.lstat().st_uid != os.getuid():
                 continue
-        except OSError:  # gone meanwhile
+            if not folder.is_dir() or not _abandoned(folder / LOCK):
+                continue
+        except OSError:  # gone meanwhile, or not ours to look into
             continue
-        if folder.is_dir() and not folder.is_symlink():
-            shutil.rmtree(folder, ignore_errors=True)
-            removed.append(folder)
+        shutil.rmtree(folder, ignore_errors=True)
+        removed.append(folder)
     return removed
 
 
-def _alive(pid: int) -> bool:
+def _abandoned(lock: Path) -> bool:
     try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
+        fd = os.open(lock, os.O_RDONLY | os.O_NOFOLLOW)
+    except FileNotFoundError:
         return False
-    except PermissionError:  # another user's process
-        return True
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        return False  # its replica lives
+    finally:
+        os.close(fd)
     return True

@@ -25,7 +25,9 @@ from deployments.llm import sockets
 
 @pytest.fixture(autouse=True)
 def no_operator_setting(monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.delenv(sockets.ENV, raising=False)
+    # set, then unset: monkeypatch then restores the variable whatever a test set it to
+    monkeypatch.setenv(sockets.ENV, "")
+    monkeypatch.delenv(sockets.ENV)
 
 
 @pytest.fixture
@@ -56,7 +58,7 @@ def test_a_replica_binds_in_a_folder_of_its_own_which_goes_with_it(base: Path) -
     assert [p for p in folder.iterdir() if p.is_socket()]
     socket.close(linger=0)
     context.term()
-    assert sockets.sweep(base) == []  # this process is alive: kept
+    assert sockets.sweep(base) == []  # locked by this process: kept
     sockets.remove(folder)
     assert not folder.exists()
 
@@ -99,12 +101,19 @@ def test_a_killed_replicas_sockets_are_removed_by_the_next_replica(base: Path) -
     replica.wait(timeout=30)
     assert [p for p in left.iterdir() if p.is_socket()], "the kill left its socket"
 
-    others = [base / "servegraph-vllm-notapid", base / "unrelated"]
-    for other in others:
+    # kept: a folder whose replica is still making it (no lock file yet), what is not a
+    # replica's folder, a link; removed: a folder whose lock nobody holds, whatever
+    # process id its name gives (a reused one, another namespace's)
+    making, unrelated = base / f"{sockets.PREFIX}{os.getpid()}-making", base / "unrelated"
+    for other in (making, unrelated):
         other.mkdir()
-    (base / f"{sockets.PREFIX}999999999-link").symlink_to(base / "unrelated")
+    (base / f"{sockets.PREFIX}999999999999-link").symlink_to(unrelated)
+    reused = base / f"{sockets.PREFIX}{os.getpid()}-gone"
+    reused.mkdir()
+    (reused / sockets.LOCK).touch()
     folder = sockets.private_folder(base)  # the next replica
-    assert not left.exists()
-    assert all(other.exists() for other in others)
-    assert (base / f"{sockets.PREFIX}999999999-link").is_symlink()
+    assert not left.exists() and not reused.exists()
+    assert making.exists() and unrelated.exists()
+    assert (base / f"{sockets.PREFIX}999999999999-link").is_symlink()
     assert folder is not None and folder.exists()
+    assert sockets.sweep(base) == []  # its own, locked: kept

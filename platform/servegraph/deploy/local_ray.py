@@ -239,6 +239,10 @@ def _token_auth_where_a_token_is() -> None:
 _SOCKET_PATH_MAX = 97  # HAProxy's limit on a Unix socket's path
 
 
+# HAProxy's own errors answered as the platform's 503 (`servegraph.serving.haproxy_answers`)
+HAPROXY_ANSWERS_HOOK = "servegraph.serving.haproxy_answers:use_platform_answers"
+
+
 @contextmanager
 def _ingress_environment(ingress: str) -> Iterator[dict[str, str]]:
     """While the cluster runs, the environment Serve reads (as Ray starts) to put
@@ -258,7 +262,9 @@ def _ingress_environment(ingress: str) -> Iterator[dict[str, str]]:
     for an external load balancer (an ALB) to deregister it, where here the balancer is
     Serve's own HAProxy, re-configured by Serve's controller as the replica leaves (and
     a request refused by a stopped replica is re-dispatched by HAProxy, as nothing was
-    sent). An operator's own value wins."""
+    sent). An operator's own value wins. So does an operator's own controller hook,
+    which otherwise makes HAProxy's own errors the platform's 503s
+    (`servegraph.serving.haproxy_answers`)."""
     if ingress not in ("proxy", "haproxy"):
         raise ValueError(f"unknown ingress {ingress!r}: 'proxy' or 'haproxy'")
     env: dict[str, str | None] = {"RAY_SERVE_ENABLE_HA_PROXY": None}  # None: unset
@@ -288,6 +294,8 @@ def _ingress_environment(ingress: str) -> Iterator[dict[str, str]]:
             }
             if "RAY_SERVE_DIRECT_INGRESS_MIN_DRAINING_PERIOD_S" not in os.environ:
                 env["RAY_SERVE_DIRECT_INGRESS_MIN_DRAINING_PERIOD_S"] = "5"
+            if "RAY_SERVE_CONTROLLER_CALLBACK_IMPORT_PATH" not in os.environ:
+                env["RAY_SERVE_CONTROLLER_CALLBACK_IMPORT_PATH"] = HAPROXY_ANSWERS_HOOK
         with environment(env):  # restored before the folder goes, as the stack unwinds
             yield {name: value for name, value in env.items() if value is not None}
 

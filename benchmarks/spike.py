@@ -279,12 +279,12 @@ def platform(policy: str, curves_path: Path, workers: int, llm_spare: int = 0) -
         "SERVEGRAPH_PROFILE": "gpu",
         "SERVEGRAPH_SIMULATED_MODELS": str(curves_path),
         "SERVEGRAPH_ROUTER_RESOURCES": json.dumps({HEAD_RESOURCE: 0.001}),
-        "SERVEGRAPH_INDEX_PATH": tempfile.mkdtemp(prefix="servegraph-spike-index-"),
         "OTEL_TRACES_EXPORTER": "none",
         **(TUNED_ENV if policy == "tuned" else {}),
     }
     with (
-        environment(env),
+        tempfile.TemporaryDirectory(prefix="servegraph-spike-index-") as index,
+        environment(env | {"SERVEGRAPH_INDEX_PATH": index}),
         simulated_cluster(node(head_type), [node(gpu_type)] * workers) as running,
     ):
         plan = plan_platform(

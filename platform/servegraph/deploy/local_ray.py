@@ -239,7 +239,7 @@ def _token_auth_where_a_token_is() -> None:
 _SOCKET_PATH_MAX = 97  # HAProxy's limit on a Unix socket's path
 
 
-# HAProxy's own errors answered as the platform's 503 (`servegraph.serving.haproxy_answers`)
+# HAProxy's own errors answered as the platform's 502 (`servegraph.serving.haproxy_answers`)
 HAPROXY_ANSWERS_HOOK = "servegraph.serving.haproxy_answers:use_platform_answers"
 
 
@@ -263,7 +263,7 @@ def _ingress_environment(ingress: str) -> Iterator[dict[str, str]]:
     Serve's own HAProxy, re-configured by Serve's controller as the replica leaves (and
     a request refused by a stopped replica is re-dispatched by HAProxy, as nothing was
     sent). An operator's own value wins. So does an operator's own controller hook,
-    which otherwise makes HAProxy's own errors the platform's 503s
+    which otherwise makes HAProxy's own errors the platform's 502s
     (`servegraph.serving.haproxy_answers`)."""
     if ingress not in ("proxy", "haproxy"):
         raise ValueError(f"unknown ingress {ingress!r}: 'proxy' or 'haproxy'")

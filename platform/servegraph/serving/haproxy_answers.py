@@ -71,9 +71,10 @@ class HAProxyManager(_ServesManager):
         super().__init__(*args, **kwargs)
         api = getattr(self, "_haproxy", None)
         path = getattr(getattr(api, "cfg", None), "error_file_path", None)
+        if not path:
+            _log.warning("Serve's HAProxy manager names no error file; its bare 500s stay")
+            return
         try:  # the platform's answers, never a reason for HAProxy not to start
-            if not path:
-                raise FileNotFoundError("Serve's HAProxy manager names no error file")
             write_atomically(Path(path), error_file())
         except OSError:
             _log.warning("HAProxy's own errors stay Serve's bare 500s", exc_info=True)
@@ -85,9 +86,8 @@ def use_platform_answers() -> None:
     """The controller's hook: HAProxy's managers are the platform's subclass."""
     from ray.serve._private import controller
 
-    serves_class = getattr(serves.HAProxyManager, "__ray_actor_class__", None)
     if (
-        serves_class is None
+        _ServesManager is object  # Serve's manager is no longer a Ray actor class
         or getattr(controller, "HAProxyManager", None) is not serves.HAProxyManager
     ):
         _log.warning(

@@ -20,7 +20,14 @@ from collections import Counter
 from typing import Any
 
 from benchmarks import cpu
-from benchmarks.traffic import Answer, callers, kill_under_load, proxy_gating, raw_burst
+from benchmarks.traffic import (
+    Answer,
+    callers,
+    kill_under_load,
+    proxy_gating,
+    raw_burst,
+    replica_pids,
+)
 
 BURST, BURST_DEADLINE_S, MARGIN_S = 1200, 20, 5
 
@@ -151,11 +158,9 @@ def kill_embedder(
 ) -> dict[str, Any]:
     run = kill_under_load(
         base_url,
-        dashboard_url,
         path,
         body,
-        app="embedder",
-        deployment="Embedder",
+        replicas=lambda: replica_pids(dashboard_url, "embedder", "Embedder"),
         n=n,
         before=200,
         after=200,

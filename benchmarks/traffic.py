@@ -304,19 +304,20 @@ class KillRun:
 
 def kill_under_load(
     base_url: str,
-    dashboard_url: str,
     path: str,
     body_for: Any,
     *,
-    app: str,
-    deployment: str,
+    replicas: Any,
     n: int,
     before: int,
     after: int,
     headers: dict[str, str] | None = None,
+    max_requests: int = 20_000,
+    max_seconds: float = 300,
 ) -> KillRun:
-    """`n` callers on `path`; once `before` answers are 200, SIGKILL `deployment`'s only
-    replica; keep the load on until a new replica is up and `after` more are 200."""
+    """`n` callers on `path`; once `before` answers are 200, SIGKILL the only replica
+    `replicas()` lists (the PIDs of a deployment's live replicas, e.g. `replica_pids`);
+    keep the load on until a new replica is up and `after` more are 200."""
     import os
     import signal
 
@@ -334,22 +335,18 @@ def kill_under_load(
                 body_for,
                 n=n,
                 stop=stop,
-                max_requests=20_000,
-                max_seconds=300,
+                max_requests=max_requests,
+                max_seconds=max_seconds,
                 headers=headers,
                 answers=answers,
             )
         )
         try:
             await until(lambda: ok() >= before, 120, "no progress before the kill")
-            (victim,) = replica_pids(dashboard_url, app, deployment)
+            (victim,) = replicas()
             killed = time.monotonic()
             os.kill(victim, signal.SIGKILL)
-            await until(
-                lambda: bool(set(replica_pids(dashboard_url, app, deployment)) - {victim}),
-                180,
-                "no new replica",
-            )
+            await until(lambda: bool(set(replicas()) - {victim}), 180, "no new replica")
             back = time.monotonic() - killed
             base = ok()
             await until(lambda: ok() >= base + after, 180, "no recovery after the restart")

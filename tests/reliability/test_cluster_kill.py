@@ -30,7 +30,7 @@ from pathlib import Path
 import httpx
 import pytest
 
-from benchmarks.traffic import TAG, Answer, callers, kill_all, one_document, tagged, until
+from benchmarks.traffic import TAG, callers, kill_all, kill_under_load, one_document, tagged
 from servegraph.deploy.local_ray import LocalCluster, free_port
 from servegraph.security.client import client_headers
 from servegraph.serving import haproxy_answers
@@ -88,46 +88,14 @@ def error_files(folder: Path) -> set[str]:
     return {Path(path).read_bytes().decode() for path in named}
 
 
-async def kill_the_ingress_mid_ingest(base_url: str, tag: str, run: str) -> list[Answer]:
-    """8 callers ingest; once 20 are acknowledged, the pipelines ingress's replica is
-    killed (`kill -9`, mid-request: HAProxy loses the requests it had sent it), and the
-    load goes on until a new replica has acknowledged 20 more. The answers."""
-    answers: list[Answer] = []
-    stop = asyncio.Event()
-
-    def ok() -> int:
-        return sum(a.status == 200 for a in answers)
-
-    def ingress() -> set[int]:
-        return {
-            p.pid
-            for p in tagged(tag)
-            if "ServeReplica:pipelines:PipelineIngress" in " ".join(p.cmdline())
-        }
-
-    load = asyncio.ensure_future(
-        callers(
-            base_url,
-            "/pipelines/rag_ingest",
-            one_document(f"{run}-ingress", "parcels ship on weekdays."),
-            n=8,
-            stop=stop,
-            max_requests=2_000,
-            max_seconds=240,
-            answers=answers,
-        )
-    )
-    try:
-        await until(lambda: ok() >= 20, 120, "no progress before the kill")
-        (victim,) = await asyncio.to_thread(ingress)
-        os.kill(victim, signal.SIGKILL)
-        await until(lambda: bool(ingress() - {victim}), 180, "no new ingress replica")
-        base = ok()
-        await until(lambda: ok() >= base + 20, 180, "no recovery after the restart")
-    finally:
-        stop.set()
-        await load
-    return answers
+def ingress_replicas(tag: str) -> list[int]:
+    """The PIDs of the tagged platform's pipelines ingress replicas (it has no dashboard
+    to ask Ray's state API)."""
+    return [
+        p.pid
+        for p in tagged(tag)
+        if "ServeReplica:pipelines:PipelineIngress" in " ".join(p.cmdline())
+    ]
 
 
 def test_kill_9_of_the_whole_cluster_mid_ingest_loses_no_acknowledged_document(
@@ -191,7 +159,20 @@ def test_kill_9_of_the_whole_cluster_mid_ingest_loses_no_acknowledged_document(
                 != 1
             ]
         haproxys_errors = error_files(folders[0])
-        ingress_kill = asyncio.run(kill_the_ingress_mid_ingest(base_url, tag, run))
+        # 8 callers ingest; once 20 are acknowledged, the ingress's replica is killed
+        # (mid-request: HAProxy loses what it had sent it), and the load goes on until a
+        # new replica has acknowledged 20 more
+        ingress_kill = kill_under_load(
+            base_url,
+            "/pipelines/rag_ingest",
+            one_document(f"{run}-ingress", "parcels ship on weekdays."),
+            replicas=lambda: ingress_replicas(tag),
+            n=8,
+            before=20,
+            after=20,
+            max_requests=2_000,
+            max_seconds=240,
+        ).answers
     finally:
         child.send_signal(signal.SIGTERM)
         try:

@@ -10,7 +10,7 @@ from collections import Counter
 import httpx
 import pytest
 
-from benchmarks.traffic import Answer, kill_under_load
+from benchmarks.traffic import Answer, kill_under_load, replica_pids
 from servegraph.deploy.local_ray import LocalCluster
 from servegraph.security.client import client_headers
 
@@ -40,11 +40,9 @@ def test_killing_a_replica_under_pipeline_load_loses_no_request(
 
     result = kill_under_load(
         pipelines.base_url,
-        str(pipelines.dashboard_url),
         "/pipelines/rag_ingest",
         body,
-        app=app,
-        deployment=deployment,
+        replicas=lambda: replica_pids(str(pipelines.dashboard_url), app, deployment),
         n=64,  # the callers' calls to the server are merged (servegraph.serving.merging)
         before=64,
         after=64,
@@ -62,11 +60,9 @@ def test_killing_a_replica_under_load_on_its_own_route_loses_no_request(
 ) -> None:
     result = kill_under_load(
         pipelines.base_url,
-        str(pipelines.dashboard_url),
         "/embedder/embed_one",
         lambda c, i: {"text": f"ticket {c}-{i}: where is my parcel?"},
-        app="embedder",
-        deployment="Embedder",
+        replicas=lambda: replica_pids(str(pipelines.dashboard_url), "embedder", "Embedder"),
         n=16,
         before=100,
         after=100,
